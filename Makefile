@@ -1,0 +1,45 @@
+# Every target bootstraps what it needs: uv (installed into .tools/ when it is not on PATH),
+# then the locked environment in .venv. Only Python 3.11+ has to be there already.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
+RUN := $(UV) run --locked --all-extras
+
+.PHONY: help demo test test-fast lint format bench sync clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+demo: sync ## Generate sample data, run the nightly pipeline, serve it (embedded Postgres if none is configured)
+	$(RUN) overnight demo
+
+test: sync ## Run every test (unit, integration, end-to-end) against a real Postgres
+	$(RUN) pytest
+
+test-fast: sync ## Unit tests only (no services)
+	$(RUN) pytest tests/unit
+
+lint: sync ## ruff (lint and format check) and mypy
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+format: sync ## Apply ruff's formatting and safe fixes
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
+
+bench: sync ## Time `overnight run` on MovieLens 100K (needs ../shared/data/ml-100k)
+	$(RUN) python benchmarks/movielens_run.py
+
+sync: $(UV) ## Create or update .venv from uv.lock
+	$(UV) sync --locked --all-extras
+
+$(CURDIR)/.tools/bin/uv:
+	@echo "uv is not installed: installing uv $(UV_VERSION) into .tools/"
+	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
+	$(PYTHON) -m venv $(CURDIR)/.tools
+	$(CURDIR)/.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+clean: ## Remove the environment, the bootstrap tools and local data (var/)
+	rm -rf .venv .tools var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""The Postgres contract shared by the batch side and the serving side.
+
+Migrations live in ``sql/migrations/NNNN_name.sql``; every query either side runs is a named
+block in ``sql/queries.sql``. Values are always bound parameters; the only thing formatted into
+SQL is a batch table's name, and that goes through ``psycopg.sql.Identifier``.
+"""
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import LiteralString, cast
+
+from psycopg import sql as pgsql
+
+SCHEMA = "overnight"
+LIVE_CHANNEL = "overnight_live"
+
+_NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    text: str
+
+
+def recs_table_name(batch_id: int) -> str:
+    return f"recs_{int(batch_id)}"
+
+
+def recs_table(batch_id: int) -> pgsql.Identifier:
+    return pgsql.Identifier(SCHEMA, recs_table_name(batch_id))
+
+
+@cache
+def queries() -> dict[str, str]:
+    text = resources.files(__name__).joinpath("queries.sql").read_text(encoding="utf-8")
+    parts = _NAME_LINE.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    named = {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    if len(named) != len(parts) // 2:
+        raise ValueError("sql/queries.sql names a query twice")
+    return named
+
+
+def query(name: str) -> LiteralString:
+    try:
+        return cast(LiteralString, queries()[name])
+    except KeyError:
+        raise KeyError(f"no query named {name!r} in sql/queries.sql") from None
+
+
+def batch_query(name: str, batch_id: int) -> pgsql.Composed:
+    """A named query over one batch's table; ``{recs}`` in its text is the table."""
+    return pgsql.SQL(query(name)).format(recs=recs_table(batch_id))
+
+
+def migrations() -> list[Migration]:
+    folder = resources.files(__name__).joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise ValueError(f"migrations must be numbered 0001, 0002, ... without gaps; found {versions}")
+    return found
