@@ -1,0 +1,75 @@
+"""Connections for the batch side: the configured Postgres or an embedded one, and schema migrations."""
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+import sql
+from jobs.errors import DatabaseError
+from jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def database_url(settings: Settings) -> str:
+    """The DSN to use: OVERNIGHT_DATABASE_URL, or an embedded Postgres started on first use.
+
+    The embedded server keeps running after this process exits, so the next command (or the
+    lookup service) finds it again; its URL is exported so child processes reuse it.
+    """
+    if settings.database_url:
+        return settings.database_url
+    url = embedded_database_url(settings.data_dir)
+    os.environ["OVERNIGHT_DATABASE_URL"] = url
+    return url
+
+
+def embedded_database_url(data_dir: Path) -> str:
+    try:
+        import pgserver  # heavy, and only needed where no server is configured
+    except ImportError:
+        raise DatabaseError(
+            "OVERNIGHT_DATABASE_URL is unset and the embedded Postgres is not installed: "
+            "set OVERNIGHT_DATABASE_URL or install overnight[batch]"
+        ) from None
+    pgdata = (data_dir / "pgdata").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("OVERNIGHT_DATABASE_URL is unset: using the embedded Postgres in %s", pgdata)
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode=None)
+    except Exception as error:
+        raise DatabaseError(f"could not start the embedded Postgres in {pgdata}: {error}") from error
+    return str(server.get_uri())
+
+
+@contextmanager
+def connect(settings: Settings, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    url = database_url(settings)
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DatabaseError(f"cannot connect to Postgres: {reason}") from error
+    with conn:
+        yield conn
+
+
+def upgrade(conn: psycopg.Connection) -> list[int]:
+    """Apply pending migrations in order, under an advisory lock; return the versions applied."""
+    applied_now: list[int] = []
+    with conn.transaction():
+        conn.execute(sql.query("lock_migrations"))
+        conn.execute(sql.query("create_migrations_table"))
+        applied = {row[0] for row in conn.execute(sql.query("applied_migrations"))}
+        for migration in sql.migrations():
+            if migration.version in applied:
+                continue
+            logger.info("applying migration %04d_%s", migration.version, migration.name)
+            conn.execute(migration.text.encode())
+            conn.execute(sql.query("record_migration"), (migration.version, migration.name))
+            applied_now.append(migration.version)
+    return applied_now

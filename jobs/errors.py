@@ -1,0 +1,25 @@
+"""Domain errors of the batch side. The CLI turns each into a one-line message and exit code 1."""
+
+
+class OvernightError(Exception):
+    """Base of every error a user can act on; its message is the whole explanation."""
+
+
+class BadInputError(OvernightError):
+    """Input data that breaks the data contract (missing column, too many bad rows, unreadable file)."""
+
+
+class MissingDataError(OvernightError):
+    """A step needs lake data, a model or a batch that does not exist yet."""
+
+
+class BatchValidationError(OvernightError):
+    """A batch failed publish validation; production was left untouched."""
+
+
+class StaleBatchError(OvernightError):
+    """The live batch is too old or covers too few users."""
+
+
+class DatabaseError(OvernightError):
+    """Postgres could not be reached or the schema is not what this version expects."""

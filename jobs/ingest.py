@@ -1,0 +1,533 @@
+"""Ingest: read a source (Parquet, CSV, MovieLens), validate it against the data contract,
+quarantine bad rows with their reason and write the lake (see ``jobs.lake``).
+
+Idempotent per logical date: re-running a date merges the same rows into the same event-day
+partitions and replaces that date's catalogue snapshot, quarantine and report.
+"""
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
+from io import StringIO
+from pathlib import Path
+
+import polars as pl
+
+from jobs import lake
+from jobs.errors import BadInputError
+from jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "movielens", "parquet", "csv")
+REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
+MAX_ID_LENGTH = 256
+
+MOVIELENS_100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+)  # fmt: skip
+
+# Rows timestamped after the logical date are set aside like bad rows, but they are not
+# malformed: a later date's ingest takes them in. They do not count toward the bad fraction.
+NOT_YET_VISIBLE = "after_logical_date"
+REASON_COLUMN = {
+    "missing_user_id": "user_id",
+    "bad_user_id": "user_id",
+    "missing_item_id": "item_id",
+    "bad_item_id": "item_id",
+    "missing_timestamp": "timestamp",
+    "bad_timestamp": "timestamp",
+    NOT_YET_VISIBLE: "timestamp",
+    "bad_weight": "weight",
+    "duplicate": "user_id, item_id, timestamp, event_type",
+}
+_TIMESTAMP_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%d",
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source read into raw frames; ``name`` is the file that messages should point at."""
+
+    name: str
+    format: str
+    interactions: pl.DataFrame
+    items: pl.DataFrame | None = None
+    users: pl.DataFrame | None = None
+    default_event_type: str = "interaction"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    logical_date: str
+    source: str
+    format: str
+    rows_read: int
+    rows_valid: int
+    rows_quarantined: int
+    quarantined_by_reason: dict[str, int]
+    bad_fraction: float
+    partitions_written: int
+    users: int
+    items_in_catalogue: int
+    first_event: str | None
+    last_event: str | None
+    quarantine_path: str | None
+    report_path: str = field(default="")
+
+    def summary(self) -> str:
+        return f"{self.rows_valid:,} rows from {self.source} ({self.format}), {self.rows_quarantined:,} quarantined"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if _movielens_files(path) is not None:
+            return "movielens"
+        found = _table_file(path, "interactions")
+        if found is None:
+            raise BadInputError(
+                f"{path}: not a MovieLens folder (u.data, ratings.dat or ratings.csv) and no "
+                "interactions.parquet, interactions.csv or interactions/ folder in it"
+            )
+        return _file_format(found)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
+    return _file_format(path)
+
+
+def _file_format(path: Path) -> str:
+    suffix = path.suffix.lower() if path.is_file() else _folder_suffix(path)
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".csv", ".tsv", ".txt"):
+        return "csv"
+    raise BadInputError(f"{path}: cannot tell the format from the name; pass --format parquet or csv")
+
+
+def _folder_suffix(folder: Path) -> str:
+    suffixes = {p.suffix.lower() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    return suffixes.pop() if len(suffixes) == 1 else ""
+
+
+def _movielens_files(folder: Path) -> tuple[Path, Path | None, str] | None:
+    for ratings, items, variant in (
+        ("u.data", "u.item", "movielens-100k"),
+        ("ratings.dat", "movies.dat", "movielens-1m"),
+        ("ratings.csv", "movies.csv", "movielens-latest"),
+    ):
+        if (folder / ratings).is_file():
+            item_path = folder / items
+            return folder / ratings, item_path if item_path.is_file() else None, variant
+    return None
+
+
+def _table_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.parquet", folder / f"{stem}.csv", folder / stem):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def read_source(path: Path, fmt: str = "auto") -> Source:
+    if fmt not in FORMATS:
+        raise BadInputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "movielens":
+        return _read_movielens(path)
+    if path.is_dir():
+        interactions = _table_file(path, "interactions")
+        if interactions is None:
+            raise BadInputError(f"{path}: no interactions.parquet, interactions.csv or interactions/ in it")
+        items, users = _table_file(path, "items"), _table_file(path, "users")
+        return Source(
+            name=interactions.name,
+            format=fmt,
+            interactions=_read_table(interactions),
+            items=_read_table(items) if items else None,
+            users=_read_table(users) if users else None,
+        )
+    return Source(name=path.name, format=fmt, interactions=_read_table(path))
+
+
+def _read_table(path: Path) -> pl.DataFrame:
+    """Parquet keeps its types; CSV is read as text so that validation sees every bad value."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    if not files:
+        raise BadInputError(f"{path}: empty folder")
+    try:
+        if _file_format(files[0]) == "parquet":
+            return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        separator = "\t" if files[0].suffix.lower() == ".tsv" else ","
+        return pl.concat(
+            [pl.read_csv(f, infer_schema=False, separator=separator) for f in files], how="diagonal_relaxed"
+        )
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise BadInputError(f"{path}: cannot read: {_first_line(error)}") from error
+
+
+def _read_movielens(folder: Path) -> Source:
+    found = _movielens_files(folder)
+    if found is None:
+        raise BadInputError(f"{folder}: not a MovieLens folder (no u.data, ratings.dat or ratings.csv)")
+    ratings_path, items_path, variant = found
+    columns = ["user_id", "item_id", "rating", "timestamp"]
+    try:
+        if variant == "movielens-100k":
+            ratings = pl.read_csv(
+                ratings_path, separator="\t", has_header=False, new_columns=columns, infer_schema=False
+            )
+            items = _movielens_100k_items(items_path) if items_path else None
+        elif variant == "movielens-1m":
+            ratings = _split_double_colon(
+                pl.read_csv(
+                    ratings_path,
+                    has_header=False,
+                    separator="\x1f",
+                    quote_char=None,
+                    new_columns=["line"],
+                    infer_schema=False,
+                ),
+                columns,
+            )
+            items = _movielens_1m_items(items_path) if items_path else None
+        else:
+            ratings = pl.read_csv(ratings_path, infer_schema=False).rename(
+                {"userId": "user_id", "movieId": "item_id"}, strict=False
+            )
+            items = _movielens_latest_items(items_path) if items_path else None
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as error:
+        raise BadInputError(f"{ratings_path}: cannot read as {variant}: {_first_line(error)}") from error
+    return Source(
+        name=ratings_path.name, format=variant, interactions=ratings, items=items, default_event_type="rating"
+    )
+
+
+def _split_double_colon(lines: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    return lines.select(
+        pl.col("line").str.splitn("::", len(columns)).struct.rename_fields(columns).alias("fields")
+    ).unnest("fields")
+
+
+def _movielens_100k_items(path: Path) -> pl.DataFrame:
+    text = path.read_bytes().decode("latin-1")
+    names = ["item_id", "title", "release_date", "video_release_date", "url", *MOVIELENS_100K_GENRES]
+    raw = pl.read_csv(
+        StringIO(text),
+        separator="|",
+        has_header=False,
+        new_columns=names,
+        quote_char=None,
+        infer_schema=False,
+    )
+    flags = [pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in MOVIELENS_100K_GENRES]
+    return raw.select("item_id", "title", pl.concat_list(flags).list.drop_nulls().alias("genres"))
+
+
+def _movielens_1m_items(path: Path) -> pl.DataFrame:
+    lines = pl.DataFrame({"line": path.read_bytes().decode("latin-1").splitlines()})
+    return _split_double_colon(lines, ["item_id", "title", "genres"])
+
+
+def _movielens_latest_items(path: Path) -> pl.DataFrame:
+    return pl.read_csv(path, infer_schema=False).rename({"movieId": "item_id"}, strict=False)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _id_expr(column: str, dtype: pl.DataType, file_name: str) -> pl.Expr:
+    if not (dtype == pl.String or dtype.is_integer() or dtype == pl.Categorical or dtype == pl.Null):
+        raise BadInputError(f"{file_name}: column {column} has type {dtype}; expected text or integer ids")
+    return pl.col(column).cast(pl.String).str.strip_chars()
+
+
+def _timestamp_expr(dtype: pl.DataType, file_name: str) -> pl.Expr:
+    column = pl.col("timestamp")
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone is None:
+            return column.dt.replace_time_zone("UTC").dt.cast_time_unit("us")
+        return column.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+    if dtype == pl.Date:
+        return column.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if dtype.is_numeric():
+        return _epoch_to_datetime(column.cast(pl.Float64, strict=False))
+    if dtype == pl.String or dtype == pl.Null:
+        text = column.cast(pl.String).str.strip_chars()
+        epoch = _epoch_to_datetime(
+            pl.when(text.str.contains(r"^\d+(\.\d+)?$")).then(text.cast(pl.Float64, strict=False))
+        )
+        parsed = [text.str.to_datetime(fmt, strict=False, time_zone="UTC") for fmt in _TIMESTAMP_FORMATS]
+        return pl.coalesce(epoch, *parsed).dt.cast_time_unit("us")
+    raise BadInputError(f"{file_name}: column timestamp has type {dtype}; expected a datetime, epoch or text")
+
+
+def _epoch_to_datetime(seconds_or_more: pl.Expr) -> pl.Expr:
+    """Epoch numbers in seconds, milliseconds or microseconds, told apart by magnitude."""
+    value = seconds_or_more
+    micros = pl.when(value.abs() >= 1e14).then(value).when(value.abs() >= 1e11).then(value * 1e3).otherwise(value * 1e6)
+    finite = value.is_finite() & (micros.abs() < 9e18)
+    return pl.when(finite).then(micros.cast(pl.Int64, strict=False)).cast(pl.Datetime("us", "UTC"))
+
+
+def _weight_expr(columns: dict[str, pl.DataType]) -> tuple[pl.Expr, pl.Expr]:
+    """(parsed weight, raw weight present) from ``weight`` or else ``rating``."""
+    name = "weight" if "weight" in columns else "rating" if "rating" in columns else None
+    if name is None:
+        return pl.lit(1.0, dtype=pl.Float32), pl.lit(False)
+    raw = pl.col(name)
+    text = raw.cast(pl.String).str.strip_chars()
+    present = text.is_not_null() & (text != "")
+    return text.cast(pl.Float64, strict=False).cast(pl.Float32), present
+
+
+def validate_interactions(source: Source, logical_date: date) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split the source's interactions into (valid rows in the lake schema, quarantined rows).
+
+    Quarantined rows keep their original columns as text, plus ``row`` (0-based position in
+    the source) and ``reason``.
+    """
+    raw = source.interactions
+    columns = dict(raw.schema)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        found = ", ".join(columns) or "none"
+        raise BadInputError(f"{source.name}: missing required column {', '.join(missing)} (found: {found})")
+    user = _id_expr("user_id", columns["user_id"], source.name)
+    item = _id_expr("item_id", columns["item_id"], source.name)
+    timestamp = _timestamp_expr(columns["timestamp"], source.name)
+    weight, weight_present = _weight_expr(columns)
+    event_type = (
+        pl.col("event_type").cast(pl.String).str.strip_chars().fill_null(source.default_event_type)
+        if "event_type" in columns
+        else pl.lit(source.default_event_type)
+    )
+    timestamp_missing = pl.col("timestamp").is_null()
+    if columns["timestamp"] == pl.String:
+        timestamp_missing = timestamp_missing | (pl.col("timestamp").str.strip_chars() == "")
+
+    def bad_id(expr: pl.Expr) -> pl.Expr:
+        return (expr.str.len_chars() > MAX_ID_LENGTH) | expr.str.contains(r"[\x00-\x1f\x7f]")
+
+    reason = (
+        pl.when(user.is_null() | (user == ""))
+        .then(pl.lit("missing_user_id"))
+        .when(bad_id(user))
+        .then(pl.lit("bad_user_id"))
+        .when(item.is_null() | (item == ""))
+        .then(pl.lit("missing_item_id"))
+        .when(bad_id(item))
+        .then(pl.lit("bad_item_id"))
+        .when(timestamp_missing)
+        .then(pl.lit("missing_timestamp"))
+        .when(timestamp.is_null())
+        .then(pl.lit("bad_timestamp"))
+        .when(timestamp >= lake.day_end(logical_date))
+        .then(pl.lit(NOT_YET_VISIBLE))
+        .when(weight_present & (weight.is_null() | ~weight.is_finite()))
+        .then(pl.lit("bad_weight"))
+    )
+    checked = raw.with_row_index("row").with_columns(
+        _user=user,
+        _item=item,
+        _timestamp=timestamp,
+        _weight=pl.when(weight_present).then(weight).otherwise(pl.lit(1.0, dtype=pl.Float32)),
+        _event_type=event_type,
+        reason=reason,
+    )
+    keys = ["_user", "_item", "_timestamp", "_event_type"]
+    checked = checked.with_columns(
+        reason=pl.when(pl.col("reason").is_null() & pl.struct(keys).is_duplicated())
+        .then(pl.when(pl.struct(keys).is_first_distinct()).then(pl.lit(None)).otherwise(pl.lit("duplicate")))
+        .otherwise(pl.col("reason"))
+    )
+    valid = checked.filter(pl.col("reason").is_null()).select(
+        pl.col("_user").alias("user_id"),
+        pl.col("_item").alias("item_id"),
+        pl.col("_timestamp").alias("timestamp"),
+        pl.col("_weight").alias("weight"),
+        pl.col("_event_type").alias("event_type"),
+    )
+    quarantined = checked.filter(pl.col("reason").is_not_null()).select(
+        "row", *[pl.col(c).cast(pl.String) for c in raw.columns], "reason"
+    )
+    return valid, quarantined
+
+
+def _normalise_items(items: pl.DataFrame, file_name: str) -> pl.DataFrame:
+    if "item_id" not in items.columns:
+        raise BadInputError(f"{file_name}: item file has no item_id column (found: {', '.join(items.columns)})")
+    genres = pl.lit([], dtype=pl.List(pl.String))
+    if "genres" in items.columns:
+        dtype = items.schema["genres"]
+        if isinstance(dtype, pl.List):
+            genres = pl.col("genres").cast(pl.List(pl.String))
+        else:
+            genres = (
+                pl.col("genres")
+                .cast(pl.String)
+                .fill_null("")
+                .str.split("|")
+                .list.eval(pl.element().str.strip_chars())
+                .list.filter((pl.element() != "") & (pl.element() != "(no genres listed)"))
+            )
+    available = pl.lit(True)
+    if "available" in items.columns:
+        text = pl.col("available").cast(pl.String).str.to_lowercase()
+        available = text.is_null() | text.is_in(["true", "1", "t", "yes", "y"])
+    item = _id_expr("item_id", items.schema["item_id"], file_name)
+    return (
+        items.select(
+            item.alias("item_id"),
+            (pl.col("title").cast(pl.String) if "title" in items.columns else pl.lit(None, pl.String)).alias("title"),
+            genres.alias("genres"),
+            available.alias("available"),
+        )
+        .filter(pl.col("item_id").is_not_null() & (pl.col("item_id") != ""))
+        .unique("item_id", keep="last", maintain_order=True)
+    )
+
+
+def build_catalogue(
+    previous: pl.DataFrame | None, items: pl.DataFrame | None, interactions: pl.DataFrame
+) -> pl.DataFrame:
+    """The catalogue after this ingest: what was known, updated by the item file, plus any item seen."""
+    parts = [df for df in (previous, items) if df is not None]
+    known = (
+        pl.concat(parts, how="vertical_relaxed").unique("item_id", keep="last", maintain_order=True)
+        if parts
+        else pl.DataFrame(schema=lake.ITEMS_SCHEMA)
+    )
+    seen = interactions.select(pl.col("item_id").unique()).join(known, on="item_id", how="anti")
+    unseen = seen.with_columns(
+        title=pl.lit(None, pl.String),
+        genres=pl.lit([], dtype=pl.List(pl.String)),
+        available=pl.lit(True),
+    )
+    return pl.concat([known.select(lake.ITEMS_SCHEMA.keys()), unseen], how="vertical_relaxed").sort("item_id")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _merge_partitions(lake_dir: Path, valid: pl.DataFrame) -> int:
+    """Merge rows into their event-day partitions; merging the same rows twice changes nothing."""
+    order = ["timestamp", "user_id", "item_id", "event_type"]
+    partitions = valid.with_columns(event_date=pl.col("timestamp").dt.date()).partition_by(
+        "event_date", as_dict=True, include_key=False
+    )
+    for count, ((event_date,), rows) in enumerate(sorted(partitions.items()), start=1):
+        path = lake.partition_path(lake_dir, event_date)
+        if path.exists():
+            rows = pl.concat([pl.read_parquet(path), rows], how="vertical_relaxed").unique(
+                ["user_id", "item_id", "timestamp", "event_type"], keep="first"
+            )
+        lake.write_parquet_atomically(rows.sort(order), path)
+        if count % 200 == 0:
+            logger.info("ingest: wrote %d of %d event-day partitions", count, len(partitions))
+    return len(partitions)
+
+
+def _reject_message(
+    source: Source, counts: dict[str, int], rows: int, fraction: float, limit: float, where: Path
+) -> str:
+    worst = sorted(((n, r) for r, n in counts.items() if r != NOT_YET_VISIBLE), reverse=True)[:3]
+    detail = ", ".join(f"{n:,} {r} in column {REASON_COLUMN[r]}" for n, r in worst)
+    return (
+        f"{source.name}: {fraction:.1%} of {rows:,} rows are bad (limit {limit:.1%}): {detail}; "
+        f"rows set aside in {where}"
+    )
+
+
+def source_for(settings: Settings, logical_date: date, override: str | None = None) -> Path:
+    """The source to ingest for a date: the run's own, else OVERNIGHT_SOURCE, with ``{date}`` filled in."""
+    template = override or settings.source
+    if not template:
+        raise BadInputError("no source to ingest: set OVERNIGHT_SOURCE or give the run a `source` param")
+    return Path(template.replace("{date}", logical_date.isoformat()))
+
+
+def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str = "auto") -> IngestResult:
+    source = read_source(Path(source_path), fmt)
+    logger.info("ingest: read %s (%s): %d rows", source.name, source.format, source.interactions.height)
+    valid, quarantined = validate_interactions(source, logical_date)
+    counts = dict(quarantined.group_by("reason").len().iter_rows()) if quarantined.height else {}
+    rows_read = source.interactions.height
+    malformed = sum(n for reason, n in counts.items() if reason != NOT_YET_VISIBLE)
+    bad_fraction = malformed / rows_read if rows_read else 0.0
+
+    lake_dir = settings.lake_dir
+    quarantine_dir = lake.quarantine_dir(lake_dir, logical_date)
+    quarantine_file = quarantine_dir / f"{source.name}.parquet"
+    if quarantine_file.exists():
+        quarantine_file.unlink()
+    if quarantined.height:
+        lake.write_parquet_atomically(quarantined, quarantine_file)
+
+    if bad_fraction > settings.max_bad_fraction:
+        raise BadInputError(
+            _reject_message(source, counts, rows_read, bad_fraction, settings.max_bad_fraction, quarantine_file)
+        )
+    if valid.height == 0:
+        raise BadInputError(
+            f"{source.name}: no valid interactions on or before {logical_date} (read {rows_read:,} rows)"
+        )
+
+    partitions = _merge_partitions(lake_dir, valid)
+    previous_path = lake.latest_snapshot(lake_dir, "items", logical_date - timedelta(days=1))
+    previous = pl.read_parquet(previous_path) if previous_path else None
+    items = _normalise_items(source.items, source.name) if source.items is not None else None
+    catalogue = build_catalogue(previous, items, valid)
+    lake.write_parquet_atomically(catalogue, lake.snapshot_path(lake_dir, "items", logical_date))
+    if source.users is not None:
+        users = source.users
+        if "user_id" not in users.columns:
+            raise BadInputError(f"{source.name}: user file has no user_id column")
+        users = users.with_columns(_id_expr("user_id", users.schema["user_id"], source.name).alias("user_id"))
+        lake.write_parquet_atomically(
+            users.filter(pl.col("user_id").is_not_null()), lake.snapshot_path(lake_dir, "users", logical_date)
+        )
+
+    span = valid.select(pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last")).row(0)
+    result = IngestResult(
+        logical_date=logical_date.isoformat(),
+        source=str(source_path),
+        format=source.format,
+        rows_read=rows_read,
+        rows_valid=valid.height,
+        rows_quarantined=quarantined.height,
+        quarantined_by_reason=dict(sorted(counts.items())),
+        bad_fraction=round(bad_fraction, 6),
+        partitions_written=partitions,
+        users=valid["user_id"].n_unique(),
+        items_in_catalogue=catalogue.height,
+        first_event=span[0].isoformat() if span[0] else None,
+        last_event=span[1].isoformat() if span[1] else None,
+        quarantine_path=str(quarantine_file) if quarantined.height else None,
+    )
+    report = settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    result = IngestResult(**{**asdict(result), "report_path": str(report)})
+    report.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,116 @@
+"""The local lake: where validated data lives and how to read it as of a logical date.
+
+Layout under ``OVERNIGHT_DATA_DIR/lake``::
+
+    interactions/event_date=YYYY-MM-DD/part-0.parquet   one partition per event day
+    items/date=YYYY-MM-DD/items.parquet                 catalogue snapshot per logical date
+    users/date=YYYY-MM-DD/users.parquet                 user attributes per logical date (optional)
+    quarantine/date=YYYY-MM-DD/<source>.parquet         rejected rows with their reason
+
+Reading "as of D" sees only events with ``timestamp < D + 1 day``: a backfill of a past date
+reproduces that date whatever was ingested later.
+"""
+
+import os
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from jobs.errors import MissingDataError
+
+INTERACTIONS_SCHEMA: dict[str, pl.DataType] = {
+    "user_id": pl.String(),
+    "item_id": pl.String(),
+    "timestamp": pl.Datetime("us", "UTC"),
+    "weight": pl.Float32(),
+    "event_type": pl.String(),
+}
+ITEMS_SCHEMA: dict[str, pl.DataType] = {
+    "item_id": pl.String(),
+    "title": pl.String(),
+    "genres": pl.List(pl.String()),
+    "available": pl.Boolean(),
+}
+
+
+def day_end(logical_date: date) -> datetime:
+    """The first instant after the logical date: runs for D see events strictly before it."""
+    return datetime.combine(logical_date + timedelta(days=1), time(), tzinfo=UTC)
+
+
+def day_start(logical_date: date) -> datetime:
+    return datetime.combine(logical_date, time(), tzinfo=UTC)
+
+
+def interactions_dir(lake_dir: Path) -> Path:
+    return lake_dir / "interactions"
+
+
+def partition_path(lake_dir: Path, event_date: date) -> Path:
+    return interactions_dir(lake_dir) / f"event_date={event_date.isoformat()}" / "part-0.parquet"
+
+
+def snapshot_path(lake_dir: Path, kind: str, logical_date: date) -> Path:
+    return lake_dir / kind / f"date={logical_date.isoformat()}" / f"{kind}.parquet"
+
+
+def quarantine_dir(lake_dir: Path, logical_date: date) -> Path:
+    return lake_dir / "quarantine" / f"date={logical_date.isoformat()}"
+
+
+def _dated_dirs(folder: Path, prefix: str) -> list[tuple[date, Path]]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        if entry.is_dir() and entry.name.startswith(prefix):
+            try:
+                found.append((date.fromisoformat(entry.name.removeprefix(prefix)), entry))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def interaction_partitions(lake_dir: Path, as_of: date) -> list[Path]:
+    return [
+        path / "part-0.parquet"
+        for event_date, path in _dated_dirs(interactions_dir(lake_dir), "event_date=")
+        if event_date <= as_of and (path / "part-0.parquet").exists()
+    ]
+
+
+def scan_interactions(lake_dir: Path, as_of: date) -> pl.LazyFrame:
+    """Every validated interaction visible on ``as_of`` (timestamp before the end of that day)."""
+    files = interaction_partitions(lake_dir, as_of)
+    if not files:
+        raise MissingDataError(
+            f"no interactions in the lake at {interactions_dir(lake_dir)} on or before {as_of}; "
+            "run `overnight ingest` first"
+        )
+    return pl.scan_parquet(files, schema=INTERACTIONS_SCHEMA).filter(pl.col("timestamp") < day_end(as_of))
+
+
+def latest_snapshot(lake_dir: Path, kind: str, as_of: date) -> Path | None:
+    candidates = [
+        path / f"{kind}.parquet"
+        for snapshot_date, path in _dated_dirs(lake_dir / kind, "date=")
+        if snapshot_date <= as_of and (path / f"{kind}.parquet").exists()
+    ]
+    return candidates[-1] if candidates else None
+
+
+def read_catalogue(lake_dir: Path, as_of: date) -> pl.DataFrame:
+    """The item catalogue as known on ``as_of``: the latest snapshot written on or before it."""
+    path = latest_snapshot(lake_dir, "items", as_of)
+    if path is None:
+        raise MissingDataError(f"no item catalogue in the lake on or before {as_of}; run `overnight ingest` first")
+    return pl.read_parquet(path)
+
+
+def write_parquet_atomically(frame: pl.DataFrame, path: Path) -> None:
+    """Readers see the old file or the new one, never half of one; concurrent writers do not collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.write_parquet(tmp, statistics=True)
+    tmp.replace(path)

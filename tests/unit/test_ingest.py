@@ -1,0 +1,211 @@
+"""Ingest: readers, the data contract's validation, quarantine and the lake it writes."""
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from jobs import lake
+from jobs.errors import BadInputError
+from jobs.ingest import detect_format, ingest, read_source, validate_interactions
+from jobs.settings import Settings
+
+DAY = date(2026, 11, 20)
+
+
+def settings_for(tmp_path: Path, **overrides: object) -> Settings:
+    return Settings(data_dir=tmp_path / "var", **overrides)  # type: ignore[arg-type]
+
+
+def write_csv(folder: Path, text: str, name: str = "interactions.csv") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+GOOD_ROWS = "".join(f"u{n % 7},i{n % 11},2026-11-{10 + n % 10:02d}T12:00:00Z,{1 + n % 5}\n" for n in range(200))
+
+
+def test_each_kind_of_bad_row_is_quarantined_with_its_reason(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "src",
+        "user_id,item_id,timestamp,rating\n"
+        + GOOD_ROWS
+        + ",i1,2026-11-10T00:00:00Z,3\n"  # missing user
+        + "u1,,2026-11-10T00:00:00Z,3\n"  # missing item
+        + "u1,i1,yesterday,3\n"  # unparseable timestamp
+        + "u1,i1,2026-11-25T00:00:00Z,3\n"  # after the logical date
+        + "u1,i1,2026-11-10T00:00:00Z,lots\n"  # unparseable rating
+        + "u0,i0,2026-11-10T12:00:00Z,1\n",  # duplicate of the first good row
+    )
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    reasons = dict(quarantined.group_by("reason").len().iter_rows())
+    assert reasons == {
+        "missing_user_id": 1,
+        "missing_item_id": 1,
+        "bad_timestamp": 1,
+        "after_logical_date": 1,
+        "bad_weight": 1,
+        "duplicate": 1,
+    }
+    assert valid.height == 200
+    assert valid.schema == pl.Schema(lake.INTERACTIONS_SCHEMA)
+    # quarantined rows keep what the source said, as text, and where it was
+    bad_time = quarantined.filter(pl.col("reason") == "bad_timestamp").row(0, named=True)
+    assert bad_time["timestamp"] == "yesterday"
+    assert bad_time["row"] == 202
+
+
+def test_too_many_bad_rows_fail_with_file_column_and_count(tmp_path: Path) -> None:
+    bad = "".join(f"u{n},i1,not-a-time,3\n" for n in range(30))
+    path = write_csv(tmp_path / "src", "user_id,item_id,timestamp,rating\n" + GOOD_ROWS + bad)
+    settings = settings_for(tmp_path, max_bad_fraction=0.1)
+    with pytest.raises(BadInputError) as failure:
+        ingest(settings, path, DAY)
+    message = str(failure.value)
+    assert "interactions.csv" in message
+    assert "30 bad_timestamp in column timestamp" in message
+    assert "13.0% of 230 rows" in message
+    assert "\n" not in message
+    # nothing reached the lake, but the bad rows are set aside for inspection
+    assert not lake.interaction_partitions(settings.lake_dir, DAY)
+    assert pl.read_parquet(lake.quarantine_dir(settings.lake_dir, DAY) / "interactions.csv.parquet").height == 30
+
+
+def test_rows_after_the_logical_date_do_not_count_as_bad(tmp_path: Path) -> None:
+    later = "".join(f"u{n},i1,2026-12-{1 + n % 20:02d}T00:00:00Z,3\n" for n in range(100))
+    path = write_csv(tmp_path / "src", "user_id,item_id,timestamp,rating\n" + GOOD_ROWS + later)
+    result = ingest(settings_for(tmp_path, max_bad_fraction=0.01), path, DAY)
+    assert result.rows_valid == 200
+    assert result.quarantined_by_reason == {"after_logical_date": 100}
+    assert result.bad_fraction == 0.0
+
+
+def test_missing_column_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "src", "user_id,item_id,when\nu1,i1,2026-11-01\n")
+    with pytest.raises(BadInputError, match=r"interactions.csv: missing required column timestamp \(found: user_id"):
+        read_and_validate(path)
+
+
+def test_wrong_id_type_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "events.parquet"
+    pl.DataFrame({"user_id": [1.5], "item_id": ["a"], "timestamp": [datetime(2026, 11, 1, tzinfo=UTC)]}).write_parquet(
+        path
+    )
+    with pytest.raises(BadInputError, match="column user_id has type Float64; expected text or integer ids"):
+        read_and_validate(path)
+
+
+def read_and_validate(path: Path) -> pl.DataFrame:
+    return validate_interactions(read_source(path), DAY)[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1795176000", datetime(2026, 11, 20, 12, tzinfo=UTC)),  # epoch seconds
+        ("1795176000000", datetime(2026, 11, 20, 12, tzinfo=UTC)),  # epoch milliseconds
+        ("2026-11-20T12:00:00Z", datetime(2026, 11, 20, 12, tzinfo=UTC)),
+        ("2026-11-20T14:00:00+02:00", datetime(2026, 11, 20, 12, tzinfo=UTC)),
+        ("2026-11-20 12:00:00", datetime(2026, 11, 20, 12, tzinfo=UTC)),
+        ("2026-11-20", datetime(2026, 11, 20, tzinfo=UTC)),
+    ],
+)
+def test_timestamps_in_common_forms_parse_to_utc(tmp_path: Path, text: str, expected: datetime) -> None:
+    path = write_csv(tmp_path / "src", f"user_id,item_id,timestamp\nu1,i1,{text}\n")
+    valid = read_and_validate(path)
+    assert valid["timestamp"].to_list() == [expected]
+    assert valid["weight"].to_list() == [1.0]
+
+
+def test_typed_parquet_with_integer_ids_and_naive_datetimes(tmp_path: Path) -> None:
+    path = tmp_path / "interactions.parquet"
+    pl.DataFrame(
+        {
+            "user_id": [1, 2],
+            "item_id": [10, 20],
+            "timestamp": [datetime(2026, 11, 1), datetime(2026, 11, 2)],
+            "weight": [0.5, 2.0],
+        }
+    ).write_parquet(path)
+    valid = read_and_validate(path)
+    assert valid["user_id"].to_list() == ["1", "2"]
+    assert valid["timestamp"].dtype == pl.Datetime("us", "UTC")
+    assert valid["weight"].to_list() == [0.5, 2.0]
+
+
+def write_movielens(folder: Path, variant: str) -> Path:
+    folder.mkdir(parents=True)
+    if variant == "movielens-100k":
+        (folder / "u.data").write_text("1\t10\t4\t881250949\n2\t20\t3\t891717742\n")
+        flags = ["0"] * 19
+        flags[1] = flags[5] = "1"  # Action, Comedy
+        (folder / "u.item").write_bytes(
+            ("10|Caf\xe9 (1995)|01-Jan-1995||http://x|" + "|".join(flags) + "\n").encode("latin-1")
+            + ("20|Other (1996)|01-Jan-1996||http://y|" + "|".join(["1"] + ["0"] * 18) + "\n").encode("latin-1")
+        )
+    elif variant == "movielens-1m":
+        (folder / "ratings.dat").write_text("1::10::4::978300760\n2::20::3::978302109\n")
+        (folder / "movies.dat").write_bytes(
+            "10::Caf\xe9: The Movie (1995)::Action|Comedy\n20::Other (1996)::unknown\n".encode("latin-1")
+        )
+    else:
+        (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,964982703\n2,20,3.5,964981247\n")
+        (folder / "movies.csv").write_text(
+            'movieId,title,genres\n10,"Café, The Movie (1995)",Action|Comedy\n20,Other,(no genres listed)\n'
+        )
+    return folder
+
+
+@pytest.mark.parametrize("variant", ["movielens-100k", "movielens-1m", "movielens-latest"])
+def test_movielens_folders_are_detected_and_read(tmp_path: Path, variant: str) -> None:
+    folder = write_movielens(tmp_path / variant, variant)
+    assert detect_format(folder) == "movielens"
+    settings = settings_for(tmp_path)
+    result = ingest(settings, folder, DAY)
+    assert result.format == variant
+    assert result.rows_valid == 2
+    catalogue = lake.read_catalogue(settings.lake_dir, DAY).sort("item_id")
+    assert catalogue["item_id"].to_list() == ["10", "20"]
+    assert catalogue["genres"].to_list()[0] == ["Action", "Comedy"]
+    assert catalogue["title"].to_list()[0].startswith("Caf\u00e9")
+    events = lake.scan_interactions(settings.lake_dir, DAY).collect()
+    assert set(events["event_type"]) == {"rating"}
+
+
+def test_reingesting_a_date_changes_nothing(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "src", "user_id,item_id,timestamp,rating\n" + GOOD_ROWS)
+    settings = settings_for(tmp_path)
+    first = ingest(settings, path, DAY)
+    before = lake.scan_interactions(settings.lake_dir, DAY).collect()
+    second = ingest(settings, path, DAY)
+    after = lake.scan_interactions(settings.lake_dir, DAY).collect()
+    assert first.rows_valid == second.rows_valid == before.height == after.height
+    assert before.equals(after)
+
+
+def test_late_events_merge_into_their_day_without_duplicates(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    day_one = write_csv(tmp_path / "d1", "user_id,item_id,timestamp\nu1,i1,2026-11-19T10:00:00Z\n")
+    ingest(settings, day_one, date(2026, 11, 19))
+    # the next day's file repeats that event and brings a late one for the 19th
+    day_two = write_csv(
+        tmp_path / "d2",
+        "user_id,item_id,timestamp\nu1,i1,2026-11-19T10:00:00Z\nu2,i2,2026-11-19T23:00:00Z\nu3,i3,2026-11-20T01:00:00Z\n",
+    )
+    ingest(settings, day_two, DAY)
+    assert lake.scan_interactions(settings.lake_dir, DAY).collect().height == 3
+    # reading as of the 19th sees the 19th's events only, late one included
+    as_of_19 = lake.scan_interactions(settings.lake_dir, date(2026, 11, 19)).collect()
+    assert sorted(as_of_19["user_id"]) == ["u1", "u2"]
+
+
+def test_unknown_format_and_missing_path_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="no such file or folder"):
+        read_source(tmp_path / "nowhere")
+    odd = tmp_path / "data.xlsx"
+    odd.write_text("x")
+    with pytest.raises(BadInputError, match="pass --format parquet or csv"):
+        read_source(odd)
