@@ -1,0 +1,83 @@
+"""Top-k ranking metrics, vectorised over all users at once.
+
+Conventions (DESIGN §4): binary relevance; NDCG@k divides by the ideal DCG over
+min(|relevant|, k) items; Recall@k is hits / |relevant|; MAP@k averages precision at each hit
+and divides by min(|relevant|, k); HitRate@k is the share of users with at least one hit;
+coverage@k is the share of the catalogue that appears in anyone's top k. Every user in
+``relevant`` counts, including users with no recommendation at all (they score zero).
+"""
+
+import math
+
+import polars as pl
+
+K = 10
+
+
+def ranking_metrics(
+    recommendations: pl.DataFrame, relevant: pl.DataFrame, catalogue_size: int, k: int = K
+) -> dict[str, float]:
+    """Score ``recommendations`` (user_id, item_id, rank from 1) against ``relevant`` (user_id, item_id)."""
+    relevant = relevant.select("user_id", "item_id").unique()
+    users = relevant.group_by("user_id").agg(pl.len().alias("relevant"))
+    n_users = users.height
+    top = recommendations.filter(pl.col("rank") <= k).select("user_id", "item_id", "rank")
+    top = top.join(users.select("user_id"), on="user_id", how="semi")
+    if n_users == 0:
+        return {
+            f"ndcg@{k}": 0.0,
+            f"recall@{k}": 0.0,
+            f"map@{k}": 0.0,
+            f"hit_rate@{k}": 0.0,
+            f"coverage@{k}": 0.0,
+            "users": 0,
+        }
+
+    hits = (
+        top.join(relevant, on=["user_id", "item_id"], how="inner")
+        .sort("user_id", "rank")
+        .with_columns(hit_number=pl.int_range(1, pl.len() + 1).over("user_id"))
+        .group_by("user_id")
+        .agg(
+            hits=pl.len(),
+            dcg=(1.0 / (pl.col("rank") + 1).log(2)).sum(),
+            precision_sum=(pl.col("hit_number") / pl.col("rank")).sum(),
+        )
+    )
+    ideal = pl.DataFrame(
+        {
+            "n": list(range(1, k + 1)),
+            "idcg": [sum(1.0 / math.log2(r + 1) for r in range(1, n + 1)) for n in range(1, k + 1)],
+        }
+    )
+    per_user = (
+        users.join(hits, on="user_id", how="left")
+        .fill_null(0)
+        .with_columns(n=pl.min_horizontal(pl.col("relevant"), pl.lit(k)))
+        .join(ideal, on="n", how="left")
+        .select(
+            ndcg=pl.col("dcg") / pl.col("idcg"),
+            recall=pl.col("hits") / pl.col("relevant"),
+            ap=pl.col("precision_sum") / pl.col("n"),
+            hit=(pl.col("hits") > 0).cast(pl.Float64),
+        )
+    )
+    means = per_user.mean().row(0, named=True)
+    covered = top.select(pl.col("item_id").n_unique()).item()
+    return {
+        f"ndcg@{k}": float(means["ndcg"]),
+        f"recall@{k}": float(means["recall"]),
+        f"map@{k}": float(means["ap"]),
+        f"hit_rate@{k}": float(means["hit"]),
+        f"coverage@{k}": covered / catalogue_size if catalogue_size else 0.0,
+        "users": n_users,
+    }
+
+
+def candidate_recall(candidates: pl.DataFrame, relevant: pl.DataFrame) -> float:
+    """Share of (user, relevant item) pairs that the candidate set contains at all: a ceiling on recall."""
+    relevant = relevant.select("user_id", "item_id").unique()
+    if relevant.height == 0:
+        return 0.0
+    found = relevant.join(candidates.select("user_id", "item_id").unique(), on=["user_id", "item_id"], how="semi")
+    return found.height / relevant.height

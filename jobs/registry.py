@@ -1,0 +1,127 @@
+"""The model registry (``overnight.model_versions``): register, promote, and find the model a date may use."""
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+import sql
+from jobs.errors import MissingDataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    model_id: str
+    logical_date: date
+    status: str
+    status_reason: str | None
+    data_window: dict[str, Any]
+    params: dict[str, Any]
+    features: list[str]
+    metrics: dict[str, Any]
+    artifact_path: str
+    artifact_sha256: str
+    created_at: datetime | None = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def register(conn: psycopg.Connection, model: ModelVersion) -> None:
+    conn.execute(
+        sql.query("upsert_model_version"),
+        {
+            "model_id": model.model_id,
+            "logical_date": model.logical_date,
+            "status": model.status,
+            "status_reason": model.status_reason,
+            "data_window": Jsonb(model.data_window),
+            "params": Jsonb(model.params),
+            "features": list(model.features),
+            "metrics": Jsonb(model.metrics),
+            "artifact_path": model.artifact_path,
+            "artifact_sha256": model.artifact_sha256,
+        },
+    )
+
+
+def promote(conn: psycopg.Connection, model: ModelVersion) -> ModelVersion:
+    """Make ``model`` a promoted model; it becomes *the* production model unless a newer date's already is.
+
+    A model trained for a backfilled past date is promoted for scoring that date, but it does not
+    take production away from a model trained on a later date.
+    """
+    with conn.transaction():
+        conn.execute(sql.query("lock_registry"))
+        current = production_model(conn)
+        if current is not None and current.model_id != model.model_id and current.logical_date > model.logical_date:
+            promoted = _with_status(
+                model,
+                "retired",
+                f"promoted for {model.logical_date}; production stays {current.model_id} ({current.logical_date})",
+            )
+            register(conn, promoted)
+            return promoted
+        reason = f"replaced by {model.model_id}"
+        conn.execute(sql.query("retire_production_model"), (reason, model.model_id))
+        promoted = _with_status(model, "production", model.status_reason)
+        register(conn, promoted)
+        return promoted
+
+
+def _with_status(model: ModelVersion, status: str, reason: str | None) -> ModelVersion:
+    return ModelVersion(**{**model.__dict__, "status": status, "status_reason": reason})
+
+
+def _fetch(conn: psycopg.Connection, name: str, params: tuple[object, ...] = ()) -> list[ModelVersion]:
+    with conn.cursor(row_factory=class_row(ModelVersion)) as cur:
+        return cur.execute(sql.query(name), params).fetchall()
+
+
+def production_model(conn: psycopg.Connection) -> ModelVersion | None:
+    found = _fetch(conn, "production_model")
+    return found[0] if found else None
+
+
+def model_for_date(conn: psycopg.Connection, logical_date: date) -> ModelVersion | None:
+    """The newest promoted model trained on or before ``logical_date``: never one that saw its future."""
+    found = _fetch(conn, "model_for_date", (logical_date,))
+    return found[0] if found else None
+
+
+def model_by_id(conn: psycopg.Connection, model_id: str) -> ModelVersion | None:
+    found = _fetch(conn, "model_by_id", (model_id,))
+    return found[0] if found else None
+
+
+def list_models(conn: psycopg.Connection, limit: int = 50) -> list[ModelVersion]:
+    return _fetch(conn, "list_models", (limit,))
+
+
+def artifact_file(data_dir: Path, model: ModelVersion) -> Path:
+    """The model file, checked against the sha256 the registry recorded for it."""
+    path = Path(model.artifact_path)
+    if not path.is_absolute():
+        path = data_dir / path
+    if not path.is_file():
+        raise MissingDataError(f"model {model.model_id}: artifact {path} is missing")
+    actual = file_sha256(path)
+    if actual != model.artifact_sha256:
+        raise MissingDataError(
+            f"model {model.model_id}: artifact {path} has sha256 {actual[:12]}…, "
+            f"the registry recorded {model.artifact_sha256[:12]}…; refusing to use it"
+        )
+    return path
