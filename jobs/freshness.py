@@ -1,0 +1,120 @@
+"""What is live and whether it is fresh: ``overnight status`` and ``overnight check-freshness``."""
+
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+import sql
+from jobs import registry
+from jobs.database import connect, upgrade
+from jobs.errors import StaleBatchError
+from jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FreshnessResult:
+    batch_id: int
+    logical_date: str
+    age_hours: float
+    rows: int
+    active_users: int
+    coverage: float
+    max_age_hours: float
+    min_coverage: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        return f"batch {self.batch_id} is {self.age_hours:.2f} h old, covers {self.coverage:.1%} of active users"
+
+
+def _live(conn: psycopg.Connection) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql.query("live_status")).fetchone()
+
+
+def check_freshness(
+    settings: Settings, max_age_hours: float | None = None, min_coverage: float | None = None
+) -> FreshnessResult:
+    """Check what is actually served; raise StaleBatchError naming every problem found."""
+    max_age = settings.max_age_hours if max_age_hours is None else max_age_hours
+    minimum = settings.min_coverage if min_coverage is None else min_coverage
+    with connect(settings) as conn:
+        live = _live(conn)
+        if live is None:
+            raise StaleBatchError("nothing is live: no batch has been published yet")
+        try:
+            rows = conn.execute(sql.batch_query("count_recs", live["batch_id"])).fetchone()[0]  # type: ignore[index]
+        except psycopg.errors.UndefinedTable:
+            raise StaleBatchError(f"live batch {live['batch_id']} has no table: it was dropped") from None
+    age_hours = float(live["age_seconds"]) / 3600.0
+    coverage = rows / live["active_users"] if live["active_users"] else 0.0
+    problems = []
+    if age_hours > max_age:
+        problems.append(f"is {age_hours:.1f} h old (limit {max_age:g} h)")
+    if rows != live["users_scored"]:
+        problems.append(f"has {rows} rows but {live['users_scored']} were published")
+    if coverage < minimum:
+        problems.append(f"covers {coverage:.1%} of {live['active_users']} active users (minimum {minimum:.0%})")
+    result = FreshnessResult(
+        batch_id=live["batch_id"],
+        logical_date=live["logical_date"].isoformat(),
+        age_hours=round(age_hours, 3),
+        rows=rows,
+        active_users=live["active_users"],
+        coverage=round(coverage, 6),
+        max_age_hours=max_age,
+        min_coverage=minimum,
+        problems=problems,
+    )
+    if problems:
+        raise StaleBatchError(f"live batch {live['batch_id']} ({live['logical_date']}) " + "; ".join(problems))
+    return result
+
+
+def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
+    """What is live, which model is in production, and the latest batches."""
+    with connect(settings) as conn:
+        upgrade(conn)
+        live = _live(conn)
+        model = registry.production_model(conn)
+        with conn.cursor(row_factory=dict_row) as cur:
+            batches = cur.execute(sql.query("recent_batches"), (recent,)).fetchall()
+    return {
+        "live": _plain(live) if live else None,
+        "production_model": (
+            {
+                "model_id": model.model_id,
+                "logical_date": model.logical_date.isoformat(),
+                "metrics": {k: v for k, v in model.metrics.items() if isinstance(v, int | float)},
+                "baselines": model.metrics.get("baselines", {}),
+            }
+            if model
+            else None
+        ),
+        "recent_batches": [_plain(b) for b in batches],
+    }
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    def convert(value: Any) -> Any:
+        if isinstance(value, datetime | date):
+            return value.isoformat()
+        if hasattr(value, "__float__") and not isinstance(value, int | float | bool):
+            return float(value)
+        return value
+
+    return {key: convert(value) for key, value in row.items()}
+
+
+def as_dict(result: FreshnessResult) -> dict[str, Any]:
+    return _plain({**asdict(result), "ok": result.ok})

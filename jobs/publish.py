@@ -1,0 +1,289 @@
+"""Publish a date's scores to Postgres (DESIGN §5) and move the live pointer.
+
+1. Register the batch ('loading') and create ``overnight.recs_<batch_id>`` without a key.
+2. COPY every shard in binary, in parallel; build the primary key after the load.
+3. Validate (row count, coverage, empty lists, unknown items, non-finite scores); a failure
+   marks the batch 'failed', drops its table and leaves production untouched.
+4. In one transaction point ``overnight.live`` at the batch and NOTIFY the lookup services.
+5. Drop batches beyond the newest few, and earlier batches of the same date (a re-run replaces).
+
+A batch of a date older than the live one (a backfill) is kept ready but not made live unless asked.
+"""
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import psycopg
+from psycopg.types.json import Jsonb
+
+import sql
+from jobs import lake, score
+from jobs.database import connect, database_url, upgrade
+from jobs.errors import BatchValidationError, MissingDataError
+from jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+COPY_TYPES = ["text", "text[]", "float4[]"]
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    logical_date: str
+    batch_id: int
+    model_id: str
+    users: int
+    live: bool
+    reason: str
+    dropped_batches: list[int] = field(default_factory=list)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        state = "live" if self.live else f"not live: {self.reason}"
+        return f"batch {self.batch_id}, {self.users:,} users, {state}"
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    batch_id: int
+    previous_batch_id: int | None
+
+
+def _copy_shard(url: str, batch_id: int, path: Path) -> int:
+    frame = pl.read_parquet(path)
+    with (
+        psycopg.connect(url) as conn,
+        conn.cursor() as cur,
+        cur.copy(sql.batch_query("copy_recs", batch_id)) as copy,
+    ):
+        copy.set_types(COPY_TYPES)
+        for row in frame.iter_rows():
+            copy.write_row(row)
+    return frame.height
+
+
+def _copy_catalogue(conn: psycopg.Connection, item_ids: list[str]) -> None:
+    conn.execute(sql.query("create_catalogue_table"))
+    with conn.cursor() as cur, cur.copy(sql.query("copy_catalogue")) as copy:
+        for item_id in item_ids:
+            copy.write_row((item_id,))
+
+
+def validate(
+    conn: psycopg.Connection,
+    batch_id: int,
+    users_scored: int,
+    active_users: int,
+    catalogue: list[str],
+    settings: Settings,
+) -> tuple[dict[str, Any], list[str]]:
+    """(measurements, problems) of a loaded batch; no problem means it may go live."""
+    with conn.transaction():
+        counts = conn.execute(sql.batch_query("validate_recs", batch_id)).fetchone()
+        assert counts is not None
+        rows, empty, mismatched, non_finite, nulls = counts
+        _copy_catalogue(conn, catalogue)
+        unknown = conn.execute(sql.batch_query("unknown_items", batch_id), (batch_id,)).fetchone()
+        assert unknown is not None
+        unknown_count, unknown_examples = unknown
+    coverage = rows / active_users if active_users else 0.0
+    measured = {
+        "rows": rows,
+        "users_scored": users_scored,
+        "active_users": active_users,
+        "coverage": round(coverage, 6),
+        "empty_lists": empty,
+        "length_mismatches": mismatched,
+        "non_finite_scores": non_finite,
+        "null_elements": nulls,
+        "unknown_items": unknown_count,
+    }
+    problems = []
+    if rows != users_scored:
+        problems.append(f"table has {rows} rows but {users_scored} users were scored")
+    if coverage < settings.min_coverage:
+        problems.append(f"covers {coverage:.1%} of {active_users} active users (minimum {settings.min_coverage:.0%})")
+    for name, value in (
+        ("empty lists", empty),
+        ("item/score length mismatches", mismatched),
+        ("rows with non-finite scores", non_finite),
+        ("rows with null elements", nulls),
+    ):
+        if value:
+            problems.append(f"{value} {name}")
+    if unknown_count:
+        problems.append(f"{unknown_count} item ids not in the catalogue (e.g. {', '.join(unknown_examples)})")
+    return measured, problems
+
+
+def switch_live(conn: psycopg.Connection, batch_id: int, action: str) -> SwitchResult:
+    """Point ``live`` at the batch and notify the lookup services, in one transaction."""
+    with conn.transaction():
+        conn.execute(sql.query("lock_live"))
+        row = conn.execute(sql.query("live_batch_id")).fetchone()
+        previous = row[0] if row else None
+        if previous is not None and previous != batch_id:
+            conn.execute(sql.query("mark_batch_retired"), (previous,))
+        conn.execute(sql.query("set_live"), (batch_id,))
+        conn.execute(sql.query("mark_batch_live"), (batch_id,))
+        conn.execute(sql.query("record_switch"), (batch_id, previous, action))
+        conn.execute(sql.query("notify_live"), (sql.LIVE_CHANNEL, str(batch_id)))
+    return SwitchResult(batch_id=batch_id, previous_batch_id=previous)
+
+
+def drop_batch(conn: psycopg.Connection, batch_id: int, *, mark_dropped: bool = True) -> bool:
+    """Drop a batch's table; a lookup still reading it holds the drop back for at most a few seconds."""
+    try:
+        with conn.transaction():
+            conn.execute(sql.query("set_drop_lock_timeout"))
+            conn.execute(sql.batch_query("drop_recs_table", batch_id))
+            if mark_dropped:
+                conn.execute(sql.query("mark_batch_dropped"), (batch_id,))
+    except psycopg.errors.LockNotAvailable:
+        logger.warning("batch %d is still being read; its table will be dropped by a later publish", batch_id)
+        return False
+    return True
+
+
+def apply_retention(conn: psycopg.Connection, settings: Settings, logical_date: date, batch_id: int) -> list[int]:
+    """Drop earlier batches of the same date, and kept batches beyond the newest ``keep_batches``."""
+    with conn.transaction():
+        conn.execute(sql.query("lock_live"))
+        replaced = [r[0] for r in conn.execute(sql.query("same_date_batches"), (logical_date, batch_id))]
+    dropped = [b for b in replaced if drop_batch(conn, b)]
+    with conn.transaction():
+        conn.execute(sql.query("lock_live"))
+        expired = [r[0] for r in conn.execute(sql.query("expired_batches"), (settings.keep_batches - 1,))]
+    dropped += [b for b in expired if drop_batch(conn, b)]
+    return dropped
+
+
+def clean_orphans(conn: psycopg.Connection) -> list[int]:
+    """Batches whose publish died mid-way (killed between COPY and switch): mark failed, drop their table."""
+    orphans = [r[0] for r in conn.execute(sql.query("orphan_loading_batches"))]
+    conn.commit()
+    for batch_id in orphans:
+        logger.warning("batch %d was left loading by a publish that died; dropping it", batch_id)
+        conn.execute(sql.query("mark_batch_failed"), (None, "publish died before finishing", batch_id))
+        conn.commit()
+        drop_batch(conn, batch_id, mark_dropped=False)
+    return orphans
+
+
+def _should_go_live(conn: psycopg.Connection, logical_date: date, make_live: bool | None) -> tuple[bool, str]:
+    if make_live is not None:
+        return make_live, "asked to go live" if make_live else "asked not to go live"
+    row = conn.execute(sql.query("newest_live_date")).fetchone()
+    if row is not None and row[0] > logical_date:
+        return False, f"live batch is of a newer date ({row[0]}); pass --live to publish this one as live"
+    return True, "newest date"
+
+
+def publish(settings: Settings, logical_date: date, make_live: bool | None = None) -> PublishResult:
+    manifests = score.read_manifests(settings, logical_date)
+    folder = settings.work_dir_for(logical_date)
+    users_scored = sum(m.users for m in manifests)
+    active_users = pl.scan_parquet(folder / "users.parquet").select(pl.len()).collect().item()
+    fallback_items, fallback_scores = score.fallback(settings, logical_date)
+    if not fallback_items:
+        raise MissingDataError(f"no popular items to serve as the fallback list for {logical_date}")
+    catalogue = lake.read_catalogue(settings.lake_dir, logical_date)["item_id"].to_list()
+    model_id = manifests[0].model_id
+    generated_at = min(datetime.fromisoformat(m.generated_at) for m in manifests)
+    url = database_url(settings)
+
+    with connect(settings) as conn:
+        upgrade(conn)
+        clean_orphans(conn)
+        batch_id = conn.execute(
+            sql.query("insert_batch"),
+            {
+                "logical_date": logical_date,
+                "model_id": model_id,
+                "k": settings.top_k,
+                "users_scored": users_scored,
+                "active_users": active_users,
+                "fallback_item_ids": fallback_items,
+                "fallback_scores": fallback_scores,
+                "generated_at": generated_at,
+            },
+        ).fetchone()[0]  # type: ignore[index]
+        conn.execute(sql.batch_query("create_recs_table", batch_id))
+        conn.commit()
+        logger.info("publish: batch %d for %s: loading %d shards", batch_id, logical_date, len(manifests))
+
+        measured: dict[str, Any] | None = None
+        try:
+            with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
+                files = [score.shard_path(settings, logical_date, m.shard, m.shards) for m in manifests]
+                loaded = sum(pool.map(lambda path: _copy_shard(url, batch_id, path), files))
+            logger.info("publish: batch %d: %d rows loaded; building the primary key", batch_id, loaded)
+            try:
+                with conn.transaction():
+                    conn.execute(sql.batch_query("add_recs_primary_key", batch_id))
+                    conn.execute(sql.batch_query("analyze_recs", batch_id))
+            except psycopg.errors.UniqueViolation as error:
+                raise BatchValidationError(
+                    f"batch {batch_id}: duplicate user ids across shards ({error.diag.message_detail})"
+                ) from error
+            measured, problems = validate(conn, batch_id, users_scored, active_users, catalogue, settings)
+            if problems:
+                raise BatchValidationError(
+                    f"batch {batch_id} for {logical_date} failed validation: {'; '.join(problems)}"
+                )
+        except Exception as error:
+            conn.rollback()
+            conn.execute(sql.query("mark_batch_failed"), (Jsonb(measured) if measured else None, str(error), batch_id))
+            conn.commit()
+            drop_batch(conn, batch_id, mark_dropped=False)
+            raise
+
+        conn.execute(sql.query("mark_batch_ready"), (Jsonb(measured), batch_id))
+        conn.commit()
+        go_live, reason = _should_go_live(conn, logical_date, make_live)
+        conn.commit()
+        if go_live:
+            switched = switch_live(conn, batch_id, "publish")
+            logger.info("publish: batch %d is live (was %s)", batch_id, switched.previous_batch_id)
+        else:
+            logger.info("publish: batch %d is ready but not live: %s", batch_id, reason)
+        dropped = apply_retention(conn, settings, logical_date, batch_id)
+    return PublishResult(
+        logical_date=logical_date.isoformat(),
+        batch_id=batch_id,
+        model_id=model_id,
+        users=users_scored,
+        live=go_live,
+        reason=reason,
+        dropped_batches=dropped,
+        validation=measured,
+    )
+
+
+def rollback(settings: Settings, to_batch: int | None = None) -> SwitchResult:
+    """Point ``live`` back at the kept batch before it (or at ``to_batch``): instant, nothing is copied."""
+    with connect(settings) as conn:
+        upgrade(conn)
+        row = conn.execute(sql.query("live_batch_id")).fetchone()
+        conn.commit()
+        if row is None:
+            raise MissingDataError("nothing is live, so there is nothing to roll back")
+        current = row[0]
+        if to_batch is None:
+            target_row = conn.execute(sql.query("rollback_target"), (current,)).fetchone()
+            if target_row is None:
+                raise MissingDataError(f"no kept batch before the live batch {current} to roll back to")
+            to_batch = int(target_row[0])
+        found = conn.execute(sql.query("batch_by_id"), (to_batch,)).fetchone()
+        if found is None:
+            raise MissingDataError(f"batch {to_batch} does not exist")
+        status = found[3]
+        if status not in ("ready", "retired", "live"):
+            raise MissingDataError(f"batch {to_batch} is {status}; only kept batches (ready or retired) can go live")
+        conn.commit()
+        return switch_live(conn, to_batch, "rollback")

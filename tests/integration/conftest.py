@@ -1,0 +1,55 @@
+"""Integration fixtures: a lake with two scored days, built once per module and copied per test."""
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from jobs import ingest, registry, score, train
+from jobs.settings import Settings
+from tests.conftest import SAMPLE_DATE, create_database, drop_database
+
+PREVIOUS_DATE = SAMPLE_DATE - timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class ScoredLake:
+    data_dir: Path
+    model: registry.ModelVersion
+    dates: tuple[date, date]
+
+
+@pytest.fixture(scope="module")
+def scored_lake(
+    tmp_path_factory: pytest.TempPathFactory, postgres_admin_url: str, sample_source: Path
+) -> Iterator[ScoredLake]:
+    """Ingested, trained (for the earlier day) and scored for both days, with 2 shards."""
+    data_dir = tmp_path_factory.mktemp("scored") / "var"
+    url = create_database(postgres_admin_url)
+    try:
+        settings = Settings(data_dir=data_dir, database_url=url, score_shards=2)
+        for day in (PREVIOUS_DATE, SAMPLE_DATE):
+            ingest.ingest(settings, sample_source, day)
+        trained = train.train(settings, PREVIOUS_DATE)
+        for day in (PREVIOUS_DATE, SAMPLE_DATE):
+            score.score(settings, day)
+        with psycopg.connect(url) as conn:
+            model = registry.model_by_id(conn, trained.model_id)
+        assert model is not None
+        yield ScoredLake(data_dir=data_dir, model=model, dates=(PREVIOUS_DATE, SAMPLE_DATE))
+    finally:
+        drop_database(postgres_admin_url, url)
+
+
+@pytest.fixture
+def batch_settings(scored_lake: ScoredLake, database_url: str, tmp_path: Path) -> Settings:
+    """Settings over a private copy of the scored lake and a fresh database that knows its model."""
+    data_dir = tmp_path / "var"
+    shutil.copytree(scored_lake.data_dir, data_dir)
+    with psycopg.connect(database_url) as conn:
+        registry.register(conn, scored_lake.model)
+    return Settings(data_dir=data_dir, database_url=database_url, score_shards=2)

@@ -1,0 +1,229 @@
+"""The publish protocol against a real Postgres: load, validate, switch, keep, roll back."""
+
+import threading
+from collections.abc import Callable
+from datetime import date
+
+import polars as pl
+import psycopg
+import pytest
+
+import sql
+from jobs import publish, score
+from jobs.errors import BatchValidationError, MissingDataError
+from jobs.settings import Settings
+from tests.integration.conftest import PREVIOUS_DATE, SAMPLE_DATE
+
+pytestmark = pytest.mark.integration
+
+
+def live_batch(settings: Settings) -> int | None:
+    with psycopg.connect(str(settings.database_url)) as conn:
+        row = conn.execute("SELECT batch_id FROM overnight.live").fetchone()
+    return row[0] if row else None
+
+
+def statuses(settings: Settings) -> dict[int, str]:
+    with psycopg.connect(str(settings.database_url)) as conn:
+        return dict(conn.execute("SELECT batch_id, status FROM overnight.batches").fetchall())  # type: ignore[arg-type]
+
+
+def table_exists(settings: Settings, batch_id: int) -> bool:
+    with psycopg.connect(str(settings.database_url)) as conn:
+        name = f"overnight.{sql.recs_table_name(batch_id)}"
+        return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]  # type: ignore[index]
+
+
+def test_publish_loads_validates_and_goes_live(batch_settings: Settings) -> None:
+    result = publish.publish(batch_settings, SAMPLE_DATE)
+    assert result.live
+    assert live_batch(batch_settings) == result.batch_id
+    assert result.validation["rows"] == result.users > 0
+    assert result.validation["unknown_items"] == 0
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        # the primary key exists (built after the load)
+        key = conn.execute(
+            "SELECT count(*) FROM pg_index WHERE indrelid = to_regclass(%s) AND indisprimary",
+            (f"overnight.{sql.recs_table_name(result.batch_id)}",),
+        ).fetchone()
+        assert key == (1,)
+        k, fallback = conn.execute(
+            "SELECT k, fallback_item_ids FROM overnight.batches WHERE batch_id = %s", (result.batch_id,)
+        ).fetchone()  # type: ignore[misc]
+        assert k == batch_settings.top_k
+        assert 0 < len(fallback) <= batch_settings.top_k
+        history = conn.execute("SELECT action, batch_id FROM overnight.live_history").fetchall()
+        assert history == [("publish", result.batch_id)]
+
+
+def corrupt_shard(settings: Settings, change: Callable[[pl.DataFrame], pl.DataFrame]) -> None:
+    path = score.shard_path(settings, SAMPLE_DATE, 0, 2)
+    pl.read_parquet(path).pipe(change).write_parquet(path)
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[pl.DataFrame], pl.DataFrame], str]] = {
+    "unknown item": (
+        lambda f: f.with_columns(
+            pl.col("item_ids").list.concat(pl.lit(["no-such-item"])),
+            pl.col("scores").list.concat(pl.lit([0.0], dtype=pl.List(pl.Float32))),
+        ),
+        "item ids not in the catalogue (e.g. no-such-item)",
+    ),
+    "empty list": (
+        lambda f: f.with_columns(
+            pl.when(pl.int_range(pl.len()) == 0)
+            .then(pl.lit([], dtype=pl.List(pl.String)))
+            .otherwise(pl.col("item_ids"))
+            .alias("item_ids"),
+            pl.when(pl.int_range(pl.len()) == 0)
+            .then(pl.lit([], dtype=pl.List(pl.Float32)))
+            .otherwise(pl.col("scores"))
+            .alias("scores"),
+        ),
+        "1 empty lists",
+    ),
+    "non-finite score": (
+        lambda f: f.with_columns(pl.col("scores").list.eval(pl.element() / 0.0)),
+        "rows with non-finite scores",
+    ),
+    "duplicate user": (lambda f: pl.concat([f, f.head(1)]), "duplicate user ids"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_failed_validation_leaves_the_live_batch_untouched(batch_settings: Settings, corruption: str) -> None:
+    good = publish.publish(batch_settings, PREVIOUS_DATE)
+    change, expected = CORRUPTIONS[corruption]
+    corrupt_shard(batch_settings, change)
+    with pytest.raises(BatchValidationError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        publish.publish(batch_settings, SAMPLE_DATE)
+    assert live_batch(batch_settings) == good.batch_id
+    failed = max(statuses(batch_settings))
+    assert statuses(batch_settings)[failed] == "failed"
+    assert not table_exists(batch_settings, failed)  # no orphan table left behind
+
+
+def test_too_little_coverage_fails_validation(batch_settings: Settings) -> None:
+    corrupt_shard(batch_settings, lambda f: f.head(1))
+    with pytest.raises(BatchValidationError, match="active users"):
+        publish.publish(batch_settings, SAMPLE_DATE)
+    assert live_batch(batch_settings) is None
+
+
+def test_republishing_a_date_replaces_its_batch(batch_settings: Settings) -> None:
+    first = publish.publish(batch_settings, SAMPLE_DATE)
+    second = publish.publish(batch_settings, SAMPLE_DATE)
+    assert live_batch(batch_settings) == second.batch_id
+    assert second.dropped_batches == [first.batch_id]
+    assert statuses(batch_settings) == {first.batch_id: "dropped", second.batch_id: "live"}
+    assert not table_exists(batch_settings, first.batch_id)
+
+
+def test_a_backfilled_date_does_not_move_live_backwards_unless_asked(batch_settings: Settings) -> None:
+    newest = publish.publish(batch_settings, SAMPLE_DATE)
+    backfill = publish.publish(batch_settings, PREVIOUS_DATE)
+    assert not backfill.live
+    assert "newer date" in backfill.reason
+    assert live_batch(batch_settings) == newest.batch_id
+    assert statuses(batch_settings)[backfill.batch_id] == "ready"
+    forced = publish.publish(batch_settings, PREVIOUS_DATE, make_live=True)
+    assert forced.live
+    assert live_batch(batch_settings) == forced.batch_id
+
+
+def test_rollback_switches_to_the_batch_before_and_back(batch_settings: Settings) -> None:
+    older = publish.publish(batch_settings, PREVIOUS_DATE)
+    newer = publish.publish(batch_settings, SAMPLE_DATE)
+    switched = publish.rollback(batch_settings)
+    assert (switched.batch_id, switched.previous_batch_id) == (older.batch_id, newer.batch_id)
+    assert live_batch(batch_settings) == older.batch_id
+    with pytest.raises(MissingDataError, match="no kept batch before"):
+        publish.rollback(batch_settings)
+    publish.rollback(batch_settings, to_batch=newer.batch_id)
+    assert live_batch(batch_settings) == newer.batch_id
+    with pytest.raises(MissingDataError, match="does not exist"):
+        publish.rollback(batch_settings, to_batch=999)
+
+
+def test_retention_keeps_the_newest_batches_and_the_live_one(batch_settings: Settings) -> None:
+    settings = batch_settings.model_copy(update={"keep_batches": 2})
+    first = publish.publish(settings, PREVIOUS_DATE)
+    second = publish.publish(settings, SAMPLE_DATE)
+    third = publish.publish(settings, PREVIOUS_DATE, make_live=False)
+    assert statuses(settings) == {first.batch_id: "dropped", second.batch_id: "live", third.batch_id: "ready"}
+    assert [table_exists(settings, b) for b in (first.batch_id, second.batch_id, third.batch_id)] == [False, True, True]
+
+
+def test_a_publish_that_died_mid_load_is_cleaned_up(batch_settings: Settings) -> None:
+    live = publish.publish(batch_settings, PREVIOUS_DATE)
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        orphan = conn.execute(
+            "INSERT INTO overnight.batches (logical_date, model_id, status, k, users_scored, active_users,"
+            " fallback_item_ids, fallback_scores, generated_at, loader_pid)"
+            " SELECT logical_date, model_id, 'loading', k, 1, 1, fallback_item_ids, fallback_scores, now(), 2147483000"
+            " FROM overnight.batches WHERE batch_id = %s RETURNING batch_id",
+            (live.batch_id,),
+        ).fetchone()[0]  # type: ignore[index]
+        conn.execute(sql.batch_query("create_recs_table", orphan))
+    publish.publish(batch_settings, SAMPLE_DATE)
+    assert statuses(batch_settings)[orphan] == "failed"
+    assert not table_exists(batch_settings, orphan)
+
+
+LIVE_DATE = "SELECT b.batch_id, b.logical_date FROM overnight.live JOIN overnight.batches b USING (batch_id)"
+
+
+def expected_rows(settings: Settings, day: date) -> dict[str, list[str]]:
+    frames = [pl.read_parquet(p) for p in sorted(score.scores_dir(settings, day).glob("shard-*.parquet"))]
+    return dict(pl.concat(frames).select("user_id", "item_ids").iter_rows())
+
+
+def test_readers_never_see_a_mix_or_a_gap_while_batches_switch(batch_settings: Settings) -> None:
+    """Readers resolve the live batch and read users from it while publishes and rollbacks switch it."""
+    by_date = {day: expected_rows(batch_settings, day) for day in (PREVIOUS_DATE, SAMPLE_DATE)}
+    users = sorted(set(by_date[PREVIOUS_DATE]) & set(by_date[SAMPLE_DATE]))[:50]
+    assert any(by_date[PREVIOUS_DATE][u] != by_date[SAMPLE_DATE][u] for u in users)
+    publish.publish(batch_settings, PREVIOUS_DATE)
+    stop = threading.Event()
+    problems: list[str] = []
+    reads = [0]
+
+    def reader() -> None:
+        with psycopg.connect(str(batch_settings.database_url), autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    batch_id, day = conn.execute(LIVE_DATE).fetchone()  # type: ignore[misc]
+                    rows = conn.execute(sql.batch_query("recs_for_users", batch_id), (users,)).fetchall()
+                except psycopg.Error as error:
+                    problems.append(f"read failed: {error}")
+                    continue
+                got = {user: items for user, items, _scores in rows}
+                if got != {u: by_date[day][u] for u in users}:
+                    problems.append(f"batch {batch_id} ({day}) returned rows of another batch or missed users")
+                reads[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(2):
+            publish.publish(batch_settings, SAMPLE_DATE)
+            publish.rollback(batch_settings)
+            publish.publish(batch_settings, PREVIOUS_DATE, make_live=True)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert reads[0] > 10
+    assert problems == []
+
+
+def test_publish_needs_every_shard(batch_settings: Settings) -> None:
+    score.shard_path(batch_settings, SAMPLE_DATE, 1, 2).with_suffix(".json").unlink()
+    with pytest.raises(MissingDataError, match=r"missing shard\(s\) \[1\] of 2"):
+        publish.publish(batch_settings, SAMPLE_DATE)
+
+
+def test_scoring_uses_no_model_newer_than_the_date(batch_settings: Settings) -> None:
+    with pytest.raises(MissingDataError, match="no promoted model trained on or before"):
+        score.score(batch_settings, date(2020, 1, 1))
