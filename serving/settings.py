@@ -1,0 +1,95 @@
+"""The lookup service's configuration: every ``OVERNIGHT_*`` variable it reads, validated in one place."""
+
+import json
+import os
+from typing import Annotated, Any, Self
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from serving.errors import ServingConfigError
+
+ENV_PREFIX = "OVERNIGHT_"
+
+
+def _default_pool_max_size() -> int:
+    # A lookup holds a connection for one short query, so a couple per core keeps Postgres busy
+    # without queueing many backends behind the same cores.
+    return 2 * (os.cpu_count() or 1)
+
+
+class ServingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: str = Field(min_length=1, repr=False, description="Postgres DSN the batches are published to.")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), repr=False, description="Accepted bearer keys, comma-separated in OVERNIGHT_API_KEYS."
+    )
+    auth_disabled: bool = Field(default=False, description="Serve without API keys (`overnight serve --no-auth`).")
+
+    pool_min_size: int = Field(default=1, ge=1)
+    pool_max_size: int = Field(default_factory=_default_pool_max_size, ge=1)
+    db_timeout_seconds: float = Field(
+        default=1.5, gt=0, le=60, description="Deadline of a lookup's database work: checkout plus query."
+    )
+    live_poll_seconds: float = Field(
+        default=5.0, gt=0, description="Re-read of the live pointer in case a NOTIFY was missed."
+    )
+
+    max_batch_users: int = Field(default=1000, ge=1)
+    max_user_id_length: int = Field(default=256, ge=1)
+    max_exclude_items: int = Field(default=500, ge=0)
+    access_log: bool = Field(default=False, description="uvicorn's per-request log; metrics cover requests.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    value = text.split(",")
+            else:
+                value = text.split(",")
+        if isinstance(value, list | tuple | set | frozenset):
+            keys = [key.strip() if isinstance(key, str) else key for key in value]
+            return tuple(dict.fromkeys(key for key in keys if key != ""))
+        return value
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> Self:
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError(
+                f"pool_min_size ({self.pool_min_size}) is larger than pool_max_size ({self.pool_max_size})"
+            )
+        return self
+
+
+def get_serving_settings(**overrides: Any) -> ServingSettings:
+    """Settings from the environment (overrides win); a bad or missing value is a `ServingConfigError`."""
+    try:
+        return ServingSettings(**overrides)
+    except ValidationError as error:
+        raise ServingConfigError(_one_line(error)) from None
+
+
+def check_auth_configured(settings: ServingSettings) -> None:
+    """Refuse to serve an open API by accident: no key is only allowed when auth is disabled explicitly."""
+    if not settings.api_keys and not settings.auth_disabled:
+        raise ServingConfigError(
+            f"no API key configured: set {ENV_PREFIX}API_KEYS (comma-separated) or start with --no-auth"
+        )
+
+
+def _one_line(error: ValidationError) -> str:
+    problems = []
+    for detail in error.errors(include_url=False, include_input=False):
+        field = str(detail["loc"][0]) if detail["loc"] else ""
+        variable = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+        if detail["type"] == "missing" and field == "database_url":
+            problems.append(f"{variable} is not set: the lookup service needs the Postgres DSN of the batches")
+        else:
+            problems.append(f"{variable}: {detail['msg']}")
+    return "; ".join(problems)

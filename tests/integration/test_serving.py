@@ -1,0 +1,598 @@
+"""The lookup service on a real socket against a real Postgres: auth, lookups, limits, live switches, outages.
+
+Batches are published the way the publisher does it (named queries, binary COPY, one switching
+transaction with NOTIFY); no response in any test may be a 500.
+"""
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from psycopg import sql as pgsql
+from psycopg.types.json import Jsonb
+
+import sql
+from serving.app import create_app
+from serving.errors import ServingConfigError
+from serving.live import WATCHER_APPLICATION_NAME
+from serving.server import serve
+from serving.settings import ServingSettings, get_serving_settings
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "test-key-5b0d1c"
+K = 12
+DB_TIMEOUT = 0.5
+SWITCH_DEADLINE = 1.0
+
+# user -> items in rank order; scores descend with rank
+RECS: dict[str, list[str]] = {
+    "42": [f"i{n}" for n in range(1, K + 1)],
+    "7": ["i5", "i3", "i9"],
+    "tenant/7": ["i2", "i4"],
+}
+FALLBACK = ["p1", "p2", "p3", "p4", "p5"]
+
+
+def scores_for(items: list[str], top: float = 3.21) -> list[float]:
+    return [round(top - 0.25 * rank, 2) for rank in range(len(items))]
+
+
+# ---------------------------------------------------------------------------- publishing
+
+
+@dataclass
+class Publisher:
+    """Publishes batches exactly as the batch side does, through the named queries of sql/queries.sql."""
+
+    url: str
+    logical_date: date = date(2026, 11, 20)
+
+    def publish(
+        self,
+        recs: dict[str, list[str]],
+        *,
+        fallback: list[str] = FALLBACK,
+        k: int = K,
+        generated_at: datetime | None = None,
+        model_id: str = "ranker-2026-11-20",
+        switch: bool = True,
+        notify: bool = True,
+    ) -> int:
+        generated_at = generated_at or datetime.now(UTC) - timedelta(hours=2)
+        with psycopg.connect(self.url) as conn:
+            conn.execute(
+                sql.query("upsert_model_version"),
+                {
+                    "model_id": model_id,
+                    "logical_date": self.logical_date,
+                    "status": "production",
+                    "status_reason": None,
+                    "data_window": Jsonb({"features_before": "2026-11-06", "label_end": "2026-11-20"}),
+                    "params": Jsonb({"num_leaves": 31}),
+                    "features": ["recent_popularity", "covisit_score"],
+                    "metrics": Jsonb({"ndcg@10": 0.31}),
+                    "artifact_path": f"models/{model_id}.txt",
+                    "artifact_sha256": hashlib.sha256(model_id.encode()).hexdigest(),
+                },
+            )
+            row = conn.execute(
+                sql.query("insert_batch"),
+                {
+                    "logical_date": self.logical_date,
+                    "model_id": model_id,
+                    "k": k,
+                    "users_scored": len(recs),
+                    "active_users": len(recs),
+                    "fallback_item_ids": fallback,
+                    "fallback_scores": scores_for(fallback, top=1.0),
+                    "generated_at": generated_at,
+                },
+            ).fetchone()
+            assert row is not None
+            batch_id = int(row[0])
+            conn.execute(sql.batch_query("create_recs_table", batch_id))
+            with conn.cursor() as cur, cur.copy(sql.batch_query("copy_recs", batch_id)) as copy:
+                copy.set_types(["text", "text[]", "float4[]"])
+                for user_id, items in recs.items():
+                    copy.write_row((user_id, items, scores_for(items)))
+            conn.execute(sql.batch_query("add_recs_primary_key", batch_id))
+            conn.execute(sql.query("mark_batch_ready"), (Jsonb({"rows": len(recs)}), batch_id))
+        if switch:
+            self.switch(batch_id, notify=notify)
+        return batch_id
+
+    def switch(self, batch_id: int, *, notify: bool = True) -> None:
+        """Point `live` at a batch in one transaction, as publish and rollback do."""
+        with psycopg.connect(self.url) as conn, conn.transaction():
+            conn.execute(sql.query("lock_live"))
+            conn.execute(sql.query("set_live"), (batch_id,))
+            conn.execute(sql.query("mark_batch_live"), (batch_id,))
+            if notify:
+                conn.execute(sql.query("notify_live"), (sql.LIVE_CHANNEL, str(batch_id)))
+
+    def drop(self, batch_id: int) -> None:
+        with psycopg.connect(self.url) as conn:
+            conn.execute(sql.batch_query("drop_recs_table", batch_id))
+            conn.execute(sql.query("mark_batch_dropped"), (batch_id,))
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+def _no_server_errors(response: httpx.Response) -> None:
+    response.read()
+    assert response.status_code < 500 or response.status_code == 503, (
+        f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text}"
+    )
+
+
+@dataclass
+class Service:
+    base_url: str
+    client: httpx.Client = field(init=False)
+    anonymous: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        hooks: dict[str, list[Callable[..., Any]]] = {"response": [_no_server_errors]}
+        self.client = httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, event_hooks=hooks, timeout=5
+        )
+        self.anonymous = httpx.Client(base_url=self.base_url, event_hooks=hooks, timeout=5)
+
+    def recs(self, user_id: str, **params: Any) -> httpx.Response:
+        return self.client.get(f"/v1/users/{user_id}/recommendations", params=params)
+
+    def wait_for(self, condition: Callable[[], bool], within: float) -> float:
+        start = time.monotonic()
+        while not condition():
+            if time.monotonic() - start > within:
+                raise AssertionError(f"not true within {within} s")
+            time.sleep(0.01)
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        self.client.close()
+        self.anonymous.close()
+
+
+def service_settings(database_url: str, **overrides: Any) -> ServingSettings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "api_keys": (API_KEY,),
+        "auth_disabled": False,
+        "db_timeout_seconds": DB_TIMEOUT,
+        # Long, so switches seen within a second can only have come through NOTIFY.
+        "live_poll_seconds": 60,
+        "pool_min_size": 1,
+        "pool_max_size": 4,
+        "max_batch_users": 50,
+    }
+    return get_serving_settings(**(values | overrides))
+
+
+@contextmanager
+def running(settings: ServingSettings) -> Iterator[Service]:
+    """The app under uvicorn on a free localhost port, in a thread with its own event loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    service = Service(f"http://127.0.0.1:{port}")
+    try:
+        service.wait_for(lambda: server.started or not thread.is_alive(), within=10)
+        assert server.started, "uvicorn did not start"
+        yield service
+    finally:
+        service.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def publisher(database_url: str) -> Publisher:
+    return Publisher(database_url)
+
+
+@pytest.fixture
+def service(database_url: str) -> Iterator[Service]:
+    with running(service_settings(database_url)) as service:
+        yield service
+
+
+@pytest.fixture
+def live_service(publisher: Publisher, service: Service) -> Service:
+    """The service with one batch published before it was asked anything."""
+    publisher.publish(RECS)
+    service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+    return service
+
+
+def batch_of(response: httpx.Response) -> int:
+    return int(response.headers["X-Batch-Id"])
+
+
+def item_ids(response: httpx.Response) -> list[str]:
+    return [item["item_id"] for item in response.json()["items"]]
+
+
+def detail_text(response: httpx.Response) -> str:
+    detail = response.json()["detail"]
+    return detail if isinstance(detail, str) else " ".join(str(problem["msg"]) for problem in detail)
+
+
+# ---------------------------------------------------------------------------- auth
+
+
+def test_auth_is_required_on_the_api_and_not_on_operations(live_service: Service) -> None:
+    path = "/v1/users/42/recommendations"
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {API_KEY}"}):
+        response = live_service.anonymous.get(path, headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert response.json()["detail"]
+    batch = live_service.anonymous.post("/v1/recommendations:batch", json={"user_ids": ["42"]})
+    assert batch.status_code == 401
+    # Authentication comes before validation: no probing the API without a key.
+    assert live_service.anonymous.get(path, params={"k": "abc"}).status_code == 401
+    # Non-ASCII tokens must be a plain 401, not a comparison error.
+    assert live_service.anonymous.get(path, headers={b"Authorization": "Bearer ключ".encode()}).status_code == 401
+
+    assert live_service.recs("42").status_code == 200
+    for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        assert live_service.anonymous.get(open_path).status_code == 200, open_path
+
+
+# ---------------------------------------------------------------------------- single lookups
+
+
+def test_known_user_gets_the_batch_in_rank_order(live_service: Service, publisher: Publisher) -> None:
+    response = live_service.recs("7")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["user_id"] == "7"
+    assert body["source"] == "personalized"
+    assert body["items"] == [
+        {"item_id": "i5", "score": 3.21},
+        {"item_id": "i3", "score": 2.96},
+        {"item_id": "i9", "score": 2.71},
+    ]
+    assert body["model_id"] == "ranker-2026-11-20"
+    assert body["variant"] == "production"
+    assert body["batch_id"] == batch_of(response)
+    assert body["generated_at"].endswith("Z")
+    generated_at = datetime.fromisoformat(body["generated_at"])
+    age = int(response.headers["X-Data-Age-Seconds"])
+    assert abs(age - (datetime.now(UTC) - generated_at).total_seconds()) <= 2
+    assert 7200 <= age <= 7210
+
+
+def test_unknown_user_gets_the_fallback(live_service: Service) -> None:
+    response = live_service.recs("never-seen")
+    assert response.status_code == 200
+    assert response.json()["source"] == "fallback"
+    assert item_ids(response) == FALLBACK
+    assert [item["score"] for item in response.json()["items"]] == scores_for(FALLBACK, top=1.0)
+    assert "X-Batch-Id" in response.headers and "X-Data-Age-Seconds" in response.headers
+
+    excluded = live_service.recs("never-seen", exclude="p1,p3", k=2)
+    assert item_ids(excluded) == ["p2", "p4"]
+
+
+def test_k_defaults_to_ten_and_is_bounded_by_the_batch(live_service: Service) -> None:
+    assert item_ids(live_service.recs("42")) == RECS["42"][:10]
+    assert item_ids(live_service.recs("42", k=1)) == ["i1"]
+    assert item_ids(live_service.recs("42", k=K)) == RECS["42"]
+    assert item_ids(live_service.recs("7", k=K)) == RECS["7"]
+
+    for bad in (0, -1, K + 1, 10**30, "abc", "1.5", "", "1e3"):
+        response = live_service.client.get("/v1/users/42/recommendations", params={"k": bad})
+        assert response.status_code == 422, bad
+        assert detail_text(response), bad
+    too_big = live_service.recs("42", k=K + 1)
+    assert f"between 1 and {K}" in detail_text(too_big)
+
+
+def test_exclude_filters_before_cutting_to_k(live_service: Service) -> None:
+    assert item_ids(live_service.recs("42", k=3, exclude="i1,i3")) == ["i2", "i4", "i5"]
+    # Repeated parameter, blanks and unknown items are fine too.
+    response = live_service.client.get(
+        "/v1/users/42/recommendations", params=[("k", 3), ("exclude", "i2, ,"), ("exclude", "i1"), ("exclude", "zz")]
+    )
+    assert item_ids(response) == ["i3", "i4", "i5"]
+    assert item_ids(live_service.recs("7", exclude="i5,i3,i9")) == []
+
+    too_many = ",".join(f"x{n}" for n in range(501))
+    response = live_service.recs("42", exclude=too_many)
+    assert response.status_code == 422
+    assert "at most 500" in detail_text(response)
+
+
+def test_odd_user_ids_are_looked_up_safely(live_service: Service, publisher: Publisher) -> None:
+    assert live_service.recs("u" * 257).status_code == 422
+    assert "longer than 256" in detail_text(live_service.recs("u" * 257))
+    assert live_service.recs("u" * 256).json()["source"] == "fallback"
+
+    injection = "42'; DROP TABLE overnight.batches; --"
+    response = live_service.client.get(f"/v1/users/{injection}/recommendations")
+    assert response.status_code == 200
+    assert response.json()["source"] == "fallback"
+    assert response.json()["user_id"] == injection
+
+    for odd in ("ünïcødé ✓", "a b", "42 ", "%", "?x=1", "😀" * 10):
+        response = live_service.client.get(f"/v1/users/{quote(odd, safe='')}/recommendations")
+        assert response.status_code == 200, odd
+        assert response.json()["user_id"] == odd
+        assert response.json()["source"] == "fallback"
+
+    slashed = live_service.client.get("/v1/users/tenant%2F7/recommendations")
+    assert slashed.json()["source"] == "personalized"
+    assert item_ids(slashed) == RECS["tenant/7"]
+    assert live_service.client.get("/v1/users/a%00b/recommendations").status_code == 422
+
+    # The injection did nothing: the batch is still served.
+    assert live_service.recs("42").json()["source"] == "personalized"
+
+
+# ---------------------------------------------------------------------------- batch lookups
+
+
+def test_batch_lookup_answers_in_request_order(live_service: Service) -> None:
+    ids = ["7", "nobody", "42", "7", "tenant/7"]
+    response = live_service.client.post("/v1/recommendations:batch", json={"user_ids": ids, "k": 2})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [result["user_id"] for result in results] == ids
+    assert [result["source"] for result in results] == [
+        "personalized",
+        "fallback",
+        "personalized",
+        "personalized",
+        "personalized",
+    ]
+    assert [[item["item_id"] for item in result["items"]] for result in results] == [
+        ["i5", "i3"],
+        ["p1", "p2"],
+        ["i1", "i2"],
+        ["i5", "i3"],
+        ["i2", "i4"],
+    ]
+    assert {result["batch_id"] for result in results} == {batch_of(response)}
+    assert int(response.headers["X-Data-Age-Seconds"]) >= 7200
+
+    default_k = live_service.client.post(
+        "/v1/recommendations:batch", json={"user_ids": ["42"], "exclude": ["i1", "i2"]}
+    )
+    assert [item["item_id"] for item in default_k.json()["results"][0]["items"]] == RECS["42"][2:12]
+
+
+BAD_BATCH_BODIES: list[tuple[Any, str]] = [
+    ({"user_ids": [str(n) for n in range(51)]}, "at most 50 user ids"),
+    ({"user_ids": []}, "at least 1"),
+    ({}, "Field required"),
+    ({"user_ids": "42"}, "valid list"),
+    ({"user_ids": [42]}, "valid string"),
+    ({"user_ids": [None]}, "valid string"),
+    ({"user_ids": ["42"], "k": 0}, "greater than or equal to 1"),
+    ({"user_ids": ["42"], "k": K + 1}, f"between 1 and {K}"),
+    ({"user_ids": ["42"], "k": "ten"}, "valid integer"),
+    ({"user_ids": ["42"], "k": 2.5}, "valid integer"),
+    ({"user_ids": ["u" * 257]}, "longer than 256"),
+    ({"user_ids": ["a\x00b"]}, "NUL"),
+    ({"user_ids": ["42"], "users": ["7"]}, "Extra inputs"),
+    ([{"user_ids": ["42"]}], "valid dictionary"),
+]
+
+
+def test_batch_lookup_rejects_bad_bodies(live_service: Service) -> None:
+    for body, reason in BAD_BATCH_BODIES:
+        response = live_service.client.post("/v1/recommendations:batch", json=body)
+        assert response.status_code == 422, body
+        assert reason in detail_text(response), (body, response.json())
+
+
+def test_batch_lookup_rejects_malformed_json(live_service: Service) -> None:
+    for content in (b"", b"{", b"not json", b'{"user_ids": ["\\ud800"]}', b"\xff\xfe"):
+        response = live_service.client.post(
+            "/v1/recommendations:batch", content=content, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, content
+
+
+# ---------------------------------------------------------------------------- the live batch
+
+
+def test_nothing_live_is_503_until_a_batch_is_published(service: Service, publisher: Publisher) -> None:
+    response = service.recs("42")
+    assert response.status_code == 503
+    assert response.json() == {"detail": "no batch is live yet"}
+    assert service.client.post("/v1/recommendations:batch", json={"user_ids": ["42"]}).status_code == 503
+    ready = service.anonymous.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"detail": "no batch is live yet"}
+    assert service.anonymous.get("/healthz").status_code == 200
+
+    batch_id = publisher.publish(RECS)
+    service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+    assert service.anonymous.get("/readyz").json()["batch_id"] == batch_id
+    assert batch_of(service.recs("42")) == batch_id
+
+
+def test_new_batch_and_rollback_are_served_within_a_second(live_service: Service, publisher: Publisher) -> None:
+    first = batch_of(live_service.recs("42"))
+
+    second = publisher.publish({"42": ["n1", "n2"]}, model_id="ranker-2026-11-21")
+    live_service.wait_for(lambda: batch_of(live_service.recs("42")) == second, within=SWITCH_DEADLINE)
+    response = live_service.recs("42")
+    assert item_ids(response) == ["n1", "n2"]
+    assert response.json()["model_id"] == "ranker-2026-11-21"
+    assert live_service.recs("7").json()["source"] == "fallback"
+
+    publisher.switch(first)  # rollback: the pointer goes back, with its NOTIFY
+    live_service.wait_for(lambda: batch_of(live_service.recs("42")) == first, within=SWITCH_DEADLINE)
+    assert item_ids(live_service.recs("42", k=2)) == ["i1", "i2"]
+    assert live_service.anonymous.get("/readyz").json()["batch_id"] == first
+
+
+def test_a_dropped_batch_table_is_replaced_by_the_live_one(live_service: Service, publisher: Publisher) -> None:
+    # Enough lookups that every pooled connection has prepared the old batch's statement.
+    first = {batch_of(live_service.recs(str(n))) for n in range(40)}.pop()
+    # A switch whose NOTIFY was lost, then the old table dropped: the service still holds `first`.
+    second = publisher.publish({"42": ["n1"]}, notify=False)
+    time.sleep(0.2)
+    assert batch_of(live_service.recs("42")) == first
+    publisher.drop(first)
+
+    response = live_service.recs("42")
+    assert response.status_code == 200
+    assert batch_of(response) == second
+    assert item_ids(response) == ["n1"]
+    batch = live_service.client.post("/v1/recommendations:batch", json={"user_ids": ["42", "7"]})
+    assert [result["batch_id"] for result in batch.json()["results"]] == [second, second]
+
+
+def test_a_stalled_database_is_a_fast_503(live_service: Service, publisher: Publisher) -> None:
+    batch_id = batch_of(live_service.recs("42"))
+    with psycopg.connect(publisher.url) as locker:
+        locker.execute(pgsql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.recs_table(batch_id)))
+        start = time.monotonic()
+        response = live_service.recs("42")
+        elapsed = time.monotonic() - start
+        assert response.status_code == 503
+        assert response.headers["Retry-After"]
+        assert "database" in response.json()["detail"]
+        assert elapsed < DB_TIMEOUT + 0.5
+        batch = live_service.client.post("/v1/recommendations:batch", json={"user_ids": ["42"]})
+        assert batch.status_code == 503
+        locker.rollback()
+    assert live_service.recs("42").status_code == 200
+
+
+def test_an_unreachable_database_is_a_503_with_a_reason(database_url: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    settings = service_settings(f"postgresql://postgres@127.0.0.1:{closed_port}/overnight", live_poll_seconds=1)
+    with running(settings) as service:
+        assert service.anonymous.get("/healthz").status_code == 200
+        service.wait_for(lambda: "cannot read" in service.anonymous.get("/readyz").text, within=3)
+        assert "overnight_live_batch_age_seconds +Inf" in service.anonymous.get("/metrics").text
+        ready = service.anonymous.get("/readyz")
+        assert ready.status_code == 503
+        assert "no live batch loaded" in ready.json()["detail"]
+        start = time.monotonic()
+        assert service.recs("42").status_code == 503
+        assert time.monotonic() - start < DB_TIMEOUT + 0.5
+
+
+def test_the_watcher_reconnects_after_losing_its_connection(live_service: Service, publisher: Publisher) -> None:
+    with psycopg.connect(publisher.url, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = %s",
+            (WATCHER_APPLICATION_NAME,),
+        ).fetchone()
+    assert killed == (1,)
+    time.sleep(0.1)
+    second = publisher.publish({"42": ["n1"]})
+    live_service.wait_for(lambda: batch_of(live_service.recs("42")) == second, within=3)
+
+
+def test_metrics_report_requests_and_the_live_batch(live_service: Service) -> None:
+    batch_id = batch_of(live_service.recs("42"))
+    live_service.recs("nobody")
+    live_service.anonymous.get("/v1/users/42/recommendations")
+    text = live_service.anonymous.get("/metrics").text
+    route = "/v1/users/{user_id:path}/recommendations"
+    assert f'overnight_http_requests_total{{method="GET",route="{route}",status="200"}} 2.0' in text
+    assert f'overnight_http_requests_total{{method="GET",route="{route}",status="401"}} 1.0' in text
+    assert "overnight_http_request_duration_seconds_bucket" in text
+    assert f"overnight_live_batch_id {float(batch_id)}" in text
+    assert 'overnight_lookups_total{source="fallback"} 1.0' in text
+    age = next(line for line in text.splitlines() if line.startswith("overnight_live_batch_age_seconds "))
+    assert 7200 <= float(age.split()[1]) < 7300
+
+
+# ---------------------------------------------------------------------------- start-up
+
+
+def test_refuses_to_start_without_keys_or_database(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
+    for name in [name for name in os.environ if name.startswith("OVERNIGHT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OVERNIGHT_AUTH_DISABLED", "false")
+
+    with pytest.raises(ServingConfigError, match="OVERNIGHT_DATABASE_URL is not set"):
+        serve(port=0)
+    monkeypatch.setenv("OVERNIGHT_DATABASE_URL", database_url)
+    monkeypatch.setenv("OVERNIGHT_API_KEYS", " , ,")
+    with pytest.raises(ServingConfigError, match="no API key configured") as refused:
+        serve(port=0)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ServingConfigError, match="no API key configured"):
+        create_app()
+    monkeypatch.setenv("OVERNIGHT_DB_TIMEOUT_SECONDS", "soon")
+    with pytest.raises(ServingConfigError, match="OVERNIGHT_DB_TIMEOUT_SECONDS"):
+        serve(port=0, no_auth=True)
+    assert os.environ["OVERNIGHT_AUTH_DISABLED"] == "false"
+
+    monkeypatch.delenv("OVERNIGHT_DB_TIMEOUT_SECONDS")
+    monkeypatch.setenv("OVERNIGHT_API_KEYS", " k1, ,k2 ,k1,")
+    assert get_serving_settings().api_keys == ("k1", "k2")
+    monkeypatch.setenv("OVERNIGHT_API_KEYS", '["k3", " k4 "]')
+    assert get_serving_settings().api_keys == ("k3", "k4")
+
+
+def test_serve_without_auth_runs_workers_that_inherit_it(database_url: str, publisher: Publisher) -> None:
+    publisher.publish(RECS)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OVERNIGHT_")}
+    env["OVERNIGHT_DATABASE_URL"] = database_url
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"from serving.server import serve; serve(port={port}, workers=2, no_auth=True)"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    service = Service(f"http://127.0.0.1:{port}")
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            try:
+                return service.anonymous.get("/readyz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        service.wait_for(ready, within=20)
+        for _ in range(6):  # spread over both workers
+            response = service.anonymous.get("/v1/users/42/recommendations", params={"k": 1})
+            assert response.status_code == 200
+            assert item_ids(response) == ["i1"]
+    finally:
+        service.close()
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
