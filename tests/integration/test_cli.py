@@ -1,0 +1,119 @@
+"""The `overnight` command as a user runs it: the whole pipeline, status, freshness and clear failures."""
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SAMPLE_DATE, overnight, overnight_env, running_service
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(database_url: str, tmp_path: Path) -> dict[str, str]:
+    return overnight_env(database_url, tmp_path / "var", OVERNIGHT_API_KEYS="cli-test-key")
+
+
+def test_run_publishes_a_fresh_batch_that_status_shows_and_serve_answers(
+    env: dict[str, str], sample_source: Path
+) -> None:
+    run = overnight("run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat(), env=env)
+    for number, step in enumerate(
+        ["ingest", "features", "candidates", "train", "score", "publish", "check-freshness"], 1
+    ):
+        assert f"[{number}/7] {step} done in" in run.stderr
+    assert "batch 1 is published" in run.stdout
+
+    status = json.loads(overnight("status", "--json", env=env).stdout)
+    assert status["live"]["batch_id"] == 1
+    assert status["live"]["logical_date"] == SAMPLE_DATE.isoformat()
+    assert status["production_model"]["metrics"]["ndcg@10"] >= 0
+
+    fresh = json.loads(overnight("check-freshness", "--json", env=env).stdout)
+    assert fresh["ok"] and fresh["coverage"] == 1.0
+
+    with running_service(env) as base:
+        user = "1"
+        response = httpx.get(
+            f"{base}/v1/users/{user}/recommendations",
+            params={"k": 10},
+            headers={"Authorization": "Bearer cli-test-key"},
+        )
+        assert response.status_code == 200
+        body = response.json()
+        assert body["source"] == "personalized"
+        assert len(body["items"]) == 10
+        assert response.headers["X-Batch-Id"] == "1"
+
+
+def test_stale_batch_fails_freshness_with_one_line(env: dict[str, str], sample_source: Path) -> None:
+    overnight("run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat(), env=env)
+    stale = overnight("check-freshness", "--max-age-hours", "0.0000001", env=env, check=False)
+    assert stale.returncode == 1
+    assert stale.stderr.strip().count("\n") == 0
+    assert stale.stderr.startswith("overnight: error: live batch 1 (")
+    assert "h old (limit 1e-07 h)" in stale.stderr
+    short = overnight("check-freshness", "--min-coverage", "1.5", env=env, check=False)
+    assert short.returncode == 2  # rejected as a bad option value before anything runs
+
+
+def test_nothing_live_is_a_freshness_failure(env: dict[str, str]) -> None:
+    overnight("db", "upgrade", env=env)
+    result = overnight("check-freshness", env=env, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "overnight: error: nothing is live: no batch has been published yet"
+
+
+def test_bad_input_fails_with_a_one_line_reason(env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "events.csv"
+    bad.write_text("user,item_id,timestamp\n1,2,2026-11-01\n")
+    result = overnight("ingest", "--source", str(bad), "--date", "2026-11-20", env=env, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "overnight: error: events.csv: missing required column user_id (found: user, item_id, timestamp)"
+    )
+    wrong_date = overnight("ingest", "--source", str(bad), "--date", "2026-13-01", env=env, check=False)
+    assert wrong_date.returncode == 2
+    assert "is not a date like 2026-11-22" in wrong_date.stderr
+
+
+def test_steps_that_need_earlier_steps_say_which(env: dict[str, str]) -> None:
+    no_model = overnight("score", "--date", "2026-11-20", env=env, check=False)
+    assert no_model.returncode == 1
+    assert (
+        "no promoted model trained on or before 2026-11-20; run `overnight train --date 2026-11-20`" in no_model.stderr
+    )
+    no_scores = overnight("publish", "--date", "2026-11-20", env=env, check=False)
+    assert no_scores.returncode == 1
+    assert "no scores for 2026-11-20" in no_scores.stderr
+    no_batch = overnight("rollback", env=env, check=False)
+    assert no_batch.returncode == 1
+    assert "nothing is live" in no_batch.stderr
+
+
+def test_serve_refuses_to_start_without_keys(env: dict[str, str]) -> None:
+    keyless = {k: v for k, v in env.items() if k != "OVERNIGHT_API_KEYS"}
+    result = overnight("serve", "--port", "1", env=keyless, check=False, timeout=60)
+    assert result.returncode == 1
+    assert "--no-auth" in result.stderr
+
+
+def test_help_explains_every_command(env: dict[str, str]) -> None:
+    top = overnight("--help", env=env).stdout
+    for command in [
+        "ingest",
+        "train",
+        "score",
+        "publish",
+        "run",
+        "check-freshness",
+        "rollback",
+        "status",
+        "serve",
+        "db",
+        "demo",
+    ]:
+        assert command in top
+    assert "--source" in overnight("run", "--help", env=env).stdout
