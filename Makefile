@@ -41,5 +41,6 @@ $(CURDIR)/.tools/bin/uv:
 	$(PYTHON) -m venv $(CURDIR)/.tools
 	$(CURDIR)/.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-clean: ## Remove the environment, the bootstrap tools and local data (var/)
+clean: ## Stop the embedded Postgres, remove the environment, the bootstrap tools and local data (var/)
+	-[ -x .venv/bin/overnight ] && .venv/bin/overnight -q db stop
 	rm -rf .venv .tools var .pytest_cache .mypy_cache .ruff_cache

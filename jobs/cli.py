@@ -306,6 +306,15 @@ def db_upgrade() -> None:
     typer.echo(f"applied migrations {applied}" if applied else "schema is up to date")
 
 
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded Postgres started for OVERNIGHT_DATA_DIR (when no server is configured)."""
+    from jobs.database import stop_embedded
+
+    stopped = stop_embedded(_settings().data_dir)
+    typer.echo("stopped the embedded Postgres" if stopped else "no embedded Postgres in this data dir")
+
+
 def main() -> None:
     try:
         app()

@@ -2,9 +2,12 @@
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -28,9 +31,28 @@ def database_url(settings: Settings) -> str:
     return url
 
 
+@cache
 def embedded_database_url(data_dir: Path) -> str:
+    server = _embedded_server(data_dir, cleanup_mode=None)
+    logger.info("OVERNIGHT_DATABASE_URL is unset: using the embedded Postgres in %s", server.pgdata)
+    return str(server.get_uri())
+
+
+def stop_embedded(data_dir: Path) -> bool:
+    """Stop the embedded Postgres of this data dir, if one was ever started; True if it was."""
+    if not (data_dir / "pgdata" / "PG_VERSION").exists():
+        return False
+    _embedded_server(data_dir, cleanup_mode="stop").cleanup()
+    embedded_database_url.cache_clear()
+    return True
+
+
+def _embedded_server(data_dir: Path, cleanup_mode: str | None) -> Any:
     try:
-        import pgserver  # heavy, and only needed where no server is configured
+        with warnings.catch_warnings():
+            # platformdirs complains about XDG_RUNTIME_DIR on servers; pgserver copes without it
+            warnings.simplefilter("ignore")
+            import pgserver  # heavy, and only needed where no server is configured
     except ImportError:
         raise DatabaseError(
             "OVERNIGHT_DATABASE_URL is unset and the embedded Postgres is not installed: "
@@ -38,12 +60,12 @@ def embedded_database_url(data_dir: Path) -> str:
         ) from None
     pgdata = (data_dir / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("OVERNIGHT_DATABASE_URL is unset: using the embedded Postgres in %s", pgdata)
     try:
-        server = pgserver.get_server(pgdata, cleanup_mode=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
     except Exception as error:
         raise DatabaseError(f"could not start the embedded Postgres in {pgdata}: {error}") from error
-    return str(server.get_uri())
 
 
 @contextmanager
