@@ -12,6 +12,7 @@ import math
 import polars as pl
 
 K = 10
+DIGITS = 9
 
 
 def ranking_metrics(
@@ -64,12 +65,13 @@ def ranking_metrics(
     )
     means = per_user.mean().row(0, named=True)
     covered = top.select(pl.col("item_id").n_unique()).item()
+    # Rounded: a parallel mean adds in varying order, and a registry should not differ in the 16th digit.
     return {
-        f"ndcg@{k}": float(means["ndcg"]),
-        f"recall@{k}": float(means["recall"]),
-        f"map@{k}": float(means["ap"]),
-        f"hit_rate@{k}": float(means["hit"]),
-        f"coverage@{k}": covered / catalogue_size if catalogue_size else 0.0,
+        f"ndcg@{k}": round(float(means["ndcg"]), DIGITS),
+        f"recall@{k}": round(float(means["recall"]), DIGITS),
+        f"map@{k}": round(float(means["ap"]), DIGITS),
+        f"hit_rate@{k}": round(float(means["hit"]), DIGITS),
+        f"coverage@{k}": round(covered / catalogue_size, DIGITS) if catalogue_size else 0.0,
         "users": n_users,
     }
 
@@ -80,4 +82,4 @@ def candidate_recall(candidates: pl.DataFrame, relevant: pl.DataFrame) -> float:
     if relevant.height == 0:
         return 0.0
     found = relevant.join(candidates.select("user_id", "item_id").unique(), on=["user_id", "item_id"], how="semi")
-    return found.height / relevant.height
+    return round(found.height / relevant.height, DIGITS)

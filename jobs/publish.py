@@ -180,7 +180,10 @@ def _should_go_live(conn: psycopg.Connection, logical_date: date, make_live: boo
         return make_live, "asked to go live" if make_live else "asked not to go live"
     row = conn.execute(sql.query("newest_live_date")).fetchone()
     if row is not None and row[0] > logical_date:
-        return False, f"live batch is of a newer date ({row[0]}); pass --live to publish this one as live"
+        return False, (
+            f"live batch is of a newer date ({row[0]}); to make this one live anyway, pass --live "
+            "(publish_live in the DAG)"
+        )
     return True, "newest date"
 
 

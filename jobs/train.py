@@ -269,18 +269,29 @@ def _save_artifact(booster: Any, settings: Settings, logical_date: date) -> tupl
 
 
 def train_if_due(settings: Settings, logical_date: date) -> TrainResult:
-    """Train unless a promoted model at most ``retrain_days`` old (as of D, never newer than D) exists."""
+    """Train unless a promoted model at most ``retrain_days`` old (as of D, never newer than D) exists.
+
+    When training is due but the data cannot train a model (no labels yet), a usable older model
+    is kept and the night goes on; without any model the error stands.
+    """
     with connect(settings) as conn:
         upgrade(conn)
         current = registry.model_for_date(conn, logical_date)
-    if current is not None:
-        age = (logical_date - current.logical_date).days
-        if age < settings.retrain_days:
-            return TrainResult(
-                logical_date=logical_date.isoformat(),
-                trained=False,
-                model_id=current.model_id,
-                status=current.status,
-                reason=f"{current.model_id} is {age} day(s) old; retraining every {settings.retrain_days} day(s)",
-            )
-    return train(settings, logical_date)
+    if current is None:
+        return train(settings, logical_date)
+    age = (logical_date - current.logical_date).days
+    if age < settings.retrain_days:
+        reason = f"{current.model_id} is {age} day(s) old; retraining every {settings.retrain_days} day(s)"
+    else:
+        try:
+            return train(settings, logical_date)
+        except MissingDataError as error:
+            logger.warning("train: keeping %s: %s", current.model_id, error)
+            reason = f"could not retrain ({error})"
+    return TrainResult(
+        logical_date=logical_date.isoformat(),
+        trained=False,
+        model_id=current.model_id,
+        status=current.status,
+        reason=reason,
+    )

@@ -7,14 +7,13 @@ transaction with NOTIFY); no response in any test may be a 500.
 import hashlib
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -31,6 +30,7 @@ from serving.errors import ServingConfigError
 from serving.live import WATCHER_APPLICATION_NAME
 from serving.server import serve
 from serving.settings import ServingSettings, get_serving_settings
+from tests.conftest import overnight_env, running_service
 
 pytestmark = pytest.mark.integration
 
@@ -560,39 +560,13 @@ def test_refuses_to_start_without_keys_or_database(monkeypatch: pytest.MonkeyPat
     assert get_serving_settings().api_keys == ("k3", "k4")
 
 
-def test_serve_without_auth_runs_workers_that_inherit_it(database_url: str, publisher: Publisher) -> None:
+def test_serve_without_auth_runs_workers_that_inherit_it(
+    database_url: str, publisher: Publisher, tmp_path: Path
+) -> None:
     publisher.publish(RECS)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {name: value for name, value in os.environ.items() if not name.startswith("OVERNIGHT_")}
-    env["OVERNIGHT_DATABASE_URL"] = database_url
-    process = subprocess.Popen(
-        [sys.executable, "-c", f"from serving.server import serve; serve(port={port}, workers=2, no_auth=True)"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    service = Service(f"http://127.0.0.1:{port}")
-    try:
-
-        def ready() -> bool:
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            try:
-                return service.anonymous.get("/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        service.wait_for(ready, within=20)
+    env = overnight_env(database_url, tmp_path / "var")
+    with running_service(env, "--workers", "2", "--no-auth") as base, httpx.Client(base_url=base) as client:
         for _ in range(6):  # spread over both workers
-            response = service.anonymous.get("/v1/users/42/recommendations", params={"k": 1})
+            response = client.get("/v1/users/42/recommendations", params={"k": 1})
             assert response.status_code == 200
             assert item_ids(response) == ["i1"]
-    finally:
-        service.close()
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
