@@ -108,11 +108,12 @@ def overnight_nightly() -> None:
     @task
     def plan_shards(
         day: str,
-        features: dict[str, Any],
-        candidates: dict[str, Any],
+        item_tables: dict[str, Any],
+        candidate_tables: dict[str, Any],
         model: dict[str, Any],
         params: dict[str, Any] | None = None,
     ) -> list[dict[str, int]]:
+        # the three inputs are only there to wait for their tasks
         from datetime import date
 
         from jobs.score import plan_shards

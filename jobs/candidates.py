@@ -59,10 +59,11 @@ def build_popular(events: pl.LazyFrame, catalogue: pl.DataFrame, cutoff: datetim
     )
 
 
-def top_per_group(frame: pl.LazyFrame, group: str, by: str, limit: int, rank_name: str | None = None) -> pl.LazyFrame:
-    """The ``limit`` rows with the largest ``by`` per group; ties go by item id so runs repeat exactly."""
-    other = "neighbour_id" if "neighbour_id" in frame.collect_schema() else "item_id"
-    ranked = frame.sort([group, by, other], descending=[False, True, False]).with_columns(
+def top_per_group(
+    frame: pl.LazyFrame, group: str, by: str, tie: str, limit: int, rank_name: str | None = None
+) -> pl.LazyFrame:
+    """The ``limit`` rows with the largest ``by`` per group; ties go by ``tie`` so runs repeat exactly."""
+    ranked = frame.sort([group, by, tie], descending=[False, True, False]).with_columns(
         _rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(group)
     )
     ranked = ranked.filter(pl.col("_rank") <= limit)
@@ -72,7 +73,7 @@ def top_per_group(frame: pl.LazyFrame, group: str, by: str, limit: int, rank_nam
 def latest_items(events: pl.LazyFrame, limit: int) -> pl.LazyFrame:
     """Each user's ``limit`` most recently touched distinct items, with recency 1 = latest."""
     touched = events.group_by("user_id", "item_id").agg(last_seen=pl.col("timestamp").max())
-    return top_per_group(touched, "user_id", "last_seen", limit, rank_name="recency")
+    return top_per_group(touched, "user_id", "last_seen", "item_id", limit, rank_name="recency")
 
 
 def build_neighbours(events: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
@@ -93,7 +94,7 @@ def build_neighbours(events: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
         .group_by("item_id", "neighbour_id")
         .agg(covisit_weight=stable_sum(pl.col("weight")))
     )
-    return top_per_group(pairs, "item_id", "covisit_weight", settings.covisit_neighbours).collect()
+    return top_per_group(pairs, "item_id", "covisit_weight", "neighbour_id", settings.covisit_neighbours).collect()
 
 
 def generate(events: pl.LazyFrame, popular: pl.DataFrame, neighbours: pl.DataFrame, settings: Settings) -> pl.DataFrame:
@@ -119,7 +120,9 @@ def generate(events: pl.LazyFrame, popular: pl.DataFrame, neighbours: pl.DataFra
         seen = events.select("user_id", "item_id").unique()
         covisit = covisit.join(seen, on=["user_id", "item_id"], how="anti")
         popular_for_all = popular_for_all.join(seen, on=["user_id", "item_id"], how="anti")
-    covisit = top_per_group(covisit, "user_id", "covisit_score", settings.covisit_candidates, rank_name="covisit_rank")
+    covisit = top_per_group(
+        covisit, "user_id", "covisit_score", "item_id", settings.covisit_candidates, rank_name="covisit_rank"
+    )
     return (
         covisit.join(popular_for_all, on=["user_id", "item_id"], how="full", coalesce=True)
         .sort("user_id", "item_id")
