@@ -6,13 +6,16 @@ UV_VERSION := 0.13.9
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --locked --all-extras
 
-.PHONY: help demo test test-fast lint format bench sync clean
+.PHONY: help demo airflow test test-fast lint format bench sync clean browser dashboard
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 demo: sync ## Generate sample data, run the nightly pipeline, serve it (embedded Postgres if none is configured)
 	$(RUN) overnight demo
+
+airflow: sync ## A local Airflow 3 for the DAGs (UI on http://127.0.0.1:8080; the admin login is printed)
+	$(RUN) overnight airflow
 
 test: sync ## Run every test (unit, integration, end-to-end) against a real Postgres
 	$(RUN) pytest
@@ -31,6 +34,19 @@ format: sync ## Apply ruff's formatting and safe fixes
 
 bench: sync ## Time `overnight run` on MovieLens 100K (needs ../shared/data/ml-100k)
 	$(RUN) python benchmarks/movielens_run.py
+
+dashboard: sync ## The demo, then the service with its monitoring dashboard at http://127.0.0.1:8000/dashboard
+	$(RUN) overnight demo --nights 5
+
+# The dashboard's browser test drives Debian's chromium through its chromedriver (Selenium).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser: ## Install chromium and chromium-driver (apt) when missing, for the dashboard's browser test
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "chromium and chromedriver are installed"; \
+	else \
+	  echo "installing chromium and chromium-driver for the dashboard's browser test"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 sync: $(UV) ## Create or update .venv from uv.lock
 	$(UV) sync --locked --all-extras

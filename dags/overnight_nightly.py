@@ -1,11 +1,14 @@
-"""overnight_nightly: ingest → features → candidates → train when due → score shards → publish → freshness.
+"""overnight_nightly: ingest → features → candidates → train when due → score shards → monitor → publish → freshness.
 
 Wiring only: every task calls one function of ``jobs`` and passes small values (dates, ids,
 counts). Heavy libraries are imported inside the tasks, never when the scheduler parses this file.
 
 Params: ``source`` (default OVERNIGHT_SOURCE; ``{date}`` becomes the logical date), ``shards``
-(default OVERNIGHT_SCORE_SHARDS) and ``publish_live`` (null: live unless a newer date is live;
-true: make this date's batch live even in a backfill; false: never).
+(default: enough for OVERNIGHT_SHARD_USERS users each, at least OVERNIGHT_SCORE_SHARDS),
+``publish_live`` (null: live unless a newer date is live; true: make this date's batch live even
+in a backfill; false: never) and ``shadow_model`` (default OVERNIGHT_SHADOW_MODEL: a registered
+model also scored, after publish, into a shadow batch that is never served; compare with
+``overnight shadow-report``).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, get_current_context, task
+from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetable
 
 from jobs.alerts import task_failed
+from jobs.runs import airflow_task_failed, airflow_task_finished, airflow_task_started
 from jobs.settings import get_settings
 
 DEFAULT_ARGS = {
@@ -26,7 +31,10 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(minutes=2),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30),
-    "on_failure_callback": task_failed,
+    "on_failure_callback": [task_failed, airflow_task_failed],
+    # run history (overnight.runs / run_steps): these run in the task's own process
+    "on_execute_callback": airflow_task_started,
+    "post_execute": airflow_task_finished,
 }
 
 
@@ -51,7 +59,9 @@ def _completion_deadline() -> DeadlineAlert | None:
 @dag(
     dag_id="overnight_nightly",
     description="Score every user nightly and publish the batch to Postgres atomically.",
-    schedule="@daily",
+    # Interval semantics: the run that starts at midnight after day D has logical date D, so a night
+    # scores the day that has just ended (Airflow 3's "@daily" would label it with the day just begun).
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -62,6 +72,9 @@ def _completion_deadline() -> DeadlineAlert | None:
         "source": Param(None, type=["null", "string"], description="File or folder to ingest."),
         "shards": Param(None, type=["null", "integer"], minimum=1, description="Score shards."),
         "publish_live": Param(None, type=["null", "boolean"], description="Force (or forbid) going live."),
+        "shadow_model": Param(
+            None, type=["null", "string"], description="Registered model to score into a shadow batch too."
+        ),
     },
     deadline=_completion_deadline(),
 )
@@ -99,11 +112,17 @@ def overnight_nightly() -> None:
 
     @task
     def train(day: str, ingested: dict[str, Any]) -> dict[str, Any]:
+        import logging
         from datetime import date
 
         from jobs.train import train_if_due
 
-        return asdict(train_if_due(get_settings(), date.fromisoformat(day)))
+        result = train_if_due(get_settings(), date.fromisoformat(day))
+        # a model the gate kept out is not a failure of the night: say so in the task log and go on
+        logging.getLogger("overnight.train").log(
+            logging.WARNING if result.trained and not result.promoted else logging.INFO, result.summary()
+        )
+        return {**asdict(result), "promoted": result.promoted}
 
     @task
     def plan_shards(
@@ -118,9 +137,8 @@ def overnight_nightly() -> None:
 
         from jobs.score import plan_shards
 
-        settings = get_settings()
-        shards = (params or {}).get("shards") or settings.score_shards
-        return [{"shards": shards, "shard": i} for i in plan_shards(settings, date.fromisoformat(day), shards)]
+        planned = plan_shards(get_settings(), date.fromisoformat(day), (params or {}).get("shards"))
+        return [{"shards": len(planned), "shard": i} for i in planned]
 
     @task(retries=3)
     def score_shard(day: str, shards: int, shard: int) -> dict[str, Any]:
@@ -138,18 +156,48 @@ def overnight_nightly() -> None:
 
         return asdict(publish(get_settings(), date.fromisoformat(day), (params or {}).get("publish_live")))
 
+    @task
+    def monitor_input(day: str, scored: list[dict[str, Any]]) -> dict[str, Any]:
+        from datetime import date
+
+        from jobs.drift import monitor_input
+
+        return asdict(monitor_input(get_settings(), date.fromisoformat(day)))
+
     @task(retries=1)
     def check_freshness(published: dict[str, Any]) -> dict[str, Any]:
         from jobs.freshness import check_freshness
 
         return asdict(check_freshness(get_settings()))
 
+    @task
+    def shadow(day: str, published: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+        from datetime import date
+
+        from jobs.shadow import run_shadow
+
+        settings = get_settings()
+        model_id = (params or {}).get("shadow_model") or settings.shadow_model
+        if not model_id:
+            return {"shadow": None, "reason": "no shadow_model param and OVERNIGHT_SHADOW_MODEL is unset"}
+        return asdict(run_shadow(settings, date.fromisoformat(day), model_id))
+
+    @task
+    def online_tables(day: str) -> dict[str, Any]:
+        from jobs.online import maintain_tables
+
+        return maintain_tables(get_settings())
+
     day = logical_date()
+    online_tables(day)
     ingested = ingest(day)
     model = train(day, ingested)
     shards = plan_shards(day, features(day, ingested), candidates(day, ingested), model)
     scored = score_shard.partial(day=day).expand_kwargs(shards)
-    check_freshness(publish(day, scored))
+    published = publish(day, scored)
+    monitor_input(day, scored) >> published  # publish's monitoring gate reads what this measured
+    check_freshness(published)
+    shadow(day, published)
 
 
 overnight_nightly()

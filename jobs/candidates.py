@@ -1,16 +1,20 @@
 """Candidate generators: cheap sources of items worth ranking for each user.
 
-- recent popularity: the most interacted-with available items in the last ``recent_days``;
-- item-to-item co-visitation: items that other users interacted with close in time to the
-  items in this user's recent history.
+- ``popular``: the most interacted-with available items of the last ``recent_days``;
+- ``covisit``: items other users touched close in time to the items of this user's recent
+  history, each co-visit weighted by the time gap between the two items and by how recent it is;
+- ``knn``: item-to-item cosine similarity over the user-item matrix, summed over the user's items;
+- ``genre``: the recently popular items of the genres the user spends their time on.
 
-Both are also features of the ranker (their scores and ranks). Shared tables (the popular list,
-the neighbour table) are built once per cutoff; per-user candidates are generated per shard.
+Every source is also a feature of the ranker (its score and rank). The item-level tables are built
+once per cutoff by :func:`prepare` (lazy polars; memory depends on items and history caps, not
+on the user count); per-user candidates are generated per chunk of users by :func:`generate`.
 """
 
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 
@@ -20,6 +24,25 @@ from jobs.settings import Settings
 logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
+KEY = ["user_id", "item_id"]
+GENRES_PER_USER = 3  # the genre source proposes items of the user's few favourite genres only
+# name of each source: (score column, rank column), in the order they are merged
+SOURCES: dict[str, tuple[str, str]] = {
+    "knn": ("knn_score", "knn_rank"),
+    "covisit": ("covisit_score", "covisit_rank"),
+    "genre": ("genre_score", "genre_rank"),
+    "popular": ("popular_score", "popular_rank"),
+}
+
+
+def source_limits(settings: Settings) -> dict[str, int]:
+    """How many candidates each source proposes per user."""
+    return {
+        "knn": settings.knn_candidates,
+        "covisit": settings.covisit_candidates,
+        "genre": settings.genre_candidates,
+        "popular": settings.popular_candidates,
+    }
 
 
 def stable_sum(expr: pl.Expr) -> pl.Expr:
@@ -28,16 +51,63 @@ def stable_sum(expr: pl.Expr) -> pl.Expr:
     return expr.cast(pl.Float64).sum().round(6).cast(pl.Float32)
 
 
+def days_before(cutoff: datetime, column: str | pl.Expr) -> pl.Expr:
+    expr = pl.col(column) if isinstance(column, str) else column
+    return (pl.lit(cutoff) - expr).dt.total_seconds() / SECONDS_PER_DAY
+
+
+def decay(cutoff: datetime, half_life_days: float, column: str = "timestamp") -> pl.Expr:
+    """1 at the cutoff, halving every ``half_life_days`` before it."""
+    return (-days_before(cutoff, column) * (0.6931471805599453 / half_life_days)).exp()
+
+
+@dataclass(frozen=True)
+class CandidateTables:
+    """The item-level tables every chunk of users shares."""
+
+    popular: pl.DataFrame  # item_id, popular_score, popular_rank
+    neighbours: pl.DataFrame  # item_id, neighbour_id, covisit_weight
+    similar: pl.DataFrame  # item_id, neighbour_id, similarity
+    genre_popular: pl.DataFrame  # genre, item_id, genre_popularity (1 = the genre's most popular)
+    genres: pl.DataFrame  # item_id, genre
+
+    FILES = ("popular", "neighbours", "similar", "genre_popular", "item_genres")
+
+    def frames(self) -> dict[str, pl.DataFrame]:
+        return dict(
+            zip(self.FILES, (self.popular, self.neighbours, self.similar, self.genre_popular, self.genres), strict=True)
+        )
+
+    @classmethod
+    def load(cls, folder: Path) -> "CandidateTables":
+        return cls(*(pl.read_parquet(folder / f"{name}.parquet") for name in cls.FILES))
+
+    @classmethod
+    def exists(cls, folder: Path) -> bool:
+        return all((folder / f"{name}.parquet").exists() for name in (*cls.FILES, "users"))
+
+
 @dataclass(frozen=True)
 class CandidatesResult:
     logical_date: str
     users: int
     popular_items: int
     neighbour_pairs: int
+    similar_pairs: int
     path: str
 
     def summary(self) -> str:
-        return f"{self.users:,} users, {self.popular_items} popular items, {self.neighbour_pairs:,} neighbour pairs"
+        return (
+            f"{self.users:,} users, {self.popular_items} popular items, {self.neighbour_pairs:,} co-visitation "
+            f"and {self.similar_pairs:,} similarity pairs"
+        )
+
+
+def item_genres(catalogue: pl.DataFrame) -> pl.DataFrame:
+    """(item_id, genre), one row per genre of each item."""
+    return (
+        catalogue.select("item_id", pl.col("genres").alias("genre")).explode("genre").drop_nulls("genre").sort(KEY[1:])
+    )
 
 
 def build_popular(events: pl.LazyFrame, catalogue: pl.DataFrame, cutoff: datetime, settings: Settings) -> pl.DataFrame:
@@ -55,16 +125,37 @@ def build_popular(events: pl.LazyFrame, catalogue: pl.DataFrame, cutoff: datetim
         .head(settings.popular_candidates)
         .with_row_index("popular_rank", offset=1)
         .select("item_id", "popular_score", pl.col("popular_rank").cast(pl.Int32))
-        .collect()
+        .collect(engine="streaming")
+    )
+
+
+def build_genre_popular(
+    events: pl.LazyFrame, catalogue: pl.DataFrame, cutoff: datetime, settings: Settings
+) -> pl.DataFrame:
+    """(genre, item_id, genre_popularity): each genre's most popular available items, by counts that
+    halve every ``recent_days``, scaled so that the genre's first item has 1."""
+    available = catalogue.filter(pl.col("available"))
+    decayed = (
+        events.group_by("item_id")
+        .agg(weight=stable_sum(decay(cutoff, settings.recent_days)))
+        .join(item_genres(available).lazy(), on="item_id")
+    )
+    top = top_per_group(decayed, "genre", "weight", "item_id", settings.genre_candidates)
+    return (
+        top.with_columns(genre_popularity=(pl.col("weight") / pl.col("weight").max().over("genre")).cast(pl.Float32))
+        .select("genre", "item_id", "genre_popularity")
+        .sort("genre", "genre_popularity", "item_id", descending=[False, True, False])
+        .collect(engine="streaming")
     )
 
 
 def top_per_group(
-    frame: pl.LazyFrame, group: str, by: str, tie: str, limit: int, rank_name: str | None = None
+    frame: pl.LazyFrame, group: str | list[str], by: str, tie: str, limit: int, rank_name: str | None = None
 ) -> pl.LazyFrame:
     """The ``limit`` rows with the largest ``by`` per group; ties go by ``tie`` so runs repeat exactly."""
-    ranked = frame.sort([group, by, tie], descending=[False, True, False]).with_columns(
-        _rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(group)
+    groups = [group] if isinstance(group, str) else group
+    ranked = frame.sort([*groups, by, tie], descending=[False] * len(groups) + [True, False]).with_columns(
+        _rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(groups)
     )
     ranked = ranked.filter(pl.col("_rank") <= limit)
     return ranked.rename({"_rank": rank_name}) if rank_name else ranked.drop("_rank")
@@ -76,10 +167,10 @@ def latest_items(events: pl.LazyFrame, limit: int) -> pl.LazyFrame:
     return top_per_group(touched, "user_id", "last_seen", "item_id", limit, rank_name="recency")
 
 
-def build_neighbours(events: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
+def build_neighbours(events: pl.LazyFrame, cutoff: datetime, settings: Settings) -> pl.DataFrame:
     """(item_id, neighbour_id, covisit_weight): co-visits in users' recent histories.
 
-    Two items touched closer in time weigh more.
+    Two items touched closer in time weigh more, and so do co-visits closer to the cutoff.
     """
     recent = latest_items(events, settings.covisit_history).select("user_id", "item_id", "last_seen")
     pairs = (
@@ -88,46 +179,140 @@ def build_neighbours(events: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
         .select(
             "item_id",
             pl.col("item_id_other").alias("neighbour_id"),
-            weight=1.0
+            weight=decay(cutoff, settings.covisit_half_life_days, "last_seen")
             / (1.0 + (pl.col("last_seen") - pl.col("last_seen_other")).dt.total_seconds().abs() / SECONDS_PER_DAY),
         )
         .group_by("item_id", "neighbour_id")
         .agg(covisit_weight=stable_sum(pl.col("weight")))
     )
-    return top_per_group(pairs, "item_id", "covisit_weight", "neighbour_id", settings.covisit_neighbours).collect()
-
-
-def generate(events: pl.LazyFrame, popular: pl.DataFrame, neighbours: pl.DataFrame, settings: Settings) -> pl.DataFrame:
-    """Candidates for every user in ``events`` (their history), one row per (user, item).
-
-    Columns: user_id, item_id, covisit_score, covisit_hits, covisit_rank, popular_score,
-    popular_rank; a source that did not propose the item leaves its columns null.
-    Items the user already interacted with are left out when ``exclude_seen`` is set.
-    """
-    recent = latest_items(events, settings.covisit_history)
-    covisit = (
-        recent.join(neighbours.lazy(), on="item_id")
-        .group_by("user_id", pl.col("neighbour_id").alias("candidate"))
-        .agg(
-            covisit_score=stable_sum(pl.col("covisit_weight") / pl.col("recency").cast(pl.Float64).sqrt()),
-            covisit_hits=pl.len().cast(pl.Int32),
-        )
-        .rename({"candidate": "item_id"})
+    return (
+        top_per_group(pairs, "item_id", "covisit_weight", "neighbour_id", settings.covisit_neighbours)
+        .sort("item_id", "covisit_weight", "neighbour_id", descending=[False, True, False])
+        .collect(engine="streaming")
     )
-    users = events.select("user_id").unique()
-    popular_for_all = users.join(popular.lazy(), how="cross")
-    if settings.exclude_seen:
-        seen = events.select("user_id", "item_id").unique()
-        covisit = covisit.join(seen, on=["user_id", "item_id"], how="anti")
-        popular_for_all = popular_for_all.join(seen, on=["user_id", "item_id"], how="anti")
-    covisit = top_per_group(
-        covisit, "user_id", "covisit_score", "item_id", settings.covisit_candidates, rank_name="covisit_rank"
+
+
+def build_similar(events: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
+    """(item_id, neighbour_id, similarity): cosine similarity of items over the user-item matrix
+    (binary, each user's latest ``similarity_history`` items), the top ``similarity_neighbours`` per item."""
+    history = latest_items(events, settings.similarity_history).select("user_id", "item_id")
+    users_per_item = history.group_by("item_id").agg(n=pl.len().cast(pl.Float64))
+    pairs = (
+        history.join(history, on="user_id", suffix="_other")
+        .filter(pl.col("item_id") != pl.col("item_id_other"))
+        .group_by("item_id", pl.col("item_id_other").alias("neighbour_id"))
+        .agg(both=pl.len())
+        .filter(pl.col("both") >= settings.similarity_min_support)
+        .join(users_per_item, on="item_id")
+        .join(users_per_item.rename({"item_id": "neighbour_id", "n": "n_other"}), on="neighbour_id")
+        .select(
+            "item_id",
+            "neighbour_id",
+            similarity=(pl.col("both") / (pl.col("n") * pl.col("n_other")).sqrt()).round(6).cast(pl.Float32),
+        )
     )
     return (
-        covisit.join(popular_for_all, on=["user_id", "item_id"], how="full", coalesce=True)
-        .sort("user_id", "item_id")
-        .collect()
+        top_per_group(pairs, "item_id", "similarity", "neighbour_id", settings.similarity_neighbours)
+        .sort("item_id", "similarity", "neighbour_id", descending=[False, True, False])
+        .collect(engine="streaming")
     )
+
+
+def build_tables(
+    events: pl.LazyFrame, catalogue: pl.DataFrame, cutoff: datetime, settings: Settings
+) -> CandidateTables:
+    """Every item-level table the generators need, from ``events`` (all before ``cutoff``)."""
+    # Item-to-item tables cost users x history squared: count them over a fixed-size sample of recent users.
+    return CandidateTables(
+        popular=build_popular(events, catalogue, cutoff, settings),
+        neighbours=build_neighbours(lake.most_recent_users(events, settings.covisit_max_users), cutoff, settings),
+        similar=build_similar(lake.most_recent_users(events, settings.similarity_max_users), settings),
+        genre_popular=build_genre_popular(events, catalogue, cutoff, settings),
+        genres=item_genres(catalogue),
+    )
+
+
+def user_genre_shares(events: pl.LazyFrame, genres: pl.DataFrame) -> pl.LazyFrame:
+    """(user_id, genre, share): the share of the user's events on items of each genre."""
+    totals = events.group_by("user_id").agg(total=pl.len())
+    return (
+        events.select("user_id", "item_id")
+        .join(genres.lazy(), on="item_id")
+        .group_by("user_id", "genre")
+        .agg(n=pl.len())
+        .join(totals, on="user_id")
+        .select("user_id", "genre", share=(pl.col("n") / pl.col("total")).cast(pl.Float32))
+    )
+
+
+def _over_neighbours(events: pl.LazyFrame, table: pl.DataFrame, history: int, **scores: pl.Expr) -> pl.LazyFrame:
+    """``scores`` per user and neighbour of any of the user's latest ``history`` items (``recency`` 1 = latest)."""
+    return (
+        latest_items(events, history)
+        .join(table.lazy(), on="item_id")
+        .group_by("user_id", pl.col("neighbour_id").alias("item_id"))
+        .agg(**scores)
+    )
+
+
+def _by_recency(weight: str) -> pl.Expr:
+    """``weight`` summed with the user's latest items counting most."""
+    return stable_sum(pl.col(weight) / pl.col("recency").cast(pl.Float64).sqrt())
+
+
+def _genre(events: pl.LazyFrame, tables: CandidateTables) -> pl.LazyFrame:
+    favourite = top_per_group(user_genre_shares(events, tables.genres), "user_id", "share", "genre", GENRES_PER_USER)
+    return (
+        favourite.join(tables.genre_popular.lazy(), on="genre")
+        .group_by(KEY)
+        .agg(genre_score=stable_sum(pl.col("share") * pl.col("genre_popularity")))
+    )
+
+
+def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) -> pl.DataFrame:
+    """Candidates for every user in ``events`` (their history), one row per (user, item).
+
+    Columns: user_id, item_id, then per source its score and rank (``SOURCES``) and the extra
+    scores knn_max, knn_recent, covisit_hits; a source that did not propose the item leaves its
+    columns null. Items the user already interacted with are left out when ``exclude_seen`` is set.
+    """
+    users = events.select("user_id").unique()
+    proposed = {
+        "knn": _over_neighbours(
+            events,
+            tables.similar,
+            settings.similarity_history,
+            knn_score=stable_sum(pl.col("similarity")),
+            knn_max=pl.col("similarity").max(),
+            knn_recent=_by_recency("similarity"),
+        ),
+        "covisit": _over_neighbours(
+            events,
+            tables.neighbours,
+            settings.covisit_history,
+            covisit_score=_by_recency("covisit_weight"),
+            covisit_hits=pl.len().cast(pl.Int32),
+        ),
+        "genre": _genre(events, tables),
+        "popular": users.join(tables.popular.lazy().drop("popular_rank"), how="cross"),
+    }
+    limits = source_limits(settings)
+    seen = events.select(KEY).unique()
+    merged: pl.LazyFrame | None = None
+    for source, frame in proposed.items():
+        score, rank = SOURCES[source]
+        limit = limits[source]
+        if settings.exclude_seen:
+            frame = frame.join(seen, on=KEY, how="anti")
+        frame = top_per_group(frame, "user_id", score, "item_id", limit, rank_name=rank)
+        merged = frame if merged is None else merged.join(frame, on=KEY, how="full", coalesce=True)
+    assert merged is not None
+    # past max_candidates, a user keeps the items some source ranks highest (a round robin of sources)
+    best_rank = pl.min_horizontal(pl.col(rank) for _, rank in SOURCES.values())
+    merged = top_per_group(
+        merged.with_columns(_best=-best_rank), "user_id", "_best", "item_id", settings.max_candidates
+    )
+    return merged.drop("_best").sort(KEY).collect()
 
 
 def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
@@ -136,23 +321,18 @@ def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
     out = settings.work_dir_for(logical_date)
     out.mkdir(parents=True, exist_ok=True)
-    popular = build_popular(events, catalogue, lake.day_end(logical_date), settings)
-    neighbours = build_neighbours(events, settings)
-    users = events.select("user_id").unique().sort("user_id").collect()
-    lake.write_parquet_atomically(popular, out / "popular.parquet")
-    lake.write_parquet_atomically(neighbours, out / "neighbours.parquet")
+    tables = build_tables(events, catalogue, lake.day_end(logical_date), settings)
+    users = events.select("user_id").unique().collect(engine="streaming").sort("user_id")
+    for name, frame in tables.frames().items():
+        lake.write_parquet_atomically(frame, out / f"{name}.parquet")
     lake.write_parquet_atomically(users, out / "users.parquet")
-    logger.info(
-        "candidates: %d users, %d popular items, %d neighbour pairs as of %s",
-        users.height,
-        popular.height,
-        neighbours.height,
-        logical_date,
-    )
-    return CandidatesResult(
+    result = CandidatesResult(
         logical_date=logical_date.isoformat(),
         users=users.height,
-        popular_items=popular.height,
-        neighbour_pairs=neighbours.height,
+        popular_items=tables.popular.height,
+        neighbour_pairs=tables.neighbours.height,
+        similar_pairs=tables.similar.height,
         path=str(out),
     )
+    logger.info("candidates as of %s: %s", logical_date, result.summary())
+    return result

@@ -122,7 +122,12 @@ def train(logical_date: DateOption) -> None:
 def score(
     logical_date: DateOption,
     shards: Annotated[
-        int | None, typer.Option(min=1, help="Number of shards (default OVERNIGHT_SCORE_SHARDS).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Number of shards (default: at least OVERNIGHT_SCORE_SHARDS, "
+            "and at most OVERNIGHT_SHARD_USERS users in each).",
+        ),
     ] = None,
     shard: Annotated[int | None, typer.Option(min=0, help="Score only this shard (0-based); default all.")] = None,
 ) -> None:
@@ -164,6 +169,81 @@ def run(source: SourceOption, logical_date: DateOption, fmt: FormatOption = "aut
         typer.echo(f"  {step.step:<16} {step.seconds:7.1f}s  {step.summary}")
 
 
+@app.command()
+def evaluate(
+    source: SourceOption,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="user-holdout: each user's last 20% of interactions are held out (the MovieLens protocol); "
+            "global: train before --cutoff, test on the next --horizon-days."
+        ),
+    ] = "user-holdout",
+    cutoff: Annotated[
+        date | None,
+        typer.Option(
+            parser=_parse_date,
+            metavar="YYYY-MM-DD",
+            help="global protocol: train on events before this day (default: the last --horizon-days of the data).",
+        ),
+    ] = None,
+    horizon_days: Annotated[int, typer.Option(min=1, help="global protocol: days after the cutoff to test on.")] = 7,
+    json_file: Annotated[
+        Path | None,
+        typer.Option("--json", metavar="FILE", help="Also write the result as JSON to FILE (- for stdout)."),
+    ] = None,
+    fmt: FormatOption = "auto",
+) -> None:
+    """Train the whole pipeline on the training part of a source and compare the ranker with every baseline.
+
+    Prints NDCG@10, Recall@10, MAP@10, HitRate@10, catalogue coverage@10, candidate recall and the
+    number of evaluated users for the ranker, most-popular, recent-popular, co-visitation, item-knn
+    and genre-popular (DESIGN §4).
+    """
+    from jobs.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(_settings(), source, protocol, cutoff, horizon_days, fmt)
+    window = f", cutoff {result.cutoff}, horizon {result.horizon_days} days" if result.cutoff else ""
+    _progress(
+        f"{result.protocol}{window}: {result.events:,} events, {result.users:,} users, {result.items:,} items; "
+        f"seconds {result.seconds}"
+    )
+    if json_file is not None and str(json_file) == "-":
+        _echo(result, as_json=True)
+        return
+    typer.echo(result.table())
+    if json_file is not None:
+        json_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
+
+
+@app.command()
+def models(
+    limit: Annotated[int, typer.Option(min=1, help="How many models to list, newest first.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """List the model registry: status, held-out metrics beside the best baseline, and why a model was kept out."""
+    from jobs.database import connect, upgrade
+    from jobs.registry import describe, list_models
+
+    with connect(_settings()) as conn:
+        upgrade(conn)
+        rows = [describe(m) for m in list_models(conn, limit)]
+    if as_json:
+        _echo(rows, as_json=True)
+        return
+    if not rows:
+        typer.echo("no models yet: run `overnight train --date D`")
+        return
+    typer.echo(f"{'model':<34} {'date':<10} {'status':<10} {'ndcg@10':>8} {'baseline':>8}  reason")
+    for row in rows:
+        ndcg = f"{row['ndcg@10']:.4f}" if row["ndcg@10"] is not None else "-"
+        best = f"{row['best_baseline_ndcg@10']:.4f}" if row["best_baseline_ndcg@10"] is not None else "-"
+        typer.echo(
+            f"{row['model_id']:<34} {row['logical_date']:<10} {row['status']:<10} {ndcg:>8} {best:>8}  "
+            f"{row['status_reason'] or ''}"
+        )
+
+
 @app.command("check-freshness")
 def check_freshness(
     max_age_hours: Annotated[
@@ -183,6 +263,62 @@ def check_freshness(
 
 
 @app.command()
+def drift(
+    logical_date: DateOption,
+    as_json: JsonFlag = False,
+    recompute: Annotated[
+        bool,
+        typer.Option("--recompute", help="Measure input and feature drift again instead of showing the stored report."),
+    ] = False,
+) -> None:
+    """Show a date's monitoring report: input statistics, feature drift (PSI, KS) against the model's
+    training reference, output statistics, and each check's level against its warn/fail thresholds.
+
+    Measures input and drift first if the date has no report yet. Exit 0 whatever the verdict.
+    """
+    from jobs.drift import report
+    from jobs.monitor import LEVELS
+
+    found = report(_settings(), logical_date, recompute=recompute)
+    if as_json:
+        _echo(found, as_json=True)
+        return
+    typer.echo(f"monitoring of {found['logical_date']}: {found['verdict'].upper()}")
+    for stage in ("input", "drift", "output"):
+        stored = found["stages"].get(stage)
+        if stored is None:
+            typer.echo(
+                f"\n{stage}: not measured yet"
+                + ("  (measured when the batch is published)" if stage == "output" else "")
+            )
+            continue
+        where = f"model {stored['model_id']}" + (f", batch {stored['batch_id']}" if stored["batch_id"] else "")
+        typer.echo(f"\n{stage}: {stored['verdict']}  ({where}, run {stored['run_id'] or '-'})")
+        if stage == "drift":
+            problem = stored["report"].get("problem")
+            if problem:
+                typer.echo(f"  {problem}")
+            features = stored["report"].get("features", {})
+            if features:
+                typer.echo(f"  {'feature':<24} {'PSI':>8} {'KS':>7} {'p-value':>9}  level")
+                levels = {(c["statistic"], c["subject"]): c["level"] for c in found["checks"] if c["stage"] == "drift"}
+                for name, values in sorted(features.items(), key=lambda item: -(item[1]["psi"] or 0)):
+                    level = max(
+                        levels.get(("feature_psi", name), "ok"),
+                        levels.get(("feature_ks", name), "ok"),
+                        key=LEVELS.index,
+                    )
+                    ks, pvalue = values["ks"] or 0.0, values["ks_pvalue"] or 0.0
+                    typer.echo(f"  {name:<24} {values['psi']:8.3f} {ks:7.3f} {pvalue:9.2g}  {level}")
+            continue
+        for check in found["checks"]:
+            if check["stage"] == stage:
+                typer.echo(f"  {check['level']:<5} {check['message']}")
+    if found["retrain_reason"]:
+        typer.echo(f"\nretrain due: {found['retrain_reason']}")
+
+
+@app.command()
 def rollback(
     to: Annotated[int | None, typer.Option("--to", help="Batch id to make live (default: the one before).")] = None,
 ) -> None:
@@ -191,6 +327,126 @@ def rollback(
 
     result = run_rollback(_settings(), to)
     typer.echo(f"live batch is now {result.batch_id} (was {result.previous_batch_id})")
+
+
+@app.command()
+def canary(
+    batch: Annotated[int | None, typer.Option("--batch", help="Published batch to serve to a slice of users.")] = None,
+    traffic: Annotated[
+        float | None,
+        typer.Option(help="Share of users in the canary, between 0 and 1 (0.05 = 5%); again later to ramp."),
+    ] = None,
+    salt: Annotated[
+        str | None,
+        typer.Option(help="Chooses which users are in the slice (default: a new random salt per canary)."),
+    ] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="End the canary: everyone gets production again.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Serve a batch to a stable share of users beside production; with no option, show the canary.
+
+    A user's arm comes from a hash of the salt and their user id, so it stays the same across
+    requests, service restarts and days. `overnight promote` makes the canary production.
+    """
+    from jobs import rollouts
+
+    settings = _settings()
+    if stop:
+        if batch is not None or traffic is not None or salt is not None:
+            raise typer.BadParameter("--stop takes no --batch, --traffic or --salt")
+        stopped = rollouts.stop_canary(settings)
+        typer.echo(
+            f"canary batch {stopped.batch_id} stopped; every user gets production batch {stopped.production_batch_id}"
+        )
+        return
+    if batch is None and traffic is None and salt is None:
+        _echo(rollouts.canary_status(settings), as_json)
+        return
+    if batch is None or traffic is None:
+        raise typer.BadParameter("a canary needs both --batch and --traffic")
+    _echo(rollouts.start_canary(settings, batch, traffic, salt), as_json)
+
+
+@app.command()
+def promote() -> None:
+    """Make the running canary the production batch for every user (one transaction, instant)."""
+    from jobs.rollouts import promote_canary
+
+    result = promote_canary(_settings())
+    typer.echo(f"canary batch {result.batch_id} is now production (was {result.previous_batch_id})")
+
+
+@app.command()
+def shadow(
+    logical_date: DateOption,
+    model: Annotated[str, typer.Option("--model", help="Registered model id to score with (any status).")],
+    shards: Annotated[
+        int | None, typer.Option(min=1, help="Number of shards (default OVERNIGHT_SCORE_SHARDS).")
+    ] = None,
+) -> None:
+    """Score a date with another registered model into a shadow batch, which is never served."""
+    from jobs.shadow import run_shadow
+
+    _echo(run_shadow(_settings(), logical_date, model, shards))
+
+
+@app.command("shadow-report")
+def shadow_report(
+    logical_date: DateOption,
+    horizon_days: Annotated[
+        int, typer.Option(min=1, help="Days after the date whose events are the evaluation window.")
+    ] = 7,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compare a date's shadow batch with its production batch: overlap@10, offline metrics, scores."""
+    from jobs.shadow import shadow_report as make_report
+
+    report = make_report(_settings(), logical_date, horizon_days)
+    if as_json:
+        _echo(report.as_dict(), as_json=True)
+        return
+    typer.echo(
+        f"{report.logical_date}: production batch {report.production['batch_id']} ({report.production['model_id']}) "
+        f"vs shadow batch {report.shadow['batch_id']} ({report.shadow['model_id']})"
+    )
+    typer.echo(f"overlap: {json.dumps(report.overlap)}")
+    window = report.evaluation["window"]
+    typer.echo(f"evaluation window {window['start']} .. {window['end']}: {window['users']:,} users")
+    if "note" in report.evaluation:
+        typer.echo(f"  {report.evaluation['note']}")
+    for key, delta in report.deltas.items():
+        production = report.evaluation["production"][key]
+        typer.echo(f"  {key:<14} production {production:.4f}  shadow {production + delta:.4f}  delta {delta:+.4f}")
+    for name, batch in (("production", report.production), ("shadow", report.shadow)):
+        typer.echo(f"{name} scores: all {json.dumps(batch['scores']['all_scores'])}")
+        typer.echo(f"{name} scores: top {json.dumps(batch['scores']['top_scores'])}")
+
+
+@app.command("online-report")
+def online_report(
+    start: Annotated[
+        date, typer.Option("--from", parser=_parse_date, metavar="YYYY-MM-DD", help="First day (UTC), included.")
+    ],
+    end: Annotated[
+        date, typer.Option("--to", parser=_parse_date, metavar="YYYY-MM-DD", help="Last day (UTC), included.")
+    ],
+    propensity: Annotated[
+        str,
+        typer.Option(help="Examination model for the IPS estimate: power (theta_p = p^-eta) or estimated."),
+    ] = "power",
+    eta: Annotated[float, typer.Option(min=0.0, help="Exponent of the power propensity model.")] = 1.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Served predictions joined to feedback, per variant and batch: CTR, conversion, IPS click rate."""
+    from jobs.online import online_report as make_report
+    from jobs.online import render
+
+    report = make_report(_settings(), start, end, propensity, eta)
+    if as_json:
+        _echo(report, as_json=True)
+        return
+    for line in render(report):
+        typer.echo(line)
 
 
 @app.command()
@@ -215,6 +471,8 @@ def status(as_json: JsonFlag = False) -> None:
     if model:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in model["metrics"].items() if "@" in k)
         typer.echo(f"production model: {model['model_id']} ({model['logical_date']}): {shown}")
+        if model["best_baseline"]:
+            typer.echo(f"  best baseline {model['best_baseline']}: ndcg@10 {model['best_baseline_ndcg@10']:.4f}")
     typer.echo("recent batches:")
     for batch in report["recent_batches"]:
         reason = f"  ({batch['failure_reason']})" if batch["failure_reason"] else ""
@@ -230,28 +488,64 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (local use only).")] = False,
+    server: Annotated[str, typer.Option(help="HTTP server: granian (faster here, see README) or uvicorn.")] = "granian",
 ) -> None:
     """Run the lookup service (needs OVERNIGHT_API_KEYS unless --no-auth)."""
     from jobs.database import database_url
 
     database_url(_settings())  # starts the embedded Postgres when no server is configured
-    _serve(host, port, workers, no_auth)
+    _serve(host, port, workers, no_auth, server)
 
 
-def _serve(host: str, port: int, workers: int, no_auth: bool) -> None:
+def _serve(host: str, port: int, workers: int, no_auth: bool, server: str = "granian") -> None:
     from serving.errors import ServingConfigError
     from serving.server import serve as run_server
 
     try:
-        run_server(host=host, port=port, workers=workers, no_auth=no_auth)
+        run_server(host=host, port=port, workers=workers, no_auth=no_auth, server=server)
     except ServingConfigError as error:
         raise OvernightError(str(error)) from error
+
+
+@app.command("airflow")
+def airflow_local(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the api-server (REST API and UI).")] = 8080,
+    host: Annotated[str, typer.Option(help="Address the api-server listens on.")] = "127.0.0.1",
+    airflow_home: Annotated[
+        Path | None, typer.Option("--airflow-home", help="AIRFLOW_HOME to use (default OVERNIGHT_DATA_DIR/airflow).")
+    ] = None,
+    dags_folder: Annotated[
+        Path | None, typer.Option("--dags-folder", help="DAGs folder (default the project's dags/).")
+    ] = None,
+) -> None:
+    """Run a local Airflow 3 for this project: api-server with the UI, scheduler, dag-processor, triggerer.
+
+    It uses the LocalExecutor and a metadata database <dbname>_airflow on the overnight Postgres server.
+
+    The admin login is printed once every component is healthy. Ctrl-C stops them all.
+    """
+    from jobs.airflow_local import prepare
+    from jobs.airflow_local import run as run_airflow
+
+    settings = _settings()
+    local = prepare(
+        settings,
+        home=airflow_home or settings.data_dir / "airflow",
+        host=host,
+        port=port,
+        dags_folder=dags_folder,
+        progress=_progress,
+    )
+    run_airflow(local, progress=_progress)
 
 
 @app.command()
 def demo(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the service afterwards.")] = True,
+    nights: Annotated[
+        int, typer.Option(min=1, max=60, help="Nights to run, ending yesterday (more fill the dashboard's history).")
+    ] = 1,
 ) -> None:
     """Generate sample data, run the whole pipeline on it and serve the result."""
     import os
@@ -259,12 +553,13 @@ def demo(
     from jobs.pipeline import prepare_demo
 
     settings = _settings()
-    result = prepare_demo(settings, progress=_progress)
+    result = prepare_demo(settings, progress=_progress, nights=nights)
     typer.echo(f"\nbatch {result.run.batch_id} is live (model {result.run.model_id}). API key: {result.api_key}")
     typer.echo(
         f'Try:  curl -H "Authorization: Bearer {result.api_key}" '
         f'"http://127.0.0.1:{port}/v1/users/{result.user_id}/recommendations?k=5"'
     )
+    typer.echo(f"Dashboard:  http://127.0.0.1:{port}/dashboard?key={result.api_key}")
     if serve_after:
         os.environ["OVERNIGHT_API_KEYS"] = result.api_key
         typer.echo(f"Serving on http://127.0.0.1:{port} (Ctrl-C to stop)")
@@ -273,7 +568,9 @@ def demo(
 
 @app.command()
 def generate(
-    out: Annotated[Path, typer.Option(help="Folder to write interactions and items into.")],
+    out: Annotated[
+        Path, typer.Option(help="Folder to write interactions/ (one part per 50,000 users) and items into.")
+    ],
     users: Annotated[int, typer.Option(min=1)] = 10_000,
     items: Annotated[int, typer.Option(min=1)] = 2_000,
     days: Annotated[int, typer.Option(min=1)] = 60,
@@ -281,29 +578,52 @@ def generate(
         date | None,
         typer.Option("--end-date", parser=_parse_date, metavar="YYYY-MM-DD", help="Last day (default yesterday)."),
     ] = None,
+    events_per_user: Annotated[float, typer.Option(min=2.0, help="Mean interactions per user.")] = 50.0,
+    drift_from: Annotated[
+        date | None,
+        typer.Option(
+            "--drift-from", parser=_parse_date, metavar="YYYY-MM-DD", help="From this day on, users' tastes move."
+        ),
+    ] = None,
     seed: int = 42,
     fmt: Annotated[str, typer.Option("--format", help="parquet or csv")] = "parquet",
 ) -> None:
-    """Write a synthetic dataset (taste clusters, power-law popularity) that ingest reads."""
+    """Write a synthetic dataset that ingest reads: power-law popularity, taste clusters, sessions,
+    repeats, daily and weekly rhythm, items appearing and fading. The same arguments give the same data."""
     from datetime import UTC, datetime, timedelta
 
-    from jobs.generate import generate as make
-    from jobs.generate import write_dataset
+    from jobs.generate import write_generated
 
+    if fmt not in ("parquet", "csv"):
+        raise typer.BadParameter(f"{fmt!r} is not parquet or csv", param_hint="--format")
     last = end_date or datetime.now(UTC).date() - timedelta(days=1)
-    data = make(users, items, days, end_date=last, seed=seed)
-    write_dataset(data, out, fmt)
-    typer.echo(f"wrote {data.interactions.height:,} interactions of {users:,} users over {items:,} items to {out}")
+    result = write_generated(
+        out,
+        users,
+        items,
+        days,
+        end_date=last,
+        seed=seed,
+        events_per_user=events_per_user,
+        drift_from=drift_from,
+        fmt=fmt,
+        progress=_progress,
+    )
+    typer.echo(f"wrote {result.summary()}")
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
-    """Create or migrate the overnight schema to this version."""
+    """Create or migrate the overnight schema to this version; make the coming days' log partitions."""
     from jobs.database import connect, upgrade
+    from jobs.online import maintain_tables
 
-    with connect(_settings()) as conn:
+    settings = _settings()
+    with connect(settings) as conn:
         applied = upgrade(conn)
     typer.echo(f"applied migrations {applied}" if applied else "schema is up to date")
+    upkeep = maintain_tables(settings)
+    typer.echo(f"online tables: {json.dumps(upkeep)}")
 
 
 @db_app.command("stop")

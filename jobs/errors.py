@@ -23,3 +23,7 @@ class StaleBatchError(OvernightError):
 
 class DatabaseError(OvernightError):
     """Postgres could not be reached or the schema is not what this version expects."""
+
+
+class RolloutError(OvernightError):
+    """A canary, promote or shadow request that the current state of the batches does not allow."""

@@ -8,33 +8,65 @@ shard from that shard's users' events.
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 
 from jobs import lake
-from jobs.candidates import stable_sum
+from jobs.candidates import KEY, SOURCES, days_before, item_genres, source_limits, stable_sum, user_genre_shares
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 FEATURES: tuple[str, ...] = (
+    # candidate sources: scores and ranks (an unproposed item has score 0 and rank limit + 1)
+    "knn_score",
+    "knn_rank",
+    "knn_max",
+    "knn_recent",
     "covisit_score",
     "covisit_hits",
     "covisit_rank",
+    "genre_score",
+    "genre_rank",
     "popular_score",
     "popular_rank",
+    "sources",
+    # the item
     "item_count",
     "item_count_7d",
     "item_count_30d",
     "item_trend",
     "item_age_days",
+    "item_days_since_last",
     "item_mean_weight",
+    # the user
     "user_count",
     "user_days_since_last",
     "user_tenure_days",
     "user_mean_weight",
+    # the user and the item
     "genre_affinity",
+    "time_gap_days",
 )
+
+
+@dataclass(frozen=True)
+class FeatureTables:
+    """The item-level feature tables every chunk of users shares."""
+
+    items: pl.DataFrame  # item_id and the item features
+    genres: pl.DataFrame  # item_id, genre
+
+    FILES = ("item_features", "item_genres")
+
+    @classmethod
+    def load(cls, folder: Path) -> "FeatureTables":
+        return cls(*(pl.read_parquet(folder / f"{name}.parquet") for name in cls.FILES))
+
+    @classmethod
+    def exists(cls, folder: Path) -> bool:
+        return all((folder / f"{name}.parquet").exists() for name in cls.FILES)
 
 
 @dataclass(frozen=True)
@@ -47,10 +79,6 @@ class FeaturesResult:
         return f"{self.items:,} items"
 
 
-def _days_before(cutoff: datetime, column: str) -> pl.Expr:
-    return (pl.lit(cutoff) - pl.col(column)).dt.total_seconds() / 86_400.0
-
-
 def build_item_features(events: pl.LazyFrame, cutoff: datetime) -> pl.DataFrame:
     return (
         events.group_by("item_id")
@@ -59,21 +87,22 @@ def build_item_features(events: pl.LazyFrame, cutoff: datetime) -> pl.DataFrame:
             item_count_7d=(pl.col("timestamp") >= cutoff - timedelta(days=7)).sum().cast(pl.Float32),
             item_count_30d=(pl.col("timestamp") >= cutoff - timedelta(days=30)).sum().cast(pl.Float32),
             first_seen=pl.col("timestamp").min(),
+            last_seen=pl.col("timestamp").max(),
+            # when the item's audience was active, on average: compared with when the user was
+            mean_seen=pl.col("timestamp").mean(),
             item_mean_weight=stable_sum(pl.col("weight")) / pl.len(),
         )
         .with_columns(
             # daily rate of the last week against that of the last month: above 1 is rising
             item_trend=((pl.col("item_count_7d") / 7.0) / ((pl.col("item_count_30d") + 1.0) / 30.0)).cast(pl.Float32),
-            item_age_days=_days_before(cutoff, "first_seen").cast(pl.Float32),
+            item_age_days=days_before(cutoff, "first_seen").cast(pl.Float32),
+            item_days_since_last=days_before(cutoff, "last_seen").cast(pl.Float32),
+            item_days_since_mean=days_before(cutoff, "mean_seen").cast(pl.Float32),
         )
-        .drop("first_seen")
-        .collect()
+        .drop("first_seen", "last_seen", "mean_seen")
+        .sort("item_id")
+        .collect(engine="streaming")
     )
-
-
-def item_genres(catalogue: pl.DataFrame) -> pl.DataFrame:
-    """(item_id, genre), one row per genre of each item."""
-    return catalogue.select("item_id", pl.col("genres").alias("genre")).explode("genre").drop_nulls("genre")
 
 
 def build_user_features(events: pl.LazyFrame, cutoff: datetime) -> pl.LazyFrame:
@@ -86,66 +115,61 @@ def build_user_features(events: pl.LazyFrame, cutoff: datetime) -> pl.LazyFrame:
             user_mean_weight=stable_sum(pl.col("weight")) / pl.len(),
         )
         .with_columns(
-            user_days_since_last=_days_before(cutoff, "last_seen").cast(pl.Float32),
-            user_tenure_days=_days_before(cutoff, "first_seen").cast(pl.Float32),
+            user_days_since_last=days_before(cutoff, "last_seen").cast(pl.Float32),
+            user_tenure_days=days_before(cutoff, "first_seen").cast(pl.Float32),
         )
         .drop("last_seen", "first_seen")
-    )
-
-
-def build_user_genres(events: pl.LazyFrame, genres: pl.DataFrame) -> pl.LazyFrame:
-    """(user_id, genre, share): the share of the user's events on items of each genre."""
-    totals = events.group_by("user_id").agg(total=pl.len())
-    return (
-        events.select("user_id", "item_id")
-        .join(genres.lazy(), on="item_id")
-        .group_by("user_id", "genre")
-        .agg(n=pl.len())
-        .join(totals, on="user_id")
-        .select("user_id", "genre", share=(pl.col("n") / pl.col("total")).cast(pl.Float32))
     )
 
 
 def assemble(
     candidates: pl.DataFrame,
     events: pl.LazyFrame,
-    item_features: pl.DataFrame,
-    genres: pl.DataFrame,
+    tables: FeatureTables,
     cutoff: datetime,
     settings: Settings,
 ) -> pl.DataFrame:
-    """Join every feature onto the candidates; the result has user_id, item_id and FEATURES, no nulls."""
+    """Join every feature onto the candidates; the result has user_id, item_id and FEATURES, no nulls.
+
+    ``events`` are the history of the candidates' users, all before ``cutoff``; ``tables`` were
+    built from events before the same cutoff.
+    """
     affinity = (
         candidates.lazy()
-        .select("user_id", "item_id")
-        .join(genres.lazy(), on="item_id")
-        .join(build_user_genres(events, genres), on=["user_id", "genre"])
-        .group_by("user_id", "item_id")
+        .select(KEY)
+        .join(tables.genres.lazy(), on="item_id")
+        .join(user_genre_shares(events, tables.genres), on=["user_id", "genre"])
+        .group_by(KEY)
         .agg(genre_affinity=stable_sum(pl.col("share")))
     )
+    limits = source_limits(settings)
     frame = (
         candidates.lazy()
-        .join(item_features.lazy(), on="item_id", how="left")
+        .join(tables.items.lazy(), on="item_id", how="left")
         .join(build_user_features(events, cutoff), on="user_id", how="left")
-        .join(affinity, on=["user_id", "item_id"], how="left")
+        .join(affinity, on=KEY, how="left")
         .with_columns(
-            pl.col("covisit_rank").fill_null(settings.covisit_candidates + 1),
-            pl.col("popular_rank").fill_null(settings.popular_candidates + 1),
+            sources=pl.sum_horizontal(pl.col(rank).is_not_null() for _, rank in SOURCES.values()),
+            time_gap_days=pl.col("item_days_since_mean") - pl.col("user_days_since_last"),
+            **{rank: pl.col(rank).fill_null(limits[source] + 1) for source, (_, rank) in SOURCES.items()},
         )
-        .select("user_id", "item_id", *[pl.col(f).cast(pl.Float32).fill_null(0.0) for f in FEATURES])
-        .sort("user_id", "item_id")
+        .select(*KEY, *[pl.col(f).cast(pl.Float32).fill_null(0.0) for f in FEATURES])
+        .sort(KEY)
     )
     return frame.collect()
 
 
+def build_tables(events: pl.LazyFrame, catalogue: pl.DataFrame, cutoff: datetime) -> FeatureTables:
+    return FeatureTables(items=build_item_features(events, cutoff), genres=item_genres(catalogue))
+
+
 def prepare(settings: Settings, logical_date: date) -> FeaturesResult:
     """Build the shared item tables as of the end of ``logical_date`` for the score shards."""
-    cutoff = lake.day_end(logical_date)
     events = lake.scan_interactions(settings.lake_dir, logical_date)
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
     out = settings.work_dir_for(logical_date)
-    items = build_item_features(events, cutoff)
-    lake.write_parquet_atomically(items, out / "item_features.parquet")
-    lake.write_parquet_atomically(item_genres(catalogue), out / "item_genres.parquet")
-    logger.info("features: %d items as of %s", items.height, logical_date)
-    return FeaturesResult(logical_date=logical_date.isoformat(), items=items.height, path=str(out))
+    tables = build_tables(events, catalogue, lake.day_end(logical_date))
+    for name, frame in zip(FeatureTables.FILES, (tables.items, tables.genres), strict=True):
+        lake.write_parquet_atomically(frame, out / f"{name}.parquet")
+    logger.info("features: %d items as of %s", tables.items.height, logical_date)
+    return FeaturesResult(logical_date=logical_date.isoformat(), items=tables.items.height, path=str(out))

@@ -92,14 +92,7 @@ def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
     return {
         "live": _plain(live) if live else None,
         "production_model": (
-            {
-                "model_id": model.model_id,
-                "logical_date": model.logical_date.isoformat(),
-                "metrics": {k: v for k, v in model.metrics.items() if isinstance(v, int | float)},
-                "baselines": model.metrics.get("baselines", {}),
-            }
-            if model
-            else None
+            {**registry.describe(model), "baselines": model.metrics.get("baselines", {})} if model else None
         ),
         "recent_batches": [_plain(b) for b in batches],
     }

@@ -1,10 +1,22 @@
-"""Synthetic interaction data with structure a ranker can learn, deterministic by seed.
+"""Synthetic interaction data with the structure of a real product, deterministic by seed.
 
-Items have a category and a power-law popularity; every user has one or two favourite
-categories and draws most events from them, in sessions spread over the period. Used by
-`overnight demo`, the tests and the benchmarks; it writes the same formats ingest reads.
+- Items have a genre (some two) and a power-law popularity. Some exist before the period, the rest
+  are released during it; every item's appeal fades with age, and fully faded ones are marked
+  unavailable in the catalogue.
+- Users arrive over the period (most are there from the start), have a heavy-tailed activity level
+  and a taste: a main and a second favourite genre, with some exploration.
+- Events come in sessions: a session has one genre and a few events minutes apart. Sessions fall
+  on days by a weekly rhythm and at hours by a daily one (evening peak). Some events are repeats
+  of an item the user had before.
+- With ``drift_from``, every user's taste moves to other genres from that day on.
+
+Users are generated in fixed-size chunks, each from its own seed, so the output depends only on
+the arguments and memory only on the chunk size. Used by ``overnight generate``, the demo, the
+tests and the benchmarks; it writes the same formats ingest reads.
 """
 
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -12,10 +24,20 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+logger = logging.getLogger(__name__)
+
 CATEGORIES = (
     "Action", "Comedy", "Drama", "Documentary", "Horror", "Romance",
     "Sci-Fi", "Thriller", "Animation", "Western", "Musical", "Crime",
 )  # fmt: skip
+CHUNK_USERS = 50_000
+SECONDS_PER_DAY = 86_400
+# Share of sessions per hour of the day (UTC): quiet nights, a lunch bump, an evening peak.
+HOUR_WEIGHTS = np.array([2, 1, 1, 1, 1, 1, 2, 3, 4, 4, 4, 5, 6, 5, 4, 4, 5, 6, 8, 10, 11, 10, 7, 4], dtype=np.float64)
+WEEKDAY_WEIGHTS = np.array([1.0, 0.95, 0.95, 1.0, 1.1, 1.3, 1.25])  # Monday first
+REPEAT_SHARE = 0.1
+EXPLORE_SHARE = 0.15
+SECOND_TASTE_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -24,89 +46,278 @@ class GeneratedData:
     items: pl.DataFrame
 
 
-def generate(
-    users: int, items: int, days: int, *, end_date: date, seed: int = 42, events_per_user: float = 30.0
-) -> GeneratedData:
-    if users <= 0 or items <= 0 or days <= 0:
-        raise ValueError("users, items and days must be positive")
-    rng = np.random.default_rng(seed)
-    n_categories = min(len(CATEGORIES), max(2, items // 20))
+@dataclass(frozen=True)
+class Catalogue:
+    """Items in genre order, with one cumulative sampling table per (epoch, genre)."""
 
-    item_category = rng.integers(0, n_categories, size=items)
-    popularity = 1.0 / np.arange(1, items + 1) ** 1.1
-    rng.shuffle(popularity)
+    genre: np.ndarray  # main genre of each item
+    second_genre: np.ndarray  # -1 for items with one genre
+    available: np.ndarray
+    order: np.ndarray  # item indices sorted by genre
+    bounds: np.ndarray  # order[bounds[g]:bounds[g+1]] are the items of genre g
+    table: np.ndarray  # epoch * genres + within-genre cumulative share, flattened by (epoch, item in order)
+    epoch_days: int
+    genres: int
 
-    favourite = rng.integers(0, n_categories, size=(users, 2))
-    activity = np.maximum(2, rng.lognormal(np.log(events_per_user), 0.8, size=users).astype(np.int64))
+
+@dataclass(frozen=True)
+class GenerateResult:
+    users: int
+    items: int
+    interactions: int
+    parts: int
+    path: str
+
+    def summary(self) -> str:
+        return f"{self.interactions:,} interactions of {self.users:,} users over {self.items:,} items in {self.path}"
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
+
+
+def make_catalogue(items: int, days: int, seed: int) -> Catalogue:
+    rng = _rng(seed, 0)
+    genres = min(len(CATEGORIES), max(2, items // 20))
+    genre = rng.integers(0, genres, size=items)
+    second = np.where(rng.random(items) < 0.3, rng.integers(0, genres, size=items), -1)
+    second = np.where(second == genre, -1, second)
+    appeal = 1.0 / np.arange(1, items + 1) ** 1.05
+    rng.shuffle(appeal)
+    # A quarter of the items are released during the period; the rest were out before it.
+    released_during = rng.random(items) < 0.25
+    release_day = np.where(released_during, rng.random(items) * days, -rng.random(items) * 180.0)
+    fade_days = rng.lognormal(np.log(90.0), 0.7, size=items)
+
+    epoch_days = max(1, -(-days // 90))
+    epochs = -(-days // epoch_days)
+    order = np.argsort(genre, kind="stable")
+    bounds = np.searchsorted(genre[order], np.arange(genres + 1))
+    epoch_start = np.arange(epochs, dtype=np.float64)[:, None] * epoch_days
+    age = epoch_start - release_day[order][None, :]
+    weights = np.where(age >= 0, appeal[order][None, :] * np.exp(-np.maximum(age, 0) / fade_days[order]), 0.0)
+    table = np.empty_like(weights)
+    for g in range(genres):
+        lo, hi = bounds[g], bounds[g + 1]
+        cumulative = np.cumsum(weights[:, lo:hi], axis=1)
+        totals = np.maximum(cumulative[:, -1:], 1e-300)
+        table[:, lo:hi] = (np.arange(epochs)[:, None] * genres + g) + cumulative / totals * (1 - 1e-12)
+    final_age = days - release_day
+    available = np.exp(-np.maximum(final_age, 0) / fade_days) > 0.02
+    return Catalogue(
+        genre=genre,
+        second_genre=second,
+        available=available,
+        order=order,
+        bounds=bounds,
+        table=table.ravel(),
+        epoch_days=epoch_days,
+        genres=genres,
+    )
+
+
+def _day_table(days: int, start: date) -> np.ndarray:
+    """Cumulative weight of the days of the period: weekly rhythm and a slowly growing product."""
+    weekday = (np.arange(days) + start.weekday()) % 7
+    weights = WEEKDAY_WEIGHTS[weekday] * (1.0 + 0.3 * np.arange(days) / max(days, 1))
+    return np.concatenate([[0.0], np.cumsum(weights)])
+
+
+def _user_chunk(
+    first_user: int,
+    users: int,
+    catalogue: Catalogue,
+    days: int,
+    start: date,
+    events_per_user: float,
+    drift_day: int | None,
+    seed: int,
+) -> pl.DataFrame:
+    rng = _rng(seed, 1 + first_user // CHUNK_USERS)
+    genres = catalogue.genres
+    arrival = np.where(rng.random(users) < 0.6, 0.0, rng.random(users) * days * 0.95)
+    sigma = 1.0
+    activity = np.maximum(2, rng.lognormal(np.log(events_per_user) - sigma**2 / 2, sigma, size=users)).astype(np.int64)
+    favourite = rng.integers(0, genres, size=(users, 2))
+    session_length = 1 + rng.poisson(3.0, size=users)
+
     user_of_event = np.repeat(np.arange(users), activity)
     n_events = user_of_event.size
+    user_first_event = np.concatenate([[0], np.cumsum(activity)[:-1]])
+    rank_in_user = np.arange(n_events) - user_first_event[user_of_event]
+    session_in_user = rank_in_user // session_length[user_of_event]
+    sessions_per_user = -(-activity // session_length)
+    session_of_event = np.concatenate([[0], np.cumsum(sessions_per_user)[:-1]])[user_of_event] + session_in_user
+    n_sessions = int(sessions_per_user.sum())
+    user_of_session = np.repeat(np.arange(users), sessions_per_user)
 
-    # Each category's items sampled by popularity, via one cumulative table per category.
-    order = np.argsort(item_category, kind="stable")
-    sorted_category = item_category[order]
-    bounds = np.searchsorted(sorted_category, np.arange(n_categories + 1))
-    cumulative = np.zeros(items)
-    for c in range(n_categories):
-        lo, hi = bounds[c], bounds[c + 1]
-        if hi > lo:
-            weights = popularity[order[lo:hi]]
-            cumulative[lo:hi] = np.cumsum(weights) / weights.sum()
+    # When: a day in the user's active span by the weekly rhythm, an hour by the daily rhythm.
+    day_table = _day_table(days, start)
+    lo = day_table[np.floor(arrival[user_of_session]).astype(np.int64)]
+    day = np.searchsorted(day_table, lo + rng.random(n_sessions) * (day_table[-1] - lo), side="right") - 1
+    day = np.clip(day, 0, days - 1)
+    hour_table = np.cumsum(HOUR_WEIGHTS) / HOUR_WEIGHTS.sum()
+    hour = np.searchsorted(hour_table, rng.random(n_sessions), side="right")
+    session_start = day * SECONDS_PER_DAY + hour * 3_600 + rng.random(n_sessions) * 3_600
+    first_of_session = rank_in_user % session_length[user_of_event] == 0
+    elapsed = np.cumsum(np.where(first_of_session, 0.0, rng.exponential(180.0, size=n_events)))
+    session_first_event = np.maximum.accumulate(np.where(first_of_session, np.arange(n_events), 0))
+    in_session = elapsed - elapsed[session_first_event]
+    seconds = np.minimum(session_start[session_of_event] + in_session, days * SECONDS_PER_DAY - 1)
 
-    in_taste = rng.random(n_events) < 0.8
-    second = rng.random(n_events) < 0.35
-    taste_category = favourite[user_of_event, second.astype(np.int64)]
-    random_category = rng.integers(0, n_categories, size=n_events)
-    category = np.where(in_taste, taste_category, random_category)
-    empty = bounds[category + 1] == bounds[category]
-    category = np.where(empty, sorted_category[0], category)
-    lo, hi = bounds[category], bounds[category + 1]
-    u = rng.random(n_events)
-    position = np.empty(n_events, dtype=np.int64)
-    for c in np.unique(category):
-        mask = category == c
-        segment = cumulative[bounds[c] : bounds[c + 1]]
-        position[mask] = bounds[c] + np.minimum(np.searchsorted(segment, u[mask]), hi[mask] - lo[mask] - 1)
-    item_of_event = order[position]
+    # What: one genre per session from the user's taste (shifted after the drift day), items by appeal.
+    taste = favourite[user_of_session, (rng.random(n_sessions) < SECOND_TASTE_SHARE).astype(np.int64)]
+    if drift_day is not None:
+        taste = np.where(day >= drift_day, (taste + genres // 2 + 1) % genres, taste)
+    explore = rng.random(n_sessions) < EXPLORE_SHARE
+    session_genre = np.where(explore, rng.integers(0, genres, size=n_sessions), taste)
+    genre = session_genre[session_of_event]
+    empty = catalogue.bounds[genre + 1] == catalogue.bounds[genre]
+    genre = np.where(empty, catalogue.genre[catalogue.order[0]], genre)
+    epoch = (seconds // (SECONDS_PER_DAY * catalogue.epoch_days)).astype(np.int64)
+    group = epoch * genres + genre
+    position = np.searchsorted(catalogue.table, group + rng.random(n_events), side="right")
+    items = len(catalogue.order)
+    position = (position - epoch * items).clip(catalogue.bounds[genre], catalogue.bounds[genre + 1] - 1)
+    item = catalogue.order[position]
 
-    # Each user arrives on some day and comes back in a few sessions after it.
-    period = days * 86_400
-    start = datetime.combine(end_date - timedelta(days=days - 1), time(), tzinfo=UTC)
-    arrival = rng.random(users) * period * 0.9
-    session_offset = rng.exponential(period * 0.15, size=n_events)
-    within_session = rng.random(n_events) * 3_600
-    seconds = arrival[user_of_event] + session_offset + within_session
-    rating = np.clip(np.round(rng.normal(3.6, 1.0, size=n_events)), 1, 5)
-    inside = seconds < period  # sessions that would fall after the end date are not generated
-    user_of_event, item_of_event = user_of_event[inside], item_of_event[inside]
-    seconds, rating = seconds[inside], rating[inside]
+    # Repeats: some events go back to an item the user had earlier (in time).
+    by_time = np.lexsort((seconds, user_of_event))
+    user_sorted, item_sorted = user_of_event[by_time], item[by_time]
+    rank_sorted = np.arange(n_events) - user_first_event[user_sorted]
+    repeat = (rng.random(n_events) < REPEAT_SHARE) & (rank_sorted > 0)
+    earlier = user_first_event[user_sorted] + np.floor(rng.random(n_events) * rank_sorted).astype(np.int64)
+    item_sorted = np.where(repeat, item_sorted[earlier], item_sorted)
+    in_taste = (catalogue.genre[item_sorted] == favourite[user_sorted, 0]) | (
+        catalogue.genre[item_sorted] == favourite[user_sorted, 1]
+    )
+    rating = np.clip(np.round(rng.normal(np.where(in_taste | repeat, 4.0, 3.0), 0.9)), 1, 5)
 
-    interactions = pl.DataFrame(
+    start_us = int(datetime.combine(start, time(), tzinfo=UTC).timestamp() * 1e6)
+    return pl.DataFrame(
         {
-            "user_id": pl.Series(user_of_event + 1).cast(pl.String),
-            "item_id": pl.Series(item_of_event + 1).cast(pl.String),
-            "timestamp": pl.Series((start.timestamp() + seconds) * 1e6).cast(pl.Int64).cast(pl.Datetime("us", "UTC")),
+            "user_id": pl.Series(first_user + user_sorted + 1).cast(pl.String),
+            "item_id": pl.Series(item_sorted + 1).cast(pl.String),
+            "timestamp": pl.Series(start_us + (seconds[by_time] * 1e6).astype(np.int64)).cast(pl.Datetime("us", "UTC")),
             "rating": pl.Series(rating, dtype=pl.Float32),
         }
-    ).sort("timestamp", "user_id")
-    items_frame = pl.DataFrame(
-        {
-            "item_id": pl.Series(np.arange(1, items + 1)).cast(pl.String),
-            "title": [f"Item {i}" for i in range(1, items + 1)],
-            "genres": [[CATEGORIES[c]] for c in item_category],
-        }
     )
-    return GeneratedData(interactions=interactions, items=items_frame)
+
+
+def items_frame(catalogue: Catalogue) -> pl.DataFrame:
+    genre_names = np.array(CATEGORIES)
+    return pl.DataFrame(
+        {
+            "item_id": np.arange(1, len(catalogue.genre) + 1),
+            "main": genre_names[catalogue.genre],
+            "second": genre_names[catalogue.second_genre],
+            "has_second": catalogue.second_genre >= 0,
+            "available": catalogue.available,
+        }
+    ).select(
+        pl.col("item_id").cast(pl.String),
+        pl.format("Item {}", "item_id").alias("title"),
+        pl.concat_list("main", pl.when("has_second").then("second")).list.drop_nulls().alias("genres"),
+        "available",
+    )
+
+
+def interaction_chunks(
+    users: int,
+    items: int,
+    days: int,
+    *,
+    end_date: date,
+    seed: int = 42,
+    events_per_user: float = 50.0,
+    drift_from: date | None = None,
+) -> tuple[Catalogue, Iterator[pl.DataFrame]]:
+    """The catalogue and a lazy sequence of interaction frames, one per chunk of users."""
+    if users <= 0 or items <= 0 or days <= 0:
+        raise ValueError("users, items and days must be positive")
+    if events_per_user < 2:
+        raise ValueError("events per user must be at least 2")
+    start = end_date - timedelta(days=days - 1)
+    drift_day = None if drift_from is None else max(0, (drift_from - start).days)
+    catalogue = make_catalogue(items, days, seed)
+
+    def chunks() -> Iterator[pl.DataFrame]:
+        for first in range(0, users, CHUNK_USERS):
+            count = min(CHUNK_USERS, users - first)
+            yield _user_chunk(first, count, catalogue, days, start, events_per_user, drift_day, seed)
+
+    return catalogue, chunks()
+
+
+def generate(
+    users: int,
+    items: int,
+    days: int,
+    *,
+    end_date: date,
+    seed: int = 42,
+    events_per_user: float = 50.0,
+    drift_from: date | None = None,
+) -> GeneratedData:
+    """The whole dataset in memory (for small data: tests, the demo)."""
+    catalogue, chunks = interaction_chunks(
+        users, items, days, end_date=end_date, seed=seed, events_per_user=events_per_user, drift_from=drift_from
+    )
+    interactions = pl.concat(list(chunks)).sort("timestamp", "user_id")
+    return GeneratedData(interactions=interactions, items=items_frame(catalogue))
+
+
+def _write_table(frame: pl.DataFrame, path: Path, fmt: str) -> None:
+    if fmt == "parquet":
+        frame.write_parquet(path)
+    elif fmt == "csv":
+        if "timestamp" in frame.columns:
+            frame = frame.with_columns(pl.col("timestamp").dt.epoch("s"))
+        if "genres" in frame.columns:
+            frame = frame.with_columns(pl.col("genres").list.join("|"))
+        frame.write_csv(path)
+    else:
+        raise ValueError(f"unknown format {fmt!r}: parquet or csv")
 
 
 def write_dataset(data: GeneratedData, out: Path, fmt: str = "parquet") -> Path:
     """Write ``interactions.<fmt>`` and ``items.<fmt>`` into the folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
-        data.interactions.write_parquet(out / "interactions.parquet")
-        data.items.write_parquet(out / "items.parquet")
-    elif fmt == "csv":
-        data.interactions.with_columns(pl.col("timestamp").dt.epoch("s")).write_csv(out / "interactions.csv")
-        data.items.with_columns(pl.col("genres").list.join("|")).write_csv(out / "items.csv")
-    else:
-        raise ValueError(f"unknown format {fmt!r}: parquet or csv")
+    _write_table(data.interactions, out / f"interactions.{fmt}", fmt)
+    _write_table(data.items, out / f"items.{fmt}", fmt)
     return out
+
+
+def write_generated(
+    out: Path,
+    users: int,
+    items: int,
+    days: int,
+    *,
+    end_date: date,
+    seed: int = 42,
+    events_per_user: float = 50.0,
+    drift_from: date | None = None,
+    fmt: str = "parquet",
+    progress: Callable[[str], None] = logger.info,
+) -> GenerateResult:
+    """Stream a dataset to ``out``: ``interactions/part-NNNNN.<fmt>`` (one per chunk of users) and ``items.<fmt>``.
+
+    Memory depends on the chunk size, not on the number of users.
+    """
+    if fmt not in ("parquet", "csv"):
+        raise ValueError(f"unknown format {fmt!r}: parquet or csv")
+    parts_dir = out / "interactions"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for stale in parts_dir.glob("part-*"):
+        stale.unlink()
+    catalogue, chunks = interaction_chunks(
+        users, items, days, end_date=end_date, seed=seed, events_per_user=events_per_user, drift_from=drift_from
+    )
+    _write_table(items_frame(catalogue), out / f"items.{fmt}", fmt)
+    total = parts = 0
+    for parts, chunk in enumerate(chunks, start=1):
+        _write_table(chunk, parts_dir / f"part-{parts - 1:05d}.{fmt}", fmt)
+        total += chunk.height
+        progress(f"generate: {min(parts * CHUNK_USERS, users):,} of {users:,} users, {total:,} interactions")
+    return GenerateResult(users=users, items=items, interactions=total, parts=parts, path=str(out))

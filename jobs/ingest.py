@@ -7,8 +7,11 @@ partitions and replaces that date's catalogue snapshot, quarantine and report.
 
 import json
 import logging
+import shutil
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from io import StringIO
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import polars as pl
 
 from jobs import lake
 from jobs.errors import BadInputError
+from jobs.feedback import feedback_interactions
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -23,6 +27,8 @@ logger = logging.getLogger(__name__)
 FORMATS = ("auto", "movielens", "parquet", "csv")
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
 MAX_ID_LENGTH = 256
+CHUNK_ROWS = 2_000_000  # interactions validated at a time: ingest's memory depends on this, not on the source
+DEDUP_KEYS = ["user_id", "item_id", "timestamp", "event_type"]
 
 MOVIELENS_100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -142,6 +148,21 @@ def _table_file(folder: Path, stem: str) -> Path | None:
 
 
 def read_source(path: Path, fmt: str = "auto") -> Source:
+    """The whole source in memory (small sources, tests); ``ingest`` streams it with ``source_chunks``."""
+    chunks = list(source_chunks(path, fmt))
+    first = chunks[0]
+    if len(chunks) == 1:
+        return first
+    interactions = pl.concat([c.interactions for c in chunks], how="diagonal_relaxed")
+    return Source(first.name, first.format, interactions, first.items, first.users, first.default_event_type)
+
+
+def source_chunks(path: Path, fmt: str = "auto", chunk_rows: int = 0) -> Iterator[Source]:
+    """The source as a sequence of Sources of at most ``chunk_rows`` interactions each (0: the default).
+
+    Items and users (small) come with the first chunk. Memory depends on the chunk size, not on
+    the size of the source.
+    """
     if fmt not in FORMATS:
         raise BadInputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -150,36 +171,65 @@ def read_source(path: Path, fmt: str = "auto") -> Source:
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "movielens":
-        return _read_movielens(path)
+        yield _read_movielens(path)
+        return
+    interactions, items, users = path, None, None
     if path.is_dir():
-        interactions = _table_file(path, "interactions")
-        if interactions is None:
+        found = _table_file(path, "interactions")
+        if found is None:
             raise BadInputError(f"{path}: no interactions.parquet, interactions.csv or interactions/ in it")
-        items, users = _table_file(path, "items"), _table_file(path, "users")
-        return Source(
-            name=interactions.name,
-            format=fmt,
-            interactions=_read_table(interactions),
-            items=_read_table(items) if items else None,
-            users=_read_table(users) if users else None,
-        )
-    return Source(name=path.name, format=fmt, interactions=_read_table(path))
+        interactions, items, users = found, _table_file(path, "items"), _table_file(path, "users")
+    item_frame = _read_whole_table(items) if items else None
+    user_frame = _read_whole_table(users) if users else None
+    for number, frame in enumerate(_table_batches(interactions, chunk_rows or CHUNK_ROWS)):
+        first = number == 0
+        yield Source(interactions.name, fmt, frame, item_frame if first else None, user_frame if first else None)
 
 
-def _read_table(path: Path) -> pl.DataFrame:
-    """Parquet keeps its types; CSV is read as text so that validation sees every bad value."""
+def _table_files(path: Path) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     if not files:
         raise BadInputError(f"{path}: empty folder")
-    try:
-        if _file_format(files[0]) == "parquet":
-            return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-        separator = "\t" if files[0].suffix.lower() == ".tsv" else ","
-        return pl.concat(
-            [pl.read_csv(f, infer_schema=False, separator=separator) for f in files], how="diagonal_relaxed"
-        )
-    except (pl.exceptions.PolarsError, OSError) as error:
-        raise BadInputError(f"{path}: cannot read: {_first_line(error)}") from error
+    return files
+
+
+def _table_batches(path: Path, rows: int) -> Iterator[pl.DataFrame]:
+    """Parquet keeps its types; CSV is read as text so that validation sees every bad value."""
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    for file in _table_files(path):
+        try:
+            if _file_format(file) == "parquet":
+                batches = pyarrow.parquet.ParquetFile(file).iter_batches(batch_size=rows)
+            else:
+                with file.open("rb") as handle:
+                    header = handle.readline()
+                delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
+                names = pl.read_csv(header, separator=delimiter, infer_schema=False).columns
+                batches = pyarrow.csv.open_csv(
+                    file,
+                    read_options=pyarrow.csv.ReadOptions(block_size=64 << 20),
+                    parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter),
+                    convert_options=pyarrow.csv.ConvertOptions(
+                        column_types=dict.fromkeys(names, pyarrow.string()), strings_can_be_null=True
+                    ),
+                )
+            empty = True
+            for batch in batches:
+                if batch.num_rows:
+                    empty = False
+                    yield pl.from_arrow(batch)  # type: ignore[misc]
+            if empty:  # still show the columns, so that validation can name what is missing
+                yield (
+                    pl.read_parquet(file) if _file_format(file) == "parquet" else pl.read_csv(file, infer_schema=False)
+                )
+        except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
+            raise BadInputError(f"{file}: cannot read: {_first_line(error)}") from error
+
+
+def _read_whole_table(path: Path) -> pl.DataFrame:
+    return pl.concat(list(_table_batches(path, CHUNK_ROWS)), how="diagonal_relaxed")
 
 
 def _read_movielens(folder: Path) -> Source:
@@ -297,11 +347,13 @@ def _weight_expr(columns: dict[str, pl.DataType]) -> tuple[pl.Expr, pl.Expr]:
     return text.cast(pl.Float64, strict=False).cast(pl.Float32), present
 
 
-def validate_interactions(source: Source, logical_date: date) -> tuple[pl.DataFrame, pl.DataFrame]:
+def validate_interactions(
+    source: Source, logical_date: date, first_row: int = 0, keep_row: bool = False
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split the source's interactions into (valid rows in the lake schema, quarantined rows).
 
     Quarantined rows keep their original columns as text, plus ``row`` (0-based position in
-    the source) and ``reason``.
+    the source, counted from ``first_row``) and ``reason``. ``keep_row`` keeps ``row`` on valid rows too.
     """
     raw = source.interactions
     columns = dict(raw.schema)
@@ -343,7 +395,7 @@ def validate_interactions(source: Source, logical_date: date) -> tuple[pl.DataFr
         .when(weight_present & (weight.is_null() | ~weight.is_finite()))
         .then(pl.lit("bad_weight"))
     )
-    checked = raw.with_row_index("row").with_columns(
+    checked = raw.with_row_index("row", offset=first_row).with_columns(
         _user=user,
         _item=item,
         _timestamp=timestamp,
@@ -358,6 +410,7 @@ def validate_interactions(source: Source, logical_date: date) -> tuple[pl.DataFr
         .otherwise(pl.col("reason"))
     )
     valid = checked.filter(pl.col("reason").is_null()).select(
+        *(["row"] if keep_row else []),
         pl.col("_user").alias("user_id"),
         pl.col("_item").alias("item_id"),
         pl.col("_timestamp").alias("timestamp"),
@@ -426,22 +479,12 @@ def build_catalogue(
 # ---------------------------------------------------------------- writing
 
 
-def _merge_partitions(lake_dir: Path, valid: pl.DataFrame) -> int:
-    """Merge rows into their event-day partitions; merging the same rows twice changes nothing."""
-    order = ["timestamp", "user_id", "item_id", "event_type"]
-    partitions = valid.with_columns(event_date=pl.col("timestamp").dt.date()).partition_by(
-        "event_date", as_dict=True, include_key=False
-    )
-    for count, ((event_date,), rows) in enumerate(sorted(partitions.items()), start=1):
-        path = lake.partition_path(lake_dir, event_date)
-        if path.exists():
-            rows = pl.concat([pl.read_parquet(path), rows], how="vertical_relaxed").unique(
-                ["user_id", "item_id", "timestamp", "event_type"], keep="first"
-            )
-        lake.write_parquet_atomically(rows.sort(order), path)
-        if count % 200 == 0:
-            logger.info("ingest: wrote %d of %d event-day partitions", count, len(partitions))
-    return len(partitions)
+def _merge_partition(lake_dir: Path, event_date: date, rows: pl.DataFrame) -> None:
+    """Merge rows into their event-day partition; merging the same rows twice changes nothing."""
+    path = lake.partition_path(lake_dir, event_date)
+    if path.exists():
+        rows = pl.concat([pl.read_parquet(path), rows], how="vertical_relaxed").unique(DEDUP_KEYS, keep="first")
+    lake.write_parquet_atomically(rows.sort(["timestamp", "user_id", "item_id", "event_type"]), path)
 
 
 def _reject_message(
@@ -463,12 +506,101 @@ def source_for(settings: Settings, logical_date: date, override: str | None = No
     return Path(template.replace("{date}", logical_date.isoformat()))
 
 
+@dataclass
+class _Staged:
+    """What the first pass over the source learnt, chunk by chunk."""
+
+    folder: Path
+    rows_read: int = 0
+    chunks: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+    user_ids: list[pl.Series] = field(default_factory=list)
+    item_ids: list[pl.Series] = field(default_factory=list)
+    first: datetime | None = None
+    last: datetime | None = None
+
+    def day_dirs(self) -> list[tuple[date, Path]]:
+        return lake.dated_dirs(self.folder, "event_date=")
+
+    @property
+    def quarantine_parts(self) -> list[Path]:
+        return sorted((self.folder / "quarantine").glob("*.parquet"))
+
+
+def _stage_valid(staged: _Staged, valid: pl.DataFrame, name: str) -> None:
+    """Stage valid rows (with their ``row`` number) by event day, and note their ids and time range."""
+    if not valid.height:
+        return
+    staged.user_ids.append(valid["user_id"].unique())
+    staged.item_ids.append(valid["item_id"].unique())
+    low, high = valid.select(low=pl.col("timestamp").min(), high=pl.col("timestamp").max()).row(0)
+    staged.first = low if staged.first is None else min(staged.first, low)
+    staged.last = high if staged.last is None else max(staged.last, high)
+    by_day = valid.with_columns(event_date=pl.col("timestamp").dt.date()).partition_by(
+        "event_date", as_dict=True, include_key=False
+    )
+    for (event_date,), rows in by_day.items():
+        lake.write_parquet_atomically(rows, staged.folder / f"event_date={event_date}" / name)
+
+
+def _stage(source_path: Path, fmt: str, logical_date: date, folder: Path) -> tuple[Source, _Staged]:
+    """Validate the source chunk by chunk into ``folder``: valid rows by event day, quarantined rows aside."""
+    staged = _Staged(folder)
+    meta: Source | None = None
+    for chunk in source_chunks(source_path, fmt):
+        meta = meta or chunk
+        valid, quarantined = validate_interactions(chunk, logical_date, first_row=staged.rows_read, keep_row=True)
+        staged.rows_read += chunk.interactions.height
+        name = f"chunk-{staged.chunks:05d}.parquet"
+        staged.chunks += 1
+        if quarantined.height:
+            staged.counts.update(dict(quarantined.group_by("reason").len().iter_rows()))
+            lake.write_parquet_atomically(quarantined, folder / "quarantine" / name)
+        _stage_valid(staged, valid, name)
+        logger.info("ingest: validated %d rows of %s", staged.rows_read, meta.name)
+    assert meta is not None
+    if staged.chunks > 1:
+        _quarantine_cross_chunk_duplicates(staged)
+    return meta, staged
+
+
+def _quarantine_cross_chunk_duplicates(staged: _Staged) -> None:
+    """Each chunk found its own duplicates; a row repeated in two chunks lands in the same event day."""
+    for _, day_dir in staged.day_dirs():
+        parts = sorted(day_dir.glob("*.parquet"))
+        if len(parts) < 2:
+            continue
+        rows = pl.read_parquet(parts)
+        repeated = rows.filter(~pl.struct(DEDUP_KEYS).is_first_distinct())
+        if not repeated.height:
+            continue
+        staged.counts["duplicate"] += repeated.height
+        lake.write_parquet_atomically(
+            repeated.select(
+                "row", *[pl.col(c).cast(pl.String) for c in lake.INTERACTIONS_SCHEMA], reason=pl.lit("duplicate")
+            ),
+            staged.folder / "quarantine" / f"{day_dir.name}-duplicates.parquet",
+        )
+
+
 def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str = "auto") -> IngestResult:
-    source = read_source(Path(source_path), fmt)
-    logger.info("ingest: read %s (%s): %d rows", source.name, source.format, source.interactions.height)
-    valid, quarantined = validate_interactions(source, logical_date)
-    counts = dict(quarantined.group_by("reason").len().iter_rows()) if quarantined.height else {}
-    rows_read = source.interactions.height
+    staging = settings.work_dir_for(logical_date) / "ingest-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        return _ingest(settings, Path(source_path), logical_date, fmt, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str, staging: Path) -> IngestResult:
+    source, staged = _stage(source_path, fmt, logical_date, staging)
+    counts, rows_read = dict(staged.counts), staged.rows_read
+    logger.info("ingest: read %s (%s): %d rows", source.name, source.format, rows_read)
+    if settings.ingest_feedback:
+        feedback = feedback_interactions(settings, logical_date)
+        logger.info("ingest: %d feedback events from overnight.feedback_events", feedback.height)
+        # Row numbers after the source's own, so the first copy of a duplicate is the source's.
+        _stage_valid(staged, feedback.with_row_index("row", offset=rows_read), "feedback.parquet")
     malformed = sum(n for reason, n in counts.items() if reason != NOT_YET_VISIBLE)
     bad_fraction = malformed / rows_read if rows_read else 0.0
 
@@ -477,23 +609,33 @@ def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str =
     quarantine_file = quarantine_dir / f"{source.name}.parquet"
     if quarantine_file.exists():
         quarantine_file.unlink()
-    if quarantined.height:
-        lake.write_parquet_atomically(quarantined, quarantine_file)
+    quarantined_rows = sum(counts.values())
+    if quarantined_rows:
+        quarantine_file.parent.mkdir(parents=True, exist_ok=True)
+        parts = [pl.scan_parquet(part) for part in staged.quarantine_parts]
+        pl.concat(parts, how="diagonal_relaxed").sink_parquet(quarantine_file)
 
     if bad_fraction > settings.max_bad_fraction:
         raise BadInputError(
             _reject_message(source, counts, rows_read, bad_fraction, settings.max_bad_fraction, quarantine_file)
         )
-    if valid.height == 0:
+    rows_valid = rows_read - quarantined_rows
+    if rows_valid == 0:
         raise BadInputError(
             f"{source.name}: no valid interactions on or before {logical_date} (read {rows_read:,} rows)"
         )
 
-    partitions = _merge_partitions(lake_dir, valid)
+    days = staged.day_dirs()
+    for count, (event_date, day_dir) in enumerate(days, start=1):
+        rows = pl.read_parquet(sorted(day_dir.glob("*.parquet"))).drop("row").unique(DEDUP_KEYS, keep="first")
+        _merge_partition(lake_dir, event_date, rows)
+        if count % 50 == 0:
+            logger.info("ingest: wrote %d of %d event-day partitions", count, len(days))
     previous_path = lake.latest_snapshot(lake_dir, "items", logical_date - timedelta(days=1))
     previous = pl.read_parquet(previous_path) if previous_path else None
     items = _normalise_items(source.items, source.name) if source.items is not None else None
-    catalogue = build_catalogue(previous, items, valid)
+    seen_items = pl.concat(staged.item_ids).unique().to_frame()
+    catalogue = build_catalogue(previous, items, seen_items)
     lake.write_parquet_atomically(catalogue, lake.snapshot_path(lake_dir, "items", logical_date))
     if source.users is not None:
         users = source.users
@@ -504,22 +646,21 @@ def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str =
             users.filter(pl.col("user_id").is_not_null()), lake.snapshot_path(lake_dir, "users", logical_date)
         )
 
-    span = valid.select(pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last")).row(0)
     result = IngestResult(
         logical_date=logical_date.isoformat(),
         source=str(source_path),
         format=source.format,
         rows_read=rows_read,
-        rows_valid=valid.height,
-        rows_quarantined=quarantined.height,
+        rows_valid=rows_valid,
+        rows_quarantined=quarantined_rows,
         quarantined_by_reason=dict(sorted(counts.items())),
         bad_fraction=round(bad_fraction, 6),
-        partitions_written=partitions,
-        users=valid["user_id"].n_unique(),
+        partitions_written=len(days),
+        users=pl.concat(staged.user_ids).n_unique(),
         items_in_catalogue=catalogue.height,
-        first_event=span[0].isoformat() if span[0] else None,
-        last_event=span[1].isoformat() if span[1] else None,
-        quarantine_path=str(quarantine_file) if quarantined.height else None,
+        first_event=staged.first.isoformat() if staged.first else None,
+        last_event=staged.last.isoformat() if staged.last else None,
+        quarantine_path=str(quarantine_file) if quarantined_rows else None,
     )
     report = settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
     report.parent.mkdir(parents=True, exist_ok=True)

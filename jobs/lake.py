@@ -59,7 +59,7 @@ def quarantine_dir(lake_dir: Path, logical_date: date) -> Path:
     return lake_dir / "quarantine" / f"date={logical_date.isoformat()}"
 
 
-def _dated_dirs(folder: Path, prefix: str) -> list[tuple[date, Path]]:
+def dated_dirs(folder: Path, prefix: str) -> list[tuple[date, Path]]:
     if not folder.is_dir():
         return []
     found = []
@@ -75,7 +75,7 @@ def _dated_dirs(folder: Path, prefix: str) -> list[tuple[date, Path]]:
 def interaction_partitions(lake_dir: Path, as_of: date) -> list[Path]:
     return [
         path / "part-0.parquet"
-        for event_date, path in _dated_dirs(interactions_dir(lake_dir), "event_date=")
+        for event_date, path in dated_dirs(interactions_dir(lake_dir), "event_date=")
         if event_date <= as_of and (path / "part-0.parquet").exists()
     ]
 
@@ -91,10 +91,27 @@ def scan_interactions(lake_dir: Path, as_of: date) -> pl.LazyFrame:
     return pl.scan_parquet(files, schema=INTERACTIONS_SCHEMA).filter(pl.col("timestamp") < day_end(as_of))
 
 
+def most_recent_users(events: pl.LazyFrame, limit: int) -> pl.LazyFrame:
+    """The events of the ``limit`` users seen most recently (ties by user id).
+
+    A sample of fixed size for item-to-item tables, whose cost grows with users times history squared when
+    computed over everyone; co-visitation statistics settle long before a million users. The
+    filter is an ``is_in`` so that it runs inside the Parquet scan.
+    """
+    users = (
+        events.group_by("user_id")
+        .agg(last_seen=pl.col("timestamp").max())
+        .sort(["last_seen", "user_id"], descending=[True, False])
+        .head(limit)
+        .collect(engine="streaming")["user_id"]
+    )
+    return events.filter(pl.col("user_id").is_in(users.implode()))
+
+
 def latest_snapshot(lake_dir: Path, kind: str, as_of: date) -> Path | None:
     candidates = [
         path / f"{kind}.parquet"
-        for snapshot_date, path in _dated_dirs(lake_dir / kind, "date=")
+        for snapshot_date, path in dated_dirs(lake_dir / kind, "date=")
         if snapshot_date <= as_of and (path / f"{kind}.parquet").exists()
     ]
     return candidates[-1] if candidates else None

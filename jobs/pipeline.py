@@ -1,21 +1,22 @@
 """The whole nightly pipeline in one process (``overnight run``), and the demo's preparation.
 
 The steps are the same functions the Airflow DAG calls, in the same order:
-ingest → features → candidates → train when due → score every shard → publish → check freshness.
+ingest → features → candidates → train when due → score every shard → monitor input and drift →
+publish (behind monitoring's gate) → check freshness. Every run and step is recorded in the run history.
 """
 
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from jobs import candidates, features, freshness, generate, ingest, publish, score, train
+from jobs import candidates, drift, features, freshness, generate, ingest, publish, runs, score, train
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class RunResult:
     model_id: str
     steps: list[StepTiming] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
+    run_id: int | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -54,18 +56,21 @@ def run(
         ("candidates", lambda: candidates.prepare(settings, logical_date)),
         ("train", lambda: train.train_if_due(settings, logical_date)),
         ("score", lambda: score.score(settings, logical_date)),
+        ("monitor", lambda: drift.monitor_input(settings, logical_date)),
         ("publish", lambda: publish.publish(settings, logical_date)),
         ("check-freshness", lambda: freshness.check_freshness(settings)),
     ]
-    for number, (name, step) in enumerate(plan, start=1):
-        progress(f"[{number}/{len(plan)}] {name} ...")
-        started = time.perf_counter()
-        result = step()
-        elapsed = time.perf_counter() - started
-        summary = score.summarise(result) if isinstance(result, list) else result.summary()
-        progress(f"[{number}/{len(plan)}] {name} done in {elapsed:.1f}s: {summary}")
-        steps.append(StepTiming(name, round(elapsed, 3), summary))
-        results[name] = _plain(result)
+    with runs.recording(settings, logical_date) as run_id:
+        for number, (name, step) in enumerate(plan, start=1):
+            progress(f"[{number}/{len(plan)}] {name} ...")
+            started = time.perf_counter()
+            with runs.step(settings, run_id, name) as recorded:
+                recorded.result = result = step()
+            elapsed = time.perf_counter() - started
+            summary = score.summarise(result) if isinstance(result, list) else result.summary()
+            progress(f"[{number}/{len(plan)}] {name} done in {elapsed:.1f}s: {summary}")
+            steps.append(StepTiming(name, round(elapsed, 3), summary))
+            results[name] = runs.plain(result)
     published = results["publish"]
     return RunResult(
         logical_date=logical_date.isoformat(),
@@ -73,15 +78,8 @@ def run(
         model_id=published["model_id"],
         steps=steps,
         results=results,
+        run_id=run_id,
     )
-
-
-def _plain(result: Any) -> Any:
-    if isinstance(result, list):
-        return [_plain(r) for r in result]
-    if is_dataclass(result) and not isinstance(result, type):
-        return asdict(result)
-    return result
 
 
 @dataclass(frozen=True)
@@ -94,14 +92,20 @@ class Demo:
 DEMO_USERS, DEMO_ITEMS, DEMO_DAYS = 3000, 600, 60
 
 
-def prepare_demo(settings: Settings, progress: Progress = logger.info) -> Demo:
-    """Generate sample data ending yesterday, run the pipeline on it and make an API key."""
+def prepare_demo(settings: Settings, progress: Progress = logger.info, nights: int = 1) -> Demo:
+    """Generate sample data ending yesterday, run the pipeline on it and make an API key.
+
+    With ``nights`` above 1 the nights before yesterday run first, oldest first, so the run history
+    and the monitoring dashboard have a few nights to show.
+    """
     logical_date = datetime.now(UTC).date() - timedelta(days=1)
     source = settings.data_dir / "sample" / logical_date.isoformat()
     if not (source / "interactions.parquet").exists():
         progress(f"generating sample data ({DEMO_USERS:,} users, {DEMO_ITEMS} items, {DEMO_DAYS} days) in {source}")
         data = generate.generate(DEMO_USERS, DEMO_ITEMS, DEMO_DAYS, end_date=logical_date, seed=42)
         generate.write_dataset(data, source)
+    for earlier in range(nights - 1, 0, -1):
+        run(settings, source, logical_date - timedelta(days=earlier), progress=progress)
     result = run(settings, source, logical_date, progress=progress)
     key_file = settings.data_dir / "demo-api-key"
     if not key_file.exists():

@@ -11,6 +11,7 @@ A batch of a date older than the live one (a backfill) is kept ready but not mad
 """
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -19,17 +20,18 @@ from typing import Any
 
 import polars as pl
 import psycopg
+from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 import sql
-from jobs import lake, score
+from jobs import copy_binary, lake, output_stats, score
 from jobs.database import connect, database_url, upgrade
 from jobs.errors import BatchValidationError, MissingDataError
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-COPY_TYPES = ["text", "text[]", "float4[]"]
+COPY_BLOCK_ROWS = 50_000  # rows encoded at a time: bounds the memory of a shard's COPY
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class PublishResult:
     reason: str
     dropped_batches: list[int] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, validate, switch
 
     def summary(self) -> str:
         state = "live" if self.live else f"not live: {self.reason}"
@@ -54,16 +57,30 @@ class SwitchResult:
     previous_batch_id: int | None
 
 
-def _copy_shard(url: str, batch_id: int, path: Path) -> int:
-    frame = pl.read_parquet(path)
+def copy_frame(copy: psycopg.Copy, frame: pl.DataFrame) -> None:
+    """Send (user_id, item_ids, scores) rows as one binary COPY stream, encoded a block at a time."""
+    copy.write(copy_binary.SIGNATURE)
+    for block in frame.iter_slices(COPY_BLOCK_ROWS):
+        try:
+            copy.write(copy_binary.encode_rows(block))
+        except copy_binary.EncodingError as error:
+            raise BatchValidationError(str(error)) from error
+    copy.write(copy_binary.TRAILER)
+
+
+def copy_into(url: str, query: psycopg.sql.Composed, frame: pl.DataFrame) -> None:
+    """COPY ``frame`` on a connection of its own; a writer thread sends one block while the next is encoded."""
     with (
         psycopg.connect(url) as conn,
         conn.cursor() as cur,
-        cur.copy(sql.batch_query("copy_recs", batch_id)) as copy,
+        cur.copy(query, writer=QueuedLibpqWriter(cur)) as copy,
     ):
-        copy.set_types(COPY_TYPES)
-        for row in frame.iter_rows():
-            copy.write_row(row)
+        copy_frame(copy, frame)
+
+
+def _copy_shard(url: str, batch_id: int, path: Path) -> int:
+    frame = pl.read_parquet(path)
+    copy_into(url, sql.batch_query("copy_recs", batch_id), frame)
     return frame.height
 
 
@@ -163,6 +180,16 @@ def apply_retention(conn: psycopg.Connection, settings: Settings, logical_date: 
     return dropped
 
 
+def _apply_shadow_retention(
+    conn: psycopg.Connection, settings: Settings, logical_date: date, batch_id: int
+) -> list[int]:
+    """Shadow batches have their own retention: a newer one of the same date replaces, the newest few are kept."""
+    with conn.transaction():
+        replaced = [r[0] for r in conn.execute(sql.query("same_date_shadow_batches"), (logical_date, batch_id))]
+        expired = [r[0] for r in conn.execute(sql.query("expired_shadow_batches"), (settings.keep_batches,))]
+    return [b for b in dict.fromkeys(replaced + expired) if drop_batch(conn, b)]
+
+
 def clean_orphans(conn: psycopg.Connection) -> list[int]:
     """Batches whose publish died mid-way (killed between COPY and switch): mark failed, drop their table."""
     orphans = [r[0] for r in conn.execute(sql.query("orphan_loading_batches"))]
@@ -187,8 +214,11 @@ def _should_go_live(conn: psycopg.Connection, logical_date: date, make_live: boo
     return True, "newest date"
 
 
-def publish(settings: Settings, logical_date: date, make_live: bool | None = None) -> PublishResult:
-    manifests = score.read_manifests(settings, logical_date)
+def publish(
+    settings: Settings, logical_date: date, make_live: bool | None = None, shadow: bool = False
+) -> PublishResult:
+    """Publish the date's scores; `shadow`: the shadow model's scores, as a batch that is never served."""
+    manifests = score.read_manifests(settings, logical_date, shadow)
     folder = settings.work_dir_for(logical_date)
     users_scored = sum(m.users for m in manifests)
     active_users = pl.scan_parquet(folder / "users.parquet").select(pl.len()).collect().item()
@@ -216,16 +246,28 @@ def publish(settings: Settings, logical_date: date, make_live: bool | None = Non
                 "generated_at": generated_at,
             },
         ).fetchone()[0]  # type: ignore[index]
+        if shadow:
+            conn.execute(sql.query("mark_batch_shadow_kind"), (batch_id,))
         conn.execute(sql.batch_query("create_recs_table", batch_id))
         conn.commit()
         logger.info("publish: batch %d for %s: loading %d shards", batch_id, logical_date, len(manifests))
 
         measured: dict[str, Any] | None = None
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal started
+            now = time.perf_counter()
+            seconds[name] = round(now - started, 3)
+            started = now
+
         try:
             with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
-                files = [score.shard_path(settings, logical_date, m.shard, m.shards) for m in manifests]
+                files = [score.shard_path(settings, logical_date, m.shard, m.shards, shadow) for m in manifests]
                 loaded = sum(pool.map(lambda path: _copy_shard(url, batch_id, path), files))
             logger.info("publish: batch %d: %d rows loaded; building the primary key", batch_id, loaded)
+            lap("load")
             try:
                 with conn.transaction():
                     conn.execute(sql.batch_query("add_recs_primary_key", batch_id))
@@ -234,11 +276,14 @@ def publish(settings: Settings, logical_date: date, make_live: bool | None = Non
                 raise BatchValidationError(
                     f"batch {batch_id}: duplicate user ids across shards ({error.diag.message_detail})"
                 ) from error
+            lap("primary_key")
             measured, problems = validate(conn, batch_id, users_scored, active_users, catalogue, settings)
+            lap("validate")
             if problems:
                 raise BatchValidationError(
                     f"batch {batch_id} for {logical_date} failed validation: {'; '.join(problems)}"
                 )
+            output_stats.check_batch(settings, logical_date, batch_id, model_id)  # monitoring's publish gate
         except Exception as error:
             conn.rollback()
             conn.execute(sql.query("mark_batch_failed"), (Jsonb(measured) if measured else None, str(error), batch_id))
@@ -246,16 +291,29 @@ def publish(settings: Settings, logical_date: date, make_live: bool | None = Non
             drop_batch(conn, batch_id, mark_dropped=False)
             raise
 
+        if shadow:
+            conn.execute(sql.query("mark_shadow_ready"), (Jsonb(measured), batch_id))
+            conn.commit()
+            dropped = _apply_shadow_retention(conn, settings, logical_date, batch_id)
+            return PublishResult(
+                logical_date.isoformat(), batch_id, model_id, users_scored, False, "shadow batch", dropped, measured
+            )
         conn.execute(sql.query("mark_batch_ready"), (Jsonb(measured), batch_id))
         conn.commit()
-        go_live, reason = _should_go_live(conn, logical_date, make_live)
-        conn.commit()
+        # Decide and switch under the live lock: two dates published at once (a backfill with
+        # several active runs) must not both see an older live batch and both go live.
+        with conn.transaction():
+            conn.execute(sql.query("lock_live"))
+            go_live, reason = _should_go_live(conn, logical_date, make_live)
+            if go_live:
+                switched = switch_live(conn, batch_id, "publish")
         if go_live:
-            switched = switch_live(conn, batch_id, "publish")
             logger.info("publish: batch %d is live (was %s)", batch_id, switched.previous_batch_id)
         else:
             logger.info("publish: batch %d is ready but not live: %s", batch_id, reason)
         dropped = apply_retention(conn, settings, logical_date, batch_id)
+        lap("switch")
+    logger.info("publish: batch %d: seconds %s", batch_id, seconds)
     return PublishResult(
         logical_date=logical_date.isoformat(),
         batch_id=batch_id,
@@ -265,6 +323,7 @@ def publish(settings: Settings, logical_date: date, make_live: bool | None = Non
         reason=reason,
         dropped_batches=dropped,
         validation=measured,
+        seconds=seconds,
     )
 
 

@@ -68,7 +68,7 @@ def promote(conn: psycopg.Connection, model: ModelVersion) -> ModelVersion:
         conn.execute(sql.query("lock_registry"))
         current = production_model(conn)
         if current is not None and current.model_id != model.model_id and current.logical_date > model.logical_date:
-            promoted = _with_status(
+            promoted = with_status(
                 model,
                 "retired",
                 f"promoted for {model.logical_date}; production stays {current.model_id} ({current.logical_date})",
@@ -77,12 +77,12 @@ def promote(conn: psycopg.Connection, model: ModelVersion) -> ModelVersion:
             return promoted
         reason = f"replaced by {model.model_id}"
         conn.execute(sql.query("retire_production_model"), (reason, model.model_id))
-        promoted = _with_status(model, "production", model.status_reason)
+        promoted = with_status(model, "production", model.status_reason)
         register(conn, promoted)
         return promoted
 
 
-def _with_status(model: ModelVersion, status: str, reason: str | None) -> ModelVersion:
+def with_status(model: ModelVersion, status: str, reason: str | None) -> ModelVersion:
     return ModelVersion(**{**model.__dict__, "status": status, "status_reason": reason})
 
 
@@ -109,6 +109,24 @@ def model_by_id(conn: psycopg.Connection, model_id: str) -> ModelVersion | None:
 
 def list_models(conn: psycopg.Connection, limit: int = 50) -> list[ModelVersion]:
     return _fetch(conn, "list_models", (limit,))
+
+
+def describe(model: ModelVersion) -> dict[str, Any]:
+    """A registry row as plain values for ``overnight models`` and ``overnight status``."""
+    baselines = model.metrics.get("baselines") or {}
+    best = max(baselines.items(), key=lambda item: item[1].get("ndcg@10", 0.0), default=None)
+    return {
+        "model_id": model.model_id,
+        "logical_date": model.logical_date.isoformat(),
+        "status": model.status,
+        "status_reason": model.status_reason,
+        "created_at": model.created_at.isoformat() if model.created_at else None,
+        "ndcg@10": model.metrics.get("ndcg@10"),
+        "best_baseline": best[0] if best else None,
+        "best_baseline_ndcg@10": best[1].get("ndcg@10") if best else None,
+        "metrics": {k: v for k, v in model.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+        "feature_importance_gain": model.params.get("feature_importance_gain", {}),
+    }
 
 
 def artifact_file(data_dir: Path, model: ModelVersion) -> Path:

@@ -8,6 +8,9 @@ publish reads. Memory is bounded by the shard's users, processed in chunks.
 
 import json
 import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -37,45 +40,79 @@ class ScoreResult:
     candidate_rows: int
     generated_at: str
     path: str
+    seconds: float = 0.0
+    predict_seconds: float = 0.0  # inside LightGBM's predict: the ceiling the rest of scoring is measured against
 
 
-def scores_dir(settings: Settings, logical_date: date) -> Path:
-    return settings.work_dir_for(logical_date) / "scores"
+def scores_dir(settings: Settings, logical_date: date, shadow: bool = False) -> Path:
+    """Where a date's score shards go; a shadow model's go beside them, never mixed in."""
+    return settings.work_dir_for(logical_date) / ("shadow-scores" if shadow else "scores")
 
 
-def shard_path(settings: Settings, logical_date: date, shard: int, shards: int) -> Path:
-    return scores_dir(settings, logical_date) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
+def shard_path(settings: Settings, logical_date: date, shard: int, shards: int, shadow: bool = False) -> Path:
+    return scores_dir(settings, logical_date, shadow) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
 
 
 def ensure_shared_tables(settings: Settings, logical_date: date) -> Path:
     """The shared candidate and feature tables of the date, built now if no earlier step did."""
     folder = settings.work_dir_for(logical_date)
-    if not all((folder / f"{name}.parquet").exists() for name in ("users", "popular", "neighbours")):
+    if not candidates.CandidateTables.exists(folder):
         candidates.prepare(settings, logical_date)
-    if not all((folder / f"{name}.parquet").exists() for name in ("item_features", "item_genres")):
+    if not features.FeatureTables.exists(folder):
         features.prepare(settings, logical_date)
     return folder
 
 
 def shard_users(folder: Path, shards: int, shard: int) -> pl.DataFrame:
+    """(user_id, chunk): the shard's users, numbered into chunks of CHUNK_USERS."""
     return (
         pl.scan_parquet(folder / "users.parquet")
         .with_row_index("position")
         .filter(pl.col("position") % shards == shard)
-        .select("user_id")
+        .select("user_id", chunk=(pl.int_range(pl.len()) // CHUNK_USERS).cast(pl.Int32))
         .collect()
     )
 
 
-def load_ranker(settings: Settings, logical_date: date) -> tuple[registry.ModelVersion, Any]:
-    import lightgbm as lgb
+def shard_events(settings: Settings, logical_date: date, users: pl.DataFrame) -> dict[int, pl.DataFrame]:
+    """The shard's events as of the date, by chunk; the filter runs inside the Parquet scan, so memory
+    follows the shard's events, not the lake's."""
+    events = (
+        lake.scan_interactions(settings.lake_dir, logical_date)
+        .filter(pl.col("user_id").is_in(users["user_id"].implode()))
+        .collect()
+        .join(users, on="user_id")
+    )
+    return {key[0]: part.drop("chunk") for key, part in events.partition_by("chunk", as_dict=True).items()}
 
+
+def ranker_for(settings: Settings, logical_date: date, model_id: str | None = None) -> registry.ModelVersion:
+    """The model scoring the date may use (with `model_id`, that registered model, a shadow, whatever its
+    status), or a clear error saying how to get one."""
     with connect(settings) as conn:
-        model = registry.model_for_date(conn, logical_date)
+        model = (
+            registry.model_for_date(conn, logical_date) if model_id is None else registry.model_by_id(conn, model_id)
+        )
+    if model is None and model_id is not None:
+        raise MissingDataError(f"model {model_id} is not registered; see `overnight models`")
     if model is None:
         raise MissingDataError(
             f"no promoted model trained on or before {logical_date}; run `overnight train --date {logical_date}`"
         )
+    if model.logical_date > logical_date:
+        raise MissingDataError(
+            f"model {model.model_id} was trained for {model.logical_date}, after {logical_date}: "
+            "scoring that date with it would use the future"
+        )
+    return model
+
+
+def load_ranker(
+    settings: Settings, logical_date: date, model_id: str | None = None
+) -> tuple[registry.ModelVersion, Any]:
+    import lightgbm as lgb
+
+    model = ranker_for(settings, logical_date, model_id)
     booster = lgb.Booster(model_file=str(registry.artifact_file(settings.data_dir, model)))
     if list(booster.feature_name()) != list(model.features):
         raise MissingDataError(f"model {model.model_id}: artifact features differ from the registered feature list")
@@ -93,46 +130,61 @@ def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int) -> pl.DataFra
     )
 
 
-def score_shard(settings: Settings, logical_date: date, shards: int, shard: int) -> ScoreResult:
+def candidate_features(settings: Settings, logical_date: date, folder: Path) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """chunk events -> (user_id, item_id, FEATURES...): the seam to the candidate generators and the
+    features, with the date's shared tables read once."""
+    candidate_tables = candidates.CandidateTables.load(folder)
+    feature_tables = features.FeatureTables.load(folder)
+    cutoff = lake.day_end(logical_date)
+
+    def build(events: pl.DataFrame) -> pl.DataFrame:
+        proposed = candidates.generate(events.lazy(), candidate_tables, settings)
+        return features.assemble(proposed, events.lazy(), feature_tables, cutoff, settings)
+
+    return build
+
+
+def score_shard(
+    settings: Settings, logical_date: date, shards: int, shard: int, model_id: str | None = None
+) -> ScoreResult:
+    """Score one shard; with `model_id`, as a shadow: that model, written to the shadow scores folder."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
-    model, booster = load_ranker(settings, logical_date)
+    started = time.perf_counter()
+    shadow = model_id is not None
+    model, booster = load_ranker(settings, logical_date, model_id)
     folder = ensure_shared_tables(settings, logical_date)
     feature_names = list(model.features)
-    cutoff = lake.day_end(logical_date)
     users = shard_users(folder, shards, shard)
-    popular = pl.read_parquet(folder / "popular.parquet")
-    neighbours = pl.read_parquet(folder / "neighbours.parquet")
-    item_features = pl.read_parquet(folder / "item_features.parquet")
-    genres = pl.read_parquet(folder / "item_genres.parquet")
-    events = (
-        lake.scan_interactions(settings.lake_dir, logical_date).join(users.lazy(), on="user_id", how="semi").collect()
-    )
+    build = candidate_features(settings, logical_date, folder)
+    events = shard_events(settings, logical_date, users)
     generated_at = datetime.now(UTC)
     parts: list[pl.DataFrame] = []
     candidate_rows = 0
-    for start in range(0, users.height, CHUNK_USERS):
-        chunk = users.slice(start, CHUNK_USERS)
-        chunk_events = events.lazy().join(chunk.lazy(), on="user_id", how="semi")
-        proposed = candidates.generate(chunk_events, popular, neighbours, settings)
-        frame = features.assemble(proposed, chunk_events, item_features, genres, cutoff, settings)
-        candidate_rows += frame.height
-        if frame.height:
-            predicted = booster.predict(frame.select(feature_names).to_numpy(), num_threads=0)
-            parts.append(rank_top_k(frame, predicted, settings.top_k))
+    predict_seconds = 0.0
+    chunks = math.ceil(users.height / CHUNK_USERS)
+    for chunk in range(chunks):
+        chunk_events = events.pop(chunk, None)
+        if chunk_events is not None:
+            frame = build(chunk_events)
+            del chunk_events
+            candidate_rows += frame.height
+            if frame.height:
+                matrix = frame.select(feature_names).to_numpy()
+                predicting = time.perf_counter()
+                predicted = booster.predict(matrix, num_threads=0)
+                predict_seconds += time.perf_counter() - predicting
+                del matrix
+                parts.append(rank_top_k(frame, predicted, settings.top_k))
         logger.info(
-            "score shard %d/%d: %d of %d users",
-            shard,
-            shards,
-            min(start + CHUNK_USERS, users.height),
-            users.height,
+            "score shard %d/%d: chunk %d of %d, %d candidates so far", shard, shards, chunk + 1, chunks, candidate_rows
         )
     scored = (
         pl.concat(parts)
         if parts
         else pl.DataFrame(schema={"user_id": pl.String, "item_ids": pl.List(pl.String), "scores": pl.List(pl.Float32)})
     )
-    path = shard_path(settings, logical_date, shard, shards)
+    path = shard_path(settings, logical_date, shard, shards, shadow)
     lake.write_parquet_atomically(scored, path)
     result = ScoreResult(
         logical_date=logical_date.isoformat(),
@@ -144,6 +196,8 @@ def score_shard(settings: Settings, logical_date: date, shards: int, shard: int)
         candidate_rows=candidate_rows,
         generated_at=generated_at.isoformat(),
         path=str(path),
+        seconds=round(time.perf_counter() - started, 3),
+        predict_seconds=round(predict_seconds, 3),
     )
     path.with_suffix(".json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
@@ -156,19 +210,32 @@ def summarise(results: list[ScoreResult]) -> str:
 
 
 def score(
-    settings: Settings, logical_date: date, shards: int | None = None, shard: int | None = None
+    settings: Settings,
+    logical_date: date,
+    shards: int | None = None,
+    shard: int | None = None,
+    model_id: str | None = None,
 ) -> list[ScoreResult]:
-    """Score one shard, or all of them one after another when ``shard`` is None."""
-    shards = shards or settings.score_shards
+    """Score one shard, or all of them one after another when ``shard`` is None (`model_id`: a shadow)."""
+    ranker_for(settings, logical_date, model_id)  # before planning: without a model, that is what to say
     if shard is not None:
-        return [score_shard(settings, logical_date, shards, shard)]
-    return [score_shard(settings, logical_date, shards, i) for i in plan_shards(settings, logical_date, shards)]
+        return [score_shard(settings, logical_date, shards or shard_count(settings, logical_date), shard, model_id)]
+    planned = plan_shards(settings, logical_date, shards, shadow=model_id is not None)
+    return [score_shard(settings, logical_date, len(planned), i, model_id) for i in planned]
 
 
-def plan_shards(settings: Settings, logical_date: date, shards: int) -> list[int]:
-    """The shard numbers to score; shard files of an earlier run with another count are removed,
-    since publishing them with this run's would mix two runs."""
-    folder = scores_dir(settings, logical_date)
+def shard_count(settings: Settings, logical_date: date) -> int:
+    """At least ``score_shards``, and enough that no shard has more than ``shard_users`` users."""
+    folder = ensure_shared_tables(settings, logical_date)
+    users = pl.scan_parquet(folder / "users.parquet").select(pl.len()).collect().item()
+    return max(settings.score_shards, math.ceil(users / settings.shard_users))
+
+
+def plan_shards(settings: Settings, logical_date: date, shards: int | None = None, shadow: bool = False) -> list[int]:
+    """The shard numbers to score (``shards`` of them, or ``shard_count``); shard files of an earlier run
+    with another count are removed, since publishing them with this run's would mix two runs."""
+    shards = shards or shard_count(settings, logical_date)
+    folder = scores_dir(settings, logical_date, shadow)
     if folder.is_dir():
         for stale in folder.glob("shard-*"):
             if not stale.name.split(".")[0].endswith(f"-of-{shards:05d}"):
@@ -176,9 +243,9 @@ def plan_shards(settings: Settings, logical_date: date, shards: int) -> list[int
     return list(range(shards))
 
 
-def read_manifests(settings: Settings, logical_date: date) -> list[ScoreResult]:
+def read_manifests(settings: Settings, logical_date: date, shadow: bool = False) -> list[ScoreResult]:
     """The manifests of one complete set of shards for the date, or a clear error naming what is missing."""
-    folder = scores_dir(settings, logical_date)
+    folder = scores_dir(settings, logical_date, shadow)
     manifests = [ScoreResult(**json.loads(p.read_text())) for p in sorted(folder.glob("shard-*.json"))]
     if not manifests:
         raise MissingDataError(f"no scores for {logical_date} in {folder}; run `overnight score --date {logical_date}`")

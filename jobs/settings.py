@@ -31,10 +31,42 @@ class Settings(BaseSettings):
     covisit_history: int = Field(default=20, gt=0, description="Latest items per user used for co-visitation.")
     covisit_neighbours: int = Field(default=30, gt=0, description="Neighbours kept per item.")
     covisit_candidates: int = Field(default=100, gt=0)
+    covisit_half_life_days: float = Field(
+        default=60.0, gt=0.0, description="Days over which a co-visit loses half its weight."
+    )
+    similarity_history: int = Field(default=100, gt=0, description="Latest items per user used for item similarity.")
+    similarity_neighbours: int = Field(default=50, gt=0, description="Most similar items kept per item.")
+    similarity_min_support: int = Field(default=2, gt=0, description="Users two items must share to be similar.")
+    knn_candidates: int = Field(default=100, gt=0)
+    max_candidates: int = Field(default=200, gt=0, description="Candidates ranked per user, all sources together.")
+    genre_candidates: int = Field(default=50, gt=0, description="Candidates per user from their favourite genres.")
+    covisit_max_users: int = Field(
+        default=100_000,
+        gt=0,
+        description="Co-visitation is counted over the histories of at most this many users, the most recently "
+        "active: its cost grows with users, its statistics settle long before.",
+    )
+    similarity_max_users: int = Field(
+        default=20_000,
+        gt=0,
+        description="Item similarity is counted over at most this many of the most recently active users: "
+        "it pairs up to similarity_history items per user, so its memory grows with users x history squared.",
+    )
 
     # training
     label_days: int = Field(default=14, gt=0, description="Label window before the logical date.")
     retrain_days: int = Field(default=1, gt=0, description="Retrain when the newest model is this old.")
+    label_windows: int = Field(default=3, gt=0, description="Rolling label windows to train on, history permitting.")
+    early_stopping_rounds: int = Field(default=30, gt=0)
+    train_max_users: int = Field(default=200_000, gt=0, description="Users sampled per label window to train on.")
+    promotion_margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="A new model must beat production and the best baseline on NDCG@10 by this relative margin.",
+    )
+    promotion_min_user_coverage: float = Field(
+        default=0.95, ge=0.0, le=1.0, description="Share of evaluated users that must get a full top-10 list."
+    )
     num_boost_round: int = Field(default=200, gt=0)
     learning_rate: float = Field(default=0.05, gt=0.0)
     num_leaves: int = Field(default=31, gt=1)
@@ -44,7 +76,12 @@ class Settings(BaseSettings):
     # scoring and publishing
     top_k: int = Field(default=50, gt=0, description="Items published per user.")
     exclude_seen: bool = True
-    score_shards: int = Field(default=2, gt=0)
+    score_shards: int = Field(default=2, gt=0, description="Fewest score shards.")
+    shard_users: int = Field(
+        default=100_000,
+        gt=0,
+        description="Most users per score shard: more users make more shards, so a shard's memory stays the same.",
+    )
     keep_batches: int = Field(default=3, ge=2, description="Batches kept for instant rollback.")
     publish_workers: int = Field(default=2, gt=0, description="Parallel COPY connections.")
 
@@ -55,6 +92,42 @@ class Settings(BaseSettings):
     alert_webhook_url: str | None = Field(default=None, description="Generic JSON POST for alerts.")
     max_age_hours: float = Field(default=26.0, gt=0.0)
     min_coverage: float = Field(default=0.95, ge=0.0, le=1.0)
+    airflow_admin_password: str | None = Field(
+        default=None, description="Admin password of `overnight airflow` (default: generated once, then kept)."
+    )
+
+    # monitoring (jobs/monitor.py has the default thresholds and what each statistic means)
+    monitor_thresholds: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict,
+        description='Overrides of the warn/fail thresholds, as JSON: {"feature_psi": {"warn": 0.1, "fail": 0.5}}; '
+        "null turns a level off.",
+    )
+    drift_retrain_psi: float | None = Field(
+        default=0.25, gt=0.0, description="A feature PSI at or above this marks the model due for retraining."
+    )
+    drift_sample_users: int = Field(default=2000, gt=0, description="Users whose scoring features drift compares.")
+    drift_reference_rows: int = Field(default=20_000, gt=0, description="Training rows kept as the drift reference.")
+    dashboard_url: str | None = Field(default=None, description="Base URL of /dashboard, linked from alerts.")
+    alert_max_per_run: int = Field(
+        default=5, gt=0, description="Alerts sent per night at most; the rest are summed up."
+    )
+
+    # rollouts and the online loop
+    shadow_model: str | None = Field(
+        default=None, description="Registered model the nightly DAG also scores into a shadow batch (never served)."
+    )
+    ingest_feedback: bool = Field(
+        default=False,
+        description="Ingest also reads overnight.feedback_events (POST /v1/events) as interactions.",
+    )
+    feedback_weights: dict[str, float] = Field(
+        default={"click": 1.0, "conversion": 3.0},
+        description="Interaction weight per feedback type; a type not listed (impressions by default) is not ingested.",
+    )
+    feedback_late_days: int = Field(
+        default=2, ge=0, description="Ingest of D also re-reads feedback of the days before D that arrived late."
+    )
+    online_keep_days: int = Field(default=90, gt=0, description="Days of served predictions and feedback kept.")
 
     @property
     def lake_dir(self) -> Path:

@@ -1,15 +1,24 @@
-"""Train the LightGBM LambdaRank ranker point in time and register it.
+"""Train the LightGBM LambdaRank ranker point in time, evaluate it, and register it through the promotion gate.
 
-For logical date D with a label window of L days: the cutoff is C = end of D minus L days.
-Candidates and features come only from events before C; labels are the items each user
-interacted with in [C, end of D) that they had not seen before C. A fifth of the labelled
-users is held out: the registry records the ranker's metrics on them, beside the baselines'.
+A *label window* is a cutoff, the events before it (all that candidates and features may see) and
+the relevant items of each user after it. The nightly run for date D with label window L days
+uses rolling windows: labels in [end of D - L, end of D), then the L days before that, and so on
+(``label_windows``, as far as the history allows). The same code builds the windows of the
+evaluation protocols (``jobs.evaluate``), so training, evaluation and scoring share one way to
+generate candidates and features.
+
+Users are split by a stable hash of their id: a fifth is held out from training for good. The
+newest window's held-out users are where the new model, the production model and every baseline
+are compared: the promotion gate. Early stopping watches the newest window (a temporal validation
+slice) while training on the older ones; the model is then refit on every window with the number
+of rounds found.
 """
 
 import json
 import logging
 import os
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -17,48 +26,173 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import psycopg
 
-from jobs import candidates, features, lake, registry
+from jobs import candidates, drift, features, lake, registry
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
-from jobs.metrics import candidate_recall, ranking_metrics
+from jobs.metrics import K, candidate_recall, ranking_metrics
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+KEY = candidates.KEY
+BUCKETS = 1000
 HOLDOUT_SHARE = 0.2
-KEY = ["user_id", "item_id"]
+VALIDATION_SHARE = 0.1  # of the training users, when the history has a single label window
+# model names in evaluations: each candidate source on its own is a baseline
+SOURCE_BASELINES = {
+    "popular": "recent-popular",
+    "covisit": "co-visitation",
+    "knn": "item-knn",
+    "genre": "genre-popular",
+}
+MOST_POPULAR = "most-popular"
+RANKER = "ranker"
+PRODUCTION = "production"
+SMALL_DATA_ROWS = 500_000
+
+
+@dataclass(frozen=True)
+class LabelWindow:
+    name: str
+    cutoff: datetime  # candidates and features see only what happened before it
+    history: pl.LazyFrame  # the events before the cutoff
+    relevant: pl.DataFrame  # user_id, item_id: new items of users with history, after the cutoff
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Candidates with features and labels for the labelled users of one window."""
+
+    window: LabelWindow
+    frame: pl.DataFrame  # user_id, item_id, FEATURES..., label
+    relevant: pl.DataFrame  # user_id, item_id
+    catalogue_size: int
+
+
+@dataclass(frozen=True)
+class Fitted:
+    booster: Any
+    rounds: int
+    importance: dict[str, float]
+    training: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class TrainResult:
     logical_date: str
     trained: bool
-    model_id: str
+    model_id: str  # the model trained now, or the one kept when nothing was trained
     status: str
     reason: str
+    scoring_model_id: str | None = None  # what scores the date after this step
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def promoted(self) -> bool:
+        return self.trained and self.status in ("production", "retired")
 
     def summary(self) -> str:
         if not self.trained:
             return f"kept {self.model_id}: {self.reason}"
-        return f"{self.model_id} ({self.status}), ndcg@10 {self.metrics['ndcg@10']:.4f}"
+        ndcg = f"ndcg@10 {self.metrics['ndcg@10']:.4f}"
+        if not self.promoted:
+            return f"{self.model_id} {ndcg}: {self.reason}; scoring with {self.scoring_model_id or 'no model'}"
+        return f"{self.model_id} ({self.status}), {ndcg}"
 
 
-@dataclass(frozen=True)
-class Examples:
-    """Candidates with features and labels for the users labelled in the window."""
+# ---------------------------------------------------------------- label windows
 
-    frame: pl.DataFrame  # user_id, item_id, FEATURES..., label
-    relevant: pl.DataFrame  # user_id, item_id: everything each labelled user interacted with in the window
-    catalogue_size: int
+
+def new_items(history: pl.LazyFrame, later: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
+    """(user_id, item_id) of ``later`` for users with ``history``; without what they saw when ``exclude_seen``."""
+    relevant = later.select(KEY).unique().join(history.select("user_id").unique(), on="user_id", how="semi")
+    if settings.exclude_seen:
+        relevant = relevant.join(history.select(KEY).unique(), on=KEY, how="anti")
+    return relevant.sort(KEY).collect()
+
+
+def time_window(events: pl.LazyFrame, cutoff: datetime, end: datetime, settings: Settings) -> LabelWindow:
+    """History before ``cutoff``; relevant: what users with history touched in [cutoff, end)."""
+    history = events.filter(pl.col("timestamp") < cutoff)
+    later = events.filter((pl.col("timestamp") >= cutoff) & (pl.col("timestamp") < end))
+    return LabelWindow(
+        name=f"[{cutoff:%Y-%m-%d}, {end:%Y-%m-%d})",
+        cutoff=cutoff,
+        history=history,
+        relevant=new_items(history, later, settings),
+    )
+
+
+def rolling_windows(events: pl.LazyFrame, end: datetime, settings: Settings) -> list[LabelWindow]:
+    """Up to ``label_windows`` consecutive windows of ``label_days`` ending at ``end``, newest first;
+    a window without history before it or without labels ends the list."""
+    windows = []
+    for number in range(settings.label_windows):
+        window_end = end - timedelta(days=settings.label_days * number)
+        window = time_window(events, window_end - timedelta(days=settings.label_days), window_end, settings)
+        if window.relevant.height == 0:
+            break
+        windows.append(window)
+    return windows
+
+
+def user_buckets(users: pl.Series, seed: int) -> pl.Series:
+    """A stable bucket in [0, BUCKETS) per user id: the same user lands in the same bucket every night."""
+    return users.map_elements(
+        lambda user: zlib.crc32(f"{seed}:{user}".encode()) % BUCKETS, return_dtype=pl.Int32, skip_nulls=True
+    )
+
+
+def held_out_users(users: pl.Series, seed: int) -> pl.Series:
+    """The users never trained on: the promotion gate compares models on them."""
+    unique = users.unique().sort()
+    return unique.filter(user_buckets(unique, seed) < int(BUCKETS * HOLDOUT_SHARE))
+
+
+# ---------------------------------------------------------------- examples
+
+
+def build_examples(
+    window: LabelWindow, catalogue: pl.DataFrame, settings: Settings, users: pl.Series | None = None
+) -> Examples:
+    """Candidates and features of the window's labelled users (or of ``users`` among them), with labels.
+
+    The same candidate and feature code as scoring: item tables from the history, then one call
+    of ``candidates.generate`` and ``features.assemble`` over the users' histories.
+    """
+    relevant = window.relevant
+    if users is not None:
+        relevant = relevant.filter(pl.col("user_id").is_in(users.implode()))
+    tables = candidates.build_tables(window.history, catalogue, window.cutoff, settings)
+    feature_tables = features.build_tables(window.history, catalogue, window.cutoff)
+    labelled = relevant.select("user_id").unique()
+    user_history = window.history.join(labelled.lazy(), on="user_id", how="semi")
+    proposed = candidates.generate(user_history, tables, settings)
+    frame = features.assemble(proposed, user_history, feature_tables, window.cutoff, settings)
+    frame = frame.join(relevant.with_columns(label=pl.lit(1, pl.Int8)), on=KEY, how="left").with_columns(
+        pl.col("label").fill_null(0)
+    )
+    return Examples(window=window, frame=frame, relevant=relevant, catalogue_size=catalogue.height)
+
+
+def sample_users(users: pl.Series, limit: int, seed: int) -> pl.Series:
+    """At most about ``limit`` of ``users``, the same ones for the same seed."""
+    unique = users.unique().sort()
+    if unique.len() <= limit:
+        return unique
+    return unique.filter(user_buckets(unique, seed + 1) < max(1, BUCKETS * limit // unique.len()))
+
+
+# ---------------------------------------------------------------- fitting
 
 
 def lightgbm_params(settings: Settings) -> dict[str, Any]:
     return {
         "objective": "lambdarank",
         "metric": "ndcg",
-        "eval_at": [10],
+        "eval_at": [K],
         "learning_rate": settings.learning_rate,
         "num_leaves": settings.num_leaves,
         "min_data_in_leaf": settings.min_data_in_leaf,
@@ -74,143 +208,258 @@ def lightgbm_params(settings: Settings) -> dict[str, Any]:
     }
 
 
-def build_examples(settings: Settings, logical_date: date, cutoff: datetime) -> Examples:
-    events = lake.scan_interactions(settings.lake_dir, logical_date)
-    # Item attributes (genres, availability) are taken as known on D; candidates and every
-    # count still come from events before the cutoff only.
-    catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
-    history = events.filter(pl.col("timestamp") < cutoff)
-    seen = history.select(KEY).unique()
-    relevant = (
-        events.filter(pl.col("timestamp") >= cutoff)
-        .select(KEY)
-        .unique()
-        .join(history.select("user_id").unique(), on="user_id", how="semi")
-    )
-    if settings.exclude_seen:
-        relevant = relevant.join(seen, on=KEY, how="anti")
-    relevant_frame = relevant.sort(KEY).collect()
-    if relevant_frame.height == 0:
-        raise MissingDataError(
-            f"cannot train for {logical_date}: no user with history before {cutoff:%Y-%m-%d} interacted "
-            f"with a new item in the {settings.label_days}-day label window; ingest more history "
-            "or shorten OVERNIGHT_LABEL_DAYS"
+def threads_for(rows: int) -> int:
+    """One thread for small data: OpenMP threads that wait on each other cost more than they bring,
+    many times more on a busy machine; all cores (0) from SMALL_DATA_ROWS on."""
+    return 1 if rows < SMALL_DATA_ROWS else 0
+
+
+def _dataset(frames: list[pl.DataFrame], reference: Any = None) -> Any:
+    import lightgbm as lgb
+
+    # a user's rows are one query group per window; users who got no relevant candidate teach nothing
+    useful = [f.filter(pl.col("label").max().over("user_id") > 0).sort(KEY) for f in frames]
+    frame = pl.concat(useful) if useful else pl.DataFrame()
+    groups = np.concatenate([f.group_by("user_id", maintain_order=True).len()["len"].to_numpy() for f in useful])
+    return lgb.Dataset(
+        frame.select(features.FEATURES).to_numpy(),
+        label=frame["label"].to_numpy(),
+        group=groups,
+        feature_name=list(features.FEATURES),
+        reference=reference,
+        free_raw_data=True,
+    ), frame
+
+
+def fit(training: list[Examples], settings: Settings) -> Fitted:
+    """Early-stop on the newest window (or, with a single window, on a tenth of its users), then
+    refit on every window with the best number of rounds."""
+    import lightgbm as lgb
+
+    frames = [e.frame for e in training]
+    if len(frames) >= 2:
+        fit_frames, valid_frames = frames[1:], frames[:1]
+    else:
+        users = frames[0]["user_id"].unique().sort()
+        valid_users = users.filter(user_buckets(users, settings.seed + 2) < int(BUCKETS * VALIDATION_SHARE)).implode()
+        fit_frames = [frames[0].filter(~pl.col("user_id").is_in(valid_users))]
+        valid_frames = [frames[0].filter(pl.col("user_id").is_in(valid_users))]
+    params = {**lightgbm_params(settings), "num_threads": threads_for(sum(f.height for f in frames))}
+    train_set, _ = _dataset(fit_frames)
+    if train_set.get_label() is None or len(train_set.get_label()) == 0:
+        raise MissingDataError("no candidate of any training user was relevant in the label windows")
+    valid_set, valid_frame = _dataset(valid_frames, reference=train_set)
+    rounds = settings.num_boost_round
+    if valid_frame.height:
+        probe = lgb.train(
+            params,
+            train_set,
+            num_boost_round=settings.num_boost_round,
+            valid_sets=[valid_set],
+            callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
         )
-    popular = candidates.build_popular(history, catalogue, cutoff, settings)
-    neighbours = candidates.build_neighbours(history, settings)
-    item_features = features.build_item_features(history, cutoff)
-    genres = features.item_genres(catalogue)
-    user_history = history.join(relevant_frame.lazy().select("user_id").unique(), on="user_id", how="semi")
-    proposed = candidates.generate(user_history, popular, neighbours, settings)
-    frame = features.assemble(proposed, user_history, item_features, genres, cutoff, settings)
-    frame = frame.join(relevant_frame.with_columns(label=pl.lit(1, pl.Int8)), on=KEY, how="left").with_columns(
-        pl.col("label").fill_null(0)
+        rounds = max(1, probe.best_iteration or settings.num_boost_round)
+    full_set, full_frame = _dataset(frames)
+    booster = lgb.train(params, full_set, num_boost_round=rounds)
+    importance = dict(
+        zip(features.FEATURES, (round(float(g), 3) for g in booster.feature_importance("gain")), strict=True)
     )
-    return Examples(frame=frame, relevant=relevant_frame, catalogue_size=catalogue.height)
+    return Fitted(
+        booster=booster,
+        rounds=rounds,
+        importance=importance,
+        training={
+            "windows": [e.window.name for e in training],
+            "rows": full_frame.height,
+            "users": full_frame.select("user_id").n_unique(),
+            "positives": int(full_frame["label"].sum()),
+            "rounds": rounds,
+            "threads": params["num_threads"],
+            "early_stopping_on": "newest window" if len(frames) >= 2 else "a tenth of the users",
+        },
+    )
 
 
-def split_users(users: pl.Series, seed: int) -> tuple[pl.Series, pl.Series]:
-    """(training users, held-out users), a deterministic function of the user ids and the seed."""
-    ordered = users.unique().sort()
-    held_out = np.random.default_rng(seed).random(ordered.len()) < HOLDOUT_SHARE
-    if ordered.len() >= 2:
-        held_out[0], held_out[-1] = True, False  # both sides non-empty
-    return ordered.filter(~held_out), ordered.filter(held_out)
+# ---------------------------------------------------------------- evaluation
 
 
 def top_k(frame: pl.DataFrame, score: pl.Expr, k: int, descending: bool = True) -> pl.DataFrame:
-    """(user_id, item_id, rank) of each user's k best rows by ``score``."""
+    """(user_id, item_id, rank) of each user's k best rows by ``score``; ties go by item id."""
     return (
         frame.with_columns(_score=score)
         .drop_nulls("_score")
-        .with_columns(rank=pl.col("_score").rank("ordinal", descending=descending).over("user_id"))
+        .sort(["user_id", "_score", "item_id"], descending=[False, descending, False])
+        .with_columns(rank=pl.int_range(1, pl.len() + 1).over("user_id"))
         .filter(pl.col("rank") <= k)
         .select("user_id", "item_id", "rank")
     )
 
 
-def fit(train_frame: pl.DataFrame, settings: Settings) -> Any:
-    import lightgbm as lgb
+def predict(booster: Any, frame: pl.DataFrame, feature_names: list[str]) -> np.ndarray:
+    threads = threads_for(frame.height)
+    return np.asarray(booster.predict(frame.select(feature_names).to_numpy(), num_threads=threads), dtype=np.float64)
 
-    groups = train_frame.group_by("user_id", maintain_order=True).len()["len"].to_numpy()
-    dataset = lgb.Dataset(
-        train_frame.select(features.FEATURES).to_numpy(),
-        label=train_frame["label"].to_numpy(),
-        group=groups,
-        feature_name=list(features.FEATURES),
-        free_raw_data=True,
+
+def most_popular(history: pl.LazyFrame, users: pl.DataFrame, limit: int, settings: Settings) -> pl.DataFrame:
+    """(user_id, item_id, popularity): the all-time most interacted-with items, less what each user saw."""
+    seen = history.select(KEY).unique().join(users.lazy(), on="user_id", how="semi").collect()
+    longest = seen.group_by("user_id").len()["len"].max() if settings.exclude_seen and seen.height else 0
+    assert isinstance(longest, int | None)
+    top = (
+        history.group_by("item_id")
+        .agg(popularity=pl.len())
+        .sort(["popularity", "item_id"], descending=[True, False])
+        .head(limit + int(longest or 0))
+        .collect()
     )
-    return lgb.train(lightgbm_params(settings), dataset, num_boost_round=settings.num_boost_round)
+    proposed = users.join(top, how="cross")
+    if settings.exclude_seen:
+        proposed = proposed.join(seen, on=KEY, how="anti")
+    return proposed
 
 
-def evaluate_holdout(booster: Any, examples: Examples, held_out: pl.Series, settings: Settings) -> dict[str, Any]:
-    frame = examples.frame.filter(pl.col("user_id").is_in(held_out.implode()))
-    relevant = examples.relevant.filter(pl.col("user_id").is_in(held_out.implode()))
-    predicted = booster.predict(frame.select(features.FEATURES).to_numpy())
-    if not np.isfinite(predicted).all():
-        raise MissingDataError("the trained ranker produced non-finite scores on held-out users")
-    frame = frame.with_columns(ranker_score=pl.Series(predicted, dtype=pl.Float64))
-    size = examples.catalogue_size
-    results = {
-        "ranker": ranking_metrics(top_k(frame, pl.col("ranker_score"), 10), relevant, size),
-        "baselines": {
-            "recent_popular": ranking_metrics(
-                top_k(
-                    frame.filter(pl.col("popular_rank") <= settings.popular_candidates),
-                    pl.col("popular_rank"),
-                    10,
-                    descending=False,
-                ),
-                relevant,
-                size,
-            ),
-            "covisit": ranking_metrics(
-                top_k(frame.filter(pl.col("covisit_hits") > 0), pl.col("covisit_score"), 10), relevant, size
-            ),
-        },
-        "candidate_recall": candidate_recall(frame, relevant),
+def evaluate_models(
+    examples: Examples, rankers: dict[str, tuple[Any, list[str]]], settings: Settings
+) -> dict[str, Any]:
+    """Metrics@10 of each ranker and of every baseline on the same users.
+
+    Per model: ndcg@10, recall@10, map@10, hit_rate@10, coverage@10, users, candidate_recall (the share
+    of relevant items among everything the model could have ranked: the ceiling of its recall) and,
+    for rankers, full_lists (the share of users who got 10 items) and finite_scores.
+    """
+    frame, relevant, size = examples.frame, examples.relevant, examples.catalogue_size
+    results: dict[str, Any] = {}
+    union_recall = candidate_recall(frame, relevant)
+    users = relevant.select("user_id").unique()
+    for name, (booster, feature_names) in rankers.items():
+        scores = predict(booster, frame, feature_names)
+        listed = top_k(frame.with_columns(_ranker=pl.Series(scores)), pl.col("_ranker"), K)
+        full = listed.group_by("user_id").len().filter(pl.col("len") >= K).height
+        results[name] = {
+            **ranking_metrics(listed, relevant, size),
+            "candidate_recall": union_recall,
+            "full_lists": round(full / users.height, 6) if users.height else 0.0,
+            "finite_scores": bool(np.isfinite(scores).all()),
+        }
+    for source, name in SOURCE_BASELINES.items():
+        score, rank = candidates.SOURCES[source]
+        proposed = frame.filter(pl.col(score) > 0) if source != "popular" else frame
+        proposed = proposed.filter(pl.col(rank) <= candidates.source_limits(settings)[source])
+        results[name] = {
+            **ranking_metrics(top_k(proposed, pl.col(rank), K, descending=False), relevant, size),
+            "candidate_recall": candidate_recall(proposed, relevant),
+        }
+    popular = most_popular(examples.window.history, users, settings.popular_candidates, settings)
+    popular_top = top_k(popular, pl.col("popularity"), settings.popular_candidates)
+    results[MOST_POPULAR] = {
+        **ranking_metrics(popular_top, relevant, size),
+        "candidate_recall": candidate_recall(popular_top, relevant),
     }
     return results
 
 
-def train(settings: Settings, logical_date: date) -> TrainResult:
-    """Train, evaluate on held-out users, save the artifact and register (and promote) the model."""
+def baselines_of(results: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in results.items() if name not in (RANKER, PRODUCTION)}
+
+
+# ---------------------------------------------------------------- promotion gate
+
+
+def promotion_gate(results: dict[str, Any], settings: Settings) -> str | None:
+    """Why the new ranker must not become production, or None when it may.
+
+    It must have finite scores, give a full list to enough users, and beat on NDCG@10 both the best
+    baseline and the production model (when that could be evaluated on the same users) by the margin.
+    """
+    new = results[RANKER]
+    if not new["finite_scores"]:
+        return "the ranker produced non-finite scores"
+    if new["full_lists"] < settings.promotion_min_user_coverage:
+        return (
+            f"only {new['full_lists']:.1%} of evaluated users got {K} items "
+            f"(minimum {settings.promotion_min_user_coverage:.0%})"
+        )
+    factor = 1.0 + settings.promotion_margin
+    best_name, best = max(baselines_of(results).items(), key=lambda item: item[1]["ndcg@10"])
+    if new["ndcg@10"] < best["ndcg@10"] * factor or new["ndcg@10"] == 0.0:
+        return (
+            f"ndcg@10 {new['ndcg@10']:.4f} does not beat {best_name} ({best['ndcg@10']:.4f}) "
+            f"by {settings.promotion_margin:.1%}"
+        )
+    production = results.get(PRODUCTION)
+    if production is not None and new["ndcg@10"] < production["ndcg@10"] * factor:
+        return (
+            f"ndcg@10 {new['ndcg@10']:.4f} does not beat the production model "
+            f"({production['ndcg@10']:.4f}) by {settings.promotion_margin:.1%}"
+        )
+    return None
+
+
+# ---------------------------------------------------------------- the nightly step
+
+
+def _load_booster(settings: Settings, model: registry.ModelVersion) -> Any | None:
+    """The production model's booster when it can rank today's features, else None."""
     import lightgbm as lgb
 
-    cutoff = lake.day_end(logical_date) - timedelta(days=settings.label_days)
-    examples = build_examples(settings, logical_date, cutoff)
-    train_users, held_out = split_users(examples.relevant["user_id"], settings.seed)
-    train_frame = examples.frame.filter(pl.col("user_id").is_in(train_users.implode()))
-    # Users whose candidates contain none of their label items teach a ranker nothing.
-    train_frame = train_frame.filter(pl.col("label").max().over("user_id") > 0)
-    if train_frame.height == 0:
+    if not set(model.features) <= set(features.FEATURES):
+        return None
+    try:
+        return lgb.Booster(model_file=str(registry.artifact_file(settings.data_dir, model)))
+    except MissingDataError as error:
+        logger.warning("train: cannot compare with %s: %s", model.model_id, error)
+        return None
+
+
+def train(settings: Settings, logical_date: date) -> TrainResult:
+    """Train on rolling label windows, evaluate on held-out users, register, and promote through the gate."""
+    import lightgbm as lgb
+
+    end = lake.day_end(logical_date)
+    events = lake.scan_interactions(settings.lake_dir, logical_date)
+    # Item attributes (genres, availability) are taken as known on D; candidates and every
+    # count still come from events before each window's cutoff only.
+    catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
+    windows = rolling_windows(events, end, settings)
+    if not windows:
+        first_cutoff = end - timedelta(days=settings.label_days)
         raise MissingDataError(
-            f"cannot train for {logical_date}: no candidate of any training user was relevant in the label window"
+            f"cannot train for {logical_date}: no user with history before {first_cutoff:%Y-%m-%d} "
+            f"interacted with a new item in the {settings.label_days}-day label window; ingest more history "
+            "or shorten OVERNIGHT_LABEL_DAYS"
         )
-    logger.info(
-        "train: %d rows, %d users, %d positives; %d held-out users",
-        train_frame.height,
-        train_frame["user_id"].n_unique(),
-        int(train_frame["label"].sum()),
-        held_out.len(),
-    )
-    booster = fit(train_frame, settings)
-    evaluation = evaluate_holdout(booster, examples, held_out, settings)
+    held_out = held_out_users(windows[0].relevant["user_id"], settings.seed)
+    training = []
+    for window in windows:
+        users = window.relevant["user_id"].unique()
+        users = sample_users(users.filter(~users.is_in(held_out.implode())), settings.train_max_users, settings.seed)
+        training.append(build_examples(window, catalogue, settings, users))
+    fitted = fit(training, settings)
+    evaluation = build_examples(windows[0], catalogue, settings, held_out)
+    rankers = {RANKER: (fitted.booster, list(features.FEATURES))}
+    with connect(settings) as conn:
+        upgrade(conn)
+        current = registry.model_for_date(conn, logical_date)
+    current_booster = _load_booster(settings, current) if current else None
+    if current is not None and current_booster is not None:
+        rankers[PRODUCTION] = (current_booster, list(current.features))
+    results = evaluate_models(evaluation, rankers, settings)
+    cutoff = windows[0].cutoff
     metrics: dict[str, Any] = {
         "protocol": "global",
         "cutoff": cutoff.isoformat(),
         "horizon_days": settings.label_days,
-        **{name: value for name, value in evaluation["ranker"].items()},
-        "baselines": evaluation["baselines"],
-        "candidate_recall": evaluation["candidate_recall"],
-        "training": {
-            "rows": train_frame.height,
-            "users": train_frame["user_id"].n_unique(),
-            "positives": int(train_frame["label"].sum()),
-        },
+        **{k: v for k, v in results[RANKER].items() if k not in ("finite_scores",)},
+        "baselines": baselines_of(results),
+        "production": {"model_id": current.model_id, **results[PRODUCTION]}
+        if current is not None and PRODUCTION in results
+        else None,
+        "training": fitted.training,
     }
-    importance = dict(zip(features.FEATURES, booster.feature_importance("gain").tolist(), strict=True))
-    model_id, artifact = _save_artifact(booster, settings, logical_date)
+    rejection = promotion_gate(results, settings)
+    metrics["gate"] = {"passed": rejection is None, "reason": rejection, "margin": settings.promotion_margin}
+    model_id, artifact = _save_artifact(fitted.booster, settings, logical_date)
+    drift.save_reference(settings, artifact.parent, logical_date)
     model = registry.ModelVersion(
         model_id=model_id,
         logical_date=logical_date,
@@ -219,13 +468,14 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
         data_window={
             "features_before": cutoff.isoformat(),
             "label_start": cutoff.isoformat(),
-            "label_end": lake.day_end(logical_date).isoformat(),
+            "label_end": end.isoformat(),
+            "label_windows": [w.name for w in windows],
         },
         params={
             **lightgbm_params(settings),
-            "num_boost_round": settings.num_boost_round,
+            "num_boost_round": fitted.rounds,
             "lightgbm_version": lgb.__version__,
-            "feature_importance_gain": importance,
+            "feature_importance_gain": fitted.importance,
         },
         features=list(features.FEATURES),
         metrics=metrics,
@@ -233,22 +483,39 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
         artifact_sha256=registry.file_sha256(artifact),
     )
     with connect(settings) as conn:
-        upgrade(conn)
+        if rejection is not None and current is None:
+            # nothing to keep: a night without any model could not score at all
+            logger.warning("train: gate failed (%s), but there is no model to keep; promoting %s", rejection, model_id)
+            model = registry.with_status(model, "candidate", f"promoted without a model to keep; gate: {rejection}")
+        elif rejection is not None and current is not None and current.model_id != model_id:
+            registry.register(conn, registry.with_status(model, "rejected", f"promotion skipped: {rejection}"))
+            scoring = registry.model_for_date(conn, logical_date)
+            logger.warning("train: promotion skipped: %s; %s stays", rejection, scoring.model_id if scoring else "none")
+            return TrainResult(
+                logical_date=logical_date.isoformat(),
+                trained=True,
+                model_id=model_id,
+                status="rejected",
+                reason=f"promotion skipped: {rejection}",
+                scoring_model_id=scoring.model_id if scoring else None,
+                metrics=metrics,
+            )
         registry.register(conn, model)
         promoted = registry.promote(conn, model)
     logger.info(
-        "train: registered %s (%s) ndcg@10 %.4f vs recent-popular %.4f",
+        "train: registered %s (%s) ndcg@10 %.4f; best baseline %.4f",
         model_id,
         promoted.status,
         metrics["ndcg@10"],
-        metrics["baselines"]["recent_popular"]["ndcg@10"],
+        max(b["ndcg@10"] for b in metrics["baselines"].values()),
     )
     return TrainResult(
         logical_date=logical_date.isoformat(),
         trained=True,
         model_id=model_id,
         status=promoted.status,
-        reason=promoted.status_reason or "trained",
+        reason=promoted.status_reason or "trained and promoted",
+        scoring_model_id=model_id,
         metrics=metrics,
     )
 
@@ -268,21 +535,41 @@ def _save_artifact(booster: Any, settings: Settings, logical_date: date) -> tupl
     return model_id, artifact
 
 
+# ---------------------------------------------------------------- cadence
+
+
+def retrain_due(settings: Settings, conn: psycopg.Connection, logical_date: date) -> tuple[bool, str]:
+    """Whether the night of ``logical_date`` should train a new model, and why.
+
+    Due when no promoted model may score the date, or when the one that would is ``retrain_days``
+    old or older, or when feature drift measured since it took over asks for a new one. Further
+    reasons belong here, so the DAG and ``overnight run`` follow them.
+    """
+    current = registry.model_for_date(conn, logical_date)
+    if current is None:
+        return True, f"no promoted model trained on or before {logical_date}"
+    drifted = drift.drift_requires_retrain(conn, logical_date)
+    if drifted is not None:
+        return True, f"{current.model_id}: {drifted}"
+    age = (logical_date - current.logical_date).days
+    if age >= settings.retrain_days:
+        return True, f"{current.model_id} is {age} day(s) old; retraining every {settings.retrain_days} day(s)"
+    return False, f"{current.model_id} is {age} day(s) old; retraining every {settings.retrain_days} day(s)"
+
+
 def train_if_due(settings: Settings, logical_date: date) -> TrainResult:
-    """Train unless a promoted model at most ``retrain_days`` old (as of D, never newer than D) exists.
+    """Train when :func:`retrain_due` says so, else keep the model the date would use.
 
     When training is due but the data cannot train a model (no labels yet), a usable older model
     is kept and the night goes on; without any model the error stands.
     """
     with connect(settings) as conn:
         upgrade(conn)
+        due, reason = retrain_due(settings, conn, logical_date)
         current = registry.model_for_date(conn, logical_date)
     if current is None:
         return train(settings, logical_date)
-    age = (logical_date - current.logical_date).days
-    if age < settings.retrain_days:
-        reason = f"{current.model_id} is {age} day(s) old; retraining every {settings.retrain_days} day(s)"
-    else:
+    if due:
         try:
             return train(settings, logical_date)
         except MissingDataError as error:
@@ -294,4 +581,5 @@ def train_if_due(settings: Settings, logical_date: date) -> TrainResult:
         model_id=current.model_id,
         status=current.status,
         reason=reason,
+        scoring_model_id=current.model_id,
     )

@@ -8,12 +8,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import TypeAdapter, ValidationError
+from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from serving.auth import ApiKeys, bearer_scheme
+from serving import dashboard
+from serving.auth import ApiKeys, bearer_scheme, bearer_token
 from serving.errors import (
     DatabaseUnavailableError,
     InvalidRequestError,
@@ -21,8 +28,11 @@ from serving.errors import (
     NotAuthenticatedError,
     ServingError,
 )
-from serving.live import LiveBatch, LiveView, LiveWatcher
-from serving.lookup import PRODUCTION_VARIANT, Lookup, UserRecs, create_pool
+from serving.feedback import FeedbackIntake
+from serving.feedback import router as events_router
+from serving.limits import RequestSizeLimit
+from serving.live import LiveView, LiveWatcher
+from serving.lookup import Answer, Lookup, create_pool, encode, render
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.models import (
     BatchRecommendations,
@@ -31,43 +41,25 @@ from serving.models import (
     Health,
     Readiness,
     Recommendations,
-    RecommendedItem,
 )
+from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
 from serving.settings import ServingSettings, check_auth_configured, get_serving_settings
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- dependencies
-# All async: FastAPI runs a plain `def` dependency in a worker thread, which costs more than the lookup.
-
-
-async def _settings(request: Request) -> ServingSettings:
-    settings: ServingSettings = request.app.state.settings
-    return settings
-
-
-async def _lookup(request: Request) -> Lookup:
-    lookup: Lookup = request.app.state.lookup
-    return lookup
-
-
-async def _metrics(request: Request) -> ServingMetrics:
-    metrics: ServingMetrics = request.app.state.metrics
-    return metrics
-
-
-SettingsDep = Annotated[ServingSettings, Depends(_settings)]
-LookupDep = Annotated[Lookup, Depends(_lookup)]
-MetricsDep = Annotated[ServingMetrics, Depends(_metrics)]
+# Async: FastAPI runs a plain `def` dependency in a worker thread, which costs more than the lookup.
+# The routes read the lookup and metrics from app.state directly: a dependency per object costs a
+# measurable share of a cached lookup.
 
 
 async def require_api_key(
     request: Request,
-    settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> None:
-    if not settings.auth_disabled:
-        keys: ApiKeys = request.app.state.api_keys
+    state = request.app.state
+    if not state.settings.auth_disabled:
+        keys: ApiKeys = state.api_keys
         keys.check(credentials)
 
 
@@ -77,17 +69,31 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorMessage, "description": "Missing or unknown API key."},
     503: {"model": ErrorMessage, "description": "No batch is live yet, or the database did not answer."},
 }
+_BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorMessage, "description": "The request body is larger than OVERNIGHT_MAX_REQUEST_BYTES."},
+}
+
+
+class _AnyText(PathConvertor):
+    """Starlette's `path`, but newlines too: a user id is any text, and control characters must not make it 404."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("text", _AnyText())
+USER_RECOMMENDATIONS_PATH = "/v1/users/{user_id:text}/recommendations"
 
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
 ops = APIRouter()
+# Declares the one-user route for the OpenAPI schema; `UserRecommendationsEndpoint` serves it.
+documented = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
 
 
-@api.get("/users/{user_id:path}/recommendations", summary="Recommendations for one user")
+@documented.get(USER_RECOMMENDATIONS_PATH, summary="Recommendations for one user", response_model=Recommendations)
 async def user_recommendations(
-    user_id: Annotated[str, Path(description="Any text; ids containing `/` may be sent percent-encoded.")],
-    lookup: LookupDep,
-    metrics: MetricsDep,
-    response: Response,
+    user_id: Annotated[
+        str, Path(description="Any text up to OVERNIGHT_MAX_USER_ID_LENGTH; ids with `/` may be percent-encoded.")
+    ],
     k: Annotated[
         int | None, Query(ge=1, description="Items to return, 1..k of the live batch; default 10 (or k if smaller).")
     ] = None,
@@ -95,21 +101,81 @@ async def user_recommendations(
         list[str] | None,
         Query(description="Item ids to leave out: comma-separated, and/or the parameter repeated."),
     ] = None,
-) -> Recommendations:
-    batch, recs = await lookup.recommend(user_id, k, _exclude_set(exclude))
-    _stamp(response, batch)
-    metrics.count_lookups([recs])
-    return _recommendations(batch, recs)
+) -> None:
+    """The schema of `UserRecommendationsEndpoint`: the parameters and rules it enforces itself."""
 
 
-@api.post("/recommendations:batch", summary="Recommendations for many users, from one batch")
-async def batch_recommendations(
-    body: BatchRecommendationsRequest, lookup: LookupDep, metrics: MetricsDep, response: Response
-) -> BatchRecommendations:
-    batch, results = await lookup.recommend_many(body.user_ids, body.k, _exclude_set(body.exclude))
-    _stamp(response, batch)
-    metrics.count_lookups(results)
-    return BatchRecommendations(results=[_recommendations(batch, recs) for recs in results])
+class UserRecommendationsEndpoint:
+    """GET one user's list: the hot route, as a bare ASGI endpoint behind the same middleware and error handlers.
+
+    FastAPI's per-request parameter and dependency solving cost about three times the rest of a cached
+    lookup, so this route checks the key and parses its two query parameters itself, with the rules
+    and error shapes `user_recommendations` declares.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
+        if not state.settings.auth_disabled:
+            state.api_keys.check_token(bearer_token(scope["headers"]))
+        k, exclude = _lookup_query(scope["query_string"])
+        lookup: Lookup = state.lookup
+        answer = await lookup.recommend(scope["path_params"]["user_id"], k, exclude)
+        state.metrics.count_answer(answer)
+        request_id = request_id_for(_header(scope["headers"], b"x-request-id"))
+        state.prediction_log.record_answer(request_id, answer.batch.batch_id, answer.variant, answer.results)
+        await _json(render(answer, answer.results[0]), answer, lookup, request_id)(scope, receive, send)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+_INT = TypeAdapter(int)
+
+
+def _lookup_query(query_string: bytes) -> tuple[int | None, frozenset[str]]:
+    if not query_string:
+        return None, frozenset()
+    k_text: str | None = None
+    excluded: list[str] = []
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if name == "k":
+            k_text = value  # the last one wins, as in FastAPI
+        elif name == "exclude":
+            excluded.append(value)
+    k = None
+    if k_text is not None:
+        try:
+            k = _INT.validate_python(k_text)
+        except ValidationError as error:
+            raise InvalidRequestError(("query", "k"), error.errors()[0]["msg"], k_text) from None
+        if k < 1:
+            raise InvalidRequestError(("query", "k"), "Input should be greater than or equal to 1", k_text)
+    return k, _exclude_set(excluded)
+
+
+@api.post(
+    "/recommendations:batch",
+    summary="Recommendations for many users, each from one batch",
+    description="Every user is answered wholly from the batch of their arm: the canary's for the users in a "
+    "running canary's share, the live batch for the others (and for everyone when no canary runs).",
+    response_model=BatchRecommendations,
+    responses=_BATCH_ERRORS,
+)
+async def batch_recommendations(request: Request, body: BatchRecommendationsRequest) -> Response:
+    state = request.app.state
+    lookup: Lookup = state.lookup
+    answers = await lookup.recommend_many(body.user_ids, body.k, _exclude_set(body.exclude))
+    request_id = request_id_for(request.headers.get("x-request-id"))
+    for answer in answers.parts:
+        state.metrics.count_answer(answer)
+        state.prediction_log.record_answer(request_id, answer.batch.batch_id, answer.variant, answer.results)
+    document = {"results": [render(answer, recs) for answer, recs in answers.in_order]}
+    # With users in both arms, the headers name the production batch; each result names its own.
+    return _json(document, answers.parts[0], lookup, request_id)
 
 
 @ops.get("/healthz", summary="The process is alive")
@@ -118,7 +184,8 @@ async def healthz() -> Health:
 
 
 @ops.get("/readyz", summary="Ready: a batch is loaded and the database answers", responses={503: _ERRORS[503]})
-async def readyz(lookup: LookupDep) -> Readiness:
+async def readyz(request: Request) -> Readiness:
+    lookup: Lookup = request.app.state.lookup
     batch = lookup.live()
     await lookup.ping()
     return Readiness(
@@ -130,7 +197,8 @@ async def readyz(lookup: LookupDep) -> Readiness:
 
 
 @ops.get("/metrics", include_in_schema=False)
-async def prometheus_metrics(metrics: MetricsDep) -> Response:
+async def prometheus_metrics(request: Request) -> Response:
+    metrics: ServingMetrics = request.app.state.metrics
     return Response(content=metrics.render(), media_type=metrics.content_type)
 
 
@@ -140,24 +208,16 @@ def _exclude_set(values: list[str] | None) -> frozenset[str]:
     return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
-def _stamp(response: Response, batch: LiveBatch) -> None:
-    response.headers["X-Batch-Id"] = str(batch.batch_id)
-    response.headers["X-Data-Age-Seconds"] = str(batch.age_seconds())
-
-
-def _recommendations(batch: LiveBatch, recs: UserRecs) -> Recommendations:
-    return Recommendations(
-        user_id=recs.user_id,
-        items=[
-            RecommendedItem(item_id=item_id, score=score)
-            for item_id, score in zip(recs.item_ids, recs.scores, strict=False)
-        ],
-        source=recs.source,
-        model_id=batch.model_id,
-        batch_id=batch.batch_id,
-        generated_at=batch.generated_at,
-        variant=PRODUCTION_VARIANT,
-    )
+def _json(document: Any, answer: Answer, lookup: Lookup, request_id: str) -> Response:
+    headers = {
+        "X-Batch-Id": str(answer.batch.batch_id),
+        "X-Data-Age-Seconds": str(answer.batch.age_seconds()),
+        "X-Request-Id": request_id,
+    }
+    if lookup.view.problem:
+        # The live pointer cannot be read right now: this may no longer be the batch that is live.
+        headers["X-Stale"] = lookup.view.problem
+    return Response(content=encode(document), media_type="application/json", headers=headers)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -201,6 +261,18 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
 
     view = LiveView()
     metrics = ServingMetrics(view)
+    # Both write from their own bounded queue over their own connection, never the lookup pool's.
+    prediction_log = PredictionLog(
+        settings.database_url,
+        sample_rate=settings.prediction_log_sample_rate,
+        queue_size=settings.prediction_log_queue_size,
+    )
+    feedback = FeedbackIntake(
+        settings.database_url,
+        queue_size=settings.feedback_queue_size,
+        max_events_per_request=settings.feedback_max_events,
+    )
+    metrics.registry.register(WriterCollector([prediction_log.writer, feedback.writer]))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -209,10 +281,16 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         await pool.open(wait=False)
         watcher = LiveWatcher(settings, view)
         watcher.start()
-        app.state.lookup = Lookup(settings, view, pool)
+        app.state.lookup = lookup = Lookup(settings, view, pool)
+        metrics.watch(lookup)
+        prediction_log.start()
+        feedback.start()
         try:
             yield
         finally:
+            # Write out what was served and accepted before letting go of anything.
+            await feedback.stop()
+            await prediction_log.stop()
             await watcher.stop()
             await pool.close()
 
@@ -225,10 +303,27 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.api_keys = ApiKeys(settings.api_keys)
     app.state.metrics = metrics
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.prediction_log = prediction_log
+    app.state.feedback = feedback
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        MetricsMiddleware, metrics=metrics, access_log=settings.access_log, sample=settings.access_log_sample
+    )
     app.add_exception_handler(ServingError, _on_serving_error)
+    app.router.routes.append(Route(USER_RECOMMENDATIONS_PATH, UserRecommendationsEndpoint(), methods=["GET"]))
     app.include_router(api)
+    app.include_router(events_router, dependencies=[Depends(require_api_key)], responses=_ERRORS)
     app.include_router(ops)
+    app.include_router(dashboard.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=[*documented.routes, *app.routes]
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

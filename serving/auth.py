@@ -18,9 +18,12 @@ class ApiKeys:
         self._digests = tuple(_digest(key) for key in keys)
 
     def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        if credentials is None:
+        self.check_token(None if credentials is None else credentials.credentials)
+
+    def check_token(self, token: str | None) -> None:
+        if not token:
             raise NotAuthenticatedError("missing bearer token: send Authorization: Bearer <key>")
-        presented = _digest(credentials.credentials)
+        presented = _digest(token)
         matched = False
         for digest in self._digests:
             # No early exit: every configured key is compared on every request.
@@ -31,3 +34,12 @@ class ApiKeys:
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header among raw ASGI headers, as HTTPBearer reads it."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token if scheme.lower() == "bearer" and token else None
+    return None

@@ -1,7 +1,8 @@
-"""What the service knows about the live batch, and the task that keeps it current (LISTEN plus polling).
+"""What the service serves (the live batch and, while one runs, the canary), and the task that keeps it
+current (LISTEN plus polling).
 
-Requests read `LiveView.batch` once and use that snapshot throughout, so each answer comes from exactly
-one batch even while a new one is swapped in.
+Requests read `LiveView.rollout` once and use that snapshot throughout, so each user's answer comes from
+exactly one batch even while a new one is swapped in or a canary starts, ramps, stops or is promoted.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ from psycopg import sql as pgsql
 
 import sql
 from serving.settings import ServingSettings
+from serving.variants import CANARY, PRODUCTION, TrafficSplit, Variant
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,8 @@ WATCHER_APPLICATION_NAME = "overnight-serving-live"
 _FIRST_BACKOFF_SECONDS = 0.5
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: a batch is compared and hashed by identity (cheap, and each read is its own snapshot).
+@dataclass(frozen=True, slots=True, eq=False)
 class LiveBatch:
     batch_id: int
     model_id: str
@@ -34,9 +37,9 @@ class LiveBatch:
     switched_at: datetime
     fallback_item_ids: tuple[str, ...]
     fallback_scores: tuple[float, ...]
-    # The batch's queries rendered once, so a lookup only binds the user id.
-    recs_for_user: bytes
+    # Rendered once per batch, so a lookup only binds the user ids and copies the text.
     recs_for_users: bytes
+    generated_at_text: str
 
     def age_seconds(self, now: float | None = None) -> int:
         """Whole seconds since the batch was generated (never negative, even with clock skew)."""
@@ -44,62 +47,151 @@ class LiveBatch:
         return max(0, int(current - self.generated_at.timestamp()))
 
 
-async def read_live_batch(conn: psycopg.AsyncConnection[Any]) -> LiveBatch | None:
-    cur = await conn.execute(sql.query("live_batch"))
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    batch_id, model_id, k, generated_at, fallback_item_ids, fallback_scores, switched_at = row
+def live_batch_from_row(
+    batch_id: int,
+    model_id: str,
+    k: int,
+    generated_at: datetime,
+    fallback_item_ids: list[str],
+    fallback_scores: list[float],
+    switched_at: datetime,
+) -> LiveBatch:
+    generated = generated_at.astimezone(UTC)
     return LiveBatch(
         batch_id=batch_id,
         model_id=model_id,
         k=k,
-        generated_at=generated_at.astimezone(UTC),
+        generated_at=generated,
         switched_at=switched_at.astimezone(UTC),
         fallback_item_ids=tuple(fallback_item_ids),
         fallback_scores=tuple(fallback_scores),
-        recs_for_user=sql.batch_query("recs_for_user", batch_id).as_bytes(None),
         recs_for_users=sql.batch_query("recs_for_users", batch_id).as_bytes(None),
+        generated_at_text=generated.isoformat().replace("+00:00", "Z"),
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Canary:
+    batch: LiveBatch
+    split: TrafficSplit
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """What is served: production and, while one runs, the canary. A lookup takes one snapshot of it."""
+
+    production: LiveBatch
+    canary: Canary | None = None
+
+    def route(self, user_id: str) -> tuple[Variant, LiveBatch]:
+        """The arm of this user and the batch that answers them (one hash, and only while a canary runs)."""
+        canary = self.canary
+        if canary is not None and canary.split.variant(user_id) == CANARY:
+            return CANARY, canary.batch
+        return PRODUCTION, self.production
+
+
+async def read_rollout(conn: psycopg.AsyncConnection[Any]) -> Rollout | None:
+    """Production and canary as the database has them now, read in one statement (one snapshot, so a
+    promote or stop is seen whole); None while nothing is live.
+
+    A canary without a live production batch is not served: every user needs a production answer.
+    """
+    cur = await conn.execute(sql.query("serving_batches"))
+    production: LiveBatch | None = None
+    canary: Canary | None = None
+    for variant, *columns, traffic, salt in await cur.fetchall():
+        batch = live_batch_from_row(*columns)
+        if variant == PRODUCTION:
+            production = batch
+        else:
+            canary = Canary(batch=batch, split=TrafficSplit(salt, traffic))
+    if production is None:
+        return None
+    return Rollout(production=production, canary=canary)
+
+
 class LiveView:
-    """The current live batch (None until one is read) and why it could not be read, if it could not."""
+    """What is served now (None until it is read) and why it could not be read, if it could not.
+
+    `batch` is the production batch; `rollout` adds the canary. Both are replaced, never changed, so a
+    reader that took them once has a consistent snapshot.
+    """
 
     def __init__(self) -> None:
         self.batch: LiveBatch | None = None
+        self.rollout: Rollout | None = None
         self.problem: str | None = None
         # Reloads are serialised so that an older read can never overwrite a newer one.
         self._lock = asyncio.Lock()
 
-    async def reload(self, conn: psycopg.AsyncConnection[Any]) -> LiveBatch | None:
+    async def reload(self, conn: psycopg.AsyncConnection[Any]) -> Rollout | None:
         async with self._lock:
-            self._swap(await read_live_batch(conn))
-            return self.batch
+            self._swap(await read_rollout(conn))
+            return self.rollout
 
     async def replace_stale(self, stale: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> LiveBatch | None:
-        """Reload because `stale` turned out to be gone, unless a concurrent reload already moved on."""
+        """Reload because `stale` turned out to be gone, unless a concurrent reload already moved on;
+        the production batch after it."""
         async with self._lock:
-            if self.batch is stale:
-                self._swap(await read_live_batch(conn))
+            rollout = self.rollout
+            if rollout is not None and (
+                rollout.production is stale or (rollout.canary is not None and rollout.canary.batch is stale)
+            ):
+                self._swap(await read_rollout(conn))
             return self.batch
 
-    def _swap(self, batch: LiveBatch | None) -> None:
-        previous = self.batch
+    def _swap(self, rollout: Rollout | None) -> None:
+        previous = self.rollout
         self.problem = None
-        if batch is None:
-            self.batch = None
+        if rollout is None:
+            self.batch = self.rollout = None
             if previous is not None:
-                logger.warning("no batch is live any more (was batch %d)", previous.batch_id)
-        elif previous is None or (previous.batch_id, previous.switched_at) != (batch.batch_id, batch.switched_at):
-            self.batch = batch
+                logger.warning("no batch is live any more (was batch %d)", previous.production.batch_id)
+            return
+        # Keep the objects of batches that did not change: lookups waiting on one stay valid.
+        production = _same_or_new(None if previous is None else previous.production, rollout.production)
+        canary = rollout.canary
+        if canary is not None:
+            before = None if previous is None or previous.canary is None else previous.canary.batch
+            canary = Canary(batch=_same_or_new(before, canary.batch), split=canary.split)
+        if previous is not None and production is previous.production and _same_canary(previous.canary, canary):
+            return
+        self.rollout = Rollout(production=production, canary=canary)
+        self.batch = production
+        if previous is None or production is not previous.production:
             logger.info(
                 "serving batch %d (model %s, k=%d, generated %s)",
-                batch.batch_id,
-                batch.model_id,
-                batch.k,
-                batch.generated_at.isoformat(),
+                production.batch_id,
+                production.model_id,
+                production.k,
+                production.generated_at.isoformat(),
             )
+        if not _same_canary(None if previous is None else previous.canary, canary):
+            if canary is None:
+                logger.info("no canary any more: every user gets batch %d", production.batch_id)
+            else:
+                logger.info(
+                    "canary: batch %d for %.4g%% of users (salt %r)",
+                    canary.batch.batch_id,
+                    100 * canary.split.traffic,
+                    canary.split.salt,
+                )
+
+
+def _same_or_new(previous: LiveBatch | None, current: LiveBatch) -> LiveBatch:
+    if previous is not None and (previous.batch_id, previous.switched_at) == (current.batch_id, current.switched_at):
+        return previous
+    return current
+
+
+def _same_canary(previous: Canary | None, current: Canary | None) -> bool:
+    if previous is None or current is None:
+        return previous is current
+    return previous.batch is current.batch and (previous.split.salt, previous.split.traffic) == (
+        current.split.salt,
+        current.split.traffic,
+    )
 
 
 class LiveWatcher:

@@ -1,4 +1,9 @@
-"""The hot path: one live-batch snapshot, one pooled round trip per lookup, the fallback for unknown users.
+"""The hot path: one live-batch snapshot, a bounded cache, at most one pooled round trip per lookup.
+
+A lookup first asks the cache, keyed by (batch id, user id) so that a batch switch invalidates it by
+construction. Misses do not each take a connection: concurrent misses are coalesced, and every database
+trip answers all users waiting at that moment with one ``user_id = ANY(...)`` query. With little load a
+trip carries one user and costs what a single query does; under load a trip carries many.
 
 Every database wait is bounded by ``db_timeout_seconds``: checkout, query and the retry after a batch
 table vanished all share one deadline, and running out of it is a `DatabaseUnavailableError`.
@@ -6,29 +11,33 @@ table vanished all share one deadline, and running out of it is a `DatabaseUnava
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import orjson
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 import sql
-from serving.errors import DatabaseUnavailableError, InvalidRequestError, NoLiveBatchError
-from serving.live import LiveBatch, LiveView, read_live_batch
+from serving.errors import DatabaseUnavailableError, InvalidRequestError, NoLiveBatchError, ServingError
+from serving.live import LiveBatch, LiveView, Rollout, read_rollout
 from serving.settings import ServingSettings
+from serving.variants import CANARY, PRODUCTION
 
 logger = logging.getLogger(__name__)
 
 POOL_APPLICATION_NAME = "overnight-serving"
 DEFAULT_K = 10
-# Only one model serves today; a canary slice would answer with its own variant name.
-PRODUCTION_VARIANT = "production"
-
 Source = Literal["personalized", "fallback"]
 Loc = tuple[str | int, ...]
 T = TypeVar("T")
+# A user's published list as the cache holds it: item ids (interned, shared between users) and scores.
+Row = tuple[tuple[str, ...], array]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +48,30 @@ class UserRecs:
     source: Source
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one lookup served: the batch it came from, the variant, every user's list, and how."""
+
+    batch: LiveBatch
+    variant: str
+    results: list[UserRecs]
+    cache_hits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """A batch lookup's answer: one `Answer` per arm that served some of the users (production first),
+    and every requested user's list in request order with the answer it belongs to."""
+
+    parts: list[Answer]
+    in_order: list[tuple[Answer, UserRecs]]
+
+
+# An observer sees every answer after it is computed (served-prediction logging, ...). It runs on the
+# request path, so it must only hand the answer off (to a bounded queue, a counter), never wait.
+AnswerObserver = Callable[[Answer], None]
+
+
 def create_pool(settings: ServingSettings) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
     """The lookup pool, not yet open. Autocommit, so a lookup is one round trip with no COMMIT after it."""
     statement_timeout_ms = str(max(1, round(settings.db_timeout_seconds * 1000)))
@@ -46,6 +79,8 @@ def create_pool(settings: ServingSettings) -> AsyncConnectionPool[psycopg.AsyncC
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         # Server side too, so an abandoned query stops using Postgres when the client gives up on it.
         await conn.execute(sql.query("serving_session"), (statement_timeout_ms,))
+        # Prepare the lookup statements on their first use rather than their fifth.
+        conn.prepare_threshold = 0
 
     return AsyncConnectionPool(
         settings.database_url,
@@ -63,6 +98,37 @@ def create_pool(settings: ServingSettings) -> AsyncConnectionPool[psycopg.AsyncC
     )
 
 
+class RecsCache:
+    """A bounded LRU map of (batch id, user id) to the user's row, or None for a user the batch lacks."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self.hits = 0
+        self.misses = 0
+        self._rows: OrderedDict[tuple[int, str], Row | None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, batch_id: int, user_id: str) -> Row | Literal[False] | None:
+        """The cached row, None for a cached unknown user, False when not cached."""
+        key = (batch_id, user_id)
+        try:
+            row = self._rows[key]
+        except KeyError:
+            self.misses += 1
+            return False
+        self._rows.move_to_end(key)
+        self.hits += 1
+        return row
+
+    def put(self, batch_id: int, user_id: str, row: Row | None) -> None:
+        if self.entries:
+            self._rows[(batch_id, user_id)] = row
+            if len(self._rows) > self.entries:
+                self._rows.popitem(last=False)
+
+
 class Lookup:
     def __init__(
         self,
@@ -73,28 +139,49 @@ class Lookup:
         self.settings = settings
         self.view = view
         self.pool = pool
+        self.cache = RecsCache(settings.cache_entries)
+        self.observers: list[AnswerObserver] = []
+        # users per database trip, for the metrics
+        self.trips = 0
+        self.trip_users = 0
+        self._waiting: dict[LiveBatch, dict[str, asyncio.Future[tuple[LiveBatch, Row | None] | ServingError]]] = {}
+        self._trips_running = 0
+        self._background: set[asyncio.Task[None]] = set()
 
-    def live(self) -> LiveBatch:
-        batch = self.view.batch
-        if batch is None:
+    def rollout(self) -> Rollout:
+        """What is served now: production and the canary, if one runs."""
+        rollout = self.view.rollout
+        if rollout is None:
             if self.view.problem:
                 raise NoLiveBatchError(f"no live batch loaded: {self.view.problem}")
             raise NoLiveBatchError("no batch is live yet")
-        return batch
+        return rollout
 
-    async def recommend(self, user_id: str, k: int | None, exclude: frozenset[str]) -> tuple[LiveBatch, UserRecs]:
+    def live(self) -> LiveBatch:
+        return self.rollout().production
+
+    async def recommend(self, user_id: str, k: int | None, exclude: frozenset[str]) -> Answer:
         self._check_user_id(user_id, ("path", "user_id"))
         self._check_exclude(exclude, ("query", "exclude"))
-        batch = self.live()
-        k = self._resolve_k(k, batch, ("query", "k"))
-        batch, row = await self._within_deadline(self._fetch_one(batch, user_id))
-        if row is None:
-            return batch, _pick(user_id, batch.fallback_item_ids, batch.fallback_scores, "fallback", k, exclude)
-        return batch, _pick(user_id, row[0], row[1], "personalized", k, exclude)
+        rollout = self.rollout()
+        # k is checked against production, so whether a k is valid does not depend on the user's arm
+        # (a canary has at least production's K).
+        k = self._resolve_k(k, rollout.production, ("query", "k"))
+        variant, routed = rollout.route(user_id)
+        batch = routed
+        cached = self.cache.get(batch.batch_id, user_id)
+        if cached is False:
+            batch, row = await self._coalesced(batch, user_id)
+            hits = 0
+            if batch is not routed:
+                variant = PRODUCTION  # the routed batch's table was dropped: answered from production
+        else:
+            row, hits = cached, 1
+        answer = Answer(batch, variant, [_pick(batch, user_id, row, k, exclude)], hits)
+        self._observe(answer)
+        return answer
 
-    async def recommend_many(
-        self, user_ids: Sequence[str], k: int | None, exclude: frozenset[str]
-    ) -> tuple[LiveBatch, list[UserRecs]]:
+    async def recommend_many(self, user_ids: Sequence[str], k: int | None, exclude: frozenset[str]) -> Answers:
         if len(user_ids) > self.settings.max_batch_users:
             raise InvalidRequestError(
                 ("body", "user_ids"),
@@ -103,48 +190,125 @@ class Lookup:
         for index, user_id in enumerate(user_ids):
             self._check_user_id(user_id, ("body", "user_ids", index))
         self._check_exclude(exclude, ("body", "exclude"))
-        batch = self.live()
-        k = self._resolve_k(k, batch, ("body", "k"))
-        batch, rows = await self._within_deadline(self._fetch_many(batch, list(dict.fromkeys(user_ids))))
-        results = []
-        for user_id in user_ids:
-            found = rows.get(user_id)
-            if found is None:
-                results.append(_pick(user_id, batch.fallback_item_ids, batch.fallback_scores, "fallback", k, exclude))
+        rollout = self.rollout()
+        k = self._resolve_k(k, rollout.production, ("body", "k"))
+        canary = rollout.canary
+        if canary is None:
+            answer = await self._answer_from(rollout.production, PRODUCTION, user_ids, k, exclude)
+            return Answers([answer], [(answer, recs) for recs in answer.results])
+        # Each user from their own arm; each arm wholly from one batch, both arms at once.
+        arms = [canary.split.variant(user_id) for user_id in user_ids]
+        batches = {PRODUCTION: rollout.production, CANARY: canary.batch}
+        users: dict[str, list[str]] = {PRODUCTION: [], CANARY: []}
+        for user_id, arm in zip(user_ids, arms, strict=True):
+            users[arm].append(user_id)
+        asked = [arm for arm in (PRODUCTION, CANARY) if users[arm]]
+        parts = await asyncio.gather(*(self._answer_from(batches[arm], arm, users[arm], k, exclude) for arm in asked))
+        results = {arm: (part, iter(part.results)) for arm, part in zip(asked, parts, strict=True)}
+        in_order = []
+        for arm in arms:
+            part, remaining = results[arm]
+            in_order.append((part, next(remaining)))
+        return Answers(list(parts), in_order)
+
+    async def _answer_from(
+        self, batch: LiveBatch, variant: str, user_ids: Sequence[str], k: int, exclude: frozenset[str]
+    ) -> Answer:
+        """Every user's list from one batch (or, if its table vanished, wholly from production after it)."""
+        routed = batch
+        rows: dict[str, Row | None] = {}
+        missing = []
+        for user_id in dict.fromkeys(user_ids):
+            cached = self.cache.get(batch.batch_id, user_id)
+            if cached is False:
+                missing.append(user_id)
             else:
-                results.append(_pick(user_id, found[0], found[1], "personalized", k, exclude))
-        return batch, results
+                rows[user_id] = cached
+        hits = len(rows)
+        if missing:
+            # One batch for the whole answer: if the table vanished, every user is read again from the new one.
+            served, fetched = await self._within_deadline(self._fetch(batch, missing))
+            if served is not batch:
+                batch, missing, rows = served, list(dict.fromkeys(user_ids)), {}
+                served, fetched = await self._within_deadline(self._fetch(batch, missing))
+            for user_id in missing:
+                rows[user_id] = row = fetched.get(user_id)
+                self.cache.put(batch.batch_id, user_id, row)
+        if batch is not routed:
+            variant = PRODUCTION
+        answer = Answer(
+            batch, variant, [_pick(batch, user_id, rows[user_id], k, exclude) for user_id in user_ids], hits
+        )
+        self._observe(answer)
+        return answer
 
-    async def ping(self) -> LiveBatch | None:
-        """What the database says is live, read through the lookup pool (readiness)."""
+    async def ping(self) -> Rollout | None:
+        """What the database says is served, read through the lookup pool (readiness)."""
 
-        async def read() -> LiveBatch | None:
+        async def read() -> Rollout | None:
             async with self.pool.connection() as conn:
-                return await read_live_batch(conn)
+                return await read_rollout(conn)
 
         return await self._within_deadline(read())
 
-    async def _fetch_one(
-        self, batch: LiveBatch, user_id: str
-    ) -> tuple[LiveBatch, tuple[list[str], list[float]] | None]:
-        async with self.pool.connection() as conn:
-            try:
-                cur = await conn.execute(batch.recs_for_user, (user_id,))
-            except pgerrors.UndefinedTable:
-                batch = await self._replace_dropped(batch, conn)
-                cur = await conn.execute(batch.recs_for_user, (user_id,))
-            return batch, await cur.fetchone()
+    # ------------------------------------------------------------------------ coalescing
 
-    async def _fetch_many(
-        self, batch: LiveBatch, user_ids: list[str]
-    ) -> tuple[LiveBatch, dict[str, tuple[list[str], list[float]]]]:
+    async def _coalesced(self, batch: LiveBatch, user_id: str) -> tuple[LiveBatch, Row | None]:
+        """Wait for the next database trip to bring this user's row; start a trip if none is running."""
+        waiting = self._waiting.setdefault(batch, {})
+        future = waiting.get(user_id)
+        if future is None:
+            future = waiting[user_id] = asyncio.get_running_loop().create_future()
+        if self._trips_running < self.settings.pool_max_size:
+            self._trips_running += 1
+            task = asyncio.create_task(self._trips())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        # asyncio.wait, not wait_for: the future may be shared with other requests and must not be cancelled.
+        timeout = self.settings.db_timeout_seconds
+        done, _ = await asyncio.wait((future,), timeout=timeout)
+        if not done:
+            raise DatabaseUnavailableError(f"the database did not answer within {timeout:g} s")
+        result = future.result()
+        if isinstance(result, ServingError):
+            raise result
+        return result
+
+    async def _trips(self) -> None:
+        """Make database trips until nobody is waiting: each trip takes everyone waiting when it starts."""
+        try:
+            while self._waiting:
+                waiting, self._waiting = self._waiting, {}
+                for batch, futures in waiting.items():
+                    try:
+                        served, rows = await self._within_deadline(self._fetch(batch, list(futures)))
+                    except ServingError as error:
+                        for future in futures.values():
+                            if not future.done():
+                                future.set_result(error)
+                        continue
+                    for user_id, future in futures.items():
+                        row = rows.get(user_id)
+                        self.cache.put(served.batch_id, user_id, row)
+                        if not future.done():
+                            future.set_result((served, row))
+        finally:
+            self._trips_running -= 1
+
+    async def _fetch(self, batch: LiveBatch, user_ids: list[str]) -> tuple[LiveBatch, dict[str, Row]]:
+        self.trips += 1
+        self.trip_users += len(user_ids)
         async with self.pool.connection() as conn:
             try:
                 cur = await conn.execute(batch.recs_for_users, (user_ids,))
             except pgerrors.UndefinedTable:
                 batch = await self._replace_dropped(batch, conn)
                 cur = await conn.execute(batch.recs_for_users, (user_ids,))
-            return batch, {user_id: (item_ids, scores) for user_id, item_ids, scores in await cur.fetchall()}
+            rows = await cur.fetchall()
+        intern = sys.intern
+        return batch, {
+            user_id: (tuple(map(intern, item_ids)), array("d", scores)) for user_id, item_ids, scores in rows
+        }
 
     async def _replace_dropped(self, batch: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> LiveBatch:
         # The batch we hold was dropped after a switch we have not heard of yet (a missed NOTIFY):
@@ -176,6 +340,8 @@ class Lookup:
             raise DatabaseUnavailableError(f"the database did not answer within {timeout:g} s")
         try:
             return task.result()
+        except ServingError:
+            raise
         except PoolTimeout:
             raise DatabaseUnavailableError(f"no database connection free within {timeout:g} s") from None
         except pgerrors.QueryCanceled:
@@ -185,6 +351,15 @@ class Lookup:
         except psycopg.Error as error:
             logger.exception("lookup failed in the database")
             raise DatabaseUnavailableError(f"database error: {type(error).__name__}") from None
+
+    # ------------------------------------------------------------------------ input checks
+
+    def _observe(self, answer: Answer) -> None:
+        for observer in self.observers:
+            try:
+                observer(answer)
+            except Exception:
+                logger.exception("answer observer %r failed", observer)
 
     def _check_user_id(self, user_id: str, loc: Loc) -> None:
         if len(user_id) > self.settings.max_user_id_length:
@@ -217,14 +392,14 @@ class Lookup:
         return k
 
 
-def _pick(
-    user_id: str,
-    item_ids: Sequence[str],
-    scores: Sequence[float],
-    source: Source,
-    k: int,
-    exclude: frozenset[str],
-) -> UserRecs:
+def _pick(batch: LiveBatch, user_id: str, row: Row | None, k: int, exclude: frozenset[str]) -> UserRecs:
+    if row is None:
+        item_ids: Sequence[str] = batch.fallback_item_ids
+        scores: Sequence[float] = batch.fallback_scores
+        source: Source = "fallback"
+    else:
+        item_ids, scores = row
+        source = "personalized"
     if not exclude:
         return UserRecs(user_id, list(item_ids[:k]), list(scores[:k]), source)
     # Exclude before cutting to k, so excluded items leave room for the next ones in rank order.
@@ -237,6 +412,29 @@ def _pick(
             if len(kept_items) == k:
                 break
     return UserRecs(user_id, kept_items, kept_scores, source)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def render(answer: Answer, recs: UserRecs) -> dict[str, Any]:
+    """One user's answer as the JSON object of DESIGN §7 (`Recommendations` in serving.models)."""
+    batch = answer.batch
+    return {
+        "user_id": recs.user_id,
+        "items": [
+            {"item_id": item_id, "score": score} for item_id, score in zip(recs.item_ids, recs.scores, strict=True)
+        ],
+        "source": recs.source,
+        "model_id": batch.model_id,
+        "batch_id": batch.batch_id,
+        "generated_at": batch.generated_at_text,
+        "variant": answer.variant,
+    }
+
+
+def encode(document: Any) -> bytes:
+    return orjson.dumps(document)
 
 
 def _forget(task: asyncio.Task[Any]) -> None:

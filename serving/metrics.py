@@ -1,13 +1,18 @@
-"""Prometheus metrics of one app instance: requests by route and status, latency, what is live and how old.
+"""Prometheus metrics of one app instance, and the sampled structured access log.
 
+Requests by route and status, latency, users answered by source, the lookup cache's hits and misses,
+database trips and the users they carried, the pool's connections, and what is live and how old.
 Each app gets its own registry, so several apps in one process (tests) do not collide. With several
-uvicorn workers each worker reports its own numbers.
+workers each worker reports its own numbers (scrape them per worker, or sum in Prometheus).
 """
 
+import logging
 import math
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 
+import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -16,13 +21,18 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.live import LiveView
-from serving.lookup import UserRecs
+from serving.lookup import Answer, Lookup
+from serving.variants import CANARY, PRODUCTION
+
+access_logger = logging.getLogger("overnight.access")
 
 # Lookups take about a millisecond; the upper buckets catch database stalls up to the timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -57,6 +67,31 @@ class ServingMetrics:
         )
         self._personalized = self.lookups.labels("personalized")
         self._fallback = self.lookups.labels("fallback")
+        answers = Counter(
+            "overnight_variant_lookups",
+            "Users answered, by variant (production, canary).",
+            ["variant"],
+            registry=self.registry,
+        )
+        self._by_variant = {variant: answers.labels(variant) for variant in (PRODUCTION, CANARY)}
+        Gauge(
+            "overnight_canary_batch_id",
+            "Batch this process serves as the canary (0 when no canary runs).",
+            registry=self.registry,
+        ).set_function(
+            lambda: (
+                0.0
+                if view.rollout is None or view.rollout.canary is None
+                else float(view.rollout.canary.batch.batch_id)
+            )
+        )
+        Gauge(
+            "overnight_canary_traffic",
+            "Share of users routed to the canary (0 when no canary runs).",
+            registry=self.registry,
+        ).set_function(
+            lambda: 0.0 if view.rollout is None or view.rollout.canary is None else view.rollout.canary.split.traffic
+        )
         Gauge(
             "overnight_live_batch_id",
             "Batch this process serves (0 when none is loaded).",
@@ -68,21 +103,68 @@ class ServingMetrics:
             "Seconds since the served batch was generated (+Inf when none is loaded).",
             registry=self.registry,
         ).set_function(lambda: _age_seconds(view))
+        self._lookup_collector = _LookupCollector()
+        self.registry.register(self._lookup_collector)
 
-    def count_lookups(self, results: Iterable[UserRecs]) -> None:
-        personalized = fallback = 0
-        for recs in results:
-            if recs.source == "personalized":
-                personalized += 1
-            else:
-                fallback += 1
+    def watch(self, lookup: Lookup) -> None:
+        """Report `lookup`'s cache, database trips and pool from now on."""
+        self._lookup_collector.lookup = lookup
+
+    def count_answer(self, answer: Answer) -> None:
+        self._by_variant[answer.variant].inc(len(answer.results))
+        personalized = sum(1 for recs in answer.results if recs.source == "personalized")
         if personalized:
             self._personalized.inc(personalized)
-        if fallback:
-            self._fallback.inc(fallback)
+        if personalized < len(answer.results):
+            self._fallback.inc(len(answer.results) - personalized)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LookupCollector(Collector):
+    """Read at scrape time from the lookup's plain counters, so the hot path pays one integer add."""
+
+    lookup: Lookup | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        lookup = self.lookup
+        if lookup is None:
+            return
+        cache = lookup.cache
+        hits = CounterMetricFamily(
+            "overnight_cache_lookups", "Lookup cache reads by result (hit ratio = hit / all).", labels=["result"]
+        )
+        hits.add_metric(["hit"], cache.hits)
+        hits.add_metric(["miss"], cache.misses)
+        yield hits
+        yield GaugeMetricFamily("overnight_cache_entries", "Users held in the lookup cache.", value=len(cache))
+        ratio = cache.hits / (cache.hits + cache.misses) if cache.hits + cache.misses else math.nan
+        yield GaugeMetricFamily("overnight_cache_hit_ratio", "Cache hits over all cache reads so far.", value=ratio)
+        yield CounterMetricFamily(
+            "overnight_db_trips",
+            "Database round trips of lookups (each answers every user waiting).",
+            value=lookup.trips,
+        )
+        yield CounterMetricFamily(
+            "overnight_db_trip_users", "Users asked for over all database trips.", value=lookup.trip_users
+        )
+        stats = lookup.pool.get_stats()
+        pool = GaugeMetricFamily("overnight_db_pool_connections", "Lookup pool connections by state.", labels=["state"])
+        size = stats.get("pool_size", 0)
+        available = stats.get("pool_available", 0)
+        pool.add_metric(["open"], size)
+        pool.add_metric(["idle"], available)
+        pool.add_metric(["in_use"], size - available)
+        yield pool
+        yield GaugeMetricFamily(
+            "overnight_db_pool_max", "Most connections the lookup pool may open.", value=lookup.pool.max_size
+        )
+        yield GaugeMetricFamily(
+            "overnight_db_pool_waiting",
+            "Lookups waiting for a pool connection.",
+            value=stats.get("requests_waiting", 0),
+        )
 
 
 def _age_seconds(view: LiveView) -> float:
@@ -91,12 +173,16 @@ def _age_seconds(view: LiveView) -> float:
 
 
 class MetricsMiddleware:
-    """Counts and times every HTTP request by its route template (never the raw path: user ids
-    would make a series per user)."""
+    """Counts and times every HTTP request by its route template (never the raw path: user ids would make
+    a series per user), and writes the access log: one JSON line per request, a sampled share of
+    successes and every error."""
 
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, access_log: bool = False, sample: float = 1.0) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
+        self.sample = sample
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,18 +190,47 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        batch_id = b""
 
         async def send_and_record_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, batch_id
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if self.access_log:
+                    batch_id = next((v for k, v in message.get("headers", ()) if k.lower() == b"x-batch-id"), b"")
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record_status)
         finally:
+            elapsed = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.latency.labels(template, method).observe(time.perf_counter() - start)
+            key = (template, method, status)
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = (
+                    self.metrics.requests.labels(template, method, str(status)),
+                    self.metrics.latency.labels(template, method),
+                )
+            series[0].inc()
+            series[1].observe(elapsed)
+            if self.access_log and (status >= 400 or random.random() < self.sample):
+                _log_access(scope, method, template, status, elapsed, batch_id)
+
+
+def _log_access(scope: Scope, method: str, route: str, status: int, elapsed: float, batch_id: bytes) -> None:
+    client = scope.get("client")
+    entry = {
+        "ts": time.time(),
+        "method": method,
+        "path": scope["path"],
+        "query": scope.get("query_string", b"").decode("latin-1"),
+        "route": route,
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 3),
+        "batch_id": int(batch_id) if batch_id.isdigit() else None,
+        "client": client[0] if client else None,
+    }
+    access_logger.info(orjson.dumps(entry).decode())

@@ -26,6 +26,9 @@ class ServingSettings(BaseSettings):
         default=(), repr=False, description="Accepted bearer keys, comma-separated in OVERNIGHT_API_KEYS."
     )
     auth_disabled: bool = Field(default=False, description="Serve without API keys (`overnight serve --no-auth`).")
+    dashboard_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), repr=False, description="Keys that open /dashboard (OVERNIGHT_DASHBOARD_KEYS); unset: the API keys."
+    )
 
     pool_min_size: int = Field(default=1, ge=1)
     pool_max_size: int = Field(default_factory=_default_pool_max_size, ge=1)
@@ -36,12 +39,35 @@ class ServingSettings(BaseSettings):
         default=5.0, gt=0, description="Re-read of the live pointer in case a NOTIFY was missed."
     )
 
+    cache_entries: int = Field(
+        default=50_000,
+        ge=0,
+        description="Users kept in each worker's lookup cache (about 1 KB each at k=50); 0 turns the cache off.",
+    )
+
     max_batch_users: int = Field(default=1000, ge=1)
     max_user_id_length: int = Field(default=256, ge=1)
     max_exclude_items: int = Field(default=500, ge=0)
-    access_log: bool = Field(default=False, description="uvicorn's per-request log; metrics cover requests.")
+    max_request_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body accepted; bigger ones get 413."
+    )
+    access_log: bool = Field(default=False, description="One JSON line per request on the `overnight.access` logger.")
+    access_log_sample: float = Field(
+        default=1.0, ge=0, le=1, description="Share of requests the access log records (errors are always logged)."
+    )
 
-    @field_validator("api_keys", mode="before")
+    prediction_log_sample_rate: float = Field(
+        default=1.0, ge=0, le=1, description="Share of answers recorded in overnight.served_predictions (0: none)."
+    )
+    prediction_log_queue_size: int = Field(
+        default=10_000, ge=1, description="Answers waiting to be written; past it they are dropped and counted."
+    )
+    feedback_queue_size: int = Field(
+        default=10_000, ge=1, description="Feedback events waiting to be written; past it POST /v1/events gets 503."
+    )
+    feedback_max_events: int = Field(default=1000, ge=1, description="Most events in one POST /v1/events.")
+
+    @field_validator("api_keys", "dashboard_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

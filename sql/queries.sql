@@ -22,17 +22,8 @@ INSERT INTO overnight.schema_migrations (version, name) VALUES (%s, %s);
 
 -- ===================================================================== serving
 
--- name: live_batch
--- What the lookup service needs to answer from the live batch, in one row.
-SELECT b.batch_id, b.model_id, b.k, b.generated_at, b.fallback_item_ids, b.fallback_scores,
-       l.switched_at
-FROM overnight.live AS l
-JOIN overnight.batches AS b USING (batch_id);
-
--- name: recs_for_user
-SELECT item_ids, scores FROM {recs} WHERE user_id = %s;
-
 -- name: recs_for_users
+-- Every lookup trip: the users waiting at that moment, one or many, in one round trip.
 SELECT user_id, item_ids, scores FROM {recs} WHERE user_id = ANY(%s);
 
 -- name: serving_session
@@ -242,3 +233,338 @@ SELECT batch_id, logical_date, model_id, status, users_scored, generated_at, pub
 FROM overnight.batches
 ORDER BY batch_id DESC
 LIMIT %s;
+
+-- ===================================================================== run history
+
+-- name: start_run
+-- A CLI run gets a new row; an Airflow dag run gets one row, whichever of its tasks reports first.
+INSERT INTO overnight.runs (logical_date, trigger, external_id)
+VALUES (%(logical_date)s, %(trigger)s, %(external_id)s)
+ON CONFLICT (trigger, external_id) WHERE external_id IS NOT NULL
+DO UPDATE SET external_id = EXCLUDED.external_id
+RETURNING run_id;
+
+-- name: start_run_step
+INSERT INTO overnight.run_steps (run_id, step, status, started_at)
+VALUES (%s, %s, 'running', now())
+ON CONFLICT (run_id, step) DO UPDATE SET
+    status = 'running', attempt = overnight.run_steps.attempt + 1, started_at = now(),
+    finished_at = NULL, seconds = NULL, peak_memory_bytes = NULL, rows_in = NULL, rows_out = NULL,
+    summary = NULL, error = NULL;
+
+-- name: finish_run_step
+UPDATE overnight.run_steps
+SET status = %(status)s, finished_at = now(), seconds = %(seconds)s,
+    peak_memory_bytes = %(peak_memory_bytes)s, rows_in = %(rows_in)s, rows_out = %(rows_out)s,
+    summary = %(summary)s, error = %(error)s
+WHERE run_id = %(run_id)s AND step = %(step)s;
+
+-- name: note_run_result
+-- What a step learned about the run (the batch it published, the model it used).
+UPDATE overnight.runs
+SET batch_id = coalesce(%(batch_id)s, batch_id), model_id = coalesce(%(model_id)s, model_id)
+WHERE run_id = %(run_id)s;
+
+-- name: finish_run
+UPDATE overnight.runs
+SET status = %(status)s, error = %(error)s,
+    finished_at = CASE WHEN %(status)s = 'running' THEN NULL ELSE now() END
+WHERE run_id = %(run_id)s;
+
+-- name: run_by_id
+SELECT run_id, logical_date, trigger, external_id, status, started_at, finished_at, batch_id, model_id, error
+FROM overnight.runs WHERE run_id = %s;
+
+-- name: run_steps_of_run
+SELECT step, status, attempt, started_at, finished_at, seconds, peak_memory_bytes, rows_in, rows_out,
+       summary, error
+FROM overnight.run_steps WHERE run_id = %s ORDER BY started_at, step;
+
+-- ===================================================================== monitoring
+
+-- name: delete_monitor_checks
+DELETE FROM overnight.monitor_checks WHERE logical_date = %s AND stage = %s;
+
+-- name: insert_monitor_check
+INSERT INTO overnight.monitor_checks
+    (logical_date, stage, statistic, subject, value, level, message, warn_at, fail_at, bad_side, details,
+     run_id, model_id, batch_id)
+VALUES (%(logical_date)s, %(stage)s, %(statistic)s, %(subject)s, %(value)s, %(level)s, %(message)s,
+        %(warn_at)s, %(fail_at)s, %(bad_side)s, %(details)s, %(run_id)s, %(model_id)s, %(batch_id)s);
+
+-- name: upsert_monitor_report
+INSERT INTO overnight.monitor_reports (logical_date, stage, verdict, report, run_id, model_id, batch_id)
+VALUES (%(logical_date)s, %(stage)s, %(verdict)s, %(report)s, %(run_id)s, %(model_id)s, %(batch_id)s)
+ON CONFLICT (logical_date, stage) DO UPDATE SET
+    verdict = EXCLUDED.verdict, report = EXCLUDED.report, run_id = EXCLUDED.run_id,
+    model_id = EXCLUDED.model_id, batch_id = EXCLUDED.batch_id, created_at = now();
+
+-- name: monitor_checks_for_date
+SELECT stage, statistic, subject, value, level, message, warn_at, fail_at, bad_side, details, run_id,
+       model_id, batch_id
+FROM overnight.monitor_checks
+WHERE logical_date = %s
+ORDER BY array_position(ARRAY['input', 'drift', 'output'], stage), statistic, subject;
+
+-- name: monitor_reports_for_date
+SELECT stage, verdict, report, run_id, model_id, batch_id, created_at
+FROM overnight.monitor_reports WHERE logical_date = %s;
+
+-- name: request_retrain
+INSERT INTO overnight.retrain_requests (model_id, logical_date, reason) VALUES (%s, %s, %s)
+ON CONFLICT (model_id, logical_date) DO UPDATE SET reason = EXCLUDED.reason, created_at = now();
+
+-- name: withdraw_retrain
+DELETE FROM overnight.retrain_requests WHERE model_id = %s AND logical_date = %s;
+
+-- name: retrain_request_for_date
+-- The newest drift request against the model that a date would use (a newer model answers it).
+SELECT r.reason
+FROM overnight.retrain_requests AS r
+WHERE r.logical_date <= %(logical_date)s
+  AND r.model_id = (SELECT m.model_id FROM overnight.model_versions AS m
+                    WHERE m.status IN ('production', 'retired') AND m.logical_date <= %(logical_date)s
+                    ORDER BY m.logical_date DESC, m.created_at DESC LIMIT 1)
+ORDER BY r.logical_date DESC
+LIMIT 1;
+
+-- name: previous_kept_batch
+-- Yesterday's lists: the newest batch of an earlier date whose table is still kept.
+SELECT batch_id, logical_date FROM overnight.batches
+WHERE logical_date < %s AND status IN ('live', 'ready', 'retired')
+ORDER BY logical_date DESC, batch_id DESC
+LIMIT 1;
+
+-- name: record_alert
+-- True when the fingerprint is new (send it), false when it was sent before (only counted).
+INSERT INTO overnight.alerts (fingerprint, title, details) VALUES (%s, %s, %s)
+ON CONFLICT (fingerprint) DO UPDATE SET
+    last_seen_at = now(), times_seen = overnight.alerts.times_seen + 1
+RETURNING times_seen = 1;
+
+-- ===================================================================== dashboard (serving)
+
+-- name: dashboard_runs
+SELECT run_id, logical_date, trigger, status, started_at, finished_at, batch_id, model_id, error,
+       extract(epoch FROM coalesce(finished_at, now()) - started_at) AS seconds
+FROM overnight.runs
+ORDER BY started_at DESC
+LIMIT %s;
+
+-- name: dashboard_run_steps
+-- Steps of the given runs; a mapped step's parts ("score[0]", "score[1]") count as one, wall to wall.
+SELECT run_id,
+       regexp_replace(step, '\[\d+\]$', '') AS step,
+       count(*) AS parts,
+       min(started_at) AS started_at,
+       extract(epoch FROM max(coalesce(finished_at, now())) - min(started_at)) AS seconds,
+       max(peak_memory_bytes) AS peak_memory_bytes,
+       sum(rows_in) AS rows_in,
+       sum(rows_out) AS rows_out,
+       (array_agg(status ORDER BY array_position(ARRAY['failed', 'blocked', 'running', 'success'], status)))[1]
+           AS status
+FROM overnight.run_steps
+WHERE run_id = ANY(%s)
+GROUP BY run_id, 2
+ORDER BY run_id, min(started_at);
+
+-- name: dashboard_models
+SELECT model_id, logical_date, status, metrics, created_at
+FROM overnight.model_versions
+ORDER BY logical_date DESC, created_at DESC
+LIMIT %s;
+
+-- name: dashboard_checks
+-- Every check of the last N measured dates, for the heat map and the statistics over time.
+SELECT logical_date, stage, statistic, subject, value, level, message, warn_at, fail_at
+FROM overnight.monitor_checks
+WHERE logical_date IN (SELECT DISTINCT logical_date FROM overnight.monitor_checks
+                       ORDER BY logical_date DESC LIMIT %s)
+ORDER BY logical_date, stage, statistic, subject;
+
+-- name: dashboard_output_report
+SELECT logical_date, verdict, report, batch_id, model_id
+FROM overnight.monitor_reports
+WHERE stage = 'output' AND (%(logical_date)s::date IS NULL OR logical_date <= %(logical_date)s)
+ORDER BY logical_date DESC
+LIMIT 1;
+
+-- name: dashboard_alerts
+SELECT fingerprint, title, details->>'text' AS text, first_sent_at, last_seen_at, times_seen
+FROM overnight.alerts
+ORDER BY last_seen_at DESC
+LIMIT %s;
+-- ===================================================================== rollouts: canary and shadow
+
+-- name: serving_batches
+-- Production and, when one runs, the canary, read in one statement so a reader never sees a promote
+-- half done. What the lookup service needs to answer from each batch (see serving.live.live_batch_from_row),
+-- plus variant, traffic and salt (null for production). The canary's switched_at is its updated_at.
+SELECT 'production' AS variant, b.batch_id, b.model_id, b.k, b.generated_at, b.fallback_item_ids,
+       b.fallback_scores, l.switched_at, NULL::double precision AS traffic, NULL::text AS salt
+FROM overnight.live AS l
+JOIN overnight.batches AS b USING (batch_id)
+UNION ALL
+SELECT 'canary', b.batch_id, b.model_id, b.k, b.generated_at, b.fallback_item_ids, b.fallback_scores,
+       c.updated_at, c.traffic, c.salt
+FROM overnight.canary AS c
+JOIN overnight.batches AS b USING (batch_id);
+
+-- name: canary_state
+SELECT batch_id, traffic, salt, started_at, updated_at FROM overnight.canary FOR UPDATE;
+
+-- name: upsert_canary
+INSERT INTO overnight.canary (singleton, batch_id, traffic, salt) VALUES (true, %s, %s, %s)
+ON CONFLICT (singleton) DO UPDATE SET traffic = EXCLUDED.traffic, updated_at = now()
+WHERE overnight.canary.batch_id = EXCLUDED.batch_id;
+
+-- name: delete_canary
+DELETE FROM overnight.canary;
+
+-- name: mark_batch_canary
+UPDATE overnight.batches SET status = 'canary', published_at = coalesce(published_at, now())
+WHERE batch_id = %s AND status IN ('ready', 'retired', 'canary');
+
+-- name: mark_canary_batch_ready
+UPDATE overnight.batches SET status = 'ready' WHERE batch_id = %s AND status = 'canary';
+
+-- name: record_canary_event
+INSERT INTO overnight.canary_history (action, batch_id, traffic, salt, production_batch_id)
+VALUES (%s, %s, %s, %s, %s);
+
+-- name: batch_for_rollout
+SELECT b.batch_id, b.kind, b.status, b.k, b.logical_date, b.model_id,
+       to_regclass(format('overnight.recs_%%s', b.batch_id)) IS NOT NULL AS has_table
+FROM overnight.batches AS b
+WHERE b.batch_id = %s;
+
+-- name: canary_history
+SELECT event_id, action, batch_id, traffic, salt, production_batch_id, happened_at
+FROM overnight.canary_history
+ORDER BY event_id DESC
+LIMIT %s;
+
+-- name: mark_batch_shadow_kind
+UPDATE overnight.batches SET kind = 'shadow' WHERE batch_id = %s AND status = 'loading';
+
+-- name: mark_shadow_ready
+UPDATE overnight.batches SET status = 'shadow', validation = %s WHERE batch_id = %s AND kind = 'shadow';
+
+-- name: same_date_shadow_batches
+-- Earlier shadow batches of a date that a newer shadow batch of the same date replaces.
+SELECT batch_id FROM overnight.batches
+WHERE logical_date = %s AND batch_id <> %s AND kind = 'shadow' AND status = 'shadow';
+
+-- name: expired_shadow_batches
+SELECT batch_id FROM overnight.batches
+WHERE kind = 'shadow' AND status = 'shadow'
+ORDER BY batch_id DESC
+OFFSET %s;
+
+-- name: shadow_batch_for_date
+SELECT batch_id, model_id, k, generated_at FROM overnight.batches
+WHERE logical_date = %s AND kind = 'shadow' AND status = 'shadow'
+ORDER BY batch_id DESC
+LIMIT 1;
+
+-- name: serving_batch_for_date
+-- The production batch of a date: the newest one that went live, else the newest kept one.
+SELECT batch_id, model_id, k, generated_at FROM overnight.batches
+WHERE logical_date = %s AND kind = 'serving' AND status IN ('live', 'retired', 'ready', 'canary')
+ORDER BY published_at IS NOT NULL DESC, batch_id DESC
+LIMIT 1;
+
+-- name: batch_overlap
+-- Per user in both batches: how many of the first n items they share, and n (the shorter list).
+SELECT count(*) AS users,
+       coalesce(avg(shared::double precision / n), 0) AS mean_overlap,
+       count(*) FILTER (WHERE shared = n) AS identical
+FROM (
+    SELECT cardinality(ARRAY(SELECT unnest(p.item_ids[1:%(n)s]) INTERSECT SELECT unnest(s.item_ids[1:%(n)s])))
+               AS shared,
+           least(%(n)s, cardinality(p.item_ids), cardinality(s.item_ids)) AS n
+    FROM {production} AS p JOIN {shadow} AS s USING (user_id)
+) AS per_user
+WHERE n > 0;
+
+-- name: score_distribution
+-- Quantiles of every published score and of each user's top score.
+SELECT count(*) AS users,
+       (SELECT percentile_cont(ARRAY[0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]) WITHIN GROUP (ORDER BY s)
+        FROM {recs}, unnest(scores) AS s) AS all_scores,
+       percentile_cont(ARRAY[0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]) WITHIN GROUP (ORDER BY scores[1])
+           AS top_scores
+FROM {recs};
+
+-- name: top_items_for_users
+SELECT user_id, item_ids[1:%s] FROM {recs} WHERE user_id = ANY(%s);
+
+-- ===================================================================== online: served predictions and feedback
+
+-- name: ensure_daily_partitions
+SELECT overnight.ensure_daily_partitions(%s, %s, %s);
+
+-- name: drop_daily_partitions
+SELECT overnight.drop_daily_partitions(%s, %s);
+
+-- name: copy_served_predictions
+COPY overnight.served_predictions (served_at, request_id, user_id, batch_id, variant, source, item_ids)
+FROM STDIN (FORMAT BINARY);
+
+-- name: copy_feedback_events
+COPY overnight.feedback_events (occurred_at, received_at, user_id, item_id, event_type, request_id)
+FROM STDIN (FORMAT BINARY);
+
+-- name: online_outcomes
+-- Every served (request, item) of [start, end) with what its user did with it, aggregated by variant,
+-- batch and position. A click or conversion on an item implies it was seen, so it counts as an
+-- impression too. Feedback is joined by request id, so a served list and its feedback pair exactly.
+WITH served AS (
+    SELECT p.request_id, p.user_id, p.variant, p.batch_id, shown.item_id, shown.position
+    FROM overnight.served_predictions AS p,
+         unnest(p.item_ids) WITH ORDINALITY AS shown (item_id, position)
+    WHERE p.served_at >= %(start)s AND p.served_at < %(end)s
+),
+feedback AS (
+    SELECT request_id, user_id, item_id,
+           bool_or(event_type = 'impression') AS impressed,
+           bool_or(event_type = 'click') AS clicked,
+           bool_or(event_type = 'conversion') AS converted
+    FROM overnight.feedback_events
+    WHERE occurred_at >= %(start)s AND occurred_at < %(feedback_end)s AND request_id IS NOT NULL
+    GROUP BY request_id, user_id, item_id
+)
+SELECT s.variant, s.batch_id, s.position,
+       count(*) AS served,
+       count(*) FILTER (WHERE f.impressed OR f.clicked OR f.converted) AS impressions,
+       count(*) FILTER (WHERE f.clicked) AS clicks,
+       count(*) FILTER (WHERE f.converted) AS conversions
+FROM served AS s
+LEFT JOIN feedback AS f USING (request_id, user_id, item_id)
+GROUP BY s.variant, s.batch_id, s.position
+ORDER BY s.variant, s.batch_id, s.position;
+
+-- name: online_requests
+SELECT variant, batch_id, count(*) AS requests, count(DISTINCT user_id) AS users
+FROM overnight.served_predictions
+WHERE served_at >= %(start)s AND served_at < %(end)s
+GROUP BY variant, batch_id;
+
+-- name: unattributed_feedback
+-- Feedback of the period that names no request, or a request (and item) that was not logged as served
+-- (sampling, a dropped log entry, or a client error).
+SELECT f.event_type, count(*)
+FROM overnight.feedback_events AS f
+WHERE f.occurred_at >= %(start)s AND f.occurred_at < %(end)s
+  AND NOT EXISTS (
+      SELECT 1 FROM overnight.served_predictions AS p
+      WHERE p.request_id = f.request_id AND p.user_id = f.user_id AND f.item_id = ANY(p.item_ids)
+        AND p.served_at >= %(start)s - interval '1 day' AND p.served_at < %(end)s
+  )
+GROUP BY f.event_type;
+
+-- name: feedback_interactions
+-- Feedback as interactions for ingest: events of the given types that happened in [start, end).
+SELECT user_id, item_id, occurred_at, event_type
+FROM overnight.feedback_events
+WHERE occurred_at >= %s AND occurred_at < %s AND event_type = ANY(%s);

@@ -8,12 +8,14 @@ import sys
 from typing import Any
 
 import pytest
+from airflow.serialization.encoders import coerce_to_core_timetable
 
 from tests.e2e.conftest import DAGS_FOLDER
 
 pytestmark = pytest.mark.e2e
 
-EXPECTED = {"overnight_nightly": "@daily", "overnight_freshness": "@hourly"}
+# DAG id → cron expression of its schedule.
+EXPECTED = {"overnight_nightly": "0 0 * * *", "overnight_freshness": "0 * * * *"}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,22 @@ def test_no_import_errors(dagbag: Any) -> None:
 
 
 def test_the_contract_dag_ids_and_schedules(dagbag: Any) -> None:
-    assert {dag_id: dagbag.dags[dag_id].schedule for dag_id in EXPECTED if dag_id in dagbag.dags} == EXPECTED
-    assert set(dagbag.dags) == set(EXPECTED)
+    schedules = {dag_id: coerce_to_core_timetable(dag.timetable).summary for dag_id, dag in dagbag.dags.items()}
+    assert schedules == EXPECTED
+
+
+def test_a_scheduled_night_scores_the_day_that_has_just_ended(dagbag: Any) -> None:
+    import pendulum
+    from airflow.timetables.base import DataInterval, TimeRestriction
+
+    timetable = coerce_to_core_timetable(dagbag.dags["overnight_nightly"].timetable)
+    scored_the_19th = DataInterval(pendulum.datetime(2026, 11, 19, tz="UTC"), pendulum.datetime(2026, 11, 20, tz="UTC"))
+    restriction = TimeRestriction(earliest=None, latest=None, catchup=True)
+    upcoming = timetable.next_dagrun_info(last_automated_data_interval=scored_the_19th, restriction=restriction)
+    assert upcoming is not None
+    # The run that starts at midnight on the 21st scores the 20th, whose events are all in by then.
+    assert upcoming.logical_date == pendulum.datetime(2026, 11, 20, tz="UTC")
+    assert upcoming.run_after == pendulum.datetime(2026, 11, 21, tz="UTC")
 
 
 @pytest.mark.parametrize("dag_id", sorted(EXPECTED))

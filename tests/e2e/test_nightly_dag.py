@@ -8,6 +8,7 @@ import httpx
 import psycopg
 import pytest
 
+from jobs.features import FEATURES
 from tests.conftest import SAMPLE_DATE, overnight_env, running_service
 from tests.e2e.conftest import DAGS_FOLDER
 
@@ -55,10 +56,29 @@ def test_nightly_dag_publishes_a_batch_that_the_service_serves(
             "SELECT b.batch_id, b.logical_date, b.status FROM overnight.live JOIN overnight.batches b USING (batch_id)"
         ).fetchone()  # type: ignore[misc]
         shards = conn.execute("SELECT count(*) FROM overnight.model_versions").fetchone()
+        runs = conn.execute("SELECT run_id, trigger, status, logical_date, batch_id FROM overnight.runs").fetchall()
+        steps = {
+            step: rest
+            for step, *rest in conn.execute(
+                "SELECT step, status, seconds > 0, peak_memory_bytes > 0, rows_out FROM overnight.run_steps"
+            ).fetchall()
+        }
+        drift_checks = conn.execute(
+            "SELECT count(*) FROM overnight.monitor_checks WHERE stage = 'drift' AND logical_date = %s", (SAMPLE_DATE,)
+        ).fetchone()
     assert (logical_date, status) == (SAMPLE_DATE, "live")
     assert shards == (1,)
     scores = sorted((tmp_path / "var" / "work" / f"date={SAMPLE_DATE}" / "scores").glob("shard-*-of-00003.parquet"))
     assert len(scores) == 3  # the mapped score task ran once per shard
+
+    # run history: one row for the dag run, one per task (per map index for the shards), from the hooks
+    assert [r[1:] for r in runs] == [("airflow", "success", SAMPLE_DATE, batch_id)]
+    assert {"ingest", "train", "score[0]", "score[1]", "score[2]", "monitor", "publish", "check-freshness"} <= set(
+        steps
+    )
+    assert all(measured[:3] == ["success", True, True] for measured in steps.values()), steps
+    assert steps["publish"][3] == sum(steps[f"score[{i}]"][3] for i in range(3)) > 0  # users scored = published
+    assert drift_checks is not None and drift_checks[0] == 2 * len(FEATURES)  # PSI and KS of each feature
 
     with running_service(env) as base:
         headers = {"Authorization": "Bearer dag-test-key"}

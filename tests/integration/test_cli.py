@@ -21,9 +21,9 @@ def test_run_publishes_a_fresh_batch_that_status_shows_and_serve_answers(
 ) -> None:
     run = overnight("run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat(), env=env)
     for number, step in enumerate(
-        ["ingest", "features", "candidates", "train", "score", "publish", "check-freshness"], 1
+        ["ingest", "features", "candidates", "train", "score", "monitor", "publish", "check-freshness"], 1
     ):
-        assert f"[{number}/7] {step} done in" in run.stderr
+        assert f"[{number}/8] {step} done in" in run.stderr
     assert "batch 1 is published" in run.stdout
 
     status = json.loads(overnight("status", "--json", env=env).stdout)
@@ -117,3 +117,18 @@ def test_help_explains_every_command(env: dict[str, str]) -> None:
     ]:
         assert command in top
     assert "--source" in overnight("run", "--help", env=env).stdout
+
+
+def test_generate_writes_what_ingest_reads_and_refuses_bad_options(env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "generated"
+    made = overnight(
+        "generate", "--out", str(out), "--users", "300", "--items", "80", "--days", "20",
+        "--end-date", SAMPLE_DATE.isoformat(), "--drift-from", "2026-11-15", env=env,
+    )  # fmt: skip
+    assert made.stdout.startswith("wrote ") and "of 300 users over 80 items" in made.stdout
+    assert "generate: 300 of 300 users" in made.stderr  # progress
+    assert sorted(p.name for p in out.iterdir()) == ["interactions", "items.parquet"]
+    ingested = overnight("ingest", "--source", str(out), "--date", SAMPLE_DATE.isoformat(), env=env)
+    assert "rows_quarantined: 0" in ingested.stdout
+    bad = overnight("generate", "--out", str(out), "--format", "json", env=env, check=False)
+    assert bad.returncode != 0 and "is not parquet or csv" in bad.stderr

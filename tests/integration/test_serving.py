@@ -5,6 +5,7 @@ transaction with NOTIFY); no response in any test may be a 500.
 """
 
 import hashlib
+import json
 import os
 import socket
 import threading
@@ -25,11 +26,14 @@ from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
 import sql
+from jobs.rollouts import start_canary, stop_canary
+from jobs.settings import Settings
 from serving.app import create_app
 from serving.errors import ServingConfigError
 from serving.live import WATCHER_APPLICATION_NAME
 from serving.server import serve
 from serving.settings import ServingSettings, get_serving_settings
+from serving.variants import TrafficSplit
 from tests.conftest import overnight_env, running_service
 
 pytestmark = pytest.mark.integration
@@ -461,6 +465,11 @@ def test_a_dropped_batch_table_is_replaced_by_the_live_one(live_service: Service
     assert batch_of(live_service.recs("42")) == first
     publisher.drop(first)
 
+    # A cached user is still answered from `first` (whole, from one batch); the first cache miss finds
+    # the table gone, and from then on everything comes from the live batch.
+    uncached = live_service.recs("not-asked-before")
+    assert uncached.status_code == 200
+    assert batch_of(uncached) == second
     response = live_service.recs("42")
     assert response.status_code == 200
     assert batch_of(response) == second
@@ -474,16 +483,20 @@ def test_a_stalled_database_is_a_fast_503(live_service: Service, publisher: Publ
     with psycopg.connect(publisher.url) as locker:
         locker.execute(pgsql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.recs_table(batch_id)))
         start = time.monotonic()
-        response = live_service.recs("42")
+        response = live_service.recs("7")
         elapsed = time.monotonic() - start
         assert response.status_code == 503
         assert response.headers["Retry-After"]
         assert "database" in response.json()["detail"]
         assert elapsed < DB_TIMEOUT + 0.5
-        batch = live_service.client.post("/v1/recommendations:batch", json={"user_ids": ["42"]})
+        batch = live_service.client.post("/v1/recommendations:batch", json={"user_ids": ["42", "7"]})
         assert batch.status_code == 503
+        # A user already in the cache needs no database: still answered, from the same batch.
+        cached = live_service.recs("42")
+        assert cached.status_code == 200
+        assert batch_of(cached) == batch_id
         locker.rollback()
-    assert live_service.recs("42").status_code == 200
+    assert live_service.recs("7").status_code == 200
 
 
 def test_an_unreachable_database_is_a_503_with_a_reason(database_url: str) -> None:
@@ -521,7 +534,7 @@ def test_metrics_report_requests_and_the_live_batch(live_service: Service) -> No
     live_service.recs("nobody")
     live_service.anonymous.get("/v1/users/42/recommendations")
     text = live_service.anonymous.get("/metrics").text
-    route = "/v1/users/{user_id:path}/recommendations"
+    route = "/v1/users/{user_id:text}/recommendations"
     assert f'overnight_http_requests_total{{method="GET",route="{route}",status="200"}} 2.0' in text
     assert f'overnight_http_requests_total{{method="GET",route="{route}",status="401"}} 1.0' in text
     assert "overnight_http_request_duration_seconds_bucket" in text
@@ -570,3 +583,174 @@ def test_serve_without_auth_runs_workers_that_inherit_it(
             response = client.get("/v1/users/42/recommendations", params={"k": 1})
             assert response.status_code == 200
             assert item_ids(response) == ["i1"]
+
+
+# ---------------------------------------------------------------------------- limits, cache, observability
+
+
+def test_oversized_bodies_are_refused_with_413_before_parsing(database_url: str, publisher: Publisher) -> None:
+    publisher.publish(RECS)
+    with running(service_settings(database_url, max_request_bytes=2048)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        big = {"user_ids": ["u" * 200] * 20}
+        response = service.client.post("/v1/recommendations:batch", json=big)
+        assert response.status_code == 413
+        assert "2048 bytes" in detail_text(response)
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: counted while read
+            yield b'{"user_ids": ['
+            for _ in range(200):
+                yield b'"0123456789",'
+            yield b'"42"]}'
+
+        assert service.client.post("/v1/recommendations:batch", content=chunked()).status_code == 413
+        assert service.client.post("/v1/recommendations:batch", json={"user_ids": ["42"]}).status_code == 200
+
+
+def test_control_characters_in_ids_are_just_unknown_users(live_service: Service) -> None:
+    for odd in ("\n", "a\nb", "\t\x0b", "\r\n"):
+        response = live_service.client.get(f"/v1/users/{quote(odd, safe='')}/recommendations")
+        assert response.status_code == 200, repr(odd)
+        assert response.json()["user_id"] == odd
+        assert response.json()["source"] == "fallback"
+
+
+def test_metrics_report_cache_database_trips_and_pool(live_service: Service) -> None:
+    for _ in range(3):
+        live_service.recs("42")
+    text = live_service.anonymous.get("/metrics").text
+    assert 'overnight_cache_lookups_total{result="hit"} 2.0' in text
+    assert 'overnight_cache_lookups_total{result="miss"} 1.0' in text
+    assert "overnight_cache_hit_ratio 0.66" in text
+    assert "overnight_db_trips_total 1.0" in text
+    assert 'overnight_db_pool_connections{state="open"}' in text
+    assert "overnight_db_pool_max 4.0" in text
+
+
+def test_access_log_is_json_and_sampled(
+    database_url: str, publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher.publish(RECS)
+    with running(service_settings(database_url, access_log=True, access_log_sample=0.0)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        with caplog.at_level("INFO", logger="overnight.access"):
+            for _ in range(5):
+                service.recs("42")
+            service.anonymous.get("/v1/users/42/recommendations")
+    entries = [json.loads(record.getMessage()) for record in caplog.records if record.name == "overnight.access"]
+    # Sampled at 0: no success is logged, every error is.
+    assert [entry["status"] for entry in entries] == [401]
+    assert entries[0]["route"] == "/v1/users/{user_id:text}/recommendations"
+    assert entries[0]["path"] == "/v1/users/42/recommendations"
+    assert entries[0]["duration_ms"] > 0
+
+
+# ---------------------------------------------------------------------------- canary, served-prediction log, feedback
+
+
+def metric(service: Service, line_start: str) -> float:
+    text = service.anonymous.get("/metrics").text
+    return float(next(line for line in text.splitlines() if line.startswith(line_start)).rsplit(" ", 1)[1])
+
+
+def served_rows(url: str) -> list[tuple[str, str, int, str, list[str]]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT request_id, user_id, batch_id, variant, item_ids FROM overnight.served_predictions"
+        ).fetchall()
+
+
+def test_canary_users_get_the_canary_and_every_answer_is_logged_with_its_request_id(
+    database_url: str, publisher: Publisher, tmp_path: Path
+) -> None:
+    users = [f"u{n}" for n in range(40)]
+    production = publisher.publish({user: [f"p-{user}"] for user in users})
+    canary = publisher.publish({user: [f"c-{user}"] for user in users}, switch=False)
+    batch_settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
+    split = TrafficSplit("test-salt", 0.5)
+    arm = {user: split.variant(user) for user in users}
+    expected = {user: (canary, "canary") if arm[user] == "canary" else (production, "production") for user in users}
+    assert set(arm.values()) == {"canary", "production"}
+
+    with running(service_settings(database_url)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        assert service.recs("u1").json()["variant"] == "production"
+        start_canary(batch_settings, canary, 0.5, salt="test-salt")
+        canary_user = next(user for user in users if arm[user] == "canary")
+        service.wait_for(lambda: service.recs(canary_user).json()["variant"] == "canary", within=SWITCH_DEADLINE)
+
+        for user in users:
+            response = service.client.get(f"/v1/users/{user}/recommendations", headers={"X-Request-Id": f"one-{user}"})
+            body = response.json()
+            assert (body["batch_id"], body["variant"]) == expected[user]
+            assert int(response.headers["X-Batch-Id"]) == body["batch_id"]
+            assert response.headers["X-Request-Id"] == f"one-{user}"
+            assert [item["item_id"] for item in body["items"]] == [f"{'c' if arm[user] == 'canary' else 'p'}-{user}"]
+        made_up = service.client.get("/v1/users/u1/recommendations", headers={"X-Request-Id": "not sane"})
+        assert made_up.headers["X-Request-Id"] != "not sane" and len(made_up.headers["X-Request-Id"]) == 32
+
+        # A batch request answers each user from their own arm; the headers name production.
+        response = service.client.post(
+            "/v1/recommendations:batch", json={"user_ids": [*users, "u0"]}, headers={"X-Request-Id": "many"}
+        )
+        results = response.json()["results"]
+        assert [result["user_id"] for result in results] == [*users, "u0"]
+        assert [(r["batch_id"], r["variant"]) for r in results] == [expected[user] for user in [*users, "u0"]]
+        assert int(response.headers["X-Batch-Id"]) == production
+        assert response.headers["X-Request-Id"] == "many"
+
+        assert metric(service, "overnight_canary_batch_id ") == canary
+        assert metric(service, "overnight_canary_traffic ") == 0.5
+        in_canary = sum(1 for user in [*users, *users, "u0", canary_user] if arm[user] == "canary")
+        assert metric(service, 'overnight_variant_lookups_total{variant="canary"}') >= in_canary
+
+        # Feedback takes the same key as the lookups.
+        event = {"user_id": "u1", "item_id": "p-u1", "type": "click", "timestamp": datetime.now(UTC).isoformat()}
+        assert service.anonymous.post("/v1/events", json={"events": [event]}).status_code == 401
+        assert service.client.post("/v1/events", json={"events": [{**event, "request_id": "many"}]}).status_code == 202
+
+        stop_canary(batch_settings)
+        service.wait_for(lambda: service.recs(canary_user).json()["variant"] == "production", within=SWITCH_DEADLINE)
+        assert metric(service, "overnight_canary_batch_id ") == 0
+    # Leaving the block shut the service down, which wrote out every queued row.
+
+    rows = served_rows(database_url)
+    singles = {row[1]: row for row in rows if row[0].startswith("one-")}
+    assert {user: (row[2], row[3]) for user, row in singles.items()} == expected
+    many = sorted((row[1], row[2], row[3]) for row in rows if row[0] == "many")
+    assert many == sorted((user, *expected[user]) for user in [*users, "u0"])
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT request_id, event_type FROM overnight.feedback_events").fetchall() == [
+            ("many", "click")
+        ]
+
+
+def test_a_full_prediction_log_queue_drops_and_counts_and_never_slows_a_lookup(
+    database_url: str, publisher: Publisher
+) -> None:
+    """With room for one row and the writer stalled on a lock, every lookup is still answered at once;
+    the rows that did not fit are counted as dropped, and the ones queued are written once it clears."""
+    publisher.publish(RECS)
+    with running(service_settings(database_url, prediction_log_queue_size=1)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("LOCK TABLE overnight.served_predictions IN ACCESS EXCLUSIVE MODE")
+            slowest = 0.0
+            for n in range(200):
+                started = time.perf_counter()
+                assert service.recs("42" if n % 2 else f"nobody-{n}").status_code == 200
+                slowest = max(slowest, time.perf_counter() - started)
+            written = metric(service, 'overnight_bulk_rows_written_total{writer="served_predictions"}')
+            dropped = metric(service, 'overnight_bulk_rows_dropped_total{writer="served_predictions"}')
+            accepted = metric(service, 'overnight_bulk_rows_accepted_total{writer="served_predictions"}')
+            queued = metric(service, 'overnight_bulk_rows_queued{writer="served_predictions"}')
+            blocker.rollback()
+        # Far below the stall, which lasted through all 200 lookups: no lookup waited for the writer.
+        assert slowest < DB_TIMEOUT, slowest
+        assert written == 0 and queued >= 1
+        assert accepted + dropped == 200 and dropped >= 190, (accepted, dropped)
+        service.wait_for(
+            lambda: metric(service, 'overnight_bulk_rows_written_total{writer="served_predictions"}') == accepted,
+            within=5,
+        )
+    assert len(served_rows(database_url)) == accepted

@@ -6,8 +6,9 @@ from pathlib import Path
 import polars as pl
 import psycopg
 import pytest
+from polars.testing import assert_frame_equal
 
-from jobs import ingest, lake, train
+from jobs import candidates, features, ingest, lake, registry, train
 from jobs.errors import MissingDataError
 from jobs.features import FEATURES
 from jobs.settings import Settings
@@ -37,7 +38,9 @@ def test_examples_ignore_everything_from_the_cutoff_on(tmp_path: Path, sample_so
     (source / "items.parquet").write_bytes((sample_source / "items.parquet").read_bytes())
     ingest.ingest(settings, source, SAMPLE_DATE)
 
-    examples = train.build_examples(settings, SAMPLE_DATE, cutoff)
+    events = lake.scan_interactions(settings.lake_dir, SAMPLE_DATE)
+    window = train.time_window(events, cutoff, lake.day_end(SAMPLE_DATE), settings)
+    examples = train.build_examples(window, lake.read_catalogue(settings.lake_dir, SAMPLE_DATE), settings)
     assert "brand-new" in examples.relevant["item_id"].to_list()  # it is a label...
     assert "brand-new" not in examples.frame["item_id"].to_list()  # ...but no feature or candidate saw it
     # no feature may count anything at or after the cutoff: recompute one by hand
@@ -53,10 +56,14 @@ def test_the_same_data_trains_the_same_model(tmp_path: Path, sample_source: Path
     first = train.train(settings, SAMPLE_DATE)
     second = train.train(settings, SAMPLE_DATE)
     assert first.model_id == second.model_id
-    assert first.metrics == second.metrics
+    # the second run also compares the model with itself as production; everything else is identical
+    assert {k: v for k, v in first.metrics.items() if k not in ("production", "gate")} == {
+        k: v for k, v in second.metrics.items() if k not in ("production", "gate")
+    }
+    assert second.metrics["production"]["ndcg@10"] == first.metrics["ndcg@10"]
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
-            "SELECT status, features, metrics->'baselines' ? 'recent_popular' FROM overnight.model_versions"
+            "SELECT status, features, metrics->'baselines' ? 'recent-popular' FROM overnight.model_versions"
         ).fetchall()
     assert row == [("production", list(FEATURES), True)]
 
@@ -79,3 +86,56 @@ def test_without_any_model_a_night_that_cannot_train_fails(
     ingest.ingest(settings, sample_source, SAMPLE_DATE)
     with pytest.raises(MissingDataError, match="shorten OVERNIGHT_LABEL_DAYS"):
         train.train_if_due(settings, SAMPLE_DATE)
+
+
+def test_tables_for_a_date_ignore_events_on_or_after_it(tmp_path: Path, sample_source: Path) -> None:
+    """Ingesting a later date adds events after D to the lake; D's candidate and feature tables do not change."""
+    early = SAMPLE_DATE - timedelta(days=5)
+    only_until_d = Settings(data_dir=tmp_path / "until-d")
+    everything = Settings(data_dir=tmp_path / "everything")
+    ingest.ingest(only_until_d, sample_source, early)
+    ingest.ingest(everything, sample_source, early)
+    ingest.ingest(everything, sample_source, SAMPLE_DATE)  # the five days after D land in the lake too
+    later = lake.scan_interactions(everything.lake_dir, SAMPLE_DATE).filter(pl.col("timestamp") >= lake.day_end(early))
+    assert later.select(pl.len()).collect().item() > 0
+    for settings in (only_until_d, everything):
+        features.prepare(settings, early)
+        candidates.prepare(settings, early)
+    names = [*candidates.CandidateTables.FILES, *features.FeatureTables.FILES, "users"]
+    for name in names:
+        expected = pl.read_parquet(only_until_d.work_dir_for(early) / f"{name}.parquet")
+        assert_frame_equal(pl.read_parquet(everything.work_dir_for(early) / f"{name}.parquet"), expected)
+
+
+def test_the_gate_keeps_production_when_a_new_model_is_not_better(
+    batch_settings: Settings, scored_lake: ScoredLake, database_url: str
+) -> None:
+    strict = batch_settings.model_copy(update={"promotion_margin": 10.0})  # nothing beats anything by 1000%
+    result = train.train_if_due(strict, SAMPLE_DATE)
+    assert result.trained and not result.promoted
+    assert result.status == "rejected"
+    assert result.reason.startswith("promotion skipped: ndcg@10")
+    assert result.scoring_model_id == scored_lake.model.model_id
+    assert result.metrics["production"]["model_id"] == scored_lake.model.model_id
+    with psycopg.connect(database_url) as conn:
+        production = registry.production_model(conn)
+        rejected = registry.model_by_id(conn, result.model_id)
+        for_date = registry.model_for_date(conn, SAMPLE_DATE)
+    assert production is not None and production.model_id == scored_lake.model.model_id
+    assert for_date is not None and for_date.model_id == scored_lake.model.model_id  # scoring D keeps the old one
+    assert rejected is not None and rejected.status == "rejected"
+    assert rejected.status_reason == result.reason
+    assert rejected.params["feature_importance_gain"].keys() == set(FEATURES)
+    assert rejected.metrics["gate"]["passed"] is False
+
+
+def test_retrain_is_due_by_age(batch_settings: Settings, scored_lake: ScoredLake) -> None:
+    with psycopg.connect(batch_settings.database_url) as conn:  # type: ignore[arg-type]
+        assert train.retrain_due(batch_settings, conn, PREVIOUS_DATE) == (
+            False,
+            f"{scored_lake.model.model_id} is 0 day(s) old; retraining every 1 day(s)",
+        )
+        due, reason = train.retrain_due(batch_settings, conn, SAMPLE_DATE)
+        assert due and "1 day(s) old" in reason
+        due, reason = train.retrain_due(batch_settings, conn, PREVIOUS_DATE - timedelta(days=1))
+        assert due and reason.startswith("no promoted model trained on or before")

@@ -40,7 +40,7 @@ def commands(service: dict) -> list[list[str]]:
 
 
 def test_the_expected_services_are_there() -> None:
-    assert set(SERVICES) == {"postgres", "redis", "lookup"} | AIRFLOW_SERVICES
+    assert set(SERVICES) == {"postgres", "redis", "lookup", "lookup-proxy"} | AIRFLOW_SERVICES
 
 
 @pytest.mark.parametrize("name", sorted(set(SERVICES) - ONE_SHOT))
@@ -70,8 +70,17 @@ def test_every_overnight_command_exists_with_its_options() -> None:
     assert seen >= 2
 
 
+def healthcheck(service: dict) -> list[str]:
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD", "healthchecks run a program directly, without a shell"
+    return list(test[1:])
+
+
 def test_every_airflow_command_exists() -> None:
     invocations = [words[1:] for s in SERVICES.values() for words in commands(s) if words[0] == "airflow"]
+    invocations += [
+        healthcheck(s)[1:] for s in SERVICES.values() if "healthcheck" in s and healthcheck(s)[0] == "airflow"
+    ]
     assert {"scheduler", "dag-processor", "triggerer", "api-server"} <= {words[0] for words in invocations}
     script = (
         "import sys, json\n"
@@ -131,4 +140,52 @@ def test_the_lookup_service_has_keys_and_the_batch_side_shares_the_lake() -> Non
     assert "OVERNIGHT_API_KEYS" in SERVICES["lookup"]["environment"]
     for name in AIRFLOW_SERVICES:
         assert "lake:/opt/overnight/var" in SERVICES[name]["volumes"]
-    assert set(COMPOSE["volumes"]) == {"pgdata", "lake"}
+        assert "airflow-logs:/opt/airflow/logs" in SERVICES[name]["volumes"]
+    assert set(COMPOSE["volumes"]) == {"pgdata", "lake", "airflow-logs"}
+
+
+def test_every_airflow_component_checks_its_own_job_type() -> None:
+    for name, job_type in [
+        ("airflow-scheduler", "SchedulerJob"),
+        ("airflow-dag-processor", "DagProcessorJob"),
+        ("airflow-triggerer", "TriggererJob"),
+    ]:
+        check = healthcheck(SERVICES[name])
+        assert check[:3] == ["airflow", "jobs", "check"], name
+        assert check[check.index("--job-type") + 1] == job_type, name
+    apiserver = SERVICES["airflow-apiserver"]
+    assert "8080:8080" in apiserver["ports"]
+    assert "http://localhost:8080/api/v2/" in " ".join(healthcheck(apiserver))
+    assert SERVICES["airflow-worker"]["command"] == "airflow celery worker"
+    environment = SERVICES["airflow-scheduler"]["environment"]
+    assert environment["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert environment["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
+    assert environment["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
+
+
+def _serve_port(service: dict) -> int:
+    words = next(w for w in commands(service) if w[:2] == ["overnight", "serve"])
+    return int(words[words.index("--port") + 1])
+
+
+def test_two_lookup_replicas_answer_behind_one_port() -> None:
+    lookup, proxy = SERVICES["lookup"], SERVICES["lookup-proxy"]
+    port = _serve_port(lookup)
+    assert lookup["deploy"]["replicas"] >= 2
+    assert "ports" not in lookup, "replicas cannot share a host port; the proxy publishes it"
+    assert str(port) in lookup["expose"]
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(healthcheck(lookup))
+    assert proxy["ports"] == [f"{port}:8000"]
+    assert "http://127.0.0.1:8000/healthz" in healthcheck(proxy)
+    assert proxy["depends_on"]["lookup"]["condition"] == "service_healthy"
+    assert "./deploy/nginx-lookup.conf:/etc/nginx/conf.d/default.conf:ro" in proxy["volumes"]
+    text = (ROOT / "deploy" / "nginx-lookup.conf").read_text()
+    assert f"server lookup:{port} resolve;" in text  # the compose service name and the port it serves on
+    assert "listen 8000;" in text
+    assert "/healthz" in _lookup_routes()
+
+
+def _lookup_routes() -> set[str]:
+    from serving.app import ops
+
+    return {route.path for route in ops.routes}  # type: ignore[attr-defined]

@@ -209,3 +209,23 @@ def test_unknown_format_and_missing_path_are_clear(tmp_path: Path) -> None:
     odd.write_text("x")
     with pytest.raises(BadInputError, match="pass --format parquet or csv"):
         read_source(odd)
+
+
+def test_a_source_read_in_chunks_lands_as_if_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "src" / "interactions"
+    write_csv(folder, "user_id,item_id,timestamp,rating\n" + GOOD_ROWS, name="part-0.csv")
+    # a duplicate of a row of part 0, in another chunk: found across chunks, quarantined with its row
+    write_csv(
+        folder, "user_id,item_id,timestamp,rating\nu0,i0,2026-11-10T12:00:00Z,1\nu9,i9,2026-11-12,4\n", "part-1.csv"
+    )
+    whole = ingest(settings_for(tmp_path / "whole"), tmp_path / "src", DAY)
+    monkeypatch.setattr("jobs.ingest.CHUNK_ROWS", 7)
+    chunked_settings = settings_for(tmp_path / "chunked")
+    chunked = ingest(chunked_settings, tmp_path / "src", DAY)
+    assert (chunked.rows_read, chunked.rows_valid, chunked.users) == (whole.rows_read, whole.rows_valid, whole.users)
+    assert chunked.quarantined_by_reason == whole.quarantined_by_reason == {"duplicate": 1}
+    quarantined = pl.read_parquet(chunked.quarantine_path)  # type: ignore[arg-type]
+    assert quarantined["row"].to_list() == [200]
+    lake_rows = pl.read_parquet(lake.interaction_partitions(chunked_settings.lake_dir, DAY))
+    assert lake_rows.height == chunked.rows_valid == 201
+    assert not (chunked_settings.work_dir_for(DAY) / "ingest-staging").exists()

@@ -1,0 +1,327 @@
+"""The nightly batch at scale, step by step, against its own ceilings measured in the same run.
+
+    uv run python benchmarks/batch.py --users 1000000 --items 50000 --json batch-1m.json
+
+1. Generates the dataset with `overnight generate`'s generator (or reuses it from --data).
+2. Trains a ranker on a small sample of users from the same world (not timed: the night under test
+   does not retrain) and registers it in a new database on --admin-url (dropped at the end).
+3. Runs ingest → candidates → features → score (one process per shard, --shard-users each) →
+   publish, each step in a process of its own, timing it and reading its peak RSS.
+4. Measures the ceilings on the same data: LightGBM's bare `predict` on the very feature matrices
+   scoring built (timed inside the scoring loop), and a bare binary COPY of the same published rows
+   (same encoder, same parallel connections, into a table without key or validation). psycopg's
+   per-row `write_row` on a sample is reported beside it for reference.
+
+Prints JSON: per-step seconds and peak RSS, users scored per second, candidate rows per second,
+the two ceilings, and the ratios of our rates to them. Machine load (/proc/loadavg) is recorded at
+every step: on a shared machine compare the ratios, not the absolute numbers.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.conninfo import make_conninfo
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGICAL_DATE = date(2026, 11, 20)
+STEPS = ("ingest", "candidates", "features", "score", "publish")
+
+
+def load() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def run_step(step: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run one step in a child process; its wall seconds, peak RSS and what it printed last (JSON)."""
+    before = load()
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--step", step, *args], env=env, stdout=subprocess.PIPE, stderr=sys.stderr
+    )
+    out_thread_output: list[bytes] = []
+    reader = threading.Thread(target=lambda: out_thread_output.append(process.stdout.read()))  # type: ignore[union-attr]
+    reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    reader.join()
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"step {step} {' '.join(args)} failed")
+    result = json.loads(out_thread_output[0].decode().strip().splitlines()[-1])
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "load_before": before,
+        "result": result,
+    }
+
+
+# ------------------------------------------------------------------ steps (run in child processes)
+
+
+def child_step(step: str, extra: list[str]) -> Any:
+    from jobs import candidates, features, ingest, publish, score
+    from jobs.settings import get_settings
+
+    settings = get_settings()
+    if step == "ingest":
+        return asdict(ingest.ingest(settings, Path(extra[0]), LOGICAL_DATE))
+    if step == "candidates":
+        return asdict(candidates.prepare(settings, LOGICAL_DATE))
+    if step == "features":
+        return asdict(features.prepare(settings, LOGICAL_DATE))
+    if step == "plan":
+        return score.plan_shards(settings, LOGICAL_DATE)
+    if step == "score":
+        return asdict(score.score_shard(settings, LOGICAL_DATE, int(extra[0]), int(extra[1])))
+    if step == "publish":
+        result = asdict(publish.publish(settings, LOGICAL_DATE))
+        return {k: v for k, v in result.items() if k != "validation"} | {"validation": result["validation"]}
+    if step == "copy-ceiling":
+        return copy_ceiling(settings)
+    if step == "predict-ceiling":
+        return predict_ceiling(settings)
+    raise SystemExit(f"unknown step {step}")
+
+
+def copy_ceiling(settings: Any) -> dict[str, Any]:
+    """Bare binary COPY of the published rows: frames already in memory, same encoder and parallelism."""
+    import polars as pl
+
+    import sql
+    from jobs import publish, score
+    from jobs.database import database_url
+
+    url = database_url(settings)
+    frames = [pl.read_parquet(m.path) for m in score.read_manifests(settings, LOGICAL_DATE)]
+    rows = sum(f.height for f in frames)
+    table = pgsql.Identifier("overnight", f"bench_copy_{uuid.uuid4().hex[:8]}")
+    create = pgsql.SQL(sql.query("create_recs_table")).format(recs=table)
+    copy_query = pgsql.SQL(sql.query("copy_recs")).format(recs=table)
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(create)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
+            list(pool.map(lambda frame: publish.copy_into(url, copy_query, frame), frames))
+        copy_seconds = time.perf_counter() - started
+        conn.execute(pgsql.SQL("TRUNCATE {}").format(table))
+        sample = frames[0].head(50_000)
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(copy_query) as copy:
+            copy.set_types(["text", "text[]", "float4[]"])
+            for row in sample.iter_rows():
+                copy.write_row(row)
+        write_row_seconds = time.perf_counter() - started
+        conn.execute(pgsql.SQL("DROP TABLE {}").format(table))
+    return {
+        "rows": rows,
+        "seconds": round(copy_seconds, 3),
+        "rows_per_second": round(rows / copy_seconds),
+        "write_row_rows_per_second": round(sample.height / write_row_seconds),
+    }
+
+
+def predict_ceiling(settings: Any) -> dict[str, Any]:
+    """LightGBM predict alone, again, on the feature matrix of the first chunk of shard 0."""
+    from jobs import score
+
+    model, booster = score.load_ranker(settings, LOGICAL_DATE)
+    folder = score.ensure_shared_tables(settings, LOGICAL_DATE)
+    manifests = score.read_manifests(settings, LOGICAL_DATE)
+    users = score.shard_users(folder, manifests[0].shards, 0)
+    frame = score.candidate_features(settings, LOGICAL_DATE, folder)(
+        score.shard_events(settings, LOGICAL_DATE, users)[0]
+    )
+    matrix = frame.select(list(model.features)).to_numpy()
+    started = time.perf_counter()
+    booster.predict(matrix, num_threads=0)
+    seconds = time.perf_counter() - started
+    return {"rows": matrix.shape[0], "seconds": round(seconds, 3), "rows_per_second": round(matrix.shape[0] / seconds)}
+
+
+# ------------------------------------------------------------------ the run
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    from jobs.generate import write_generated
+
+    folder = args.data / f"users{args.users}-items{args.items}-days{args.days}-seed{args.seed}"
+    marker = folder / "generated.json"
+    if marker.exists():
+        return folder, {**json.loads(marker.read_text()), "reused": True}
+    shutil.rmtree(folder, ignore_errors=True)
+    started = time.perf_counter()
+    result = write_generated(
+        folder, args.users, args.items, args.days, end_date=LOGICAL_DATE, seed=args.seed, progress=log
+    )
+    info = {**asdict(result), "seconds": round(time.perf_counter() - started, 2)}
+    marker.write_text(json.dumps(info) + "\n")
+    return folder, {**info, "reused": False}
+
+
+def train_model(args: argparse.Namespace, work: Path, database_url: str) -> dict[str, Any]:
+    """A ranker trained on a sample of users of the same world, copied into the run's data dir."""
+    from jobs import ingest, train
+    from jobs.generate import write_generated
+    from jobs.settings import Settings
+
+    source = work / "train-source"
+    write_generated(
+        source, args.train_users, args.items, args.days, end_date=LOGICAL_DATE, seed=args.seed + 1, progress=log
+    )
+    settings = Settings(data_dir=work / "train", database_url=database_url, num_boost_round=args.trees)
+    ingest.ingest(settings, source, LOGICAL_DATE - timedelta(days=1))
+    trained = train.train(settings, LOGICAL_DATE - timedelta(days=1))
+    shutil.copytree(settings.models_dir, work / "var" / "models")
+    return {"model_id": trained.model_id, "trees": args.trees, "train_users": args.train_users}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--shard-users", type=int, default=100_000, help="OVERNIGHT_SHARD_USERS for the run.")
+    parser.add_argument("--trees", type=int, default=100, help="Boosting rounds of the ranker (31 leaves each).")
+    parser.add_argument("--train-users", type=int, default=10_000)
+    parser.add_argument(
+        "--popular", type=int, default=145, help="OVERNIGHT_POPULAR_CANDIDATES: with co-visitation, ~200 per user."
+    )
+    parser.add_argument("--keep", action="store_true", help="Keep the run's database and data dir (to profile).")
+    parser.add_argument("--data", type=Path, default=ROOT / "var" / "bench", help="Where datasets are kept for reuse.")
+    parser.add_argument(
+        "--admin-url",
+        default=os.environ.get("OVERNIGHT_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    parser.add_argument("--json", type=Path, help="Also write the result to this file.")
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    args, extra = parser.parse_known_args()
+    if args.step:
+        print(json.dumps(child_step(args.step, extra), default=str))
+        return 0
+
+    args.data.mkdir(parents=True, exist_ok=True)
+    source, generated = prepare_data(args)
+    log(f"data: {generated}")
+    name = f"overnight_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(args.admin_url, autocommit=True) as conn:
+        conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+    database_url = make_conninfo(args.admin_url, dbname=name)
+    work = args.data / f"run-{name}"
+    try:
+        model = train_model(args, work, database_url)
+        log(f"model: {model}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OVERNIGHT_")}
+        env |= {
+            "OVERNIGHT_DATA_DIR": str(work / "var"),
+            "OVERNIGHT_DATABASE_URL": database_url,
+            "OVERNIGHT_SHARD_USERS": str(args.shard_users),
+            "OVERNIGHT_SCORE_SHARDS": "1",
+            "OVERNIGHT_NUM_BOOST_ROUND": str(args.trees),
+            "OVERNIGHT_POPULAR_CANDIDATES": str(args.popular),
+        }
+        report = measure(source, env)
+    finally:
+        if args.keep:
+            log(f"kept: OVERNIGHT_DATA_DIR={work / 'var'} OVERNIGHT_DATABASE_URL='{database_url}'")
+        else:
+            with psycopg.connect(args.admin_url, autocommit=True) as conn:
+                conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+            shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "users": args.users,
+        "items": args.items,
+        "days": args.days,
+        "shard_users": args.shard_users,
+        "popular_candidates": args.popular,
+        "generated": generated,
+        "model": model,
+    } | report
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
+    steps: dict[str, dict[str, Any]] = {}
+    for step in ("ingest", "candidates", "features"):
+        log(f"{step} ... (load {load()})")
+        steps[step] = run_step(step, [str(source)] if step == "ingest" else [], env)
+        log(f"{step}: {steps[step]['seconds']} s, peak {steps[step]['peak_rss_mb']} MB")
+    shards = len(run_step("plan", [], env)["result"])
+    shard_runs = []
+    for shard in range(shards):
+        log(f"score shard {shard + 1}/{shards} ... (load {load()})")
+        shard_runs.append(run_step("score", [str(shards), str(shard)], env))
+        log(f"score shard {shard + 1}/{shards}: {shard_runs[-1]['seconds']} s, peak {shard_runs[-1]['peak_rss_mb']} MB")
+    scored = [r["result"] for r in shard_runs]
+    steps["score"] = {
+        "seconds": round(sum(r["seconds"] for r in shard_runs), 2),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in shard_runs),
+        "shards": shards,
+        "load_before": shard_runs[0]["load_before"],
+        "per_shard": [{k: r[k] for k in ("seconds", "peak_rss_mb", "load_before")} for r in shard_runs],
+    }
+    log(f"publish ... (load {load()})")
+    steps["publish"] = run_step("publish", [], env)
+    log(f"publish: {steps['publish']['seconds']} s")
+    copy = run_step("copy-ceiling", [], env)
+    predict = run_step("predict-ceiling", [], env)
+
+    users = sum(r["users"] for r in scored)
+    rows = sum(r["candidate_rows"] for r in scored)
+    score_seconds = steps["score"]["seconds"]
+    predict_seconds = sum(r["predict_seconds"] for r in scored)
+    publish_rate = users / steps["publish"]["seconds"]
+    steps["publish"]["phases"] = steps["publish"]["result"].get("seconds", {})
+    for step in STEPS:
+        steps[step].pop("result", None)
+    return {
+        "users_scored": users,
+        "candidate_rows": rows,
+        "candidates_per_user": round(rows / users, 1),
+        "steps": steps,
+        "night_seconds": round(sum(steps[s]["seconds"] for s in STEPS), 2),
+        "peak_rss_mb": max(steps[s]["peak_rss_mb"] for s in STEPS),
+        "users_scored_per_second": round(users / score_seconds),
+        "rows_per_second": round(rows / score_seconds),
+        "publish_rows_per_second": round(publish_rate),
+        "ceilings": {
+            "predict_rows_per_second": round(rows / predict_seconds),
+            "predict_seconds_in_scoring": round(predict_seconds, 2),
+            "predict_alone_rows_per_second": predict["result"]["rows_per_second"],
+            "copy_rows_per_second": copy["result"]["rows_per_second"],
+            "copy_write_row_rows_per_second": copy["result"]["write_row_rows_per_second"],
+        },
+        "ratios": {
+            "scoring_vs_predict": round(rows / score_seconds / (rows / predict_seconds), 3),
+            "scoring_vs_predict_alone": round(rows / score_seconds / predict["result"]["rows_per_second"], 3),
+            "publish_vs_copy": round(publish_rate / copy["result"]["rows_per_second"], 3),
+        },
+        "load_end": load(),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Load the lookup service near the machine's limit and compare it with its two ceilings, measured in the same run.
+
+    python benchmarks/serving.py [--users 1000000] [--workers 1] [--server granian] [--no-cache]
+                                 [--prediction-log-sample-rate 0 1 ...] ...
+
+1. Publishes a batch of N users (top-k each) into a database of its own, by the named queries of
+   sql/queries.sql and the publisher's own switch (reused by a later run with the same N and k
+   when started with --keep).
+2. Measures the database ceiling: pgbench, prepared, select-only on that batch's table.
+3. Measures the HTTP ceiling: a hello-world app of the same stack (FastAPI, the same server and
+   workers), and for reference the same server with a bare ASGI hello-world.
+4. Starts `overnight serve` and loads it with wrk from a separate process over loopback: a user mix
+   with a share of hot users and of unknown users; first flat out, then at half that rate. With several
+   --prediction-log-sample-rate values, step 4 is repeated once per value (same batch, same load), so
+   the cost of logging what is served shows as the difference between them.
+
+Prints one JSON document: requests/s, latency percentiles, errors, both ceilings and our ratios to them.
+Needs `wrk` and `pgbench` on PATH (Debian: apt-get install wrk postgresql-client).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
+
+import sql
+from jobs.database import upgrade
+from jobs.publish import switch_live
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+API_KEY = "bench-key"
+MODEL_ID = "bench-model"
+CATALOGUE = 20_000
+
+# wrk runs this per connection: pick a user by the configured mix and ask for their default list.
+WRK_SCRIPT = """
+local users, hot_users = {users}, {hot_users}
+local hot_share, unknown_share, delay_ms = {hot_share}, {unknown_share}, {delay_ms}
+local counter = 0
+wrk.headers["Authorization"] = "Bearer {api_key}"
+
+setup = function(thread)
+  counter = counter + 1
+  thread:set("seed", counter)
+end
+
+init = function(args)
+  math.randomseed(os.time() * 1000 + seed)
+end
+
+request = function()
+  local draw = math.random()
+  local user
+  if draw < unknown_share then
+    user = "x" .. math.random(1, 1000000000)
+  elseif draw < unknown_share + hot_share then
+    user = "u" .. math.random(0, hot_users - 1)
+  else
+    user = "u" .. math.random(0, users - 1)
+  end
+  return wrk.format(nil, "/v1/users/" .. user .. "/recommendations")
+end
+
+if delay_ms > 0 then
+  delay = function() return delay_ms end
+end
+
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write("WRK_JSON ", string.format(
+    '{{"requests": %d, "seconds": %.3f, "p50_ms": %.3f, "p90_ms": %.3f, "p99_ms": %.3f, "p999_ms": %.3f, ' ..
+    '"max_ms": %.3f, "errors": %d, "error_statuses": %d}}\\n',
+    summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+    latency:percentile(99.9) / 1000, latency.max / 1000,
+    errors.connect + errors.read + errors.write + errors.timeout + errors.status, errors.status))
+end
+"""
+
+
+# ---------------------------------------------------------------------------- the hello-world ceilings
+
+
+def hello_app() -> Any:
+    """FastAPI hello-world shaped like our lookup route: a path parameter, an orjson body."""
+    import orjson
+    from fastapi import FastAPI, Response
+
+    body = orjson.dumps({"hello": "world"})
+    app = FastAPI()
+
+    @app.get("/v1/users/{user_id:path}/recommendations")
+    async def hello(user_id: str) -> Response:
+        return Response(content=body, media_type="application/json")
+
+    return app
+
+
+def raw_hello_app() -> Any:
+    """The same answer from a bare ASGI callable: what the server alone can do."""
+    body = b'{"hello":"world"}'
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+# ---------------------------------------------------------------------------- publishing
+
+
+def bench_database(admin_url: str, users: int, k: int) -> str:
+    name = f"overnight_bench_{users}u_{k}k"
+    return make_conninfo(admin_url, dbname=name)
+
+
+def ensure_batch(admin_url: str, url: str, users: int, k: int, fresh: bool) -> tuple[int, float]:
+    """The live batch of `users` users in the bench database, publishing it unless a kept one is there."""
+    name = str(conninfo_to_dict(url)["dbname"])
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists and fresh:
+            admin.execute(pgsql.SQL("DROP DATABASE {} WITH (FORCE)").format(pgsql.Identifier(name)))
+            exists = None
+        if not exists:
+            admin.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+    with psycopg.connect(url) as conn:
+        upgrade(conn)
+        row = conn.execute(
+            "SELECT b.batch_id, b.users_scored FROM overnight.live JOIN overnight.batches AS b USING (batch_id)"
+        ).fetchone()
+    if row is not None and row[1] == users:
+        return int(row[0]), 0.0
+    start = time.monotonic()
+    batch_id = publish_synthetic(url, users, k)
+    return batch_id, time.monotonic() - start
+
+
+def publish_synthetic(url: str, users: int, k: int) -> int:
+    """Users u0..u{N-1}, each with k distinct items of a 20,000-item catalogue, scores descending."""
+    rng = np.random.default_rng(7)
+    fallback = [f"i{n}" for n in range(k)]
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            sql.query("upsert_model_version"),
+            {
+                "model_id": MODEL_ID,
+                "logical_date": date.today(),
+                "status": "production",
+                "status_reason": None,
+                "data_window": Jsonb({}),
+                "params": Jsonb({}),
+                "features": [],
+                "metrics": Jsonb({}),
+                "artifact_path": "bench",
+                "artifact_sha256": "0" * 64,
+            },
+        )
+        batch_id = conn.execute(
+            sql.query("insert_batch"),
+            {
+                "logical_date": date.today(),
+                "model_id": MODEL_ID,
+                "k": k,
+                "users_scored": users,
+                "active_users": users,
+                "fallback_item_ids": fallback,
+                "fallback_scores": [float(k - n) for n in range(k)],
+                "generated_at": datetime.now(UTC) - timedelta(hours=1),
+            },
+        ).fetchone()[0]  # type: ignore[index]
+        conn.execute(sql.batch_query("create_recs_table", batch_id))
+        scores = [(k - n) / k for n in range(k)]
+        names = [f"i{n}" for n in range(CATALOGUE)]
+        # Distinct items per user: a random start and a stride coprime with the catalogue size.
+        steps = np.arange(k) * 7919
+        chunk = 50_000
+        with conn.cursor() as cur, cur.copy(sql.batch_query("copy_recs", batch_id)) as copy:
+            copy.set_types(["text", "text[]", "float4[]"])
+            for first in range(0, users, chunk):
+                count = min(chunk, users - first)
+                items = (rng.integers(0, CATALOGUE, size=count)[:, None] + steps[None, :]) % CATALOGUE
+                for n, row in enumerate(items.tolist()):
+                    copy.write_row((f"u{first + n}", [names[i] for i in row], scores))
+                print(f"published {first + count:,} / {users:,} users", file=sys.stderr, end="\r")
+        print(file=sys.stderr)
+        conn.execute(sql.batch_query("add_recs_primary_key", batch_id))
+        conn.execute(sql.batch_query("analyze_recs", batch_id))
+        conn.execute(sql.query("mark_batch_ready"), (Jsonb({"rows": users}), batch_id))
+        conn.commit()
+        switch_live(conn, batch_id, "publish")
+    return int(batch_id)
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def pgbench(url: str, batch_id: int, users: int, seconds: int, clients: int) -> float:
+    script = (
+        f"\\set n random(0, {users - 1})\n"
+        f"SELECT item_ids, scores FROM overnight.{sql.recs_table_name(batch_id)} WHERE user_id = 'u' || :n;\n"
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as file:
+        file.write(script)
+    params = conninfo_to_dict(url)
+    args = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(seconds), "-f", file.name]
+    for flag, key in (("-h", "host"), ("-p", "port"), ("-U", "user")):
+        if params.get(key):
+            args += [flag, str(params[key])]
+    args.append(str(params["dbname"]))
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    Path(file.name).unlink()
+    line = next(line for line in out.splitlines() if line.startswith("tps ="))
+    return float(line.split()[2])
+
+
+def wrk(base: str, args: argparse.Namespace, seconds: float, delay_ms: int = 0) -> dict[str, Any]:
+    script = WRK_SCRIPT.format(
+        users=args.users,
+        hot_users=max(1, round(args.users * args.hot_users)),
+        hot_share=args.hot_share,
+        unknown_share=args.unknown_share,
+        delay_ms=delay_ms,
+        api_key=API_KEY,
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as file:
+        file.write(script)
+    command = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds:g}s", "-s", file.name]
+    out = subprocess.run([*command, base], capture_output=True, text=True, check=True).stdout
+    Path(file.name).unlink()
+    result: dict[str, Any] = json.loads(next(line for line in out.splitlines() if line.startswith("WRK_JSON "))[9:])
+    result["rps"] = round(result["requests"] / result["seconds"], 1)
+    return result
+
+
+@contextmanager
+def running(command: list[str], env: dict[str, str], base: str, ready_path: str) -> Iterator[None]:
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"{' '.join(command)} exited {process.returncode}: {process.stderr.read().decode()}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(base + ready_path, timeout=1, headers={"Authorization": f"Bearer {API_KEY}"}).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{' '.join(command)} was not ready within 60 s")
+            time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def server_command(server: str, target: str, port: int, workers: int) -> list[str]:
+    if server == "granian":
+        return [
+            str(BIN / "granian"),
+            "--interface",
+            "asgi",
+            "--factory",
+            "--no-ws",
+            "--log-level",
+            "warning",
+            "--workers",
+            str(workers),
+            "--port",
+            str(port),
+            target,
+        ]
+    return [
+        str(BIN / "uvicorn"),
+        "--factory",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--workers",
+        str(workers),
+        "--port",
+        str(port),
+        target,
+    ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def service_metrics(base: str) -> dict[str, float]:
+    """A few of one worker's counters, to explain the numbers (cache hit ratio, users per database trip)."""
+    text = httpx.get(base + "/metrics", timeout=5).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(
+            (
+                "overnight_cache_lookups_total",
+                "overnight_db_trips_total",
+                "overnight_db_trip_users_total",
+                "overnight_bulk_rows_",
+            )
+        ):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    hits = values.get('overnight_cache_lookups_total{result="hit"}', 0.0)
+    misses = values.get('overnight_cache_lookups_total{result="miss"}', 0.0)
+    trips = values.get("overnight_db_trips_total", 0.0)
+    return {
+        "cache_hit_ratio": round(hits / (hits + misses), 3) if hits + misses else 0.0,
+        "users_per_db_trip": round(values.get("overnight_db_trip_users_total", 0.0) / trips, 2) if trips else 0.0,
+        "logged_rows_written": values.get('overnight_bulk_rows_written_total{writer="served_predictions"}', 0.0),
+        "logged_rows_dropped": values.get('overnight_bulk_rows_dropped_total{writer="served_predictions"}', 0.0),
+    }
+
+
+def load_service(args: argparse.Namespace, env: dict[str, str], base: str, port: int) -> dict[str, Any]:
+    """`overnight serve`'s app under wrk: warm-up, flat out, then at half that rate."""
+    command = server_command(args.server, "serving.app:create_app", port, args.workers)
+    with running(command, env, base, "/readyz"):
+        wrk(base, args, 10)  # warm-up: connections, prepared statements, the hot users' cache entries
+        full = wrk(base, args, args.seconds)
+        # Half the maximum rate: each connection waits between its requests. A connection's rate is
+        # 1 / (delay + latency); a short probe measures the latency part at about that rate.
+        period_ms = 1000 * args.connections / (full["rps"] / 2)
+        probe = wrk(base, args, 3, delay_ms=max(1, round(period_ms)))
+        latency_ms = max(0.0, 1000 * args.connections / probe["rps"] - round(period_ms))
+        half = wrk(base, args, args.seconds, delay_ms=max(1, round(period_ms - latency_ms)))
+        return {"full": full, "half": half, "service": service_metrics(base)}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--hot-users", type=float, default=0.01, help="share of users that are hot")
+    parser.add_argument("--hot-share", type=float, default=0.5, help="share of requests that go to hot users")
+    parser.add_argument("--unknown-share", type=float, default=0.1, help="share of requests for unknown users")
+    parser.add_argument("--server", choices=("granian", "uvicorn"), default="granian")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--no-cache", action="store_true", help="OVERNIGHT_CACHE_ENTRIES=0")
+    parser.add_argument("--seconds", type=float, default=15, help="each measured load phase")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--pgbench-clients", type=int, default=8)
+    parser.add_argument(
+        "--admin-url",
+        default=os.environ.get("OVERNIGHT_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    parser.add_argument(
+        "--prediction-log-sample-rate",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="RATE",
+        help="OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE; several values load the service once per value (e.g. 0 1 0 1)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the bench database for the next run")
+    parser.add_argument("--fresh", action="store_true", help="publish again even if a kept batch fits")
+    args = parser.parse_args()
+    for tool in ("wrk", "pgbench"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"serving.py: error: {tool} is not on PATH (apt-get install wrk postgresql-client)")
+
+    url = bench_database(args.admin_url, args.users, args.k)
+    try:
+        batch_id, publish_seconds = ensure_batch(args.admin_url, url, args.users, args.k, args.fresh)
+        pg_tps = pgbench(url, batch_id, args.users, round(args.seconds), args.pgbench_clients)
+
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OVERNIGHT_")}
+        ceilings = {}
+        for name, target in (
+            ("fastapi", "benchmarks.serving:hello_app"),
+            ("raw_asgi", "benchmarks.serving:raw_hello_app"),
+        ):
+            command = server_command(args.server, target, port, args.workers)
+            with running(command, env, base, "/v1/users/u1/recommendations"):
+                wrk(base, args, 2)
+                ceilings[name] = wrk(base, args, args.seconds)
+
+        env |= {
+            "OVERNIGHT_DATABASE_URL": url,
+            "OVERNIGHT_API_KEYS": API_KEY,
+            "OVERNIGHT_CACHE_ENTRIES": "0" if args.no_cache else os.environ.get("OVERNIGHT_CACHE_ENTRIES", "50000"),
+        }
+        runs = [
+            (rate, load_service(args, env | {"OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE": str(rate)}, base, port))
+            for rate in args.prediction_log_sample_rate
+        ]
+        full, half, explained = runs[0][1]["full"], runs[0][1]["half"], runs[0][1]["service"]
+    finally:
+        if not args.keep:
+            name = str(conninfo_to_dict(url)["dbname"])
+            with psycopg.connect(args.admin_url, autocommit=True) as admin:
+                admin.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+
+    hello = ceilings["fastapi"]
+    report = {
+        "benchmark": "serving",
+        "users": args.users,
+        "k": args.k,
+        "mix": {"hot_users": args.hot_users, "hot_share": args.hot_share, "unknown_share": args.unknown_share},
+        "server": args.server,
+        "framework": "fastapi",
+        "workers": args.workers,
+        "cache": not args.no_cache,
+        "wrk": {"threads": args.threads, "connections": args.connections, "seconds": args.seconds},
+        "rps": full["rps"],
+        "latency_ms": {key: full[f"{key}_ms"] for key in ("p50", "p90", "p99", "p999", "max")},
+        "errors": full["errors"],
+        "half_rate": {
+            "rps": half["rps"],
+            "share_of_max": round(half["rps"] / full["rps"], 3),
+            "latency_ms": {key: half[f"{key}_ms"] for key in ("p50", "p90", "p99", "p999", "max")},
+            "errors": half["errors"],
+        },
+        "service": explained,
+        "ceilings": {
+            "hello_world_rps": hello["rps"],
+            "hello_world_p99_ms": hello["p99_ms"],
+            "raw_asgi_hello_world_rps": ceilings["raw_asgi"]["rps"],
+            "pgbench_select_tps": round(pg_tps, 1),
+            "pgbench_clients": args.pgbench_clients,
+        },
+        "ratios": {
+            "to_hello_world": round(full["rps"] / hello["rps"], 3),
+            "to_raw_asgi_hello_world": round(full["rps"] / ceilings["raw_asgi"]["rps"], 3),
+            "to_pgbench": round(full["rps"] / pg_tps, 3),
+        },
+        "prediction_log_sample_rate": args.prediction_log_sample_rate[0],
+        "by_prediction_log_sample_rate": [
+            {
+                "sample_rate": rate,
+                "rps": run["full"]["rps"],
+                "p99_ms": run["full"]["p99_ms"],
+                "p50_ms": run["full"]["p50_ms"],
+                "errors": run["full"]["errors"],
+                "half_rate_rps": run["half"]["rps"],
+                "half_rate_p99_ms": run["half"]["p99_ms"],
+                "half_rate_p50_ms": run["half"]["p50_ms"],
+                "logged_rows_written": run["service"]["logged_rows_written"],
+                "logged_rows_dropped": run["service"]["logged_rows_dropped"],
+            }
+            for rate, run in runs
+        ],
+        "publish_seconds": round(publish_seconds, 1),
+        "load_average": [round(load, 2) for load in os.getloadavg()],
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Input monitoring and feature drift of one night (``overnight drift``).
+
+- Input: the date's event volume against the trailing 7-day average, the share of new users and
+  new items, null and quarantine fractions (from ingest's report), and the rating/weight
+  distribution against the 28 days before.
+- Drift: per ranker feature, PSI and the two-sample KS statistic between the model's reference
+  (its features as scoring saw them on the date it was trained for, saved beside the model at
+  training time by ``save_reference``) and tonight's scoring data, for the same stable sample of users.
+
+Feature drift at or above ``OVERNIGHT_DRIFT_RETRAIN_PSI`` records a retrain request for the model;
+``drift_requires_retrain`` is what the retrain cadence asks.
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import psycopg
+
+import sql
+from jobs import distributions, lake, monitor, registry, runs
+from jobs.database import connect, upgrade
+from jobs.errors import MissingDataError
+from jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference.parquet"
+TRAILING_DAYS = 7
+WEIGHT_BASELINE_DAYS = 28
+
+
+# ---------------------------------------------------------------------------- samples of the features
+
+
+def scoring_sample(settings: Settings, logical_date: date) -> pl.DataFrame:
+    """The ranker's features as scoring computes them on ``logical_date``, over the candidates of up
+    to ``drift_sample_users`` users chosen by a hash of their id, so every night looks at a stable slice."""
+    from jobs import score
+
+    folder = score.ensure_shared_tables(settings, logical_date)
+    users = (
+        pl.scan_parquet(folder / "users.parquet")
+        .sort(pl.col("user_id").hash(seed=7), "user_id")
+        .head(settings.drift_sample_users)
+        .collect()
+    )
+    events = lake.scan_interactions(settings.lake_dir, logical_date).join(users.lazy(), on="user_id", how="semi")
+    frame = score.candidate_features(settings, logical_date, folder)(events.collect()).drop("user_id", "item_id")
+    if frame.height > settings.drift_reference_rows:
+        frame = frame.sample(n=settings.drift_reference_rows, seed=settings.seed)
+    return frame
+
+
+def save_reference(settings: Settings, model_dir: Path, logical_date: date) -> Path:
+    """At training time, keep beside the model a sample of its features as scoring sees them on the
+    date it was trained for; drift compares each night's scoring features with it.
+
+    Not the training rows themselves: those are as of the start of the label window and only of
+    labelled users, so time-dependent features (ages, recencies, counts) would differ from any
+    night's scoring data by construction, every night, and a retrain would not make that go away.
+    """
+    path = model_dir / REFERENCE_FILE
+    lake.write_parquet_atomically(scoring_sample(settings, logical_date), path)
+    return path
+
+
+def reference_path(settings: Settings, model: registry.ModelVersion) -> Path:
+    artifact = Path(model.artifact_path)
+    return (artifact if artifact.is_absolute() else settings.data_dir / artifact).parent / REFERENCE_FILE
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    feature: str
+    psi: float
+    ks: float
+    ks_pvalue: float
+    reference_mean: float
+    current_mean: float
+    histogram: distributions.Histogram
+
+
+def feature_drift(reference: pl.DataFrame, current: pl.DataFrame, feature_names: list[str]) -> list[FeatureDrift]:
+    found = []
+    for name in feature_names:
+        ref = reference[name].cast(pl.Float64).to_numpy()
+        cur = current[name].cast(pl.Float64).to_numpy()
+        shares = distributions.histogram(ref, cur)
+        ks = distributions.ks_test(ref, cur)
+        found.append(
+            FeatureDrift(
+                feature=name,
+                psi=distributions.psi_of_shares(shares.expected, shares.actual),
+                ks=ks.statistic,
+                ks_pvalue=ks.pvalue,
+                reference_mean=float(np.nanmean(ref)) if ref.size else float("nan"),
+                current_mean=float(np.nanmean(cur)) if cur.size else float("nan"),
+                histogram=shares,
+            )
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------- input statistics
+
+
+def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
+    """Measurements of the date's events (those timestamped on the date) against the days before."""
+    day_start = lake.day_start(logical_date)
+    events = lake.scan_interactions(settings.lake_dir, logical_date)
+    trailing_start = day_start - timedelta(days=TRAILING_DAYS)
+    counts = events.select(
+        volume=(pl.col("timestamp") >= day_start).sum(),
+        trailing=((pl.col("timestamp") >= trailing_start) & (pl.col("timestamp") < day_start)).sum(),
+        history_start=pl.col("timestamp").min(),
+    ).collect()
+    volume, trailing, history_start = counts.row(0)
+    # A lake younger than the trailing window averages over the days it has.
+    days_of_history = min(TRAILING_DAYS, (day_start - history_start).days) if history_start else 0
+    trailing_average = trailing / days_of_history if days_of_history > 0 else None
+
+    def new_share(column: str) -> tuple[float | None, int]:
+        first_seen = events.group_by(column).agg(first=pl.col("timestamp").min())
+        today = events.filter(pl.col("timestamp") >= day_start).select(column).unique()
+        found = (
+            today.join(first_seen, on=column)
+            .select(total=pl.len(), new=(pl.col("first") >= day_start).sum())
+            .collect()
+            .row(0)
+        )
+        total, new = found
+        return (new / total if total else None), total
+
+    new_users, users_today = new_share("user_id")
+    new_items, items_today = new_share("item_id")
+
+    weights = (
+        events.filter(pl.col("timestamp") >= day_start - timedelta(days=WEIGHT_BASELINE_DAYS))
+        .select("weight", today=pl.col("timestamp") >= day_start)
+        .drop_nulls("weight")
+        .collect()
+    )
+    today_weights = weights.filter(pl.col("today"))["weight"].cast(pl.Float64).to_numpy()
+    before_weights = weights.filter(~pl.col("today"))["weight"].cast(pl.Float64).to_numpy()
+    weight_shares = (
+        distributions.histogram(before_weights, today_weights) if today_weights.size and before_weights.size else None
+    )
+
+    ingest_report = _ingest_report(settings, logical_date)
+    null_fraction = quarantine_fraction = None
+    if ingest_report and ingest_report.get("rows_read"):
+        reasons = ingest_report.get("quarantined_by_reason", {})
+        rows_read = ingest_report["rows_read"]
+        null_fraction = sum(n for r, n in reasons.items() if r.startswith("missing_")) / rows_read
+        quarantine_fraction = sum(n for r, n in reasons.items() if r != "after_logical_date") / rows_read
+
+    volume_change = None
+    if trailing_average:
+        ratio = volume / trailing_average
+        volume_change = max(ratio, 1 / ratio) if ratio > 0 else float("inf")
+    return {
+        "volume": volume,
+        "trailing_average": trailing_average,
+        "volume_ratio": volume / trailing_average if trailing_average else None,
+        "volume_change": volume_change,
+        "users_today": users_today,
+        "items_today": items_today,
+        "new_user_share": new_users,
+        "new_item_share": new_items,
+        "null_fraction": null_fraction,
+        "quarantine_fraction": quarantine_fraction,
+        "rows_read": ingest_report.get("rows_read") if ingest_report else None,
+        "weight": {
+            "today": distributions.quantiles(today_weights) | {"mean": _mean(today_weights)},
+            "before": distributions.quantiles(before_weights) | {"mean": _mean(before_weights)},
+            "histogram": weight_shares.__dict__ if weight_shares else None,
+        },
+        "weight_psi": distributions.psi_of_shares(weight_shares.expected, weight_shares.actual)
+        if weight_shares
+        else None,
+    }
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def _ingest_report(settings: Settings, logical_date: date) -> dict[str, Any] | None:
+    path = settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
+    if not path.is_file():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+# ---------------------------------------------------------------------------- the night's report
+
+
+@dataclass(frozen=True)
+class InputReport:
+    logical_date: str
+    model_id: str
+    verdict: str
+    features_checked: int
+    drifted_features: list[str]
+    retrain_reason: str | None
+    rows_in: int
+    rows_out: int
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        drifted = ", ".join(self.drifted_features) or "none"
+        retrain = "; retrain requested" if self.retrain_reason else ""
+        return f"{self.verdict}: drifted features {drifted}{retrain}"
+
+
+INPUT_STATISTICS = (
+    "volume_change",
+    "new_user_share",
+    "new_item_share",
+    "null_fraction",
+    "quarantine_fraction",
+    "weight_psi",
+)
+
+
+def monitor_input(settings: Settings, logical_date: date) -> InputReport:
+    """Measure the date's input and the model's feature drift, record both, request a retrain on
+    strong drift and alert on every fail. Runs after scoring, before publish."""
+    limits = monitor.thresholds(settings)
+    with connect(settings) as conn:
+        upgrade(conn)
+        model = registry.model_for_date(conn, logical_date)
+    if model is None:
+        raise MissingDataError(f"no promoted model trained on or before {logical_date} to measure drift against")
+
+    measured = input_statistics(settings, logical_date)
+    input_checks = [monitor.evaluate(limits, "input", name, measured[name]) for name in INPUT_STATISTICS]
+
+    reference_file = reference_path(settings, model)
+    drift_checks: list[monitor.Check] = []
+    drift_report: dict[str, Any] = {"model_id": model.model_id, "reference": str(reference_file)}
+    current_rows = 0
+    if reference_file.is_file():
+        reference = pl.read_parquet(reference_file)
+        current = scoring_sample(settings, logical_date)
+        current_rows = current.height
+        names = [f for f in model.features if f in reference.columns and f in current.columns]
+        drifts = feature_drift(reference, current, names)
+        drift_report |= {
+            "reference_rows": reference.height,
+            "current_rows": current.height,
+            "features": {d.feature: _drift_dict(d) for d in drifts},
+        }
+        for d in drifts:
+            details = {"ks_pvalue": d.ks_pvalue, "reference_mean": d.reference_mean, "current_mean": d.current_mean}
+            drift_checks.append(monitor.evaluate(limits, "drift", "feature_psi", d.psi, d.feature, details))
+            drift_checks.append(monitor.evaluate(limits, "drift", "feature_ks", d.ks, d.feature, details))
+    else:
+        drift_report["problem"] = f"model {model.model_id} has no training reference at {reference_file}"
+        logger.warning("drift: %s; feature drift is not measured", drift_report["problem"])
+
+    retrain_reason = _retrain_reason(settings, logical_date, drift_checks)
+    drift_report["retrain_reason"] = retrain_reason
+    run_id = runs.current_run_id()
+    with connect(settings) as conn:
+        monitor.record(conn, logical_date, "input", input_checks, measured, run_id=run_id, model_id=model.model_id)
+        monitor.record(conn, logical_date, "drift", drift_checks, drift_report, run_id=run_id, model_id=model.model_id)
+        if retrain_reason:
+            conn.execute(sql.query("request_retrain"), (model.model_id, logical_date, retrain_reason))
+        else:
+            conn.execute(sql.query("withdraw_retrain"), (model.model_id, logical_date))
+
+    checks = input_checks + drift_checks
+    problems = [c for c in checks if c.level == "fail"]
+    if problems:
+        monitor.alert_problems(settings, logical_date, problems, run_id, "input monitoring")
+    if retrain_reason:
+        from jobs.alerts import send_alert
+
+        send_alert(
+            f"overnight {logical_date}: model {model.model_id} is due for retraining",
+            {
+                "text": retrain_reason,
+                "logical_date": logical_date.isoformat(),
+                "run_id": run_id,
+                "model_id": model.model_id,
+                "dashboard": monitor.dashboard_link(settings, logical_date),
+            },
+            fingerprint=f"retrain:{model.model_id}",
+            settings=settings,
+        )
+    drifted = sorted({c.subject for c in drift_checks if c.level != "ok"})
+    return InputReport(
+        logical_date=logical_date.isoformat(),
+        model_id=model.model_id,
+        verdict=monitor.verdict(checks),
+        features_checked=len({c.subject for c in drift_checks}),
+        drifted_features=drifted,
+        retrain_reason=retrain_reason,
+        rows_in=int(measured["volume"]),
+        rows_out=current_rows,
+        problems=[c.message for c in checks if c.level != "ok"],
+    )
+
+
+def _drift_dict(d: FeatureDrift) -> dict[str, Any]:
+    return {
+        "psi": d.psi,
+        "ks": d.ks,
+        "ks_pvalue": d.ks_pvalue,
+        "reference_mean": d.reference_mean,
+        "current_mean": d.current_mean,
+        "histogram": d.histogram.__dict__,
+    }
+
+
+def _retrain_reason(settings: Settings, logical_date: date, drift_checks: list[monitor.Check]) -> str | None:
+    limit = settings.drift_retrain_psi
+    if limit is None:
+        return None
+    drifted = sorted(
+        (
+            (c.value, c.subject)
+            for c in drift_checks
+            if c.statistic == "feature_psi" and c.value is not None and c.value >= limit
+        ),
+        reverse=True,
+    )
+    if not drifted:
+        return None
+    listed = ", ".join(f"{name} PSI {value:.3f}" for value, name in drifted[:5])
+    more = f" and {len(drifted) - 5} more" if len(drifted) > 5 else ""
+    return f"feature drift on {logical_date}: {listed}{more} (retrain at PSI >= {limit:g})"
+
+
+def drift_requires_retrain(conn: psycopg.Connection, logical_date: date) -> str | None:
+    """Why the model ``logical_date`` would use should be retrained because of drift, or None.
+
+    A request holds from the date its drift was measured until a newer model takes over.
+    """
+    row = conn.execute(sql.query("retrain_request_for_date"), {"logical_date": logical_date}).fetchone()
+    return str(row[0]) if row else None
+
+
+def report(settings: Settings, logical_date: date, recompute: bool = False) -> dict[str, Any]:
+    """The stored monitoring report of a date (measured now if it was never measured, or if asked)."""
+    with connect(settings) as conn:
+        upgrade(conn)
+        stored = monitor.stored_reports(conn, logical_date)
+    if recompute or "input" not in stored:
+        monitor_input(settings, logical_date)
+    with connect(settings) as conn:
+        stored = monitor.stored_reports(conn, logical_date)
+        checks = monitor.stored_checks(conn, logical_date)
+        retrain = drift_requires_retrain(conn, logical_date)
+    return {
+        "logical_date": logical_date.isoformat(),
+        "verdict": max((c["level"] for c in checks), key=monitor.LEVELS.index, default="ok"),
+        "retrain_reason": retrain,
+        "stages": {
+            stage: {
+                "verdict": row["verdict"],
+                "model_id": row["model_id"],
+                "batch_id": row["batch_id"],
+                "run_id": row["run_id"],
+                "created_at": row["created_at"].isoformat(),
+                "report": row["report"],
+            }
+            for stage, row in stored.items()
+        },
+        "checks": [{k: v for k, v in c.items() if k not in ("model_id", "batch_id", "run_id")} for c in checks],
+    }

@@ -1,0 +1,274 @@
+"""Online metrics: what was served (``overnight.served_predictions``) joined to what users did with it
+(``overnight.feedback_events``), per variant and per batch; and the upkeep of those two tables.
+
+Definitions (``overnight online-report``):
+- served: (request, item) pairs the service logged; an item's position is its rank in the answer.
+- impression: a served pair with an impression event, or with a click or conversion (a clicked item
+  was seen even when the client did not report the impression).
+- CTR = clicked impressions / impressions; conversion rate = converted impressions / impressions;
+  both with 95% Wilson score intervals, and canary-minus-production with Newcombe's interval.
+- IPS click rate: the click rate an item would have if it were always examined, from the
+  examination hypothesis P(click | position p) = θ_p · P(relevant). Each served pair counts
+  click / θ_p, averaged over the served pairs, so a variant that puts good items lower (where they
+  are seen less) is not penalised for it. θ_p comes from a propensity model:
+  - ``power`` (default): θ_p = p^-η, η = 1 (Joachims et al., 2017); set η from a randomisation
+    experiment (swap intervention) when one was run;
+  - ``estimated``: θ_p = CTR at p / CTR at 1, pooled over every variant and made non-increasing.
+    It needs no configuration but attributes to position what is partly relevance (better items are
+    ranked higher), so it over-corrects; prefer a measured η.
+  θ_p is floored at 0.05 (weights at most 20) to bound the variance; the interval is the normal
+  approximation over served pairs.
+"""
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from psycopg.rows import dict_row
+
+import sql
+from jobs import lake
+from jobs.database import connect, upgrade
+from jobs.errors import BadInputError
+from jobs.settings import Settings
+
+Z = 1.959964  # 95%
+MIN_PROPENSITY = 0.05
+PROPENSITY_MODELS = ("power", "estimated")
+PARTITIONED_TABLES = ("served_predictions", "feedback_events")
+# Feedback for a list served late on the last day may arrive a little after it.
+FEEDBACK_GRACE = timedelta(days=1)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def wilson(successes: int, trials: int) -> dict[str, float | None]:
+    """The share with its 95% Wilson score interval (sound for small counts and shares near 0)."""
+    if trials == 0:
+        return {"value": None, "low": None, "high": None}
+    p = successes / trials
+    denominator = 1 + Z * Z / trials
+    centre = (p + Z * Z / (2 * trials)) / denominator
+    half = Z * math.sqrt(p * (1 - p) / trials + Z * Z / (4 * trials * trials)) / denominator
+    return {"value": _r(p), "low": _r(max(0.0, centre - half)), "high": _r(min(1.0, centre + half))}
+
+
+def newcombe(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float | None]:
+    """a - b with Newcombe's hybrid score interval, from the two Wilson intervals."""
+    if a["value"] is None or b["value"] is None:
+        return {"value": None, "low": None, "high": None}
+    pa, la, ua = a["value"], a["low"], a["high"]
+    pb, lb, ub = b["value"], b["low"], b["high"]
+    assert la is not None and ua is not None and lb is not None and ub is not None
+    difference = pa - pb
+    return {
+        "value": _r(difference),
+        "low": _r(difference - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2)),
+        "high": _r(difference + math.sqrt((ua - pa) ** 2 + (pb - lb) ** 2)),
+    }
+
+
+def _normal_interval(mean: float, standard_error: float) -> dict[str, float | None]:
+    return {"value": _r(mean), "low": _r(mean - Z * standard_error), "high": _r(mean + Z * standard_error)}
+
+
+def _r(value: float) -> float:
+    return round(value, 6)
+
+
+def propensities(model: str, eta: float, clicks_by_position: dict[int, tuple[int, int]]) -> dict[int, float]:
+    """θ_p for every position seen; `clicks_by_position` maps position → (served, clicks), pooled."""
+    positions = sorted(clicks_by_position)
+    if model == "power":
+        return {p: max(MIN_PROPENSITY, p**-eta) for p in positions}
+    served_1, clicks_1 = clicks_by_position.get(1, (0, 0))
+    if not clicks_1:
+        raise BadInputError(
+            "cannot estimate propensities: no clicks at position 1 in the period; use --propensity power"
+        )
+    top_rate = clicks_1 / served_1
+    theta, running = {}, 1.0
+    for p in positions:
+        served, clicks = clicks_by_position[p]
+        if served:
+            running = min(running, clicks / served / top_rate)
+        theta[p] = max(MIN_PROPENSITY, min(1.0, running))
+    return theta
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+@dataclass
+class _Counts:
+    served: int = 0
+    impressions: int = 0
+    clicks: int = 0
+    conversions: int = 0
+    weighted_clicks: float = 0.0
+    weighted_clicks_squared: float = 0.0
+    requests: int = 0
+    users: int = 0
+
+    def add(self, row: dict[str, Any], theta: float) -> None:
+        self.served += row["served"]
+        self.impressions += row["impressions"]
+        self.clicks += row["clicks"]
+        self.conversions += row["conversions"]
+        self.weighted_clicks += row["clicks"] / theta
+        self.weighted_clicks_squared += row["clicks"] / theta**2
+
+    def summary(self) -> dict[str, Any]:
+        if self.served:
+            mean = self.weighted_clicks / self.served
+            variance = max(0.0, self.weighted_clicks_squared / self.served - mean * mean)
+            ips = _normal_interval(mean, math.sqrt(variance / self.served))
+        else:
+            ips = {"value": None, "low": None, "high": None}
+        return {
+            "requests": self.requests,
+            "users": self.users,
+            "served": self.served,
+            "impressions": self.impressions,
+            "clicks": self.clicks,
+            "conversions": self.conversions,
+            "ctr": wilson(self.clicks, self.impressions),
+            "conversion_rate": wilson(self.conversions, self.impressions),
+            "ips_click_rate": ips,
+        }
+
+
+def _period(start: date, end: date) -> tuple[datetime, datetime]:
+    if end < start:
+        raise BadInputError(f"--to {end} is before --from {start}")
+    return lake.day_start(start), lake.day_end(end)
+
+
+def online_report(
+    settings: Settings, start: date, end: date, propensity: str = "power", eta: float = 1.0
+) -> dict[str, Any]:
+    """Per variant and per batch: requests, impressions, CTR, conversion rate and the IPS click rate."""
+    if propensity not in PROPENSITY_MODELS:
+        raise BadInputError(f"unknown propensity model {propensity!r}; choose {' or '.join(PROPENSITY_MODELS)}")
+    if eta < 0:
+        raise BadInputError(f"--eta must not be negative, got {eta:g}")
+    first, last = _period(start, end)
+    window = {"start": first, "end": last, "feedback_end": last + FEEDBACK_GRACE}
+    with connect(settings) as conn:
+        upgrade(conn)
+        with conn.cursor(row_factory=dict_row) as cur:
+            outcomes = cur.execute(sql.query("online_outcomes"), window).fetchall()
+            requests = cur.execute(sql.query("online_requests"), window).fetchall()
+            unattributed = {
+                row["event_type"]: row["count"]
+                for row in cur.execute(sql.query("unattributed_feedback"), window).fetchall()
+            }
+
+    pooled: dict[int, tuple[int, int]] = defaultdict(lambda: (0, 0))
+    for row in outcomes:
+        served, clicks = pooled[row["position"]]
+        pooled[row["position"]] = (served + row["served"], clicks + row["clicks"])
+    theta = propensities(propensity, eta, pooled) if outcomes else {}
+
+    by_variant: dict[str, _Counts] = defaultdict(_Counts)
+    by_batch: dict[tuple[str, int], _Counts] = defaultdict(_Counts)
+    for row in outcomes:
+        for counts in (by_variant[row["variant"]], by_batch[(row["variant"], row["batch_id"])]):
+            counts.add(row, theta[row["position"]])
+    for row in requests:
+        by_batch[(row["variant"], row["batch_id"])].requests += row["requests"]
+        by_batch[(row["variant"], row["batch_id"])].users += row["users"]
+        by_variant[row["variant"]].requests += row["requests"]
+        by_variant[row["variant"]].users += row["users"]  # a user served by two batches counts in both
+
+    variants = {name: counts.summary() for name, counts in sorted(by_variant.items())}
+    report: dict[str, Any] = {
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "propensity": {
+            "model": propensity,
+            **({"eta": eta} if propensity == "power" else {}),
+            "by_position": {str(p): _r(t) for p, t in sorted(theta.items())},
+        },
+        "variants": variants,
+        "batches": [
+            {"variant": variant, "batch_id": batch_id, **counts.summary()}
+            for (variant, batch_id), counts in sorted(by_batch.items())
+        ],
+        "unattributed_feedback": unattributed,
+    }
+    if "canary" in variants and "production" in variants:
+        canary, production = variants["canary"], variants["production"]
+        ips_c, ips_p = canary["ips_click_rate"], production["ips_click_rate"]
+        ips_delta: dict[str, float | None] = {"value": None, "low": None, "high": None}
+        if ips_c["value"] is not None and ips_p["value"] is not None:
+            se = math.hypot((ips_c["high"] - ips_c["value"]) / Z, (ips_p["high"] - ips_p["value"]) / Z)
+            ips_delta = _normal_interval(ips_c["value"] - ips_p["value"], se)
+        report["canary_minus_production"] = {
+            "ctr": newcombe(canary["ctr"], production["ctr"]),
+            "conversion_rate": newcombe(canary["conversion_rate"], production["conversion_rate"]),
+            "ips_click_rate": ips_delta,
+        }
+    return report
+
+
+def render(report: dict[str, Any]) -> Iterable[str]:
+    """The report as a few aligned lines of text."""
+
+    def interval(metric: dict[str, float | None]) -> str:
+        if metric["value"] is None:
+            return "—"
+        return f"{metric['value']:.4f} [{metric['low']:.4f}, {metric['high']:.4f}]"
+
+    yield f"online report {report['from']} .. {report['to']} (95% intervals)"
+    propensity = report["propensity"]
+    shown = ", ".join(f"{p}:{t:.2f}" for p, t in list(propensity["by_position"].items())[:10])
+    eta = f" (eta {propensity['eta']:g})" if "eta" in propensity else ""
+    yield f"propensity model {propensity['model']}{eta}, theta by position: {shown}"
+    yield (
+        f"{'variant':<11} {'batch':>6} {'requests':>9} {'impressions':>11} {'clicks':>7}  "
+        f"{'CTR':<26} {'conversion':<26} {'IPS click rate':<26}"
+    )
+    rows = [(name, "all", v) for name, v in report["variants"].items()]
+    rows += [(b["variant"], str(b["batch_id"]), b) for b in report["batches"]]
+    for name, batch, values in rows:
+        yield (
+            f"{name:<11} {batch:>6} {values['requests']:>9,} {values['impressions']:>11,} {values['clicks']:>7,}  "
+            f"{interval(values['ctr']):<26} {interval(values['conversion_rate']):<26} "
+            f"{interval(values['ips_click_rate']):<26}"
+        )
+    if "canary_minus_production" in report:
+        delta = report["canary_minus_production"]
+        yield (
+            f"canary - production: CTR {interval(delta['ctr'])}, conversion {interval(delta['conversion_rate'])}, "
+            f"IPS click rate {interval(delta['ips_click_rate'])}"
+        )
+    if report["unattributed_feedback"]:
+        yield f"feedback not matched to a logged answer: {report['unattributed_feedback']}"
+
+
+# ---------------------------------------------------------------------------- upkeep
+
+
+def maintain_tables(settings: Settings, today: date | None = None, days_ahead: int = 7) -> dict[str, Any]:
+    """Create the daily partitions of the next days and drop those older than OVERNIGHT_ONLINE_KEEP_DAYS."""
+    today = today or datetime.now(UTC).date()
+    keep_from = today - timedelta(days=settings.online_keep_days)
+    created: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    with connect(settings) as conn:
+        upgrade(conn)
+        for table in PARTITIONED_TABLES:
+            with conn.transaction():
+                row = conn.execute(
+                    sql.query("ensure_daily_partitions"),
+                    (table, today - timedelta(days=1), today + timedelta(days=days_ahead)),
+                ).fetchone()
+                created[table] = int(row[0]) if row else 0
+                row = conn.execute(sql.query("drop_daily_partitions"), (table, keep_from)).fetchone()
+                dropped[table] = int(row[0]) if row else 0
+    return {"created_partitions": created, "dropped_partitions": dropped, "kept_from": keep_from.isoformat()}

@@ -1,0 +1,169 @@
+"""Output monitoring of a batch before it goes live, and the publish gate.
+
+Measures the lists about to be published: score distribution, share of active users left to the
+fallback, catalogue coverage, distinct items and Gini of exposure, empty and short lists, and the
+overlap with (and score shift against) yesterday's lists for a stable sample of users.
+``check_batch`` is the gate publish calls before switching ``live``: any check at its fail
+threshold (input, drift or output) blocks the batch with the reasons, and production keeps the
+batch it has.
+"""
+
+import logging
+from datetime import date
+from typing import Any
+
+import numpy as np
+import polars as pl
+import psycopg
+
+import sql
+from jobs import distributions, lake, monitor, runs, score
+from jobs.database import connect
+from jobs.errors import BatchValidationError
+from jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+OVERLAP_K = 10
+SCORE_BINS = 20
+
+
+class MonitoringBlockedError(BatchValidationError):
+    """Monitoring found a problem past its fail threshold: the batch must not go live."""
+
+    blocks_publish = True
+
+    def __init__(self, message: str, alert_fingerprint: str | None) -> None:
+        super().__init__(message)
+        # jobs.alerts.task_failed sends nothing more for a problem already announced under it
+        self.alert_fingerprint = alert_fingerprint
+
+
+def batch_statistics(settings: Settings, logical_date: date, batch_id: int, conn: psycopg.Connection) -> dict[str, Any]:
+    manifests = score.read_manifests(settings, logical_date)
+    files = [score.shard_path(settings, logical_date, m.shard, m.shards) for m in manifests]
+    lists = pl.scan_parquet(files)
+    short_at = min(OVERLAP_K, settings.top_k)
+    shape = lists.select(
+        lists=pl.len(),
+        empty=(pl.col("item_ids").list.len() == 0).sum(),
+        short=(pl.col("item_ids").list.len() < short_at).sum(),
+        mean_length=pl.col("item_ids").list.len().mean(),
+    ).collect()
+    n_lists, empty, short, mean_length = shape.row(0)
+    exposure = (
+        lists.select(pl.col("item_ids").explode().alias("item_id")).drop_nulls().group_by("item_id").len().collect()
+    )
+    catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
+    if "available" in catalogue.columns:
+        catalogue = catalogue.filter(pl.col("available").fill_null(True))
+    available = catalogue.select("item_id").unique()
+    shown = available.join(exposure, on="item_id", how="left").with_columns(pl.col("len").fill_null(0))
+    scores = lists.select(pl.col("scores").explode()).drop_nulls().collect()["scores"].cast(pl.Float64).to_numpy()
+    top_scores = lists.select(pl.col("scores").list.first()).drop_nulls().collect()["scores"].to_numpy()
+
+    batch = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
+    assert batch is not None
+    users_scored, active_users = batch[5], batch[6]
+    stats: dict[str, Any] = {
+        "batch_id": batch_id,
+        "lists": n_lists,
+        "active_users": active_users,
+        "fallback_share": 1.0 - users_scored / active_users if active_users else None,
+        "empty_list_share": empty / n_lists if n_lists else None,
+        "short_list_share": short / n_lists if n_lists else None,
+        "short_means_below": short_at,
+        "mean_list_length": mean_length,
+        "distinct_items": exposure.height,
+        "available_items": available.height,
+        "catalogue_coverage": int((shown["len"] > 0).sum()) / available.height if available.height else None,
+        "gini_exposure": distributions.gini(shown["len"].to_numpy()),
+        "score_quantiles": distributions.quantiles(scores),
+        "top_score_quantiles": distributions.quantiles(top_scores),
+        "score_histogram": _equal_width_histogram(scores),
+    }
+    stats |= _against_yesterday(settings, logical_date, lists, conn)
+    return stats
+
+
+def _equal_width_histogram(values: np.ndarray) -> dict[str, list[float]]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"edges": [], "counts": []}
+    low, high = np.quantile(finite, [0.001, 0.999])
+    counts, edges = np.histogram(np.clip(finite, low, high), bins=SCORE_BINS, range=(low, high or low + 1))
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def _against_yesterday(
+    settings: Settings, logical_date: date, lists: pl.LazyFrame, conn: psycopg.Connection
+) -> dict[str, Any]:
+    previous = conn.execute(sql.query("previous_kept_batch"), (logical_date,)).fetchone()
+    if previous is None:
+        return {"previous_batch_id": None, "overlap_yesterday": None, "score_psi": None}
+    previous_id, previous_date = previous
+    sample = lists.sort(pl.col("user_id").hash(seed=7), "user_id").head(settings.drift_sample_users).collect()
+    try:
+        rows = conn.execute(sql.batch_query("recs_for_users", previous_id), (sample["user_id"].to_list(),)).fetchall()
+    except psycopg.errors.UndefinedTable:
+        conn.rollback()
+        return {"previous_batch_id": previous_id, "overlap_yesterday": None, "score_psi": None}
+    yesterday = {user_id: (items, scores) for user_id, items, scores in rows}
+    overlaps, today_scores, before_scores = [], [], []
+    for user_id, items, scores in sample.iter_rows():
+        if user_id not in yesterday:
+            continue
+        old_items, old_scores = yesterday[user_id]
+        overlaps.append(distributions.list_overlap(items, old_items, OVERLAP_K))
+        today_scores.extend(scores[:OVERLAP_K])
+        before_scores.extend(old_scores[:OVERLAP_K])
+    return {
+        "previous_batch_id": previous_id,
+        "previous_date": previous_date.isoformat(),
+        "users_compared": len(overlaps),
+        "overlap_yesterday": float(np.mean(overlaps)) if overlaps else None,
+        "score_psi": distributions.psi(np.array(before_scores), np.array(today_scores)) if overlaps else None,
+    }
+
+
+OUTPUT_STATISTICS = (
+    "fallback_share",
+    "catalogue_coverage",
+    "gini_exposure",
+    "short_list_share",
+    "overlap_yesterday",
+    "score_psi",
+)
+
+
+def check_batch(settings: Settings, logical_date: date, batch_id: int, model_id: str) -> list[monitor.Check]:
+    """The publish gate: measure the loaded batch, record it, and raise MonitoringBlockedError when
+    any check of the date (input, drift or output) is at its fail threshold."""
+    from jobs import drift
+
+    limits = monitor.thresholds(settings)
+    with connect(settings) as conn:
+        measured_input = monitor.stored_reports(conn, logical_date).get("input")
+    if measured_input is None or measured_input["model_id"] != model_id:
+        drift.monitor_input(settings, logical_date)
+    run_id = runs.current_run_id()
+    with connect(settings) as conn:
+        stats = batch_statistics(settings, logical_date, batch_id, conn)
+        checks = [monitor.evaluate(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
+        monitor.record(conn, logical_date, "output", checks, stats, run_id=run_id, model_id=model_id, batch_id=batch_id)
+        stored = monitor.stored_checks(conn, logical_date)
+    output_fails = [c for c in checks if c.level == "fail"]
+    if output_fails:
+        monitor.alert_problems(settings, logical_date, output_fails, run_id, f"batch {batch_id} held back")
+    fails = [c for c in stored if c["level"] == "fail"]
+    if fails:
+        first = fails[0]
+        link = monitor.dashboard_link(settings, logical_date)
+        raise MonitoringBlockedError(
+            f"batch {batch_id} for {logical_date} blocked by monitoring: "
+            + "; ".join(c["message"] for c in fails[:10])
+            + (f" (and {len(fails) - 10} more)" if len(fails) > 10 else "")
+            + (f"; see {link}" if link else "; see `overnight drift --date " + logical_date.isoformat() + "`"),
+            monitor.fingerprint(logical_date, first["stage"], first["statistic"], "fail"),
+        )
+    return checks

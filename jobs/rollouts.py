@@ -1,0 +1,192 @@
+"""Canary rollouts: serve a published batch to a stable slice of users, then promote it or stop it.
+
+The canary is one row in ``overnight.canary`` (batch, traffic share, salt); the lookup service reads
+it together with the live pointer and routes each user by a hash of (salt, user id), see
+`serving.variants`. Every change happens in one transaction under the live lock, is recorded in
+``overnight.canary_history`` and NOTIFYs the lookup services, like a publish. While it is the canary
+a batch has status 'canary', so retention, rollback and a publish leave it alone.
+"""
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+import sql
+from jobs.database import connect, upgrade
+from jobs.errors import MissingDataError, RolloutError
+from jobs.publish import SwitchResult, switch_live
+from jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CANARY_STATUSES = ("ready", "retired")
+
+
+@dataclass(frozen=True)
+class CanaryState:
+    batch_id: int
+    traffic: float
+    salt: str
+    started_at: str
+    updated_at: str
+    production_batch_id: int | None
+
+    def summary(self) -> str:
+        return (
+            f"canary batch {self.batch_id} serves {self.traffic:.2%} of users (salt {self.salt!r}); "
+            f"production is batch {self.production_batch_id}"
+        )
+
+
+def _state(conn: psycopg.Connection) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql.query("canary_state")).fetchone()
+
+
+def _live_batch_id(conn: psycopg.Connection) -> int | None:
+    row = conn.execute(sql.query("live_batch_id")).fetchone()
+    return int(row[0]) if row else None
+
+
+def _as_state(row: dict[str, Any], production: int | None) -> CanaryState:
+    def iso(value: datetime) -> str:
+        return value.isoformat()
+
+    return CanaryState(
+        batch_id=row["batch_id"],
+        traffic=row["traffic"],
+        salt=row["salt"],
+        started_at=iso(row["started_at"]),
+        updated_at=iso(row["updated_at"]),
+        production_batch_id=production,
+    )
+
+
+def _notify(conn: psycopg.Connection, what: str) -> None:
+    conn.execute(sql.query("notify_live"), (sql.LIVE_CHANNEL, what))
+
+
+def _check_candidate(conn: psycopg.Connection, batch_id: int, production: int | None) -> None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        batch = cur.execute(sql.query("batch_for_rollout"), (batch_id,)).fetchone()
+    if batch is None:
+        raise MissingDataError(f"batch {batch_id} does not exist")
+    if batch["kind"] == "shadow":
+        raise RolloutError(f"batch {batch_id} is a shadow batch: shadow batches are never served")
+    if production is None:
+        raise RolloutError("nothing is live: publish a production batch before starting a canary")
+    if batch_id == production or batch["status"] == "live":
+        raise RolloutError(f"batch {batch_id} is already live (production); a canary must be another batch")
+    if batch["status"] not in (*CANARY_STATUSES, "canary"):
+        raise RolloutError(
+            f"batch {batch_id} is {batch['status']}; only a published batch (ready or retired) can be a canary"
+        )
+    if not batch["has_table"]:
+        raise RolloutError(f"the table of batch {batch_id} was dropped; publish it again")
+    with conn.cursor(row_factory=dict_row) as cur:
+        live = cur.execute(sql.query("batch_by_id"), (production,)).fetchone()
+    assert live is not None
+    if batch["k"] < live["k"]:
+        raise RolloutError(
+            f"batch {batch_id} has k={batch['k']} but production serves k={live['k']}: "
+            f"canary users asking for more than {batch['k']} items would be refused"
+        )
+
+
+def start_canary(settings: Settings, batch_id: int, traffic: float, salt: str | None = None) -> CanaryState:
+    """Serve `batch_id` to a `traffic` share of users; the same batch again changes its share (a ramp).
+
+    Without a salt a new canary gets a random one (a fresh slice of users); a ramp keeps its salt.
+    """
+    if not 0.0 < traffic < 1.0:
+        raise RolloutError(f"--traffic must be between 0 and 1 (exclusive), got {traffic:g}")
+    if salt is not None and not salt.strip():
+        raise RolloutError("--salt must not be empty")
+    with connect(settings) as conn:
+        upgrade(conn)
+        with conn.transaction():
+            conn.execute(sql.query("lock_live"))
+            production = _live_batch_id(conn)
+            running = _state(conn)
+            if running is not None and running["batch_id"] != batch_id:
+                raise RolloutError(
+                    f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users); "
+                    "stop it first with `overnight canary --stop`"
+                )
+            if running is not None and salt is not None and salt != running["salt"]:
+                raise RolloutError(
+                    f"batch {batch_id} is the canary with salt {running['salt']!r}; changing the salt would "
+                    "move users between arms mid-experiment: stop it and start a new canary instead"
+                )
+            _check_candidate(conn, batch_id, production)
+            action = "ramp" if running is not None else "start"
+            chosen_salt = running["salt"] if running is not None else salt or secrets.token_hex(8)
+            conn.execute(sql.query("upsert_canary"), (batch_id, traffic, chosen_salt))
+            conn.execute(sql.query("mark_batch_canary"), (batch_id,))
+            conn.execute(sql.query("record_canary_event"), (action, batch_id, traffic, chosen_salt, production))
+            _notify(conn, f"canary:{batch_id}")
+            state = _state(conn)
+            assert state is not None
+    logger.info("canary %s: batch %d at %.2f%% of users", action, batch_id, traffic * 100)
+    return _as_state(state, production)
+
+
+def _end_canary(conn: psycopg.Connection, action: str, none_running: str) -> tuple[dict[str, Any], int | None]:
+    """Inside the caller's transaction, under the live lock: remove the running canary and record why."""
+    conn.execute(sql.query("lock_live"))
+    running = _state(conn)
+    if running is None:
+        raise RolloutError(none_running)
+    production = _live_batch_id(conn)
+    conn.execute(sql.query("delete_canary"))
+    conn.execute(
+        sql.query("record_canary_event"),
+        (action, running["batch_id"], running["traffic"], running["salt"], production),
+    )
+    return running, production
+
+
+def stop_canary(settings: Settings) -> CanaryState:
+    """End the canary: every user gets production again; the batch stays kept (status 'ready')."""
+    with connect(settings) as conn:
+        upgrade(conn)
+        with conn.transaction():
+            running, production = _end_canary(conn, "stop", "no canary is running")
+            conn.execute(sql.query("mark_canary_batch_ready"), (running["batch_id"],))
+            _notify(conn, "canary:stop")
+    logger.info("canary stopped: batch %d", running["batch_id"])
+    return _as_state(running, production)
+
+
+def promote_canary(settings: Settings) -> SwitchResult:
+    """Make the canary production for everyone, in one transaction with the switch of ``live``."""
+    with connect(settings) as conn:
+        upgrade(conn)
+        with conn.transaction():
+            running, _ = _end_canary(
+                conn, "promote", "no canary is running: start one with `overnight canary --batch B --traffic T`"
+            )
+            switched = switch_live(conn, running["batch_id"], "promote")
+    logger.info("canary batch %d promoted to production (was %s)", switched.batch_id, switched.previous_batch_id)
+    return switched
+
+
+def canary_status(settings: Settings, history: int = 10) -> dict[str, Any]:
+    """The running canary (or None) and its latest history."""
+    with connect(settings) as conn:
+        upgrade(conn)
+        running = _state(conn)
+        production = _live_batch_id(conn)
+        conn.commit()
+        with conn.cursor(row_factory=dict_row) as cur:
+            events = cur.execute(sql.query("canary_history"), (history,)).fetchall()
+    return {
+        "canary": _as_state(running, production).__dict__ if running else None,
+        "production_batch_id": production,
+        "history": [{**event, "happened_at": event["happened_at"].isoformat()} for event in events],
+    }

@@ -1,0 +1,268 @@
+"""Run history: every pipeline run, and per step its wall time, peak memory, rows in and out and
+outcome, in ``overnight.runs`` and ``overnight.run_steps``.
+
+``overnight run`` records through :func:`step`; the Airflow DAG through the task hooks at the end
+(``on_execute_callback``, ``post_execute``, ``on_failure_callback``), which run in the task's own
+process, so a step's memory is that task's. Recording never fails a run: a problem is logged.
+"""
+
+import logging
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import sql
+from jobs.database import connect, upgrade
+from jobs.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+# The run a step of this process belongs to, so monitoring can link what it records to it.
+_current_run_id: int | None = None
+
+
+def current_run_id() -> int | None:
+    return _current_run_id
+
+
+def start_run(settings: Settings, logical_date: date, trigger: str = "cli", external_id: str | None = None) -> int:
+    with connect(settings) as conn:
+        upgrade(conn)
+        row = conn.execute(
+            sql.query("start_run"), {"logical_date": logical_date, "trigger": trigger, "external_id": external_id}
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@contextmanager
+def recording(settings: Settings, logical_date: date) -> Iterator[int]:
+    """A CLI run around the block: started, then finished as success, failed or blocked; what
+    monitoring records meanwhile is linked to it."""
+    global _current_run_id
+    run_id = start_run(settings, logical_date, "cli")
+    outer, _current_run_id = _current_run_id, run_id
+    try:
+        yield run_id
+    except BaseException as error:
+        finish_run(settings, run_id, outcome_of(error), error)
+        raise
+    else:
+        finish_run(settings, run_id, "success")
+    finally:
+        _current_run_id = outer
+
+
+def finish_run(settings: Settings, run_id: int, status: str, error: BaseException | str | None = None) -> None:
+    try:
+        with connect(settings) as conn:
+            conn.execute(
+                sql.query("finish_run"),
+                {"run_id": run_id, "status": status, "error": _one_line(error) if error else None},
+            )
+    except Exception as failure:
+        logger.warning("run history: could not record the end of run %d: %s", run_id, failure)
+
+
+def outcome_of(error: BaseException) -> str:
+    """'blocked' when monitoring held the publish back, 'failed' for anything else."""
+    return "blocked" if getattr(error, "blocks_publish", False) else "failed"
+
+
+# ---------------------------------------------------------------------------- measuring a step
+
+
+def reset_peak_memory() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux 4.0+), so the next reading is this step's."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_bytes() -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak_kib) * 1024 if peak_kib else None
+
+
+def plain(result: Any) -> Any:
+    if isinstance(result, list):
+        return [plain(r) for r in result]
+    if is_dataclass(result) and not isinstance(result, type):
+        return asdict(result)
+    return result
+
+
+_ROWS_IN = ("rows_read", "candidate_rows", "rows_in")
+_ROWS_OUT = ("rows_valid", "rows_out", "users", "items", "rows")
+
+
+def rows_of(result: Any) -> tuple[int | None, int | None]:
+    """(rows in, rows out) of a step's result, whatever step it was: the known count fields of the
+    result (a list of results, such as score shards, is summed)."""
+    data = plain(result)
+    if isinstance(data, list):
+        pairs = [rows_of(part) for part in data]
+        ins = [p[0] for p in pairs if p[0] is not None]
+        outs = [p[1] for p in pairs if p[1] is not None]
+        return (sum(ins) if ins else None, sum(outs) if outs else None)
+    if not isinstance(data, dict):
+        return None, None
+    rows_in = next((int(data[k]) for k in _ROWS_IN if isinstance(data.get(k), int)), None)
+    rows_out = next((int(data[k]) for k in _ROWS_OUT if isinstance(data.get(k), int)), None)
+    training = (data.get("metrics") or {}).get("training") if isinstance(data.get("metrics"), dict) else None
+    if rows_in is None and isinstance(training, dict) and isinstance(training.get("rows"), int):
+        rows_in = training["rows"]
+    return rows_in, rows_out
+
+
+def _summary(result: Any) -> str | None:
+    summary = getattr(result, "summary", None)
+    if callable(summary):
+        return str(summary())
+    return None
+
+
+def _one_line(error: BaseException | str) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:2000]
+
+
+@dataclass
+class StepRecord:
+    """What a step hands back to be recorded: set ``result`` before the block ends."""
+
+    result: Any = None
+
+
+def begin_step(settings: Settings, run_id: int, name: str) -> float:
+    try:
+        with connect(settings) as conn:
+            conn.execute(sql.query("start_run_step"), (run_id, name))
+    except Exception as error:
+        logger.warning("run history: could not record the start of %s: %s", name, error)
+    reset_peak_memory()
+    return time.perf_counter()
+
+
+def end_step(
+    settings: Settings,
+    run_id: int,
+    name: str,
+    started: float,
+    result: Any = None,
+    error: BaseException | None = None,
+    summary: str | None = None,
+) -> None:
+    seconds = time.perf_counter() - started
+    rows_in, rows_out = rows_of(result) if error is None else (None, None)
+    data = plain(result)
+    try:
+        with connect(settings) as conn:
+            conn.execute(
+                sql.query("finish_run_step"),
+                {
+                    "run_id": run_id,
+                    "step": name,
+                    "status": "success" if error is None else outcome_of(error),
+                    "seconds": round(seconds, 3),
+                    "peak_memory_bytes": peak_memory_bytes(),
+                    "rows_in": rows_in,
+                    "rows_out": rows_out,
+                    "summary": summary or _summary(result),
+                    "error": _one_line(error) if error is not None else None,
+                },
+            )
+            if isinstance(data, dict) and ("batch_id" in data or "model_id" in data):
+                conn.execute(
+                    sql.query("note_run_result"),
+                    {"run_id": run_id, "batch_id": data.get("batch_id"), "model_id": data.get("model_id")},
+                )
+    except Exception as failure:
+        logger.warning("run history: could not record the end of %s: %s", name, failure)
+
+
+@contextmanager
+def step(settings: Settings, run_id: int, name: str) -> Iterator[StepRecord]:
+    """Record one step of a run around the block; the block sets ``record.result``."""
+    record = StepRecord()
+    started = begin_step(settings, run_id, name)
+    try:
+        yield record
+    except BaseException as error:
+        end_step(settings, run_id, name, started, error=error)
+        raise
+    summary = None
+    if isinstance(record.result, list):
+        from jobs.score import summarise
+
+        summary = summarise(record.result)
+    end_step(settings, run_id, name, started, record.result, summary=summary)
+
+
+# ---------------------------------------------------------------------------- Airflow task hooks
+
+# Task ids of overnight_nightly and the step each records as, so CLI and DAG runs compare.
+STEP_OF_TASK = {"score_shard": "score", "monitor_input": "monitor", "check_freshness": "check-freshness"}
+FINAL_STEP = "check-freshness"
+_airflow_started: dict[str, float] = {}
+
+
+def _airflow_step(context: Any) -> tuple[Settings, int, str]:
+    global _current_run_id  # a task has its own process: the run stays bound until it ends
+    ti = context["task_instance"]
+    dag_run = context["dag_run"]
+    when = context.get("logical_date") or dag_run.run_after
+    settings = get_settings()
+    run_id = _current_run_id = start_run(settings, when.date(), "airflow", f"{ti.dag_id}/{dag_run.run_id}")
+    name = STEP_OF_TASK.get(ti.task_id, ti.task_id.replace("_", "-"))
+    map_index = getattr(ti, "map_index", -1)
+    if map_index is not None and map_index >= 0:
+        name = f"{name}[{map_index}]"
+    return settings, run_id, name
+
+
+def airflow_task_started(context: Any) -> None:
+    """``on_execute_callback``: the step starts (and the run, for its first task)."""
+    try:
+        settings, run_id, name = _airflow_step(context)
+        _airflow_started[name] = begin_step(settings, run_id, name)
+    except Exception as error:
+        logger.warning("run history: could not record the task start: %s", error)
+
+
+def airflow_task_finished(context: Any, result: Any) -> None:
+    """``post_execute``: the step succeeded with ``result``; the last step finishes the run."""
+    try:
+        settings, run_id, name = _airflow_step(context)
+        end_step(settings, run_id, name, _airflow_started.pop(name, time.perf_counter()), result)
+        if name == FINAL_STEP:
+            finish_run(settings, run_id, "success")
+    except Exception as error:
+        logger.warning("run history: could not record the task end: %s", error)
+
+
+def airflow_task_failed(context: Any) -> None:
+    """``on_failure_callback``: the step and its run failed (or were blocked by monitoring)."""
+    try:
+        settings, run_id, name = _airflow_step(context)
+        error = context.get("exception") or RuntimeError("task failed")
+        end_step(settings, run_id, name, _airflow_started.pop(name, time.perf_counter()), error=error)
+        finish_run(settings, run_id, outcome_of(error), error)
+    except Exception as failure:
+        logger.warning("run history: could not record the task failure: %s", failure)

@@ -1,0 +1,165 @@
+"""Shadow batches: score a date with another registered model into a batch that is never served, and
+compare it with what production published for the same date.
+
+The comparison (``overnight shadow-report``) gives, for the users both batches know:
+- overlap@10: the mean share of a user's first 10 items that both batches recommend;
+- offline metrics of both on the evaluation window after the date (events in [D + 1, D + 1 + horizon)
+  that the lake holds by now), with the shadow-minus-production deltas, by `jobs.metrics`;
+- the distributions of all scores and of each user's top score.
+"""
+
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+import polars as pl
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.rows import dict_row
+
+import sql
+from jobs import lake, metrics, publish, score
+from jobs.database import connect, upgrade
+from jobs.errors import MissingDataError
+from jobs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+OVERLAP_K = metrics.K
+QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class ShadowResult:
+    logical_date: str
+    model_id: str
+    batch_id: int
+    users: int
+
+    def summary(self) -> str:
+        return f"shadow batch {self.batch_id} of model {self.model_id}: {self.users:,} users (never served)"
+
+
+def run_shadow(settings: Settings, logical_date: date, model_id: str, shards: int | None = None) -> ShadowResult:
+    """Score every user of the date with `model_id` and publish the result as a shadow batch."""
+    scored = score.score(settings, logical_date, shards, model_id=model_id)
+    logger.info("shadow: %s", score.summarise(scored))
+    published = publish.publish(settings, logical_date, shadow=True)
+    return ShadowResult(logical_date.isoformat(), published.model_id, published.batch_id, published.users)
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    logical_date: str
+    production: dict[str, Any]
+    shadow: dict[str, Any]
+    overlap: dict[str, Any]
+    evaluation: dict[str, Any]
+    deltas: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batch(conn: psycopg.Connection, query: str, logical_date: date, what: str) -> dict[str, Any]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        found = cur.execute(sql.query(query), (logical_date,)).fetchone()
+    if found is None:
+        raise MissingDataError(f"no {what} batch for {logical_date}")
+    found["generated_at"] = found["generated_at"].isoformat()
+    return found
+
+
+def _distribution(conn: psycopg.Connection, batch_id: int) -> dict[str, Any]:
+    try:
+        row = conn.execute(sql.batch_query("score_distribution", batch_id)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        conn.rollback()
+        raise MissingDataError(f"the table of batch {batch_id} was dropped (retention)") from None
+    assert row is not None
+    users, all_scores, top_scores = row
+
+    def named(values: list[float] | None) -> dict[str, float]:
+        return {f"p{round(q * 100):02d}": round(v, 6) for q, v in zip(QUANTILES, values or [], strict=False)}
+
+    return {"users": users, "all_scores": named(all_scores), "top_scores": named(top_scores)}
+
+
+def _top_items(conn: psycopg.Connection, batch_id: int, users: list[str]) -> pl.DataFrame:
+    rows = conn.execute(sql.batch_query("top_items_for_users", batch_id), (OVERLAP_K, users)).fetchall()
+    frame = pl.DataFrame(rows, schema={"user_id": pl.String, "item_ids": pl.List(pl.String)}, orient="row")
+    return (
+        frame.explode("item_ids")
+        .drop_nulls("item_ids")
+        .rename({"item_ids": "item_id"})
+        .with_columns(rank=pl.int_range(1, pl.len() + 1).over("user_id"))
+    )
+
+
+def evaluation_window(settings: Settings, logical_date: date, horizon_days: int) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The relevant (user, item) pairs after the date: what users did once the batches were made."""
+    start = lake.day_end(logical_date)
+    end = start + timedelta(days=horizon_days)
+    relevant = (
+        lake.scan_interactions(settings.lake_dir, logical_date + timedelta(days=horizon_days))
+        .filter(pl.col("timestamp") >= start, pl.col("timestamp") < end)
+        .select("user_id", "item_id")
+        .unique()
+        .collect()
+    )
+    window = {
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "users": relevant["user_id"].n_unique(),
+        "pairs": relevant.height,
+    }
+    return relevant, window
+
+
+def shadow_report(settings: Settings, logical_date: date, horizon_days: int = 7) -> ShadowReport:
+    with connect(settings) as conn:
+        upgrade(conn)
+        production = _batch(conn, "serving_batch_for_date", logical_date, "production")
+        shadow = _batch(conn, "shadow_batch_for_date", logical_date, "shadow")
+        conn.commit()
+        production["scores"] = _distribution(conn, production["batch_id"])
+        shadow["scores"] = _distribution(conn, shadow["batch_id"])
+        overlap_query = pgsql.SQL(sql.query("batch_overlap")).format(
+            production=sql.recs_table(production["batch_id"]), shadow=sql.recs_table(shadow["batch_id"])
+        )
+        with conn.cursor(row_factory=dict_row) as cur:
+            overlap = cur.execute(overlap_query, {"n": OVERLAP_K}).fetchone()
+        assert overlap is not None
+        overlap = {
+            f"overlap@{OVERLAP_K}": round(float(overlap["mean_overlap"]), 6),
+            "users_in_both": overlap["users"],
+            "identical_lists": overlap["identical"],
+        }
+
+        relevant, window = evaluation_window(settings, logical_date, horizon_days)
+        evaluation: dict[str, Any] = {"window": window}
+        deltas: dict[str, float] = {}
+        if relevant.height == 0:
+            evaluation["note"] = (
+                f"no events after {logical_date} in the lake yet: run the report again once later dates are ingested"
+            )
+        else:
+            users = relevant["user_id"].unique().to_list()
+            catalogue = lake.read_catalogue(settings.lake_dir, logical_date).height
+            for name, batch in (("production", production), ("shadow", shadow)):
+                recommendations = _top_items(conn, batch["batch_id"], users)
+                evaluation[name] = metrics.ranking_metrics(recommendations, relevant, catalogue)
+            deltas = {
+                key: round(evaluation["shadow"][key] - evaluation["production"][key], 9)
+                for key in evaluation["production"]
+                if "@" in key
+            }
+    return ShadowReport(
+        logical_date=logical_date.isoformat(),
+        production=production,
+        shadow=shadow,
+        overlap=overlap,
+        evaluation=evaluation,
+        deltas=deltas,
+    )

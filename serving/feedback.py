@@ -1,0 +1,139 @@
+"""`POST /v1/events`: impressions, clicks and conversions from the product, written in bulk to
+``overnight.feedback_events``.
+
+What "accepted" means: a 202 is sent only after every event of the request is validated and queued
+in memory (all of them or none); the queue is written to Postgres within a fraction of a second,
+retried while Postgres is away, and drained when the service shuts down. A request that would not
+fit in the queue gets a 503 with Retry-After and nothing of it is kept, so the client retries the
+whole request and no event is counted twice. An invalid event fails the whole request with a 422
+naming the event and the reason, in FastAPI's usual error format.
+"""
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+import sql
+from serving.prediction_log import BulkWriter
+
+EventType = Literal["impression", "click", "conversion"]
+FeedbackRow = tuple[datetime, datetime, str, str, str, str | None]
+FEEDBACK_COLUMN_TYPES = ("timestamptz", "timestamptz", "text", "text", "text", "text")
+
+# Ids follow the ingest data contract: at most 256 characters, no control characters.
+_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+
+class FeedbackEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=256, pattern=_ID_PATTERN)
+    item_id: str = Field(min_length=1, max_length=256, pattern=_ID_PATTERN)
+    type: EventType = Field(description="What the user did with the item.")
+    timestamp: AwareDatetime = Field(description="When it happened, with a time zone (ISO 8601).")
+    request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="The `X-Request-Id` of the recommendations the item came from; "
+        "without it the event still trains tomorrow's model but counts for no variant online.",
+    )
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[FeedbackEvent] = Field(min_length=1, description="One or many events.")
+
+
+class FeedbackAccepted(BaseModel):
+    accepted: int = Field(description="Events queued; each is written to Postgres shortly after.")
+
+
+class FeedbackIntake:
+    """What the events route needs: the writer and the limits. Lives on ``app.state.feedback``."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        max_events_per_request: int = 1000,
+        max_age: timedelta = timedelta(days=7),
+        max_clock_skew: timedelta = timedelta(minutes=5),
+        **writer_options: object,
+    ) -> None:
+        self.max_events_per_request = max_events_per_request
+        self.max_age = max_age
+        self.max_clock_skew = max_clock_skew
+        self.writer: BulkWriter[FeedbackRow] = BulkWriter(
+            "feedback_events",
+            database_url,
+            sql.query("copy_feedback_events"),
+            FEEDBACK_COLUMN_TYPES,
+            **writer_options,  # type: ignore[arg-type]
+        )
+
+    def start(self) -> None:
+        self.writer.start()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        await self.writer.stop(timeout)
+
+    def rows(self, events: list[FeedbackEvent], now: datetime) -> list[FeedbackRow]:
+        """The events as rows, or a `RequestValidationError` naming every event out of the limits."""
+        problems = []
+        if len(events) > self.max_events_per_request:
+            problems.append(
+                _problem(("body", "events"), f"at most {self.max_events_per_request} events per request", len(events))
+            )
+        oldest, newest = now - self.max_age, now + self.max_clock_skew
+        for index, event in enumerate(events):
+            if not oldest <= event.timestamp <= newest:
+                when = "in the future" if event.timestamp > newest else f"older than {self.max_age}"
+                problems.append(
+                    _problem(
+                        ("body", "events", index, "timestamp"),
+                        f"timestamp is {when} (server time {now.isoformat()})",
+                        event.timestamp.isoformat(),
+                    )
+                )
+        if problems:
+            raise RequestValidationError(problems)
+        return [(e.timestamp.astimezone(UTC), now, e.user_id, e.item_id, e.type, e.request_id) for e in events]
+
+
+def _problem(loc: tuple[str | int, ...], message: str, value: object) -> dict[str, object]:
+    return {"type": "value_error", "loc": loc, "msg": message, "input": value}
+
+
+async def _intake(request: Request) -> FeedbackIntake:
+    intake: FeedbackIntake = request.app.state.feedback
+    return intake
+
+
+router = APIRouter(prefix="/v1", tags=["feedback"])
+
+
+@router.post(
+    "/events",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Report impressions, clicks and conversions",
+    responses={
+        422: {"description": "An event is malformed or out of the time limits; nothing was kept."},
+        503: {"description": "The queue is full; nothing was kept, retry the whole request later."},
+    },
+)
+async def post_events(body: FeedbackRequest, intake: Annotated[FeedbackIntake, Depends(_intake)]) -> FeedbackAccepted:
+    rows = intake.rows(body.events, datetime.now(UTC))
+    if not intake.writer.offer_all(rows):
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"feedback queue is full ({intake.writer.queued} of {intake.writer.capacity} waiting); "
+            "nothing was kept, retry the request",
+            headers={"Retry-After": "1"},
+        )
+    return FeedbackAccepted(accepted=len(rows))

@@ -1,0 +1,103 @@
+"""The monitoring dashboard in a real headless Chromium, served by `overnight serve` over three nights.
+
+Signs in through the login form, waits for every panel to be drawn, fails on any console error,
+and saves a screenshot (dashboard.png) in the test's output folder. Needs Debian's chromium and
+chromium-driver (`make browser`); in CI (CI set) their absence is a failure, not a skip.
+"""
+
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from jobs import pipeline
+from jobs.settings import Settings
+from tests.conftest import SAMPLE_DATE, overnight_env, running_service
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+KEY = "dashboard-test-key"
+PANELS = ("live", "runs", "models", "checks", "drift", "input", "output", "scores", "service")
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        message = "needs Debian's chromium and chromium-driver: run `make browser`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,2400"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_dashboard_draws_every_panel_without_console_errors(
+    browser: Any, database_url: str, sample_source: Path, tmp_path: Path
+) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, retrain_days=7, num_boost_round=30)
+    for night in (2, 1, 0):
+        pipeline.run(settings, sample_source, SAMPLE_DATE - timedelta(days=night))
+
+    env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=KEY)
+    with running_service(env) as base:
+        bearer = {"Authorization": f"Bearer {KEY}"}
+        for user in ("1", "2", "nobody"):
+            assert httpx.get(f"{base}/v1/users/{user}/recommendations", headers=bearer).status_code == 200
+
+        # the data needs a key; a bookmarked ?key= becomes a cookie and leaves the address bar
+        assert httpx.get(f"{base}/dashboard/api/overview").status_code == 401
+        overview = httpx.get(f"{base}/dashboard/api/overview", headers=bearer).json()
+        assert len(overview["runs"]) == 3 and all(r["status"] == "success" for r in overview["runs"])
+        earlier = (SAMPLE_DATE - timedelta(days=1)).isoformat()
+        focused = httpx.get(f"{base}/dashboard/api/overview", params={"date": earlier}, headers=bearer).json()
+        assert focused["focus_date"] == earlier and focused["output"]["logical_date"] == earlier
+        assert httpx.get(f"{base}/dashboard", params={"key": "wrong"}).status_code == 401
+        traded = httpx.get(f"{base}/dashboard", params={"key": KEY, "date": "2026-11-20"})
+        assert traded.status_code == 303 and traded.headers["location"] == "/dashboard?date=2026-11-20"
+        cookie = traded.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and KEY not in cookie
+        assert httpx.get(f"{base}/dashboard/static/../settings.py").status_code == 404
+
+        browser.get(f"{base}/dashboard")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        # The sign-in replaces the page, so an element found a moment ago can go stale while waiting.
+        WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true"
+        )
+        states = {panel: browser.find_element(By.ID, f"panel-{panel}").get_attribute("data-state") for panel in PANELS}
+        canvases = {
+            panel: len(browser.find_elements(By.CSS_SELECTOR, f"#panel-{panel} canvas"))
+            for panel in PANELS
+            if panel not in ("live", "checks")
+        }
+        browser.save_screenshot(str(tmp_path / "dashboard.png"))
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+    print(f"screenshot: {tmp_path / 'dashboard.png'}")
+    assert states == dict.fromkeys(PANELS, "ready")
+    assert all(count >= 1 for count in canvases.values()), canvases
+    assert errors == []
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000

@@ -1,0 +1,165 @@
+"""POST /v1/events over a real socket: validation with reasons, all-or-nothing acceptance, nothing lost."""
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi import FastAPI
+
+from jobs.database import upgrade
+from serving.feedback import FeedbackIntake, router
+from tests.conftest import create_database, drop_database, serving_app
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def events_app(intake: FeedbackIntake, *, start_writer: bool = True) -> FastAPI:
+    """The events router on its own, with the intake's writer run by the lifespan as the service would."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start_writer:
+            intake.start()
+        app.state.feedback = intake
+        try:
+            yield
+        finally:
+            intake.start()  # drain on shutdown even if it was held back
+            await intake.stop()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(router)
+    return app
+
+
+@pytest.fixture(scope="module")
+def client(postgres_admin_url: str) -> Iterator[httpx.Client]:
+    """One service for the validation cases, which must leave nothing behind: it checks that on shutdown."""
+    url = create_database(postgres_admin_url)
+    try:
+        with psycopg.connect(url) as conn:
+            upgrade(conn)
+        intake = FeedbackIntake(url)
+        with serving_app(events_app(intake)) as base, httpx.Client(base_url=base) as http:
+            yield http
+        assert intake.writer.accepted == 0
+        assert stored(url) == []
+    finally:
+        drop_database(postgres_admin_url, url)
+
+
+def event(**overrides: Any) -> dict[str, Any]:
+    return {
+        "user_id": "u1",
+        "item_id": "i1",
+        "type": "click",
+        "timestamp": NOW.isoformat(),
+        "request_id": "r1",
+    } | overrides
+
+
+def stored(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT occurred_at, user_id, item_id, event_type, request_id, "
+            "received_at BETWEEN now() - interval '1 minute' AND now() "
+            "FROM overnight.feedback_events ORDER BY occurred_at, user_id, item_id, event_type"
+        ).fetchall()
+
+
+def test_one_and_many_events_are_accepted_and_written(database_url: str) -> None:
+    intake = FeedbackIntake(database_url)
+    with serving_app(events_app(intake)) as base, httpx.Client(base_url=base) as http:
+        one = http.post("/v1/events", json={"events": [event()]})
+        assert one.status_code == 202, one.text
+        assert one.json() == {"accepted": 1}
+        many = [
+            event(user_id="u2", item_id="i9", type="impression", timestamp=(NOW - timedelta(hours=2)).isoformat()),
+            event(
+                user_id="u2",
+                item_id="i9",
+                type="conversion",
+                request_id=None,
+                timestamp=(NOW - timedelta(minutes=1)).isoformat().replace("+00:00", "+02:00"),
+            ),
+        ]
+        response = http.post("/v1/events", json={"events": many})
+        assert response.status_code == 202 and response.json() == {"accepted": 2}
+    # leaving the block shut the app down, which drains the queue
+    assert stored(database_url) == [
+        (NOW - timedelta(hours=2, minutes=1), "u2", "i9", "conversion", None, True),
+        (NOW - timedelta(hours=2), "u2", "i9", "impression", "r1", True),
+        (NOW, "u1", "i1", "click", "r1", True),
+    ]
+    assert intake.writer.written == 3 and intake.writer.lost == 0
+
+
+BAD_EVENTS: list[tuple[str, Any, str]] = [
+    ("missing user", {k: v for k, v in event().items() if k != "user_id"}, "user_id"),
+    ("unknown type", event(type="purchase"), "type"),
+    ("empty item", event(item_id=""), "item_id"),
+    ("control character", event(item_id="i\x001"), "item_id"),
+    ("over-long id", event(user_id="u" * 257), "user_id"),
+    ("naive timestamp", event(timestamp="2026-11-20T10:00:00"), "timestamp"),
+    ("not a timestamp", event(timestamp="yesterday"), "timestamp"),
+    ("future", event(timestamp=(NOW + timedelta(hours=1)).isoformat()), "timestamp"),
+    ("too old", event(timestamp=(NOW - timedelta(days=30)).isoformat()), "timestamp"),
+    ("unknown field", event(score=1.0), "score"),
+    ("spaces in request id", event(request_id="a b"), "request_id"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "field"), BAD_EVENTS, ids=[case for case, _, _ in BAD_EVENTS])
+def test_a_bad_event_gets_a_422_with_the_reason_and_nothing_is_kept(
+    client: httpx.Client, case: str, bad: dict[str, Any], field: str
+) -> None:
+    response = client.post("/v1/events", json={"events": [event(user_id="good"), bad]})
+    assert response.status_code == 422, response.text
+    problems = response.json()["detail"]
+    assert any(problem["loc"][:3] == ["body", "events", 1] and field in problem["loc"] for problem in problems), (
+        problems
+    )
+    assert all(problem["msg"] for problem in problems)
+
+
+def test_malformed_bodies_get_a_422(client: httpx.Client) -> None:
+    for body in ({"events": []}, {}, [event()], {"events": event()}):
+        assert client.post("/v1/events", json=body).status_code == 422, body
+    assert (
+        client.post("/v1/events", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 422
+    )
+
+
+def test_too_many_events_in_one_request(database_url: str) -> None:
+    intake = FeedbackIntake(database_url, max_events_per_request=3)
+    with serving_app(events_app(intake)) as base, httpx.Client(base_url=base) as http:
+        response = http.post("/v1/events", json={"events": [event(item_id=f"i{n}") for n in range(4)]})
+        assert response.status_code == 422
+        assert "at most 3 events" in response.text
+    assert stored(database_url) == []
+
+
+def test_a_full_queue_refuses_whole_requests_with_503_and_loses_nothing_accepted(database_url: str) -> None:
+    # The writer is held back, so the queue (5 events) only fills; shutdown then drains it.
+    intake = FeedbackIntake(database_url, queue_size=5)
+    accepted = 0
+    with serving_app(events_app(intake, start_writer=False)) as base, httpx.Client(base_url=base) as http:
+        first = http.post("/v1/events", json={"events": [event(item_id=f"a{n}") for n in range(3)]})
+        assert first.status_code == 202
+        accepted += 3
+        refused = http.post("/v1/events", json={"events": [event(item_id=f"b{n}") for n in range(3)]})
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert "nothing was kept" in refused.json()["detail"]
+        fits = http.post("/v1/events", json={"events": [event(item_id=f"c{n}") for n in range(2)]})
+        assert fits.status_code == 202
+        accepted += 2
+    items = sorted(row[2] for row in stored(database_url))
+    assert items == ["a0", "a1", "a2", "c0", "c1"]
+    assert intake.writer.refused == 3 and intake.writer.lost == 0 and intake.writer.written == accepted

@@ -1,0 +1,213 @@
+"""Served-prediction logging: rows land in Postgres in bulk, a full queue drops and counts, never blocks."""
+
+import asyncio
+import inspect
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from psycopg import sql as pgsql
+
+from jobs import online
+from jobs.settings import Settings
+from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def logged_rows(url: str) -> list[tuple[str, str, int, str, str, int, str]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT p.request_id, p.user_id, p.batch_id, p.variant, p.source, shown.position, shown.item_id "
+            "FROM overnight.served_predictions AS p, unnest(p.item_ids) WITH ORDINALITY AS shown (item_id, position) "
+            "ORDER BY p.request_id, shown.position"
+        ).fetchall()
+
+
+def test_answers_land_in_postgres_in_bulk_with_item_positions(database_url: str) -> None:
+    async def scenario() -> PredictionLog:
+        log = PredictionLog(database_url, queue_size=5000, batch_size=500)
+        log.start()
+        for n in range(2500):
+            variant = "canary" if n % 10 == 0 else "production"
+            assert log.record(
+                f"r{n:05d}",
+                f"u{n % 300}",
+                7 if variant == "production" else 8,
+                variant,
+                "personalized",
+                [f"i{n}", f"i{n + 1}", f"i{n + 2}"],
+            )
+        await log.stop()
+        return log
+
+    log = asyncio.run(scenario())
+    rows = logged_rows(database_url)
+    assert len(rows) == 2500 * 3
+    assert rows[:3] == [
+        ("r00000", "u0", 8, "canary", "personalized", 1, "i0"),
+        ("r00000", "u0", 8, "canary", "personalized", 2, "i1"),
+        ("r00000", "u0", 8, "canary", "personalized", 3, "i2"),
+    ]
+    assert log.writer.written == 2500 and log.writer.refused == 0 and log.writer.lost == 0
+    # 500 rows per COPY at most: at least 5 writes, and far fewer than one per row.
+    with psycopg.connect(database_url) as conn:
+        times = conn.execute("SELECT min(served_at), max(served_at) FROM overnight.served_predictions").fetchone()
+    assert times is not None and times[0] <= times[1] <= datetime.now(UTC)
+
+
+def test_a_full_queue_drops_and_counts_and_never_blocks(database_url: str) -> None:
+    # Nothing listens on this port: the writer keeps failing, so the queue fills and stays full.
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    assert not inspect.iscoroutinefunction(PredictionLog.record), "record() must not be awaitable"
+
+    async def scenario() -> tuple[PredictionLog, float, int]:
+        log = PredictionLog(unreachable, queue_size=100, batch_size=10, connect_timeout=1)
+        log.start()
+        ticks = 0
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        beat = asyncio.create_task(heartbeat())
+        started = time.perf_counter()
+        for n in range(20_000):
+            log.record(f"r{n}", "u", 1, "production", "personalized", ["a", "b"])
+            if n % 1000 == 0:
+                await asyncio.sleep(0)  # let the writer and the heartbeat run, as between requests
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.05)
+        beat.cancel()
+        await log.stop(timeout=0.2)
+        return log, elapsed, ticks
+
+    log, elapsed, ticks = asyncio.run(scenario())
+    writer = log.writer
+    assert writer.accepted + writer.refused == 20_000
+    assert writer.accepted <= 100 + 10  # the queue plus at most one batch taken out by the writer
+    assert writer.refused >= 20_000 - 110
+    assert writer.write_failures >= 1
+    assert writer.lost == writer.accepted  # never written: counted, not silently gone
+    assert ticks > 0
+    print(f"20,000 records against a full queue took {elapsed * 1e3:.1f} ms ({elapsed / 20_000 * 1e6:.2f} µs each)")
+
+    registry = CollectorRegistry()
+    registry.register(WriterCollector([writer]))
+    text = generate_latest(registry).decode()
+    assert f'overnight_bulk_rows_dropped_total{{writer="served_predictions"}} {float(writer.refused)}' in text
+
+
+def test_sampling_keeps_the_configured_share(database_url: str) -> None:
+    async def scenario() -> PredictionLog:
+        log = PredictionLog(database_url, sample_rate=0.1, queue_size=20_000)
+        log.start()
+        for n in range(10_000):
+            log.record(f"r{n}", "u", 1, "production", "fallback", ["x"])
+        await log.stop()
+        return log
+
+    log = asyncio.run(scenario())
+    kept = len(logged_rows(database_url))
+    assert kept == log.writer.written
+    assert abs(kept - 1000) < 4 * math.sqrt(10_000 * 0.1 * 0.9)
+
+
+def test_a_lost_connection_is_retried_without_losing_rows(database_url: str) -> None:
+    async def scenario() -> PredictionLog:
+        log = PredictionLog(database_url, batch_size=50, linger_seconds=0)
+        log.start()
+        for n in range(100):
+            log.record(f"a{n}", "u", 1, "production", "personalized", ["x"])
+        await log.writer.flush()
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'overnight-serving-served_predictions'"
+            ).fetchone()
+        assert killed == (1,)
+        for n in range(100):
+            log.record(f"b{n}", "u", 1, "production", "personalized", ["x"])
+        await log.stop()
+        return log
+
+    log = asyncio.run(scenario())
+    assert log.writer.write_failures >= 1
+    assert len(logged_rows(database_url)) == 200
+
+
+def test_request_ids_are_echoed_when_sane_and_made_up_otherwise() -> None:
+    assert request_id_for("abc-123") == "abc-123"
+    for bad in (None, "", "has space", "x" * 129, "ünicode", "new\nline"):
+        made = request_id_for(bad)
+        assert made != bad and len(made) == 32
+    assert request_id_for(None) != request_id_for(None)
+
+
+def test_daily_partitions_are_made_ahead_take_stray_rows_and_expire(database_url: str, tmp_path: Path) -> None:
+    settings = Settings(database_url=database_url, data_dir=tmp_path, online_keep_days=30)
+    later = datetime.now(UTC).date() + timedelta(days=20)
+    stray = datetime.combine(later, datetime.min.time(), UTC) + timedelta(hours=23, minutes=59)
+    with psycopg.connect(database_url) as conn:
+        # A day without its partition yet: the row waits in the default partition.
+        conn.execute(
+            "INSERT INTO overnight.served_predictions VALUES (%s, 'r', 'u', 1, 'production', 'personalized', '{a}')",
+            (stray,),
+        )
+    result = online.maintain_tables(settings, today=later)
+    assert result["created_partitions"] == {"served_predictions": 9, "feedback_events": 9}
+    # The migration's partitions (around today) are more than 30 days before `later + 30`.
+    expired = online.maintain_tables(settings, today=later + timedelta(days=30))
+    assert expired["dropped_partitions"]["served_predictions"] >= 4
+    name = f"served_predictions_{later:%Y%m%d}"
+    with psycopg.connect(database_url) as conn:
+        moved = conn.execute(pgsql.SQL("SELECT served_at FROM overnight.{}").format(pgsql.Identifier(name))).fetchall()
+        left = conn.execute("SELECT count(*) FROM overnight.served_predictions_default").fetchone()
+        partitions = [
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'overnight.served_predictions'::regclass ORDER BY 1"
+            )
+        ]
+    assert moved == [(stray,)] and left == (0,)
+    assert partitions[0] == f"served_predictions_{later:%Y%m%d}"  # every older day is gone
+    assert partitions[-1] == "served_predictions_default"
+    assert online.maintain_tables(settings, today=later + timedelta(days=30))["created_partitions"] == {
+        "served_predictions": 0,
+        "feedback_events": 0,
+    }
+
+
+@dataclass(frozen=True)
+class Served:
+    user_id: str
+    item_ids: list[str]
+    source: str
+
+
+def test_a_batch_answer_is_logged_under_one_request_id_and_one_sampling_decision(database_url: str) -> None:
+    answer = [Served("u1", ["a", "b"], "personalized"), Served("u2", ["p"], "fallback")]
+
+    async def scenario() -> tuple[int, int]:
+        log = PredictionLog(database_url)
+        log.start()
+        kept = log.record_answer("req-1", 9, "canary", answer)
+        skipped = PredictionLog(database_url, sample_rate=0.0).record_answer("req-2", 9, "canary", answer)
+        await log.stop()
+        return kept, skipped
+
+    assert asyncio.run(scenario()) == (2, 0)
+    assert sorted(logged_rows(database_url), key=lambda row: (row[1], row[5])) == [
+        ("req-1", "u1", 9, "canary", "personalized", 1, "a"),
+        ("req-1", "u1", 9, "canary", "personalized", 2, "b"),
+        ("req-1", "u2", 9, "canary", "fallback", 1, "p"),
+    ]

@@ -1,0 +1,271 @@
+"""Canary, promote, stop and shadow batches on real published batches; feedback into ingest."""
+
+import asyncio
+import threading
+from datetime import UTC, date, datetime, timedelta
+
+import polars as pl
+import psycopg
+import pytest
+
+import sql
+from jobs import ingest, lake, publish, rollouts, score, shadow
+from jobs.errors import MissingDataError, RolloutError
+from jobs.settings import Settings
+from serving.live import read_rollout
+from serving.variants import CANARY, PRODUCTION
+from tests.conftest import SAMPLE_DATE, overnight, overnight_env
+from tests.integration.conftest import PREVIOUS_DATE
+
+pytestmark = pytest.mark.integration
+
+
+def scored_rows(settings: Settings, day: date, shadow_scores: bool = False) -> dict[str, list[str]]:
+    folder = score.scores_dir(settings, day, shadow_scores)
+    frames = [pl.read_parquet(p) for p in sorted(folder.glob("shard-*.parquet"))]
+    return dict(pl.concat(frames).select("user_id", "item_ids").iter_rows())
+
+
+def batch_status(settings: Settings, batch_id: int) -> str:
+    with psycopg.connect(str(settings.database_url)) as conn:
+        row = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
+    assert row is not None
+    return str(row[3])
+
+
+@pytest.fixture
+def two_batches(batch_settings: Settings) -> tuple[int, int]:
+    """(production, candidate): PREVIOUS_DATE's batch is live, SAMPLE_DATE's is published but not live."""
+    candidate = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
+    production = publish.publish(batch_settings, PREVIOUS_DATE, make_live=True).batch_id
+    return production, candidate
+
+
+async def rollout_of(settings: Settings):  # type: ignore[no-untyped-def]
+    async with await psycopg.AsyncConnection.connect(str(settings.database_url), autocommit=True) as conn:
+        return await read_rollout(conn)
+
+
+def test_canary_start_ramp_stop_and_promote(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
+    production, candidate = two_batches
+    rollout = asyncio.run(rollout_of(batch_settings))
+    assert rollout is not None and rollout.canary is None
+    assert rollout.route("anyone") == (PRODUCTION, rollout.production)
+
+    started = rollouts.start_canary(batch_settings, candidate, 0.3, salt="exp-1")
+    assert (started.batch_id, started.traffic, started.salt, started.production_batch_id) == (
+        candidate,
+        0.3,
+        "exp-1",
+        production,
+    )
+    assert batch_status(batch_settings, candidate) == "canary"
+    rollout = asyncio.run(rollout_of(batch_settings))
+    assert rollout is not None and rollout.canary is not None
+    assert rollout.production.batch_id == production and rollout.canary.batch.batch_id == candidate
+    users = list(scored_rows(batch_settings, SAMPLE_DATE))
+    routed = [rollout.route(user) for user in users]
+    share = sum(variant == CANARY for variant, _ in routed) / len(users)
+    assert 0.15 < share < 0.45, share  # 300 users at 30%
+    assert all(batch.batch_id == (candidate if variant == CANARY else production) for variant, batch in routed)
+
+    ramped = rollouts.start_canary(batch_settings, candidate, 0.6)
+    assert ramped.salt == "exp-1" and ramped.traffic == 0.6
+    rollout = asyncio.run(rollout_of(batch_settings))
+    assert rollout is not None
+    assert {u for u in users if rollout.route(u)[0] == CANARY} >= {
+        u for (u, (variant, _)) in zip(users, routed, strict=True) if variant == CANARY
+    }
+
+    stopped = rollouts.stop_canary(batch_settings)
+    assert stopped.batch_id == candidate
+    assert batch_status(batch_settings, candidate) == "ready"
+    rollout = asyncio.run(rollout_of(batch_settings))
+    assert rollout is not None and rollout.canary is None
+
+    rollouts.start_canary(batch_settings, candidate, 0.05)
+    switched = rollouts.promote_canary(batch_settings)
+    assert (switched.batch_id, switched.previous_batch_id) == (candidate, production)
+    rollout = asyncio.run(rollout_of(batch_settings))
+    assert rollout is not None and rollout.canary is None and rollout.production.batch_id == candidate
+    assert batch_status(batch_settings, production) == "retired"
+
+    status = rollouts.canary_status(batch_settings)
+    assert status["canary"] is None and status["production_batch_id"] == candidate
+    assert [event["action"] for event in status["history"]] == ["promote", "start", "stop", "ramp", "start"]
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        actions = [r[0] for r in conn.execute("SELECT action FROM overnight.live_history ORDER BY switch_id")]
+    assert actions[-1] == "promote"
+
+
+def test_canary_refuses_what_it_cannot_serve(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
+    production, candidate = two_batches
+    for traffic in (0.0, 1.0, 1.5, -0.2):
+        with pytest.raises(RolloutError, match="between 0 and 1"):
+            rollouts.start_canary(batch_settings, candidate, traffic)
+    with pytest.raises(MissingDataError, match="batch 999 does not exist"):
+        rollouts.start_canary(batch_settings, 999, 0.05)
+    with pytest.raises(RolloutError, match="already live"):
+        rollouts.start_canary(batch_settings, production, 0.05)
+    with pytest.raises(RolloutError, match="no canary is running"):
+        rollouts.stop_canary(batch_settings)
+    with pytest.raises(RolloutError, match="no canary is running"):
+        rollouts.promote_canary(batch_settings)
+
+    rollouts.start_canary(batch_settings, candidate, 0.05, salt="s1")
+    with pytest.raises(RolloutError, match="changing the salt"):
+        rollouts.start_canary(batch_settings, candidate, 0.1, salt="s2")
+    # The canary is out of reach of rollback and retention.
+    with pytest.raises(MissingDataError, match="is canary"):
+        publish.rollback(batch_settings, to_batch=candidate)
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        expired = [r[0] for r in conn.execute(sql.query("expired_batches"), (0,))]
+    assert candidate not in expired
+    publish.publish(batch_settings, SAMPLE_DATE, make_live=False)  # a re-run of the canary's date
+    assert batch_status(batch_settings, candidate) == "canary"
+
+
+def test_readers_see_no_error_while_canaries_start_stop_and_promote(
+    batch_settings: Settings, two_batches: tuple[int, int]
+) -> None:
+    """Readers route users and read their batch, as a lookup does, while the rollout changes under them."""
+    production, candidate = two_batches
+    expected = {
+        production: scored_rows(batch_settings, PREVIOUS_DATE),
+        candidate: scored_rows(batch_settings, SAMPLE_DATE),
+    }
+    users = sorted(set(expected[production]) & set(expected[candidate]))[:60]
+    stop = threading.Event()
+    problems: list[str] = []
+    reads = [0]
+
+    async def read_loop() -> None:
+        async with await psycopg.AsyncConnection.connect(str(batch_settings.database_url), autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    rollout = await read_rollout(conn)
+                    assert rollout is not None
+                    for user in users[:: 1 + reads[0] % 7]:
+                        _, batch = rollout.route(user)
+                        cur = await conn.execute(batch.recs_for_users, ([user],))
+                        row = await cur.fetchone()
+                        if row is None or row[1] != expected[batch.batch_id][user]:
+                            problems.append(f"user {user}: batch {batch.batch_id} answered {row}")
+                except Exception as error:
+                    problems.append(f"read failed: {error!r}")
+                reads[0] += 1
+
+    threads = [threading.Thread(target=asyncio.run, args=(read_loop(),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        live, other = production, candidate
+        for _ in range(3):
+            rollouts.start_canary(batch_settings, other, 0.2)
+            rollouts.start_canary(batch_settings, other, 0.5)
+            rollouts.stop_canary(batch_settings)
+            rollouts.start_canary(batch_settings, other, 0.5)
+            rollouts.promote_canary(batch_settings)
+            live, other = other, live
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert reads[0] > 10
+    assert problems == []
+
+
+def test_shadow_batch_is_published_but_never_served(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
+    production, _ = two_batches
+    model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    result = shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
+    assert result.users == len(scored_rows(batch_settings, PREVIOUS_DATE, shadow_scores=True)) > 0
+    assert batch_status(batch_settings, result.batch_id) == "shadow"
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        live = conn.execute(sql.query("live_batch_id")).fetchone()
+        conn.commit()
+        assert live == (production,)
+        with pytest.raises(psycopg.errors.CheckViolation, match="shadow batches are never served"):
+            publish.switch_live(conn, result.batch_id, "publish")
+    with pytest.raises(MissingDataError, match="is shadow"):
+        publish.rollback(batch_settings, to_batch=result.batch_id)
+    with pytest.raises(RolloutError, match="shadow batch"):
+        rollouts.start_canary(batch_settings, result.batch_id, 0.05)
+    # Publishing production again for that date leaves the shadow alone, and vice versa.
+    publish.publish(batch_settings, PREVIOUS_DATE, make_live=True)
+    assert batch_status(batch_settings, result.batch_id) == "shadow"
+
+    # The same model as production: identical lists, zero deltas, on a real window (SAMPLE_DATE's events).
+    report = shadow.shadow_report(batch_settings, PREVIOUS_DATE)
+    assert report.overlap["overlap@10"] == 1.0
+    assert report.overlap["users_in_both"] == report.overlap["identical_lists"] == result.users
+    assert report.evaluation["window"]["users"] > 0
+    assert report.evaluation["production"]["ndcg@10"] > 0
+    assert set(report.deltas) >= {"ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10"}
+    assert all(delta == 0 for delta in report.deltas.values())
+    assert report.production["scores"] == report.shadow["scores"]
+    assert report.production["scores"]["top_scores"]["p50"] >= report.production["scores"]["all_scores"]["p50"]
+
+    rerun = shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
+    assert batch_status(batch_settings, result.batch_id) == "dropped"  # replaced by the re-run of its date
+    assert batch_status(batch_settings, rerun.batch_id) == "shadow"
+
+
+def test_shadow_refuses_unknown_and_future_models(batch_settings: Settings) -> None:
+    with pytest.raises(MissingDataError, match="model nope is not registered"):
+        shadow.run_shadow(batch_settings, SAMPLE_DATE, "nope")
+    model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    with pytest.raises(MissingDataError, match="would use the future"):
+        shadow.run_shadow(batch_settings, PREVIOUS_DATE - timedelta(days=3), model_id)
+    with pytest.raises(MissingDataError, match="no production batch for 2026-11-20"):
+        shadow.shadow_report(batch_settings, SAMPLE_DATE)
+
+
+def test_ingest_merges_feedback_with_configured_weights(batch_settings: Settings, sample_source) -> None:  # type: ignore[no-untyped-def]
+    day = lake.day_start(SAMPLE_DATE)
+    events = [
+        (day + timedelta(hours=9), "u-fb", "i-click", "click"),
+        (day + timedelta(hours=9, minutes=1), "u-fb", "i-buy", "conversion"),
+        (day + timedelta(hours=8), "u-fb", "i-seen", "impression"),
+        (day - timedelta(days=1, hours=-3), "u-fb", "i-late", "click"),  # the day before, arrived late
+        (day + timedelta(days=1, hours=1), "u-fb", "i-future", "click"),  # after the logical date
+    ]
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        for when, user, item, kind in events:
+            conn.execute(
+                "INSERT INTO overnight.feedback_events VALUES (%s, now(), %s, %s, %s, 'r1')", (when, user, item, kind)
+            )
+    settings = batch_settings.model_copy(update={"ingest_feedback": True})
+    ingest.ingest(settings, sample_source, SAMPLE_DATE)
+    ingest.ingest(settings, sample_source, SAMPLE_DATE)  # idempotent: nothing twice
+
+    seen = (
+        lake.scan_interactions(settings.lake_dir, SAMPLE_DATE)
+        .filter(pl.col("user_id") == "u-fb")
+        .sort("timestamp")
+        .collect()
+    )
+    assert seen.select("item_id", "event_type", "weight").rows() == [
+        ("i-late", "click", 1.0),
+        ("i-click", "click", 1.0),
+        ("i-buy", "conversion", 3.0),
+    ]
+    assert seen["timestamp"][1] == datetime.combine(SAMPLE_DATE, datetime.min.time(), UTC) + timedelta(hours=9)
+
+
+def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
+    env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
+    production, candidate = two_batches
+    for args, message in (
+        (["canary", "--batch", "999", "--traffic", "0.05"], "batch 999 does not exist"),
+        (["promote"], "no canary is running"),
+    ):
+        result = overnight(*args, env=env, check=False)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            f"overnight: error: {message}" + result.stderr.split(message)[1].rstrip()
+        ]
+    started = overnight("canary", "--batch", str(candidate), "--traffic", "0.05", "--salt", "cli", env=env)
+    assert "salt: cli" in started.stdout and "traffic: 0.05" in started.stdout
+    promoted = overnight("promote", env=env)
+    assert f"canary batch {candidate} is now production (was {production})" in promoted.stdout

@@ -1,0 +1,59 @@
+"""Thresholds and checks: levels by bad side, overrides from the environment, run-history row counts."""
+
+import pytest
+
+from jobs.errors import OvernightError
+from jobs.monitor import DEFAULT_THRESHOLDS, evaluate, json_safe, thresholds, verdict
+from jobs.runs import rows_of
+from jobs.settings import Settings
+
+
+def test_levels_follow_the_bad_side() -> None:
+    limits = thresholds(Settings(monitor_thresholds={"feature_psi": {"warn": 0.1, "fail": 0.25}}))
+    assert evaluate(limits, "drift", "feature_psi", 0.05, "x").level == "ok"
+    assert evaluate(limits, "drift", "feature_psi", 0.2, "x").level == "warn"
+    failed = evaluate(limits, "drift", "feature_psi", 0.9, "item_mean_weight")
+    assert failed.level == "fail"
+    assert failed.message == "feature_psi of item_mean_weight is 0.9, above the fail threshold 0.25"
+    # below is bad for coverage
+    assert evaluate(limits, "output", "catalogue_coverage", 0.01).level == "warn"
+    assert evaluate(limits, "output", "catalogue_coverage", 0.5).level == "ok"
+
+
+def test_a_value_that_cannot_be_measured_is_ok_and_says_so() -> None:
+    check = evaluate(thresholds(Settings()), "input", "weight_psi", None)
+    assert (check.level, check.value, check.message) == ("ok", None, "weight_psi: not measured")
+    assert evaluate(thresholds(Settings()), "input", "weight_psi", float("nan")).value is None
+
+
+def test_overrides_can_turn_a_level_off_and_unknown_names_are_errors() -> None:
+    limits = thresholds(Settings(monitor_thresholds={"fallback_share": {"fail": None}}))
+    assert limits["fallback_share"].fail is None
+    assert limits["fallback_share"].warn == DEFAULT_THRESHOLDS["fallback_share"].warn
+    with pytest.raises(OvernightError, match="unknown statistic 'psi'"):
+        thresholds(Settings(monitor_thresholds={"psi": {"warn": 1.0}}))
+    with pytest.raises(OvernightError, match="only 'warn' and 'fail'"):
+        thresholds(Settings(monitor_thresholds={"feature_psi": {"error": 1.0}}))
+
+
+def test_the_environment_sets_thresholds_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OVERNIGHT_MONITOR_THRESHOLDS", '{"feature_psi": {"fail": 0.3}}')
+    assert thresholds(Settings())["feature_psi"].fail == 0.3
+
+
+def test_verdict_is_the_worst_level() -> None:
+    limits = thresholds(Settings())
+    checks = [evaluate(limits, "output", "fallback_share", v) for v in (0.0, 0.3)]
+    assert verdict(checks) == "warn"
+    assert verdict([]) == "ok"
+
+
+def test_json_safe_drops_non_finite_numbers() -> None:
+    assert json_safe({"a": float("inf"), "b": [float("nan"), 1.5], "c": "x"}) == {"a": None, "b": [None, 1.5], "c": "x"}
+
+
+def test_rows_in_and_out_of_step_results() -> None:
+    assert rows_of({"rows_read": 10, "rows_valid": 8}) == (10, 8)
+    assert rows_of([{"candidate_rows": 100, "users": 5}, {"candidate_rows": 50, "users": 3}]) == (150, 8)
+    assert rows_of({"trained": True, "metrics": {"training": {"rows": 42}}}) == (42, None)
+    assert rows_of(None) == (None, None)
