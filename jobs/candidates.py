@@ -152,12 +152,15 @@ def build_genre_popular(
 def top_per_group(
     frame: pl.LazyFrame, group: str | list[str], by: str, tie: str, limit: int, rank_name: str | None = None
 ) -> pl.LazyFrame:
-    """The ``limit`` rows with the largest ``by`` per group; ties go by ``tie`` so runs repeat exactly."""
+    """The ``limit`` rows with the largest ``by`` per group; ties go by ``tie`` so runs repeat exactly.
+
+    Rows keep their order (sort afterwards if it matters): each group ranks its own rows, which is
+    several times faster than sorting the whole frame and numbering the sorted rows.
+    """
     groups = [group] if isinstance(group, str) else group
-    ranked = frame.sort([*groups, by, tie], descending=[False] * len(groups) + [True, False]).with_columns(
-        _rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(groups)
-    )
-    ranked = ranked.filter(pl.col("_rank") <= limit)
+    positions = pl.int_range(pl.len(), dtype=pl.UInt32)
+    rank = (positions.sort_by([by, tie], descending=[True, False]).arg_sort() + 1).cast(pl.Int32)
+    ranked = frame.with_columns(rank.over(groups).alias("_rank")).filter(pl.col("_rank") <= limit)
     return ranked.rename({"_rank": rank_name}) if rank_name else ranked.drop("_rank")
 
 
