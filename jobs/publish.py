@@ -44,7 +44,7 @@ class PublishResult:
     reason: str
     dropped_batches: list[int] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, validate, switch
+    seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, validate, monitor, switch
 
     def summary(self) -> str:
         state = "live" if self.live else f"not live: {self.reason}"
@@ -284,6 +284,7 @@ def publish(
                     f"batch {batch_id} for {logical_date} failed validation: {'; '.join(problems)}"
                 )
             output_stats.check_batch(settings, logical_date, batch_id, model_id)  # monitoring's publish gate
+            lap("monitor")
         except Exception as error:
             conn.rollback()
             conn.execute(sql.query("mark_batch_failed"), (Jsonb(measured) if measured else None, str(error), batch_id))
