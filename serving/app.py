@@ -3,6 +3,7 @@
 `uvicorn --factory serving.app:create_app` builds one app per worker from the environment.
 """
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -285,6 +286,10 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         metrics.watch(lookup)
         prediction_log.start()
         feedback.start()
+        # What exists now lives as long as the process (modules, the app, its routes and models):
+        # keep the collector from walking it on every full collection, a pause that stalls every
+        # request in flight.
+        gc.freeze()
         try:
             yield
         finally:
