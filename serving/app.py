@@ -290,6 +290,7 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         # keep the collector from walking it on every full collection, a pause that stalls every
         # request in flight.
         gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         try:
             yield
         finally:
