@@ -29,7 +29,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 AIRFLOW = Path(sys.executable).with_name("airflow")
 REDIS = ("127.0.0.1", 6379)
-SHARDS = 4
+SHARDS = 6
+# An Airflow task holds its Celery slot for a few seconds after it has finished (the task runner's
+# wind-down): with one slot per worker, a worker still winding down its previous task can miss
+# every shard. Two slots each, and more shards than slots in all.
+WORKER_SLOTS = 2
 WORKERS = ("worker-a", "worker-b")
 RUN_ID = "celery-distribution"
 
@@ -113,7 +117,7 @@ def test_score_shards_run_on_both_celery_workers(
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata,  # psycopg 3 does async too; no asyncpg needed
         "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS[0]}:{REDIS[1]}/0",
         "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{metadata}",
-        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(WORKER_SLOTS),
         "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
         # a queue of this run's own: other runs may share the Redis
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": f"overnight-test-{secrets.token_hex(6)}",
@@ -135,7 +139,18 @@ def test_score_shards_run_on_both_celery_workers(
                     "OVERNIGHT_TEST_WORKER_NAME": name,
                     "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.e2e.celery_worker_name.hostname",
                 }
-                command = [str(AIRFLOW), "celery", "worker", "-q", queue, "-H", f"{name}@%h", "-c", "1", "-s"]
+                command = [
+                    str(AIRFLOW),
+                    "celery",
+                    "worker",
+                    "-q",
+                    queue,
+                    "-H",
+                    f"{name}@%h",
+                    "-c",
+                    str(WORKER_SLOTS),
+                    "-s",
+                ]
                 services.enter_context(process(command, worker_env, folder / f"{name}.log"))
 
             def dag_is_known() -> bool:
@@ -184,7 +199,10 @@ def test_score_shards_run_on_both_celery_workers(
     shards = [t for t in tasks if t[0] == "score_shard"]
     assert sorted(t[1] for t in shards) == list(range(SHARDS))
     assert {t[2] for t in shards} == {"success"}
-    assert {t[3] for t in shards} == set(WORKERS), f"shards ran on {[t[3] for t in shards]}"
+    schedule = "\n".join(
+        f"{t[0]}[{t[1]}] on {t[3]}: {t[4]:%H:%M:%S.%f} - {t[5]:%H:%M:%S.%f}" for t in sorted(tasks, key=lambda t: t[4])
+    )
+    assert {t[3] for t in shards} == set(WORKERS), f"shards ran on {[t[3] for t in shards]}\n{schedule}"
     publish = next(t for t in tasks if t[0] == "publish")
     assert publish[4] >= max(t[5] for t in shards), "publish started before every shard had finished"
     with psycopg.connect(database_url) as conn:
