@@ -11,8 +11,9 @@
    workers), and for reference the same server with a bare ASGI hello-world.
 4. Starts `overnight serve` and loads it with wrk from a separate process over loopback: a user mix
    with a share of hot users and of unknown users; first flat out, then at half that rate. With several
-   --prediction-log-sample-rate values, step 4 is repeated once per value (same batch, same load), so
-   the cost of logging what is served shows as the difference between them.
+   --prediction-log-sample-rate values, step 4 is repeated once per value (same batch, and every
+   half-rate phase at half the first run's maximum), so the cost of logging what is served shows
+   as the difference between them.
 
 Prints one JSON document: requests/s, latency percentiles, errors, both ceilings and our ratios to them.
 Needs `wrk` and `pgbench` on PATH (Debian: apt-get install wrk postgresql-client).
@@ -347,15 +348,18 @@ def service_metrics(base: str) -> dict[str, float]:
     }
 
 
-def load_service(args: argparse.Namespace, env: dict[str, str], base: str, port: int) -> dict[str, Any]:
-    """`overnight serve`'s app under wrk: warm-up, flat out, then at half that rate."""
+def load_service(
+    args: argparse.Namespace, env: dict[str, str], base: str, port: int, max_rps: float | None = None
+) -> dict[str, Any]:
+    """`overnight serve`'s app under wrk: warm-up, flat out, then at half that rate (or half of
+    `max_rps`, so that runs compared with each other carry the same load)."""
     command = server_command(args.server, "serving.app:create_app", port, args.workers)
     with running(command, env, base, "/readyz"):
         wrk(base, args, 10)  # warm-up: connections, prepared statements, the hot users' cache entries
         full = wrk(base, args, args.seconds)
         # Half the maximum rate: each connection waits between its requests. A connection's rate is
         # 1 / (delay + latency); a short probe measures the latency part at about that rate.
-        period_ms = 1000 * args.connections / (full["rps"] / 2)
+        period_ms = 1000 * args.connections / ((max_rps or full["rps"]) / 2)
         probe = wrk(base, args, 3, delay_ms=max(1, round(period_ms)))
         latency_ms = max(0.0, 1000 * args.connections / probe["rps"] - round(period_ms))
         half = wrk(base, args, args.seconds, delay_ms=max(1, round(period_ms - latency_ms)))
@@ -421,10 +425,12 @@ def main() -> None:
             "OVERNIGHT_API_KEYS": API_KEY,
             "OVERNIGHT_CACHE_ENTRIES": "0" if args.no_cache else os.environ.get("OVERNIGHT_CACHE_ENTRIES", "50000"),
         }
-        runs = [
-            (rate, load_service(args, env | {"OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE": str(rate)}, base, port))
-            for rate in args.prediction_log_sample_rate
-        ]
+        runs: list[tuple[float, dict[str, Any]]] = []
+        for rate in args.prediction_log_sample_rate:
+            # every run's half-rate phase carries half the first run's maximum: p99 at the same load
+            first_max = runs[0][1]["full"]["rps"] if runs else None
+            rate_env = env | {"OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE": str(rate)}
+            runs.append((rate, load_service(args, rate_env, base, port, first_max)))
         full, half, explained = runs[0][1]["full"], runs[0][1]["half"], runs[0][1]["service"]
     finally:
         if not args.keep:

@@ -21,9 +21,11 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, LiteralString, Protocol, TypeVar
 
+import orjson
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from psycopg.types.json import Json
 
 import sql
 
@@ -33,6 +35,9 @@ Row = TypeVar("Row", bound=tuple[Any, ...])
 
 _FIRST_RETRY_SECONDS = 0.2
 _MAX_RETRY_SECONDS = 5.0
+# Rows encoded between two yields to the event loop: psycopg encodes a whole COPY without yielding
+# unless the socket blocks, and a thousand logged lists (~3 ms) would stall every lookup behind them.
+_ROWS_PER_YIELD = 32
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -185,8 +190,10 @@ class BulkWriter(Generic[Row]):
             )
         async with self._conn.cursor() as cur, cur.copy(self._copy) as copy:
             copy.set_types(self._types)
-            for row in rows:
-                await copy.write_row(row)
+            for start in range(0, len(rows), _ROWS_PER_YIELD):
+                for row in rows[start : start + _ROWS_PER_YIELD]:
+                    await copy.write_row(row)
+                await asyncio.sleep(0)
 
     async def _close_broken(self) -> None:
         if self._conn is not None:
@@ -222,7 +229,7 @@ class WriterCollector(Collector):
 
 # ---------------------------------------------------------------------------- served predictions
 
-ServedRow = tuple[datetime, str, str, int, str, str, list[str]]
+ServedRow = tuple[datetime, str, str, int, str, str, Json]
 
 
 class ServedList(Protocol):
@@ -236,7 +243,9 @@ class ServedList(Protocol):
     def source(self) -> str: ...
 
 
-SERVED_COLUMN_TYPES = ("timestamptz", "text", "text", "int8", "text", "text", "text[]")
+# item_ids is a JSON array: one document costs a third of what fifty text[] elements do to encode
+# and to store (sql/migrations/0007), on the cores the lookups share.
+SERVED_COLUMN_TYPES = ("timestamptz", "text", "text", "int8", "text", "text", "json")
 
 
 class PredictionLog:
@@ -260,7 +269,7 @@ class PredictionLog:
         """Queue one answer (True), or skip it: not sampled, or the queue is full (counted as dropped)."""
         if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             return False
-        return self.writer.offer((datetime.now(UTC), request_id, user_id, batch_id, variant, source, list(item_ids)))
+        return self.writer.offer((datetime.now(UTC), request_id, user_id, batch_id, variant, source, _json(item_ids)))
 
     def record_answer(self, request_id: str, batch_id: int, variant: str, results: Iterable[ServedList]) -> int:
         """Queue every list of one answer (a batch lookup has many) under one sampling decision; how many."""
@@ -269,7 +278,7 @@ class PredictionLog:
         served_at = datetime.now(UTC)
         return sum(
             self.writer.offer(
-                (served_at, request_id, recs.user_id, batch_id, variant, recs.source, list(recs.item_ids))
+                (served_at, request_id, recs.user_id, batch_id, variant, recs.source, _json(recs.item_ids))
             )
             for recs in results
         )
@@ -279,6 +288,10 @@ class PredictionLog:
 
     async def stop(self, timeout: float = 10.0) -> None:
         await self.writer.stop(timeout)
+
+
+def _json(item_ids: Sequence[str]) -> Json:
+    return Json(item_ids, dumps=orjson.dumps)
 
 
 def request_id_for(incoming: str | None) -> str:

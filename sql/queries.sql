@@ -522,7 +522,7 @@ FROM STDIN (FORMAT BINARY);
 WITH served AS (
     SELECT p.request_id, p.user_id, p.variant, p.batch_id, shown.item_id, shown.position
     FROM overnight.served_predictions AS p,
-         unnest(p.item_ids) WITH ORDINALITY AS shown (item_id, position)
+         json_array_elements_text(p.item_ids) WITH ORDINALITY AS shown (item_id, position)
     WHERE p.served_at >= %(start)s AND p.served_at < %(end)s
 ),
 feedback AS (
@@ -558,7 +558,7 @@ FROM overnight.feedback_events AS f
 WHERE f.occurred_at >= %(start)s AND f.occurred_at < %(end)s
   AND NOT EXISTS (
       SELECT 1 FROM overnight.served_predictions AS p
-      WHERE p.request_id = f.request_id AND p.user_id = f.user_id AND f.item_id = ANY(p.item_ids)
+      WHERE p.request_id = f.request_id AND p.user_id = f.user_id AND p.item_ids::jsonb ? f.item_id
         AND p.served_at >= %(start)s - interval '1 day' AND p.served_at < %(end)s
   )
 GROUP BY f.event_type;

@@ -25,7 +25,8 @@ def logged_rows(url: str) -> list[tuple[str, str, int, str, str, int, str]]:
     with psycopg.connect(url) as conn:
         return conn.execute(
             "SELECT p.request_id, p.user_id, p.batch_id, p.variant, p.source, shown.position, shown.item_id "
-            "FROM overnight.served_predictions AS p, unnest(p.item_ids) WITH ORDINALITY AS shown (item_id, position) "
+            "FROM overnight.served_predictions AS p, "
+            "json_array_elements_text(p.item_ids) WITH ORDINALITY AS shown (item_id, position) "
             "ORDER BY p.request_id, shown.position"
         ).fetchall()
 
@@ -159,7 +160,8 @@ def test_daily_partitions_are_made_ahead_take_stray_rows_and_expire(database_url
     with psycopg.connect(database_url) as conn:
         # A day without its partition yet: the row waits in the default partition.
         conn.execute(
-            "INSERT INTO overnight.served_predictions VALUES (%s, 'r', 'u', 1, 'production', 'personalized', '{a}')",
+            "INSERT INTO overnight.served_predictions "
+            "VALUES (%s, 'r', 'u', 1, 'production', 'personalized', '[\"a\"]')",
             (stray,),
         )
     result = online.maintain_tables(settings, today=later)
