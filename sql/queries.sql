@@ -112,34 +112,6 @@ ALTER TABLE {recs} ADD PRIMARY KEY (user_id);
 -- name: analyze_recs
 ANALYZE {recs};
 
--- name: validate_recs
--- One pass over the loaded rows: counts of every kind of bad row.
-SELECT count(*) AS rows,
-       count(*) FILTER (WHERE cardinality(item_ids) = 0) AS empty_lists,
-       count(*) FILTER (WHERE cardinality(item_ids) <> cardinality(scores)) AS length_mismatches,
-       count(*) FILTER (WHERE 'NaN'::real = ANY(scores) OR 'Infinity'::real = ANY(scores)
-                              OR '-Infinity'::real = ANY(scores)) AS non_finite_scores,
-       count(*) FILTER (WHERE array_position(item_ids, NULL) IS NOT NULL
-                              OR array_position(scores, NULL) IS NOT NULL) AS null_elements
-FROM {recs};
-
--- name: create_catalogue_table
-CREATE TEMPORARY TABLE catalogue (item_id text PRIMARY KEY) ON COMMIT DROP;
-
--- name: copy_catalogue
-COPY catalogue (item_id) FROM STDIN;
-
--- name: unknown_items
--- Items in the batch (or its fallback list) that are not in the catalogue, with a few examples.
-WITH published AS (
-    SELECT DISTINCT unnest(item_ids) AS item_id FROM {recs}
-    UNION
-    SELECT unnest(fallback_item_ids) FROM overnight.batches WHERE batch_id = %s
-)
-SELECT count(*), (array_agg(p.item_id ORDER BY p.item_id))[1:5]
-FROM published AS p
-WHERE NOT EXISTS (SELECT 1 FROM catalogue AS c WHERE c.item_id = p.item_id);
-
 -- name: mark_batch_ready
 UPDATE overnight.batches SET status = 'ready', validation = %s WHERE batch_id = %s;
 
