@@ -6,11 +6,13 @@
 2. Trains a ranker on a small sample of users from the same world (not timed: the night under test
    does not retrain) and registers it in a new database on --admin-url (dropped at the end).
 3. Runs ingest → candidates → features → score (one process per shard, --shard-users each) →
-   publish, each step in a process of its own, timing it and reading its peak RSS.
+   monitor_input → publish, as the nightly DAG does, each step in a process of its own, timing it
+   and reading its peak RSS.
 4. Measures the ceilings on the same data: LightGBM's bare `predict` on the very feature matrices
-   scoring built (timed inside the scoring loop), and a bare binary COPY of the same published rows
-   (same encoder, same parallel connections, into a table without key or validation). psycopg's
-   per-row `write_row` on a sample is reported beside it for reference.
+   scoring built (timed inside the scoring loop, and alone on the first chunk's, the better of two
+   runs), and a bare binary COPY of the same published rows (same encoder, same parallel
+   connections, into a table without key or validation). psycopg's per-row `write_row` on a sample
+   is reported beside it for reference.
 
 Prints JSON: per-step seconds and peak RSS, users scored per second, candidate rows per second,
 the two ceilings, and the ratios of our rates to them. Machine load (/proc/loadavg) is recorded at
@@ -39,7 +41,7 @@ from psycopg.conninfo import make_conninfo
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGICAL_DATE = date(2026, 11, 20)
-STEPS = ("ingest", "candidates", "features", "score", "publish")
+STEPS = ("ingest", "candidates", "features", "score", "monitor_input", "publish")
 
 
 def load() -> list[float]:
@@ -101,6 +103,10 @@ def child_step(step: str, extra: list[str]) -> Any:
         return score.plan_shards(settings, LOGICAL_DATE)
     if step == "score":
         return asdict(score.score_shard(settings, LOGICAL_DATE, int(extra[0]), int(extra[1])))
+    if step == "monitor_input":
+        from jobs import drift
+
+        return asdict(drift.monitor_input(settings, LOGICAL_DATE))
     if step == "publish":
         result = asdict(publish.publish(settings, LOGICAL_DATE))
         return {k: v for k, v in result.items() if k != "validation"} | {"validation": result["validation"]}
@@ -161,9 +167,11 @@ def predict_ceiling(settings: Any) -> dict[str, Any]:
         score.shard_events(settings, LOGICAL_DATE, users)[0]
     )
     matrix = frame.select(list(model.features)).to_numpy()
-    started = time.perf_counter()
-    booster.predict(matrix, num_threads=0)
-    seconds = time.perf_counter() - started
+    seconds = float("inf")
+    for _ in range(2):  # the better of two: a ceiling
+        started = time.perf_counter()
+        booster.predict(matrix, num_threads=0)
+        seconds = min(seconds, time.perf_counter() - started)
     return {"rows": matrix.shape[0], "seconds": round(seconds, 3), "rows_per_second": round(matrix.shape[0] / seconds)}
 
 
@@ -298,9 +306,11 @@ def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
         "load_before": shard_runs[0]["load_before"],
         "per_shard": [{k: r[k] for k in ("seconds", "peak_rss_mb", "load_before")} for r in shard_runs],
     }
-    log(f"publish ... (load {load()})")
-    steps["publish"] = run_step("publish", [], env)
-    log(f"publish: {steps['publish']['seconds']} s")
+    # the DAG's monitor_input task, before publish (whose monitoring gate reads what it measured)
+    for step in ("monitor_input", "publish"):
+        log(f"{step} ... (load {load()})")
+        steps[step] = run_step(step, [], env)
+        log(f"{step}: {steps[step]['seconds']} s, peak {steps[step]['peak_rss_mb']} MB")
     copy = run_step("copy-ceiling", [], env)
     predict = run_step("predict-ceiling", [], env)
 

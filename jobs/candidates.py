@@ -278,6 +278,7 @@ def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) 
     Columns: user_id, item_id, then per source its score and rank (``SOURCES``) and the extra
     scores knn_max, knn_recent, covisit_hits; a source that did not propose the item leaves its
     columns null. Items the user already interacted with are left out when ``exclude_seen`` is set.
+    Rows come in no particular order.
     """
     users = events.select("user_id").unique()
     proposed = {
@@ -315,7 +316,7 @@ def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) 
     merged = top_per_group(
         merged.with_columns(_best=-best_rank), "user_id", "_best", "item_id", settings.max_candidates
     )
-    return merged.drop("_best").sort(KEY).collect()
+    return merged.drop("_best").collect()  # unordered: features.assemble sorts what it returns
 
 
 def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
