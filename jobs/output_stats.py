@@ -1,6 +1,7 @@
 """Output monitoring of a batch before it goes live, and the publish gate.
 
-Measures the lists about to be published: score distribution, share of active users left to the
+Measures the lists about to be published: score distribution (of a stable sample of about
+20,000 users; each user's top score over all of them), share of active users left to the
 fallback, catalogue coverage, distinct items and Gini of exposure, empty and short lists, and the
 overlap with (and score shift against) yesterday's lists for a stable sample of users.
 ``check_batch`` is the gate publish calls before switching ``live``: any check at its fail
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 OVERLAP_K = 10
 SCORE_BINS = 20
+SCORE_SAMPLE_USERS = 20_000  # about this many users' scores make the score quantiles and histogram
 
 
 class MonitoringBlockedError(BatchValidationError):
@@ -44,23 +46,31 @@ def batch_statistics(settings: Settings, logical_date: date, batch_id: int, conn
     files = [score.shard_path(settings, logical_date, m.shard, m.shards) for m in manifests]
     lists = pl.scan_parquet(files)
     short_at = min(OVERLAP_K, settings.top_k)
-    shape = lists.select(
-        lists=pl.len(),
-        empty=(pl.col("item_ids").list.len() == 0).sum(),
-        short=(pl.col("item_ids").list.len() < short_at).sum(),
-        mean_length=pl.col("item_ids").list.len().mean(),
-    ).collect()
-    n_lists, empty, short, mean_length = shape.row(0)
-    exposure = (
-        lists.select(pl.col("item_ids").explode().alias("item_id")).drop_nulls().group_by("item_id").len().collect()
+    users = lists.select(pl.len()).collect().item()  # from the files' metadata
+
+    # One pass over the files for everything. The score distribution is for display: a stable
+    # sample of users gives it (50 million scores at 1M users took 4 of the gate's 6 seconds).
+    shape, exposure, sampled_scores, top_scores_frame = pl.collect_all(
+        [
+            lists.select(
+                lists=pl.len(),
+                empty=(pl.col("item_ids").list.len() == 0).sum(),
+                short=(pl.col("item_ids").list.len() < short_at).sum(),
+                mean_length=pl.col("item_ids").list.len().mean(),
+            ),
+            lists.select(pl.col("item_ids").explode().alias("item_id")).drop_nulls().group_by("item_id").len(),
+            lists.filter(_sample(users, SCORE_SAMPLE_USERS, seed=11)).select(pl.col("scores").explode()).drop_nulls(),
+            lists.select(pl.col("scores").list.first()).drop_nulls(),
+        ]
     )
+    n_lists, empty, short, mean_length = shape.row(0)
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
     if "available" in catalogue.columns:
         catalogue = catalogue.filter(pl.col("available").fill_null(True))
     available = catalogue.select("item_id").unique()
     shown = available.join(exposure, on="item_id", how="left").with_columns(pl.col("len").fill_null(0))
-    scores = lists.select(pl.col("scores").explode()).drop_nulls().collect()["scores"].cast(pl.Float64).to_numpy()
-    top_scores = lists.select(pl.col("scores").list.first()).drop_nulls().collect()["scores"].to_numpy()
+    scores = sampled_scores["scores"].cast(pl.Float64).to_numpy()
+    top_scores = top_scores_frame["scores"].to_numpy()
 
     batch = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
     assert batch is not None
@@ -82,7 +92,7 @@ def batch_statistics(settings: Settings, logical_date: date, batch_id: int, conn
         "top_score_quantiles": distributions.quantiles(top_scores),
         "score_histogram": _equal_width_histogram(scores),
     }
-    stats |= _against_yesterday(settings, logical_date, lists, conn)
+    stats |= _against_yesterday(logical_date, lists, users, settings, conn)
     return stats
 
 
@@ -95,14 +105,20 @@ def _equal_width_histogram(values: np.ndarray) -> dict[str, list[float]]:
     return {"edges": edges.tolist(), "counts": counts.tolist()}
 
 
+def _sample(users: int, size: int, seed: int) -> pl.Expr:
+    """About ``size`` of ``users`` users, the same ones for the same ids: a filter, not a sort of every list."""
+    return pl.col("user_id").hash(seed=seed) % max(users, 1) < size
+
+
 def _against_yesterday(
-    settings: Settings, logical_date: date, lists: pl.LazyFrame, conn: psycopg.Connection
+    logical_date: date, lists: pl.LazyFrame, users: int, settings: Settings, conn: psycopg.Connection
 ) -> dict[str, Any]:
+    """Overlap@10 and score PSI against the previous kept batch, for a stable sample of users."""
     previous = conn.execute(sql.query("previous_kept_batch"), (logical_date,)).fetchone()
     if previous is None:
         return {"previous_batch_id": None, "overlap_yesterday": None, "score_psi": None}
     previous_id, previous_date = previous
-    sample = lists.sort(pl.col("user_id").hash(seed=7), "user_id").head(settings.drift_sample_users).collect()
+    sample = lists.filter(_sample(users, settings.drift_sample_users, seed=7)).collect()
     try:
         rows = conn.execute(sql.batch_query("recs_for_users", previous_id), (sample["user_id"].to_list(),)).fetchall()
     except psycopg.errors.UndefinedTable:
