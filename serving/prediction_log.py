@@ -36,7 +36,7 @@ Row = TypeVar("Row", bound=tuple[Any, ...])
 _FIRST_RETRY_SECONDS = 0.2
 _MAX_RETRY_SECONDS = 5.0
 # Rows encoded between two yields to the event loop: psycopg encodes a whole COPY without yielding
-# unless the socket blocks, and a thousand logged lists (~3 ms) would stall every lookup behind them.
+# unless the socket blocks, and a thousand logged lists (milliseconds) would stall every lookup behind them.
 _ROWS_PER_YIELD = 32
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
