@@ -275,7 +275,8 @@ def test_postgres_stopping_under_load_gives_fast_503s_or_stale_cache_and_recover
     for sample in refused:
         assert sample.headers["Retry-After"]
         assert sample.body["detail"], "a 503 without a reason"
-        assert stopped_at <= sample.started, "a 503 before Postgres was stopped"
+        # a request in flight when the stop began may fail too: what must not fail is one answered before
+        assert stopped_at <= sample.started + sample.elapsed, "a 503 before Postgres was stopped"
     # The watcher marks answers stale once it has lost its connection: allow it a poll interval to notice.
     during = [s for s in samples if stopped_at + 1.5 < s.started < started_at and s.status == 200]
     assert during, "no cached user was answered during the outage"
