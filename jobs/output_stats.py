@@ -46,24 +46,23 @@ def batch_statistics(settings: Settings, logical_date: date, batch_id: int, conn
     files = [score.shard_path(settings, logical_date, m.shard, m.shards) for m in manifests]
     lists = pl.scan_parquet(files)
     short_at = min(OVERLAP_K, settings.top_k)
-    users = lists.select(pl.len()).collect().item()  # from the files' metadata
+    n_lists = lists.select(pl.len()).collect().item()  # from the files' metadata
 
     # One pass over the files for everything. The score distribution is for display: a stable
     # sample of users gives it (50 million scores at 1M users took 4 of the gate's 6 seconds).
     shape, exposure, sampled_scores, top_scores_frame = pl.collect_all(
         [
             lists.select(
-                lists=pl.len(),
                 empty=(pl.col("item_ids").list.len() == 0).sum(),
                 short=(pl.col("item_ids").list.len() < short_at).sum(),
                 mean_length=pl.col("item_ids").list.len().mean(),
             ),
             lists.select(pl.col("item_ids").explode().alias("item_id")).drop_nulls().group_by("item_id").len(),
-            lists.filter(_sample(users, SCORE_SAMPLE_USERS, seed=11)).select(pl.col("scores").explode()).drop_nulls(),
+            lists.filter(_sample(n_lists, SCORE_SAMPLE_USERS, seed=11)).select(pl.col("scores").explode()).drop_nulls(),
             lists.select(pl.col("scores").list.first()).drop_nulls(),
         ]
     )
-    n_lists, empty, short, mean_length = shape.row(0)
+    empty, short, mean_length = shape.row(0)
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
     if "available" in catalogue.columns:
         catalogue = catalogue.filter(pl.col("available").fill_null(True))
@@ -92,7 +91,7 @@ def batch_statistics(settings: Settings, logical_date: date, batch_id: int, conn
         "top_score_quantiles": distributions.quantiles(top_scores),
         "score_histogram": _equal_width_histogram(scores),
     }
-    stats |= _against_yesterday(logical_date, lists, users, settings, conn)
+    stats |= _against_yesterday(logical_date, lists, n_lists, settings, conn)
     return stats
 
 

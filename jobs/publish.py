@@ -111,6 +111,15 @@ def _load_shard(url: str, batch_id: int, path: Path) -> ShardCheck:
     return ShardCheck.of(frame, loaded)
 
 
+# ShardCheck's counts of bad rows, and how a validation failure names them
+_BAD_ROWS = {
+    "empty_lists": "empty lists",
+    "length_mismatches": "item/score length mismatches",
+    "non_finite_scores": "rows with non-finite scores",
+    "null_elements": "rows with null elements",
+}
+
+
 def validate(
     shards: list[ShardCheck],
     fallback_items: list[str],
@@ -128,10 +137,7 @@ def validate(
     published = pl.concat([*(s.item_ids for s in shards), pl.Series(fallback_items, dtype=pl.String)]).unique()
     unknown = published.filter(published.is_in(pl.Series(catalogue, dtype=pl.String).implode()).not_()).sort()
     coverage = rows / active_users if active_users else 0.0
-    counts = {
-        name: sum(getattr(s, name) for s in shards)
-        for name in ("empty_lists", "length_mismatches", "non_finite_scores", "null_elements")
-    }
+    counts = {name: sum(getattr(s, name) for s in shards) for name in _BAD_ROWS}
     measured = {
         "rows": rows,
         "users_scored": users_scored,
@@ -145,14 +151,7 @@ def validate(
         problems.append(f"table has {rows} rows but {users_scored} users were scored")
     if coverage < settings.min_coverage:
         problems.append(f"covers {coverage:.1%} of {active_users} active users (minimum {settings.min_coverage:.0%})")
-    for name, value in (
-        ("empty lists", counts["empty_lists"]),
-        ("item/score length mismatches", counts["length_mismatches"]),
-        ("rows with non-finite scores", counts["non_finite_scores"]),
-        ("rows with null elements", counts["null_elements"]),
-    ):
-        if value:
-            problems.append(f"{value} {name}")
+    problems += [f"{counts[name]} {label}" for name, label in _BAD_ROWS.items() if counts[name]]
     if unknown.len():
         problems.append(f"{unknown.len()} item ids not in the catalogue (e.g. {', '.join(unknown.head(5).to_list())})")
     return measured, problems
