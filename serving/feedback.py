@@ -21,7 +21,6 @@ from serving.prediction_log import BulkWriter
 
 EventType = Literal["impression", "click", "conversion"]
 FeedbackRow = tuple[datetime, datetime, str, str, str, str | None]
-FEEDBACK_COLUMN_TYPES = ("timestamptz", "timestamptz", "text", "text", "text", "text")
 
 # Ids follow the ingest data contract: at most 256 characters, no control characters.
 _ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
@@ -72,8 +71,7 @@ class FeedbackIntake:
         self.writer: BulkWriter[FeedbackRow] = BulkWriter(
             "feedback_events",
             database_url,
-            sql.query("copy_feedback_events"),
-            FEEDBACK_COLUMN_TYPES,
+            sql.query("insert_feedback_events"),
             **writer_options,  # type: ignore[arg-type]
         )
 

@@ -1,10 +1,12 @@
 """Writing rows to Postgres in bulk, off the request path: what was served (`PredictionLog`), and the
 writer it shares with the feedback endpoint (`BulkWriter`).
 
-A request only appends to a bounded in-memory queue and never awaits: when the queue is full the
-row is refused (the prediction log drops it and counts the drop; the feedback endpoint answers 503).
-One background task drains the queue in batches and writes each with one binary COPY over its own
-connection, so logging never takes a connection from the lookup pool. A failed write is retried
+A request only appends a tuple to a bounded in-memory queue and never awaits: when the queue is
+full the row is refused (the prediction log drops it and counts the drop; the feedback endpoint
+answers 503). One background task drains the queue in batches and writes each as one INSERT of one
+JSON array, over its own connection, so logging never takes a connection from the lookup pool.
+A batch is encoded by one orjson call (C, well under a microsecond a row) rather than row by row
+in Python: the encoding runs on the event loop the lookups share. A failed write is retried
 with back-off (the queue fills meanwhile and refuses rows, bounded memory); `stop()` drains what is
 left. Rows are lost only if the process is killed or Postgres stays down through `stop()`; both are
 logged with the count.
@@ -17,6 +19,7 @@ import logging
 import os
 import random
 import re
+from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, LiteralString, Protocol, TypeVar
@@ -35,25 +38,22 @@ Row = TypeVar("Row", bound=tuple[Any, ...])
 
 _FIRST_RETRY_SECONDS = 0.2
 _MAX_RETRY_SECONDS = 5.0
-# Rows encoded between two yields to the event loop: psycopg encodes a whole COPY without yielding
-# unless the socket blocks, and a thousand logged lists (milliseconds) would stall every lookup behind them.
-_ROWS_PER_YIELD = 32
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 class BulkWriter(Generic[Row]):
-    """A bounded queue of rows and the task that COPYs them into one table in batches.
+    """A bounded queue of rows and the task that inserts them into one table in batches.
 
-    `offer` and `offer_all` are the request side: synchronous, O(1), never blocking. `start` and
-    `stop` belong to the app's lifespan.
+    `insert_query` takes one parameter, a JSON array of the rows (each a JSON array: the tuple as
+    orjson encodes it, datetimes as RFC 3339). `offer` and `offer_all` are the request side:
+    synchronous, O(1), never blocking. `start` and `stop` belong to the app's lifespan.
     """
 
     def __init__(
         self,
         name: str,
         database_url: str,
-        copy_query: LiteralString,
-        column_types: Sequence[str],
+        insert_query: LiteralString,
         *,
         queue_size: int = 10_000,
         batch_size: int = 1_000,
@@ -64,12 +64,13 @@ class BulkWriter(Generic[Row]):
             raise ValueError("queue_size and batch_size must be at least 1")
         self.name = name
         self._url = database_url
-        self._copy = copy_query
-        self._types = list(column_types)
+        self._insert = insert_query
         self._batch_size = batch_size
         self._linger = linger_seconds
         self._connect_timeout = connect_timeout
-        self._queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=queue_size)
+        self._capacity = queue_size
+        self._queue: deque[Row] = deque()
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._pending: list[Row] = []
@@ -85,30 +86,31 @@ class BulkWriter(Generic[Row]):
 
     def offer(self, row: Row) -> bool:
         """Queue one row; False (and counted as refused) when the queue is full."""
-        if self._queue.full():  # cheaper than raising QueueFull on every row while Postgres is away
+        if len(self._queue) >= self._capacity:
             self.refused += 1
             return False
-        self._queue.put_nowait(row)
+        self._queue.append(row)
         self.accepted += 1
+        self._arrived.set()
         return True
 
     def offer_all(self, rows: Sequence[Row]) -> bool:
         """Queue every row or none (so a client can retry the whole request without duplicates)."""
-        if self._queue.maxsize - self._queue.qsize() < len(rows):
+        if self._capacity - len(self._queue) < len(rows):
             self.refused += len(rows)
             return False
-        for row in rows:
-            self._queue.put_nowait(row)
+        self._queue.extend(rows)
         self.accepted += len(rows)
+        self._arrived.set()
         return True
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() + len(self._pending)
+        return len(self._queue) + len(self._pending)
 
     @property
     def capacity(self) -> int:
-        return self._queue.maxsize
+        return self._capacity
 
     # ------------------------------------------------------------------ lifespan
 
@@ -118,7 +120,7 @@ class BulkWriter(Generic[Row]):
 
     async def flush(self) -> None:
         """Wait until every row queued so far is written (tests, and `stop`)."""
-        while self._queue.qsize() or self._pending:
+        while self._queue or self._pending:
             self._idle.clear()
             await self._idle.wait()
 
@@ -146,15 +148,18 @@ class BulkWriter(Generic[Row]):
         backoff = _FIRST_RETRY_SECONDS
         while True:
             if not self._pending:
-                self._idle.set()
-                self._pending.append(await self._queue.get())
+                if not self._queue:
+                    self._idle.set()
+                    self._arrived.clear()
+                    await self._arrived.wait()
                 self._take_available()
                 if len(self._pending) < self._batch_size and self._linger > 0:
-                    # A short wait turns a trickle of rows into fewer, larger COPYs.
+                    # A short wait turns a trickle of rows into fewer, larger writes.
                     await asyncio.sleep(self._linger)
                     self._take_available()
+            payload = self._encode_pending()
             try:
-                await self._write(self._pending)
+                await self._write(payload)
             except (psycopg.Error, OSError) as error:
                 self.write_failures += 1
                 delay = backoff * random.uniform(0.5, 1.0)
@@ -174,13 +179,10 @@ class BulkWriter(Generic[Row]):
                 backoff = _FIRST_RETRY_SECONDS
 
     def _take_available(self) -> None:
-        while len(self._pending) < self._batch_size:
-            try:
-                self._pending.append(self._queue.get_nowait())
-            except asyncio.QueueEmpty:
-                return
+        take = min(self._batch_size - len(self._pending), len(self._queue))
+        self._pending.extend(self._queue.popleft() for _ in range(take))
 
-    async def _write(self, rows: list[Row]) -> None:
+    async def _write(self, payload: bytes) -> None:
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(
                 self._url,
@@ -188,12 +190,23 @@ class BulkWriter(Generic[Row]):
                 connect_timeout=max(2, round(self._connect_timeout)),
                 application_name=f"overnight-serving-{self.name}",
             )
-        async with self._conn.cursor() as cur, cur.copy(self._copy) as copy:
-            copy.set_types(self._types)
-            for start in range(0, len(rows), _ROWS_PER_YIELD):
-                for row in rows[start : start + _ROWS_PER_YIELD]:
-                    await copy.write_row(row)
-                await asyncio.sleep(0)
+        await self._conn.execute(self._insert, (Json(payload, dumps=_encoded),))
+
+    def _encode_pending(self) -> bytes:
+        """The pending rows as one JSON array. A row JSON cannot carry (a lone surrogate in a string,
+        say) could never be written and would block every row behind it: it is dropped and counted lost."""
+        try:
+            return orjson.dumps(self._pending)
+        except orjson.JSONEncodeError:
+            encodable = []
+            for row in self._pending:
+                with contextlib.suppress(orjson.JSONEncodeError):
+                    orjson.dumps(row)
+                    encodable.append(row)
+            self.lost += len(self._pending) - len(encodable)
+            logger.error("%s: %d rows cannot be encoded and are lost", self.name, len(self._pending) - len(encodable))
+            self._pending = encodable
+            return orjson.dumps(encodable)
 
     async def _close_broken(self) -> None:
         if self._conn is not None:
@@ -214,7 +227,7 @@ class WriterCollector(Collector):
             "refused": ("overnight_bulk_rows_dropped", "Rows refused because the queue was full, by writer."),
             "written": ("overnight_bulk_rows_written", "Rows written to Postgres, by writer."),
             "write_failures": ("overnight_bulk_write_failures", "Failed bulk writes (retried), by writer."),
-            "lost": ("overnight_bulk_rows_lost", "Queued rows not written before shutdown, by writer."),
+            "lost": ("overnight_bulk_rows_lost", "Queued rows never written (at shutdown, or unencodable), by writer."),
         }
         for attribute, (name, documentation) in counters.items():
             family = CounterMetricFamily(name, documentation, labels=["writer"])
@@ -229,7 +242,7 @@ class WriterCollector(Collector):
 
 # ---------------------------------------------------------------------------- served predictions
 
-ServedRow = tuple[datetime, str, str, int, str, str, Json]
+ServedRow = tuple[datetime, str, str, int, str, str, Sequence[str]]
 
 
 class ServedList(Protocol):
@@ -243,11 +256,6 @@ class ServedList(Protocol):
     def source(self) -> str: ...
 
 
-# item_ids is a JSON array: one document costs a third of what fifty text[] elements do to encode
-# and to store (sql/migrations/0007), on the cores the lookups share.
-SERVED_COLUMN_TYPES = ("timestamptz", "text", "text", "int8", "text", "text", "json")
-
-
 class PredictionLog:
     """Records a sampled share of answers into ``overnight.served_predictions``; never blocks a lookup."""
 
@@ -258,8 +266,7 @@ class PredictionLog:
         self.writer: BulkWriter[ServedRow] = BulkWriter(
             "served_predictions",
             database_url,
-            sql.query("copy_served_predictions"),
-            SERVED_COLUMN_TYPES,
+            sql.query("insert_served_predictions"),
             **writer_options,
         )
 
@@ -269,7 +276,7 @@ class PredictionLog:
         """Queue one answer (True), or skip it: not sampled, or the queue is full (counted as dropped)."""
         if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             return False
-        return self.writer.offer((datetime.now(UTC), request_id, user_id, batch_id, variant, source, _json(item_ids)))
+        return self.writer.offer((datetime.now(UTC), request_id, user_id, batch_id, variant, source, item_ids))
 
     def record_answer(self, request_id: str, batch_id: int, variant: str, results: Iterable[ServedList]) -> int:
         """Queue every list of one answer (a batch lookup has many) under one sampling decision; how many."""
@@ -277,9 +284,7 @@ class PredictionLog:
             return 0
         served_at = datetime.now(UTC)
         return sum(
-            self.writer.offer(
-                (served_at, request_id, recs.user_id, batch_id, variant, recs.source, _json(recs.item_ids))
-            )
+            self.writer.offer((served_at, request_id, recs.user_id, batch_id, variant, recs.source, recs.item_ids))
             for recs in results
         )
 
@@ -288,10 +293,6 @@ class PredictionLog:
 
     async def stop(self, timeout: float = 10.0) -> None:
         await self.writer.stop(timeout)
-
-
-def _json(item_ids: Sequence[str]) -> Json:
-    return Json(item_ids, dumps=orjson.dumps)
 
 
 def request_id_for(incoming: str | None) -> str:
@@ -319,6 +320,10 @@ class _RequestIds:
 
 _request_ids = _RequestIds()
 os.register_at_fork(after_in_child=_request_ids.renew)
+
+
+def _encoded(payload: bytes) -> bytes:
+    return payload
 
 
 def _first_line(error: BaseException) -> str:

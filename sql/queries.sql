@@ -479,13 +479,18 @@ SELECT overnight.ensure_daily_partitions(%s, %s, %s);
 -- name: drop_daily_partitions
 SELECT overnight.drop_daily_partitions(%s, %s);
 
--- name: copy_served_predictions
-COPY overnight.served_predictions (served_at, request_id, user_id, batch_id, variant, source, item_ids)
-FROM STDIN (FORMAT BINARY);
+-- The lookup service writes both tables a batch at a time, as one JSON array of rows (each an
+-- array of the columns in order) that orjson encodes in one call (serving/prediction_log.py).
+-- Parsed once as jsonb: the fields of a json row would be re-read from its text one by one.
+-- name: insert_served_predictions
+INSERT INTO overnight.served_predictions (served_at, request_id, user_id, batch_id, variant, source, item_ids)
+SELECT (r->>0)::timestamptz, r->>1, r->>2, (r->>3)::bigint, r->>4, r->>5, (r->6)::json
+FROM jsonb_array_elements(%s::jsonb) AS r;
 
--- name: copy_feedback_events
-COPY overnight.feedback_events (occurred_at, received_at, user_id, item_id, event_type, request_id)
-FROM STDIN (FORMAT BINARY);
+-- name: insert_feedback_events
+INSERT INTO overnight.feedback_events (occurred_at, received_at, user_id, item_id, event_type, request_id)
+SELECT (r->>0)::timestamptz, (r->>1)::timestamptz, r->>2, r->>3, r->>4, r->>5
+FROM jsonb_array_elements(%s::jsonb) AS r;
 
 -- name: online_outcomes
 -- Every served (request, item) of [start, end) with what its user did with it, aggregated by variant,

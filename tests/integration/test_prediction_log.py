@@ -57,7 +57,6 @@ def test_answers_land_in_postgres_in_bulk_with_item_positions(database_url: str)
         ("r00000", "u0", 8, "canary", "personalized", 3, "i2"),
     ]
     assert log.writer.written == 2500 and log.writer.refused == 0 and log.writer.lost == 0
-    # 500 rows per COPY at most: at least 5 writes, and far fewer than one per row.
     with psycopg.connect(database_url) as conn:
         times = conn.execute("SELECT min(served_at), max(served_at) FROM overnight.served_predictions").fetchone()
     assert times is not None and times[0] <= times[1] <= datetime.now(UTC)
@@ -143,6 +142,27 @@ def test_a_lost_connection_is_retried_without_losing_rows(database_url: str) -> 
     log = asyncio.run(scenario())
     assert log.writer.write_failures >= 1
     assert len(logged_rows(database_url)) == 200
+
+
+def test_odd_text_round_trips_and_a_row_json_cannot_carry_is_dropped_alone(database_url: str) -> None:
+    odd_user, odd_item = "u\"\\ '; DROP TABLE x; -- é 😀", 'i\t"[1]"\\n'
+
+    async def scenario() -> PredictionLog:
+        log = PredictionLog(database_url, linger_seconds=0.2)
+        log.start()
+        log.record("r1", odd_user, 1, "production", "personalized", [odd_item, "plain"])
+        log.record("r2", "u\ud800", 1, "production", "personalized", ["x"])  # a lone surrogate: not UTF-8
+        log.record("r3", "u3", 1, "production", "personalized", ["y"])
+        await log.stop()
+        return log
+
+    log = asyncio.run(scenario())
+    assert [(row[0], row[1], row[6]) for row in logged_rows(database_url)] == [
+        ("r1", odd_user, odd_item),
+        ("r1", odd_user, "plain"),
+        ("r3", "u3", "y"),
+    ]
+    assert log.writer.written == 2 and log.writer.lost == 1
 
 
 def test_request_ids_are_echoed_when_sane_and_made_up_otherwise() -> None:
