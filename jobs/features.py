@@ -129,7 +129,8 @@ def assemble(
     cutoff: datetime,
     settings: Settings,
 ) -> pl.DataFrame:
-    """Join every feature onto the candidates; the result has user_id, item_id and FEATURES, no nulls.
+    """Join every feature onto the candidates; the result has user_id, item_id and FEATURES, no nulls,
+    in no particular order (training sorts what it groups; scoring ranks each user's rows itself).
 
     ``events`` are the history of the candidates' users, all before ``cutoff``; ``tables`` were
     built from events before the same cutoff.
@@ -154,7 +155,6 @@ def assemble(
             **{rank: pl.col(rank).fill_null(limits[source] + 1) for source, (_, rank) in SOURCES.items()},
         )
         .select(*KEY, *[pl.col(f).cast(pl.Float32).fill_null(0.0) for f in FEATURES])
-        .sort(KEY)
     )
     return frame.collect()
 
