@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -366,6 +367,23 @@ def load_service(
         return {"full": full, "half": half, "service": service_metrics(base)}
 
 
+def logging_cost(runs: list[tuple[float, dict[str, Any]]]) -> dict[str, Any] | None:
+    """With runs at rate 0 and at a rate above it: the median p99 at the shared half load per rate, and
+    the highest rate's over rate 0's. Medians, since one phase's p99 on a shared machine is noisy."""
+    p99s: dict[float, list[float]] = {}
+    for rate, run in runs:
+        p99s.setdefault(rate, []).append(run["half"]["p99_ms"])
+    if 0.0 not in p99s or len(p99s) < 2:
+        return None
+    medians = {rate: statistics.median(values) for rate, values in sorted(p99s.items())}
+    top = max(medians)
+    return {
+        "half_rate_p99_ms_median": {str(rate): median for rate, median in medians.items()},
+        "runs_per_rate": {str(rate): len(values) for rate, values in sorted(p99s.items())},
+        f"p99_ratio_{top:g}_to_0": round(medians[top] / medians[0.0], 3),
+    }
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -487,6 +505,7 @@ def main() -> None:
             }
             for rate, run in runs
         ],
+        "prediction_log_cost": logging_cost(runs),
         "publish_seconds": round(publish_seconds, 1),
         "load_average": [round(load, 2) for load in os.getloadavg()],
         "cpus": os.cpu_count(),
