@@ -51,10 +51,11 @@ def scoring_sample(settings: Settings, logical_date: date) -> pl.DataFrame:
         .collect()
     )
     events = lake.scan_interactions(settings.lake_dir, logical_date).join(users.lazy(), on="user_id", how="semi")
-    frame = score.candidate_features(settings, logical_date, folder)(events.collect()).drop("user_id", "item_id")
+    frame = score.candidate_features(settings, logical_date, folder)(events.collect())
     if frame.height > settings.drift_reference_rows:
-        frame = frame.sample(n=settings.drift_reference_rows, seed=settings.seed)
-    return frame
+        # sorted first: the candidates come in no particular order, and the sample must not depend on it
+        frame = frame.sort("user_id", "item_id").sample(n=settings.drift_reference_rows, seed=settings.seed)
+    return frame.drop("user_id", "item_id")
 
 
 def save_reference(settings: Settings, model_dir: Path, logical_date: date) -> Path:

@@ -36,7 +36,7 @@ RATING_FEATURES = {"item_mean_weight", "user_mean_weight"}
 
 def drifting_source(folder: Path) -> Path:
     """The generator's data, with items released over the period (so item ages and counts are not
-    all alike) and every rating from DRIFT_FROM on collapsed to 1 (a broken rating widget)."""
+    all alike) and every rating from DRIFT_FROM on collapsed to 0 (a broken rating widget)."""
     days = 120
     # ends after TONIGHT so that activity does not taper off towards the nights we look at
     data = generate(1500, 600, days, end_date=TONIGHT + timedelta(days=30), seed=3, events_per_user=30)
@@ -52,7 +52,7 @@ def drifting_source(folder: Path) -> Path:
         .drop("released")
         .with_columns(
             pl.when(pl.col("timestamp") >= drift_start)
-            .then(1.0)
+            .then(0.0)
             .otherwise(pl.col("rating"))
             .cast(pl.Float32)
             .alias("rating")
@@ -97,6 +97,7 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
         retrain_days=30,  # the model of the night before the drift stays in production
         num_boost_round=30,
         monitor_thresholds={"feature_psi": {"fail": 0.25}},
+        drift_reference_rows=1_000_000,  # every row: no sampling noise this close to the threshold
         alert_webhook_url=webhook,
         dashboard_url="http://dash.example/dashboard",
     )
