@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
 KEY = ["user_id", "item_id"]
+PAIR = "pair"  # (user, item) as one integer, see pair_key
+_PAIR_SHIFT = 1 << 32
 GENRES_PER_USER = 3  # the genre source proposes items of the user's few favourite genres only
 # name of each source: (score column, rank column), in the order they are merged
 SOURCES: dict[str, tuple[str, str]] = {
@@ -49,6 +51,48 @@ def stable_sum(expr: pl.Expr) -> pl.Expr:
     """A float sum rounded to 6 decimals: parallel aggregation adds in varying order, and the last
     bits must not decide a ranking or change the trained model from one run to the next."""
     return expr.cast(pl.Float64).sum().round(6).cast(pl.Float32)
+
+
+def pair_key(user: str = "user_id", item: str = "item_id") -> pl.Expr:
+    """(user, item) as one UInt64 from the codes of their enums, ordered as the pairs are: joins and
+    group-bys on it run about twice as fast as on the two columns. Ids must be enums (``as_enums``)."""
+    return (
+        pl.col(user).to_physical().cast(pl.UInt64) * _PAIR_SHIFT + pl.col(item).to_physical().cast(pl.UInt64)
+    ).alias(PAIR)
+
+
+def pair_user() -> pl.Expr:
+    """The user's code in a ``pair_key``: enough to group by user."""
+    return pl.col(PAIR) // _PAIR_SHIFT
+
+
+def unpair(users: pl.DataType, items: pl.DataType) -> list[pl.Expr]:
+    """user_id and item_id back from a ``pair_key``, as the enums they were."""
+
+    def decode(code: pl.Expr, enum: pl.DataType) -> pl.Expr:
+        physical = pl.Series(dtype=enum).to_physical().dtype
+        return code.cast(physical).cat.to(enum)
+
+    return [
+        decode(pl.col(PAIR) // _PAIR_SHIFT, users).alias("user_id"),
+        decode(pl.col(PAIR) % _PAIR_SHIFT, items).alias("item_id"),
+    ]
+
+
+ITEM_COLUMNS = ("item_id", "neighbour_id")
+
+
+def sorted_enum(*ids: pl.Series) -> pl.Enum:
+    """An enum over the distinct ids, in sorted order: its values compare as the strings do."""
+    return pl.Enum(pl.concat([i.cast(pl.String) for i in ids]).unique().sort())
+
+
+def as_enums(frame: pl.DataFrame, items: pl.Enum, users: pl.Enum | None = None) -> pl.DataFrame:
+    """``frame`` with its item (and user) id columns cast to enums."""
+    casts = [pl.col(c).cast(items) for c in ITEM_COLUMNS if c in frame.columns]
+    if users is not None and "user_id" in frame.columns:
+        casts.append(pl.col("user_id").cast(users))
+    return frame.with_columns(casts)
 
 
 def days_before(cutoff: datetime, column: str | pl.Expr) -> pl.Expr:
@@ -249,11 +293,12 @@ def user_genre_shares(events: pl.LazyFrame, genres: pl.DataFrame) -> pl.LazyFram
 
 
 def _over_neighbours(events: pl.LazyFrame, table: pl.DataFrame, history: int, **scores: pl.Expr) -> pl.LazyFrame:
-    """``scores`` per user and neighbour of any of the user's latest ``history`` items (``recency`` 1 = latest)."""
+    """``scores`` per (user, neighbour) ``pair_key``, over the neighbours of the user's latest ``history``
+    items (``recency`` 1 = latest)."""
     return (
         latest_items(events, history)
         .join(table.lazy(), on="item_id")
-        .group_by("user_id", pl.col("neighbour_id").alias("item_id"))
+        .group_by(pair_key("user_id", "neighbour_id"))
         .agg(**scores)
     )
 
@@ -267,7 +312,7 @@ def _genre(events: pl.LazyFrame, tables: CandidateTables) -> pl.LazyFrame:
     favourite = top_per_group(user_genre_shares(events, tables.genres), "user_id", "share", "genre", GENRES_PER_USER)
     return (
         favourite.join(tables.genre_popular.lazy(), on="genre")
-        .group_by(KEY)
+        .group_by(pair_key())
         .agg(genre_score=stable_sum(pl.col("share") * pl.col("genre_popularity")))
     )
 
@@ -278,8 +323,12 @@ def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) 
     Columns: user_id, item_id, then per source its score and rank (``SOURCES``) and the extra
     scores knn_max, knn_recent, covisit_hits; a source that did not propose the item leaves its
     columns null. Items the user already interacted with are left out when ``exclude_seen`` is set.
-    Rows come in no particular order.
+    Rows come in no particular order. Ids must be enums, the same items enum in ``events`` and
+    ``tables`` (``features.encode_tables``); the sources meet on their ``pair_key``.
     """
+    schema = events.collect_schema()
+    if not all(isinstance(schema[c], pl.Enum) for c in KEY):
+        raise TypeError(f"candidate generation needs enum ids, got {schema['user_id']} and {schema['item_id']}")
     users = events.select("user_id").unique()
     proposed = {
         "knn": _over_neighbours(
@@ -298,25 +347,28 @@ def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) 
             covisit_hits=pl.len().cast(pl.Int32),
         ),
         "genre": _genre(events, tables),
-        "popular": users.join(tables.popular.lazy().drop("popular_rank"), how="cross"),
+        "popular": users.join(tables.popular.lazy(), how="cross").select(pair_key(), "popular_score"),
     }
     limits = source_limits(settings)
-    seen = events.select(KEY).unique()
+    seen = events.select(pair_key()).unique()
     merged: pl.LazyFrame | None = None
     for source, frame in proposed.items():
         score, rank = SOURCES[source]
-        limit = limits[source]
         if settings.exclude_seen:
-            frame = frame.join(seen, on=KEY, how="anti")
-        frame = top_per_group(frame, "user_id", score, "item_id", limit, rank_name=rank)
-        merged = frame if merged is None else merged.join(frame, on=KEY, how="full", coalesce=True)
+            frame = frame.join(seen, on=PAIR, how="anti")
+        frame = _top_per_user(frame, score, limits[source], rank_name=rank)
+        merged = frame if merged is None else merged.join(frame, on=PAIR, how="full", coalesce=True)
     assert merged is not None
     # past max_candidates, a user keeps the items some source ranks highest (a round robin of sources)
     best_rank = pl.min_horizontal(pl.col(rank) for _, rank in SOURCES.values())
-    merged = top_per_group(
-        merged.with_columns(_best=-best_rank), "user_id", "_best", "item_id", settings.max_candidates
-    )
-    return merged.drop("_best").collect()  # unordered: features.assemble sorts what it returns
+    merged = _top_per_user(merged.with_columns(_best=-best_rank), "_best", settings.max_candidates)
+    return merged.select(*unpair(schema["user_id"], schema["item_id"]), pl.exclude(PAIR, "_best")).collect()
+
+
+def _top_per_user(frame: pl.LazyFrame, by: str, limit: int, rank_name: str | None = None) -> pl.LazyFrame:
+    """``top_per_group`` by user of a frame keyed by ``pair_key``: within a user, the pair orders as the item."""
+    ranked = top_per_group(frame.with_columns(_user=pair_user()), "_user", by, PAIR, limit, rank_name)
+    return ranked.drop("_user")
 
 
 def prepare(settings: Settings, logical_date: date) -> CandidatesResult:

@@ -12,8 +12,21 @@ from pathlib import Path
 
 import polars as pl
 
-from jobs import lake
-from jobs.candidates import KEY, SOURCES, days_before, item_genres, source_limits, stable_sum, user_genre_shares
+from jobs import candidates, lake
+from jobs.candidates import (
+    ITEM_COLUMNS,
+    KEY,
+    PAIR,
+    SOURCES,
+    as_enums,
+    days_before,
+    item_genres,
+    pair_key,
+    sorted_enum,
+    source_limits,
+    stable_sum,
+    user_genre_shares,
+)
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +83,38 @@ class FeatureTables:
 
 
 @dataclass(frozen=True)
+class EncodedTables:
+    """The shared tables with every item id an enum over the sorted ids they name: joins, group-bys
+    and sorts of a chunk then run on integers (and pairs of them, ``candidates.pair_key``) while
+    orders and tie-breaks stay those of the strings."""
+
+    items: pl.Enum
+    candidate_tables: candidates.CandidateTables
+    feature_tables: FeatureTables
+
+
+def encode_tables(
+    candidate_tables: candidates.CandidateTables, feature_tables: FeatureTables, *extra_items: pl.Series
+) -> EncodedTables:
+    """The tables encoded (``EncodedTables``) over the items they name and ``extra_items``."""
+    frames = [*candidate_tables.frames().values(), feature_tables.items, feature_tables.genres]
+    items = sorted_enum(*(f[c] for f in frames for c in ITEM_COLUMNS if c in f.columns), *extra_items)
+    return EncodedTables(
+        items=items,
+        candidate_tables=candidates.CandidateTables(*(as_enums(f, items) for f in candidate_tables.frames().values())),
+        feature_tables=FeatureTables(as_enums(feature_tables.items, items), as_enums(feature_tables.genres, items)),
+    )
+
+
+def for_users(events: pl.DataFrame, tables: EncodedTables, cutoff: datetime, settings: Settings) -> pl.DataFrame:
+    """Candidates and their features for the users of ``events`` (their history before ``cutoff``, with
+    none of its items unknown to ``tables``): ``assemble``'s frame, ids as enums."""
+    history = as_enums(events, tables.items, sorted_enum(events["user_id"])).lazy()
+    proposed = candidates.generate(history, tables.candidate_tables, settings)
+    return assemble(proposed, history, tables.feature_tables, cutoff, settings)
+
+
+@dataclass(frozen=True)
 class FeaturesResult:
     logical_date: str
     items: int
@@ -123,32 +168,34 @@ def build_user_features(events: pl.LazyFrame, cutoff: datetime) -> pl.LazyFrame:
 
 
 def assemble(
-    candidates: pl.DataFrame,
+    proposed: pl.DataFrame,
     events: pl.LazyFrame,
     tables: FeatureTables,
     cutoff: datetime,
     settings: Settings,
 ) -> pl.DataFrame:
-    """Join every feature onto the candidates; the result has user_id, item_id and FEATURES, no nulls,
-    in no particular order (training sorts what it groups; scoring ranks each user's rows itself).
+    """Join every feature onto the ``proposed`` candidates; the result has user_id, item_id and
+    FEATURES, no nulls, in no particular order (training sorts what it groups; scoring ranks each
+    user's rows itself).
 
-    ``events`` are the history of the candidates' users, all before ``cutoff``; ``tables`` were
-    built from events before the same cutoff.
+    ``events`` are the history of the candidates' users, all before ``cutoff``, ids as enums like
+    those of ``proposed`` and ``tables``, which were built from events before the same cutoff.
     """
     affinity = (
-        candidates.lazy()
+        proposed.lazy()
         .select(KEY)
         .join(tables.genres.lazy(), on="item_id")
         .join(user_genre_shares(events, tables.genres), on=["user_id", "genre"])
-        .group_by(KEY)
+        .group_by(pair_key())
         .agg(genre_affinity=stable_sum(pl.col("share")))
     )
     limits = source_limits(settings)
     frame = (
-        candidates.lazy()
+        proposed.lazy()
+        .with_columns(pair_key())
         .join(tables.items.lazy(), on="item_id", how="left")
         .join(build_user_features(events, cutoff), on="user_id", how="left")
-        .join(affinity, on=KEY, how="left")
+        .join(affinity, on=PAIR, how="left")
         .with_columns(
             sources=pl.sum_horizontal(pl.col(rank).is_not_null() for _, rank in SOURCES.values()),
             time_gap_days=pl.col("item_days_since_mean") - pl.col("user_days_since_last"),

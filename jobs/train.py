@@ -160,7 +160,7 @@ def build_examples(
     """Candidates and features of the window's labelled users (or of ``users`` among them), with labels.
 
     The same candidate and feature code as scoring: item tables from the history, then one call
-    of ``candidates.generate`` and ``features.assemble`` over the users' histories.
+    of ``features.for_users`` over the users' histories.
     """
     relevant = window.relevant
     if users is not None:
@@ -168,9 +168,9 @@ def build_examples(
     tables = candidates.build_tables(window.history, catalogue, window.cutoff, settings)
     feature_tables = features.build_tables(window.history, catalogue, window.cutoff)
     labelled = relevant.select("user_id").unique()
-    user_history = window.history.join(labelled.lazy(), on="user_id", how="semi")
-    proposed = candidates.generate(user_history, tables, settings)
-    frame = features.assemble(proposed, user_history, feature_tables, window.cutoff, settings)
+    user_history = window.history.join(labelled.lazy(), on="user_id", how="semi").collect()
+    encoded = features.encode_tables(tables, feature_tables, user_history["item_id"])
+    frame = features.for_users(user_history, encoded, window.cutoff, settings).with_columns(pl.col(KEY).cast(pl.String))
     frame = frame.join(relevant.with_columns(label=pl.lit(1, pl.Int8)), on=KEY, how="left").with_columns(
         pl.col("label").fill_null(0)
     )
