@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from jobs import lake
+from jobs import lake, neighbours
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,12 @@ def stable_sum(expr: pl.Expr) -> pl.Expr:
 def pair_key(user: str = "user_id", item: str = "item_id") -> pl.Expr:
     """(user, item) as one UInt64 from the codes of their enums, ordered as the pairs are: joins and
     group-bys on it run about twice as fast as on the two columns. Ids must be enums (``as_enums``)."""
-    return (
-        pl.col(user).to_physical().cast(pl.UInt64) * _PAIR_SHIFT + pl.col(item).to_physical().cast(pl.UInt64)
-    ).alias(PAIR)
+    return pair_of_codes(pl.col(user).to_physical(), pl.col(item).to_physical())
+
+
+def pair_of_codes(user: pl.Expr, item: pl.Expr) -> pl.Expr:
+    """``pair_key`` from the codes themselves."""
+    return (user.cast(pl.UInt64) * _PAIR_SHIFT + item.cast(pl.UInt64)).alias(PAIR)
 
 
 def pair_user() -> pl.Expr:
@@ -292,22 +295,6 @@ def user_genre_shares(events: pl.LazyFrame, genres: pl.DataFrame) -> pl.LazyFram
     )
 
 
-def _over_neighbours(events: pl.LazyFrame, table: pl.DataFrame, history: int, **scores: pl.Expr) -> pl.LazyFrame:
-    """``scores`` per (user, neighbour) ``pair_key``, over the neighbours of the user's latest ``history``
-    items (``recency`` 1 = latest)."""
-    return (
-        latest_items(events, history)
-        .join(table.lazy(), on="item_id")
-        .group_by(pair_key("user_id", "neighbour_id"))
-        .agg(**scores)
-    )
-
-
-def _by_recency(weight: str) -> pl.Expr:
-    """``weight`` summed with the user's latest items counting most."""
-    return stable_sum(pl.col(weight) / pl.col("recency").cast(pl.Float64).sqrt())
-
-
 def _genre(events: pl.LazyFrame, tables: CandidateTables) -> pl.LazyFrame:
     favourite = top_per_group(user_genre_shares(events, tables.genres), "user_id", "share", "genre", GENRES_PER_USER)
     return (
@@ -329,35 +316,41 @@ def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) 
     schema = events.collect_schema()
     if not all(isinstance(schema[c], pl.Enum) for c in KEY):
         raise TypeError(f"candidate generation needs enum ids, got {schema['user_id']} and {schema['item_id']}")
+    limits = source_limits(settings)
+    latest = latest_items(events, max(settings.similarity_history, settings.covisit_history)).collect()
+    seen = events.select(KEY).unique().collect() if settings.exclude_seen else None
+
+    def over_neighbours(
+        table: pl.DataFrame, value: str, history: int, limit: int, rank_by: neighbours.RankBy
+    ) -> pl.LazyFrame:
+        found = neighbours.top_neighbours(
+            latest.filter(pl.col("recency") <= history), seen, table, value, limit, rank_by
+        )
+        return found.lazy().with_columns(pair_of_codes(pl.col("user_code"), pl.col("item_code")))
+
+    # knn ranks by the plain sum of similarities, co-visitation by its sum with the latest items counting most
+    knn = over_neighbours(tables.similar, "similarity", settings.similarity_history, limits["knn"], "total")
+    covisit = over_neighbours(
+        tables.neighbours, "covisit_weight", settings.covisit_history, limits["covisit"], "recent"
+    )
+    ranked = {
+        "knn": knn.select(PAIR, knn_score="total", knn_max="max", knn_recent="recent", knn_rank="rank"),
+        "covisit": covisit.select(PAIR, covisit_score="recent", covisit_hits="count", covisit_rank="rank"),
+    }
     users = events.select("user_id").unique()
-    proposed = {
-        "knn": _over_neighbours(
-            events,
-            tables.similar,
-            settings.similarity_history,
-            knn_score=stable_sum(pl.col("similarity")),
-            knn_max=pl.col("similarity").max(),
-            knn_recent=_by_recency("similarity"),
-        ),
-        "covisit": _over_neighbours(
-            events,
-            tables.neighbours,
-            settings.covisit_history,
-            covisit_score=_by_recency("covisit_weight"),
-            covisit_hits=pl.len().cast(pl.Int32),
-        ),
+    others = {
         "genre": _genre(events, tables),
         "popular": users.join(tables.popular.lazy(), how="cross").select(pair_key(), "popular_score"),
     }
-    limits = source_limits(settings)
-    seen = events.select(pair_key()).unique()
-    merged: pl.LazyFrame | None = None
-    for source, frame in proposed.items():
+    seen_pairs = None if seen is None else seen.select(pair_key()).lazy()
+    for source, frame in others.items():
         score, rank = SOURCES[source]
-        if settings.exclude_seen:
-            frame = frame.join(seen, on=PAIR, how="anti")
-        frame = _top_per_user(frame, score, limits[source], rank_name=rank)
-        merged = frame if merged is None else merged.join(frame, on=PAIR, how="full", coalesce=True)
+        if seen_pairs is not None:
+            frame = frame.join(seen_pairs, on=PAIR, how="anti")
+        ranked[source] = _top_per_user(frame, score, limits[source], rank_name=rank)
+    merged: pl.LazyFrame | None = None
+    for source in SOURCES:
+        merged = ranked[source] if merged is None else merged.join(ranked[source], on=PAIR, how="full", coalesce=True)
     assert merged is not None
     # past max_candidates, a user keeps the items some source ranks highest (a round robin of sources)
     best_rank = pl.min_horizontal(pl.col(rank) for _, rank in SOURCES.values())
