@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from jobs import lake, neighbours
+from jobs import kernels, lake
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -321,11 +321,9 @@ def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) 
     seen = events.select(KEY).unique().collect() if settings.exclude_seen else None
 
     def over_neighbours(
-        table: pl.DataFrame, value: str, history: int, limit: int, rank_by: neighbours.RankBy
+        table: pl.DataFrame, value: str, history: int, limit: int, rank_by: kernels.RankBy
     ) -> pl.LazyFrame:
-        found = neighbours.top_neighbours(
-            latest.filter(pl.col("recency") <= history), seen, table, value, limit, rank_by
-        )
+        found = kernels.top_neighbours(latest.filter(pl.col("recency") <= history), seen, table, value, limit, rank_by)
         return found.lazy().with_columns(pair_of_codes(pl.col("user_code"), pl.col("item_code")))
 
     # knn ranks by the plain sum of similarities, co-visitation by its sum with the latest items counting most

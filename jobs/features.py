@@ -12,16 +12,14 @@ from pathlib import Path
 
 import polars as pl
 
-from jobs import candidates, lake
+from jobs import candidates, kernels, lake
 from jobs.candidates import (
     ITEM_COLUMNS,
     KEY,
-    PAIR,
     SOURCES,
     as_enums,
     days_before,
     item_genres,
-    pair_key,
     sorted_enum,
     source_limits,
     stable_sum,
@@ -181,21 +179,13 @@ def assemble(
     ``events`` are the history of the candidates' users, all before ``cutoff``, ids as enums like
     those of ``proposed`` and ``tables``, which were built from events before the same cutoff.
     """
-    affinity = (
-        proposed.lazy()
-        .select(KEY)
-        .join(tables.genres.lazy(), on="item_id")
-        .join(user_genre_shares(events, tables.genres), on=["user_id", "genre"])
-        .group_by(pair_key())
-        .agg(genre_affinity=stable_sum(pl.col("share")))
-    )
+    affinity = kernels.genre_affinity(proposed, user_genre_shares(events, tables.genres).collect(), tables.genres)
     limits = source_limits(settings)
     frame = (
         proposed.lazy()
-        .with_columns(pair_key())
+        .with_columns(affinity)
         .join(tables.items.lazy(), on="item_id", how="left")
         .join(build_user_features(events, cutoff), on="user_id", how="left")
-        .join(affinity, on=PAIR, how="left")
         .with_columns(
             sources=pl.sum_horizontal(pl.col(rank).is_not_null() for _, rank in SOURCES.values()),
             time_gap_days=pl.col("item_days_since_mean") - pl.col("user_days_since_last"),

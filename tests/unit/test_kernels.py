@@ -1,9 +1,9 @@
-"""The compiled neighbour sums behind the knn and co-visitation sources, against hand-computed cases."""
+"""The compiled kernels (neighbour sums for knn and co-visitation, genre affinity) against hand-computed cases."""
 
 import polars as pl
 import pytest
 
-from jobs.neighbours import top_neighbours
+from jobs.kernels import genre_affinity, top_neighbours
 
 USERS = pl.Enum(["u1", "u2", "u3"])
 ITEMS = pl.Enum(["a", "b", "c", "d", "e"])
@@ -53,3 +53,15 @@ def test_ranking_by_the_recency_weighted_sum_breaks_its_ties_by_item_and_keeps_t
 def test_without_seen_items_every_neighbour_is_a_candidate() -> None:
     found = top_neighbours(LATEST, None, TABLE, "similarity", limit=5, rank_by="total")
     assert [(r[0], r[1]) for r in rows(found)] == [("u1", "d"), ("u1", "c"), ("u1", "e"), ("u2", "a"), ("u2", "b")]
+
+
+def test_genre_affinity_sums_the_users_shares_of_the_items_genres() -> None:
+    candidates = ids(pl.DataFrame({"user_id": ["u1", "u1", "u1", "u2"], "item_id": ["a", "b", "e", "a"]}))
+    shares = pl.DataFrame(
+        {"user_id": ["u1", "u1", "u2"], "genre": ["drama", "comedy", "horror"], "share": [0.625, 0.25, 1.0]}
+    ).with_columns(pl.col("user_id").cast(USERS), pl.col("share").cast(pl.Float32))
+    item_genres = pl.DataFrame(
+        {"item_id": ["a", "a", "b", "c"], "genre": ["drama", "comedy", "comedy", "horror"]}
+    ).with_columns(pl.col("item_id").cast(ITEMS))
+    # a is drama and comedy (0.625 + 0.25 for u1); b comedy; e has no genre; u2 likes none of a's genres
+    assert genre_affinity(candidates, shares, item_genres).to_list() == [0.875, 0.25, 0.0, 0.0]
