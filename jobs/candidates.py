@@ -25,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
 KEY = ["user_id", "item_id"]
-PAIR = "pair"  # (user, item) as one integer, see pair_key
-_PAIR_SHIFT = 1 << 32
 GENRES_PER_USER = 3  # the genre source proposes items of the user's few favourite genres only
 # name of each source: (score column, rank column), in the order they are merged
 SOURCES: dict[str, tuple[str, str]] = {
@@ -53,33 +51,10 @@ def stable_sum(expr: pl.Expr) -> pl.Expr:
     return expr.cast(pl.Float64).sum().round(6).cast(pl.Float32)
 
 
-def pair_key(user: str = "user_id", item: str = "item_id") -> pl.Expr:
-    """(user, item) as one UInt64 from the codes of their enums, ordered as the pairs are: joins and
-    group-bys on it run about twice as fast as on the two columns. Ids must be enums (``as_enums``)."""
-    return pair_of_codes(pl.col(user).to_physical(), pl.col(item).to_physical())
-
-
-def pair_of_codes(user: pl.Expr, item: pl.Expr) -> pl.Expr:
-    """``pair_key`` from the codes themselves."""
-    return (user.cast(pl.UInt64) * _PAIR_SHIFT + item.cast(pl.UInt64)).alias(PAIR)
-
-
-def pair_user() -> pl.Expr:
-    """The user's code in a ``pair_key``: enough to group by user."""
-    return pl.col(PAIR) // _PAIR_SHIFT
-
-
-def unpair(users: pl.DataType, items: pl.DataType) -> list[pl.Expr]:
-    """user_id and item_id back from a ``pair_key``, as the enums they were."""
-
-    def decode(code: pl.Expr, enum: pl.DataType) -> pl.Expr:
-        physical = pl.Series(dtype=enum).to_physical().dtype
-        return code.cast(physical).cat.to(enum)
-
-    return [
-        decode(pl.col(PAIR) // _PAIR_SHIFT, users).alias("user_id"),
-        decode(pl.col(PAIR) % _PAIR_SHIFT, items).alias("item_id"),
-    ]
+def decode(codes: pl.Expr, enum: pl.Enum) -> pl.Expr:
+    """Enum values from their physical codes (as ``to_physical`` gives them)."""
+    physical = pl.Series(dtype=enum).to_physical().dtype
+    return codes.cast(physical).cat.to(enum)
 
 
 ITEM_COLUMNS = ("item_id", "neighbour_id")
@@ -295,15 +270,6 @@ def user_genre_shares(events: pl.LazyFrame, genres: pl.DataFrame) -> pl.LazyFram
     )
 
 
-def _genre(events: pl.LazyFrame, tables: CandidateTables) -> pl.LazyFrame:
-    favourite = top_per_group(user_genre_shares(events, tables.genres), "user_id", "share", "genre", GENRES_PER_USER)
-    return (
-        favourite.join(tables.genre_popular.lazy(), on="genre")
-        .group_by(pair_key())
-        .agg(genre_score=stable_sum(pl.col("share") * pl.col("genre_popularity")))
-    )
-
-
 def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) -> pl.DataFrame:
     """Candidates for every user in ``events`` (their history), one row per (user, item).
 
@@ -311,55 +277,41 @@ def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) 
     scores knn_max, knn_recent, covisit_hits; a source that did not propose the item leaves its
     columns null. Items the user already interacted with are left out when ``exclude_seen`` is set.
     Rows come in no particular order. Ids must be enums, the same items enum in ``events`` and
-    ``tables`` (``features.encode_tables``); the sources meet on their ``pair_key``.
+    ``tables`` (``features.encode_tables``).
     """
     schema = events.collect_schema()
-    if not all(isinstance(schema[c], pl.Enum) for c in KEY):
-        raise TypeError(f"candidate generation needs enum ids, got {schema['user_id']} and {schema['item_id']}")
+    users, items = schema["user_id"], schema["item_id"]
+    if not (isinstance(users, pl.Enum) and isinstance(items, pl.Enum)):
+        raise TypeError(f"candidate generation needs enum ids, got {users} and {items}")
     limits = source_limits(settings)
     latest = latest_items(events, max(settings.similarity_history, settings.covisit_history)).collect()
     seen = events.select(KEY).unique().collect() if settings.exclude_seen else None
 
     def over_neighbours(
         table: pl.DataFrame, value: str, history: int, limit: int, rank_by: kernels.RankBy
-    ) -> pl.LazyFrame:
-        found = kernels.top_neighbours(latest.filter(pl.col("recency") <= history), seen, table, value, limit, rank_by)
-        return found.lazy().with_columns(pair_of_codes(pl.col("user_code"), pl.col("item_code")))
+    ) -> pl.DataFrame:
+        return kernels.top_neighbours(latest.filter(pl.col("recency") <= history), seen, table, value, limit, rank_by)
 
     # knn ranks by the plain sum of similarities, co-visitation by its sum with the latest items counting most
-    knn = over_neighbours(tables.similar, "similarity", settings.similarity_history, limits["knn"], "total")
-    covisit = over_neighbours(
-        tables.neighbours, "covisit_weight", settings.covisit_history, limits["covisit"], "recent"
+    merged = kernels.merge_sources(
+        knn=over_neighbours(tables.similar, "similarity", settings.similarity_history, limits["knn"], "total"),
+        covisit=over_neighbours(
+            tables.neighbours, "covisit_weight", settings.covisit_history, limits["covisit"], "recent"
+        ),
+        favourite=top_per_group(
+            user_genre_shares(events, tables.genres), "user_id", "share", "genre", GENRES_PER_USER
+        ).collect(),
+        genre_popular=tables.genre_popular,
+        popular=tables.popular.head(limits["popular"]),
+        seen=seen,
+        genre_limit=limits["genre"],
+        most=settings.max_candidates,
     )
-    ranked = {
-        "knn": knn.select(PAIR, knn_score="total", knn_max="max", knn_recent="recent", knn_rank="rank"),
-        "covisit": covisit.select(PAIR, covisit_score="recent", covisit_hits="count", covisit_rank="rank"),
-    }
-    users = events.select("user_id").unique()
-    others = {
-        "genre": _genre(events, tables),
-        "popular": users.join(tables.popular.lazy(), how="cross").select(pair_key(), "popular_score"),
-    }
-    seen_pairs = None if seen is None else seen.select(pair_key()).lazy()
-    for source, frame in others.items():
-        score, rank = SOURCES[source]
-        if seen_pairs is not None:
-            frame = frame.join(seen_pairs, on=PAIR, how="anti")
-        ranked[source] = _top_per_user(frame, score, limits[source], rank_name=rank)
-    merged: pl.LazyFrame | None = None
-    for source in SOURCES:
-        merged = ranked[source] if merged is None else merged.join(ranked[source], on=PAIR, how="full", coalesce=True)
-    assert merged is not None
-    # past max_candidates, a user keeps the items some source ranks highest (a round robin of sources)
-    best_rank = pl.min_horizontal(pl.col(rank) for _, rank in SOURCES.values())
-    merged = _top_per_user(merged.with_columns(_best=-best_rank), "_best", settings.max_candidates)
-    return merged.select(*unpair(schema["user_id"], schema["item_id"]), pl.exclude(PAIR, "_best")).collect()
-
-
-def _top_per_user(frame: pl.LazyFrame, by: str, limit: int, rank_name: str | None = None) -> pl.LazyFrame:
-    """``top_per_group`` by user of a frame keyed by ``pair_key``: within a user, the pair orders as the item."""
-    ranked = top_per_group(frame.with_columns(_user=pair_user()), "_user", by, PAIR, limit, rank_name)
-    return ranked.drop("_user")
+    return merged.select(
+        decode(pl.col("user_code"), users).alias("user_id"),
+        decode(pl.col("item_code"), items).alias("item_id"),
+        pl.exclude("user_code", "item_code"),
+    )
 
 
 def prepare(settings: Settings, logical_date: date) -> CandidatesResult:

@@ -29,6 +29,8 @@ from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# what candidates and features read of a user's history: scoring reads only these from the lake
+HISTORY_COLUMNS = ("user_id", "item_id", "timestamp", "weight")
 FEATURES: tuple[str, ...] = (
     # candidate sources: scores and ranks (an unproposed item has score 0 and rank limit + 1)
     "knn_score",
@@ -83,7 +85,7 @@ class FeatureTables:
 @dataclass(frozen=True)
 class EncodedTables:
     """The shared tables with every item id an enum over the sorted ids they name: joins, group-bys
-    and sorts of a chunk then run on integers (and pairs of them, ``candidates.pair_key``) while
+    and sorts of a chunk then run on integers (the kernels index arrays by their codes) while
     orders and tie-breaks stay those of the strings."""
 
     items: pl.Enum

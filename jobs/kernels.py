@@ -6,11 +6,16 @@
   join and group-by, the largest part of scoring a chunk. Here each user's neighbours are added
   up in scratch arrays indexed by item code, the seen items are dropped and only what is kept is
   sorted, on all cores.
+- ``merge_sources``: the four sources' lists of each user merged into one, with the genre and
+  popular sources computed on the way (seen items skipped, ranks renumbered) and the list cut to
+  the most candidates by best rank. As polars joins, group-bys and per-user rankings of the
+  ~10 million rows of a chunk this took longer than the two neighbour sums together.
 - ``genre_affinity``: per candidate, the user's shares of the item's genres, summed, without
   joining millions of candidates to their genres and grouping them back.
 
 The results equal the polars formulations': sums in float64 rounded to 6 decimals, the same
-ranks and tie-breaks. Compiled once and cached beside this file.
+ranks and tie-breaks (a higher score first, then the lower item code: ``_key``). Each user's
+winners are picked by a partition, so only they are sorted. Compiled once and cached beside this file.
 """
 
 from typing import Literal
@@ -18,9 +23,48 @@ from typing import Literal
 import numba
 import numpy as np
 import polars as pl
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 RankBy = Literal["total", "recent"]
 _USERS_PER_TASK = 64  # users per parallel task, each with its own scratch arrays (a few MB)
+
+
+@numba.njit(cache=True, inline="always")
+def _rounded(value: float) -> np.float32:
+    return np.float32(np.round(value, 6))
+
+
+@intrinsic
+def _float_bits(typingctx: object, value: types.Type) -> tuple[object, object] | None:
+    """The bits of a float32 as a uint32 (a register move, where a view would allocate an array)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context: object, builder: ir.IRBuilder, signature: object, args: list[ir.Value]) -> ir.Value:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@numba.njit(cache=True, inline="always")
+def _key(score: np.float32, item: int) -> np.uint64:
+    """A sort key putting higher scores first and, among equal scores, lower item codes."""
+    if score == 0:
+        score = np.float32(0.0)  # -0.0 ties with 0.0, as it compares
+    bits = np.uint64(_float_bits(np.float32(score)))  # type: ignore[call-arg]  # the typing context is numba's
+    ordered = bits ^ np.uint64(0x80000000) if bits < np.uint64(0x80000000) else ~bits & np.uint64(0xFFFFFFFF)
+    return ((np.uint64(0xFFFFFFFF) - ordered) << np.uint64(32)) | np.uint64(item)
+
+
+@numba.njit(cache=True)
+def _best(keys: np.ndarray, limit: int) -> np.ndarray:
+    """The items of the ``limit`` smallest ``_key``s, best first; only those are sorted."""
+    keep = min(limit, keys.size)
+    if keep < keys.size:
+        keys = np.partition(keys, keep - 1)[:keep]
+    return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -36,14 +80,15 @@ def _top_neighbours(
     n_items: int,
     limit: int,
     by_recent: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     n_users = user_ptr.size - 1
+    out_users = np.full(n_users * limit, -1, np.int64)  # -1: an unused slot
     out_items = np.empty(n_users * limit, np.int64)
     out_total = np.empty(n_users * limit, np.float32)
     out_max = np.empty(n_users * limit, np.float32)
     out_recent = np.empty(n_users * limit, np.float32)
     out_count = np.empty(n_users * limit, np.int32)
-    kept = np.zeros(n_users, np.int64)
+    out_rank = np.empty(n_users * limit, np.int32)
     for task in numba.prange((n_users + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
         total = np.zeros(n_items, np.float64)
         recent = np.zeros(n_items, np.float64)
@@ -51,6 +96,7 @@ def _top_neighbours(
         count = np.zeros(n_items, np.int32)
         owner = np.full(n_items, -1, np.int64)  # the user whose sums a slot holds; -2 = seen by that user
         touched = np.empty(n_items, np.int64)
+        keys = np.empty(n_items, np.uint64)
         for user in range(task * _USERS_PER_TASK, min(n_users, (task + 1) * _USERS_PER_TASK)):
             n_touched = 0
             for h in range(user_ptr[user], user_ptr[user + 1]):
@@ -73,30 +119,26 @@ def _top_neighbours(
                     count[neighbour] += 1
             for s in range(seen_ptr[user], seen_ptr[user + 1]):
                 owner[seen_items[s]] = -2
-            candidates = np.empty(n_touched, np.int64)
             n_candidates = 0
             for t in range(n_touched):
-                if owner[touched[t]] == user:
-                    candidates[n_candidates] = touched[t]
+                item = touched[t]
+                if owner[item] == user:
+                    keys[n_candidates] = _key(_rounded(recent[item] if by_recent else total[item]), item)
                     n_candidates += 1
             for s in range(seen_ptr[user], seen_ptr[user + 1]):
                 owner[seen_items[s]] = -1
-            candidates = np.sort(candidates[:n_candidates])  # item order: ties of the score go by item
-            scores = np.empty(n_candidates, np.float32)
-            for c in range(n_candidates):
-                scores[c] = np.float32(np.round(recent[candidates[c]] if by_recent else total[candidates[c]], 6))
-            order = np.argsort(-scores, kind="mergesort")
-            keep = min(limit, n_candidates)
+            chosen = _best(keys[:n_candidates], limit)
             base = user * limit
-            for r in range(keep):
-                item = candidates[order[r]]
+            for r in range(chosen.size):
+                item = chosen[r]
+                out_users[base + r] = user
+                out_rank[base + r] = r + 1
                 out_items[base + r] = item
-                out_total[base + r] = np.float32(np.round(total[item], 6))
+                out_total[base + r] = _rounded(total[item])
                 out_max[base + r] = largest[item]
-                out_recent[base + r] = np.float32(np.round(recent[item], 6))
+                out_recent[base + r] = _rounded(recent[item])
                 out_count[base + r] = count[item]
-            kept[user] = keep
-    return out_items, out_total, out_max, out_recent, out_count, kept
+    return out_users, out_items, out_total, out_max, out_recent, out_count, out_rank
 
 
 def _pointers(sorted_codes: np.ndarray, size: int) -> np.ndarray:
@@ -106,6 +148,13 @@ def _pointers(sorted_codes: np.ndarray, size: int) -> np.ndarray:
 
 def _codes(column: str) -> pl.Expr:
     return pl.col(column).to_physical().cast(pl.Int64)
+
+
+def _user_sorted_pairs(pairs: pl.DataFrame | None) -> pl.DataFrame:
+    """(user, item) codes of (user_id, item_id) pairs, sorted by user; none for None."""
+    if pairs is None:
+        return pl.DataFrame(schema={"user": pl.Int64, "item": pl.Int64})
+    return pairs.select(user=_codes("user_id"), item=_codes("item_id")).sort("user")
 
 
 def top_neighbours(
@@ -132,15 +181,11 @@ def top_neighbours(
     assert isinstance(users, pl.Enum) and isinstance(items, pl.Enum)
     n_users, n_items = users.categories.len(), items.categories.len()
     history = latest.select(user=_codes("user_id"), item=_codes("item_id"), recency="recency").sort("user")
-    pairs = (
-        seen.select(user=_codes("user_id"), item=_codes("item_id")).sort("user")
-        if seen is not None
-        else pl.DataFrame(schema={"user": pl.Int64, "item": pl.Int64})
-    )
+    pairs = _user_sorted_pairs(seen)
     edges = table.select(item=_codes("item_id"), neighbour=_codes("neighbour_id"), value=pl.col(value)).sort(
         "item", maintain_order=True
     )
-    found, total, largest, recent, count, kept = _top_neighbours(
+    columns = _top_neighbours(
         _pointers(history["user"].to_numpy(), n_users),
         history["item"].to_numpy(),
         history["recency"].cast(pl.Int64).to_numpy(),
@@ -153,18 +198,271 @@ def top_neighbours(
         limit,
         rank_by == "recent",
     )
-    mask = (np.arange(limit)[None, :] < kept[:, None]).ravel()
-    return pl.DataFrame(
+    names = ("user_code", "item_code", "total", "max", "recent", "count", "rank")
+    return pl.DataFrame(dict(zip(names, columns, strict=True))).filter(pl.col("user_code") >= 0)
+
+
+# what `merge_sources` returns after user_code and item_code: the float columns, then the integer ones
+_MERGED_FLOATS = ("knn_score", "knn_max", "knn_recent", "covisit_score", "genre_score", "popular_score")
+_MERGED_INTS = ("knn_rank", "covisit_rank", "genre_rank", "popular_rank", "covisit_hits")
+_SOURCE_COLUMNS = {  # each source's rank (0 inside the kernel when it did not propose the item): its columns
+    "knn_rank": ("knn_score", "knn_max", "knn_recent", "knn_rank"),
+    "covisit_rank": ("covisit_score", "covisit_hits", "covisit_rank"),
+    "genre_rank": ("genre_score", "genre_rank"),
+    "popular_rank": ("popular_score", "popular_rank"),
+}
+
+
+@numba.njit(cache=True, inline="always")
+def _join(
+    item: int, user: int, owner: np.ndarray, members: np.ndarray, n: int, floats: np.ndarray, ints: np.ndarray
+) -> int:
+    """Add ``item`` to the user's list (its row of ``floats`` and ``ints`` emptied) unless it is in it;
+    the list's new length."""
+    if owner[item] == user:
+        return n
+    owner[item] = user
+    members[n] = item
+    floats[item, :] = np.nan
+    ints[item, :] = 0
+    return n + 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _merge_sources(
+    knn_ptr: np.ndarray,
+    knn_items: np.ndarray,
+    knn_values: np.ndarray,
+    covisit_ptr: np.ndarray,
+    covisit_items: np.ndarray,
+    covisit_values: np.ndarray,
+    covisit_hits: np.ndarray,
+    favourite_ptr: np.ndarray,
+    favourite_genres: np.ndarray,
+    favourite_shares: np.ndarray,
+    genre_ptr: np.ndarray,
+    genre_items: np.ndarray,
+    genre_popularity: np.ndarray,
+    popular_items: np.ndarray,
+    popular_scores: np.ndarray,
+    seen_ptr: np.ndarray,
+    seen_items: np.ndarray,
+    n_items: int,
+    genre_limit: int,
+    popular_limit: int,
+    most: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n_users = knn_ptr.size - 1
+    out_users = np.full(n_users * most, -1, np.int64)  # -1: an unused slot
+    out_items = np.empty(n_users * most, np.int64)
+    out_floats = np.empty((len(_MERGED_FLOATS), n_users * most), np.float32)
+    out_ints = np.empty((len(_MERGED_INTS), n_users * most), np.int32)
+    for task in numba.prange((n_users + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
+        owner = np.full(n_items, -1, np.int64)  # the user whose list holds the item (rows of floats, ints)
+        members = np.empty(n_items, np.int64)
+        floats = np.empty((n_items, len(_MERGED_FLOATS)), np.float32)
+        ints = np.empty((n_items, len(_MERGED_INTS)), np.int32)
+        seen_by = np.full(n_items, -1, np.int64)
+        genre_owner = np.full(n_items, -1, np.int64)
+        genre_sum = np.empty(n_items, np.float64)
+        genre_touched = np.empty(n_items, np.int64)
+        keys = np.empty(n_items, np.uint64)
+        for user in range(task * _USERS_PER_TASK, min(n_users, (task + 1) * _USERS_PER_TASK)):
+            for s in range(seen_ptr[user], seen_ptr[user + 1]):
+                seen_by[seen_items[s]] = user
+            n = 0
+            for e in range(knn_ptr[user], knn_ptr[user + 1]):
+                item = knn_items[e]
+                n = _join(item, user, owner, members, n, floats, ints)
+                floats[item, 0:3] = knn_values[e]
+                ints[item, 0] = e - knn_ptr[user] + 1
+            for e in range(covisit_ptr[user], covisit_ptr[user + 1]):
+                item = covisit_items[e]
+                n = _join(item, user, owner, members, n, floats, ints)
+                floats[item, 3] = covisit_values[e]
+                ints[item, 1] = e - covisit_ptr[user] + 1
+                ints[item, 4] = covisit_hits[e]
+            # genre: the popular items of the user's favourite genres, weighted by the genre's share
+            n_genre = 0
+            for f in range(favourite_ptr[user], favourite_ptr[user + 1]):
+                genre = favourite_genres[f]
+                for g in range(genre_ptr[genre], genre_ptr[genre + 1]):
+                    item = genre_items[g]
+                    if seen_by[item] == user:
+                        continue
+                    if genre_owner[item] != user:
+                        genre_owner[item] = user
+                        genre_sum[item] = 0.0
+                        genre_touched[n_genre] = item
+                        n_genre += 1
+                    genre_sum[item] += np.float64(favourite_shares[f] * genre_popularity[g])
+            for t in range(n_genre):
+                keys[t] = _key(_rounded(genre_sum[genre_touched[t]]), genre_touched[t])
+            chosen = _best(keys[:n_genre], genre_limit)
+            for r in range(chosen.size):
+                item = chosen[r]
+                n = _join(item, user, owner, members, n, floats, ints)
+                floats[item, 4] = _rounded(genre_sum[item])
+                ints[item, 2] = r + 1
+            # popular: the list as it comes (best first, ties by item), without what the user has seen
+            rank = 0
+            for p in range(popular_items.size):
+                if rank == popular_limit:
+                    break
+                item = popular_items[p]
+                if seen_by[item] == user:
+                    continue
+                rank += 1
+                n = _join(item, user, owner, members, n, floats, ints)
+                floats[item, 5] = popular_scores[p]
+                ints[item, 3] = rank
+            # past `most`, the user keeps the items some source ranks highest (a round robin of sources)
+            for m in range(n):
+                item = members[m]
+                best = np.int32(2**31 - 1)
+                for source in range(4):
+                    if ints[item, source] > 0:
+                        best = min(best, ints[item, source])
+                keys[m] = (np.uint64(best) << np.uint64(32)) | np.uint64(item)
+            chosen = _best(keys[:n], most)
+            base = user * most
+            for r in range(chosen.size):
+                item = chosen[r]
+                out_users[base + r] = user
+                out_items[base + r] = item
+                out_floats[:, base + r] = floats[item]
+                out_ints[:, base + r] = ints[item]
+    return out_users, out_items, out_floats, out_ints
+
+
+def merge_sources(
+    knn: pl.DataFrame,
+    covisit: pl.DataFrame,
+    favourite: pl.DataFrame,
+    genre_popular: pl.DataFrame,
+    popular: pl.DataFrame,
+    seen: pl.DataFrame | None,
+    genre_limit: int,
+    most: int,
+) -> pl.DataFrame:
+    """Each user's candidates from the four sources, at most ``most`` of them.
+
+    ``knn`` and ``covisit``: ``top_neighbours`` results, ranked; ``favourite``: (user_id, genre,
+    share), the genres whose popular items the user gets, ``genre_popular``: (genre, item_id,
+    genre_popularity), their items; genre scores are the share-weighted sums of popularity, the
+    ``genre_limit`` best kept. ``popular``: (item_id, popular_score), proposed to every user by
+    score (ties by item). Nothing ``seen`` (user_id, item_id) is proposed. Past ``most``, the items
+    with the best rank in any source stay, ties by item.
+
+    Returns user_code, item_code and per source its score and rank columns (see candidates.SOURCES)
+    plus knn_max, knn_recent and covisit_hits, null where the source did not propose the item.
+    Ids are enums: the users' of ``favourite`` and the items' of ``popular`` are the others' too.
+    """
+    users = favourite.schema["user_id"]
+    items = popular.schema["item_id"]
+    assert isinstance(users, pl.Enum) and isinstance(items, pl.Enum)
+    n_users, n_items = users.categories.len(), items.categories.len()
+    genres = pl.Enum(pl.concat([favourite["genre"], genre_popular["genre"]]).unique().sort())
+    favourite = favourite.select(user=_codes("user_id"), genre=pl.col("genre").cast(genres), share="share").sort("user")
+    genre_popular = genre_popular.select(
+        genre=pl.col("genre").cast(genres), item=_codes("item_id"), popularity="genre_popularity"
+    ).sort("genre")
+    popular = popular.select(item=_codes("item_id"), score="popular_score").sort(
+        "score", "item", descending=[True, False]
+    )
+    seen_pairs = _user_sorted_pairs(seen)
+    users_found, items_found, floats, ints = _merge_sources(
+        _pointers(knn["user_code"].to_numpy(), n_users),
+        knn["item_code"].to_numpy(),
+        knn.select("total", "max", "recent").to_numpy(order="c"),
+        _pointers(covisit["user_code"].to_numpy(), n_users),
+        covisit["item_code"].to_numpy(),
+        covisit["recent"].to_numpy(),
+        covisit["count"].to_numpy(),
+        _pointers(favourite["user"].to_numpy(), n_users),
+        favourite["genre"].to_physical().cast(pl.Int64).to_numpy(),
+        favourite["share"].cast(pl.Float32).to_numpy(),
+        _pointers(genre_popular["genre"].to_physical().cast(pl.Int64).to_numpy(), genres.categories.len()),
+        genre_popular["item"].to_numpy(),
+        genre_popular["popularity"].cast(pl.Float32).to_numpy(),
+        popular["item"].to_numpy(),
+        popular["score"].cast(pl.Float32).to_numpy(),
+        _pointers(seen_pairs["user"].to_numpy(), n_users),
+        seen_pairs["item"].to_numpy(),
+        n_items,
+        genre_limit,
+        popular.height,
+        most,
+    )
+    merged = pl.DataFrame(
         {
-            "user_code": np.repeat(np.arange(n_users, dtype=np.int64), limit)[mask],
-            "item_code": found[mask],
-            "total": total[mask],
-            "max": largest[mask],
-            "recent": recent[mask],
-            "count": count[mask],
-            "rank": np.tile(np.arange(1, limit + 1, dtype=np.int32), n_users)[mask],
+            "user_code": users_found,
+            "item_code": items_found,
+            **{name: floats[i] for i, name in enumerate(_MERGED_FLOATS)},
+            **{name: ints[i] for i, name in enumerate(_MERGED_INTS)},
         }
     )
+    return merged.filter(pl.col("user_code") >= 0).select(
+        "user_code",
+        "item_code",
+        *(
+            pl.when(pl.col(rank) > 0).then(pl.col(column)).alias(column)
+            for rank, columns in _SOURCE_COLUMNS.items()
+            for column in columns
+        ),
+    )
+
+
+@numba.njit(parallel=True, cache=True)
+def _top_rows(
+    user_ptr: np.ndarray, rows: np.ndarray, items: np.ndarray, scores: np.ndarray, n_items: int, k: int
+) -> np.ndarray:
+    n_users = user_ptr.size - 1
+    out = np.full(n_users * k, -1, np.int64)  # -1: an unused slot
+    for task in numba.prange((n_users + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
+        row_of = np.empty(n_items, np.int64)
+        for user in range(task * _USERS_PER_TASK, min(n_users, (task + 1) * _USERS_PER_TASK)):
+            first, last = user_ptr[user], user_ptr[user + 1]
+            keys = np.empty(last - first, np.uint64)
+            for j in range(first, last):
+                row = rows[j]
+                row_of[items[row]] = row
+                keys[j - first] = _key(scores[row], items[row])
+            best = _best(keys, k)
+            for r in range(best.size):
+                out[user * k + r] = row_of[best[r]]
+    return out
+
+
+@numba.njit(cache=True)
+def _group_rows(codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pointers, rows): a counting sort of row numbers by code; rows of code c are rows[ptr[c]:ptr[c + 1]]."""
+    ptr = np.zeros(n_groups + 1, np.int64)
+    for code in codes:
+        ptr[code + 1] += 1
+    ptr = np.cumsum(ptr)
+    fill = ptr[:-1].copy()
+    rows = np.empty(codes.size, np.int64)
+    for row in range(codes.size):
+        rows[fill[codes[row]]] = row
+        fill[codes[row]] += 1
+    return ptr, rows
+
+
+def top_rows(users: pl.Series, items: pl.Series, scores: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of each user's ``k`` highest ``scores`` (float32; ties by item), users in code order
+    and each user's rows best first. ``users`` and ``items`` are enums, an item at most once per user."""
+    assert isinstance(users.dtype, pl.Enum) and isinstance(items.dtype, pl.Enum)
+    user_ptr, rows = _group_rows(users.to_physical().cast(pl.Int64).to_numpy(), users.dtype.categories.len())
+    found = _top_rows(
+        user_ptr,
+        rows,
+        items.to_physical().cast(pl.Int64).to_numpy(),
+        scores.astype(np.float32),
+        items.dtype.categories.len(),
+        k,
+    )
+    return found[found >= 0]
 
 
 @numba.njit(parallel=True, cache=True)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from jobs import candidates, features, lake, registry
+from jobs import candidates, features, kernels, lake, registry
 from jobs.database import connect
 from jobs.errors import MissingDataError
 from jobs.settings import Settings
@@ -79,8 +79,9 @@ def shard_events(settings: Settings, logical_date: date, users: pl.DataFrame) ->
     follows the shard's events, not the lake's."""
     events = (
         lake.scan_interactions(settings.lake_dir, logical_date)
+        .select(features.HISTORY_COLUMNS)
         .filter(pl.col("user_id").is_in(users["user_id"].implode()))
-        .collect()
+        .collect(engine="streaming")
         .join(users, on="user_id")
     )
     return {key[0]: part.drop("chunk") for key, part in events.partition_by("chunk", as_dict=True).items()}
@@ -120,13 +121,13 @@ def load_ranker(
 
 
 def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int) -> pl.DataFrame:
-    """(user_id, item_ids, scores): each user's k best items, best first."""
+    """(user_id, item_ids, scores): each user's k best items, best first (ties by item)."""
+    best = kernels.top_rows(frame["user_id"], frame["item_id"], predicted, k)
     return (
-        frame.select("user_id", "item_id")
-        .with_columns(score=pl.Series(predicted, dtype=pl.Float32))
-        .sort(["user_id", "score", "item_id"], descending=[False, True, False])
+        frame.select("user_id", "item_id")[best]
+        .with_columns(score=pl.Series(predicted[best], dtype=pl.Float32))
         .group_by("user_id", maintain_order=True)
-        .agg(item_ids=pl.col("item_id").head(k), scores=pl.col("score").head(k))
+        .agg(item_ids="item_id", scores="score")
         .with_columns(pl.col("user_id").cast(pl.String), pl.col("item_ids").cast(pl.List(pl.String)))
     )
 

@@ -1,9 +1,10 @@
-"""The compiled kernels (neighbour sums for knn and co-visitation, genre affinity) against hand-computed cases."""
+"""The compiled kernels (neighbour sums for knn and co-visitation, the merge of the candidate sources, genre
+affinity, the top rows per user) against hand-computed cases."""
 
 import polars as pl
 import pytest
 
-from jobs.kernels import genre_affinity, top_neighbours
+from jobs.kernels import genre_affinity, merge_sources, top_neighbours, top_rows
 
 USERS = pl.Enum(["u1", "u2", "u3"])
 ITEMS = pl.Enum(["a", "b", "c", "d", "e"])
@@ -55,6 +56,51 @@ def test_without_seen_items_every_neighbour_is_a_candidate() -> None:
     assert [(r[0], r[1]) for r in rows(found)] == [("u1", "d"), ("u1", "c"), ("u1", "e"), ("u2", "a"), ("u2", "b")]
 
 
+def merged(most: int) -> list[tuple[object, ...]]:
+    knn = top_neighbours(LATEST, SEEN, TABLE, "similarity", limit=5, rank_by="total")
+    covisit = top_neighbours(LATEST, SEEN, TABLE, "similarity", limit=1, rank_by="recent")
+    favourite = pl.DataFrame(
+        {"user_id": ["u1", "u1", "u2"], "genre": ["x", "y", "y"], "share": [0.5, 0.25, 1.0]}
+    ).with_columns(pl.col("user_id").cast(USERS), pl.col("share").cast(pl.Float32))
+    genre_popular = pl.DataFrame(
+        {"genre": ["x", "x", "y", "y"], "item_id": ["a", "c", "d", "c"], "genre_popularity": [1.0, 0.5, 1.0, 0.25]}
+    ).with_columns(pl.col("item_id").cast(ITEMS), pl.col("genre_popularity").cast(pl.Float32))
+    popular = pl.DataFrame({"item_id": ["e", "b", "d"], "popular_score": [5.0, 10.0, 5.0]}).with_columns(
+        pl.col("item_id").cast(ITEMS), pl.col("popular_score").cast(pl.Float32)
+    )
+    found = merge_sources(knn, covisit, favourite, genre_popular, popular, SEEN, genre_limit=1, most=most)
+    named = found.with_columns(
+        pl.col("user_code").map_elements(USERS.categories.__getitem__, return_dtype=pl.String),
+        pl.col("item_code").map_elements(ITEMS.categories.__getitem__, return_dtype=pl.String),
+    )
+    return [tuple(r) for r in named.sort("user_code", "item_code").rows()]
+
+
+def test_merging_keeps_every_sources_score_and_rank_and_leaves_the_others_null() -> None:
+    # columns: knn score, max, recent, rank; covisit score, hits, rank; genre score, rank; popular score, rank
+    # genre, u1: a is seen, c = 0.5 x 0.5 (x) + 0.25 x 0.25 (y) = 0.3125 beats d = 0.25 x 1.0; u2: d, c is seen.
+    # popular goes b, d, e (d before e on their tie); u1 has seen b and e, u2 nothing of it, u3 nothing at all.
+    n = None
+    point_four = pytest.approx(0.4)
+    assert merged(most=10) == [
+        ("u1", "c", 1.0, 0.5, 0.75, 2, 0.75, 2, 1, 0.3125, 1, n, n),
+        ("u1", "d", 1.25, 1.0, 0.75, 1, n, n, n, n, n, 5.0, 1),
+        ("u2", "a", point_four, point_four, point_four, 1, point_four, 1, 1, n, n, n, n),
+        ("u2", "b", point_four, point_four, point_four, 2, n, n, n, n, n, 10.0, 1),
+        ("u2", "d", n, n, n, n, n, n, n, 1.0, 1, 5.0, 2),
+        ("u2", "e", n, n, n, n, n, n, n, n, n, 5.0, 3),
+        ("u3", "b", n, n, n, n, n, n, n, n, n, 10.0, 1),
+        ("u3", "d", n, n, n, n, n, n, n, n, n, 5.0, 2),
+        ("u3", "e", n, n, n, n, n, n, n, n, n, 5.0, 3),
+    ]
+
+
+def test_past_the_most_candidates_the_best_rank_in_any_source_stays_and_ties_go_by_item() -> None:
+    # u2: a, b and d are each first somewhere, e only third; u3: only popular ranks its items
+    kept = [(r[0], r[1]) for r in merged(most=2)]
+    assert kept == [("u1", "c"), ("u1", "d"), ("u2", "a"), ("u2", "b"), ("u3", "b"), ("u3", "d")]
+
+
 def test_genre_affinity_sums_the_users_shares_of_the_items_genres() -> None:
     candidates = ids(pl.DataFrame({"user_id": ["u1", "u1", "u1", "u2"], "item_id": ["a", "b", "e", "a"]}))
     shares = pl.DataFrame(
@@ -65,3 +111,17 @@ def test_genre_affinity_sums_the_users_shares_of_the_items_genres() -> None:
     ).with_columns(pl.col("item_id").cast(ITEMS))
     # a is drama and comedy (0.625 + 0.25 for u1); b comedy; e has no genre; u2 likes none of a's genres
     assert genre_affinity(candidates, shares, item_genres).to_list() == [0.875, 0.25, 0.0, 0.0]
+
+
+def test_top_rows_are_each_users_best_scores_with_ties_by_item() -> None:
+    frame = ids(
+        pl.DataFrame(
+            {
+                "user_id": ["u1", "u2", "u1", "u1", "u2", "u2", "u1"],
+                "item_id": ["c", "a", "a", "b", "b", "c", "d"],
+                "score": [0.5, 1.0, 0.5, 0.9, -0.0, 0.0, -1.0],
+            }
+        )
+    )
+    # u1: b, then a before c on their tie; u2: a, then b before c (-0.0 ties with 0.0); u3 has no rows
+    assert top_rows(frame["user_id"], frame["item_id"], frame["score"].to_numpy(), k=2).tolist() == [3, 2, 1, 4]
