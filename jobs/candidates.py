@@ -270,8 +270,9 @@ def user_genre_shares(events: pl.LazyFrame, genres: pl.DataFrame) -> pl.LazyFram
     )
 
 
-def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) -> pl.DataFrame:
-    """Candidates for every user in ``events`` (their history), one row per (user, item).
+def generate(events: pl.LazyFrame, shares: pl.DataFrame, tables: CandidateTables, settings: Settings) -> pl.DataFrame:
+    """Candidates for every user in ``events`` (their history, and ``shares``: its ``user_genre_shares``),
+    one row per (user, item).
 
     Columns: user_id, item_id, then per source its score and rank (``SOURCES``) and the extra
     scores knn_max, knn_recent, covisit_hits; a source that did not propose the item leaves its
@@ -298,9 +299,7 @@ def generate(events: pl.LazyFrame, tables: CandidateTables, settings: Settings) 
         covisit=over_neighbours(
             tables.neighbours, "covisit_weight", settings.covisit_history, limits["covisit"], "recent"
         ),
-        favourite=top_per_group(
-            user_genre_shares(events, tables.genres), "user_id", "share", "genre", GENRES_PER_USER
-        ).collect(),
+        favourite=top_per_group(shares.lazy(), "user_id", "share", "genre", GENRES_PER_USER).collect(),
         genre_popular=tables.genre_popular,
         popular=tables.popular.head(limits["popular"]),
         seen=seen,

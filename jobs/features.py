@@ -110,8 +110,9 @@ def for_users(events: pl.DataFrame, tables: EncodedTables, cutoff: datetime, set
     """Candidates and their features for the users of ``events`` (their history before ``cutoff``, with
     none of its items unknown to ``tables``): ``assemble``'s frame, ids as enums."""
     history = as_enums(events, tables.items, sorted_enum(events["user_id"])).lazy()
-    proposed = candidates.generate(history, tables.candidate_tables, settings)
-    return assemble(proposed, history, tables.feature_tables, cutoff, settings)
+    shares = user_genre_shares(history, tables.feature_tables.genres).collect()
+    proposed = candidates.generate(history, shares, tables.candidate_tables, settings)
+    return assemble(proposed, history, shares, tables.feature_tables, cutoff, settings)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def build_user_features(events: pl.LazyFrame, cutoff: datetime) -> pl.LazyFrame:
 def assemble(
     proposed: pl.DataFrame,
     events: pl.LazyFrame,
+    shares: pl.DataFrame,
     tables: FeatureTables,
     cutoff: datetime,
     settings: Settings,
@@ -179,9 +181,10 @@ def assemble(
     user's rows itself).
 
     ``events`` are the history of the candidates' users, all before ``cutoff``, ids as enums like
-    those of ``proposed`` and ``tables``, which were built from events before the same cutoff.
+    those of ``proposed`` and ``tables``, which were built from events before the same cutoff;
+    ``shares`` are the events' ``user_genre_shares``.
     """
-    affinity = kernels.genre_affinity(proposed, user_genre_shares(events, tables.genres).collect(), tables.genres)
+    affinity = kernels.genre_affinity(proposed, shares, tables.genres)
     limits = source_limits(settings)
     frame = (
         proposed.lazy()

@@ -146,6 +146,11 @@ def _pointers(sorted_codes: np.ndarray, size: int) -> np.ndarray:
     return np.searchsorted(sorted_codes, np.arange(size + 1)).astype(np.int64)
 
 
+def _code_array(ids: pl.Series) -> np.ndarray:
+    """The enum codes of ``ids`` as int64, the index type of the kernels' arrays."""
+    return ids.to_physical().cast(pl.Int64).to_numpy()
+
+
 def _codes(column: str) -> pl.Expr:
     return pl.col(column).to_physical().cast(pl.Int64)
 
@@ -380,9 +385,9 @@ def merge_sources(
         covisit["recent"].to_numpy(),
         covisit["count"].to_numpy(),
         _pointers(favourite["user"].to_numpy(), n_users),
-        favourite["genre"].to_physical().cast(pl.Int64).to_numpy(),
+        _code_array(favourite["genre"]),
         favourite["share"].cast(pl.Float32).to_numpy(),
-        _pointers(genre_popular["genre"].to_physical().cast(pl.Int64).to_numpy(), genres.categories.len()),
+        _pointers(_code_array(genre_popular["genre"]), genres.categories.len()),
         genre_popular["item"].to_numpy(),
         genre_popular["popularity"].cast(pl.Float32).to_numpy(),
         popular["item"].to_numpy(),
@@ -453,11 +458,11 @@ def top_rows(users: pl.Series, items: pl.Series, scores: np.ndarray, k: int) -> 
     """Row numbers of each user's ``k`` highest ``scores`` (float32; ties by item), users in code order
     and each user's rows best first. ``users`` and ``items`` are enums, an item at most once per user."""
     assert isinstance(users.dtype, pl.Enum) and isinstance(items.dtype, pl.Enum)
-    user_ptr, rows = _group_rows(users.to_physical().cast(pl.Int64).to_numpy(), users.dtype.categories.len())
+    user_ptr, rows = _group_rows(_code_array(users), users.dtype.categories.len())
     found = _top_rows(
         user_ptr,
         rows,
-        items.to_physical().cast(pl.Int64).to_numpy(),
+        _code_array(items),
         scores.astype(np.float32),
         items.dtype.categories.len(),
         k,
@@ -494,8 +499,8 @@ def genre_affinity(candidates: pl.DataFrame, shares: pl.DataFrame, item_genres: 
     edges = item_genres.select(item=_codes("item_id"), genre=pl.col("genre").cast(genres).to_physical().cast(pl.Int64))
     edges = edges.sort("item", maintain_order=True)
     affinity = _genre_affinity(
-        candidates["user_id"].to_physical().cast(pl.Int64).to_numpy(),
-        candidates["item_id"].to_physical().cast(pl.Int64).to_numpy(),
+        _code_array(candidates["user_id"]),
+        _code_array(candidates["item_id"]),
         _pointers(edges["item"].to_numpy(), items.categories.len()),
         edges["genre"].to_numpy(),
         dense,
