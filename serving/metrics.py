@@ -172,17 +172,38 @@ def _age_seconds(view: LiveView) -> float:
     return math.inf if batch is None else time.time() - batch.generated_at.timestamp()
 
 
-class MetricsMiddleware:
+class RequestRecorder:
     """Counts and times every HTTP request by its route template (never the raw path: user ids would make
     a series per user), and writes the access log: one JSON line per request, a sampled share of
     successes and every error."""
 
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics, access_log: bool = False, sample: float = 1.0) -> None:
-        self.app = app
+    def __init__(self, metrics: ServingMetrics, access_log: bool = False, sample: float = 1.0) -> None:
         self.metrics = metrics
         self.access_log = access_log
         self.sample = sample
         self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def record(self, scope: Scope, template: str, status: int, elapsed: float, batch_id: bytes) -> None:
+        method = scope["method"]
+        key = (template, method, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (
+                self.metrics.requests.labels(template, method, str(status)),
+                self.metrics.latency.labels(template, method),
+            )
+        series[0].inc()
+        series[1].observe(elapsed)
+        if self.access_log and (status >= 400 or random.random() < self.sample):
+            _log_access(scope, method, template, status, elapsed, batch_id)
+
+
+class MetricsMiddleware:
+    """Records every request that goes through the app's routes with a `RequestRecorder`."""
+
+    def __init__(self, app: ASGIApp, recorder: RequestRecorder) -> None:
+        self.app = app
+        self.recorder = recorder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -191,33 +212,22 @@ class MetricsMiddleware:
         start = time.perf_counter()
         status = 500
         batch_id = b""
+        access_log = self.recorder.access_log
 
         async def send_and_record_status(message: Message) -> None:
             nonlocal status, batch_id
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if self.access_log:
+                if access_log:
                     batch_id = next((v for k, v in message.get("headers", ()) if k.lower() == b"x-batch-id"), b"")
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record_status)
         finally:
-            elapsed = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = scope["method"]
-            key = (template, method, status)
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = (
-                    self.metrics.requests.labels(template, method, str(status)),
-                    self.metrics.latency.labels(template, method),
-                )
-            series[0].inc()
-            series[1].observe(elapsed)
-            if self.access_log and (status >= 400 or random.random() < self.sample):
-                _log_access(scope, method, template, status, elapsed, batch_id)
+            self.recorder.record(scope, template, status, time.perf_counter() - start, batch_id)
 
 
 def _log_access(scope: Scope, method: str, route: str, status: int, elapsed: float, batch_id: bytes) -> None:

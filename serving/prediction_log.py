@@ -38,7 +38,7 @@ Row = TypeVar("Row", bound=tuple[Any, ...])
 
 _FIRST_RETRY_SECONDS = 0.2
 _MAX_RETRY_SECONDS = 5.0
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class BulkWriter(Generic[Row]):
@@ -301,7 +301,7 @@ def request_id_for(incoming: str | None) -> str:
     The response echoes it, and the client sends it back with its feedback events, which is how the
     online report pairs a click with the list it came from.
     """
-    if incoming and _REQUEST_ID.match(incoming):
+    if incoming and _REQUEST_ID.fullmatch(incoming):
         return incoming
     return f"{_request_ids.prefix}{next(_request_ids.counter):016x}"
 

@@ -289,6 +289,19 @@ def test_known_user_gets_the_batch_in_rank_order(live_service: Service, publishe
     assert 7200 <= age <= 7210
 
 
+def test_the_routed_lookup_answers_as_the_one_served_before_the_middleware(live_service: Service) -> None:
+    # A GET is answered before FastAPI's middleware and router; a HEAD goes through them to the same lookup.
+    path = "/v1/users/42/recommendations"
+    get = live_service.client.get(path, params={"k": 3})
+    head = live_service.client.head(path, params={"k": 3})
+    assert (get.status_code, head.status_code) == (200, 200)
+    for name in ("content-type", "content-length", "x-batch-id", "x-data-age-seconds"):
+        assert head.headers[name] == get.headers[name], name
+    assert head.content == b""
+    assert live_service.anonymous.head(path).status_code == live_service.anonymous.get(path).status_code == 401
+    assert live_service.client.head(path, params={"k": 0}).status_code == 422
+
+
 def test_unknown_user_gets_the_fallback(live_service: Service) -> None:
     response = live_service.recs("never-seen")
     assert response.status_code == 200
