@@ -11,6 +11,7 @@ table vanished all share one deadline, and running out of it is a `DatabaseUnava
 
 import asyncio
 import logging
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -35,12 +36,13 @@ Source = Literal["personalized", "fallback"]
 Loc = tuple[str | int, ...]
 T = TypeVar("T")
 # A user's published list as the cache holds it: the item ids joined by NUL (which Postgres text cannot
-# hold) into one string, and the scores. One string instead of fifty: it takes a fifth of the memory,
-# and joining costs a tenth of interning the ids one by one, which took 10 µs a row under load. A
-# lookup splits off only the k items it needs. Strings and a tuple of floats only: the garbage
-# collector stops tracking them, so a full cache adds nothing to its passes (an array of scores is
-# tracked, and 50,000 of them made every full pass a stall of tens of milliseconds under load).
-Row = tuple[str, tuple[float, ...]]
+# hold) into one string, and the scores packed as doubles into bytes. Neither is a container the
+# garbage collector tracks or traverses: 50,000 cached lists of tracked objects made every full pass
+# a stall of tens of milliseconds under load, and even tuples of floats, untracked after their first
+# pass, cost a 25-30 ms young collection every few seconds. One string instead of fifty ids also takes
+# a fifth of the memory, and joining costs a tenth of interning the ids one by one (10 µs a row under
+# load). A lookup splits off only the k ids it returns.
+Row = tuple[str, bytes]
 ITEM_SEPARATOR = "\x00"
 
 
@@ -392,7 +394,7 @@ class Lookup:
 
 
 def cache_row(item_ids: Sequence[str], scores: Sequence[float]) -> Row:
-    return ITEM_SEPARATOR.join(item_ids), tuple(scores)
+    return ITEM_SEPARATOR.join(item_ids), array("d", scores).tobytes()
 
 
 def pick(batch: LiveBatch, user_id: str, row: Row | None, k: int, exclude: frozenset[str]) -> UserRecs:
@@ -401,7 +403,8 @@ def pick(batch: LiveBatch, user_id: str, row: Row | None, k: int, exclude: froze
         scores: Sequence[float] = batch.fallback_scores
         source: Source = "fallback"
     else:
-        joined, scores = row
+        joined, packed = row
+        scores = memoryview(packed).cast("d")
         source = "personalized"
         # Without exclusions only the first k ids are needed: split off just those.
         item_ids = joined.split(ITEM_SEPARATOR, -1 if exclude else k) if joined else []

@@ -167,7 +167,7 @@ def test_odd_text_round_trips_and_a_row_json_cannot_carry_is_dropped_alone(datab
 
 def test_request_ids_are_echoed_when_sane_and_made_up_otherwise() -> None:
     assert request_id_for("abc-123") == "abc-123"
-    for bad in (None, "", "has space", "x" * 129, "ünicode", "new\nline"):
+    for bad in (None, "", "has space", "x" * 129, "ünicode", "new\nline", "trailing\n"):
         made = request_id_for(bad)
         assert made != bad and len(made) == 32
     assert request_id_for(None) != request_id_for(None)
