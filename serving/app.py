@@ -359,11 +359,13 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Start without waiting for Postgres: /healthz answers at once and /readyz says when we can serve.
+        # Start without depending on Postgres: if the first read of the live pointer fails, /healthz still
+        # answers and /readyz says when we can serve.
         pool = create_pool(settings)
         await pool.open(wait=False)
         watcher = LiveWatcher(settings, view)
         watcher.start()
+        await watcher.first_read()
         app.state.lookup = lookup = Lookup(settings, view, pool)
         metrics.watch(lookup)
         prediction_log.start()

@@ -202,10 +202,19 @@ class LiveWatcher:
         self.settings = settings
         self.view = view
         self._task: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name="overnight-live-watcher")
+
+    async def first_read(self) -> None:
+        """Wait until the pointer has been read once, or the first attempt failed (at most as long as
+        that attempt may take). A worker then starts with the live batch loaded: with several workers on
+        one port, one worker's /readyz says nothing of the others, which would answer 503 meanwhile."""
+        timeout = self.settings.db_timeout_seconds
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_attempt.wait(), _connect_timeout(timeout) + 2 * timeout)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -222,6 +231,7 @@ class LiveWatcher:
             except Exception as error:
                 reason = _reason(error)
                 self.view.problem = f"cannot read the live pointer: {reason}"
+                self._first_attempt.set()
                 delay = backoff * random.uniform(0.5, 1.0)
                 # Database trouble is expected now and then; anything else is a bug worth a traceback.
                 expected = isinstance(error, psycopg.Error | OSError | TimeoutError)
@@ -236,7 +246,7 @@ class LiveWatcher:
         conn = await psycopg.AsyncConnection.connect(
             self.settings.database_url,
             autocommit=True,
-            connect_timeout=max(2, round(timeout)),
+            connect_timeout=_connect_timeout(timeout),
             application_name=WATCHER_APPLICATION_NAME,
             # A silently dead peer would otherwise leave the LISTEN waiting forever.
             keepalives=1,
@@ -249,10 +259,15 @@ class LiveWatcher:
             await asyncio.wait_for(conn.execute(listen), timeout)
             # Read after LISTEN: a switch committed in between is then seen by this read or notified.
             await asyncio.wait_for(self.view.reload(conn), timeout)
+            self._first_attempt.set()
             while True:
                 async for _ in conn.notifies(timeout=self.settings.live_poll_seconds, stop_after=1):
                     pass
                 await asyncio.wait_for(self.view.reload(conn), timeout)
+
+
+def _connect_timeout(db_timeout: float) -> int:
+    return max(2, round(db_timeout))  # libpq takes whole seconds, and less than 2 is not honoured
 
 
 def _reason(error: BaseException) -> str:

@@ -437,6 +437,22 @@ def test_batch_lookup_rejects_malformed_json(live_service: Service) -> None:
 # ---------------------------------------------------------------------------- the live batch
 
 
+def test_a_worker_starts_serving_with_the_live_batch_loaded(database_url: str, publisher: Publisher) -> None:
+    # With several workers on one port, readiness of one says nothing of the others: each must have read
+    # the live pointer before it takes its first request.
+    batch_id = publisher.publish(RECS)
+    with psycopg.connect(publisher.url) as locker:
+        # The pointer cannot be read for the first 0.3 s of the worker's life.
+        locker.execute("LOCK TABLE overnight.live IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(0.3, locker.commit)
+        release.start()
+        with running(service_settings(database_url)) as service:
+            first = service.recs("42")
+        release.join()
+    assert first.status_code == 200, first.text
+    assert batch_of(first) == batch_id
+
+
 def test_nothing_live_is_503_until_a_batch_is_published(service: Service, publisher: Publisher) -> None:
     response = service.recs("42")
     assert response.status_code == 503
