@@ -38,7 +38,7 @@ from jobs.settings import Settings
 Z = 1.959964  # 95%
 MIN_PROPENSITY = 0.05
 PROPENSITY_MODELS = ("power", "estimated")
-PARTITIONED_TABLES = ("served_predictions", "feedback_events")
+PARTITIONED_TABLES = ("served_prediction_chunks", "feedback_events")
 # Feedback for a list served late on the last day may arrive a little after it.
 FEEDBACK_GRACE = timedelta(days=1)
 

@@ -1,15 +1,16 @@
 """Writing rows to Postgres in bulk, off the request path: what was served (`PredictionLog`), and the
 writer it shares with the feedback endpoint (`BulkWriter`).
 
-A request only appends a tuple to a bounded in-memory queue and never awaits: when the queue is
-full the row is refused (the prediction log drops it and counts the drop; the feedback endpoint
-answers 503). One background task drains the queue in batches and writes each as one INSERT of one
-JSON array, over its own connection, so logging never takes a connection from the lookup pool.
-A batch is encoded by one orjson call (C, well under a microsecond a row) rather than row by row
-in Python: the encoding runs on the event loop the lookups share. A failed write is retried
-with back-off (the queue fills meanwhile and refuses rows, bounded memory); `stop()` drains what is
-left. Rows are lost only if the process is killed or Postgres stays down through `stop()`; both are
-logged with the count.
+A request only appends a tuple to a bounded in-memory queue and never awaits: when the queue is full
+the row is refused (the prediction log drops it and counts the drop; the feedback endpoint answers
+503). One background task drains the queue in batches and writes each as one statement with one JSON
+array, over its own connection, so logging never takes a connection from the lookup pool. A batch is
+encoded by one orjson call (C, well under a microsecond a row) rather than row by row in Python: the
+encoding runs on the event loop the lookups share. What was served is stored as that JSON text, one
+row per batch: Postgres then does no per-answer work on the lookups' cores. A failed write is
+retried with back-off (the queue fills meanwhile and refuses rows, bounded memory); `stop()` drains
+what is left. Rows are lost only if the process is killed or Postgres stays down through `stop()`;
+both are logged with the count.
 """
 
 import asyncio
@@ -20,21 +21,20 @@ import os
 import random
 import re
 from collections import deque
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from datetime import UTC, date, datetime
 from typing import Any, Generic, LiteralString, Protocol, TypeVar
 
 import orjson
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from psycopg.types.json import Json
 
 import sql
 
 logger = logging.getLogger(__name__)
 
-Row = TypeVar("Row", bound=tuple[Any, ...])
+Row = TypeVar("Row", bound=tuple[Any, ...])  # a row's first field is its time
 
 _FIRST_RETRY_SECONDS = 0.2
 _MAX_RETRY_SECONDS = 5.0
@@ -44,9 +44,11 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 class BulkWriter(Generic[Row]):
     """A bounded queue of rows and the task that inserts them into one table in batches.
 
-    `insert_query` takes one parameter, a JSON array of the rows (each a JSON array: the tuple as
-    orjson encodes it, datetimes as RFC 3339). `offer` and `offer_all` are the request side:
-    synchronous, O(1), never blocking. `start` and `stop` belong to the app's lifespan.
+    `insert_query` takes named parameters: ``rows``, the batch as the text of one JSON array (each row
+    a JSON array: the tuple as orjson encodes it, datetimes as RFC 3339), ``count``, and ``first`` and
+    ``last``, the earliest and latest of the rows' first fields (their times). With `batch_key`, rows
+    whose keys differ never share a batch. `offer` and `offer_all` are the request side: synchronous,
+    O(1), never blocking. `start` and `stop` belong to the app's lifespan.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class BulkWriter(Generic[Row]):
         batch_size: int = 1_000,
         linger_seconds: float = 0.05,
         connect_timeout: float = 5.0,
+        batch_key: Callable[[Row], Hashable] | None = None,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be at least 1")
@@ -68,6 +71,7 @@ class BulkWriter(Generic[Row]):
         self._batch_size = batch_size
         self._linger = linger_seconds
         self._connect_timeout = connect_timeout
+        self._batch_key = batch_key
         self._capacity = queue_size
         self._queue: deque[Row] = deque()
         self._arrived = asyncio.Event()
@@ -158,6 +162,8 @@ class BulkWriter(Generic[Row]):
                     await asyncio.sleep(self._linger)
                     self._take_available()
             payload = self._encode_pending()
+            if not self._pending:  # none of them could be encoded (counted as lost)
+                continue
             try:
                 await self._write(payload)
             except (psycopg.Error, OSError) as error:
@@ -180,7 +186,14 @@ class BulkWriter(Generic[Row]):
 
     def _take_available(self) -> None:
         take = min(self._batch_size - len(self._pending), len(self._queue))
-        self._pending.extend(self._queue.popleft() for _ in range(take))
+        if self._batch_key is None:
+            self._pending.extend(self._queue.popleft() for _ in range(take))
+            return
+        queue, key_of = self._queue, self._batch_key
+        key = key_of(self._pending[0] if self._pending else queue[0]) if take else None
+        while take and key_of(queue[0]) == key:
+            self._pending.append(queue.popleft())
+            take -= 1
 
     async def _write(self, payload: bytes) -> None:
         if self._conn is None or self._conn.closed:
@@ -190,7 +203,11 @@ class BulkWriter(Generic[Row]):
                 connect_timeout=max(2, round(self._connect_timeout)),
                 application_name=f"overnight-serving-{self.name}",
             )
-        await self._conn.execute(self._insert, (Json(payload, dumps=_encoded),))
+        times = [row[0] for row in self._pending]
+        await self._conn.execute(
+            self._insert,
+            {"rows": payload.decode(), "count": len(self._pending), "first": min(times), "last": max(times)},
+        )
 
     def _encode_pending(self) -> bytes:
         """The pending rows as one JSON array. A row JSON cannot carry (a lone surrogate in a string,
@@ -267,6 +284,7 @@ class PredictionLog:
             "served_predictions",
             database_url,
             sql.query("insert_served_predictions"),
+            batch_key=_utc_day,
             **writer_options,
         )
 
@@ -322,8 +340,9 @@ _request_ids = _RequestIds()
 os.register_at_fork(after_in_child=_request_ids.renew)
 
 
-def _encoded(payload: bytes) -> bytes:
-    return payload
+def _utc_day(row: ServedRow) -> date:
+    """A batch of served answers is stored whole in its first answer's day partition."""
+    return row[0].date()
 
 
 def _first_line(error: BaseException) -> str:

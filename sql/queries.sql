@@ -479,18 +479,20 @@ SELECT overnight.ensure_daily_partitions(%s, %s, %s);
 -- name: drop_daily_partitions
 SELECT overnight.drop_daily_partitions(%s, %s);
 
--- The lookup service writes both tables a batch at a time, as one JSON array of rows (each an
--- array of the columns in order) that orjson encodes in one call (serving/prediction_log.py).
--- Parsed once as jsonb: the fields of a json row would be re-read from its text one by one.
+-- The lookup service writes both a batch at a time: one JSON array of rows (each an array of the
+-- columns in order) that orjson encodes in one call (serving/prediction_log.py), with the batch's
+-- row count and earliest and latest time (each row's first column).
+-- What was served is stored as that text, one row per batch (migration 0008): no per-answer work.
 -- name: insert_served_predictions
-INSERT INTO overnight.served_predictions (served_at, request_id, user_id, batch_id, variant, source, item_ids)
-SELECT (r->>0)::timestamptz, r->>1, r->>2, (r->>3)::bigint, r->>4, r->>5, (r->6)::json
-FROM jsonb_array_elements(%s::jsonb) AS r;
+INSERT INTO overnight.served_prediction_chunks (first_served_at, last_served_at, answer_count, answers)
+VALUES (%(first)s, %(last)s, %(count)s, %(rows)s);
 
+-- Feedback is read by its columns (ingest, reports), so each event is a row; the array is parsed
+-- once as jsonb (the fields of a json row would be re-read from its text one by one).
 -- name: insert_feedback_events
 INSERT INTO overnight.feedback_events (occurred_at, received_at, user_id, item_id, event_type, request_id)
 SELECT (r->>0)::timestamptz, (r->>1)::timestamptz, r->>2, r->>3, r->>4, r->>5
-FROM jsonb_array_elements(%s::jsonb) AS r;
+FROM jsonb_array_elements(%(rows)s::jsonb) AS r;
 
 -- name: online_outcomes
 -- Every served (request, item) of [start, end) with what its user did with it, aggregated by variant,
@@ -498,9 +500,8 @@ FROM jsonb_array_elements(%s::jsonb) AS r;
 -- impression too. Feedback is joined by request id, so a served list and its feedback pair exactly.
 WITH served AS (
     SELECT p.request_id, p.user_id, p.variant, p.batch_id, shown.item_id, shown.position
-    FROM overnight.served_predictions AS p,
+    FROM overnight.served_predictions_between(%(start)s, %(end)s) AS p,
          json_array_elements_text(p.item_ids) WITH ORDINALITY AS shown (item_id, position)
-    WHERE p.served_at >= %(start)s AND p.served_at < %(end)s
 ),
 feedback AS (
     SELECT request_id, user_id, item_id,
@@ -523,20 +524,23 @@ ORDER BY s.variant, s.batch_id, s.position;
 
 -- name: online_requests
 SELECT variant, batch_id, count(*) AS requests, count(DISTINCT user_id) AS users
-FROM overnight.served_predictions
-WHERE served_at >= %(start)s AND served_at < %(end)s
+FROM overnight.served_predictions_between(%(start)s, %(end)s)
 GROUP BY variant, batch_id;
 
 -- name: unattributed_feedback
 -- Feedback of the period that names no request, or a request (and item) that was not logged as served
 -- (sampling, a dropped log entry, or a client error).
+WITH served AS (
+    SELECT p.request_id, p.user_id, shown.item_id
+    FROM overnight.served_predictions_between(%(start)s - interval '1 day', %(end)s) AS p,
+         json_array_elements_text(p.item_ids) AS shown (item_id)
+)
 SELECT f.event_type, count(*)
 FROM overnight.feedback_events AS f
 WHERE f.occurred_at >= %(start)s AND f.occurred_at < %(end)s
   AND NOT EXISTS (
-      SELECT 1 FROM overnight.served_predictions AS p
-      WHERE p.request_id = f.request_id AND p.user_id = f.user_id AND p.item_ids::jsonb ? f.item_id
-        AND p.served_at >= %(start)s - interval '1 day' AND p.served_at < %(end)s
+      SELECT 1 FROM served AS s
+      WHERE s.request_id = f.request_id AND s.user_id = f.user_id AND s.item_id = f.item_id
   )
 GROUP BY f.event_type;
 

@@ -13,10 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from psycopg import sql as pgsql
 
+import sql
 from jobs import online
+from jobs.database import upgrade
 from jobs.settings import Settings
 from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
-from tests.conftest import free_port
+from tests.conftest import create_database, drop_database, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -178,33 +180,45 @@ def test_daily_partitions_are_made_ahead_take_stray_rows_and_expire(database_url
     later = datetime.now(UTC).date() + timedelta(days=20)
     stray = datetime.combine(later, datetime.min.time(), UTC) + timedelta(hours=23, minutes=59)
     with psycopg.connect(database_url) as conn:
-        # A day without its partition yet: the row waits in the default partition.
+        # A day without its partition yet: the chunk waits in the default partition.
         conn.execute(
-            "INSERT INTO overnight.served_predictions "
-            "VALUES (%s, 'r', 'u', 1, 'production', 'personalized', '[\"a\"]')",
-            (stray,),
+            "INSERT INTO overnight.served_prediction_chunks VALUES (%s, %s, 1, %s)",
+            (stray, stray, f'[["{stray.isoformat()}", "r", "u", 1, "production", "personalized", ["a"]]]'),
         )
     result = online.maintain_tables(settings, today=later)
-    assert result["created_partitions"] == {"served_predictions": 9, "feedback_events": 9}
+    assert result["created_partitions"] == {"served_prediction_chunks": 9, "feedback_events": 9}
     # The migration's partitions (around today) are more than 30 days before `later + 30`.
     expired = online.maintain_tables(settings, today=later + timedelta(days=30))
-    assert expired["dropped_partitions"]["served_predictions"] >= 4
-    name = f"served_predictions_{later:%Y%m%d}"
+    assert expired["dropped_partitions"]["served_prediction_chunks"] >= 4
+    name = f"served_prediction_chunks_{later:%Y%m%d}"
     with psycopg.connect(database_url) as conn:
-        moved = conn.execute(pgsql.SQL("SELECT served_at FROM overnight.{}").format(pgsql.Identifier(name))).fetchall()
-        left = conn.execute("SELECT count(*) FROM overnight.served_predictions_default").fetchone()
+        moved = conn.execute(
+            pgsql.SQL("SELECT first_served_at FROM overnight.{}").format(pgsql.Identifier(name))
+        ).fetchall()
+        left = conn.execute("SELECT count(*) FROM overnight.served_prediction_chunks_default").fetchone()
         partitions = [
             r[0]
             for r in conn.execute(
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = 'overnight.served_predictions'::regclass ORDER BY 1"
+                "WHERE i.inhparent = 'overnight.served_prediction_chunks'::regclass ORDER BY 1"
             )
         ]
+        storage = conn.execute(
+            "SELECT a.attstorage, a.attcompression FROM pg_attribute a "
+            "WHERE a.attrelid = %s::regclass AND a.attname = 'answers'",
+            (f"overnight.{name}",),
+        ).fetchone()
+        served = conn.execute(
+            "SELECT served_at, request_id, item_ids::text FROM overnight.served_predictions"
+        ).fetchall()
     assert moved == [(stray,)] and left == (0,)
-    assert partitions[0] == f"served_predictions_{later:%Y%m%d}"  # every older day is gone
-    assert partitions[-1] == "served_predictions_default"
+    assert served == [(stray, "r", '["a"]')]
+    assert partitions[0] == f"served_prediction_chunks_{later:%Y%m%d}"  # every older day is gone
+    assert partitions[-1] == "served_prediction_chunks_default"
+    # A partition made later stores its chunks as the parent does: never pglz-compressed.
+    assert storage in {("x", "l"), ("e", "")}
     assert online.maintain_tables(settings, today=later + timedelta(days=30))["created_partitions"] == {
-        "served_predictions": 0,
+        "served_prediction_chunks": 0,
         "feedback_events": 0,
     }
 
@@ -233,3 +247,68 @@ def test_a_batch_answer_is_logged_under_one_request_id_and_one_sampling_decision
         ("req-1", "u1", 9, "canary", "personalized", 2, "b"),
         ("req-1", "u2", 9, "canary", "fallback", 1, "p"),
     ]
+
+
+def test_answers_around_midnight_are_stored_by_day_and_read_back_by_window(database_url: str) -> None:
+    midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
+    times = [midnight + timedelta(milliseconds=ms) for ms in (-3, -2, -1, 0, 1, 2)]
+
+    async def scenario() -> None:
+        log = PredictionLog(database_url, batch_size=100, linger_seconds=0.01)
+        log.start()
+        for n, served_at in enumerate(times):
+            assert log.writer.offer((served_at, f"r{n}", "u", 1, "production", "personalized", [f"i{n}"]))
+        await log.stop()
+
+    asyncio.run(scenario())
+    with psycopg.connect(database_url) as conn:
+        chunks = conn.execute(
+            "SELECT tableoid::regclass::text, first_served_at, last_served_at, answer_count "
+            "FROM overnight.served_prediction_chunks ORDER BY first_served_at"
+        ).fetchall()
+        window = conn.execute(
+            "SELECT request_id FROM overnight.served_predictions_between(%s, %s) ORDER BY served_at",
+            (times[1], times[4]),
+        ).fetchall()
+        everything = conn.execute("SELECT count(*) FROM overnight.served_predictions").fetchone()
+    # Six answers queued together become one chunk per UTC day, each in its day's partition.
+    assert chunks == [
+        (f"overnight.served_prediction_chunks_{times[0]:%Y%m%d}", times[0], times[2], 3),
+        (f"overnight.served_prediction_chunks_{midnight:%Y%m%d}", times[3], times[5], 3),
+    ]
+    assert window == [("r1",), ("r2",), ("r3",)]  # [start, end)
+    assert everything == (6,)
+
+
+def test_the_migration_moves_answers_logged_one_row_each_into_chunks(postgres_admin_url: str) -> None:
+    url = create_database(postgres_admin_url)
+    try:
+        with psycopg.connect(url) as conn:
+            # The schema as of migration 0007, with answers logged the old way.
+            with conn.transaction():
+                conn.execute(sql.query("create_migrations_table"))
+                for migration in sql.migrations():
+                    if migration.version < 8:
+                        conn.execute(migration.text.encode())
+                        conn.execute(sql.query("record_migration"), (migration.version, migration.name))
+            now = datetime.now(UTC).replace(microsecond=500_000)
+            old_rows = [
+                (now - timedelta(seconds=s), f"r{s}", f"u{s}", 3, "canary" if s % 2 else "production", "personalized")
+                for s in range(5)
+            ]
+            for row in old_rows:
+                conn.execute(
+                    "INSERT INTO overnight.served_predictions VALUES (%s, %s, %s, %s, %s, %s, %s::json)",
+                    (*row, f'["a{row[1]}", "b{row[1]}"]'),
+                )
+            conn.commit()
+            assert upgrade(conn) == [8]
+            moved = conn.execute(
+                "SELECT served_at, request_id, user_id, batch_id, variant, source, item_ids::text "
+                "FROM overnight.served_predictions ORDER BY served_at DESC"
+            ).fetchall()
+            chunks = conn.execute("SELECT count(*) FROM overnight.served_prediction_chunks").fetchone()
+        assert moved == [(*row, f'["a{row[1]}", "b{row[1]}"]') for row in old_rows]
+        assert chunks == (5,)  # one per second
+    finally:
+        drop_database(postgres_admin_url, url)
