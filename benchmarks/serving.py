@@ -10,16 +10,20 @@
 3. Measures the HTTP ceiling: a hello-world app of the same stack (FastAPI, the same server and
    workers), and for reference the same server with a bare ASGI hello-world.
 4. Starts `overnight serve` and loads it with wrk from a separate process over loopback: a user mix
-   with a share of hot users and of unknown users; first flat out, then at half that rate. With several
-   --prediction-log-sample-rate values, step 4 is repeated once per value (same batch, and every
-   half-rate phase at half the first run's maximum), so the cost of logging what is served shows
-   as the difference between them.
+   with a share of hot users and of unknown users; first flat out, then at half that rate (four
+   times the connections, each waiting between its requests for a fractional time that two short
+   probes set). With several
+   --prediction-log-sample-rate values, one service per value runs throughout and the phases
+   alternate between them in the order given (flat out each, then each at half the first phase's
+   maximum), so the cost of logging what is served shows as the difference between them, measured
+   close together in time on a machine whose speed drifts.
 
 Prints one JSON document: requests/s, latency percentiles, errors, both ceilings and our ratios to them.
 Needs `wrk` and `pgbench` on PATH (Debian: apt-get install wrk postgresql-client).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -50,6 +54,7 @@ BIN = Path(sys.executable).parent
 API_KEY = "bench-key"
 MODEL_ID = "bench-model"
 CATALOGUE = 20_000
+PACED_CONNECTIONS_FACTOR = 4
 
 # wrk runs this per connection: pick a user by the configured mix and ask for their default list.
 WRK_SCRIPT = """
@@ -81,7 +86,13 @@ request = function()
 end
 
 if delay_ms > 0 then
-  delay = function() return delay_ms end
+  -- wrk waits whole milliseconds: a fractional delay is its floor or ceiling at random, in proportion.
+  local whole = math.floor(delay_ms)
+  local fraction = delay_ms - whole
+  delay = function()
+    if math.random() < fraction then return whole + 1 end
+    return whole
+  end
 end
 
 done = function(summary, latency, requests)
@@ -240,13 +251,13 @@ def pgbench(url: str, batch_id: int, users: int, seconds: int, clients: int) -> 
     return float(line.split()[2])
 
 
-def wrk(base: str, args: argparse.Namespace, seconds: float, delay_ms: int = 0) -> dict[str, Any]:
+def wrk(base: str, args: argparse.Namespace, seconds: float, delay_ms: float = 0) -> dict[str, Any]:
     script = WRK_SCRIPT.format(
         users=args.users,
         hot_users=max(1, round(args.users * args.hot_users)),
         hot_share=args.hot_share,
         unknown_share=args.unknown_share,
-        delay_ms=delay_ms,
+        delay_ms=f"{delay_ms:.3f}",
         api_key=API_KEY,
     )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as file:
@@ -349,27 +360,60 @@ def service_metrics(base: str) -> dict[str, float]:
     }
 
 
-def load_service(
-    args: argparse.Namespace, env: dict[str, str], base: str, port: int, max_rps: float | None = None
-) -> dict[str, Any]:
-    """`overnight serve`'s app under wrk: warm-up, flat out, then at half that rate (or half of
-    `max_rps`, so that runs compared with each other carry the same load)."""
-    command = server_command(args.server, "serving.app:create_app", port, args.workers)
-    with running(command, env, base, "/readyz"):
-        wrk(base, args, 10)  # warm-up: connections, prepared statements, the hot users' cache entries
-        full = wrk(base, args, args.seconds)
-        # Half the maximum rate: each connection waits between its requests. A connection's rate is
-        # 1 / (delay + latency); a short probe measures the latency part at about that rate.
-        period_ms = 1000 * args.connections / ((max_rps or full["rps"]) / 2)
-        probe = wrk(base, args, 3, delay_ms=max(1, round(period_ms)))
-        latency_ms = max(0.0, 1000 * args.connections / probe["rps"] - round(period_ms))
-        half = wrk(base, args, args.seconds, delay_ms=max(1, round(period_ms - latency_ms)))
-        return {"full": full, "half": half, "service": service_metrics(base)}
+def load_services(args: argparse.Namespace, env: dict[str, str]) -> list[tuple[float, dict[str, Any]]]:
+    """`overnight serve`'s app under wrk, once per --prediction-log-sample-rate: each rate's phase flat out,
+    then each rate's phase at half the first phase's maximum (the same load for all).
+
+    One service per distinct rate runs throughout, and the phases alternate between them in the order
+    given: the machine's speed drifts over minutes (other tenants), so runs compared with each other
+    should be close in time rather than one configuration after the other.
+    """
+    rates = list(dict.fromkeys(args.prediction_log_sample_rate))
+    bases: dict[float, str] = {}
+    with contextlib.ExitStack() as stack:
+        for rate in rates:
+            port = free_port()
+            bases[rate] = f"http://127.0.0.1:{port}"
+            command = server_command(args.server, "serving.app:create_app", port, args.workers)
+            rate_env = env | {"OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE": str(rate)}
+            stack.enter_context(running(command, rate_env, bases[rate], "/readyz"))
+        for rate in rates:
+            wrk(bases[rate], args, 10)  # warm-up: connections, prepared statements, the hot users' cache entries
+        fulls = [wrk(bases[rate], args, args.seconds) for rate in args.prediction_log_sample_rate]
+        target_rps = fulls[0]["rps"] / 2
+        # Paced connections: their rate is 1 / (wait + latency), so the wait should dwarf the latency,
+        # which moves with the machine's speed between the probes and the phase. Four times as many
+        # connections, each waiting about four times as long, make the load four times less sensitive.
+        paced = argparse.Namespace(**(vars(args) | {"connections": args.connections * PACED_CONNECTIONS_FACTOR}))
+        delays = {rate: delay_for(bases[rate], paced, target_rps) for rate in rates}
+        runs = []
+        for rate, full in zip(args.prediction_log_sample_rate, fulls, strict=True):
+            half = wrk(bases[rate], paced, args.seconds, delay_ms=delays[rate])
+            half["target_rps"] = round(target_rps, 1)
+            runs.append((rate, {"full": full, "half": half, "service": service_metrics(bases[rate])}))
+        return runs
+
+
+def delay_for(base: str, args: argparse.Namespace, target_rps: float) -> float:
+    """The wait between a connection's requests that makes wrk send `target_rps`.
+
+    A connection's rate is 1 / (wait + latency + wrk's own time), and the latency depends on the rate:
+    two short probes, each correcting the wait by the time per request the one before measured.
+    """
+    period_ms = 1000 * args.connections / target_rps
+    delay_ms = period_ms
+    for _ in range(2):
+        probe = wrk(base, args, 3, delay_ms=delay_ms)
+        overhead_ms = 1000 * args.connections / probe["rps"] - delay_ms
+        delay_ms = max(0.05, period_ms - overhead_ms)
+    return delay_ms
 
 
 def logging_cost(runs: list[tuple[float, dict[str, Any]]]) -> dict[str, Any] | None:
-    """With runs at rate 0 and at a rate above it: the median p99 at the shared half load per rate, and
-    the highest rate's over rate 0's. Medians, since one phase's p99 on a shared machine is noisy."""
+    """With runs at rate 0 and at a rate above it: the median p99 at the shared half load per rate, the
+    highest rate's over rate 0's, and the median of that ratio over neighbouring pairs of phases (a
+    rate-0 phase and the highest-rate phase next to it), which the machine's drift moves least.
+    Medians, since one phase's p99 on a shared machine is noisy."""
     p99s: dict[float, list[float]] = {}
     for rate, run in runs:
         p99s.setdefault(rate, []).append(run["half"]["p99_ms"])
@@ -377,10 +421,18 @@ def logging_cost(runs: list[tuple[float, dict[str, Any]]]) -> dict[str, Any] | N
         return None
     medians = {rate: statistics.median(values) for rate, values in sorted(p99s.items())}
     top = max(medians)
+    in_order = [(rate, run["half"]["p99_ms"]) for rate, run in runs if rate in (0.0, top)]
+    paired = [
+        (b if rate_b == top else a) / (a if rate_a == 0.0 else b)
+        for (rate_a, a), (rate_b, b) in zip(in_order[::2], in_order[1::2], strict=False)
+        if {rate_a, rate_b} == {0.0, top}
+    ]
     return {
         "half_rate_p99_ms_median": {str(rate): median for rate, median in medians.items()},
         "runs_per_rate": {str(rate): len(values) for rate, values in sorted(p99s.items())},
         f"p99_ratio_{top:g}_to_0": round(medians[top] / medians[0.0], 3),
+        f"p99_ratio_{top:g}_to_0_by_pair": [round(ratio, 3) for ratio in paired],
+        f"p99_ratio_{top:g}_to_0_paired_median": round(statistics.median(paired), 3) if paired else None,
     }
 
 
@@ -411,7 +463,8 @@ def main() -> None:
         nargs="+",
         default=[1.0],
         metavar="RATE",
-        help="OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE; several values load the service once per value (e.g. 0 1 0 1)",
+        help="OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE; several values: one service per value, their phases alternating "
+        "in the order given (e.g. 0 1 0 1 0 1)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the bench database for the next run")
     parser.add_argument("--fresh", action="store_true", help="publish again even if a kept batch fits")
@@ -426,7 +479,7 @@ def main() -> None:
         pg_tps = pgbench(url, batch_id, args.users, round(args.seconds), args.pgbench_clients)
 
         port = free_port()
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}"  # the ceilings' apps
         env = {k: v for k, v in os.environ.items() if not k.startswith("OVERNIGHT_")}
         ceilings = {}
         for name, target in (
@@ -443,12 +496,7 @@ def main() -> None:
             "OVERNIGHT_API_KEYS": API_KEY,
             "OVERNIGHT_CACHE_ENTRIES": "0" if args.no_cache else os.environ.get("OVERNIGHT_CACHE_ENTRIES", "50000"),
         }
-        runs: list[tuple[float, dict[str, Any]]] = []
-        for rate in args.prediction_log_sample_rate:
-            # every run's half-rate phase carries half the first run's maximum: p99 at the same load
-            first_max = runs[0][1]["full"]["rps"] if runs else None
-            rate_env = env | {"OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE": str(rate)}
-            runs.append((rate, load_service(args, rate_env, base, port, first_max)))
+        runs = load_services(args, env)
         full, half, explained = runs[0][1]["full"], runs[0][1]["half"], runs[0][1]["service"]
     finally:
         if not args.keep:
@@ -466,7 +514,12 @@ def main() -> None:
         "framework": "fastapi",
         "workers": args.workers,
         "cache": not args.no_cache,
-        "wrk": {"threads": args.threads, "connections": args.connections, "seconds": args.seconds},
+        "wrk": {
+            "threads": args.threads,
+            "connections": args.connections,
+            "half_rate_connections": args.connections * PACED_CONNECTIONS_FACTOR,
+            "seconds": args.seconds,
+        },
         "rps": full["rps"],
         "latency_ms": {key: full[f"{key}_ms"] for key in ("p50", "p90", "p99", "p999", "max")},
         "errors": full["errors"],
@@ -497,11 +550,13 @@ def main() -> None:
                 "p99_ms": run["full"]["p99_ms"],
                 "p50_ms": run["full"]["p50_ms"],
                 "errors": run["full"]["errors"],
+                "half_rate_target_rps": run["half"]["target_rps"],
                 "half_rate_rps": run["half"]["rps"],
                 "half_rate_p99_ms": run["half"]["p99_ms"],
                 "half_rate_p50_ms": run["half"]["p50_ms"],
-                "logged_rows_written": run["service"]["logged_rows_written"],
-                "logged_rows_dropped": run["service"]["logged_rows_dropped"],
+                # that rate's service so far (it runs through every phase)
+                "logged_rows_written_total": run["service"]["logged_rows_written"],
+                "logged_rows_dropped_total": run["service"]["logged_rows_dropped"],
             }
             for rate, run in runs
         ],
