@@ -763,7 +763,7 @@ def test_a_full_prediction_log_queue_drops_and_counts_and_never_slows_a_lookup(
     with running(service_settings(database_url, prediction_log_queue_size=1)) as service:
         service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
         with psycopg.connect(database_url) as blocker:
-            blocker.execute("LOCK TABLE overnight.served_predictions IN ACCESS EXCLUSIVE MODE")
+            blocker.execute("LOCK TABLE overnight.served_prediction_chunks IN ACCESS EXCLUSIVE MODE")
             slowest = 0.0
             for n in range(200):
                 started = time.perf_counter()
