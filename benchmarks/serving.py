@@ -12,11 +12,10 @@
 4. Starts `overnight serve` and loads it with wrk from a separate process over loopback: a user mix
    with a share of hot users and of unknown users; first flat out, then at half that rate (four
    times the connections, each waiting between its requests for a fractional time that two short
-   probes set). With several
-   --prediction-log-sample-rate values, one service per value runs throughout and the phases
-   alternate between them in the order given (flat out each, then each at half the first phase's
-   maximum), so the cost of logging what is served shows as the difference between them, measured
-   close together in time on a machine whose speed drifts.
+   probes set). With several --prediction-log-sample-rate values, one service per value runs
+   throughout and the phases alternate between them in the order given (flat out each, then each
+   at half the first phase's maximum), so the cost of logging what is served shows as the
+   difference between them, measured close together in time on a machine whose speed drifts.
 
 Prints one JSON document: requests/s, latency percentiles, errors, both ceilings and our ratios to them.
 Needs `wrk` and `pgbench` on PATH (Debian: apt-get install wrk postgresql-client).
