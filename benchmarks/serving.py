@@ -1,7 +1,7 @@
 """Load the lookup service near the machine's limit and compare it with its two ceilings, measured in the same run.
 
     python benchmarks/serving.py [--users 1000000] [--workers 1] [--server granian] [--no-cache]
-                                 [--prediction-log-sample-rate 0 1 ...] ...
+                                 [--prediction-log-sample-rate 0 1 1 0 ...] ...
 
 1. Publishes a batch of N users (top-k each) into a database of its own, by the named queries of
    sql/queries.sql and the publisher's own switch (reused by a later run with the same N and k
@@ -16,6 +16,11 @@
    throughout and the phases alternate between them in the order given (flat out each, then each
    at half the first phase's maximum), so the cost of logging what is served shows as the
    difference between them, measured close together in time on a machine whose speed drifts.
+   Give them in ABBA order (0 1 1 0 0 1 1 0 ...) so a steady drift falls on both alike.
+5. Compares the rates: the p99 of all of a rate's half-rate requests together (merged from each
+   phase's quantiles, not averaged), the highest rate's over rate 0's with a 95% bootstrap interval
+   over neighbouring pairs of phases, and the CPU per request of the service and of Postgres in
+   each phase (from /proc: far steadier than latency here).
 
 Prints one JSON document: requests/s, latency percentiles, errors, both ceilings and our ratios to them.
 Needs `wrk` and `pgbench` on PATH (Debian: apt-get install wrk postgresql-client).
@@ -31,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -54,6 +59,8 @@ API_KEY = "bench-key"
 MODEL_ID = "bench-model"
 CATALOGUE = 20_000
 PACED_CONNECTIONS_FACTOR = 4
+TAIL_LEVELS = np.concatenate([50 + np.arange(400) / 10, 90 + np.arange(1000) / 100])  # of a phase's `tail_ms`
+BOOTSTRAP_DRAWS = 2000
 
 # wrk runs this per connection: pick a user by the configured mix and ask for their default list.
 WRK_SCRIPT = """
@@ -96,13 +103,23 @@ end
 
 done = function(summary, latency, requests)
   local errors = summary.errors
+  -- The upper half's quantile function (p50 to p90 in steps of 0.1, then to p99.99 in steps of 0.01):
+  -- enough to merge phases' tails.
+  local tail = {{}}
+  for step = 0, 399 do
+    tail[#tail + 1] = string.format("%.3f", latency:percentile(50 + step / 10) / 1000)
+  end
+  for step = 0, 999 do
+    tail[#tail + 1] = string.format("%.3f", latency:percentile(90 + step / 100) / 1000)
+  end
   io.write("WRK_JSON ", string.format(
     '{{"requests": %d, "seconds": %.3f, "p50_ms": %.3f, "p90_ms": %.3f, "p99_ms": %.3f, "p999_ms": %.3f, ' ..
-    '"max_ms": %.3f, "errors": %d, "error_statuses": %d}}\\n',
+    '"max_ms": %.3f, "errors": %d, "error_statuses": %d, "tail_ms": [%s]}}\\n',
     summary.requests, summary.duration / 1e6,
     latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
     latency:percentile(99.9) / 1000, latency.max / 1000,
-    errors.connect + errors.read + errors.write + errors.timeout + errors.status, errors.status))
+    errors.connect + errors.read + errors.write + errors.timeout + errors.status, errors.status,
+    table.concat(tail, ", ")))
 end
 """
 
@@ -270,7 +287,7 @@ def wrk(base: str, args: argparse.Namespace, seconds: float, delay_ms: float = 0
 
 
 @contextmanager
-def running(command: list[str], env: dict[str, str], base: str, ready_path: str) -> Iterator[None]:
+def running(command: list[str], env: dict[str, str], base: str, ready_path: str) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -285,7 +302,7 @@ def running(command: list[str], env: dict[str, str], base: str, ready_path: str)
             if time.monotonic() > deadline:
                 raise SystemExit(f"{' '.join(command)} was not ready within 60 s")
             time.sleep(0.2)
-        yield
+        yield process
     finally:
         process.terminate()
         try:
@@ -323,6 +340,44 @@ def server_command(server: str, target: str, port: int, workers: int) -> list[st
         str(port),
         target,
     ]
+
+
+def process_cpu_seconds(name: str | None = None, root: int | None = None) -> dict[int, float]:
+    """CPU seconds (user + system) so far of each process named `name`, or of `root` and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[str, int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            text = (entry / "stat").read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            stats[int(entry.name)] = (comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if name is not None:
+        return {pid: cpu for pid, (comm, _, cpu) in stats.items() if comm == name}
+    tree = {root}
+    while grown := {pid for pid, (_, parent, _) in stats.items() if parent in tree and pid not in tree}:
+        tree |= grown
+    return {pid: stats[pid][2] for pid in tree if pid in stats}
+
+
+def with_cpu_per_request(service_pid: int, phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs a wrk `phase` and adds to its result the CPU microseconds per request that the service's
+    processes, and all of Postgres's, spent meanwhile: far steadier than latency on a shared machine,
+    it shows what a feature costs and where."""
+
+    def spent() -> dict[str, dict[int, float]]:
+        return {"service": process_cpu_seconds(root=service_pid), "postgres": process_cpu_seconds(name="postgres")}
+
+    before = spent()
+    result = phase()
+    after = spent()
+    result["cpu_us_per_request"] = {
+        part: round(1e6 * sum(cpu - before[part].get(pid, 0.0) for pid, cpu in pids.items()) / result["requests"], 1)
+        for part, pids in after.items()
+    }
+    return result
 
 
 def free_port() -> int:
@@ -369,16 +424,20 @@ def load_services(args: argparse.Namespace, env: dict[str, str]) -> list[tuple[f
     """
     rates = list(dict.fromkeys(args.prediction_log_sample_rate))
     bases: dict[float, str] = {}
+    pids: dict[float, int] = {}
     with contextlib.ExitStack() as stack:
         for rate in rates:
             port = free_port()
             bases[rate] = f"http://127.0.0.1:{port}"
             command = server_command(args.server, "serving.app:create_app", port, args.workers)
             rate_env = env | {"OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE": str(rate)}
-            stack.enter_context(running(command, rate_env, bases[rate], "/readyz"))
+            pids[rate] = stack.enter_context(running(command, rate_env, bases[rate], "/readyz")).pid
         for rate in rates:
             wrk(bases[rate], args, 10)  # warm-up: connections, prepared statements, the hot users' cache entries
-        fulls = [wrk(bases[rate], args, args.seconds) for rate in args.prediction_log_sample_rate]
+        fulls = [
+            with_cpu_per_request(pids[rate], lambda rate=rate: wrk(bases[rate], args, args.seconds))
+            for rate in args.prediction_log_sample_rate
+        ]
         target_rps = fulls[0]["rps"] / 2
         # Paced connections: their rate is 1 / (wait + latency), so the wait should dwarf the latency,
         # which moves with the machine's speed between the probes and the phase. Four times as many
@@ -387,7 +446,9 @@ def load_services(args: argparse.Namespace, env: dict[str, str]) -> list[tuple[f
         delays = {rate: delay_for(bases[rate], paced, target_rps) for rate in rates}
         runs = []
         for rate, full in zip(args.prediction_log_sample_rate, fulls, strict=True):
-            half = wrk(bases[rate], paced, args.seconds, delay_ms=delays[rate])
+            half = with_cpu_per_request(
+                pids[rate], lambda rate=rate: wrk(bases[rate], paced, args.seconds, delay_ms=delays[rate])
+            )
             half["target_rps"] = round(target_rps, 1)
             runs.append((rate, {"full": full, "half": half, "service": service_metrics(bases[rate])}))
         return runs
@@ -408,31 +469,66 @@ def delay_for(base: str, args: argparse.Namespace, target_rps: float) -> float:
     return delay_ms
 
 
+def merged_percentile(phases: list[dict[str, Any]], level: float) -> float:
+    """The `level` percentile (50 or above) of the latencies of all `phases`' requests together.
+
+    Each phase brings its tail's quantile function (`tail_ms`, from wrk's histogram) and its count;
+    the share of all requests at or below a latency is the phases' shares, weighted by their counts.
+    """
+    tails = [np.append(phase["tail_ms"], phase["max_ms"]) for phase in phases]
+    levels = np.append(TAIL_LEVELS, 100.0)
+    grid = np.unique(np.concatenate(tails))
+    weights = np.array([phase["requests"] for phase in phases], dtype=float)
+    at_or_below = sum(
+        weight * levels[np.maximum(np.searchsorted(tail, grid, side="right") - 1, 0)]
+        for weight, tail in zip(weights, tails, strict=True)
+    )
+    cdf = np.asarray(at_or_below) / weights.sum()
+    return float(grid[min(int(np.searchsorted(cdf, level)), len(grid) - 1)])
+
+
 def logging_cost(runs: list[tuple[float, dict[str, Any]]]) -> dict[str, Any] | None:
-    """With runs at rate 0 and at a rate above it: the median p99 at the shared half load per rate, the
-    highest rate's over rate 0's, and the median of that ratio over neighbouring pairs of phases (a
-    rate-0 phase and the highest-rate phase next to it), which the machine's drift moves least.
-    Medians, since one phase's p99 on a shared machine is noisy."""
-    p99s: dict[float, list[float]] = {}
-    for rate, run in runs:
-        p99s.setdefault(rate, []).append(run["half"]["p99_ms"])
-    if 0.0 not in p99s or len(p99s) < 2:
+    """With phases at rate 0 and at a higher rate: for each rate, the p99 of every request of its
+    half-rate phases together, and the highest rate's over rate 0's with a 95% bootstrap interval
+    (resampling neighbouring pairs of phases, a rate-0 phase and the highest-rate phase next to it,
+    which the machine's drift moves least); each pair's own ratio; the medians of each rate's CPU
+    per request at half load and of its requests/s flat out."""
+    rates = sorted({rate for rate, _ in runs})
+    if 0.0 not in rates or len(rates) < 2:
         return None
-    medians = {rate: statistics.median(values) for rate, values in sorted(p99s.items())}
-    top = max(medians)
-    in_order = [(rate, run["half"]["p99_ms"]) for rate, run in runs if rate in (0.0, top)]
-    paired = [
-        (b if rate_b == top else a) / (a if rate_a == 0.0 else b)
+    top = rates[-1]
+    halves = {rate: [run["half"] for r, run in runs if r == rate] for rate in rates}
+    in_order = [(rate, run["half"]) for rate, run in runs if rate in (0.0, top)]
+    pairs = [
+        (a, b) if rate_a == 0.0 else (b, a)
         for (rate_a, a), (rate_b, b) in zip(in_order[::2], in_order[1::2], strict=False)
         if {rate_a, rate_b} == {0.0, top}
     ]
-    return {
-        "half_rate_p99_ms_median": {str(rate): median for rate, median in medians.items()},
-        "runs_per_rate": {str(rate): len(values) for rate, values in sorted(p99s.items())},
-        f"p99_ratio_{top:g}_to_0": round(medians[top] / medians[0.0], 3),
-        f"p99_ratio_{top:g}_to_0_by_pair": [round(ratio, 3) for ratio in paired],
-        f"p99_ratio_{top:g}_to_0_paired_median": round(statistics.median(paired), 3) if paired else None,
+    p99 = {rate: merged_percentile(phases, 99) for rate, phases in halves.items()}
+    report: dict[str, Any] = {
+        "half_rate_phases": {str(rate): len(phases) for rate, phases in halves.items()},
+        "half_rate_p99_ms": {str(rate): value for rate, value in p99.items()},
+        f"p99_ratio_{top:g}_to_0": round(p99[top] / p99[0.0], 3),
     }
+    if len(pairs) >= 3:
+        draws = np.random.default_rng(0).integers(0, len(pairs), size=(BOOTSTRAP_DRAWS, len(pairs)))
+        ratios = [
+            merged_percentile([pairs[i][1] for i in draw], 99) / merged_percentile([pairs[i][0] for i in draw], 99)
+            for draw in draws
+        ]
+        report[f"p99_ratio_{top:g}_to_0_95ci"] = [round(float(q), 3) for q in np.percentile(ratios, [2.5, 97.5])]
+    report[f"p99_ratio_{top:g}_to_0_by_pair"] = [round(on["p99_ms"] / off["p99_ms"], 3) for off, on in pairs]
+    report["half_rate_cpu_us_per_request_median"] = {
+        str(rate): {
+            part: statistics.median(phase["cpu_us_per_request"][part] for phase in phases)
+            for part in ("service", "postgres")
+        }
+        for rate, phases in halves.items()
+    }
+    report["rps_flat_out_median"] = {
+        str(rate): statistics.median(run["full"]["rps"] for r, run in runs if r == rate) for rate in rates
+    }
+    return report
 
 
 # ---------------------------------------------------------------------------- main
@@ -463,7 +559,7 @@ def main() -> None:
         default=[1.0],
         metavar="RATE",
         help="OVERNIGHT_PREDICTION_LOG_SAMPLE_RATE; several values: one service per value, their phases alternating "
-        "in the order given (e.g. 0 1 0 1 0 1)",
+        "in the order given (e.g. 0 1 1 0 0 1 1 0)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the bench database for the next run")
     parser.add_argument("--fresh", action="store_true", help="publish again even if a kept batch fits")
@@ -553,6 +649,8 @@ def main() -> None:
                 "half_rate_rps": run["half"]["rps"],
                 "half_rate_p99_ms": run["half"]["p99_ms"],
                 "half_rate_p50_ms": run["half"]["p50_ms"],
+                "cpu_us_per_request": run["full"]["cpu_us_per_request"],
+                "half_rate_cpu_us_per_request": run["half"]["cpu_us_per_request"],
                 # that rate's service so far (it runs through every phase)
                 "logged_rows_written_total": run["service"]["logged_rows_written"],
                 "logged_rows_dropped_total": run["service"]["logged_rows_dropped"],
