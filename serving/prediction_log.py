@@ -20,9 +20,10 @@ import logging
 import os
 import random
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from datetime import UTC, date, datetime
+from operator import itemgetter
 from typing import Any, Generic, LiteralString, Protocol, TypeVar
 
 import orjson
@@ -46,9 +47,10 @@ class BulkWriter(Generic[Row]):
 
     `insert_query` takes named parameters: ``rows``, the batch as the text of one JSON array (each row
     a JSON array: the tuple as orjson encodes it, datetimes as RFC 3339), ``count``, and ``first`` and
-    ``last``, the earliest and latest of the rows' first fields (their times). With `batch_key`, rows
-    whose keys differ never share a batch. `offer` and `offer_all` are the request side: synchronous,
-    O(1), never blocking. `start` and `stop` belong to the app's lifespan.
+    ``last``, the earliest and latest of the rows' first fields (their times). `batch_key`, a function
+    of a row's time that never decreases as the time grows (its day, say), keeps rows whose keys
+    differ out of one batch. `offer` and `offer_all` are the request side: synchronous, O(1), never
+    blocking. `start` and `stop` belong to the app's lifespan.
     """
 
     def __init__(
@@ -61,7 +63,7 @@ class BulkWriter(Generic[Row]):
         batch_size: int = 1_000,
         linger_seconds: float = 0.05,
         connect_timeout: float = 5.0,
-        batch_key: Callable[[Row], Hashable] | None = None,
+        batch_key: Callable[[Any], Hashable] | None = None,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be at least 1")
@@ -185,15 +187,22 @@ class BulkWriter(Generic[Row]):
                 backoff = _FIRST_RETRY_SECONDS
 
     def _take_available(self) -> None:
-        take = min(self._batch_size - len(self._pending), len(self._queue))
-        if self._batch_key is None:
-            self._pending.extend(self._queue.popleft() for _ in range(take))
-            return
-        queue, key_of = self._queue, self._batch_key
-        key = key_of(self._pending[0] if self._pending else queue[0]) if take else None
-        while take and key_of(queue[0]) == key:
-            self._pending.append(queue.popleft())
-            take -= 1
+        queue = self._queue
+        rows = list(itertools.islice(queue, min(self._batch_size - len(self._pending), len(queue))))
+        if rows and self._batch_key is not None:
+            key_of = self._batch_key
+            key = key_of((self._pending or rows)[0][0])
+            times = list(map(_time_of, rows))
+            # The key never decreases with the time, so when the earliest and the latest row have the
+            # batch's key, all do; only a batch that reaches past (say) midnight is walked row by row.
+            if key_of(min(times)) != key or key_of(max(times)) != key:
+                rows = list(itertools.takewhile(lambda row: key_of(row[0]) == key, rows))
+        if len(rows) == len(queue):
+            queue.clear()
+        else:
+            for _ in range(len(rows)):
+                queue.popleft()
+        self._pending.extend(rows)
 
     async def _write(self, payload: bytes) -> None:
         if self._conn is None or self._conn.closed:
@@ -203,7 +212,7 @@ class BulkWriter(Generic[Row]):
                 connect_timeout=max(2, round(self._connect_timeout)),
                 application_name=f"overnight-serving-{self.name}",
             )
-        times = [row[0] for row in self._pending]
+        times = list(map(_time_of, self._pending))
         await self._conn.execute(
             self._insert,
             {"rows": payload.decode(), "count": len(self._pending), "first": min(times), "last": max(times)},
@@ -259,7 +268,10 @@ class WriterCollector(Collector):
 
 # ---------------------------------------------------------------------------- served predictions
 
-ServedRow = tuple[datetime, str, str, int, str, str, Sequence[str]]
+# Served at (microseconds since the Unix epoch: cheaper to take and to encode than a datetime, on
+# the request path), request id, user, batch, variant, source, item ids.
+ServedRow = tuple[int, str, str, int, str, str, Sequence[str]]
+MICROSECONDS_PER_DAY = 86_400_000_000
 
 
 class ServedList(Protocol):
@@ -294,17 +306,18 @@ class PredictionLog:
         """Queue one answer (True), or skip it: not sampled, or the queue is full (counted as dropped)."""
         if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             return False
-        return self.writer.offer((datetime.now(UTC), request_id, user_id, batch_id, variant, source, item_ids))
+        return self.writer.offer((time.time_ns() // 1000, request_id, user_id, batch_id, variant, source, item_ids))
 
     def record_answer(self, request_id: str, batch_id: int, variant: str, results: Iterable[ServedList]) -> int:
         """Queue every list of one answer (a batch lookup has many) under one sampling decision; how many."""
         if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             return 0
-        served_at = datetime.now(UTC)
-        return sum(
-            self.writer.offer((served_at, request_id, recs.user_id, batch_id, variant, recs.source, recs.item_ids))
-            for recs in results
-        )
+        served_at = time.time_ns() // 1000
+        offer = self.writer.offer
+        queued = 0
+        for recs in results:  # a loop, not sum() over a generator: a third less time on every request
+            queued += offer((served_at, request_id, recs.user_id, batch_id, variant, recs.source, recs.item_ids))
+        return queued
 
     def start(self) -> None:
         self.writer.start()
@@ -340,9 +353,12 @@ _request_ids = _RequestIds()
 os.register_at_fork(after_in_child=_request_ids.renew)
 
 
-def _utc_day(row: ServedRow) -> date:
+def _utc_day(served_at: int) -> int:
     """A batch of served answers is stored whole in its first answer's day partition."""
-    return row[0].date()
+    return served_at // MICROSECONDS_PER_DAY
+
+
+_time_of = itemgetter(0)
 
 
 def _first_line(error: BaseException) -> str:

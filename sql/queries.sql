@@ -483,9 +483,10 @@ SELECT overnight.drop_daily_partitions(%s, %s);
 -- columns in order) that orjson encodes in one call (serving/prediction_log.py), with the batch's
 -- row count and earliest and latest time (each row's first column).
 -- What was served is stored as that text, one row per batch (migration 0008): no per-answer work.
+-- Its times are microseconds since the Unix epoch (migration 0009), first and last too.
 -- name: insert_served_predictions
 INSERT INTO overnight.served_prediction_chunks (first_served_at, last_served_at, answer_count, answers)
-VALUES (%(first)s, %(last)s, %(count)s, %(rows)s);
+VALUES (to_timestamp(%(first)s::bigint / 1e6), to_timestamp(%(last)s::bigint / 1e6), %(count)s, %(rows)s);
 
 -- Feedback is read by its columns (ingest, reports), so each event is a row; the array is parsed
 -- once as jsonb (the fields of a json row would be re-read from its text one by one).

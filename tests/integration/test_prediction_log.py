@@ -21,6 +21,7 @@ from serving.prediction_log import PredictionLog, WriterCollector, request_id_fo
 from tests.conftest import create_database, drop_database, free_port
 
 pytestmark = pytest.mark.integration
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def logged_rows(url: str) -> list[tuple[str, str, int, str, str, int, str]]:
@@ -257,7 +258,8 @@ def test_answers_around_midnight_are_stored_by_day_and_read_back_by_window(datab
         log = PredictionLog(database_url, batch_size=100, linger_seconds=0.01)
         log.start()
         for n, served_at in enumerate(times):
-            assert log.writer.offer((served_at, f"r{n}", "u", 1, "production", "personalized", [f"i{n}"]))
+            micros = (served_at - EPOCH) // timedelta(microseconds=1)
+            assert log.writer.offer((micros, f"r{n}", "u", 1, "production", "personalized", [f"i{n}"]))
         await log.stop()
 
     asyncio.run(scenario())
@@ -278,6 +280,31 @@ def test_answers_around_midnight_are_stored_by_day_and_read_back_by_window(datab
     ]
     assert window == [("r1",), ("r2",), ("r3",)]  # [start, end)
     assert everything == (6,)
+
+
+def test_a_clock_stepping_back_over_midnight_never_mixes_days_in_a_chunk(database_url: str) -> None:
+    midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
+    # The first and the last are of one day: only the earliest and the latest show the other day.
+    times = [midnight + timedelta(milliseconds=ms) for ms in (-2, 1, 2, -1)]
+
+    async def scenario() -> None:
+        log = PredictionLog(database_url, batch_size=100, linger_seconds=0.01)
+        for n, served_at in enumerate(times):  # all queued before the writer takes any
+            micros = (served_at - EPOCH) // timedelta(microseconds=1)
+            assert log.writer.offer((micros, f"r{n}", "u", 1, "production", "personalized", [f"i{n}"]))
+        log.start()
+        await log.stop()
+
+    asyncio.run(scenario())
+    with psycopg.connect(database_url) as conn:
+        chunks = conn.execute(
+            "SELECT first_served_at, last_served_at, answer_count FROM overnight.served_prediction_chunks "
+            "ORDER BY first_served_at, last_served_at"
+        ).fetchall()
+        logged = conn.execute("SELECT request_id, served_at FROM overnight.served_predictions ORDER BY 1").fetchall()
+    # Each run of one day's answers, in queue order, is a chunk of its own.
+    assert chunks == [(times[0], times[0], 1), (times[3], times[3], 1), (times[1], times[2], 2)]
+    assert logged == [(f"r{n}", served_at) for n, served_at in enumerate(times)]
 
 
 def test_the_migration_moves_answers_logged_one_row_each_into_chunks(postgres_admin_url: str) -> None:
@@ -302,7 +329,8 @@ def test_the_migration_moves_answers_logged_one_row_each_into_chunks(postgres_ad
                     (*row, f'["a{row[1]}", "b{row[1]}"]'),
                 )
             conn.commit()
-            assert upgrade(conn) == [8]
+            # 0008 moves them into chunks, with RFC 3339 times; 0009's reader takes those and integers.
+            assert upgrade(conn) == [8, 9]
             moved = conn.execute(
                 "SELECT served_at, request_id, user_id, batch_id, variant, source, item_ids::text "
                 "FROM overnight.served_predictions ORDER BY served_at DESC"
