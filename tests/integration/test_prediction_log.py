@@ -250,19 +250,28 @@ def test_a_batch_answer_is_logged_under_one_request_id_and_one_sampling_decision
     ]
 
 
-def test_answers_around_midnight_are_stored_by_day_and_read_back_by_window(database_url: str) -> None:
+def around_next_midnight(*milliseconds: int) -> tuple[datetime, list[datetime]]:
     midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
-    times = [midnight + timedelta(milliseconds=ms) for ms in (-3, -2, -1, 0, 1, 2)]
+    return midnight, [midnight + timedelta(milliseconds=ms) for ms in milliseconds]
+
+
+def log_answers_served_at(database_url: str, times: list[datetime]) -> None:
+    """Answers r0, r1, ... served at `times`, all queued before the writer takes any, then written."""
 
     async def scenario() -> None:
         log = PredictionLog(database_url, batch_size=100, linger_seconds=0.01)
-        log.start()
         for n, served_at in enumerate(times):
             micros = (served_at - EPOCH) // timedelta(microseconds=1)
             assert log.writer.offer((micros, f"r{n}", "u", 1, "production", "personalized", [f"i{n}"]))
+        log.start()
         await log.stop()
 
     asyncio.run(scenario())
+
+
+def test_answers_around_midnight_are_stored_by_day_and_read_back_by_window(database_url: str) -> None:
+    midnight, times = around_next_midnight(-3, -2, -1, 0, 1, 2)
+    log_answers_served_at(database_url, times)
     with psycopg.connect(database_url) as conn:
         chunks = conn.execute(
             "SELECT tableoid::regclass::text, first_served_at, last_served_at, answer_count "
@@ -283,19 +292,9 @@ def test_answers_around_midnight_are_stored_by_day_and_read_back_by_window(datab
 
 
 def test_a_clock_stepping_back_over_midnight_never_mixes_days_in_a_chunk(database_url: str) -> None:
-    midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
     # The first and the last are of one day: only the earliest and the latest show the other day.
-    times = [midnight + timedelta(milliseconds=ms) for ms in (-2, 1, 2, -1)]
-
-    async def scenario() -> None:
-        log = PredictionLog(database_url, batch_size=100, linger_seconds=0.01)
-        for n, served_at in enumerate(times):  # all queued before the writer takes any
-            micros = (served_at - EPOCH) // timedelta(microseconds=1)
-            assert log.writer.offer((micros, f"r{n}", "u", 1, "production", "personalized", [f"i{n}"]))
-        log.start()
-        await log.stop()
-
-    asyncio.run(scenario())
+    _, times = around_next_midnight(-2, 1, 2, -1)
+    log_answers_served_at(database_url, times)
     with psycopg.connect(database_url) as conn:
         chunks = conn.execute(
             "SELECT first_served_at, last_served_at, answer_count FROM overnight.served_prediction_chunks "
