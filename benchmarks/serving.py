@@ -508,6 +508,12 @@ def logging_cost(runs: list[tuple[float, dict[str, Any]]]) -> dict[str, Any] | N
     report: dict[str, Any] = {
         "half_rate_phases": {str(rate): len(phases) for rate, phases in halves.items()},
         "half_rate_p99_ms": {str(rate): value for rate, value in p99.items()},
+        # Where in the distribution a cost shows: a slower request throughout moves every level,
+        # an occasional stall only the top ones.
+        "half_rate_latency_ms": {
+            str(rate): {f"p{level:g}": merged_percentile(phases, level) for level in (50, 75, 90, 95, 99, 99.9)}
+            for rate, phases in halves.items()
+        },
         f"p99_ratio_{top:g}_to_0": round(p99[top] / p99[0.0], 3),
     }
     if len(pairs) >= 3:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,7 +18,7 @@ import sql
 from jobs import online
 from jobs.database import upgrade
 from jobs.settings import Settings
-from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
+from serving.prediction_log import _SLICE_ROWS, EncodedBatch, PredictionLog, WriterCollector, request_id_for
 from tests.conftest import create_database, drop_database, free_port
 
 pytestmark = pytest.mark.integration
@@ -145,6 +146,50 @@ def test_a_lost_connection_is_retried_without_losing_rows(database_url: str) -> 
     log = asyncio.run(scenario())
     assert log.writer.write_failures >= 1
     assert len(logged_rows(database_url)) == 200
+
+
+def test_a_large_batch_is_encoded_a_slice_at_a_time_and_lookups_run_between_slices() -> None:
+    async def scenario() -> tuple[PredictionLog, EncodedBatch, int]:
+        log = PredictionLog("postgresql://never-connected", queue_size=5000, batch_size=1000)
+        for n in range(1500):
+            log.record(f"r{n:04d}", f"u{n}", 7, "production", "personalized", [f"i{n}", f"i{n + 1}"])
+        turns = 0
+
+        async def lookup_stand_in() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(lookup_stand_in())
+        await asyncio.sleep(0)
+        before = turns
+        batch = EncodedBatch()
+        assert await log.writer._encode_queued(batch)  # full
+        other.cancel()
+        return log, batch, turns - before
+
+    log, batch, turns = asyncio.run(scenario())
+    assert batch.count == 1000 and log.writer.queued == 500
+    assert len(batch.pieces) == math.ceil(1000 / _SLICE_ROWS) and turns >= len(batch.pieces) - 1
+    assert [row[1] for row in orjson.loads(batch.payload())] == [f"r{n:04d}" for n in range(1000)]
+    assert batch.first <= batch.last
+
+
+def test_a_lingering_batch_encodes_rows_as_they_come_and_counts_them_until_written() -> None:
+    async def scenario() -> tuple[PredictionLog, int, int, int]:
+        log = PredictionLog("postgresql://never-connected", linger_seconds=30)
+        log.start()
+        for n in range(100):
+            log.record(f"r{n}", f"u{n}", 7, "production", "personalized", [f"i{n}"])
+        await asyncio.sleep(0.2)  # well within the linger: nothing is written, all is encoded
+        in_queue, held = len(log.writer._queue), log.writer.queued
+        await log.stop(timeout=0.1)
+        return log, in_queue, held, log.writer.written
+
+    log, in_queue, held, written = asyncio.run(scenario())
+    assert (in_queue, held, written) == (0, 100, 0)
+    assert log.writer.lost == 100  # an unwritten batch is counted at shutdown like queued rows
 
 
 def test_odd_text_round_trips_and_a_row_json_cannot_carry_is_dropped_alone(database_url: str) -> None:
