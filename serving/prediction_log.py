@@ -127,8 +127,9 @@ class BulkWriter(Generic[Row]):
     # ------------------------------------------------------------------ request side
 
     def offer(self, row: Row) -> bool:
-        """Queue one row; False (and counted as refused) when the queue is full."""
-        if len(self._queue) >= self._capacity:
+        """Queue one row; False (and counted as refused) when `capacity` rows already wait to be written."""
+        batch = self._batch
+        if len(self._queue) + (batch.count if batch else 0) >= self._capacity:
             self.refused += 1
             return False
         self._queue.append(row)
@@ -138,7 +139,7 @@ class BulkWriter(Generic[Row]):
 
     def offer_all(self, rows: Sequence[Row]) -> bool:
         """Queue every row or none (so a client can retry the whole request without duplicates)."""
-        if self._capacity - len(self._queue) < len(rows):
+        if self._capacity - self.queued < len(rows):
             self.refused += len(rows)
             return False
         self._queue.extend(rows)
@@ -148,6 +149,7 @@ class BulkWriter(Generic[Row]):
 
     @property
     def queued(self) -> int:
+        """Rows waiting to be written: in the queue, and in the batch being filled or written."""
         return len(self._queue) + (self._batch.count if self._batch else 0)
 
     @property

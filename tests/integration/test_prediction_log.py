@@ -177,18 +177,21 @@ def test_a_large_batch_is_encoded_a_slice_at_a_time_and_lookups_run_between_slic
 
 
 def test_a_lingering_batch_encodes_rows_as_they_come_and_counts_them_until_written() -> None:
-    async def scenario() -> tuple[PredictionLog, int, int, int]:
-        log = PredictionLog("postgresql://never-connected", linger_seconds=30)
+    async def scenario() -> tuple[PredictionLog, int, int, bool]:
+        log = PredictionLog("postgresql://never-connected", queue_size=100, linger_seconds=30)
         log.start()
         for n in range(100):
             log.record(f"r{n}", f"u{n}", 7, "production", "personalized", [f"i{n}"])
         await asyncio.sleep(0.2)  # well within the linger: nothing is written, all is encoded
         in_queue, held = len(log.writer._queue), log.writer.queued
+        # The batch's rows still wait to be written: they count against the queue's size.
+        one_more = log.record("r100", "u100", 7, "production", "personalized", ["i100"])
         await log.stop(timeout=0.1)
-        return log, in_queue, held, log.writer.written
+        return log, in_queue, held, one_more
 
-    log, in_queue, held, written = asyncio.run(scenario())
-    assert (in_queue, held, written) == (0, 100, 0)
+    log, in_queue, held, one_more = asyncio.run(scenario())
+    assert (in_queue, held, one_more) == (0, 100, False)
+    assert (log.writer.written, log.writer.refused) == (0, 1)
     assert log.writer.lost == 100  # an unwritten batch is counted at shutdown like queued rows
 
 
