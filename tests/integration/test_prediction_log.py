@@ -25,6 +25,22 @@ pytestmark = pytest.mark.integration
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+class LoopTurns:
+    """A task standing in for the lookups: counts the turns it gets on the event loop."""
+
+    def __init__(self, every: float) -> None:
+        self.count = 0
+        self._task = asyncio.create_task(self._run(every))
+
+    async def _run(self, every: float) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(every)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 def logged_rows(url: str) -> list[tuple[str, str, int, str, str, int, str]]:
     with psycopg.connect(url) as conn:
         return conn.execute(
@@ -74,15 +90,7 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(database_url: str) -> No
     async def scenario() -> tuple[PredictionLog, float, int]:
         log = PredictionLog(unreachable, queue_size=100, batch_size=10, connect_timeout=1)
         log.start()
-        ticks = 0
-
-        async def heartbeat() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.001)
-
-        beat = asyncio.create_task(heartbeat())
+        heartbeat = LoopTurns(every=0.001)
         started = time.perf_counter()
         for n in range(20_000):
             log.record(f"r{n}", "u", 1, "production", "personalized", ["a", "b"])
@@ -90,9 +98,9 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(database_url: str) -> No
                 await asyncio.sleep(0)  # let the writer and the heartbeat run, as between requests
         elapsed = time.perf_counter() - started
         await asyncio.sleep(0.05)
-        beat.cancel()
+        heartbeat.stop()
         await log.stop(timeout=0.2)
-        return log, elapsed, ticks
+        return log, elapsed, heartbeat.count
 
     log, elapsed, ticks = asyncio.run(scenario())
     writer = log.writer
@@ -153,21 +161,13 @@ def test_a_large_batch_is_encoded_a_slice_at_a_time_and_lookups_run_between_slic
         log = PredictionLog("postgresql://never-connected", queue_size=5000, batch_size=1000)
         for n in range(1500):
             log.record(f"r{n:04d}", f"u{n}", 7, "production", "personalized", [f"i{n}", f"i{n + 1}"])
-        turns = 0
-
-        async def lookup_stand_in() -> None:
-            nonlocal turns
-            while True:
-                turns += 1
-                await asyncio.sleep(0)
-
-        other = asyncio.create_task(lookup_stand_in())
+        lookups = LoopTurns(every=0)
         await asyncio.sleep(0)
-        before = turns
+        before = lookups.count
         batch = EncodedBatch()
         assert await log.writer._encode_queued(batch)  # full
-        other.cancel()
-        return log, batch, turns - before
+        lookups.stop()
+        return log, batch, lookups.count - before
 
     log, batch, turns = asyncio.run(scenario())
     assert batch.count == 1000 and log.writer.queued == 500
