@@ -104,7 +104,8 @@ def split(
 def load_source(settings: Settings, source: Path, fmt: str, scratch: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(valid interactions, catalogue) of a source, through ingest's validation into a scratch lake."""
     as_of = datetime.now(UTC).date()
-    scratch_settings = settings.model_copy(update={"data_dir": scratch})
+    # The source alone: the feedback the service collected belongs to the nightly lake, not to this evaluation.
+    scratch_settings = settings.model_copy(update={"data_dir": scratch, "ingest_feedback": False})
     ingest.ingest(scratch_settings, source, as_of, fmt)
     events = lake.scan_interactions(scratch_settings.lake_dir, as_of).collect()
     return events, lake.read_catalogue(scratch_settings.lake_dir, as_of)

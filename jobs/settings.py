@@ -117,8 +117,9 @@ class Settings(BaseSettings):
         default=None, description="Registered model the nightly DAG also scores into a shadow batch (never served)."
     )
     ingest_feedback: bool = Field(
-        default=False,
-        description="Ingest also reads overnight.feedback_events (POST /v1/events) as interactions.",
+        default=True,
+        description="Ingest also reads overnight.feedback_events (POST /v1/events) as interactions; turn it off "
+        "when the source already holds the same events.",
     )
     feedback_weights: dict[str, float] = Field(
         default={"click": 1.0, "conversion": 3.0},

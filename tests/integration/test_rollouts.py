@@ -235,7 +235,7 @@ def test_ingest_merges_feedback_with_configured_weights(batch_settings: Settings
             conn.execute(
                 "INSERT INTO overnight.feedback_events VALUES (%s, now(), %s, %s, %s, 'r1')", (when, user, item, kind)
             )
-    settings = batch_settings.model_copy(update={"ingest_feedback": True})
+    settings = batch_settings  # OVERNIGHT_INGEST_FEEDBACK is on by default
     ingest.ingest(settings, sample_source, SAMPLE_DATE)
     ingest.ingest(settings, sample_source, SAMPLE_DATE)  # idempotent: nothing twice
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_examples_ignore_everything_from_the_cutoff_on(tmp_path: Path, sample_source: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "var")
+    settings = Settings(data_dir=tmp_path / "var", ingest_feedback=False)
     cutoff = lake.day_end(SAMPLE_DATE) - timedelta(days=settings.label_days)
     # a new item that everyone suddenly loves, but only from the cutoff on
     base = pl.read_parquet(sample_source / "interactions.parquet")
@@ -91,8 +91,8 @@ def test_without_any_model_a_night_that_cannot_train_fails(
 def test_tables_for_a_date_ignore_events_on_or_after_it(tmp_path: Path, sample_source: Path) -> None:
     """Ingesting a later date adds events after D to the lake; D's candidate and feature tables do not change."""
     early = SAMPLE_DATE - timedelta(days=5)
-    only_until_d = Settings(data_dir=tmp_path / "until-d")
-    everything = Settings(data_dir=tmp_path / "everything")
+    only_until_d = Settings(data_dir=tmp_path / "until-d", ingest_feedback=False)
+    everything = Settings(data_dir=tmp_path / "everything", ingest_feedback=False)
     ingest.ingest(only_until_d, sample_source, early)
     ingest.ingest(everything, sample_source, early)
     ingest.ingest(everything, sample_source, SAMPLE_DATE)  # the five days after D land in the lake too

@@ -15,7 +15,8 @@ DAY = date(2026, 11, 20)
 
 
 def settings_for(tmp_path: Path, **overrides: object) -> Settings:
-    return Settings(data_dir=tmp_path / "var", **overrides)  # type: ignore[arg-type]
+    """A source's own validation and merge: no database, so no feedback events."""
+    return Settings(data_dir=tmp_path / "var", ingest_feedback=False, **overrides)  # type: ignore[arg-type]
 
 
 def write_csv(folder: Path, text: str, name: str = "interactions.csv") -> Path:
