@@ -219,28 +219,47 @@ def evaluate(
 @app.command()
 def models(
     limit: Annotated[int, typer.Option(min=1, help="How many models to list, newest first.")] = 20,
+    online_days: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Beside the held-out metrics, each model's online CTR and IPS click rate over the last N days "
+            "(UTC, today included) of logged answers and feedback; 0 skips reading them.",
+        ),
+    ] = 7,
     as_json: JsonFlag = False,
 ) -> None:
-    """List the model registry: status, held-out metrics beside the best baseline, and why a model was kept out."""
+    """List the model registry: status, held-out metrics beside the best baseline and the online
+    numbers, and why a model was kept out."""
     from jobs.database import connect, upgrade
+    from jobs.online import metric_text, online_by_model
     from jobs.registry import describe, list_models
 
-    with connect(_settings()) as conn:
+    settings = _settings()
+    with connect(settings) as conn:
         upgrade(conn)
-        rows = [describe(m) for m in list_models(conn, limit)]
+        listed = list_models(conn, limit)
+    online = online_by_model(settings, online_days) if online_days and listed else {}
+    rows = [{**describe(m), "online": online.get(m.model_id)} for m in listed]
     if as_json:
         _echo(rows, as_json=True)
         return
     if not rows:
         typer.echo("no models yet: run `overnight train --date D`")
         return
-    typer.echo(f"{'model':<34} {'date':<10} {'status':<10} {'ndcg@10':>8} {'baseline':>8}  reason")
+    typer.echo(
+        f"{'model':<34} {'date':<10} {'status':<10} {'ndcg@10':>8} {'baseline':>8} {'CTR':>7} {'IPS':>7}  reason"
+    )
     for row in rows:
-        ndcg = f"{row['ndcg@10']:.4f}" if row["ndcg@10"] is not None else "-"
-        best = f"{row['best_baseline_ndcg@10']:.4f}" if row["best_baseline_ndcg@10"] is not None else "-"
+        ctr, ips = (row["online"][key]["value"] if row["online"] else None for key in ("ctr", "ips_click_rate"))
         typer.echo(
-            f"{row['model_id']:<34} {row['logical_date']:<10} {row['status']:<10} {ndcg:>8} {best:>8}  "
+            f"{row['model_id']:<34} {row['logical_date']:<10} {row['status']:<10} {metric_text(row['ndcg@10']):>8} "
+            f"{metric_text(row['best_baseline_ndcg@10']):>8} {metric_text(ctr):>7} {metric_text(ips):>7}  "
             f"{row['status_reason'] or ''}"
+        )
+    if online_days:
+        typer.echo(
+            f"CTR and IPS click rate: online, over the last {online_days} days; - where no impression was logged"
         )
 
 

@@ -18,6 +18,9 @@ Definitions (``overnight online-report``):
     ranked higher), so it over-corrects; prefer a measured η.
   θ_p is floored at 0.05 (weights at most 20) to bound the variance; the interval is the normal
   approximation over served pairs.
+- offline: beside each batch's and each model's online numbers, the held-out metrics its model was
+  registered with (``overnight.model_versions.metrics``: the promotion gate's evaluation, DESIGN §4),
+  so that the offline and the online view of one model can be read side by side.
 """
 
 import math
@@ -39,6 +42,8 @@ Z = 1.959964  # 95%
 MIN_PROPENSITY = 0.05
 PROPENSITY_MODELS = ("power", "estimated")
 PARTITIONED_TABLES = ("served_prediction_chunks", "feedback_events")
+OFFLINE_METRICS = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10")
+UNKNOWN_MODEL = "unknown"  # a logged batch id with no row in overnight.batches
 # Feedback for a list served late on the last day may arrive a little after it.
 FEEDBACK_GRACE = timedelta(days=1)
 
@@ -123,7 +128,7 @@ class _Counts:
         self.weighted_clicks_squared += row["clicks"] / theta**2
 
     def summary(self) -> dict[str, Any]:
-        if self.served:
+        if self.impressions:  # with no feedback at all there is nothing to estimate, not a rate of 0
             mean = self.weighted_clicks / self.served
             variance = max(0.0, self.weighted_clicks_squared / self.served - mean * mean)
             ips = _normal_interval(mean, math.sqrt(variance / self.served))
@@ -140,6 +145,11 @@ class _Counts:
             "conversion_rate": wilson(self.conversions, self.impressions),
             "ips_click_rate": ips,
         }
+
+
+def _offline(metrics: dict[str, Any] | None) -> dict[str, float | None]:
+    """A model's held-out metrics as registered (None where it has none: a model registered without evaluation)."""
+    return {name: (metrics or {}).get(name) for name in OFFLINE_METRICS}
 
 
 def _period(start: date, end: date) -> tuple[datetime, datetime]:
@@ -167,6 +177,10 @@ def online_report(
                 row["event_type"]: row["count"]
                 for row in cur.execute(sql.query("unattributed_feedback"), window).fetchall()
             }
+            served_batches = sorted({row["batch_id"] for row in requests})
+            registered = cur.execute(sql.query("batch_models"), {"batch_ids": served_batches}).fetchall()
+    model_of: dict[int, str] = defaultdict(lambda: UNKNOWN_MODEL, {r["batch_id"]: r["model_id"] for r in registered})
+    offline = defaultdict(lambda: _offline(None), {r["model_id"]: _offline(r["metrics"]) for r in registered})
 
     pooled: dict[int, tuple[int, int]] = defaultdict(lambda: (0, 0))
     for row in outcomes:
@@ -176,14 +190,19 @@ def online_report(
 
     by_variant: dict[str, _Counts] = defaultdict(_Counts)
     by_batch: dict[tuple[str, int], _Counts] = defaultdict(_Counts)
+    by_model: dict[str, _Counts] = defaultdict(_Counts)
+
+    def groups(row: dict[str, Any]) -> tuple[_Counts, ...]:
+        variant, batch_id = row["variant"], row["batch_id"]
+        return by_variant[variant], by_batch[(variant, batch_id)], by_model[model_of[batch_id]]
+
     for row in outcomes:
-        for counts in (by_variant[row["variant"]], by_batch[(row["variant"], row["batch_id"])]):
+        for counts in groups(row):
             counts.add(row, theta[row["position"]])
     for row in requests:
-        by_batch[(row["variant"], row["batch_id"])].requests += row["requests"]
-        by_batch[(row["variant"], row["batch_id"])].users += row["users"]
-        by_variant[row["variant"]].requests += row["requests"]
-        by_variant[row["variant"]].users += row["users"]  # a user served by two batches counts in both
+        for counts in groups(row):  # a user served by two batches (or arms) counts in each
+            counts.requests += row["requests"]
+            counts.users += row["users"]
 
     variants = {name: counts.summary() for name, counts in sorted(by_variant.items())}
     report: dict[str, Any] = {
@@ -196,9 +215,19 @@ def online_report(
         },
         "variants": variants,
         "batches": [
-            {"variant": variant, "batch_id": batch_id, **counts.summary()}
+            {
+                "variant": variant,
+                "batch_id": batch_id,
+                "model_id": model_of[batch_id],
+                **counts.summary(),
+                "offline": offline[model_of[batch_id]],
+            }
             for (variant, batch_id), counts in sorted(by_batch.items())
         ],
+        "models": {
+            model_id: {**counts.summary(), "offline": offline[model_id]}
+            for model_id, counts in sorted(by_model.items())
+        },
         "unattributed_feedback": unattributed,
     }
     if "canary" in variants and "production" in variants:
@@ -216,6 +245,16 @@ def online_report(
     return report
 
 
+def online_by_model(settings: Settings, days: int, today: date | None = None) -> dict[str, dict[str, Any]]:
+    """Each served model's online numbers over the last `days` days, today (UTC) included."""
+    today = today or datetime.now(UTC).date()
+    report = online_report(settings, today - timedelta(days=days - 1), today)
+    return {
+        model_id: {"from": report["from"], "to": report["to"], **{k: v for k, v in values.items() if k != "offline"}}
+        for model_id, values in report["models"].items()
+    }
+
+
 def render(report: dict[str, Any]) -> Iterable[str]:
     """The report as a few aligned lines of text."""
 
@@ -231,7 +270,7 @@ def render(report: dict[str, Any]) -> Iterable[str]:
     yield f"propensity model {propensity['model']}{eta}, theta by position: {shown}"
     yield (
         f"{'variant':<11} {'batch':>6} {'requests':>9} {'impressions':>11} {'clicks':>7}  "
-        f"{'CTR':<26} {'conversion':<26} {'IPS click rate':<26}"
+        f"{'CTR':<26} {'conversion':<26} {'IPS click rate':<26} model"
     )
     rows = [(name, "all", v) for name, v in report["variants"].items()]
     rows += [(b["variant"], str(b["batch_id"]), b) for b in report["batches"]]
@@ -239,8 +278,17 @@ def render(report: dict[str, Any]) -> Iterable[str]:
         yield (
             f"{name:<11} {batch:>6} {values['requests']:>9,} {values['impressions']:>11,} {values['clicks']:>7,}  "
             f"{interval(values['ctr']):<26} {interval(values['conversion_rate']):<26} "
-            f"{interval(values['ips_click_rate']):<26}"
+            f"{interval(values['ips_click_rate']):<26} {values.get('model_id', '')}"
         )
+    if report["models"]:
+        yield "offline (held-out metrics the model was registered with) beside online, per model:"
+        yield f"{'model':<34} {'ndcg@10':>8} {'recall@10':>9}  {'CTR':<26} {'IPS click rate':<26}"
+        for model_id, values in report["models"].items():
+            ndcg, recall = (values["offline"][name] for name in ("ndcg@10", "recall@10"))
+            yield (
+                f"{model_id:<34} {metric_text(ndcg):>8} {metric_text(recall):>9}  "
+                f"{interval(values['ctr']):<26} {interval(values['ips_click_rate']):<26}"
+            )
     if "canary_minus_production" in report:
         delta = report["canary_minus_production"]
         yield (
@@ -249,6 +297,10 @@ def render(report: dict[str, Any]) -> Iterable[str]:
         )
     if report["unattributed_feedback"]:
         yield f"feedback not matched to a logged answer: {report['unattributed_feedback']}"
+
+
+def metric_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 # ---------------------------------------------------------------------------- upkeep

@@ -528,6 +528,13 @@ SELECT variant, batch_id, count(*) AS requests, count(DISTINCT user_id) AS users
 FROM overnight.served_predictions_between(%(start)s, %(end)s)
 GROUP BY variant, batch_id;
 
+-- name: batch_models
+-- The model behind each served batch, with the held-out metrics it was registered with.
+SELECT b.batch_id, b.model_id, m.metrics
+FROM overnight.batches AS b
+JOIN overnight.model_versions AS m USING (model_id)
+WHERE b.batch_id = ANY(%(batch_ids)s);
+
 -- name: unattributed_feedback
 -- Feedback of the period that names no request, or a request (and item) that was not logged as served
 -- (sampling, a dropped log entry, or a client error).

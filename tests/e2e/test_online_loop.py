@@ -4,6 +4,7 @@ feedback comes back through POST /v1/events with the request ids of the lists, a
 `overnight online-report` finds the difference.
 """
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +31,7 @@ RELEVANCE = {"canary": 0.15, "production": 0.08}
 CONVERSION_GIVEN_CLICK = 0.3
 
 
-def make_batch(conn: psycopg.Connection, model_id: str, prefix: str) -> int:
+def make_batch(conn: psycopg.Connection, model_id: str, prefix: str, ndcg: float) -> int:
     conn.execute(
         sql.query("upsert_model_version"),
         {
@@ -41,7 +42,7 @@ def make_batch(conn: psycopg.Connection, model_id: str, prefix: str) -> int:
             "data_window": Jsonb({}),
             "params": Jsonb({}),
             "features": [],
-            "metrics": Jsonb({}),
+            "metrics": Jsonb({"ndcg@10": ndcg, "recall@10": ndcg / 2, "baselines": {}}),
             "artifact_path": f"models/{model_id}.txt",
             "artifact_sha256": "0" * 64,
         },
@@ -116,8 +117,8 @@ def simulate(base_url: str, rng: random.Random) -> dict[str, int]:
 def test_online_report_detects_the_better_variant(database_url: str, tmp_path: Any) -> None:
     settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
     with psycopg.connect(database_url) as conn:
-        production = make_batch(conn, "ranker-production", "p")
-        candidate = make_batch(conn, "ranker-candidate", "c")
+        production = make_batch(conn, "ranker-production", "p", ndcg=0.21)
+        candidate = make_batch(conn, "ranker-candidate", "c", ndcg=0.25)
         publish.switch_live(conn, production, "publish")
     rollouts.start_canary(settings, candidate, TRAFFIC, salt="online-loop")
 
@@ -149,6 +150,22 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
     assert delta["conversion_rate"]["low"] > 0
     assert report["unattributed_feedback"] == {"click": 1}
 
+    # Offline beside online: each batch and model with the held-out metrics its model was registered with.
+    assert [(b["model_id"], b["offline"]["ndcg@10"]) for b in report["batches"]] == [
+        ("ranker-candidate", 0.25),
+        ("ranker-production", 0.21),
+    ]
+    assert report["models"]["ranker-candidate"]["ctr"] == canary["ctr"]
+    assert report["models"]["ranker-production"]["offline"]["recall@10"] == 0.105
+
     env = overnight_env(database_url, settings.data_dir)
     text = overnight("online-report", "--from", today.isoformat(), "--to", today.isoformat(), env=env).stdout
     assert "canary - production: CTR" in text
+    assert "beside online, per model" in text
+    listed = {row["model_id"]: row for row in json.loads(overnight("models", "--json", env=env).stdout)}
+    assert listed["ranker-candidate"]["online"]["ctr"] == canary["ctr"]
+    assert listed["ranker-production"]["online"]["ips_click_rate"] == control["ips_click_rate"]
+    table = overnight("models", env=env).stdout
+    candidate_line = next(line for line in table.splitlines() if line.startswith("ranker-candidate"))
+    assert f"{canary['ctr']['value']:.4f}" in candidate_line and "0.2500" in candidate_line
+    assert overnight("models", "--online-days", "0", "--json", env=env).stdout.count('"online": null') == 2

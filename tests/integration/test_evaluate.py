@@ -55,6 +55,7 @@ def test_models_and_status_show_the_registry(env: dict[str, str], sample_source:
     assert len(models) == 1
     assert models[0]["status"] == "production"
     assert models[0]["best_baseline"] in MODEL_ORDER
+    assert models[0]["online"] is None  # never served
     assert set(models[0]["feature_importance_gain"]) >= {"knn_score", "covisit_score", "genre_affinity"}
     listed = overnight("models", env=env).stdout
     assert models[0]["model_id"] in listed and "production" in listed
