@@ -1,0 +1,68 @@
+"""The online report's counts on a handful of answers and events, worked out by hand: lists of different
+lengths, feedback on some items, feedback that matches nothing, a batch the registry does not know."""
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from jobs import online
+from jobs.settings import Settings
+from serving.prediction_log import PredictionLog
+
+pytestmark = pytest.mark.integration
+
+
+def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_apart(
+    database_url: str, tmp_path: Path
+) -> None:
+    async def log_answers() -> None:
+        log = PredictionLog(database_url)
+        log.start()
+        log.record("r1", "u1", 7, "production", "personalized", ["a", "b", "c"])
+        log.record("r2", "u2", 7, "production", "personalized", ["a", "b"])
+        log.record("r3", "u3", 7, "canary", "personalized", ["x"])
+        await log.stop()
+
+    asyncio.run(log_answers())
+    now = datetime.now(UTC)
+    events = [
+        ("u1", "c", "impression", "r1"),
+        ("u1", "c", "click", "r1"),  # position 3 of r1
+        ("u2", "a", "impression", "r2"),  # seen, not clicked
+        ("u2", "z", "click", "r2"),  # an item r2 did not serve
+        ("u3", "x", "conversion", "r3"),  # a conversion: seen, though no impression was sent
+        ("u9", "a", "click", None),  # names no request
+    ]
+    with psycopg.connect(database_url) as conn:
+        for user, item, kind, request in events:
+            conn.execute(
+                "INSERT INTO overnight.feedback_events VALUES (%s, %s, %s, %s, %s, %s)",
+                (now, now, user, item, kind, request),
+            )
+
+    today = now.date()
+    report = online.online_report(Settings(database_url=database_url, data_dir=tmp_path), today, today)
+
+    production, canary = report["variants"]["production"], report["variants"]["canary"]
+    assert (production["requests"], production["served"], production["impressions"], production["clicks"]) == (
+        2,
+        5,
+        2,
+        1,
+    )
+    assert (canary["served"], canary["impressions"], canary["clicks"], canary["conversions"]) == (1, 1, 0, 1)
+    assert production["ctr"]["value"] == 0.5
+    # IPS with theta_p = 1/p: the click at position 3 weighs 3, over the 5 served pairs.
+    assert production["ips_click_rate"]["value"] == pytest.approx(3 / 5)
+    assert report["propensity"]["by_position"] == {"1": 1.0, "2": 0.5, "3": pytest.approx(1 / 3, abs=1e-6)}
+    assert report["unattributed_feedback"] == {"click": 2}
+    # Batch 7 has no row in overnight.batches: its model is unknown and it has no offline metrics.
+    assert [(b["variant"], b["batch_id"], b["model_id"]) for b in report["batches"]] == [
+        ("canary", 7, online.UNKNOWN_MODEL),
+        ("production", 7, online.UNKNOWN_MODEL),
+    ]
+    assert set(report["batches"][0]["offline"].values()) == {None}
+    assert report["models"][online.UNKNOWN_MODEL]["served"] == 6
