@@ -91,6 +91,23 @@ def test_nightly_dag_publishes_a_batch_that_the_service_serves(
         assert unknown.status_code == 200
         assert unknown.json()["source"] == "fallback"
 
+    # The same night again with a shadow model (any registered model: here the one just trained):
+    # the DAG also scores it into a shadow batch, and what is live stays a serving batch.
+    with psycopg.connect(database_url) as conn:
+        (model_id,) = conn.execute("SELECT model_id FROM overnight.model_versions").fetchone()  # type: ignore[misc]
+    rerun = run_dag(
+        "overnight_nightly", SAMPLE_DATE.isoformat(), {**env, "OVERNIGHT_SHADOW_MODEL": model_id}, tmp_path / "airflow"
+    )
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    with psycopg.connect(database_url) as conn:
+        batches = conn.execute(
+            "SELECT b.kind, b.status, b.model_id, b.users_scored, b.batch_id = l.batch_id "
+            "FROM overnight.batches AS b, overnight.live AS l WHERE b.batch_id > %s ORDER BY b.batch_id",
+            (batch_id,),
+        ).fetchall()
+    assert [row[:3] for row in batches] == [("serving", "live", model_id), ("shadow", "shadow", model_id)]
+    assert batches[1][3] == batches[0][3] > 0 and batches[1][4] is False
+
 
 def test_freshness_dag_fails_when_nothing_is_live(database_url: str, tmp_path: Path) -> None:
     env = overnight_env(database_url, tmp_path / "var")
