@@ -487,6 +487,12 @@ def status(as_json: JsonFlag = False) -> None:
             f"{live['users_scored']:,} users of {live['active_users']:,} active, "
             f"{float(live['age_seconds']) / 3600:.1f} h old"
         )
+    if report["canary"]:
+        canary = report["canary"]
+        typer.echo(
+            f"canary: batch {canary['batch_id']} serves {canary['traffic']:.2%} of users "
+            f"(since {canary['started_at']}); `overnight promote` or `overnight canary --stop`"
+        )
     model = report["production_model"]
     if model:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in model["metrics"].items() if "@" in k)

@@ -12,6 +12,7 @@ import sql
 from jobs import registry
 from jobs.database import connect, upgrade
 from jobs.errors import StaleBatchError
+from jobs.rollouts import running_canary
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -82,15 +83,17 @@ def check_freshness(
 
 
 def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
-    """What is live, which model is in production, and the latest batches."""
+    """What is live, the canary beside it, which model is in production, and the latest batches."""
     with connect(settings) as conn:
         upgrade(conn)
         live = _live(conn)
+        canary = running_canary(conn)
         model = registry.production_model(conn)
         with conn.cursor(row_factory=dict_row) as cur:
             batches = cur.execute(sql.query("recent_batches"), (recent,)).fetchall()
     return {
         "live": _plain(live) if live else None,
+        "canary": asdict(canary) if canary else None,
         "production_model": (
             {**registry.describe(model), "baselines": model.metrics.get("baselines", {})} if model else None
         ),

@@ -176,17 +176,23 @@ def promote_canary(settings: Settings) -> SwitchResult:
     return switched
 
 
+def running_canary(conn: psycopg.Connection) -> CanaryState | None:
+    """The canary being served, with the production batch beside it; None when there is none."""
+    running = _state(conn)
+    return _as_state(running, _live_batch_id(conn)) if running else None
+
+
 def canary_status(settings: Settings, history: int = 10) -> dict[str, Any]:
     """The running canary (or None) and its latest history."""
     with connect(settings) as conn:
         upgrade(conn)
-        running = _state(conn)
+        running = running_canary(conn)
         production = _live_batch_id(conn)
         conn.commit()
         with conn.cursor(row_factory=dict_row) as cur:
             events = cur.execute(sql.query("canary_history"), (history,)).fetchall()
     return {
-        "canary": _as_state(running, production).__dict__ if running else None,
+        "canary": running.__dict__ if running else None,
         "production_batch_id": production,
         "history": [{**event, "happened_at": event["happened_at"].isoformat()} for event in events],
     }

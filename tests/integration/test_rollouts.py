@@ -1,6 +1,7 @@
 """Canary, promote, stop and shadow batches on real published batches; feedback into ingest."""
 
 import asyncio
+import json
 import threading
 from datetime import UTC, date, datetime, timedelta
 
@@ -267,5 +268,9 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
         ]
     started = overnight("canary", "--batch", str(candidate), "--traffic", "0.05", "--salt", "cli", env=env)
     assert "salt: cli" in started.stdout and "traffic: 0.05" in started.stdout
+    assert f"canary: batch {candidate} serves 5.00% of users" in overnight("status", env=env).stdout
+    status = json.loads(overnight("status", "--json", env=env).stdout)
+    assert (status["live"]["batch_id"], status["canary"]["batch_id"]) == (production, candidate)
     promoted = overnight("promote", env=env)
     assert f"canary batch {candidate} is now production (was {production})" in promoted.stdout
+    assert "canary:" not in overnight("status", env=env).stdout
