@@ -1,6 +1,7 @@
 """The monitoring dashboard at ``/dashboard``: one page, its assets, and one JSON endpoint behind it.
 
-It reads the batch side's records (runs, models, monitoring checks and reports, alerts) through
+It reads the batch side's records (what is live and the canary, runs, models, monitoring checks and
+reports, alerts) through
 named queries of ``sql/queries.sql`` and this process's own Prometheus registry; it never imports
 ``jobs``. The charts are drawn by Apache ECharts, vendored under ``serving/static/vendor`` so the
 page works offline.
@@ -230,6 +231,7 @@ async def _fetch(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, param
 
 async def _read(conn: psycopg.AsyncConnection[dict[str, Any]], day: date | None) -> dict[str, Any]:
     live = await _fetch(conn, "live_status")
+    canary = await _fetch(conn, "dashboard_canary")
     runs = await _fetch(conn, "dashboard_runs", (RUNS_SHOWN,))
     steps = await _fetch(conn, "dashboard_run_steps", ([r["run_id"] for r in runs],))
     for run in runs:
@@ -250,6 +252,7 @@ async def _read(conn: psycopg.AsyncConnection[dict[str, Any]], day: date | None)
         }
         if current
         else None,
+        "canary": canary[0] if canary else None,
         "runs": list(reversed(runs)),
         "models": [_model(m) for m in reversed(models)],
         "checks": checks,

@@ -361,6 +361,11 @@ WHERE stage = 'output' AND (%(logical_date)s::date IS NULL OR logical_date <= %(
 ORDER BY logical_date DESC
 LIMIT 1;
 
+-- name: dashboard_canary
+SELECT c.batch_id, b.logical_date, b.model_id, c.traffic, c.started_at, c.updated_at
+FROM overnight.canary AS c
+JOIN overnight.batches AS b USING (batch_id);
+
 -- name: dashboard_alerts
 SELECT fingerprint, title, details->>'text' AS text, first_sent_at, last_seen_at, times_seen
 FROM overnight.alerts

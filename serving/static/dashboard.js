@@ -80,6 +80,11 @@ function drawLive(data) {
   } else {
     cards.push(card("live batch", "nothing published yet", "warn"));
   }
+  const canary = data.canary;
+  if (canary) {
+    cards.push(card("canary", "#" + canary.batch_id + " · " + canary.logical_date + " · " + pct(canary.traffic) +
+                    " of users · " + canary.model_id));
+  }
   const last = data.runs.length ? data.runs[data.runs.length - 1] : null;
   if (last) cards.push(card("last run", last.logical_date + " · " + last.status, last.status === "success" ? "ok" : "fail"));
   const levels = data.checks.filter((c) => c.logical_date === data.focus_date).map((c) => c.level);

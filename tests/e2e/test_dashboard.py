@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
-from jobs import pipeline
+from jobs import pipeline, rollouts
 from jobs.settings import Settings
 from tests.conftest import SAMPLE_DATE, overnight_env, running_service
 
@@ -59,6 +60,12 @@ def test_dashboard_draws_every_panel_without_console_errors(
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, retrain_days=7, num_boost_round=30)
     for night in (2, 1, 0):
         pipeline.run(settings, sample_source, SAMPLE_DATE - timedelta(days=night))
+    # The night before's batch, served again to a tenth of users.
+    with psycopg.connect(database_url) as conn:
+        (canary_batch,) = conn.execute(
+            "SELECT batch_id FROM overnight.batches WHERE logical_date = %s", (SAMPLE_DATE - timedelta(days=1),)
+        ).fetchone()  # type: ignore[misc]
+    rollouts.start_canary(settings, canary_batch, 0.1)
 
     env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=KEY)
     with running_service(env) as base:
@@ -70,6 +77,7 @@ def test_dashboard_draws_every_panel_without_console_errors(
         assert httpx.get(f"{base}/dashboard/api/overview").status_code == 401
         overview = httpx.get(f"{base}/dashboard/api/overview", headers=bearer).json()
         assert len(overview["runs"]) == 3 and all(r["status"] == "success" for r in overview["runs"])
+        assert (overview["canary"]["batch_id"], overview["canary"]["traffic"]) == (canary_batch, 0.1)
         earlier = (SAMPLE_DATE - timedelta(days=1)).isoformat()
         focused = httpx.get(f"{base}/dashboard/api/overview", params={"date": earlier}, headers=bearer).json()
         assert focused["focus_date"] == earlier and focused["output"]["logical_date"] == earlier
@@ -93,11 +101,13 @@ def test_dashboard_draws_every_panel_without_console_errors(
             for panel in PANELS
             if panel not in ("live", "checks")
         }
+        live_cards = browser.find_element(By.ID, "live-cards").text
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
     print(f"screenshot: {tmp_path / 'dashboard.png'}")
     assert states == dict.fromkeys(PANELS, "ready")
+    assert f"#{canary_batch}" in live_cards and "10.0% of users" in live_cards
     assert all(count >= 1 for count in canvases.values()), canvases
     assert errors == []
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
