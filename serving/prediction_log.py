@@ -128,8 +128,7 @@ class BulkWriter(Generic[Row]):
 
     def offer(self, row: Row) -> bool:
         """Queue one row; False (and counted as refused) when `capacity` rows already wait to be written."""
-        batch = self._batch
-        if len(self._queue) + (batch.count if batch else 0) >= self._capacity:
+        if self.queued >= self._capacity:
             self.refused += 1
             return False
         self._queue.append(row)
