@@ -84,3 +84,14 @@ def test_traffic_must_be_strictly_between_zero_and_one(traffic: float) -> None:
 def test_production_is_the_other_arm() -> None:
     split = TrafficSplit("exp", 0.3)
     assert {split.variant(user) for user in USERS[:1000]} == {CANARY, PRODUCTION}
+
+
+def test_buckets_are_pinned_so_a_code_change_cannot_reshuffle_every_user() -> None:
+    # Values of blake2b(salt || 0x00 || user id), first 8 bytes big-endian, taken when the split
+    # shipped: a running canary's users must keep their arm across upgrades of the service.
+    split = TrafficSplit("spring-2026", 0.05)
+    assert split.bucket("u1") == 11728355180845096327
+    assert split.bucket("user-42") == 11038651647345562910
+    assert split.bucket("émilie") == 5035107461835431592
+    assert TrafficSplit("spring-2026", 0.28).variant("émilie") == CANARY
+    assert TrafficSplit("spring-2026", 0.27).variant("émilie") == PRODUCTION
