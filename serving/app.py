@@ -6,13 +6,15 @@
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials
@@ -327,8 +329,34 @@ def serving_error_response(error: Exception) -> Response:
         problem: dict[str, Any] = {"type": "value_error", "loc": list(error.loc), "msg": error.message}
         if error.value is not None:
             problem["input"] = error.value
-        return JSONResponse({"detail": [problem]}, status_code=status)
+        return _unprocessable([problem])
     return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+
+
+async def _on_request_validation_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RequestValidationError)
+    return _unprocessable(error.errors())
+
+
+def _unprocessable(problems: Sequence[Any]) -> Response:
+    """FastAPI's 422 body, with the client's input echoed only as text UTF-8 can carry: JSON lets a body
+    hold a lone surrogate (``"\\ud800"``), which no response could encode, so FastAPI's own handler
+    answered 500."""
+    return JSONResponse({"detail": _utf8_safe(jsonable_encoder(problems))}, status_code=422)
+
+
+def _utf8_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode(errors="backslashreplace").decode()
+        return value
+    if isinstance(value, list):
+        return [_utf8_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {_utf8_safe(key): _utf8_safe(item) for key, item in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------------- factory
@@ -399,6 +427,7 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     app.recorder = RequestRecorder(metrics, access_log=settings.access_log, sample=settings.access_log_sample)
     app.add_middleware(MetricsMiddleware, recorder=app.recorder)
     app.add_exception_handler(ServingError, _on_serving_error)
+    app.add_exception_handler(RequestValidationError, _on_request_validation_error)
     app.router.routes.append(Route(USER_RECOMMENDATIONS_PATH, UserRecommendationsEndpoint(), methods=["GET"]))
     app.include_router(api)
     app.include_router(events_router, dependencies=[Depends(require_api_key)], responses=_ERRORS)

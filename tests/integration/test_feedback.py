@@ -11,7 +11,9 @@ import pytest
 from fastapi import FastAPI
 
 from jobs.database import upgrade
+from serving.app import create_app
 from serving.feedback import FeedbackIntake, router
+from serving.settings import get_serving_settings
 from tests.conftest import create_database, drop_database, serving_app
 
 pytestmark = pytest.mark.integration
@@ -163,3 +165,33 @@ def test_a_full_queue_refuses_whole_requests_with_503_and_loses_nothing_accepted
     items = sorted(row[2] for row in stored(database_url))
     assert items == ["a0", "a1", "a2", "c0", "c1"]
     assert intake.writer.refused == 3 and intake.writer.lost == 0 and intake.writer.written == accepted
+
+
+def test_the_service_answers_bad_requests_on_events_with_4xx_never_500(database_url: str) -> None:
+    """Through `create_app`, as deployed: the key, the body limit and the service's 422 handler."""
+    settings = get_serving_settings(database_url=database_url, api_keys=("k-1",), max_request_bytes=4096)
+    with (
+        serving_app(create_app(settings)) as base,
+        httpx.Client(base_url=base, headers={"Authorization": "Bearer k-1"}) as http,
+    ):
+        assert httpx.post(f"{base}/v1/events", json={"events": [event(item_id="anonymous")]}).status_code == 401
+        oversized = http.post("/v1/events", json={"events": [event(item_id=f"big-{n}") for n in range(100)]})
+        assert oversized.status_code == 413, oversized.text
+        # JSON may carry a lone surrogate, which no response can encode as UTF-8: the 422 echoes it escaped.
+        lone = '{"events": [{"user_id": "u\\ud800", "item_id": "i1", "type": "click", "timestamp": "%s"}]}'
+        response = http.post("/v1/events", content=lone % NOW.isoformat(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "events", 0, "user_id"]
+        assert response.json()["detail"][0]["input"] == "u\\ud800"
+        for body in ('{"events": [{"\\udfff": 1}]}', '{"user_ids": ["u1"], "k": "\\ud800"}'):
+            for path in ("/v1/events", "/v1/recommendations:batch"):
+                bad = http.post(path, content=body, headers={"Content-Type": "application/json"})
+                assert bad.status_code == 422, (path, body, bad.text)
+        batch = http.post(
+            "/v1/recommendations:batch",
+            content='{"user_ids": ["\\ud800"]}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert batch.status_code == 422 and "not valid Unicode" in batch.text, batch.text
+        assert http.post("/v1/events", json={"events": [event(item_id="kept")]}).status_code == 202
+    assert [row[2] for row in stored(database_url)] == ["kept"]
