@@ -51,9 +51,10 @@ FEEDBACK_GRACE = timedelta(days=1)
 # ---------------------------------------------------------------------------- statistics
 
 
-def wilson(successes: int, trials: int) -> dict[str, float | None]:
-    """The share with its 95% Wilson score interval (sound for small counts and shares near 0)."""
-    if trials == 0:
+def wilson(successes: float, trials: float) -> dict[str, float | None]:
+    """The share with its 95% Wilson score interval (sound for small counts and shares near 0).
+    `trials` may be an effective sample size (not a whole number): see `clustered_wilson`."""
+    if trials <= 0:
         return {"value": None, "low": None, "high": None}
     p = successes / trials
     denominator = 1 + Z * Z / trials
@@ -75,6 +76,71 @@ def newcombe(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str
         "low": _r(difference - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2)),
         "high": _r(difference + math.sqrt((ua - pa) ** 2 + (pb - lb) ** 2)),
     }
+
+
+@dataclass(frozen=True)
+class UserSums:
+    """A ratio R = Σy_u / Σn_u over the users u of a group, as the sums its delta-method variance needs:
+    n_u is the user's impressions, y_u their clicks, conversions or inverse-propensity weighted clicks."""
+
+    users: int  # m: users with at least one impression
+    n: float  # Σn_u
+    y: float  # Σy_u
+    nn: float  # Σn_u²
+    yy: float  # Σy_u²
+    yn: float  # Σy_u·n_u
+
+    @property
+    def ratio(self) -> float | None:
+        return self.y / self.n if self.n else None
+
+
+def ratio_variance(sums: UserSums) -> float | None:
+    """Var(R) ≈ Σ(y_u - R·n_u)² / (m(m-1)·n̄²), n̄ = Σn_u/m: the delta method with the user as the unit.
+    Users, not impressions, are randomized between the arms, and one user's impressions are correlated
+    (some users click much more than others), so impressions are not independent trials. None with
+    fewer than two users: there is no spread between users to measure."""
+    ratio = sums.ratio
+    if ratio is None or sums.users < 2:
+        return None
+    residual = sums.yy - 2 * ratio * sums.yn + ratio * ratio * sums.nn  # Σ(y_u - R·n_u)², expanded
+    mean_n = sums.n / sums.users
+    return max(0.0, residual) / (sums.users * (sums.users - 1) * mean_n * mean_n)
+
+
+def clustered_wilson(sums: UserSums) -> dict[str, float | None]:
+    """A rate over impressions with a Wilson interval on the effective sample size
+    n_eff = p(1-p) / Var_user(R), capped at the impressions: the design effect of users' correlated
+    impressions, while keeping Wilson's behaviour at small counts and rates near 0. With fewer than two
+    users (no between-user spread) or no spread at all, n_eff is the impressions."""
+    p, variance = sums.ratio, ratio_variance(sums)
+    if p is None:
+        return wilson(0, 0)
+    effective = sums.n
+    if variance:
+        effective = min(sums.n, p * (1 - p) / variance)
+    return wilson(p * effective, effective)
+
+
+def clustered_normal(sums: UserSums) -> dict[str, float | None]:
+    """A ratio (the IPS click rate: not a share, it may exceed 1) with the delta-method normal interval;
+    no bounds with fewer than two users."""
+    value, variance = sums.ratio, ratio_variance(sums)
+    if value is None:
+        return {"value": None, "low": None, "high": None}
+    if variance is None:
+        return {"value": _r(value), "low": None, "high": None}
+    return _normal_interval(value, math.sqrt(variance))
+
+
+def clustered_difference(a: UserSums, b: UserSums) -> dict[str, float | None]:
+    """R_a - R_b with a normal interval; the arms hold different users, so their variances add."""
+    va, vb = ratio_variance(a), ratio_variance(b)
+    if a.ratio is None or b.ratio is None:
+        return {"value": None, "low": None, "high": None}
+    if va is None or vb is None:
+        return {"value": _r(a.ratio - b.ratio), "low": None, "high": None}
+    return _normal_interval(a.ratio - b.ratio, math.sqrt(va + vb))
 
 
 def _normal_interval(mean: float, standard_error: float) -> dict[str, float | None]:
