@@ -41,9 +41,12 @@ class MonitoringBlockedError(BatchValidationError):
         self.alert_fingerprint = alert_fingerprint
 
 
-def batch_statistics(settings: Settings, logical_date: date, batch_id: int, conn: psycopg.Connection) -> dict[str, Any]:
-    manifests = score.read_manifests(settings, logical_date)
-    files = [score.shard_path(settings, logical_date, m.shard, m.shards) for m in manifests]
+def batch_statistics(
+    settings: Settings, logical_date: date, batch_id: int, conn: psycopg.Connection, chosen_model: bool = False
+) -> dict[str, Any]:
+    """`chosen_model`: measure the lists scored with a chosen model (a shadow or a model canary)."""
+    manifests = score.read_manifests(settings, logical_date, chosen_model)
+    files = [score.shard_path(settings, logical_date, m.shard, m.shards, chosen_model) for m in manifests]
     lists = pl.scan_parquet(files)
     short_at = min(OVERLAP_K, settings.top_k)
     n_lists = lists.select(pl.len()).collect().item()  # from the files' metadata
@@ -151,9 +154,28 @@ OUTPUT_STATISTICS = (
 )
 
 
+def unrecorded_checks(settings: Settings, logical_date: date, batch_id: int) -> dict[str, Any]:
+    """Output statistics and checks of a batch scored with a chosen model (a shadow, a model canary).
+
+    Nothing is recorded in the date's monitoring (production's) and no alert is sent: the date's
+    record is production's, and a batch that is not production must not replace it. The caller keeps
+    the result with the batch (its ``validation``) and decides whether a failed check blocks it.
+    """
+    limits = monitor.thresholds(settings)
+    with connect(settings) as conn:
+        stats = batch_statistics(settings, logical_date, batch_id, conn, chosen_model=True)
+    checks = [monitor.evaluate(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
+    return {
+        "verdict": monitor.verdict(checks),
+        "statistics": {name: stats[name] for name in OUTPUT_STATISTICS},
+        "checks": [{"statistic": c.statistic, "level": c.level, "message": c.message} for c in checks],
+    }
+
+
 def check_batch(settings: Settings, logical_date: date, batch_id: int, model_id: str) -> list[monitor.Check]:
-    """The publish gate: measure the loaded batch, record it, and raise MonitoringBlockedError when
-    any check of the date (input, drift or output) is at its fail threshold."""
+    """The publish gate of a production batch: measure the loaded batch, record it as the date's
+    output monitoring, and raise MonitoringBlockedError when any check of the date (input, drift or
+    output) is at its fail threshold. Never for a batch of a chosen model: see `unrecorded_checks`."""
     from jobs import drift
 
     limits = monitor.thresholds(settings)
