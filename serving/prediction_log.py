@@ -13,9 +13,11 @@ quarter second instead, on thousands of rows long out of the CPU's caches, it ra
 p99 by a fifth or more in the serving benchmark; spread out, by about a tenth. What was served is
 stored as that JSON text, one row per batch, sent as a ``text`` parameter: Postgres then does no
 per-answer work on the lookups' cores (0.31-0.42 µs of its CPU an answer, measured; as a ``json``
-parameter it parsed every byte first, 0.82-0.88 µs). A failed write is retried with back-off (the
-queue fills meanwhile and refuses rows, bounded memory); `stop()` drains what is left. Rows are lost
-only if the process is killed or Postgres stays down through `stop()`; both are logged with the count.
+parameter it parsed every byte first, 0.82-0.88 µs). A failed write, or one not done within
+`write_timeout` (a lock, a silent network), is retried with back-off (the queue fills meanwhile and
+refuses rows, bounded memory), and a task that fails unexpectedly is restarted; `stop()` drains what
+is left. Rows held in memory are lost if the process dies before writing them (SIGKILL, OOM, a crash),
+or if Postgres stays down through `stop()` (then counted as lost, and logged).
 """
 
 import asyncio
@@ -46,6 +48,10 @@ Row = TypeVar("Row", bound=tuple[Any, ...])  # a row's first field is its time
 
 _FIRST_RETRY_SECONDS = 0.2
 _MAX_RETRY_SECONDS = 5.0
+_RESTART_SECONDS = 1.0
+# Past the statement timeout Postgres has given up on the write; the client's own deadline, later, only
+# catches a reply that never comes (a silent network).
+_CLIENT_GRACE_SECONDS = 5.0
 _SLICE_ROWS = 200  # encoded and released in one go: some 30 microseconds of the event loop
 _ENCODE_EVERY_SECONDS = 0.01  # while a batch lingers: rows still in the CPU's caches
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -121,6 +127,7 @@ class BulkWriter(Generic[Row]):
         batch_size: int = 1_000,
         linger_seconds: float = 0.25,
         connect_timeout: float = 5.0,
+        write_timeout: float = 5.0,
         batch_key: Callable[[Any], Hashable] | None = None,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
@@ -131,6 +138,7 @@ class BulkWriter(Generic[Row]):
         self._batch_size = batch_size
         self._linger = linger_seconds
         self._connect_timeout = connect_timeout
+        self._write_timeout = write_timeout
         self._batch_key = batch_key
         self._capacity = queue_size
         self._queue: deque[Row] = deque()
@@ -145,6 +153,8 @@ class BulkWriter(Generic[Row]):
         self.written = 0
         self.write_failures = 0
         self.lost = 0
+        self.restarts = 0
+        self.last_write = time.time()  # of the last successful write, or the start
 
     # ------------------------------------------------------------------ request side
 
@@ -181,7 +191,8 @@ class BulkWriter(Generic[Row]):
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"overnight-{self.name}-writer")
+            self.last_write = time.time()
+            self._task = asyncio.create_task(self._run_until_stopped(), name=f"overnight-{self.name}-writer")
 
     async def flush(self) -> None:
         """Wait until every row queued so far is written (tests, and `stop`)."""
@@ -209,9 +220,23 @@ class BulkWriter(Generic[Row]):
 
     # ------------------------------------------------------------------ background task
 
+    async def _run_until_stopped(self) -> None:
+        """`_run`, restarted if it fails unexpectedly (a bug): the rows it holds stay queued for the next
+        run, and `overnight_bulk_last_write_timestamp_seconds` shows a writer that keeps failing."""
+        while True:
+            try:
+                await self._run()
+            except Exception:
+                self.restarts += 1
+                logger.exception("%s: the writer failed; restarting it in %.0f s", self.name, _RESTART_SECONDS)
+                await self._close_broken()
+                await asyncio.sleep(_RESTART_SECONDS)
+
     async def _run(self) -> None:
         backoff = _FIRST_RETRY_SECONDS
         while True:
+            if self._batch is not None and not self._batch.count:  # left by a failed run
+                self._batch = None
             if self._batch is None:
                 if not self._queue:
                     self._idle.set()
@@ -224,7 +249,7 @@ class BulkWriter(Generic[Row]):
                     continue
             try:
                 await self._write(self._batch)
-            except (psycopg.Error, OSError) as error:
+            except (psycopg.Error, OSError) as error:  # OSError: TimeoutError too
                 self.write_failures += 1
                 delay = backoff * random.uniform(0.5, 1.0)
                 logger.warning(
@@ -239,6 +264,7 @@ class BulkWriter(Generic[Row]):
                 backoff = min(backoff * 2, _MAX_RETRY_SECONDS)
             else:
                 self.written += self._batch.count
+                self.last_write = time.time()
                 self._batch = None
                 backoff = _FIRST_RETRY_SECONDS
 
@@ -278,9 +304,10 @@ class BulkWriter(Generic[Row]):
                         keep += 1
                     rows, times, cut = rows[:keep], times[:keep], True
             if rows:
+                encoded, count = self._encode(rows)
                 for _ in range(len(rows)):
                     queue.popleft()
-                batch.add(*self._encode(rows), min(times), max(times))
+                batch.add(encoded, count, min(times), max(times))
                 del rows
             if cut:
                 return True
@@ -310,17 +337,24 @@ class BulkWriter(Generic[Row]):
                 autocommit=True,
                 connect_timeout=max(2, round(self._connect_timeout)),
                 application_name=f"overnight-serving-{self.name}",
+                # A peer gone silent (a dead host, a dropped route) breaks the connection in seconds,
+                # instead of leaving the write waiting for the kernel's default of hours.
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+                tcp_user_timeout=round((self._write_timeout + _CLIENT_GRACE_SECONDS) * 1000),
             )
             self._conn.adapters.register_dumper(JsonText, _JsonTextDumper)
-        await self._conn.execute(
-            self._insert,
-            {
-                "rows": JsonText(batch.payload()),
-                "count": batch.count,
-                "first": batch.first,
-                "last": batch.last,
-            },
-        )
+            # A write stuck on a lock gives up, so it is retried and the writer reports it.
+            timeout_ms = str(max(1, round(self._write_timeout * 1000)))
+            await asyncio.wait_for(self._conn.execute(sql.query("serving_session"), (timeout_ms,)), self._deadline)
+        parameters = {"rows": JsonText(batch.payload()), "count": batch.count, "first": batch.first, "last": batch.last}
+        await asyncio.wait_for(self._conn.execute(self._insert, parameters), self._deadline)
+
+    @property
+    def _deadline(self) -> float:
+        return self._write_timeout + _CLIENT_GRACE_SECONDS
 
     async def _close_broken(self) -> None:
         if self._conn is not None:
@@ -338,10 +372,18 @@ class WriterCollector(Collector):
     def collect(self) -> Any:
         counters = {
             "accepted": ("overnight_bulk_rows_accepted", "Rows queued for writing, by writer."),
-            "refused": ("overnight_bulk_rows_dropped", "Rows refused because the queue was full, by writer."),
+            "refused": (
+                "overnight_bulk_rows_dropped",
+                "Rows refused because the queue was full, by writer "
+                "(feedback_events: the events of requests answered 503, for the client to retry).",
+            ),
             "written": ("overnight_bulk_rows_written", "Rows written to Postgres, by writer."),
             "write_failures": ("overnight_bulk_write_failures", "Failed bulk writes (retried), by writer."),
             "lost": ("overnight_bulk_rows_lost", "Queued rows never written (at shutdown, or unencodable), by writer."),
+            "restarts": (
+                "overnight_bulk_writer_restarts",
+                "Writer tasks restarted after an unexpected error, by writer.",
+            ),
         }
         for attribute, (name, documentation) in counters.items():
             family = CounterMetricFamily(name, documentation, labels=["writer"])
@@ -352,6 +394,15 @@ class WriterCollector(Collector):
         for writer in self.writers:
             queued.add_metric([writer.name], writer.queued)
         yield queued
+        last_write = GaugeMetricFamily(
+            "overnight_bulk_last_write_timestamp_seconds",
+            "Unix time of the last successful write (or the writer's start), by writer; "
+            "old while rows are queued: the writer is stuck.",
+            labels=["writer"],
+        )
+        for writer in self.writers:
+            last_write.add_metric([writer.name], writer.last_write)
+        yield last_write
 
 
 # ---------------------------------------------------------------------------- served predictions

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
@@ -154,6 +155,71 @@ def test_a_lost_connection_is_retried_without_losing_rows(database_url: str) -> 
     log = asyncio.run(scenario())
     assert log.writer.write_failures >= 1
     assert len(logged_rows(database_url)) == 200
+
+
+def last_write_gauge(log: PredictionLog) -> float:
+    registry = CollectorRegistry()
+    registry.register(WriterCollector([log.writer]))
+    value = registry.get_sample_value("overnight_bulk_last_write_timestamp_seconds", {"writer": log.writer.name})
+    assert value is not None
+    return value
+
+
+def test_a_write_stuck_on_a_lock_times_out_is_retried_and_loses_nothing(database_url: str) -> None:
+    async def scenario() -> tuple[PredictionLog, int, bool]:
+        log = PredictionLog(database_url, batch_size=50, linger_seconds=0, write_timeout=0.3)
+        log.start()
+        for n in range(10):
+            log.record(f"a{n}", "u", 1, "production", "personalized", ["x"])
+        await log.writer.flush()
+        before = last_write_gauge(log)
+        async with await psycopg.AsyncConnection.connect(database_url) as blocker:
+            await blocker.execute("LOCK TABLE overnight.served_prediction_chunks IN ACCESS EXCLUSIVE MODE")
+            for n in range(100):
+                log.record(f"b{n}", "u", 1, "production", "personalized", ["x"])
+            await asyncio.sleep(1.5)  # the writes wait for the lock, and give up
+            assert log.writer.written == 10 and log.writer.queued == 100
+            failures = log.writer.write_failures
+            stuck = last_write_gauge(log) == before
+            await blocker.rollback()
+        await asyncio.wait_for(log.writer.flush(), 10)
+        advanced = last_write_gauge(log) > before
+        await log.stop()
+        return log, failures, stuck and advanced
+
+    log, failures_while_locked, gauge_told = asyncio.run(scenario())
+    assert failures_while_locked >= 2
+    assert gauge_told  # the last-write time stood still while the writer was stuck, and moved after
+    assert (log.writer.written, log.writer.lost) == (110, 0)
+    assert len(logged_rows(database_url)) == 110
+
+
+def test_a_writer_that_fails_unexpectedly_is_restarted_and_keeps_its_rows(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> PredictionLog:
+        log = PredictionLog(database_url, linger_seconds=0)
+        encode = log.writer._encode
+        failed = []
+
+        def encode_failing_once(rows: list[Any]) -> tuple[bytes, int]:
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("a bug")
+            return encode(rows)
+
+        log.writer._encode = encode_failing_once  # type: ignore[method-assign]
+        log.start()
+        for n in range(20):
+            log.record(f"r{n}", "u", 1, "production", "personalized", ["x"])
+        await asyncio.wait_for(log.writer.flush(), 10)
+        await log.stop()
+        return log
+
+    log = asyncio.run(scenario())
+    assert (log.writer.restarts, log.writer.written, log.writer.lost) == (1, 20, 0)
+    assert len(logged_rows(database_url)) == 20
+    assert "the writer failed; restarting it" in caplog.text
 
 
 def test_a_large_batch_is_encoded_a_slice_at_a_time_and_lookups_run_between_slices() -> None:
