@@ -375,6 +375,9 @@ def canary(
         if batch is not None or traffic is not None or salt is not None:
             raise typer.BadParameter("--stop takes no --batch, --traffic or --salt")
         stopped = rollouts.stop_canary(settings)
+        if as_json:
+            _echo(stopped, as_json=True)
+            return
         typer.echo(
             f"canary batch {stopped.batch_id} stopped; every user gets production batch {stopped.production_batch_id}"
         )
@@ -388,11 +391,14 @@ def canary(
 
 
 @app.command()
-def promote() -> None:
+def promote(as_json: JsonFlag = False) -> None:
     """Make the running canary the production batch for every user (one transaction, instant)."""
     from jobs.rollouts import promote_canary
 
     result = promote_canary(_settings())
+    if as_json:
+        _echo(result, as_json=True)
+        return
     typer.echo(f"canary batch {result.batch_id} is now production (was {result.previous_batch_id})")
 
 
@@ -661,14 +667,31 @@ def db_stop() -> None:
     typer.echo("stopped the embedded Postgres" if stopped else "no embedded Postgres in this data dir")
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 def main() -> None:
+    """Run the CLI; every failure is one line on stderr: exit 1 for an OvernightError, 2 for a usage
+    error (the CLI contract, which typer's boxed usage messages would break), 130 for Ctrl-C."""
+    from typer._click import exceptions as click_errors  # typer vendors click: these are what it raises
+
     try:
-        app()
+        code = app(standalone_mode=False)  # errors come here instead of typer's rich boxes
+    except click_errors.NoArgsIsHelpError as error:
+        error.show()  # no arguments at all: the help is the answer
+        raise SystemExit(error.exit_code) from None
+    except click_errors.ClickException as error:  # UsageError, BadParameter, MissingParameter, NoSuchOption, ...
+        typer.echo(f"overnight: error: {_one_line(error.format_message())}", err=True)
+        raise SystemExit(error.exit_code) from None
     except OvernightError as error:
         typer.echo(f"overnight: error: {error}", err=True)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         raise SystemExit(130) from None
+    # without standalone mode, an explicit exit (--help: 0, Ctrl-C inside a command: 130) is returned
+    if isinstance(code, int) and not isinstance(code, bool):
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,24 @@ def test_generate_writes_what_ingest_reads_and_refuses_bad_options(env: dict[str
     assert "rows_quarantined: 0" in ingested.stdout
     bad = overnight("generate", "--out", str(out), "--format", "json", env=env, check=False)
     assert bad.returncode != 0 and "is not parquet or csv" in bad.stderr
+
+
+def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
+    """The CLI contract (`overnight: error: ...`) holds for usage errors too, not only for failed steps."""
+    for args, message in (
+        (["canary", "--batch", "1"], "a canary needs both --batch and --traffic"),
+        (["canary", "--stop", "--batch", "3"], "--stop takes no --batch, --traffic or --salt"),
+        (["canary", "--batch", "1", "--traffic", "5%"], "Invalid value for '--traffic'"),
+        (["online-report", "--from", "2026-13-01", "--to", "2026-11-02"], "'2026-13-01' is not a date like"),
+        (["online-report", "--from", "2026-11-01", "--to", "2026-11-02", "--eta", "-1"], "Invalid value for '--eta'"),
+        (["score"], "Missing option '--date'"),
+        (["score", "--date", "2026-11-20", "--bogus"], "No such option: --bogus"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+    ):
+        result = overnight(*args, env=env, check=False)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("overnight: error: ") and message in lines[0], (args, lines)
+        assert result.stdout == ""
+    helped = overnight("canary", "--help", env=env)
+    assert "--traffic" in helped.stdout and helped.stderr == ""

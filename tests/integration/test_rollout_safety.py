@@ -1,5 +1,6 @@
 """What canary, promote and shadow must never do to production: its monitoring, its model, its live batch."""
 
+import json
 from datetime import date
 
 import psycopg
@@ -8,7 +9,7 @@ import pytest
 import sql
 from jobs import publish, score, shadow
 from jobs.settings import Settings
-from tests.conftest import SAMPLE_DATE
+from tests.conftest import SAMPLE_DATE, overnight, overnight_env
 from tests.integration.conftest import PREVIOUS_DATE
 
 pytestmark = pytest.mark.integration
@@ -70,3 +71,14 @@ def test_a_shadow_never_touches_production_monitoring(batch_settings: Settings, 
         "catalogue_coverage",
         "short_list_share",
     }
+
+
+def test_canary_stop_and_promote_print_json(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
+    env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
+    production, candidate = two_batches
+    overnight("canary", "--batch", str(candidate), "--traffic", "0.05", "--salt", "j", env=env)
+    stopped = json.loads(overnight("canary", "--stop", "--json", env=env).stdout)
+    assert (stopped["batch_id"], stopped["salt"], stopped["production_batch_id"]) == (candidate, "j", production)
+    overnight("canary", "--batch", str(candidate), "--traffic", "0.05", env=env)
+    promoted = json.loads(overnight("promote", "--json", env=env).stdout)
+    assert (promoted["batch_id"], promoted["previous_batch_id"]) == (candidate, production)
