@@ -7,8 +7,10 @@ Layout under ``OVERNIGHT_DATA_DIR/lake``::
     users/date=YYYY-MM-DD/users.parquet                 user attributes per logical date (optional)
     quarantine/date=YYYY-MM-DD/<source>.parquet         rejected rows with their reason
 
-Reading "as of D" sees only events with ``timestamp < D + 1 day``: a backfill of a past date
-reproduces that date whatever was ingested later.
+Reading "as of D" sees only events with ``timestamp < D + 1 day``, so nothing of the future leaks
+into a backfill. Partitions are by event time, not by arrival: an event ingested late (feedback
+received days after it happened, see ``jobs.feedback``) is merged into the partition of its own day,
+once, and a backfill of that day run afterwards sees it.
 """
 
 import os

@@ -126,8 +126,12 @@ class Settings(BaseSettings):
         description="Interaction weight per feedback type; a type not listed (impressions by default) is not ingested.",
     )
     feedback_late_days: int = Field(
-        default=2, ge=0, description="Ingest of D also re-reads feedback of the days before D that arrived late."
+        default=2,
+        ge=0,
+        description="Ingest of D reads the feedback the service received on D and on this many days before it "
+        "(whenever the events happened; each is stored at its own time, once).",
     )
+
     online_keep_days: int = Field(default=90, gt=0, description="Days of served predictions and feedback kept.")
 
     @property

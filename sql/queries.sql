@@ -586,7 +586,17 @@ WHERE s.request_id IS NULL
 GROUP BY e.event_type;
 
 -- name: feedback_interactions
--- Feedback as interactions for ingest: events of the given types that happened in [start, end).
-SELECT user_id, item_id, occurred_at, event_type
-FROM overnight.feedback_events
-WHERE occurred_at >= %s AND occurred_at < %s AND event_type = ANY(%s);
+-- Feedback as interactions for ingest of D, as CSV (COPY: read column-wise, no Python object per
+-- value): events of the given types that happened before end (D + 1 day) and were received before
+-- it, and that became visible (the later of the two times) at or after start (D - late days). So the
+-- window is by receipt: an event that happened days before it arrived is still read, a re-run of D
+-- never sees what arrived after D, and an event stamped after D (the service allows a little clock
+-- skew) waits for the night of its own day. The OR keeps both BRIN indexes usable (migration 0011).
+-- Times are microseconds since the Unix epoch.
+COPY (
+    SELECT user_id, item_id, (extract(epoch FROM occurred_at) * 1000000)::bigint, event_type
+    FROM overnight.feedback_events
+    WHERE occurred_at < %(end)s AND received_at < %(end)s
+      AND (received_at >= %(start)s OR occurred_at >= %(start)s)
+      AND event_type = ANY(%(types)s)
+) TO STDOUT (FORMAT csv);

@@ -224,17 +224,18 @@ def test_shadow_refuses_unknown_and_future_models(batch_settings: Settings) -> N
 
 def test_ingest_merges_feedback_with_configured_weights(batch_settings: Settings, sample_source) -> None:  # type: ignore[no-untyped-def]
     day = lake.day_start(SAMPLE_DATE)
-    events = [
-        (day + timedelta(hours=9), "u-fb", "i-click", "click"),
-        (day + timedelta(hours=9, minutes=1), "u-fb", "i-buy", "conversion"),
-        (day + timedelta(hours=8), "u-fb", "i-seen", "impression"),
-        (day - timedelta(days=1, hours=-3), "u-fb", "i-late", "click"),  # the day before, arrived late
-        (day + timedelta(days=1, hours=1), "u-fb", "i-future", "click"),  # after the logical date
+    events = [  # occurred, received
+        (day + timedelta(hours=9), day + timedelta(hours=9), "u-fb", "i-click", "click"),
+        (day + timedelta(hours=9, minutes=1), day + timedelta(hours=9, minutes=1), "u-fb", "i-buy", "conversion"),
+        (day + timedelta(hours=8), day + timedelta(hours=8), "u-fb", "i-seen", "impression"),
+        (day - timedelta(days=1, hours=-3), day + timedelta(hours=1), "u-fb", "i-late", "click"),  # the day before, late
+        (day + timedelta(days=1, hours=1), day + timedelta(days=1, hours=1), "u-fb", "i-future", "click"),  # after D
     ]
     with psycopg.connect(str(batch_settings.database_url)) as conn:
-        for when, user, item, kind in events:
+        for occurred, received, user, item, kind in events:
             conn.execute(
-                "INSERT INTO overnight.feedback_events VALUES (%s, now(), %s, %s, %s, 'r1')", (when, user, item, kind)
+                "INSERT INTO overnight.feedback_events VALUES (%s, %s, %s, %s, %s, 'r1')",
+                (occurred, received, user, item, kind),
             )
     settings = batch_settings  # OVERNIGHT_INGEST_FEEDBACK is on by default
     ingest.ingest(settings, sample_source, SAMPLE_DATE)

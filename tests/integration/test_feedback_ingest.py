@@ -1,0 +1,86 @@
+"""Feedback events into ingest on a real Postgres: read by when they were received, kept exactly once."""
+
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import psycopg
+import pytest
+
+from jobs import ingest, lake
+from jobs.settings import Settings
+from tests.conftest import SAMPLE_DATE
+
+pytestmark = pytest.mark.integration
+
+D = SAMPLE_DATE
+DAY = lake.day_start(D)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "var", database_url=database_url)
+
+
+def store(settings: Settings, *events: tuple[datetime, datetime, str, str, str]) -> None:
+    """(occurred_at, received_at, user_id, item_id, event_type) rows, as the service writes them."""
+    with psycopg.connect(str(settings.database_url)) as conn:
+        for event in events:
+            conn.execute("INSERT INTO overnight.feedback_events VALUES (%s, %s, %s, %s, %s, NULL)", event)
+
+
+def lake_rows(settings: Settings, as_of: date, user: str) -> list[tuple[object, ...]]:
+    return (
+        lake.scan_interactions(settings.lake_dir, as_of)
+        .filter(pl.col("user_id") == user)
+        .select("item_id", "timestamp", "event_type")
+        .sort("timestamp")
+        .collect()
+        .rows()
+    )
+
+
+def test_an_event_received_days_after_it_happened_is_ingested_once(settings: Settings, sample_source: Path) -> None:
+    # Within the service's 7 days, beyond OVERNIGHT_FEEDBACK_LATE_DAYS (2): a window by event time missed it.
+    happened = DAY - timedelta(days=5) + timedelta(hours=12)
+    ingest.ingest(settings, sample_source, D)  # an earlier run of D, before the event arrived
+    store(settings, (happened, DAY + timedelta(hours=10), "u-late", "5", "click"))
+
+    ingest.ingest(settings, sample_source, D)
+    assert lake_rows(settings, D, "u-late") == [("5", happened, "click")]
+    # In the partition of the day it happened, with its own time.
+    partition = pl.read_parquet(lake.partition_path(settings.lake_dir, happened.date()))
+    assert partition.filter(pl.col("user_id") == "u-late").height == 1
+
+    ingest.ingest(settings, sample_source, D + timedelta(days=1))  # read again (within the late days), already held
+    assert lake_rows(settings, D + timedelta(days=1), "u-late") == [("5", happened, "click")]
+
+
+def test_a_rerun_of_d_does_not_take_what_arrived_after_d(settings: Settings, sample_source: Path) -> None:
+    on_time = (DAY + timedelta(hours=9), DAY + timedelta(hours=9), "u-rerun", "3", "click")
+    store(settings, on_time)
+    ingest.ingest(settings, sample_source, D)
+    late = (DAY + timedelta(hours=20), DAY + timedelta(days=1, minutes=30), "u-rerun", "4", "conversion")
+    store(settings, late)
+
+    ingest.ingest(settings, sample_source, D)
+    assert lake_rows(settings, D, "u-rerun") == [("3", on_time[0], "click")]
+
+    ingest.ingest(settings, sample_source, D + timedelta(days=1))  # the next night takes it, at its own time
+    assert lake_rows(settings, D + timedelta(days=1), "u-rerun") == [
+        ("3", on_time[0], "click"),
+        ("4", late[0], "conversion"),
+    ]
+
+
+def test_an_event_stamped_after_d_waits_for_its_own_night_even_without_late_days(
+    settings: Settings, sample_source: Path
+) -> None:
+    settings = settings.model_copy(update={"feedback_late_days": 0})
+    # The service allows 5 minutes of client clock skew: received on D, happened on D + 1.
+    ahead = (DAY + timedelta(days=1, minutes=2), DAY + timedelta(days=1) - timedelta(minutes=1), "u-skew", "6", "click")
+    store(settings, ahead)
+    ingest.ingest(settings, sample_source, D)
+    assert lake_rows(settings, D + timedelta(days=1), "u-skew") == []
+    ingest.ingest(settings, sample_source, D + timedelta(days=1))
+    assert lake_rows(settings, D + timedelta(days=1), "u-skew") == [("6", ahead[0], "click")]
