@@ -19,6 +19,7 @@ import polars as pl
 
 from jobs import lake
 from jobs.errors import BadInputError
+from jobs.feedback import SOURCE_NAME as FEEDBACK_SOURCE
 from jobs.feedback import feedback_interactions
 from jobs.settings import Settings
 
@@ -39,6 +40,9 @@ MOVIELENS_100K_GENRES = (
 # Rows timestamped after the logical date are set aside like bad rows, but they are not
 # malformed: a later date's ingest takes them in. They do not count toward the bad fraction.
 NOT_YET_VISIBLE = "after_logical_date"
+# Feedback naming an item the catalogue does not hold: a client's wrong id must not become a
+# recommendable item, so the row is dropped (and counted) instead of adding the item.
+UNKNOWN_ITEM = "unknown_item"
 REASON_COLUMN = {
     "missing_user_id": "user_id",
     "bad_user_id": "user_id",
@@ -49,6 +53,7 @@ REASON_COLUMN = {
     NOT_YET_VISIBLE: "timestamp",
     "bad_weight": "weight",
     "duplicate": "user_id, item_id, timestamp, event_type",
+    UNKNOWN_ITEM: "item_id",
 }
 _TIMESTAMP_FORMATS = (
     "%Y-%m-%dT%H:%M:%S%.f%#z",
@@ -89,10 +94,20 @@ class IngestResult:
     first_event: str | None
     last_event: str | None
     quarantine_path: str | None
+    # overnight.feedback_events, apart from the source's counts (its drops never fail the run):
+    # events read, events that passed validation, events dropped (set aside) by reason.
+    feedback_read: int = 0
+    feedback_used: int = 0
+    feedback_dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    feedback_quarantine_path: str | None = None
     report_path: str = field(default="")
 
     def summary(self) -> str:
-        return f"{self.rows_valid:,} rows from {self.source} ({self.format}), {self.rows_quarantined:,} quarantined"
+        text = f"{self.rows_valid:,} rows from {self.source} ({self.format}), {self.rows_quarantined:,} quarantined"
+        if self.feedback_read:
+            dropped = sum(self.feedback_dropped_by_reason.values())
+            text += f"; {self.feedback_used:,} of {self.feedback_read:,} feedback events, {dropped:,} dropped"
+        return text
 
 
 # ---------------------------------------------------------------- reading
@@ -460,7 +475,8 @@ def _normalise_items(items: pl.DataFrame, file_name: str) -> pl.DataFrame:
 def build_catalogue(
     previous: pl.DataFrame | None, items: pl.DataFrame | None, interactions: pl.DataFrame
 ) -> pl.DataFrame:
-    """The catalogue after this ingest: what was known, updated by the item file, plus any item seen."""
+    """The catalogue after this ingest: what was known, updated by the item file, plus any item seen
+    in the source's interactions (never in feedback: see ``UNKNOWN_ITEM``)."""
     parts = [df for df in (previous, items) if df is not None]
     known = (
         pl.concat(parts, how="vertical_relaxed").unique("item_id", keep="last", maintain_order=True)
@@ -596,11 +612,6 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
     source, staged = _stage(source_path, fmt, logical_date, staging)
     counts, rows_read = dict(staged.counts), staged.rows_read
     logger.info("ingest: read %s (%s): %d rows", source.name, source.format, rows_read)
-    if settings.ingest_feedback:
-        feedback = feedback_interactions(settings, logical_date)
-        logger.info("ingest: %d feedback events from overnight.feedback_events", feedback.height)
-        # Row numbers after the source's own, so the first copy of a duplicate is the source's.
-        _stage_valid(staged, feedback.with_row_index("row", offset=rows_read), "feedback.parquet")
     malformed = sum(n for reason, n in counts.items() if reason != NOT_YET_VISIBLE)
     bad_fraction = malformed / rows_read if rows_read else 0.0
 
@@ -625,17 +636,21 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
             f"{source.name}: no valid interactions on or before {logical_date} (read {rows_read:,} rows)"
         )
 
+    previous_path = lake.latest_snapshot(lake_dir, "items", logical_date - timedelta(days=1))
+    previous = pl.read_parquet(previous_path) if previous_path else None
+    items = _normalise_items(source.items, source.name) if source.items is not None else None
+    seen_items = pl.concat(staged.item_ids).unique().to_frame()
+    catalogue = build_catalogue(previous, items, seen_items)
+    feedback = (
+        _stage_feedback(settings, logical_date, staged, catalogue, quarantine_dir) if settings.ingest_feedback else None
+    )
+
     days = staged.day_dirs()
     for count, (event_date, day_dir) in enumerate(days, start=1):
         rows = pl.read_parquet(sorted(day_dir.glob("*.parquet"))).drop("row").unique(DEDUP_KEYS, keep="first")
         _merge_partition(lake_dir, event_date, rows)
         if count % 50 == 0:
             logger.info("ingest: wrote %d of %d event-day partitions", count, len(days))
-    previous_path = lake.latest_snapshot(lake_dir, "items", logical_date - timedelta(days=1))
-    previous = pl.read_parquet(previous_path) if previous_path else None
-    items = _normalise_items(source.items, source.name) if source.items is not None else None
-    seen_items = pl.concat(staged.item_ids).unique().to_frame()
-    catalogue = build_catalogue(previous, items, seen_items)
     lake.write_parquet_atomically(catalogue, lake.snapshot_path(lake_dir, "items", logical_date))
     if source.users is not None:
         users = source.users
@@ -661,12 +676,55 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
         first_event=staged.first.isoformat() if staged.first else None,
         last_event=staged.last.isoformat() if staged.last else None,
         quarantine_path=str(quarantine_file) if quarantined_rows else None,
+        **(asdict(feedback) if feedback else {}),
     )
     report = settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     result = IngestResult(**{**asdict(result), "report_path": str(report)})
     report.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+@dataclass(frozen=True)
+class _FeedbackCounts:
+    feedback_read: int
+    feedback_used: int
+    feedback_dropped_by_reason: dict[str, int]
+    feedback_quarantine_path: str | None
+
+
+def _stage_feedback(
+    settings: Settings, logical_date: date, staged: _Staged, catalogue: pl.DataFrame, quarantine_dir: Path
+) -> _FeedbackCounts:
+    """Validate the feedback events of D's window like a source (ids, times, duplicates), drop those on
+    items the catalogue does not hold, set the dropped aside with their reason and stage the rest."""
+    events = feedback_interactions(settings, logical_date)
+    source = Source(FEEDBACK_SOURCE, "postgres", events, default_event_type="feedback")
+    # Row numbers after the source's own, so the first copy of a row in both is the source's.
+    valid, dropped = validate_interactions(source, logical_date, first_row=staged.rows_read, keep_row=True)
+    unknown = valid.join(catalogue.select("item_id"), on="item_id", how="anti")
+    if unknown.height:
+        valid = valid.join(unknown.select("row"), on="row", how="anti")
+        unknown = unknown.select(
+            "row", *[pl.col(c).cast(pl.String) for c in events.columns], reason=pl.lit(UNKNOWN_ITEM)
+        )
+        dropped = pl.concat([dropped, unknown], how="diagonal_relaxed")
+    _stage_valid(staged, valid, "feedback.parquet")
+    by_reason = dict(sorted(dropped.group_by("reason").len().iter_rows())) if dropped.height else {}
+    quarantine_file = quarantine_dir / f"{FEEDBACK_SOURCE}.parquet"
+    quarantine_file.unlink(missing_ok=True)
+    if dropped.height:
+        lake.write_parquet_atomically(dropped.sort("row"), quarantine_file)
+        logger.warning(
+            "ingest: dropped %d feedback events: %s; set aside in %s", dropped.height, by_reason, quarantine_file
+        )
+    logger.info("ingest: %d of %d feedback events from %s", valid.height, events.height, FEEDBACK_SOURCE)
+    return _FeedbackCounts(
+        feedback_read=events.height,
+        feedback_used=valid.height,
+        feedback_dropped_by_reason=by_reason,
+        feedback_quarantine_path=str(quarantine_file) if dropped.height else None,
+    )
 
 
 def _first_line(error: BaseException) -> str:

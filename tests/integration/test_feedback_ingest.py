@@ -1,5 +1,7 @@
-"""Feedback events into ingest on a real Postgres: read by when they were received, kept exactly once."""
+"""Feedback events into ingest on a real Postgres: read by when they were received, kept exactly once,
+validated like a source, and never adding items to the catalogue."""
 
+import json
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -46,24 +48,27 @@ def test_an_event_received_days_after_it_happened_is_ingested_once(settings: Set
     ingest.ingest(settings, sample_source, D)  # an earlier run of D, before the event arrived
     store(settings, (happened, DAY + timedelta(hours=10), "u-late", "5", "click"))
 
-    ingest.ingest(settings, sample_source, D)
+    on_d = ingest.ingest(settings, sample_source, D)
+    assert (on_d.feedback_read, on_d.feedback_used, on_d.feedback_dropped_by_reason) == (1, 1, {})
     assert lake_rows(settings, D, "u-late") == [("5", happened, "click")]
     # In the partition of the day it happened, with its own time.
     partition = pl.read_parquet(lake.partition_path(settings.lake_dir, happened.date()))
     assert partition.filter(pl.col("user_id") == "u-late").height == 1
 
-    ingest.ingest(settings, sample_source, D + timedelta(days=1))  # read again (within the late days), already held
+    on_next = ingest.ingest(settings, sample_source, D + timedelta(days=1))
+    assert on_next.feedback_read == 1  # read again (received within the late days), merged as already held
     assert lake_rows(settings, D + timedelta(days=1), "u-late") == [("5", happened, "click")]
 
 
 def test_a_rerun_of_d_does_not_take_what_arrived_after_d(settings: Settings, sample_source: Path) -> None:
     on_time = (DAY + timedelta(hours=9), DAY + timedelta(hours=9), "u-rerun", "3", "click")
     store(settings, on_time)
-    ingest.ingest(settings, sample_source, D)
+    first = ingest.ingest(settings, sample_source, D)
     late = (DAY + timedelta(hours=20), DAY + timedelta(days=1, minutes=30), "u-rerun", "4", "conversion")
     store(settings, late)
 
-    ingest.ingest(settings, sample_source, D)
+    rerun = ingest.ingest(settings, sample_source, D)
+    assert (rerun.feedback_read, rerun.feedback_used) == (first.feedback_read, first.feedback_used) == (1, 1)
     assert lake_rows(settings, D, "u-rerun") == [("3", on_time[0], "click")]
 
     ingest.ingest(settings, sample_source, D + timedelta(days=1))  # the next night takes it, at its own time
@@ -80,7 +85,38 @@ def test_an_event_stamped_after_d_waits_for_its_own_night_even_without_late_days
     # The service allows 5 minutes of client clock skew: received on D, happened on D + 1.
     ahead = (DAY + timedelta(days=1, minutes=2), DAY + timedelta(days=1) - timedelta(minutes=1), "u-skew", "6", "click")
     store(settings, ahead)
-    ingest.ingest(settings, sample_source, D)
-    assert lake_rows(settings, D + timedelta(days=1), "u-skew") == []
-    ingest.ingest(settings, sample_source, D + timedelta(days=1))
+    assert ingest.ingest(settings, sample_source, D).feedback_read == 0
+    assert ingest.ingest(settings, sample_source, D + timedelta(days=1)).feedback_used == 1
     assert lake_rows(settings, D + timedelta(days=1), "u-skew") == [("6", ahead[0], "click")]
+
+
+def test_feedback_on_unknown_items_or_with_bad_ids_is_dropped_and_counted(
+    settings: Settings, sample_source: Path
+) -> None:
+    without = ingest.ingest(settings.model_copy(update={"ingest_feedback": False}), sample_source, D)
+    at = DAY + timedelta(hours=9)
+    store(
+        settings,
+        (at, at, "u-fb", "7", "click"),
+        (at, at, "u-fb", "7", "click"),  # sent twice
+        (at, at, "u-fb", "no-such-item", "click"),
+        (at, at, "u-fb", "no-such-item", "conversion"),
+        (at, at, "u\x01fb", "8", "click"),  # written past the service's checks
+        (at, at, "u-fb", "9", "impression"),  # weight 0: not read
+    )
+    result = ingest.ingest(settings, sample_source, D)
+
+    dropped = {"unknown_item": 2, "duplicate": 1, "bad_user_id": 1}
+    assert (result.feedback_read, result.feedback_used, result.feedback_dropped_by_reason) == (5, 1, dropped)
+    assert result.items_in_catalogue == without.items_in_catalogue == 120
+    catalogue = lake.read_catalogue(settings.lake_dir, D)
+    assert "no-such-item" not in catalogue["item_id"].to_list()
+    assert lake_rows(settings, D, "u-fb") == [("7", at, "click")]
+    # The source's own counts are untouched: feedback drops never fail a night.
+    assert (result.rows_read, result.rows_quarantined) == (without.rows_read, without.rows_quarantined)
+    assert result.feedback_quarantine_path is not None
+    set_aside = pl.read_parquet(result.feedback_quarantine_path)
+    assert dict(set_aside.group_by("reason").len().iter_rows()) == dropped
+    report = json.loads(Path(result.report_path).read_text())
+    assert report["feedback_dropped_by_reason"] == dropped and report["feedback_used"] == 1
+    assert "1 of 5 feedback events, 4 dropped" in result.summary()

@@ -224,12 +224,12 @@ def test_shadow_refuses_unknown_and_future_models(batch_settings: Settings) -> N
 
 def test_ingest_merges_feedback_with_configured_weights(batch_settings: Settings, sample_source) -> None:  # type: ignore[no-untyped-def]
     day = lake.day_start(SAMPLE_DATE)
-    events = [  # occurred, received
-        (day + timedelta(hours=9), day + timedelta(hours=9), "u-fb", "i-click", "click"),
-        (day + timedelta(hours=9, minutes=1), day + timedelta(hours=9, minutes=1), "u-fb", "i-buy", "conversion"),
-        (day + timedelta(hours=8), day + timedelta(hours=8), "u-fb", "i-seen", "impression"),
-        (day - timedelta(days=1, hours=-3), day + timedelta(hours=1), "u-fb", "i-late", "click"),  # the day before, late
-        (day + timedelta(days=1, hours=1), day + timedelta(days=1, hours=1), "u-fb", "i-future", "click"),  # after D
+    events = [  # occurred, received (items of the sample catalogue: "1" to "120")
+        (day + timedelta(hours=9), day + timedelta(hours=9), "u-fb", "7", "click"),
+        (day + timedelta(hours=9, minutes=1), day + timedelta(hours=9, minutes=1), "u-fb", "8", "conversion"),
+        (day + timedelta(hours=8), day + timedelta(hours=8), "u-fb", "9", "impression"),
+        (day - timedelta(days=1, hours=-3), day + timedelta(hours=1), "u-fb", "10", "click"),  # the day before, late
+        (day + timedelta(days=1, hours=1), day + timedelta(days=1, hours=1), "u-fb", "11", "click"),  # after D
     ]
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         for occurred, received, user, item, kind in events:
@@ -239,7 +239,8 @@ def test_ingest_merges_feedback_with_configured_weights(batch_settings: Settings
             )
     settings = batch_settings  # OVERNIGHT_INGEST_FEEDBACK is on by default
     ingest.ingest(settings, sample_source, SAMPLE_DATE)
-    ingest.ingest(settings, sample_source, SAMPLE_DATE)  # idempotent: nothing twice
+    result = ingest.ingest(settings, sample_source, SAMPLE_DATE)  # idempotent: nothing twice
+    assert (result.feedback_read, result.feedback_used, result.feedback_dropped_by_reason) == (3, 3, {})
 
     seen = (
         lake.scan_interactions(settings.lake_dir, SAMPLE_DATE)
@@ -248,9 +249,9 @@ def test_ingest_merges_feedback_with_configured_weights(batch_settings: Settings
         .collect()
     )
     assert seen.select("item_id", "event_type", "weight").rows() == [
-        ("i-late", "click", 1.0),
-        ("i-click", "click", 1.0),
-        ("i-buy", "conversion", 3.0),
+        ("10", "click", 1.0),
+        ("7", "click", 1.0),
+        ("8", "conversion", 3.0),
     ]
     assert seen["timestamp"][1] == datetime.combine(SAMPLE_DATE, datetime.min.time(), UTC) + timedelta(hours=9)
 
