@@ -3,6 +3,7 @@
 `uvicorn --factory serving.app:create_app` builds one app per worker from the environment.
 """
 
+import asyncio
 import gc
 import logging
 import time
@@ -50,6 +51,8 @@ from serving.prediction_log import PredictionLog, WriterCollector, request_id_fo
 from serving.settings import ServingSettings, check_auth_configured, get_serving_settings
 
 logger = logging.getLogger(__name__)
+
+WRITER_DRAIN_SECONDS = 10.0  # at shutdown, for the queued answers and events to be written
 
 # ---------------------------------------------------------------------------- dependencies
 # Async: FastAPI runs a plain `def` dependency in a worker thread, which costs more than the lookup.
@@ -406,9 +409,11 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            # Write out what was served and accepted before letting go of anything.
-            await feedback.stop()
-            await prediction_log.stop()
+            # Write out what was served and accepted before letting go of anything; both at once, so the
+            # drain takes at most one writer's timeout (docker-compose.yml's stop_grace_period allows for it).
+            await asyncio.gather(
+                feedback.stop(timeout=WRITER_DRAIN_SECONDS), prediction_log.stop(timeout=WRITER_DRAIN_SECONDS)
+            )
             await watcher.stop()
             await pool.close()
 

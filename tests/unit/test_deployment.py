@@ -189,3 +189,18 @@ def _lookup_routes() -> set[str]:
     from serving.app import ops
 
     return {route.path for route in ops.routes}  # type: ignore[attr-defined]
+
+
+def test_a_stopping_lookup_replica_has_time_to_write_out_what_it_holds() -> None:
+    from serving.app import WRITER_DRAIN_SECONDS
+
+    grace = SERVICES["lookup"]["stop_grace_period"]
+    assert grace.endswith("s")
+    assert float(grace[:-1]) >= 2 * WRITER_DRAIN_SECONDS, "a SIGKILL during the drain loses accepted events"
+
+
+def test_the_proxy_never_sends_a_feedback_post_to_a_second_replica() -> None:
+    text = (ROOT / "deploy" / "nginx-lookup.conf").read_text()
+    events = text.split("location = /v1/events {", 1)[1].split("}", 1)[0]
+    assert "proxy_pass http://lookup;" in events
+    assert "proxy_next_upstream" in events and "non_idempotent" not in events
