@@ -93,7 +93,11 @@ class FeedbackIntake:
         oldest, newest = now - self.max_age, now + self.max_clock_skew
         for index, event in enumerate(events):
             if not oldest <= event.timestamp <= newest:
-                when = "in the future" if event.timestamp > newest else f"older than {self.max_age}"
+                when = (
+                    f"more than {_span(self.max_clock_skew)} in the future"
+                    if event.timestamp > newest
+                    else f"older than {_span(self.max_age)}"
+                )
                 problems.append(
                     _problem(
                         ("body", "events", index, "timestamp"),
@@ -104,6 +108,15 @@ class FeedbackIntake:
         if problems:
             raise RequestValidationError(problems)
         return [(e.timestamp.astimezone(UTC), now, e.user_id, e.item_id, e.type, e.request_id) for e in events]
+
+
+def _span(span: timedelta) -> str:
+    """A limit as people write it: "7 days", "5 minutes"."""
+    seconds = round(span.total_seconds())
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}{'s' if seconds != size else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
 def _problem(loc: tuple[str | int, ...], message: str, value: object) -> dict[str, object]:

@@ -90,6 +90,12 @@ class ServingSettings(BaseSettings):
             raise ValueError(
                 f"pool_min_size ({self.pool_min_size}) is larger than pool_max_size ({self.pool_max_size})"
             )
+        if self.feedback_max_events > self.feedback_queue_size:
+            raise ValueError(
+                f"{ENV_PREFIX}FEEDBACK_MAX_EVENTS ({self.feedback_max_events}) is larger than "
+                f"{ENV_PREFIX}FEEDBACK_QUEUE_SIZE ({self.feedback_queue_size}): a request that big could never "
+                "be queued and would always get 503"
+            )
         return self
 
 
@@ -116,6 +122,8 @@ def _one_line(error: ValidationError) -> str:
         variable = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
         if detail["type"] == "missing" and field == "database_url":
             problems.append(f"{variable} is not set: the lookup service needs the Postgres DSN of the batches")
+        elif not field:  # a rule across fields: its message names them
+            problems.append(detail["msg"].removeprefix("Value error, "))
         else:
             problems.append(f"{variable}: {detail['msg']}")
     return "; ".join(problems)

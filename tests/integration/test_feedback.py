@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from jobs.database import upgrade
 from serving.app import create_app
+from serving.errors import ServingConfigError
 from serving.feedback import FeedbackIntake, router
 from serving.settings import get_serving_settings
 from tests.conftest import create_database, drop_database, serving_app
@@ -136,6 +137,20 @@ def test_malformed_bodies_get_a_422(client: httpx.Client) -> None:
     assert (
         client.post("/v1/events", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 422
     )
+
+
+def test_out_of_range_times_are_named_with_the_accepted_range(client: httpx.Client) -> None:
+    old = client.post("/v1/events", json={"events": [event(timestamp=(NOW - timedelta(days=8)).isoformat())]})
+    future = client.post("/v1/events", json={"events": [event(timestamp=(NOW + timedelta(hours=1)).isoformat())]})
+    assert (old.status_code, future.status_code) == (422, 422)
+    assert old.json()["detail"][0]["msg"].startswith("timestamp is older than 7 days (server time ")
+    assert future.json()["detail"][0]["msg"].startswith("timestamp is more than 5 minutes in the future (server time ")
+
+
+def test_a_request_limit_larger_than_the_queue_is_refused_at_startup() -> None:
+    with pytest.raises(ServingConfigError, match=r"FEEDBACK_MAX_EVENTS \(2000\) is larger than .*QUEUE_SIZE \(1000\)"):
+        get_serving_settings(database_url="postgresql://unused", feedback_max_events=2000, feedback_queue_size=1000)
+    assert get_serving_settings(database_url="postgresql://unused", feedback_max_events=1000, feedback_queue_size=1000)
 
 
 def test_too_many_events_in_one_request(database_url: str) -> None:
