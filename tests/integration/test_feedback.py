@@ -1,5 +1,7 @@
 """POST /v1/events over a real socket: validation with reasons, all-or-nothing acceptance, nothing lost."""
 
+import asyncio
+import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -210,3 +212,58 @@ def test_the_service_answers_bad_requests_on_events_with_4xx_never_500(database_
         assert batch.status_code == 422 and "not valid Unicode" in batch.text, batch.text
         assert http.post("/v1/events", json={"events": [event(item_id="kept")]}).status_code == 202
     assert [row[2] for row in stored(database_url)] == ["kept"]
+
+
+def test_every_accepted_event_is_stored_while_the_writer_loses_its_connection(database_url: str) -> None:
+    """20 clients post events while the writer's connection is killed again and again: what got a 202 is in
+    the table once, what got a 503 is not."""
+    intake = FeedbackIntake(database_url)
+    app = events_app(intake)
+
+    async def scenario() -> tuple[int, int, int]:
+        accepted = refused = killed = 0
+
+        async def client(number: int, http: httpx.AsyncClient) -> None:
+            nonlocal accepted, refused
+            for request in range(40):
+                events = [
+                    event(user_id=f"u{number}", item_id=f"i{request}-{n}", request_id=f"c{number}r{request}")
+                    for n in range(25)
+                ]
+                response = await http.post("/v1/events", json={"events": events})
+                assert response.status_code in (202, 503), response.text
+                if response.status_code == 202:
+                    accepted += len(events)
+                else:
+                    refused += len(events)
+                await asyncio.sleep(random.random() * 0.004)
+
+        async def killer() -> None:
+            nonlocal killed
+            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+                for _ in range(6):
+                    await asyncio.sleep(0.15)
+                    cursor = await admin.execute(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name LIKE 'overnight-serving-feedback%'"
+                    )
+                    row = await cursor.fetchone()
+                    killed += row[0] if row else 0
+
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://events") as http:
+                await asyncio.gather(*(client(n, http) for n in range(20)), killer())
+        return accepted, refused, killed
+
+    accepted, refused, killed = asyncio.run(scenario())
+    writer = intake.writer
+    with psycopg.connect(database_url) as conn:
+        rows, distinct = conn.execute(
+            "SELECT count(*), count(DISTINCT (user_id, item_id, request_id)) FROM overnight.feedback_events"
+        ).fetchone() or (0, 0)
+    print(f"accepted {accepted}, refused {refused}, connections killed {killed}, failed writes {writer.write_failures}")
+    assert killed >= 2 and writer.write_failures >= 2
+    assert accepted > 0 and accepted + refused == 20 * 40 * 25
+    assert (rows, distinct) == (accepted, accepted)
+    assert (writer.written, writer.lost, writer.refused) == (accepted, 0, refused)
