@@ -352,6 +352,23 @@ def rollback(
 @app.command()
 def canary(
     batch: Annotated[int | None, typer.Option("--batch", help="Published batch to serve to a slice of users.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Registered model to canary: scores --date with it into a new batch (not live) and serves that.",
+        ),
+    ] = None,
+    logical_date: Annotated[
+        date | None,
+        typer.Option(
+            "--date",
+            parser=_parse_date,
+            metavar="YYYY-MM-DD",
+            help="With --model: the date to score (default: the live batch's date).",
+        ),
+    ] = None,
+    shards: Annotated[int | None, typer.Option(min=1, help="With --model: number of score shards.")] = None,
     traffic: Annotated[
         float | None,
         typer.Option(help="Share of users in the canary, between 0 and 1 (0.05 = 5%); again later to ramp."),
@@ -363,17 +380,21 @@ def canary(
     stop: Annotated[bool, typer.Option("--stop", help="End the canary: everyone gets production again.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Serve a batch to a stable share of users beside production; with no option, show the canary.
+    """Serve a batch (--batch) or a model (--model) to a stable share of users beside production; with
+    no option, show the canary.
 
     A user's arm comes from a hash of the salt and their user id, so it stays the same across
-    requests, service restarts and days. `overnight promote` makes the canary production.
+    requests, service restarts and days. `overnight promote` makes the canary production (and its
+    model the production model); `overnight canary --stop` ends it.
     """
     from jobs import rollouts
 
     settings = _settings()
+    if (logical_date is not None or shards is not None) and model is None:
+        raise typer.BadParameter("--date and --shards go with --model")
     if stop:
-        if batch is not None or traffic is not None or salt is not None:
-            raise typer.BadParameter("--stop takes no --batch, --traffic or --salt")
+        if batch is not None or model is not None or traffic is not None or salt is not None:
+            raise typer.BadParameter("--stop takes no --batch, --model, --traffic or --salt")
         stopped = rollouts.stop_canary(settings)
         if as_json:
             _echo(stopped, as_json=True)
@@ -382,24 +403,31 @@ def canary(
             f"canary batch {stopped.batch_id} stopped; every user gets production batch {stopped.production_batch_id}"
         )
         return
-    if batch is None and traffic is None and salt is None:
+    if batch is None and model is None and traffic is None and salt is None:
         _echo(rollouts.canary_status(settings), as_json)
         return
-    if batch is None or traffic is None:
-        raise typer.BadParameter("a canary needs both --batch and --traffic")
+    if batch is not None and model is not None:
+        raise typer.BadParameter("give --batch or --model, not both")
+    if (batch is None and model is None) or traffic is None:
+        raise typer.BadParameter("a canary needs --batch (or --model) and --traffic")
+    if model is not None:
+        _echo(rollouts.start_model_canary(settings, model, traffic, logical_date, salt, shards), as_json)
+        return
+    assert batch is not None
     _echo(rollouts.start_canary(settings, batch, traffic, salt), as_json)
 
 
 @app.command()
 def promote(as_json: JsonFlag = False) -> None:
-    """Make the running canary the production batch for every user (one transaction, instant)."""
+    """Make the running canary the production batch for every user and its model the production model
+    (one transaction, instant), so the next nights score with that model."""
     from jobs.rollouts import promote_canary
 
     result = promote_canary(_settings())
     if as_json:
         _echo(result, as_json=True)
         return
-    typer.echo(f"canary batch {result.batch_id} is now production (was {result.previous_batch_id})")
+    typer.echo(result.summary())
 
 
 @app.command()

@@ -9,6 +9,8 @@
 5. Drop batches beyond the newest few, and earlier batches of the same date (a re-run replaces).
 
 A batch of a date older than the live one (a backfill) is kept ready but not made live unless asked.
+A batch scored with a chosen model (``score.score(..., model_id=M)``) is published either as a shadow
+(never served) or, with ``model_id``, as a serving batch that never goes live here: a canary's batch.
 """
 
 import logging
@@ -234,10 +236,24 @@ def _should_go_live(conn: psycopg.Connection, logical_date: date, make_live: boo
 
 
 def publish(
-    settings: Settings, logical_date: date, make_live: bool | None = None, shadow: bool = False
+    settings: Settings,
+    logical_date: date,
+    make_live: bool | None = None,
+    shadow: bool = False,
+    model_id: str | None = None,
 ) -> PublishResult:
-    """Publish the date's scores; `shadow`: the shadow model's scores, as a batch that is never served."""
-    manifests = score.read_manifests(settings, logical_date, shadow)
+    """Publish the date's scores. The scores of a chosen model: with `shadow`, as a batch that is never
+    served; with `model_id` (that model's), as a serving batch kept ready for a canary, never made live
+    here. Neither records the date's monitoring, which is production's."""
+    chosen = shadow or model_id is not None
+    if shadow and model_id is not None:
+        raise ValueError("a batch is a shadow or a canary's, not both")
+    manifests = score.read_manifests(settings, logical_date, chosen)
+    if model_id is not None and manifests[0].model_id != model_id:
+        raise MissingDataError(
+            f"the chosen-model scores of {logical_date} are of model {manifests[0].model_id}, not {model_id}: "
+            f"score the date with {model_id} again"
+        )
     folder = settings.work_dir_for(logical_date)
     users_scored = sum(m.users for m in manifests)
     active_users = pl.scan_parquet(folder / "users.parquet").select(pl.len()).collect().item()
@@ -245,7 +261,7 @@ def publish(
     if not fallback_items:
         raise MissingDataError(f"no popular items to serve as the fallback list for {logical_date}")
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)["item_id"].to_list()
-    model_id = manifests[0].model_id
+    model_id = manifests[0].model_id  # checked above to be the one asked for, when one was
     generated_at = min(datetime.fromisoformat(m.generated_at) for m in manifests)
     url = database_url(settings)
 
@@ -283,7 +299,7 @@ def publish(
 
         try:
             with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
-                files = [score.shard_path(settings, logical_date, m.shard, m.shards, shadow) for m in manifests]
+                files = [score.shard_path(settings, logical_date, m.shard, m.shards, chosen) for m in manifests]
                 shard_checks = list(pool.map(lambda path: _load_shard(url, batch_id, path), files))
             logger.info(
                 "publish: batch %d: %d rows loaded; building the primary key",
@@ -306,10 +322,17 @@ def publish(
                 raise BatchValidationError(
                     f"batch {batch_id} for {logical_date} failed validation: {'; '.join(problems)}"
                 )
-            if shadow:
-                # The date's monitoring record and alerts are production's: a shadow's output checks are
-                # kept with its batch only, and never hold it back.
+            if chosen:
+                # The date's monitoring record and alerts are production's: a chosen model's output
+                # checks are kept with its batch only. They never hold a shadow back; they do hold back a
+                # canary's batch, which real users would be served.
                 measured["output"] = output_stats.unrecorded_checks(settings, logical_date, batch_id)
+                failed = [c["message"] for c in measured["output"]["checks"] if c["level"] == "fail"]
+                if failed and not shadow:
+                    raise BatchValidationError(
+                        f"batch {batch_id} for {logical_date} (model {model_id}) failed output checks: "
+                        + "; ".join(failed)
+                    )
             else:
                 output_stats.check_batch(settings, logical_date, batch_id, model_id)  # monitoring's publish gate
             lap("monitor")
@@ -327,8 +350,24 @@ def publish(
             return PublishResult(
                 logical_date.isoformat(), batch_id, model_id, users_scored, False, "shadow batch", dropped, measured
             )
-        conn.execute(sql.query("mark_batch_ready"), (Jsonb(measured), batch_id))
+        conn.execute(sql.query("mark_batch_ready"), (Jsonb(monitor.json_safe(measured)), batch_id))
         conn.commit()
+        if chosen:
+            # A canary's batch: never live by publish, and it replaces none of the date's batches
+            # (production's, kept for rollback); the nightly publish's retention expires it like any.
+            lap("switch")
+            logger.info("publish: batch %d of model %s is ready for a canary", batch_id, model_id)
+            return PublishResult(
+                logical_date.isoformat(),
+                batch_id,
+                model_id,
+                users_scored,
+                False,
+                f"scored with a chosen model ({model_id}): start a canary on it",
+                [],
+                measured,
+                seconds,
+            )
         # Decide and switch under the live lock: two dates published at once (a backfill with
         # several active runs) must not both see an older live batch and both go live.
         with conn.transaction():
@@ -357,24 +396,30 @@ def publish(
 
 
 def rollback(settings: Settings, to_batch: int | None = None) -> SwitchResult:
-    """Point ``live`` back at the kept batch before it (or at ``to_batch``): instant, nothing is copied."""
+    """Point ``live`` back at the kept batch before it (or at ``to_batch``): instant, nothing is copied.
+
+    The target's status is read under the live lock, in the switch's transaction: a canary started
+    (or a retention run) at the same moment cannot make the batch both live and the canary.
+    """
     with connect(settings) as conn:
         upgrade(conn)
-        row = conn.execute(sql.query("live_batch_id")).fetchone()
-        conn.commit()
-        if row is None:
-            raise MissingDataError("nothing is live, so there is nothing to roll back")
-        current = row[0]
-        if to_batch is None:
-            target_row = conn.execute(sql.query("rollback_target"), (current,)).fetchone()
-            if target_row is None:
-                raise MissingDataError(f"no kept batch before the live batch {current} to roll back to")
-            to_batch = int(target_row[0])
-        found = conn.execute(sql.query("batch_by_id"), (to_batch,)).fetchone()
-        if found is None:
-            raise MissingDataError(f"batch {to_batch} does not exist")
-        status = found[3]
-        if status not in ("ready", "retired", "live"):
-            raise MissingDataError(f"batch {to_batch} is {status}; only kept batches (ready or retired) can go live")
-        conn.commit()
-        return switch_live(conn, to_batch, "rollback")
+        with conn.transaction():
+            conn.execute(sql.query("lock_live"))
+            row = conn.execute(sql.query("live_batch_id")).fetchone()
+            if row is None:
+                raise MissingDataError("nothing is live, so there is nothing to roll back")
+            current = row[0]
+            if to_batch is None:
+                target_row = conn.execute(sql.query("rollback_target"), (current,)).fetchone()
+                if target_row is None:
+                    raise MissingDataError(f"no kept batch before the live batch {current} to roll back to")
+                to_batch = int(target_row[0])
+            found = conn.execute(sql.query("batch_by_id"), (to_batch,)).fetchone()
+            if found is None:
+                raise MissingDataError(f"batch {to_batch} does not exist")
+            status = found[3]
+            if status not in ("ready", "retired", "live"):
+                raise MissingDataError(
+                    f"batch {to_batch} is {status}; only kept batches (ready or retired) can go live"
+                )
+            return switch_live(conn, to_batch, "rollback")

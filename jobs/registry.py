@@ -82,6 +82,22 @@ def promote(conn: psycopg.Connection, model: ModelVersion) -> ModelVersion:
         return promoted
 
 
+def make_production(conn: psycopg.Connection, model_id: str, why: str) -> str | None:
+    """Inside the caller's transaction: make ``model_id`` the production model whatever its status (an
+    operator's decision, such as "canary promotion of batch 18", not the training gate's); the
+    production model before it is retired, its reason naming the replacement. Returns that previous
+    production model's id (``model_id`` itself when it already was production: nothing changes)."""
+    conn.execute(sql.query("lock_registry"))
+    current = production_model(conn)
+    if current is not None and current.model_id == model_id:
+        return model_id
+    if model_by_id(conn, model_id) is None:
+        raise MissingDataError(f"model {model_id} is not registered")
+    conn.execute(sql.query("retire_production_model"), (f"replaced by {model_id}: {why}", model_id))
+    conn.execute(sql.query("make_production_model"), (f"made production by {why}", model_id))
+    return current.model_id if current is not None else None
+
+
 def with_status(model: ModelVersion, status: str, reason: str | None) -> ModelVersion:
     return ModelVersion(**{**model.__dict__, "status": status, "status_reason": reason})
 

@@ -5,21 +5,25 @@ it together with the live pointer and routes each user by a hash of (salt, user 
 `serving.variants`. Every change happens in one transaction under the live lock, is recorded in
 ``overnight.canary_history`` and NOTIFYs the lookup services, like a publish. While it is the canary
 a batch has status 'canary', so retention, rollback and a publish leave it alone.
+
+To canary a model, `start_model_canary` scores a date with it (the shadow's scoring path) into a
+batch that does not go live, and starts the canary on that batch. Promoting the canary also makes
+its model the registry's production model, so the nights after score with it.
 """
 
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
 import sql
+from jobs import publish, registry, score
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError, RolloutError
-from jobs.publish import SwitchResult, switch_live
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -98,15 +102,19 @@ def _check_candidate(conn: psycopg.Connection, batch_id: int, production: int | 
         )
 
 
+def _check_request(traffic: float, salt: str | None) -> None:
+    if not 0.0 < traffic < 1.0:
+        raise RolloutError(f"--traffic must be between 0 and 1 (exclusive), got {traffic:g}")
+    if salt is not None and not salt.strip():
+        raise RolloutError("--salt must not be empty")
+
+
 def start_canary(settings: Settings, batch_id: int, traffic: float, salt: str | None = None) -> CanaryState:
     """Serve `batch_id` to a `traffic` share of users; the same batch again changes its share (a ramp).
 
     Without a salt a new canary gets a random one (a fresh slice of users); a ramp keeps its salt.
     """
-    if not 0.0 < traffic < 1.0:
-        raise RolloutError(f"--traffic must be between 0 and 1 (exclusive), got {traffic:g}")
-    if salt is not None and not salt.strip():
-        raise RolloutError("--salt must not be empty")
+    _check_request(traffic, salt)
     with connect(settings) as conn:
         upgrade(conn)
         with conn.transaction():
@@ -163,17 +171,85 @@ def stop_canary(settings: Settings) -> CanaryState:
     return _as_state(running, production)
 
 
-def promote_canary(settings: Settings) -> SwitchResult:
-    """Make the canary production for everyone, in one transaction with the switch of ``live``."""
+@dataclass(frozen=True)
+class Promotion:
+    batch_id: int
+    previous_batch_id: int | None
+    model_id: str  # the promoted batch's model: the registry's production model from now on
+    previous_model_id: str | None  # the registry's production model before
+    model_changed: bool
+
+    def summary(self) -> str:
+        model = (
+            f"model {self.model_id} is now the production model (was {self.previous_model_id})"
+            if self.model_changed
+            else f"production model stays {self.model_id}"
+        )
+        return f"canary batch {self.batch_id} is now production (was {self.previous_batch_id}); {model}"
+
+
+def promote_canary(settings: Settings) -> Promotion:
+    """Make the canary production for everyone, in one transaction with the switch of ``live`` and,
+    when its model is not the registry's production model, the promotion of that model (the one it
+    replaces retired), so the next nightly publish does not silently go back to the old model."""
     with connect(settings) as conn:
         upgrade(conn)
         with conn.transaction():
             running, _ = _end_canary(
                 conn, "promote", "no canary is running: start one with `overnight canary --batch B --traffic T`"
             )
-            switched = switch_live(conn, running["batch_id"], "promote")
-    logger.info("canary batch %d promoted to production (was %s)", switched.batch_id, switched.previous_batch_id)
-    return switched
+            switched = publish.switch_live(conn, running["batch_id"], "promote")
+            with conn.cursor(row_factory=dict_row) as cur:
+                batch = cur.execute(sql.query("batch_for_rollout"), (switched.batch_id,)).fetchone()
+            assert batch is not None
+            previous_model = registry.make_production(
+                conn, batch["model_id"], f"canary promotion of batch {switched.batch_id}"
+            )
+    promotion = Promotion(
+        batch_id=switched.batch_id,
+        previous_batch_id=switched.previous_batch_id,
+        model_id=batch["model_id"],
+        previous_model_id=previous_model,
+        model_changed=previous_model != batch["model_id"],
+    )
+    logger.info("%s", promotion.summary())
+    return promotion
+
+
+def start_model_canary(
+    settings: Settings,
+    model_id: str,
+    traffic: float,
+    logical_date: date | None = None,
+    salt: str | None = None,
+    shards: int | None = None,
+) -> CanaryState:
+    """Canary a registered model: score `logical_date` (default: the live batch's date) with it into a
+    new batch that does not go live, then serve that batch to a `traffic` share of users.
+
+    The batch is of that one date: the nights after publish production's model, not this one, so a
+    canary that runs for days serves ever older lists; refresh it by stopping it and starting again
+    on the newer date with the same salt (the same users).
+    """
+    _check_request(traffic, salt)
+    with connect(settings) as conn:
+        upgrade(conn)
+        running = _state(conn)
+        with conn.cursor(row_factory=dict_row) as cur:
+            live = cur.execute(sql.query("live_status")).fetchone()
+    if running is not None:
+        raise RolloutError(
+            f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users); stop it first "
+            f"with `overnight canary --stop` (to refresh it with the same users, start again with --salt "
+            f"{running['salt']})"
+        )
+    if live is None:
+        raise RolloutError("nothing is live: publish a production batch before starting a canary")
+    day = logical_date or live["logical_date"]
+    scored = score.score(settings, day, shards, model_id=model_id)
+    logger.info("canary of model %s: %s", model_id, score.summarise(scored))
+    published = publish.publish(settings, day, model_id=model_id)
+    return start_canary(settings, published.batch_id, traffic, salt)
 
 
 def running_canary(conn: psycopg.Connection) -> CanaryState | None:

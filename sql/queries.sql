@@ -51,12 +51,14 @@ FROM overnight.model_versions
 WHERE status = 'production';
 
 -- name: model_for_date
--- The newest promoted model trained on or before a date: what scoring that date may use.
+-- What scoring a date may use: the production model when it was trained on or before the date, else
+-- the newest promoted model that was. (Production is the newest but for a model a canary promotion
+-- made production: then it, not the newer model it replaced, scores the coming nights.)
 SELECT model_id, logical_date, status, status_reason, data_window, params, features, metrics,
        artifact_path, artifact_sha256, created_at
 FROM overnight.model_versions
 WHERE status IN ('production', 'retired') AND logical_date <= %s
-ORDER BY logical_date DESC, created_at DESC
+ORDER BY status = 'production' DESC, logical_date DESC, created_at DESC
 LIMIT 1;
 
 -- name: model_by_id
@@ -76,6 +78,9 @@ LIMIT %s;
 UPDATE overnight.model_versions
 SET status = 'retired', status_reason = %s
 WHERE status = 'production' AND model_id <> %s;
+
+-- name: make_production_model
+UPDATE overnight.model_versions SET status = 'production', status_reason = %s WHERE model_id = %s;
 
 -- name: lock_registry
 -- Serialises promotions so that exactly one model is 'production'.
@@ -445,10 +450,11 @@ ORDER BY batch_id DESC
 LIMIT 1;
 
 -- name: serving_batch_for_date
--- The production batch of a date: the newest one that went live, else the newest kept one.
+-- The production batch of a date: the newest one that went live, else the newest kept one (a
+-- canary's batch, scored with another model, is kept but never went live unless promoted).
 SELECT batch_id, model_id, k, generated_at FROM overnight.batches
 WHERE logical_date = %s AND kind = 'serving' AND status IN ('live', 'retired', 'ready', 'canary')
-ORDER BY published_at IS NOT NULL DESC, batch_id DESC
+ORDER BY status IN ('live', 'retired') DESC, batch_id DESC
 LIMIT 1;
 
 -- name: batch_overlap

@@ -1,13 +1,15 @@
 """What canary, promote and shadow must never do to production: its monitoring, its model, its live batch."""
 
 import json
-from datetime import date
+from dataclasses import replace
+from datetime import date, timedelta
 
 import psycopg
 import pytest
 
 import sql
-from jobs import publish, score, shadow
+from jobs import publish, registry, rollouts, score, shadow
+from jobs.errors import MissingDataError, RolloutError
 from jobs.settings import Settings
 from tests.conftest import SAMPLE_DATE, overnight, overnight_env
 from tests.integration.conftest import PREVIOUS_DATE
@@ -82,3 +84,77 @@ def test_canary_stop_and_promote_print_json(batch_settings: Settings, two_batche
     overnight("canary", "--batch", str(candidate), "--traffic", "0.05", env=env)
     promoted = json.loads(overnight("promote", "--json", env=env).stdout)
     assert (promoted["batch_id"], promoted["previous_batch_id"]) == (candidate, production)
+
+
+def test_a_model_canary_promoted_becomes_the_production_model(
+    batch_settings: Settings, two_batches: tuple[int, int]
+) -> None:
+    """Canary a registered model (a batch scored with it, not live), promote it: the registry's production
+    model is now that model, so the next night scores with it instead of silently going back."""
+    production, candidate = two_batches
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        original = registry.production_model(conn)
+        assert original is not None
+        # the same artifact under another id, trained a day earlier: older than the model it will replace
+        challenger = registry.with_status(
+            replace(original, model_id="challenger", logical_date=original.logical_date - timedelta(days=1)),
+            "candidate",
+            "kept out by the gate",
+        )
+        registry.register(conn, challenger)
+    before = monitoring_of(batch_settings, PREVIOUS_DATE)
+
+    started = rollouts.start_model_canary(batch_settings, "challenger", 0.1, salt="m1")
+    assert (started.traffic, started.salt, started.production_batch_id) == (0.1, "m1", production)
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        batch = conn.execute(sql.query("batch_by_id"), (started.batch_id,)).fetchone()
+    assert batch is not None
+    assert (batch[1], batch[2], batch[3]) == (PREVIOUS_DATE, "challenger", "canary")  # the live batch's date
+    assert batch_status(batch_settings, production) == "live"  # not replaced, although of the same date
+    assert monitoring_of(batch_settings, PREVIOUS_DATE) == before  # production's monitoring record stands
+    with pytest.raises(RolloutError, match=r"already the canary.*--salt m1"):
+        rollouts.start_model_canary(batch_settings, "challenger", 0.2)
+    assert score.ranker_for(batch_settings, SAMPLE_DATE).model_id == original.model_id  # until promoted
+
+    promotion = rollouts.promote_canary(batch_settings)
+    assert (promotion.batch_id, promotion.previous_batch_id) == (started.batch_id, production)
+    assert (promotion.model_id, promotion.previous_model_id, promotion.model_changed) == (
+        "challenger",
+        original.model_id,
+        True,
+    )
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        now_production = registry.production_model(conn)
+        replaced = registry.model_by_id(conn, original.model_id)
+        next_night = registry.model_for_date(conn, SAMPLE_DATE)
+    assert now_production is not None and now_production.model_id == "challenger"
+    assert now_production.status_reason == f"made production by canary promotion of batch {started.batch_id}"
+    assert replaced is not None and replaced.status == "retired"
+    assert replaced.status_reason == f"replaced by challenger: canary promotion of batch {started.batch_id}"
+    assert next_night is not None and next_night.model_id == "challenger"
+    assert score.ranker_for(batch_settings, SAMPLE_DATE).model_id == "challenger"
+    # a date before the promoted model was trained still gets a model that existed then
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        assert registry.model_for_date(conn, challenger.logical_date - timedelta(days=1)) is None
+
+    # going back is a canary of the old batch, promoted: its model is production again
+    rollouts.start_canary(batch_settings, production, 0.1)
+    back = rollouts.promote_canary(batch_settings)
+    assert (back.model_id, back.previous_model_id, back.model_changed) == (original.model_id, "challenger", True)
+    # and promoting a batch of the production model leaves the registry as it is
+    rollouts.start_canary(batch_settings, candidate, 0.1)
+    same = rollouts.promote_canary(batch_settings)
+    assert (same.model_id, same.previous_model_id, same.model_changed) == (original.model_id, original.model_id, False)
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        assert registry.production_model(conn) == registry.model_by_id(conn, original.model_id)
+
+
+def test_rollback_refuses_a_canary_batch_under_the_live_lock(
+    batch_settings: Settings, two_batches: tuple[int, int]
+) -> None:
+    production, candidate = two_batches
+    rollouts.start_canary(batch_settings, candidate, 0.1)
+    with pytest.raises(MissingDataError, match=f"batch {candidate} is canary"):
+        publish.rollback(batch_settings, to_batch=candidate)
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        assert conn.execute(sql.query("live_batch_id")).fetchone() == (production,)
