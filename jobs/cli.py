@@ -465,8 +465,14 @@ def shadow_report(
     )
     typer.echo(f"overlap: {json.dumps(report.overlap)}")
     window = report.evaluation["window"]
-    typer.echo(f"evaluation window {window['start']} .. {window['end']}: {window['users']:,} users")
-    if "note" in report.evaluation:
+    typer.echo(
+        f"evaluation window {window['start']} .. {window['end']}: {window['users']:,} users, "
+        f"{window['days_with_data']} of {window['days']} days with data"
+        + ("" if report.evaluation["window_complete"] else " (INCOMPLETE)")
+    )
+    if "warning" in report.evaluation:
+        typer.echo(f"  warning: {report.evaluation['warning']}")
+    elif "note" in report.evaluation:
         typer.echo(f"  {report.evaluation['note']}")
     for key, delta in report.deltas.items():
         production = report.evaluation["production"][key]

@@ -4,7 +4,9 @@ compare it with what production published for the same date.
 The comparison (``overnight shadow-report``) gives, for the users both batches know:
 - overlap@10: the mean share of a user's first 10 items that both batches recommend;
 - offline metrics of both on the evaluation window after the date (events in [D + 1, D + 1 + horizon)
-  that the lake holds by now), with the shadow-minus-production deltas, by `jobs.metrics`;
+  that the lake holds by now), with the shadow-minus-production deltas, by `jobs.metrics`, and how many
+  of the window's days the lake holds interactions for (the report of last night's shadow batch has
+  none for a week: its metrics then are of a partial window, and it says so);
 - the distributions of all scores and of each user's top score.
 """
 
@@ -98,21 +100,27 @@ def _top_items(conn: psycopg.Connection, batch_id: int, users: list[str]) -> pl.
 
 
 def evaluation_window(settings: Settings, logical_date: date, horizon_days: int) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The relevant (user, item) pairs after the date: what users did once the batches were made."""
+    """The relevant (user, item) pairs after the date: what users did once the batches were made; and
+    the window, with how many of its days the lake holds interactions for (``days_with_data``)."""
     start = lake.day_end(logical_date)
     end = start + timedelta(days=horizon_days)
-    relevant = (
+    events = (
         lake.scan_interactions(settings.lake_dir, logical_date + timedelta(days=horizon_days))
         .filter(pl.col("timestamp") >= start, pl.col("timestamp") < end)
-        .select("user_id", "item_id")
+        .select("user_id", "item_id", day=pl.col("timestamp").dt.date())
         .unique()
         .collect()
     )
+    relevant = events.select("user_id", "item_id").unique()
+    days = sorted(events["day"].unique().to_list())
     window = {
         "start": start.isoformat(),
         "end": end.isoformat(),
         "users": relevant["user_id"].n_unique(),
         "pairs": relevant.height,
+        "days": horizon_days,
+        "days_with_data": len(days),
+        "last_day_with_data": days[-1].isoformat() if days else None,
     }
     return relevant, window
 
@@ -138,8 +146,22 @@ def shadow_report(settings: Settings, logical_date: date, horizon_days: int = 7)
         }
 
         relevant, window = evaluation_window(settings, logical_date, horizon_days)
-        evaluation: dict[str, Any] = {"window": window}
+        complete = window["days_with_data"] == horizon_days
+        evaluation: dict[str, Any] = {"window": window, "window_complete": complete}
         deltas: dict[str, float] = {}
+        last_day = logical_date + timedelta(days=horizon_days)
+        if not complete:
+            evaluation["warning"] = (
+                f"the evaluation window [{logical_date + timedelta(days=1)}, {last_day + timedelta(days=1)}) has "
+                f"interactions for {window['days_with_data']} of its {horizon_days} days"
+                + (
+                    ": the metrics and deltas below are of a partial window"
+                    if window["days_with_data"]
+                    else ": there is nothing to evaluate yet"
+                )
+                + f"; run the report again once {last_day} is ingested (or pass a smaller --horizon-days)"
+            )
+            logger.warning("shadow report of %s: %s", logical_date, evaluation["warning"])
         if relevant.height == 0:
             evaluation["note"] = (
                 f"no events after {logical_date} in the lake yet: run the report again once later dates are ingested"

@@ -158,3 +158,35 @@ def test_rollback_refuses_a_canary_batch_under_the_live_lock(
         publish.rollback(batch_settings, to_batch=candidate)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         assert conn.execute(sql.query("live_batch_id")).fetchone() == (production,)
+
+
+def test_shadow_report_says_how_much_of_its_window_has_data(
+    batch_settings: Settings, two_batches: tuple[int, int]
+) -> None:
+    """The lake holds one day after PREVIOUS_DATE: a 7-day window is 1/7 there, and the report says so."""
+    model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
+
+    partial = shadow.shadow_report(batch_settings, PREVIOUS_DATE, horizon_days=7)
+    window = partial.evaluation["window"]
+    assert {"start", "end", "users", "pairs"} <= set(window)  # the keys there were before stay
+    assert (window["days"], window["days_with_data"], window["last_day_with_data"]) == (7, 1, SAMPLE_DATE.isoformat())
+    assert partial.evaluation["window_complete"] is False
+    assert "interactions for 1 of its 7 days" in partial.evaluation["warning"]
+    assert "partial window" in partial.evaluation["warning"]
+    assert partial.deltas  # still computed, on what there is
+
+    whole = shadow.shadow_report(batch_settings, PREVIOUS_DATE, horizon_days=1)
+    assert whole.evaluation["window_complete"] is True and "warning" not in whole.evaluation
+    assert whole.evaluation["window"]["days_with_data"] == 1
+
+    shadow.run_shadow(batch_settings, SAMPLE_DATE, model_id)  # last night's shadow: nothing after it yet
+    empty = shadow.shadow_report(batch_settings, SAMPLE_DATE)
+    assert (empty.evaluation["window"]["days_with_data"], empty.evaluation["window_complete"]) == (0, False)
+    assert "nothing to evaluate yet" in empty.evaluation["warning"] and empty.deltas == {}
+
+    env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
+    text = overnight("shadow-report", "--date", PREVIOUS_DATE.isoformat(), env=env).stdout
+    assert "1 of 7 days with data (INCOMPLETE)" in text and "  warning: the evaluation window" in text
+    data = json.loads(overnight("shadow-report", "--date", PREVIOUS_DATE.isoformat(), "--json", env=env).stdout)
+    assert data["evaluation"]["window_complete"] is False and data["evaluation"]["window"]["days_with_data"] == 1
