@@ -5,19 +5,26 @@ Definitions (``overnight online-report``):
 - served: (request, item) pairs the service logged; an item's position is its rank in the answer.
 - impression: a served pair with an impression event, or with a click or conversion (a clicked item
   was seen even when the client did not report the impression).
-- CTR = clicked impressions / impressions; conversion rate = converted impressions / impressions;
-  both with 95% Wilson score intervals, and canary-minus-production with Newcombe's interval.
+- CTR = clicked impressions / impressions; conversion rate = converted impressions / impressions.
+- Intervals (95%) take the user as the unit, because users (not impressions) are randomized between
+  the arms and one user's impressions are correlated: each rate is a ratio Σy_u / Σn_u over users,
+  with the delta-method variance (`ratio_variance`). CTR and conversion rate use Wilson's interval on
+  the effective sample size n_eff = p(1-p) / Var (at most the impressions), canary-minus-production
+  Newcombe's interval from those two; the IPS click rate and its difference the normal interval.
 - IPS click rate: the click rate an item would have if it were always examined, from the
-  examination hypothesis P(click | position p) = θ_p · P(relevant). Each served pair counts
-  click / θ_p, averaged over the served pairs, so a variant that puts good items lower (where they
-  are seen less) is not penalised for it. θ_p comes from a propensity model:
+  examination hypothesis P(click | shown at position p) = θ_p · P(relevant). Each impressed pair
+  counts click / θ_p, averaged over the impressions (as CTR is), so a variant that puts good items
+  lower (where they are seen less) is not penalised for it. Averaging over impressions assumes
+  clients send an impression event for every item they render (θ_p is the chance a rendered item is
+  examined); an item served but never rendered, or traffic that sends no feedback, is left out of
+  both CTR and IPS rather than counted as not clicked. θ_p comes from a propensity model:
   - ``power`` (default): θ_p = p^-η, η = 1 (Joachims et al., 2017); set η from a randomisation
     experiment (swap intervention) when one was run;
-  - ``estimated``: θ_p = CTR at p / CTR at 1, pooled over every variant and made non-increasing.
+  - ``estimated``: θ_p = CTR at p / CTR at 1 (over impressions), pooled over every variant and made
+    non-increasing.
     It needs no configuration but attributes to position what is partly relevance (better items are
     ranked higher), so it over-corrects; prefer a measured η.
-  θ_p is floored at 0.05 (weights at most 20) to bound the variance; the interval is the normal
-  approximation over served pairs.
+  θ_p is floored at 0.05 (weights at most 20) to bound the variance.
 - offline: beside each batch's and each model's online numbers, the held-out metrics its model was
   registered with (``overnight.model_versions.metrics``: the promotion gate's evaluation, DESIGN §4),
   so that the offline and the online view of one model can be read side by side.
@@ -152,21 +159,21 @@ def _r(value: float) -> float:
 
 
 def propensities(model: str, eta: float, clicks_by_position: dict[int, tuple[int, int]]) -> dict[int, float]:
-    """θ_p for every position seen; `clicks_by_position` maps position → (served, clicks), pooled."""
+    """θ_p for every position seen; `clicks_by_position` maps position → (impressions, clicks), pooled."""
     positions = sorted(clicks_by_position)
     if model == "power":
         return {p: max(MIN_PROPENSITY, p**-eta) for p in positions}
-    served_1, clicks_1 = clicks_by_position.get(1, (0, 0))
+    impressions_1, clicks_1 = clicks_by_position.get(1, (0, 0))
     if not clicks_1:
         raise BadInputError(
             "cannot estimate propensities: no clicks at position 1 in the period; use --propensity power"
         )
-    top_rate = clicks_1 / served_1
+    top_rate = clicks_1 / impressions_1
     theta, running = {}, 1.0
     for p in positions:
-        served, clicks = clicks_by_position[p]
-        if served:
-            running = min(running, clicks / served / top_rate)
+        impressions, clicks = clicks_by_position[p]
+        if impressions:
+            running = min(running, clicks / impressions / top_rate)
         theta[p] = max(MIN_PROPENSITY, min(1.0, running))
     return theta
 
@@ -175,41 +182,44 @@ def propensities(model: str, eta: float, clicks_by_position: dict[int, tuple[int
 
 
 @dataclass
-class _Counts:
-    served: int = 0
-    impressions: int = 0
-    clicks: int = 0
-    conversions: int = 0
-    weighted_clicks: float = 0.0
-    weighted_clicks_squared: float = 0.0
+class _Group:
+    """One row of the report (a variant, a batch or a model): what was served, and the sums over its
+    users of what they did (None when nobody in it sent feedback)."""
+
     requests: int = 0
     users: int = 0
+    served: int = 0
+    outcomes: dict[str, Any] | None = None
 
-    def add(self, row: dict[str, Any], theta: float) -> None:
-        self.served += row["served"]
-        self.impressions += row["impressions"]
-        self.clicks += row["clicks"]
-        self.conversions += row["conversions"]
-        self.weighted_clicks += row["clicks"] / theta
-        self.weighted_clicks_squared += row["clicks"] / theta**2
+    def sums(self, outcome: str) -> UserSums | None:
+        """`outcome` is clicks, conversions or ips (inverse-propensity weighted clicks), over impressions."""
+        row = self.outcomes
+        if row is None:
+            return None
+        return UserSums(
+            users=row["impressed_users"],
+            n=row["impressions"],
+            y=row[outcome],
+            nn=row["impressions_squared"],
+            yy=row[f"{outcome}_squared"],
+            yn=row[f"{outcome}_impressions"],
+        )
 
     def summary(self) -> dict[str, Any]:
-        if self.impressions:  # with no feedback at all there is nothing to estimate, not a rate of 0
-            mean = self.weighted_clicks / self.served
-            variance = max(0.0, self.weighted_clicks_squared / self.served - mean * mean)
-            ips = _normal_interval(mean, math.sqrt(variance / self.served))
-        else:
-            ips = {"value": None, "low": None, "high": None}
+        row = self.outcomes or {}
+        clicks, conversions, ips = self.sums("clicks"), self.sums("conversions"), self.sums("ips")
+        nothing = wilson(0, 0)  # with no feedback at all there is nothing to estimate, not a rate of 0
         return {
             "requests": self.requests,
             "users": self.users,
             "served": self.served,
-            "impressions": self.impressions,
-            "clicks": self.clicks,
-            "conversions": self.conversions,
-            "ctr": wilson(self.clicks, self.impressions),
-            "conversion_rate": wilson(self.conversions, self.impressions),
-            "ips_click_rate": ips,
+            "impressed_users": row.get("impressed_users", 0),
+            "impressions": row.get("impressions", 0),
+            "clicks": row.get("clicks", 0),
+            "conversions": row.get("conversions", 0),
+            "ctr": clustered_wilson(clicks) if clicks else nothing,
+            "conversion_rate": clustered_wilson(conversions) if conversions else nothing,
+            "ips_click_rate": clustered_normal(ips) if ips else nothing,
         }
 
 
@@ -237,7 +247,14 @@ def online_report(
     with connect(settings) as conn:
         upgrade(conn)
         with conn.cursor(row_factory=dict_row) as cur:
-            outcomes = cur.execute(sql.query("online_outcomes"), window).fetchall()
+            cur.execute(sql.query("online_impressed"), window)
+            by_position = {
+                row["position"]: (row["impressions"], row["clicks"])
+                for row in cur.execute(sql.query("online_impressions_by_position")).fetchall()
+            }
+            theta = propensities(propensity, eta, by_position) if by_position else {}
+            weights = {"positions": list(theta), "theta": list(theta.values())}
+            outcomes = cur.execute(sql.query("online_outcomes"), weights).fetchall()
             requests = cur.execute(sql.query("online_requests"), window).fetchall()
             unattributed = {
                 row["event_type"]: row["count"]
@@ -248,29 +265,24 @@ def online_report(
     model_of: dict[int, str] = defaultdict(lambda: UNKNOWN_MODEL, {r["batch_id"]: r["model_id"] for r in registered})
     offline = defaultdict(lambda: _offline(None), {r["model_id"]: _offline(r["metrics"]) for r in registered})
 
-    pooled: dict[int, tuple[int, int]] = defaultdict(lambda: (0, 0))
-    for row in outcomes:
-        served, clicks = pooled[row["position"]]
-        pooled[row["position"]] = (served + row["served"], clicks + row["clicks"])
-    theta = propensities(propensity, eta, pooled) if outcomes else {}
-
-    by_variant: dict[str, _Counts] = defaultdict(_Counts)
-    by_batch: dict[tuple[str, int], _Counts] = defaultdict(_Counts)
-    by_model: dict[str, _Counts] = defaultdict(_Counts)
-
-    def groups(row: dict[str, Any]) -> tuple[_Counts, ...]:
-        variant, batch_id = row["variant"], row["batch_id"]
-        return by_variant[variant], by_batch[(variant, batch_id)], by_model[model_of[batch_id]]
-
-    for row in outcomes:
-        for counts in groups(row):
-            counts.add(row, theta[row["position"]])
+    by_variant: dict[str, _Group] = defaultdict(_Group)
+    by_batch: dict[tuple[str, int], _Group] = defaultdict(_Group)
+    by_model: dict[str, _Group] = defaultdict(_Group)
+    for row in outcomes:  # one row per group, its sums over the group's users computed in SQL
+        if row["level"] == "variant":
+            by_variant[row["variant"]].outcomes = row
+        elif row["level"] == "batch":
+            by_batch[(row["variant"], row["batch_id"])].outcomes = row
+        else:
+            by_model[row["model_id"] or UNKNOWN_MODEL].outcomes = row
     for row in requests:
-        for counts in groups(row):  # a user served by two batches (or arms) counts in each
-            counts.requests += row["requests"]
-            counts.users += row["users"]
+        variant, batch_id = row["variant"], row["batch_id"]
+        for group in by_variant[variant], by_batch[(variant, batch_id)], by_model[model_of[batch_id]]:
+            group.requests += row["requests"]
+            group.served += row["served"]
+            group.users += row["users"]  # a user served by two batches (or arms) counts in each
 
-    variants = {name: counts.summary() for name, counts in sorted(by_variant.items())}
+    variants = {name: group.summary() for name, group in sorted(by_variant.items())}
     report: dict[str, Any] = {
         "from": start.isoformat(),
         "to": end.isoformat(),
@@ -285,28 +297,31 @@ def online_report(
                 "variant": variant,
                 "batch_id": batch_id,
                 "model_id": model_of[batch_id],
-                **counts.summary(),
+                **group.summary(),
                 "offline": offline[model_of[batch_id]],
             }
-            for (variant, batch_id), counts in sorted(by_batch.items())
+            for (variant, batch_id), group in sorted(by_batch.items())
         ],
         "models": {
-            model_id: {**counts.summary(), "offline": offline[model_id]}
-            for model_id, counts in sorted(by_model.items())
+            model_id: {**group.summary(), "offline": offline[model_id]} for model_id, group in sorted(by_model.items())
         },
         "unattributed_feedback": unattributed,
     }
     if "canary" in variants and "production" in variants:
-        canary, production = variants["canary"], variants["production"]
-        ips_c, ips_p = canary["ips_click_rate"], production["ips_click_rate"]
-        ips_delta: dict[str, float | None] = {"value": None, "low": None, "high": None}
-        if ips_c["value"] is not None and ips_p["value"] is not None:
-            se = math.hypot((ips_c["high"] - ips_c["value"]) / Z, (ips_p["high"] - ips_p["value"]) / Z)
-            ips_delta = _normal_interval(ips_c["value"] - ips_p["value"], se)
+        canary, production = by_variant["canary"], by_variant["production"]
+
+        def difference(outcome: str) -> dict[str, float | None]:
+            a, b = canary.sums(outcome), production.sums(outcome)
+            if a is None or b is None:
+                return wilson(0, 0)
+            if outcome == "ips":
+                return clustered_difference(a, b)
+            return newcombe(clustered_wilson(a), clustered_wilson(b))
+
         report["canary_minus_production"] = {
-            "ctr": newcombe(canary["ctr"], production["ctr"]),
-            "conversion_rate": newcombe(canary["conversion_rate"], production["conversion_rate"]),
-            "ips_click_rate": ips_delta,
+            "ctr": difference("clicks"),
+            "conversion_rate": difference("conversions"),
+            "ips_click_rate": difference("ips"),
         }
     return report
 
@@ -327,6 +342,8 @@ def render(report: dict[str, Any]) -> Iterable[str]:
     def interval(metric: dict[str, float | None]) -> str:
         if metric["value"] is None:
             return "—"
+        if metric["low"] is None:  # a single user: no spread between users to measure
+            return f"{metric['value']:.4f} [n/a]"
         return f"{metric['value']:.4f} [{metric['low']:.4f}, {metric['high']:.4f}]"
 
     yield f"online report {report['from']} .. {report['to']} (95% intervals)"

@@ -506,56 +506,66 @@ INSERT INTO overnight.feedback_events (occurred_at, received_at, user_id, item_i
 SELECT (r->>0)::timestamptz, (r->>1)::timestamptz, r->>2, r->>3, r->>4, r->>5
 FROM jsonb_array_elements(%(rows)s::jsonb) AS r;
 
--- name: online_outcomes
--- Every served (request, item) of [start, end) with what its user did with it, aggregated by variant,
--- batch and position. A click or conversion on an item implies it was seen, so it counts as an
--- impression too. Feedback is joined by request id, so a served list and its feedback pair exactly.
--- Served pairs are counted from the lists' lengths; only the answers that got feedback are taken
--- apart item by item (most get none, and expanding every list made the report ten times slower).
+-- name: online_impressed
+-- The impressed (request, item) pairs of the answers served in [start, end): a pair with an impression,
+-- click or conversion event (a click or conversion implies the item was seen). Feedback is joined by
+-- request id, so a served list and its feedback pair exactly. Only the answers that got feedback are
+-- taken apart item by item (most get none, and expanding every list made the report ten times slower).
+-- A temporary table: the propensities are chosen from its counts by position (jobs/online.py) before
+-- online_outcomes weighs its clicks with them.
+CREATE TEMPORARY TABLE online_impressed ON COMMIT DROP AS
 WITH answers AS MATERIALIZED (
     SELECT request_id, user_id, variant, batch_id, item_ids
     FROM overnight.served_predictions_between(%(start)s, %(end)s)
 ),
 feedback AS MATERIALIZED (
     SELECT request_id, user_id, item_id,
-           bool_or(event_type = 'impression') AS impressed,
            bool_or(event_type = 'click') AS clicked,
            bool_or(event_type = 'conversion') AS converted
     FROM overnight.feedback_events
     WHERE occurred_at >= %(start)s AND occurred_at < %(feedback_end)s AND request_id IS NOT NULL
     GROUP BY request_id, user_id, item_id
-),
-served AS (
-    SELECT lists.variant, lists.batch_id, position, sum(lists.answers) AS served
-    FROM (
-        SELECT variant, batch_id, json_array_length(item_ids) AS length, count(*) AS answers
-        FROM answers
-        GROUP BY variant, batch_id, length
-    ) AS lists,
-    generate_series(1, lists.length) AS position
-    GROUP BY lists.variant, lists.batch_id, position
-),
-outcomes AS (
-    SELECT a.variant, a.batch_id, shown.position,
-           count(*) FILTER (WHERE f.impressed OR f.clicked OR f.converted) AS impressions,
-           count(*) FILTER (WHERE f.clicked) AS clicks,
-           count(*) FILTER (WHERE f.converted) AS conversions
-    FROM answers AS a
-    CROSS JOIN LATERAL json_array_elements_text(a.item_ids) WITH ORDINALITY AS shown (item_id, position)
-    JOIN feedback AS f ON f.request_id = a.request_id AND f.user_id = a.user_id AND f.item_id = shown.item_id
-    WHERE a.request_id IN (SELECT request_id FROM feedback)
-    GROUP BY a.variant, a.batch_id, shown.position
 )
-SELECT s.variant, s.batch_id, s.position::bigint AS position, s.served::bigint AS served,
-       coalesce(o.impressions, 0) AS impressions,
-       coalesce(o.clicks, 0) AS clicks,
-       coalesce(o.conversions, 0) AS conversions
-FROM served AS s
-LEFT JOIN outcomes AS o USING (variant, batch_id, position)
-ORDER BY s.variant, s.batch_id, s.position;
+SELECT a.variant, a.batch_id, a.user_id, shown.position::integer AS position, f.clicked, f.converted
+FROM answers AS a
+CROSS JOIN LATERAL json_array_elements_text(a.item_ids) WITH ORDINALITY AS shown (item_id, position)
+JOIN feedback AS f ON f.request_id = a.request_id AND f.user_id = a.user_id AND f.item_id = shown.item_id
+WHERE a.request_id IN (SELECT request_id FROM feedback);
+
+-- name: online_impressions_by_position
+SELECT position, count(*) AS impressions, count(*) FILTER (WHERE clicked) AS clicks
+FROM online_impressed
+GROUP BY position;
+
+-- name: online_outcomes
+-- Per variant, per (variant, batch) and per model: the sums over users that the user-clustered
+-- intervals need (jobs/online.py, UserSums). Each user's impressions n, clicks c, conversions v and
+-- inverse-propensity weighted clicks w (Σ click/θ_position) are summed first, then their sums, squares
+-- and products with n over the users of the group; the user is the unit, as users are randomized.
+WITH per_user AS (
+    SELECT GROUPING(i.variant, i.batch_id, b.model_id) AS grouping, i.variant, i.batch_id, b.model_id,
+           count(*)::float8 AS n,
+           count(*) FILTER (WHERE i.clicked)::float8 AS c,
+           count(*) FILTER (WHERE i.converted)::float8 AS v,
+           coalesce(sum(1 / t.theta) FILTER (WHERE i.clicked), 0) AS w
+    FROM online_impressed AS i
+    JOIN unnest(%(positions)s::integer[], %(theta)s::float8[]) AS t (position, theta) USING (position)
+    LEFT JOIN overnight.batches AS b USING (batch_id)
+    GROUP BY GROUPING SETS ((i.variant, i.user_id), (i.variant, i.batch_id, i.user_id), (b.model_id, i.user_id))
+)
+SELECT CASE grouping WHEN 3 THEN 'variant' WHEN 1 THEN 'batch' ELSE 'model' END AS level,
+       variant, batch_id, model_id,
+       count(*) AS impressed_users,
+       sum(n)::bigint AS impressions, sum(n * n) AS impressions_squared,
+       sum(c)::bigint AS clicks, sum(c * c) AS clicks_squared, sum(c * n) AS clicks_impressions,
+       sum(v)::bigint AS conversions, sum(v * v) AS conversions_squared, sum(v * n) AS conversions_impressions,
+       sum(w) AS ips, sum(w * w) AS ips_squared, sum(w * n) AS ips_impressions
+FROM per_user
+GROUP BY grouping, variant, batch_id, model_id;
 
 -- name: online_requests
-SELECT variant, batch_id, count(*) AS requests, count(DISTINCT user_id) AS users
+SELECT variant, batch_id, count(*) AS requests, count(DISTINCT user_id) AS users,
+       sum(json_array_length(item_ids))::bigint AS served
 FROM overnight.served_predictions_between(%(start)s, %(end)s)
 GROUP BY variant, batch_id;
 

@@ -55,9 +55,15 @@ def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_a
     )
     assert (canary["served"], canary["impressions"], canary["clicks"], canary["conversions"]) == (1, 1, 0, 1)
     assert production["ctr"]["value"] == 0.5
-    # IPS with theta_p = 1/p: the click at position 3 weighs 3, over the 5 served pairs.
-    assert production["ips_click_rate"]["value"] == pytest.approx(3 / 5)
-    assert report["propensity"]["by_position"] == {"1": 1.0, "2": 0.5, "3": pytest.approx(1 / 3, abs=1e-6)}
+    # IPS with theta_p = 1/p: the click at position 3 weighs 3, over the 2 impressions (not the 5 served
+    # pairs: an item never shown could not be clicked). Propensities are those of the impressed positions.
+    assert production["ips_click_rate"]["value"] == pytest.approx(3 / 2)
+    assert report["propensity"]["by_position"] == {"1": 1.0, "3": pytest.approx(1 / 3, abs=1e-6)}
+    # The intervals take the user as the unit: production's two users (u1: 1 click in 1 impression, u2: 0
+    # in 1) give Var(CTR) = (0.5² + 0.5²) / (2·1·1²) = 0.25, so n_eff = 0.25/0.25 = 1 impression.
+    assert production["impressed_users"] == 2
+    assert production["ctr"] == online.wilson(0.5, 1)
+    assert canary["ips_click_rate"] == {"value": 0.0, "low": None, "high": None}  # one user: no spread
     assert report["unattributed_feedback"] == {"click": 2}
     # Batch 7 has no row in overnight.batches: its model is unknown and it has no offline metrics.
     assert [(b["variant"], b["batch_id"], b["model_id"]) for b in report["batches"]] == [
