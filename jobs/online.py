@@ -260,7 +260,7 @@ def online_report(
                 row["event_type"]: row["count"]
                 for row in cur.execute(sql.query("unattributed_feedback"), window).fetchall()
             }
-            served_batches = sorted({row["batch_id"] for row in requests})
+            served_batches = sorted({row["batch_id"] for row in requests if row["level"] == "batch"})
             registered = cur.execute(sql.query("batch_models"), {"batch_ids": served_batches}).fetchall()
     model_of: dict[int, str] = defaultdict(lambda: UNKNOWN_MODEL, {r["batch_id"]: r["model_id"] for r in registered})
     offline = defaultdict(lambda: _offline(None), {r["model_id"]: _offline(r["metrics"]) for r in registered})
@@ -268,19 +268,20 @@ def online_report(
     by_variant: dict[str, _Group] = defaultdict(_Group)
     by_batch: dict[tuple[str, int], _Group] = defaultdict(_Group)
     by_model: dict[str, _Group] = defaultdict(_Group)
-    for row in outcomes:  # one row per group, its sums over the group's users computed in SQL
+
+    def group(row: dict[str, Any]) -> _Group:
+        """The group a row of online_outcomes or online_requests is about (each comes per level)."""
         if row["level"] == "variant":
-            by_variant[row["variant"]].outcomes = row
-        elif row["level"] == "batch":
-            by_batch[(row["variant"], row["batch_id"])].outcomes = row
-        else:
-            by_model[row["model_id"] or UNKNOWN_MODEL].outcomes = row
-    for row in requests:
-        variant, batch_id = row["variant"], row["batch_id"]
-        for group in by_variant[variant], by_batch[(variant, batch_id)], by_model[model_of[batch_id]]:
-            group.requests += row["requests"]
-            group.served += row["served"]
-            group.users += row["users"]  # a user served by two batches (or arms) counts in each
+            return by_variant[row["variant"]]
+        if row["level"] == "batch":
+            return by_batch[(row["variant"], row["batch_id"])]
+        return by_model[row["model_id"] or UNKNOWN_MODEL]
+
+    for row in outcomes:  # the sums over the group's users, computed in SQL
+        group(row).outcomes = row
+    for row in requests:  # users are distinct users of the group, counted in SQL, never summed here
+        served = group(row)
+        served.requests, served.served, served.users = row["requests"], row["served"], row["users"]
 
     variants = {name: group.summary() for name, group in sorted(by_variant.items())}
     report: dict[str, Any] = {

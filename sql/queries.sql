@@ -564,10 +564,20 @@ FROM per_user
 GROUP BY grouping, variant, batch_id, model_id;
 
 -- name: online_requests
-SELECT variant, batch_id, count(*) AS requests, count(DISTINCT user_id) AS users,
-       sum(json_array_length(item_ids))::bigint AS served
-FROM overnight.served_predictions_between(%(start)s, %(end)s)
-GROUP BY variant, batch_id;
+-- Requests, served pairs and distinct users per variant, per (variant, batch) and per model: a user
+-- served by two batches of a variant is one user of the variant, not two.
+WITH per_user AS (
+    SELECT variant, batch_id, user_id, count(*) AS requests, sum(json_array_length(item_ids)) AS served
+    FROM overnight.served_predictions_between(%(start)s, %(end)s)
+    GROUP BY variant, batch_id, user_id
+)
+SELECT CASE GROUPING(u.variant, u.batch_id, b.model_id) WHEN 3 THEN 'variant' WHEN 1 THEN 'batch' ELSE 'model' END
+           AS level,
+       u.variant, u.batch_id, b.model_id,
+       sum(u.requests)::bigint AS requests, sum(u.served)::bigint AS served, count(DISTINCT u.user_id) AS users
+FROM per_user AS u
+LEFT JOIN overnight.batches AS b USING (batch_id)
+GROUP BY GROUPING SETS ((u.variant), (u.variant, u.batch_id), (b.model_id));
 
 -- name: batch_models
 -- The model behind each served batch, with the held-out metrics it was registered with.

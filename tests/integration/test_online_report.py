@@ -24,6 +24,7 @@ def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_a
         log.record("r1", "u1", 7, "production", "personalized", ["a", "b", "c"])
         log.record("r2", "u2", 7, "production", "personalized", ["a", "b"])
         log.record("r3", "u3", 7, "canary", "personalized", ["x"])
+        log.record("r4", "u1", 8, "production", "personalized", ["d"])  # u1 again, from another batch
         await log.stop()
 
     asyncio.run(log_answers())
@@ -48,11 +49,15 @@ def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_a
 
     production, canary = report["variants"]["production"], report["variants"]["canary"]
     assert (production["requests"], production["served"], production["impressions"], production["clicks"]) == (
-        2,
-        5,
+        3,
+        6,
         2,
         1,
     )
+    # u1 was served by batches 7 and 8: one user of production (and of the unknown model), not two.
+    assert (production["users"], canary["users"]) == (2, 1)
+    assert [(b["batch_id"], b["users"]) for b in report["batches"] if b["variant"] == "production"] == [(7, 2), (8, 1)]
+    assert report["models"][online.UNKNOWN_MODEL]["users"] == 3
     assert (canary["served"], canary["impressions"], canary["clicks"], canary["conversions"]) == (1, 1, 0, 1)
     assert production["ctr"]["value"] == 0.5
     # IPS with theta_p = 1/p: the click at position 3 weighs 3, over the 2 impressions (not the 5 served
@@ -69,6 +74,7 @@ def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_a
     assert [(b["variant"], b["batch_id"], b["model_id"]) for b in report["batches"]] == [
         ("canary", 7, online.UNKNOWN_MODEL),
         ("production", 7, online.UNKNOWN_MODEL),
+        ("production", 8, online.UNKNOWN_MODEL),
     ]
     assert set(report["batches"][0]["offline"].values()) == {None}
-    assert report["models"][online.UNKNOWN_MODEL]["served"] == 6
+    assert report["models"][online.UNKNOWN_MODEL]["served"] == 7
