@@ -229,6 +229,7 @@ def _offline(metrics: dict[str, Any] | None) -> dict[str, float | None]:
 
 
 def _period(start: date, end: date) -> tuple[datetime, datetime]:
+    """Both days included: from the start of `start` (UTC) to the start of the day after `end`."""
     if end < start:
         raise BadInputError(f"--to {end} is before --from {start}")
     return lake.day_start(start), lake.day_end(end)
@@ -348,6 +349,11 @@ def render(report: dict[str, Any]) -> Iterable[str]:
         return f"{metric['value']:.4f} [{metric['low']:.4f}, {metric['high']:.4f}]"
 
     yield f"online report {report['from']} .. {report['to']} (95% intervals)"
+    if not report["variants"]:
+        yield f"no logged answers between {report['from']} and {report['to']} (UTC days, both included)"
+        if report["unattributed_feedback"]:
+            yield f"feedback not matched to a logged answer: {report['unattributed_feedback']}"
+        return
     propensity = report["propensity"]
     shown = ", ".join(f"{p}:{t:.2f}" for p, t in list(propensity["by_position"].items())[:10])
     eta = f" (eta {propensity['eta']:g})" if "eta" in propensity else ""

@@ -2,7 +2,7 @@
 lengths, feedback on some items, feedback that matches nothing, a batch the registry does not know."""
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -78,3 +78,12 @@ def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_a
     ]
     assert set(report["batches"][0]["offline"].values()) == {None}
     assert report["models"][online.UNKNOWN_MODEL]["served"] == 7
+
+
+def test_a_period_without_answers_says_so(database_url: str, tmp_path: Path) -> None:
+    day = datetime.now(UTC).date() - timedelta(days=3)
+    report = online.online_report(Settings(database_url=database_url, data_dir=tmp_path), day, day)
+    assert report["variants"] == {} and report["batches"] == [] and "canary_minus_production" not in report
+    lines = list(online.render(report))
+    assert lines[1] == f"no logged answers between {day} and {day} (UTC days, both included)"
+    assert len(lines) == 2
