@@ -269,6 +269,7 @@ def online_report(
     by_variant: dict[str, _Group] = defaultdict(_Group)
     by_batch: dict[tuple[str, int], _Group] = defaultdict(_Group)
     by_model: dict[str, _Group] = defaultdict(_Group)
+    while_canary: dict[str, _Group] = defaultdict(_Group)  # the answers served while a canary ran
 
     def group(row: dict[str, Any]) -> _Group:
         """The group a row of online_outcomes or online_requests is about (each comes per level)."""
@@ -276,6 +277,8 @@ def online_report(
             return by_variant[row["variant"]]
         if row["level"] == "batch":
             return by_batch[(row["variant"], row["batch_id"])]
+        if row["level"] == "while_canary":
+            return while_canary[row["variant"]] if row["while_canary"] else _Group()
         return by_model[row["model_id"] or UNKNOWN_MODEL]
 
     for row in outcomes:  # the sums over the group's users, computed in SQL
@@ -309,8 +312,11 @@ def online_report(
         },
         "unattributed_feedback": unattributed,
     }
-    if "canary" in variants and "production" in variants:
-        canary, production = by_variant["canary"], by_variant["production"]
+    # Only the answers served while a canary ran: the users were split between the arms then, whereas a
+    # whole day's production answers include the hours before the canary started (another batch, other
+    # hours' traffic). A user moved to the canary by a ramp is in both arms.
+    if "canary" in while_canary and "production" in while_canary:
+        canary, production = while_canary["canary"], while_canary["production"]
 
         def difference(outcome: str) -> dict[str, float | None]:
             a, b = canary.sums(outcome), production.sums(outcome)
@@ -321,6 +327,10 @@ def online_report(
             return newcombe(clustered_wilson(a), clustered_wilson(b))
 
         report["canary_minus_production"] = {
+            "while_canary_ran": {
+                name: {key: arm.summary()[key] for key in ("impressed_users", "impressions")}
+                for name, arm in (("canary", canary), ("production", production))
+            },
             "ctr": difference("clicks"),
             "conversion_rate": difference("conversions"),
             "ips_click_rate": difference("ips"),
@@ -381,8 +391,13 @@ def render(report: dict[str, Any]) -> Iterable[str]:
             )
     if "canary_minus_production" in report:
         delta = report["canary_minus_production"]
+        arms = delta["while_canary_ran"]
         yield (
-            f"canary - production: CTR {interval(delta['ctr'])}, conversion {interval(delta['conversion_rate'])}, "
+            "canary - production over the answers served while a canary ran "
+            f"({arms['canary']['impressions']:,} and {arms['production']['impressions']:,} impressions):"
+        )
+        yield (
+            f"  CTR {interval(delta['ctr'])}, conversion {interval(delta['conversion_rate'])}, "
             f"IPS click rate {interval(delta['ips_click_rate'])}"
         )
     if report["unattributed_feedback"]:

@@ -512,11 +512,23 @@ FROM jsonb_array_elements(%(rows)s::jsonb) AS r;
 -- request id, so a served list and its feedback pair exactly. Only the answers that got feedback are
 -- taken apart item by item (most get none, and expanding every list made the report ten times slower).
 -- A temporary table: the propensities are chosen from its counts by position (jobs/online.py) before
--- online_outcomes weighs its clicks with them.
+-- online_outcomes weighs its clicks with them. while_canary: the answer was served while a canary ran
+-- (from a start in overnight.canary_history to the next start, stop or promote), the time in which
+-- canary and production split the users between them.
 CREATE TEMPORARY TABLE online_impressed ON COMMIT DROP AS
 WITH answers AS MATERIALIZED (
-    SELECT request_id, user_id, variant, batch_id, item_ids
+    SELECT served_at, request_id, user_id, variant, batch_id, item_ids
     FROM overnight.served_predictions_between(%(start)s, %(end)s)
+),
+canary_periods AS MATERIALIZED (
+    SELECT started_at, stopped_at
+    FROM (
+        SELECT action, happened_at AS started_at,
+               coalesce(lead(happened_at) OVER (ORDER BY happened_at, event_id), 'infinity') AS stopped_at
+        FROM overnight.canary_history
+        WHERE action IN ('start', 'stop', 'promote')
+    ) AS events
+    WHERE action = 'start' AND stopped_at > %(start)s AND started_at < %(end)s
 ),
 feedback AS MATERIALIZED (
     SELECT request_id, user_id, item_id,
@@ -526,7 +538,10 @@ feedback AS MATERIALIZED (
     WHERE occurred_at >= %(start)s AND occurred_at < %(feedback_end)s AND request_id IS NOT NULL
     GROUP BY request_id, user_id, item_id
 )
-SELECT a.variant, a.batch_id, a.user_id, shown.position::integer AS position, f.clicked, f.converted
+SELECT a.variant, a.batch_id, a.user_id, shown.position::integer AS position, f.clicked, f.converted,
+       EXISTS (
+           SELECT FROM canary_periods AS c WHERE a.served_at >= c.started_at AND a.served_at < c.stopped_at
+       ) AS while_canary
 FROM answers AS a
 CROSS JOIN LATERAL json_array_elements_text(a.item_ids) WITH ORDINALITY AS shown (item_id, position)
 JOIN feedback AS f ON f.request_id = a.request_id AND f.user_id = a.user_id AND f.item_id = shown.item_id
@@ -538,12 +553,14 @@ FROM online_impressed
 GROUP BY position;
 
 -- name: online_outcomes
--- Per variant, per (variant, batch) and per model: the sums over users that the user-clustered
+-- Per variant, per (variant, batch), per model, and per variant of what was served while a canary ran
+-- (the clean canary-minus-production comparison): the sums over users that the user-clustered
 -- intervals need (jobs/online.py, UserSums). Each user's impressions n, clicks c, conversions v and
 -- inverse-propensity weighted clicks w (Σ click/θ_position) are summed first, then their sums, squares
 -- and products with n over the users of the group; the user is the unit, as users are randomized.
 WITH per_user AS (
-    SELECT GROUPING(i.variant, i.batch_id, b.model_id) AS grouping, i.variant, i.batch_id, b.model_id,
+    SELECT GROUPING(i.variant, i.batch_id, b.model_id, i.while_canary) AS grouping,
+           i.variant, i.batch_id, b.model_id, i.while_canary,
            count(*)::float8 AS n,
            count(*) FILTER (WHERE i.clicked)::float8 AS c,
            count(*) FILTER (WHERE i.converted)::float8 AS v,
@@ -551,17 +568,20 @@ WITH per_user AS (
     FROM online_impressed AS i
     JOIN unnest(%(positions)s::integer[], %(theta)s::float8[]) AS t (position, theta) USING (position)
     LEFT JOIN overnight.batches AS b USING (batch_id)
-    GROUP BY GROUPING SETS ((i.variant, i.user_id), (i.variant, i.batch_id, i.user_id), (b.model_id, i.user_id))
+    GROUP BY GROUPING SETS (
+        (i.variant, i.user_id), (i.variant, i.batch_id, i.user_id), (b.model_id, i.user_id),
+        (i.while_canary, i.variant, i.user_id)
+    )
 )
-SELECT CASE grouping WHEN 3 THEN 'variant' WHEN 1 THEN 'batch' ELSE 'model' END AS level,
-       variant, batch_id, model_id,
+SELECT CASE grouping WHEN 7 THEN 'variant' WHEN 3 THEN 'batch' WHEN 13 THEN 'model' ELSE 'while_canary' END AS level,
+       variant, batch_id, model_id, while_canary,
        count(*) AS impressed_users,
        sum(n)::bigint AS impressions, sum(n * n) AS impressions_squared,
        sum(c)::bigint AS clicks, sum(c * c) AS clicks_squared, sum(c * n) AS clicks_impressions,
        sum(v)::bigint AS conversions, sum(v * v) AS conversions_squared, sum(v * n) AS conversions_impressions,
        sum(w) AS ips, sum(w * w) AS ips_squared, sum(w * n) AS ips_impressions
 FROM per_user
-GROUP BY grouping, variant, batch_id, model_id;
+GROUP BY grouping, variant, batch_id, model_id, while_canary;
 
 -- name: online_requests
 -- Requests, served pairs and distinct users per variant, per (variant, batch) and per model: a user

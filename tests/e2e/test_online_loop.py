@@ -139,6 +139,9 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
     assert [b["batch_id"] for b in report["batches"]] == [candidate, production]
 
     delta = report["canary_minus_production"]
+    # The canary started before the first request: every answer is in the comparison.
+    assert delta["while_canary_ran"]["canary"]["impressions"] == canary["impressions"]
+    assert delta["while_canary_ran"]["production"]["impressions"] == control["impressions"]
     assert delta["ctr"]["low"] > 0, delta  # the interval excludes zero: the canary is better
     assert delta["ips_click_rate"]["low"] > 0, delta
     # The simulation follows the default propensity model, so IPS recovers each variant's relevance.
@@ -160,7 +163,7 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
 
     env = overnight_env(database_url, settings.data_dir)
     text = overnight("online-report", "--from", today.isoformat(), "--to", today.isoformat(), env=env).stdout
-    assert "canary - production: CTR" in text
+    assert "canary - production over the answers served while a canary ran" in text
     assert "beside online, per model" in text
     listed = {row["model_id"]: row for row in json.loads(overnight("models", "--json", env=env).stdout)}
     assert listed["ranker-candidate"]["online"]["ctr"] == canary["ctr"]

@@ -70,6 +70,8 @@ def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_a
     assert production["ctr"] == online.wilson(0.5, 1)
     assert canary["ips_click_rate"] == {"value": 0.0, "low": None, "high": None}  # one user: no spread
     assert report["unattributed_feedback"] == {"click": 2}
+    # No canary was ever started (overnight.canary_history is empty): no time in which the arms split users.
+    assert "canary_minus_production" not in report
     # Batch 7 has no row in overnight.batches: its model is unknown and it has no offline metrics.
     assert [(b["variant"], b["batch_id"], b["model_id"]) for b in report["batches"]] == [
         ("canary", 7, online.UNKNOWN_MODEL),
