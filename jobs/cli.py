@@ -377,6 +377,14 @@ def canary(
         str | None,
         typer.Option(help="Chooses which users are in the slice (default: a new random salt per canary)."),
     ] = None,
+    allow_shrink: Annotated[
+        bool,
+        typer.Option(
+            "--allow-shrink",
+            help="Allow a smaller --traffic than the running canary's: the users between the two shares go "
+            "back to production (refused without it).",
+        ),
+    ] = False,
     stop: Annotated[bool, typer.Option("--stop", help="End the canary: everyone gets production again.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -384,8 +392,9 @@ def canary(
     no option, show the canary.
 
     A user's arm comes from a hash of the salt and their user id, so it stays the same across
-    requests, service restarts and days. `overnight promote` makes the canary production (and its
-    model the production model); `overnight canary --stop` ends it.
+    requests, service restarts and days. Ramping up keeps every canary user in the canary; ramping
+    down moves some back to production, so it needs --allow-shrink. `overnight promote` makes the
+    canary production (and its model the production model); `overnight canary --stop` ends it.
     """
     from jobs import rollouts
 
@@ -393,8 +402,8 @@ def canary(
     if (logical_date is not None or shards is not None) and model is None:
         raise typer.BadParameter("--date and --shards go with --model")
     if stop:
-        if batch is not None or model is not None or traffic is not None or salt is not None:
-            raise typer.BadParameter("--stop takes no --batch, --model, --traffic or --salt")
+        if batch is not None or model is not None or traffic is not None or salt is not None or allow_shrink:
+            raise typer.BadParameter("--stop takes no --batch, --model, --traffic, --salt or --allow-shrink")
         stopped = rollouts.stop_canary(settings)
         if as_json:
             _echo(stopped, as_json=True)
@@ -403,7 +412,7 @@ def canary(
             f"canary batch {stopped.batch_id} stopped; every user gets production batch {stopped.production_batch_id}"
         )
         return
-    if batch is None and model is None and traffic is None and salt is None:
+    if batch is None and model is None and traffic is None and salt is None and not allow_shrink:
         _echo(rollouts.canary_status(settings), as_json)
         return
     if batch is not None and model is not None:
@@ -411,10 +420,12 @@ def canary(
     if (batch is None and model is None) or traffic is None:
         raise typer.BadParameter("a canary needs --batch (or --model) and --traffic")
     if model is not None:
+        if allow_shrink:
+            raise typer.BadParameter("--allow-shrink goes with --batch (a model canary always starts a new canary)")
         _echo(rollouts.start_model_canary(settings, model, traffic, logical_date, salt, shards), as_json)
         return
     assert batch is not None
-    _echo(rollouts.start_canary(settings, batch, traffic, salt), as_json)
+    _echo(rollouts.start_canary(settings, batch, traffic, salt, allow_shrink), as_json)
 
 
 @app.command()

@@ -109,10 +109,26 @@ def _check_request(traffic: float, salt: str | None) -> None:
         raise RolloutError("--salt must not be empty")
 
 
-def start_canary(settings: Settings, batch_id: int, traffic: float, salt: str | None = None) -> CanaryState:
+def _check_ramp(running: dict[str, Any], traffic: float, allow_shrink: bool) -> None:
+    """A ramp up keeps every canary user in the canary; a ramp down sends the users between the two
+    shares back to production mid-experiment, so it must be asked for by name."""
+    if traffic >= running["traffic"] or allow_shrink:
+        return
+    raise RolloutError(
+        f"batch {running['batch_id']} is the canary for {running['traffic']:.2%} of users; lowering it to "
+        f"{traffic:.2%} moves the users between the two shares ({running['traffic'] - traffic:.2%} of all users) "
+        "back to production, so they change arm mid-experiment: pass --allow-shrink to do it anyway, "
+        "or stop the canary with `overnight canary --stop`"
+    )
+
+
+def start_canary(
+    settings: Settings, batch_id: int, traffic: float, salt: str | None = None, allow_shrink: bool = False
+) -> CanaryState:
     """Serve `batch_id` to a `traffic` share of users; the same batch again changes its share (a ramp).
 
     Without a salt a new canary gets a random one (a fresh slice of users); a ramp keeps its salt.
+    A ramp down (a smaller share) moves users back to production and is refused unless `allow_shrink`.
     """
     _check_request(traffic, salt)
     with connect(settings) as conn:
@@ -131,6 +147,8 @@ def start_canary(settings: Settings, batch_id: int, traffic: float, salt: str | 
                     f"batch {batch_id} is the canary with salt {running['salt']!r}; changing the salt would "
                     "move users between arms mid-experiment: stop it and start a new canary instead"
                 )
+            if running is not None:
+                _check_ramp(running, traffic, allow_shrink)
             _check_candidate(conn, batch_id, production)
             action = "ramp" if running is not None else "start"
             chosen_salt = running["salt"] if running is not None else salt or secrets.token_hex(8)

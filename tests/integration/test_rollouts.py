@@ -126,6 +126,39 @@ def test_canary_refuses_what_it_cannot_serve(batch_settings: Settings, two_batch
     assert batch_status(batch_settings, candidate) == "canary"
 
 
+def test_canary_ramp_down_needs_allow_shrink(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
+    """A smaller share moves users back to production mid-experiment: refused unless asked for by name."""
+    _, candidate = two_batches
+    users = list(scored_rows(batch_settings, SAMPLE_DATE))
+
+    def canary_users() -> set[str]:
+        rollout = asyncio.run(rollout_of(batch_settings))
+        assert rollout is not None
+        return {user for user in users if rollout.route(user)[0] == CANARY}
+
+    rollouts.start_canary(batch_settings, candidate, 0.5, salt="shrink")
+    before = canary_users()
+    rollouts.start_canary(batch_settings, candidate, 0.5)  # the same share is no ramp down
+    with pytest.raises(RolloutError, match=r"50\.00% of users; lowering it to 20\.00% .*--allow-shrink"):
+        rollouts.start_canary(batch_settings, candidate, 0.2)
+    assert rollouts.canary_status(batch_settings)["canary"]["traffic"] == 0.5
+    assert canary_users() == before
+
+    env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
+    refused = overnight("canary", "--batch", str(candidate), "--traffic", "0.2", env=env, check=False)
+    assert refused.returncode == 1
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("overnight: error: batch") and "back to production" in line and "--allow-shrink" in line
+    assert "--allow-shrink" in overnight("canary", "--help", env=env).stdout
+
+    shrunk = overnight("canary", "--batch", str(candidate), "--traffic", "0.2", "--allow-shrink", env=env)
+    assert "traffic: 0.2" in shrunk.stdout and "salt: shrink" in shrunk.stdout
+    after = canary_users()
+    assert after < before and len(after) < len(before)  # the same salt: a subset stays, the rest is production
+    status = rollouts.canary_status(batch_settings)
+    assert [(e["action"], e["traffic"]) for e in status["history"]] == [("ramp", 0.2), ("ramp", 0.5), ("start", 0.5)]
+
+
 def test_readers_see_no_error_while_canaries_start_stop_and_promote(
     batch_settings: Settings, two_batches: tuple[int, int]
 ) -> None:
