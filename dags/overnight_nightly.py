@@ -8,7 +8,7 @@ Params: ``source`` (default OVERNIGHT_SOURCE; ``{date}`` becomes the logical dat
 ``publish_live`` (null: live unless a newer date is live; true: make this date's batch live even
 in a backfill; false: never) and ``shadow_model`` (default OVERNIGHT_SHADOW_MODEL: a registered
 model also scored, after publish, into a shadow batch that is never served; compare with
-``overnight shadow-report``).
+``overnight shadow-report``; a model trained after the run's date, as in a backfill, skips the shadow).
 """
 
 from __future__ import annotations
@@ -174,13 +174,13 @@ def overnight_nightly() -> None:
     def shadow(day: str, published: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.shadow import run_shadow
+        from jobs.shadow import nightly_shadow
 
         settings = get_settings()
         model_id = (params or {}).get("shadow_model") or settings.shadow_model
         if not model_id:
             return {"shadow": None, "reason": "no shadow_model param and OVERNIGHT_SHADOW_MODEL is unset"}
-        return asdict(run_shadow(settings, date.fromisoformat(day), model_id))
+        return asdict(nightly_shadow(settings, date.fromisoformat(day), model_id))
 
     @task
     def online_tables(day: str) -> dict[str, Any]:

@@ -13,6 +13,10 @@ class MissingDataError(OvernightError):
     """A step needs lake data, a model or a batch that does not exist yet."""
 
 
+class FutureModelError(MissingDataError):
+    """A model trained after the date was asked to score it: that would use the future."""
+
+
 class BatchValidationError(OvernightError):
     """A batch failed publish validation; production was left untouched."""
 

@@ -21,7 +21,7 @@ import polars as pl
 
 from jobs import candidates, features, kernels, lake, registry
 from jobs.database import connect
-from jobs.errors import MissingDataError
+from jobs.errors import FutureModelError, MissingDataError
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def ranker_for(settings: Settings, logical_date: date, model_id: str | None = No
             f"no promoted model trained on or before {logical_date}; run `overnight train --date {logical_date}`"
         )
     if model.logical_date > logical_date:
-        raise MissingDataError(
+        raise FutureModelError(
             f"model {model.model_id} was trained for {model.logical_date}, after {logical_date}: "
             "scoring that date with it would use the future"
         )

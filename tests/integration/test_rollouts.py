@@ -11,7 +11,7 @@ import pytest
 
 import sql
 from jobs import ingest, lake, publish, rollouts, score, shadow
-from jobs.errors import MissingDataError, RolloutError
+from jobs.errors import FutureModelError, MissingDataError, RolloutError
 from jobs.settings import Settings
 from serving.live import read_rollout
 from serving.variants import CANARY, PRODUCTION
@@ -249,8 +249,25 @@ def test_shadow_refuses_unknown_and_future_models(batch_settings: Settings) -> N
     with pytest.raises(MissingDataError, match="model nope is not registered"):
         shadow.run_shadow(batch_settings, SAMPLE_DATE, "nope")
     model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
-    with pytest.raises(MissingDataError, match="would use the future"):
-        shadow.run_shadow(batch_settings, PREVIOUS_DATE - timedelta(days=3), model_id)
+    older = PREVIOUS_DATE - timedelta(days=3)
+    with pytest.raises(FutureModelError, match="would use the future"):
+        shadow.run_shadow(batch_settings, older, model_id)
+    # The nightly DAG's shadow of a backfilled older date: skipped with the reason, nothing published.
+    skipped = shadow.nightly_shadow(batch_settings, older, model_id)
+    assert isinstance(skipped, shadow.ShadowSkipped) and skipped.skipped
+    assert (skipped.logical_date, skipped.shadow_model) == (older.isoformat(), model_id)
+    assert f"after {older}" in skipped.reason and "would use the future" in skipped.reason
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        shadows = conn.execute("SELECT count(*) FROM overnight.batches WHERE logical_date = %s", (older,)).fetchone()
+    assert shadows == (0,)
+    with pytest.raises(MissingDataError, match="model nope is not registered"):  # a typo still fails the night
+        shadow.nightly_shadow(batch_settings, older, "nope")
+    # Asked for explicitly, the impossible shadow is an error.
+    env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
+    refused = overnight("shadow", "--date", older.isoformat(), "--model", model_id, env=env, check=False)
+    assert refused.returncode == 1
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith(f"overnight: error: model {model_id} was trained for") and "would use the future" in line
     with pytest.raises(MissingDataError, match="no production batch for 2026-11-20"):
         shadow.shadow_report(batch_settings, SAMPLE_DATE)
 
