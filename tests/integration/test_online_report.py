@@ -2,6 +2,7 @@
 lengths, feedback on some items, feedback that matches nothing, a batch the registry does not know."""
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -89,3 +90,97 @@ def test_a_period_without_answers_says_so(database_url: str, tmp_path: Path) -> 
     lines = list(online.render(report))
     assert lines[1] == f"no logged answers between {day} and {day} (UTC days, both included)"
     assert len(lines) == 2
+
+
+def test_canary_minus_production_counts_only_the_answers_served_while_the_canary_ran(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Production answers before the canary started and after it stopped count in production's totals but
+    not in the comparison, whose arms must split the same users over the same hours."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO overnight.model_versions (model_id, logical_date, status, data_window, params, features,"
+            " metrics, artifact_path, artifact_sha256) VALUES ('m', current_date, 'production', '{}', '{}', '{}',"
+            " '{}', 'm.txt', repeat('0', 64))"
+        )
+        production_batch, canary_batch = (
+            conn.execute(
+                "INSERT INTO overnight.batches (logical_date, model_id, status, k, users_scored, active_users,"
+                " fallback_item_ids, fallback_scores, generated_at)"
+                " VALUES (current_date, 'm', %s, 10, 1, 1, '{}', '{}', now()) RETURNING batch_id",
+                (status,),
+            ).fetchone()[0]  # type: ignore[index]
+            for status in ("live", "canary")
+        )
+
+    def canary_event(action: str) -> None:
+        time.sleep(0.01)  # every answer logged so far is before the event, every one logged after is after it
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                "INSERT INTO overnight.canary_history (action, batch_id, traffic, salt, production_batch_id,"
+                " happened_at) VALUES (%s, %s, 0.5, 's', %s, %s)",
+                (action, canary_batch, production_batch, datetime.now(UTC)),
+            )
+        time.sleep(0.01)
+
+    def log(answers: list[tuple[str, str, str, list[str]]], feedback: list[tuple[str, str, str, str]]) -> None:
+        async def write() -> None:
+            log = PredictionLog(database_url)
+            log.start()
+            for request, user, variant, items in answers:
+                batch = canary_batch if variant == "canary" else production_batch
+                log.record(request, user, batch, variant, "personalized", items)
+            await log.stop()
+
+        asyncio.run(write())
+        now = datetime.now(UTC)
+        with psycopg.connect(database_url) as conn:
+            for user, item, kind, request in feedback:
+                conn.execute(
+                    "INSERT INTO overnight.feedback_events VALUES (%s, %s, %s, %s, %s, %s)",
+                    (now, now, user, item, kind, request),
+                )
+
+    # Before the canary: production only, and its users clicked everything (3 impressions, 3 clicks).
+    log(
+        [("r1", "u1", "production", ["a", "b"]), ("r2", "u2", "production", ["a"])],
+        [("u1", "a", "click", "r1"), ("u1", "b", "click", "r1"), ("u2", "a", "click", "r2")],
+    )
+    canary_event("start")
+    # While it ran: production 3 impressions and 1 click (u3, u7); the canary 3 and 1 (u4, u5).
+    log(
+        [
+            ("r3", "u3", "production", ["a", "b"]),
+            ("r7", "u7", "production", ["b"]),
+            ("r4", "u4", "canary", ["x", "y"]),
+            ("r5", "u5", "canary", ["x"]),
+        ],
+        [
+            ("u3", "a", "impression", "r3"),
+            ("u3", "b", "impression", "r3"),
+            ("u7", "b", "click", "r7"),
+            ("u4", "x", "impression", "r4"),
+            ("u4", "y", "click", "r4"),
+            ("u5", "x", "impression", "r5"),
+        ],
+    )
+    canary_event("stop")
+    log([("r6", "u6", "production", ["a"])], [("u6", "a", "click", "r6")])  # after it: production again
+
+    today = datetime.now(UTC).date()
+    report = online.online_report(Settings(database_url=database_url, data_dir=tmp_path), today, today)
+
+    production, canary = report["variants"]["production"], report["variants"]["canary"]
+    # The per-variant totals keep every answer of the period, before, during and after the canary.
+    assert (production["requests"], production["impressed_users"], production["impressions"]) == (5, 5, 7)
+    assert production["clicks"] == 5
+    assert (canary["requests"], canary["impressed_users"], canary["impressions"], canary["clicks"]) == (2, 2, 3, 1)
+    # The comparison takes production's answers of the canary's running time only.
+    comparison = report["canary_minus_production"]
+    assert comparison["while_canary_ran"] == {
+        "canary": {"impressed_users": 2, "impressions": 3},
+        "production": {"impressed_users": 2, "impressions": 3},
+    }
+    # CTR 1/3 in both arms while the canary ran; over the whole day production's would be 5/7.
+    assert comparison["ctr"]["value"] == pytest.approx(0.0)
+    assert production["ctr"]["value"] == pytest.approx(5 / 7, abs=1e-6)
