@@ -138,7 +138,7 @@ def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
     """The CLI contract (`overnight: error: ...`) holds for usage errors too, not only for failed steps."""
     for args, message in (
         (["canary", "--batch", "1"], "a canary needs --batch (or --model) and --traffic"),
-        (["canary", "--stop", "--batch", "3"], "--stop takes no --batch, --model, --traffic or --salt"),
+        (["canary", "--stop", "--batch", "3"], "--stop takes no --batch, --model, --traffic, --salt or --allow-shrink"),
         (["canary", "--batch", "1", "--traffic", "5%"], "Invalid value for '--traffic'"),
         (["online-report", "--from", "2026-13-01", "--to", "2026-11-02"], "'2026-13-01' is not a date like"),
         (["online-report", "--from", "2026-11-01", "--to", "2026-11-02", "--eta", "-1"], "Invalid value for '--eta'"),
