@@ -160,6 +160,11 @@ def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
         rows_read = ingest_report["rows_read"]
         null_fraction = sum(n for r, n in reasons.items() if r.startswith("missing_")) / rows_read
         quarantine_fraction = sum(n for r, n in reasons.items() if r != "after_logical_date") / rows_read
+    # Feedback counts apart from the source's (its drops never fail ingest); a night that read none,
+    # or ran with OVERNIGHT_INGEST_FEEDBACK off, has nothing to measure.
+    feedback_read = ingest_report.get("feedback_read", 0) if ingest_report else 0
+    feedback_dropped_by_reason = ingest_report.get("feedback_dropped_by_reason", {}) if ingest_report else {}
+    feedback_dropped = sum(feedback_dropped_by_reason.values())
 
     volume_change = None
     if trailing_average:
@@ -177,6 +182,10 @@ def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
         "null_fraction": null_fraction,
         "quarantine_fraction": quarantine_fraction,
         "rows_read": ingest_report.get("rows_read") if ingest_report else None,
+        "feedback_read": feedback_read,
+        "feedback_dropped": feedback_dropped,
+        "feedback_dropped_by_reason": feedback_dropped_by_reason,
+        "feedback_dropped_share": feedback_dropped / feedback_read if feedback_read else None,
         "weight": {
             "today": distributions.quantiles(today_weights) | {"mean": _mean(today_weights)},
             "before": distributions.quantiles(before_weights) | {"mean": _mean(before_weights)},
@@ -228,6 +237,7 @@ INPUT_STATISTICS = (
     "null_fraction",
     "quarantine_fraction",
     "weight_psi",
+    "feedback_dropped_share",
 )
 
 
@@ -242,7 +252,16 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
         raise MissingDataError(f"no promoted model trained on or before {logical_date} to measure drift against")
 
     measured = input_statistics(settings, logical_date)
-    input_checks = [monitor.evaluate(limits, "input", name, measured[name]) for name in INPUT_STATISTICS]
+    input_details = {
+        "feedback_dropped_share": {
+            "feedback_read": measured["feedback_read"],
+            "feedback_dropped_by_reason": measured["feedback_dropped_by_reason"],
+        }
+    }
+    input_checks = [
+        monitor.evaluate(limits, "input", name, measured[name], details=input_details.get(name))
+        for name in INPUT_STATISTICS
+    ]
 
     reference_file = reference_path(settings, model)
     drift_checks: list[monitor.Check] = []

@@ -43,6 +43,11 @@ DEFAULT_THRESHOLDS: dict[str, Threshold] = {
     "null_fraction": Threshold("above", 0.01, None, "share of rows read with a missing id or timestamp"),
     "quarantine_fraction": Threshold("above", 0.02, None, "share of rows read that ingest quarantined"),
     "weight_psi": Threshold("above", 0.1, None, "PSI of the date's ratings/weights against the 28 days before"),
+    # No fail by default: feedback drops never fail ingest (a client's bad events must not block the
+    # publish), but a client sending mostly ids we do not know (its own SKUs, say) should be seen.
+    "feedback_dropped_share": Threshold(
+        "above", 0.05, None, "share of the feedback events ingest read that it dropped (unknown items, bad ids, ...)"
+    ),
     # drift: the ranker's features, training reference against tonight's scoring data
     # PSI's textbook warn level is 0.1; nightly features that depend on the clock (counts over a
     # window, ages) move that much within days on their own, so 0.2 warns of real shifts only.

@@ -1,5 +1,5 @@
 """Feedback events into ingest on a real Postgres: read by when they were received, kept exactly once,
-validated like a source, and never adding items to the catalogue."""
+validated like a source, never adding items to the catalogue, and their drops watched by monitoring."""
 
 import json
 from datetime import date, datetime, timedelta
@@ -9,7 +9,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from jobs import ingest, lake
+from jobs import drift, ingest, lake, monitor, pipeline
 from jobs.settings import Settings
 from tests.conftest import SAMPLE_DATE
 
@@ -120,3 +120,45 @@ def test_feedback_on_unknown_items_or_with_bad_ids_is_dropped_and_counted(
     report = json.loads(Path(result.report_path).read_text())
     assert report["feedback_dropped_by_reason"] == dropped and report["feedback_used"] == 1
     assert "1 of 5 feedback events, 4 dropped" in result.summary()
+
+
+def feedback_check(settings: Settings) -> dict[str, object]:
+    with psycopg.connect(str(settings.database_url)) as conn:
+        checks = monitor.stored_checks(conn, D)
+    return next(c for c in checks if c["statistic"] == "feedback_dropped_share")
+
+
+def test_a_client_sending_mostly_unknown_items_warns_and_the_night_still_publishes(
+    settings: Settings, sample_source: Path
+) -> None:
+    at = DAY + timedelta(hours=9)
+    store(settings, *[(at, at, f"u-sku{n}", str(n), "click") for n in (1, 2)])
+    store(settings, *[(at, at, f"u-sku{n}", f"SKU-{n:05d}", "click") for n in range(8)])  # the client's own ids
+
+    night = pipeline.run(settings, sample_source, D)
+
+    check = feedback_check(settings)
+    assert (check["level"], check["value"], check["warn_at"], check["fail_at"]) == ("warn", 0.8, 0.05, None)
+    assert check["details"] == {"feedback_read": 10, "feedback_dropped_by_reason": {"unknown_item": 8}}
+    with psycopg.connect(str(settings.database_url)) as conn:
+        live = conn.execute("SELECT batch_id FROM overnight.live").fetchone()
+        report = monitor.stored_reports(conn, D)["input"]["report"]
+    assert live == (night.batch_id,)  # a warn, and no fail threshold by default: the batch went live
+    assert (report["feedback_read"], report["feedback_dropped"], report["feedback_dropped_share"]) == (10, 8, 0.8)
+
+
+def test_clean_feedback_is_ok_and_a_night_without_feedback_is_not_measured(
+    settings: Settings, sample_source: Path
+) -> None:
+    at = DAY + timedelta(hours=9)
+    store(settings, *[(at, at, f"u-clean{n}", str(n), "click") for n in range(1, 6)])
+
+    pipeline.run(settings, sample_source, D)
+    check = feedback_check(settings)
+    assert (check["level"], check["value"]) == ("ok", 0.0)
+
+    without = settings.model_copy(update={"ingest_feedback": False})
+    ingest.ingest(without, sample_source, D)
+    drift.monitor_input(without, D)
+    check = feedback_check(settings)
+    assert (check["level"], check["value"], check["message"]) == ("ok", None, "feedback_dropped_share: not measured")

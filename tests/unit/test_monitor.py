@@ -36,6 +36,14 @@ def test_overrides_can_turn_a_level_off_and_unknown_names_are_errors() -> None:
         thresholds(Settings(monitor_thresholds={"feature_psi": {"error": 1.0}}))
 
 
+def test_feedback_drops_warn_but_never_fail_unless_asked() -> None:
+    limits = thresholds(Settings())
+    assert evaluate(limits, "input", "feedback_dropped_share", 0.99).level == "warn"
+    assert evaluate(limits, "input", "feedback_dropped_share", 0.05).level == "ok"
+    strict = thresholds(Settings(monitor_thresholds={"feedback_dropped_share": {"fail": 0.5}}))
+    assert evaluate(strict, "input", "feedback_dropped_share", 0.8).level == "fail"
+
+
 def test_the_environment_sets_thresholds_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OVERNIGHT_MONITOR_THRESHOLDS", '{"feature_psi": {"fail": 0.3}}')
     assert thresholds(Settings())["feature_psi"].fail == 0.3
