@@ -107,6 +107,12 @@ def test_nightly_dag_publishes_a_batch_that_the_service_serves(
         ).fetchall()
     assert [row[:3] for row in batches] == [("serving", "live", model_id), ("shadow", "shadow", model_id)]
     assert batches[1][3] == batches[0][3] > 0 and batches[1][4] is False
+    with psycopg.connect(database_url) as conn:
+        night = conn.execute(
+            "SELECT r.status, r.batch_id = l.batch_id FROM overnight.runs AS r, overnight.live AS l "
+            "ORDER BY r.run_id DESC LIMIT 1"
+        ).fetchone()
+    assert night == ("success", True)  # the run history names the night's serving batch, not the shadow
 
 
 def test_freshness_dag_fails_when_nothing_is_live(database_url: str, tmp_path: Path) -> None:
