@@ -9,7 +9,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from jobs import ingest, registry, score, train
+import sql
+from jobs import ingest, publish, registry, score, train
 from jobs.settings import Settings
 from tests.conftest import SAMPLE_DATE, create_database, drop_database
 
@@ -53,3 +54,19 @@ def batch_settings(scored_lake: ScoredLake, database_url: str, tmp_path: Path) -
     with psycopg.connect(database_url) as conn:
         registry.register(conn, scored_lake.model)
     return Settings(data_dir=data_dir, database_url=database_url, score_shards=2)
+
+
+@pytest.fixture
+def two_batches(batch_settings: Settings) -> tuple[int, int]:
+    """(production, candidate): PREVIOUS_DATE's batch is live, SAMPLE_DATE's is published but not live."""
+    candidate = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
+    production = publish.publish(batch_settings, PREVIOUS_DATE, make_live=True).batch_id
+    return production, candidate
+
+
+def batch_status(settings: Settings, batch_id: int) -> str:
+    """A batch's status (live, ready, canary, shadow, ...), as the database has it."""
+    with psycopg.connect(str(settings.database_url)) as conn:
+        row = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
+    assert row is not None
+    return str(row[3])

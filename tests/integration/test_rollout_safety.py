@@ -12,24 +12,9 @@ from jobs import publish, registry, rollouts, score, shadow
 from jobs.errors import MissingDataError, RolloutError
 from jobs.settings import Settings
 from tests.conftest import SAMPLE_DATE, overnight, overnight_env
-from tests.integration.conftest import PREVIOUS_DATE
+from tests.integration.conftest import PREVIOUS_DATE, batch_status
 
 pytestmark = pytest.mark.integration
-
-
-def batch_status(settings: Settings, batch_id: int) -> str:
-    with psycopg.connect(str(settings.database_url)) as conn:
-        row = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
-    assert row is not None
-    return str(row[3])
-
-
-@pytest.fixture
-def two_batches(batch_settings: Settings) -> tuple[int, int]:
-    """(production, candidate): PREVIOUS_DATE's batch is live, SAMPLE_DATE's is published but not live."""
-    candidate = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
-    production = publish.publish(batch_settings, PREVIOUS_DATE, make_live=True).batch_id
-    return production, candidate
 
 
 def monitoring_of(settings: Settings, day: date) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], int]:

@@ -16,7 +16,7 @@ from jobs.settings import Settings
 from serving.live import read_rollout
 from serving.variants import CANARY, PRODUCTION
 from tests.conftest import SAMPLE_DATE, overnight, overnight_env
-from tests.integration.conftest import PREVIOUS_DATE
+from tests.integration.conftest import PREVIOUS_DATE, batch_status
 
 pytestmark = pytest.mark.integration
 
@@ -25,21 +25,6 @@ def scored_rows(settings: Settings, day: date, shadow_scores: bool = False) -> d
     folder = score.scores_dir(settings, day, shadow_scores)
     frames = [pl.read_parquet(p) for p in sorted(folder.glob("shard-*.parquet"))]
     return dict(pl.concat(frames).select("user_id", "item_ids").iter_rows())
-
-
-def batch_status(settings: Settings, batch_id: int) -> str:
-    with psycopg.connect(str(settings.database_url)) as conn:
-        row = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
-    assert row is not None
-    return str(row[3])
-
-
-@pytest.fixture
-def two_batches(batch_settings: Settings) -> tuple[int, int]:
-    """(production, candidate): PREVIOUS_DATE's batch is live, SAMPLE_DATE's is published but not live."""
-    candidate = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
-    production = publish.publish(batch_settings, PREVIOUS_DATE, make_live=True).batch_id
-    return production, candidate
 
 
 async def rollout_of(settings: Settings):  # type: ignore[no-untyped-def]
