@@ -42,9 +42,9 @@ class MonitoringBlockedError(BatchValidationError):
 
 
 def batch_statistics(
-    settings: Settings, logical_date: date, batch_id: int, conn: psycopg.Connection, chosen_model: bool = False
+    settings: Settings, logical_date: date, batch_id: int, conn: psycopg.Connection, chosen_model: str | None = None
 ) -> dict[str, Any]:
-    """`chosen_model`: measure the lists scored with a chosen model (a shadow or a model canary)."""
+    """`chosen_model`: measure the lists scored with that model (a shadow's or a canary's), not production's."""
     manifests = score.read_manifests(settings, logical_date, chosen_model)
     files = [score.shard_path(settings, logical_date, m.shard, m.shards, chosen_model) for m in manifests]
     lists = pl.scan_parquet(files)
@@ -154,7 +154,7 @@ OUTPUT_STATISTICS = (
 )
 
 
-def unrecorded_checks(settings: Settings, logical_date: date, batch_id: int) -> dict[str, Any]:
+def unrecorded_checks(settings: Settings, logical_date: date, batch_id: int, model_id: str) -> dict[str, Any]:
     """Output statistics and checks of a batch scored with a chosen model (a shadow, a model canary).
 
     Nothing is recorded in the date's monitoring (production's) and no alert is sent: the date's
@@ -163,7 +163,7 @@ def unrecorded_checks(settings: Settings, logical_date: date, batch_id: int) -> 
     """
     limits = monitor.thresholds(settings)
     with connect(settings) as conn:
-        stats = batch_statistics(settings, logical_date, batch_id, conn, chosen_model=True)
+        stats = batch_statistics(settings, logical_date, batch_id, conn, chosen_model=model_id)
     checks = [monitor.evaluate(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
     return {
         "verdict": monitor.verdict(checks),

@@ -242,18 +242,15 @@ def publish(
     shadow: bool = False,
     model_id: str | None = None,
 ) -> PublishResult:
-    """Publish the date's scores. The scores of a chosen model: with `shadow`, as a batch that is never
-    served; with `model_id` (that model's), as a serving batch kept ready for a canary, never made live
-    here. Neither records the date's monitoring, which is production's."""
-    chosen = shadow or model_id is not None
-    if shadow and model_id is not None:
-        raise ValueError("a batch is a shadow or a canary's, not both")
-    manifests = score.read_manifests(settings, logical_date, chosen)
-    if model_id is not None and manifests[0].model_id != model_id:
-        raise MissingDataError(
-            f"the chosen-model scores of {logical_date} are of model {manifests[0].model_id}, not {model_id}: "
-            f"score the date with {model_id} again"
-        )
+    """Publish the date's scores: production's, or with `model_id` those of that chosen model
+    (``score.score(..., model_id=M)``): with `shadow`, as a batch that is never served; without, as a
+    serving batch kept ready for a canary, never made live here. A chosen model's batch never records
+    the date's monitoring, which is production's."""
+    chosen_model = model_id
+    chosen = chosen_model is not None
+    if shadow and not chosen:
+        raise ValueError("a shadow batch is of a chosen model: pass its model_id")
+    manifests = score.read_manifests(settings, logical_date, chosen_model)
     folder = settings.work_dir_for(logical_date)
     users_scored = sum(m.users for m in manifests)
     active_users = pl.scan_parquet(folder / "users.parquet").select(pl.len()).collect().item()
@@ -261,7 +258,7 @@ def publish(
     if not fallback_items:
         raise MissingDataError(f"no popular items to serve as the fallback list for {logical_date}")
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)["item_id"].to_list()
-    model_id = manifests[0].model_id  # checked above to be the one asked for, when one was
+    model_id = manifests[0].model_id  # production's, or the chosen model's (its folder holds only its scores)
     generated_at = min(datetime.fromisoformat(m.generated_at) for m in manifests)
     url = database_url(settings)
 
@@ -299,7 +296,7 @@ def publish(
 
         try:
             with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
-                files = [score.shard_path(settings, logical_date, m.shard, m.shards, chosen) for m in manifests]
+                files = [score.shard_path(settings, logical_date, m.shard, m.shards, chosen_model) for m in manifests]
                 shard_checks = list(pool.map(lambda path: _load_shard(url, batch_id, path), files))
             logger.info(
                 "publish: batch %d: %d rows loaded; building the primary key",
@@ -326,7 +323,7 @@ def publish(
                 # The date's monitoring record and alerts are production's: a chosen model's output
                 # checks are kept with its batch only. They never hold a shadow back; they do hold back a
                 # canary's batch, which real users would be served.
-                measured["output"] = output_stats.unrecorded_checks(settings, logical_date, batch_id)
+                measured["output"] = output_stats.unrecorded_checks(settings, logical_date, batch_id, model_id)
                 failed = [c["message"] for c in measured["output"]["checks"] if c["level"] == "fail"]
                 if failed and not shadow:
                     raise BatchValidationError(

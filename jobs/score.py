@@ -44,13 +44,16 @@ class ScoreResult:
     predict_seconds: float = 0.0  # inside LightGBM's predict: the ceiling the rest of scoring is measured against
 
 
-def scores_dir(settings: Settings, logical_date: date, shadow: bool = False) -> Path:
-    """Where a date's score shards go; a shadow model's go beside them, never mixed in."""
-    return settings.work_dir_for(logical_date) / ("shadow-scores" if shadow else "scores")
+def scores_dir(settings: Settings, logical_date: date, model_id: str | None = None) -> Path:
+    """Where a date's score shards go: production's in ``scores/``; a chosen model's (a shadow, a canary)
+    in ``model-scores/<model_id>/``, one folder per model, so a shadow and a canary of the same night
+    never mix or overwrite each other's shards."""
+    folder = settings.work_dir_for(logical_date)
+    return folder / "scores" if model_id is None else folder / "model-scores" / model_id
 
 
-def shard_path(settings: Settings, logical_date: date, shard: int, shards: int, shadow: bool = False) -> Path:
-    return scores_dir(settings, logical_date, shadow) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
+def shard_path(settings: Settings, logical_date: date, shard: int, shards: int, model_id: str | None = None) -> Path:
+    return scores_dir(settings, logical_date, model_id) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
 
 
 def ensure_shared_tables(settings: Settings, logical_date: date) -> Path:
@@ -156,11 +159,10 @@ def candidate_features(settings: Settings, logical_date: date, folder: Path) -> 
 def score_shard(
     settings: Settings, logical_date: date, shards: int, shard: int, model_id: str | None = None
 ) -> ScoreResult:
-    """Score one shard; with `model_id`, as a shadow: that model, written to the shadow scores folder."""
+    """Score one shard; with `model_id`, that model (a shadow's, a canary's), into its own folder."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
     started = time.perf_counter()
-    shadow = model_id is not None
     model, booster = load_ranker(settings, logical_date, model_id)
     folder = ensure_shared_tables(settings, logical_date)
     feature_names = list(model.features)
@@ -193,7 +195,7 @@ def score_shard(
         if parts
         else pl.DataFrame(schema={"user_id": pl.String, "item_ids": pl.List(pl.String), "scores": pl.List(pl.Float32)})
     )
-    path = shard_path(settings, logical_date, shard, shards, shadow)
+    path = shard_path(settings, logical_date, shard, shards, model_id)
     lake.write_parquet_atomically(scored, path)
     result = ScoreResult(
         logical_date=logical_date.isoformat(),
@@ -225,11 +227,11 @@ def score(
     shard: int | None = None,
     model_id: str | None = None,
 ) -> list[ScoreResult]:
-    """Score one shard, or all of them one after another when ``shard`` is None (`model_id`: a shadow)."""
+    """Score one shard, or all of them one after another when ``shard`` is None (`model_id`: a chosen model)."""
     ranker_for(settings, logical_date, model_id)  # before planning: without a model, that is what to say
     if shard is not None:
         return [score_shard(settings, logical_date, shards or shard_count(settings, logical_date), shard, model_id)]
-    planned = plan_shards(settings, logical_date, shards, shadow=model_id is not None)
+    planned = plan_shards(settings, logical_date, shards, model_id)
     return [score_shard(settings, logical_date, len(planned), i, model_id) for i in planned]
 
 
@@ -240,11 +242,13 @@ def shard_count(settings: Settings, logical_date: date) -> int:
     return max(settings.score_shards, math.ceil(users / settings.shard_users))
 
 
-def plan_shards(settings: Settings, logical_date: date, shards: int | None = None, shadow: bool = False) -> list[int]:
+def plan_shards(
+    settings: Settings, logical_date: date, shards: int | None = None, model_id: str | None = None
+) -> list[int]:
     """The shard numbers to score (``shards`` of them, or ``shard_count``); shard files of an earlier run
     with another count are removed, since publishing them with this run's would mix two runs."""
     shards = shards or shard_count(settings, logical_date)
-    folder = scores_dir(settings, logical_date, shadow)
+    folder = scores_dir(settings, logical_date, model_id)
     if folder.is_dir():
         for stale in folder.glob("shard-*"):
             if not stale.name.split(".")[0].endswith(f"-of-{shards:05d}"):
@@ -252,9 +256,10 @@ def plan_shards(settings: Settings, logical_date: date, shards: int | None = Non
     return list(range(shards))
 
 
-def read_manifests(settings: Settings, logical_date: date, shadow: bool = False) -> list[ScoreResult]:
-    """The manifests of one complete set of shards for the date, or a clear error naming what is missing."""
-    folder = scores_dir(settings, logical_date, shadow)
+def read_manifests(settings: Settings, logical_date: date, model_id: str | None = None) -> list[ScoreResult]:
+    """The manifests of one complete set of shards for the date (of `model_id`'s folder, with one), or a
+    clear error naming what is missing."""
+    folder = scores_dir(settings, logical_date, model_id)
     manifests = [ScoreResult(**json.loads(p.read_text())) for p in sorted(folder.glob("shard-*.json"))]
     if not manifests:
         raise MissingDataError(f"no scores for {logical_date} in {folder}; run `overnight score --date {logical_date}`")

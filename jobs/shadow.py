@@ -47,7 +47,7 @@ def run_shadow(settings: Settings, logical_date: date, model_id: str, shards: in
     """Score every user of the date with `model_id` and publish the result as a shadow batch."""
     scored = score.score(settings, logical_date, shards, model_id=model_id)
     logger.info("shadow: %s", score.summarise(scored))
-    published = publish.publish(settings, logical_date, shadow=True)
+    published = publish.publish(settings, logical_date, shadow=True, model_id=model_id)
     return ShadowResult(logical_date.isoformat(), published.model_id, published.batch_id, published.users)
 
 

@@ -21,8 +21,8 @@ from tests.integration.conftest import PREVIOUS_DATE, batch_status
 pytestmark = pytest.mark.integration
 
 
-def scored_rows(settings: Settings, day: date, shadow_scores: bool = False) -> dict[str, list[str]]:
-    folder = score.scores_dir(settings, day, shadow_scores)
+def scored_rows(settings: Settings, day: date, model_id: str | None = None) -> dict[str, list[str]]:
+    folder = score.scores_dir(settings, day, model_id)
     frames = [pl.read_parquet(p) for p in sorted(folder.glob("shard-*.parquet"))]
     return dict(pl.concat(frames).select("user_id", "item_ids").iter_rows())
 
@@ -198,7 +198,7 @@ def test_shadow_batch_is_published_but_never_served(batch_settings: Settings, tw
     production, _ = two_batches
     model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
     result = shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
-    assert result.users == len(scored_rows(batch_settings, PREVIOUS_DATE, shadow_scores=True)) > 0
+    assert result.users == len(scored_rows(batch_settings, PREVIOUS_DATE, model_id)) > 0
     assert batch_status(batch_settings, result.batch_id) == "shadow"
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         live = conn.execute(sql.query("live_batch_id")).fetchone()
