@@ -9,6 +9,10 @@ Params: ``source`` (default OVERNIGHT_SOURCE; ``{date}`` becomes the logical dat
 in a backfill; false: never) and ``shadow_model`` (default OVERNIGHT_SHADOW_MODEL: a registered
 model also scored, after publish, into a shadow batch that is never served; compare with
 ``overnight shadow-report``; a model trained after the run's date, as in a backfill, skips the shadow).
+
+After publish, while a canary of another model runs, ``refresh_canary`` scores the date with the
+canary's model too and moves the canary to that batch (same users), unless OVERNIGHT_REFRESH_CANARY
+is off.
 """
 
 from __future__ import annotations
@@ -184,6 +188,18 @@ def overnight_nightly() -> None:
         return {"shadow": asdict(nightly_shadow(settings, date.fromisoformat(day), model_id))}
 
     @task
+    def refresh_canary(day: str, published: dict[str, Any]) -> dict[str, Any]:
+        from datetime import date
+
+        from jobs.rollouts import refresh_canary
+
+        settings = get_settings()
+        if not settings.refresh_canary:
+            return {"canary": None, "reason": "OVERNIGHT_REFRESH_CANARY is off"}
+        # Nested, as the shadow's: its batch and model are not the night's.
+        return {"canary": asdict(refresh_canary(settings, date.fromisoformat(day)))}
+
+    @task
     def online_tables(day: str) -> dict[str, Any]:
         from jobs.online import maintain_tables
 
@@ -199,6 +215,7 @@ def overnight_nightly() -> None:
     monitor_input(day, scored) >> published  # publish's monitoring gate reads what this measured
     check_freshness(published)
     shadow(day, published)
+    refresh_canary(day, published)
 
 
 overnight_nightly()

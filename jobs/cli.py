@@ -365,10 +365,12 @@ def canary(
             "--date",
             parser=_parse_date,
             metavar="YYYY-MM-DD",
-            help="With --model: the date to score (default: the live batch's date).",
+            help="With --model or --refresh: the date to score (default: the live batch's date).",
         ),
     ] = None,
-    shards: Annotated[int | None, typer.Option(min=1, help="With --model: number of score shards.")] = None,
+    shards: Annotated[
+        int | None, typer.Option(min=1, help="With --model or --refresh: number of score shards.")
+    ] = None,
     traffic: Annotated[
         float | None,
         typer.Option(help="Share of users in the canary, between 0 and 1 (0.05 = 5%); again later to ramp."),
@@ -386,6 +388,14 @@ def canary(
         ),
     ] = False,
     stop: Annotated[bool, typer.Option("--stop", help="End the canary: everyone gets production again.")] = False,
+    refresh: Annotated[
+        bool,
+        typer.Option(
+            "--refresh",
+            help="Score --date with the running canary's model and serve that batch to the same users "
+            "(the nightly DAG does it after each publish).",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Serve a batch (--batch) or a model (--model) to a stable share of users beside production; with
@@ -393,14 +403,26 @@ def canary(
 
     A user's arm comes from a hash of the salt and their user id, so it stays the same across
     requests, service restarts and days. Ramping up keeps every canary user in the canary; ramping
-    down moves some back to production, so it needs --allow-shrink. `overnight promote` makes the
-    canary production (and its model the production model); `overnight canary --stop` ends it.
+    down moves some back to production, so it needs --allow-shrink. Each night the DAG renews a model
+    canary's lists (--refresh by hand). `overnight promote` makes the canary production (and its model
+    the production model); `overnight canary --stop` ends it.
     """
     from jobs import rollouts
 
     settings = _settings()
-    if (logical_date is not None or shards is not None) and model is None:
-        raise typer.BadParameter("--date and --shards go with --model")
+    if (logical_date is not None or shards is not None) and model is None and not refresh:
+        raise typer.BadParameter("--date and --shards go with --model or --refresh")
+    if refresh:
+        if batch is not None or model is not None or traffic is not None or salt is not None or allow_shrink or stop:
+            raise typer.BadParameter("--refresh takes only --date, --shards and --json")
+        refreshed = rollouts.refresh_canary(settings, logical_date, shards)
+        if as_json:
+            _echo(refreshed, as_json=True)
+        else:
+            typer.echo(refreshed.summary())
+        if not refreshed.refreshed:
+            raise typer.Exit(1)
+        return
     if stop:
         if batch is not None or model is not None or traffic is not None or salt is not None or allow_shrink:
             raise typer.BadParameter("--stop takes no --batch, --model, --traffic, --salt or --allow-shrink")

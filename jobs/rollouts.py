@@ -7,13 +7,16 @@ it together with the live pointer and routes each user by a hash of (salt, user 
 a batch has status 'canary', so retention, rollback and a publish leave it alone.
 
 To canary a model, `start_model_canary` scores a date with it (the shadow's scoring path) into a
-batch that does not go live, and starts the canary on that batch. Promoting the canary also makes
-its model the registry's production model, so the nights after score with it.
+batch that does not go live, and starts the canary on that batch. Each night after, `refresh_canary`
+scores the night's date with the canary's model and moves the canary to that batch (same salt, same
+traffic, so the same users): production's lists are renewed every night, and a canary serving a
+week-old batch beside them would lose the comparison for its age, not its model. Promoting the canary
+also makes its model the registry's production model, so the nights after score with it.
 """
 
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any
 
@@ -245,9 +248,8 @@ def start_model_canary(
     """Canary a registered model: score `logical_date` (default: the live batch's date) with it into a
     new batch that does not go live, then serve that batch to a `traffic` share of users.
 
-    The batch is of that one date: the nights after publish production's model, not this one, so a
-    canary that runs for days serves ever older lists; refresh it by stopping it and starting again
-    on the newer date with the same salt (the same users).
+    The batch is of that one date; the nightly DAG moves the canary to each new night's batch of the
+    model (`refresh_canary`), and `overnight canary --refresh` does it by hand.
     """
     _check_request(traffic, salt)
     with connect(settings) as conn:
@@ -258,16 +260,109 @@ def start_model_canary(
     if running is not None:
         raise RolloutError(
             f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users); stop it first "
-            f"with `overnight canary --stop` (to refresh it with the same users, start again with --salt "
-            f"{running['salt']})"
+            f"with `overnight canary --stop` (`overnight canary --refresh` renews its lists for the same users)"
         )
     if live is None:
         raise RolloutError("nothing is live: publish a production batch before starting a canary")
     day = logical_date or live["logical_date"]
-    scored = score.score(settings, day, shards, model_id=model_id)
-    logger.info("canary of model %s: %s", model_id, score.summarise(scored))
-    published = publish.publish(settings, day, model_id=model_id)
+    published = _score_and_publish(settings, day, model_id, shards)
     return start_canary(settings, published.batch_id, traffic, salt)
+
+
+def _score_and_publish(
+    settings: Settings, logical_date: date, model_id: str, shards: int | None
+) -> publish.PublishResult:
+    """The date scored with `model_id` and published as a serving batch that does not go live."""
+    scored = score.score(settings, logical_date, shards, model_id=model_id)
+    logger.info("canary of model %s: %s", model_id, score.summarise(scored))
+    return publish.publish(settings, logical_date, model_id=model_id)
+
+
+@dataclass(frozen=True)
+class CanaryRefresh:
+    """What `refresh_canary` did: moved the canary to a batch of the date, or why not."""
+
+    logical_date: str
+    refreshed: bool
+    reason: str
+    canary_model: str | None = None  # not `model_id`: the run history would note it as the night's model
+    canary_batch: int | None = None  # the batch the canary serves now
+    previous_canary_batch: int | None = None
+
+    def summary(self) -> str:
+        if not self.refreshed:
+            return f"canary not refreshed for {self.logical_date}: {self.reason}"
+        return (
+            f"canary refreshed: batch {self.canary_batch} (model {self.canary_model}, {self.logical_date}) "
+            f"replaces batch {self.previous_canary_batch} for the same users"
+        )
+
+
+def refresh_canary(settings: Settings, logical_date: date | None = None, shards: int | None = None) -> CanaryRefresh:
+    """Score `logical_date` (default: the live batch's date) with the running canary's model and move the
+    canary to that batch, keeping its salt and traffic. The nightly DAG calls it after publish.
+
+    Nothing is done (and `refreshed` is False, with the reason) when no canary runs, when its batch is
+    of that date or a later one, or when its model is production's (the lists would be production's).
+    The scoring takes minutes; if the canary was stopped, promoted or replaced meanwhile, the new batch
+    is kept ready and the canary is left as it is.
+    """
+    with connect(settings) as conn:
+        upgrade(conn)
+        running = _state(conn)
+        with conn.cursor(row_factory=dict_row) as cur:
+            live = cur.execute(sql.query("live_status")).fetchone()
+            current = (
+                cur.execute(sql.query("batch_for_rollout"), (running["batch_id"],)).fetchone() if running else None
+            )
+    day = logical_date or (live["logical_date"] if live else None)
+    when = day.isoformat() if day else "the live date"
+    if running is None or current is None:
+        return CanaryRefresh(when, False, "no canary is running")
+    if live is None or day is None:
+        return CanaryRefresh(when, False, "nothing is live")
+    skipped = CanaryRefresh(when, False, "", current["model_id"], current["batch_id"])
+    if current["logical_date"] >= day:
+        return replace(skipped, reason=f"canary batch {current['batch_id']} is of {current['logical_date']} already")
+    if current["model_id"] == live["model_id"]:
+        return replace(
+            skipped,
+            reason=f"the canary's model {current['model_id']} is production's: its lists would be production's",
+        )
+    published = _score_and_publish(settings, day, current["model_id"], shards)
+    with connect(settings) as conn, conn.transaction():
+        conn.execute(sql.query("lock_live"))
+        now_running = _state(conn)
+        if now_running is None or now_running["batch_id"] != current["batch_id"]:
+            changed = "stopped" if now_running is None else f"moved to batch {now_running['batch_id']}"
+            return replace(
+                skipped,
+                canary_batch=None if now_running is None else now_running["batch_id"],
+                reason=f"the canary was {changed} while {day} was scored; batch {published.batch_id} is kept ready",
+            )
+        production = _live_batch_id(conn)
+        _check_candidate(conn, published.batch_id, production)
+        conn.execute(
+            sql.query("move_canary_to_batch"),
+            {"batch_id": published.batch_id, "previous_batch_id": current["batch_id"]},
+        )
+        conn.execute(sql.query("mark_batch_canary"), (published.batch_id,))
+        conn.execute(sql.query("mark_canary_batch_ready"), (current["batch_id"],))
+        conn.execute(
+            sql.query("record_canary_event"),
+            ("refresh", published.batch_id, now_running["traffic"], now_running["salt"], production),
+        )
+        _notify(conn, f"canary:{published.batch_id}")
+    refreshed = CanaryRefresh(
+        when,
+        True,
+        f"scored {day} with model {current['model_id']}",
+        current["model_id"],
+        published.batch_id,
+        current["batch_id"],
+    )
+    logger.info("%s", refreshed.summary())
+    return refreshed
 
 
 def running_canary(conn: psycopg.Connection) -> CanaryState | None:

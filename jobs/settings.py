@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     shadow_model: str | None = Field(
         default=None, description="Registered model the nightly DAG also scores into a shadow batch (never served)."
     )
+    refresh_canary: bool = Field(
+        default=True,
+        description="The nightly DAG scores its date with the running canary's model too and moves the canary "
+        "to that batch (same users); off: the canary keeps the batch it was started on.",
+    )
     ingest_feedback: bool = Field(
         default=True,
         description="Ingest also reads overnight.feedback_events (POST /v1/events) as interactions; turn it off "

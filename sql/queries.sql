@@ -400,6 +400,10 @@ INSERT INTO overnight.canary (singleton, batch_id, traffic, salt) VALUES (true, 
 ON CONFLICT (singleton) DO UPDATE SET traffic = EXCLUDED.traffic, updated_at = now()
 WHERE overnight.canary.batch_id = EXCLUDED.batch_id;
 
+-- name: move_canary_to_batch
+-- A refresh: the same canary (salt, traffic, start) serves another batch.
+UPDATE overnight.canary SET batch_id = %(batch_id)s, updated_at = now() WHERE batch_id = %(previous_batch_id)s;
+
 -- name: delete_canary
 DELETE FROM overnight.canary;
 

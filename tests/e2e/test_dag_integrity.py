@@ -77,6 +77,8 @@ def test_nightly_wires_the_pipeline_in_order(dagbag: Any) -> None:
         ("plan_shards", "score_shard"),
         ("score_shard", "publish"),
         ("publish", "check_freshness"),
+        ("publish", "shadow"),
+        ("publish", "refresh_canary"),
     ]:
         assert order.index(before) < order.index(after), f"{before} must run before {after}"
     assert dag.get_task("score_shard").is_mapped

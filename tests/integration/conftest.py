@@ -2,7 +2,7 @@
 
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -62,6 +62,21 @@ def two_batches(batch_settings: Settings) -> tuple[int, int]:
     candidate = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
     production = publish.publish(batch_settings, PREVIOUS_DATE, make_live=True).batch_id
     return production, candidate
+
+
+def register_challenger(settings: Settings) -> registry.ModelVersion:
+    """A second registered model, "challenger": the production model's artifact under another id, trained
+    a day earlier (so it may score both days) and kept out by the gate (status candidate)."""
+    with psycopg.connect(str(settings.database_url)) as conn:
+        original = registry.production_model(conn)
+        assert original is not None
+        challenger = registry.with_status(
+            replace(original, model_id="challenger", logical_date=original.logical_date - timedelta(days=1)),
+            "candidate",
+            "kept out by the gate",
+        )
+        registry.register(conn, challenger)
+    return original
 
 
 def batch_status(settings: Settings, batch_id: int) -> str:

@@ -1,7 +1,6 @@
 """What canary, promote and shadow must never do to production: its monitoring, its model, its live batch."""
 
 import json
-from dataclasses import replace
 from datetime import date, timedelta
 
 import psycopg
@@ -12,7 +11,7 @@ from jobs import publish, registry, rollouts, score, shadow
 from jobs.errors import MissingDataError, RolloutError
 from jobs.settings import Settings
 from tests.conftest import SAMPLE_DATE, overnight, overnight_env
-from tests.integration.conftest import PREVIOUS_DATE, batch_status
+from tests.integration.conftest import PREVIOUS_DATE, batch_status, register_challenger
 
 pytestmark = pytest.mark.integration
 
@@ -77,16 +76,8 @@ def test_a_model_canary_promoted_becomes_the_production_model(
     """Canary a registered model (a batch scored with it, not live), promote it: the registry's production
     model is now that model, so the next night scores with it instead of silently going back."""
     production, candidate = two_batches
-    with psycopg.connect(str(batch_settings.database_url)) as conn:
-        original = registry.production_model(conn)
-        assert original is not None
-        # the same artifact under another id, trained a day earlier: older than the model it will replace
-        challenger = registry.with_status(
-            replace(original, model_id="challenger", logical_date=original.logical_date - timedelta(days=1)),
-            "candidate",
-            "kept out by the gate",
-        )
-        registry.register(conn, challenger)
+    original = register_challenger(batch_settings)  # older than the model it will replace
+    challenger_trained_for = original.logical_date - timedelta(days=1)
     before = monitoring_of(batch_settings, PREVIOUS_DATE)
 
     started = rollouts.start_model_canary(batch_settings, "challenger", 0.1, salt="m1")
@@ -97,7 +88,7 @@ def test_a_model_canary_promoted_becomes_the_production_model(
     assert (batch[1], batch[2], batch[3]) == (PREVIOUS_DATE, "challenger", "canary")  # the live batch's date
     assert batch_status(batch_settings, production) == "live"  # not replaced, although of the same date
     assert monitoring_of(batch_settings, PREVIOUS_DATE) == before  # production's monitoring record stands
-    with pytest.raises(RolloutError, match=r"already the canary.*--salt m1"):
+    with pytest.raises(RolloutError, match=r"already the canary.*canary --refresh"):
         rollouts.start_model_canary(batch_settings, "challenger", 0.2)
     assert score.ranker_for(batch_settings, SAMPLE_DATE).model_id == original.model_id  # until promoted
 
@@ -120,7 +111,7 @@ def test_a_model_canary_promoted_becomes_the_production_model(
     assert score.ranker_for(batch_settings, SAMPLE_DATE).model_id == "challenger"
     # a date before the promoted model was trained still gets a model that existed then
     with psycopg.connect(str(batch_settings.database_url)) as conn:
-        assert registry.model_for_date(conn, challenger.logical_date - timedelta(days=1)) is None
+        assert registry.model_for_date(conn, challenger_trained_for - timedelta(days=1)) is None
 
     # going back is a canary of the old batch, promoted: its model is production again
     rollouts.start_canary(batch_settings, production, 0.1)

@@ -16,7 +16,7 @@ from jobs.settings import Settings
 from serving.live import read_rollout
 from serving.variants import CANARY, PRODUCTION
 from tests.conftest import SAMPLE_DATE, overnight, overnight_env
-from tests.integration.conftest import PREVIOUS_DATE, batch_status
+from tests.integration.conftest import PREVIOUS_DATE, batch_status, register_challenger
 
 pytestmark = pytest.mark.integration
 
@@ -311,3 +311,63 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
     promoted = overnight("promote", env=env)
     assert f"canary batch {candidate} is now production (was {production})" in promoted.stdout
     assert "canary:" not in overnight("status", env=env).stdout
+
+
+def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
+    batch_settings: Settings, two_batches: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, candidate = two_batches
+    register_challenger(batch_settings)
+    assert rollouts.refresh_canary(batch_settings, SAMPLE_DATE).reason == "no canary is running"
+    # A canary of production's own model: a refresh would serve production's lists (no scoring is tried).
+    rollouts.start_canary(batch_settings, candidate, 0.1)
+    same_model = rollouts.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))
+    assert not same_model.refreshed and "is production's" in same_model.reason
+    rollouts.stop_canary(batch_settings)
+
+    started = rollouts.start_model_canary(batch_settings, "challenger", 0.2, PREVIOUS_DATE, salt="fresh")
+    same_night = rollouts.refresh_canary(batch_settings, PREVIOUS_DATE)
+    assert not same_night.refreshed and f"is of {PREVIOUS_DATE} already" in same_night.reason
+    tonight = publish.publish(batch_settings, SAMPLE_DATE, make_live=True)  # the next night
+
+    # Stopped while the night was scored: the new batch is kept ready, the stop stands.
+    score_and_publish = rollouts._score_and_publish
+
+    def stopped_meanwhile(*args: object) -> publish.PublishResult:
+        published = score_and_publish(*args)  # type: ignore[arg-type]
+        rollouts.stop_canary(batch_settings)
+        return published
+
+    monkeypatch.setattr(rollouts, "_score_and_publish", stopped_meanwhile)
+    raced = rollouts.refresh_canary(batch_settings, SAMPLE_DATE)
+    assert not raced.refreshed and raced.canary_batch is None and "the canary was stopped" in raced.reason
+    assert rollouts.canary_status(batch_settings)["canary"] is None
+    monkeypatch.undo()
+
+    started = rollouts.start_canary(batch_settings, started.batch_id, 0.2, salt="fresh")
+    refreshed = rollouts.refresh_canary(batch_settings, SAMPLE_DATE)
+    assert refreshed.refreshed and (refreshed.canary_model, refreshed.previous_canary_batch) == (
+        "challenger",
+        started.batch_id,
+    )
+    new = refreshed.canary_batch
+    assert new is not None
+    assert (batch_status(batch_settings, new), batch_status(batch_settings, started.batch_id)) == ("canary", "ready")
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        batch = conn.execute(sql.query("batch_by_id"), (new,)).fetchone()
+    assert batch is not None and (batch[1], batch[2]) == (SAMPLE_DATE, "challenger")
+    status = rollouts.canary_status(batch_settings)
+    canary = status["canary"]
+    assert (canary["batch_id"], canary["traffic"], canary["salt"]) == (new, 0.2, "fresh")  # the same users
+    assert (canary["started_at"], canary["production_batch_id"]) == (started.started_at, tonight.batch_id)
+    assert [event["action"] for event in status["history"][:2]] == ["refresh", "start"]
+    rollout = asyncio.run(rollout_of(batch_settings))  # what the lookup service reads
+    assert rollout is not None and rollout.canary is not None
+    assert (rollout.production.batch_id, rollout.canary.batch.batch_id) == (tonight.batch_id, new)
+    # The chosen model's scores have a folder of their own, beside production's, for the same users.
+    assert set(scored_rows(batch_settings, SAMPLE_DATE, "challenger")) == set(scored_rows(batch_settings, SAMPLE_DATE))
+
+    env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
+    again = overnight("canary", "--refresh", "--date", SAMPLE_DATE.isoformat(), "--json", env=env, check=False)
+    assert again.returncode == 1, again.stderr
+    assert json.loads(again.stdout)["reason"] == f"canary batch {new} is of {SAMPLE_DATE} already"
