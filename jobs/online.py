@@ -412,7 +412,8 @@ def metric_text(value: float | None) -> str:
 
 
 def maintain_tables(settings: Settings, today: date | None = None, days_ahead: int = 7) -> dict[str, Any]:
-    """Create the daily partitions of the next days and drop those older than OVERNIGHT_ONLINE_KEEP_DAYS."""
+    """Create the daily partitions of the next days and drop those older than OVERNIGHT_ONLINE_KEEP_DAYS;
+    delete the service's write ids (``overnight.bulk_writes``) older than 2 days, by the clock."""
     today = today or datetime.now(UTC).date()
     keep_from = today - timedelta(days=settings.online_keep_days)
     created: dict[str, int] = {}
@@ -428,4 +429,11 @@ def maintain_tables(settings: Settings, today: date | None = None, days_ahead: i
                 created[table] = int(row[0]) if row else 0
                 row = conn.execute(sql.query("drop_daily_partitions"), (table, keep_from)).fetchone()
                 dropped[table] = int(row[0]) if row else 0
-    return {"created_partitions": created, "dropped_partitions": dropped, "kept_from": keep_from.isoformat()}
+        with conn.transaction():
+            write_ids = conn.execute(sql.query("delete_old_bulk_writes")).rowcount
+    return {
+        "created_partitions": created,
+        "dropped_partitions": dropped,
+        "kept_from": keep_from.isoformat(),
+        "deleted_write_ids": write_ids,
+    }

@@ -3,9 +3,11 @@
 
 What "accepted" means: a 202 is sent only after every event of the request is validated and queued
 in memory (all of them or none); the queue is written to Postgres within a fraction of a second,
-retried while Postgres is away, and drained when the service shuts down. Until written, events live
-only in the process: they are lost if it is killed (SIGKILL, OOM, a crash) or if Postgres stays down
-through the drain (then counted in ``overnight_bulk_rows_lost``). A request that would not
+retried while Postgres is away, and drained when the service shuts down. A retried write stores its
+events once, even when an earlier attempt was committed and only its reply was lost (each write claims
+an id in ``overnight.bulk_writes`` in the same statement; see `serving.prediction_log`). Until written,
+events live only in the process: they are lost if it is killed (SIGKILL, OOM, a crash) or if Postgres
+stays down through the drain (then counted in ``overnight_bulk_rows_lost``). A request that would not
 fit in the queue gets a 503 with Retry-After and nothing of it is kept, so the client retries the
 whole request and no event is counted twice. An invalid event fails the whole request with a 422
 naming the event and the reason, in FastAPI's usual error format.

@@ -16,8 +16,12 @@ per-answer work on the lookups' cores (0.31-0.42 µs of its CPU an answer, measu
 parameter it parsed every byte first, 0.82-0.88 µs). A failed write, or one not done within
 `write_timeout` (a lock, a silent network), is retried with back-off (the queue fills meanwhile and
 refuses rows, bounded memory), and a task that fails unexpectedly is restarted; `stop()` drains what
-is left. Rows held in memory are lost if the process dies before writing them (SIGKILL, OOM, a crash),
-or if Postgres stays down through `stop()` (then counted as lost, and logged).
+is left. A retried batch is stored once: each batch gets a write id when it is made, kept through its
+retries, and its statement claims the id in ``overnight.bulk_writes`` and inserts the rows only if the
+claim is new, so when Postgres committed a write whose reply was lost (a dropped connection, the
+client's deadline passing just after the commit), the retry inserts nothing and the rows count as
+written once. Rows held in memory are lost if the process dies before writing them (SIGKILL, OOM, a
+crash), or if Postgres stays down through `stop()` (then counted as lost, and logged).
 """
 
 import asyncio
@@ -28,6 +32,7 @@ import os
 import random
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from operator import itemgetter
@@ -58,11 +63,15 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class EncodedBatch:
-    """Rows taken from the queue until they are written: their JSON, in slices, their count and times."""
+    """Rows taken from the queue until they are written: their JSON, in slices, their count and times,
+    and the id every attempt to write them carries (see the module's notes)."""
 
-    __slots__ = ("count", "first", "last", "pieces")
+    __slots__ = ("count", "first", "last", "pieces", "write_id")
 
     def __init__(self) -> None:
+        # Random, drawn per batch (a few a second): unique across workers, forks and restarts without
+        # anything to renew, where a per-process prefix and a counter would have to be redrawn after a fork.
+        self.write_id = uuid.uuid4().hex
         self.pieces: list[bytes] = []
         self.count = 0
         self.first: Any = None
@@ -110,8 +119,11 @@ class BulkWriter(Generic[Row]):
 
     `insert_query` takes named parameters: ``rows``, the batch as one JSON array passed as ``text``
     (cast it, ``::jsonb``, or store it in a text column as is; each row is a JSON array: the tuple as orjson
-    encodes it, datetimes as RFC 3339), ``count``, and ``first`` and ``last``, the earliest and latest
-    of the rows' first fields (their times). `batch_key`, a function of a row's time that never
+    encodes it, datetimes as RFC 3339), ``count``, ``first`` and ``last``, the earliest and latest
+    of the rows' first fields (their times), and ``write_id``, the batch's id, the same on every retry.
+    The query stores the batch only if it has not stored that id before (claiming it in
+    ``overnight.bulk_writes`` in the same statement), and inserts no row when it has: a write whose rows
+    were all stored already, by an attempt whose reply was lost. `batch_key`, a function of a row's time that never
     decreases as the time grows (its day, say), keeps rows whose keys differ out of one batch.
     `offer` and `offer_all` are the request side: synchronous, O(1), never blocking. `start` and
     `stop` belong to the app's lifespan.
@@ -248,7 +260,7 @@ class BulkWriter(Generic[Row]):
                     self._batch = None
                     continue
             try:
-                await self._write(self._batch)
+                stored = await self._write(self._batch)
             except (psycopg.Error, OSError) as error:  # OSError: TimeoutError too
                 self.write_failures += 1
                 delay = backoff * random.uniform(0.5, 1.0)
@@ -263,6 +275,13 @@ class BulkWriter(Generic[Row]):
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, _MAX_RETRY_SECONDS)
             else:
+                if not stored:
+                    logger.warning(
+                        "%s: the %d rows of write %s were stored already, by an attempt whose reply was lost",
+                        self.name,
+                        self._batch.count,
+                        self._batch.write_id,
+                    )
                 self.written += self._batch.count
                 self.last_write = time.time()
                 self._batch = None
@@ -330,7 +349,8 @@ class BulkWriter(Generic[Row]):
             logger.error("%s: %d rows cannot be encoded and are lost", self.name, len(rows) - len(encodable))
             return orjson.dumps(encodable), len(encodable)
 
-    async def _write(self, batch: EncodedBatch) -> None:
+    async def _write(self, batch: EncodedBatch) -> bool:
+        """Write the batch; False when its write id was stored before (and so were its rows)."""
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(
                 self._url,
@@ -349,8 +369,15 @@ class BulkWriter(Generic[Row]):
             # A write stuck on a lock gives up, so it is retried and the writer reports it.
             timeout_ms = str(max(1, round(self._write_timeout * 1000)))
             await asyncio.wait_for(self._conn.execute(sql.query("serving_session"), (timeout_ms,)), self._deadline)
-        parameters = {"rows": JsonText(batch.payload()), "count": batch.count, "first": batch.first, "last": batch.last}
-        await asyncio.wait_for(self._conn.execute(self._insert, parameters), self._deadline)
+        parameters = {
+            "rows": JsonText(batch.payload()),
+            "count": batch.count,
+            "first": batch.first,
+            "last": batch.last,
+            "write_id": batch.write_id,
+        }
+        cursor = await asyncio.wait_for(self._conn.execute(self._insert, parameters), self._deadline)
+        return cursor.rowcount > 0
 
     @property
     def _deadline(self) -> float:

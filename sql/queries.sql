@@ -496,19 +496,41 @@ SELECT overnight.drop_daily_partitions(%s, %s);
 
 -- The lookup service writes both a batch at a time: one JSON array of rows (each an array of the
 -- columns in order) that orjson encodes in one call (serving/prediction_log.py), with the batch's
--- row count and earliest and latest time (each row's first column).
+-- row count and earliest and latest time (each row's first column), and the batch's write id.
+-- Each write first claims its id in overnight.bulk_writes (migration 0013) and inserts its rows only if
+-- the claim is new, in one statement: a retry of a write that was committed, but whose reply was lost,
+-- inserts nothing. No conflict target, so the service's role needs no more than INSERT.
 -- What was served is stored as that text, one row per batch (migration 0008): no per-answer work.
 -- Its times are microseconds since the Unix epoch (migration 0009), first and last too.
 -- name: insert_served_predictions
+WITH claimed AS (
+    INSERT INTO overnight.bulk_writes (write_id, writer, row_count)
+    VALUES (%(write_id)s, 'served_predictions', %(count)s)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
 INSERT INTO overnight.served_prediction_chunks (first_served_at, last_served_at, answer_count, answers)
-VALUES (to_timestamp(%(first)s::bigint / 1e6), to_timestamp(%(last)s::bigint / 1e6), %(count)s, %(rows)s);
+SELECT to_timestamp(%(first)s::bigint / 1e6), to_timestamp(%(last)s::bigint / 1e6), %(count)s, %(rows)s
+WHERE EXISTS (SELECT 1 FROM claimed);
 
 -- Feedback is read by its columns (ingest, reports), so each event is a row; the array is parsed
 -- once as jsonb (the fields of a json row would be re-read from its text one by one).
 -- name: insert_feedback_events
+WITH claimed AS (
+    INSERT INTO overnight.bulk_writes (write_id, writer, row_count)
+    VALUES (%(write_id)s, 'feedback_events', %(count)s)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
 INSERT INTO overnight.feedback_events (occurred_at, received_at, user_id, item_id, event_type, request_id)
 SELECT (r->>0)::timestamptz, (r->>1)::timestamptz, r->>2, r->>3, r->>4, r->>5
-FROM jsonb_array_elements(%(rows)s::jsonb) AS r;
+FROM jsonb_array_elements(%(rows)s::jsonb) AS r
+WHERE EXISTS (SELECT 1 FROM claimed);
+
+-- name: delete_old_bulk_writes
+-- The write ids of overnight.bulk_writes matter for the minutes a write may be retried; two days is
+-- ample, and maintain_tables deletes the older ones once a night.
+DELETE FROM overnight.bulk_writes WHERE written_at < now() - interval '2 days';
 
 -- name: online_impressed
 -- The impressed (request, item) pairs of the answers served in [start, end): a pair with an impression,

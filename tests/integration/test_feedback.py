@@ -16,6 +16,7 @@ from jobs.database import upgrade
 from serving.app import create_app
 from serving.errors import ServingConfigError
 from serving.feedback import FeedbackIntake, router
+from serving.prediction_log import EncodedBatch
 from serving.settings import get_serving_settings
 from tests.conftest import create_database, drop_database, serving_app
 
@@ -276,3 +277,34 @@ def test_every_accepted_event_is_stored_while_the_writer_loses_its_connection(da
     assert accepted > 0 and accepted + refused == 20 * 40 * 25
     assert (rows, distinct) == (accepted, accepted)
     assert (writer.written, writer.lost, writer.refused) == (accepted, 0, refused)
+
+
+def test_events_of_a_write_retried_after_its_commit_reply_was_lost_are_stored_once(database_url: str) -> None:
+    """The first write is committed, then fails as a lost reply would; its retry stores nothing again."""
+    intake = FeedbackIntake(database_url, linger_seconds=0.05)
+    write = intake.writer._write
+
+    async def write_then_fail_once(batch: EncodedBatch) -> bool:
+        stored = await write(batch)
+        if intake.writer.write_failures == 0:
+            raise OSError("reply lost")
+        return stored
+
+    intake.writer._write = write_then_fail_once  # type: ignore[method-assign]
+    app = events_app(intake)
+
+    async def scenario() -> int:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://events") as http:
+                events = [event(item_id=f"i{n}", request_id=f"r{n}") for n in range(3)]
+                response = await http.post("/v1/events", json={"events": events})
+                await asyncio.wait_for(intake.writer.flush(), 10)
+                return response.status_code
+
+    assert asyncio.run(scenario()) == 202
+    assert stored(database_url) == [(NOW, "u1", f"i{n}", "click", f"r{n}", True) for n in range(3)]
+    assert (intake.writer.written, intake.writer.write_failures, intake.writer.lost) == (3, 1, 0)
+    with psycopg.connect(database_url) as conn:
+        claims = conn.execute("SELECT writer, row_count FROM overnight.bulk_writes").fetchall()
+    assert claims == [("feedback_events", 3)]

@@ -4,6 +4,8 @@ import asyncio
 import inspect
 import math
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,12 +16,20 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from psycopg import sql as pgsql
+from psycopg.conninfo import make_conninfo
 
 import sql
 from jobs import online
 from jobs.database import upgrade
 from jobs.settings import Settings
-from serving.prediction_log import _SLICE_ROWS, EncodedBatch, PredictionLog, WriterCollector, request_id_for
+from serving.prediction_log import (
+    _SLICE_ROWS,
+    BulkWriter,
+    EncodedBatch,
+    PredictionLog,
+    WriterCollector,
+    request_id_for,
+)
 from tests.conftest import create_database, drop_database
 
 pytestmark = pytest.mark.integration
@@ -167,6 +177,58 @@ def test_a_lost_connection_is_retried_without_losing_rows(database_url: str) -> 
     log = asyncio.run(scenario())
     assert log.writer.write_failures >= 1
     assert len(logged_rows(database_url)) == 200
+
+
+@pytest.fixture
+def serving_role_url(database_url: str) -> Iterator[str]:
+    """The database as the lookup service logs in to it: a login role in overnight_serving (migration 0003)."""
+    role = f"overnight_api_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(pgsql.SQL("CREATE ROLE {} LOGIN IN ROLE overnight_serving").format(pgsql.Identifier(role)))
+    try:
+        yield make_conninfo(database_url, user=role)
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP ROLE IF EXISTS {}").format(pgsql.Identifier(role)))
+
+
+def losing_the_first_reply(writer: BulkWriter[Any]) -> None:
+    """The writer's first write is committed, then fails as a reply lost on the way back would."""
+    write = writer._write
+
+    async def write_then_fail_once(batch: EncodedBatch) -> bool:
+        stored = await write(batch)
+        if writer.write_failures == 0:
+            raise OSError("reply lost")
+        return stored
+
+    writer._write = write_then_fail_once  # type: ignore[method-assign]
+
+
+def test_a_retried_write_whose_commit_reply_was_lost_is_stored_once(
+    serving_role_url: str, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the service's role, which may only insert: the retry claims the same write id and inserts nothing."""
+
+    async def scenario() -> PredictionLog:
+        log = PredictionLog(serving_role_url, linger_seconds=0.05)
+        losing_the_first_reply(log.writer)
+        log.start()
+        for n in range(30):
+            log.record(f"r{n}", f"u{n}", 1, "production", "personalized", [f"i{n}"])
+        await asyncio.wait_for(log.writer.flush(), 10)
+        log.record("after", "u", 1, "production", "personalized", ["j"])  # the next batch: a new id
+        await log.stop()
+        return log
+
+    log = asyncio.run(scenario())
+    assert sorted(row[0] for row in logged_rows(database_url)) == sorted([f"r{n}" for n in range(30)] + ["after"])
+    assert (log.writer.written, log.writer.write_failures, log.writer.lost) == (31, 1, 0)
+    with psycopg.connect(database_url) as conn:
+        claims = conn.execute("SELECT writer, row_count FROM overnight.bulk_writes ORDER BY row_count").fetchall()
+        chunks = conn.execute("SELECT count(*) FROM overnight.served_prediction_chunks").fetchone()
+    assert claims == [("served_predictions", 1), ("served_predictions", 30)] and chunks == (2,)
+    assert "were stored already, by an attempt whose reply was lost" in caplog.text
 
 
 def last_write_gauge(log: PredictionLog) -> float:
@@ -348,6 +410,21 @@ def test_daily_partitions_are_made_ahead_take_stray_rows_and_expire(database_url
         "served_prediction_chunks": 0,
         "feedback_events": 0,
     }
+
+
+def test_write_ids_are_kept_two_days(database_url: str, tmp_path: Path) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO overnight.bulk_writes (write_id, writer, row_count, written_at) VALUES "
+            "('old', 'feedback_events', 3, now() - interval '2 days 1 minute'), "
+            "('recent', 'served_predictions', 5, now() - interval '1 day 23 hours'), "
+            "('new', 'served_predictions', 1, DEFAULT)"
+        )
+    result = online.maintain_tables(Settings(database_url=database_url, data_dir=tmp_path))
+    with psycopg.connect(database_url) as conn:
+        kept = conn.execute("SELECT write_id FROM overnight.bulk_writes ORDER BY write_id").fetchall()
+    assert result["deleted_write_ids"] == 1
+    assert kept == [("new",), ("recent",)]
 
 
 @dataclass(frozen=True)
