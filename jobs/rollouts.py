@@ -330,33 +330,38 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
             reason=f"the canary's model {current['model_id']} is production's: its lists would be production's",
         )
     published = _score_and_publish(settings, day, current["model_id"], shards)
-    with connect(settings) as conn, conn.transaction():
-        conn.execute(sql.query("lock_live"))
-        now_running = _state(conn)
-        if now_running is None or now_running["batch_id"] != current["batch_id"]:
-            changed = "stopped" if now_running is None else f"moved to batch {now_running['batch_id']}"
-            return replace(
-                skipped,
-                canary_batch=None if now_running is None else now_running["batch_id"],
-                reason=f"the canary was {changed} while {day} was scored; batch {published.batch_id} is kept ready",
+    with connect(settings) as conn:
+        with conn.transaction():
+            conn.execute(sql.query("lock_live"))
+            now_running = _state(conn)
+            if now_running is None or now_running["batch_id"] != current["batch_id"]:
+                changed = "stopped" if now_running is None else f"moved to batch {now_running['batch_id']}"
+                return replace(
+                    skipped,
+                    canary_batch=None if now_running is None else now_running["batch_id"],
+                    reason=f"the canary was {changed} while {day} was scored; batch {published.batch_id} is kept ready",
+                )
+            production = _live_batch_id(conn)
+            _check_candidate(conn, published.batch_id, production)
+            conn.execute(
+                sql.query("move_canary_to_batch"),
+                {"batch_id": published.batch_id, "previous_batch_id": current["batch_id"]},
             )
-        production = _live_batch_id(conn)
-        _check_candidate(conn, published.batch_id, production)
-        conn.execute(
-            sql.query("move_canary_to_batch"),
-            {"batch_id": published.batch_id, "previous_batch_id": current["batch_id"]},
-        )
-        conn.execute(sql.query("mark_batch_canary"), (published.batch_id,))
-        conn.execute(sql.query("mark_canary_batch_ready"), (current["batch_id"],))
-        conn.execute(
-            sql.query("record_canary_event"),
-            ("refresh", published.batch_id, now_running["traffic"], now_running["salt"], production),
-        )
-        _notify(conn, f"canary:{published.batch_id}")
+            conn.execute(sql.query("mark_batch_canary"), (published.batch_id,))
+            conn.execute(sql.query("mark_canary_batch_ready"), (current["batch_id"],))
+            conn.execute(
+                sql.query("record_canary_event"),
+                ("refresh", published.batch_id, now_running["traffic"], now_running["salt"], production),
+            )
+            _notify(conn, f"canary:{published.batch_id}")
+        # Replaced, as a re-run's batch replaces the one before: kept, it would take a place among the
+        # batches retention keeps for rollback every night. (Still being read, it is dropped by a later
+        # publish; rollback never picks a canary that was never live.)
+        publish.drop_batch(conn, current["batch_id"])
     refreshed = CanaryRefresh(
         when,
         True,
-        f"scored {day} with model {current['model_id']}",
+        f"scored {day} with model {current['model_id']}; batch {current['batch_id']} is dropped",
         current["model_id"],
         published.batch_id,
         current["batch_id"],

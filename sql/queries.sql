@@ -158,12 +158,14 @@ INSERT INTO overnight.live_history (batch_id, previous_batch_id, action) VALUES 
 SELECT pg_notify(%s, %s);
 
 -- name: rollback_target
--- The kept batch just before the live one in (logical date, batch id) order.
+-- The kept batch just before the live one in (logical date, batch id) order. Not a batch that was a
+-- canary and never went live (a stopped canary, often of another model): it was never production.
 SELECT b.batch_id
 FROM overnight.batches AS b, overnight.batches AS live
 WHERE live.batch_id = %s
   AND b.status IN ('ready', 'retired')
   AND (b.logical_date, b.batch_id) < (live.logical_date, live.batch_id)
+  AND NOT (b.status = 'ready' AND EXISTS (SELECT 1 FROM overnight.canary_history AS h WHERE h.batch_id = b.batch_id))
 ORDER BY b.logical_date DESC, b.batch_id DESC
 LIMIT 1;
 

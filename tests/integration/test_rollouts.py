@@ -316,7 +316,7 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
 def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     batch_settings: Settings, two_batches: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, candidate = two_batches
+    production, candidate = two_batches
     register_challenger(batch_settings)
     assert rollouts.refresh_canary(batch_settings, SAMPLE_DATE).reason == "no canary is running"
     # A canary of production's own model: a refresh would serve production's lists (no scoring is tried).
@@ -342,6 +342,10 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     raced = rollouts.refresh_canary(batch_settings, SAMPLE_DATE)
     assert not raced.refreshed and raced.canary_batch is None and "the canary was stopped" in raced.reason
     assert rollouts.canary_status(batch_settings)["canary"] is None
+    # The stopped canary's batch (ready, of the previous date, of another model) was never production:
+    # rollback from tonight goes to the batch that was.
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        assert conn.execute(sql.query("rollback_target"), (tonight.batch_id,)).fetchone() == (production,)
     monkeypatch.undo()
 
     started = rollouts.start_canary(batch_settings, started.batch_id, 0.2, salt="fresh")
@@ -352,7 +356,7 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     )
     new = refreshed.canary_batch
     assert new is not None
-    assert (batch_status(batch_settings, new), batch_status(batch_settings, started.batch_id)) == ("canary", "ready")
+    assert (batch_status(batch_settings, new), batch_status(batch_settings, started.batch_id)) == ("canary", "dropped")
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         batch = conn.execute(sql.query("batch_by_id"), (new,)).fetchone()
     assert batch is not None and (batch[1], batch[2]) == (SAMPLE_DATE, "challenger")
