@@ -563,7 +563,8 @@ def status(as_json: JsonFlag = False) -> None:
     if report["canary"]:
         canary = report["canary"]
         typer.echo(
-            f"canary: batch {canary['batch_id']} serves {canary['traffic']:.2%} of users "
+            f"canary: batch {canary['batch_id']} for {canary['logical_date']}, model {canary['model_id']}, "
+            f"{float(canary['age_seconds']) / 3600:.1f} h old, serves {canary['traffic']:.2%} of users "
             f"(since {canary['started_at']}); `overnight promote` or `overnight canary --stop`"
         )
     model = report["production_model"]

@@ -91,9 +91,11 @@ def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
         model = registry.production_model(conn)
         with conn.cursor(row_factory=dict_row) as cur:
             batches = cur.execute(sql.query("recent_batches"), (recent,)).fetchall()
+            canary_batch = cur.execute(sql.query("canary_batch_status")).fetchone() if canary else None
     return {
         "live": _plain(live) if live else None,
-        "canary": asdict(canary) if canary else None,
+        # with its batch's date, model and age: a canary that is not refreshed ages beside production
+        "canary": {**asdict(canary), **_plain(canary_batch)} if canary and canary_batch else None,
         "production_model": (
             {**registry.describe(model), "baselines": model.metrics.get("baselines", {})} if model else None
         ),

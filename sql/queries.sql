@@ -203,6 +203,11 @@ SELECT b.batch_id, b.logical_date, b.model_id, b.status, b.k, b.users_scored, b.
 FROM overnight.live AS l
 JOIN overnight.batches AS b USING (batch_id);
 
+-- name: canary_batch_status
+SELECT b.logical_date, b.model_id, extract(epoch FROM now() - b.generated_at) AS age_seconds
+FROM overnight.canary AS c
+JOIN overnight.batches AS b USING (batch_id);
+
 -- name: count_recs
 SELECT count(*) FROM {recs};
 

@@ -305,9 +305,11 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
         ]
     started = overnight("canary", "--batch", str(candidate), "--traffic", "0.05", "--salt", "cli", env=env)
     assert "salt: cli" in started.stdout and "traffic: 0.05" in started.stdout
-    assert f"canary: batch {candidate} serves 5.00% of users" in overnight("status", env=env).stdout
+    shown = overnight("status", env=env).stdout
+    assert f"canary: batch {candidate} for {SAMPLE_DATE}, model ranker-" in shown and "serves 5.00% of users" in shown
     status = json.loads(overnight("status", "--json", env=env).stdout)
     assert (status["live"]["batch_id"], status["canary"]["batch_id"]) == (production, candidate)
+    assert status["canary"]["logical_date"] == SAMPLE_DATE.isoformat() and status["canary"]["age_seconds"] >= 0
     promoted = overnight("promote", env=env)
     assert f"canary batch {candidate} is now production (was {production})" in promoted.stdout
     assert "canary:" not in overnight("status", env=env).stdout
