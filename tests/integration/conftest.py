@@ -1,17 +1,22 @@
 """Integration fixtures: a lake with two scored days, built once per module and copied per test."""
 
 import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql as pgsql
+from psycopg.conninfo import make_conninfo
 
 import sql
 from jobs import ingest, publish, registry, score, train
 from jobs.settings import Settings
+from serving.prediction_log import BulkWriter, EncodedBatch
 from tests.conftest import SAMPLE_DATE, create_database, drop_database
 
 PREVIOUS_DATE = SAMPLE_DATE - timedelta(days=1)
@@ -77,6 +82,33 @@ def register_challenger(settings: Settings) -> registry.ModelVersion:
         )
         registry.register(conn, challenger)
     return original
+
+
+@pytest.fixture
+def serving_login(database_url: str) -> Iterator[str]:
+    """The database as the lookup service logs in to it: a login role in overnight_serving (made by
+    migration 0003), as an operator would create one."""
+    role = f"overnight_api_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(pgsql.SQL("CREATE ROLE {} LOGIN IN ROLE overnight_serving").format(pgsql.Identifier(role)))
+    try:
+        yield make_conninfo(database_url, user=role)
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP ROLE IF EXISTS {}").format(pgsql.Identifier(role)))
+
+
+def losing_the_first_reply(writer: BulkWriter[Any]) -> None:
+    """The writer's first write is committed, then fails as a reply lost on the way back would."""
+    write = writer._write
+
+    async def write_then_fail_once(batch: EncodedBatch) -> bool:
+        stored = await write(batch)
+        if writer.write_failures == 0:
+            raise OSError("reply lost")
+        return stored
+
+    writer._write = write_then_fail_once  # type: ignore[method-assign]
 
 
 def batch_status(settings: Settings, batch_id: int) -> str:

@@ -16,9 +16,9 @@ from jobs.database import upgrade
 from serving.app import create_app
 from serving.errors import ServingConfigError
 from serving.feedback import FeedbackIntake, router
-from serving.prediction_log import EncodedBatch
 from serving.settings import get_serving_settings
 from tests.conftest import create_database, drop_database, serving_app
+from tests.integration.conftest import losing_the_first_reply
 
 pytestmark = pytest.mark.integration
 
@@ -282,15 +282,7 @@ def test_every_accepted_event_is_stored_while_the_writer_loses_its_connection(da
 def test_events_of_a_write_retried_after_its_commit_reply_was_lost_are_stored_once(database_url: str) -> None:
     """The first write is committed, then fails as a lost reply would; its retry stores nothing again."""
     intake = FeedbackIntake(database_url, linger_seconds=0.05)
-    write = intake.writer._write
-
-    async def write_then_fail_once(batch: EncodedBatch) -> bool:
-        stored = await write(batch)
-        if intake.writer.write_failures == 0:
-            raise OSError("reply lost")
-        return stored
-
-    intake.writer._write = write_then_fail_once  # type: ignore[method-assign]
+    losing_the_first_reply(intake.writer)
     app = events_app(intake)
 
     async def scenario() -> int:

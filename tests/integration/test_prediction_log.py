@@ -4,8 +4,6 @@ import asyncio
 import inspect
 import math
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +14,6 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from psycopg import sql as pgsql
-from psycopg.conninfo import make_conninfo
 
 import sql
 from jobs import online
@@ -24,13 +21,13 @@ from jobs.database import upgrade
 from jobs.settings import Settings
 from serving.prediction_log import (
     _SLICE_ROWS,
-    BulkWriter,
     EncodedBatch,
     PredictionLog,
     WriterCollector,
     request_id_for,
 )
 from tests.conftest import create_database, drop_database
+from tests.integration.conftest import losing_the_first_reply
 
 pytestmark = pytest.mark.integration
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -179,39 +176,13 @@ def test_a_lost_connection_is_retried_without_losing_rows(database_url: str) -> 
     assert len(logged_rows(database_url)) == 200
 
 
-@pytest.fixture
-def serving_role_url(database_url: str) -> Iterator[str]:
-    """The database as the lookup service logs in to it: a login role in overnight_serving (migration 0003)."""
-    role = f"overnight_api_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(pgsql.SQL("CREATE ROLE {} LOGIN IN ROLE overnight_serving").format(pgsql.Identifier(role)))
-    try:
-        yield make_conninfo(database_url, user=role)
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(pgsql.SQL("DROP ROLE IF EXISTS {}").format(pgsql.Identifier(role)))
-
-
-def losing_the_first_reply(writer: BulkWriter[Any]) -> None:
-    """The writer's first write is committed, then fails as a reply lost on the way back would."""
-    write = writer._write
-
-    async def write_then_fail_once(batch: EncodedBatch) -> bool:
-        stored = await write(batch)
-        if writer.write_failures == 0:
-            raise OSError("reply lost")
-        return stored
-
-    writer._write = write_then_fail_once  # type: ignore[method-assign]
-
-
 def test_a_retried_write_whose_commit_reply_was_lost_is_stored_once(
-    serving_role_url: str, database_url: str, caplog: pytest.LogCaptureFixture
+    serving_login: str, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """As the service's role, which may only insert: the retry claims the same write id and inserts nothing."""
 
     async def scenario() -> PredictionLog:
-        log = PredictionLog(serving_role_url, linger_seconds=0.05)
+        log = PredictionLog(serving_login, linger_seconds=0.05)
         losing_the_first_reply(log.writer)
         log.start()
         for n in range(30):

@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
 from jobs.database import upgrade
@@ -288,19 +287,6 @@ def test_postgres_stopping_under_load_gives_fast_503s_or_stale_cache_and_recover
 
 
 # ---------------------------------------------------------------------------- the read-only role
-
-
-@pytest.fixture
-def serving_login(database_url: str) -> Iterator[str]:
-    """A login role in overnight_serving (made by migration 0003), as an operator would create one."""
-    role = f"overnight_api_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(pgsql.SQL("CREATE ROLE {} LOGIN IN ROLE overnight_serving").format(pgsql.Identifier(role)))
-    try:
-        yield make_conninfo(database_url, user=role)
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(pgsql.SQL("DROP ROLE IF EXISTS {}").format(pgsql.Identifier(role)))
 
 
 def test_the_serving_role_reads_batches_published_later_and_writes_nothing(
