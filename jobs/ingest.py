@@ -5,7 +5,6 @@ Idempotent per logical date: re-running a date merges the same rows into the sam
 partitions and replaces that date's catalogue snapshot, quarantine and report.
 """
 
-import json
 import logging
 import shutil
 from collections import Counter
@@ -679,9 +678,8 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
         **(asdict(feedback) if feedback else {}),
     )
     report = settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
-    report.parent.mkdir(parents=True, exist_ok=True)
     result = IngestResult(**{**asdict(result), "report_path": str(report)})
-    report.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    lake.write_json_atomically(asdict(result), report)
     return result
 
 

@@ -13,7 +13,9 @@ received days after it happened, see ``jobs.feedback``) is merged into the parti
 once, and a backfill of that day run afterwards sees it.
 """
 
-import os
+import json
+import uuid
+from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
@@ -127,9 +129,22 @@ def read_catalogue(lake_dir: Path, as_of: date) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-def write_parquet_atomically(frame: pl.DataFrame, path: Path) -> None:
-    """Readers see the old file or the new one, never half of one; concurrent writers do not collide."""
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` then rename over `path`: readers see the old file or the new one, never half of one,
+    a writer killed midway leaves the old file, and concurrent writers (a shadow and a canary of one
+    model scoring the same folder) do not collide."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.write_parquet(tmp, statistics=True)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomically(frame: pl.DataFrame, path: Path) -> None:
+    write_atomically(path, lambda tmp: frame.write_parquet(tmp, statistics=True))
+
+
+def write_json_atomically(value: object, path: Path) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))

@@ -210,7 +210,7 @@ def score_shard(
         seconds=round(time.perf_counter() - started, 3),
         predict_seconds=round(predict_seconds, 3),
     )
-    path.with_suffix(".json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    lake.write_json_atomically(asdict(result), path.with_suffix(".json"))
     return result
 
 
@@ -260,7 +260,7 @@ def read_manifests(settings: Settings, logical_date: date, model_id: str | None 
     """The manifests of one complete set of shards for the date (of `model_id`'s folder, with one), or a
     clear error naming what is missing."""
     folder = scores_dir(settings, logical_date, model_id)
-    manifests = [ScoreResult(**json.loads(p.read_text())) for p in sorted(folder.glob("shard-*.json"))]
+    manifests = [_read_manifest(p) for p in sorted(folder.glob("shard-*.json"))]
     if not manifests:
         raise MissingDataError(f"no scores for {logical_date} in {folder}; run `overnight score --date {logical_date}`")
     counts = {m.shards for m in manifests}
@@ -276,6 +276,15 @@ def read_manifests(settings: Settings, logical_date: date, model_id: str | None 
             f"shards of {logical_date} were scored by different models {sorted(models)}; re-run them"
         )
     return sorted(manifests, key=lambda m: m.shard)
+
+
+def _read_manifest(path: Path) -> ScoreResult:
+    try:
+        return ScoreResult(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:
+        raise MissingDataError(
+            f"shard manifest {path} is unreadable ({error}); re-run `overnight score` for its date"
+        ) from None
 
 
 def fallback(settings: Settings, logical_date: date) -> tuple[list[str], list[float]]:

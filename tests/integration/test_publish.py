@@ -229,6 +229,13 @@ def test_publish_needs_every_shard(batch_settings: Settings) -> None:
         publish.publish(batch_settings, SAMPLE_DATE)
 
 
+def test_a_manifest_cut_short_is_named_in_the_error(batch_settings: Settings) -> None:
+    manifest = score.shard_path(batch_settings, SAMPLE_DATE, 0, 2).with_suffix(".json")
+    manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(MissingDataError, match=rf"shard manifest {manifest} is unreadable .*re-run `overnight score`"):
+        publish.publish(batch_settings, SAMPLE_DATE)
+
+
 def test_scoring_uses_no_model_newer_than_the_date(batch_settings: Settings) -> None:
     with pytest.raises(MissingDataError, match="no promoted model trained on or before"):
         score.score(batch_settings, date(2020, 1, 1))
