@@ -248,7 +248,7 @@ def test_every_accepted_event_is_stored_while_the_writer_loses_its_connection(da
                     await asyncio.sleep(0.1)
                     cursor = await admin.execute(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE application_name LIKE 'overnight-serving-feedback%'"
+                        "WHERE datname = current_database() AND application_name LIKE 'overnight-serving-feedback%'"
                     )
                     row = await cursor.fetchone()
                     killed += row[0] if row else 0

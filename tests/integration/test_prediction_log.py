@@ -163,7 +163,7 @@ def test_a_lost_connection_is_retried_without_losing_rows(database_url: str) -> 
         with psycopg.connect(database_url, autocommit=True) as admin:
             killed = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = 'overnight-serving-served_predictions'"
+                "WHERE datname = current_database() AND application_name = 'overnight-serving-served_predictions'"
             ).fetchone()
         assert killed == (1,)
         for n in range(100):
