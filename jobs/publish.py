@@ -246,11 +246,11 @@ def publish(
     (``score.score(..., model_id=M)``): with `shadow`, as a batch that is never served; without, as a
     serving batch kept ready for a canary, never made live here. A chosen model's batch never records
     the date's monitoring, which is production's."""
-    chosen_model = model_id
-    chosen = chosen_model is not None
+    chosen = model_id is not None
     if shadow and not chosen:
         raise ValueError("a shadow batch is of a chosen model: pass its model_id")
-    manifests = score.read_manifests(settings, logical_date, chosen_model)
+    manifests = score.read_manifests(settings, logical_date, model_id)
+    files = [score.shard_path(settings, logical_date, m.shard, m.shards, model_id) for m in manifests]
     folder = settings.work_dir_for(logical_date)
     users_scored = sum(m.users for m in manifests)
     active_users = pl.scan_parquet(folder / "users.parquet").select(pl.len()).collect().item()
@@ -296,7 +296,6 @@ def publish(
 
         try:
             with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
-                files = [score.shard_path(settings, logical_date, m.shard, m.shards, chosen_model) for m in manifests]
                 shard_checks = list(pool.map(lambda path: _load_shard(url, batch_id, path), files))
             logger.info(
                 "publish: batch %d: %d rows loaded; building the primary key",
@@ -390,6 +389,16 @@ def publish(
         validation=measured,
         seconds=seconds,
     )
+
+
+def publish_model(
+    settings: Settings, logical_date: date, model_id: str, shards: int | None = None, *, shadow: bool = False
+) -> PublishResult:
+    """Score the date with a chosen model, then publish it: a shadow batch, or (without `shadow`) a
+    serving batch kept ready for a canary."""
+    scored = score.score(settings, logical_date, shards, model_id=model_id)
+    logger.info("%s of model %s: %s", "shadow" if shadow else "canary", model_id, score.summarise(scored))
+    return publish(settings, logical_date, shadow=shadow, model_id=model_id)
 
 
 def rollback(settings: Settings, to_batch: int | None = None) -> SwitchResult:

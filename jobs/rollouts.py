@@ -24,7 +24,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 import sql
-from jobs import publish, registry, score
+from jobs import publish, registry
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError, RolloutError
 from jobs.settings import Settings
@@ -265,17 +265,8 @@ def start_model_canary(
     if live is None:
         raise RolloutError("nothing is live: publish a production batch before starting a canary")
     day = logical_date or live["logical_date"]
-    published = _score_and_publish(settings, day, model_id, shards)
+    published = publish.publish_model(settings, day, model_id, shards)
     return start_canary(settings, published.batch_id, traffic, salt)
-
-
-def _score_and_publish(
-    settings: Settings, logical_date: date, model_id: str, shards: int | None
-) -> publish.PublishResult:
-    """The date scored with `model_id` and published as a serving batch that does not go live."""
-    scored = score.score(settings, logical_date, shards, model_id=model_id)
-    logger.info("canary of model %s: %s", model_id, score.summarise(scored))
-    return publish.publish(settings, logical_date, model_id=model_id)
 
 
 @dataclass(frozen=True)
@@ -329,7 +320,7 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
             skipped,
             reason=f"the canary's model {current['model_id']} is production's: its lists would be production's",
         )
-    published = _score_and_publish(settings, day, current["model_id"], shards)
+    published = publish.publish_model(settings, day, current["model_id"], shards)
     with connect(settings) as conn:
         with conn.transaction():
             conn.execute(sql.query("lock_live"))

@@ -21,7 +21,7 @@ from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 
 import sql
-from jobs import lake, metrics, publish, score
+from jobs import lake, metrics, publish
 from jobs.database import connect, upgrade
 from jobs.errors import FutureModelError, MissingDataError
 from jobs.settings import Settings
@@ -45,9 +45,7 @@ class ShadowResult:
 
 def run_shadow(settings: Settings, logical_date: date, model_id: str, shards: int | None = None) -> ShadowResult:
     """Score every user of the date with `model_id` and publish the result as a shadow batch."""
-    scored = score.score(settings, logical_date, shards, model_id=model_id)
-    logger.info("shadow: %s", score.summarise(scored))
-    published = publish.publish(settings, logical_date, shadow=True, model_id=model_id)
+    published = publish.publish_model(settings, logical_date, model_id, shards, shadow=True)
     return ShadowResult(logical_date.isoformat(), published.model_id, published.batch_id, published.users)
 
 

@@ -333,14 +333,14 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     tonight = publish.publish(batch_settings, SAMPLE_DATE, make_live=True)  # the next night
 
     # Stopped while the night was scored: the new batch is kept ready, the stop stands.
-    score_and_publish = rollouts._score_and_publish
+    publish_model = publish.publish_model
 
     def stopped_meanwhile(*args: object) -> publish.PublishResult:
-        published = score_and_publish(*args)  # type: ignore[arg-type]
+        published = publish_model(*args)  # type: ignore[arg-type]
         rollouts.stop_canary(batch_settings)
         return published
 
-    monkeypatch.setattr(rollouts, "_score_and_publish", stopped_meanwhile)
+    monkeypatch.setattr(publish, "publish_model", stopped_meanwhile)
     raced = rollouts.refresh_canary(batch_settings, SAMPLE_DATE)
     assert not raced.refreshed and raced.canary_batch is None and "the canary was stopped" in raced.reason
     assert rollouts.canary_status(batch_settings)["canary"] is None
