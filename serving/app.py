@@ -6,6 +6,7 @@
 import asyncio
 import gc
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -342,23 +343,26 @@ async def _on_request_validation_error(request: Request, error: Exception) -> Re
 
 
 def _unprocessable(problems: Sequence[Any]) -> Response:
-    """FastAPI's 422 body, with the client's input echoed only as text UTF-8 can carry: JSON lets a body
-    hold a lone surrogate (``"\\ud800"``), which no response could encode, so FastAPI's own handler
-    answered 500."""
-    return JSONResponse({"detail": _utf8_safe(jsonable_encoder(problems))}, status_code=422)
+    """FastAPI's 422 body, with the client's input echoed only as JSON can carry it: a body may hold a lone
+    surrogate (``"\\ud800"``), which no response could encode as UTF-8, and Python's parser takes NaN,
+    Infinity and 1e400 (infinity), which JSON has no number for; either made FastAPI's own handler
+    answer 500."""
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(problems))}, status_code=422)
 
 
-def _utf8_safe(value: Any) -> Any:
+def _json_safe(value: Any) -> Any:
     if isinstance(value, str):
         try:
             value.encode()
         except UnicodeEncodeError:
             return value.encode(errors="backslashreplace").decode()
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, list):
-        return [_utf8_safe(item) for item in value]
+        return [_json_safe(item) for item in value]
     if isinstance(value, dict):
-        return {_utf8_safe(key): _utf8_safe(item) for key, item in value.items()}
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
     return value
 
 

@@ -215,6 +215,32 @@ def test_the_service_answers_bad_requests_on_events_with_4xx_never_500(database_
     assert [row[2] for row in stored(database_url)] == ["kept"]
 
 
+def test_non_finite_numbers_in_a_body_get_a_422_that_names_them(database_url: str) -> None:
+    """Python's JSON parser takes NaN, Infinity and 1e400 (infinity); the 422 echoes them as text, since
+    JSON has no number for them."""
+    settings = get_serving_settings(database_url=database_url, api_keys=("k-1",))
+    json_body = {"Content-Type": "application/json"}
+    timestamp = '{"events": [{"user_id": "u", "item_id": "i", "type": "click", "timestamp": %s}]}'
+    cases = [
+        ("/v1/events", timestamp % "NaN", ["body", "events", 0, "timestamp"], "NaN"),
+        ("/v1/events", timestamp % "1e400", ["body", "events", 0, "timestamp"], "Infinity"),
+        ("/v1/recommendations:batch", '{"user_ids": ["a"], "k": NaN}', ["body", "k"], "NaN"),
+        ("/v1/recommendations:batch", '{"user_ids": ["a"], "k": -Infinity}', ["body", "k"], "-Infinity"),
+        ("/v1/recommendations:batch", '{"user_ids": [NaN]}', ["body", "user_ids", 0], "NaN"),
+    ]
+    with (
+        serving_app(create_app(settings)) as base,
+        httpx.Client(base_url=base, headers={"Authorization": "Bearer k-1"}) as http,
+    ):
+        for path, body, loc, echoed in cases:
+            response = http.post(path, content=body, headers=json_body)
+            assert response.status_code == 422, (path, body, response.text)
+            problem = response.json()["detail"][0]
+            assert (problem["loc"], problem["input"]) == (loc, echoed), (body, problem)
+            assert problem["msg"]
+    assert stored(database_url) == []
+
+
 def test_every_accepted_event_is_stored_while_the_writer_loses_its_connection(database_url: str) -> None:
     """20 clients post events while the writer's connection is killed again and again: what got a 202 is in
     the table once, what got a 503 is not."""
