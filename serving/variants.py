@@ -1,7 +1,9 @@
 """The canary split: which arm a user is in, from a hash of (salt, user id).
 
-A user's bucket is the first 8 bytes of ``blake2b(salt || 0x00 || user_id)`` read as an integer in
-[0, 2**64); the user is in the canary when the bucket is below ``traffic * 2**64``. So the split is:
+A user's bucket is the 8-byte BLAKE2b digest ``blake2b(salt || 0x00 || user_id, digest_size=8)`` (the
+digest size is a parameter of the hash: this is not the first 8 bytes of the default 64-byte digest),
+salt and user id UTF-8 encoded, read big-endian as an integer in [0, 2**64); the user is in the canary
+when the bucket is below ``traffic * 2**64``. So the split is:
 
 - stable: the same user gets the same arm in every request, process and day (no per-process seed);
 - exact within sampling error: buckets are uniform, so the canary share of n users is binomial;

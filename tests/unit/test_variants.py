@@ -1,5 +1,6 @@
 """The canary split: exact within sampling error on 100k users, stable across calls and processes."""
 
+import hashlib
 import math
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from serving import variants
 from serving.variants import CANARY, PRODUCTION, TrafficSplit
 
 USERS = [f"user-{n}" for n in range(100_000)]
@@ -87,7 +89,7 @@ def test_production_is_the_other_arm() -> None:
 
 
 def test_buckets_are_pinned_so_a_code_change_cannot_reshuffle_every_user() -> None:
-    # Values of blake2b(salt || 0x00 || user id), first 8 bytes big-endian, taken when the split
+    # Values of blake2b(salt || 0x00 || user id, digest_size=8), big-endian, taken when the split
     # shipped: a running canary's users must keep their arm across upgrades of the service.
     split = TrafficSplit("spring-2026", 0.05)
     assert split.bucket("u1") == 11728355180845096327
@@ -95,3 +97,15 @@ def test_buckets_are_pinned_so_a_code_change_cannot_reshuffle_every_user() -> No
     assert split.bucket("émilie") == 5035107461835431592
     assert TrafficSplit("spring-2026", 0.28).variant("émilie") == CANARY
     assert TrafficSplit("spring-2026", 0.27).variant("émilie") == PRODUCTION
+
+
+def test_the_bucket_is_the_hash_the_module_documents() -> None:
+    # BLAKE2b takes its digest size as a parameter of the hash: an 8-byte digest is not the first 8 bytes
+    # of the default 64-byte one. Whoever reimplements the split (in SQL, in another service) from the
+    # docstring must get the same arms.
+    assert variants.__doc__ is not None and "digest_size=8" in variants.__doc__
+    split = TrafficSplit("spring-2026", 0.05)
+    for user in ["u1", "user-42", "émilie", "tenant/7"]:
+        hashed = b"spring-2026\x00" + user.encode()
+        assert split.bucket(user) == int.from_bytes(hashlib.blake2b(hashed, digest_size=8).digest(), "big")
+        assert split.bucket(user) != int.from_bytes(hashlib.blake2b(hashed).digest()[:8], "big")
