@@ -342,11 +342,15 @@ def drift(
 def rollback(
     to: Annotated[int | None, typer.Option("--to", help="Batch id to make live (default: the one before).")] = None,
 ) -> None:
-    """Switch the live pointer back to the previous kept batch, instantly."""
+    """Switch the live pointer back to the previous kept batch, instantly.
+
+    The previous kept batch is one that was live (or a nightly backfill), never a canary's batch that
+    was not promoted. Its model becomes the registry's production model again, so the next night scores
+    with it rather than with the model rolled back from.
+    """
     from jobs.publish import rollback as run_rollback
 
-    result = run_rollback(_settings(), to)
-    typer.echo(f"live batch is now {result.batch_id} (was {result.previous_batch_id})")
+    typer.echo(run_rollback(_settings(), to).summary())
 
 
 @app.command()

@@ -16,7 +16,7 @@ A batch scored with a chosen model (``score.score(..., model_id=M)``) is publish
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 import sql
-from jobs import copy_binary, lake, monitor, output_stats, score
+from jobs import copy_binary, lake, monitor, output_stats, registry, score
 from jobs.database import connect, database_url, upgrade
 from jobs.errors import BatchValidationError, MissingDataError
 from jobs.settings import Settings
@@ -58,6 +58,15 @@ class PublishResult:
 class SwitchResult:
     batch_id: int
     previous_batch_id: int | None
+    # A rollback also makes the batch's model the registry's production model (the one before it here).
+    model_id: str | None = None
+    previous_model_id: str | None = None
+
+    def summary(self) -> str:
+        switched = f"live batch is now {self.batch_id} (was {self.previous_batch_id})"
+        if self.model_id is None or self.model_id == self.previous_model_id:
+            return switched
+        return f"{switched}; model {self.model_id} is the production model again (was {self.previous_model_id})"
 
 
 def copy_frame(copy: psycopg.Copy, frame: pl.DataFrame) -> None:
@@ -175,10 +184,19 @@ def switch_live(conn: psycopg.Connection, batch_id: int, action: str) -> SwitchR
 
 
 def drop_batch(conn: psycopg.Connection, batch_id: int, *, mark_dropped: bool = True) -> bool:
-    """Drop a batch's table; a lookup still reading it holds the drop back for at most a few seconds."""
+    """Drop a batch's table; a lookup still reading it holds the drop back for at most a few seconds.
+
+    The batch's status is read again under the live lock, in the drop's transaction: a batch that
+    became live (a rollback) or the canary since the caller chose it is left alone.
+    """
     try:
         with conn.transaction():
             conn.execute(sql.query("set_drop_lock_timeout"))
+            conn.execute(sql.query("lock_live"))
+            status = conn.execute(sql.query("batch_status"), (batch_id,)).fetchone()
+            if status is not None and status[0] in ("live", "canary"):
+                logger.info("batch %d is %s now; not dropping it", batch_id, status[0])
+                return False
             conn.execute(sql.batch_query("drop_recs_table", batch_id))
             if mark_dropped:
                 conn.execute(sql.query("mark_batch_dropped"), (batch_id,))
@@ -188,27 +206,29 @@ def drop_batch(conn: psycopg.Connection, batch_id: int, *, mark_dropped: bool = 
     return True
 
 
+def _drop_listed(conn: psycopg.Connection, query: str, *params: object) -> list[int]:
+    with conn.transaction():
+        listed = [r[0] for r in conn.execute(sql.query(query), params)]
+    return [b for b in listed if drop_batch(conn, b)]
+
+
 def apply_retention(conn: psycopg.Connection, settings: Settings, logical_date: date, batch_id: int) -> list[int]:
-    """Drop earlier batches of the same date, and kept batches beyond the newest ``keep_batches``."""
-    with conn.transaction():
-        conn.execute(sql.query("lock_live"))
-        replaced = [r[0] for r in conn.execute(sql.query("same_date_batches"), (logical_date, batch_id))]
-    dropped = [b for b in replaced if drop_batch(conn, b)]
-    with conn.transaction():
-        conn.execute(sql.query("lock_live"))
-        expired = [r[0] for r in conn.execute(sql.query("expired_batches"), (settings.keep_batches - 1,))]
-    dropped += [b for b in expired if drop_batch(conn, b)]
-    return dropped
+    """Drop earlier batches of the same date, kept batches beyond the newest ``keep_batches``, and
+    canaries' never-live batches beyond the newest ``keep_batches`` of those."""
+    return (
+        _drop_listed(conn, "same_date_batches", logical_date, batch_id)
+        + _drop_listed(conn, "expired_batches", settings.keep_batches - 1)
+        + _drop_listed(conn, "expired_candidate_batches", settings.keep_batches)
+    )
 
 
 def _apply_shadow_retention(
     conn: psycopg.Connection, settings: Settings, logical_date: date, batch_id: int
 ) -> list[int]:
     """Shadow batches have their own retention: a newer one of the same date replaces, the newest few are kept."""
-    with conn.transaction():
-        replaced = [r[0] for r in conn.execute(sql.query("same_date_shadow_batches"), (logical_date, batch_id))]
-        expired = [r[0] for r in conn.execute(sql.query("expired_shadow_batches"), (settings.keep_batches,))]
-    return [b for b in dict.fromkeys(replaced + expired) if drop_batch(conn, b)]
+    return _drop_listed(conn, "same_date_shadow_batches", logical_date, batch_id) + _drop_listed(
+        conn, "expired_shadow_batches", settings.keep_batches
+    )
 
 
 def clean_orphans(conn: psycopg.Connection) -> list[int]:
@@ -278,8 +298,8 @@ def publish(
                 "generated_at": generated_at,
             },
         ).fetchone()[0]  # type: ignore[index]
-        if shadow:
-            conn.execute(sql.query("mark_batch_shadow_kind"), (batch_id,))
+        if chosen:
+            conn.execute(sql.query("mark_batch_kind"), ("shadow" if shadow else "candidate", batch_id))
         conn.execute(sql.batch_query("create_recs_table", batch_id))
         conn.commit()
         logger.info("publish: batch %d for %s: loading %d shards", batch_id, logical_date, len(manifests))
@@ -349,8 +369,9 @@ def publish(
         conn.execute(sql.query("mark_batch_ready"), (Jsonb(monitor.json_safe(measured)), batch_id))
         conn.commit()
         if chosen:
-            # A canary's batch: never live by publish, and it replaces none of the date's batches
-            # (production's, kept for rollback); the nightly publish's retention expires it like any.
+            # A canary's batch (kind 'candidate'): never live by publish, and it replaces none of the
+            # date's batches (production's, kept for rollback).
+            dropped = _drop_listed(conn, "expired_candidate_batches", settings.keep_batches)
             lap("switch")
             logger.info("publish: batch %d of model %s is ready for a canary", batch_id, model_id)
             return PublishResult(
@@ -360,7 +381,7 @@ def publish(
                 users_scored,
                 False,
                 f"scored with a chosen model ({model_id}): start a canary on it",
-                [],
+                dropped,
                 measured,
                 seconds,
             )
@@ -405,7 +426,10 @@ def rollback(settings: Settings, to_batch: int | None = None) -> SwitchResult:
     """Point ``live`` back at the kept batch before it (or at ``to_batch``): instant, nothing is copied.
 
     The target's status is read under the live lock, in the switch's transaction: a canary started
-    (or a retention run) at the same moment cannot make the batch both live and the canary.
+    (or a retention run) at the same moment cannot make the batch both live and the canary. In the same
+    transaction the batch's model becomes the registry's production model again (when it is registered),
+    so the next night does not score with the model just rolled back from (a promoted canary's, or a
+    weekly model's) and silently undo the rollback.
     """
     with connect(settings) as conn:
         upgrade(conn)
@@ -428,4 +452,14 @@ def rollback(settings: Settings, to_batch: int | None = None) -> SwitchResult:
                 raise MissingDataError(
                     f"batch {to_batch} is {status}; only kept batches (ready or retired) can go live"
                 )
-            return switch_live(conn, to_batch, "rollback")
+            switched = switch_live(conn, to_batch, "rollback")
+            model_id = found[2]
+            if registry.model_by_id(conn, model_id) is None:
+                logger.warning(
+                    "rollback: model %s of batch %d is not registered; the registry is unchanged", model_id, to_batch
+                )
+                return switched
+            previous_model = registry.make_production(conn, model_id, f"rollback to batch {to_batch}")
+    result = replace(switched, model_id=model_id, previous_model_id=previous_model)
+    logger.info("%s", result.summary())
+    return result

@@ -158,28 +158,43 @@ INSERT INTO overnight.live_history (batch_id, previous_batch_id, action) VALUES 
 SELECT pg_notify(%s, %s);
 
 -- name: rollback_target
--- The kept batch just before the live one in (logical date, batch id) order. Not a batch that was a
--- canary and never went live (a stopped canary, often of another model): it was never production.
+-- The kept batch just before the live one in (logical date, batch id) order: one that was live, or a
+-- nightly batch that was not (a backfill). Never a batch that was a canary or scored for one and never
+-- went live (a stopped canary, often of another model): it was never production.
 SELECT b.batch_id
 FROM overnight.batches AS b, overnight.batches AS live
 WHERE live.batch_id = %s
-  AND b.status IN ('ready', 'retired')
   AND (b.logical_date, b.batch_id) < (live.logical_date, live.batch_id)
-  AND NOT (b.status = 'ready' AND EXISTS (SELECT 1 FROM overnight.canary_history AS h WHERE h.batch_id = b.batch_id))
+  AND (b.status = 'retired'
+       OR (b.status = 'ready' AND b.kind = 'serving'
+           AND NOT EXISTS (SELECT 1 FROM overnight.canary_history AS h WHERE h.batch_id = b.batch_id)))
 ORDER BY b.logical_date DESC, b.batch_id DESC
 LIMIT 1;
 
 -- name: same_date_batches
--- Earlier batches of a date that a newer live batch of the same date replaces.
+-- Earlier batches of a date that a newer live batch of the same date replaces (not a canary's).
 SELECT batch_id FROM overnight.batches
-WHERE logical_date = %s AND batch_id <> %s AND status IN ('ready', 'retired');
+WHERE logical_date = %s AND batch_id <> %s AND status IN ('ready', 'retired')
+  AND NOT (kind = 'candidate' AND status = 'ready');
 
 -- name: expired_batches
--- Kept batches beyond the newest N (by creation), never the live one.
+-- Kept batches beyond the newest N (by creation), never the live one, nor a canary's never-live batch
+-- (expired_candidate_batches).
 SELECT batch_id FROM overnight.batches
-WHERE status IN ('ready', 'retired')
+WHERE status IN ('ready', 'retired') AND NOT (kind = 'candidate' AND status = 'ready')
 ORDER BY batch_id DESC
 OFFSET %s;
+
+-- name: expired_candidate_batches
+-- Batches scored for a canary that are not (or no longer) the canary and never went live, beyond the
+-- newest N.
+SELECT batch_id FROM overnight.batches
+WHERE kind = 'candidate' AND status = 'ready'
+ORDER BY batch_id DESC
+OFFSET %s;
+
+-- name: batch_status
+SELECT status FROM overnight.batches WHERE batch_id = %s;
 
 -- name: mark_batch_dropped
 UPDATE overnight.batches SET status = 'dropped' WHERE batch_id = %s;
@@ -437,8 +452,8 @@ FROM overnight.canary_history
 ORDER BY event_id DESC
 LIMIT %s;
 
--- name: mark_batch_shadow_kind
-UPDATE overnight.batches SET kind = 'shadow' WHERE batch_id = %s AND status = 'loading';
+-- name: mark_batch_kind
+UPDATE overnight.batches SET kind = %s WHERE batch_id = %s AND status = 'loading';
 
 -- name: mark_shadow_ready
 UPDATE overnight.batches SET status = 'shadow', validation = %s WHERE batch_id = %s AND kind = 'shadow';
@@ -461,10 +476,13 @@ ORDER BY batch_id DESC
 LIMIT 1;
 
 -- name: serving_batch_for_date
--- The production batch of a date: the newest one that went live, else the newest kept one (a
--- canary's batch, scored with another model, is kept but never went live unless promoted).
+-- The production batch of a date: the newest one that went live, else the newest kept nightly batch
+-- (a backfill). Never a canary's batch that was not promoted: it was not production.
 SELECT batch_id, model_id, k, generated_at FROM overnight.batches
-WHERE logical_date = %s AND kind = 'serving' AND status IN ('live', 'retired', 'ready', 'canary')
+WHERE logical_date = %s
+  AND (status IN ('live', 'retired')
+       OR (status = 'ready' AND kind = 'serving'
+           AND NOT EXISTS (SELECT 1 FROM overnight.canary_history AS h WHERE h.batch_id = batches.batch_id)))
 ORDER BY status IN ('live', 'retired') DESC, batch_id DESC
 LIMIT 1;
 

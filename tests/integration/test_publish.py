@@ -10,10 +10,10 @@ import psycopg
 import pytest
 
 import sql
-from jobs import publish, score
+from jobs import publish, registry, rollouts, score
 from jobs.errors import BatchValidationError, MissingDataError
 from jobs.settings import Settings
-from tests.integration.conftest import PREVIOUS_DATE, SAMPLE_DATE
+from tests.integration.conftest import PREVIOUS_DATE, SAMPLE_DATE, register_challenger
 
 pytestmark = pytest.mark.integration
 
@@ -254,3 +254,69 @@ def test_more_users_than_a_shard_holds_make_more_shards_that_cover_everyone(batc
     assert all(0 < r.predict_seconds <= r.seconds for r in results)
     assert [m.shards for m in score.read_manifests(settings, SAMPLE_DATE)] == [3, 3, 3]  # the 2-shard run is gone
     assert publish.publish(settings, SAMPLE_DATE).users == scored.len()
+
+
+def test_a_canarys_batch_that_never_went_live_is_neither_a_rollback_target_nor_a_rollback_slot(
+    batch_settings: Settings,
+) -> None:
+    """A batch scored for a canary whose start failed (or whose canary was stopped) was never production:
+    rollback must skip it, and it must not push production's batches out of the places kept for rollback."""
+    register_challenger(batch_settings)
+    settings = batch_settings.model_copy(update={"keep_batches": 2})
+    yesterday = publish.publish(settings, PREVIOUS_DATE)
+    never_started = publish.publish_model(settings, SAMPLE_DATE, "challenger")
+    assert not never_started.live and never_started.dropped_batches == []
+    tonight = publish.publish(settings, SAMPLE_DATE)  # a same-date publish does not replace the canary's batch
+    assert tonight.dropped_batches == []
+    assert statuses(settings) == {
+        yesterday.batch_id: "retired",
+        never_started.batch_id: "ready",
+        tonight.batch_id: "live",
+    }
+    with psycopg.connect(str(settings.database_url)) as conn:
+        assert conn.execute(sql.query("rollback_target"), (tonight.batch_id,)).fetchone() == (yesterday.batch_id,)
+    # Canaries' never-live batches have their own retention: the newest keep_batches of them.
+    again = [publish.publish(settings, SAMPLE_DATE, model_id="challenger").batch_id for _ in range(2)]
+    assert statuses(settings)[never_started.batch_id] == "dropped"
+    assert [statuses(settings)[b] for b in again] == ["ready", "ready"]
+    assert table_exists(settings, yesterday.batch_id)
+    switched = publish.rollback(settings)
+    assert (switched.batch_id, switched.previous_batch_id) == (yesterday.batch_id, tonight.batch_id)
+
+
+def test_rollback_after_a_promotion_makes_the_old_model_production_again(batch_settings: Settings) -> None:
+    """Promoting a model canary makes its model production; rolling back must undo that too, or the next
+    night would score with the model just rolled back from."""
+    original = register_challenger(batch_settings)
+    production = publish.publish(batch_settings, SAMPLE_DATE).batch_id
+    rollouts.start_model_canary(batch_settings, "challenger", 0.1)
+    promoted = rollouts.promote_canary(batch_settings)
+    assert promoted.model_changed
+    switched = publish.rollback(batch_settings)
+    assert (switched.batch_id, switched.previous_batch_id) == (production, promoted.batch_id)
+    assert (switched.model_id, switched.previous_model_id) == (original.model_id, "challenger")
+    assert f"model {original.model_id} is the production model again (was challenger)" in switched.summary()
+    assert score.ranker_for(batch_settings, SAMPLE_DATE).model_id == original.model_id
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        challenger = registry.model_by_id(conn, "challenger")
+    assert challenger is not None and challenger.status == "retired"
+    assert challenger.status_reason == f"replaced by {original.model_id}: rollback to batch {production}"
+    # `--to` a batch of another model does the same: challenger is production again, then the original.
+    assert publish.rollback(batch_settings, to_batch=promoted.batch_id).model_id == "challenger"
+    assert (
+        publish.rollback(batch_settings).summary()
+        == f"live batch is now {production} (was {promoted.batch_id}); model {original.model_id} is the production model again (was challenger)"
+    )
+
+
+def test_retention_leaves_alone_a_batch_that_became_the_canary_after_it_was_chosen(batch_settings: Settings) -> None:
+    """Retention lists the batches to drop, then drops them one by one: one that a canary took meanwhile
+    is read again under the live lock and kept."""
+    live = publish.publish(batch_settings, PREVIOUS_DATE).batch_id
+    chosen = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
+    rollouts.start_canary(batch_settings, chosen, 0.1)
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        assert not publish.drop_batch(conn, chosen)
+        assert not publish.drop_batch(conn, live)
+    assert table_exists(batch_settings, chosen) and table_exists(batch_settings, live)
+    assert statuses(batch_settings) == {live: "live", chosen: "canary"}
