@@ -136,7 +136,8 @@ async def _user_recommendations(scope: Scope, user_id: str) -> tuple[list[tuple[
     answer = await lookup.recommend(user_id, k, exclude)
     state.metrics.count_answer(answer)
     request_id = request_id_for(_header(scope["headers"], b"x-request-id"))
-    state.prediction_log.record_answer(request_id, answer.batch.batch_id, answer.variant, answer.results)
+    if scope["method"] != "HEAD":  # a HEAD shows the user nothing, so nothing was served to log
+        state.prediction_log.record_answer(request_id, answer.batch.batch_id, answer.variant, answer.results)
     return _answer_headers(answer, lookup, request_id), encode(render(answer, answer.results[0]))
 
 

@@ -28,7 +28,7 @@ from psycopg.types.json import Jsonb
 import sql
 from jobs.rollouts import start_canary, stop_canary
 from jobs.settings import Settings
-from serving.app import create_app
+from serving.app import USER_RECOMMENDATIONS_PATH, create_app
 from serving.errors import ServingConfigError
 from serving.live import WATCHER_APPLICATION_NAME
 from serving.server import serve
@@ -783,3 +783,20 @@ def test_a_full_prediction_log_queue_drops_and_counts_and_never_slows_a_lookup(
             within=5,
         )
     assert len(served_rows(database_url)) == accepted
+
+
+def test_a_head_request_is_answered_but_not_logged_as_served(database_url: str, publisher: Publisher) -> None:
+    """A HEAD shows the user nothing: it is a request in the metrics, never an answer in the prediction log."""
+    publisher.publish(RECS)
+    with running(service_settings(database_url)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        for user in ("42", "nobody"):
+            head = service.client.head(f"/v1/users/{user}/recommendations", headers={"X-Request-Id": f"head-{user}"})
+            assert (head.status_code, head.headers["X-Request-Id"]) == (200, f"head-{user}")
+        assert service.recs("42", k=2).status_code == 200
+        head_requests = (
+            f'overnight_http_requests_total{{method="HEAD",route="{USER_RECOMMENDATIONS_PATH}",status="200"}}'
+        )
+        assert metric(service, head_requests) == 2
+    # Leaving the block shut the service down, which wrote out every queued row.
+    assert [(row[1], row[4]) for row in served_rows(database_url)] == [("42", ["i1", "i2"])]
