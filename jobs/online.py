@@ -118,14 +118,16 @@ def ratio_variance(sums: UserSums) -> float | None:
 def clustered_wilson(sums: UserSums) -> dict[str, float | None]:
     """A rate over impressions with a Wilson interval on the effective sample size
     n_eff = p(1-p) / Var_user(R), capped at the impressions: the design effect of users' correlated
-    impressions, while keeping Wilson's behaviour at small counts and rates near 0. With fewer than two
-    users (no between-user spread) or no spread at all, n_eff is the impressions."""
+    impressions, while keeping Wilson's behaviour at small counts and rates near 0. With no spread
+    between users at all, n_eff is the impressions; with one user there is no spread to measure, and
+    n_eff is that one user (the unit that was randomized): one user's thousand impressions say little
+    about the next user."""
     p, variance = sums.ratio, ratio_variance(sums)
     if p is None:
         return wilson(0, 0)
-    effective = sums.n
-    if variance:
-        effective = min(sums.n, p * (1 - p) / variance)
+    if variance is None:
+        return wilson(p * sums.users, sums.users)
+    effective = min(sums.n, p * (1 - p) / variance) if variance else sums.n
     return wilson(p * effective, effective)
 
 

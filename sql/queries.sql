@@ -588,15 +588,22 @@ feedback AS MATERIALIZED (
     FROM overnight.feedback_events
     WHERE occurred_at >= %(start)s AND occurred_at < %(feedback_end)s AND request_id IS NOT NULL
     GROUP BY request_id, user_id, item_id
+),
+-- A client may send one X-Request-Id twice (a retry, two widgets of one page): the first answer to a
+-- (request, user) is the one its feedback is paired with, so one click never counts twice.
+answered AS (
+    SELECT DISTINCT ON (request_id, user_id) served_at, request_id, user_id, variant, batch_id, item_ids
+    FROM answers
+    WHERE request_id IN (SELECT request_id FROM feedback)
+    ORDER BY request_id, user_id, served_at
 )
 SELECT a.variant, a.batch_id, a.user_id, shown.position::integer AS position, f.clicked, f.converted,
        EXISTS (
            SELECT FROM canary_periods AS c WHERE a.served_at >= c.started_at AND a.served_at < c.stopped_at
        ) AS while_canary
-FROM answers AS a
+FROM answered AS a
 CROSS JOIN LATERAL json_array_elements_text(a.item_ids) WITH ORDINALITY AS shown (item_id, position)
-JOIN feedback AS f ON f.request_id = a.request_id AND f.user_id = a.user_id AND f.item_id = shown.item_id
-WHERE a.request_id IN (SELECT request_id FROM feedback);
+JOIN feedback AS f ON f.request_id = a.request_id AND f.user_id = a.user_id AND f.item_id = shown.item_id;
 
 -- name: online_impressions_by_position
 SELECT position, count(*) AS impressions, count(*) FILTER (WHERE clicked) AS clicks

@@ -83,6 +83,32 @@ def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_a
     assert report["models"][online.UNKNOWN_MODEL]["served"] == 7
 
 
+def test_an_answer_logged_twice_under_one_request_id_counts_its_click_once(database_url: str, tmp_path: Path) -> None:
+    """A client retrying with the same X-Request-Id gets (and logs) a second answer, here from the batch
+    that went live in between: its click pairs with the first answer only."""
+
+    async def log_answers() -> None:
+        log = PredictionLog(database_url)
+        log.start()
+        log.record("r1", "u1", 7, "production", "personalized", ["a", "b"])
+        await asyncio.sleep(0.01)
+        log.record("r1", "u1", 8, "production", "personalized", ["b", "a"])
+        await log.stop()
+
+    asyncio.run(log_answers())
+    now = datetime.now(UTC)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO overnight.feedback_events VALUES (%s, %s, 'u1', 'a', 'click', 'r1')",
+            (now, now),
+        )
+    report = online.online_report(Settings(database_url=database_url, data_dir=tmp_path), now.date(), now.date())
+    production = report["variants"]["production"]
+    assert (production["requests"], production["impressions"], production["clicks"]) == (2, 1, 1)
+    assert [(b["batch_id"], b["impressions"], b["clicks"]) for b in report["batches"]] == [(7, 1, 1), (8, 0, 0)]
+    assert report["propensity"]["by_position"] == {"1": 1.0}  # position 1 of the first answer, not 2 of the retry
+
+
 def test_a_period_without_answers_says_so(database_url: str, tmp_path: Path) -> None:
     day = datetime.now(UTC).date() - timedelta(days=3)
     report = online.online_report(Settings(database_url=database_url, data_dir=tmp_path), day, day)

@@ -63,10 +63,11 @@ def test_delta_method_variance_matches_the_hand_computation() -> None:
     assert clustered_normal(sums) == pytest.approx(
         {"value": 0.5, "low": 0.5 - 1.959964 * 0.0675**0.5, "high": 0.5 + 1.959964 * 0.0675**0.5}, abs=1e-6
     )
-    # One user: no between-user spread to measure, so Wilson on the impressions, and no IPS bounds.
+    # One user: no between-user spread to measure, so Wilson on that one user, and no IPS bounds.
     single = user_sums(np.array([4]), np.array([1]))
     assert ratio_variance(single) is None
-    assert clustered_wilson(single) == wilson(1, 4)
+    assert clustered_wilson(single) == wilson(0.25, 1)
+    assert clustered_wilson(user_sums(np.array([1000]), np.array([100]))) == wilson(0.1, 1)
     assert clustered_normal(single) == {"value": 0.25, "low": None, "high": None}
     # Users who each saw one impression are independent trials: n_eff is (nearly) the impressions.
     independent = user_sums(np.ones(100, dtype=int), np.array([1] * 30 + [0] * 70))
