@@ -251,7 +251,9 @@ async def batch_recommendations(request: Request, body: BatchRecommendationsRequ
     request_id = request_id_for(request.headers.get("x-request-id"))
     for answer in answers.parts:
         state.metrics.count_answer(answer)
-        state.prediction_log.record_answer(request_id, answer.batch.batch_id, answer.variant, answer.results)
+    state.prediction_log.record_answers(
+        request_id, [(answer.batch.batch_id, answer.variant, answer.results) for answer in answers.parts]
+    )
     document = {"results": [render(answer, recs) for answer, recs in answers.in_order]}
     # With users in both arms, the headers name the production batch; each result names its own.
     return _json(document, answers.parts[0], lookup, request_id)

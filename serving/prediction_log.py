@@ -485,6 +485,19 @@ class PredictionLog:
             queued += offer((served_at, request_id, recs.user_id, batch_id, variant, recs.source, recs.item_ids))
         return queued
 
+    def record_answers(self, request_id: str, answers: Iterable[tuple[int, str, Iterable[ServedList]]]) -> int:
+        """`record_answer` for a request answered from several batches, (batch id, variant, lists) each (a
+        batch lookup with users in both arms): one sampling decision for the whole request; how many."""
+        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+            return 0
+        served_at = time.time_ns() // 1000
+        offer = self.writer.offer
+        queued = 0
+        for batch_id, variant, results in answers:
+            for recs in results:
+                queued += offer((served_at, request_id, recs.user_id, batch_id, variant, recs.source, recs.item_ids))
+        return queued
+
     def start(self) -> None:
         self.writer.start()
 

@@ -800,3 +800,30 @@ def test_a_head_request_is_answered_but_not_logged_as_served(database_url: str, 
         assert metric(service, head_requests) == 2
     # Leaving the block shut the service down, which wrote out every queued row.
     assert [(row[1], row[4]) for row in served_rows(database_url)] == [("42", ["i1", "i2"])]
+
+
+def test_a_batch_request_in_both_arms_is_logged_whole_or_not_at_all(
+    database_url: str, publisher: Publisher, tmp_path: Path
+) -> None:
+    """Sampling is one decision per request: logging only one arm of a batch request would skew the
+    online report's comparison of the arms."""
+    users = [f"u{n}" for n in range(10)]
+    publisher.publish({user: [f"p-{user}"] for user in users})
+    canary = publisher.publish({user: [f"c-{user}"] for user in users}, switch=False)
+    split = TrafficSplit("test-salt", 0.5)
+    assert {split.variant(user) for user in users} == {"canary", "production"}
+    requests = 40
+    with running(service_settings(database_url, prediction_log_sample_rate=0.5)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        start_canary(Settings(database_url=database_url, data_dir=tmp_path / "var"), canary, 0.5, salt="test-salt")
+        service.wait_for(lambda: metric(service, "overnight_canary_batch_id ") == canary, within=SWITCH_DEADLINE)
+        for n in range(requests):
+            response = service.client.post(
+                "/v1/recommendations:batch", json={"user_ids": users}, headers={"X-Request-Id": f"many-{n}"}
+            )
+            assert {result["variant"] for result in response.json()["results"]} == {"canary", "production"}
+    logged: dict[str, set[str]] = {}
+    for request_id, user_id, *_ in served_rows(database_url):
+        logged.setdefault(request_id, set()).add(user_id)
+    assert all(logged_users == set(users) for logged_users in logged.values()), logged
+    assert 0 < len(logged) < requests  # about half; each way by chance once in 2**40
