@@ -392,6 +392,7 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         settings.database_url,
         queue_size=settings.feedback_queue_size,
         max_events_per_request=settings.feedback_max_events,
+        max_user_id_length=settings.max_user_id_length,
     )
     metrics.registry.register(WriterCollector([prediction_log.writer, feedback.writer]))
 

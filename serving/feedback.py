@@ -26,15 +26,21 @@ from serving.prediction_log import BulkWriter
 EventType = Literal["impression", "click", "conversion"]
 FeedbackRow = tuple[datetime, datetime, str, str, str, str | None]
 
-# Ids follow the ingest data contract: at most 256 characters, no control characters.
+# Ids hold no control characters, as in the ingest data contract. A user id may be as long as the lookups
+# take (OVERNIGHT_MAX_USER_ID_LENGTH, checked in `FeedbackIntake.rows`): whoever can be served can send
+# feedback. An item id has at most the contract's 256 characters (jobs.ingest.MAX_ID_LENGTH): every item
+# a batch recommends came through ingest, so a longer one was never served.
 _ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+MAX_ITEM_ID_LENGTH = 256
 
 
 class FeedbackEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str = Field(min_length=1, max_length=256, pattern=_ID_PATTERN)
-    item_id: str = Field(min_length=1, max_length=256, pattern=_ID_PATTERN)
+    user_id: str = Field(
+        min_length=1, pattern=_ID_PATTERN, description="At most OVERNIGHT_MAX_USER_ID_LENGTH characters (256)."
+    )
+    item_id: str = Field(min_length=1, max_length=MAX_ITEM_ID_LENGTH, pattern=_ID_PATTERN)
     type: EventType = Field(description="What the user did with the item.")
     timestamp: AwareDatetime = Field(description="When it happened, with a time zone (ISO 8601).")
     request_id: str | None = Field(
@@ -65,11 +71,13 @@ class FeedbackIntake:
         database_url: str,
         *,
         max_events_per_request: int = 1000,
+        max_user_id_length: int = 256,
         max_age: timedelta = timedelta(days=7),
         max_clock_skew: timedelta = timedelta(minutes=5),
         **writer_options: object,
     ) -> None:
         self.max_events_per_request = max_events_per_request
+        self.max_user_id_length = max_user_id_length
         self.max_age = max_age
         self.max_clock_skew = max_clock_skew
         self.writer: BulkWriter[FeedbackRow] = BulkWriter(
@@ -86,7 +94,8 @@ class FeedbackIntake:
         await self.writer.stop(timeout)
 
     def rows(self, events: list[FeedbackEvent], now: datetime) -> list[FeedbackRow]:
-        """The events as rows, or a `RequestValidationError` naming every event out of the limits."""
+        """The events as rows, or a `RequestValidationError` naming every event out of the limits (user id
+        length, time)."""
         problems = []
         if len(events) > self.max_events_per_request:
             problems.append(
@@ -94,6 +103,14 @@ class FeedbackIntake:
             )
         oldest, newest = now - self.max_age, now + self.max_clock_skew
         for index, event in enumerate(events):
+            if len(event.user_id) > self.max_user_id_length:
+                problems.append(
+                    _problem(
+                        ("body", "events", index, "user_id"),
+                        f"user id is longer than {self.max_user_id_length} characters",
+                        event.user_id,
+                    )
+                )
             if not oldest <= event.timestamp <= newest:
                 when = (
                     f"more than {_span(self.max_clock_skew)} in the future"

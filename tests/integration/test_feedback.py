@@ -326,3 +326,23 @@ def test_events_of_a_write_retried_after_its_commit_reply_was_lost_are_stored_on
     with psycopg.connect(database_url) as conn:
         claims = conn.execute("SELECT writer, row_count FROM overnight.bulk_writes").fetchall()
     assert claims == [("feedback_events", 3)]
+
+
+def test_feedback_takes_user_ids_as_long_as_the_lookups_do(database_url: str) -> None:
+    """A user the service can answer (OVERNIGHT_MAX_USER_ID_LENGTH) can send feedback; item ids keep the
+    ingest contract's 256 characters, which every item of a batch meets."""
+    settings = get_serving_settings(database_url=database_url, api_keys=("k-1",), max_user_id_length=300)
+    long_user = "u" * 300
+    with (
+        serving_app(create_app(settings)) as base,
+        httpx.Client(base_url=base, headers={"Authorization": "Bearer k-1"}) as http,
+    ):
+        assert http.post("/v1/events", json={"events": [event(user_id=long_user)]}).status_code == 202
+        too_long = http.post("/v1/events", json={"events": [event(user_id="u" * 301)]})
+        assert too_long.status_code == 422, too_long.text
+        assert too_long.json()["detail"][0]["loc"] == ["body", "events", 0, "user_id"]
+        assert "longer than 300 characters" in too_long.json()["detail"][0]["msg"]
+        long_item = http.post("/v1/events", json={"events": [event(item_id="i" * 257)]})
+        assert long_item.status_code == 422, long_item.text
+        assert long_item.json()["detail"][0]["loc"] == ["body", "events", 0, "item_id"]
+    assert [row[1] for row in stored(database_url)] == [long_user]
