@@ -377,7 +377,9 @@ def canary(
     ] = None,
     traffic: Annotated[
         float | None,
-        typer.Option(help="Share of users in the canary, between 0 and 1 (0.05 = 5%); again later to ramp."),
+        typer.Option(
+            help="Share of users in the canary, between 0 and 1 (0.05 = 5%); alone, it ramps the running canary."
+        ),
     ] = None,
     salt: Annotated[
         str | None,
@@ -406,8 +408,8 @@ def canary(
     no option, show the canary.
 
     A user's arm comes from a hash of the salt and their user id, so it stays the same across
-    requests, service restarts and days. Ramping up keeps every canary user in the canary; ramping
-    down moves some back to production, so it needs --allow-shrink. Each night the DAG renews a model
+    requests, service restarts and days. `--traffic T` alone ramps the running canary: up keeps every
+    canary user in the canary; down moves some back to production, so it needs --allow-shrink. Each night the DAG renews a model
     canary's lists (--refresh by hand). `overnight promote` makes the canary production (and its model
     the production model); `overnight canary --stop` ends it.
     """
@@ -443,6 +445,9 @@ def canary(
         return
     if batch is not None and model is not None:
         raise typer.BadParameter("give --batch or --model, not both")
+    if batch is None and model is None and traffic is not None and salt is None:
+        _echo(rollouts.ramp_canary(settings, traffic, allow_shrink), as_json)
+        return
     if (batch is None and model is None) or traffic is None:
         raise typer.BadParameter("a canary needs --batch (or --model) and --traffic")
     if model is not None:

@@ -143,7 +143,7 @@ def start_canary(
             if running is not None and running["batch_id"] != batch_id:
                 raise RolloutError(
                     f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users); "
-                    "stop it first with `overnight canary --stop`"
+                    "stop it first with `overnight canary --stop` (to change its share: `overnight canary --traffic T`)"
                 )
             if running is not None and salt is not None and salt != running["salt"]:
                 raise RolloutError(
@@ -163,6 +163,17 @@ def start_canary(
             assert state is not None
     logger.info("canary %s: batch %d at %.2f%% of users", action, batch_id, traffic * 100)
     return _as_state(state, production)
+
+
+def ramp_canary(settings: Settings, traffic: float, allow_shrink: bool = False) -> CanaryState:
+    """Change the running canary's share of users, whichever batch it serves now (a nightly refresh moves
+    a model canary to a new batch each night); same salt, so a ramp up keeps every canary user in it."""
+    with connect(settings) as conn:
+        upgrade(conn)
+        running = _state(conn)
+    if running is None:
+        raise RolloutError("no canary is running: start one with `overnight canary --batch B --traffic T`")
+    return start_canary(settings, running["batch_id"], traffic, None, allow_shrink)
 
 
 def _end_canary(conn: psycopg.Connection, action: str, none_running: str) -> tuple[dict[str, Any], int | None]:
@@ -294,7 +305,8 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
     canary to that batch, keeping its salt and traffic. The nightly DAG calls it after publish.
 
     Nothing is done (and `refreshed` is False, with the reason) when no canary runs, when its batch is
-    of that date or a later one, or when its model is production's (the lists would be production's).
+    of that date or a later one, when its model is production's (the lists would be production's), or
+    when the date is newer than production's (the arms would be compared on lists of different days).
     The scoring takes minutes; if the canary was stopped, promoted or replaced meanwhile, the new batch
     is kept ready and the canary is left as it is.
     """
@@ -319,6 +331,11 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
         return replace(
             skipped,
             reason=f"the canary's model {current['model_id']} is production's: its lists would be production's",
+        )
+    if day > live["logical_date"]:
+        return replace(
+            skipped,
+            reason=f"production serves {live['logical_date']}: a canary of {day} would be compared on newer lists",
         )
     published = publish.publish_model(settings, day, current["model_id"], shards)
     with connect(settings) as conn:

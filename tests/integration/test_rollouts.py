@@ -224,6 +224,9 @@ def test_shadow_batch_is_published_but_never_served(batch_settings: Settings, tw
     assert all(delta == 0 for delta in report.deltas.values())
     assert report.production["scores"] == report.shadow["scores"]
     assert report.production["scores"]["top_scores"]["p50"] >= report.production["scores"]["all_scores"]["p50"]
+    latest = report.latest_window  # and the same metrics on the latest label window's held-out users
+    assert latest["users"] > 0 and latest["production"] == latest["shadow"]
+    assert latest["deltas"] == dict.fromkeys(["ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10"], 0.0)
 
     rerun = shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
     assert batch_status(batch_settings, result.batch_id) == "dropped"  # replaced by the re-run of its date
@@ -373,7 +376,16 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     # The chosen model's scores have a folder of their own, beside production's, for the same users.
     assert set(scored_rows(batch_settings, SAMPLE_DATE, "challenger")) == set(scored_rows(batch_settings, SAMPLE_DATE))
 
+    ahead = rollouts.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))  # production is of SAMPLE_DATE
+    assert not ahead.refreshed and ahead.reason.startswith(f"production serves {SAMPLE_DATE}")
+    # Ramping needs no batch id: the refresh moved the canary off the batch it was started with.
+    with pytest.raises(RolloutError, match=rf"batch {new} is already the canary .*overnight canary --traffic T"):
+        rollouts.start_canary(batch_settings, started.batch_id, 0.3)
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
+    ramped = json.loads(overnight("canary", "--traffic", "0.3", "--json", env=env).stdout)
+    assert (ramped["batch_id"], ramped["traffic"], ramped["salt"]) == (new, 0.3, "fresh")
+    assert "--allow-shrink" in overnight("canary", "--traffic", "0.1", env=env, check=False).stderr
+
     again = overnight("canary", "--refresh", "--date", SAMPLE_DATE.isoformat(), "--json", env=env, check=False)
     assert again.returncode == 1, again.stderr
     assert json.loads(again.stdout)["reason"] == f"canary batch {new} is of {SAMPLE_DATE} already"
