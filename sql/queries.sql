@@ -434,7 +434,11 @@ UPDATE overnight.batches SET status = 'canary', published_at = coalesce(publishe
 WHERE batch_id = %s AND status IN ('ready', 'retired', 'canary');
 
 -- name: mark_canary_batch_ready
-UPDATE overnight.batches SET status = 'ready' WHERE batch_id = %s AND status = 'canary';
+-- A canary no more: 'retired' when it was live once (a rollback may go back to it), else 'ready'.
+UPDATE overnight.batches
+SET status = CASE WHEN EXISTS (SELECT 1 FROM overnight.live_history AS h WHERE h.batch_id = batches.batch_id)
+                  THEN 'retired' ELSE 'ready' END
+WHERE batch_id = %s AND status = 'canary';
 
 -- name: record_canary_event
 INSERT INTO overnight.canary_history (action, batch_id, traffic, salt, production_batch_id)

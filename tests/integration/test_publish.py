@@ -320,3 +320,13 @@ def test_retention_leaves_alone_a_batch_that_became_the_canary_after_it_was_chos
         assert not publish.drop_batch(conn, live)
     assert table_exists(batch_settings, chosen) and table_exists(batch_settings, live)
     assert statuses(batch_settings) == {live: "live", chosen: "canary"}
+
+
+def test_a_once_live_batch_stays_a_rollback_target_after_serving_as_a_canary(batch_settings: Settings) -> None:
+    """Canarying yesterday's batch again and stopping it must not make it look like a never-live canary."""
+    yesterday = publish.publish(batch_settings, PREVIOUS_DATE).batch_id
+    tonight = publish.publish(batch_settings, SAMPLE_DATE).batch_id
+    rollouts.start_canary(batch_settings, yesterday, 0.1)
+    rollouts.stop_canary(batch_settings)
+    assert statuses(batch_settings) == {yesterday: "retired", tonight: "live"}
+    assert publish.rollback(batch_settings).batch_id == yesterday
