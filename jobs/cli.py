@@ -494,7 +494,8 @@ def shadow_report(
     ] = 7,
     as_json: JsonFlag = False,
 ) -> None:
-    """Compare a date's shadow batch with its production batch: overlap@10, offline metrics, scores."""
+    """Compare a date's shadow batch with its production batch: both models on the latest label window,
+    then overlap@10, offline metrics after the date and scores while retention keeps both batches."""
     from jobs.shadow import shadow_report as make_report
 
     report = make_report(_settings(), logical_date, horizon_days)
@@ -505,6 +506,17 @@ def shadow_report(
         f"{report.logical_date}: production batch {report.production['batch_id']} ({report.production['model_id']}) "
         f"vs shadow batch {report.shadow['batch_id']} ({report.shadow['model_id']})"
     )
+    latest = report.latest_window
+    if "note" in latest:
+        typer.echo(f"latest window: {latest['note']}")
+    else:
+        typer.echo(f"latest window {latest['window']}: {latest['users']:,} held-out users, as the promotion gate")
+        for key, delta in latest["deltas"].items():
+            production = latest["production"][key]
+            typer.echo(f"  {key:<14} production {production:.4f}  shadow {production + delta:.4f}  delta {delta:+.4f}")
+    if "unavailable" in report.overlap:
+        typer.echo(f"overlap, evaluation after the date, scores: unavailable: {report.overlap['unavailable']}")
+        return
     typer.echo(f"overlap: {json.dumps(report.overlap)}")
     window = report.evaluation["window"]
     typer.echo(

@@ -1,13 +1,18 @@
 """Shadow batches: score a date with another registered model into a batch that is never served, and
 compare it with what production published for the same date.
 
-The comparison (``overnight shadow-report``) gives, for the users both batches know:
+The comparison (``overnight shadow-report``) gives:
+- the latest window: both batches' models on the newest label window as of the date, on its held-out
+  users, the way the promotion gate compares models (`jobs.train`): metrics@10 and shadow-minus-production
+  deltas, there as soon as the date is ingested (it needs the models, not the batches' tables);
+and, for the users both batches know, while retention keeps both tables (OVERNIGHT_KEEP_BATCHES):
 - overlap@10: the mean share of a user's first 10 items that both batches recommend;
 - offline metrics of both on the evaluation window after the date (events in [D + 1, D + 1 + horizon)
   that the lake holds by now), with the shadow-minus-production deltas, by `jobs.metrics`, and how many
   of the window's days the lake holds interactions for (the report of last night's shadow batch has
   none for a week: its metrics then are of a partial window, and it says so);
 - the distributions of all scores and of each user's top score.
+Once retention has dropped either table, those three say "unavailable" and why.
 """
 
 import logging
@@ -21,7 +26,7 @@ from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 
 import sql
-from jobs import lake, metrics, publish
+from jobs import lake, metrics, publish, score, train
 from jobs.database import connect, upgrade
 from jobs.errors import FutureModelError, MissingDataError
 from jobs.settings import Settings
@@ -84,6 +89,7 @@ class ShadowReport:
     overlap: dict[str, Any]
     evaluation: dict[str, Any]
     deltas: dict[str, float] = field(default_factory=dict)
+    latest_window: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,11 +105,7 @@ def _batch(conn: psycopg.Connection, query: str, logical_date: date, what: str) 
 
 
 def _distribution(conn: psycopg.Connection, batch_id: int) -> dict[str, Any]:
-    try:
-        row = conn.execute(sql.batch_query("score_distribution", batch_id)).fetchone()
-    except psycopg.errors.UndefinedTable:
-        conn.rollback()
-        raise MissingDataError(f"the table of batch {batch_id} was dropped (retention)") from None
+    row = conn.execute(sql.batch_query("score_distribution", batch_id)).fetchone()
     assert row is not None
     users, all_scores, top_scores = row
 
@@ -111,6 +113,24 @@ def _distribution(conn: psycopg.Connection, batch_id: int) -> dict[str, Any]:
         return {f"p{round(q * 100):02d}": round(v, 6) for q, v in zip(QUANTILES, values or [], strict=False)}
 
     return {"users": users, "all_scores": named(all_scores), "top_scores": named(top_scores)}
+
+
+def _deltas(production: dict[str, Any], shadow: dict[str, Any]) -> dict[str, float]:
+    """Shadow minus production for each metric@k."""
+    return {key: round(shadow[key] - production[key], 9) for key in production if "@" in key}
+
+
+def _dropped_tables(conn: psycopg.Connection, batches: dict[str, dict[str, Any]]) -> str:
+    """Which of the batches' tables retention dropped: "the table of batch N (production) was dropped"."""
+    dropped = []
+    with conn.cursor(row_factory=dict_row) as cur:
+        for name, batch in batches.items():
+            found = cur.execute(sql.query("batch_for_rollout"), (batch["batch_id"],)).fetchone()
+            if found is None or not found["has_table"]:
+                dropped.append(f"batch {batch['batch_id']} ({name})")
+    if len(dropped) == 1:
+        return f"the table of {dropped[0]} was dropped"
+    return f"the tables of {' and '.join(dropped)} were dropped"
 
 
 def _top_items(conn: psycopg.Connection, batch_id: int, users: list[str]) -> pl.DataFrame:
@@ -150,58 +170,118 @@ def evaluation_window(settings: Settings, logical_date: date, horizon_days: int)
     return relevant, window
 
 
+def latest_window_comparison(
+    settings: Settings, logical_date: date, production_model_id: str, shadow_model_id: str
+) -> dict[str, Any]:
+    """Both models on the newest label window as of the date, on its held-out users: what the promotion
+    gate compares (`jobs.train`), so it needs no event after the date nor either batch's table."""
+    events = lake.scan_interactions(settings.lake_dir, logical_date)
+    windows = train.rolling_windows(events, lake.day_end(logical_date), settings)
+    if not windows:
+        return {
+            "note": f"no user with history interacted with a new item in the {settings.label_days}-day label "
+            f"window ending with {logical_date}: there is no labelled window to compare the models on"
+        }
+    window = windows[0]
+    held_out = train.held_out_users(window.relevant["user_id"], settings.seed)
+    rankers = {}
+    for name, model_id in (("production", production_model_id), ("shadow", shadow_model_id)):
+        model, booster = score.load_ranker(settings, logical_date, model_id)
+        rankers[name] = (booster, list(model.features))
+    catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
+    results = train.evaluate_models(train.build_examples(window, catalogue, settings, held_out), rankers, settings)
+    compared = {
+        name: {key: value for key, value in results[name].items() if "@" in key or key == "users"} for name in rankers
+    }
+    return {
+        "window": window.name,
+        "cutoff": window.cutoff.isoformat(),
+        "users": held_out.len(),
+        **compared,
+        "deltas": _deltas(compared["production"], compared["shadow"]),
+    }
+
+
+def _compare_lists(
+    conn: psycopg.Connection,
+    settings: Settings,
+    logical_date: date,
+    horizon_days: int,
+    batches: dict[str, dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """(overlap, evaluation after the date, its deltas) from both batches' tables, with each batch's score
+    distribution put in its "scores"; psycopg.errors.UndefinedTable when retention dropped either table."""
+    production, shadow = batches["production"], batches["shadow"]
+    for batch in batches.values():
+        batch["scores"] = _distribution(conn, batch["batch_id"])
+    overlap_query = pgsql.SQL(sql.query("batch_overlap")).format(
+        production=sql.recs_table(production["batch_id"]), shadow=sql.recs_table(shadow["batch_id"])
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        overlap = cur.execute(overlap_query, {"n": OVERLAP_K}).fetchone()
+    assert overlap is not None
+    overlap = {
+        f"overlap@{OVERLAP_K}": round(float(overlap["mean_overlap"]), 6),
+        "users_in_both": overlap["users"],
+        "identical_lists": overlap["identical"],
+    }
+
+    relevant, window = evaluation_window(settings, logical_date, horizon_days)
+    complete = window["days_with_data"] == horizon_days
+    evaluation: dict[str, Any] = {"window": window, "window_complete": complete}
+    deltas: dict[str, float] = {}
+    last_day = logical_date + timedelta(days=horizon_days)
+    if not complete:
+        evaluation["warning"] = (
+            f"the evaluation window [{logical_date + timedelta(days=1)}, {last_day + timedelta(days=1)}) has "
+            f"interactions for {window['days_with_data']} of its {horizon_days} days"
+            + (
+                ": the metrics and deltas below are of a partial window"
+                if window["days_with_data"]
+                else ": there is nothing to evaluate yet"
+            )
+            + f"; run the report again once {last_day} is ingested (or pass a smaller --horizon-days)"
+        )
+        logger.warning("shadow report of %s: %s", logical_date, evaluation["warning"])
+    if relevant.height == 0:
+        evaluation["note"] = (
+            f"no events after {logical_date} in the lake yet: run the report again once later dates are ingested"
+        )
+    else:
+        users = relevant["user_id"].unique().to_list()
+        catalogue = lake.read_catalogue(settings.lake_dir, logical_date).height
+        for name, batch in batches.items():
+            recommendations = _top_items(conn, batch["batch_id"], users)
+            evaluation[name] = metrics.ranking_metrics(recommendations, relevant, catalogue)
+        deltas = _deltas(evaluation["production"], evaluation["shadow"])
+    return overlap, evaluation, deltas
+
+
 def shadow_report(settings: Settings, logical_date: date, horizon_days: int = 7) -> ShadowReport:
     with connect(settings) as conn:
         upgrade(conn)
         production = _batch(conn, "serving_batch_for_date", logical_date, "production")
         shadow = _batch(conn, "shadow_batch_for_date", logical_date, "shadow")
         conn.commit()
-        production["scores"] = _distribution(conn, production["batch_id"])
-        shadow["scores"] = _distribution(conn, shadow["batch_id"])
-        overlap_query = pgsql.SQL(sql.query("batch_overlap")).format(
-            production=sql.recs_table(production["batch_id"]), shadow=sql.recs_table(shadow["batch_id"])
-        )
-        with conn.cursor(row_factory=dict_row) as cur:
-            overlap = cur.execute(overlap_query, {"n": OVERLAP_K}).fetchone()
-        assert overlap is not None
-        overlap = {
-            f"overlap@{OVERLAP_K}": round(float(overlap["mean_overlap"]), 6),
-            "users_in_both": overlap["users"],
-            "identical_lists": overlap["identical"],
-        }
-
-        relevant, window = evaluation_window(settings, logical_date, horizon_days)
-        complete = window["days_with_data"] == horizon_days
-        evaluation: dict[str, Any] = {"window": window, "window_complete": complete}
-        deltas: dict[str, float] = {}
-        last_day = logical_date + timedelta(days=horizon_days)
-        if not complete:
-            evaluation["warning"] = (
-                f"the evaluation window [{logical_date + timedelta(days=1)}, {last_day + timedelta(days=1)}) has "
-                f"interactions for {window['days_with_data']} of its {horizon_days} days"
-                + (
-                    ": the metrics and deltas below are of a partial window"
-                    if window["days_with_data"]
-                    else ": there is nothing to evaluate yet"
-                )
-                + f"; run the report again once {last_day} is ingested (or pass a smaller --horizon-days)"
-            )
-            logger.warning("shadow report of %s: %s", logical_date, evaluation["warning"])
-        if relevant.height == 0:
-            evaluation["note"] = (
-                f"no events after {logical_date} in the lake yet: run the report again once later dates are ingested"
-            )
-        else:
-            users = relevant["user_id"].unique().to_list()
-            catalogue = lake.read_catalogue(settings.lake_dir, logical_date).height
-            for name, batch in (("production", production), ("shadow", shadow)):
-                recommendations = _top_items(conn, batch["batch_id"], users)
-                evaluation[name] = metrics.ranking_metrics(recommendations, relevant, catalogue)
-            deltas = {
-                key: round(evaluation["shadow"][key] - evaluation["production"][key], 9)
-                for key in evaluation["production"]
-                if "@" in key
+        batches = {"production": production, "shadow": shadow}
+        try:
+            overlap, evaluation, deltas = _compare_lists(conn, settings, logical_date, horizon_days, batches)
+        except psycopg.errors.UndefinedTable:
+            conn.rollback()
+            unavailable = {
+                "unavailable": f"{_dropped_tables(conn, batches)} by retention, which keeps the newest "
+                f"OVERNIGHT_KEEP_BATCHES ({settings.keep_batches}) batches of each kind: the overlap, the score "
+                f"distributions and the evaluation after {logical_date} need both published lists; the latest "
+                "window compares the models without them"
             }
+            logger.warning("shadow report of %s: %s", logical_date, unavailable["unavailable"])
+            for batch in batches.values():
+                batch["scores"] = unavailable
+            overlap, evaluation, deltas = unavailable, unavailable, {}
+    try:
+        latest_window = latest_window_comparison(settings, logical_date, production["model_id"], shadow["model_id"])
+    except MissingDataError as error:
+        latest_window = {"note": f"the models cannot be compared on the latest window: {error}"}
     return ShadowReport(
         logical_date=logical_date.isoformat(),
         production=production,
@@ -209,4 +289,5 @@ def shadow_report(settings: Settings, logical_date: date, horizon_days: int = 7)
         overlap=overlap,
         evaluation=evaluation,
         deltas=deltas,
+        latest_window=latest_window,
     )

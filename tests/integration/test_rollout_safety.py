@@ -1,13 +1,13 @@
 """What canary, promote and shadow must never do to production: its monitoring, its model, its live batch."""
 
 import json
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
 import psycopg
 import pytest
 
 import sql
-from jobs import publish, registry, rollouts, score, shadow
+from jobs import lake, publish, registry, rollouts, score, shadow
 from jobs.errors import MissingDataError, RolloutError
 from jobs.settings import Settings
 from tests.conftest import SAMPLE_DATE, overnight, overnight_env
@@ -136,6 +136,22 @@ def test_rollback_refuses_a_canary_batch_under_the_live_lock(
         assert conn.execute(sql.query("live_batch_id")).fetchone() == (production,)
 
 
+def assert_latest_window_compares(report: shadow.ShadowReport, settings: Settings) -> None:
+    """Both models on the newest label window as of the date, on its held-out users, as training's gate."""
+    latest = report.latest_window
+    cutoff = datetime.fromisoformat(latest["cutoff"])
+    assert cutoff == lake.day_end(date.fromisoformat(report.logical_date)) - timedelta(days=settings.label_days)
+    assert latest["window"].startswith(f"[{cutoff:%Y-%m-%d}, ")
+    assert latest["users"] > 0
+    for name in ("production", "shadow"):
+        assert set(latest[name]) == {"ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10", "users"}
+        assert latest[name]["users"] == latest["users"] and 0 < latest[name]["ndcg@10"] <= 1
+    expected = {key: latest["shadow"][key] - latest["production"][key] for key in latest["production"] if "@" in key}
+    assert latest["deltas"] == pytest.approx(expected) and set(latest["deltas"]) == set(expected)
+    if report.production["model_id"] == report.shadow["model_id"]:
+        assert all(delta == 0 for delta in latest["deltas"].values())
+
+
 def test_shadow_report_says_how_much_of_its_window_has_data(
     batch_settings: Settings, two_batches: tuple[int, int]
 ) -> None:
@@ -144,6 +160,7 @@ def test_shadow_report_says_how_much_of_its_window_has_data(
     shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
 
     partial = shadow.shadow_report(batch_settings, PREVIOUS_DATE, horizon_days=7)
+    assert_latest_window_compares(partial, batch_settings)
     window = partial.evaluation["window"]
     assert {"start", "end", "users", "pairs"} <= set(window)  # the keys there were before stay
     assert (window["days"], window["days_with_data"], window["last_day_with_data"]) == (7, 1, SAMPLE_DATE.isoformat())
@@ -160,9 +177,52 @@ def test_shadow_report_says_how_much_of_its_window_has_data(
     empty = shadow.shadow_report(batch_settings, SAMPLE_DATE)
     assert (empty.evaluation["window"]["days_with_data"], empty.evaluation["window_complete"]) == (0, False)
     assert "nothing to evaluate yet" in empty.evaluation["warning"] and empty.deltas == {}
+    assert_latest_window_compares(empty, batch_settings)  # the morning after, the latest window is there
 
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
     text = overnight("shadow-report", "--date", PREVIOUS_DATE.isoformat(), env=env).stdout
     assert "1 of 7 days with data (INCOMPLETE)" in text and "  warning: the evaluation window" in text
+    latest_line = f"latest window {partial.latest_window['window']}: {partial.latest_window['users']} held-out users"
+    assert text.index(latest_line) < text.index("overlap: ")
     data = json.loads(overnight("shadow-report", "--date", PREVIOUS_DATE.isoformat(), "--json", env=env).stdout)
     assert data["evaluation"]["window_complete"] is False and data["evaluation"]["window"]["days_with_data"] == 1
+    assert data["latest_window"] == partial.latest_window
+
+    longer_than_the_history = batch_settings.model_copy(update={"label_days": 60})
+    unlabelled = shadow.latest_window_comparison(longer_than_the_history, PREVIOUS_DATE, model_id, model_id)
+    assert set(unlabelled) == {"note"} and "no labelled window" in unlabelled["note"]
+
+
+def test_shadow_report_outlives_the_production_batch_table(
+    batch_settings: Settings, two_batches: tuple[int, int]
+) -> None:
+    """Retention drops a production batch's table within OVERNIGHT_KEEP_BATCHES nights, before the window
+    after its date has data: the report still compares the models on the latest window, and says why the
+    rest is missing."""
+    production, candidate = two_batches
+    register_challenger(batch_settings)
+    shadow_batch = shadow.run_shadow(batch_settings, PREVIOUS_DATE, "challenger").batch_id
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        publish.switch_live(conn, candidate, "publish")  # the next night goes live; production is retired
+        # Dropped, but its row not yet marked: as a report that looked the batch up just before the drop.
+        assert publish.drop_batch(conn, production, mark_dropped=False)
+
+    report = shadow.shadow_report(batch_settings, PREVIOUS_DATE)
+    assert (report.production["batch_id"], report.shadow["batch_id"]) == (production, shadow_batch)
+    assert report.shadow["model_id"] == "challenger"
+    assert_latest_window_compares(report, batch_settings)
+    unavailable = report.overlap["unavailable"]
+    assert f"batch {production} (production)" in unavailable and "OVERNIGHT_KEEP_BATCHES (3)" in unavailable
+    assert f"batch {shadow_batch}" not in unavailable
+    assert report.evaluation == report.production["scores"] == report.shadow["scores"] == report.overlap
+    assert report.deltas == {}
+
+    env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
+    text = overnight("shadow-report", "--date", PREVIOUS_DATE.isoformat(), env=env).stdout
+    assert text.index("latest window ") < text.index(f"unavailable: the table of batch {production} (production)")
+
+    # Once retention has marked the batch dropped, the date's production batch is not found at all.
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        conn.execute(sql.query("mark_batch_dropped"), (production,))
+    with pytest.raises(MissingDataError, match=f"no production batch for {PREVIOUS_DATE}"):
+        shadow.shadow_report(batch_settings, PREVIOUS_DATE)
