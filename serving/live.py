@@ -130,16 +130,16 @@ class LiveView:
             self._swap(await read_rollout(conn))
             return self.rollout
 
-    async def replace_stale(self, stale: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> LiveBatch | None:
+    async def replace_stale(self, stale: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> Rollout | None:
         """Reload because `stale` turned out to be gone, unless a concurrent reload already moved on;
-        the production batch after it."""
+        the rollout after it (route again with it: `stale` may have been either arm's batch)."""
         async with self._lock:
             rollout = self.rollout
             if rollout is not None and (
                 rollout.production is stale or (rollout.canary is not None and rollout.canary.batch is stale)
             ):
                 self._swap(await read_rollout(conn))
-            return self.batch
+            return self.rollout
 
     def _swap(self, rollout: Rollout | None) -> None:
         previous = self.rollout

@@ -5,8 +5,10 @@ construction. Misses do not each take a connection: concurrent misses are coales
 trip answers all users waiting at that moment with one ``user_id = ANY(...)`` query. With little load a
 trip carries one user and costs what a single query does; under load a trip carries many.
 
-Every database wait is bounded by ``db_timeout_seconds``: checkout, query and the retry after a batch
-table vanished all share one deadline, and running out of it is a `DatabaseUnavailableError`.
+Every database wait is bounded by ``db_timeout_seconds``: checkout and query share one deadline, and
+running out of it is a `DatabaseUnavailableError`. A lookup that finds the table of its batch gone (a
+switch or canary refresh whose NOTIFY has not arrived) reloads the rollout, routes its users again and
+makes one more trip, with a deadline of its own.
 """
 
 import asyncio
@@ -15,7 +17,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import orjson
 import psycopg
@@ -44,6 +46,11 @@ T = TypeVar("T")
 # load). A lookup splits off only the k ids it returns.
 Row = tuple[str, bytes]
 ITEM_SEPARATOR = "\x00"
+
+
+class BatchDroppedError(DatabaseUnavailableError):
+    """The table of the batch a lookup was routed to is gone, and the rollout has been reloaded: route the
+    lookup again. If that happens again at once, it is the client's 503."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +157,7 @@ class Lookup:
         # users per database trip, for the metrics
         self.trips = 0
         self.trip_users = 0
-        self._waiting: dict[LiveBatch, dict[str, asyncio.Future[tuple[LiveBatch, Row | None] | ServingError]]] = {}
+        self._waiting: dict[LiveBatch, dict[str, asyncio.Future[Row | ServingError | None]]] = {}
         self._trips_running = 0
         self._background: set[asyncio.Task[None]] = set()
 
@@ -173,14 +180,17 @@ class Lookup:
         # k is checked against production, so whether a k is valid does not depend on the user's arm
         # (a canary has at least production's K).
         k = self._resolve_k(k, rollout.production, ("query", "k"))
-        variant, routed = rollout.route(user_id)
-        batch = routed
+        variant, batch = rollout.route(user_id)
         cached = self.cache.get(batch.batch_id, user_id)
         if cached is False:
-            batch, row = await self._coalesced(batch, user_id)
+            try:
+                row = await self._coalesced(batch, user_id)
+            except BatchDroppedError:
+                # Route again with the rollout just reloaded: a canary user whose batch the refresh replaced
+                # stays in the canary, on its new batch.
+                variant, batch = self.rollout().route(user_id)
+                row = await self._coalesced(batch, user_id)
             hits = 0
-            if batch is not routed:
-                variant = PRODUCTION  # the routed batch's table was dropped: answered from production
         else:
             row, hits = cached, 1
         answer = Answer(batch, variant, [pick(batch, user_id, row, k, exclude)], hits)
@@ -198,6 +208,16 @@ class Lookup:
         self._check_exclude(exclude, ("body", "exclude"))
         rollout = self.rollout()
         k = self._resolve_k(k, rollout.production, ("body", "k"))
+        try:
+            answers = await self._answers(rollout, user_ids, k, exclude)
+        except BatchDroppedError:
+            # As in `recommend`: every user routed again with the rollout just reloaded.
+            answers = await self._answers(self.rollout(), user_ids, k, exclude)
+        for answer in answers.parts:
+            self._observe(answer)
+        return answers
+
+    async def _answers(self, rollout: Rollout, user_ids: Sequence[str], k: int, exclude: frozenset[str]) -> Answers:
         canary = rollout.canary
         if canary is None:
             answer = await self._answer_from(rollout.production, PRODUCTION, user_ids, k, exclude)
@@ -220,8 +240,7 @@ class Lookup:
     async def _answer_from(
         self, batch: LiveBatch, variant: str, user_ids: Sequence[str], k: int, exclude: frozenset[str]
     ) -> Answer:
-        """Every user's list from one batch (or, if its table vanished, wholly from production after it)."""
-        routed = batch
+        """Every user's list from one batch."""
         rows: dict[str, Row | None] = {}
         missing = []
         for user_id in dict.fromkeys(user_ids):
@@ -232,19 +251,11 @@ class Lookup:
                 rows[user_id] = cached
         hits = len(rows)
         if missing:
-            # One batch for the whole answer: if the table vanished, every user is read again from the new one.
-            served, fetched = await self._within_deadline(self._fetch(batch, missing))
-            if served is not batch:
-                batch, missing, rows = served, list(dict.fromkeys(user_ids)), {}
-                served, fetched = await self._within_deadline(self._fetch(batch, missing))
+            fetched = await self._within_deadline(self._fetch(batch, missing))
             for user_id in missing:
                 rows[user_id] = row = fetched.get(user_id)
                 self.cache.put(batch.batch_id, user_id, row)
-        if batch is not routed:
-            variant = PRODUCTION
-        answer = Answer(batch, variant, [pick(batch, user_id, rows[user_id], k, exclude) for user_id in user_ids], hits)
-        self._observe(answer)
-        return answer
+        return Answer(batch, variant, [pick(batch, user_id, rows[user_id], k, exclude) for user_id in user_ids], hits)
 
     async def ping(self) -> Rollout | None:
         """What the database says is served, read through the lookup pool (readiness)."""
@@ -257,7 +268,7 @@ class Lookup:
 
     # ------------------------------------------------------------------------ coalescing
 
-    async def _coalesced(self, batch: LiveBatch, user_id: str) -> tuple[LiveBatch, Row | None]:
+    async def _coalesced(self, batch: LiveBatch, user_id: str) -> Row | None:
         """Wait for the next database trip to bring this user's row; start a trip if none is running."""
         waiting = self._waiting.setdefault(batch, {})
         future = waiting.get(user_id)
@@ -285,7 +296,7 @@ class Lookup:
                 waiting, self._waiting = self._waiting, {}
                 for batch, futures in waiting.items():
                     try:
-                        served, rows = await self._within_deadline(self._fetch(batch, list(futures)))
+                        rows = await self._within_deadline(self._fetch(batch, list(futures)))
                     except ServingError as error:
                         for future in futures.values():
                             if not future.done():
@@ -293,34 +304,35 @@ class Lookup:
                         continue
                     for user_id, future in futures.items():
                         row = rows.get(user_id)
-                        self.cache.put(served.batch_id, user_id, row)
+                        self.cache.put(batch.batch_id, user_id, row)
                         if not future.done():
-                            future.set_result((served, row))
+                            future.set_result(row)
         finally:
             self._trips_running -= 1
 
-    async def _fetch(self, batch: LiveBatch, user_ids: list[str]) -> tuple[LiveBatch, dict[str, Row]]:
+    async def _fetch(self, batch: LiveBatch, user_ids: list[str]) -> dict[str, Row]:
         self.trips += 1
         self.trip_users += len(user_ids)
         async with self.pool.connection() as conn:
             try:
                 cur = await conn.execute(batch.recs_for_users, (user_ids,))
             except pgerrors.UndefinedTable:
-                batch = await self._replace_dropped(batch, conn)
-                cur = await conn.execute(batch.recs_for_users, (user_ids,))
+                await self._reload_after_drop(batch, conn)
             rows = await cur.fetchall()
-        return batch, {user_id: cache_row(item_ids, scores) for user_id, item_ids, scores in rows}
+        return {user_id: cache_row(item_ids, scores) for user_id, item_ids, scores in rows}
 
-    async def _replace_dropped(self, batch: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> LiveBatch:
-        # The batch we hold was dropped after a switch we have not heard of yet (a missed NOTIFY):
-        # read the pointer now instead of waiting for the next poll.
-        fresh = await self.view.replace_stale(batch, conn)
-        if fresh is None:
+    async def _reload_after_drop(self, batch: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> NoReturn:
+        # The batch we hold was dropped after a switch or canary refresh we have not heard of yet (a missed
+        # or late NOTIFY): read the rollout now instead of waiting for the next poll. Which batch replaces
+        # it depends on the user (the dropped one may have been the canary's), so the caller routes again.
+        rollout = await self.view.replace_stale(batch, conn)
+        if rollout is None:
             raise NoLiveBatchError("no batch is live yet")
-        if fresh.batch_id == batch.batch_id:
-            raise DatabaseUnavailableError(f"the table of live batch {batch.batch_id} is missing")
-        logger.info("batch %d was dropped under a lookup; retrying on batch %d", batch.batch_id, fresh.batch_id)
-        return fresh
+        canary = rollout.canary
+        if batch.batch_id == rollout.production.batch_id or (canary and batch.batch_id == canary.batch.batch_id):
+            raise DatabaseUnavailableError(f"the table of batch {batch.batch_id} is missing, yet it is still served")
+        logger.info("batch %d was dropped under a lookup; routing it again", batch.batch_id)
+        raise BatchDroppedError(f"the table of batch {batch.batch_id} was dropped under the lookup")
 
     async def _within_deadline(self, work: Coroutine[Any, Any, T]) -> T:
         """Await `work`, but give up after ``db_timeout_seconds`` without waiting for its clean-up.

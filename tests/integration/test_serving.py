@@ -235,7 +235,11 @@ def batch_of(response: httpx.Response) -> int:
 
 
 def item_ids(response: httpx.Response) -> list[str]:
-    return [item["item_id"] for item in response.json()["items"]]
+    return item_ids_of(response.json())
+
+
+def item_ids_of(result: dict[str, Any]) -> list[str]:
+    return [item["item_id"] for item in result["items"]]
 
 
 def detail_text(response: httpx.Response) -> str:
@@ -827,3 +831,52 @@ def test_a_batch_request_in_both_arms_is_logged_whole_or_not_at_all(
         logged.setdefault(request_id, set()).add(user_id)
     assert all(logged_users == set(users) for logged_users in logged.values()), logged
     assert 0 < len(logged) < requests  # about half; each way by chance once in 2**40
+
+
+def move_canary_without_notify(url: str, old_batch: int, new_batch: int) -> None:
+    """A nightly canary refresh (same salt and traffic, another batch) whose NOTIFY the service missed."""
+    with psycopg.connect(url) as conn, conn.transaction():
+        conn.execute(sql.query("lock_live"))
+        conn.execute(sql.query("move_canary_to_batch"), {"batch_id": new_batch, "previous_batch_id": old_batch})
+        conn.execute(sql.query("mark_batch_canary"), (new_batch,))
+        conn.execute(sql.query("mark_canary_batch_ready"), (old_batch,))
+
+
+def test_a_canary_user_stays_in_the_canary_when_its_batch_is_dropped_under_a_lookup(
+    database_url: str, publisher: Publisher, tmp_path: Path
+) -> None:
+    """The refresh drops the canary's old batch right after moving the canary: a lookup still routed to the
+    old batch reloads the rollout and routes its users again, so canary users get the new canary batch."""
+    users = [f"u{n}" for n in range(80)]
+    split = TrafficSplit("test-salt", 0.5)
+    production = publisher.publish({user: [f"p-{user}"] for user in users})
+    canaries = [publisher.publish({user: [f"c{n}-{user}"] for user in users}, switch=False) for n in range(3)]
+
+    def served(result: dict[str, Any]) -> tuple[str, int, list[str]]:
+        return result["variant"], result["batch_id"], item_ids_of(result)
+
+    def expected(user: str, canary: int) -> tuple[str, int, list[str]]:
+        if split.variant(user) == "canary":
+            return "canary", canary, [f"c{canaries.index(canary)}-{user}"]
+        return "production", production, [f"p-{user}"]
+
+    warm, asked_alone, asked_together = users[:20], users[20:40], users[40:]
+    with running(service_settings(database_url)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        start_canary(Settings(database_url=database_url, data_dir=tmp_path / "var"), canaries[0], 0.5, salt="test-salt")
+        service.wait_for(lambda: metric(service, "overnight_canary_batch_id ") == canaries[0], within=SWITCH_DEADLINE)
+        for user in warm:  # every pooled connection has prepared the canary batch's statement
+            assert served(service.recs(user).json()) == expected(user, canaries[0])
+
+        move_canary_without_notify(database_url, canaries[0], canaries[1])
+        publisher.drop(canaries[0])
+        for user in asked_alone:  # the first canary user finds the table gone
+            assert served(service.recs(user).json()) == expected(user, canaries[1]), user
+
+        # The same in a batch request, whose canary arm is read from the dropped batch in one trip.
+        move_canary_without_notify(database_url, canaries[1], canaries[2])
+        publisher.drop(canaries[1])
+        response = service.client.post("/v1/recommendations:batch", json={"user_ids": asked_together})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert [served(result) for result in results] == [expected(user, canaries[2]) for user in asked_together]
