@@ -409,9 +409,9 @@ def canary(
 
     A user's arm comes from a hash of the salt and their user id, so it stays the same across
     requests, service restarts and days. `--traffic T` alone ramps the running canary: up keeps every
-    canary user in the canary; down moves some back to production, so it needs --allow-shrink. Each night the DAG renews a model
-    canary's lists (--refresh by hand). `overnight promote` makes the canary production (and its model
-    the production model); `overnight canary --stop` ends it.
+    canary user in the canary; down moves some back to production, so it needs --allow-shrink. Each
+    night the DAG renews a model canary's lists (--refresh by hand). `overnight promote` makes the
+    canary production (and its model the production model); `overnight canary --stop` ends it.
     """
     from jobs import rollouts
 
