@@ -474,20 +474,25 @@ ORDER BY batch_id DESC
 OFFSET %s;
 
 -- name: shadow_batch_for_date
+-- The newest kept shadow batch of a date, else the newest that retention dropped (the shadow report
+-- still compares its model with production's).
 SELECT batch_id, model_id, k, generated_at FROM overnight.batches
-WHERE logical_date = %s AND kind = 'shadow' AND status = 'shadow'
-ORDER BY batch_id DESC
+WHERE logical_date = %s AND kind = 'shadow' AND status IN ('shadow', 'dropped')
+ORDER BY status = 'shadow' DESC, batch_id DESC
 LIMIT 1;
 
 -- name: serving_batch_for_date
--- The production batch of a date: the newest one that went live, else the newest kept nightly batch
--- (a backfill). Never a canary's batch that was not promoted: it was not production.
+-- The production batch of a date: the newest kept one that went live, else the newest kept nightly
+-- batch (a backfill), else the newest that went live and retention dropped (the shadow report still
+-- compares its model). Never a canary's batch that was not promoted: it was not production.
 SELECT batch_id, model_id, k, generated_at FROM overnight.batches
 WHERE logical_date = %s
   AND (status IN ('live', 'retired')
        OR (status = 'ready' AND kind = 'serving'
-           AND NOT EXISTS (SELECT 1 FROM overnight.canary_history AS h WHERE h.batch_id = batches.batch_id)))
-ORDER BY status IN ('live', 'retired') DESC, batch_id DESC
+           AND NOT EXISTS (SELECT 1 FROM overnight.canary_history AS h WHERE h.batch_id = batches.batch_id))
+       OR (status = 'dropped'
+           AND EXISTS (SELECT 1 FROM overnight.live_history AS h WHERE h.batch_id = batches.batch_id)))
+ORDER BY status IN ('live', 'retired') DESC, status = 'ready' DESC, batch_id DESC
 LIMIT 1;
 
 -- name: batch_overlap

@@ -221,8 +221,13 @@ def test_shadow_report_outlives_the_production_batch_table(
     text = overnight("shadow-report", "--date", PREVIOUS_DATE.isoformat(), env=env).stdout
     assert text.index("latest window ") < text.index(f"unavailable: the table of batch {production} (production)")
 
-    # Once retention has marked the batch dropped, the date's production batch is not found at all.
+    # Retention marks both batches dropped (the shadow's too): their rows, and so their models, remain.
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         conn.execute(sql.query("mark_batch_dropped"), (production,))
-    with pytest.raises(MissingDataError, match=f"no production batch for {PREVIOUS_DATE}"):
-        shadow.shadow_report(batch_settings, PREVIOUS_DATE)
+        assert publish.drop_batch(conn, shadow_batch)
+    later = shadow.shadow_report(batch_settings, PREVIOUS_DATE)
+    assert (later.production["batch_id"], later.shadow["batch_id"]) == (production, shadow_batch)
+    assert later.latest_window == report.latest_window
+    assert f"batch {shadow_batch} (shadow)" in later.overlap["unavailable"]
+    with pytest.raises(MissingDataError, match=f"no shadow batch for {SAMPLE_DATE}"):
+        shadow.shadow_report(batch_settings, SAMPLE_DATE)
