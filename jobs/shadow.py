@@ -176,13 +176,13 @@ def latest_window_comparison(
     """Both models on the newest label window as of the date, on its held-out users: what the promotion
     gate compares (`jobs.train`), so it needs no event after the date nor either batch's table."""
     events = lake.scan_interactions(settings.lake_dir, logical_date)
-    windows = train.rolling_windows(events, lake.day_end(logical_date), settings)
-    if not windows:
+    end = lake.day_end(logical_date)
+    window = train.time_window(events, end - timedelta(days=settings.label_days), end, settings)
+    if window.relevant.height == 0:
         return {
             "note": f"no user with history interacted with a new item in the {settings.label_days}-day label "
             f"window ending with {logical_date}: there is no labelled window to compare the models on"
         }
-    window = windows[0]
     held_out = train.held_out_users(window.relevant["user_id"], settings.seed)
     rankers = {}
     for name, model_id in (("production", production_model_id), ("shadow", shadow_model_id)):
