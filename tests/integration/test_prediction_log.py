@@ -282,8 +282,8 @@ def test_a_large_batch_is_encoded_a_slice_at_a_time_and_lookups_run_between_slic
 
     log, batch, turns = asyncio.run(scenario())
     assert batch.count == 1000 and log.writer.queued == 500
-    assert len(batch.pieces) == math.ceil(1000 / _SLICE_ROWS) and turns >= len(batch.pieces) - 1
-    assert [row[1] for row in orjson.loads(batch.payload())] == [f"r{n:04d}" for n in range(1000)]
+    assert batch.slices == math.ceil(1000 / _SLICE_ROWS) and turns >= batch.slices - 1
+    assert [row[1] for row in orjson.loads(batch.json)] == [f"r{n:04d}" for n in range(1000)]
     assert batch.first <= batch.last
 
 
