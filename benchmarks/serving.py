@@ -23,6 +23,12 @@
    each phase (from /proc: far steadier than latency here).
 
 Prints one JSON document: requests/s, latency percentiles, errors, both ceilings and our ratios to them.
+
+    python benchmarks/serving.py --pool run1.json run2.json ...
+
+loads nothing: it pools the logging pairs of earlier runs' output (the geometric mean of every pair's
+p99 ratio, with a bootstrap interval), since on a shared machine runs differ by more than one run's
+interval shows.
 Needs `wrk` and `pgbench` on PATH (Debian: apt-get install wrk postgresql-client).
 """
 
@@ -537,6 +543,31 @@ def logging_cost(runs: list[tuple[float, dict[str, Any]]]) -> dict[str, Any] | N
     return report
 
 
+def pooled_logging_cost(paths: list[str]) -> dict[str, Any]:
+    """Earlier runs' `prediction_log_cost` together: every pair's p99 ratio, their geometric mean with a
+    95% bootstrap interval (resampling pairs). One run's interval shows the noise within it, not the
+    run-to-run drift of a shared machine, which pooling several runs takes in."""
+    ratios: list[float] = []
+    for path in paths:
+        cost = json.loads(Path(path).read_text()).get("prediction_log_cost") or {}
+        by_pair = next((value for key, value in cost.items() if key.endswith("_by_pair")), None)
+        if not by_pair:
+            raise SystemExit(f"serving.py: error: {path} has no prediction_log_cost pairs (run with rates 0 1 1 0 ...)")
+        ratios += by_pair
+    logs = np.log(ratios)
+    draws = np.random.default_rng(0).integers(0, len(logs), size=(BOOTSTRAP_DRAWS, len(logs)))
+    means = np.exp(logs[draws].mean(axis=1))
+    return {
+        "benchmark": "serving-pooled",
+        "runs": len(paths),
+        "pairs": len(ratios),
+        "p99_ratio_geometric_mean": round(float(np.exp(logs.mean())), 3),
+        "p99_ratio_geometric_mean_95ci": [round(float(q), 3) for q in np.percentile(means, [2.5, 97.5])],
+        "p99_ratio_median": round(float(np.median(ratios)), 3),
+        "p99_ratio_range": [min(ratios), max(ratios)],
+    }
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -569,7 +600,16 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the bench database for the next run")
     parser.add_argument("--fresh", action="store_true", help="publish again even if a kept batch fits")
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="JSON",
+        help="load nothing: pool the logging pairs of earlier runs' output (geometric mean of their p99 ratios)",
+    )
     args = parser.parse_args()
+    if args.pool:
+        print(json.dumps(pooled_logging_cost(args.pool), indent=2))
+        return
     for tool in ("wrk", "pgbench"):
         if shutil.which(tool) is None:
             raise SystemExit(f"serving.py: error: {tool} is not on PATH (apt-get install wrk postgresql-client)")
