@@ -5,12 +5,14 @@ import json
 import threading
 from datetime import UTC, date, datetime, timedelta
 
+import numpy as np
 import polars as pl
 import psycopg
 import pytest
+from psycopg import sql as pgsql
 
 import sql
-from jobs import ingest, lake, publish, rollouts, score, shadow
+from jobs import ingest, lake, metrics, publish, registry, rollouts, score, shadow, train
 from jobs.errors import FutureModelError, MissingDataError, RolloutError
 from jobs.settings import Settings
 from serving.live import read_rollout
@@ -231,6 +233,78 @@ def test_shadow_batch_is_published_but_never_served(batch_settings: Settings, tw
     rerun = shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
     assert batch_status(batch_settings, result.batch_id) == "dropped"  # replaced by the re-run of its date
     assert batch_status(batch_settings, rerun.batch_id) == "shadow"
+
+
+def test_shadow_report_of_a_different_model(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
+    """A shadow model that ranks differently: every part of the report checked against what the tables
+    and the registry say on their own."""
+    production_batch, _ = two_batches
+    challenger = train.train(batch_settings.model_copy(update={"num_leaves": 2, "learning_rate": 0.5}), PREVIOUS_DATE)
+    production_model = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    assert challenger.trained and challenger.model_id != production_model
+    shadow_batch = shadow.run_shadow(batch_settings, PREVIOUS_DATE, challenger.model_id).batch_id
+
+    report = shadow.shadow_report(batch_settings, PREVIOUS_DATE)
+    assert (report.production["batch_id"], report.shadow["batch_id"]) == (production_batch, shadow_batch)
+    assert (report.production["model_id"], report.shadow["model_id"]) == (production_model, challenger.model_id)
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        lists = {
+            name: {
+                user: (items, scores)
+                for user, items, scores in conn.execute(
+                    pgsql.SQL("SELECT user_id, item_ids, scores FROM {}").format(sql.recs_table(batch))
+                )
+            }
+            for name, batch in (("production", production_batch), ("shadow", shadow_batch))
+        }
+        registered = {
+            name: registry.model_by_id(conn, model_id)
+            for name, model_id in (("production", production_model), ("shadow", challenger.model_id))
+        }
+
+    users = lists["production"].keys() & lists["shadow"].keys()
+    shares = []
+    for user in users:
+        top_p, top_s = lists["production"][user][0][:10], lists["shadow"][user][0][:10]
+        shares.append(len(set(top_p) & set(top_s)) / min(10, len(top_p), len(top_s)))
+    assert report.overlap["users_in_both"] == len(users)
+    assert report.overlap["overlap@10"] == pytest.approx(sum(shares) / len(shares), abs=1e-6)
+    assert report.overlap["identical_lists"] == sum(share == 1 for share in shares) < len(users)
+
+    for name in ("production", "shadow"):
+        all_scores = np.array([s for _, scores in lists[name].values() for s in scores], dtype=np.float64)
+        top_scores = np.array([scores[0] for _, scores in lists[name].values()], dtype=np.float64)
+        for key, values in (("all_scores", all_scores), ("top_scores", top_scores)):
+            expected = np.quantile(values, shadow.QUANTILES)
+            assert list(getattr(report, name)["scores"][key].values()) == pytest.approx(expected, abs=1e-5)
+    assert report.production["scores"] != report.shadow["scores"]
+
+    relevant, _ = shadow.evaluation_window(batch_settings, PREVIOUS_DATE, 7)
+    catalogue = lake.read_catalogue(batch_settings.lake_dir, PREVIOUS_DATE).height
+    for name in ("production", "shadow"):
+        ranked = pl.DataFrame(
+            [(user, item, rank) for user, (items, _) in lists[name].items() for rank, item in enumerate(items, 1)],
+            schema={"user_id": pl.String, "item_id": pl.String, "rank": pl.Int64},
+            orient="row",
+        )
+        assert report.evaluation[name] == pytest.approx(metrics.ranking_metrics(ranked, relevant, catalogue))
+    assert report.deltas == pytest.approx(
+        {key: report.evaluation["shadow"][key] - report.evaluation["production"][key] for key in report.deltas}
+    )
+    assert any(report.deltas.values())
+
+    # On the latest window each model scores what the training night registered for it: the same window,
+    # the same held-out users, the same evaluation.
+    latest = report.latest_window
+    for name, model in registered.items():
+        assert model is not None
+        assert {key: latest[name][key] for key in latest["deltas"]} == pytest.approx(
+            {key: model.metrics[key] for key in latest["deltas"]}
+        )
+    assert latest["deltas"] == pytest.approx(
+        {key: latest["shadow"][key] - latest["production"][key] for key in latest["deltas"]}
+    )
+    assert any(latest["deltas"].values())
 
 
 def test_shadow_refuses_unknown_and_future_models(batch_settings: Settings) -> None:
