@@ -38,7 +38,7 @@ from serving.feedback import FeedbackIntake
 from serving.feedback import router as events_router
 from serving.limits import RequestSizeLimit
 from serving.live import LiveView, LiveWatcher
-from serving.lookup import Answer, Lookup, create_pool, encode, render
+from serving.lookup import Answer, Answers, Lookup, create_pool, encode, render
 from serving.metrics import MetricsMiddleware, RequestRecorder, ServingMetrics
 from serving.models import (
     BatchRecommendations,
@@ -50,6 +50,7 @@ from serving.models import (
 )
 from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
 from serving.settings import ServingSettings, check_auth_configured, get_serving_settings
+from serving.variants import CANARY, PRODUCTION
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +256,9 @@ async def batch_recommendations(request: Request, body: BatchRecommendationsRequ
         request_id, [(answer.batch.batch_id, answer.variant, answer.results) for answer in answers.parts]
     )
     document = {"results": [render(answer, recs) for answer, recs in answers.in_order]}
-    # With users in both arms, the headers name the production batch; each result names its own.
-    return _json(document, answers.parts[0], lookup, request_id)
+    # With users in both arms, X-Batch-Id names the production batch (each result names its own), and
+    # X-Variant both arms.
+    return _json(document, answers, lookup, request_id)
 
 
 @ops.get("/healthz", summary="The process is alive")
@@ -289,17 +291,25 @@ def _exclude_set(values: list[str] | None) -> frozenset[str]:
     return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
-def _json(document: Any, answer: Answer, lookup: Lookup, request_id: str) -> Response:
+def _json(document: Any, answers: Answers, lookup: Lookup, request_id: str) -> Response:
     response = Response(content=encode(document), media_type="application/json")
-    response.raw_headers.extend(_answer_headers(answer, lookup, request_id))
+    variants = b", ".join(_VARIANT_HEADER[answer.variant] for answer in answers.parts)
+    response.raw_headers.extend(_answer_headers(answers.parts[0], lookup, request_id, variants))
     return response
 
 
-def _answer_headers(answer: Answer, lookup: Lookup, request_id: str) -> list[tuple[bytes, bytes]]:
-    """`X-Batch-Id` (first: the access log reads it from there), data age, request id, and `X-Stale` if so."""
+_VARIANT_HEADER = {PRODUCTION: PRODUCTION.encode(), CANARY: CANARY.encode()}
+
+
+def _answer_headers(
+    answer: Answer, lookup: Lookup, request_id: str, variants: bytes | None = None
+) -> list[tuple[bytes, bytes]]:
+    """`X-Batch-Id` (first: the access log reads it from there), data age, `X-Variant` (`variants`, for
+    a batch request's arms, else the answer's), request id, and `X-Stale` if so."""
     headers = [
         (b"x-batch-id", b"%d" % answer.batch.batch_id),
         (b"x-data-age-seconds", b"%d" % answer.batch.age_seconds()),
+        (b"x-variant", variants or _VARIANT_HEADER[answer.variant]),
         (b"x-request-id", request_id.encode("latin-1")),
     ]
     if lookup.view.problem:

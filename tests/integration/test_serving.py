@@ -299,8 +299,9 @@ def test_the_routed_lookup_answers_as_the_one_served_before_the_middleware(live_
     get = live_service.client.get(path, params={"k": 3})
     head = live_service.client.head(path, params={"k": 3})
     assert (get.status_code, head.status_code) == (200, 200)
-    for name in ("content-type", "content-length", "x-batch-id", "x-data-age-seconds"):
+    for name in ("content-type", "content-length", "x-batch-id", "x-data-age-seconds", "x-variant"):
         assert head.headers[name] == get.headers[name], name
+    assert head.headers["x-variant"] == "production"
     assert head.content == b""
     assert live_service.anonymous.head(path).status_code == live_service.anonymous.get(path).status_code == 401
     assert live_service.client.head(path, params={"k": 0}).status_code == 422
@@ -313,6 +314,7 @@ def test_unknown_user_gets_the_fallback(live_service: Service) -> None:
     assert item_ids(response) == FALLBACK
     assert [item["score"] for item in response.json()["items"]] == scores_for(FALLBACK, top=1.0)
     assert "X-Batch-Id" in response.headers and "X-Data-Age-Seconds" in response.headers
+    assert response.headers["X-Variant"] == "production"
 
     excluded = live_service.recs("never-seen", exclude="p1,p3", k=2)
     assert item_ids(excluded) == ["p2", "p4"]
@@ -717,12 +719,15 @@ def test_canary_users_get_the_canary_and_every_answer_is_logged_with_its_request
             body = response.json()
             assert (body["batch_id"], body["variant"]) == expected[user]
             assert int(response.headers["X-Batch-Id"]) == body["batch_id"]
+            assert response.headers["X-Variant"] == body["variant"]
             assert response.headers["X-Request-Id"] == f"one-{user}"
+            head = service.client.head(f"/v1/users/{user}/recommendations")
+            assert (head.headers["X-Batch-Id"], head.headers["X-Variant"]) == (str(body["batch_id"]), body["variant"])
             assert [item["item_id"] for item in body["items"]] == [f"{'c' if arm[user] == 'canary' else 'p'}-{user}"]
         made_up = service.client.get("/v1/users/u1/recommendations", headers={"X-Request-Id": "not sane"})
         assert made_up.headers["X-Request-Id"] != "not sane" and len(made_up.headers["X-Request-Id"]) == 32
 
-        # A batch request answers each user from their own arm; the headers name production.
+        # A batch request answers each user from their own arm; X-Batch-Id names production, X-Variant both.
         response = service.client.post(
             "/v1/recommendations:batch", json={"user_ids": [*users, "u0"]}, headers={"X-Request-Id": "many"}
         )
@@ -730,7 +735,11 @@ def test_canary_users_get_the_canary_and_every_answer_is_logged_with_its_request
         assert [result["user_id"] for result in results] == [*users, "u0"]
         assert [(r["batch_id"], r["variant"]) for r in results] == [expected[user] for user in [*users, "u0"]]
         assert int(response.headers["X-Batch-Id"]) == production
+        assert response.headers["X-Variant"] == "production, canary"
         assert response.headers["X-Request-Id"] == "many"
+        only_canary = [user for user in users if arm[user] == "canary"]
+        response = service.client.post("/v1/recommendations:batch", json={"user_ids": only_canary})
+        assert (int(response.headers["X-Batch-Id"]), response.headers["X-Variant"]) == (canary, "canary")
 
         assert metric(service, "overnight_canary_batch_id ") == canary
         assert metric(service, "overnight_canary_traffic ") == 0.5

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +290,7 @@ def test_postgres_stopping_under_load_gives_fast_503s_or_stale_cache_and_recover
 # ---------------------------------------------------------------------------- the read-only role
 
 
-def test_the_serving_role_reads_batches_published_later_and_writes_nothing(
+def test_the_serving_role_reads_batches_published_later_and_only_appends_to_the_online_logs(
     database_url: str, serving_login: str, tmp_path: Path
 ) -> None:
     with psycopg.connect(database_url) as conn:
@@ -297,10 +298,20 @@ def test_the_serving_role_reads_batches_published_later_and_writes_nothing(
     batch_id = Publisher(database_url).publish(tagged_recs("a"), fallback=tagged_fallback("a"))
 
     env = overnight_env(serving_login, tmp_path / "var", OVERNIGHT_API_KEYS=API_KEY)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
     with running_service(env) as base:
-        response = httpx.get(f"{base}/v1/users/u1/recommendations", headers={"Authorization": f"Bearer {API_KEY}"})
+        response = httpx.get(f"{base}/v1/users/u1/recommendations", headers={**auth, "X-Request-Id": "as-api"})
         assert response.status_code == 200
         assert response.json()["batch_id"] == batch_id
+        item = response.json()["items"][0]["item_id"]
+        click = {"user_id": "u1", "item_id": item, "type": "click", "request_id": "as-api", "timestamp": utc_now()}
+        assert httpx.post(f"{base}/v1/events", json={"events": [click]}, headers=auth).status_code == 202
+    # Stopping the service wrote out both logs, with the serving role's INSERT grants.
+    with psycopg.connect(database_url) as conn:
+        served = "SELECT request_id, user_id FROM overnight.served_predictions"
+        assert conn.execute(served).fetchall() == [("as-api", "u1")]
+        events = "SELECT request_id, item_id, event_type FROM overnight.feedback_events"
+        assert conn.execute(events).fetchall() == [("as-api", item, "click")]
 
     with psycopg.connect(serving_login, autocommit=True) as conn:
         for statement in (
@@ -309,9 +320,18 @@ def test_the_serving_role_reads_batches_published_later_and_writes_nothing(
             f"INSERT INTO overnight.recs_{batch_id} VALUES ('x', '{{}}', '{{}}')",
             f"DROP TABLE overnight.recs_{batch_id}",
             "CREATE TABLE overnight.intruder (x int)",
+            "UPDATE overnight.model_versions SET status = 'production'",
+            "DELETE FROM overnight.served_prediction_chunks",
+            "UPDATE overnight.feedback_events SET event_type = 'click'",
+            "DELETE FROM overnight.bulk_writes",
+            "TRUNCATE overnight.feedback_events",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement.encode())
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 # ---------------------------------------------------------------------------- canaries
