@@ -12,7 +12,8 @@ model also scored, after publish, into a shadow batch that is never served; comp
 
 After publish, while a canary of another model runs, ``refresh_canary`` scores the date with the
 canary's model too and moves the canary to that batch (same users), unless OVERNIGHT_REFRESH_CANARY
-is off.
+is off. ``online_summary`` stores the day before's online numbers per served model (its feedback's
+day of grace ended with the run's date) for the dashboard.
 """
 
 from __future__ import annotations
@@ -205,8 +206,17 @@ def overnight_nightly() -> None:
 
         return maintain_tables(get_settings())
 
+    @task
+    def online_summary(day: str) -> dict[str, Any]:
+        from datetime import date
+
+        from jobs.online import record_previous_day
+
+        return record_previous_day(get_settings(), date.fromisoformat(day))
+
     day = logical_date()
     online_tables(day)
+    online_summary(day)
     ingested = ingest(day)
     model = train(day, ingested)
     shards = plan_shards(day, features(day, ingested), candidates(day, ingested), model)

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict, is_dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -549,13 +549,26 @@ def online_report(
         typer.Option(help="Examination model for the IPS estimate: power (theta_p = p^-eta) or estimated."),
     ] = "power",
     eta: Annotated[float, typer.Option(min=0.0, help="Exponent of the power propensity model.")] = 1.0,
+    record: Annotated[
+        bool,
+        typer.Option(
+            "--record",
+            help="Also store each day's numbers per model in overnight.online_daily (shown on the dashboard), "
+            "as the nightly DAG does for the day before its date.",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Served predictions joined to feedback, per variant and batch: CTR, conversion, IPS click rate."""
     from jobs.online import online_report as make_report
-    from jobs.online import render
+    from jobs.online import record_day, render
 
-    report = make_report(_settings(), start, end, propensity, eta)
+    settings = _settings()
+    report = make_report(settings, start, end, propensity, eta)
+    if record:
+        for offset in range((end - start).days + 1):
+            recorded = record_day(settings, start + timedelta(days=offset), propensity, eta)
+            _progress(f"recorded {recorded['day']}: {len(recorded['models'])} models, complete: {recorded['complete']}")
     if as_json:
         _echo(report, as_json=True)
         return

@@ -38,11 +38,13 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 import sql
 from jobs import lake
 from jobs.database import connect, upgrade
 from jobs.errors import BadInputError
+from jobs.monitor import json_safe
 from jobs.settings import Settings
 
 Z = 1.959964  # 95%
@@ -337,6 +339,12 @@ def online_report(
             "conversion_rate": difference("conversions"),
             "ips_click_rate": difference("ips"),
         }
+        canary_models = sorted({b["model_id"] for b in report["batches"] if b["variant"] == "canary"})
+        if len(canary_models) > 1:
+            report["canary_minus_production"]["warning"] = (
+                f"the canary arm pools the answers of {len(canary_models)} models ({', '.join(canary_models)}): "
+                "the difference is of their mix; report a period with one canary model, or compare the batch rows"
+            )
     return report
 
 
@@ -348,6 +356,34 @@ def online_by_model(settings: Settings, days: int, today: date | None = None) ->
         model_id: {"from": report["from"], "to": report["to"], **{k: v for k, v in values.items() if k != "offline"}}
         for model_id, values in report["models"].items()
     }
+
+
+def record_day(
+    settings: Settings,
+    day: date,
+    propensity: str = "power",
+    eta: float = 1.0,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Store the day's online numbers per served model in ``overnight.online_daily``, replacing what was
+    stored for that day: the online report of that one day, its rows per model. The nightly DAG records
+    the day before its date, whose day of feedback grace has passed by then (`complete`)."""
+    report = online_report(settings, day, day, propensity, eta)
+    complete = (now or datetime.now(UTC)) >= lake.day_end(day) + FEEDBACK_GRACE
+    with connect(settings) as conn, conn.transaction():
+        conn.execute(sql.query("delete_online_daily"), {"day": day})
+        for model_id, values in report["models"].items():
+            summary = {key: value for key, value in values.items() if key != "offline"}
+            conn.execute(
+                sql.query("insert_online_daily"),
+                {"day": day, "model_id": model_id, "summary": Jsonb(json_safe(summary)), "complete": complete},
+            )
+    return {"day": day.isoformat(), "models": sorted(report["models"]), "complete": complete}
+
+
+def record_previous_day(settings: Settings, logical_date: date) -> dict[str, Any]:
+    """The nightly run's `record_day`: the day before its date, complete once the date has ended."""
+    return record_day(settings, logical_date - timedelta(days=1))
 
 
 def render(report: dict[str, Any]) -> Iterable[str]:
@@ -402,6 +438,8 @@ def render(report: dict[str, Any]) -> Iterable[str]:
             f"  CTR {interval(delta['ctr'])}, conversion {interval(delta['conversion_rate'])}, "
             f"IPS click rate {interval(delta['ips_click_rate'])}"
         )
+        if "warning" in delta:
+            yield f"  warning: {delta['warning']}"
     if report["unattributed_feedback"]:
         yield f"feedback not matched to a logged answer: {report['unattributed_feedback']}"
 

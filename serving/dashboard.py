@@ -1,7 +1,7 @@
 """The monitoring dashboard at ``/dashboard``: one page, its assets, and one JSON endpoint behind it.
 
-It reads the batch side's records (what is live and the canary, runs, models, monitoring checks and
-reports, alerts) through
+It reads the batch side's records (what is live and the canary, runs, models and their online numbers
+per day, monitoring checks and reports, alerts) through
 named queries of ``sql/queries.sql`` and this process's own Prometheus registry; it never imports
 ``jobs``. The charts are drawn by Apache ECharts, vendored under ``serving/static/vendor`` so the
 page works offline.
@@ -237,6 +237,7 @@ async def _read(conn: psycopg.AsyncConnection[dict[str, Any]], day: date | None)
     for run in runs:
         run["steps"] = [s for s in steps if s["run_id"] == run["run_id"]]
     models = await _fetch(conn, "dashboard_models", (DATES_SHOWN,))
+    online = await _fetch(conn, "dashboard_online", (DATES_SHOWN,))
     checks = await _fetch(conn, "dashboard_checks", (DATES_SHOWN,))
     output = await _fetch(conn, "dashboard_output_report", {"logical_date": day})
     alerts = await _fetch(conn, "dashboard_alerts", (10,))
@@ -255,6 +256,7 @@ async def _read(conn: psycopg.AsyncConnection[dict[str, Any]], day: date | None)
         "canary": canary[0] if canary else None,
         "runs": list(reversed(runs)),
         "models": [_model(m) for m in reversed(models)],
+        "online": online,
         "checks": checks,
         "focus_checks": [c for c in checks if c["logical_date"] == focus and c["level"] != "ok"],
         "output": output[0] if output else None,

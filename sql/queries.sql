@@ -373,6 +373,14 @@ FROM overnight.model_versions
 ORDER BY logical_date DESC, created_at DESC
 LIMIT %s;
 
+-- name: dashboard_online
+-- The served models' online numbers of the last N recorded days, beside their held-out NDCG@10.
+SELECT o.day, o.model_id, o.summary, o.complete, m.status, (m.metrics->>'ndcg@10')::double precision AS ndcg
+FROM overnight.online_daily AS o
+LEFT JOIN overnight.model_versions AS m USING (model_id)
+WHERE o.day IN (SELECT DISTINCT day FROM overnight.online_daily ORDER BY day DESC LIMIT %s)
+ORDER BY o.day DESC, o.model_id;
+
 -- name: dashboard_checks
 -- Every check of the last N measured dates, for the heat map and the statistics over time.
 SELECT logical_date, stage, statistic, subject, value, level, message, warn_at, fail_at
@@ -672,6 +680,13 @@ SELECT b.batch_id, b.model_id, m.metrics
 FROM overnight.batches AS b
 JOIN overnight.model_versions AS m USING (model_id)
 WHERE b.batch_id = ANY(%(batch_ids)s);
+
+-- name: delete_online_daily
+DELETE FROM overnight.online_daily WHERE day = %(day)s;
+
+-- name: insert_online_daily
+INSERT INTO overnight.online_daily (day, model_id, summary, complete)
+VALUES (%(day)s, %(model_id)s, %(summary)s, %(complete)s);
 
 -- name: unattributed_feedback
 -- Feedback of the period that names no request, or a request (and item) that was not logged as served

@@ -154,6 +154,27 @@ function drawModels(data) {
   setState("panel-models", "ready");
 }
 
+// Each served model's online numbers per day (recorded nightly), beside its held-out NDCG@10.
+function drawOnline(data) {
+  const rows = data.online;
+  if (!rows.length) {
+    $("table-online").replaceChildren();
+    setState("panel-online", "empty",
+             "No online numbers yet: each night records the day before from the prediction log and feedback.");
+    return;
+  }
+  const interval = (m) => (m && m.value !== null && m.value !== undefined
+    ? pct(m.value) + (m.low !== null && m.low !== undefined ? " [" + pct(m.low) + ", " + pct(m.high) + "]" : "")
+    : "–");
+  table("table-online", ["day", "model", "status", "held-out NDCG@10", "impressions", "clicks", "CTR [95%]",
+                         "conversion [95%]", "IPS click rate [95%]"],
+    rows.map((r) => [td(r.day + (r.complete ? "" : " (partial)")), td(r.model_id), td(r.status || "–"),
+                     td(fmt(r.ndcg, 4)), td(fmt(r.summary.impressions)), td(fmt(r.summary.clicks)),
+                     td(interval(r.summary.ctr)), td(interval(r.summary.conversion_rate)),
+                     td(interval(r.summary.ips_click_rate))]));
+  setState("panel-online", "ready");
+}
+
 function drawChecks(data) {
   $("checks-date").textContent = data.focus_date ? "on " + data.focus_date : "";
   const problems = data.focus_checks;
@@ -269,6 +290,7 @@ function drawService(data) {
 
 const PANELS = [
   ["panel-live", drawLive], ["panel-runs", drawRuns], ["panel-models", drawModels], ["panel-checks", drawChecks],
+  ["panel-online", drawOnline],
   ["panel-drift", drawDrift],
   ["panel-input", (d) => drawLines("panel-input", "chart-input", d, "input",
     ["volume_change", "new_user_share", "new_item_share", "null_fraction", "quarantine_fraction", "weight_psi",

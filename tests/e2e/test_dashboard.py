@@ -7,8 +7,9 @@ chromium-driver (`make browser`); in CI (CI set) their absence is a failure, not
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,14 @@ import httpx
 import psycopg
 import pytest
 
-from jobs import pipeline, rollouts
+from jobs import online, pipeline, rollouts
 from jobs.settings import Settings
 from tests.conftest import SAMPLE_DATE, overnight_env, running_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 KEY = "dashboard-test-key"
-PANELS = ("live", "runs", "models", "checks", "drift", "input", "output", "scores", "service")
+PANELS = ("live", "runs", "models", "checks", "online", "drift", "input", "output", "scores", "service")
 
 
 @pytest.fixture
@@ -72,12 +73,44 @@ def test_dashboard_draws_every_panel_without_console_errors(
         bearer = {"Authorization": f"Bearer {KEY}"}
         for user in ("1", "2", "nobody"):
             assert httpx.get(f"{base}/v1/users/{user}/recommendations", headers=bearer).status_code == 200
+        # A click on user 1's first item, and the day's online numbers recorded as the nightly run does.
+        answer = httpx.get(f"{base}/v1/users/1/recommendations", headers={**bearer, "X-Request-Id": "dash-1"}).json()
+        click = {"user_id": "1", "item_id": answer["items"][0]["item_id"], "type": "click", "request_id": "dash-1"}
+        events = {"events": [{**click, "timestamp": datetime.now(UTC).isoformat()}]}
+        assert httpx.post(f"{base}/v1/events", json=events, headers=bearer).status_code == 202
+        written = "SELECT (SELECT count(*) FROM overnight.served_predictions), count(*) FROM overnight.feedback_events"
+        deadline = time.monotonic() + 10
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while conn.execute(written).fetchone() != (4, 1):
+                assert time.monotonic() < deadline, "the service did not write its logs within 10 s"
+                time.sleep(0.1)
+            served_models = [
+                model_id
+                for (model_id,) in conn.execute(
+                    "SELECT DISTINCT b.model_id FROM overnight.served_predictions JOIN overnight.batches AS b"
+                    " USING (batch_id) ORDER BY 1"
+                )
+            ]
+            clicked = conn.execute(
+                "SELECT model_id, status, (metrics->>'ndcg@10')::float FROM overnight.model_versions"
+                " WHERE model_id = %s",
+                (answer["model_id"],),
+            ).fetchone()
+        today = datetime.now(UTC).date()
+        recorded = online.record_day(settings, today)
+        assert recorded == {"day": today.isoformat(), "models": served_models, "complete": False}
 
         # the data needs a key; a bookmarked ?key= becomes a cookie and leaves the address bar
         assert httpx.get(f"{base}/dashboard/api/overview").status_code == 401
         overview = httpx.get(f"{base}/dashboard/api/overview", headers=bearer).json()
         assert len(overview["runs"]) == 3 and all(r["status"] == "success" for r in overview["runs"])
         assert (overview["canary"]["batch_id"], overview["canary"]["traffic"]) == (canary_batch, 0.1)
+        online_rows = {row["model_id"]: row for row in overview["online"]}
+        assert sorted(online_rows) == served_models and {row["day"] for row in online_rows.values()} == {str(today)}
+        served = online_rows[answer["model_id"]]  # the clicked answer's model: held-out NDCG@10 beside its clicks
+        assert clicked is not None and (served["model_id"], served["status"]) == clicked[:2]
+        assert served["ndcg"] == pytest.approx(clicked[2]) and served["complete"] is False
+        assert (served["summary"]["impressions"], served["summary"]["clicks"]) == (1, 1)
         earlier = (SAMPLE_DATE - timedelta(days=1)).isoformat()
         focused = httpx.get(f"{base}/dashboard/api/overview", params={"date": earlier}, headers=bearer).json()
         assert focused["focus_date"] == earlier and focused["output"]["logical_date"] == earlier
@@ -99,15 +132,18 @@ def test_dashboard_draws_every_panel_without_console_errors(
         canvases = {
             panel: len(browser.find_elements(By.CSS_SELECTOR, f"#panel-{panel} canvas"))
             for panel in PANELS
-            if panel not in ("live", "checks")
+            if panel not in ("live", "checks", "online")
         }
         live_cards = browser.find_element(By.ID, "live-cards").text
+        online_table = browser.find_element(By.ID, "table-online").text
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
     print(f"screenshot: {tmp_path / 'dashboard.png'}")
     assert states == dict.fromkeys(PANELS, "ready")
     assert f"#{canary_batch}" in live_cards and "10.0% of users" in live_cards
+    assert all(model in online_table for model in served_models)
+    assert "CTR [95%]" in online_table and f"{today} (partial)" in online_table
     assert all(count >= 1 for count in canvases.values()), canvases
     assert errors == []
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000

@@ -82,6 +82,17 @@ def test_counts_by_position_match_the_hand_count_and_stray_feedback_is_counted_a
     assert set(report["batches"][0]["offline"].values()) == {None}
     assert report["models"][online.UNKNOWN_MODEL]["served"] == 7
 
+    # The nightly summary stores the day's per-model rows of the same report; recording again replaces them.
+    settings = Settings(database_url=database_url, data_dir=tmp_path)
+    grace_ends = datetime.combine(today + timedelta(days=2), datetime.min.time(), UTC)  # a day after the day's end
+    assert online.record_day(settings, today, now=grace_ends - timedelta(microseconds=1))["complete"] is False
+    recorded = online.record_day(settings, today, now=grace_ends)
+    assert recorded == {"day": today.isoformat(), "models": [online.UNKNOWN_MODEL], "complete": True}
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT day, model_id, summary, complete FROM overnight.online_daily").fetchall()
+    expected = {key: value for key, value in report["models"][online.UNKNOWN_MODEL].items() if key != "offline"}
+    assert rows == [(today, online.UNKNOWN_MODEL, expected, True)]
+
 
 def test_an_answer_logged_twice_under_one_request_id_counts_its_click_once(database_url: str, tmp_path: Path) -> None:
     """A client retrying with the same X-Request-Id gets (and logs) a second answer, here from the batch
@@ -210,3 +221,23 @@ def test_canary_minus_production_counts_only_the_answers_served_while_the_canary
     # CTR 1/3 in both arms while the canary ran; over the whole day production's would be 5/7.
     assert comparison["ctr"]["value"] == pytest.approx(0.0)
     assert production["ctr"]["value"] == pytest.approx(5 / 7, abs=1e-6)
+    assert "warning" not in comparison  # one canary model
+
+    # A second canary, of another model, in the same period: the canary arm mixes them, and says so.
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO overnight.model_versions (model_id, logical_date, status, data_window, params, features,"
+            " metrics, artifact_path, artifact_sha256) SELECT 'm2', logical_date, 'candidate', data_window, params,"
+            " features, metrics, 'm2.txt', artifact_sha256 FROM overnight.model_versions WHERE model_id = 'm'"
+        )
+        conn.execute("UPDATE overnight.batches SET status = 'ready' WHERE batch_id = %s", (canary_batch,))
+        (canary_batch,) = conn.execute(
+            "INSERT INTO overnight.batches (logical_date, model_id, status, k, users_scored, active_users,"
+            " fallback_item_ids, fallback_scores, generated_at)"
+            " VALUES (current_date, 'm2', 'canary', 10, 1, 1, '{}', '{}', now()) RETURNING batch_id"
+        ).fetchone()  # type: ignore[misc]
+    canary_event("start")
+    log([("r8", "u8", "canary", ["z"])], [("u8", "z", "click", "r8")])
+    report = online.online_report(Settings(database_url=database_url, data_dir=tmp_path), today, today)
+    assert "2 models (m, m2)" in report["canary_minus_production"]["warning"]
+    assert any("warning: the canary arm pools" in line for line in online.render(report))
