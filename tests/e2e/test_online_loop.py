@@ -1,7 +1,7 @@
 """The online loop end to end, through the real `overnight serve` and a real Postgres: a canary serves a
 slice of users, every answer is logged, simulated users click (more on the canary's items), their
 feedback comes back through POST /v1/events with the request ids of the lists, and
-`overnight online-report` finds the difference.
+`overnight online-report` finds the difference; and the next night's ingest takes that feedback in.
 """
 
 import json
@@ -10,12 +10,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import polars as pl
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
 import sql
-from jobs import online, publish, rollouts
+from jobs import ingest, lake, online, pipeline, publish, rollouts
+from jobs.generate import generate, write_dataset
 from jobs.settings import Settings
 from tests.conftest import overnight, overnight_env, running_service
 
@@ -162,9 +164,15 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
     assert report["models"]["ranker-production"]["offline"]["recall@10"] == 0.105
 
     env = overnight_env(database_url, settings.data_dir)
-    text = overnight("online-report", "--from", today.isoformat(), "--to", today.isoformat(), env=env).stdout
+    period = ("--from", today.isoformat(), "--to", today.isoformat())
+    text = overnight("online-report", *period, "--record", env=env).stdout
     assert "canary - production over the answers served while a canary ran" in text
     assert "beside online, per model" in text
+    with psycopg.connect(database_url) as conn:
+        recorded = dict(conn.execute("SELECT model_id, summary FROM overnight.online_daily").fetchall())
+    assert recorded.keys() == {"ranker-candidate", "ranker-production"}
+    assert recorded["ranker-candidate"]["ctr"] == canary["ctr"]
+    assert recorded["ranker-production"]["impressions"] == control["impressions"]
     listed = {row["model_id"]: row for row in json.loads(overnight("models", "--json", env=env).stdout)}
     assert listed["ranker-candidate"]["online"]["ctr"] == canary["ctr"]
     assert listed["ranker-production"]["online"]["ips_click_rate"] == control["ips_click_rate"]
@@ -172,3 +180,45 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
     candidate_line = next(line for line in table.splitlines() if line.startswith("ranker-candidate"))
     assert f"{canary['ctr']['value']:.4f}" in candidate_line and "0.2500" in candidate_line
     assert overnight("models", "--online-days", "0", "--json", env=env).stdout.count('"online": null') == 2
+
+
+@pytest.mark.slow
+def test_feedback_sent_to_the_service_is_in_the_next_nights_interactions(database_url: str, tmp_path: Any) -> None:
+    """The loop closed: last night's batch is served, users click through POST /v1/events, and tonight's
+    ingest takes the clicks and conversions into the lake as interactions, with their weights."""
+    today = datetime.now(UTC).date()
+    yesterday = today - timedelta(days=1)
+    data = generate(users=150, items=80, days=40, end_date=yesterday, seed=5, events_per_user=20)
+    source = write_dataset(data, tmp_path / "source")
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "var", num_boost_round=20)
+    pipeline.run(settings, source, yesterday)
+
+    env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=API_KEY)
+    sent: dict[tuple[str, str, str], str] = {}
+    with (
+        running_service(env) as base,
+        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10) as client,
+    ):
+        for user in sorted(set(data.interactions["user_id"].to_list()))[:30]:
+            answer = client.get(f"/v1/users/{user}/recommendations", params={"k": 3}, headers={"X-Request-Id": user})
+            assert answer.json()["source"] == "personalized"
+            items = [item["item_id"] for item in answer.json()["items"]]
+            now = datetime.now(UTC).isoformat()
+            events = [{"type": "impression", "item_id": item} for item in items]
+            events += [{"type": "click", "item_id": items[0]}, {"type": "conversion", "item_id": items[0]}]
+            body = {"events": [{**event, "user_id": user, "request_id": user, "timestamp": now} for event in events]}
+            assert client.post("/v1/events", json=body).status_code == 202
+            sent[(user, items[0], "click")] = sent[(user, items[0], "conversion")] = now
+    # leaving the block stopped the service, which wrote out every accepted event
+
+    night = ingest.ingest(settings, source, today)
+    assert (night.feedback_read, night.feedback_used) == (60, 60)  # clicks and conversions: impressions are not read
+    taken = (
+        lake.scan_interactions(settings.lake_dir, today)
+        .filter(pl.col("timestamp") >= lake.day_start(today))
+        .select("user_id", "item_id", "event_type", "weight", "timestamp")
+        .collect()
+    )
+    assert {(row[0], row[1], row[2]): row[4].isoformat() for row in taken.rows()} == sent
+    weights = dict(taken.group_by("event_type").agg(pl.col("weight").unique()).rows())
+    assert weights == {kind: [settings.feedback_weights[kind]] for kind in ("click", "conversion")}
