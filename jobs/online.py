@@ -386,6 +386,26 @@ def record_previous_day(settings: Settings, logical_date: date) -> dict[str, Any
     return record_day(settings, logical_date - timedelta(days=1))
 
 
+@dataclass(frozen=True)
+class OnlineUpkeep:
+    """What `nightly_upkeep` did: the tables' partitions (`maintain_tables`) and the day it recorded."""
+
+    tables: dict[str, Any]
+    recorded: dict[str, Any]
+
+    def summary(self) -> str:
+        created, dropped = (sum(self.tables[key].values()) for key in ("created_partitions", "dropped_partitions"))
+        return (
+            f"online tables: {created} daily partitions created, {dropped} dropped; "
+            f"{self.recorded['day']} recorded for {len(self.recorded['models'])} served models"
+        )
+
+
+def nightly_upkeep(settings: Settings, logical_date: date) -> OnlineUpkeep:
+    """`overnight run`'s counterpart of the DAG's online_tables and online_summary tasks."""
+    return OnlineUpkeep(maintain_tables(settings), record_previous_day(settings, logical_date))
+
+
 def render(report: dict[str, Any]) -> Iterable[str]:
     """The report as a few aligned lines of text."""
 

@@ -2,7 +2,10 @@
 
 The steps are the same functions the Airflow DAG calls, in the same order:
 ingest → features → candidates → train when due → score every shard → monitor input and drift →
-publish (behind monitoring's gate) → check freshness. Every run and step is recorded in the run history.
+publish (behind monitoring's gate) → check freshness; then, as the DAG's tasks after publish, the
+shadow (when OVERNIGHT_SHADOW_MODEL is set), the canary's refresh (unless OVERNIGHT_REFRESH_CANARY is
+off) and the online tables' upkeep with the day before's online numbers. Every run and step is
+recorded in the run history.
 """
 
 import logging
@@ -16,7 +19,21 @@ from typing import Any
 
 import polars as pl
 
-from jobs import candidates, drift, features, freshness, generate, ingest, publish, runs, score, train
+from jobs import (
+    candidates,
+    drift,
+    features,
+    freshness,
+    generate,
+    ingest,
+    online,
+    publish,
+    rollouts,
+    runs,
+    score,
+    shadow,
+    train,
+)
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -29,6 +46,17 @@ class StepTiming:
     step: str
     seconds: float
     summary: str
+
+
+@dataclass(frozen=True)
+class ShadowStep:
+    """The shadow's result under its own key: the run history notes a batch_id or model_id at the top
+    of a step's result as the night's, and the shadow's are not."""
+
+    shadow: shadow.ShadowResult | shadow.ShadowSkipped
+
+    def summary(self) -> str:
+        return self.shadow.summary()
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,12 @@ def run(
         ("publish", lambda: publish.publish(settings, logical_date)),
         ("check-freshness", lambda: freshness.check_freshness(settings)),
     ]
+    if settings.shadow_model:
+        model_id = settings.shadow_model
+        plan.append(("shadow", lambda: ShadowStep(shadow.nightly_shadow(settings, logical_date, model_id))))
+    if settings.refresh_canary:
+        plan.append(("refresh-canary", lambda: rollouts.refresh_canary(settings, logical_date)))
+    plan.append(("online", lambda: online.nightly_upkeep(settings, logical_date)))
     with runs.recording(settings, logical_date) as run_id:
         for number, (name, step) in enumerate(plan, start=1):
             progress(f"[{number}/{len(plan)}] {name} ...")

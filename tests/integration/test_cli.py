@@ -20,10 +20,11 @@ def test_run_publishes_a_fresh_batch_that_status_shows_and_serve_answers(
     env: dict[str, str], sample_source: Path
 ) -> None:
     run = overnight("run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat(), env=env)
-    for number, step in enumerate(
-        ["ingest", "features", "candidates", "train", "score", "monitor", "publish", "check-freshness"], 1
-    ):
-        assert f"[{number}/8] {step} done in" in run.stderr
+    steps = ["ingest", "features", "candidates", "train", "score", "monitor", "publish", "check-freshness"]
+    steps += ["refresh-canary", "online"]  # the DAG's tasks after publish (no shadow model is set)
+    for number, step in enumerate(steps, 1):
+        assert f"[{number}/10] {step} done in" in run.stderr
+    assert "canary not refreshed" in run.stderr and "daily partitions created" in run.stderr
     assert "batch 1 is published" in run.stdout
 
     status = json.loads(overnight("status", "--json", env=env).stdout)

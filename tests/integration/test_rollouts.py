@@ -4,6 +4,7 @@ import asyncio
 import json
 import threading
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -12,7 +13,7 @@ import pytest
 from psycopg import sql as pgsql
 
 import sql
-from jobs import ingest, lake, metrics, publish, registry, rollouts, score, shadow, train
+from jobs import ingest, lake, metrics, pipeline, publish, registry, rollouts, score, shadow, train
 from jobs.errors import FutureModelError, MissingDataError, RolloutError
 from jobs.settings import Settings
 from serving.live import read_rollout
@@ -463,3 +464,22 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     again = overnight("canary", "--refresh", "--date", SAMPLE_DATE.isoformat(), "--json", env=env, check=False)
     assert again.returncode == 1, again.stderr
     assert json.loads(again.stdout)["reason"] == f"canary batch {new} is of {SAMPLE_DATE} already"
+
+
+def test_overnight_run_also_scores_the_shadow_and_keeps_the_online_tables(
+    database_url: str, tmp_path: Path, sample_source: Path
+) -> None:
+    """`overnight run` does what the DAG's tasks after publish do; the run history names the night's
+    serving batch, not the shadow's."""
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, num_boost_round=20)
+    first = pipeline.run(settings, sample_source, SAMPLE_DATE)
+    assert "shadow" not in first.results and first.results["online"]["recorded"]["models"] == []
+    assert first.results["online"]["tables"]["created_partitions"]["served_prediction_chunks"] >= 0
+
+    night = pipeline.run(settings.model_copy(update={"shadow_model": first.model_id}), sample_source, SAMPLE_DATE)
+    shadow_batch = night.results["shadow"]["shadow"]["batch_id"]
+    assert batch_status(settings, shadow_batch) == "shadow" and shadow_batch != night.batch_id
+    assert [step.step for step in night.steps][-3:] == ["shadow", "refresh-canary", "online"]
+    with psycopg.connect(database_url) as conn:
+        recorded = conn.execute("SELECT batch_id FROM overnight.runs WHERE run_id = %s", (night.run_id,)).fetchone()
+    assert recorded == (night.batch_id,)
