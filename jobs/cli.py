@@ -561,13 +561,15 @@ def online_report(
 ) -> None:
     """Served predictions joined to feedback, per variant and batch: CTR, conversion, IPS click rate."""
     from jobs.online import online_report as make_report
-    from jobs.online import record_day, render
+    from jobs.online import record_day, render, store_day
 
     settings = _settings()
     report = make_report(settings, start, end, propensity, eta)
     if record:
         for offset in range((end - start).days + 1):
-            recorded = record_day(settings, start + timedelta(days=offset), propensity, eta)
+            day = start + timedelta(days=offset)
+            # A one-day period's report is the day's: reading the log once is enough.
+            recorded = store_day(settings, report) if start == end else record_day(settings, day, propensity, eta)
             _progress(f"recorded {recorded['day']}: {len(recorded['models'])} models, complete: {recorded['complete']}")
     if as_json:
         _echo(report, as_json=True)

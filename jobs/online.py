@@ -353,9 +353,14 @@ def online_by_model(settings: Settings, days: int, today: date | None = None) ->
     today = today or datetime.now(UTC).date()
     report = online_report(settings, today - timedelta(days=days - 1), today)
     return {
-        model_id: {"from": report["from"], "to": report["to"], **{k: v for k, v in values.items() if k != "offline"}}
+        model_id: {"from": report["from"], "to": report["to"], **online_part(values)}
         for model_id, values in report["models"].items()
     }
+
+
+def online_part(values: dict[str, Any]) -> dict[str, Any]:
+    """A model's row of the report without the offline metrics it carries beside them."""
+    return {key: value for key, value in values.items() if key != "offline"}
 
 
 def record_day(
@@ -368,15 +373,26 @@ def record_day(
     """Store the day's online numbers per served model in ``overnight.online_daily``, replacing what was
     stored for that day: the online report of that one day, its rows per model. The nightly DAG records
     the day before its date, whose day of feedback grace has passed by then (`complete`)."""
-    report = online_report(settings, day, day, propensity, eta)
+    return store_day(settings, online_report(settings, day, day, propensity, eta), now)
+
+
+def store_day(settings: Settings, report: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
+    """`record_day` with the one-day report already made (``--from D --to D --record`` prints it too)."""
+    day = date.fromisoformat(report["from"])
+    if report["to"] != report["from"]:
+        raise ValueError(f"a report of one day is stored, not {report['from']} .. {report['to']}")
     complete = (now or datetime.now(UTC)) >= lake.day_end(day) + FEEDBACK_GRACE
     with connect(settings) as conn, conn.transaction():
         conn.execute(sql.query("delete_online_daily"), {"day": day})
         for model_id, values in report["models"].items():
-            summary = {key: value for key, value in values.items() if key != "offline"}
             conn.execute(
                 sql.query("insert_online_daily"),
-                {"day": day, "model_id": model_id, "summary": Jsonb(json_safe(summary)), "complete": complete},
+                {
+                    "day": day,
+                    "model_id": model_id,
+                    "summary": Jsonb(json_safe(online_part(values))),
+                    "complete": complete,
+                },
             )
     return {"day": day.isoformat(), "models": sorted(report["models"]), "complete": complete}
 
