@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,14 @@ def test_every_variable_comes_from_env_example_and_no_secret_is_committed() -> N
 
 def test_secrets_are_required_not_defaulted() -> None:
     text = (ROOT / "docker-compose.yml").read_text()
-    for secret in ("POSTGRES_PASSWORD", "OVERNIGHT_API_KEYS", "AIRFLOW_SECRET_KEY", "AIRFLOW_ADMIN_PASSWORD"):
+    for secret in (
+        "POSTGRES_PASSWORD",
+        "OVERNIGHT_DB_PASSWORD",
+        "OVERNIGHT_LOOKUP_DB_PASSWORD",
+        "OVERNIGHT_API_KEYS",
+        "AIRFLOW_SECRET_KEY",
+        "AIRFLOW_ADMIN_PASSWORD",
+    ):
         assert f"${{{secret}:?" in text, f"{secret} must fail loudly when .env does not set it"
 
 
@@ -204,3 +212,187 @@ def test_the_proxy_never_sends_a_feedback_post_to_a_second_replica() -> None:
     events = text.split("location = /v1/events {", 1)[1].split("}", 1)[0]
     assert "proxy_pass http://lookup;" in events
     assert "proxy_next_upstream" in events and "non_idempotent" not in events
+
+
+# ------------------------------------------------------------------ database roles
+
+INIT_DIR = ROOT / "deploy" / "postgres-init"
+OWNER, LOOKUP_ROLE, SERVING_GROUP = "overnight", "overnight_lookup", "overnight_serving"
+PASSWORD_OF = {OWNER: "OVERNIGHT_DB_PASSWORD", LOOKUP_ROLE: "OVERNIGHT_LOOKUP_DB_PASSWORD"}
+_POSTGRES_URL = re.compile(
+    r"^(?:db\+)?postgresql(?:\+\w+)?://(?P<user>[^:@/]+)(?::(?P<password>[^@]*))?@postgres:5432/(?P<db>\w+)$"
+)
+
+
+def _environment(service: dict) -> dict[str, str]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    return {name: str(value) for name, value in environment.items()}
+
+
+def postgres_logins(service: dict) -> list[tuple[str, str, str]]:
+    """(user, password, database) of every Postgres URL in a service's environment."""
+    logins = []
+    for name, value in _environment(service).items():
+        if "postgresql" in value:
+            match = _POSTGRES_URL.match(value)
+            assert match, f"{name}={value} is not a postgresql://user:password@postgres:5432/db URL"
+            logins.append((match["user"], match["password"] or "", match["db"]))
+    return logins
+
+
+def _init_sql() -> str:
+    """Every init script's text, in the order the postgres image runs them, whitespace collapsed."""
+    files = sorted(p for p in INIT_DIR.iterdir() if p.suffix in {".sql", ".sh"})
+    return re.sub(r"\s+", " ", "\n".join(p.read_text() for p in files))
+
+
+def test_each_service_connects_to_postgres_as_its_own_role_never_the_superuser() -> None:
+    expected = {"lookup": {LOOKUP_ROLE}} | {name: {OWNER} for name in AIRFLOW_SERVICES}
+    for name, service in SERVICES.items():
+        logins = postgres_logins(service)
+        assert {user for user, _, _ in logins} == expected.get(name, set()), name
+        for user, password, _ in logins:
+            assert password.startswith(f"${{{PASSWORD_OF[user]}"), f"{name} logs in as {user} with {password}"
+        if name != "postgres":
+            # only the postgres service itself (and the init scripts it runs) knows the superuser
+            text = yaml.safe_dump(service)
+            assert "POSTGRES_PASSWORD" not in text, name
+            assert not re.search(r"//postgres[:@]|-U\W+postgres|PGUSER", text), name
+    # the batch side's OVERNIGHT_DATABASE_URL and Airflow's own database, both as the owner
+    assert {db for _, _, db in postgres_logins(SERVICES["airflow-worker"])} == {"overnight", "airflow"}
+    # the lookup service starts once the migrations (run as the owner) made the schema and its grants
+    assert SERVICES["lookup"]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    assert ["overnight", "db", "upgrade"] in commands(SERVICES["airflow-init"])
+
+
+def test_the_roles_are_created_at_database_init() -> None:
+    postgres = SERVICES["postgres"]
+    assert "./deploy/postgres-init:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
+    # while the init scripts run, the image's server listens on its Unix socket only: a check over TCP
+    # keeps every dependent waiting until the roles exist
+    check = healthcheck(postgres)
+    assert check[0] == "pg_isready" and "-h" in check, "a check over the Unix socket passes during init"
+    assert check[check.index("-h") + 1] == "127.0.0.1"
+    sql = _init_sql()
+    for role, attributes in [(OWNER, "LOGIN NOSUPERUSER"), (LOOKUP_ROLE, "LOGIN NOSUPERUSER"),
+                             (SERVING_GROUP, "NOLOGIN NOSUPERUSER")]:  # fmt: skip
+        assert f"'CREATE ROLE {role}' WHERE NOT EXISTS" in sql, role
+        assert f"ALTER ROLE {role} WITH {attributes}" in sql, role
+    assert f"GRANT {SERVING_GROUP} TO {LOOKUP_ROLE};" in sql
+    assert not re.search(rf"GRANT \w+ TO {OWNER}\b|GRANT {SERVING_GROUP} TO (?!{LOOKUP_ROLE};)", sql)
+    # passwords: from the postgres service's environment, into psql variables quoted as literals, in a
+    # session that never logs its statements
+    environment = _environment(postgres)
+    assert -1 < sql.find("SET log_statement = 'none';") < sql.find("SET log_min_error_statement = 'panic';")
+    first_read = re.search(r"\\getenv \w+ [A-Z_]+\b", sql)
+    assert first_read and sql.find("SET log_min_error_statement = 'panic';") < first_read.start()
+    for role, variable in PASSWORD_OF.items():
+        read = re.search(rf"\\getenv (\w+) {variable}\b", sql)
+        assert read, f"{variable} is not read by the init scripts"
+        assert re.search(rf"ALTER ROLE {role} WITH [A-Z ]+ PASSWORD :'{read[1]}';", sql), role
+        assert environment[variable] == f"${{{variable}:?set it in .env}}"
+    # the owner owns every database a service logs in to, and the lookup role may connect to its own only
+    databases = {db for service in SERVICES.values() for _, _, db in postgres_logins(service)}
+    assert databases == {"overnight", "airflow"}
+    for db in databases:
+        assert f"ALTER DATABASE {db} OWNER TO {OWNER};" in sql, db
+        assert f"REVOKE ALL ON DATABASE {db} FROM PUBLIC;" in sql, db
+    assert sql.index("CREATE DATABASE airflow") < sql.index("ALTER DATABASE airflow OWNER")
+    # Migration 0003 creates overnight_serving only when it is missing, so the group made here is kept
+    # and granted its rights by the owner, which needs no CREATEROLE.
+    migration = (ROOT / "sql" / "migrations" / "0003_serving_role.sql").read_text()
+    assert "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'overnight_serving')" in migration
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    example = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    for variable in PASSWORD_OF.values():
+        assert example[variable] == "change-me", f"{variable} in .env.example must be a placeholder"
+
+
+# ------------------------------------------------------------------ nginx logs
+
+Directive = tuple[str, list[str], list["Directive"] | None]
+
+
+def parse_nginx(text: str) -> list[Directive]:
+    """nginx's configuration as (name, arguments, block or None), comments dropped, quotes removed."""
+    tokens = re.findall(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|#[^\n]*|[{};]|[^\s{};\"'#]+", text)
+    stack: list[list[Directive]] = [[]]
+    words: list[str] = []
+    for token in tokens:
+        if token.startswith("#"):
+            continue
+        if token in {";", "{"}:
+            block: list[Directive] | None = [] if token == "{" else None
+            stack[-1].append((words[0], words[1:], block))
+            if block is not None:
+                stack.append(block)
+            words = []
+        elif token == "}":
+            assert not words, f"missing ; after {words}"
+            stack.pop()
+        else:
+            words.append(token[1:-1] if token[0] in "\"'" else token)
+    assert len(stack) == 1 and not words, "unbalanced braces"
+    return stack[0]
+
+
+def _walk(directives: list[Directive]) -> Iterator[Directive]:
+    for directive in directives:
+        yield directive
+        if directive[2] is not None:
+            yield from _walk(directive[2])
+
+
+NGINX = parse_nginx((ROOT / "deploy" / "nginx-lookup.conf").read_text())
+# variables that carry the query string, a request body or a credential header
+SECRET_VARIABLES = {"request", "request_uri", "args", "query_string", "request_body", "http_authorization",
+                    "http_cookie", "http_referer", "sent_http_set_cookie", "upstream_http_set_cookie"}  # fmt: skip
+SECRET_PREFIXES = ("arg_", "cookie_", "upstream_cookie_")
+
+
+def test_the_proxy_logs_requests_without_query_strings_or_credentials() -> None:
+    formats = {args[0]: "".join(args[1:]) for name, args, _ in _walk(NGINX) if name == "log_format"}
+    access_logs = [args for name, args, _ in _walk(NGINX) if name == "access_log"]
+    assert access_logs, "no access_log: the image's default one logs the full request line"
+    for args in access_logs:
+        assert args[0] != "off" and len(args) >= 2, f"access_log {args}: give it this file's format"
+        assert args[1] in formats, f"access_log {args}: format {args[1]} is not defined here ('main' logs $request)"
+        variables = set(re.findall(r"\$\{?(\w+)", formats[args[1]]))
+        leaking = {v for v in variables if v in SECRET_VARIABLES or v.startswith(SECRET_PREFIXES)}
+        assert not leaking, f"log_format {args[1]} logs {sorted(leaking)}"
+        assert {"uri", "status", "request_time", "upstream_response_time"} <= variables
+    # An access_log at this file's top level (the http block) would be added to the image's own, in
+    # format "main"; in each server block it replaces it.
+    assert not [args for name, args, _ in NGINX if name == "access_log"], "it would add to the 'main' log"
+    servers = [block for name, _, block in NGINX if name == "server"]
+    assert servers
+    for block in servers:
+        assert block is not None
+        assert [args for name, args, _ in block if name == "access_log"], "a server without access_log uses 'main'"
+
+
+def _location_for(server: list[Directive], path: str) -> list[Directive]:
+    """The location block nginx picks for a path: an exact `=` match, else the longest prefix."""
+    locations = [(args, block) for name, args, block in server if name == "location" and block is not None]
+    assert all(args[0] == "=" or not args[0].startswith(("~", "^~")) for args, _ in locations), "regex locations"
+    exact = [block for args, block in locations if args[0] == "=" and args[1] == path]
+    if exact:
+        return exact[0]
+    prefixes = [(args[0], block) for args, block in locations if args[0] != "=" and path.startswith(args[0])]
+    return max(prefixes, key=lambda prefix: len(prefix[0]))[1]
+
+
+def test_the_proxy_error_log_never_carries_a_dashboard_key() -> None:
+    """nginx writes the raw request line and upstream URL (so ?key=...) into each error it logs about a
+    request, e.g. when a replica restarts mid-request: the dashboard's location logs only critical ones."""
+    from serving.dashboard import router
+
+    (server,) = [block for name, _, block in NGINX if name == "server"]
+    assert server is not None
+    for path in (router.prefix, f"{router.prefix}/login", f"{router.prefix}/api/overview"):
+        location = _location_for(server, path)
+        assert ("proxy_pass", ["http://lookup"], None) in location, path
+        levels = [(args[1:] or ["error"])[0] for name, args, _ in location if name == "error_log"]
+        assert levels and set(levels) <= {"crit", "alert", "emerg"}, f"{path}: error_log {levels}"
