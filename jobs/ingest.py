@@ -5,6 +5,8 @@ Idempotent per logical date: re-running a date merges the same rows into the sam
 partitions and replaces that date's catalogue snapshot, quarantine and report.
 """
 
+import bisect
+import io
 import logging
 import shutil
 from collections import Counter
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from io import StringIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -22,12 +25,19 @@ from jobs.feedback import SOURCE_NAME as FEEDBACK_SOURCE
 from jobs.feedback import feedback_interactions
 from jobs.settings import Settings
 
+if TYPE_CHECKING:
+    import pyarrow.csv
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "movielens", "parquet", "csv")
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
 MAX_ID_LENGTH = 256
 CHUNK_ROWS = 2_000_000  # interactions validated at a time: ingest's memory depends on this, not on the source
+CSV_BLOCK_BYTES = 64 << 20  # bytes of CSV parsed at a time: a CSV chunk holds one block's rows
+# Weights are ratings or counts: far below this. One past it is a unit or column mistake (an epoch
+# or an id read as a weight), and would outweigh millions of ordinary interactions in the features' sums.
+MAX_WEIGHT = 1e6
 DEDUP_KEYS = ["user_id", "item_id", "timestamp", "event_type"]
 
 MOVIELENS_100K_GENRES = (
@@ -42,7 +52,14 @@ NOT_YET_VISIBLE = "after_logical_date"
 # Feedback naming an item the catalogue does not hold: a client's wrong id must not become a
 # recommendable item, so the row is dropped (and counted) instead of adding the item.
 UNKNOWN_ITEM = "unknown_item"
-REASON_COLUMN = {
+# A CSV line whose fields cannot be read (not UTF-8, or more or fewer fields than the header) is
+# quarantined as a row of nulls in its place, with the line's text, escaped, in RAW_LINE.
+BAD_ENCODING = "bad_encoding"
+EXTRA_FIELDS = "extra_fields"
+TOO_FEW_FIELDS = "too_few_fields"
+RAW_LINE = "raw_line"
+_LINE_REASON = "_line_reason"  # the reader's note of such a line, until validation makes it the row's reason
+REASON_COLUMN: dict[str, str | None] = {
     "missing_user_id": "user_id",
     "bad_user_id": "user_id",
     "missing_item_id": "item_id",
@@ -53,6 +70,9 @@ REASON_COLUMN = {
     "bad_weight": "weight",
     "duplicate": "user_id, item_id, timestamp, event_type",
     UNKNOWN_ITEM: "item_id",
+    BAD_ENCODING: None,
+    EXTRA_FIELDS: None,
+    TOO_FEW_FIELDS: None,
 }
 _TIMESTAMP_FORMATS = (
     "%Y-%m-%dT%H:%M:%S%.f%#z",
@@ -209,41 +229,208 @@ def _table_files(path: Path) -> list[Path]:
 
 def _table_batches(path: Path, rows: int) -> Iterator[pl.DataFrame]:
     """Parquet keeps its types; CSV is read as text so that validation sees every bad value."""
-    import pyarrow.csv
-    import pyarrow.parquet
+    import pyarrow
 
     for file in _table_files(path):
         try:
             if _file_format(file) == "parquet":
-                batches = pyarrow.parquet.ParquetFile(file).iter_batches(batch_size=rows)
+                yield from _parquet_batches(file, rows)
             else:
-                with file.open("rb") as handle:
-                    header = handle.readline()
-                delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
-                names = pl.read_csv(header, separator=delimiter, infer_schema=False).columns
-                batches = pyarrow.csv.open_csv(
-                    file,
-                    read_options=pyarrow.csv.ReadOptions(block_size=64 << 20),
-                    parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter),
-                    convert_options=pyarrow.csv.ConvertOptions(
-                        column_types=dict.fromkeys(names, pyarrow.string()), strings_can_be_null=True
-                    ),
-                )
-            empty = True
-            for batch in batches:
-                if batch.num_rows:
-                    empty = False
-                    yield pl.from_arrow(batch)  # type: ignore[misc]
-            if empty:  # still show the columns, so that validation can name what is missing
-                yield (
-                    pl.read_parquet(file) if _file_format(file) == "parquet" else pl.read_csv(file, infer_schema=False)
-                )
+                yield from _csv_batches(file)
         except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
             raise BadInputError(f"{file}: cannot read: {_first_line(error)}") from error
 
 
+def _parquet_batches(file: Path, rows: int) -> Iterator[pl.DataFrame]:
+    import pyarrow.parquet
+
+    empty = True
+    for batch in pyarrow.parquet.ParquetFile(file).iter_batches(batch_size=rows):
+        if batch.num_rows:
+            empty = False
+            yield pl.from_arrow(batch)  # type: ignore[misc]
+    if empty:  # still show the columns, so that validation can name what is missing
+        yield pl.read_parquet(file)
+
+
+def _csv_batches(file: Path) -> Iterator[pl.DataFrame]:
+    """The file's fields as text, a block at a time. Only an empty field is null: text that pyarrow
+    would take for one by default (NA, null, nan...) can be a real id. A line whose fields cannot
+    be read comes as a row of nulls in its place (see ``_BadCsvLines``), not as an error."""
+    import pyarrow
+    import pyarrow.csv
+
+    delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
+    with file.open("rb") as handle:  # pyarrow needs the header within a block; lines may end with \r alone
+        header = next(iter(handle.readline(CSV_BLOCK_BYTES).splitlines(keepends=True)), b"")
+    try:
+        header.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInputError(f"{file}: the header line is not UTF-8: {_escaped_line(header)}") from None
+    names = pl.read_csv(header, separator=delimiter, infer_schema=False).columns
+    with _Utf8CheckedFile(file, fields=len(names), delimiter=delimiter) as stream:
+        bad_lines = _BadCsvLines(names, delimiter, stream.undecodable)
+        batches = pyarrow.csv.open_csv(
+            stream,
+            # serial: the invalid-row handler gets each skipped line's row number only then
+            read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+            parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, invalid_row_handler=bad_lines.skip),
+            convert_options=pyarrow.csv.ConvertOptions(
+                column_types=dict.fromkeys(names, pyarrow.string()), null_values=[""], strings_can_be_null=True
+            ),
+        )
+        empty = True
+        for batch in batches:
+            frame = bad_lines.put_back(pl.from_arrow(batch))  # type: ignore[arg-type]
+            if frame.height:
+                empty = False
+                yield frame
+        rest = bad_lines.put_back(None)
+        if rest.height or empty:  # an empty frame still shows the columns, so that validation can name what is missing
+            yield rest
+
+
+def _printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\x1b``), for messages and
+    quarantined lines: a terminal or a log never receives raw control bytes from a source."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _escaped_line(line: bytes) -> str:
+    return _printable(line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
+
+
+class _Utf8CheckedFile(io.RawIOBase):
+    """A CSV file's bytes for pyarrow, which refuses the whole file at the first line that is not UTF-8.
+
+    Such a line is replaced by a marker line with one field more than the header, so that pyarrow skips
+    it through its invalid-row handler, which knows the row number; the line's text, escaped, waits in
+    ``undecodable`` under the marker's number. A block of ASCII, the usual case, passes with one check.
+    """
+
+    MARKER = "\x00undecodable line "
+
+    def __init__(self, path: Path, fields: int, delimiter: str) -> None:
+        super().__init__()
+        self._file = path.open("rb")
+        self._marker_end = (delimiter * fields).encode()
+        self._partial = b""  # the last line read so far, checked once its end is read
+        self._ready = b""
+        self._at_end = False
+        self.undecodable: dict[int, str] = {}
+        self._marked_lines = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        size = size if size is not None and size >= 0 else CSV_BLOCK_BYTES  # pyarrow always asks for a size
+        while not self._ready and not self._at_end:
+            self._ready = self._checked_lines(size)
+        piece, self._ready = self._ready[:size], self._ready[size:]
+        return piece
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def _checked_lines(self, size: int) -> bytes:
+        data = self._file.read(size)
+        if not data:
+            self._at_end = True
+            lines, self._partial = self._partial, b""
+        else:
+            end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+            if not end:
+                self._partial += data
+                return b""
+            lines = b"".join((self._partial, memoryview(data)[:end]))
+            self._partial = data[end:]
+        if lines.isascii():
+            return lines
+        try:
+            lines.decode("utf-8")
+            return lines
+        except UnicodeDecodeError:
+            return b"".join(self._marked(line) for line in lines.splitlines(keepends=True))
+
+    def _marked(self, line: bytes) -> bytes:
+        try:
+            line.decode("utf-8")
+            return line
+        except UnicodeDecodeError:
+            self._marked_lines += 1
+            self.undecodable[self._marked_lines] = _escaped_line(line)
+            ending = line[len(line.rstrip(b"\r\n")) :]
+            return f"{self.MARKER}{self._marked_lines}".encode() + self._marker_end + ending
+
+
+class _BadCsvLines:
+    """Lines pyarrow's CSV reader skips, noted by its invalid-row handler and put back, as rows of
+    nulls with their reason and text, where they were among the rows read: each keeps its row number."""
+
+    def __init__(self, names: list[str], delimiter: str, undecodable: dict[int, str]) -> None:
+        self._names = names
+        self._delimiter = delimiter
+        self._undecodable = undecodable
+        # (rows read before the line, reason, text), in the file's order
+        self._pending: list[tuple[int, str, str]] = []
+        self._skipped = 0
+        self._rows_read = 0
+
+    def skip(self, row: "pyarrow.csv.InvalidRow") -> str:
+        text = row.text
+        reason = EXTRA_FIELDS if row.actual_columns > row.expected_columns else TOO_FEW_FIELDS
+        if text.startswith(_Utf8CheckedFile.MARKER):
+            number = text[len(_Utf8CheckedFile.MARKER) :].rstrip(self._delimiter)
+            if number.isdigit() and int(number) in self._undecodable:
+                reason, text = BAD_ENCODING, self._undecodable.pop(int(number))
+        # row.number counts the header as 1; pyarrow gives it when it reads serially, as it does here
+        position = row.number - 2 if row.number is not None else self._rows_read + self._skipped
+        self._pending.append((position - self._skipped, reason, _printable(text)))
+        self._skipped += 1
+        return "skip"
+
+    def put_back(self, frame: pl.DataFrame | None) -> pl.DataFrame:
+        """``frame``, the next rows read, with the skipped lines among them put back in place; at the
+        end of the file (``frame`` None), the lines skipped after the last row."""
+        start = self._rows_read
+        if frame is None:
+            frame = pl.DataFrame(schema=dict.fromkeys(self._names, pl.String))
+            count = len(self._pending)
+        else:
+            self._rows_read += frame.height
+            # lines skipped after the frame's last row go with the next frame
+            count = bisect.bisect_left(self._pending, self._rows_read, key=lambda line: line[0])
+        lines, self._pending = self._pending[:count], self._pending[count:]
+        if not lines:
+            return frame
+        bad = pl.DataFrame(
+            {
+                **{name: pl.Series([None] * len(lines), dtype=pl.String) for name in self._names},
+                _LINE_REASON: [reason for _, reason, _ in lines],
+                RAW_LINE: [text for _, _, text in lines],
+                "_line_position": [rows_before - start for rows_before, _, _ in lines],
+            }
+        )
+        read = frame.with_columns(_line_position=pl.int_range(frame.height, dtype=pl.Int64))
+        # a skipped line goes before the row read after it: a stable sort, skipped lines first
+        return pl.concat([bad, read], how="diagonal").sort("_line_position", maintain_order=True).drop("_line_position")
+
+
 def _read_whole_table(path: Path) -> pl.DataFrame:
-    return pl.concat(list(_table_batches(path, CHUNK_ROWS)), how="diagonal_relaxed")
+    """An item or user file: these have no quarantine, so a line that cannot be read is an error."""
+    table = pl.concat(list(_table_batches(path, CHUNK_ROWS)), how="diagonal_relaxed")
+    if _LINE_REASON not in table.columns:
+        return table
+    bad = table.with_row_index("row").filter(pl.col(_LINE_REASON).is_not_null())
+    first = bad.row(0, named=True)
+    raise BadInputError(
+        f"{path.name}: {bad.height:,} unreadable line(s), the first at row {first['row']} "
+        f"({first[_LINE_REASON]}): {first[RAW_LINE]}"
+    )
 
 
 def _read_movielens(folder: Path) -> Source:
@@ -358,7 +545,7 @@ def _weight_expr(columns: dict[str, pl.DataType]) -> tuple[pl.Expr, pl.Expr]:
     raw = pl.col(name)
     text = raw.cast(pl.String).str.strip_chars()
     present = text.is_not_null() & (text != "")
-    return text.cast(pl.Float64, strict=False).cast(pl.Float32), present
+    return text.cast(pl.Float64, strict=False), present
 
 
 def validate_interactions(
@@ -370,20 +557,20 @@ def validate_interactions(
     the source, counted from ``first_row``) and ``reason``. ``keep_row`` keeps ``row`` on valid rows too.
     """
     raw = source.interactions
-    columns = dict(raw.schema)
+    reader_notes = (_LINE_REASON, RAW_LINE) if _LINE_REASON in raw.columns else ()
+    columns = {name: dtype for name, dtype in raw.schema.items() if name not in reader_notes}
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        found = ", ".join(columns) or "none"
+        found = _printable(", ".join(columns)) or "none"
         raise BadInputError(f"{source.name}: missing required column {', '.join(missing)} (found: {found})")
     user = _id_expr("user_id", columns["user_id"], source.name)
     item = _id_expr("item_id", columns["item_id"], source.name)
     timestamp = _timestamp_expr(columns["timestamp"], source.name)
     weight, weight_present = _weight_expr(columns)
-    event_type = (
-        pl.col("event_type").cast(pl.String).str.strip_chars().fill_null(source.default_event_type)
-        if "event_type" in columns
-        else pl.lit(source.default_event_type)
-    )
+    event_type = pl.lit(source.default_event_type)
+    if "event_type" in columns:
+        given = pl.col("event_type").cast(pl.String).str.strip_chars()
+        event_type = pl.when(given != "").then(given).otherwise(event_type)
     timestamp_missing = pl.col("timestamp").is_null()
     if columns["timestamp"] == pl.String:
         timestamp_missing = timestamp_missing | (pl.col("timestamp").str.strip_chars() == "")
@@ -391,7 +578,7 @@ def validate_interactions(
     def bad_id(expr: pl.Expr) -> pl.Expr:
         return (expr.str.len_chars() > MAX_ID_LENGTH) | expr.str.contains(r"[\x00-\x1f\x7f]")
 
-    reason = (
+    reason: pl.Expr = (
         pl.when(user.is_null() | (user == ""))
         .then(pl.lit("missing_user_id"))
         .when(bad_id(user))
@@ -406,14 +593,16 @@ def validate_interactions(
         .then(pl.lit("bad_timestamp"))
         .when(timestamp >= lake.day_end(logical_date))
         .then(pl.lit(NOT_YET_VISIBLE))
-        .when(weight_present & (weight.is_null() | ~weight.is_finite()))
+        .when(weight_present & (weight.is_null() | ~weight.is_finite() | (weight < 0) | (weight > MAX_WEIGHT)))
         .then(pl.lit("bad_weight"))
     )
+    if reader_notes:  # a line whose fields could not be read has no values to check
+        reason = pl.when(pl.col(_LINE_REASON).is_not_null()).then(pl.col(_LINE_REASON)).otherwise(reason)
     checked = raw.with_row_index("row", offset=first_row).with_columns(
         _user=user,
         _item=item,
         _timestamp=timestamp,
-        _weight=pl.when(weight_present).then(weight).otherwise(pl.lit(1.0, dtype=pl.Float32)),
+        _weight=pl.when(weight_present).then(weight.cast(pl.Float32)).otherwise(pl.lit(1.0, dtype=pl.Float32)),
         _event_type=event_type,
         reason=reason,
     )
@@ -432,7 +621,7 @@ def validate_interactions(
         pl.col("_event_type").alias("event_type"),
     )
     quarantined = checked.filter(pl.col("reason").is_not_null()).select(
-        "row", *[pl.col(c).cast(pl.String) for c in raw.columns], "reason"
+        "row", *[pl.col(c).cast(pl.String) for c in columns], *([RAW_LINE] if reader_notes else []), "reason"
     )
     return valid, quarantined
 
@@ -506,7 +695,9 @@ def _reject_message(
     source: Source, counts: dict[str, int], rows: int, fraction: float, limit: float, where: Path
 ) -> str:
     worst = sorted(((n, r) for r, n in counts.items() if r != NOT_YET_VISIBLE), reverse=True)[:3]
-    detail = ", ".join(f"{n:,} {r} in column {REASON_COLUMN[r]}" for n, r in worst)
+    detail = ", ".join(
+        f"{n:,} {r} in column {REASON_COLUMN[r]}" if REASON_COLUMN[r] else f"{n:,} {r} (whole line)" for n, r in worst
+    )
     return (
         f"{source.name}: {fraction:.1%} of {rows:,} rows are bad (limit {limit:.1%}): {detail}; "
         f"rows set aside in {where}"
@@ -727,4 +918,4 @@ def _stage_feedback(
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return _printable(text.splitlines()[0]) if text else type(error).__name__

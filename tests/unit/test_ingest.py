@@ -8,7 +8,7 @@ import pytest
 
 from jobs import lake
 from jobs.errors import BadInputError
-from jobs.ingest import detect_format, ingest, read_source, validate_interactions
+from jobs.ingest import MAX_WEIGHT, detect_format, ingest, read_source, source_chunks, validate_interactions
 from jobs.settings import Settings
 
 DAY = date(2026, 11, 20)
@@ -230,3 +230,180 @@ def test_a_source_read_in_chunks_lands_as_if_read_whole(tmp_path: Path, monkeypa
     lake_rows = pl.read_parquet(lake.interaction_partitions(chunked_settings.lake_dir, DAY))
     assert lake_rows.height == chunked.rows_valid == 201
     assert not (chunked_settings.work_dir_for(DAY) / "ingest-staging").exists()
+
+
+# ---------------------------------------------------------------- null-looking text, bad weights, bad lines
+
+NULL_LOOKING = ["NA", "N/A", "null", "NULL", "nan", "NaN", "-nan", "#N/A", "None", "n/a"]
+
+
+def test_text_that_looks_like_a_null_is_a_real_id(tmp_path: Path) -> None:
+    rows = "".join(f"{text},i{n},2026-11-10T00:00:00Z,3,click\n" for n, text in enumerate(NULL_LOOKING))
+    rows += "".join(f"u{n},{text},2026-11-11T00:00:00Z,3,click\n" for n, text in enumerate(NULL_LOOKING))
+    path = write_csv(
+        tmp_path / "src",
+        "user_id,item_id,timestamp,rating,event_type\n"
+        + rows
+        + ",i1,2026-11-12T00:00:00Z,3,click\n"  # only an empty field is missing ...
+        + "u1,  ,2026-11-12T00:00:00Z,3,click\n"  # ... or a blank one
+        + "u_blank,i2,2026-11-12T00:00:00Z,3,  \n",  # a blank event type is the source's default
+    )
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    assert valid.filter(pl.col("timestamp").dt.day() == 10)["user_id"].to_list() == NULL_LOOKING
+    assert valid.filter(pl.col("timestamp").dt.day() == 11)["item_id"].to_list() == NULL_LOOKING
+    assert quarantined["reason"].to_list() == ["missing_user_id", "missing_item_id"]
+    assert valid.filter(pl.col("user_id") == "u_blank")["event_type"].to_list() == ["interaction"]
+
+
+def test_a_weight_that_is_not_a_finite_number_is_bad_and_an_empty_one_is_absent(tmp_path: Path) -> None:
+    weights = [*NULL_LOOKING, "inf", "-inf", "lots"]
+    rows = "".join(f"u{n},i{n},2026-11-10T00:00:00Z,{text}\n" for n, text in enumerate(weights))
+    path = write_csv(
+        tmp_path / "src",
+        "user_id,item_id,timestamp,rating\n" + rows + "ue,ie,2026-11-10T00:00:00Z,\nub,ib,2026-11-10T00:00:00Z, \n",
+    )
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    assert quarantined["rating"].to_list() == weights
+    assert set(quarantined["reason"]) == {"bad_weight"}
+    # no weight given: each interaction counts once
+    assert valid.select("user_id", "weight").rows() == [("ue", 1.0), ("ub", 1.0)]
+
+
+def test_negative_and_absurd_weights_are_quarantined(tmp_path: Path) -> None:
+    weights = ["-1", "-0.5", f"{MAX_WEIGHT * 10:g}", "1e300", "0", "2.5", f"{MAX_WEIGHT:g}"]
+    rows = "".join(f"u{n},i{n},2026-11-10T00:00:00Z,{text}\n" for n, text in enumerate(weights))
+    path = write_csv(tmp_path / "src", "user_id,item_id,timestamp,weight\n" + rows)
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    assert quarantined.select("weight", "reason").rows() == [(w, "bad_weight") for w in weights[:4]]
+    assert valid["weight"].to_list() == [0.0, 2.5, MAX_WEIGHT]
+
+
+def test_parquet_weights_are_checked_like_csv_ones(tmp_path: Path) -> None:
+    path = tmp_path / "interactions.parquet"
+    weights = [float("nan"), float("inf"), -1.0, MAX_WEIGHT * 10, None, 2.5]
+    pl.DataFrame(
+        {
+            "user_id": [f"u{n}" for n in range(len(weights))],
+            "item_id": "i1",
+            "timestamp": datetime(2026, 11, 10),
+            "weight": weights,
+        }
+    ).write_parquet(path)
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    assert quarantined.select("user_id", "reason").rows() == [(f"u{n}", "bad_weight") for n in range(4)]
+    # a null weight is no weight given (1.0), never a NaN stored as 1.0
+    assert valid.select("user_id", "weight").rows() == [("u4", 1.0), ("u5", 2.5)]
+
+
+HEADER = b"user_id,item_id,timestamp,rating\n"
+
+
+def good_lines(count: int, start: int = 0) -> bytes:
+    return b"".join(f"u{n},i{n % 11},2026-11-10T12:00:00Z,3\n".encode() for n in range(start, start + count))
+
+
+def write_bytes(folder: Path, content: bytes, name: str = "interactions.csv") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(content)
+    return path
+
+
+def test_an_undecodable_line_is_quarantined_not_the_whole_file(tmp_path: Path) -> None:
+    path = write_bytes(
+        tmp_path / "src",
+        HEADER
+        + good_lines(100)
+        + b"u\xff\xfe,i1,2026-11-10T12:00:00Z,3\n"  # row 100: not UTF-8
+        + good_lines(99, start=100)
+        + b"u1,i1,yesterday,3\n",  # row 200: an ordinary bad row, still counted in place
+    )
+    settings = settings_for(tmp_path)
+    result = ingest(settings, path, DAY)
+    assert (result.rows_read, result.rows_valid) == (201, 199)
+    assert result.quarantined_by_reason == {"bad_encoding": 1, "bad_timestamp": 1}
+    quarantined = pl.read_parquet(result.quarantine_path).sort("row")  # type: ignore[arg-type]
+    assert quarantined.select("row", "reason", "raw_line").rows() == [
+        (100, "bad_encoding", r"u\xff\xfe,i1,2026-11-10T12:00:00Z,3"),
+        (200, "bad_timestamp", None),
+    ]
+    assert quarantined.row(0, named=True)["user_id"] is None
+
+
+def test_lines_with_extra_or_too_few_fields_are_quarantined_in_place(tmp_path: Path) -> None:
+    path = write_bytes(
+        tmp_path / "src",
+        HEADER
+        + good_lines(10)
+        + b"u1,i1,2026-11-10T12:00:00Z,3,surprise\n"  # row 10
+        + b"u1,i1\n"  # row 11
+        + b"u1,i1,2026-11-10T12:00:00Z,3,\x1b[2J\xff\r\n"  # row 12: not UTF-8 either, and a terminal escape
+        + b"u1,i1,2026-11-10T12:00:00Z,3,\x1b[2J\r\n"  # row 13
+        + good_lines(5, start=10)
+        + b"u1,i1,yesterday,3\n",  # row 19: an ordinary bad row, still counted in place
+    )
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    assert valid.height == 15
+    assert quarantined.select("row", "reason", "raw_line").rows() == [
+        (10, "extra_fields", "u1,i1,2026-11-10T12:00:00Z,3,surprise"),
+        (11, "too_few_fields", "u1,i1"),
+        (12, "bad_encoding", r"u1,i1,2026-11-10T12:00:00Z,3,\x1b[2J\xff"),
+        (13, "extra_fields", r"u1,i1,2026-11-10T12:00:00Z,3,\x1b[2J"),
+        (19, "bad_timestamp", None),
+    ]
+
+
+def test_bad_lines_keep_their_row_numbers_across_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad_rows = {3, 4, 57, 58, 59, 140, 199, 200, 201}
+
+    def line(n: int) -> bytes:
+        if n not in bad_rows:
+            return f"u{n},i{n},2026-11-10,3\n".encode()
+        return b"u1,i1,2026-11-10,3,extra\n" if n % 2 else b"u\x80,i1,2026-11-10,3\n"
+
+    path = write_bytes(tmp_path / "src", HEADER + b"".join(line(n) for n in range(202)))
+    whole = validate_interactions(read_source(path), DAY)
+    monkeypatch.setattr("jobs.ingest.CSV_BLOCK_BYTES", 97)  # a few lines a block
+    chunks = list(source_chunks(path))
+    assert len(chunks) > 20
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    assert quarantined["row"].to_list() == sorted(bad_rows)
+    assert set(quarantined["reason"]) == {"bad_encoding", "extra_fields"}
+    assert valid["user_id"].to_list() == [f"u{n}" for n in range(202) if n not in bad_rows]
+    assert valid.equals(whole[0]) and quarantined.equals(whole[1])
+
+
+def test_bad_lines_count_toward_the_bad_fraction(tmp_path: Path) -> None:
+    bad = b"u\xff,i1,2026-11-10,3\n" * 10 + b"u1,i1,2026-11-10,3,4\n" * 20
+    path = write_bytes(tmp_path / "src", HEADER + good_lines(200) + bad)
+    settings = settings_for(tmp_path, max_bad_fraction=0.1)
+    with pytest.raises(BadInputError) as failure:
+        ingest(settings, path, DAY)
+    message = str(failure.value)
+    assert "13.0% of 230 rows" in message
+    assert "20 extra_fields (whole line), 10 bad_encoding (whole line)" in message
+    assert ingest(settings_for(tmp_path / "lenient", max_bad_fraction=0.2), path, DAY).rows_quarantined == 30
+
+
+def test_an_item_file_with_a_bad_line_is_a_clear_error(tmp_path: Path) -> None:
+    folder = tmp_path / "src"
+    write_csv(folder, "user_id,item_id,timestamp\nu1,i1,2026-11-10\n")
+    write_bytes(folder, b"item_id,title\ni1,One\ni2,Caf\xe9\n", name="items.csv")
+    with pytest.raises(BadInputError, match=r"items.csv: 1 unreadable line\(s\), the first at row 1 \(bad_encoding\)"):
+        ingest(settings_for(tmp_path), folder, DAY)
+
+
+@pytest.mark.parametrize(
+    ("header", "shown"),
+    [
+        (b"user_id,item\x1b[31m_id,when\n", r"item\x1b[31m_id"),  # a terminal escape in a column name
+        (b"user_id,item_id,tim\xffe\n", r"tim\xffe"),  # a header that is not UTF-8
+    ],
+)
+def test_error_messages_escape_what_the_file_holds(tmp_path: Path, header: bytes, shown: str) -> None:
+    path = write_bytes(tmp_path / "src", header + b"u1,i1,2026-11-10\n")
+    with pytest.raises(BadInputError) as failure:
+        read_and_validate(path)
+    message = str(failure.value)
+    assert shown in message
+    assert message.isprintable()
