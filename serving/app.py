@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -49,12 +50,14 @@ from serving.models import (
     Recommendations,
 )
 from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
-from serving.settings import ServingSettings, check_auth_configured, get_serving_settings
+from serving.settings import ENV_PREFIX, ServingSettings, check_auth_configured, get_serving_settings
 from serving.variants import CANARY, PRODUCTION
 
 logger = logging.getLogger(__name__)
 
 WRITER_DRAIN_SECONDS = 10.0  # at shutdown, for the queued answers and events to be written
+# Older releases turned auth off from this variable; now only the --no-auth flag does (see create_open_app).
+IGNORED_AUTH_VARIABLE = f"{ENV_PREFIX}AUTH_DISABLED"
 
 # ---------------------------------------------------------------------------- dependencies
 # Async: FastAPI runs a plain `def` dependency in a worker thread, which costs more than the lookup.
@@ -67,7 +70,7 @@ async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> None:
     state = request.app.state
-    if not state.settings.auth_disabled:
+    if not state.auth_disabled:
         keys: ApiKeys = state.api_keys
         keys.check(credentials)
 
@@ -78,7 +81,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorMessage, "description": "Missing or unknown API key."},
     503: {"model": ErrorMessage, "description": "No batch is live yet, or the database did not answer."},
 }
-_BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorMessage, "description": "The request body could not be read as JSON text (UTF-8)."},
     413: {"model": ErrorMessage, "description": "The request body is larger than OVERNIGHT_MAX_REQUEST_BYTES."},
 }
 
@@ -130,7 +134,7 @@ async def _user_recommendations(scope: Scope, user_id: str) -> tuple[list[tuple[
     shapes `user_recommendations` declares.
     """
     state = scope["app"].state
-    if not state.settings.auth_disabled:
+    if not state.auth_disabled:
         state.api_keys.check_token(bearer_token(scope["headers"]))
     k, exclude = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
@@ -243,7 +247,7 @@ def _lookup_query(query_string: bytes) -> tuple[int | None, frozenset[str]]:
     description="Every user is answered wholly from the batch of their arm: the canary's for the users in a "
     "running canary's share, the live batch for the others (and for everyone when no canary runs).",
     response_model=BatchRecommendations,
-    responses=_BATCH_ERRORS,
+    responses=BODY_ERRORS,
 )
 async def batch_recommendations(request: Request, body: BatchRecommendationsRequest) -> Response:
     state = request.app.state
@@ -314,7 +318,7 @@ def _answer_headers(
     ]
     if lookup.view.problem:
         # The live pointer cannot be read right now: this may no longer be the batch that is live.
-        headers.append((b"x-stale", lookup.view.problem.encode("latin-1", "replace")))
+        headers.append((b"x-stale", lookup.view.problem.encode()))
     return headers
 
 
@@ -347,7 +351,8 @@ def serving_error_response(error: Exception) -> Response:
         if error.value is not None:
             problem["input"] = error.value
         return _unprocessable([problem])
-    return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+    reason = error.reason if isinstance(error, ServingError) else "internal_error"
+    return JSONResponse({"detail": str(error), "reason": reason}, status_code=status, headers=headers)
 
 
 async def _on_request_validation_error(request: Request, error: Exception) -> Response:
@@ -382,13 +387,25 @@ def _json_safe(value: Any) -> Any:
 # ---------------------------------------------------------------------------- factory
 
 
-def create_app(settings: ServingSettings | None = None) -> FastAPI:
+def create_open_app() -> FastAPI:
+    """The app without authentication: the factory ``overnight serve --no-auth`` gives its workers."""
+    return create_app(auth_disabled=True)
+
+
+def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool = False) -> FastAPI:
     """The app; with no settings they come from the environment (``uvicorn --factory``)."""
     settings = settings or get_serving_settings()
-    check_auth_configured(settings)
+    check_auth_configured(settings, auth_disabled)
     _configure_logging()
-    if settings.auth_disabled:
-        logger.warning("authentication is disabled: every client can read recommendations")
+    if auth_disabled:
+        logger.warning(
+            "authentication is disabled (--no-auth): anyone who can reach this port can read recommendations, "
+            "write feedback events (POST /v1/events) and open the dashboard"
+        )
+    elif os.environ.get(IGNORED_AUTH_VARIABLE):
+        logger.warning(
+            "%s is ignored: only `overnight serve --no-auth` turns authentication off", IGNORED_AUTH_VARIABLE
+        )
 
     view = LiveView()
     metrics = ServingMetrics(view)
@@ -442,7 +459,9 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.auth_disabled = auth_disabled
     app.state.api_keys = ApiKeys(settings.api_keys)
+    app.state.login_throttle = dashboard.LoginThrottle()
     app.state.metrics = metrics
     app.state.prediction_log = prediction_log
     app.state.feedback = feedback
@@ -453,19 +472,55 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _on_request_validation_error)
     app.router.routes.append(Route(USER_RECOMMENDATIONS_PATH, UserRecommendationsEndpoint(), methods=["GET"]))
     app.include_router(api)
-    app.include_router(events_router, dependencies=[Depends(require_api_key)], responses=_ERRORS)
+    app.include_router(events_router, dependencies=[Depends(require_api_key)], responses=_ERRORS | BODY_ERRORS)
     app.include_router(ops)
     app.include_router(dashboard.router)
 
+    documents: dict[int | None, dict[str, Any]] = {}
+
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = get_openapi(
+        # One document per k of the live batch: the largest k a client may ask for is the live batch's.
+        k = None if view.batch is None else view.batch.k
+        if k not in documents:
+            document = get_openapi(
                 title=app.title, version=app.version, summary=app.summary, routes=[*documented.routes, *app.routes]
             )
+            documents[k] = declare_limits(document, settings, k)
+        app.openapi_schema = documents[k]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+# Postgres text holds no NUL, so an id with one is refused (422) rather than looked up.
+_NO_NUL = "^[^\\x00]+$"
+
+
+def declare_limits(document: dict[str, Any], settings: ServingSettings, k: int | None) -> dict[str, Any]:
+    """`document` with the limits this server enforces written in: k up to the live batch's, id lengths,
+    list sizes; so a request the schema allows is one the server accepts (bar the feedback time window,
+    which JSON Schema cannot state: it is in the description)."""
+    user_id = {"type": "string", "minLength": 1, "maxLength": settings.max_user_id_length, "pattern": _NO_NUL}
+    k_schema: dict[str, Any] = {"type": "integer", "minimum": 1} | ({"maximum": k} if k else {})
+    # Items may also be sent comma-separated in one value; the schema states the one-per-value form.
+    exclude = {
+        "type": "array",
+        "items": {"type": "string", "pattern": "^[^,]*$"},
+        "maxItems": settings.max_exclude_items,
+    }
+    lookup = document["paths"]["/v1/users/{user_id}/recommendations"]["get"]
+    for parameter in lookup["parameters"]:
+        described = {"description": parameter["schema"].get("description", "")}
+        parameter["schema"] = {"user_id": user_id, "k": k_schema, "exclude": exclude}[parameter["name"]] | described
+    schemas = document["components"]["schemas"]
+    many = schemas["BatchRecommendationsRequest"]["properties"]
+    many["user_ids"] |= {"maxItems": settings.max_batch_users, "items": user_id}
+    many["k"]["anyOf"][0] = k_schema
+    many["exclude"] |= {key: value for key, value in exclude.items() if key != "type"}
+    schemas["FeedbackRequest"]["properties"]["events"]["maxItems"] = settings.feedback_max_events
+    schemas["FeedbackEvent"]["properties"]["user_id"]["maxLength"] = settings.max_user_id_length
+    return document
 
 
 def _configure_logging() -> None:

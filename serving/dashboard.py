@@ -7,7 +7,8 @@ named queries of ``sql/queries.sql`` and this process's own Prometheus registry;
 page works offline.
 
 Auth: a browser cannot send a bearer header when it navigates, so the page asks for a key once
-(a login form, or ``/dashboard?key=...`` from a bookmark, which is dropped from the URL at once)
+(a login form; an old bookmark's ``/dashboard?key=...`` still works, is dropped from the URL at once
+and redacted from the access log, but no such link is handed out any more)
 and keeps a signed, HttpOnly, SameSite=Strict session cookie for 12 hours. The keys are
 OVERNIGHT_DASHBOARD_KEYS, or the API keys when none is set; the JSON endpoint also accepts a
 bearer header, for scripts. With ``--no-auth`` the dashboard is open like the rest of the service.
@@ -19,10 +20,12 @@ import hmac
 import html
 import logging
 import math
+import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from datetime import date, datetime
 from decimal import Decimal
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -79,15 +82,20 @@ def session_token(key: str, now: float | None = None) -> str:
     return f"{expires}.{_signature(key, expires)}"
 
 
+# What `session_token` makes, and nothing else: any other cookie is no session (never an error).
+_SESSION_TOKEN = re.compile(r"([0-9]{1,12})\.([0-9a-f]{64})", re.ASCII)
+
+
 def _valid_session(settings: ServingSettings, token: str | None) -> bool:
-    if not token or "." not in token:
+    found = _SESSION_TOKEN.fullmatch(token) if token else None
+    if found is None:
         return False
-    expires_text, signature = token.split(".", 1)
-    if not expires_text.isdigit() or int(expires_text) < time.time():
+    expires = int(found[1])
+    if expires < time.time():
         return False
     matched = False
     for key in _keys(settings):
-        matched |= hmac.compare_digest(signature, _signature(key, int(expires_text)))
+        matched |= hmac.compare_digest(found[2], _signature(key, expires))
     return matched
 
 
@@ -102,7 +110,7 @@ def _matching_key(settings: ServingSettings, presented: str) -> str | None:
 
 def _authorised(request: Request) -> bool:
     settings = _settings(request)
-    if settings.auth_disabled:
+    if request.app.state.auth_disabled:
         return True
     if _valid_session(settings, request.cookies.get(COOKIE)):
         return True
@@ -119,8 +127,83 @@ def _with_session(response: Response, request: Request, key: str) -> Response:
         path="/dashboard",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=_over_https(request),
     )
+    return response
+
+
+def _proxied(request: Request) -> bool:
+    """Whether the request came from a proxy we trust to say who the client is and how it connected."""
+    peer = request.client.host if request.client else None
+    if peer is None:
+        return False
+    try:
+        address = ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in _settings(request).trusted_proxies)
+
+
+def _over_https(request: Request) -> bool:
+    if request.url.scheme == "https":
+        return True
+    forwarded = request.headers.get("x-forwarded-proto", "")
+    # The proxy nearest to us appends last: its word is the one we trust.
+    return bool(forwarded) and forwarded.split(",")[-1].strip().lower() == "https" and _proxied(request)
+
+
+def _client_address(request: Request) -> str:
+    """The client as the nearest trusted proxy saw it (X-Forwarded-For's last hop), else the peer."""
+    peer = request.client.host if request.client else "unknown"
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded and _proxied(request):
+        return forwarded.split(",")[-1].strip()[:64] or peer
+    return peer
+
+
+class LoginThrottle:
+    """Slows down key guessing: after `attempts` failed sign-ins from one client within `window` seconds,
+    that client's next sign-ins are refused (429, with Retry-After) until the oldest failure is older
+    than the window. A successful sign-in clears the client's failures. Each worker counts its own
+    failures, at most `clients` clients (the longest quiet are forgotten first)."""
+
+    def __init__(self, attempts: int = 5, window: float = 900.0, clients: int = 10_000) -> None:
+        self.attempts = attempts
+        self.window = window
+        self.clients = clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, client: str, now: float | None = None) -> int:
+        """Seconds until `client` may try again; 0 when it may now."""
+        failures = self._failures.get(client)
+        if failures is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if len(failures) < self.attempts:
+            return 0
+        return max(1, math.ceil(failures[0] + self.window - now))
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        failures = self._failures.pop(client, None) or deque(maxlen=self.attempts)
+        failures.append(time.monotonic() if now is None else now)
+        self._failures[client] = failures
+        while len(self._failures) > self.clients:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+
+def _throttle(request: Request) -> LoginThrottle:
+    throttle: LoginThrottle = request.app.state.login_throttle
+    return throttle
+
+
+def _too_many_attempts(retry_after: int) -> Response:
+    response = _login_page(429, f"Too many failed sign-ins from your address: try again in {retry_after} s.")
+    response.headers["Retry-After"] = str(retry_after)
     return response
 
 
@@ -157,10 +240,17 @@ def _login_page(status: int = 200, message: str = "", next_query: str = "") -> R
 async def dashboard_page(request: Request, key: Annotated[str | None, Query()] = None) -> Response:
     settings = _settings(request)
     if key is not None:
-        # A bookmarked ?key=: trade it for a session and take it out of the address bar and history.
+        # An old bookmark's ?key=: trade it for a session and take it out of the address bar and history.
+        # (Links with keys are no longer handed out: the access log redacts them, a proxy's may not.)
+        client = _client_address(request)
+        throttle = _throttle(request)
+        if retry_after := throttle.retry_after(client):
+            return _too_many_attempts(retry_after)
         found = _matching_key(settings, key)
-        if found is None and not settings.auth_disabled:
+        if found is None and not request.app.state.auth_disabled:
+            throttle.failed(client)
             return _login_page(401, "That key is not valid.")
+        throttle.succeeded(client)
         rest = "&".join(f"{k}={v}" for k, v in request.query_params.items() if k != "key")
         response = RedirectResponse(f"/dashboard{'?' + rest if rest else ''}", status_code=303)
         return _with_session(response, request, found) if found else response
@@ -174,10 +264,16 @@ async def login(request: Request) -> Response:
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     presented = (form.get("key") or [""])[0]
     next_query = (form.get("next") or [""])[0]
+    client = _client_address(request)
+    throttle = _throttle(request)
+    if retry_after := throttle.retry_after(client):
+        return _too_many_attempts(retry_after)
     found = _matching_key(_settings(request), presented) if presented else None
     if found is None:
-        await asyncio.sleep(0.5)  # slows down guessing
+        throttle.failed(client)
+        await asyncio.sleep(0.5)  # slows down a guesser who waits for each answer
         return _login_page(401, "That key is not valid.", next_query)
+    throttle.succeeded(client)
     target = "/dashboard" + (f"?{next_query}" if next_query and "://" not in next_query else "")
     return _with_session(RedirectResponse(target, status_code=303), request, found)
 
@@ -219,7 +315,10 @@ async def overview(
             {"detail": "the monitoring tables do not exist yet: run `overnight db upgrade`"}, status_code=503
         )
     except psycopg.OperationalError as error:
-        return JSONResponse({"detail": f"database unavailable: {str(error).strip()[:200]}"}, status_code=503)
+        logger.warning("dashboard: database unavailable: %s", str(error).strip().split("\n")[0])
+        return JSONResponse(
+            {"detail": "the database is unavailable", "reason": "database_unavailable"}, status_code=503
+        )
     data["service"] = service_figures(request.app)
     return JSONResponse(_plain(data), headers={"Cache-Control": "no-store"})
 

@@ -1,4 +1,8 @@
-"""Domain errors of the lookup service; `serving.app` maps each to an HTTP status in one place."""
+"""Domain errors of the lookup service; `serving.app` maps each to an HTTP status in one place.
+
+A client sees an error's message and its short `reason` code, never a driver's text, a host or a port:
+those go to the service's log.
+"""
 
 from typing import Any
 
@@ -6,17 +10,30 @@ from typing import Any
 class ServingError(Exception):
     """Base of the errors a client or an operator can act on; the message is the whole reason."""
 
+    reason = "error"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
 
 class ServingConfigError(ServingError):
     """The service cannot start with this configuration (missing DSN, no API key, bad value)."""
+
+    reason = "bad_configuration"
 
 
 class NotAuthenticatedError(ServingError):
     """The request carries no API key or one that is not configured."""
 
+    reason = "not_authenticated"
+
 
 class InvalidRequestError(ServingError):
     """Input that passed parsing but breaks a limit only known at run time (the live batch's k, ...)."""
+
+    reason = "invalid_request"
 
     def __init__(self, loc: tuple[str | int, ...], message: str, value: Any = None) -> None:
         super().__init__(message)
@@ -28,6 +45,10 @@ class InvalidRequestError(ServingError):
 class NoLiveBatchError(ServingError):
     """Nothing is live yet, or the live pointer could not be read."""
 
+    reason = "no_live_batch"
+
 
 class DatabaseUnavailableError(ServingError):
     """Postgres did not answer in time, refused the connection or lost it."""
+
+    reason = "database_unavailable"

@@ -42,7 +42,10 @@ class FeedbackEvent(BaseModel):
     )
     item_id: str = Field(min_length=1, max_length=MAX_ITEM_ID_LENGTH, pattern=_ID_PATTERN)
     type: EventType = Field(description="What the user did with the item.")
-    timestamp: AwareDatetime = Field(description="When it happened, with a time zone (ISO 8601).")
+    timestamp: AwareDatetime = Field(
+        description="When it happened, with a time zone (ISO 8601): at most 7 days before the server's clock "
+        "and at most 5 minutes after it (clock skew); outside that window the request is a 422."
+    )
     request_id: str | None = Field(
         default=None,
         min_length=1,

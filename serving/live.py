@@ -24,6 +24,8 @@ from serving.variants import CANARY, PRODUCTION, TrafficSplit, Variant
 logger = logging.getLogger(__name__)
 
 WATCHER_APPLICATION_NAME = "overnight-serving-live"
+# `LiveView.problem` while the pointer cannot be read: shown to clients (X-Stale, 503s); the cause is logged.
+LIVE_POINTER_UNREADABLE = "live_pointer_unreadable"
 _FIRST_BACKOFF_SECONDS = 0.5
 
 
@@ -112,7 +114,7 @@ async def read_rollout(conn: psycopg.AsyncConnection[Any]) -> Rollout | None:
 
 
 class LiveView:
-    """What is served now (None until it is read) and why it could not be read, if it could not.
+    """What is served now (None until it is read) and, as a reason code, why it could not be read.
 
     `batch` is the production batch; `rollout` adds the canary. Both are replaced, never changed, so a
     reader that took them once has a consistent snapshot.
@@ -230,7 +232,7 @@ class LiveWatcher:
                 await self._listen()
             except Exception as error:
                 reason = _reason(error)
-                self.view.problem = f"cannot read the live pointer: {reason}"
+                self.view.problem = LIVE_POINTER_UNREADABLE
                 self._first_attempt.set()
                 delay = backoff * random.uniform(0.5, 1.0)
                 # Database trouble is expected now and then; anything else is a bug worth a traceback.

@@ -13,6 +13,7 @@ makes one more trip, with a deadline of its own.
 
 import asyncio
 import logging
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
@@ -46,6 +47,39 @@ T = TypeVar("T")
 # load). A lookup splits off only the k ids it returns.
 Row = tuple[str, bytes]
 ITEM_SEPARATOR = "\x00"
+
+
+class _DeadConnectionError(Exception):
+    """A pooled connection turned out to be closed by the server or the network when a lookup used it."""
+
+    def __init__(self, cause: psycopg.OperationalError) -> None:
+        super().__init__(str(cause))
+        self.cause = _first_line(cause)
+
+
+class ThrottledLog:
+    """A warning logged at most once per `every` seconds, with how many were held back in between: under
+    an outage every lookup fails the same way, and one line per request would flood the log."""
+
+    def __init__(self, log: logging.Logger, every: float = 10.0) -> None:
+        self.log = log
+        self.every = every
+        self._next = 0.0
+        self._held_back = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held_back += 1
+            return
+        if self._held_back:
+            message += f" (and {self._held_back} more in the last {self.every:g} s)"
+        self._held_back = 0
+        self._next = now + self.every
+        self.log.warning(message, *args)
+
+
+_database_trouble = ThrottledLog(logger)
 
 
 class BatchDroppedError(DatabaseUnavailableError):
@@ -160,13 +194,15 @@ class Lookup:
         self._waiting: dict[LiveBatch, dict[str, asyncio.Future[Row | ServingError | None]]] = {}
         self._trips_running = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._pool_check: asyncio.Future[None] | None = None
+        self.dead_connection_retries = 0
 
     def rollout(self) -> Rollout:
         """What is served now: production and the canary, if one runs."""
         rollout = self.view.rollout
         if rollout is None:
             if self.view.problem:
-                raise NoLiveBatchError(f"no live batch loaded: {self.view.problem}")
+                raise NoLiveBatchError("no live batch loaded: cannot read the live pointer", self.view.problem)
             raise NoLiveBatchError("no batch is live yet")
         return rollout
 
@@ -313,13 +349,36 @@ class Lookup:
     async def _fetch(self, batch: LiveBatch, user_ids: list[str]) -> dict[str, Row]:
         self.trips += 1
         self.trip_users += len(user_ids)
+        try:
+            return await self._fetch_once(batch, user_ids)
+        except _DeadConnectionError as dead:
+            # The connection died while it sat idle in the pool (a restarted or failed-over Postgres, an
+            # operator's pg_terminate_backend, a proxy's idle timeout): the pool's other idle connections
+            # likely died with it. Weed them out, then ask once more on a live one; a lookup is a read,
+            # so asking twice is safe. If Postgres itself is gone, the retry fails like the first try.
+            self.dead_connection_retries += 1
+            _database_trouble.warning("a pooled connection was dead (%s): retrying the lookup once", dead.cause)
+            await self._check_pool()
+            return await self._fetch_once(batch, user_ids)
+
+    async def _fetch_once(self, batch: LiveBatch, user_ids: list[str]) -> dict[str, Row]:
         async with self.pool.connection() as conn:
             try:
                 cur = await conn.execute(batch.recs_for_users, (user_ids,))
             except pgerrors.UndefinedTable:
                 await self._reload_after_drop(batch, conn)
+            except psycopg.OperationalError as error:
+                if conn.broken:
+                    raise _DeadConnectionError(error) from error
+                raise
             rows = await cur.fetchall()
         return {user_id: cache_row(item_ids, scores) for user_id, item_ids, scores in rows}
+
+    async def _check_pool(self) -> None:
+        """`pool.check()` once for all the lookups that found a dead connection at the same moment."""
+        if self._pool_check is None or self._pool_check.done():
+            self._pool_check = asyncio.ensure_future(self.pool.check())
+        await asyncio.shield(self._pool_check)
 
     async def _reload_after_drop(self, batch: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> NoReturn:
         # The batch we hold was dropped after a switch or canary refresh we have not heard of yet (a missed
@@ -359,11 +418,12 @@ class Lookup:
             raise DatabaseUnavailableError(f"no database connection free within {timeout:g} s") from None
         except pgerrors.QueryCanceled:
             raise DatabaseUnavailableError(f"the database query took longer than {timeout:g} s") from None
-        except psycopg.OperationalError as error:
-            raise DatabaseUnavailableError(f"database unavailable: {_first_line(error)}") from None
-        except psycopg.Error as error:
+        except (psycopg.OperationalError, _DeadConnectionError) as error:
+            _database_trouble.warning("lookup: database unavailable: %s", _first_line(error))
+            raise DatabaseUnavailableError("the database is unavailable") from None
+        except psycopg.Error:
             logger.exception("lookup failed in the database")
-            raise DatabaseUnavailableError(f"database error: {type(error).__name__}") from None
+            raise DatabaseUnavailableError("the database failed the lookup", "database_error") from None
 
     # ------------------------------------------------------------------------ input checks
 

@@ -11,6 +11,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from urllib.parse import unquote_plus
 
 import orjson
 from prometheus_client import (
@@ -36,6 +37,16 @@ access_logger = logging.getLogger("overnight.access")
 
 # Lookups take about a millisecond; the upper buckets catch database stalls up to the timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# Label values come from these fixed sets only: a client can send any method and path, and each new label
+# value is a new series kept for the life of the process (and a bigger scrape).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "OTHER"
+UNMATCHED_ROUTE = "unmatched"
+# The access log's fields that carry what a client sent are cut to this many characters.
+LOGGED_TEXT_CHARS = 512
+# Query parameters whose values are secrets (the dashboard's `?key=`): logged as REDACTED.
+SECRET_PARAMETERS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password", "secret"})
 
 
 class ServingMetrics:
@@ -149,6 +160,11 @@ class _LookupCollector(Collector):
         yield CounterMetricFamily(
             "overnight_db_trip_users", "Users asked for over all database trips.", value=lookup.trip_users
         )
+        yield CounterMetricFamily(
+            "overnight_db_dead_connection_retries",
+            "Lookups asked again because their pooled connection had died while idle (a Postgres restart).",
+            value=lookup.dead_connection_retries,
+        )
         stats = lookup.pool.get_stats()
         pool = GaugeMetricFamily("overnight_db_pool_connections", "Lookup pool connections by state.", labels=["state"])
         size = stats.get("pool_size", 0)
@@ -185,6 +201,8 @@ class RequestRecorder:
 
     def record(self, scope: Scope, template: str, status: int, elapsed: float, batch_id: bytes) -> None:
         method = scope["method"]
+        if method not in KNOWN_METHODS:
+            method = OTHER_METHOD
         key = (template, method, status)
         series = self._series.get(key)
         if series is None:
@@ -226,7 +244,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_record_status)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or UNMATCHED_ROUTE
             self.recorder.record(scope, template, status, time.perf_counter() - start, batch_id)
 
 
@@ -235,8 +253,8 @@ def _log_access(scope: Scope, method: str, route: str, status: int, elapsed: flo
     entry = {
         "ts": time.time(),
         "method": method,
-        "path": scope["path"],
-        "query": scope.get("query_string", b"").decode("latin-1"),
+        "path": _bounded(scope["path"]),
+        "query": _bounded(loggable_query(scope.get("query_string", b""))),
         "route": route,
         "status": status,
         "duration_ms": round(elapsed * 1000, 3),
@@ -244,3 +262,23 @@ def _log_access(scope: Scope, method: str, route: str, status: int, elapsed: flo
         "client": client[0] if client else None,
     }
     access_logger.info(orjson.dumps(entry).decode())
+
+
+def loggable_query(query_string: bytes) -> str:
+    """The query string as it may be logged: the values of secret parameters replaced by REDACTED."""
+    text = query_string.decode("latin-1")
+    if not text:
+        return text
+    parts = []
+    for part in text.split("&"):
+        name, equals, _ = part.partition("=")
+        if equals and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
+            part = f"{name}=REDACTED"
+        parts.append(part)
+    return "&".join(parts)
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= LOGGED_TEXT_CHARS:
+        return text
+    return f"{text[:LOGGED_TEXT_CHARS]}...[{len(text) - LOGGED_TEXT_CHARS} more characters]"

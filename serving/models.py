@@ -1,9 +1,9 @@
 """Request and response bodies of the HTTP API; the OpenAPI schema is generated from these."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class RecommendedItem(BaseModel):
@@ -23,13 +23,20 @@ class Recommendations(BaseModel):
     variant: str = Field(description="Which model variant answered; `production` outside a canary.")
 
 
+def _integral_number(value: Any) -> Any:
+    """JSON Schema's integer: 8.0 is one too (a JSON number with a fraction of zero). Text is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class BatchRecommendationsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_ids: list[str] = Field(
         min_length=1, description="Users to look up (at most OVERNIGHT_MAX_BATCH_USERS, 1000 by default)."
     )
-    k: int | None = Field(
+    k: Annotated[int, BeforeValidator(_integral_number)] | None = Field(
         default=None,
         ge=1,
         strict=True,
@@ -43,7 +50,12 @@ class BatchRecommendations(BaseModel):
 
 
 class ErrorMessage(BaseModel):
-    detail: str
+    detail: str = Field(description="What went wrong, for people.")
+    reason: str | None = Field(
+        default=None,
+        description="A short code for programs: not_authenticated, no_live_batch, live_pointer_unreadable, "
+        "database_unavailable, database_error.",
+    )
 
 
 class Health(BaseModel):

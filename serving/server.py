@@ -6,15 +6,16 @@ machine (README, "Serving performance"); uvicorn stays available for platforms g
 """
 
 import logging
-import os
 from typing import Literal
 
 from serving.errors import ServingConfigError
-from serving.settings import ENV_PREFIX, check_auth_configured, get_serving_settings
+from serving.settings import check_auth_configured, get_serving_settings
 
 logger = logging.getLogger(__name__)
 
 APP_FACTORY = "serving.app:create_app"
+# Workers learn --no-auth from the factory they are told to call: nothing in their environment can say it.
+OPEN_APP_FACTORY = "serving.app:create_open_app"
 Server = Literal["granian", "uvicorn"]
 SERVERS: tuple[Server, ...] = ("granian", "uvicorn")
 
@@ -29,18 +30,16 @@ def serve(
         raise ServingConfigError(f"port must be between 0 and 65535, got {port}")
     if server not in SERVERS:
         raise ServingConfigError(f"server must be one of {', '.join(SERVERS)}, got {server!r}")
-    settings = get_serving_settings(**({"auth_disabled": True} if no_auth else {}))
-    check_auth_configured(settings)
-    if no_auth:
-        # Workers build their settings from the environment, so this is how they learn it.
-        os.environ[f"{ENV_PREFIX}AUTH_DISABLED"] = "true"
+    settings = get_serving_settings()
+    check_auth_configured(settings, auth_disabled=no_auth)
+    factory = OPEN_APP_FACTORY if no_auth else APP_FACTORY
     logger.info("serving on http://%s:%d with %d %s worker(s)", host, port, workers, server)
     if server == "granian":
         from granian import Granian
         from granian.constants import Interfaces
 
         Granian(
-            APP_FACTORY,
+            factory,
             address=host,
             port=port,
             interface=Interfaces.ASGI,
@@ -54,11 +53,13 @@ def serve(
         import uvicorn
 
         uvicorn.run(
-            APP_FACTORY,
+            factory,
             factory=True,
             host=host,
             port=port,
             workers=workers,
             access_log=False,
             server_header=False,
+            # The app decides whom to believe about the client (OVERNIGHT_TRUSTED_PROXIES), not the server.
+            proxy_headers=False,
         )

@@ -4,7 +4,7 @@ import json
 import os
 from typing import Annotated, Any, Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serving.errors import ServingConfigError
@@ -25,9 +25,13 @@ class ServingSettings(BaseSettings):
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), repr=False, description="Accepted bearer keys, comma-separated in OVERNIGHT_API_KEYS."
     )
-    auth_disabled: bool = Field(default=False, description="Serve without API keys (`overnight serve --no-auth`).")
     dashboard_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), repr=False, description="Keys that open /dashboard (OVERNIGHT_DASHBOARD_KEYS); unset: the API keys."
+    )
+    trusted_proxies: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = Field(
+        default=(),
+        description="Addresses or networks (comma-separated, e.g. 10.0.0.0/8) of the reverse proxies whose "
+        "X-Forwarded-Proto and X-Forwarded-For the dashboard believes; unset: it believes no one.",
     )
 
     pool_min_size: int = Field(default=1, ge=1)
@@ -84,6 +88,13 @@ class ServingSettings(BaseSettings):
             return tuple(dict.fromkeys(key for key in keys if key != ""))
         return value
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
     @model_validator(mode="after")
     def _pool_bounds(self) -> Self:
         if self.pool_min_size > self.pool_max_size:
@@ -107,9 +118,13 @@ def get_serving_settings(**overrides: Any) -> ServingSettings:
         raise ServingConfigError(_one_line(error)) from None
 
 
-def check_auth_configured(settings: ServingSettings) -> None:
-    """Refuse to serve an open API by accident: no key is only allowed when auth is disabled explicitly."""
-    if not settings.api_keys and not settings.auth_disabled:
+def check_auth_configured(settings: ServingSettings, auth_disabled: bool) -> None:
+    """Refuse to serve an open API by accident: no key is only allowed when auth is disabled explicitly.
+
+    Only `overnight serve --no-auth` disables auth, never the environment: a stray variable left in a
+    deployment must not open the API of a service that has keys configured.
+    """
+    if not settings.api_keys and not auth_disabled:
         raise ServingConfigError(
             f"no API key configured: set {ENV_PREFIX}API_KEYS (comma-separated) or start with --no-auth"
         )

@@ -196,7 +196,9 @@ def running(settings: ServingSettings) -> Iterator[Service]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), log_level="warning", lifespan="on", proxy_headers=False)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     service = Service(f"http://127.0.0.1:{port}")
@@ -462,11 +464,11 @@ def test_a_worker_starts_serving_with_the_live_batch_loaded(database_url: str, p
 def test_nothing_live_is_503_until_a_batch_is_published(service: Service, publisher: Publisher) -> None:
     response = service.recs("42")
     assert response.status_code == 503
-    assert response.json() == {"detail": "no batch is live yet"}
+    assert response.json() == {"detail": "no batch is live yet", "reason": "no_live_batch"}
     assert service.client.post("/v1/recommendations:batch", json={"user_ids": ["42"]}).status_code == 503
     ready = service.anonymous.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {"detail": "no batch is live yet"}
+    assert ready.json() == {"detail": "no batch is live yet", "reason": "no_live_batch"}
     assert service.anonymous.get("/healthz").status_code == 200
 
     batch_id = publisher.publish(RECS)

@@ -27,6 +27,7 @@ from jobs.database import upgrade
 from jobs.publish import rollback
 from jobs.rollouts import promote_canary, start_canary, stop_canary
 from jobs.settings import Settings
+from serving.lookup import POOL_APPLICATION_NAME
 from serving.variants import CANARY, PRODUCTION, TrafficSplit
 from tests.conftest import free_port, overnight_env, running_service
 from tests.integration.test_serving import API_KEY, K, Publisher
@@ -415,3 +416,41 @@ def test_canary_start_ramp_stop_and_promote_under_load(database_url: str, tmp_pa
     lists = sum(len(answers(s)) for s in samples)
     mixing = len(mixed_requests)
     print(f"\n{len(samples)} requests ({lists} user lists, {mixing} batch requests mixing both arms), 0 errors")
+
+
+# ---------------------------------------------------------------------------- connections killed while idle
+
+
+@pytest.mark.slow
+def test_pooled_connections_killed_under_load_cost_no_lookup_an_error(database_url: str, tmp_path: Path) -> None:
+    """pg_terminate_backend on every lookup connection (what a Postgres restart or failover does to the
+    idle ones) a few times under load from 16 clients: each lookup that lands on a dead connection is
+    asked again on a live one, so no client sees an error."""
+    Publisher(database_url).publish(tagged_recs("a"), fallback=tagged_fallback("a"))
+    env = overnight_env(
+        database_url,
+        tmp_path / "var",
+        OVERNIGHT_API_KEYS=API_KEY,
+        OVERNIGHT_CACHE_ENTRIES="0",
+        OVERNIGHT_POOL_MAX_SIZE="8",
+    )
+    killed = 0
+    with (
+        running_service(env, "--workers", "2") as base,
+        Load(base, threads=16) as load,
+        psycopg.connect(database_url, autocommit=True) as admin,
+    ):
+        for _ in range(6):
+            time.sleep(0.7)
+            row = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s",
+                (POOL_APPLICATION_NAME,),
+            ).fetchone()
+            killed += row[0] if row else 0
+        time.sleep(0.7)
+    samples = load.samples
+    assert killed >= 6, f"only {killed} connections were killed: the fault was not exercised"
+    assert len(samples) > 500, f"only {len(samples)} requests: the load did not run"
+    failed = [(s.status, s.body) for s in samples if s.status != 200]
+    assert not failed, f"{len(failed)} of {len(samples)} lookups failed, e.g. {failed[:3]}"

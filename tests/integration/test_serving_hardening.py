@@ -1,0 +1,230 @@
+"""The lookup service tried as an attacker would: made-up methods and paths, secrets in URLs, forged
+cookies, a stray environment variable, a database that goes away, internals in responses.
+"""
+
+import json
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql as pgsql
+
+from serving.app import create_app
+from serving.dashboard import COOKIE, session_token
+from serving.live import WATCHER_APPLICATION_NAME
+from serving.lookup import POOL_APPLICATION_NAME
+from tests.conftest import OVERNIGHT, free_port, overnight_env, running_service
+from tests.integration.test_serving import (
+    API_KEY,
+    RECS,
+    SWITCH_DEADLINE,
+    Publisher,
+    Service,
+    running,
+    service_settings,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def raw_request(base_url: str, method: str, path: str) -> int:
+    """Send one request exactly as given (any method, any path) and return its status."""
+    address = urlsplit(base_url)
+    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return int(received.split(b" ", 2)[1])
+
+
+# ---------------------------------------------------------------------------- metrics and the access log
+
+
+def test_made_up_methods_and_paths_create_no_metric_series(database_url: str, tmp_path: Path) -> None:
+    Publisher(database_url).publish(RECS)
+    env = overnight_env(database_url, tmp_path / "var", OVERNIGHT_API_KEYS=API_KEY)
+    with running_service(env) as base:
+        before = httpx.get(f"{base}/metrics").text
+        for n in range(40):
+            raw_request(base, f"{'C' * 2000}{n}", "/healthz")
+            raw_request(base, "GET", f"/no-such-route-{n}-{'x' * 2000}")
+        after = httpx.get(f"{base}/metrics").text
+    assert "CCCC" not in after and "no-such-route" not in after
+    assert 'method="OTHER",route="/healthz"' in after
+    assert 'route="unmatched"' in after
+    series = [line for line in after.splitlines() if line.startswith("overnight_http_requests_total{")]
+    assert len(series) <= 4, series  # the scrapes, the made-up methods, the unmatched paths
+    assert len(after) < len(before) + 20_000
+
+
+def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Publisher(database_url).publish(RECS)
+    with running(service_settings(database_url, access_log=True)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        with caplog.at_level("INFO", logger="overnight.access"):
+            service.anonymous.get("/dashboard", params={"key": "s3cret-dashboard-key", "date": "2026-11-20"})
+            service.anonymous.get("/dashboard", params={"KEY": "s3cret-upper"})
+            service.anonymous.request("PROPFIND", "/healthz")  # uvicorn refuses methods it does not know
+            service.recs("u" * 5000)
+    messages = [record.getMessage() for record in caplog.records if record.name == "overnight.access"]
+    entries = [json.loads(message) for message in messages]
+    assert not any("s3cret" in message for message in messages)
+    assert entries[0]["query"] == "key=REDACTED&date=2026-11-20"
+    assert entries[1]["query"] == "KEY=REDACTED"
+    assert entries[2]["method"] == "OTHER"
+    assert all(len(message) < 2000 for message in messages)
+    assert entries[3]["path"].endswith("more characters]")
+
+
+# ---------------------------------------------------------------------------- the dashboard's sign-in
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        "9" * 5000 + "." + "a" * 64,  # more digits than int() takes
+        "²." + "a" * 64,  # a digit to str.isdigit(), not to int()
+        "123",
+        "." * 10,
+        "99999999999." + "Z" * 64,
+        "\uff11\uff12\uff13." + "a" * 64,  # fullwidth digits
+    ],
+)
+def test_a_malformed_session_cookie_is_no_session(database_url: str, cookie: str) -> None:
+    with running(service_settings(database_url)) as service:
+        header = {b"Cookie": f"{COOKIE}={cookie}".encode()}  # as raw bytes, as a client may send them
+        page = service.anonymous.get("/dashboard", headers=header)
+        assert page.status_code == 200 and "Sign in" in page.text
+        assert service.anonymous.get("/dashboard/api/overview", headers=header).status_code == 401
+
+
+def test_a_valid_session_cookie_still_opens_the_dashboard(database_url: str) -> None:
+    with running(service_settings(database_url)) as service:
+        header = {"Cookie": f"{COOKIE}={session_token(API_KEY)}"}
+        assert "Sign in" not in service.anonymous.get("/dashboard", headers=header).text
+
+
+def _sign_in(service: Service, key: str, **headers: str) -> httpx.Response:
+    return service.anonymous.post(
+        "/dashboard/login", data={"key": key, "next": ""}, headers=headers, follow_redirects=False
+    )
+
+
+def test_the_cookie_is_secure_behind_a_trusted_https_proxy_only(database_url: str) -> None:
+    https = {"X-Forwarded-Proto": "https"}
+    with running(service_settings(database_url)) as service:
+        direct = _sign_in(service, API_KEY, **https)
+        assert direct.status_code == 303
+        assert "secure" not in direct.headers["set-cookie"].lower()  # anyone can send the header
+    with running(service_settings(database_url, trusted_proxies="127.0.0.1")) as service:
+        assert "secure" in _sign_in(service, API_KEY, **https).headers["set-cookie"].lower()
+        assert "secure" not in _sign_in(service, API_KEY).headers["set-cookie"].lower()
+
+
+def test_repeated_failed_sign_ins_from_one_client_are_slowed_down(database_url: str) -> None:
+    with running(service_settings(database_url, trusted_proxies="127.0.0.1")) as service:
+        guesser = {"X-Forwarded-For": "203.0.113.7"}
+        for _ in range(5):
+            assert _sign_in(service, "wrong", **guesser).status_code == 401
+        refused = _sign_in(service, API_KEY, **guesser)  # even the right key: the client must wait
+        assert refused.status_code == 429
+        assert 1 <= int(refused.headers["Retry-After"]) <= 900
+        assert service.anonymous.get("/dashboard", params={"key": API_KEY}, headers=guesser).status_code == 429
+        # another client behind the same proxy is not held back
+        assert _sign_in(service, API_KEY, **{"X-Forwarded-For": "198.51.100.2"}).status_code == 303
+
+
+# ---------------------------------------------------------------------------- turning auth off
+
+
+def test_the_environment_cannot_turn_auth_off(database_url: str, tmp_path: Path) -> None:
+    Publisher(database_url).publish(RECS)
+    env = overnight_env(database_url, tmp_path / "var", OVERNIGHT_API_KEYS=API_KEY, OVERNIGHT_AUTH_DISABLED="true")
+    with running_service(env, "--workers", "2") as base:
+        for _ in range(4):  # both workers
+            assert httpx.get(f"{base}/v1/users/42/recommendations").status_code == 401
+            assert httpx.post(f"{base}/v1/events", json={"events": []}).status_code == 401
+    without_keys = {k: v for k, v in env.items() if k != "OVERNIGHT_API_KEYS"}
+    refused = subprocess.run(
+        [str(OVERNIGHT), "serve", "--port", str(free_port())],
+        env=without_keys,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert "no API key configured" in refused.stderr
+
+
+def test_no_auth_warns_that_feedback_writes_are_open_too(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="serving.app"):
+        create_app(service_settings(database_url, api_keys=()), auth_disabled=True)
+    warning = " ".join(record.getMessage() for record in caplog.records)
+    assert "--no-auth" in warning and "POST /v1/events" in warning
+
+
+# ---------------------------------------------------------------------------- internals stay in the log
+
+INTERNALS = ("127.0.0.1", "5432", "psycopg", "connection", "accepting", 'database "', "FATAL", "server")
+
+
+def _shows_no_internals(text: str) -> None:
+    lowered = text.lower()
+    assert not [word for word in INTERNALS if word.lower() in lowered], text
+
+
+def test_an_unreachable_database_shows_reason_codes_not_driver_text(tmp_path: Path) -> None:
+    port = free_port()
+    with running(service_settings(f"postgresql://postgres@127.0.0.1:{port}/secret_db", live_poll_seconds=1)) as svc:
+        svc.wait_for(lambda: svc.anonymous.get("/readyz").json().get("reason") == "live_pointer_unreadable", within=5)
+        ready = svc.anonymous.get("/readyz")
+        assert ready.status_code == 503
+        _shows_no_internals(ready.text)
+        assert str(port) not in ready.text and "secret_db" not in ready.text
+        lookup = svc.recs("42")
+        assert lookup.status_code == 503
+        _shows_no_internals(lookup.text)
+        assert str(port) not in lookup.text
+
+
+def test_stale_answers_and_503s_carry_reason_codes_when_the_database_refuses_connections(
+    database_url: str, postgres_admin_url: str
+) -> None:
+    publisher = Publisher(database_url)
+    publisher.publish(RECS)
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    with running(service_settings(database_url, live_poll_seconds=0.2, cache_entries=100)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        assert service.recs("42").status_code == 200  # now cached
+        with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+            admin.execute(pgsql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(pgsql.Identifier(name)))
+            try:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND application_name IN (%s, %s)",
+                    (name, WATCHER_APPLICATION_NAME, POOL_APPLICATION_NAME),
+                )
+                service.wait_for(lambda: "X-Stale" in service.recs("42").headers, within=5)
+                cached = service.recs("42")
+                assert cached.status_code == 200
+                assert cached.headers["X-Stale"] == "live_pointer_unreadable"
+                uncached = service.recs("7")
+                assert uncached.status_code == 503
+                assert uncached.json()["reason"] == "database_unavailable"
+                _shows_no_internals(uncached.text)
+                ready = service.anonymous.get("/readyz")
+                assert ready.status_code == 503
+                _shows_no_internals(ready.text)
+            finally:
+                admin.execute(pgsql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(pgsql.Identifier(name)))
+        service.wait_for(lambda: "X-Stale" not in service.recs("42").headers, within=5)
+        time.sleep(0.1)
