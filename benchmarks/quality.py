@@ -5,7 +5,10 @@
 
 The JSON has, per protocol, the metrics of every model (ranker, most-popular, recent-popular,
 co-visitation, item-knn, genre-popular): ndcg@10, recall@10, map@10, hit_rate@10, coverage@10,
-users and candidate_recall, plus the wall seconds of loading, training and evaluating.
+users and candidate_recall, plus the wall seconds of loading, training and evaluating. Under the
+global protocol, ``horizon_days`` is the horizon used and ``requested_horizon_days`` the one asked
+for: with fewer than 100 users in it the horizon is widened; ``warning`` then says so, and stays
+set when too few users were evaluated even so.
 Nothing touches a database; work files go to a temporary directory.
 """
 

@@ -11,7 +11,9 @@ held-out part by ``train.evaluate_models``.
   previous one left).
 - ``global``: cutoff C (default: the last ``horizon_days`` of the data); training data is every
   event before C, and the ranker learns from the nightly rolling windows ending at C; the relevant
-  items of a user are the new items they touched in [C, C + horizon).
+  items of a user are the new items they touched in [C, C + horizon). When fewer than
+  ``MIN_EVALUATED_USERS`` users fall in the horizon, it is doubled (up to ``MAX_WIDENED_HORIZON_DAYS``;
+  a default cutoff moves back with it) until enough do, and the result carries a warning.
 """
 
 import logging
@@ -34,6 +36,12 @@ logger = logging.getLogger(__name__)
 PROTOCOLS = ("user-holdout", "global")
 HOLDOUT_SHARE = 0.2
 MODEL_ORDER = ("ranker", "most-popular", "recent-popular", "co-visitation", "item-knn", "genre-popular")
+# Below this many users a metric@10 moves by whole points between neighbouring cutoffs: noise, not a ranking.
+MIN_EVALUATED_USERS = 100
+# The global protocol's horizon is widened up to a quarter; past that it no longer says what a nightly
+# run's next days look like.
+MAX_WIDENED_HORIZON_DAYS = 90
+TOO_NOISY = "these numbers are too noisy to compare models by"
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,8 @@ class Evaluation:
     source: str
     protocol: str
     cutoff: str | None
-    horizon_days: int | None
+    horizon_days: int | None  # the horizon used: the requested one, or wider when too few users fell in it
+    requested_horizon_days: int | None
     events: int
     users: int
     items: int
@@ -49,10 +58,12 @@ class Evaluation:
     seconds: dict[str, float]
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     feature_importance: dict[str, float] = field(default_factory=dict)
+    warning: str | None = None  # set when the numbers rest on too few users to compare models by
 
     def table(self) -> str:
         columns = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10", "candidate_recall", "users")
-        lines = [f"{'model':<16}" + "".join(f"{c:>18}" for c in columns)]
+        lines = [f"warning: {self.warning}"] if self.warning else []
+        lines.append(f"{'model':<16}" + "".join(f"{c:>18}" for c in columns))
         for name, metrics in self.models.items():
             cells = [f"{metrics[c]:>18,}" if c == "users" else f"{metrics[c]:>18.4f}" for c in columns]
             lines.append(f"{name:<16}" + "".join(cells))
@@ -79,6 +90,79 @@ def user_holdout_window(events: pl.DataFrame, settings: Settings, name: str) -> 
     )
 
 
+@dataclass(frozen=True)
+class Horizon:
+    """The global protocol's test horizon: the one asked for, or the one widened to."""
+
+    requested_days: int
+    days: int
+    users: int  # users evaluated with it: history before the cutoff, new items within the horizon
+    users_by_days: dict[int, int]  # every horizon tried
+    warning: str | None
+
+
+def widened_horizons(requested_days: int) -> list[int]:
+    """The requested horizon, then doubled up to MAX_WIDENED_HORIZON_DAYS (the last step capped)."""
+    days = [requested_days]
+    while days[-1] < MAX_WIDENED_HORIZON_DAYS:
+        days.append(min(days[-1] * 2, MAX_WIDENED_HORIZON_DAYS))
+    return days
+
+
+def choose_horizon(events: pl.DataFrame, settings: Settings, cutoff: datetime | None, requested_days: int) -> Horizon:
+    """The first horizon, from the requested one widening, that evaluates MIN_EVALUATED_USERS users;
+    when none does, the one that evaluates the most (the narrowest of equals), with a warning.
+
+    Widening stops where the cutoff (moving back with a default one) leaves the ranker no label window.
+    """
+    users_by_days: dict[int, int] = {}
+    for days in widened_horizons(requested_days):
+        test = global_test_window(events, settings, cutoff, days)
+        if days != requested_days and not _has_label_window(events, test.cutoff, settings):
+            break
+        users_by_days[days] = test.relevant["user_id"].n_unique()
+        if users_by_days[days] >= MIN_EVALUATED_USERS:
+            break
+    # The first of equals (max keeps it): a wider horizon that finds no one more is not worth its older cutoff.
+    days = max(users_by_days, key=users_by_days.__getitem__)
+    users = users_by_days[days]
+    tried = ", ".join(f"{d} days: {n:,}" for d, n in users_by_days.items())
+    warning = None
+    if users < MIN_EVALUATED_USERS:
+        scope = (
+            f"even with the horizon widened up to {max(users_by_days)} days"
+            if len(users_by_days) > 1
+            else f"in the {requested_days}-day horizon"
+        )
+        warning = (
+            f"only {users:,} users evaluated {scope}, fewer than {MIN_EVALUATED_USERS} (users per horizon: "
+            f"{tried}; used {days} days): {TOO_NOISY}"
+        )
+    elif days != requested_days:
+        warning = (
+            f"only {users_by_days[requested_days]:,} users fell in the requested {requested_days}-day horizon, "
+            f"fewer than {MIN_EVALUATED_USERS}: widened it to {days} days, which evaluates {users:,} users "
+            f"(users per horizon: {tried})"
+        )
+    return Horizon(requested_days, days, users, users_by_days, warning)
+
+
+def _has_label_window(events: pl.DataFrame, cutoff: datetime, settings: Settings) -> bool:
+    """Whether train.rolling_windows finds its first (newest) window before ``cutoff``."""
+    before = events.lazy().filter(pl.col("timestamp") < cutoff)
+    return train.time_window(before, cutoff - timedelta(days=settings.label_days), cutoff, settings).relevant.height > 0
+
+
+def global_test_window(
+    events: pl.DataFrame, settings: Settings, cutoff: datetime | None, horizon_days: int
+) -> train.LabelWindow:
+    """[C, C + horizon) after the cutoff; a cutoff left to default is the horizon's length before the data's end."""
+    if cutoff is None:
+        last = events["timestamp"].max()
+        cutoff = lake.day_end(last.date()) - timedelta(days=horizon_days)  # type: ignore[union-attr]
+    return train.time_window(events.lazy(), cutoff, cutoff + timedelta(days=horizon_days), settings)
+
+
 def split(
     events: pl.DataFrame, protocol: str, settings: Settings, cutoff: datetime | None, horizon_days: int
 ) -> tuple[train.LabelWindow, list[train.LabelWindow]]:
@@ -94,11 +178,8 @@ def split(
             windows.append(window)
             rest = window.history.collect()
         return test, windows
-    if cutoff is None:
-        last = events["timestamp"].max()
-        cutoff = lake.day_end(last.date()) - timedelta(days=horizon_days)  # type: ignore[union-attr]
-    test = train.time_window(events.lazy(), cutoff, cutoff + timedelta(days=horizon_days), settings)
-    return test, train.rolling_windows(events.lazy().filter(pl.col("timestamp") < cutoff), cutoff, settings)
+    test = global_test_window(events, settings, cutoff, horizon_days)
+    return test, train.rolling_windows(events.lazy().filter(pl.col("timestamp") < test.cutoff), test.cutoff, settings)
 
 
 def load_source(settings: Settings, source: Path, fmt: str, scratch: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -134,11 +215,16 @@ def evaluate(
     seconds["load"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
-    test, windows = split(events, protocol, settings, lake.day_start(cutoff) if cutoff else None, horizon_days)
+    cutoff_start = lake.day_start(cutoff) if cutoff else None
+    horizon = choose_horizon(events, settings, cutoff_start, horizon_days) if protocol == "global" else None
+    test, windows = split(events, protocol, settings, cutoff_start, horizon.days if horizon else horizon_days)
     if test.relevant.height == 0:
         raise MissingDataError(f"{protocol}: no user has both training data and relevant items to evaluate")
     if not windows:
         raise MissingDataError(f"{protocol}: the training data has no label window to train the ranker on")
+    warning = horizon.warning if horizon else _few_users_warning(test.relevant["user_id"].n_unique())
+    if warning:
+        logger.warning("evaluate %s: %s", protocol, warning)
     logger.info(
         "evaluate %s: training on %s, testing %d users",
         protocol,
@@ -163,7 +249,8 @@ def evaluate(
         source=str(source),
         protocol=protocol,
         cutoff=test.cutoff.isoformat() if protocol == "global" else None,
-        horizon_days=horizon_days if protocol == "global" else None,
+        horizon_days=horizon.days if horizon else None,
+        requested_horizon_days=horizon.requested_days if horizon else None,
         events=events.height,
         users=events["user_id"].n_unique(),
         items=catalogue.height,
@@ -171,7 +258,14 @@ def evaluate(
         seconds=seconds,
         models=models,
         feature_importance=dict(sorted(fitted.importance.items(), key=lambda kv: -kv[1])),
+        warning=warning,
     )
+
+
+def _few_users_warning(users: int) -> str | None:
+    if users >= MIN_EVALUATED_USERS:
+        return None
+    return f"only {users:,} users evaluated, fewer than {MIN_EVALUATED_USERS}: {TOO_NOISY}"
 
 
 METRIC_KEYS = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10", "users", "candidate_recall")

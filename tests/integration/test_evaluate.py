@@ -1,11 +1,13 @@
 """`overnight evaluate` under both protocols, and the registry as `overnight models` and `status` show it."""
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from jobs.evaluate import METRIC_KEYS, MODEL_ORDER
+from jobs.evaluate import MAX_WIDENED_HORIZON_DAYS, METRIC_KEYS, MIN_EVALUATED_USERS, MODEL_ORDER
+from jobs.generate import generate, write_dataset
 from tests.conftest import SAMPLE_DATE, overnight, overnight_env
 
 pytestmark = pytest.mark.integration
@@ -27,6 +29,10 @@ def test_evaluate_reports_every_model_under_both_protocols(
     report = json.loads(out.read_text())
     assert report["protocol"] == "global"
     assert report["cutoff"].startswith((SAMPLE_DATE.replace(day=SAMPLE_DATE.day - 6)).isoformat())
+    # enough users fall in the requested horizon: it is kept, and there is nothing to warn about
+    assert report["models"]["ranker"]["users"] >= MIN_EVALUATED_USERS
+    assert report["horizon_days"] == report["requested_horizon_days"] == 7
+    assert report["warning"] is None and "warning" not in run.stdout + run.stderr
     assert list(report["models"]) == list(MODEL_ORDER)
     for name, metrics in report["models"].items():
         assert set(metrics) == set(METRIC_KEYS), name
@@ -62,3 +68,49 @@ def test_models_and_status_show_the_registry(env: dict[str, str], sample_source:
     status = overnight("status", env=env).stdout
     assert f"production model: {models[0]['model_id']}" in status
     assert "best baseline" in status
+
+
+def sparse_source(tmp_path: Path, users: int, days: int, events_per_user: float) -> Path:
+    """Few events per user over many days: a 7-day horizon holds only a few dozen users."""
+    data = generate(users=users, items=100, days=days, end_date=SAMPLE_DATE, seed=11, events_per_user=events_per_user)
+    return write_dataset(data, tmp_path / "sparse")
+
+
+def test_global_widens_a_horizon_with_too_few_users_and_says_so(env: dict[str, str], tmp_path: Path) -> None:
+    source = sparse_source(tmp_path, users=800, days=180, events_per_user=5)
+    out = tmp_path / "global.json"
+    run = overnight("evaluate", "--source", str(source), "--protocol", "global", "--json", str(out), env=env)
+    report = json.loads(out.read_text())
+    users = report["models"]["ranker"]["users"]
+    assert report["requested_horizon_days"] == 7
+    assert 7 < report["horizon_days"] <= MAX_WIDENED_HORIZON_DAYS
+    assert users >= MIN_EVALUATED_USERS
+    # the default cutoff is the widened horizon's length before the data's end
+    assert report["cutoff"].startswith((SAMPLE_DATE - timedelta(days=report["horizon_days"] - 1)).isoformat())
+    warning = report["warning"]
+    assert "users fell in the requested 7-day horizon, fewer than 100" in warning
+    assert f"widened it to {report['horizon_days']} days, which evaluates {users:,} users" in warning
+    assert run.stdout.startswith(f"warning: {warning}\n")  # above the table it qualifies
+    assert warning in run.stderr  # and logged
+    assert f"horizon {report['horizon_days']} days" in run.stderr
+
+
+def test_global_reports_the_numbers_with_a_warning_when_even_the_widest_horizon_has_too_few_users(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    source = sparse_source(tmp_path, users=120, days=150, events_per_user=5)
+    report = json.loads(
+        overnight("evaluate", "--source", str(source), "--protocol", "global", "--json", "-", env=env).stdout
+    )
+    users = report["models"]["ranker"]["users"]
+    assert 0 < users < MIN_EVALUATED_USERS
+    assert report["requested_horizon_days"] == 7 and report["horizon_days"] > 7
+    assert (
+        f"only {users} users evaluated even with the horizon widened up to {MAX_WIDENED_HORIZON_DAYS} days"
+        in (report["warning"])
+    )
+    assert f"used {report['horizon_days']} days" in report["warning"]
+    assert list(report["models"]) == list(MODEL_ORDER)  # every number is still there, beside the warning
+    for name, metrics in report["models"].items():
+        assert metrics["users"] == users, name
+        assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS if k != "users"), name
