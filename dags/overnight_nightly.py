@@ -8,7 +8,9 @@ Params: ``source`` (default OVERNIGHT_SOURCE; ``{date}`` becomes the logical dat
 ``publish_live`` (null: live unless a newer date is live; true: make this date's batch live even
 in a backfill; false: never) and ``shadow_model`` (default OVERNIGHT_SHADOW_MODEL: a registered
 model also scored, after publish, into a shadow batch that is never served; compare with
-``overnight shadow-report``; a model trained after the run's date, as in a backfill, skips the shadow).
+``overnight shadow-report``; a model trained after the run's date, as in a backfill, skips the shadow)
+and ``accept_checks`` (null; a reason: publish the batch though monitoring fails it, as
+``overnight publish --accept-checks``, recorded with who triggered the run).
 
 After publish, while a canary of another model runs, ``refresh_canary`` scores the date with the
 canary's model too and moves the canary to that batch (same users), unless OVERNIGHT_REFRESH_CANARY
@@ -67,7 +69,10 @@ def _completion_deadline() -> DeadlineAlert | None:
     # Interval semantics: the run that starts at midnight after day D has logical date D, so a night
     # scores the day that has just ended (Airflow 3's "@daily" would label it with the day just begun).
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    # Early on purpose: Airflow creates no task instance for a manual run (UI, REST API) dated before
+    # start_date and reports it a success, so every date a user can pick must come after it. With
+    # catchup=False the scheduler still starts from the latest night, never from this date.
+    start_date=pendulum.datetime(1970, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
@@ -79,6 +84,12 @@ def _completion_deadline() -> DeadlineAlert | None:
         "publish_live": Param(None, type=["null", "boolean"], description="Force (or forbid) going live."),
         "shadow_model": Param(
             None, type=["null", "string"], description="Registered model to score into a shadow batch too."
+        ),
+        "accept_checks": Param(
+            None,
+            type=["null", "string"],
+            minLength=1,
+            description="Why the date's failing monitoring checks may be accepted: publish the batch anyway.",
         ),
     },
     deadline=_completion_deadline(),
@@ -154,12 +165,23 @@ def overnight_nightly() -> None:
         return asdict(score_shard(get_settings(), date.fromisoformat(day), shards, shard))
 
     @task
-    def publish(day: str, scored: list[dict[str, Any]], params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def publish(
+        day: str, scored: list[dict[str, Any]], params: dict[str, Any] | None = None, dag_run: Any = None
+    ) -> dict[str, Any]:
         from datetime import date
 
         from jobs.publish import publish
 
-        return asdict(publish(get_settings(), date.fromisoformat(day), (params or {}).get("publish_live")))
+        params = params or {}
+        user = getattr(dag_run, "triggering_user_name", None) or "unknown user"
+        published = publish(
+            get_settings(),
+            date.fromisoformat(day),
+            params.get("publish_live"),
+            accept_checks=params.get("accept_checks"),
+            accepted_by=f"{user} (airflow dag run {dag_run.run_id})" if dag_run else None,
+        )
+        return asdict(published)
 
     @task
     def monitor_input(day: str, scored: list[dict[str, Any]]) -> dict[str, Any]:

@@ -151,11 +151,29 @@ def publish(
             "Default: live unless the live batch is of a newer date (a backfill).",
         ),
     ] = None,
+    accept_checks: Annotated[
+        str | None,
+        typer.Option(
+            "--accept-checks",
+            metavar="WHY",
+            help="Publish the batch even though monitoring fails it (see `overnight drift --date D` first), "
+            "accepting its failing checks for this reason; who, why, when and which checks are recorded in "
+            "the run history, the alert log and the dashboard.",
+        ),
+    ] = None,
 ) -> None:
     """Load a date's scores into a new batch table, validate it and switch the live pointer to it."""
     from jobs.publish import publish as run_publish
+    from jobs.publish import publish_accepting_checks
 
-    _echo(run_publish(_settings(), logical_date, make_live=live))
+    if accept_checks is None:
+        _echo(run_publish(_settings(), logical_date, make_live=live))
+        return
+    if not accept_checks.strip():
+        raise typer.BadParameter("say why the failing checks may be published", param_hint="'--accept-checks'")
+    result = publish_accepting_checks(_settings(), logical_date, accept_checks, make_live=live)
+    _echo(result)
+    typer.echo(result.summary() if result.accepted else f"{result.summary()}; no check failed, nothing was accepted")
 
 
 @app.command()
@@ -623,7 +641,14 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
-    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (local use only).")] = False,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="Serve without API keys: lookups, feedback writes (POST /v1/events) and the dashboard are open "
+            "to anyone who can reach the port (local use only). The only way to turn authentication off.",
+        ),
+    ] = False,
     server: Annotated[str, typer.Option(help="HTTP server: granian (faster here, see README) or uvicorn.")] = "granian",
 ) -> None:
     """Run the lookup service (needs OVERNIGHT_API_KEYS unless --no-auth)."""
@@ -695,7 +720,7 @@ def demo(
         f'Try:  curl -H "Authorization: Bearer {result.api_key}" '
         f'"http://127.0.0.1:{port}/v1/users/{result.user_id}/recommendations?k=5"'
     )
-    typer.echo(f"Dashboard:  http://127.0.0.1:{port}/dashboard?key={result.api_key}")
+    typer.echo(f"Dashboard:  http://127.0.0.1:{port}/dashboard  (sign in with the API key)")
     if serve_after:
         os.environ["OVERNIGHT_API_KEYS"] = result.api_key
         typer.echo(f"Serving on http://127.0.0.1:{port} (Ctrl-C to stop)")

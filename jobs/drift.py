@@ -172,6 +172,7 @@ def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
         volume_change = max(ratio, 1 / ratio) if ratio > 0 else float("inf")
     return {
         "volume": volume,
+        "trailing_days": days_of_history,
         "trailing_average": trailing_average,
         "volume_ratio": volume / trailing_average if trailing_average else None,
         "volume_change": volume_change,
@@ -195,6 +196,25 @@ def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
         if weight_shares
         else None,
     }
+
+
+def volume_in_words(logical_date: date, measured: dict[str, Any]) -> str | None:
+    """The volume check's message where a factor says it badly: a day without events (an infinite
+    change; it usually means a broken or late source, so it still fails), and a first night, with no
+    full day before it to compare with (not measured, so it never holds a batch back)."""
+    volume, average = measured["volume"], measured["trailing_average"]
+    if average is None:
+        return (
+            f"volume_change: not measured: no full day of events before {logical_date} to compare its "
+            f"{volume:,} events with (a first night)"
+        )
+    if volume == 0 and average > 0:
+        shown = f"{average:,.0f}" if average >= 10 else f"{average:.2g}"
+        return (
+            f"no events on {logical_date}; the trailing {measured['trailing_days']}-day average is {shown} a day: "
+            "the source may be incomplete"
+        )
+    return None
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -258,8 +278,11 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
             "feedback_dropped_by_reason": measured["feedback_dropped_by_reason"],
         }
     }
+    described = {"volume_change": volume_in_words(logical_date, measured)}
     input_checks = [
-        monitor.evaluate(limits, "input", name, measured[name], details=input_details.get(name))
+        monitor.evaluate(
+            limits, "input", name, measured[name], details=input_details.get(name), described=described.get(name)
+        )
         for name in INPUT_STATISTICS
     ]
 

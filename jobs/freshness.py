@@ -9,7 +9,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 import sql
-from jobs import registry
+from jobs import registry, runs
 from jobs.database import connect, upgrade
 from jobs.errors import StaleBatchError
 from jobs.rollouts import running_canary
@@ -83,9 +83,11 @@ def check_freshness(
 
 
 def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
-    """What is live, the canary beside it, which model is in production, and the latest batches."""
+    """What is live, the canary beside it, which model is in production, the latest batches, and the
+    latest runs (a run whose process died is marked abandoned first)."""
     with connect(settings) as conn:
         upgrade(conn)
+        recent_runs = runs.recent_runs(conn, recent)
         live = _live(conn)
         canary = running_canary(conn)
         model = registry.production_model(conn)
@@ -100,6 +102,7 @@ def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
             {**registry.describe(model), "baselines": model.metrics.get("baselines", {})} if model else None
         ),
         "recent_batches": [_plain(b) for b in batches],
+        "recent_runs": [_plain(r) for r in recent_runs],
     }
 
 

@@ -110,30 +110,36 @@ def evaluate(
     value: float | None,
     subject: str = "",
     details: dict[str, Any] | None = None,
+    described: str | None = None,
 ) -> Check:
-    """Compare one measurement with its thresholds; an unmeasurable value (None, NaN) is ok and says so."""
+    """Compare one measurement with its thresholds; an unmeasurable value (None, NaN) is ok and says so.
+
+    ``described``: the message, in words, where the number would say it badly (a day without events
+    changes the volume by an infinite factor). An infinite value is past every finite threshold on its
+    bad side; it is stored as no value (JSON has no infinity) and never printed."""
     limit = limits[statistic]
     name = f"{statistic} of {subject}" if subject else statistic
+    shown = f"{value:.4g}" if value is not None and math.isfinite(value) else "unbounded"
     if value is None or math.isnan(value):
         level: Level = "ok"
         message = f"{name}: not measured"
         value = None
     elif _past(value, limit.fail, limit.bad_side):
         level = "fail"
-        message = f"{name} is {value:.4g}, {limit.bad_side} the fail threshold {limit.fail:g}"
+        message = f"{name} is {shown}, {limit.bad_side} the fail threshold {limit.fail:g}"
     elif _past(value, limit.warn, limit.bad_side):
         level = "warn"
-        message = f"{name} is {value:.4g}, {limit.bad_side} the warn threshold {limit.warn:g}"
+        message = f"{name} is {shown}, {limit.bad_side} the warn threshold {limit.warn:g}"
     else:
         level = "ok"
-        message = f"{name} is {value:.4g}"
+        message = f"{name} is {shown}"
     return Check(
         stage=stage,
         statistic=statistic,
         subject=subject,
-        value=value,
+        value=value if value is None or math.isfinite(value) else None,
         level=level,
-        message=message,
+        message=described or message,
         warn_at=limit.warn,
         fail_at=limit.fail,
         bad_side=limit.bad_side,

@@ -6,21 +6,27 @@ fallback, catalogue coverage, distinct items and Gini of exposure, empty and sho
 overlap with (and score shift against) yesterday's lists for a stable sample of users.
 ``check_batch`` is the gate publish calls before switching ``live``: any check at its fail
 threshold (input, drift or output) blocks the batch with the reasons, and production keeps the
-batch it has.
+batch it has. An operator who has looked at them may accept the fails (``overnight publish
+--accept-checks "why"``): the batch goes through, and who accepted which checks, why and when is
+recorded (``overnight.monitor_acceptances``, linked to the run) and alerted.
 """
 
+import getpass
 import logging
+import socket
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 import numpy as np
 import polars as pl
 import psycopg
+from psycopg.types.json import Jsonb
 
 import sql
 from jobs import distributions, lake, monitor, runs, score
 from jobs.database import connect
-from jobs.errors import BatchValidationError
+from jobs.errors import BatchValidationError, OvernightError
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +45,49 @@ class MonitoringBlockedError(BatchValidationError):
         super().__init__(message)
         # jobs.alerts.task_failed sends nothing more for a problem already announced under it
         self.alert_fingerprint = alert_fingerprint
+
+
+class AcceptanceError(OvernightError):
+    """Failing checks cannot be accepted that way (no reason given, or not production's batch)."""
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The failing checks an operator accepted to publish a batch monitoring held back."""
+
+    reason: str
+    accepted_by: str
+    accepted_at: str
+    batch_id: int
+    checks: list[dict[str, str]]  # stage, statistic, subject, message
+
+    @property
+    def names(self) -> list[str]:
+        named = (f"{c['statistic']} of {c['subject']}" if c["subject"] else c["statistic"] for c in self.checks)
+        return list(dict.fromkeys(named))
+
+    def summary(self) -> str:
+        count = len(self.checks)
+        return (
+            f"accepted {count} failing check{'s' if count != 1 else ''} ({', '.join(self.names)}) "
+            f'by {self.accepted_by}: "{self.reason}"'
+        )
+
+
+def given_reason(reason: str) -> str:
+    """The reason to accept failing checks, refused when empty: an acceptance must say why."""
+    if not reason.strip():
+        raise AcceptanceError("accepting failing checks needs a reason: say why the batch may be published")
+    return reason.strip()
+
+
+def operator() -> str:
+    """Who runs this process, as an acceptance records it: the login name at the host."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = "unknown user"
+    return f"{user}@{socket.gethostname()}"
 
 
 def batch_statistics(
@@ -172,10 +221,19 @@ def unrecorded_checks(settings: Settings, logical_date: date, batch_id: int, mod
     }
 
 
-def check_batch(settings: Settings, logical_date: date, batch_id: int, model_id: str) -> list[monitor.Check]:
+def check_batch(
+    settings: Settings,
+    logical_date: date,
+    batch_id: int,
+    model_id: str,
+    accept_checks: str | None = None,
+    accepted_by: str | None = None,
+) -> Acceptance | None:
     """The publish gate of a production batch: measure the loaded batch, record it as the date's
     output monitoring, and raise MonitoringBlockedError when any check of the date (input, drift or
-    output) is at its fail threshold. Never for a batch of a chosen model: see `unrecorded_checks`."""
+    output) is at its fail threshold, unless `accept_checks` gives the reason an operator accepts them:
+    then the acceptance is recorded, alerted and returned. Never for a batch of a chosen model: see
+    `unrecorded_checks`."""
     from jobs import drift
 
     limits = monitor.thresholds(settings)
@@ -191,16 +249,70 @@ def check_batch(settings: Settings, logical_date: date, batch_id: int, model_id:
         stored = monitor.stored_checks(conn, logical_date)
     output_fails = [c for c in checks if c.level == "fail"]
     if output_fails:
-        monitor.alert_problems(settings, logical_date, output_fails, run_id, f"batch {batch_id} held back")
+        what = f"batch {batch_id} {'published, its fails accepted' if accept_checks is not None else 'held back'}"
+        monitor.alert_problems(settings, logical_date, output_fails, run_id, what)
     fails = [c for c in stored if c["level"] == "fail"]
+    if fails and accept_checks is not None:
+        return _accept(settings, logical_date, batch_id, run_id, fails, given_reason(accept_checks), accepted_by)
     if fails:
         first = fails[0]
         link = monitor.dashboard_link(settings, logical_date)
+        day = logical_date.isoformat()
         raise MonitoringBlockedError(
             f"batch {batch_id} for {logical_date} blocked by monitoring: "
             + "; ".join(c["message"] for c in fails[:10])
             + (f" (and {len(fails) - 10} more)" if len(fails) > 10 else "")
-            + (f"; see {link}" if link else "; see `overnight drift --date " + logical_date.isoformat() + "`"),
+            + (f"; see {link}" if link else f"; see `overnight drift --date {day}`")
+            + f'; to publish it anyway once looked at: overnight publish --date {day} --accept-checks "why"',
             monitor.fingerprint(logical_date, first["stage"], first["statistic"], "fail"),
         )
-    return checks
+    if accept_checks is not None:
+        logger.info("publish: batch %d for %s: no check fails, nothing to accept", batch_id, logical_date)
+    return None
+
+
+def _accept(
+    settings: Settings,
+    logical_date: date,
+    batch_id: int,
+    run_id: int | None,
+    fails: list[dict[str, Any]],
+    reason: str,
+    accepted_by: str | None,
+) -> Acceptance:
+    from jobs.alerts import send_alert
+
+    checks = [{k: str(c[k]) for k in ("stage", "statistic", "subject", "message")} for c in fails]
+    who = accepted_by or operator()
+    with connect(settings) as conn:
+        row = conn.execute(
+            sql.query("record_acceptance"),
+            {
+                "logical_date": logical_date,
+                "batch_id": batch_id,
+                "run_id": run_id,
+                "checks": Jsonb(checks),
+                "reason": reason,
+                "accepted_by": who,
+            },
+        ).fetchone()
+    assert row is not None
+    acceptance = Acceptance(reason, who, row[0].isoformat(), batch_id, checks)
+    logger.warning("publish: batch %d for %s: %s", batch_id, logical_date, acceptance.summary())
+    send_alert(
+        f"overnight {logical_date}: batch {batch_id} published with its failing checks accepted",
+        {
+            "text": acceptance.summary(),
+            "reason": reason,
+            "accepted_by": who,
+            "checks": acceptance.names,
+            "messages": [c["message"] for c in checks],
+            "logical_date": logical_date.isoformat(),
+            "batch_id": batch_id,
+            "run_id": run_id,
+            "dashboard": monitor.dashboard_link(settings, logical_date),
+        },
+        fingerprint=f"accepted:{logical_date.isoformat()}:{batch_id}",
+        settings=settings,
+    )
+    return acceptance

@@ -8,6 +8,8 @@
 4. In one transaction point ``overnight.live`` at the batch and NOTIFY the lookup services.
 5. Drop batches beyond the newest few, and earlier batches of the same date (a re-run replaces).
 
+A batch monitoring holds back is published with ``accept_checks`` (``overnight publish --accept-checks
+"why"``): the fails are accepted, recorded and alerted, and the batch goes on as any other.
 A batch of a date older than the live one (a backfill) is kept ready but not made live unless asked.
 A batch scored with a chosen model (``score.score(..., model_id=M)``) is published either as a shadow
 (never served) or, with ``model_id``, as a serving batch that never goes live here: a canary's batch.
@@ -27,7 +29,7 @@ from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 import sql
-from jobs import copy_binary, lake, monitor, output_stats, registry, score
+from jobs import copy_binary, lake, monitor, output_stats, registry, runs, score
 from jobs.database import connect, database_url, upgrade
 from jobs.errors import BatchValidationError, MissingDataError
 from jobs.settings import Settings
@@ -48,10 +50,12 @@ class PublishResult:
     dropped_batches: list[int] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, validate, monitor, switch
+    accepted: output_stats.Acceptance | None = None  # the failing checks accepted to publish it
 
     def summary(self) -> str:
         state = "live" if self.live else f"not live: {self.reason}"
-        return f"batch {self.batch_id}, {self.users:,} users, {state}"
+        accepted = f"; {self.accepted.summary()}" if self.accepted else ""
+        return f"batch {self.batch_id}, {self.users:,} users, {state}{accepted}"
 
 
 @dataclass(frozen=True)
@@ -261,14 +265,24 @@ def publish(
     make_live: bool | None = None,
     shadow: bool = False,
     model_id: str | None = None,
+    accept_checks: str | None = None,
+    accepted_by: str | None = None,
 ) -> PublishResult:
     """Publish the date's scores: production's, or with `model_id` those of that chosen model
     (``score.score(..., model_id=M)``): with `shadow`, as a batch that is never served; without, as a
     serving batch kept ready for a canary, never made live here. A chosen model's batch never records
-    the date's monitoring, which is production's."""
+    the date's monitoring, which is production's.
+
+    `accept_checks`: the reason an operator accepts the date's failing checks (refused when empty), so
+    that monitoring does not hold production's batch back; `accepted_by` who (default: this process's
+    user at its host)."""
     chosen = model_id is not None
     if shadow and not chosen:
         raise ValueError("a shadow batch is of a chosen model: pass its model_id")
+    if accept_checks is not None:
+        accept_checks = output_stats.given_reason(accept_checks)
+        if chosen:
+            raise output_stats.AcceptanceError("failing checks are accepted for production's batch of a date only")
     manifests = score.read_manifests(settings, logical_date, model_id)
     files = [score.shard_path(settings, logical_date, m.shard, m.shards, model_id) for m in manifests]
     folder = settings.work_dir_for(logical_date)
@@ -305,6 +319,7 @@ def publish(
         logger.info("publish: batch %d for %s: loading %d shards", batch_id, logical_date, len(manifests))
 
         measured: dict[str, Any] | None = None
+        accepted: output_stats.Acceptance | None = None
         seconds: dict[str, float] = {}
         started = time.perf_counter()
 
@@ -350,7 +365,9 @@ def publish(
                         + "; ".join(failed)
                     )
             else:
-                output_stats.check_batch(settings, logical_date, batch_id, model_id)  # monitoring's publish gate
+                accepted = output_stats.check_batch(  # monitoring's publish gate
+                    settings, logical_date, batch_id, model_id, accept_checks, accepted_by
+                )
             lap("monitor")
         except Exception as error:
             conn.rollback()
@@ -409,7 +426,26 @@ def publish(
         dropped_batches=dropped,
         validation=measured,
         seconds=seconds,
+        accepted=accepted,
     )
+
+
+def publish_accepting_checks(
+    settings: Settings,
+    logical_date: date,
+    reason: str,
+    make_live: bool | None = None,
+    accepted_by: str | None = None,
+) -> PublishResult:
+    """``overnight publish --accept-checks "why"``: publish the date's batch though monitoring fails
+    it, accepting its failing checks for `reason`. A run of its own in the run history (one step,
+    publish), so the acceptance shows beside the run that was blocked."""
+    reason = output_stats.given_reason(reason)
+    with runs.recording(settings, logical_date) as run_id, runs.step(settings, run_id, "publish") as recorded:
+        recorded.result = result = publish(
+            settings, logical_date, make_live, accept_checks=reason, accepted_by=accepted_by
+        )
+    return result
 
 
 def publish_model(

@@ -4,10 +4,19 @@ outcome, in ``overnight.runs`` and ``overnight.run_steps``.
 ``overnight run`` records through :func:`step`; the Airflow DAG through the task hooks at the end
 (``on_execute_callback``, ``post_execute``, ``on_failure_callback``), which run in the task's own
 process, so a step's memory is that task's. Recording never fails a run: a problem is logged.
+
+A process that dies mid-way (SIGKILL, OOM, a lost machine) cannot record its end, so the process that
+records holds a connection (its :class:`Recorder`) while it runs; a running run or step whose recorder's
+backend is gone is ``abandoned`` (migration 0016): marked so when a run starts or ``overnight status``
+lists runs, read so by the dashboard at once (its role cannot write). An Airflow task's process owns
+its step only: the dag run is abandoned when a step is and no other step still runs (between tasks
+nothing runs and nothing is abandoned); a retry makes both running again, and between a failed attempt
+and its retry the step reads abandoned (no process runs it meanwhile).
 """
 
 import logging
 import resource
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +25,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.rows import dict_row
+
 import sql
-from jobs.database import connect, upgrade
+from jobs.database import connect, database_url, upgrade
 from jobs.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -33,11 +45,83 @@ def current_run_id() -> int | None:
     return _current_run_id
 
 
-def start_run(settings: Settings, logical_date: date, trigger: str = "cli", external_id: str | None = None) -> int:
+# ---------------------------------------------------------------------------- abandoned runs
+
+
+@dataclass(frozen=True)
+class Recorder:
+    """The connection a recording process holds while its run or step runs, under a name of its own:
+    while its backend lives (``pg_stat_activity``), what it owns is not abandoned."""
+
+    pid: int
+    name: str
+    conn: psycopg.Connection
+
+
+# This process's recorder: the CLI run's, or the Airflow task's (which owns that task's step).
+_recorder: Recorder | None = None
+
+
+def open_recorder(settings: Settings) -> Recorder | None:
+    name = f"overnight-recorder-{secrets.token_hex(8)}"
+    conn: psycopg.Connection | None = None
+    try:
+        conn = psycopg.connect(database_url(settings), autocommit=True, connect_timeout=10, application_name=name)
+        row = conn.execute(sql.query("recorder_session")).fetchone()
+        assert row is not None
+    except Exception as error:
+        if conn is not None:
+            conn.close()
+        logger.warning("run history: no recorder connection, so a death of this process goes unnoticed: %s", error)
+        return None
+    return Recorder(pid=int(row[0]), name=name, conn=conn)
+
+
+def close_recorder(recorder: Recorder | None) -> None:
+    if recorder is not None:
+        recorder.conn.close()
+
+
+def _owned_by(recorder: Recorder | None) -> dict[str, Any]:
+    return {"owner_pid": recorder.pid if recorder else None, "owner_name": recorder.name if recorder else None}
+
+
+def mark_abandoned(conn: psycopg.Connection) -> list[int]:
+    """Mark the runs and steps whose recording process died as abandoned; returns the runs marked."""
+    with conn.transaction():
+        steps = conn.execute(sql.query("mark_abandoned_steps")).fetchall()
+        abandoned = [int(row[0]) for row in conn.execute(sql.query("mark_abandoned_runs"))]
+    for run_id, name in steps:
+        logger.warning("run history: step %s of run %d is abandoned: the process recording it is gone", name, run_id)
+    for run_id in abandoned:
+        logger.warning("run history: run %d is abandoned: no process is recording it any more", run_id)
+    return abandoned
+
+
+def recent_runs(conn: psycopg.Connection, limit: int) -> list[dict[str, Any]]:
+    """The newest runs, newest first, each with its steps' statuses and its accepted checks; runs
+    whose process died are marked abandoned first."""
+    mark_abandoned(conn)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql.query("recent_runs"), (limit,)).fetchall()
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def start_run(
+    settings: Settings,
+    logical_date: date,
+    trigger: str = "cli",
+    external_id: str | None = None,
+    recorder: Recorder | None = None,
+) -> int:
     with connect(settings) as conn:
         upgrade(conn)
+        mark_abandoned(conn)
         row = conn.execute(
-            sql.query("start_run"), {"logical_date": logical_date, "trigger": trigger, "external_id": external_id}
+            sql.query("start_run"),
+            {"logical_date": logical_date, "trigger": trigger, "external_id": external_id, **_owned_by(recorder)},
         ).fetchone()
     assert row is not None
     return int(row[0])
@@ -46,19 +130,25 @@ def start_run(settings: Settings, logical_date: date, trigger: str = "cli", exte
 @contextmanager
 def recording(settings: Settings, logical_date: date) -> Iterator[int]:
     """A CLI run around the block: started, then finished as success, failed or blocked; what
-    monitoring records meanwhile is linked to it."""
-    global _current_run_id
-    run_id = start_run(settings, logical_date, "cli")
-    outer, _current_run_id = _current_run_id, run_id
+    monitoring records meanwhile is linked to it. This process records it and its steps."""
+    global _current_run_id, _recorder
+    recorder = open_recorder(settings)
+    outer_recorder, _recorder = _recorder, recorder
     try:
-        yield run_id
-    except BaseException as error:
-        finish_run(settings, run_id, outcome_of(error), error)
-        raise
-    else:
-        finish_run(settings, run_id, "success")
+        run_id = start_run(settings, logical_date, "cli", recorder=recorder)
+        outer, _current_run_id = _current_run_id, run_id
+        try:
+            yield run_id
+        except BaseException as error:
+            finish_run(settings, run_id, outcome_of(error), error)
+            raise
+        else:
+            finish_run(settings, run_id, "success")
+        finally:
+            _current_run_id = outer
     finally:
-        _current_run_id = outer
+        _recorder = outer_recorder
+        close_recorder(recorder)  # after the end is recorded: never abandoned while it finishes
 
 
 def finish_run(settings: Settings, run_id: int, status: str, error: BaseException | str | None = None) -> None:
@@ -153,7 +243,8 @@ class StepRecord:
 def begin_step(settings: Settings, run_id: int, name: str) -> float:
     try:
         with connect(settings) as conn:
-            conn.execute(sql.query("start_run_step"), (run_id, name))
+            conn.execute(sql.query("start_run_step"), {"run_id": run_id, "step": name, **_owned_by(_recorder)})
+            conn.execute(sql.query("resume_abandoned_run"), (run_id,))
     except Exception as error:
         logger.warning("run history: could not record the start of %s: %s", name, error)
     reset_peak_memory()
@@ -237,10 +328,20 @@ def _airflow_step(context: Any) -> tuple[Settings, int, str]:
     return settings, run_id, name
 
 
+def _release_recorder() -> None:
+    global _recorder
+    close_recorder(_recorder)
+    _recorder = None
+
+
 def airflow_task_started(context: Any) -> None:
-    """``on_execute_callback``: the step starts (and the run, for its first task)."""
+    """``on_execute_callback``: the step starts (and the run, for its first task), owned by this
+    task's process; a retry's start makes an abandoned step and run running again."""
+    global _recorder
     try:
         settings, run_id, name = _airflow_step(context)
+        if _recorder is None:
+            _recorder = open_recorder(settings)
         _airflow_started[name] = begin_step(settings, run_id, name)
     except Exception as error:
         logger.warning("run history: could not record the task start: %s", error)
@@ -255,10 +356,13 @@ def airflow_task_finished(context: Any, result: Any) -> None:
             finish_run(settings, run_id, "success")
     except Exception as error:
         logger.warning("run history: could not record the task end: %s", error)
+    finally:
+        _release_recorder()
 
 
 def airflow_task_failed(context: Any) -> None:
-    """``on_failure_callback``: the step and its run failed (or were blocked by monitoring)."""
+    """``on_failure_callback``: the step and its run failed (or were blocked by monitoring). It may run
+    in another process than the task's (a task whose process died); it records the same."""
     try:
         settings, run_id, name = _airflow_step(context)
         error = context.get("exception") or RuntimeError("task failed")
@@ -266,3 +370,5 @@ def airflow_task_failed(context: Any) -> None:
         finish_run(settings, run_id, outcome_of(error), error)
     except Exception as failure:
         logger.warning("run history: could not record the task failure: %s", failure)
+    finally:
+        _release_recorder()

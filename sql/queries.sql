@@ -236,26 +236,52 @@ LIMIT %s;
 -- ===================================================================== run history
 
 -- name: start_run
--- A CLI run gets a new row; an Airflow dag run gets one row, whichever of its tasks reports first.
-INSERT INTO overnight.runs (logical_date, trigger, external_id)
-VALUES (%(logical_date)s, %(trigger)s, %(external_id)s)
+-- A CLI run gets a new row, owned by its recorder; an Airflow dag run gets one row, whichever of its
+-- tasks reports first, owned by none (each task's process owns its step).
+INSERT INTO overnight.runs (logical_date, trigger, external_id, owner_pid, owner_name)
+VALUES (%(logical_date)s, %(trigger)s, %(external_id)s, %(owner_pid)s, %(owner_name)s)
 ON CONFLICT (trigger, external_id) WHERE external_id IS NOT NULL
 DO UPDATE SET external_id = EXCLUDED.external_id
 RETURNING run_id;
 
+-- name: recorder_session
+-- The connection a recorder holds while its run or step runs: the server notices a lost machine within
+-- about two minutes (keepalives) and never closes the connection for being idle.
+SELECT pg_backend_pid(), set_config('tcp_keepalives_idle', '60', false),
+       set_config('tcp_keepalives_interval', '10', false), set_config('tcp_keepalives_count', '6', false),
+       set_config('idle_session_timeout', '0', false);
+
+-- name: mark_abandoned_steps
+-- Steps left 'running' by a process that died (see migration 0016), with when it was noticed.
+UPDATE overnight.run_steps SET status = 'abandoned', abandoned_at = now()
+WHERE status = 'running' AND overnight.recorder_gone(owner_pid, owner_name)
+RETURNING run_id, step;
+
+-- name: mark_abandoned_runs
+UPDATE overnight.runs SET status = 'abandoned', abandoned_at = now()
+WHERE status = 'running' AND overnight.run_abandoned(run_id)
+RETURNING run_id;
+
 -- name: start_run_step
-INSERT INTO overnight.run_steps (run_id, step, status, started_at)
-VALUES (%s, %s, 'running', now())
+INSERT INTO overnight.run_steps (run_id, step, status, started_at, owner_pid, owner_name)
+VALUES (%(run_id)s, %(step)s, 'running', now(), %(owner_pid)s, %(owner_name)s)
 ON CONFLICT (run_id, step) DO UPDATE SET
     status = 'running', attempt = overnight.run_steps.attempt + 1, started_at = now(),
     finished_at = NULL, seconds = NULL, peak_memory_bytes = NULL, rows_in = NULL, rows_out = NULL,
-    summary = NULL, error = NULL;
+    summary = NULL, error = NULL, abandoned_at = NULL, owner_pid = EXCLUDED.owner_pid,
+    owner_name = EXCLUDED.owner_name;
+
+-- name: resume_abandoned_run
+-- A step starting again (an Airflow retry) makes its abandoned run running again.
+UPDATE overnight.runs SET status = 'running', abandoned_at = NULL
+WHERE run_id = %s AND status = 'abandoned';
 
 -- name: finish_run_step
+-- A step's end is recorded even if it was taken for abandoned (its recorder's connection was lost).
 UPDATE overnight.run_steps
 SET status = %(status)s, finished_at = now(), seconds = %(seconds)s,
     peak_memory_bytes = %(peak_memory_bytes)s, rows_in = %(rows_in)s, rows_out = %(rows_out)s,
-    summary = %(summary)s, error = %(error)s
+    summary = %(summary)s, error = %(error)s, abandoned_at = NULL
 WHERE run_id = %(run_id)s AND step = %(step)s;
 
 -- name: note_run_result
@@ -266,7 +292,7 @@ WHERE run_id = %(run_id)s;
 
 -- name: finish_run
 UPDATE overnight.runs
-SET status = %(status)s, error = %(error)s,
+SET status = %(status)s, error = %(error)s, abandoned_at = NULL,
     finished_at = CASE WHEN %(status)s = 'running' THEN NULL ELSE now() END
 WHERE run_id = %(run_id)s;
 
@@ -278,6 +304,21 @@ FROM overnight.runs WHERE run_id = %s;
 SELECT step, status, attempt, started_at, finished_at, seconds, peak_memory_bytes, rows_in, rows_out,
        summary, error
 FROM overnight.run_steps WHERE run_id = %s ORDER BY started_at, step;
+
+-- name: recent_runs
+-- The newest runs with each step's status and the checks accepted to publish their batch, if any
+-- (`overnight status`); abandoned runs are marked before (mark_abandoned_steps, mark_abandoned_runs).
+SELECT r.run_id, r.logical_date, r.trigger, r.status, r.started_at, r.finished_at, r.abandoned_at,
+       r.batch_id, r.model_id, r.error,
+       coalesce((SELECT jsonb_object_agg(s.step, s.status)
+                 FROM overnight.run_steps AS s WHERE s.run_id = r.run_id), '{}') AS steps,
+       (SELECT jsonb_build_object('reason', a.reason, 'accepted_by', a.accepted_by, 'accepted_at', a.accepted_at,
+                                  'batch_id', a.batch_id, 'checks', a.checks)
+        FROM overnight.monitor_acceptances AS a WHERE a.run_id = r.run_id
+        ORDER BY a.accepted_at DESC LIMIT 1) AS accepted
+FROM overnight.runs AS r
+ORDER BY r.started_at DESC, r.run_id DESC
+LIMIT %s;
 
 -- ===================================================================== monitoring
 
@@ -334,6 +375,11 @@ WHERE logical_date < %s AND status IN ('live', 'ready', 'retired')
 ORDER BY logical_date DESC, batch_id DESC
 LIMIT 1;
 
+-- name: record_acceptance
+INSERT INTO overnight.monitor_acceptances (logical_date, batch_id, run_id, checks, reason, accepted_by)
+VALUES (%(logical_date)s, %(batch_id)s, %(run_id)s, %(checks)s, %(reason)s, %(accepted_by)s)
+RETURNING accepted_at;
+
 -- name: record_alert
 -- True when the fingerprint is new (send it), false when it was sent before (only counted).
 INSERT INTO overnight.alerts (fingerprint, title, details) VALUES (%s, %s, %s)
@@ -344,25 +390,40 @@ RETURNING times_seen = 1;
 -- ===================================================================== dashboard (serving)
 
 -- name: dashboard_runs
-SELECT run_id, logical_date, trigger, status, started_at, finished_at, batch_id, model_id, error,
-       extract(epoch FROM coalesce(finished_at, now()) - started_at) AS seconds
-FROM overnight.runs
-ORDER BY started_at DESC
-LIMIT %s;
+-- A run whose process died reads as abandoned here already (noticed now), though this read-only role
+-- cannot mark it: the batch side does when it next starts a run or shows them (migration 0016).
+SELECT r.run_id, r.logical_date, r.trigger,
+       CASE WHEN gone.abandoned THEN 'abandoned' ELSE r.status END AS status,
+       r.started_at, r.finished_at,
+       coalesce(r.abandoned_at, CASE WHEN gone.abandoned THEN now() END) AS abandoned_at,
+       r.batch_id, r.model_id, r.error,
+       extract(epoch FROM coalesce(r.finished_at, r.abandoned_at, now()) - r.started_at) AS seconds,
+       (SELECT jsonb_build_object('reason', a.reason, 'accepted_by', a.accepted_by, 'accepted_at', a.accepted_at,
+                                  'batch_id', a.batch_id, 'checks', a.checks)
+        FROM overnight.monitor_acceptances AS a WHERE a.run_id = r.run_id
+        ORDER BY a.accepted_at DESC LIMIT 1) AS accepted
+FROM (SELECT * FROM overnight.runs ORDER BY started_at DESC LIMIT %s) AS r
+CROSS JOIN LATERAL (SELECT overnight.run_abandoned(r.run_id) AS abandoned) AS gone
+ORDER BY r.started_at DESC;
 
 -- name: dashboard_run_steps
 -- Steps of the given runs; a mapped step's parts ("score[0]", "score[1]") count as one, wall to wall.
+-- A part whose process died reads as abandoned, as in dashboard_runs.
 SELECT run_id,
        regexp_replace(step, '\[\d+\]$', '') AS step,
        count(*) AS parts,
        min(started_at) AS started_at,
-       extract(epoch FROM max(coalesce(finished_at, now())) - min(started_at)) AS seconds,
+       extract(epoch FROM max(coalesce(finished_at, abandoned_at, now())) - min(started_at)) AS seconds,
        max(peak_memory_bytes) AS peak_memory_bytes,
        sum(rows_in) AS rows_in,
        sum(rows_out) AS rows_out,
-       (array_agg(status ORDER BY array_position(ARRAY['failed', 'blocked', 'running', 'success'], status)))[1]
-           AS status
+       (array_agg(seen.status ORDER BY array_position(
+            ARRAY['failed', 'blocked', 'abandoned', 'running', 'success'], seen.status)))[1] AS status
 FROM overnight.run_steps
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN status = 'running' AND overnight.recorder_gone(owner_pid, owner_name) THEN 'abandoned'
+                ELSE status END AS status
+) AS seen
 WHERE run_id = ANY(%s)
 GROUP BY run_id, 2
 ORDER BY run_id, min(started_at);

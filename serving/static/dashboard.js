@@ -4,7 +4,7 @@
 
 const REFRESH_SECONDS = 30;
 const COLORS = { ok: "#2e9e5b", warn: "#d49a00", fail: "#d1433f", running: "#d49a00", success: "#2e9e5b",
-                 failed: "#d1433f", blocked: "#d1433f" };
+                 failed: "#d1433f", blocked: "#d1433f", abandoned: "#8a5cc2" };
 const charts = {};
 
 function $(id) { return document.getElementById(id); }
@@ -86,7 +86,11 @@ function drawLive(data) {
                     " of users · " + canary.model_id));
   }
   const last = data.runs.length ? data.runs[data.runs.length - 1] : null;
-  if (last) cards.push(card("last run", last.logical_date + " · " + last.status, last.status === "success" ? "ok" : "fail"));
+  if (last) {
+    const accepted = last.accepted ? " · checks accepted" : "";
+    cards.push(card("last run", last.logical_date + " · " + last.status + accepted,
+                    last.status !== "success" ? "fail" : last.accepted ? "warn" : "ok"));
+  }
   const levels = data.checks.filter((c) => c.logical_date === data.focus_date).map((c) => c.level);
   const verdict = levels.includes("fail") ? "fail" : levels.includes("warn") ? "warn" : "ok";
   if (data.focus_date) cards.push(card("monitoring " + data.focus_date, verdict, verdict));
@@ -121,17 +125,37 @@ function drawRuns(data) {
       }),
     })),
   }, true);
-  table("table-runs", ["run", "date", "trigger", "outcome", "duration", "rows in → out (ingest)", "users published", "peak memory", "error"],
+  table("table-runs", ["run", "date", "trigger", "outcome", "duration", "rows in → out (ingest)", "users published", "peak memory", "error or note"],
     [...runs].reverse().map((run) => {
       const ingest = run.steps.find((s) => s.step === "ingest");
       const publish = run.steps.find((s) => s.step === "publish");
       const peak = Math.max(0, ...run.steps.map((s) => s.peak_memory_bytes || 0));
-      return [td("#" + run.run_id), td(run.logical_date), td(run.trigger), td(run.status, "status " + run.status),
+      const outcome = td(run.status + (run.accepted ? " (checks accepted)" : ""), "status " + run.status);
+      if (run.status === "abandoned") outcome.style.color = COLORS.abandoned;
+      return [td("#" + run.run_id), td(run.logical_date), td(run.trigger), outcome,
               td(duration(run.seconds)),
               td(ingest ? fmt(ingest.rows_in) + " → " + fmt(ingest.rows_out) : "–"),
-              td(publish ? fmt(publish.rows_out) : "–"), td(bytes(peak)), td(run.error || "", "message")];
+              td(publish ? fmt(publish.rows_out) : "–"), td(bytes(peak)), td(runNote(run), "message")];
     }));
   setState("panel-runs", "ready");
+}
+
+// What the runs table says beside a run: its error, that its process died, or the checks accepted to publish.
+function runNote(run) {
+  const notes = [];
+  if (run.error) notes.push(run.error);
+  if (run.status === "abandoned") {
+    const step = run.steps.find((s) => s.status === "abandoned");
+    notes.push("abandoned" + (step ? " in " + step.step : "") + ": the process recording it died (noticed " +
+               new Date(run.abandoned_at).toLocaleString() + ")");
+  }
+  const accepted = run.accepted;
+  if (accepted) {
+    const names = [...new Set(accepted.checks.map((c) => c.subject ? c.statistic + " of " + c.subject : c.statistic))];
+    notes.push("batch #" + accepted.batch_id + " published with failing checks accepted (" + names.join(", ") + ") by " +
+               accepted.accepted_by + " on " + new Date(accepted.accepted_at).toLocaleString() + ": “" + accepted.reason + "”");
+  }
+  return notes.join(" · ");
 }
 
 function drawModels(data) {

@@ -1,0 +1,189 @@
+"""Runs whose process died mid-way: killed with SIGKILL, they read as abandoned, not running forever.
+
+A CLI run is abandoned when its process is gone; a step of an Airflow dag run when its task's process
+is gone, the dag run itself only when none of its steps is still running; a retry of the task makes
+both running again. Read through what users read: the dashboard (as the lookup service's read-only
+role, which cannot write) and `overnight status --json`.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from jobs import freshness, runs
+from jobs.settings import Settings
+from serving.dashboard import _read
+from tests.conftest import OVERNIGHT, SAMPLE_DATE, overnight, overnight_env
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+
+
+def eventually(read: Callable[[], T | None], timeout: float = 20.0) -> T:
+    """What ``read`` returns once it returns something: a killed client's backend ends a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = read()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError("not seen in time")
+        time.sleep(0.1)
+
+
+def dashboard(url: str) -> dict[str, Any]:
+    async def read() -> dict[str, Any]:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            return await _read(conn, None)
+
+    return asyncio.run(read())
+
+
+def stored_statuses(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT r.run_id, r.status, r.abandoned_at IS NOT NULL, s.step, s.status, s.abandoned_at IS NOT NULL "
+            "FROM overnight.runs AS r JOIN overnight.run_steps AS s USING (run_id) ORDER BY r.run_id, s.started_at"
+        ).fetchall()
+
+
+def test_a_killed_overnight_run_and_its_step_read_as_abandoned_and_the_next_run_starts(
+    database_url: str, serving_login: str, sample_source: Path, tmp_path: Path
+) -> None:
+    env = overnight_env(database_url, tmp_path / "var")
+    args = ["run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat()]
+    killed_in = "train"  # the longest step of the sample's run: killed while it runs
+    with (tmp_path / "run.log").open("w") as log:
+        process = subprocess.Popen([str(OVERNIGHT), *args], env=env, stdout=log, stderr=log)
+        try:
+
+            def training() -> bool | None:
+                with psycopg.connect(database_url) as conn:
+                    row = conn.execute(
+                        "SELECT status FROM overnight.run_steps WHERE step = %s", (killed_in,)
+                    ).fetchone()
+                return True if row and row[0] == "running" else None
+
+            eventually(training, timeout=120)
+            os.kill(process.pid, signal.SIGKILL)
+            assert process.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+    # The dashboard, under the read-only role, tells from the owner's backend being gone.
+    def abandoned_on_dashboard() -> dict[str, Any] | None:
+        shown = dashboard(serving_login)["runs"]
+        return shown[-1] if shown and shown[-1]["status"] == "abandoned" else None
+
+    run = eventually(abandoned_on_dashboard)
+    assert run["abandoned_at"] is not None
+    steps = {s["step"]: s["status"] for s in run["steps"]}
+    assert steps[killed_in] == "abandoned", steps
+    assert {status for name, status in steps.items() if name != killed_in} == {"success"}
+    assert {row[1] for row in stored_statuses(database_url)} == {"running"}  # the read-only read wrote nothing
+
+    # `overnight status` marks them abandoned for good, with when it noticed.
+    shown_status = json.loads(overnight("status", "--json", env=env).stdout)
+    last = shown_status["recent_runs"][0]
+    assert last["status"] == "abandoned" and last["abandoned_at"] is not None
+    assert last["steps"][killed_in] == "abandoned"
+    stored = stored_statuses(database_url)
+    assert {(row[1], row[2]) for row in stored} == {("abandoned", True)}
+    assert [(row[3], row[4], row[5]) for row in stored if row[4] != "success"] == [(killed_in, "abandoned", True)]
+
+    # The next run of the date starts and finishes; the abandoned one stays as it was.
+    overnight(*args, env=env)
+    history = json.loads(overnight("status", "--json", env=env).stdout)["recent_runs"]
+    assert [(r["status"], r["abandoned_at"] is not None) for r in history] == [("success", False), ("abandoned", True)]
+    assert history[0]["steps"]["publish"] == "success"
+    on_dashboard = dashboard(serving_login)["runs"]
+    assert [r["status"] for r in on_dashboard] == ["abandoned", "success"]
+
+
+TASK_PROCESS = """
+import sys, time
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+from jobs import runs
+
+ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score_shard", map_index=int(sys.argv[1]))
+dag_run = SimpleNamespace(run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC))
+runs.airflow_task_started({"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)})
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def task_context(map_index: int) -> dict[str, Any]:
+    ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score_shard", map_index=map_index)
+    dag_run = SimpleNamespace(run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC))
+    return {"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)}
+
+
+def test_an_airflow_task_whose_process_died_is_abandoned_until_its_retry(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OVERNIGHT_DATABASE_URL", database_url)
+    monkeypatch.setenv("OVERNIGHT_DATA_DIR", str(tmp_path / "var"))
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
+
+    def recent() -> dict[str, Any]:
+        return dict(freshness.status(settings)["recent_runs"][0])
+
+    task = subprocess.Popen(
+        [sys.executable, "-c", TASK_PROCESS, "0"], env=dict(os.environ), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert task.stdout is not None and task.stdout.readline().strip() == "started"
+        runs.airflow_task_started(task_context(1))  # another shard of the same dag run, alive in this process
+        os.kill(task.pid, signal.SIGKILL)
+        task.wait(timeout=10)
+    finally:
+        if task.poll() is None:
+            task.kill()
+        task.wait()
+        assert task.stdout is not None
+        task.stdout.close()
+
+    # Shard 0's process died: its step is abandoned, the dag run is not while shard 1 runs.
+    def shard_abandoned() -> dict[str, Any] | None:
+        found = recent()
+        return found if found["steps"].get("score[0]") == "abandoned" else None
+
+    run = eventually(shard_abandoned)
+    assert run["status"] == "running" and run["abandoned_at"] is None
+    assert run["steps"] == {"score[0]": "abandoned", "score[1]": "running"}
+
+    # Shard 1 ends: nothing runs any more and a step was abandoned, so the dag run is.
+    runs.airflow_task_finished(task_context(1), {"rows_out": 10})
+    run = recent()
+    assert (run["status"], run["steps"]) == ("abandoned", {"score[0]": "abandoned", "score[1]": "success"})
+    assert run["abandoned_at"] is not None
+
+    # Airflow retries shard 0: the step and the dag run are running again.
+    runs.airflow_task_started(task_context(0))
+    run = recent()
+    assert (run["status"], run["abandoned_at"]) == ("running", None)
+    assert run["steps"] == {"score[0]": "running", "score[1]": "success"}
+    runs.airflow_task_finished(task_context(0), {"rows_out": 10})
+    with psycopg.connect(database_url) as conn:
+        attempts = conn.execute("SELECT step, status, attempt FROM overnight.run_steps ORDER BY step").fetchall()
+    assert attempts == [("score[0]", "success", 2), ("score[1]", "success", 1)]
+    assert recent()["status"] == "running"  # the dag run goes on to publish
