@@ -329,9 +329,11 @@ def _airflow_step(context: Any) -> tuple[Settings, int, str]:
 
 
 def _release_recorder() -> None:
-    global _recorder
+    """The task ended: this process records nothing more of its run (a process may run another task)."""
+    global _recorder, _current_run_id
     close_recorder(_recorder)
     _recorder = None
+    _current_run_id = None
 
 
 def airflow_task_started(context: Any) -> None:
