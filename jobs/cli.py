@@ -105,7 +105,7 @@ def ingest(
     ] = None,
 ) -> None:
     """Validate a source against the data contract and write it to the lake; bad rows are quarantined."""
-    from jobs.ingest import ingest as run_ingest
+    from jobs.steps.ingest import ingest as run_ingest
 
     _echo(run_ingest(_settings(max_bad_fraction=max_bad_fraction), source, logical_date, fmt))
 
@@ -113,7 +113,7 @@ def ingest(
 @app.command()
 def train(logical_date: DateOption) -> None:
     """Train the ranker point in time for a date, evaluate it and register it."""
-    from jobs.train import train as run_train
+    from jobs.steps.train import train as run_train
 
     _echo(run_train(_settings(), logical_date))
 
@@ -132,7 +132,7 @@ def score(
     shard: Annotated[int | None, typer.Option(min=0, help="Score only this shard (0-based); default all.")] = None,
 ) -> None:
     """Score every user with history (or one shard of them) with the model the date may use."""
-    from jobs.score import score as run_score
+    from jobs.steps.score import score as run_score
 
     if shard is not None and shards is not None and shard >= shards:
         raise typer.BadParameter(f"--shard must be below --shards ({shards})")
@@ -163,8 +163,8 @@ def publish(
     ] = None,
 ) -> None:
     """Load a date's scores into a new batch table, validate it and switch the live pointer to it."""
-    from jobs.publish import publish as run_publish
-    from jobs.publish import publish_accepting_checks
+    from jobs.steps.publish import publish as run_publish
+    from jobs.steps.publish import publish_accepting_checks
 
     if accept_checks is None:
         _echo(run_publish(_settings(), logical_date, make_live=live))
@@ -179,7 +179,7 @@ def publish(
 @app.command()
 def run(source: SourceOption, logical_date: DateOption, fmt: FormatOption = "auto") -> None:
     """The whole nightly pipeline without Airflow: ingest → train when due → score → publish → check."""
-    from jobs.pipeline import run as run_pipeline
+    from jobs.nightly import run as run_pipeline
 
     result = run_pipeline(_settings(), source, logical_date, fmt, progress=_progress)
     typer.echo(f"batch {result.batch_id} is published from model {result.model_id} in {result.total_seconds:.1f}s:")
@@ -218,7 +218,7 @@ def evaluate(
     number of evaluated users for the ranker, most-popular, recent-popular, co-visitation, item-knn
     and genre-popular (DESIGN §4).
     """
-    from jobs.evaluate import evaluate as run_evaluate
+    from jobs.steps.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(_settings(), source, protocol, cutoff, horizon_days, fmt)
     window = f", cutoff {result.cutoff}, horizon {result.horizon_days} days" if result.cutoff else ""
@@ -251,8 +251,8 @@ def models(
     """List the model registry: status, held-out metrics beside the best baseline and the online
     numbers, and why a model was kept out."""
     from jobs.database import connect, upgrade
-    from jobs.online import metric_text, online_by_model
     from jobs.registry import describe, list_models
+    from jobs.rollouts.online import metric_text, online_by_model
 
     settings = _settings()
     with connect(settings) as conn:
@@ -294,8 +294,8 @@ def check_freshness(
     as_json: JsonFlag = False,
 ) -> None:
     """Exit 1 with the reason when the live batch is stale or covers too few users."""
-    from jobs.freshness import as_dict
-    from jobs.freshness import check_freshness as run_check
+    from jobs.monitoring.freshness import as_dict
+    from jobs.monitoring.freshness import check_freshness as run_check
 
     _echo(as_dict(run_check(_settings(), max_age_hours, min_coverage)), as_json)
 
@@ -314,8 +314,8 @@ def drift(
 
     Measures input and drift first if the date has no report yet. Exit 0 whatever the verdict.
     """
-    from jobs.drift import report
-    from jobs.monitor import LEVELS
+    from jobs.monitoring.checks import LEVELS
+    from jobs.monitoring.drift import report
 
     found = report(_settings(), logical_date, recompute=recompute)
     if as_json:
@@ -366,7 +366,7 @@ def rollback(
     was not promoted. Its model becomes the registry's production model again, so the next night scores
     with it rather than with the model rolled back from.
     """
-    from jobs.publish import rollback as run_rollback
+    from jobs.steps.publish import rollback as run_rollback
 
     typer.echo(run_rollback(_settings(), to).summary())
 
@@ -431,7 +431,7 @@ def canary(
     night the DAG renews a model canary's lists (--refresh by hand). `overnight promote` makes the
     canary production (and its model the production model); `overnight canary --stop` ends it.
     """
-    from jobs import rollouts
+    from jobs.rollouts import canary
 
     settings = _settings()
     if (logical_date is not None or shards is not None) and model is None and not refresh:
@@ -439,7 +439,7 @@ def canary(
     if refresh:
         if batch is not None or model is not None or traffic is not None or salt is not None or allow_shrink or stop:
             raise typer.BadParameter("--refresh takes only --date, --shards and --json")
-        refreshed = rollouts.refresh_canary(settings, logical_date, shards)
+        refreshed = canary.refresh_canary(settings, logical_date, shards)
         if as_json:
             _echo(refreshed, as_json=True)
         else:
@@ -450,7 +450,7 @@ def canary(
     if stop:
         if batch is not None or model is not None or traffic is not None or salt is not None or allow_shrink:
             raise typer.BadParameter("--stop takes no --batch, --model, --traffic, --salt or --allow-shrink")
-        stopped = rollouts.stop_canary(settings)
+        stopped = canary.stop_canary(settings)
         if as_json:
             _echo(stopped, as_json=True)
             return
@@ -459,29 +459,29 @@ def canary(
         )
         return
     if batch is None and model is None and traffic is None and salt is None and not allow_shrink:
-        _echo(rollouts.canary_status(settings), as_json)
+        _echo(canary.canary_status(settings), as_json)
         return
     if batch is not None and model is not None:
         raise typer.BadParameter("give --batch or --model, not both")
     if batch is None and model is None and traffic is not None and salt is None:
-        _echo(rollouts.ramp_canary(settings, traffic, allow_shrink), as_json)
+        _echo(canary.ramp_canary(settings, traffic, allow_shrink), as_json)
         return
     if (batch is None and model is None) or traffic is None:
         raise typer.BadParameter("a canary needs --batch (or --model) and --traffic")
     if model is not None:
         if allow_shrink:
             raise typer.BadParameter("--allow-shrink goes with --batch (a model canary always starts a new canary)")
-        _echo(rollouts.start_model_canary(settings, model, traffic, logical_date, salt, shards), as_json)
+        _echo(canary.start_model_canary(settings, model, traffic, logical_date, salt, shards), as_json)
         return
     assert batch is not None
-    _echo(rollouts.start_canary(settings, batch, traffic, salt, allow_shrink), as_json)
+    _echo(canary.start_canary(settings, batch, traffic, salt, allow_shrink), as_json)
 
 
 @app.command()
 def promote(as_json: JsonFlag = False) -> None:
     """Make the running canary the production batch for every user and its model the production model
     (one transaction, instant), so the next nights score with that model."""
-    from jobs.rollouts import promote_canary
+    from jobs.rollouts.canary import promote_canary
 
     result = promote_canary(_settings())
     if as_json:
@@ -499,7 +499,7 @@ def shadow(
     ] = None,
 ) -> None:
     """Score a date with another registered model into a shadow batch, which is never served."""
-    from jobs.shadow import run_shadow
+    from jobs.rollouts.shadow import run_shadow
 
     _echo(run_shadow(_settings(), logical_date, model, shards))
 
@@ -514,7 +514,7 @@ def shadow_report(
 ) -> None:
     """Compare a date's shadow batch with its production batch: both models on the latest label window,
     then overlap@10, offline metrics after the date and scores while retention keeps both batches."""
-    from jobs.shadow import shadow_report as make_report
+    from jobs.rollouts.shadow import shadow_report as make_report
 
     report = make_report(_settings(), logical_date, horizon_days)
     if as_json:
@@ -578,8 +578,8 @@ def online_report(
     as_json: JsonFlag = False,
 ) -> None:
     """Served predictions joined to feedback, per variant and batch: CTR, conversion, IPS click rate."""
-    from jobs.online import online_report as make_report
-    from jobs.online import record_day, render, store_day
+    from jobs.rollouts.online import online_report as make_report
+    from jobs.rollouts.online import record_day, render, store_day
 
     settings = _settings()
     report = make_report(settings, start, end, propensity, eta)
@@ -599,7 +599,7 @@ def online_report(
 @app.command()
 def status(as_json: JsonFlag = False) -> None:
     """Show the live batch, its age and coverage, the production model and the latest batches."""
-    from jobs.freshness import status as read_status
+    from jobs.monitoring.freshness import status as read_status
 
     report = read_status(_settings())
     if as_json:
@@ -685,8 +685,8 @@ def airflow_local(
 
     The admin login is printed once every component is healthy. Ctrl-C stops them all.
     """
-    from jobs.airflow_local import prepare
-    from jobs.airflow_local import run as run_airflow
+    from jobs.dev.airflow_local import prepare
+    from jobs.dev.airflow_local import run as run_airflow
 
     settings = _settings()
     local = prepare(
@@ -711,7 +711,7 @@ def demo(
     """Generate sample data, run the whole pipeline on it and serve the result."""
     import os
 
-    from jobs.pipeline import prepare_demo
+    from jobs.nightly import prepare_demo
 
     settings = _settings()
     result = prepare_demo(settings, progress=_progress, nights=nights)
@@ -753,7 +753,7 @@ def generate(
     repeats, daily and weekly rhythm, items appearing and fading. The same arguments give the same data."""
     from datetime import UTC, datetime, timedelta
 
-    from jobs.generate import write_generated
+    from jobs.dev.generate import write_generated
 
     if fmt not in ("parquet", "csv"):
         raise typer.BadParameter(f"{fmt!r} is not parquet or csv", param_hint="--format")
@@ -777,7 +777,7 @@ def generate(
 def db_upgrade() -> None:
     """Create or migrate the overnight schema to this version; make the coming days' log partitions."""
     from jobs.database import connect, upgrade
-    from jobs.online import maintain_tables
+    from jobs.rollouts.online import maintain_tables
 
     settings = _settings()
     with connect(settings) as conn:

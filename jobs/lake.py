@@ -9,7 +9,7 @@ Layout under ``OVERNIGHT_DATA_DIR/lake``::
 
 Reading "as of D" sees only events with ``timestamp < D + 1 day``, so nothing of the future leaks
 into a backfill. Partitions are by event time, not by arrival: an event ingested late (feedback
-received days after it happened, see ``jobs.feedback``) is merged into the partition of its own day,
+received days after it happened, see ``jobs.steps.feedback``) is merged into the partition of its own day,
 once, and a backfill of that day run afterwards sees it.
 """
 

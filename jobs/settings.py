@@ -96,7 +96,7 @@ class Settings(BaseSettings):
         default=None, description="Admin password of `overnight airflow` (default: generated once, then kept)."
     )
 
-    # monitoring (jobs/monitor.py has the default thresholds and what each statistic means)
+    # monitoring (jobs/monitoring/checks.py has the default thresholds and what each statistic means)
     monitor_thresholds: dict[str, dict[str, float | None]] = Field(
         default_factory=dict,
         description='Overrides of the warn/fail thresholds, as JSON: {"feature_psi": {"warn": 0.1, "fail": 0.5}}; '

@@ -41,7 +41,8 @@ from serving.limits import RequestSizeLimit
 from serving.live import LiveView, LiveWatcher
 from serving.lookup import Answer, Answers, Lookup, create_pool, encode, render
 from serving.metrics import MetricsMiddleware, RequestRecorder, ServingMetrics
-from serving.models import (
+from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
+from serving.schemas import (
     BatchRecommendations,
     BatchRecommendationsRequest,
     ErrorMessage,
@@ -49,7 +50,6 @@ from serving.models import (
     Readiness,
     Recommendations,
 )
-from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
 from serving.settings import ENV_PREFIX, ServingSettings, check_auth_configured, get_serving_settings
 from serving.variants import CANARY, PRODUCTION
 

@@ -22,16 +22,16 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 import sql
 from serving.prediction_log import BulkWriter
+from sql.contract import MAX_ID_LENGTH
 
 EventType = Literal["impression", "click", "conversion"]
 FeedbackRow = tuple[datetime, datetime, str, str, str, str | None]
 
 # Ids hold no control characters, as in the ingest data contract. A user id may be as long as the lookups
 # take (OVERNIGHT_MAX_USER_ID_LENGTH, checked in `FeedbackIntake.rows`): whoever can be served can send
-# feedback. An item id has at most the contract's 256 characters (jobs.ingest.MAX_ID_LENGTH): every item
+# feedback. An item id has at most the contract's MAX_ID_LENGTH characters: every item
 # a batch recommends came through ingest, so a longer one was never served.
 _ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
-MAX_ITEM_ID_LENGTH = 256
 
 
 class FeedbackEvent(BaseModel):
@@ -40,7 +40,7 @@ class FeedbackEvent(BaseModel):
     user_id: str = Field(
         min_length=1, pattern=_ID_PATTERN, description="At most OVERNIGHT_MAX_USER_ID_LENGTH characters (256)."
     )
-    item_id: str = Field(min_length=1, max_length=MAX_ITEM_ID_LENGTH, pattern=_ID_PATTERN)
+    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)
     type: EventType = Field(description="What the user did with the item.")
     timestamp: AwareDatetime = Field(
         description="When it happened, with a time zone (ISO 8601): at most 7 days before the server's clock "

@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql as pgsql
 
 import sql
+from serving.errors import first_line
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION, TrafficSplit, Variant
 
@@ -231,7 +232,7 @@ class LiveWatcher:
             try:
                 await self._listen()
             except Exception as error:
-                reason = _reason(error)
+                reason = first_line(error)
                 self.view.problem = LIVE_POINTER_UNREADABLE
                 self._first_attempt.set()
                 delay = backoff * random.uniform(0.5, 1.0)
@@ -270,8 +271,3 @@ class LiveWatcher:
 
 def _connect_timeout(db_timeout: float) -> int:
     return max(2, round(db_timeout))  # libpq takes whole seconds, and less than 2 is not honoured
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -26,7 +26,13 @@ from psycopg import errors as pgerrors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 import sql
-from serving.errors import DatabaseUnavailableError, InvalidRequestError, NoLiveBatchError, ServingError
+from serving.errors import (
+    DatabaseUnavailableError,
+    InvalidRequestError,
+    NoLiveBatchError,
+    ServingError,
+    first_line,
+)
 from serving.live import LiveBatch, LiveView, Rollout, read_rollout
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION
@@ -54,7 +60,7 @@ class _DeadConnectionError(Exception):
 
     def __init__(self, cause: psycopg.OperationalError) -> None:
         super().__init__(str(cause))
-        self.cause = _first_line(cause)
+        self.cause = first_line(cause)
 
 
 class ThrottledLog:
@@ -419,7 +425,7 @@ class Lookup:
         except pgerrors.QueryCanceled:
             raise DatabaseUnavailableError(f"the database query took longer than {timeout:g} s") from None
         except (psycopg.OperationalError, _DeadConnectionError) as error:
-            _database_trouble.warning("lookup: database unavailable: %s", _first_line(error))
+            _database_trouble.warning("lookup: database unavailable: %s", first_line(error))
             raise DatabaseUnavailableError("the database is unavailable") from None
         except psycopg.Error:
             logger.exception("lookup failed in the database")
@@ -498,7 +504,7 @@ def pick(batch: LiveBatch, user_id: str, row: Row | None, k: int, exclude: froze
 
 
 def render(answer: Answer, recs: UserRecs) -> dict[str, Any]:
-    """One user's answer as the JSON object of DESIGN §7 (`Recommendations` in serving.models)."""
+    """One user's answer as the JSON object of DESIGN §7 (`Recommendations` in serving.schemas)."""
     batch = answer.batch
     return {
         "user_id": recs.user_id,
@@ -520,8 +526,3 @@ def encode(document: Any) -> bytes:
 def _forget(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.debug("abandoned lookup ended with %r", task.exception())
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

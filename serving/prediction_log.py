@@ -47,6 +47,7 @@ from psycopg import postgres
 from psycopg.adapt import Buffer, Dumper
 
 import sql
+from serving.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class BulkWriter(Generic[Row]):
                     "%s: writing %d rows failed (%s); retrying in %.1f s",
                     self.name,
                     self._batch.count,
-                    _first_line(error),
+                    first_line(error),
                     delay,
                 )
                 await self._close_broken()
@@ -538,8 +539,3 @@ def _utc_day(served_at: int) -> int:
 
 
 _time_of = itemgetter(0)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -8,6 +8,7 @@ from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, mod
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serving.errors import ServingConfigError
+from sql.contract import MAX_ID_LENGTH
 
 ENV_PREFIX = "OVERNIGHT_"
 
@@ -50,7 +51,7 @@ class ServingSettings(BaseSettings):
     )
 
     max_batch_users: int = Field(default=1000, ge=1)
-    max_user_id_length: int = Field(default=256, ge=1)
+    max_user_id_length: int = Field(default=MAX_ID_LENGTH, ge=1)
     max_exclude_items: int = Field(default=500, ge=0)
     max_request_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest request body accepted; bigger ones get 413."

@@ -640,7 +640,7 @@ DELETE FROM overnight.bulk_writes WHERE written_at < now() - interval '2 days';
 -- click or conversion event (a click or conversion implies the item was seen). Feedback is joined by
 -- request id, so a served list and its feedback pair exactly. Only the answers that got feedback are
 -- taken apart item by item (most get none, and expanding every list made the report ten times slower).
--- A temporary table: the propensities are chosen from its counts by position (jobs/online.py) before
+-- A temporary table: the propensities are chosen from its counts by position (jobs/rollouts/online.py) before
 -- online_outcomes weighs its clicks with them. while_canary: the answer was served while a canary ran
 -- (from a start in overnight.canary_history to the next start, stop or promote), the time in which
 -- canary and production split the users between them.
@@ -691,7 +691,7 @@ GROUP BY position;
 -- name: online_outcomes
 -- Per variant, per (variant, batch), per model, and per variant of what was served while a canary ran
 -- (the clean canary-minus-production comparison): the sums over users that the user-clustered
--- intervals need (jobs/online.py, UserSums). Each user's impressions n, clicks c, conversions v and
+-- intervals need (jobs/rollouts/online.py, UserSums). Each user's impressions n, clicks c, conversions v and
 -- inverse-propensity weighted clicks w (Σ click/θ_position) are summed first, then their sums, squares
 -- and products with n over the users of the group; the user is the unit, as users are randomized.
 WITH per_user AS (

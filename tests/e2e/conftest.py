@@ -4,7 +4,7 @@ import os
 import tempfile
 from pathlib import Path
 
-DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
+from tests.support.airflow import DAGS_FOLDER
 
 # Airflow reads its configuration when first imported, so this must happen at collection time.
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="overnight-airflow-"))

@@ -24,16 +24,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from jobs.airflow_local import metadata_database_name
-from tests.conftest import (
-    MOVIELENS_100K,
-    OVERNIGHT,
-    SAMPLE_DATE,
-    create_database,
-    drop_database,
-    free_port,
-    overnight_env,
-)
+from jobs.dev.airflow_local import metadata_database_name
+from tests.support.commands import OVERNIGHT, free_port, overnight_env
+from tests.support.data import MOVIELENS_100K, SAMPLE_DATE
+from tests.support.databases import create_database, drop_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import SAMPLE_DATE, create_database, drop_database, free_port, overnight_env
-from tests.e2e.conftest import DAGS_FOLDER
+from tests.support.airflow import DAGS_FOLDER
+from tests.support.commands import free_port, overnight_env
+from tests.support.data import SAMPLE_DATE
+from tests.support.databases import create_database, drop_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

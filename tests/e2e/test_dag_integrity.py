@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from airflow.serialization.encoders import coerce_to_core_timetable
 
-from tests.e2e.conftest import DAGS_FOLDER
+from tests.support.airflow import DAGS_FOLDER
 
 pytestmark = pytest.mark.e2e
 
@@ -90,8 +90,8 @@ def test_parsing_imports_nothing_heavy(dag_file: str) -> None:
     """The scheduler parses DAG files constantly: no polars, lightgbm, numpy or the lookup service then."""
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]); "
-        "heavy = [m for m in ('polars', 'lightgbm', 'numpy', 'pyarrow', 'serving', 'jobs.train', 'jobs.score') "
-        "if m in sys.modules]; print(','.join(heavy))"
+        "heavy = [m for m in ('polars', 'lightgbm', 'numpy', 'pyarrow', 'serving', 'jobs.steps.train', "
+        "'jobs.steps.score') if m in sys.modules]; print(','.join(heavy))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(DAGS_FOLDER / dag_file)], capture_output=True, text=True, check=True

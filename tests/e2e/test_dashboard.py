@@ -17,9 +17,11 @@ import httpx
 import psycopg
 import pytest
 
-from jobs import online, pipeline, rollouts
+from jobs import nightly
+from jobs.rollouts import canary, online
 from jobs.settings import Settings
-from tests.conftest import SAMPLE_DATE, overnight_env, running_service
+from tests.support.commands import overnight_env, running_service
+from tests.support.data import SAMPLE_DATE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -60,13 +62,13 @@ def test_dashboard_draws_every_panel_without_console_errors(
 
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, retrain_days=7, num_boost_round=30)
     for night in (2, 1, 0):
-        pipeline.run(settings, sample_source, SAMPLE_DATE - timedelta(days=night))
+        nightly.run(settings, sample_source, SAMPLE_DATE - timedelta(days=night))
     # The night before's batch, served again to a tenth of users.
     with psycopg.connect(database_url) as conn:
         (canary_batch,) = conn.execute(
             "SELECT batch_id FROM overnight.batches WHERE logical_date = %s", (SAMPLE_DATE - timedelta(days=1),)
         ).fetchone()  # type: ignore[misc]
-    rollouts.start_canary(settings, canary_batch, 0.1)
+    canary.start_canary(settings, canary_batch, 0.1)
 
     env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=KEY)
     with running_service(env) as base:

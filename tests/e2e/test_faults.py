@@ -23,16 +23,10 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import (
-    OVERNIGHT,
-    SAMPLE_DATE,
-    create_database,
-    drop_database,
-    overnight,
-    overnight_env,
-    running_service,
-)
-from tests.e2e.test_nightly_dag import run_dag
+from tests.support.airflow import run_dag
+from tests.support.commands import OVERNIGHT, overnight, overnight_env, running_service
+from tests.support.data import SAMPLE_DATE
+from tests.support.databases import create_database, drop_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

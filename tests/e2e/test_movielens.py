@@ -6,7 +6,8 @@ import httpx
 import polars as pl
 import pytest
 
-from tests.conftest import MOVIELENS_100K, overnight, overnight_env, running_service
+from tests.support.commands import overnight, overnight_env, running_service
+from tests.support.data import MOVIELENS_100K
 
 pytestmark = [
     pytest.mark.e2e,

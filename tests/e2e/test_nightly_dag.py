@@ -1,40 +1,17 @@
 """The real `overnight_nightly` DAG through `dag.test()` on small generated data, then a lookup over HTTP."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
-from jobs.features import FEATURES
-from tests.conftest import SAMPLE_DATE, overnight_env, running_service
-from tests.e2e.conftest import DAGS_FOLDER
+from jobs.steps.features import FEATURES
+from tests.support.airflow import run_dag
+from tests.support.commands import overnight_env, running_service
+from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.e2e
-
-RUNNER = Path(__file__).with_name("run_dag.py")
-
-
-def run_dag(dag_id: str, day: str, env: dict[str, str], airflow_home: Path) -> subprocess.CompletedProcess[str]:
-    airflow_env = {
-        **env,
-        "AIRFLOW_HOME": str(airflow_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
-        # dag.test() in Airflow 3.3.2 cannot settle a run whose DAG has a Deadline Alert (it looks the
-        # alert up by the serialized dict instead of its id); the scheduler path is unaffected.
-        "OVERNIGHT_NIGHTLY_DEADLINE_HOURS": "0",
-    }
-    return subprocess.run(
-        [sys.executable, str(RUNNER), dag_id, day, str(DAGS_FOLDER)],
-        env=airflow_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_nightly_dag_publishes_a_batch_that_the_service_serves(

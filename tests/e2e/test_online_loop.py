@@ -16,10 +16,12 @@ import pytest
 from psycopg.types.json import Jsonb
 
 import sql
-from jobs import ingest, lake, online, pipeline, publish, rollouts
-from jobs.generate import generate, write_dataset
+from jobs import lake, nightly
+from jobs.dev.generate import generate, write_dataset
+from jobs.rollouts import canary, online
 from jobs.settings import Settings
-from tests.conftest import overnight, overnight_env, running_service
+from jobs.steps import ingest, publish
+from tests.support.commands import overnight, overnight_env, running_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -122,7 +124,7 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
         production = make_batch(conn, "ranker-production", "p", ndcg=0.21)
         candidate = make_batch(conn, "ranker-candidate", "c", ndcg=0.25)
         publish.switch_live(conn, production, "publish")
-    rollouts.start_canary(settings, candidate, TRAFFIC, salt="online-loop")
+    canary.start_canary(settings, candidate, TRAFFIC, salt="online-loop")
 
     env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=API_KEY)
     with running_service(env, "--workers", "2") as base:
@@ -135,14 +137,14 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
     today = datetime.now(UTC).date()
     report = online.online_report(settings, today, today)
     print("\n" + "\n".join(online.render(report)))
-    canary, control = report["variants"]["canary"], report["variants"]["production"]
-    assert (canary["requests"], control["requests"]) == (requests["canary"], requests["production"])
-    assert canary["impressions"] == canary["served"] == K * requests["canary"]
+    treated, control = report["variants"]["canary"], report["variants"]["production"]
+    assert (treated["requests"], control["requests"]) == (requests["canary"], requests["production"])
+    assert treated["impressions"] == treated["served"] == K * requests["canary"]
     assert [b["batch_id"] for b in report["batches"]] == [candidate, production]
 
     delta = report["canary_minus_production"]
     # The canary started before the first request: every answer is in the comparison.
-    assert delta["while_canary_ran"]["canary"]["impressions"] == canary["impressions"]
+    assert delta["while_canary_ran"]["canary"]["impressions"] == treated["impressions"]
     assert delta["while_canary_ran"]["production"]["impressions"] == control["impressions"]
     assert delta["ctr"]["low"] > 0, delta  # the interval excludes zero: the canary is better
     assert delta["ips_click_rate"]["low"] > 0, delta
@@ -191,7 +193,7 @@ def test_feedback_sent_to_the_service_is_in_the_next_nights_interactions(databas
     data = generate(users=150, items=80, days=40, end_date=yesterday, seed=5, events_per_user=20)
     source = write_dataset(data, tmp_path / "source")
     settings = Settings(database_url=database_url, data_dir=tmp_path / "var", num_boost_round=20)
-    pipeline.run(settings, source, yesterday)
+    nightly.run(settings, source, yesterday)
 
     env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=API_KEY)
     sent: dict[tuple[str, str, str], str] = {}

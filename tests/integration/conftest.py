@@ -3,30 +3,19 @@
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
-import sql
-from jobs import ingest, publish, registry, score, train
+from jobs import registry
 from jobs.settings import Settings
-from serving.prediction_log import BulkWriter, EncodedBatch
-from tests.conftest import SAMPLE_DATE, create_database, drop_database
-
-PREVIOUS_DATE = SAMPLE_DATE - timedelta(days=1)
-
-
-@dataclass(frozen=True)
-class ScoredLake:
-    data_dir: Path
-    model: registry.ModelVersion
-    dates: tuple[date, date]
+from jobs.steps import ingest, publish, score, train
+from tests.support.batches import ScoredLake
+from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
+from tests.support.databases import create_database, drop_database
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +58,6 @@ def two_batches(batch_settings: Settings) -> tuple[int, int]:
     return production, candidate
 
 
-def register_challenger(settings: Settings) -> registry.ModelVersion:
-    """A second registered model, "challenger": the production model's artifact under another id, trained
-    a day earlier (so it may score both days) and kept out by the gate (status candidate)."""
-    with psycopg.connect(str(settings.database_url)) as conn:
-        original = registry.production_model(conn)
-        assert original is not None
-        challenger = registry.with_status(
-            replace(original, model_id="challenger", logical_date=original.logical_date - timedelta(days=1)),
-            "candidate",
-            "kept out by the gate",
-        )
-        registry.register(conn, challenger)
-    return original
-
-
 @pytest.fixture
 def serving_login(database_url: str) -> Iterator[str]:
     """The database as the lookup service logs in to it: a login role in overnight_serving (made by
@@ -96,24 +70,3 @@ def serving_login(database_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(pgsql.SQL("DROP ROLE IF EXISTS {}").format(pgsql.Identifier(role)))
-
-
-def losing_the_first_reply(writer: BulkWriter[Any]) -> None:
-    """The writer's first write is committed, then fails as a reply lost on the way back would."""
-    write = writer._write
-
-    async def write_then_fail_once(batch: EncodedBatch) -> bool:
-        stored = await write(batch)
-        if writer.write_failures == 0:
-            raise OSError("reply lost")
-        return stored
-
-    writer._write = write_then_fail_once  # type: ignore[method-assign]
-
-
-def batch_status(settings: Settings, batch_id: int) -> str:
-    """A batch's status (live, ready, canary, shadow, ...), as the database has it."""
-    with psycopg.connect(str(settings.database_url)) as conn:
-        row = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
-    assert row is not None
-    return str(row[3])

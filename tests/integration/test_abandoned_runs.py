@@ -23,10 +23,11 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from jobs import freshness, runs
+from jobs.monitoring import freshness, history
 from jobs.settings import Settings
 from serving.dashboard import _read
-from tests.conftest import OVERNIGHT, SAMPLE_DATE, overnight, overnight_env
+from tests.support.commands import OVERNIGHT, overnight, overnight_env
+from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 
@@ -121,11 +122,12 @@ import sys, time
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-from jobs import runs
+from jobs.monitoring import history
 
 ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score_shard", map_index=int(sys.argv[1]))
 dag_run = SimpleNamespace(run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC))
-runs.airflow_task_started({"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)})
+context = {"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)}
+history.airflow_task_started(context)
 print("started", flush=True)
 time.sleep(600)
 """
@@ -152,7 +154,7 @@ def test_an_airflow_task_whose_process_died_is_abandoned_until_its_retry(
     )
     try:
         assert task.stdout is not None and task.stdout.readline().strip() == "started"
-        runs.airflow_task_started(task_context(1))  # another shard of the same dag run, alive in this process
+        history.airflow_task_started(task_context(1))  # another shard of the same dag run, alive in this process
         os.kill(task.pid, signal.SIGKILL)
         task.wait(timeout=10)
     finally:
@@ -172,17 +174,17 @@ def test_an_airflow_task_whose_process_died_is_abandoned_until_its_retry(
     assert run["steps"] == {"score[0]": "abandoned", "score[1]": "running"}
 
     # Shard 1 ends: nothing runs any more and a step was abandoned, so the dag run is.
-    runs.airflow_task_finished(task_context(1), {"rows_out": 10})
+    history.airflow_task_finished(task_context(1), {"rows_out": 10})
     run = recent()
     assert (run["status"], run["steps"]) == ("abandoned", {"score[0]": "abandoned", "score[1]": "success"})
     assert run["abandoned_at"] is not None
 
     # Airflow retries shard 0: the step and the dag run are running again.
-    runs.airflow_task_started(task_context(0))
+    history.airflow_task_started(task_context(0))
     run = recent()
     assert (run["status"], run["abandoned_at"]) == ("running", None)
     assert run["steps"] == {"score[0]": "running", "score[1]": "success"}
-    runs.airflow_task_finished(task_context(0), {"rows_out": 10})
+    history.airflow_task_finished(task_context(0), {"rows_out": 10})
     with psycopg.connect(database_url) as conn:
         attempts = conn.execute("SELECT step, status, attempt FROM overnight.run_steps ORDER BY step").fetchall()
     assert attempts == [("score[0]", "success", 2), ("score[1]", "success", 1)]

@@ -20,11 +20,13 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from jobs import drift, pipeline
-from jobs.generate import generate, write_dataset
+from jobs import nightly
+from jobs.dev.generate import generate, write_dataset
+from jobs.monitoring import drift
 from jobs.settings import Settings
 from serving.dashboard import _read
-from tests.conftest import SAMPLE_DATE, overnight, overnight_env
+from tests.support.commands import overnight, overnight_env
+from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +111,7 @@ def test_the_dag_publishes_a_held_back_batch_with_its_accept_checks_param(
 ) -> None:
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url)
     with pytest.raises(Exception, match="no events on"):
-        pipeline.run(settings, sample_source, NO_EVENTS)
+        nightly.run(settings, sample_source, NO_EVENTS)
     # The DAG's publish task as Airflow calls it, with the run's params and dag run.
     code = (
         "import json, sys\n"
@@ -152,7 +154,7 @@ def test_the_first_night_without_earlier_days_is_not_held_back(database_url: str
     source = write_dataset(data, tmp_path / "source")
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, label_days=1)
 
-    night = pipeline.run(settings, source, SAMPLE_DATE)
+    night = nightly.run(settings, source, SAMPLE_DATE)
     assert night.results["publish"]["live"]
     volume = next(c for c in drift.report(settings, SAMPLE_DATE)["checks"] if c["statistic"] == "volume_change")
     assert volume["level"] == "ok" and volume["value"] is None

@@ -6,7 +6,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SAMPLE_DATE, overnight, overnight_env, running_service
+from tests.support.commands import overnight, overnight_env, running_service
+from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,8 @@ import polars as pl
 import psycopg
 import pytest
 
-from jobs import copy_binary, publish
+from jobs import copy_binary
+from jobs.steps import publish
 
 pytestmark = pytest.mark.integration
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.evaluate import MAX_WIDENED_HORIZON_DAYS, METRIC_KEYS, MIN_EVALUATED_USERS, MODEL_ORDER
-from jobs.generate import generate, write_dataset
-from tests.conftest import SAMPLE_DATE, overnight, overnight_env
+from jobs.dev.generate import generate, write_dataset
+from jobs.steps.evaluate import MAX_WIDENED_HORIZON_DAYS, METRIC_KEYS, MIN_EVALUATED_USERS, MODEL_ORDER
+from tests.support.commands import overnight, overnight_env
+from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 

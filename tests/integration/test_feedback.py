@@ -17,8 +17,9 @@ from serving.app import create_app
 from serving.errors import ServingConfigError
 from serving.feedback import FeedbackIntake, router
 from serving.settings import get_serving_settings
-from tests.conftest import create_database, drop_database, serving_app
-from tests.integration.conftest import losing_the_first_reply
+from tests.support.commands import serving_app
+from tests.support.databases import create_database, drop_database
+from tests.support.serving import losing_the_first_reply
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,11 @@ import polars as pl
 import psycopg
 import pytest
 
-from jobs import drift, ingest, lake, monitor, pipeline
+from jobs import lake, nightly
+from jobs.monitoring import checks, drift
 from jobs.settings import Settings
-from tests.conftest import SAMPLE_DATE
+from jobs.steps import ingest
+from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 
@@ -124,8 +126,8 @@ def test_feedback_on_unknown_items_or_with_bad_ids_is_dropped_and_counted(
 
 def feedback_check(settings: Settings) -> dict[str, object]:
     with psycopg.connect(str(settings.database_url)) as conn:
-        checks = monitor.stored_checks(conn, D)
-    return next(c for c in checks if c["statistic"] == "feedback_dropped_share")
+        stored = checks.stored_checks(conn, D)
+    return next(c for c in stored if c["statistic"] == "feedback_dropped_share")
 
 
 def test_a_client_sending_mostly_unknown_items_warns_and_the_night_still_publishes(
@@ -135,14 +137,14 @@ def test_a_client_sending_mostly_unknown_items_warns_and_the_night_still_publish
     store(settings, *[(at, at, f"u-sku{n}", str(n), "click") for n in (1, 2)])
     store(settings, *[(at, at, f"u-sku{n}", f"SKU-{n:05d}", "click") for n in range(8)])  # the client's own ids
 
-    night = pipeline.run(settings, sample_source, D)
+    night = nightly.run(settings, sample_source, D)
 
     check = feedback_check(settings)
     assert (check["level"], check["value"], check["warn_at"], check["fail_at"]) == ("warn", 0.8, 0.05, None)
     assert check["details"] == {"feedback_read": 10, "feedback_dropped_by_reason": {"unknown_item": 8}}
     with psycopg.connect(str(settings.database_url)) as conn:
         live = conn.execute("SELECT batch_id FROM overnight.live").fetchone()
-        report = monitor.stored_reports(conn, D)["input"]["report"]
+        report = checks.stored_reports(conn, D)["input"]["report"]
     assert live == (night.batch_id,)  # a warn, and no fail threshold by default: the batch went live
     assert (report["feedback_read"], report["feedback_dropped"], report["feedback_dropped_share"]) == (10, 8, 0.8)
 
@@ -153,7 +155,7 @@ def test_clean_feedback_is_ok_and_a_night_without_feedback_is_not_measured(
     at = DAY + timedelta(hours=9)
     store(settings, *[(at, at, f"u-clean{n}", str(n), "click") for n in range(1, 6)])
 
-    pipeline.run(settings, sample_source, D)
+    nightly.run(settings, sample_source, D)
     check = feedback_check(settings)
     assert (check["level"], check["value"]) == ("ok", 0.0)
 

@@ -19,12 +19,14 @@ import polars as pl
 import psycopg
 import pytest
 
-from jobs import drift, pipeline, publish
+from jobs import nightly
+from jobs.dev.generate import GeneratedData, generate, write_dataset
 from jobs.errors import BatchValidationError
-from jobs.features import FEATURES
-from jobs.generate import GeneratedData, generate, write_dataset
+from jobs.monitoring import drift
 from jobs.settings import Settings
-from tests.conftest import overnight, overnight_env
+from jobs.steps import publish
+from jobs.steps.features import FEATURES
+from tests.support.commands import overnight, overnight_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -102,9 +104,9 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
         dashboard_url="http://dash.example/dashboard",
     )
 
-    good = pipeline.run(settings, source, TRAINED_ON)
+    good = nightly.run(settings, source, TRAINED_ON)
     with pytest.raises(BatchValidationError, match="blocked by monitoring") as blocked:
-        pipeline.run(settings, source, TONIGHT)
+        nightly.run(settings, source, TONIGHT)
 
     found = drift.report(settings, TONIGHT)
     checks = found["checks"]

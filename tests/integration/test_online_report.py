@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from jobs import online
+from jobs.rollouts import online
 from jobs.settings import Settings
 from serving.prediction_log import PredictionLog
 

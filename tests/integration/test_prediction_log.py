@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from psycopg import sql as pgsql
 
 import sql
-from jobs import online
 from jobs.database import upgrade
+from jobs.rollouts import online
 from jobs.settings import Settings
 from serving.prediction_log import (
     _SLICE_ROWS,
@@ -26,8 +26,8 @@ from serving.prediction_log import (
     WriterCollector,
     request_id_for,
 )
-from tests.conftest import create_database, drop_database
-from tests.integration.conftest import losing_the_first_reply
+from tests.support.databases import create_database, drop_database
+from tests.support.serving import losing_the_first_reply
 
 pytestmark = pytest.mark.integration
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

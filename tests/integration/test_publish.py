@@ -10,10 +10,13 @@ import psycopg
 import pytest
 
 import sql
-from jobs import publish, registry, rollouts, score
+from jobs import registry
 from jobs.errors import BatchValidationError, MissingDataError
+from jobs.rollouts import canary
 from jobs.settings import Settings
-from tests.integration.conftest import PREVIOUS_DATE, SAMPLE_DATE, register_challenger
+from jobs.steps import publish, score
+from tests.support.batches import register_challenger
+from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 
@@ -289,8 +292,8 @@ def test_rollback_after_a_promotion_makes_the_old_model_production_again(batch_s
     night would score with the model just rolled back from."""
     original = register_challenger(batch_settings)
     production = publish.publish(batch_settings, SAMPLE_DATE).batch_id
-    rollouts.start_model_canary(batch_settings, "challenger", 0.1)
-    promoted = rollouts.promote_canary(batch_settings)
+    canary.start_model_canary(batch_settings, "challenger", 0.1)
+    promoted = canary.promote_canary(batch_settings)
     assert promoted.model_changed
     switched = publish.rollback(batch_settings)
     assert (switched.batch_id, switched.previous_batch_id) == (production, promoted.batch_id)
@@ -312,7 +315,7 @@ def test_retention_leaves_alone_a_batch_that_became_the_canary_after_it_was_chos
     is read again under the live lock and kept."""
     live = publish.publish(batch_settings, PREVIOUS_DATE).batch_id
     chosen = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
-    rollouts.start_canary(batch_settings, chosen, 0.1)
+    canary.start_canary(batch_settings, chosen, 0.1)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         assert not publish.drop_batch(conn, chosen)
         assert not publish.drop_batch(conn, live)
@@ -324,7 +327,7 @@ def test_a_once_live_batch_stays_a_rollback_target_after_serving_as_a_canary(bat
     """Canarying yesterday's batch again and stopping it must not make it look like a never-live canary."""
     yesterday = publish.publish(batch_settings, PREVIOUS_DATE).batch_id
     tonight = publish.publish(batch_settings, SAMPLE_DATE).batch_id
-    rollouts.start_canary(batch_settings, yesterday, 0.1)
-    rollouts.stop_canary(batch_settings)
+    canary.start_canary(batch_settings, yesterday, 0.1)
+    canary.stop_canary(batch_settings)
     assert statuses(batch_settings) == {yesterday: "retired", tonight: "live"}
     assert publish.rollback(batch_settings).batch_id == yesterday

@@ -7,11 +7,14 @@ import psycopg
 import pytest
 
 import sql
-from jobs import lake, publish, registry, rollouts, score, shadow
+from jobs import lake, registry
 from jobs.errors import MissingDataError, RolloutError
+from jobs.rollouts import canary, shadow
 from jobs.settings import Settings
-from tests.conftest import SAMPLE_DATE, overnight, overnight_env
-from tests.integration.conftest import PREVIOUS_DATE, batch_status, register_challenger
+from jobs.steps import publish, score
+from tests.support.batches import batch_status, register_challenger
+from tests.support.commands import overnight, overnight_env
+from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +83,7 @@ def test_a_model_canary_promoted_becomes_the_production_model(
     challenger_trained_for = original.logical_date - timedelta(days=1)
     before = monitoring_of(batch_settings, PREVIOUS_DATE)
 
-    started = rollouts.start_model_canary(batch_settings, "challenger", 0.1, salt="m1")
+    started = canary.start_model_canary(batch_settings, "challenger", 0.1, salt="m1")
     assert (started.traffic, started.salt, started.production_batch_id) == (0.1, "m1", production)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         batch = conn.execute(sql.query("batch_by_id"), (started.batch_id,)).fetchone()
@@ -89,10 +92,10 @@ def test_a_model_canary_promoted_becomes_the_production_model(
     assert batch_status(batch_settings, production) == "live"  # not replaced, although of the same date
     assert monitoring_of(batch_settings, PREVIOUS_DATE) == before  # production's monitoring record stands
     with pytest.raises(RolloutError, match=r"already the canary.*canary --refresh"):
-        rollouts.start_model_canary(batch_settings, "challenger", 0.2)
+        canary.start_model_canary(batch_settings, "challenger", 0.2)
     assert score.ranker_for(batch_settings, SAMPLE_DATE).model_id == original.model_id  # until promoted
 
-    promotion = rollouts.promote_canary(batch_settings)
+    promotion = canary.promote_canary(batch_settings)
     assert (promotion.batch_id, promotion.previous_batch_id) == (started.batch_id, production)
     assert (promotion.model_id, promotion.previous_model_id, promotion.model_changed) == (
         "challenger",
@@ -114,12 +117,12 @@ def test_a_model_canary_promoted_becomes_the_production_model(
         assert registry.model_for_date(conn, challenger_trained_for - timedelta(days=1)) is None
 
     # going back is a canary of the old batch, promoted: its model is production again
-    rollouts.start_canary(batch_settings, production, 0.1)
-    back = rollouts.promote_canary(batch_settings)
+    canary.start_canary(batch_settings, production, 0.1)
+    back = canary.promote_canary(batch_settings)
     assert (back.model_id, back.previous_model_id, back.model_changed) == (original.model_id, "challenger", True)
     # and promoting a batch of the production model leaves the registry as it is
-    rollouts.start_canary(batch_settings, candidate, 0.1)
-    same = rollouts.promote_canary(batch_settings)
+    canary.start_canary(batch_settings, candidate, 0.1)
+    same = canary.promote_canary(batch_settings)
     assert (same.model_id, same.previous_model_id, same.model_changed) == (original.model_id, original.model_id, False)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         assert registry.production_model(conn) == registry.model_by_id(conn, original.model_id)
@@ -129,7 +132,7 @@ def test_rollback_refuses_a_canary_batch_under_the_live_lock(
     batch_settings: Settings, two_batches: tuple[int, int]
 ) -> None:
     production, candidate = two_batches
-    rollouts.start_canary(batch_settings, candidate, 0.1)
+    canary.start_canary(batch_settings, candidate, 0.1)
     with pytest.raises(MissingDataError, match=f"batch {candidate} is canary"):
         publish.rollback(batch_settings, to_batch=candidate)
     with psycopg.connect(str(batch_settings.database_url)) as conn:

@@ -13,13 +13,16 @@ import pytest
 from psycopg import sql as pgsql
 
 import sql
-from jobs import ingest, lake, metrics, pipeline, publish, registry, rollouts, score, shadow, train
+from jobs import lake, nightly, registry
 from jobs.errors import FutureModelError, MissingDataError, RolloutError
+from jobs.rollouts import canary, shadow
 from jobs.settings import Settings
+from jobs.steps import ingest, publish, ranking_metrics, score, train
 from serving.live import read_rollout
 from serving.variants import CANARY, PRODUCTION
-from tests.conftest import SAMPLE_DATE, overnight, overnight_env
-from tests.integration.conftest import PREVIOUS_DATE, batch_status, register_challenger
+from tests.support.batches import batch_status, register_challenger
+from tests.support.commands import overnight, overnight_env
+from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +44,7 @@ def test_canary_start_ramp_stop_and_promote(batch_settings: Settings, two_batche
     assert rollout is not None and rollout.canary is None
     assert rollout.route("anyone") == (PRODUCTION, rollout.production)
 
-    started = rollouts.start_canary(batch_settings, candidate, 0.3, salt="exp-1")
+    started = canary.start_canary(batch_settings, candidate, 0.3, salt="exp-1")
     assert (started.batch_id, started.traffic, started.salt, started.production_batch_id) == (
         candidate,
         0.3,
@@ -58,7 +61,7 @@ def test_canary_start_ramp_stop_and_promote(batch_settings: Settings, two_batche
     assert 0.15 < share < 0.45, share  # 300 users at 30%
     assert all(batch.batch_id == (candidate if variant == CANARY else production) for variant, batch in routed)
 
-    ramped = rollouts.start_canary(batch_settings, candidate, 0.6)
+    ramped = canary.start_canary(batch_settings, candidate, 0.6)
     assert ramped.salt == "exp-1" and ramped.traffic == 0.6
     rollout = asyncio.run(rollout_of(batch_settings))
     assert rollout is not None
@@ -66,20 +69,20 @@ def test_canary_start_ramp_stop_and_promote(batch_settings: Settings, two_batche
         u for (u, (variant, _)) in zip(users, routed, strict=True) if variant == CANARY
     }
 
-    stopped = rollouts.stop_canary(batch_settings)
+    stopped = canary.stop_canary(batch_settings)
     assert stopped.batch_id == candidate
     assert batch_status(batch_settings, candidate) == "ready"
     rollout = asyncio.run(rollout_of(batch_settings))
     assert rollout is not None and rollout.canary is None
 
-    rollouts.start_canary(batch_settings, candidate, 0.05)
-    switched = rollouts.promote_canary(batch_settings)
+    canary.start_canary(batch_settings, candidate, 0.05)
+    switched = canary.promote_canary(batch_settings)
     assert (switched.batch_id, switched.previous_batch_id) == (candidate, production)
     rollout = asyncio.run(rollout_of(batch_settings))
     assert rollout is not None and rollout.canary is None and rollout.production.batch_id == candidate
     assert batch_status(batch_settings, production) == "retired"
 
-    status = rollouts.canary_status(batch_settings)
+    status = canary.canary_status(batch_settings)
     assert status["canary"] is None and status["production_batch_id"] == candidate
     assert [event["action"] for event in status["history"]] == ["promote", "start", "stop", "ramp", "start"]
     with psycopg.connect(str(batch_settings.database_url)) as conn:
@@ -91,19 +94,19 @@ def test_canary_refuses_what_it_cannot_serve(batch_settings: Settings, two_batch
     production, candidate = two_batches
     for traffic in (0.0, 1.0, 1.5, -0.2):
         with pytest.raises(RolloutError, match="between 0 and 1"):
-            rollouts.start_canary(batch_settings, candidate, traffic)
+            canary.start_canary(batch_settings, candidate, traffic)
     with pytest.raises(MissingDataError, match="batch 999 does not exist"):
-        rollouts.start_canary(batch_settings, 999, 0.05)
+        canary.start_canary(batch_settings, 999, 0.05)
     with pytest.raises(RolloutError, match="already live"):
-        rollouts.start_canary(batch_settings, production, 0.05)
+        canary.start_canary(batch_settings, production, 0.05)
     with pytest.raises(RolloutError, match="no canary is running"):
-        rollouts.stop_canary(batch_settings)
+        canary.stop_canary(batch_settings)
     with pytest.raises(RolloutError, match="no canary is running"):
-        rollouts.promote_canary(batch_settings)
+        canary.promote_canary(batch_settings)
 
-    rollouts.start_canary(batch_settings, candidate, 0.05, salt="s1")
+    canary.start_canary(batch_settings, candidate, 0.05, salt="s1")
     with pytest.raises(RolloutError, match="changing the salt"):
-        rollouts.start_canary(batch_settings, candidate, 0.1, salt="s2")
+        canary.start_canary(batch_settings, candidate, 0.1, salt="s2")
     # The canary is out of reach of rollback and retention.
     with pytest.raises(MissingDataError, match="is canary"):
         publish.rollback(batch_settings, to_batch=candidate)
@@ -124,12 +127,12 @@ def test_canary_ramp_down_needs_allow_shrink(batch_settings: Settings, two_batch
         assert rollout is not None
         return {user for user in users if rollout.route(user)[0] == CANARY}
 
-    rollouts.start_canary(batch_settings, candidate, 0.5, salt="shrink")
+    canary.start_canary(batch_settings, candidate, 0.5, salt="shrink")
     before = canary_users()
-    rollouts.start_canary(batch_settings, candidate, 0.5)  # the same share is no ramp down
+    canary.start_canary(batch_settings, candidate, 0.5)  # the same share is no ramp down
     with pytest.raises(RolloutError, match=r"50\.00% of users; lowering it to 20\.00% .*--allow-shrink"):
-        rollouts.start_canary(batch_settings, candidate, 0.2)
-    assert rollouts.canary_status(batch_settings)["canary"]["traffic"] == 0.5
+        canary.start_canary(batch_settings, candidate, 0.2)
+    assert canary.canary_status(batch_settings)["canary"]["traffic"] == 0.5
     assert canary_users() == before
 
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
@@ -143,7 +146,7 @@ def test_canary_ramp_down_needs_allow_shrink(batch_settings: Settings, two_batch
     assert "traffic: 0.2" in shrunk.stdout and "salt: shrink" in shrunk.stdout
     after = canary_users()
     assert after < before and len(after) < len(before)  # the same salt: a subset stays, the rest is production
-    status = rollouts.canary_status(batch_settings)
+    status = canary.canary_status(batch_settings)
     assert [(e["action"], e["traffic"]) for e in status["history"]] == [("ramp", 0.2), ("ramp", 0.5), ("start", 0.5)]
 
 
@@ -183,11 +186,11 @@ def test_readers_see_no_error_while_canaries_start_stop_and_promote(
     try:
         live, other = production, candidate
         for _ in range(3):
-            rollouts.start_canary(batch_settings, other, 0.2)
-            rollouts.start_canary(batch_settings, other, 0.5)
-            rollouts.stop_canary(batch_settings)
-            rollouts.start_canary(batch_settings, other, 0.5)
-            rollouts.promote_canary(batch_settings)
+            canary.start_canary(batch_settings, other, 0.2)
+            canary.start_canary(batch_settings, other, 0.5)
+            canary.stop_canary(batch_settings)
+            canary.start_canary(batch_settings, other, 0.5)
+            canary.promote_canary(batch_settings)
             live, other = other, live
     finally:
         stop.set()
@@ -212,7 +215,7 @@ def test_shadow_batch_is_published_but_never_served(batch_settings: Settings, tw
     with pytest.raises(MissingDataError, match="is shadow"):
         publish.rollback(batch_settings, to_batch=result.batch_id)
     with pytest.raises(RolloutError, match="shadow batch"):
-        rollouts.start_canary(batch_settings, result.batch_id, 0.05)
+        canary.start_canary(batch_settings, result.batch_id, 0.05)
     # Publishing production again for that date leaves the shadow alone, and vice versa.
     publish.publish(batch_settings, PREVIOUS_DATE, make_live=True)
     assert batch_status(batch_settings, result.batch_id) == "shadow"
@@ -288,7 +291,7 @@ def test_shadow_report_of_a_different_model(batch_settings: Settings, two_batche
             schema={"user_id": pl.String, "item_id": pl.String, "rank": pl.Int64},
             orient="row",
         )
-        assert report.evaluation[name] == pytest.approx(metrics.ranking_metrics(ranked, relevant, catalogue))
+        assert report.evaluation[name] == pytest.approx(ranking_metrics.ranking_metrics(ranked, relevant, catalogue))
     assert report.deltas == pytest.approx(
         {key: report.evaluation["shadow"][key] - report.evaluation["production"][key] for key in report.deltas}
     )
@@ -398,15 +401,15 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
 ) -> None:
     production, candidate = two_batches
     register_challenger(batch_settings)
-    assert rollouts.refresh_canary(batch_settings, SAMPLE_DATE).reason == "no canary is running"
+    assert canary.refresh_canary(batch_settings, SAMPLE_DATE).reason == "no canary is running"
     # A canary of production's own model: a refresh would serve production's lists (no scoring is tried).
-    rollouts.start_canary(batch_settings, candidate, 0.1)
-    same_model = rollouts.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))
+    canary.start_canary(batch_settings, candidate, 0.1)
+    same_model = canary.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))
     assert not same_model.refreshed and "is production's" in same_model.reason
-    rollouts.stop_canary(batch_settings)
+    canary.stop_canary(batch_settings)
 
-    started = rollouts.start_model_canary(batch_settings, "challenger", 0.2, PREVIOUS_DATE, salt="fresh")
-    same_night = rollouts.refresh_canary(batch_settings, PREVIOUS_DATE)
+    started = canary.start_model_canary(batch_settings, "challenger", 0.2, PREVIOUS_DATE, salt="fresh")
+    same_night = canary.refresh_canary(batch_settings, PREVIOUS_DATE)
     assert not same_night.refreshed and f"is of {PREVIOUS_DATE} already" in same_night.reason
     tonight = publish.publish(batch_settings, SAMPLE_DATE, make_live=True)  # the next night
 
@@ -415,21 +418,21 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
 
     def stopped_meanwhile(*args: object) -> publish.PublishResult:
         published = publish_model(*args)  # type: ignore[arg-type]
-        rollouts.stop_canary(batch_settings)
+        canary.stop_canary(batch_settings)
         return published
 
     monkeypatch.setattr(publish, "publish_model", stopped_meanwhile)
-    raced = rollouts.refresh_canary(batch_settings, SAMPLE_DATE)
+    raced = canary.refresh_canary(batch_settings, SAMPLE_DATE)
     assert not raced.refreshed and raced.canary_batch is None and "the canary was stopped" in raced.reason
-    assert rollouts.canary_status(batch_settings)["canary"] is None
+    assert canary.canary_status(batch_settings)["canary"] is None
     # The stopped canary's batch (ready, of the previous date, of another model) was never production:
     # rollback from tonight goes to the batch that was.
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         assert conn.execute(sql.query("rollback_target"), (tonight.batch_id,)).fetchone() == (production,)
     monkeypatch.undo()
 
-    started = rollouts.start_canary(batch_settings, started.batch_id, 0.2, salt="fresh")
-    refreshed = rollouts.refresh_canary(batch_settings, SAMPLE_DATE)
+    started = canary.start_canary(batch_settings, started.batch_id, 0.2, salt="fresh")
+    refreshed = canary.refresh_canary(batch_settings, SAMPLE_DATE)
     assert refreshed.refreshed and (refreshed.canary_model, refreshed.previous_canary_batch) == (
         "challenger",
         started.batch_id,
@@ -440,10 +443,10 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         batch = conn.execute(sql.query("batch_by_id"), (new,)).fetchone()
     assert batch is not None and (batch[1], batch[2]) == (SAMPLE_DATE, "challenger")
-    status = rollouts.canary_status(batch_settings)
-    canary = status["canary"]
-    assert (canary["batch_id"], canary["traffic"], canary["salt"]) == (new, 0.2, "fresh")  # the same users
-    assert (canary["started_at"], canary["production_batch_id"]) == (started.started_at, tonight.batch_id)
+    status = canary.canary_status(batch_settings)
+    running = status["canary"]
+    assert (running["batch_id"], running["traffic"], running["salt"]) == (new, 0.2, "fresh")  # the same users
+    assert (running["started_at"], running["production_batch_id"]) == (started.started_at, tonight.batch_id)
     assert [event["action"] for event in status["history"][:2]] == ["refresh", "start"]
     rollout = asyncio.run(rollout_of(batch_settings))  # what the lookup service reads
     assert rollout is not None and rollout.canary is not None
@@ -451,11 +454,11 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     # The chosen model's scores have a folder of their own, beside production's, for the same users.
     assert set(scored_rows(batch_settings, SAMPLE_DATE, "challenger")) == set(scored_rows(batch_settings, SAMPLE_DATE))
 
-    ahead = rollouts.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))  # production is of SAMPLE_DATE
+    ahead = canary.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))  # production is of SAMPLE_DATE
     assert not ahead.refreshed and ahead.reason.startswith(f"production serves {SAMPLE_DATE}")
     # Ramping needs no batch id: the refresh moved the canary off the batch it was started with.
     with pytest.raises(RolloutError, match=rf"batch {new} is already the canary .*overnight canary --traffic T"):
-        rollouts.start_canary(batch_settings, started.batch_id, 0.3)
+        canary.start_canary(batch_settings, started.batch_id, 0.3)
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
     ramped = json.loads(overnight("canary", "--traffic", "0.3", "--json", env=env).stdout)
     assert (ramped["batch_id"], ramped["traffic"], ramped["salt"]) == (new, 0.3, "fresh")
@@ -472,11 +475,11 @@ def test_overnight_run_also_scores_the_shadow_and_keeps_the_online_tables(
     """`overnight run` does what the DAG's tasks after publish do; the run history names the night's
     serving batch, not the shadow's."""
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, num_boost_round=20)
-    first = pipeline.run(settings, sample_source, SAMPLE_DATE)
+    first = nightly.run(settings, sample_source, SAMPLE_DATE)
     assert "shadow" not in first.results and first.results["online"]["recorded"]["models"] == []
     assert first.results["online"]["tables"]["created_partitions"]["served_prediction_chunks"] >= 0
 
-    night = pipeline.run(settings.model_copy(update={"shadow_model": first.model_id}), sample_source, SAMPLE_DATE)
+    night = nightly.run(settings.model_copy(update={"shadow_model": first.model_id}), sample_source, SAMPLE_DATE)
     shadow_batch = night.results["shadow"]["shadow"]["batch_id"]
     assert batch_status(settings, shadow_batch) == "shadow" and shadow_batch != night.batch_id
     assert [step.step for step in night.steps][-3:] == ["shadow", "refresh-canary", "online"]

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from jobs.database import upgrade
-from tests.conftest import create_database, drop_database
-from tests.integration.test_serving import API_KEY, RECS, K, Publisher, running, service_settings
+from tests.support.databases import create_database, drop_database
+from tests.support.serving import API_KEY, RECS, K, Publisher, running, service_settings
 
 pytestmark = pytest.mark.integration
 

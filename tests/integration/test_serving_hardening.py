@@ -19,16 +19,8 @@ from serving.app import create_app
 from serving.dashboard import COOKIE, session_token
 from serving.live import WATCHER_APPLICATION_NAME
 from serving.lookup import POOL_APPLICATION_NAME
-from tests.conftest import OVERNIGHT, free_port, overnight_env, running_service
-from tests.integration.test_serving import (
-    API_KEY,
-    RECS,
-    SWITCH_DEADLINE,
-    Publisher,
-    Service,
-    running,
-    service_settings,
-)
+from tests.support.commands import OVERNIGHT, free_port, overnight_env, running_service
+from tests.support.serving import API_KEY, RECS, SWITCH_DEADLINE, Publisher, Service, running, service_settings
 
 pytestmark = pytest.mark.integration
 

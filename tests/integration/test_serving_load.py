@@ -24,13 +24,13 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from jobs.database import upgrade
-from jobs.publish import rollback
-from jobs.rollouts import promote_canary, start_canary, stop_canary
+from jobs.rollouts.canary import promote_canary, start_canary, stop_canary
 from jobs.settings import Settings
+from jobs.steps.publish import rollback
 from serving.lookup import POOL_APPLICATION_NAME
 from serving.variants import CANARY, PRODUCTION, TrafficSplit
-from tests.conftest import free_port, overnight_env, running_service
-from tests.integration.test_serving import API_KEY, K, Publisher
+from tests.support.commands import free_port, overnight_env, running_service
+from tests.support.serving import API_KEY, K, Publisher
 
 pytestmark = pytest.mark.integration
 

@@ -8,12 +8,13 @@ import psycopg
 import pytest
 from polars.testing import assert_frame_equal
 
-from jobs import candidates, features, ingest, lake, registry, train
+from jobs import lake, registry
 from jobs.errors import MissingDataError
-from jobs.features import FEATURES
 from jobs.settings import Settings
-from tests.conftest import SAMPLE_DATE
-from tests.integration.conftest import PREVIOUS_DATE, ScoredLake
+from jobs.steps import candidates, features, ingest, train
+from jobs.steps.features import FEATURES
+from tests.support.batches import ScoredLake
+from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.evaluate import evaluate
 from jobs.settings import Settings
-from tests.conftest import MOVIELENS_100K
+from jobs.steps.evaluate import evaluate
+from tests.support.data import MOVIELENS_100K
 
 pytestmark = [
     pytest.mark.movielens,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.airflow_local import PASSWORDS_FILE, metadata_database_name, prepare, sqlalchemy_url
+from jobs.dev.airflow_local import PASSWORDS_FILE, metadata_database_name, prepare, sqlalchemy_url
 from jobs.settings import get_settings
-from tests.conftest import OVERNIGHT
+from tests.support.commands import OVERNIGHT
 
 METADATA = "postgresql+psycopg://airflow@db.example:5432/airflow"
 

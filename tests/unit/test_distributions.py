@@ -5,7 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from jobs.distributions import gini, histogram, ks_test, list_overlap, psi, psi_of_shares, quantile_edges, quantiles
+from jobs.monitoring.distributions import (
+    gini,
+    histogram,
+    ks_test,
+    list_overlap,
+    psi,
+    psi_of_shares,
+    quantile_edges,
+    quantiles,
+)
 from serving.dashboard import _quantile
 
 

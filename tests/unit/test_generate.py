@@ -6,8 +6,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from jobs import generate as gen
-from jobs.ingest import read_source
+from jobs.dev import generate as gen
+from jobs.steps.ingest import read_source
 
 END = date(2026, 11, 20)
 

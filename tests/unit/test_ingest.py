@@ -8,8 +8,8 @@ import pytest
 
 from jobs import lake
 from jobs.errors import BadInputError
-from jobs.ingest import MAX_WEIGHT, detect_format, ingest, read_source, source_chunks, validate_interactions
 from jobs.settings import Settings
+from jobs.steps.ingest import MAX_WEIGHT, detect_format, ingest, read_source, source_chunks, validate_interactions
 
 DAY = date(2026, 11, 20)
 
@@ -220,7 +220,7 @@ def test_a_source_read_in_chunks_lands_as_if_read_whole(tmp_path: Path, monkeypa
         folder, "user_id,item_id,timestamp,rating\nu0,i0,2026-11-10T12:00:00Z,1\nu9,i9,2026-11-12,4\n", "part-1.csv"
     )
     whole = ingest(settings_for(tmp_path / "whole"), tmp_path / "src", DAY)
-    monkeypatch.setattr("jobs.ingest.CHUNK_ROWS", 7)
+    monkeypatch.setattr("jobs.steps.ingest.CHUNK_ROWS", 7)
     chunked_settings = settings_for(tmp_path / "chunked")
     chunked = ingest(chunked_settings, tmp_path / "src", DAY)
     assert (chunked.rows_read, chunked.rows_valid, chunked.users) == (whole.rows_read, whole.rows_valid, whole.users)
@@ -363,7 +363,7 @@ def test_bad_lines_keep_their_row_numbers_across_blocks(tmp_path: Path, monkeypa
 
     path = write_bytes(tmp_path / "src", HEADER + b"".join(line(n) for n in range(202)))
     whole = validate_interactions(read_source(path), DAY)
-    monkeypatch.setattr("jobs.ingest.CSV_BLOCK_BYTES", 97)  # a few lines a block
+    monkeypatch.setattr("jobs.steps.ingest.CSV_BLOCK_BYTES", 97)  # a few lines a block
     chunks = list(source_chunks(path))
     assert len(chunks) > 20
     valid, quarantined = validate_interactions(read_source(path), DAY)

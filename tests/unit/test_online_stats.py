@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jobs.errors import BadInputError
-from jobs.online import (
+from jobs.rollouts.online import (
     UserSums,
     clustered_difference,
     clustered_normal,

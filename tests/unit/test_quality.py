@@ -6,9 +6,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from jobs.evaluate import split, user_holdout_window
 from jobs.settings import Settings
-from jobs.train import PRODUCTION, RANKER, promotion_gate
+from jobs.steps.evaluate import split, user_holdout_window
+from jobs.steps.train import PRODUCTION, RANKER, promotion_gate
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 

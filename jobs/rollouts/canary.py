@@ -24,10 +24,12 @@ import psycopg
 from psycopg.rows import dict_row
 
 import sql
-from jobs import publish, registry
+from jobs import registry
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError, RolloutError
 from jobs.settings import Settings
+from jobs.steps import publish
+from sql.contract import SHADOW_BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def _check_candidate(conn: psycopg.Connection, batch_id: int, production: int | 
         batch = cur.execute(sql.query("batch_for_rollout"), (batch_id,)).fetchone()
     if batch is None:
         raise MissingDataError(f"batch {batch_id} does not exist")
-    if batch["kind"] == "shadow":
+    if batch["kind"] == SHADOW_BATCH:
         raise RolloutError(f"batch {batch_id} is a shadow batch: shadow batches are never served")
     if production is None:
         raise RolloutError("nothing is live: publish a production batch before starting a canary")

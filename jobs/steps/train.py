@@ -4,7 +4,7 @@ A *label window* is a cutoff, the events before it (all that candidates and feat
 the relevant items of each user after it. The nightly run for date D with label window L days
 uses rolling windows: labels in [end of D - L, end of D), then the L days before that, and so on
 (``label_windows``, as far as the history allows). The same code builds the windows of the
-evaluation protocols (``jobs.evaluate``), so training, evaluation and scoring share one way to
+evaluation protocols (``jobs.steps.evaluate``), so training, evaluation and scoring share one way to
 generate candidates and features.
 
 Users are split by a stable hash of their id: a fifth is held out from training for good. The
@@ -28,11 +28,13 @@ import numpy as np
 import polars as pl
 import psycopg
 
-from jobs import candidates, drift, features, lake, registry
+from jobs import lake, registry
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
-from jobs.metrics import K, candidate_recall, ranking_metrics
+from jobs.monitoring import drift
 from jobs.settings import Settings
+from jobs.steps import candidates, features
+from jobs.steps.ranking_metrics import K, candidate_recall, ranking_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from psycopg.rows import dict_row
 
 import sql
 from jobs.database import connect, database_url, upgrade
+from jobs.errors import first_line
+from jobs.jsonable import jsonable
 from jobs.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -156,7 +158,7 @@ def finish_run(settings: Settings, run_id: int, status: str, error: BaseExceptio
         with connect(settings) as conn:
             conn.execute(
                 sql.query("finish_run"),
-                {"run_id": run_id, "status": status, "error": _one_line(error) if error else None},
+                {"run_id": run_id, "status": status, "error": first_line(error) if error else None},
             )
     except Exception as failure:
         logger.warning("run history: could not record the end of run %d: %s", run_id, failure)
@@ -190,14 +192,6 @@ def peak_memory_bytes() -> int | None:
     return int(peak_kib) * 1024 if peak_kib else None
 
 
-def plain(result: Any) -> Any:
-    if isinstance(result, list):
-        return [plain(r) for r in result]
-    if is_dataclass(result) and not isinstance(result, type):
-        return asdict(result)
-    return result
-
-
 _ROWS_IN = ("rows_read", "candidate_rows", "rows_in")
 _ROWS_OUT = ("rows_valid", "rows_out", "users", "items", "rows")
 
@@ -205,7 +199,7 @@ _ROWS_OUT = ("rows_valid", "rows_out", "users", "items", "rows")
 def rows_of(result: Any) -> tuple[int | None, int | None]:
     """(rows in, rows out) of a step's result, whatever step it was: the known count fields of the
     result (a list of results, such as score shards, is summed)."""
-    data = plain(result)
+    data = jsonable(result)
     if isinstance(data, list):
         pairs = [rows_of(part) for part in data]
         ins = [p[0] for p in pairs if p[0] is not None]
@@ -226,11 +220,6 @@ def _summary(result: Any) -> str | None:
     if callable(summary):
         return str(summary())
     return None
-
-
-def _one_line(error: BaseException | str) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:2000]
 
 
 @dataclass
@@ -262,7 +251,7 @@ def end_step(
 ) -> None:
     seconds = time.perf_counter() - started
     rows_in, rows_out = rows_of(result) if error is None else (None, None)
-    data = plain(result)
+    data = jsonable(result)
     try:
         with connect(settings) as conn:
             conn.execute(
@@ -276,7 +265,7 @@ def end_step(
                     "rows_in": rows_in,
                     "rows_out": rows_out,
                     "summary": summary or _summary(result),
-                    "error": _one_line(error) if error is not None else None,
+                    "error": first_line(error) if error is not None else None,
                 },
             )
             if isinstance(data, dict) and ("batch_id" in data or "model_id" in data):
@@ -300,7 +289,7 @@ def step(settings: Settings, run_id: int, name: str) -> Iterator[StepRecord]:
         raise
     summary = None
     if isinstance(record.result, list):
-        from jobs.score import summarise
+        from jobs.steps.score import summarise
 
         summary = summarise(record.result)
     end_step(settings, run_id, name, started, record.result, summary=summary)

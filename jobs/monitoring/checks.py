@@ -3,7 +3,7 @@
 Each statistic has a warn and a fail threshold and a bad side (above or below). A check compares
 one measured value with them; the checks of a date and stage (input, drift, output) are stored
 in ``overnight.monitor_checks`` and the full report in ``overnight.monitor_reports``. A fail
-blocks the publish (see ``jobs.output_stats.check_batch``); a warn is recorded and shown.
+blocks the publish (see ``jobs.monitoring.outputs.check_batch``); a warn is recorded and shown.
 """
 
 import logging
@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 import sql
+from jobs.jsonable import jsonb
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _past(value: float, limit: float | None, bad_side: str) -> bool:
     return value > limit if bad_side == "above" else value < limit
 
 
-def evaluate(
+def judge(
     limits: dict[str, Threshold],
     stage: str,
     statistic: str,
@@ -151,17 +151,6 @@ def verdict(checks: list[Check]) -> Level:
     return max((c.level for c in checks), key=LEVELS.index, default="ok")
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinities as None: JSON, and so jsonb, has no such numbers."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def record(
     conn: psycopg.Connection,
     logical_date: date,
@@ -182,7 +171,7 @@ def record(
                 [
                     {
                         **{k: v for k, v in asdict(c).items() if k != "details"},
-                        "details": Jsonb(json_safe(c.details)),
+                        "details": jsonb(c.details),
                         "logical_date": logical_date,
                         "run_id": run_id,
                         "model_id": model_id,
@@ -197,7 +186,7 @@ def record(
                 "logical_date": logical_date,
                 "stage": stage,
                 "verdict": verdict(checks),
-                "report": Jsonb(json_safe(report)),
+                "report": jsonb(report),
                 "run_id": run_id,
                 "model_id": model_id,
                 "batch_id": batch_id,
@@ -235,7 +224,7 @@ def alert_problems(
     """One alert per problem statistic (its subjects listed together), at most ``alert_max_per_run``;
     the rest go in one summary. Each is sent once per date: re-runs and retries do not repeat it.
     Returns the fingerprints used."""
-    from jobs.alerts import send_alert
+    from jobs.monitoring.alerts import send_alert
 
     grouped: dict[tuple[str, str, str], list[Check]] = {}
     for check in problems:

@@ -29,10 +29,14 @@ from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 import sql
-from jobs import copy_binary, lake, monitor, output_stats, registry, runs, score
+from jobs import copy_binary, lake, registry
 from jobs.database import connect, database_url, upgrade
 from jobs.errors import BatchValidationError, MissingDataError
+from jobs.jsonable import jsonb
+from jobs.monitoring import history, outputs
 from jobs.settings import Settings
+from jobs.steps import score
+from sql.contract import CANARY_BATCH, SHADOW_BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class PublishResult:
     dropped_batches: list[int] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, validate, monitor, switch
-    accepted: output_stats.Acceptance | None = None  # the failing checks accepted to publish it
+    accepted: outputs.Acceptance | None = None  # the failing checks accepted to publish it
 
     def summary(self) -> str:
         state = "live" if self.live else f"not live: {self.reason}"
@@ -280,9 +284,9 @@ def publish(
     if shadow and not chosen:
         raise ValueError("a shadow batch is of a chosen model: pass its model_id")
     if accept_checks is not None:
-        accept_checks = output_stats.given_reason(accept_checks)
+        accept_checks = outputs.given_reason(accept_checks)
         if chosen:
-            raise output_stats.AcceptanceError("failing checks are accepted for production's batch of a date only")
+            raise outputs.AcceptanceError("failing checks are accepted for production's batch of a date only")
     manifests = score.read_manifests(settings, logical_date, model_id)
     files = [score.shard_path(settings, logical_date, m.shard, m.shards, model_id) for m in manifests]
     folder = settings.work_dir_for(logical_date)
@@ -313,13 +317,13 @@ def publish(
             },
         ).fetchone()[0]  # type: ignore[index]
         if chosen:
-            conn.execute(sql.query("mark_batch_kind"), ("shadow" if shadow else "candidate", batch_id))
+            conn.execute(sql.query("mark_batch_kind"), (SHADOW_BATCH if shadow else CANARY_BATCH, batch_id))
         conn.execute(sql.batch_query("create_recs_table", batch_id))
         conn.commit()
         logger.info("publish: batch %d for %s: loading %d shards", batch_id, logical_date, len(manifests))
 
         measured: dict[str, Any] | None = None
-        accepted: output_stats.Acceptance | None = None
+        accepted: outputs.Acceptance | None = None
         seconds: dict[str, float] = {}
         started = time.perf_counter()
 
@@ -357,7 +361,7 @@ def publish(
                 # The date's monitoring record and alerts are production's: a chosen model's output
                 # checks are kept with its batch only. They never hold a shadow back; they do hold back a
                 # canary's batch, which real users would be served.
-                measured["output"] = output_stats.unrecorded_checks(settings, logical_date, batch_id, model_id)
+                measured["output"] = outputs.unrecorded_checks(settings, logical_date, batch_id, model_id)
                 failed = [c["message"] for c in measured["output"]["checks"] if c["level"] == "fail"]
                 if failed and not shadow:
                     raise BatchValidationError(
@@ -365,7 +369,7 @@ def publish(
                         + "; ".join(failed)
                     )
             else:
-                accepted = output_stats.check_batch(  # monitoring's publish gate
+                accepted = outputs.check_batch(  # monitoring's publish gate
                     settings, logical_date, batch_id, model_id, accept_checks, accepted_by
                 )
             lap("monitor")
@@ -377,13 +381,13 @@ def publish(
             raise
 
         if shadow:
-            conn.execute(sql.query("mark_shadow_ready"), (Jsonb(monitor.json_safe(measured)), batch_id))
+            conn.execute(sql.query("mark_shadow_ready"), (jsonb(measured), batch_id))
             conn.commit()
             dropped = _apply_shadow_retention(conn, settings, logical_date, batch_id)
             return PublishResult(
                 logical_date.isoformat(), batch_id, model_id, users_scored, False, "shadow batch", dropped, measured
             )
-        conn.execute(sql.query("mark_batch_ready"), (Jsonb(monitor.json_safe(measured)), batch_id))
+        conn.execute(sql.query("mark_batch_ready"), (jsonb(measured), batch_id))
         conn.commit()
         if chosen:
             # A canary's batch (kind 'candidate'): never live by publish, and it replaces none of the
@@ -440,8 +444,8 @@ def publish_accepting_checks(
     """``overnight publish --accept-checks "why"``: publish the date's batch though monitoring fails
     it, accepting its failing checks for `reason`. A run of its own in the run history (one step,
     publish), so the acceptance shows beside the run that was blocked."""
-    reason = output_stats.given_reason(reason)
-    with runs.recording(settings, logical_date) as run_id, runs.step(settings, run_id, "publish") as recorded:
+    reason = outputs.given_reason(reason)
+    with history.recording(settings, logical_date) as run_id, history.step(settings, run_id, "publish") as recorded:
         recorded.result = result = publish(
             settings, logical_date, make_live, accept_checks=reason, accepted_by=accepted_by
         )

@@ -12,7 +12,7 @@ into the next day waits for that night), and that became visible in [D - OVERNIG
 D + 1 day). Each keeps its own time, so it lands in the lake partition of the day it happened, even
 days before D; the lake merge drops rows it already holds, so reading an event again on the nights
 after changes nothing. Ingest validates the rows like a source's and drops feedback on items
-outside the catalogue (see ``jobs.ingest``).
+outside the catalogue (see ``jobs.steps.ingest``).
 
 A click and a conversion of the same item are two interactions, weighted 1 + 3 by default: they
 are two events (the lake's duplicate key includes the event type), and the weights are per type, so

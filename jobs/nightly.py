@@ -19,22 +19,12 @@ from typing import Any
 
 import polars as pl
 
-from jobs import (
-    candidates,
-    drift,
-    features,
-    freshness,
-    generate,
-    ingest,
-    online,
-    publish,
-    rollouts,
-    runs,
-    score,
-    shadow,
-    train,
-)
+from jobs.dev import generate
+from jobs.jsonable import jsonable
+from jobs.monitoring import drift, freshness, history
+from jobs.rollouts import canary, online, shadow
 from jobs.settings import Settings
+from jobs.steps import candidates, features, ingest, publish, score, train
 
 logger = logging.getLogger(__name__)
 
@@ -92,19 +82,19 @@ def run(
         model_id = settings.shadow_model
         plan.append(("shadow", lambda: ShadowStep(shadow.nightly_shadow(settings, logical_date, model_id))))
     if settings.refresh_canary:
-        plan.append(("refresh-canary", lambda: rollouts.refresh_canary(settings, logical_date)))
+        plan.append(("refresh-canary", lambda: canary.refresh_canary(settings, logical_date)))
     plan.append(("online", lambda: online.nightly_upkeep(settings, logical_date)))
-    with runs.recording(settings, logical_date) as run_id:
+    with history.recording(settings, logical_date) as run_id:
         for number, (name, step) in enumerate(plan, start=1):
             progress(f"[{number}/{len(plan)}] {name} ...")
             started = time.perf_counter()
-            with runs.step(settings, run_id, name) as recorded:
+            with history.step(settings, run_id, name) as recorded:
                 recorded.result = result = step()
             elapsed = time.perf_counter() - started
             summary = score.summarise(result) if isinstance(result, list) else result.summary()
             progress(f"[{number}/{len(plan)}] {name} done in {elapsed:.1f}s: {summary}")
             steps.append(StepTiming(name, round(elapsed, 3), summary))
-            results[name] = runs.plain(result)
+            results[name] = jsonable(result)
     published = results["publish"]
     return RunResult(
         logical_date=logical_date.isoformat(),

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import polars as pl
 
-from jobs import candidates, kernels, lake
-from jobs.candidates import (
+from jobs import kernels, lake
+from jobs.settings import Settings
+from jobs.steps import candidates
+from jobs.steps.candidates import (
     ITEM_COLUMNS,
     KEY,
     SOURCES,
@@ -25,7 +27,6 @@ from jobs.candidates import (
     stable_sum,
     user_genre_shares,
 )
-from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
 

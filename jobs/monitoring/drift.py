@@ -23,9 +23,10 @@ import polars as pl
 import psycopg
 
 import sql
-from jobs import distributions, lake, monitor, registry, runs
+from jobs import lake, registry
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
+from jobs.monitoring import checks, distributions, history
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ WEIGHT_BASELINE_DAYS = 28
 def scoring_sample(settings: Settings, logical_date: date) -> pl.DataFrame:
     """The ranker's features as scoring computes them on ``logical_date``, over the candidates of up
     to ``drift_sample_users`` users chosen by a hash of their id, so every night looks at a stable slice."""
-    from jobs import score
+    from jobs.steps import score
 
     folder = score.ensure_shared_tables(settings, logical_date)
     users = (
@@ -264,7 +265,7 @@ INPUT_STATISTICS = (
 def monitor_input(settings: Settings, logical_date: date) -> InputReport:
     """Measure the date's input and the model's feature drift, record both, request a retrain on
     strong drift and alert on every fail. Runs after scoring, before publish."""
-    limits = monitor.thresholds(settings)
+    limits = checks.thresholds(settings)
     with connect(settings) as conn:
         upgrade(conn)
         model = registry.model_for_date(conn, logical_date)
@@ -280,14 +281,14 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
     }
     described = {"volume_change": volume_in_words(logical_date, measured)}
     input_checks = [
-        monitor.evaluate(
+        checks.judge(
             limits, "input", name, measured[name], details=input_details.get(name), described=described.get(name)
         )
         for name in INPUT_STATISTICS
     ]
 
     reference_file = reference_path(settings, model)
-    drift_checks: list[monitor.Check] = []
+    drift_checks: list[checks.Check] = []
     drift_report: dict[str, Any] = {"model_id": model.model_id, "reference": str(reference_file)}
     current_rows = 0
     if reference_file.is_file():
@@ -303,29 +304,29 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
         }
         for d in drifts:
             details = {"ks_pvalue": d.ks_pvalue, "reference_mean": d.reference_mean, "current_mean": d.current_mean}
-            drift_checks.append(monitor.evaluate(limits, "drift", "feature_psi", d.psi, d.feature, details))
-            drift_checks.append(monitor.evaluate(limits, "drift", "feature_ks", d.ks, d.feature, details))
+            drift_checks.append(checks.judge(limits, "drift", "feature_psi", d.psi, d.feature, details))
+            drift_checks.append(checks.judge(limits, "drift", "feature_ks", d.ks, d.feature, details))
     else:
         drift_report["problem"] = f"model {model.model_id} has no training reference at {reference_file}"
         logger.warning("drift: %s; feature drift is not measured", drift_report["problem"])
 
     retrain_reason = _retrain_reason(settings, logical_date, drift_checks)
     drift_report["retrain_reason"] = retrain_reason
-    run_id = runs.current_run_id()
+    run_id = history.current_run_id()
     with connect(settings) as conn:
-        monitor.record(conn, logical_date, "input", input_checks, measured, run_id=run_id, model_id=model.model_id)
-        monitor.record(conn, logical_date, "drift", drift_checks, drift_report, run_id=run_id, model_id=model.model_id)
+        checks.record(conn, logical_date, "input", input_checks, measured, run_id=run_id, model_id=model.model_id)
+        checks.record(conn, logical_date, "drift", drift_checks, drift_report, run_id=run_id, model_id=model.model_id)
         if retrain_reason:
             conn.execute(sql.query("request_retrain"), (model.model_id, logical_date, retrain_reason))
         else:
             conn.execute(sql.query("withdraw_retrain"), (model.model_id, logical_date))
 
-    checks = input_checks + drift_checks
-    problems = [c for c in checks if c.level == "fail"]
+    judged = input_checks + drift_checks
+    problems = [c for c in judged if c.level == "fail"]
     if problems:
-        monitor.alert_problems(settings, logical_date, problems, run_id, "input monitoring")
+        checks.alert_problems(settings, logical_date, problems, run_id, "input monitoring")
     if retrain_reason:
-        from jobs.alerts import send_alert
+        from jobs.monitoring.alerts import send_alert
 
         send_alert(
             f"overnight {logical_date}: model {model.model_id} is due for retraining",
@@ -334,7 +335,7 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
                 "logical_date": logical_date.isoformat(),
                 "run_id": run_id,
                 "model_id": model.model_id,
-                "dashboard": monitor.dashboard_link(settings, logical_date),
+                "dashboard": checks.dashboard_link(settings, logical_date),
             },
             fingerprint=f"retrain:{model.model_id}",
             settings=settings,
@@ -343,13 +344,13 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
     return InputReport(
         logical_date=logical_date.isoformat(),
         model_id=model.model_id,
-        verdict=monitor.verdict(checks),
+        verdict=checks.verdict(judged),
         features_checked=len({c.subject for c in drift_checks}),
         drifted_features=drifted,
         retrain_reason=retrain_reason,
         rows_in=int(measured["volume"]),
         rows_out=current_rows,
-        problems=[c.message for c in checks if c.level != "ok"],
+        problems=[c.message for c in judged if c.level != "ok"],
     )
 
 
@@ -364,7 +365,7 @@ def _drift_dict(d: FeatureDrift) -> dict[str, Any]:
     }
 
 
-def _retrain_reason(settings: Settings, logical_date: date, drift_checks: list[monitor.Check]) -> str | None:
+def _retrain_reason(settings: Settings, logical_date: date, drift_checks: list[checks.Check]) -> str | None:
     limit = settings.drift_retrain_psi
     if limit is None:
         return None
@@ -396,16 +397,16 @@ def report(settings: Settings, logical_date: date, recompute: bool = False) -> d
     """The stored monitoring report of a date (measured now if it was never measured, or if asked)."""
     with connect(settings) as conn:
         upgrade(conn)
-        stored = monitor.stored_reports(conn, logical_date)
+        stored = checks.stored_reports(conn, logical_date)
     if recompute or "input" not in stored:
         monitor_input(settings, logical_date)
     with connect(settings) as conn:
-        stored = monitor.stored_reports(conn, logical_date)
-        checks = monitor.stored_checks(conn, logical_date)
+        stored = checks.stored_reports(conn, logical_date)
+        stored_checks = checks.stored_checks(conn, logical_date)
         retrain = drift_requires_retrain(conn, logical_date)
     return {
         "logical_date": logical_date.isoformat(),
-        "verdict": max((c["level"] for c in checks), key=monitor.LEVELS.index, default="ok"),
+        "verdict": max((c["level"] for c in stored_checks), key=checks.LEVELS.index, default="ok"),
         "retrain_reason": retrain,
         "stages": {
             stage: {
@@ -418,5 +419,5 @@ def report(settings: Settings, logical_date: date, recompute: bool = False) -> d
             }
             for stage, row in stored.items()
         },
-        "checks": [{k: v for k, v in c.items() if k not in ("model_id", "batch_id", "run_id")} for c in checks],
+        "checks": [{k: v for k, v in c.items() if k not in ("model_id", "batch_id", "run_id")} for c in stored_checks],
     }

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from jobs import candidates, features, kernels, lake, registry
+from jobs import kernels, lake, registry
 from jobs.database import connect
 from jobs.errors import FutureModelError, MissingDataError
 from jobs.settings import Settings
+from jobs.steps import candidates, features
 
 logger = logging.getLogger(__name__)
 

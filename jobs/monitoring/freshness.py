@@ -2,17 +2,18 @@
 
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
 import sql
-from jobs import registry, runs
+from jobs import registry
 from jobs.database import connect, upgrade
 from jobs.errors import StaleBatchError
-from jobs.rollouts import running_canary
+from jobs.jsonable import jsonable
+from jobs.monitoring import history
+from jobs.rollouts.canary import running_canary
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
     latest runs (a run whose process died is marked abandoned first)."""
     with connect(settings) as conn:
         upgrade(conn)
-        recent_runs = runs.recent_runs(conn, recent)
+        recent_runs = history.recent_runs(conn, recent)
         live = _live(conn)
         canary = running_canary(conn)
         model = registry.production_model(conn)
@@ -95,27 +96,16 @@ def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
             batches = cur.execute(sql.query("recent_batches"), (recent,)).fetchall()
             canary_batch = cur.execute(sql.query("canary_batch_status")).fetchone() if canary else None
     return {
-        "live": _plain(live) if live else None,
+        "live": jsonable(live) if live else None,
         # with its batch's date, model and age: a canary that is not refreshed ages beside production
-        "canary": {**asdict(canary), **_plain(canary_batch)} if canary and canary_batch else None,
+        "canary": {**asdict(canary), **jsonable(canary_batch)} if canary and canary_batch else None,
         "production_model": (
             {**registry.describe(model), "baselines": model.metrics.get("baselines", {})} if model else None
         ),
-        "recent_batches": [_plain(b) for b in batches],
-        "recent_runs": [_plain(r) for r in recent_runs],
+        "recent_batches": [jsonable(b) for b in batches],
+        "recent_runs": [jsonable(r) for r in recent_runs],
     }
 
 
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    def convert(value: Any) -> Any:
-        if isinstance(value, datetime | date):
-            return value.isoformat()
-        if hasattr(value, "__float__") and not isinstance(value, int | float | bool):
-            return float(value)
-        return value
-
-    return {key: convert(value) for key, value in row.items()}
-
-
 def as_dict(result: FreshnessResult) -> dict[str, Any]:
-    return _plain({**asdict(result), "ok": result.ok})
+    return jsonable({**asdict(result), "ok": result.ok})

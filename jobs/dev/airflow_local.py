@@ -40,7 +40,7 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN_USER = "admin"
 PASSWORDS_FILE = "simple_auth_manager_passwords.json"
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
-PROJECT_DAGS = Path(__file__).resolve().parents[1] / "dags"
+PROJECT_DAGS = Path(__file__).resolve().parents[2] / "dags"
 
 
 class AirflowLaunchError(OvernightError):

@@ -3,27 +3,27 @@
 import pytest
 
 from jobs.errors import OvernightError
-from jobs.monitor import DEFAULT_THRESHOLDS, evaluate, json_safe, thresholds, verdict
-from jobs.runs import rows_of
+from jobs.monitoring.checks import DEFAULT_THRESHOLDS, judge, thresholds, verdict
+from jobs.monitoring.history import rows_of
 from jobs.settings import Settings
 
 
 def test_levels_follow_the_bad_side() -> None:
     limits = thresholds(Settings(monitor_thresholds={"feature_psi": {"warn": 0.1, "fail": 0.25}}))
-    assert evaluate(limits, "drift", "feature_psi", 0.05, "x").level == "ok"
-    assert evaluate(limits, "drift", "feature_psi", 0.2, "x").level == "warn"
-    failed = evaluate(limits, "drift", "feature_psi", 0.9, "item_mean_weight")
+    assert judge(limits, "drift", "feature_psi", 0.05, "x").level == "ok"
+    assert judge(limits, "drift", "feature_psi", 0.2, "x").level == "warn"
+    failed = judge(limits, "drift", "feature_psi", 0.9, "item_mean_weight")
     assert failed.level == "fail"
     assert failed.message == "feature_psi of item_mean_weight is 0.9, above the fail threshold 0.25"
     # below is bad for coverage
-    assert evaluate(limits, "output", "catalogue_coverage", 0.01).level == "warn"
-    assert evaluate(limits, "output", "catalogue_coverage", 0.5).level == "ok"
+    assert judge(limits, "output", "catalogue_coverage", 0.01).level == "warn"
+    assert judge(limits, "output", "catalogue_coverage", 0.5).level == "ok"
 
 
 def test_a_value_that_cannot_be_measured_is_ok_and_says_so() -> None:
-    check = evaluate(thresholds(Settings()), "input", "weight_psi", None)
+    check = judge(thresholds(Settings()), "input", "weight_psi", None)
     assert (check.level, check.value, check.message) == ("ok", None, "weight_psi: not measured")
-    assert evaluate(thresholds(Settings()), "input", "weight_psi", float("nan")).value is None
+    assert judge(thresholds(Settings()), "input", "weight_psi", float("nan")).value is None
 
 
 def test_overrides_can_turn_a_level_off_and_unknown_names_are_errors() -> None:
@@ -38,10 +38,10 @@ def test_overrides_can_turn_a_level_off_and_unknown_names_are_errors() -> None:
 
 def test_feedback_drops_warn_but_never_fail_unless_asked() -> None:
     limits = thresholds(Settings())
-    assert evaluate(limits, "input", "feedback_dropped_share", 0.99).level == "warn"
-    assert evaluate(limits, "input", "feedback_dropped_share", 0.05).level == "ok"
+    assert judge(limits, "input", "feedback_dropped_share", 0.99).level == "warn"
+    assert judge(limits, "input", "feedback_dropped_share", 0.05).level == "ok"
     strict = thresholds(Settings(monitor_thresholds={"feedback_dropped_share": {"fail": 0.5}}))
-    assert evaluate(strict, "input", "feedback_dropped_share", 0.8).level == "fail"
+    assert judge(strict, "input", "feedback_dropped_share", 0.8).level == "fail"
 
 
 def test_the_environment_sets_thresholds_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,13 +51,9 @@ def test_the_environment_sets_thresholds_as_json(monkeypatch: pytest.MonkeyPatch
 
 def test_verdict_is_the_worst_level() -> None:
     limits = thresholds(Settings())
-    checks = [evaluate(limits, "output", "fallback_share", v) for v in (0.0, 0.3)]
+    checks = [judge(limits, "output", "fallback_share", v) for v in (0.0, 0.3)]
     assert verdict(checks) == "warn"
     assert verdict([]) == "ok"
-
-
-def test_json_safe_drops_non_finite_numbers() -> None:
-    assert json_safe({"a": float("inf"), "b": [float("nan"), 1.5], "c": "x"}) == {"a": None, "b": [None, 1.5], "c": "x"}
 
 
 def test_rows_in_and_out_of_step_results() -> None:

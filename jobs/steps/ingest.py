@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from jobs import lake
-from jobs.errors import BadInputError
-from jobs.feedback import SOURCE_NAME as FEEDBACK_SOURCE
-from jobs.feedback import feedback_interactions
+from jobs.errors import BadInputError, first_line
 from jobs.settings import Settings
+from jobs.steps.feedback import SOURCE_NAME as FEEDBACK_SOURCE
+from jobs.steps.feedback import feedback_interactions
+from sql.contract import MAX_ID_LENGTH
 
 if TYPE_CHECKING:
     import pyarrow.csv
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "movielens", "parquet", "csv")
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
-MAX_ID_LENGTH = 256
 CHUNK_ROWS = 2_000_000  # interactions validated at a time: ingest's memory depends on this, not on the source
 CSV_BLOCK_BYTES = 64 << 20  # bytes of CSV parsed at a time: a CSV chunk holds one block's rows
 # Weights are ratings or counts: far below this. One past it is a unit or column mistake (an epoch
@@ -238,7 +238,7 @@ def _table_batches(path: Path, rows: int) -> Iterator[pl.DataFrame]:
             else:
                 yield from _csv_batches(file)
         except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
-            raise BadInputError(f"{file}: cannot read: {_first_line(error)}") from error
+            raise BadInputError(f"{file}: cannot read: {_printable(first_line(error))}") from error
 
 
 def _parquet_batches(file: Path, rows: int) -> Iterator[pl.DataFrame]:
@@ -464,7 +464,7 @@ def _read_movielens(folder: Path) -> Source:
             )
             items = _movielens_latest_items(items_path) if items_path else None
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as error:
-        raise BadInputError(f"{ratings_path}: cannot read as {variant}: {_first_line(error)}") from error
+        raise BadInputError(f"{ratings_path}: cannot read as {variant}: {_printable(first_line(error))}") from error
     return Source(
         name=ratings_path.name, format=variant, interactions=ratings, items=items, default_event_type="rating"
     )
@@ -914,8 +914,3 @@ def _stage_feedback(
         feedback_dropped_by_reason=by_reason,
         feedback_quarantine_path=str(quarantine_file) if dropped.height else None,
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return _printable(text.splitlines()[0]) if text else type(error).__name__

@@ -27,9 +27,10 @@ from typing import Any
 
 import polars as pl
 
-from jobs import features, ingest, lake, train
+from jobs import lake
 from jobs.errors import BadInputError, MissingDataError
 from jobs.settings import Settings
+from jobs.steps import features, ingest, train
 
 logger = logging.getLogger(__name__)
 

@@ -43,17 +43,16 @@ def send_alert(
 
 def _first_time(settings: "Settings", fingerprint: str, title: str, details: dict[str, Any]) -> bool:
     """Record the alert; False when its fingerprint was seen before. If Postgres cannot say, send it."""
-    from psycopg.types.json import Jsonb
 
     import sql
     from jobs.database import connect
-    from jobs.monitor import json_safe
+    from jobs.jsonable import jsonb
 
     try:
         with connect(settings) as conn:
             row = conn.execute(
                 sql.query("record_alert"),
-                (fingerprint, title, Jsonb(json_safe(json.loads(json.dumps(details, default=str))))),
+                (fingerprint, title, jsonb(details)),
             ).fetchone()
     except Exception as error:
         logger.warning("could not check whether alert %s was sent before: %s", fingerprint, error)

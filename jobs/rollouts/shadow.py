@@ -3,12 +3,12 @@ compare it with what production published for the same date.
 
 The comparison (``overnight shadow-report``) gives:
 - the latest window: both batches' models on the newest label window as of the date, on its held-out
-  users, the way the promotion gate compares models (`jobs.train`): metrics@10 and shadow-minus-production
+  users, the way the promotion gate compares models (`jobs.steps.train`): metrics@10 and shadow-minus-production
   deltas, there as soon as the date is ingested (it needs the models, not the batches' tables);
 and, for the users both batches know, while retention keeps both tables (OVERNIGHT_KEEP_BATCHES):
 - overlap@10: the mean share of a user's first 10 items that both batches recommend;
 - offline metrics of both on the evaluation window after the date (events in [D + 1, D + 1 + horizon)
-  that the lake holds by now), with the shadow-minus-production deltas, by `jobs.metrics`, and how many
+  that the lake holds by now), with the shadow-minus-production deltas, by `jobs.steps.ranking_metrics`, and how many
   of the window's days the lake holds interactions for (the report of last night's shadow batch has
   none for a week: its metrics then are of a partial window, and it says so);
 - the distributions of all scores and of each user's top score.
@@ -26,14 +26,15 @@ from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 
 import sql
-from jobs import lake, metrics, publish, score, train
+from jobs import lake
 from jobs.database import connect, upgrade
 from jobs.errors import FutureModelError, MissingDataError
 from jobs.settings import Settings
+from jobs.steps import publish, ranking_metrics, score, train
 
 logger = logging.getLogger(__name__)
 
-OVERLAP_K = metrics.K
+OVERLAP_K = ranking_metrics.K
 QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
@@ -174,7 +175,7 @@ def latest_window_comparison(
     settings: Settings, logical_date: date, production_model_id: str, shadow_model_id: str
 ) -> dict[str, Any]:
     """Both models on the newest label window as of the date, on its held-out users: what the promotion
-    gate compares (`jobs.train`), so it needs no event after the date nor either batch's table."""
+    gate compares (`jobs.steps.train`), so it needs no event after the date nor either batch's table."""
     events = lake.scan_interactions(settings.lake_dir, logical_date)
     end = lake.day_end(logical_date)
     window = train.time_window(events, end - timedelta(days=settings.label_days), end, settings)
@@ -252,7 +253,7 @@ def _compare_lists(
         catalogue = lake.read_catalogue(settings.lake_dir, logical_date).height
         for name, batch in batches.items():
             recommendations = _top_items(conn, batch["batch_id"], users)
-            evaluation[name] = metrics.ranking_metrics(recommendations, relevant, catalogue)
+            evaluation[name] = ranking_metrics.ranking_metrics(recommendations, relevant, catalogue)
         deltas = _deltas(evaluation["production"], evaluation["shadow"])
     return overlap, evaluation, deltas
 

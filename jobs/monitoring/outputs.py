@@ -24,10 +24,12 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 import sql
-from jobs import distributions, lake, monitor, runs, score
+from jobs import lake
 from jobs.database import connect
 from jobs.errors import BatchValidationError, OvernightError
+from jobs.monitoring import checks, distributions, history
 from jobs.settings import Settings
+from jobs.steps import score
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class MonitoringBlockedError(BatchValidationError):
 
     def __init__(self, message: str, alert_fingerprint: str | None) -> None:
         super().__init__(message)
-        # jobs.alerts.task_failed sends nothing more for a problem already announced under it
+        # jobs.monitoring.alerts.task_failed sends nothing more for a problem already announced under it
         self.alert_fingerprint = alert_fingerprint
 
 
@@ -210,14 +212,14 @@ def unrecorded_checks(settings: Settings, logical_date: date, batch_id: int, mod
     record is production's, and a batch that is not production must not replace it. The caller keeps
     the result with the batch (its ``validation``) and decides whether a failed check blocks it.
     """
-    limits = monitor.thresholds(settings)
+    limits = checks.thresholds(settings)
     with connect(settings) as conn:
         stats = batch_statistics(settings, logical_date, batch_id, conn, chosen_model=model_id)
-    checks = [monitor.evaluate(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
+    judged = [checks.judge(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
     return {
-        "verdict": monitor.verdict(checks),
+        "verdict": checks.verdict(judged),
         "statistics": {name: stats[name] for name in OUTPUT_STATISTICS},
-        "checks": [{"statistic": c.statistic, "level": c.level, "message": c.message} for c in checks],
+        "checks": [{"statistic": c.statistic, "level": c.level, "message": c.message} for c in judged],
     }
 
 
@@ -234,29 +236,29 @@ def check_batch(
     output) is at its fail threshold, unless `accept_checks` gives the reason an operator accepts them:
     then the acceptance is recorded, alerted and returned. Never for a batch of a chosen model: see
     `unrecorded_checks`."""
-    from jobs import drift
+    from jobs.monitoring import drift
 
-    limits = monitor.thresholds(settings)
+    limits = checks.thresholds(settings)
     with connect(settings) as conn:
-        measured_input = monitor.stored_reports(conn, logical_date).get("input")
+        measured_input = checks.stored_reports(conn, logical_date).get("input")
     if measured_input is None or measured_input["model_id"] != model_id:
         drift.monitor_input(settings, logical_date)
-    run_id = runs.current_run_id()
+    run_id = history.current_run_id()
     with connect(settings) as conn:
         stats = batch_statistics(settings, logical_date, batch_id, conn)
-        checks = [monitor.evaluate(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
-        monitor.record(conn, logical_date, "output", checks, stats, run_id=run_id, model_id=model_id, batch_id=batch_id)
-        stored = monitor.stored_checks(conn, logical_date)
-    output_fails = [c for c in checks if c.level == "fail"]
+        judged = [checks.judge(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
+        checks.record(conn, logical_date, "output", judged, stats, run_id=run_id, model_id=model_id, batch_id=batch_id)
+        stored = checks.stored_checks(conn, logical_date)
+    output_fails = [c for c in judged if c.level == "fail"]
     if output_fails:
         what = f"batch {batch_id} {'published, its fails accepted' if accept_checks is not None else 'held back'}"
-        monitor.alert_problems(settings, logical_date, output_fails, run_id, what)
+        checks.alert_problems(settings, logical_date, output_fails, run_id, what)
     fails = [c for c in stored if c["level"] == "fail"]
     if fails and accept_checks is not None:
         return _accept(settings, logical_date, batch_id, run_id, fails, given_reason(accept_checks), accepted_by)
     if fails:
         first = fails[0]
-        link = monitor.dashboard_link(settings, logical_date)
+        link = checks.dashboard_link(settings, logical_date)
         day = logical_date.isoformat()
         raise MonitoringBlockedError(
             f"batch {batch_id} for {logical_date} blocked by monitoring: "
@@ -264,7 +266,7 @@ def check_batch(
             + (f" (and {len(fails) - 10} more)" if len(fails) > 10 else "")
             + (f"; see {link}" if link else f"; see `overnight drift --date {day}`")
             + f'; to publish it anyway once looked at: overnight publish --date {day} --accept-checks "why"',
-            monitor.fingerprint(logical_date, first["stage"], first["statistic"], "fail"),
+            checks.fingerprint(logical_date, first["stage"], first["statistic"], "fail"),
         )
     if accept_checks is not None:
         logger.info("publish: batch %d for %s: no check fails, nothing to accept", batch_id, logical_date)
@@ -280,9 +282,9 @@ def _accept(
     reason: str,
     accepted_by: str | None,
 ) -> Acceptance:
-    from jobs.alerts import send_alert
+    from jobs.monitoring.alerts import send_alert
 
-    checks = [{k: str(c[k]) for k in ("stage", "statistic", "subject", "message")} for c in fails]
+    accepted = [{k: str(c[k]) for k in ("stage", "statistic", "subject", "message")} for c in fails]
     who = accepted_by or operator()
     with connect(settings) as conn:
         row = conn.execute(
@@ -291,13 +293,13 @@ def _accept(
                 "logical_date": logical_date,
                 "batch_id": batch_id,
                 "run_id": run_id,
-                "checks": Jsonb(checks),
+                "checks": Jsonb(accepted),
                 "reason": reason,
                 "accepted_by": who,
             },
         ).fetchone()
     assert row is not None
-    acceptance = Acceptance(reason, who, row[0].isoformat(), batch_id, checks)
+    acceptance = Acceptance(reason, who, row[0].isoformat(), batch_id, accepted)
     logger.warning("publish: batch %d for %s: %s", batch_id, logical_date, acceptance.summary())
     send_alert(
         f"overnight {logical_date}: batch {batch_id} published with its failing checks accepted",
@@ -306,11 +308,11 @@ def _accept(
             "reason": reason,
             "accepted_by": who,
             "checks": acceptance.names,
-            "messages": [c["message"] for c in checks],
+            "messages": [c["message"] for c in accepted],
             "logical_date": logical_date.isoformat(),
             "batch_id": batch_id,
             "run_id": run_id,
-            "dashboard": monitor.dashboard_link(settings, logical_date),
+            "dashboard": checks.dashboard_link(settings, logical_date),
         },
         fingerprint=f"accepted:{logical_date.isoformat()}:{batch_id}",
         settings=settings,

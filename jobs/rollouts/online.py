@@ -38,13 +38,12 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 import sql
 from jobs import lake
 from jobs.database import connect, upgrade
 from jobs.errors import BadInputError
-from jobs.monitor import json_safe
+from jobs.jsonable import jsonb
 from jobs.settings import Settings
 
 Z = 1.959964  # 95%
@@ -390,7 +389,7 @@ def store_day(settings: Settings, report: dict[str, Any], now: datetime | None =
                 {
                     "day": day,
                     "model_id": model_id,
-                    "summary": Jsonb(json_safe(online_part(values))),
+                    "summary": jsonb(online_part(values)),
                     "complete": complete,
                 },
             )

@@ -1,0 +1,1 @@
+"""For trying overnight out: synthetic data and a local Airflow."""

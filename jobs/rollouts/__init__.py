@@ -1,0 +1,1 @@
+"""Rolling batches out: canaries, shadow batches and the online loop's reports."""

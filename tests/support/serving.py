@@ -1,0 +1,228 @@
+"""The lookup service under test: batches published as the batch side does, the app on a real socket,
+and clients that check every answer."""
+
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import uvicorn
+from psycopg.types.json import Jsonb
+
+import sql
+from serving.app import create_app
+from serving.prediction_log import BulkWriter, EncodedBatch
+from serving.settings import ServingSettings, get_serving_settings
+
+API_KEY = "test-key-5b0d1c"
+
+
+K = 12
+
+
+DB_TIMEOUT = 0.5
+
+
+SWITCH_DEADLINE = 1.0
+
+
+RECS: dict[str, list[str]] = {
+    "42": [f"i{n}" for n in range(1, K + 1)],
+    "7": ["i5", "i3", "i9"],
+    "tenant/7": ["i2", "i4"],
+}
+
+
+FALLBACK = ["p1", "p2", "p3", "p4", "p5"]
+
+
+def scores_for(items: list[str], top: float = 3.21) -> list[float]:
+    return [round(top - 0.25 * rank, 2) for rank in range(len(items))]
+
+
+@dataclass
+class Publisher:
+    """Publishes batches exactly as the batch side does, through the named queries of sql/queries.sql."""
+
+    url: str
+    logical_date: date = date(2026, 11, 20)
+
+    def publish(
+        self,
+        recs: dict[str, list[str]],
+        *,
+        fallback: list[str] = FALLBACK,
+        k: int = K,
+        generated_at: datetime | None = None,
+        model_id: str = "ranker-2026-11-20",
+        switch: bool = True,
+        notify: bool = True,
+    ) -> int:
+        generated_at = generated_at or datetime.now(UTC) - timedelta(hours=2)
+        with psycopg.connect(self.url) as conn:
+            conn.execute(
+                sql.query("upsert_model_version"),
+                {
+                    "model_id": model_id,
+                    "logical_date": self.logical_date,
+                    "status": "production",
+                    "status_reason": None,
+                    "data_window": Jsonb({"features_before": "2026-11-06", "label_end": "2026-11-20"}),
+                    "params": Jsonb({"num_leaves": 31}),
+                    "features": ["recent_popularity", "covisit_score"],
+                    "metrics": Jsonb({"ndcg@10": 0.31}),
+                    "artifact_path": f"models/{model_id}.txt",
+                    "artifact_sha256": hashlib.sha256(model_id.encode()).hexdigest(),
+                },
+            )
+            row = conn.execute(
+                sql.query("insert_batch"),
+                {
+                    "logical_date": self.logical_date,
+                    "model_id": model_id,
+                    "k": k,
+                    "users_scored": len(recs),
+                    "active_users": len(recs),
+                    "fallback_item_ids": fallback,
+                    "fallback_scores": scores_for(fallback, top=1.0),
+                    "generated_at": generated_at,
+                },
+            ).fetchone()
+            assert row is not None
+            batch_id = int(row[0])
+            conn.execute(sql.batch_query("create_recs_table", batch_id))
+            with conn.cursor() as cur, cur.copy(sql.batch_query("copy_recs", batch_id)) as copy:
+                copy.set_types(["text", "text[]", "float4[]"])
+                for user_id, items in recs.items():
+                    copy.write_row((user_id, items, scores_for(items)))
+            conn.execute(sql.batch_query("add_recs_primary_key", batch_id))
+            conn.execute(sql.query("mark_batch_ready"), (Jsonb({"rows": len(recs)}), batch_id))
+        if switch:
+            self.switch(batch_id, notify=notify)
+        return batch_id
+
+    def switch(self, batch_id: int, *, notify: bool = True) -> None:
+        """Point `live` at a batch in one transaction, as publish and rollback do."""
+        with psycopg.connect(self.url) as conn, conn.transaction():
+            conn.execute(sql.query("lock_live"))
+            conn.execute(sql.query("set_live"), (batch_id,))
+            conn.execute(sql.query("mark_batch_live"), (batch_id,))
+            if notify:
+                conn.execute(sql.query("notify_live"), (sql.LIVE_CHANNEL, str(batch_id)))
+
+    def drop(self, batch_id: int) -> None:
+        with psycopg.connect(self.url) as conn:
+            conn.execute(sql.batch_query("drop_recs_table", batch_id))
+            conn.execute(sql.query("mark_batch_dropped"), (batch_id,))
+
+
+def _no_server_errors(response: httpx.Response) -> None:
+    response.read()
+    assert response.status_code < 500 or response.status_code == 503, (
+        f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text}"
+    )
+
+
+@dataclass
+class Service:
+    base_url: str
+    client: httpx.Client = field(init=False)
+    anonymous: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        hooks: dict[str, list[Callable[..., Any]]] = {"response": [_no_server_errors]}
+        self.client = httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, event_hooks=hooks, timeout=5
+        )
+        self.anonymous = httpx.Client(base_url=self.base_url, event_hooks=hooks, timeout=5)
+
+    def recs(self, user_id: str, **params: Any) -> httpx.Response:
+        return self.client.get(f"/v1/users/{user_id}/recommendations", params=params)
+
+    def wait_for(self, condition: Callable[[], bool], within: float) -> float:
+        start = time.monotonic()
+        while not condition():
+            if time.monotonic() - start > within:
+                raise AssertionError(f"not true within {within} s")
+            time.sleep(0.01)
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        self.client.close()
+        self.anonymous.close()
+
+
+def service_settings(database_url: str, **overrides: Any) -> ServingSettings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "api_keys": (API_KEY,),
+        "auth_disabled": False,
+        "db_timeout_seconds": DB_TIMEOUT,
+        # Long, so switches seen within a second can only have come through NOTIFY.
+        "live_poll_seconds": 60,
+        "pool_min_size": 1,
+        "pool_max_size": 4,
+        "max_batch_users": 50,
+    }
+    return get_serving_settings(**(values | overrides))
+
+
+@contextmanager
+def running(settings: ServingSettings) -> Iterator[Service]:
+    """The app under uvicorn on a free localhost port, in a thread with its own event loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), log_level="warning", lifespan="on", proxy_headers=False)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    service = Service(f"http://127.0.0.1:{port}")
+    try:
+        service.wait_for(lambda: server.started or not thread.is_alive(), within=10)
+        assert server.started, "uvicorn did not start"
+        yield service
+    finally:
+        service.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def batch_of(response: httpx.Response) -> int:
+    return int(response.headers["X-Batch-Id"])
+
+
+def item_ids(response: httpx.Response) -> list[str]:
+    return item_ids_of(response.json())
+
+
+def item_ids_of(result: dict[str, Any]) -> list[str]:
+    return [item["item_id"] for item in result["items"]]
+
+
+def detail_text(response: httpx.Response) -> str:
+    detail = response.json()["detail"]
+    return detail if isinstance(detail, str) else " ".join(str(problem["msg"]) for problem in detail)
+
+
+def losing_the_first_reply(writer: BulkWriter[Any]) -> None:
+    """The writer's first write is committed, then fails as a reply lost on the way back would."""
+    write = writer._write
+
+    async def write_then_fail_once(batch: EncodedBatch) -> bool:
+        stored = await write(batch)
+        if writer.write_failures == 0:
+            raise OSError("reply lost")
+        return stored
+
+    writer._write = write_then_fail_once  # type: ignore[method-assign]
