@@ -89,8 +89,8 @@ def own_peak_rss_mb() -> float:
 
 
 def child_step(step: str, extra: list[str]) -> Any:
-    from jobs import candidates, features, ingest, publish, score
     from jobs.settings import get_settings
+    from jobs.steps import candidates, features, ingest, publish, score
 
     settings = get_settings()
     if step == "ingest":
@@ -104,7 +104,7 @@ def child_step(step: str, extra: list[str]) -> Any:
     if step == "score":
         return asdict(score.score_shard(settings, LOGICAL_DATE, int(extra[0]), int(extra[1])))
     if step == "monitor_input":
-        from jobs import drift
+        from jobs.monitoring import drift
 
         return asdict(drift.monitor_input(settings, LOGICAL_DATE))
     if step == "publish":
@@ -122,8 +122,8 @@ def copy_ceiling(settings: Any) -> dict[str, Any]:
     import polars as pl
 
     import sql
-    from jobs import publish, score
     from jobs.database import database_url
+    from jobs.steps import publish, score
 
     url = database_url(settings)
     frames = [pl.read_parquet(m.path) for m in score.read_manifests(settings, LOGICAL_DATE)]
@@ -157,7 +157,7 @@ def copy_ceiling(settings: Any) -> dict[str, Any]:
 
 def predict_ceiling(settings: Any) -> dict[str, Any]:
     """LightGBM predict alone, again, on the feature matrix of the first chunk of shard 0."""
-    from jobs import score
+    from jobs.steps import score
 
     model, booster = score.load_ranker(settings, LOGICAL_DATE)
     folder = score.ensure_shared_tables(settings, LOGICAL_DATE)
@@ -179,7 +179,7 @@ def predict_ceiling(settings: Any) -> dict[str, Any]:
 
 
 def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    from jobs.generate import write_generated
+    from jobs.dev.generate import write_generated
 
     folder = args.data / f"users{args.users}-items{args.items}-days{args.days}-seed{args.seed}"
     marker = folder / "generated.json"
@@ -197,9 +197,9 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
 def train_model(args: argparse.Namespace, work: Path, database_url: str) -> dict[str, Any]:
     """A ranker trained on a sample of users of the same world, copied into the run's data dir."""
-    from jobs import ingest, train
-    from jobs.generate import write_generated
+    from jobs.dev.generate import write_generated
     from jobs.settings import Settings
+    from jobs.steps import ingest, train
 
     source = work / "train-source"
     write_generated(

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
-from jobs.pipeline import run
+from jobs.nightly import run
 from jobs.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

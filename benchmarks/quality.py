@@ -21,8 +21,8 @@ from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
-from jobs.evaluate import PROTOCOLS, evaluate
 from jobs.settings import Settings
+from jobs.steps.evaluate import PROTOCOLS, evaluate
 
 
 def main() -> int:

@@ -57,7 +57,7 @@ from psycopg.types.json import Jsonb
 
 import sql
 from jobs.database import upgrade
-from jobs.publish import switch_live
+from jobs.steps.publish import switch_live
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

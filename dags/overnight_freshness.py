@@ -14,7 +14,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import dag, task
 
-from jobs.alerts import task_failed
+from jobs.monitoring.alerts import task_failed
 
 
 @dag(
@@ -38,7 +38,7 @@ from jobs.alerts import task_failed
 def overnight_freshness() -> None:
     @task
     def check_freshness() -> dict[str, Any]:
-        from jobs.freshness import check_freshness
+        from jobs.monitoring.freshness import check_freshness
         from jobs.settings import get_settings
 
         return asdict(check_freshness(get_settings()))

@@ -28,8 +28,8 @@ import pendulum
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, get_current_context, task
 from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetable
 
-from jobs.alerts import task_failed
-from jobs.runs import airflow_task_failed, airflow_task_finished, airflow_task_started
+from jobs.monitoring.alerts import task_failed
+from jobs.monitoring.history import airflow_task_failed, airflow_task_finished, airflow_task_started
 from jobs.settings import get_settings
 
 DEFAULT_ARGS = {
@@ -59,7 +59,7 @@ def _completion_deadline() -> DeadlineAlert | None:
     return DeadlineAlert(
         reference=DeadlineReference.DAGRUN_QUEUED_AT,
         interval=timedelta(hours=hours),
-        callback=AsyncCallback("jobs.alerts.nightly_deadline_missed"),
+        callback=AsyncCallback("jobs.monitoring.alerts.nightly_deadline_missed"),
     )
 
 
@@ -103,7 +103,7 @@ def overnight_nightly() -> None:
     def ingest(day: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.ingest import ingest, source_for
+        from jobs.steps.ingest import ingest, source_for
 
         settings = get_settings()
         when = date.fromisoformat(day)
@@ -114,7 +114,7 @@ def overnight_nightly() -> None:
     def features(day: str, ingested: dict[str, Any]) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.features import prepare
+        from jobs.steps.features import prepare
 
         return asdict(prepare(get_settings(), date.fromisoformat(day)))
 
@@ -122,7 +122,7 @@ def overnight_nightly() -> None:
     def candidates(day: str, ingested: dict[str, Any]) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.candidates import prepare
+        from jobs.steps.candidates import prepare
 
         return asdict(prepare(get_settings(), date.fromisoformat(day)))
 
@@ -131,7 +131,7 @@ def overnight_nightly() -> None:
         import logging
         from datetime import date
 
-        from jobs.train import train_if_due
+        from jobs.steps.train import train_if_due
 
         result = train_if_due(get_settings(), date.fromisoformat(day))
         # a model the gate kept out is not a failure of the night: say so in the task log and go on
@@ -151,7 +151,7 @@ def overnight_nightly() -> None:
         # the three inputs are only there to wait for their tasks
         from datetime import date
 
-        from jobs.score import plan_shards
+        from jobs.steps.score import plan_shards
 
         planned = plan_shards(get_settings(), date.fromisoformat(day), (params or {}).get("shards"))
         return [{"shards": len(planned), "shard": i} for i in planned]
@@ -160,7 +160,7 @@ def overnight_nightly() -> None:
     def score_shard(day: str, shards: int, shard: int) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.score import score_shard
+        from jobs.steps.score import score_shard
 
         return asdict(score_shard(get_settings(), date.fromisoformat(day), shards, shard))
 
@@ -170,7 +170,7 @@ def overnight_nightly() -> None:
     ) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.publish import publish
+        from jobs.steps.publish import publish
 
         params = params or {}
         user = getattr(dag_run, "triggering_user_name", None) or "unknown user"
@@ -187,13 +187,13 @@ def overnight_nightly() -> None:
     def monitor_input(day: str, scored: list[dict[str, Any]]) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.drift import monitor_input
+        from jobs.monitoring.drift import monitor_input
 
         return asdict(monitor_input(get_settings(), date.fromisoformat(day)))
 
     @task(retries=1)
     def check_freshness(published: dict[str, Any]) -> dict[str, Any]:
-        from jobs.freshness import check_freshness
+        from jobs.monitoring.freshness import check_freshness
 
         return asdict(check_freshness(get_settings()))
 
@@ -201,7 +201,7 @@ def overnight_nightly() -> None:
     def shadow(day: str, published: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.shadow import nightly_shadow
+        from jobs.rollouts.shadow import nightly_shadow
 
         settings = get_settings()
         model_id = (params or {}).get("shadow_model") or settings.shadow_model
@@ -214,7 +214,7 @@ def overnight_nightly() -> None:
     def refresh_canary(day: str, published: dict[str, Any]) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.rollouts import refresh_canary
+        from jobs.rollouts.canary import refresh_canary
 
         settings = get_settings()
         if not settings.refresh_canary:
@@ -224,7 +224,7 @@ def overnight_nightly() -> None:
 
     @task
     def online_tables(day: str) -> dict[str, Any]:
-        from jobs.online import maintain_tables
+        from jobs.rollouts.online import maintain_tables
 
         return maintain_tables(get_settings())
 
@@ -232,7 +232,7 @@ def overnight_nightly() -> None:
     def online_summary(day: str) -> dict[str, Any]:
         from datetime import date
 
-        from jobs.online import record_previous_day
+        from jobs.rollouts.online import record_previous_day
 
         return record_previous_day(get_settings(), date.fromisoformat(day))
 
