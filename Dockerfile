@@ -1,6 +1,13 @@
-# Two images from one file:
-#   --target lookup   the lookup service only (no Airflow), small
+# Three images from one file, one per role:
+#   --target lookup   the lookup service only: serving/ and sql/, no batch or console code, no Airflow
+#   --target console  the operator console (the dashboard): console/ and sql/
 #   --target airflow  Airflow 3 with overnight installed, for every Airflow service and worker
+#
+# lookup and console install the locked dependencies first (a layer that changes only with uv.lock), then
+# the project from the folders copied. pyproject.toml lists every package (jobs, serving, console, sql);
+# hatchling builds the wheel from the ones present and leaves the absent ones out, so an image holds only
+# its role's code. The entry points of the roles left out (`overnight`, `overnight-console` in lookup)
+# are removed so that nothing in the image points at code it does not have.
 ARG AIRFLOW_VERSION=3.3.2
 ARG PYTHON_VERSION=3.11
 
@@ -10,13 +17,25 @@ RUN pip install --no-cache-dir uv==0.13.9 && useradd --create-home --uid 50000 o
 WORKDIR /opt/overnight
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --locked --no-dev --no-install-project
-COPY jobs jobs
 COPY serving serving
 COPY sql sql
-RUN uv sync --locked --no-dev
+RUN uv sync --locked --no-dev && rm .venv/bin/overnight .venv/bin/overnight-console
 USER overnight
 EXPOSE 8000
-CMD ["overnight", "serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "serving", "--host", "0.0.0.0", "--port", "8000"]
+
+FROM python:${PYTHON_VERSION}-slim AS console
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy PATH="/opt/overnight/.venv/bin:$PATH"
+RUN pip install --no-cache-dir uv==0.13.9 && useradd --create-home --uid 50000 overnight
+WORKDIR /opt/overnight
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --locked --no-dev --no-install-project
+COPY console console
+COPY sql sql
+RUN uv sync --locked --no-dev && rm .venv/bin/overnight .venv/bin/overnight-serve
+USER overnight
+EXPOSE 8001
+CMD ["python", "-m", "console", "--host", "0.0.0.0", "--port", "8001"]
 
 FROM apache/airflow:${AIRFLOW_VERSION}-python${PYTHON_VERSION} AS airflow
 COPY --chown=airflow:root pyproject.toml uv.lock README.md /opt/overnight/

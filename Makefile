@@ -39,7 +39,7 @@ format: sync ## Apply ruff's formatting and safe fixes
 bench: sync ## Time `overnight run` on MovieLens 100K (needs ../shared/data/ml-100k)
 	$(RUN) python benchmarks/movielens_run.py
 
-dashboard: sync ## The demo, then the service with its monitoring dashboard at http://127.0.0.1:8000/dashboard
+dashboard: sync ## The demo over five nights, then the service and the console: dashboard at http://127.0.0.1:8001/dashboard
 	$(RUN) overnight demo --nights 5
 
 # The dashboard's browser test drives Debian's chromium through its chromedriver (Selenium).

@@ -26,7 +26,6 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from serving import dashboard
 from serving.auth import ApiKeys, bearer_scheme, bearer_token
 from serving.errors import (
     DatabaseUnavailableError,
@@ -283,6 +282,15 @@ async def readyz(request: Request) -> Readiness:
     )
 
 
+# The dashboard moved to the operator console: an old bookmark learns where, rather than a bare 404.
+DASHBOARD_MOVED = "the dashboard is served by `overnight console` (port 8001 by default)"
+
+
+@ops.api_route("/dashboard{rest:path}", methods=["GET", "HEAD", "POST"], include_in_schema=False)
+async def dashboard_moved() -> Response:
+    return JSONResponse({"detail": DASHBOARD_MOVED, "reason": "moved"}, status_code=404)
+
+
 @ops.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request) -> Response:
     metrics: ServingMetrics = request.app.state.metrics
@@ -399,12 +407,13 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     _configure_logging()
     if auth_disabled:
         logger.warning(
-            "authentication is disabled (--no-auth): anyone who can reach this port can read recommendations, "
-            "write feedback events (POST /v1/events) and open the dashboard"
+            "authentication is disabled (--no-auth): anyone who can reach this port can read recommendations "
+            "and write feedback events (POST /v1/events)"
         )
     elif os.environ.get(IGNORED_AUTH_VARIABLE):
         logger.warning(
-            "%s is ignored: only `overnight serve --no-auth` turns authentication off", IGNORED_AUTH_VARIABLE
+            "%s is ignored: only the --no-auth flag (`overnight serve`, `python -m serving`) turns authentication off",
+            IGNORED_AUTH_VARIABLE,
         )
 
     view = LiveView()
@@ -461,7 +470,6 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     app.state.settings = settings
     app.state.auth_disabled = auth_disabled
     app.state.api_keys = ApiKeys(settings.api_keys)
-    app.state.login_throttle = dashboard.LoginThrottle()
     app.state.metrics = metrics
     app.state.prediction_log = prediction_log
     app.state.feedback = feedback
@@ -474,7 +482,6 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     app.include_router(api)
     app.include_router(events_router, dependencies=[Depends(require_api_key)], responses=_ERRORS | BODY_ERRORS)
     app.include_router(ops)
-    app.include_router(dashboard.router)
 
     documents: dict[int | None, dict[str, Any]] = {}
 

@@ -45,7 +45,8 @@ OTHER_METHOD = "OTHER"
 UNMATCHED_ROUTE = "unmatched"
 # The access log's fields that carry what a client sent are cut to this many characters.
 LOGGED_TEXT_CHARS = 512
-# Query parameters whose values are secrets (the dashboard's `?key=`): logged as REDACTED.
+# Query parameters whose values are secrets (an old dashboard bookmark's `?key=`, which now gets the
+# moved-to-the-console 404 here): logged as REDACTED.
 SECRET_PARAMETERS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password", "secret"})
 
 

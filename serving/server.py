@@ -1,11 +1,15 @@
-"""Run the lookup service under granian (default) or uvicorn; `overnight serve` calls `serve()`.
+"""Run the lookup service under granian (default) or uvicorn; `overnight serve` calls `serve()`, and
+`main()` (``python -m serving``, ``overnight-serve``, the lookup image) runs it without the batch side's CLI.
 
 Configuration is checked before the server starts, so a bad setup fails with one line instead of a
 traceback per worker. granian is the default because it measured faster on the same app and the same
 machine (README, "Serving performance"); uvicorn stays available for platforms granian does not cover.
 """
 
+import argparse
 import logging
+import sys
+from collections.abc import Sequence
 from typing import Literal
 
 from serving.errors import ServingConfigError
@@ -63,3 +67,37 @@ def serve(
             # The app decides whom to believe about the client (OVERNIGHT_TRUSTED_PROXIES), not the server.
             proxy_headers=False,
         )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="The overnight lookup service, configured from OVERNIGHT_* variables "
+        "(OVERNIGHT_DATABASE_URL, OVERNIGHT_API_KEYS, ...).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
+    parser.add_argument("--workers", type=int, default=1, help="Worker processes (default 1).")
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="Serve without API keys: lookups and feedback writes (POST /v1/events) are open to anyone who can "
+        "reach the port (local use only). The only way to turn authentication off.",
+    )
+    parser.add_argument(
+        "--server", choices=SERVERS, default="granian", help="HTTP server: granian (default, faster) or uvicorn."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m serving``: every failure to start is one line on stderr and exit status 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(host=args.host, port=args.port, workers=args.workers, no_auth=args.no_auth, server=args.server)
+    except ServingConfigError as error:
+        print(f"serving: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

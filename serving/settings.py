@@ -4,7 +4,7 @@ import json
 import os
 from typing import Annotated, Any, Self
 
-from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serving.errors import ServingConfigError
@@ -14,6 +14,7 @@ ENV_PREFIX = "OVERNIGHT_"
 
 
 def _default_pool_max_size() -> int:
+    """Two per core."""
     # A lookup holds a connection for one short query, so a couple per core keeps Postgres busy
     # without queueing many backends behind the same cores.
     return 2 * (os.cpu_count() or 1)
@@ -26,17 +27,11 @@ class ServingSettings(BaseSettings):
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), repr=False, description="Accepted bearer keys, comma-separated in OVERNIGHT_API_KEYS."
     )
-    dashboard_keys: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(), repr=False, description="Keys that open /dashboard (OVERNIGHT_DASHBOARD_KEYS); unset: the API keys."
-    )
-    trusted_proxies: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = Field(
-        default=(),
-        description="Addresses or networks (comma-separated, e.g. 10.0.0.0/8) of the reverse proxies whose "
-        "X-Forwarded-Proto and X-Forwarded-For the dashboard believes; unset: it believes no one.",
-    )
 
-    pool_min_size: int = Field(default=1, ge=1)
-    pool_max_size: int = Field(default_factory=_default_pool_max_size, ge=1)
+    pool_min_size: int = Field(default=1, ge=1, description="Connections the lookup pool keeps open.")
+    pool_max_size: int = Field(
+        default_factory=_default_pool_max_size, ge=1, description="Most connections the lookup pool opens."
+    )
     db_timeout_seconds: float = Field(
         default=1.5, gt=0, le=60, description="Deadline of a lookup's database work: checkout plus query."
     )
@@ -50,9 +45,11 @@ class ServingSettings(BaseSettings):
         description="Users kept in each worker's lookup cache (about 1 KB each at k=50); 0 turns the cache off.",
     )
 
-    max_batch_users: int = Field(default=1000, ge=1)
-    max_user_id_length: int = Field(default=MAX_ID_LENGTH, ge=1)
-    max_exclude_items: int = Field(default=500, ge=0)
+    max_batch_users: int = Field(default=1000, ge=1, description="Most users in one POST /v1/recommendations:batch.")
+    max_user_id_length: int = Field(
+        default=MAX_ID_LENGTH, ge=1, description="Longest user id accepted (characters); longer ones get 422."
+    )
+    max_exclude_items: int = Field(default=500, ge=0, description="Most item ids one request may exclude.")
     max_request_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest request body accepted; bigger ones get 413."
     )
@@ -72,7 +69,7 @@ class ServingSettings(BaseSettings):
     )
     feedback_max_events: int = Field(default=1000, ge=1, description="Most events in one POST /v1/events.")
 
-    @field_validator("api_keys", "dashboard_keys", mode="before")
+    @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -87,13 +84,6 @@ class ServingSettings(BaseSettings):
         if isinstance(value, list | tuple | set | frozenset):
             keys = [key.strip() if isinstance(key, str) else key for key in value]
             return tuple(dict.fromkeys(key for key in keys if key != ""))
-        return value
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _split_networks(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
     @model_validator(mode="after")

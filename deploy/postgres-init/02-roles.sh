@@ -11,13 +11,18 @@
 #                      (and 0006/0008/0013 INSERT on the online logs), so the owner needs no CREATEROLE
 #                      and overnight_lookup can join it now, before any migration ran.
 #   overnight_lookup   LOGIN, member of overnight_serving and nothing more: the lookup service
+#   overnight_console  NOLOGIN group role of the console (the dashboard). Created here for the same reason;
+#                      migration 0018 grants it USAGE and SELECT on what the dashboard reads, no write.
+#   overnight_console_login
+#                      LOGIN, member of overnight_console and nothing more: the console
 #
-# Passwords come from OVERNIGHT_DB_PASSWORD and OVERNIGHT_LOOKUP_DB_PASSWORD (.env). psql reads them
+# Passwords come from OVERNIGHT_DB_PASSWORD, OVERNIGHT_LOOKUP_DB_PASSWORD and OVERNIGHT_CONSOLE_DB_PASSWORD
+# (.env). psql reads them
 # with \getenv and quotes them as literals with :'var', so they never pass through the shell, a
 # command line or string concatenation, and any character is safe here.
 #
 # Every statement can run again, so on a volume created before these roles existed run it once, with
-# the Airflow and lookup services stopped:
+# the Airflow, lookup and console services stopped:
 #   docker compose up -d postgres
 #   docker compose exec postgres bash /docker-entrypoint-initdb.d/02-roles.sh
 # It then also hands the objects the superuser created in the two databases to `overnight` (on a new
@@ -25,8 +30,9 @@
 set -e
 : "${OVERNIGHT_DB_PASSWORD:?is not set: add it to .env}"
 : "${OVERNIGHT_LOOKUP_DB_PASSWORD:?is not set: add it to .env}"
+: "${OVERNIGHT_CONSOLE_DB_PASSWORD:?is not set: add it to .env}"
 case "${POSTGRES_USER:-postgres}" in
-    overnight | overnight_lookup | overnight_serving)
+    overnight | overnight_lookup | overnight_serving | overnight_console | overnight_console_login)
         echo "POSTGRES_USER must not be one of the roles this script creates" >&2
         false
         ;;
@@ -46,6 +52,7 @@ SET log_min_duration_statement = -1;
 SET log_min_error_statement = 'panic';
 \getenv owner_password OVERNIGHT_DB_PASSWORD
 \getenv lookup_password OVERNIGHT_LOOKUP_DB_PASSWORD
+\getenv console_password OVERNIGHT_CONSOLE_DB_PASSWORD
 
 SELECT 'CREATE ROLE overnight' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'overnight') \gexec
 ALTER ROLE overnight WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
@@ -59,12 +66,21 @@ ALTER ROLE overnight_lookup WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREP
     PASSWORD :'lookup_password';
 GRANT overnight_serving TO overnight_lookup;
 
+SELECT 'CREATE ROLE overnight_console' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'overnight_console') \gexec
+ALTER ROLE overnight_console WITH NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+
+SELECT 'CREATE ROLE overnight_console_login' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'overnight_console_login') \gexec
+ALTER ROLE overnight_console_login WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+    PASSWORD :'console_password';
+GRANT overnight_console TO overnight_console_login;
+
 ALTER DATABASE overnight OWNER TO overnight;
 ALTER DATABASE airflow OWNER TO overnight;
--- Only the owner (and, for the overnight database, the lookup service) may connect.
+-- Only the owner (and, for the overnight database, the lookup service and the console) may connect.
 REVOKE ALL ON DATABASE overnight FROM PUBLIC;
 REVOKE ALL ON DATABASE airflow FROM PUBLIC;
 GRANT CONNECT ON DATABASE overnight TO overnight_serving;
+GRANT CONNECT ON DATABASE overnight TO overnight_console;
 EOSQL
 
 # Objects the superuser created before the owner role existed (a volume older than this script) go to

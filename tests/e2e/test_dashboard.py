@@ -1,6 +1,7 @@
-"""The monitoring dashboard in a real headless Chromium, served by `overnight serve` over three nights.
+"""The monitoring dashboard in a real headless Chromium, served by `overnight console` over three nights,
+beside the lookup service (`overnight serve`) whose /metrics its service panel reads.
 
-Signs in through the login form, waits for every panel to be drawn, fails on any console error,
+Signs in through the login form, waits for every panel to be drawn, fails on any browser console error,
 and saves a screenshot (dashboard.png) in the test's output folder. Needs Debian's chromium and
 chromium-driver (`make browser`); in CI (CI set) their absence is a failure, not a skip.
 """
@@ -21,6 +22,7 @@ from jobs import nightly
 from jobs.rollouts import canary, online
 from jobs.settings import Settings
 from tests.support.commands import overnight_env, running_service
+from tests.support.console import console_process
 from tests.support.data import SAMPLE_DATE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -62,7 +64,7 @@ def test_dashboard_draws_every_panel_without_console_errors(
 
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, retrain_days=7, num_boost_round=30)
     for night in (2, 1, 0):
-        nightly.run(settings, sample_source, SAMPLE_DATE - timedelta(days=night))
+        nightly.run(nightly.night_of(settings, SAMPLE_DATE - timedelta(days=night), sample_source))
     # The night before's batch, served again to a tenth of users.
     with psycopg.connect(database_url) as conn:
         (canary_batch,) = conn.execute(
@@ -71,15 +73,15 @@ def test_dashboard_draws_every_panel_without_console_errors(
     canary.start_canary(settings, canary_batch, 0.1)
 
     env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=KEY)
-    with running_service(env) as base:
+    with running_service(env) as service, console_process({**env, "OVERNIGHT_CONSOLE_SERVICE_URL": service}) as base:
         bearer = {"Authorization": f"Bearer {KEY}"}
         for user in ("1", "2", "nobody"):
-            assert httpx.get(f"{base}/v1/users/{user}/recommendations", headers=bearer).status_code == 200
+            assert httpx.get(f"{service}/v1/users/{user}/recommendations", headers=bearer).status_code == 200
         # A click on user 1's first item, and the day's online numbers recorded as the nightly run does.
-        answer = httpx.get(f"{base}/v1/users/1/recommendations", headers={**bearer, "X-Request-Id": "dash-1"}).json()
+        answer = httpx.get(f"{service}/v1/users/1/recommendations", headers={**bearer, "X-Request-Id": "dash-1"}).json()
         click = {"user_id": "1", "item_id": answer["items"][0]["item_id"], "type": "click", "request_id": "dash-1"}
         events = {"events": [{**click, "timestamp": datetime.now(UTC).isoformat()}]}
-        assert httpx.post(f"{base}/v1/events", json=events, headers=bearer).status_code == 202
+        assert httpx.post(f"{service}/v1/events", json=events, headers=bearer).status_code == 202
         written = "SELECT (SELECT count(*) FROM overnight.served_predictions), count(*) FROM overnight.feedback_events"
         deadline = time.monotonic() + 10
         with psycopg.connect(database_url, autocommit=True) as conn:
@@ -113,6 +115,8 @@ def test_dashboard_draws_every_panel_without_console_errors(
         assert clicked is not None and (served["model_id"], served["status"]) == clicked[:2]
         assert served["ndcg"] == pytest.approx(clicked[2]) and served["complete"] is False
         assert (served["summary"]["impressions"], served["summary"]["clicks"]) == (1, 1)
+        # the service panel: the lookups above, read from the service's /metrics
+        assert overview["service"]["available"] and overview["service"]["api_requests"] >= 4
         earlier = (SAMPLE_DATE - timedelta(days=1)).isoformat()
         focused = httpx.get(f"{base}/dashboard/api/overview", params={"date": earlier}, headers=bearer).json()
         assert focused["focus_date"] == earlier and focused["output"]["logical_date"] == earlier
@@ -122,6 +126,7 @@ def test_dashboard_draws_every_panel_without_console_errors(
         cookie = traded.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie and KEY not in cookie
         assert httpx.get(f"{base}/dashboard/static/../settings.py").status_code == 404
+        assert httpx.get(f"{service}/dashboard").status_code == 404  # not the lookup service's any more
 
         browser.get(f"{base}/dashboard")
         browser.find_element(By.ID, "key").send_keys(KEY)

@@ -1,11 +1,13 @@
-"""The lookup service tried as an attacker would: made-up methods and paths, secrets in URLs, forged
-cookies, a stray environment variable, a database that goes away, internals in responses.
+"""The lookup service tried as an attacker would: made-up methods and paths, secrets in URLs, a stray
+environment variable, a database that goes away, internals in responses. (The dashboard's sign-in is
+the console's now: tests/integration/test_console.py.)
 """
 
 import json
 import logging
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,11 +18,10 @@ import pytest
 from psycopg import sql as pgsql
 
 from serving.app import create_app
-from serving.dashboard import COOKIE, session_token
 from serving.live import WATCHER_APPLICATION_NAME
 from serving.lookup import POOL_APPLICATION_NAME
 from tests.support.commands import OVERNIGHT, free_port, overnight_env, running_service
-from tests.support.serving import API_KEY, RECS, SWITCH_DEADLINE, Publisher, Service, running, service_settings
+from tests.support.serving import API_KEY, RECS, SWITCH_DEADLINE, Publisher, running, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +64,7 @@ def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
     with running(service_settings(database_url, access_log=True)) as service:
         service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
         with caplog.at_level("INFO", logger="overnight.access"):
+            # an old dashboard bookmark: the dashboard moved to the console, the key still stays out of the log
             service.anonymous.get("/dashboard", params={"key": "s3cret-dashboard-key", "date": "2026-11-20"})
             service.anonymous.get("/dashboard", params={"KEY": "s3cret-upper"})
             service.anonymous.request("PROPFIND", "/healthz")  # uvicorn refuses methods it does not know
@@ -78,62 +80,50 @@ def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
     assert entries[3]["path"].endswith("more characters]")
 
 
-# ---------------------------------------------------------------------------- the dashboard's sign-in
+# ---------------------------------------------------------------------------- the dashboard moved out
 
 
-@pytest.mark.parametrize(
-    "cookie",
-    [
-        "9" * 5000 + "." + "a" * 64,  # more digits than int() takes
-        "²." + "a" * 64,  # a digit to str.isdigit(), not to int()
-        "123",
-        "." * 10,
-        "99999999999." + "Z" * 64,
-        "\uff11\uff12\uff13." + "a" * 64,  # fullwidth digits
-    ],
-)
-def test_a_malformed_session_cookie_is_no_session(database_url: str, cookie: str) -> None:
+def test_the_dashboard_is_no_longer_here_and_the_404_says_where_it_went(database_url: str) -> None:
     with running(service_settings(database_url)) as service:
-        header = {b"Cookie": f"{COOKIE}={cookie}".encode()}  # as raw bytes, as a client may send them
-        page = service.anonymous.get("/dashboard", headers=header)
-        assert page.status_code == 200 and "Sign in" in page.text
-        assert service.anonymous.get("/dashboard/api/overview", headers=header).status_code == 401
+        for method, path in [("GET", "/dashboard"), ("GET", "/dashboard/api/overview"), ("POST", "/dashboard/login")]:
+            moved = service.anonymous.request(method, path, params={"key": API_KEY})
+            assert moved.status_code == 404
+            assert moved.json()["detail"] == "the dashboard is served by `overnight console` (port 8001 by default)"
+            assert "set-cookie" not in moved.headers
 
 
-def test_a_valid_session_cookie_still_opens_the_dashboard(database_url: str) -> None:
-    with running(service_settings(database_url)) as service:
-        header = {"Cookie": f"{COOKIE}={session_token(API_KEY)}"}
-        assert "Sign in" not in service.anonymous.get("/dashboard", headers=header).text
-
-
-def _sign_in(service: Service, key: str, **headers: str) -> httpx.Response:
-    return service.anonymous.post(
-        "/dashboard/login", data={"key": key, "next": ""}, headers=headers, follow_redirects=False
+def test_the_lookup_service_runs_from_its_own_entry_point(database_url: str, tmp_path: Path) -> None:
+    """`python -m serving`, what the lookup image runs: no `overnight` command, no batch-side settings."""
+    Publisher(database_url).publish(RECS)
+    port = free_port()
+    env = {k: v for k, v in overnight_env(database_url, tmp_path / "var").items() if k != "OVERNIGHT_DATA_DIR"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving", "--port", str(port)],
+        env={**env, "OVERNIGHT_API_KEYS": API_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-
-
-def test_the_cookie_is_secure_behind_a_trusted_https_proxy_only(database_url: str) -> None:
-    https = {"X-Forwarded-Proto": "https"}
-    with running(service_settings(database_url)) as service:
-        direct = _sign_in(service, API_KEY, **https)
-        assert direct.status_code == 303
-        assert "secure" not in direct.headers["set-cookie"].lower()  # anyone can send the header
-    with running(service_settings(database_url, trusted_proxies="127.0.0.1")) as service:
-        assert "secure" in _sign_in(service, API_KEY, **https).headers["set-cookie"].lower()
-        assert "secure" not in _sign_in(service, API_KEY).headers["set-cookie"].lower()
-
-
-def test_repeated_failed_sign_ins_from_one_client_are_slowed_down(database_url: str) -> None:
-    with running(service_settings(database_url, trusted_proxies="127.0.0.1")) as service:
-        guesser = {"X-Forwarded-For": "203.0.113.7"}
-        for _ in range(5):
-            assert _sign_in(service, "wrong", **guesser).status_code == 401
-        refused = _sign_in(service, API_KEY, **guesser)  # even the right key: the client must wait
-        assert refused.status_code == 429
-        assert 1 <= int(refused.headers["Retry-After"]) <= 900
-        assert service.anonymous.get("/dashboard", params={"key": API_KEY}, headers=guesser).status_code == 429
-        # another client behind the same proxy is not held back
-        assert _sign_in(service, API_KEY, **{"X-Forwarded-For": "198.51.100.2"}).status_code == 303
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"python -m serving exited {process.returncode}"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "python -m serving was not ready within 30 s"
+            time.sleep(0.2)
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        assert httpx.get(f"{base}/v1/users/42/recommendations", headers=headers).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    without_keys = [sys.executable, "-m", "serving", "--port", str(free_port())]
+    refused = subprocess.run(without_keys, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("serving: error: no API key configured")
 
 
 # ---------------------------------------------------------------------------- turning auth off

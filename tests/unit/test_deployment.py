@@ -2,9 +2,11 @@
 
 No Docker engine runs here, so these files are checked by reading them: every command a service
 runs exists in the CLI it calls, every secret comes from .env, every long-running service has a
-healthcheck, and the images pin the same Airflow as the lock file.
+healthcheck, the images pin the same Airflow as the lock file, and each image holds its role's code only.
 """
 
+import importlib
+import json
 import re
 import shlex
 import subprocess
@@ -41,7 +43,7 @@ def commands(service: dict) -> list[list[str]]:
 
 
 def test_the_expected_services_are_there() -> None:
-    assert set(SERVICES) == {"postgres", "redis", "lookup", "lookup-proxy"} | AIRFLOW_SERVICES
+    assert set(SERVICES) == {"postgres", "redis", "lookup", "lookup-proxy", "console"} | AIRFLOW_SERVICES
 
 
 @pytest.mark.parametrize("name", sorted(set(SERVICES) - ONE_SHOT))
@@ -51,11 +53,22 @@ def test_long_running_services_have_healthchecks_and_restart(name: str) -> None:
     assert service["restart"] == "unless-stopped"
 
 
+# The entry points of the images that hold no `overnight` CLI: `python -m <package>` and its argparse parser.
+ENTRY_POINTS = {"serving": "serving.server", "console": "console.server"}
+
+
 def test_every_overnight_command_exists_with_its_options() -> None:
     cli = typer.main.get_command(app)
     seen = 0
     for service in SERVICES.values():
         for words in commands(service):
+            if words[:2] == ["python", "-m"]:
+                assert words[2] in ENTRY_POINTS, f"`{' '.join(words)}`: not an entry point of overnight"
+                parser = importlib.import_module(ENTRY_POINTS[words[2]]).build_parser()
+                parser.exit_on_error = False
+                parser.parse_args(words[3:])  # an unknown option or a bad value raises
+                seen += 1
+                continue
             if words[0] != "overnight":
                 continue
             seen += 1
@@ -68,7 +81,7 @@ def test_every_overnight_command_exists_with_its_options() -> None:
             for word in rest:
                 if word.startswith("--"):
                     assert word in options, f"`{' '.join(words)}`: {word} is not an option of that command"
-    assert seen >= 2
+    assert seen >= 3
 
 
 def healthcheck(service: dict) -> list[str]:
@@ -90,8 +103,6 @@ def test_every_airflow_command_exists() -> None:
         "for words in json.loads(sys.argv[1]):\n"
         "    parser.parse_args([w for w in words if not w.startswith('--') or w in ('--local', '--job-type')])\n"
     )
-    import json
-
     result = subprocess.run(
         [sys.executable, "-c", script, json.dumps([w for w in invocations if w[0] != "celery"])],
         capture_output=True,
@@ -122,6 +133,7 @@ def test_secrets_are_required_not_defaulted() -> None:
         "POSTGRES_PASSWORD",
         "OVERNIGHT_DB_PASSWORD",
         "OVERNIGHT_LOOKUP_DB_PASSWORD",
+        "OVERNIGHT_CONSOLE_DB_PASSWORD",
         "OVERNIGHT_API_KEYS",
         "AIRFLOW_SECRET_KEY",
         "AIRFLOW_ADMIN_PASSWORD",
@@ -140,12 +152,14 @@ def test_images_pin_the_locked_airflow_and_build_both_targets() -> None:
     for name in AIRFLOW_SERVICES:
         assert SERVICES[name]["build"]["target"] == "airflow"
     assert SERVICES["lookup"]["build"]["target"] == "lookup"
-    assert {"airflow", "lookup"} <= targets
+    assert SERVICES["console"]["build"]["target"] == "console"
+    assert {"airflow", "lookup", "console"} <= targets
     assert "COPY --chown=airflow:root dags /opt/airflow/dags" in dockerfile
 
 
 def test_the_lookup_service_has_keys_and_the_batch_side_shares_the_lake() -> None:
     assert "OVERNIGHT_API_KEYS" in SERVICES["lookup"]["environment"]
+    assert "OVERNIGHT_API_KEYS" in SERVICES["console"]["environment"]  # the dashboard keys' fallback
     for name in AIRFLOW_SERVICES:
         assert "lake:/opt/overnight/var" in SERVICES[name]["volumes"]
         assert "airflow-logs:/opt/airflow/logs" in SERVICES[name]["volumes"]
@@ -171,8 +185,8 @@ def test_every_airflow_component_checks_its_own_job_type() -> None:
     assert environment["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
 
 
-def _serve_port(service: dict) -> int:
-    words = next(w for w in commands(service) if w[:2] == ["overnight", "serve"])
+def _serve_port(service: dict, entry_point: str = "serving") -> int:
+    words = next(w for w in commands(service) if w[:3] == ["python", "-m", entry_point])
     return int(words[words.index("--port") + 1])
 
 
@@ -218,7 +232,14 @@ def test_the_proxy_never_sends_a_feedback_post_to_a_second_replica() -> None:
 
 INIT_DIR = ROOT / "deploy" / "postgres-init"
 OWNER, LOOKUP_ROLE, SERVING_GROUP = "overnight", "overnight_lookup", "overnight_serving"
-PASSWORD_OF = {OWNER: "OVERNIGHT_DB_PASSWORD", LOOKUP_ROLE: "OVERNIGHT_LOOKUP_DB_PASSWORD"}
+CONSOLE_ROLE, CONSOLE_GROUP = "overnight_console_login", "overnight_console"
+PASSWORD_OF = {
+    OWNER: "OVERNIGHT_DB_PASSWORD",
+    LOOKUP_ROLE: "OVERNIGHT_LOOKUP_DB_PASSWORD",
+    CONSOLE_ROLE: "OVERNIGHT_CONSOLE_DB_PASSWORD",
+}
+# each login role and the one group role it joins
+GROUP_OF = {LOOKUP_ROLE: SERVING_GROUP, CONSOLE_ROLE: CONSOLE_GROUP}
 _POSTGRES_URL = re.compile(
     r"^(?:db\+)?postgresql(?:\+\w+)?://(?P<user>[^:@/]+)(?::(?P<password>[^@]*))?@postgres:5432/(?P<db>\w+)$"
 )
@@ -249,7 +270,7 @@ def _init_sql() -> str:
 
 
 def test_each_service_connects_to_postgres_as_its_own_role_never_the_superuser() -> None:
-    expected = {"lookup": {LOOKUP_ROLE}} | {name: {OWNER} for name in AIRFLOW_SERVICES}
+    expected = {"lookup": {LOOKUP_ROLE}, "console": {CONSOLE_ROLE}} | {name: {OWNER} for name in AIRFLOW_SERVICES}
     for name, service in SERVICES.items():
         logins = postgres_logins(service)
         assert {user for user, _, _ in logins} == expected.get(name, set()), name
@@ -262,8 +283,14 @@ def test_each_service_connects_to_postgres_as_its_own_role_never_the_superuser()
             assert not re.search(r"//postgres[:@]|-U\W+postgres|PGUSER", text), name
     # the batch side's OVERNIGHT_DATABASE_URL and Airflow's own database, both as the owner
     assert {db for _, _, db in postgres_logins(SERVICES["airflow-worker"])} == {"overnight", "airflow"}
-    # the lookup service starts once the migrations (run as the owner) made the schema and its grants
-    assert SERVICES["lookup"]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    # the lookup service and the console start once the migrations (run as the owner) made the schema and grants
+    for name in ("lookup", "console"):
+        assert SERVICES[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    # the console reads with its own DSN, never the batch side's
+    assert "OVERNIGHT_DATABASE_URL" not in _environment(SERVICES["console"])
+    assert _environment(SERVICES["console"])["OVERNIGHT_CONSOLE_DATABASE_URL"].startswith(
+        f"postgresql://{CONSOLE_ROLE}:"
+    )
     assert ["overnight", "db", "upgrade"] in commands(SERVICES["airflow-init"])
 
 
@@ -277,11 +304,17 @@ def test_the_roles_are_created_at_database_init() -> None:
     assert check[check.index("-h") + 1] == "127.0.0.1"
     sql = _init_sql()
     for role, attributes in [(OWNER, "LOGIN NOSUPERUSER"), (LOOKUP_ROLE, "LOGIN NOSUPERUSER"),
-                             (SERVING_GROUP, "NOLOGIN NOSUPERUSER")]:  # fmt: skip
+                             (SERVING_GROUP, "NOLOGIN NOSUPERUSER"), (CONSOLE_ROLE, "LOGIN NOSUPERUSER"),
+                             (CONSOLE_GROUP, "NOLOGIN NOSUPERUSER")]:  # fmt: skip
         assert f"'CREATE ROLE {role}' WHERE NOT EXISTS" in sql, role
         assert f"ALTER ROLE {role} WITH {attributes}" in sql, role
-    assert f"GRANT {SERVING_GROUP} TO {LOOKUP_ROLE};" in sql
-    assert not re.search(rf"GRANT \w+ TO {OWNER}\b|GRANT {SERVING_GROUP} TO (?!{LOOKUP_ROLE};)", sql)
+    for login, group in GROUP_OF.items():
+        assert f"GRANT {group} TO {login};" in sql
+        assert f"GRANT CONNECT ON DATABASE overnight TO {group};" in sql
+    # every role-to-role grant is a login joining its own group, and the owner joins none
+    grants = re.findall(r"GRANT (\w+) TO (\w+);", sql)
+    assert grants and {(group, login) for group, login in grants} == {(g, lg) for lg, g in GROUP_OF.items()}
+    assert not re.search(rf"GRANT \w+ TO {OWNER}\b", sql)
     # passwords: from the postgres service's environment, into psql variables quoted as literals, in a
     # session that never logs its statements
     environment = _environment(postgres)
@@ -302,8 +335,9 @@ def test_the_roles_are_created_at_database_init() -> None:
     assert sql.index("CREATE DATABASE airflow") < sql.index("ALTER DATABASE airflow OWNER")
     # Migration 0003 creates overnight_serving only when it is missing, so the group made here is kept
     # and granted its rights by the owner, which needs no CREATEROLE.
-    migration = (ROOT / "sql" / "migrations" / "0003_serving_role.sql").read_text()
-    assert "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'overnight_serving')" in migration
+    for migration_file, group in [("0003_serving_role.sql", SERVING_GROUP), ("0018_console_role.sql", CONSOLE_GROUP)]:
+        migration = (ROOT / "sql" / "migrations" / migration_file).read_text()
+        assert f"IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{group}')" in migration
     lines = (ROOT / ".env.example").read_text().splitlines()
     example = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
     for variable in PASSWORD_OF.values():
@@ -384,15 +418,58 @@ def _location_for(server: list[Directive], path: str) -> list[Directive]:
     return max(prefixes, key=lambda prefix: len(prefix[0]))[1]
 
 
-def test_the_proxy_error_log_never_carries_a_dashboard_key() -> None:
-    """nginx writes the raw request line and upstream URL (so ?key=...) into each error it logs about a
-    request, e.g. when a replica restarts mid-request: the dashboard's location logs only critical ones."""
-    from serving.dashboard import router
+def test_the_dashboard_is_the_consoles_own_service_not_behind_the_lookup_proxy() -> None:
+    """The lookup proxy routes nothing of the dashboard (the lookup service answers an old bookmark 404);
+    the console publishes its own port and reads the service's /metrics through the proxy."""
+    from console.dashboard import router
 
     (server,) = [block for name, _, block in NGINX if name == "server"]
     assert server is not None
-    for path in (router.prefix, f"{router.prefix}/login", f"{router.prefix}/api/overview"):
-        location = _location_for(server, path)
-        assert ("proxy_pass", ["http://lookup"], None) in location, path
-        levels = [(args[1:] or ["error"])[0] for name, args, _ in location if name == "error_log"]
-        assert levels and set(levels) <= {"crit", "alert", "emerg"}, f"{path}: error_log {levels}"
+    locations = [args[-1] for name, args, block in server if name == "location"]
+    assert not [path for path in locations if path.startswith(router.prefix)], locations
+    console = SERVICES["console"]
+    port = _serve_port(console, "console")
+    assert console["ports"] == [f"{port}:{port}"]
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(healthcheck(console))
+    assert _environment(console)["OVERNIGHT_CONSOLE_SERVICE_URL"] == "http://lookup-proxy:8000"
+
+
+# ------------------------------------------------------------------ one role per image
+
+
+def _stage(dockerfile: str, target: str) -> list[str]:
+    """The instructions of one build stage, continuation lines joined."""
+    text = dockerfile.replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(rf"FROM .* AS {target}", line))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("FROM ")), len(lines))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize(("target", "package", "port"), [("lookup", "serving", 8000), ("console", "console", 8001)])
+def test_each_service_image_holds_its_roles_code_only(target: str, package: str, port: int) -> None:
+    stage = _stage((ROOT / "Dockerfile").read_text(), target)
+    copied = {word for line in stage if line.startswith("COPY ") for word in line.split()[1:-1]}
+    assert copied == {"pyproject.toml", "uv.lock", "README.md", package, "sql"}
+    assert f'CMD ["python", "-m", "{package}", "--host", "0.0.0.0", "--port", "{port}"]' in stage
+    # the project is installed from the folders copied; no entry point is left that needs another role's code
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    absent = {name for name, target_ in scripts.items() if target_.split(".")[0] != package}
+    install = next(line for line in stage if line.startswith("RUN uv sync") and "--no-install-project" not in line)
+    assert {f".venv/bin/{name}" for name in absent} <= set(install.split()), install
+
+
+@pytest.mark.parametrize(("package", "foreign"), [("serving", {"jobs", "console"}), ("console", {"jobs", "serving"})])
+def test_a_role_imports_no_other_roles_code(package: str, foreign: set[str]) -> None:
+    modules = sorted(
+        f"{package}.{path.stem}" for path in (ROOT / package).glob("*.py") if path.stem not in ("__init__", "__main__")
+    )
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not foreign & set(json.loads(result.stdout)), f"{package} imports {foreign & set(json.loads(result.stdout))}"

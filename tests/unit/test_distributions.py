@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from console.service_metrics import _quantile
 from jobs.monitoring.distributions import (
     gini,
     histogram,
@@ -15,7 +16,6 @@ from jobs.monitoring.distributions import (
     quantile_edges,
     quantiles,
 )
-from serving.dashboard import _quantile
 
 
 def test_psi_of_shares_by_hand() -> None:

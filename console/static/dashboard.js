@@ -288,7 +288,10 @@ function drawScores(data) {
 
 function drawService(data) {
   const s = data.service;
-  if (!s || !s.available) { setState("panel-service", "empty", "No metrics in this process."); return; }
+  if (!s || !s.available) {
+    setState("panel-service", "empty", "The lookup service's metrics cannot be read" + (s && s.reason ? ": " + s.reason : "."));
+    return;
+  }
   $("service-cards").replaceChildren(
     card("/v1 requests", fmt(s.api_requests)),
     card("p50 / p99", (s.p50_ms === null ? "–" : fmt(s.p50_ms, 2)) + " / " + (s.p99_ms === null ? "–" : fmt(s.p99_ms, 2)) + " ms"),

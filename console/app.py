@@ -1,0 +1,80 @@
+"""The operator console's HTTP app: the dashboard router, a health check, and the access log.
+
+`granian --factory console.app:create_app` (what `overnight console` and ``python -m console`` run)
+builds one app per worker from the environment.
+"""
+
+import logging
+import os
+from collections import deque
+from importlib import metadata
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+
+from console.access_log import AccessLog
+from console.auth import LoginThrottle
+from console.dashboard import router as dashboard_router
+from console.service_metrics import SNAPSHOTS_KEPT
+from console.settings import ENV_PREFIX, ConsoleSettings, check_auth_configured, get_console_settings
+
+logger = logging.getLogger(__name__)
+
+# Older releases of the service turned auth off from this variable; only the --no-auth flag does.
+IGNORED_AUTH_VARIABLE = f"{ENV_PREFIX}AUTH_DISABLED"
+
+
+def create_open_app() -> FastAPI:
+    """The console without sign-in: the factory ``overnight console --no-auth`` gives its workers."""
+    return create_app(auth_disabled=True)
+
+
+def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool = False) -> FastAPI:
+    """The console; with no settings they come from the environment (the server's workers)."""
+    settings = settings or get_console_settings()
+    check_auth_configured(settings, auth_disabled)
+    _configure_logging()
+    if auth_disabled:
+        logger.warning("authentication is disabled (--no-auth): anyone who can reach this port can open the dashboard")
+    elif os.environ.get(IGNORED_AUTH_VARIABLE):
+        logger.warning("%s is ignored: only the --no-auth flag turns authentication off", IGNORED_AUTH_VARIABLE)
+
+    app = FastAPI(
+        title="overnight console",
+        summary="The operator dashboard of overnight.",
+        version=_version(),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.auth_disabled = auth_disabled
+    app.state.login_throttle = LoginThrottle()
+    app.state.service_snapshots = deque(maxlen=SNAPSHOTS_KEPT)
+    if settings.console_access_log:
+        app.add_middleware(AccessLog)
+    app.include_router(dashboard_router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    async def home() -> RedirectResponse:
+        return RedirectResponse("/dashboard", status_code=307)
+
+    return app
+
+
+def _configure_logging() -> None:
+    # The server configures only its own loggers; give ours a handler unless the host (CLI) already did.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("overnight")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,171 @@
+"""Who may open the dashboard: signed session cookies, keys in constant time, a sign-in throttle, and
+which proxies are believed about the client's address and scheme.
+
+A browser cannot send a bearer header when it navigates, so an operator signs in once with a key and
+keeps a signed, HttpOnly, SameSite=Strict cookie for 12 hours; the JSON endpoint also takes
+``Authorization: Bearer <key>``, for scripts. The keys are OVERNIGHT_DASHBOARD_KEYS, or the API keys.
+"""
+
+import hashlib
+import hmac
+import logging
+import math
+import re
+import time
+from collections import OrderedDict, deque
+from ipaddress import ip_address
+
+from fastapi import Request, Response
+
+from console.settings import ConsoleSettings
+
+logger = logging.getLogger(__name__)
+
+COOKIE = "overnight_dashboard"
+COOKIE_PATH = "/dashboard"
+SESSION_SECONDS = 12 * 3600
+
+
+def settings_of(request: Request) -> ConsoleSettings:
+    settings: ConsoleSettings = request.app.state.settings
+    return settings
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def _signature(key: str, expires: int) -> str:
+    return hmac.new(_digest(key), f"overnight-dashboard|{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def session_token(key: str, now: float | None = None) -> str:
+    """``<expiry>.<HMAC of the expiry under the key>``: every worker can check it, and removing the
+    key from the configuration ends the sessions opened with it."""
+    expires = int((now or time.time()) + SESSION_SECONDS)
+    return f"{expires}.{_signature(key, expires)}"
+
+
+# What `session_token` makes, and nothing else: any other cookie is no session (never an error).
+_SESSION_TOKEN = re.compile(r"([0-9]{1,12})\.([0-9a-f]{64})", re.ASCII)
+
+
+def valid_session(settings: ConsoleSettings, token: str | None) -> bool:
+    found = _SESSION_TOKEN.fullmatch(token) if token else None
+    if found is None:
+        return False
+    expires = int(found[1])
+    if expires < time.time():
+        return False
+    matched = False
+    for key in settings.keys:
+        matched |= hmac.compare_digest(found[2], _signature(key, expires))
+    return matched
+
+
+def matching_key(settings: ConsoleSettings, presented: str) -> str | None:
+    """The configured key `presented` is, compared with every key in constant time; None if none."""
+    digest = _digest(presented)
+    found = None
+    for key in settings.keys:
+        if hmac.compare_digest(digest, _digest(key)):
+            found = key
+    return found
+
+
+def authorised(request: Request) -> bool:
+    """A valid session cookie or bearer key, or auth turned off with ``--no-auth``."""
+    if request.app.state.auth_disabled:
+        return True
+    settings = settings_of(request)
+    if valid_session(settings, request.cookies.get(COOKIE)):
+        return True
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and bool(credentials) and matching_key(settings, credentials.strip()) is not None
+
+
+def with_session(response: Response, request: Request, key: str) -> Response:
+    response.set_cookie(
+        COOKIE,
+        session_token(key),
+        max_age=SESSION_SECONDS,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=over_https(request),
+    )
+    return response
+
+
+def without_session(response: Response) -> Response:
+    response.delete_cookie(COOKIE, path=COOKIE_PATH)
+    return response
+
+
+def _proxied(request: Request) -> bool:
+    """Whether the request came from a proxy we trust to say who the client is and how it connected."""
+    peer = request.client.host if request.client else None
+    if peer is None:
+        return False
+    try:
+        address = ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in settings_of(request).trusted_proxies)
+
+
+def over_https(request: Request) -> bool:
+    if request.url.scheme == "https":
+        return True
+    forwarded = request.headers.get("x-forwarded-proto", "")
+    # The proxy nearest to us appends last: its word is the one we trust.
+    return bool(forwarded) and forwarded.split(",")[-1].strip().lower() == "https" and _proxied(request)
+
+
+def client_address(request: Request) -> str:
+    """The client as the nearest trusted proxy saw it (X-Forwarded-For's last hop), else the peer."""
+    peer = request.client.host if request.client else "unknown"
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded and _proxied(request):
+        return forwarded.split(",")[-1].strip()[:64] or peer
+    return peer
+
+
+class LoginThrottle:
+    """Slows down key guessing: after `attempts` failed sign-ins from one client within `window` seconds,
+    that client's next sign-ins are refused (429, with Retry-After) until the oldest failure is older
+    than the window. A successful sign-in clears the client's failures. Each worker counts its own
+    failures, at most `clients` clients (the longest quiet are forgotten first)."""
+
+    def __init__(self, attempts: int = 5, window: float = 900.0, clients: int = 10_000) -> None:
+        self.attempts = attempts
+        self.window = window
+        self.clients = clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, client: str, now: float | None = None) -> int:
+        """Seconds until `client` may try again; 0 when it may now."""
+        failures = self._failures.get(client)
+        if failures is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if len(failures) < self.attempts:
+            return 0
+        return max(1, math.ceil(failures[0] + self.window - now))
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        failures = self._failures.pop(client, None) or deque(maxlen=self.attempts)
+        failures.append(time.monotonic() if now is None else now)
+        self._failures[client] = failures
+        while len(self._failures) > self.clients:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+
+def throttle_of(request: Request) -> LoginThrottle:
+    throttle: LoginThrottle = request.app.state.login_throttle
+    return throttle

@@ -1,0 +1,293 @@
+"""The monitoring dashboard at ``/dashboard``: one page, its assets, and one JSON endpoint behind it.
+
+It reads the batch side's records (what is live and the canary, runs, models and their online numbers
+per day, monitoring checks and reports, alerts) through the named queries of ``sql/queries.sql``
+(section "console"), and the lookup service's figures from its ``/metrics``. The charts are drawn by
+Apache ECharts, vendored under ``console/static/vendor`` so the page works offline.
+
+Sign-in (see `console.auth`): a login form trades a key for a session cookie; an old bookmark's
+``/dashboard?key=...`` still works, is dropped from the URL at once and redacted from the access log,
+but no such link is handed out any more. With ``--no-auth`` the dashboard is open.
+"""
+
+import asyncio
+import html
+import logging
+import math
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+import psycopg
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from psycopg.rows import dict_row
+
+import sql
+from console.auth import (
+    authorised,
+    client_address,
+    matching_key,
+    settings_of,
+    throttle_of,
+    with_session,
+    without_session,
+)
+from console.service_metrics import scrape, service_figures
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/dashboard", include_in_schema=False)
+
+STATIC = Path(__file__).with_name("static")
+ASSETS = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "vendor/echarts/echarts.min.js": "text/javascript; charset=utf-8",
+}
+RUNS_SHOWN = 30
+DATES_SHOWN = 30
+ALERTS_SHOWN = 10
+LOGIN_FORM_BYTES = 16 * 1024
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
+# Every named query the dashboard runs: what its database role (migration 0018) must be able to read.
+QUERIES = (
+    "live_status",
+    "dashboard_canary",
+    "dashboard_runs",
+    "dashboard_run_steps",
+    "dashboard_models",
+    "dashboard_online",
+    "dashboard_checks",
+    "dashboard_output_report",
+    "dashboard_alerts",
+    "retrain_request_for_date",
+)
+
+
+# ---------------------------------------------------------------------------- pages
+
+
+def _too_many_attempts(retry_after: int) -> Response:
+    response = _login_page(429, f"Too many failed sign-ins from your address: try again in {retry_after} s.")
+    response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _page_headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+_LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>overnight · sign in</title><link rel="icon" href="data:,">
+<link rel="stylesheet" href="/dashboard/static/dashboard.css"></head>
+<body class="login"><form method="post" action="/dashboard/login" class="login-form">
+<h1>overnight</h1><p>Monitoring dashboard. Sign in with a dashboard or API key.</p>{message}
+<label for="key">Key</label><input id="key" name="key" type="password" autocomplete="current-password" autofocus>
+<input type="hidden" name="next" value="{next}"><button type="submit">Sign in</button></form></body></html>
+"""
+
+
+def _login_page(status: int = 200, message: str = "", next_query: str = "") -> Response:
+    shown = f'<p class="error" role="alert">{html.escape(message)}</p>' if message else ""
+    return _page_headers(
+        HTMLResponse(_LOGIN_PAGE.format(message=shown, next=html.escape(next_query, quote=True)), status_code=status)
+    )
+
+
+@router.get("")
+async def dashboard_page(request: Request, key: Annotated[str | None, Query()] = None) -> Response:
+    if key is not None:
+        # An old bookmark's ?key=: trade it for a session and take it out of the address bar and history.
+        # (Links with keys are no longer handed out: the access log redacts them, a proxy's may not.)
+        client = client_address(request)
+        throttle = throttle_of(request)
+        if retry_after := throttle.retry_after(client):
+            return _too_many_attempts(retry_after)
+        found = matching_key(settings_of(request), key)
+        if found is None and not request.app.state.auth_disabled:
+            throttle.failed(client)
+            return _login_page(401, "That key is not valid.")
+        throttle.succeeded(client)
+        rest = "&".join(f"{k}={v}" for k, v in request.query_params.items() if k != "key")
+        response = RedirectResponse(f"/dashboard{'?' + rest if rest else ''}", status_code=303)
+        return with_session(response, request, found) if found else response
+    if not authorised(request):
+        return _login_page(next_query=request.url.query)
+    return _page_headers(FileResponse(STATIC / "dashboard.html", media_type="text/html; charset=utf-8"))
+
+
+async def _form(request: Request) -> dict[str, list[str]] | None:
+    """The posted form, or None when it is bigger than a sign-in form can be."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > LOGIN_FORM_BYTES:
+            return None
+    return parse_qs(body.decode("utf-8", "replace"))
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    form = await _form(request)
+    if form is None:
+        return JSONResponse({"detail": f"a sign-in form is at most {LOGIN_FORM_BYTES} bytes"}, status_code=413)
+    presented = (form.get("key") or [""])[0]
+    next_query = (form.get("next") or [""])[0]
+    client = client_address(request)
+    throttle = throttle_of(request)
+    if retry_after := throttle.retry_after(client):
+        return _too_many_attempts(retry_after)
+    found = matching_key(settings_of(request), presented) if presented else None
+    if found is None:
+        throttle.failed(client)
+        await asyncio.sleep(0.5)  # slows down a guesser who waits for each answer
+        return _login_page(401, "That key is not valid.", next_query)
+    throttle.succeeded(client)
+    target = "/dashboard" + (f"?{next_query}" if next_query and "://" not in next_query else "")
+    return with_session(RedirectResponse(target, status_code=303), request, found)
+
+
+@router.post("/logout")
+async def logout() -> Response:
+    return without_session(RedirectResponse("/dashboard", status_code=303))
+
+
+@router.get("/static/{name:path}")
+async def asset(name: str) -> Response:
+    media_type = ASSETS.get(name)
+    if media_type is None:
+        return JSONResponse({"detail": "not found"}, status_code=404)
+    response = FileResponse(STATIC / name, media_type=media_type)
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@router.get("/api/overview")
+async def overview(
+    request: Request, day: Annotated[date | None, Query(alias="date", description="Date to focus on.")] = None
+) -> Response:
+    if not authorised(request):
+        return JSONResponse({"detail": "sign in at /dashboard, or send Authorization: Bearer <key>"}, status_code=401)
+    settings = settings_of(request)
+    # The service's figures are read while the database answers; neither waits for the other.
+    scraping = asyncio.ensure_future(scrape(settings.console_service_url, settings.console_service_timeout_seconds))
+    data = await _records(settings.dsn, day)
+    if isinstance(data, Response):
+        scraping.cancel()
+        return data
+    data["service"] = service_figures(request.app.state.service_snapshots, await scraping)
+    return JSONResponse(_plain(data), headers={"Cache-Control": "no-store"})
+
+
+async def _records(dsn: str, day: date | None) -> dict[str, Any] | Response:
+    """`read_overview` over a connection of its own, or the 503 that says why the records cannot be read."""
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, connect_timeout=5, row_factory=dict_row
+        ) as conn:
+            return await read_overview(conn, day)
+    except psycopg.errors.UndefinedTable:
+        return JSONResponse(
+            {"detail": "the monitoring tables do not exist yet: run `overnight db upgrade`"}, status_code=503
+        )
+    except psycopg.errors.InsufficientPrivilege as error:
+        logger.error("dashboard: the console's database role may not read what it shows: %s", _first_line(error))
+        detail = "the console's database role may not read the monitoring tables: run `overnight db upgrade`"
+        return JSONResponse({"detail": detail, "reason": "insufficient_privilege"}, status_code=503)
+    except psycopg.OperationalError as error:
+        logger.warning("dashboard: database unavailable: %s", _first_line(error))
+        return JSONResponse(
+            {"detail": "the database is unavailable", "reason": "database_unavailable"}, status_code=503
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+async def _fetch(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, params: Any = ()) -> list[dict[str, Any]]:
+    if name not in QUERIES:  # the list migration 0018's grants (and their test) are derived from
+        raise KeyError(f"{name!r} is not in console.dashboard.QUERIES")
+    cursor = await conn.execute(sql.query(name), params)
+    return await cursor.fetchall()
+
+
+async def read_overview(conn: psycopg.AsyncConnection[dict[str, Any]], day: date | None) -> dict[str, Any]:
+    """Everything the page shows but the service panel, focused on `day` (default the newest checked date)."""
+    live = await _fetch(conn, "live_status")
+    canary = await _fetch(conn, "dashboard_canary")
+    runs = await _fetch(conn, "dashboard_runs", (RUNS_SHOWN,))
+    steps = await _fetch(conn, "dashboard_run_steps", ([r["run_id"] for r in runs],))
+    for run in runs:
+        run["steps"] = [s for s in steps if s["run_id"] == run["run_id"]]
+    models = await _fetch(conn, "dashboard_models", (DATES_SHOWN,))
+    online = await _fetch(conn, "dashboard_online", (DATES_SHOWN,))
+    checks = await _fetch(conn, "dashboard_checks", (DATES_SHOWN,))
+    output = await _fetch(conn, "dashboard_output_report", {"logical_date": day})
+    alerts = await _fetch(conn, "dashboard_alerts", (ALERTS_SHOWN,))
+    focus = day or (max(c["logical_date"] for c in checks) if checks else None)
+    retrain = await _fetch(conn, "retrain_request_for_date", {"logical_date": focus}) if focus else []
+    current = live[0] if live else None
+    return {
+        "generated_at": datetime.now().astimezone(),
+        "focus_date": focus,
+        "live": {
+            **current,
+            "coverage": current["users_scored"] / current["active_users"] if current["active_users"] else None,
+        }
+        if current
+        else None,
+        "canary": canary[0] if canary else None,
+        "runs": list(reversed(runs)),
+        "models": [_model(m) for m in reversed(models)],
+        "online": online,
+        "checks": checks,
+        "focus_checks": [c for c in checks if c["logical_date"] == focus and c["level"] != "ok"],
+        "output": output[0] if output else None,
+        "retrain_reason": retrain[0]["reason"] if retrain else None,
+        "alerts": alerts,
+    }
+
+
+def _model(row: dict[str, Any]) -> dict[str, Any]:
+    metrics = row["metrics"] or {}
+    return {
+        "model_id": row["model_id"],
+        "logical_date": row["logical_date"],
+        "status": row["status"],
+        "metrics": {k: v for k, v in metrics.items() if "@" in k and isinstance(v, int | float)},
+        "baselines": {
+            name: {k: v for k, v in values.items() if "@" in k}
+            for name, values in (metrics.get("baselines") or {}).items()
+            if isinstance(values, dict)
+        },
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

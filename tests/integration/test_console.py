@@ -1,0 +1,285 @@
+"""The operator console: the dashboard's sign-in tried as an attacker would (forged cookies, guessed keys,
+forged proxy headers, keys in URLs), its own read-only database role, and the service panel read from
+the lookup service's /metrics over HTTP.
+"""
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql as pgsql
+
+import sql
+from console.app import create_app
+from console.auth import COOKIE, session_token
+from console.dashboard import QUERIES
+from console.settings import ConsoleConfigError
+from tests.support.commands import OVERNIGHT, free_port, overnight_env
+from tests.support.console import (
+    CONSOLE_KEY,
+    Console,
+    console_login,
+    console_settings,
+    running_console,
+)
+from tests.support.serving import RECS, SWITCH_DEADLINE, Publisher, running, service_settings
+
+pytestmark = pytest.mark.integration
+
+ONE_USER_ROUTE = "/v1/users/{user_id:text}/recommendations"
+
+
+# ---------------------------------------------------------------------------- sign-in
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        "9" * 5000 + "." + "a" * 64,  # more digits than int() takes
+        "²." + "a" * 64,  # a digit to str.isdigit(), not to int()
+        "123",
+        "." * 10,
+        "99999999999." + "Z" * 64,
+        "\uff11\uff12\uff13." + "a" * 64,  # fullwidth digits
+    ],
+)
+def test_a_malformed_session_cookie_is_no_session(database_url: str, cookie: str) -> None:
+    with running_console(console_settings(database_url)) as console:
+        header = {b"Cookie": f"{COOKIE}={cookie}".encode()}  # as raw bytes, as a client may send them
+        page = console.anonymous.get("/dashboard", headers=header)
+        assert page.status_code == 200 and "Sign in" in page.text
+        assert console.anonymous.get("/dashboard/api/overview", headers=header).status_code == 401
+
+
+def test_a_valid_session_cookie_still_opens_the_dashboard(database_url: str) -> None:
+    with running_console(console_settings(database_url)) as console:
+        header = {"Cookie": f"{COOKIE}={session_token(CONSOLE_KEY)}"}
+        assert "Sign in" not in console.anonymous.get("/dashboard", headers=header).text
+        assert console.anonymous.get("/dashboard/api/overview", headers=header).status_code == 200
+
+
+def test_dashboard_keys_replace_the_api_keys(database_url: str) -> None:
+    settings = console_settings(database_url, dashboard_keys="operators-only")
+    with running_console(settings) as console:
+        assert console.overview().status_code == 401  # the API key no longer opens it
+        opened = console.anonymous.get("/dashboard/api/overview", headers={"Authorization": "Bearer operators-only"})
+        assert opened.status_code == 200
+
+
+def _sign_in(console: Console, key: str, **headers: str) -> httpx.Response:
+    return console.anonymous.post(
+        "/dashboard/login", data={"key": key, "next": ""}, headers=headers, follow_redirects=False
+    )
+
+
+def test_the_cookie_is_secure_behind_a_trusted_https_proxy_only(database_url: str) -> None:
+    https = {"X-Forwarded-Proto": "https"}
+    with running_console(console_settings(database_url)) as console:
+        direct = _sign_in(console, CONSOLE_KEY, **https)
+        assert direct.status_code == 303
+        assert "secure" not in direct.headers["set-cookie"].lower()  # anyone can send the header
+    with running_console(console_settings(database_url, trusted_proxies="127.0.0.1")) as console:
+        assert "secure" in _sign_in(console, CONSOLE_KEY, **https).headers["set-cookie"].lower()
+        assert "secure" not in _sign_in(console, CONSOLE_KEY).headers["set-cookie"].lower()
+
+
+def test_repeated_failed_sign_ins_from_one_client_are_slowed_down(database_url: str) -> None:
+    with running_console(console_settings(database_url, trusted_proxies="127.0.0.1")) as console:
+        guesser = {"X-Forwarded-For": "203.0.113.7"}
+        for _ in range(5):
+            assert _sign_in(console, "wrong", **guesser).status_code == 401
+        refused = _sign_in(console, CONSOLE_KEY, **guesser)  # even the right key: the client must wait
+        assert refused.status_code == 429
+        assert 1 <= int(refused.headers["Retry-After"]) <= 900
+        assert console.anonymous.get("/dashboard", params={"key": CONSOLE_KEY}, headers=guesser).status_code == 429
+        # another client behind the same proxy is not held back
+        assert _sign_in(console, CONSOLE_KEY, **{"X-Forwarded-For": "198.51.100.2"}).status_code == 303
+
+
+def test_a_sign_in_form_bigger_than_one_is_refused(database_url: str) -> None:
+    with running_console(console_settings(database_url)) as console:
+        huge = console.anonymous.post("/dashboard/login", data={"key": "k" * 100_000, "next": ""})
+        assert huge.status_code == 413
+
+
+def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        running_console(console_settings(database_url, trusted_proxies="127.0.0.1")) as console,
+        caplog.at_level("INFO", logger="overnight.console.access"),
+    ):
+        console.anonymous.get("/dashboard", params={"key": "s3cret-dashboard-key", "date": "2026-11-20"})
+        console.anonymous.get("/dashboard", params={"KEY": "s3cret-upper"})
+        console.anonymous.request("PROPFIND", "/healthz")
+        console.anonymous.get("/dashboard/" + "x" * 5000)
+        console.anonymous.get("/healthz", headers={"X-Forwarded-For": "203.0.113.9"})
+        # a line is written once its response is sent: the last one may come a moment after
+        wait_until(lambda: len(_access_lines(caplog)) >= 5)
+    messages = _access_lines(caplog)
+    entries = [json.loads(message) for message in messages]
+    assert not any("s3cret" in message for message in messages)
+    assert entries[0]["query"] == "key=REDACTED&date=2026-11-20"
+    assert entries[1]["query"] == "KEY=REDACTED"
+    assert entries[2]["method"] == "OTHER"
+    assert all(len(message) < 2000 for message in messages)
+    assert entries[3]["path"].endswith("more characters]")
+    assert entries[4]["client"] == "203.0.113.9"  # as the trusted proxy saw it
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "overnight.console.access"]
+
+
+def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {within} s"
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------- turning auth off
+
+
+def test_no_auth_is_the_factorys_argument_never_the_environment(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_keys = console_settings(database_url, api_keys=())
+    with pytest.raises(ConsoleConfigError, match="no key configured"):
+        create_app(without_keys)
+    with running_console(without_keys, auth_disabled=True) as console:
+        assert "Sign in" not in console.anonymous.get("/dashboard").text
+        assert console.anonymous.get("/dashboard/api/overview").status_code == 200
+    monkeypatch.setenv("OVERNIGHT_AUTH_DISABLED", "true")
+    with running_console(console_settings(database_url)) as console:
+        assert console.anonymous.get("/dashboard/api/overview").status_code == 401
+
+
+def test_overnight_console_refuses_to_start_without_a_key_in_one_line(database_url: str, tmp_path: Path) -> None:
+    env = overnight_env(database_url, tmp_path / "var")
+    refused = subprocess.run(
+        [str(OVERNIGHT), "console", "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "overnight: error: no key configured: set OVERNIGHT_DASHBOARD_KEYS or OVERNIGHT_API_KEYS (comma-separated) "
+        "or start with --no-auth"
+    )
+
+
+# ---------------------------------------------------------------------------- its own database role
+
+
+def test_the_console_reads_as_its_own_role_and_can_write_nothing(database_url: str) -> None:
+    batch_id = Publisher(database_url).publish(RECS)
+    with console_login(database_url) as login:
+        with running_console(console_settings(database_url, console_database_url=login)) as console:
+            overview = console.overview()
+            assert overview.status_code == 200, overview.text
+            assert overview.json()["live"]["batch_id"] == batch_id
+        with psycopg.connect(login, autocommit=True) as conn:
+            for statement in (
+                "INSERT INTO overnight.alerts (fingerprint, title, details) VALUES ('x', 'x', '{}')",
+                "UPDATE overnight.runs SET status = 'failed'",
+                "DELETE FROM overnight.live",
+                "TRUNCATE overnight.monitor_checks",
+                pgsql.SQL("SELECT * FROM {}").format(sql.recs_table(batch_id)),  # the lists are the service's
+                "SELECT * FROM overnight.served_predictions",
+                "CREATE TABLE overnight.scratch (x int)",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)
+
+
+def test_the_consoles_role_may_read_exactly_what_its_queries_name(database_url: str) -> None:
+    texts = " ".join(sql.query(name) for name in QUERIES)
+    named = set(re.findall(r"\bovernight\.(\w+)\b(?!\s*\()", texts))
+    functions = set(re.findall(r"\bovernight\.(\w+)\s*\(", texts))
+    assert {"runs", "run_steps", "live", "alerts"} <= named and functions == {"run_abandoned", "recorder_gone"}
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT c.relname, p.privilege, has_table_privilege('overnight_console', c.oid, p.privilege)"
+            " FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+            " CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER'])"
+            "   AS p(privilege)"
+            " WHERE n.nspname = 'overnight' AND c.relkind IN ('r', 'p', 'v', 'm')"
+        ).fetchall()
+        readable = {table for table, privilege, granted in rows if granted and privilege == "SELECT"}
+        other = {(table, privilege) for table, privilege, granted in rows if granted and privilege != "SELECT"}
+        executable = {
+            name
+            for (name,) in conn.execute(
+                "SELECT p.proname FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = 'overnight' AND has_function_privilege('overnight_console', p.oid, 'EXECUTE')"
+                "   AND NOT has_function_privilege('public', p.oid, 'EXECUTE')"
+            )
+        }
+        granted_functions = {
+            name
+            for (name,) in conn.execute(
+                "SELECT p.proname FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace"
+                " CROSS JOIN aclexplode(p.proacl) AS acl"
+                " WHERE n.nspname = 'overnight' AND acl.grantee = 'overnight_console'::regrole"
+                "   AND acl.privilege_type = 'EXECUTE'"
+            )
+        }
+    assert readable == named
+    assert other == set()
+    assert executable == set()  # nothing beyond what PUBLIC may run
+    assert granted_functions == functions
+
+
+# ---------------------------------------------------------------------------- the service panel
+
+
+def test_the_service_panel_reads_the_lookup_services_metrics(database_url: str) -> None:
+    Publisher(database_url).publish(RECS)
+    with running(service_settings(database_url)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        settings = console_settings(database_url, console_service_url=service.base_url + "/")
+        with running_console(settings) as console:
+            for user in ("42", "7", "nobody"):
+                assert service.recs(user).status_code == 200
+            wait_until(lambda: _lookups_counted(service.base_url) == 3)
+            first = console.overview().json()["service"]
+            for _ in range(4):
+                assert service.recs("42").status_code == 200
+            wait_until(lambda: _lookups_counted(service.base_url) == 7)
+            second = console.overview().json()["service"]
+    assert first["available"] and second["available"]
+    assert first["api_requests"] == 3 and second["api_requests"] == 7
+    assert first["fallback_share"] == pytest.approx(1 / 3)
+    assert first["p50_ms"] is not None and first["error_share"] == 0.0
+    assert second["requests_by_route"][ONE_USER_ROUTE] == 7
+    assert f"{service.base_url}/metrics" in second["note"]
+    (point,) = second["series"]  # one interval between the two reads of the same process
+    assert point["requests_per_second"] > 0 and point["p99_ms"] is not None
+
+
+def _lookups_counted(base_url: str) -> float:
+    """One-user lookups the service's own /metrics counts (each is counted once its answer is sent)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text)
+        for sample in family.samples
+        if sample.name == "overnight_http_requests_total" and sample.labels["route"] == ONE_USER_ROUTE
+    )
+
+
+def test_an_unreachable_service_leaves_the_rest_of_the_dashboard_working(database_url: str) -> None:
+    batch_id = Publisher(database_url).publish(RECS)
+    with running_console(console_settings(database_url)) as console:
+        overview = console.overview()
+        page = console.client.get("/dashboard")
+    assert overview.status_code == 200 and page.status_code == 200
+    data = overview.json()
+    assert data["live"]["batch_id"] == batch_id
+    assert data["service"]["available"] is False
+    assert "http://127.0.0.1:9/metrics cannot be reached" in data["service"]["reason"]
