@@ -108,7 +108,7 @@ def child_step(step: str, extra: list[str]) -> Any:
 
         return asdict(drift.monitor_input(settings, LOGICAL_DATE))
     if step == "publish":
-        result = asdict(publish.publish(settings, LOGICAL_DATE))
+        result = asdict(publish.publish_nightly(settings, LOGICAL_DATE))
         return {k: v for k, v in result.items() if k != "validation"} | {"validation": result["validation"]}
     if step == "copy-ceiling":
         return copy_ceiling(settings)
@@ -122,11 +122,12 @@ def copy_ceiling(settings: Any) -> dict[str, Any]:
     import polars as pl
 
     import sql
+    from jobs import workdir
     from jobs.database import database_url
-    from jobs.steps import publish, score
+    from jobs.steps import publish
 
     url = database_url(settings)
-    frames = [pl.read_parquet(m.path) for m in score.read_manifests(settings, LOGICAL_DATE)]
+    frames = [pl.read_parquet(m.path) for m in workdir.read_manifests(settings, LOGICAL_DATE)]
     rows = sum(f.height for f in frames)
     table = pgsql.Identifier("overnight", f"bench_copy_{uuid.uuid4().hex[:8]}")
     create = pgsql.SQL(sql.query("create_recs_table")).format(recs=table)
@@ -157,15 +158,14 @@ def copy_ceiling(settings: Any) -> dict[str, Any]:
 
 def predict_ceiling(settings: Any) -> dict[str, Any]:
     """LightGBM predict alone, again, on the feature matrix of the first chunk of shard 0."""
-    from jobs.steps import score
+    from jobs import workdir
+    from jobs.steps import features, score
 
     model, booster = score.load_ranker(settings, LOGICAL_DATE)
-    folder = score.ensure_shared_tables(settings, LOGICAL_DATE)
-    manifests = score.read_manifests(settings, LOGICAL_DATE)
+    folder = workdir.require_tables(settings, LOGICAL_DATE)
+    manifests = workdir.read_manifests(settings, LOGICAL_DATE)
     users = score.shard_users(folder, manifests[0].shards, 0)
-    frame = score.candidate_features(settings, LOGICAL_DATE, folder)(
-        score.shard_events(settings, LOGICAL_DATE, users)[0]
-    )
+    frame = features.candidate_features(settings, LOGICAL_DATE)(score.shard_events(settings, LOGICAL_DATE, users)[0])
     matrix = frame.select(list(model.features)).to_numpy()
     seconds = float("inf")
     for _ in range(2):  # the better of two: a ceiling

@@ -56,8 +56,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
 import sql
+from jobs.batches import switch_live
 from jobs.database import upgrade
-from jobs.steps.publish import switch_live
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,33 +1,32 @@
-"""overnight_nightly: ingest → features → candidates → train when due → score shards → monitor → publish → freshness.
+"""overnight_nightly: the tasks of `jobs.nightly.STEPS`, the same steps `overnight run` runs in order.
 
-Wiring only: every task calls one function of ``jobs`` and passes small values (dates, ids,
-counts). Heavy libraries are imported inside the tasks, never when the scheduler parses this file.
+ingest → features, candidates → train when due → score (one mapped task per shard) → monitor →
+publish → check-freshness → shadow → refresh-canary → online (the online tables' upkeep, which runs
+even after a failure). Wiring only: each task runs one step of ``jobs.nightly`` and returns the step's
+outcome; heavy libraries are imported inside the tasks, never when the scheduler parses this file.
 
 Params: ``source`` (default OVERNIGHT_SOURCE; ``{date}`` becomes the logical date), ``shards``
 (default: enough for OVERNIGHT_SHARD_USERS users each, at least OVERNIGHT_SCORE_SHARDS),
-``publish_live`` (null: live unless a newer date is live; true: make this date's batch live even
-in a backfill; false: never) and ``shadow_model`` (default OVERNIGHT_SHADOW_MODEL: a registered
-model also scored, after publish, into a shadow batch that is never served; compare with
-``overnight shadow-report``; a model trained after the run's date, as in a backfill, skips the shadow)
-and ``accept_checks`` (null; a reason: publish the batch though monitoring fails it, as
-``overnight publish --accept-checks``, recorded with who triggered the run).
-
-After publish, while a canary of another model runs, ``refresh_canary`` scores the date with the
-canary's model too and moves the canary to that batch (same users), unless OVERNIGHT_REFRESH_CANARY
-is off. ``online_summary`` stores the day before's online numbers per served model (its feedback's
-day of grace ended with the run's date) for the dashboard.
+``publish_live`` (null: live unless a newer date is live; true: make this date's batch live even in a
+backfill; false: never), ``shadow_model`` (default OVERNIGHT_SHADOW_MODEL: a registered model also
+scored into a shadow batch that is never served; compare with ``overnight shadow-report``) and
+``accept_checks`` (a reason: publish the batch though monitoring fails it, as ``overnight publish
+--accept-checks``, recorded with who triggered the run).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import pendulum
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, get_current_context, task
 from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetable
+from airflow.task.trigger_rule import TriggerRule
 
+from jobs import nightly
 from jobs.monitoring.alerts import task_failed
 from jobs.monitoring.history import airflow_task_failed, airflow_task_finished, airflow_task_started
 from jobs.settings import get_settings
@@ -39,17 +38,40 @@ DEFAULT_ARGS = {
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30),
     "on_failure_callback": [task_failed, airflow_task_failed],
-    # run history (overnight.runs / run_steps): these run in the task's own process
-    "on_execute_callback": airflow_task_started,
-    "post_execute": airflow_task_finished,
 }
 
 
-def _logical_date() -> str:
-    """The run's logical date; a manual run without one stands for the day it runs on."""
+def _night(params: dict[str, Any] | None) -> nightly.Night:
+    """The night of the running task: its logical date (a manual run without one stands for the day it
+    runs on) and the run's params."""
     context = get_current_context()
-    when = context.get("logical_date") or context["dag_run"].run_after
-    return when.date().isoformat()
+    dag_run = context["dag_run"]
+    when = context.get("logical_date") or dag_run.run_after
+    params = params or {}
+    user = getattr(dag_run, "triggering_user_name", None) or "unknown user"
+    return nightly.Night(
+        settings=get_settings(),
+        logical_date=when.date(),
+        source=params.get("source"),
+        shards=params.get("shards"),
+        publish_live=params.get("publish_live"),
+        shadow_model=params.get("shadow_model"),
+        accept_checks=params.get("accept_checks"),
+        accepted_by=f"{user} (airflow dag run {dag_run.run_id})",
+    )
+
+
+def run_step(step: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return asdict(nightly.run_step(step, _night(params)).outcome())
+
+
+def plan_shards(step: str, params: dict[str, Any] | None = None) -> list[dict[str, int]]:
+    planned = nightly.plan_shards(step, _night(params))
+    return [{"shards": len(planned), "shard": shard} for shard in planned]
+
+
+def run_shard(step: str, shards: int, shard: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return asdict(nightly.run_shard(step, _night(params), shards, shard).outcome())
 
 
 def _completion_deadline() -> DeadlineAlert | None:
@@ -95,159 +117,27 @@ def _completion_deadline() -> DeadlineAlert | None:
     deadline=_completion_deadline(),
 )
 def overnight_nightly() -> None:
-    @task
-    def logical_date() -> str:
-        return _logical_date()
-
-    @task
-    def ingest(day: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.steps.ingest import ingest, source_for
-
-        settings = get_settings()
-        when = date.fromisoformat(day)
-        source = source_for(settings, when, (params or {}).get("source"))
-        return asdict(ingest(settings, source, when, settings.source_format))
-
-    @task
-    def features(day: str, ingested: dict[str, Any]) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.steps.features import prepare
-
-        return asdict(prepare(get_settings(), date.fromisoformat(day)))
-
-    @task
-    def candidates(day: str, ingested: dict[str, Any]) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.steps.candidates import prepare
-
-        return asdict(prepare(get_settings(), date.fromisoformat(day)))
-
-    @task
-    def train(day: str, ingested: dict[str, Any]) -> dict[str, Any]:
-        import logging
-        from datetime import date
-
-        from jobs.steps.train import train_if_due
-
-        result = train_if_due(get_settings(), date.fromisoformat(day))
-        # a model the gate kept out is not a failure of the night: say so in the task log and go on
-        logging.getLogger("overnight.train").log(
-            logging.WARNING if result.trained and not result.promoted else logging.INFO, result.summary()
-        )
-        return {**asdict(result), "promoted": result.promoted}
-
-    @task
-    def plan_shards(
-        day: str,
-        item_tables: dict[str, Any],
-        candidate_tables: dict[str, Any],
-        model: dict[str, Any],
-        params: dict[str, Any] | None = None,
-    ) -> list[dict[str, int]]:
-        # the three inputs are only there to wait for their tasks
-        from datetime import date
-
-        from jobs.steps.score import plan_shards
-
-        planned = plan_shards(get_settings(), date.fromisoformat(day), (params or {}).get("shards"))
-        return [{"shards": len(planned), "shard": i} for i in planned]
-
-    @task(retries=3)
-    def score_shard(day: str, shards: int, shard: int) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.steps.score import score_shard
-
-        return asdict(score_shard(get_settings(), date.fromisoformat(day), shards, shard))
-
-    @task
-    def publish(
-        day: str, scored: list[dict[str, Any]], params: dict[str, Any] | None = None, dag_run: Any = None
-    ) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.steps.publish import publish
-
-        params = params or {}
-        user = getattr(dag_run, "triggering_user_name", None) or "unknown user"
-        published = publish(
-            get_settings(),
-            date.fromisoformat(day),
-            params.get("publish_live"),
-            accept_checks=params.get("accept_checks"),
-            accepted_by=f"{user} (airflow dag run {dag_run.run_id})" if dag_run else None,
-        )
-        return asdict(published)
-
-    @task
-    def monitor_input(day: str, scored: list[dict[str, Any]]) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.monitoring.drift import monitor_input
-
-        return asdict(monitor_input(get_settings(), date.fromisoformat(day)))
-
-    @task(retries=1)
-    def check_freshness(published: dict[str, Any]) -> dict[str, Any]:
-        from jobs.monitoring.freshness import check_freshness
-
-        return asdict(check_freshness(get_settings()))
-
-    @task
-    def shadow(day: str, published: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.rollouts.shadow import nightly_shadow
-
-        settings = get_settings()
-        model_id = (params or {}).get("shadow_model") or settings.shadow_model
-        if not model_id:
-            return {"shadow": None, "reason": "no shadow_model param and OVERNIGHT_SHADOW_MODEL is unset"}
-        # Nested: a batch_id or model_id at the top would be noted as the night's in the run history.
-        return {"shadow": asdict(nightly_shadow(settings, date.fromisoformat(day), model_id))}
-
-    @task
-    def refresh_canary(day: str, published: dict[str, Any]) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.rollouts.canary import refresh_canary
-
-        settings = get_settings()
-        if not settings.refresh_canary:
-            return {"canary": None, "reason": "OVERNIGHT_REFRESH_CANARY is off"}
-        # Nested, as the shadow's: its batch and model are not the night's.
-        return {"canary": asdict(refresh_canary(settings, date.fromisoformat(day)))}
-
-    @task
-    def online_tables(day: str) -> dict[str, Any]:
-        from jobs.rollouts.online import maintain_tables
-
-        return maintain_tables(get_settings())
-
-    @task
-    def online_summary(day: str) -> dict[str, Any]:
-        from datetime import date
-
-        from jobs.rollouts.online import record_previous_day
-
-        return record_previous_day(get_settings(), date.fromisoformat(day))
-
-    day = logical_date()
-    online_tables(day)
-    online_summary(day)
-    ingested = ingest(day)
-    model = train(day, ingested)
-    shards = plan_shards(day, features(day, ingested), candidates(day, ingested), model)
-    scored = score_shard.partial(day=day).expand_kwargs(shards)
-    published = publish(day, scored)
-    monitor_input(day, scored) >> published  # publish's monitoring gate reads what this measured
-    check_freshness(published)
-    shadow(day, published)
-    refresh_canary(day, published)
+    first: dict[str, Any] = {}  # each step's first task (a sharded step's plan), what its upstream waits on
+    last: dict[str, Any] = {}  # each step's last task, what waits on it
+    for step in nightly.STEPS:
+        recorded: dict[str, Any] = {
+            "task_id": step.task_id,
+            # run history (overnight.runs / run_steps): these run in the task's own process
+            "on_execute_callback": airflow_task_started,
+            "post_execute": partial(airflow_task_finished, ends_run=step.name == nightly.LAST_STEP),
+        }
+        if step.retries is not None:
+            recorded["retries"] = step.retries
+        if step.even_after_failure:
+            recorded["trigger_rule"] = TriggerRule.ALL_DONE
+        if step.sharded is None:
+            first[step.name] = last[step.name] = task(**recorded)(run_step)(step.name)
+        else:
+            planned = task(task_id=f"plan_{step.task_id}")(plan_shards)(step.name)
+            first[step.name] = planned
+            last[step.name] = task(**recorded)(run_shard).partial(step=step.name).expand_kwargs(planned)
+        for upstream in step.upstream:
+            last[upstream] >> first[step.name]
 
 
 overnight_nightly()

@@ -6,6 +6,7 @@ so ``overnight --help`` and ``overnight serve`` start quickly.
 
 import json
 import logging
+import subprocess
 import sys
 from dataclasses import asdict, is_dataclass
 from datetime import date, timedelta
@@ -162,29 +163,63 @@ def publish(
         ),
     ] = None,
 ) -> None:
-    """Load a date's scores into a new batch table, validate it and switch the live pointer to it."""
-    from jobs.steps.publish import publish as run_publish
-    from jobs.steps.publish import publish_accepting_checks
+    """Load a date's scores into a new batch table, validate it and switch the live pointer to it.
 
+    Monitoring's gate needs the date's input and drift checks: run `overnight monitor --date D` first
+    (`overnight run` does).
+    """
     if accept_checks is None:
-        _echo(run_publish(_settings(), logical_date, make_live=live))
+        from jobs.steps.publish import publish_nightly
+
+        _echo(publish_nightly(_settings(), logical_date, make_live=live))
         return
     if not accept_checks.strip():
         raise typer.BadParameter("say why the failing checks may be published", param_hint="'--accept-checks'")
-    result = publish_accepting_checks(_settings(), logical_date, accept_checks, make_live=live)
-    _echo(result)
-    typer.echo(result.summary() if result.accepted else f"{result.summary()}; no check failed, nothing was accepted")
+    from jobs import nightly
+
+    # A run of its own in the run history (one step), so the acceptance shows beside the run it unblocks.
+    night = nightly.night_of(_settings(), logical_date, publish_live=live, accept_checks=accept_checks)
+    published = nightly.run(night, _progress, only=("publish",))
+    summary = published.steps[0].summary
+    typer.echo(summary if "accepted" in summary else f"{summary}; no check failed, nothing was accepted")
 
 
 @app.command()
 def run(source: SourceOption, logical_date: DateOption, fmt: FormatOption = "auto") -> None:
-    """The whole nightly pipeline without Airflow: ingest → train when due → score → publish → check."""
-    from jobs.nightly import run as run_pipeline
+    """The whole nightly pipeline without Airflow: the same steps as the DAG (`jobs.nightly.STEPS`), in order:
+    ingest → features, candidates → train when due → score → monitor → publish → check-freshness →
+    shadow, refresh-canary, online upkeep."""
+    from jobs import nightly
 
-    result = run_pipeline(_settings(), source, logical_date, fmt, progress=_progress)
+    night = nightly.night_of(_settings(), logical_date, source, source_format=fmt)
+    result = nightly.run(night, progress=_progress)
     typer.echo(f"batch {result.batch_id} is published from model {result.model_id} in {result.total_seconds:.1f}s:")
     for step in result.steps:
         typer.echo(f"  {step.step:<16} {step.seconds:7.1f}s  {step.summary}")
+
+
+def _one_step(name: str, logical_date: date) -> None:
+    from jobs import nightly
+
+    _echo(nightly.run_step(name, nightly.night_of(_settings(), logical_date)).outcome())
+
+
+@app.command()
+def features(logical_date: DateOption) -> None:
+    """Build the date's item feature tables, which scoring and training read (after ingest)."""
+    _one_step("features", logical_date)
+
+
+@app.command()
+def candidates(logical_date: DateOption) -> None:
+    """Build the date's candidate tables and user list, which scoring and training read (after ingest)."""
+    _one_step("candidates", logical_date)
+
+
+@app.command()
+def monitor(logical_date: DateOption) -> None:
+    """Measure the date's input and the ranker's feature drift (after score); publish's gate reads them."""
+    _one_step("monitor", logical_date)
 
 
 @app.command()
@@ -366,115 +401,147 @@ def rollback(
     was not promoted. Its model becomes the registry's production model again, so the next night scores
     with it rather than with the model rolled back from.
     """
-    from jobs.steps.publish import rollback as run_rollback
+    from jobs.batches import rollback as run_rollback
 
     typer.echo(run_rollback(_settings(), to).summary())
 
 
-@app.command()
-def canary(
-    batch: Annotated[int | None, typer.Option("--batch", help="Published batch to serve to a slice of users.")] = None,
+canary_app = typer.Typer(
+    help="Canary rollouts: serve a published batch or a registered model to a stable share of users beside "
+    "production, ramp it, stop it; `overnight promote` ends one by making it production. With no command: "
+    "the running canary and its history.\n\n"
+    "A user's arm comes from a hash of the canary's salt and their user id, so it stays the same across "
+    "requests, service restarts and days.",
+    invoke_without_command=True,
+)
+app.add_typer(canary_app, name="canary")
+TrafficOption = Annotated[
+    float, typer.Option("--traffic", help="Share of users in the canary, between 0 and 1 (0.05 = 5%).")
+]
+AllowShrinkOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-shrink",
+        help="Allow lowering the share of a running canary, which moves some canary users back to production.",
+    ),
+]
+CanaryDateOption = Annotated[
+    date | None,
+    typer.Option(
+        "--date",
+        parser=_parse_date,
+        metavar="YYYY-MM-DD",
+        help="The date to score with the model (default: the live batch's date).",
+    ),
+]
+CanaryShardsOption = Annotated[int | None, typer.Option(min=1, help="Number of score shards.")]
+# The options of the single `overnight canary` command this group replaces, and the command to use now.
+_OLD_CANARY_FORMS = {
+    "--batch": "overnight canary start --batch B --traffic T",
+    "--model": "overnight canary start --model M --traffic T",
+    "--stop": "overnight canary stop",
+    "--refresh": "overnight canary refresh",
+    "--traffic": "overnight canary ramp --traffic T",
+}
+
+
+@canary_app.callback()
+def canary(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    if ctx.invoked_subcommand is None:
+        _canary_status(as_json)
+
+
+@canary_app.command("status")
+def canary_status(as_json: JsonFlag = False) -> None:
+    """The running canary (batch, share of users, salt, since when) and its latest history."""
+    _canary_status(as_json)
+
+
+def _canary_status(as_json: bool) -> None:
+    from jobs.batches import canary_status as read_status
+
+    _echo(read_status(_settings()), as_json)
+
+
+@canary_app.command("start")
+def canary_start(
+    traffic: TrafficOption,
+    batch: Annotated[
+        int | None, typer.Option("--batch", help="A published batch to serve to the canary's users.")
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
-            "--model",
-            help="Registered model to canary: scores --date with it into a new batch (not live) and serves that.",
+            "--model", help="A registered model: scores --date with it into a new batch (not live) and serves that."
         ),
     ] = None,
-    logical_date: Annotated[
-        date | None,
-        typer.Option(
-            "--date",
-            parser=_parse_date,
-            metavar="YYYY-MM-DD",
-            help="With --model or --refresh: the date to score (default: the live batch's date).",
-        ),
-    ] = None,
-    shards: Annotated[
-        int | None, typer.Option(min=1, help="With --model or --refresh: number of score shards.")
-    ] = None,
-    traffic: Annotated[
-        float | None,
-        typer.Option(
-            help="Share of users in the canary, between 0 and 1 (0.05 = 5%); alone, it ramps the running canary."
-        ),
-    ] = None,
+    logical_date: CanaryDateOption = None,
+    shards: CanaryShardsOption = None,
     salt: Annotated[
-        str | None,
-        typer.Option(help="Chooses which users are in the slice (default: a new random salt per canary)."),
+        str | None, typer.Option(help="Chooses which users are in the share (default: a new random salt).")
     ] = None,
-    allow_shrink: Annotated[
-        bool,
-        typer.Option(
-            "--allow-shrink",
-            help="Allow a smaller --traffic than the running canary's: the users between the two shares go "
-            "back to production (refused without it).",
-        ),
-    ] = False,
-    stop: Annotated[bool, typer.Option("--stop", help="End the canary: everyone gets production again.")] = False,
-    refresh: Annotated[
-        bool,
-        typer.Option(
-            "--refresh",
-            help="Score --date with the running canary's model and serve that batch to the same users "
-            "(the nightly DAG does it after each publish).",
-        ),
-    ] = False,
+    allow_shrink: AllowShrinkOption = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Serve a batch (--batch) or a model (--model) to a stable share of users beside production; with
-    no option, show the canary.
+    """Serve a batch (--batch) or a model (--model) to a --traffic share of users beside production.
 
-    A user's arm comes from a hash of the salt and their user id, so it stays the same across
-    requests, service restarts and days. `--traffic T` alone ramps the running canary: up keeps every
-    canary user in the canary; down moves some back to production, so it needs --allow-shrink. Each
-    night the DAG renews a model canary's lists (--refresh by hand). `overnight promote` makes the
-    canary production (and its model the production model); `overnight canary --stop` ends it.
+    Starting the running canary's batch again changes its share, as `ramp` does. Each night the DAG
+    renews a model canary's lists with the night's date (`overnight canary refresh` by hand).
     """
-    from jobs.rollouts import canary
+    from jobs.rollouts import canary as rollout
 
+    if (batch is None) == (model is None):
+        raise typer.BadParameter("give --batch or --model (one of them)")
+    if model is None and (logical_date is not None or shards is not None):
+        raise typer.BadParameter("--date and --shards go with --model: a published batch is scored already")
     settings = _settings()
-    if (logical_date is not None or shards is not None) and model is None and not refresh:
-        raise typer.BadParameter("--date and --shards go with --model or --refresh")
-    if refresh:
-        if batch is not None or model is not None or traffic is not None or salt is not None or allow_shrink or stop:
-            raise typer.BadParameter("--refresh takes only --date, --shards and --json")
-        refreshed = canary.refresh_canary(settings, logical_date, shards)
-        if as_json:
-            _echo(refreshed, as_json=True)
-        else:
-            typer.echo(refreshed.summary())
-        if not refreshed.refreshed:
-            raise typer.Exit(1)
-        return
-    if stop:
-        if batch is not None or model is not None or traffic is not None or salt is not None or allow_shrink:
-            raise typer.BadParameter("--stop takes no --batch, --model, --traffic, --salt or --allow-shrink")
-        stopped = canary.stop_canary(settings)
-        if as_json:
-            _echo(stopped, as_json=True)
-            return
-        typer.echo(
-            f"canary batch {stopped.batch_id} stopped; every user gets production batch {stopped.production_batch_id}"
-        )
-        return
-    if batch is None and model is None and traffic is None and salt is None and not allow_shrink:
-        _echo(canary.canary_status(settings), as_json)
-        return
-    if batch is not None and model is not None:
-        raise typer.BadParameter("give --batch or --model, not both")
-    if batch is None and model is None and traffic is not None and salt is None:
-        _echo(canary.ramp_canary(settings, traffic, allow_shrink), as_json)
-        return
-    if (batch is None and model is None) or traffic is None:
-        raise typer.BadParameter("a canary needs --batch (or --model) and --traffic")
     if model is not None:
         if allow_shrink:
             raise typer.BadParameter("--allow-shrink goes with --batch (a model canary always starts a new canary)")
-        _echo(canary.start_model_canary(settings, model, traffic, logical_date, salt, shards), as_json)
+        _echo(rollout.start_model_canary(settings, model, traffic, logical_date, salt, shards), as_json)
         return
     assert batch is not None
-    _echo(canary.start_canary(settings, batch, traffic, salt, allow_shrink), as_json)
+    _echo(rollout.start_canary(settings, batch, traffic, salt, allow_shrink), as_json)
+
+
+@canary_app.command("ramp")
+def canary_ramp(traffic: TrafficOption, allow_shrink: AllowShrinkOption = False, as_json: JsonFlag = False) -> None:
+    """Change the running canary's share of users, whatever batch it serves: up keeps every canary user in
+    the canary; down moves some back to production, so it needs --allow-shrink."""
+    from jobs.rollouts.canary import ramp_canary
+
+    _echo(ramp_canary(_settings(), traffic, allow_shrink), as_json)
+
+
+@canary_app.command("stop")
+def canary_stop(as_json: JsonFlag = False) -> None:
+    """End the canary: every user gets production again; its batch stays kept."""
+    from jobs.rollouts.canary import stop_canary
+
+    stopped = stop_canary(_settings())
+    if as_json:
+        _echo(stopped, as_json=True)
+        return
+    typer.echo(
+        f"canary batch {stopped.batch_id} stopped; every user gets production batch {stopped.production_batch_id}"
+    )
+
+
+@canary_app.command("refresh")
+def canary_refresh(
+    logical_date: CanaryDateOption = None, shards: CanaryShardsOption = None, as_json: JsonFlag = False
+) -> None:
+    """Score --date with the running canary's model and serve that batch to the same users (the nightly
+    DAG does it after each publish). Exit 1 when there was nothing to refresh, with the reason."""
+    from jobs.rollouts.canary import refresh_canary
+
+    refreshed = refresh_canary(_settings(), logical_date, shards)
+    if as_json:
+        _echo(refreshed, as_json=True)
+    else:
+        typer.echo(refreshed.summary())
+    if not refreshed.refreshed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -619,7 +686,7 @@ def status(as_json: JsonFlag = False) -> None:
         typer.echo(
             f"canary: batch {canary['batch_id']} for {canary['logical_date']}, model {canary['model_id']}, "
             f"{float(canary['age_seconds']) / 3600:.1f} h old, serves {canary['traffic']:.2%} of users "
-            f"(since {canary['started_at']}); `overnight promote` or `overnight canary --stop`"
+            f"(since {canary['started_at']}); `overnight promote` or `overnight canary stop`"
         )
     model = report["production_model"]
     if model:
@@ -645,7 +712,7 @@ def serve(
         bool,
         typer.Option(
             "--no-auth",
-            help="Serve without API keys: lookups, feedback writes (POST /v1/events) and the dashboard are open "
+            help="Serve without API keys: lookups and feedback writes (POST /v1/events) are open "
             "to anyone who can reach the port (local use only). The only way to turn authentication off.",
         ),
     ] = False,
@@ -665,6 +732,38 @@ def _serve(host: str, port: int, workers: int, no_auth: bool, server: str = "gra
     try:
         run_server(host=host, port=port, workers=workers, no_auth=no_auth, server=server)
     except ServingConfigError as error:
+        raise OvernightError(str(error)) from error
+
+
+@app.command()
+def console(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8001,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="Open the dashboard without a key to anyone who can reach the port (local use only). "
+            "The only way to turn sign-in off.",
+        ),
+    ] = False,
+) -> None:
+    """Run the operator console: the monitoring dashboard at /dashboard, its own process and database role
+    (needs OVERNIGHT_DASHBOARD_KEYS or OVERNIGHT_API_KEYS unless --no-auth; the service panel reads
+    OVERNIGHT_CONSOLE_SERVICE_URL's /metrics)."""
+    import os
+
+    from jobs.database import database_url
+
+    if not os.environ.get("OVERNIGHT_CONSOLE_DATABASE_URL"):
+        database_url(_settings())  # starts the embedded Postgres when no server is configured
+    from console.server import serve as run_console
+    from console.settings import ConsoleConfigError
+
+    try:
+        run_console(host=host, port=port, workers=workers, no_auth=no_auth)
+    except ConsoleConfigError as error:
         raise OvernightError(str(error)) from error
 
 
@@ -703,15 +802,18 @@ def airflow_local(
 @app.command()
 def demo(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    console_port: Annotated[
+        int, typer.Option("--console-port", min=1, max=65535, help="Port of the console (the dashboard).")
+    ] = 8001,
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the service afterwards.")] = True,
     nights: Annotated[
         int, typer.Option(min=1, max=60, help="Nights to run, ending yesterday (more fill the dashboard's history).")
     ] = 1,
 ) -> None:
-    """Generate sample data, run the whole pipeline on it and serve the result."""
+    """Generate sample data, run the whole pipeline on it and serve the result, with the dashboard beside it."""
     import os
 
-    from jobs.nightly import prepare_demo
+    from jobs.dev.demo import prepare_demo
 
     settings = _settings()
     result = prepare_demo(settings, progress=_progress, nights=nights)
@@ -720,11 +822,33 @@ def demo(
         f'Try:  curl -H "Authorization: Bearer {result.api_key}" '
         f'"http://127.0.0.1:{port}/v1/users/{result.user_id}/recommendations?k=5"'
     )
-    typer.echo(f"Dashboard:  http://127.0.0.1:{port}/dashboard  (sign in with the API key)")
+    typer.echo(f"Dashboard:  http://127.0.0.1:{console_port}/dashboard  (sign in with the API key)")
     if serve_after:
         os.environ["OVERNIGHT_API_KEYS"] = result.api_key
-        typer.echo(f"Serving on http://127.0.0.1:{port} (Ctrl-C to stop)")
-        _serve("127.0.0.1", port, 1, no_auth=False)
+        console_process = _start_console(console_port, service_url=f"http://127.0.0.1:{port}")
+        try:
+            typer.echo(f"Serving on http://127.0.0.1:{port} (Ctrl-C to stop)")
+            _serve("127.0.0.1", port, 1, no_auth=False)
+        finally:
+            _stop_console(console_process)
+
+
+def _start_console(port: int, service_url: str) -> subprocess.Popen[bytes]:
+    """The console in a process of its own beside the demo's service, reading the same database (the
+    embedded one's URL is in the environment by now) and the service's /metrics."""
+    import os
+
+    env = {**os.environ, "OVERNIGHT_CONSOLE_SERVICE_URL": os.environ.get("OVERNIGHT_CONSOLE_SERVICE_URL", service_url)}
+    return subprocess.Popen([sys.executable, "-m", "console", "--port", str(port)], env=env)
+
+
+def _stop_console(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @app.command()
@@ -811,7 +935,12 @@ def main() -> None:
         error.show()  # no arguments at all: the help is the answer
         raise SystemExit(error.exit_code) from None
     except click_errors.ClickException as error:  # UsageError, BadParameter, MissingParameter, NoSuchOption, ...
-        typer.echo(f"overnight: error: {_one_line(error.format_message())}", err=True)
+        message = _one_line(error.format_message())
+        if isinstance(error, click_errors.NoSuchOption) and error.ctx and error.ctx.info_name == "canary":
+            now = _OLD_CANARY_FORMS.get(error.option_name)
+            if now:
+                message += f"; the canary's options became sub-commands: `{now}`"
+        typer.echo(f"overnight: error: {message}", err=True)
         raise SystemExit(error.exit_code) from None
     except OvernightError as error:
         typer.echo(f"overnight: error: {error}", err=True)

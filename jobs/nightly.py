@@ -1,34 +1,235 @@
-"""The whole nightly pipeline in one process (``overnight run``), and the demo's preparation.
+"""The nightly graph: one list of steps, `STEPS`. The Airflow DAG builds its tasks from it and
+`overnight run` runs it in order, so the two cannot drift apart.
 
-The steps are the same functions the Airflow DAG calls, in the same order:
-ingest → features → candidates → train when due → score every shard → monitor input and drift →
-publish (behind monitoring's gate) → check freshness; then, as the DAG's tasks after publish, the
-shadow (when OVERNIGHT_SHADOW_MODEL is set), the canary's refresh (unless OVERNIGHT_REFRESH_CANARY is
-off) and the online tables' upkeep with the day before's online numbers. Every run and step is
-recorded in the run history.
+Each step is a name, a function of the night, the steps it waits for, and when it runs: `skip` says
+why a night goes without it (no shadow model set, say), `even_after_failure` that it runs when an
+earlier step failed (the online tables' upkeep, so the service's logging never runs out of
+partitions). Every function returns a result whose `outcome()` the run history records as it is.
+Importing this module loads no data library: a step imports its module when it runs, so the DAG
+file stays light for the scheduler that parses it.
 """
 
 import logging
-import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
-from jobs.dev import generate
-from jobs.jsonable import jsonable
-from jobs.monitoring import drift, freshness, history
-from jobs.rollouts import canary, online, shadow
+from jobs.monitoring import history
+from jobs.outcome import Outcome, StepResult
 from jobs.settings import Settings
-from jobs.steps import candidates, features, ingest, publish, score, train
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Night:
+    """One night's run: its date, and the params the DAG's trigger form or the CLI's options give."""
+
+    settings: Settings
+    logical_date: date
+    source: str | None = None  # default OVERNIGHT_SOURCE ({date} filled in)
+    source_format: str | None = None  # default OVERNIGHT_SOURCE_FORMAT
+    shards: int | None = None  # default: enough for OVERNIGHT_SHARD_USERS users each
+    publish_live: bool | None = None  # None: live unless a newer date is live
+    shadow_model: str | None = None  # default OVERNIGHT_SHADOW_MODEL
+    accept_checks: str | None = None  # an operator's reason to publish what monitoring holds back
+    accepted_by: str | None = None  # who (default: this process's user at its host)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A step a night goes without, and why."""
+
+    reason: str
+
+    def summary(self) -> str:
+        return f"skipped: {self.reason}"
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary())
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """How a step splits into shards: the DAG maps `run_shard` over `plan`'s shard numbers, on as many
+    workers as there are; `overnight run` scores them one after another."""
+
+    plan: Callable[[Night], list[int]]
+    run_shard: Callable[[Night, int, int], StepResult]  # (night, shards, shard)
+    combine: Callable[[list[Any]], StepResult]
+
+
+def _never(night: Night) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[Night], StepResult]
+    upstream: tuple[str, ...] = ()
+    skip: Callable[[Night], str | None] = _never
+    even_after_failure: bool = False
+    sharded: Sharded | None = None
+    retries: int | None = None  # the DAG task's, when not the DAG's default
+
+    @property
+    def task_id(self) -> str:
+        return self.name.replace("-", "_")
+
+
+# ---------------------------------------------------------------------------- the steps
+
+
+def _ingest(night: Night) -> StepResult:
+    from jobs.steps.ingest import ingest, source_for
+
+    settings = night.settings
+    source = source_for(settings, night.logical_date, night.source)
+    return ingest(settings, source, night.logical_date, night.source_format or settings.source_format)
+
+
+def _features(night: Night) -> StepResult:
+    from jobs.steps.features import prepare
+
+    return prepare(night.settings, night.logical_date)
+
+
+def _candidates(night: Night) -> StepResult:
+    from jobs.steps.candidates import prepare
+
+    return prepare(night.settings, night.logical_date)
+
+
+def _train(night: Night) -> StepResult:
+    from jobs.steps.train import train_if_due
+
+    result = train_if_due(night.settings, night.logical_date)
+    if result.trained and not result.promoted:  # kept out by the gate: not a failure of the night
+        logger.warning("%s", result.summary())
+    return result
+
+
+def _plan_shards(night: Night) -> list[int]:
+    from jobs.steps.score import plan_shards
+
+    return plan_shards(night.settings, night.logical_date, night.shards)
+
+
+def _score_shard(night: Night, shards: int, shard: int) -> StepResult:
+    from jobs.steps.score import score_shard
+
+    return score_shard(night.settings, night.logical_date, shards, shard)
+
+
+def _scored(manifests: list[Any]) -> StepResult:
+    from jobs.steps.score import ScoredShards
+
+    return ScoredShards(manifests)
+
+
+def _score(night: Night) -> StepResult:
+    planned = _plan_shards(night)
+    return _scored([_score_shard(night, len(planned), shard) for shard in planned])
+
+
+def _monitor(night: Night) -> StepResult:
+    from jobs.monitoring.drift import monitor_input
+
+    return monitor_input(night.settings, night.logical_date)
+
+
+def _publish(night: Night) -> StepResult:
+    from jobs.steps.publish import publish_nightly
+
+    return publish_nightly(
+        night.settings, night.logical_date, night.publish_live, night.accept_checks, night.accepted_by
+    )
+
+
+def _check_freshness(night: Night) -> StepResult:
+    from jobs.monitoring.freshness import check_freshness
+
+    return check_freshness(night.settings)
+
+
+def _shadow_model(night: Night) -> str | None:
+    return night.shadow_model or night.settings.shadow_model
+
+
+def _no_shadow_model(night: Night) -> str | None:
+    return None if _shadow_model(night) else "no shadow_model param and OVERNIGHT_SHADOW_MODEL is unset"
+
+
+def _shadow(night: Night) -> StepResult:
+    from jobs.rollouts.shadow import nightly_shadow
+
+    model_id = _shadow_model(night)
+    assert model_id is not None
+    return nightly_shadow(night.settings, night.logical_date, model_id)
+
+
+def _canary_refresh_off(night: Night) -> str | None:
+    return None if night.settings.refresh_canary else "OVERNIGHT_REFRESH_CANARY is off"
+
+
+def _refresh_canary(night: Night) -> StepResult:
+    from jobs.rollouts.canary import refresh_canary
+
+    return refresh_canary(night.settings, night.logical_date)
+
+
+def _online(night: Night) -> StepResult:
+    from jobs.rollouts.online import nightly_upkeep
+
+    return nightly_upkeep(night.settings, night.logical_date)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("ingest", _ingest),
+    Step("features", _features, upstream=("ingest",)),
+    Step("candidates", _candidates, upstream=("ingest",)),
+    Step("train", _train, upstream=("features", "candidates")),
+    Step("score", _score, upstream=("train",), sharded=Sharded(_plan_shards, _score_shard, _scored), retries=3),
+    Step("monitor", _monitor, upstream=("score",)),
+    Step("publish", _publish, upstream=("monitor",)),
+    Step("check-freshness", _check_freshness, upstream=("publish",), retries=1),
+    Step("shadow", _shadow, upstream=("check-freshness",), skip=_no_shadow_model),
+    Step("refresh-canary", _refresh_canary, upstream=("shadow",), skip=_canary_refresh_off),
+    Step("online", _online, upstream=("refresh-canary",), even_after_failure=True),
+)
+STEP_BY_NAME = {step.name: step for step in STEPS}
+LAST_STEP = STEPS[-1].name  # its end is the run's end
+
+
+def run_step(name: str, night: Night) -> StepResult:
+    """One step of the night, as the DAG's task and `overnight run` run it (skipped when it says so)."""
+    step = STEP_BY_NAME[name]
+    reason = step.skip(night)
+    if reason is not None:
+        logger.info("%s: %s", name, reason)
+        return Skipped(reason)
+    return step.run(night)
+
+
+def plan_shards(name: str, night: Night) -> list[int]:
+    sharded = STEP_BY_NAME[name].sharded
+    assert sharded is not None
+    return sharded.plan(night)
+
+
+def run_shard(name: str, night: Night, shards: int, shard: int) -> StepResult:
+    sharded = STEP_BY_NAME[name].sharded
+    assert sharded is not None
+    return sharded.run_shard(night, shards, shard)
+
+
+# ---------------------------------------------------------------------------- `overnight run`
 
 
 @dataclass(frozen=True)
@@ -39,23 +240,12 @@ class StepTiming:
 
 
 @dataclass(frozen=True)
-class ShadowStep:
-    """The shadow's result under its own key: the run history notes a batch_id or model_id at the top
-    of a step's result as the night's, and the shadow's are not."""
-
-    shadow: shadow.ShadowResult | shadow.ShadowSkipped
-
-    def summary(self) -> str:
-        return self.shadow.summary()
-
-
-@dataclass(frozen=True)
 class RunResult:
     logical_date: str
-    batch_id: int
-    model_id: str
+    batch_id: int | None
+    model_id: str | None
     steps: list[StepTiming] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_id: int | None = None
 
     @property
@@ -63,78 +253,49 @@ class RunResult:
         return sum(s.seconds for s in self.steps)
 
 
-def run(
-    settings: Settings, source: Path, logical_date: date, fmt: str = "auto", progress: Progress = logger.info
-) -> RunResult:
-    steps: list[StepTiming] = []
-    results: dict[str, Any] = {}
-    plan: list[tuple[str, Callable[[], Any]]] = [
-        ("ingest", lambda: ingest.ingest(settings, source, logical_date, fmt)),
-        ("features", lambda: features.prepare(settings, logical_date)),
-        ("candidates", lambda: candidates.prepare(settings, logical_date)),
-        ("train", lambda: train.train_if_due(settings, logical_date)),
-        ("score", lambda: score.score(settings, logical_date)),
-        ("monitor", lambda: drift.monitor_input(settings, logical_date)),
-        ("publish", lambda: publish.publish(settings, logical_date)),
-        ("check-freshness", lambda: freshness.check_freshness(settings)),
-    ]
-    if settings.shadow_model:
-        model_id = settings.shadow_model
-        plan.append(("shadow", lambda: ShadowStep(shadow.nightly_shadow(settings, logical_date, model_id))))
-    if settings.refresh_canary:
-        plan.append(("refresh-canary", lambda: canary.refresh_canary(settings, logical_date)))
-    plan.append(("online", lambda: online.nightly_upkeep(settings, logical_date)))
-    with history.recording(settings, logical_date) as run_id:
-        for number, (name, step) in enumerate(plan, start=1):
-            progress(f"[{number}/{len(plan)}] {name} ...")
+def run(night: Night, progress: Progress = logger.info, only: Iterable[str] | None = None) -> RunResult:
+    """The night's steps in order in this process (`only`: just those), recorded in the run history as
+    one run. A failed step fails the run; the steps after it that wait on it do not run, those that
+    run even after a failure do, and then the first error is raised."""
+    settings = night.settings
+    chosen = [step for step in STEPS if only is None or step.name in set(only)]
+    timings: list[StepTiming] = []
+    outcomes: dict[str, dict[str, Any]] = {}
+    failed: set[str] = set()
+    first_error: BaseException | None = None
+    with history.recording(settings, night.logical_date) as run_id:
+        for number, step in enumerate(chosen, start=1):
+            if failed.intersection(step.upstream) and not step.even_after_failure:
+                failed.add(step.name)
+                continue
+            progress(f"[{number}/{len(chosen)}] {step.name} ...")
             started = time.perf_counter()
-            with history.step(settings, run_id, name) as recorded:
-                recorded.result = result = step()
+            try:
+                with history.step(settings, run_id, step.name) as recorded:
+                    outcome = run_step(step.name, night).outcome()
+                    recorded.append(outcome)
+            except Exception as error:
+                failed.add(step.name)
+                first_error = first_error or error
+                progress(f"[{number}/{len(chosen)}] {step.name} failed: {error}")
+                continue
             elapsed = time.perf_counter() - started
-            summary = score.summarise(result) if isinstance(result, list) else result.summary()
-            progress(f"[{number}/{len(plan)}] {name} done in {elapsed:.1f}s: {summary}")
-            steps.append(StepTiming(name, round(elapsed, 3), summary))
-            results[name] = jsonable(result)
-    published = results["publish"]
+            progress(f"[{number}/{len(chosen)}] {step.name} done in {elapsed:.1f}s: {outcome.summary}")
+            timings.append(StepTiming(step.name, round(elapsed, 3), outcome.summary))
+            outcomes[step.name] = asdict(outcome)
+        if first_error is not None:
+            raise first_error
+    published = outcomes.get("publish", {})
     return RunResult(
-        logical_date=logical_date.isoformat(),
-        batch_id=published["batch_id"],
-        model_id=published["model_id"],
-        steps=steps,
-        results=results,
+        logical_date=night.logical_date.isoformat(),
+        batch_id=published.get("batch_id"),
+        model_id=published.get("model_id"),
+        steps=timings,
+        outcomes=outcomes,
         run_id=run_id,
     )
 
 
-@dataclass(frozen=True)
-class Demo:
-    api_key: str
-    user_id: str
-    run: RunResult
-
-
-DEMO_USERS, DEMO_ITEMS, DEMO_DAYS = 3000, 600, 60
-
-
-def prepare_demo(settings: Settings, progress: Progress = logger.info, nights: int = 1) -> Demo:
-    """Generate sample data ending yesterday, run the pipeline on it and make an API key.
-
-    With ``nights`` above 1 the nights before yesterday run first, oldest first, so the run history
-    and the monitoring dashboard have a few nights to show.
-    """
-    logical_date = datetime.now(UTC).date() - timedelta(days=1)
-    source = settings.data_dir / "sample" / logical_date.isoformat()
-    if not (source / "interactions.parquet").exists():
-        progress(f"generating sample data ({DEMO_USERS:,} users, {DEMO_ITEMS} items, {DEMO_DAYS} days) in {source}")
-        data = generate.generate(DEMO_USERS, DEMO_ITEMS, DEMO_DAYS, end_date=logical_date, seed=42)
-        generate.write_dataset(data, source)
-    for earlier in range(nights - 1, 0, -1):
-        run(settings, source, logical_date - timedelta(days=earlier), progress=progress)
-    result = run(settings, source, logical_date, progress=progress)
-    key_file = settings.data_dir / "demo-api-key"
-    if not key_file.exists():
-        key_file.write_text(secrets.token_urlsafe(24) + "\n")
-        key_file.chmod(0o600)
-    first_shard = result.results["score"][0]["path"]
-    user_id = str(pl.read_parquet(first_shard, n_rows=1)["user_id"][0])
-    return Demo(api_key=key_file.read_text().strip(), user_id=user_id, run=result)
+def night_of(settings: Settings, logical_date: date, source: Path | str | None = None, **params: Any) -> Night:
+    """A night from the CLI's options (None: the default)."""
+    return replace(Night(settings, logical_date, None if source is None else str(source)), **params)

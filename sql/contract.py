@@ -8,7 +8,7 @@ MAX_ID_LENGTH: Final = 256
 
 # What a batch is for (overnight.batches.kind): the night's lists (served when live), a canary's
 # lists (served to the canary's share of users), or a shadow's (never served).
-BatchKind = Literal["serving", "candidate", "shadow"]
+BatchKind = Literal["serving", "canary", "shadow"]
 NIGHTLY_BATCH: Final = "serving"
-CANARY_BATCH: Final = "candidate"
+CANARY_BATCH: Final = "canary"
 SHADOW_BATCH: Final = "shadow"

@@ -175,21 +175,21 @@ LIMIT 1;
 -- Earlier batches of a date that a newer live batch of the same date replaces (not a canary's).
 SELECT batch_id FROM overnight.batches
 WHERE logical_date = %s AND batch_id <> %s AND status IN ('ready', 'retired')
-  AND NOT (kind = 'candidate' AND status = 'ready');
+  AND NOT (kind = 'canary' AND status = 'ready');
 
 -- name: expired_batches
 -- Kept batches beyond the newest N (by creation), never the live one, nor a canary's never-live batch
--- (expired_candidate_batches).
+-- (expired_canary_batches).
 SELECT batch_id FROM overnight.batches
-WHERE status IN ('ready', 'retired') AND NOT (kind = 'candidate' AND status = 'ready')
+WHERE status IN ('ready', 'retired') AND NOT (kind = 'canary' AND status = 'ready')
 ORDER BY batch_id DESC
 OFFSET %s;
 
--- name: expired_candidate_batches
+-- name: expired_canary_batches
 -- Batches scored for a canary that are not (or no longer) the canary and never went live, beyond the
 -- newest N.
 SELECT batch_id FROM overnight.batches
-WHERE kind = 'candidate' AND status = 'ready'
+WHERE kind = 'canary' AND status = 'ready'
 ORDER BY batch_id DESC
 OFFSET %s;
 
@@ -387,7 +387,9 @@ ON CONFLICT (fingerprint) DO UPDATE SET
     last_seen_at = now(), times_seen = overnight.alerts.times_seen + 1
 RETURNING times_seen = 1;
 
--- ===================================================================== dashboard (serving)
+-- ===================================================================== console
+-- The operator dashboard (console/dashboard.py QUERIES, with live_status and retrain_request_for_date);
+-- it reads them as overnight_console (migration 0018), which may read what they name and nothing else.
 
 -- name: dashboard_runs
 -- A run whose process died reads as abandoned here already (noticed now), though this read-only role

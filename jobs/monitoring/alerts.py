@@ -1,4 +1,5 @@
-"""Alerts raised from Airflow callbacks: always a log line, and a JSON POST to OVERNIGHT_ALERT_WEBHOOK_URL if set.
+"""Alerts: always a log line, and a JSON POST to OVERNIGHT_ALERT_WEBHOOK_URL if set; each sent once per
+fingerprint. Monitoring's problems, failed Airflow tasks and a missed nightly deadline come here.
 
 Airflow imports this module when it parses the DAGs, so it imports nothing heavy at module level.
 """
@@ -7,9 +8,11 @@ import asyncio
 import json
 import logging
 import urllib.request
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from jobs.monitoring.checks import Check
     from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,70 @@ def _first_time(settings: "Settings", fingerprint: str, title: str, details: dic
         logger.warning("could not check whether alert %s was sent before: %s", fingerprint, error)
         return True
     return bool(row and row[0])
+
+
+def dashboard_link(settings: "Settings", logical_date: date) -> str | None:
+    if not settings.dashboard_url:
+        return None
+    return f"{settings.dashboard_url.rstrip('/')}?date={logical_date.isoformat()}"
+
+
+def fingerprint(logical_date: date, stage: str, statistic: str, level: str) -> str:
+    return f"monitor:{logical_date.isoformat()}:{stage}:{statistic}:{level}"
+
+
+def alert_problems(
+    settings: "Settings", logical_date: date, problems: list["Check"], run_id: int | None, what: str
+) -> list[str]:
+    """One alert per problem statistic (its subjects listed together), at most ``alert_max_per_run``;
+    the rest go in one summary. Each is sent once per date: re-runs and retries do not repeat it.
+    Returns the fingerprints used."""
+    grouped: dict[tuple[str, str, str], list[Check]] = {}
+    for check in problems:
+        grouped.setdefault((check.stage, check.statistic, check.level), []).append(check)
+    link = dashboard_link(settings, logical_date)
+    sent: list[str] = []
+    from jobs.monitoring.checks import LEVELS
+
+    groups = sorted(grouped.items(), key=lambda item: (-LEVELS.index(item[0][2]), item[0]))
+    keep = settings.alert_max_per_run - 1 if len(groups) > settings.alert_max_per_run else len(groups)
+    for (stage, statistic, level), checks in groups[:keep]:
+        worst = checks[:10]
+        key = fingerprint(logical_date, stage, statistic, level)
+        send_alert(
+            f"overnight {logical_date}: {what}: {statistic} {level}",
+            {
+                "text": "; ".join(c.message for c in worst)
+                + (f" (and {len(checks) - 10} more)" if len(checks) > 10 else ""),
+                "level": level,
+                "stage": stage,
+                "statistic": statistic,
+                "logical_date": logical_date.isoformat(),
+                "run_id": run_id,
+                "values": {c.subject or statistic: c.value for c in worst},
+                "threshold": checks[0].fail_at if level == "fail" else checks[0].warn_at,
+                "dashboard": link,
+            },
+            fingerprint=key,
+            settings=settings,
+        )
+        sent.append(key)
+    rest = groups[keep:]
+    if rest:
+        key = fingerprint(logical_date, "all", "more", "summary")
+        send_alert(
+            f"overnight {logical_date}: {what}: {len(rest)} more problems",
+            {
+                "text": "; ".join(f"{stat} {level}" for (_, stat, level), _ in rest),
+                "logical_date": logical_date.isoformat(),
+                "run_id": run_id,
+                "dashboard": link,
+            },
+            fingerprint=key,
+            settings=settings,
+        )
+        sent.append(key)
+    return sent
 
 
 def task_failed(context: Any) -> None:

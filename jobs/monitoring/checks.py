@@ -1,4 +1,4 @@
-"""Thresholds, checks and reports of monitoring, and the one place that turns problems into alerts.
+"""Thresholds, checks and reports of monitoring.
 
 Each statistic has a warn and a fail threshold and a bad side (above or below). A check compares
 one measured value with them; the checks of a date and stage (input, drift, output) are stored
@@ -203,70 +203,3 @@ def stored_reports(conn: psycopg.Connection, logical_date: date) -> dict[str, di
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(sql.query("monitor_reports_for_date"), (logical_date,)).fetchall()
     return {row["stage"]: row for row in rows}
-
-
-# ---------------------------------------------------------------------------- alerts
-
-
-def dashboard_link(settings: Settings, logical_date: date) -> str | None:
-    if not settings.dashboard_url:
-        return None
-    return f"{settings.dashboard_url.rstrip('/')}?date={logical_date.isoformat()}"
-
-
-def fingerprint(logical_date: date, stage: str, statistic: str, level: str) -> str:
-    return f"monitor:{logical_date.isoformat()}:{stage}:{statistic}:{level}"
-
-
-def alert_problems(
-    settings: Settings, logical_date: date, problems: list[Check], run_id: int | None, what: str
-) -> list[str]:
-    """One alert per problem statistic (its subjects listed together), at most ``alert_max_per_run``;
-    the rest go in one summary. Each is sent once per date: re-runs and retries do not repeat it.
-    Returns the fingerprints used."""
-    from jobs.monitoring.alerts import send_alert
-
-    grouped: dict[tuple[str, str, str], list[Check]] = {}
-    for check in problems:
-        grouped.setdefault((check.stage, check.statistic, check.level), []).append(check)
-    link = dashboard_link(settings, logical_date)
-    sent: list[str] = []
-    groups = sorted(grouped.items(), key=lambda item: (-LEVELS.index(item[0][2]), item[0]))
-    keep = settings.alert_max_per_run - 1 if len(groups) > settings.alert_max_per_run else len(groups)
-    for (stage, statistic, level), checks in groups[:keep]:
-        worst = checks[:10]
-        key = fingerprint(logical_date, stage, statistic, level)
-        send_alert(
-            f"overnight {logical_date}: {what}: {statistic} {level}",
-            {
-                "text": "; ".join(c.message for c in worst)
-                + (f" (and {len(checks) - 10} more)" if len(checks) > 10 else ""),
-                "level": level,
-                "stage": stage,
-                "statistic": statistic,
-                "logical_date": logical_date.isoformat(),
-                "run_id": run_id,
-                "values": {c.subject or statistic: c.value for c in worst},
-                "threshold": checks[0].fail_at if level == "fail" else checks[0].warn_at,
-                "dashboard": link,
-            },
-            fingerprint=key,
-            settings=settings,
-        )
-        sent.append(key)
-    rest = groups[keep:]
-    if rest:
-        key = fingerprint(logical_date, "all", "more", "summary")
-        send_alert(
-            f"overnight {logical_date}: {what}: {len(rest)} more problems",
-            {
-                "text": "; ".join(f"{stat} {level}" for (_, stat, level), _ in rest),
-                "logical_date": logical_date.isoformat(),
-                "run_id": run_id,
-                "dashboard": link,
-            },
-            fingerprint=key,
-            settings=settings,
-        )
-        sent.append(key)
-    return sent

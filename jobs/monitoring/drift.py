@@ -5,7 +5,8 @@
   distribution against the 28 days before.
 - Drift: per ranker feature, PSI and the two-sample KS statistic between the model's reference
   (its features as scoring saw them on the date it was trained for, saved beside the model at
-  training time by ``save_reference``) and tonight's scoring data, for the same stable sample of users.
+  training time by ``write_reference``) and tonight's, which the score step wrote for the same stable
+  sample of users.
 
 Feature drift at or above ``OVERNIGHT_DRIFT_RETRAIN_PSI`` records a retrain request for the model;
 ``drift_requires_retrain`` is what the retrain cadence asks.
@@ -23,10 +24,11 @@ import polars as pl
 import psycopg
 
 import sql
-from jobs import lake, registry
+from jobs import lake, registry, workdir
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
-from jobs.monitoring import checks, distributions, history
+from jobs.monitoring import alerts, checks, distributions, history
+from jobs.outcome import Outcome
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,36 +41,31 @@ WEIGHT_BASELINE_DAYS = 28
 # ---------------------------------------------------------------------------- samples of the features
 
 
-def scoring_sample(settings: Settings, logical_date: date) -> pl.DataFrame:
-    """The ranker's features as scoring computes them on ``logical_date``, over the candidates of up
-    to ``drift_sample_users`` users chosen by a hash of their id, so every night looks at a stable slice."""
-    from jobs.steps import score
-
-    folder = score.ensure_shared_tables(settings, logical_date)
-    users = (
-        pl.scan_parquet(folder / "users.parquet")
-        .sort(pl.col("user_id").hash(seed=7), "user_id")
-        .head(settings.drift_sample_users)
-        .collect()
-    )
-    events = lake.scan_interactions(settings.lake_dir, logical_date).join(users.lazy(), on="user_id", how="semi")
-    frame = score.candidate_features(settings, logical_date, folder)(events.collect())
+def sample_rows(frame: pl.DataFrame, settings: Settings) -> pl.DataFrame:
+    """A feature sample as drift compares it: at most ``drift_reference_rows`` rows, the ids left out."""
     if frame.height > settings.drift_reference_rows:
         # sorted first: the candidates come in no particular order, and the sample must not depend on it
         frame = frame.sort("user_id", "item_id").sample(n=settings.drift_reference_rows, seed=settings.seed)
     return frame.drop("user_id", "item_id")
 
 
-def save_reference(settings: Settings, model_dir: Path, logical_date: date) -> Path:
+def tonight(settings: Settings, logical_date: date) -> pl.DataFrame:
+    """The ranker's features as the score step computed them tonight, for the stable sample of users
+    whose features it wrote to the work folder (see ``jobs.workdir.drift_sample_dir``)."""
+    return sample_rows(pl.read_parquet(workdir.drift_sample_parts(settings, logical_date)), settings)
+
+
+def write_reference(settings: Settings, model_dir: Path, frame: pl.DataFrame) -> Path:
     """At training time, keep beside the model a sample of its features as scoring sees them on the
-    date it was trained for; drift compares each night's scoring features with it.
+    date it was trained for (`frame`, from the same users as every night's sample); drift compares
+    each night's features with it.
 
     Not the training rows themselves: those are as of the start of the label window and only of
     labelled users, so time-dependent features (ages, recencies, counts) would differ from any
     night's scoring data by construction, every night, and a retrain would not make that go away.
     """
     path = model_dir / REFERENCE_FILE
-    lake.write_parquet_atomically(scoring_sample(settings, logical_date), path)
+    lake.write_parquet_atomically(sample_rows(frame, settings), path)
     return path
 
 
@@ -223,7 +220,7 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def _ingest_report(settings: Settings, logical_date: date) -> dict[str, Any] | None:
-    path = settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
+    path = workdir.ingest_report_path(settings, logical_date)
     if not path.is_file():
         return None
     data: dict[str, Any] = json.loads(path.read_text())
@@ -244,6 +241,9 @@ class InputReport:
     rows_in: int
     rows_out: int
     problems: list[str] = field(default_factory=list)
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary(), rows_in=self.rows_in, rows_out=self.rows_out, model_id=self.model_id)
 
     def summary(self) -> str:
         drifted = ", ".join(self.drifted_features) or "none"
@@ -293,7 +293,7 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
     current_rows = 0
     if reference_file.is_file():
         reference = pl.read_parquet(reference_file)
-        current = scoring_sample(settings, logical_date)
+        current = tonight(settings, logical_date)
         current_rows = current.height
         names = [f for f in model.features if f in reference.columns and f in current.columns]
         drifts = feature_drift(reference, current, names)
@@ -324,18 +324,16 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
     judged = input_checks + drift_checks
     problems = [c for c in judged if c.level == "fail"]
     if problems:
-        checks.alert_problems(settings, logical_date, problems, run_id, "input monitoring")
+        alerts.alert_problems(settings, logical_date, problems, run_id, "input monitoring")
     if retrain_reason:
-        from jobs.monitoring.alerts import send_alert
-
-        send_alert(
+        alerts.send_alert(
             f"overnight {logical_date}: model {model.model_id} is due for retraining",
             {
                 "text": retrain_reason,
                 "logical_date": logical_date.isoformat(),
                 "run_id": run_id,
                 "model_id": model.model_id,
-                "dashboard": checks.dashboard_link(settings, logical_date),
+                "dashboard": alerts.dashboard_link(settings, logical_date),
             },
             fingerprint=f"retrain:{model.model_id}",
             settings=settings,

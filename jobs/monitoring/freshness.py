@@ -9,11 +9,12 @@ from psycopg.rows import dict_row
 
 import sql
 from jobs import registry
+from jobs.batches import running_canary
 from jobs.database import connect, upgrade
 from jobs.errors import StaleBatchError
 from jobs.jsonable import jsonable
 from jobs.monitoring import history
-from jobs.rollouts.canary import running_canary
+from jobs.outcome import Outcome
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class FreshnessResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary(), rows_out=self.rows)
 
     def summary(self) -> str:
         return f"batch {self.batch_id} is {self.age_hours:.2f} h old, covers {self.coverage:.1%} of active users"

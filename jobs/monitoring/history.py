@@ -31,7 +31,7 @@ from psycopg.rows import dict_row
 import sql
 from jobs.database import connect, database_url, upgrade
 from jobs.errors import first_line
-from jobs.jsonable import jsonable
+from jobs.outcome import Outcome
 from jobs.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -192,43 +192,6 @@ def peak_memory_bytes() -> int | None:
     return int(peak_kib) * 1024 if peak_kib else None
 
 
-_ROWS_IN = ("rows_read", "candidate_rows", "rows_in")
-_ROWS_OUT = ("rows_valid", "rows_out", "users", "items", "rows")
-
-
-def rows_of(result: Any) -> tuple[int | None, int | None]:
-    """(rows in, rows out) of a step's result, whatever step it was: the known count fields of the
-    result (a list of results, such as score shards, is summed)."""
-    data = jsonable(result)
-    if isinstance(data, list):
-        pairs = [rows_of(part) for part in data]
-        ins = [p[0] for p in pairs if p[0] is not None]
-        outs = [p[1] for p in pairs if p[1] is not None]
-        return (sum(ins) if ins else None, sum(outs) if outs else None)
-    if not isinstance(data, dict):
-        return None, None
-    rows_in = next((int(data[k]) for k in _ROWS_IN if isinstance(data.get(k), int)), None)
-    rows_out = next((int(data[k]) for k in _ROWS_OUT if isinstance(data.get(k), int)), None)
-    training = (data.get("metrics") or {}).get("training") if isinstance(data.get("metrics"), dict) else None
-    if rows_in is None and isinstance(training, dict) and isinstance(training.get("rows"), int):
-        rows_in = training["rows"]
-    return rows_in, rows_out
-
-
-def _summary(result: Any) -> str | None:
-    summary = getattr(result, "summary", None)
-    if callable(summary):
-        return str(summary())
-    return None
-
-
-@dataclass
-class StepRecord:
-    """What a step hands back to be recorded: set ``result`` before the block ends."""
-
-    result: Any = None
-
-
 def begin_step(settings: Settings, run_id: int, name: str) -> float:
     try:
         with connect(settings) as conn:
@@ -245,13 +208,10 @@ def end_step(
     run_id: int,
     name: str,
     started: float,
-    result: Any = None,
+    outcome: Outcome | None = None,
     error: BaseException | None = None,
-    summary: str | None = None,
 ) -> None:
     seconds = time.perf_counter() - started
-    rows_in, rows_out = rows_of(result) if error is None else (None, None)
-    data = jsonable(result)
     try:
         with connect(settings) as conn:
             conn.execute(
@@ -262,44 +222,37 @@ def end_step(
                     "status": "success" if error is None else outcome_of(error),
                     "seconds": round(seconds, 3),
                     "peak_memory_bytes": peak_memory_bytes(),
-                    "rows_in": rows_in,
-                    "rows_out": rows_out,
-                    "summary": summary or _summary(result),
+                    "rows_in": outcome.rows_in if outcome else None,
+                    "rows_out": outcome.rows_out if outcome else None,
+                    "summary": outcome.summary if outcome else None,
                     "error": first_line(error) if error is not None else None,
                 },
             )
-            if isinstance(data, dict) and ("batch_id" in data or "model_id" in data):
+            if outcome is not None and (outcome.batch_id is not None or outcome.model_id is not None):
                 conn.execute(
                     sql.query("note_run_result"),
-                    {"run_id": run_id, "batch_id": data.get("batch_id"), "model_id": data.get("model_id")},
+                    {"run_id": run_id, "batch_id": outcome.batch_id, "model_id": outcome.model_id},
                 )
     except Exception as failure:
         logger.warning("run history: could not record the end of %s: %s", name, failure)
 
 
 @contextmanager
-def step(settings: Settings, run_id: int, name: str) -> Iterator[StepRecord]:
-    """Record one step of a run around the block; the block sets ``record.result``."""
-    record = StepRecord()
+def step(settings: Settings, run_id: int, name: str) -> Iterator[list[Outcome]]:
+    """Record one step of a run around the block; the block appends the step's outcome."""
+    outcome: list[Outcome] = []
     started = begin_step(settings, run_id, name)
     try:
-        yield record
+        yield outcome
     except BaseException as error:
         end_step(settings, run_id, name, started, error=error)
         raise
-    summary = None
-    if isinstance(record.result, list):
-        from jobs.steps.score import summarise
-
-        summary = summarise(record.result)
-    end_step(settings, run_id, name, started, record.result, summary=summary)
+    end_step(settings, run_id, name, started, outcome[0] if outcome else None)
 
 
 # ---------------------------------------------------------------------------- Airflow task hooks
 
-# Task ids of overnight_nightly and the step each records as, so CLI and DAG runs compare.
-STEP_OF_TASK = {"score_shard": "score", "monitor_input": "monitor", "check_freshness": "check-freshness"}
-FINAL_STEP = "check-freshness"
+# A step's task id is its name with "_" for "-" (see jobs.nightly), so CLI and DAG runs record alike.
 _airflow_started: dict[str, float] = {}
 
 
@@ -310,7 +263,7 @@ def _airflow_step(context: Any) -> tuple[Settings, int, str]:
     when = context.get("logical_date") or dag_run.run_after
     settings = get_settings()
     run_id = _current_run_id = start_run(settings, when.date(), "airflow", f"{ti.dag_id}/{dag_run.run_id}")
-    name = STEP_OF_TASK.get(ti.task_id, ti.task_id.replace("_", "-"))
+    name = ti.task_id.replace("_", "-")
     map_index = getattr(ti, "map_index", -1)
     if map_index is not None and map_index >= 0:
         name = f"{name}[{map_index}]"
@@ -338,12 +291,14 @@ def airflow_task_started(context: Any) -> None:
         logger.warning("run history: could not record the task start: %s", error)
 
 
-def airflow_task_finished(context: Any, result: Any) -> None:
-    """``post_execute``: the step succeeded with ``result``; the last step finishes the run."""
+def airflow_task_finished(context: Any, result: Any, *, ends_run: bool = False) -> None:
+    """``post_execute``: the step succeeded with ``result``, the task's return value: its outcome as a
+    dict. The DAG's last step (`ends_run`) finishes the run."""
     try:
         settings, run_id, name = _airflow_step(context)
-        end_step(settings, run_id, name, _airflow_started.pop(name, time.perf_counter()), result)
-        if name == FINAL_STEP:
+        outcome = Outcome(**result) if isinstance(result, dict) else None
+        end_step(settings, run_id, name, _airflow_started.pop(name, time.perf_counter()), outcome)
+        if ends_run:
             finish_run(settings, run_id, "success")
     except Exception as error:
         logger.warning("run history: could not record the task end: %s", error)

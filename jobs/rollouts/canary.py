@@ -17,67 +17,24 @@ also makes its model the registry's production model, so the nights after score 
 import logging
 import secrets
 from dataclasses import dataclass, replace
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
 import sql
-from jobs import registry
+from jobs import batches, registry
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError, RolloutError
+from jobs.outcome import Outcome
 from jobs.settings import Settings
-from jobs.steps import publish
+from jobs.steps import publish, score
 from sql.contract import SHADOW_BATCH
 
 logger = logging.getLogger(__name__)
 
 CANARY_STATUSES = ("ready", "retired")
-
-
-@dataclass(frozen=True)
-class CanaryState:
-    batch_id: int
-    traffic: float
-    salt: str
-    started_at: str
-    updated_at: str
-    production_batch_id: int | None
-
-    def summary(self) -> str:
-        return (
-            f"canary batch {self.batch_id} serves {self.traffic:.2%} of users (salt {self.salt!r}); "
-            f"production is batch {self.production_batch_id}"
-        )
-
-
-def _state(conn: psycopg.Connection) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(sql.query("canary_state")).fetchone()
-
-
-def _live_batch_id(conn: psycopg.Connection) -> int | None:
-    row = conn.execute(sql.query("live_batch_id")).fetchone()
-    return int(row[0]) if row else None
-
-
-def _as_state(row: dict[str, Any], production: int | None) -> CanaryState:
-    def iso(value: datetime) -> str:
-        return value.isoformat()
-
-    return CanaryState(
-        batch_id=row["batch_id"],
-        traffic=row["traffic"],
-        salt=row["salt"],
-        started_at=iso(row["started_at"]),
-        updated_at=iso(row["updated_at"]),
-        production_batch_id=production,
-    )
-
-
-def _notify(conn: psycopg.Connection, what: str) -> None:
-    conn.execute(sql.query("notify_live"), (sql.LIVE_CHANNEL, what))
 
 
 def _check_candidate(conn: psycopg.Connection, batch_id: int, production: int | None) -> None:
@@ -123,13 +80,13 @@ def _check_ramp(running: dict[str, Any], traffic: float, allow_shrink: bool) -> 
         f"batch {running['batch_id']} is the canary for {running['traffic']:.2%} of users; lowering it to "
         f"{traffic:.2%} moves the users between the two shares ({running['traffic'] - traffic:.2%} of all users) "
         "back to production, so they change arm mid-experiment: pass --allow-shrink to do it anyway, "
-        "or stop the canary with `overnight canary --stop`"
+        "or stop the canary with `overnight canary stop`"
     )
 
 
 def start_canary(
     settings: Settings, batch_id: int, traffic: float, salt: str | None = None, allow_shrink: bool = False
-) -> CanaryState:
+) -> batches.CanaryState:
     """Serve `batch_id` to a `traffic` share of users; the same batch again changes its share (a ramp).
 
     Without a salt a new canary gets a random one (a fresh slice of users); a ramp keeps its salt.
@@ -140,12 +97,13 @@ def start_canary(
         upgrade(conn)
         with conn.transaction():
             conn.execute(sql.query("lock_live"))
-            production = _live_batch_id(conn)
-            running = _state(conn)
+            production = batches.live_batch_id(conn)
+            running = batches.canary_row(conn)
             if running is not None and running["batch_id"] != batch_id:
                 raise RolloutError(
                     f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users); "
-                    "stop it first with `overnight canary --stop` (to change its share: `overnight canary --traffic T`)"
+                    "stop it first with `overnight canary stop` "
+                    "(to change its share: `overnight canary ramp --traffic T`)"
                 )
             if running is not None and salt is not None and salt != running["salt"]:
                 raise RolloutError(
@@ -160,31 +118,31 @@ def start_canary(
             conn.execute(sql.query("upsert_canary"), (batch_id, traffic, chosen_salt))
             conn.execute(sql.query("mark_batch_canary"), (batch_id,))
             conn.execute(sql.query("record_canary_event"), (action, batch_id, traffic, chosen_salt, production))
-            _notify(conn, f"canary:{batch_id}")
-            state = _state(conn)
+            batches.notify(conn, f"canary:{batch_id}")
+            state = batches.canary_row(conn)
             assert state is not None
     logger.info("canary %s: batch %d at %.2f%% of users", action, batch_id, traffic * 100)
-    return _as_state(state, production)
+    return batches.canary_state(state, production)
 
 
-def ramp_canary(settings: Settings, traffic: float, allow_shrink: bool = False) -> CanaryState:
+def ramp_canary(settings: Settings, traffic: float, allow_shrink: bool = False) -> batches.CanaryState:
     """Change the running canary's share of users, whichever batch it serves now (a nightly refresh moves
     a model canary to a new batch each night); same salt, so a ramp up keeps every canary user in it."""
     with connect(settings) as conn:
         upgrade(conn)
-        running = _state(conn)
+        running = batches.canary_row(conn)
     if running is None:
-        raise RolloutError("no canary is running: start one with `overnight canary --batch B --traffic T`")
+        raise RolloutError("no canary is running: start one with `overnight canary start --batch B --traffic T`")
     return start_canary(settings, running["batch_id"], traffic, None, allow_shrink)
 
 
 def _end_canary(conn: psycopg.Connection, action: str, none_running: str) -> tuple[dict[str, Any], int | None]:
     """Inside the caller's transaction, under the live lock: remove the running canary and record why."""
     conn.execute(sql.query("lock_live"))
-    running = _state(conn)
+    running = batches.canary_row(conn)
     if running is None:
         raise RolloutError(none_running)
-    production = _live_batch_id(conn)
+    production = batches.live_batch_id(conn)
     conn.execute(sql.query("delete_canary"))
     conn.execute(
         sql.query("record_canary_event"),
@@ -193,16 +151,16 @@ def _end_canary(conn: psycopg.Connection, action: str, none_running: str) -> tup
     return running, production
 
 
-def stop_canary(settings: Settings) -> CanaryState:
+def stop_canary(settings: Settings) -> batches.CanaryState:
     """End the canary: every user gets production again; the batch stays kept (status 'ready')."""
     with connect(settings) as conn:
         upgrade(conn)
         with conn.transaction():
             running, production = _end_canary(conn, "stop", "no canary is running")
             conn.execute(sql.query("mark_canary_batch_ready"), (running["batch_id"],))
-            _notify(conn, "canary:stop")
+            batches.notify(conn, "canary:stop")
     logger.info("canary stopped: batch %d", running["batch_id"])
-    return _as_state(running, production)
+    return batches.canary_state(running, production)
 
 
 @dataclass(frozen=True)
@@ -230,9 +188,9 @@ def promote_canary(settings: Settings) -> Promotion:
         upgrade(conn)
         with conn.transaction():
             running, _ = _end_canary(
-                conn, "promote", "no canary is running: start one with `overnight canary --batch B --traffic T`"
+                conn, "promote", "no canary is running: start one with `overnight canary start --batch B --traffic T`"
             )
-            switched = publish.switch_live(conn, running["batch_id"], "promote")
+            switched = batches.switch_live(conn, running["batch_id"], "promote")
             with conn.cursor(row_factory=dict_row) as cur:
                 batch = cur.execute(sql.query("batch_for_rollout"), (switched.batch_id,)).fetchone()
             assert batch is not None
@@ -257,28 +215,29 @@ def start_model_canary(
     logical_date: date | None = None,
     salt: str | None = None,
     shards: int | None = None,
-) -> CanaryState:
+) -> batches.CanaryState:
     """Canary a registered model: score `logical_date` (default: the live batch's date) with it into a
     new batch that does not go live, then serve that batch to a `traffic` share of users.
 
     The batch is of that one date; the nightly DAG moves the canary to each new night's batch of the
-    model (`refresh_canary`), and `overnight canary --refresh` does it by hand.
+    model (`refresh_canary`), and `overnight canary refresh` does it by hand.
     """
     _check_request(traffic, salt)
     with connect(settings) as conn:
         upgrade(conn)
-        running = _state(conn)
+        running = batches.canary_row(conn)
         with conn.cursor(row_factory=dict_row) as cur:
             live = cur.execute(sql.query("live_status")).fetchone()
     if running is not None:
         raise RolloutError(
             f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users); stop it first "
-            f"with `overnight canary --stop` (`overnight canary --refresh` renews its lists for the same users)"
+            f"with `overnight canary stop` (`overnight canary refresh` renews its lists for the same users)"
         )
     if live is None:
         raise RolloutError("nothing is live: publish a production batch before starting a canary")
     day = logical_date or live["logical_date"]
-    published = publish.publish_model(settings, day, model_id, shards)
+    score.score(settings, day, shards, model_id=model_id)
+    published = publish.publish_canary_batch(settings, day, model_id)
     return start_canary(settings, published.batch_id, traffic, salt)
 
 
@@ -289,9 +248,12 @@ class CanaryRefresh:
     logical_date: str
     refreshed: bool
     reason: str
-    canary_model: str | None = None  # not `model_id`: the run history would note it as the night's model
+    canary_model: str | None = None
     canary_batch: int | None = None  # the batch the canary serves now
     previous_canary_batch: int | None = None
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary())  # the canary's batch and model are not the night's
 
     def summary(self) -> str:
         if not self.refreshed:
@@ -314,7 +276,7 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
     """
     with connect(settings) as conn:
         upgrade(conn)
-        running = _state(conn)
+        running = batches.canary_row(conn)
         with conn.cursor(row_factory=dict_row) as cur:
             live = cur.execute(sql.query("live_status")).fetchone()
             current = (
@@ -339,11 +301,12 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
             skipped,
             reason=f"production serves {live['logical_date']}: a canary of {day} would be compared on newer lists",
         )
-    published = publish.publish_model(settings, day, current["model_id"], shards)
+    score.score(settings, day, shards, model_id=current["model_id"])
+    published = publish.publish_canary_batch(settings, day, current["model_id"])
     with connect(settings) as conn:
         with conn.transaction():
             conn.execute(sql.query("lock_live"))
-            now_running = _state(conn)
+            now_running = batches.canary_row(conn)
             if now_running is None or now_running["batch_id"] != current["batch_id"]:
                 changed = "stopped" if now_running is None else f"moved to batch {now_running['batch_id']}"
                 return replace(
@@ -351,7 +314,7 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
                     canary_batch=None if now_running is None else now_running["batch_id"],
                     reason=f"the canary was {changed} while {day} was scored; batch {published.batch_id} is kept ready",
                 )
-            production = _live_batch_id(conn)
+            production = batches.live_batch_id(conn)
             _check_candidate(conn, published.batch_id, production)
             conn.execute(
                 sql.query("move_canary_to_batch"),
@@ -363,11 +326,11 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
                 sql.query("record_canary_event"),
                 ("refresh", published.batch_id, now_running["traffic"], now_running["salt"], production),
             )
-            _notify(conn, f"canary:{published.batch_id}")
+            batches.notify(conn, f"canary:{published.batch_id}")
         # Replaced, as a re-run's batch replaces the one before: kept, it would take a place among the
         # batches retention keeps for rollback every night. (Still being read, it is dropped by a later
         # publish; rollback never picks a canary that was never live.)
-        publish.drop_batch(conn, current["batch_id"])
+        batches.drop_batch(conn, current["batch_id"])
     refreshed = CanaryRefresh(
         when,
         True,
@@ -378,25 +341,3 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
     )
     logger.info("%s", refreshed.summary())
     return refreshed
-
-
-def running_canary(conn: psycopg.Connection) -> CanaryState | None:
-    """The canary being served, with the production batch beside it; None when there is none."""
-    running = _state(conn)
-    return _as_state(running, _live_batch_id(conn)) if running else None
-
-
-def canary_status(settings: Settings, history: int = 10) -> dict[str, Any]:
-    """The running canary (or None) and its latest history."""
-    with connect(settings) as conn:
-        upgrade(conn)
-        running = running_canary(conn)
-        production = _live_batch_id(conn)
-        conn.commit()
-        with conn.cursor(row_factory=dict_row) as cur:
-            events = cur.execute(sql.query("canary_history"), (history,)).fetchall()
-    return {
-        "canary": running.__dict__ if running else None,
-        "production_batch_id": production,
-        "history": [{**event, "happened_at": event["happened_at"].isoformat()} for event in events],
-    }

@@ -44,6 +44,7 @@ from jobs import lake
 from jobs.database import connect, upgrade
 from jobs.errors import BadInputError
 from jobs.jsonable import jsonb
+from jobs.outcome import Outcome
 from jobs.settings import Settings
 
 Z = 1.959964  # 95%
@@ -407,6 +408,9 @@ class OnlineUpkeep:
 
     tables: dict[str, Any]
     recorded: dict[str, Any]
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary())
 
     def summary(self) -> str:
         created, dropped = (sum(self.tables[key].values()) for key in ("created_partitions", "dropped_partitions"))

@@ -29,6 +29,7 @@ import sql
 from jobs import lake
 from jobs.database import connect, upgrade
 from jobs.errors import FutureModelError, MissingDataError
+from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import publish, ranking_metrics, score, train
 
@@ -48,10 +49,15 @@ class ShadowResult:
     def summary(self) -> str:
         return f"shadow batch {self.batch_id} of model {self.model_id}: {self.users:,} users (never served)"
 
+    def outcome(self) -> Outcome:
+        # Neither the batch nor the model is the night's: the summary names them.
+        return Outcome(self.summary(), rows_out=self.users)
+
 
 def run_shadow(settings: Settings, logical_date: date, model_id: str, shards: int | None = None) -> ShadowResult:
     """Score every user of the date with `model_id` and publish the result as a shadow batch."""
-    published = publish.publish_model(settings, logical_date, model_id, shards, shadow=True)
+    score.score(settings, logical_date, shards, model_id=model_id)
+    published = publish.publish_shadow(settings, logical_date, model_id)
     return ShadowResult(logical_date.isoformat(), published.model_id, published.batch_id, published.users)
 
 
@@ -60,12 +66,15 @@ class ShadowSkipped:
     """A nightly shadow that could not apply to its date; the night goes on without it."""
 
     logical_date: str
-    shadow_model: str  # not `model_id`: the run history would note it as the model the night used
+    model_id: str
     reason: str
     skipped: bool = True
 
     def summary(self) -> str:
         return f"shadow skipped: {self.reason}"
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary())
 
 
 def nightly_shadow(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import polars as pl
 
-from jobs import kernels, lake
+from jobs import kernels, lake, workdir
+from jobs.outcome import Outcome
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -93,20 +94,13 @@ class CandidateTables:
     genre_popular: pl.DataFrame  # genre, item_id, genre_popularity (1 = the genre's most popular)
     genres: pl.DataFrame  # item_id, genre
 
-    FILES = ("popular", "neighbours", "similar", "genre_popular", "item_genres")
-
     def frames(self) -> dict[str, pl.DataFrame]:
-        return dict(
-            zip(self.FILES, (self.popular, self.neighbours, self.similar, self.genre_popular, self.genres), strict=True)
-        )
+        frames = (self.popular, self.neighbours, self.similar, self.genre_popular, self.genres)
+        return dict(zip(workdir.CANDIDATE_TABLES, frames, strict=True))
 
     @classmethod
     def load(cls, folder: Path) -> "CandidateTables":
-        return cls(*(pl.read_parquet(folder / f"{name}.parquet") for name in cls.FILES))
-
-    @classmethod
-    def exists(cls, folder: Path) -> bool:
-        return all((folder / f"{name}.parquet").exists() for name in (*cls.FILES, "users"))
+        return cls(*(pl.read_parquet(folder / f"{name}.parquet") for name in workdir.CANDIDATE_TABLES))
 
 
 @dataclass(frozen=True)
@@ -117,6 +111,9 @@ class CandidatesResult:
     neighbour_pairs: int
     similar_pairs: int
     path: str
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary(), rows_out=self.users)
 
     def summary(self) -> str:
         return (
@@ -317,20 +314,17 @@ def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
     """Build the shared candidate tables as of the end of ``logical_date`` for the score shards."""
     events = lake.scan_interactions(settings.lake_dir, logical_date)
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
-    out = settings.work_dir_for(logical_date)
-    out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(events, catalogue, lake.day_end(logical_date), settings)
     users = events.select("user_id").unique().collect(engine="streaming").sort("user_id")
-    for name, frame in tables.frames().items():
-        lake.write_parquet_atomically(frame, out / f"{name}.parquet")
-    lake.write_parquet_atomically(users, out / "users.parquet")
+    for name, frame in {**tables.frames(), workdir.USERS: users}.items():
+        lake.write_parquet_atomically(frame, workdir.table_path(settings, logical_date, name))
     result = CandidatesResult(
         logical_date=logical_date.isoformat(),
         users=users.height,
         popular_items=tables.popular.height,
         neighbour_pairs=tables.neighbours.height,
         similar_pairs=tables.similar.height,
-        path=str(out),
+        path=str(workdir.folder(settings, logical_date)),
     )
     logger.info("candidates as of %s: %s", logical_date, result.summary())
     return result

@@ -27,7 +27,7 @@ from typing import Any
 
 import polars as pl
 
-from jobs import lake
+from jobs import lake, workdir
 from jobs.errors import BadInputError, MissingDataError
 from jobs.settings import Settings
 from jobs.steps import features, ingest, train
@@ -207,8 +207,8 @@ def evaluate(
         raise BadInputError(f"--horizon-days must be positive, got {horizon_days}")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    settings.work_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="evaluate-", dir=settings.work_dir))
+    workdir.root(settings).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="evaluate-", dir=workdir.root(settings)))
     try:
         events, catalogue = load_source(settings, source, fmt, scratch)
     finally:

@@ -6,13 +6,15 @@ shard from that shard's users' events.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 
-from jobs import kernels, lake
+from jobs import kernels, lake, workdir
+from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import candidates
 from jobs.steps.candidates import (
@@ -72,15 +74,9 @@ class FeatureTables:
     items: pl.DataFrame  # item_id and the item features
     genres: pl.DataFrame  # item_id, genre
 
-    FILES = ("item_features", "item_genres")
-
     @classmethod
     def load(cls, folder: Path) -> "FeatureTables":
-        return cls(*(pl.read_parquet(folder / f"{name}.parquet") for name in cls.FILES))
-
-    @classmethod
-    def exists(cls, folder: Path) -> bool:
-        return all((folder / f"{name}.parquet").exists() for name in cls.FILES)
+        return cls(*(pl.read_parquet(folder / f"{name}.parquet") for name in workdir.FEATURE_TABLES))
 
 
 @dataclass(frozen=True)
@@ -116,11 +112,59 @@ def for_users(events: pl.DataFrame, tables: EncodedTables, cutoff: datetime, set
     return assemble(proposed, history, shares, tables.feature_tables, cutoff, settings)
 
 
+def candidate_features(settings: Settings, logical_date: date) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """chunk events -> (user_id, item_id, FEATURES...): the seam between the candidate generators, the
+    features and the ranker, with the date's shared tables read (and their ids encoded) once.
+
+    The frame returned keeps the ids as enums (see ``encode_tables``).
+    """
+    folder = workdir.require_tables(settings, logical_date)
+    string_tables = (candidates.CandidateTables.load(folder), FeatureTables.load(folder))
+    cutoff = lake.day_end(logical_date)
+    encoded = encode_tables(*string_tables)
+
+    def build(events: pl.DataFrame) -> pl.DataFrame:
+        nonlocal encoded
+        if not events["item_id"].is_in(encoded.items.categories.implode()).all():
+            # an item none of the tables knows (the lake changed since they were built): widen the enum
+            encoded = encode_tables(*string_tables, events["item_id"])
+        return for_users(events, encoded, cutoff, settings)
+
+    return build
+
+
+def drift_sample_users(settings: Settings, logical_date: date) -> pl.DataFrame:
+    """Up to ``drift_sample_users`` of the date's users, chosen by a hash of their id: every night's
+    feature sample (and a model's reference) is of the same slice of users."""
+    return (
+        pl.scan_parquet(workdir.table_path(settings, logical_date, workdir.USERS))
+        .sort(pl.col("user_id").hash(seed=7), "user_id")
+        .head(settings.drift_sample_users)
+        .collect()
+    )
+
+
+def sample_features(settings: Settings, logical_date: date) -> pl.DataFrame:
+    """The ranker's features of the sampled users' candidates as scoring computes them on the date, ids as
+    text: the reference a model keeps for drift (the score step writes the same for each night)."""
+    build = candidate_features(settings, logical_date)
+    users = drift_sample_users(settings, logical_date)
+    events = lake.scan_interactions(settings.lake_dir, logical_date).join(users.lazy(), on="user_id", how="semi")
+    return with_text_ids(build(events.select(HISTORY_COLUMNS).collect()))
+
+
+def with_text_ids(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String))
+
+
 @dataclass(frozen=True)
 class FeaturesResult:
     logical_date: str
     items: int
     path: str
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary(), rows_out=self.items)
 
     def summary(self) -> str:
         return f"{self.items:,} items"
@@ -210,9 +254,12 @@ def prepare(settings: Settings, logical_date: date) -> FeaturesResult:
     """Build the shared item tables as of the end of ``logical_date`` for the score shards."""
     events = lake.scan_interactions(settings.lake_dir, logical_date)
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
-    out = settings.work_dir_for(logical_date)
     tables = build_tables(events, catalogue, lake.day_end(logical_date))
-    for name, frame in zip(FeatureTables.FILES, (tables.items, tables.genres), strict=True):
-        lake.write_parquet_atomically(frame, out / f"{name}.parquet")
+    for name, frame in zip(workdir.FEATURE_TABLES, (tables.items, tables.genres), strict=True):
+        lake.write_parquet_atomically(frame, workdir.table_path(settings, logical_date, name))
     logger.info("features: %d items as of %s", tables.items.height, logical_date)
-    return FeaturesResult(logical_date=logical_date.isoformat(), items=tables.items.height, path=str(out))
+    return FeaturesResult(
+        logical_date=logical_date.isoformat(),
+        items=tables.items.height,
+        path=str(workdir.folder(settings, logical_date)),
+    )

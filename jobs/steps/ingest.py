@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from jobs import lake
+from jobs import lake, workdir
 from jobs.errors import BadInputError, first_line
+from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps.feedback import SOURCE_NAME as FEEDBACK_SOURCE
 from jobs.steps.feedback import feedback_interactions
@@ -120,6 +121,9 @@ class IngestResult:
     feedback_dropped_by_reason: dict[str, int] = field(default_factory=dict)
     feedback_quarantine_path: str | None = None
     report_path: str = field(default="")
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary(), rows_in=self.rows_read, rows_out=self.rows_valid)
 
     def summary(self) -> str:
         text = f"{self.rows_valid:,} rows from {self.source} ({self.format}), {self.rows_quarantined:,} quarantined"
@@ -790,7 +794,7 @@ def _quarantine_cross_chunk_duplicates(staged: _Staged) -> None:
 
 
 def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str = "auto") -> IngestResult:
-    staging = settings.work_dir_for(logical_date) / "ingest-staging"
+    staging = workdir.ingest_staging(settings, logical_date)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         return _ingest(settings, Path(source_path), logical_date, fmt, staging)
@@ -868,7 +872,7 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
         quarantine_path=str(quarantine_file) if quarantined_rows else None,
         **(asdict(feedback) if feedback else {}),
     )
-    report = settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
+    report = workdir.ingest_report_path(settings, logical_date)
     result = IngestResult(**{**asdict(result), "report_path": str(report)})
     lake.write_json_atomically(asdict(result), report)
     return result

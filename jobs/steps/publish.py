@@ -17,8 +17,9 @@ A batch scored with a chosen model (``score.score(..., model_id=M)``) is publish
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -26,17 +27,16 @@ from typing import Any
 import polars as pl
 import psycopg
 from psycopg.copy import QueuedLibpqWriter
-from psycopg.types.json import Jsonb
 
 import sql
-from jobs import copy_binary, lake, registry
+from jobs import batches, copy_binary, lake, workdir
 from jobs.database import connect, database_url, upgrade
 from jobs.errors import BatchValidationError, MissingDataError
 from jobs.jsonable import jsonb
-from jobs.monitoring import history, outputs
+from jobs.monitoring import gate, outputs
+from jobs.outcome import Outcome
 from jobs.settings import Settings
-from jobs.steps import score
-from sql.contract import CANARY_BATCH, SHADOW_BATCH
+from sql.contract import CANARY_BATCH, NIGHTLY_BATCH, SHADOW_BATCH, BatchKind
 
 logger = logging.getLogger(__name__)
 
@@ -54,27 +54,15 @@ class PublishResult:
     dropped_batches: list[int] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, validate, monitor, switch
-    accepted: outputs.Acceptance | None = None  # the failing checks accepted to publish it
+    accepted: gate.Acceptance | None = None  # the failing checks accepted to publish it
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.summary(), rows_out=self.users, batch_id=self.batch_id, model_id=self.model_id)
 
     def summary(self) -> str:
         state = "live" if self.live else f"not live: {self.reason}"
         accepted = f"; {self.accepted.summary()}" if self.accepted else ""
         return f"batch {self.batch_id}, {self.users:,} users, {state}{accepted}"
-
-
-@dataclass(frozen=True)
-class SwitchResult:
-    batch_id: int
-    previous_batch_id: int | None
-    # A rollback also makes the batch's model the registry's production model (the one before it here).
-    model_id: str | None = None
-    previous_model_id: str | None = None
-
-    def summary(self) -> str:
-        switched = f"live batch is now {self.batch_id} (was {self.previous_batch_id})"
-        if self.model_id is None or self.model_id == self.previous_model_id:
-            return switched
-        return f"{switched}; model {self.model_id} is the production model again (was {self.previous_model_id})"
 
 
 def copy_frame(copy: psycopg.Copy, frame: pl.DataFrame) -> None:
@@ -176,48 +164,10 @@ def validate(
     return measured, problems
 
 
-def switch_live(conn: psycopg.Connection, batch_id: int, action: str) -> SwitchResult:
-    """Point ``live`` at the batch and notify the lookup services, in one transaction."""
-    with conn.transaction():
-        conn.execute(sql.query("lock_live"))
-        row = conn.execute(sql.query("live_batch_id")).fetchone()
-        previous = row[0] if row else None
-        if previous is not None and previous != batch_id:
-            conn.execute(sql.query("mark_batch_retired"), (previous,))
-        conn.execute(sql.query("set_live"), (batch_id,))
-        conn.execute(sql.query("mark_batch_live"), (batch_id,))
-        conn.execute(sql.query("record_switch"), (batch_id, previous, action))
-        conn.execute(sql.query("notify_live"), (sql.LIVE_CHANNEL, str(batch_id)))
-    return SwitchResult(batch_id=batch_id, previous_batch_id=previous)
-
-
-def drop_batch(conn: psycopg.Connection, batch_id: int, *, mark_dropped: bool = True) -> bool:
-    """Drop a batch's table; a lookup still reading it holds the drop back for at most a few seconds.
-
-    The batch's status is read again under the live lock, in the drop's transaction: a batch that
-    became live (a rollback) or the canary since the caller chose it is left alone.
-    """
-    try:
-        with conn.transaction():
-            conn.execute(sql.query("set_drop_lock_timeout"))
-            conn.execute(sql.query("lock_live"))
-            status = conn.execute(sql.query("batch_status"), (batch_id,)).fetchone()
-            if status is not None and status[0] in ("live", "canary"):
-                logger.info("batch %d is %s now; not dropping it", batch_id, status[0])
-                return False
-            conn.execute(sql.batch_query("drop_recs_table", batch_id))
-            if mark_dropped:
-                conn.execute(sql.query("mark_batch_dropped"), (batch_id,))
-    except psycopg.errors.LockNotAvailable:
-        logger.warning("batch %d is still being read; its table will be dropped by a later publish", batch_id)
-        return False
-    return True
-
-
 def _drop_listed(conn: psycopg.Connection, query: str, *params: object) -> list[int]:
     with conn.transaction():
         listed = [r[0] for r in conn.execute(sql.query(query), params)]
-    return [b for b in listed if drop_batch(conn, b)]
+    return [b for b in listed if batches.drop_batch(conn, b)]
 
 
 def apply_retention(conn: psycopg.Connection, settings: Settings, logical_date: date, batch_id: int) -> list[int]:
@@ -226,16 +176,7 @@ def apply_retention(conn: psycopg.Connection, settings: Settings, logical_date: 
     return (
         _drop_listed(conn, "same_date_batches", logical_date, batch_id)
         + _drop_listed(conn, "expired_batches", settings.keep_batches - 1)
-        + _drop_listed(conn, "expired_candidate_batches", settings.keep_batches)
-    )
-
-
-def _apply_shadow_retention(
-    conn: psycopg.Connection, settings: Settings, logical_date: date, batch_id: int
-) -> list[int]:
-    """Shadow batches have their own retention: a newer one of the same date replaces, the newest few are kept."""
-    return _drop_listed(conn, "same_date_shadow_batches", logical_date, batch_id) + _drop_listed(
-        conn, "expired_shadow_batches", settings.keep_batches
+        + _drop_listed(conn, "expired_canary_batches", settings.keep_batches)
     )
 
 
@@ -247,7 +188,7 @@ def clean_orphans(conn: psycopg.Connection) -> list[int]:
         logger.warning("batch %d was left loading by a publish that died; dropping it", batch_id)
         conn.execute(sql.query("mark_batch_failed"), (None, "publish died before finishing", batch_id))
         conn.commit()
-        drop_batch(conn, batch_id, mark_dropped=False)
+        batches.drop_batch(conn, batch_id, mark_dropped=False)
     return orphans
 
 
@@ -263,42 +204,53 @@ def _should_go_live(conn: psycopg.Connection, logical_date: date, make_live: boo
     return True, "newest date"
 
 
-def publish(
-    settings: Settings,
-    logical_date: date,
-    make_live: bool | None = None,
-    shadow: bool = False,
-    model_id: str | None = None,
-    accept_checks: str | None = None,
-    accepted_by: str | None = None,
-) -> PublishResult:
-    """Publish the date's scores: production's, or with `model_id` those of that chosen model
-    (``score.score(..., model_id=M)``): with `shadow`, as a batch that is never served; without, as a
-    serving batch kept ready for a canary, never made live here. A chosen model's batch never records
-    the date's monitoring, which is production's.
+def fallback(settings: Settings, logical_date: date) -> tuple[list[str], list[float]]:
+    """The list for users the batch does not know: the most popular available items."""
+    popular = pl.read_parquet(workdir.table_path(settings, logical_date, "popular")).head(settings.top_k)
+    return popular["item_id"].to_list(), popular["popular_score"].cast(pl.Float64).to_list()
 
-    `accept_checks`: the reason an operator accepts the date's failing checks (refused when empty), so
-    that monitoring does not hold production's batch back; `accepted_by` who (default: this process's
-    user at its host)."""
-    chosen = model_id is not None
-    if shadow and not chosen:
-        raise ValueError("a shadow batch is of a chosen model: pass its model_id")
-    if accept_checks is not None:
-        accept_checks = outputs.given_reason(accept_checks)
-        if chosen:
-            raise outputs.AcceptanceError("failing checks are accepted for production's batch of a date only")
-    manifests = score.read_manifests(settings, logical_date, model_id)
-    files = [score.shard_path(settings, logical_date, m.shard, m.shards, model_id) for m in manifests]
-    folder = settings.work_dir_for(logical_date)
+
+@dataclass
+class _Loaded:
+    """A batch loaded and validated, its table keyed, what each kind of publish goes on from."""
+
+    batch_id: int
+    model_id: str
+    users: int
+    measured: dict[str, Any]
+    seconds: dict[str, float]
+    accepted: gate.Acceptance | None
+
+
+# A check run once the batch is loaded and validated: raises to hold the batch back (it is then marked
+# failed and dropped), else returns what an operator accepted, if anything.
+BatchCheck = Callable[[int, str, dict[str, Any]], "gate.Acceptance | None"]
+
+
+def _load(settings: Settings, logical_date: date, model_id: str | None, kind: BatchKind, check: BatchCheck) -> _Loaded:
+    """Steps 1-3 of the protocol for any kind of batch: register it, COPY every shard of the date's
+    scores (production's, or `model_id`'s) into its table, key and validate it, run `check`, and mark it
+    ready. A failure marks it failed and drops its table."""
+    manifests = workdir.read_manifests(settings, logical_date, model_id)
+    files = [workdir.shard_path(settings, logical_date, m.shard, m.shards, model_id) for m in manifests]
     users_scored = sum(m.users for m in manifests)
-    active_users = pl.scan_parquet(folder / "users.parquet").select(pl.len()).collect().item()
-    fallback_items, fallback_scores = score.fallback(settings, logical_date)
+    users_path = workdir.table_path(settings, logical_date, workdir.USERS)
+    active_users = pl.scan_parquet(users_path).select(pl.len()).collect().item()
+    fallback_items, fallback_scores = fallback(settings, logical_date)
     if not fallback_items:
         raise MissingDataError(f"no popular items to serve as the fallback list for {logical_date}")
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)["item_id"].to_list()
-    model_id = manifests[0].model_id  # production's, or the chosen model's (its folder holds only its scores)
+    scored_by = manifests[0].model_id  # production's, or the chosen model's (its folder holds only its scores)
     generated_at = min(datetime.fromisoformat(m.generated_at) for m in manifests)
     url = database_url(settings)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        seconds[name] = round(now - started, 3)
+        started = now
 
     with connect(settings) as conn:
         upgrade(conn)
@@ -307,7 +259,7 @@ def publish(
             sql.query("insert_batch"),
             {
                 "logical_date": logical_date,
-                "model_id": model_id,
+                "model_id": scored_by,
                 "k": settings.top_k,
                 "users_scored": users_scored,
                 "active_users": active_users,
@@ -316,23 +268,12 @@ def publish(
                 "generated_at": generated_at,
             },
         ).fetchone()[0]  # type: ignore[index]
-        if chosen:
-            conn.execute(sql.query("mark_batch_kind"), (SHADOW_BATCH if shadow else CANARY_BATCH, batch_id))
+        if kind != NIGHTLY_BATCH:
+            conn.execute(sql.query("mark_batch_kind"), (kind, batch_id))
         conn.execute(sql.batch_query("create_recs_table", batch_id))
         conn.commit()
         logger.info("publish: batch %d for %s: loading %d shards", batch_id, logical_date, len(manifests))
-
         measured: dict[str, Any] | None = None
-        accepted: outputs.Acceptance | None = None
-        seconds: dict[str, float] = {}
-        started = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal started
-            now = time.perf_counter()
-            seconds[name] = round(now - started, 3)
-            started = now
-
         try:
             with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
                 shard_checks = list(pool.map(lambda path: _load_shard(url, batch_id, path), files))
@@ -357,149 +298,121 @@ def publish(
                 raise BatchValidationError(
                     f"batch {batch_id} for {logical_date} failed validation: {'; '.join(problems)}"
                 )
-            if chosen:
-                # The date's monitoring record and alerts are production's: a chosen model's output
-                # checks are kept with its batch only. They never hold a shadow back; they do hold back a
-                # canary's batch, which real users would be served.
-                measured["output"] = outputs.unrecorded_checks(settings, logical_date, batch_id, model_id)
-                failed = [c["message"] for c in measured["output"]["checks"] if c["level"] == "fail"]
-                if failed and not shadow:
-                    raise BatchValidationError(
-                        f"batch {batch_id} for {logical_date} (model {model_id}) failed output checks: "
-                        + "; ".join(failed)
-                    )
-            else:
-                accepted = outputs.check_batch(  # monitoring's publish gate
-                    settings, logical_date, batch_id, model_id, accept_checks, accepted_by
-                )
+            accepted = check(batch_id, scored_by, measured)
             lap("monitor")
         except Exception as error:
             conn.rollback()
-            conn.execute(sql.query("mark_batch_failed"), (Jsonb(measured) if measured else None, str(error), batch_id))
+            conn.execute(sql.query("mark_batch_failed"), (jsonb(measured) if measured else None, str(error), batch_id))
             conn.commit()
-            drop_batch(conn, batch_id, mark_dropped=False)
+            batches.drop_batch(conn, batch_id, mark_dropped=False)
             raise
-
-        if shadow:
-            conn.execute(sql.query("mark_shadow_ready"), (jsonb(measured), batch_id))
-            conn.commit()
-            dropped = _apply_shadow_retention(conn, settings, logical_date, batch_id)
-            return PublishResult(
-                logical_date.isoformat(), batch_id, model_id, users_scored, False, "shadow batch", dropped, measured
-            )
-        conn.execute(sql.query("mark_batch_ready"), (jsonb(measured), batch_id))
+        ready = "mark_shadow_ready" if kind == SHADOW_BATCH else "mark_batch_ready"
+        conn.execute(sql.query(ready), (jsonb(measured), batch_id))
         conn.commit()
-        if chosen:
-            # A canary's batch (kind 'candidate'): never live by publish, and it replaces none of the
-            # date's batches (production's, kept for rollback).
-            dropped = _drop_listed(conn, "expired_candidate_batches", settings.keep_batches)
-            lap("switch")
-            logger.info("publish: batch %d of model %s is ready for a canary", batch_id, model_id)
-            return PublishResult(
-                logical_date.isoformat(),
-                batch_id,
-                model_id,
-                users_scored,
-                False,
-                f"scored with a chosen model ({model_id}): start a canary on it",
-                dropped,
-                measured,
-                seconds,
-            )
+    return _Loaded(batch_id, scored_by, users_scored, measured, seconds, accepted)
+
+
+def publish_nightly(
+    settings: Settings,
+    logical_date: date,
+    make_live: bool | None = None,
+    accept_checks: str | None = None,
+    accepted_by: str | None = None,
+) -> PublishResult:
+    """Publish production's scores of the date and, unless a newer date is live (or `make_live` says
+    otherwise), make the batch live. Monitoring's gate holds it back on any failing check of the date,
+    unless `accept_checks` gives the reason an operator accepts them (`accepted_by`: who; default this
+    process's user at its host)."""
+    if accept_checks is not None:
+        accept_checks = gate.given_reason(accept_checks)
+
+    def through_the_gate(batch_id: int, model_id: str, measured: dict[str, Any]) -> gate.Acceptance | None:
+        return gate.check_batch(settings, logical_date, batch_id, model_id, accept_checks, accepted_by)
+
+    loaded = _load(settings, logical_date, None, NIGHTLY_BATCH, through_the_gate)
+    started = time.perf_counter()
+    with connect(settings) as conn:
         # Decide and switch under the live lock: two dates published at once (a backfill with
         # several active runs) must not both see an older live batch and both go live.
         with conn.transaction():
             conn.execute(sql.query("lock_live"))
             go_live, reason = _should_go_live(conn, logical_date, make_live)
             if go_live:
-                switched = switch_live(conn, batch_id, "publish")
+                switched = batches.switch_live(conn, loaded.batch_id, "publish")
         if go_live:
-            logger.info("publish: batch %d is live (was %s)", batch_id, switched.previous_batch_id)
+            logger.info("publish: batch %d is live (was %s)", loaded.batch_id, switched.previous_batch_id)
         else:
-            logger.info("publish: batch %d is ready but not live: %s", batch_id, reason)
-        dropped = apply_retention(conn, settings, logical_date, batch_id)
-        lap("switch")
-    logger.info("publish: batch %d: seconds %s", batch_id, seconds)
+            logger.info("publish: batch %d is ready but not live: %s", loaded.batch_id, reason)
+        dropped = apply_retention(conn, settings, logical_date, loaded.batch_id)
+    loaded.seconds["switch"] = round(time.perf_counter() - started, 3)
+    logger.info("publish: batch %d: seconds %s", loaded.batch_id, loaded.seconds)
     return PublishResult(
         logical_date=logical_date.isoformat(),
-        batch_id=batch_id,
-        model_id=model_id,
-        users=users_scored,
+        batch_id=loaded.batch_id,
+        model_id=loaded.model_id,
+        users=loaded.users,
         live=go_live,
         reason=reason,
         dropped_batches=dropped,
-        validation=measured,
-        seconds=seconds,
-        accepted=accepted,
+        validation=loaded.measured,
+        seconds=loaded.seconds,
+        accepted=loaded.accepted,
     )
 
 
-def publish_accepting_checks(
-    settings: Settings,
-    logical_date: date,
-    reason: str,
-    make_live: bool | None = None,
-    accepted_by: str | None = None,
-) -> PublishResult:
-    """``overnight publish --accept-checks "why"``: publish the date's batch though monitoring fails
-    it, accepting its failing checks for `reason`. A run of its own in the run history (one step,
-    publish), so the acceptance shows beside the run that was blocked."""
-    reason = outputs.given_reason(reason)
-    with history.recording(settings, logical_date) as run_id, history.step(settings, run_id, "publish") as recorded:
-        recorded.result = result = publish(
-            settings, logical_date, make_live, accept_checks=reason, accepted_by=accepted_by
-        )
-    return result
+def _chosen_model_checks(settings: Settings, logical_date: date, *, blocking: bool) -> BatchCheck:
+    """A chosen model's output checks: kept with its batch only (the date's monitoring record and alerts
+    are production's). With `blocking` a failing check holds the batch back: real users are served it."""
+
+    def check(batch_id: int, model_id: str, measured: dict[str, Any]) -> None:
+        measured["output"] = outputs.unrecorded_checks(settings, logical_date, batch_id, model_id)
+        failed = [c["message"] for c in measured["output"]["checks"] if c["level"] == "fail"]
+        if failed and blocking:
+            raise BatchValidationError(
+                f"batch {batch_id} for {logical_date} (model {model_id}) failed output checks: " + "; ".join(failed)
+            )
+
+    return check
 
 
-def publish_model(
-    settings: Settings, logical_date: date, model_id: str, shards: int | None = None, *, shadow: bool = False
-) -> PublishResult:
-    """Score the date with a chosen model, then publish it: a shadow batch, or (without `shadow`) a
-    serving batch kept ready for a canary."""
-    scored = score.score(settings, logical_date, shards, model_id=model_id)
-    logger.info("%s of model %s: %s", "shadow" if shadow else "canary", model_id, score.summarise(scored))
-    return publish(settings, logical_date, shadow=shadow, model_id=model_id)
-
-
-def rollback(settings: Settings, to_batch: int | None = None) -> SwitchResult:
-    """Point ``live`` back at the kept batch before it (or at ``to_batch``): instant, nothing is copied.
-
-    The target's status is read under the live lock, in the switch's transaction: a canary started
-    (or a retention run) at the same moment cannot make the batch both live and the canary. In the same
-    transaction the batch's model becomes the registry's production model again (when it is registered),
-    so the next night does not score with the model just rolled back from (a promoted canary's, or a
-    weekly model's) and silently undo the rollback.
-    """
+def publish_shadow(settings: Settings, logical_date: date, model_id: str) -> PublishResult:
+    """Publish `model_id`'s scores of the date as a shadow batch: never served, kept for comparison."""
+    loaded = _load(
+        settings, logical_date, model_id, SHADOW_BATCH, _chosen_model_checks(settings, logical_date, blocking=False)
+    )
     with connect(settings) as conn:
-        upgrade(conn)
-        with conn.transaction():
-            conn.execute(sql.query("lock_live"))
-            row = conn.execute(sql.query("live_batch_id")).fetchone()
-            if row is None:
-                raise MissingDataError("nothing is live, so there is nothing to roll back")
-            current = row[0]
-            if to_batch is None:
-                target_row = conn.execute(sql.query("rollback_target"), (current,)).fetchone()
-                if target_row is None:
-                    raise MissingDataError(f"no kept batch before the live batch {current} to roll back to")
-                to_batch = int(target_row[0])
-            found = conn.execute(sql.query("batch_by_id"), (to_batch,)).fetchone()
-            if found is None:
-                raise MissingDataError(f"batch {to_batch} does not exist")
-            status = found[3]
-            if status not in ("ready", "retired", "live"):
-                raise MissingDataError(
-                    f"batch {to_batch} is {status}; only kept batches (ready or retired) can go live"
-                )
-            switched = switch_live(conn, to_batch, "rollback")
-            model_id = found[2]
-            if registry.model_by_id(conn, model_id) is None:
-                logger.warning(
-                    "rollback: model %s of batch %d is not registered; the registry is unchanged", model_id, to_batch
-                )
-                return switched
-            previous_model = registry.make_production(conn, model_id, f"rollback to batch {to_batch}")
-    result = replace(switched, model_id=model_id, previous_model_id=previous_model)
-    logger.info("%s", result.summary())
-    return result
+        dropped = _drop_listed(conn, "same_date_shadow_batches", logical_date, loaded.batch_id) + _drop_listed(
+            conn, "expired_shadow_batches", settings.keep_batches
+        )
+    return PublishResult(
+        logical_date.isoformat(),
+        loaded.batch_id,
+        model_id,
+        loaded.users,
+        False,
+        "shadow batch",
+        dropped,
+        loaded.measured,
+    )
+
+
+def publish_canary_batch(settings: Settings, logical_date: date, model_id: str) -> PublishResult:
+    """Publish `model_id`'s scores of the date as a batch a canary can serve: never made live here, and it
+    replaces none of the date's production batches (kept for rollback)."""
+    loaded = _load(
+        settings, logical_date, model_id, CANARY_BATCH, _chosen_model_checks(settings, logical_date, blocking=True)
+    )
+    with connect(settings) as conn:
+        dropped = _drop_listed(conn, "expired_canary_batches", settings.keep_batches)
+    logger.info("publish: batch %d of model %s is ready for a canary", loaded.batch_id, model_id)
+    return PublishResult(
+        logical_date.isoformat(),
+        loaded.batch_id,
+        model_id,
+        loaded.users,
+        False,
+        f"scored with a chosen model ({model_id}): start a canary on it",
+        dropped,
+        loaded.measured,
+        loaded.seconds,
+    )

@@ -1,16 +1,14 @@
 """Score every user with history: candidates → features → ranker → top K, one shard at a time.
 
 Shard I of N takes every N-th user of the date's sorted user list, so shards are disjoint,
-balanced and can run in separate processes or on separate Airflow workers. Each shard writes
-``scores/shard-IIIII-of-NNNNN.parquet`` (user_id, item_ids, scores) and a JSON manifest that
-publish reads. Memory is bounded by the shard's users, processed in chunks.
+balanced and can run in separate processes or on separate Airflow workers. Each shard writes its
+lists (user_id, item_ids, scores) and a manifest that publish reads (``jobs.workdir``). Memory is
+bounded by the shard's users, processed in chunks.
 """
 
-import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -19,52 +17,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from jobs import kernels, lake, registry
+from jobs import kernels, lake, registry, workdir
 from jobs.database import connect
 from jobs.errors import FutureModelError, MissingDataError
+from jobs.outcome import Outcome
 from jobs.settings import Settings
-from jobs.steps import candidates, features
+from jobs.steps import features
 
 logger = logging.getLogger(__name__)
 
 CHUNK_USERS = 20_000
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    logical_date: str
-    shard: int
-    shards: int
-    model_id: str
-    users: int
-    users_without_candidates: int
-    candidate_rows: int
-    generated_at: str
-    path: str
-    seconds: float = 0.0
-    predict_seconds: float = 0.0  # inside LightGBM's predict: the ceiling the rest of scoring is measured against
-
-
-def scores_dir(settings: Settings, logical_date: date, model_id: str | None = None) -> Path:
-    """Where a date's score shards go: production's in ``scores/``; a chosen model's (a shadow, a canary)
-    in ``model-scores/<model_id>/``, one folder per model, so a shadow and a canary of the same night
-    never mix or overwrite each other's shards."""
-    folder = settings.work_dir_for(logical_date)
-    return folder / "scores" if model_id is None else folder / "model-scores" / model_id
-
-
-def shard_path(settings: Settings, logical_date: date, shard: int, shards: int, model_id: str | None = None) -> Path:
-    return scores_dir(settings, logical_date, model_id) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
-
-
-def ensure_shared_tables(settings: Settings, logical_date: date) -> Path:
-    """The shared candidate and feature tables of the date, built now if no earlier step did."""
-    folder = settings.work_dir_for(logical_date)
-    if not candidates.CandidateTables.exists(folder):
-        candidates.prepare(settings, logical_date)
-    if not features.FeatureTables.exists(folder):
-        features.prepare(settings, logical_date)
-    return folder
 
 
 def shard_users(folder: Path, shards: int, shard: int) -> pl.DataFrame:
@@ -136,42 +98,27 @@ def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int) -> pl.DataFra
     )
 
 
-def candidate_features(settings: Settings, logical_date: date, folder: Path) -> Callable[[pl.DataFrame], pl.DataFrame]:
-    """chunk events -> (user_id, item_id, FEATURES...): the seam to the candidate generators and the
-    features, with the date's shared tables read (and their ids encoded) once.
-
-    The frame returned keeps the ids as enums (see ``features.encode_tables``); `rank_top_k` turns
-    them back into strings.
-    """
-    string_tables = (candidates.CandidateTables.load(folder), features.FeatureTables.load(folder))
-    cutoff = lake.day_end(logical_date)
-    encoded = features.encode_tables(*string_tables)
-
-    def build(events: pl.DataFrame) -> pl.DataFrame:
-        nonlocal encoded
-        if not events["item_id"].is_in(encoded.items.categories.implode()).all():
-            # an item none of the tables knows (the lake changed since they were built): widen the enum
-            encoded = features.encode_tables(*string_tables, events["item_id"])
-        return features.for_users(events, encoded, cutoff, settings)
-
-    return build
-
-
 def score_shard(
     settings: Settings, logical_date: date, shards: int, shard: int, model_id: str | None = None
-) -> ScoreResult:
-    """Score one shard; with `model_id`, that model (a shadow's, a canary's), into its own folder."""
+) -> workdir.ShardManifest:
+    """Score one shard; with `model_id`, that model (a shadow's, a canary's), into its own folder.
+
+    Production's scoring also writes the features of the shard's users in the drift sample (see
+    ``features.drift_sample_users``) for monitoring to compare with the model's reference.
+    """
     if not 0 <= shard < shards:
         raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
     started = time.perf_counter()
     model, booster = load_ranker(settings, logical_date, model_id)
-    folder = ensure_shared_tables(settings, logical_date)
+    folder = workdir.require_tables(settings, logical_date)
     feature_names = list(model.features)
     users = shard_users(folder, shards, shard)
-    build = candidate_features(settings, logical_date, folder)
+    build = features.candidate_features(settings, logical_date)
     events = shard_events(settings, logical_date, users)
+    sampled = None if model_id else features.drift_sample_users(settings, logical_date)["user_id"]
     generated_at = datetime.now(UTC)
     parts: list[pl.DataFrame] = []
+    sample_parts: list[pl.DataFrame] = []
     candidate_rows = 0
     predict_seconds = 0.0
     chunks = math.ceil(users.height / CHUNK_USERS)
@@ -181,6 +128,9 @@ def score_shard(
             frame = build(chunk_events)
             del chunk_events
             candidate_rows += frame.height
+            if sampled is not None:
+                in_sample = frame.filter(pl.col("user_id").cast(pl.String).is_in(sampled.implode()))
+                sample_parts.append(features.with_text_ids(in_sample))
             if frame.height:
                 matrix = frame.select(feature_names).to_numpy()
                 predicting = time.perf_counter()
@@ -196,9 +146,14 @@ def score_shard(
         if parts
         else pl.DataFrame(schema={"user_id": pl.String, "item_ids": pl.List(pl.String), "scores": pl.List(pl.Float32)})
     )
-    path = shard_path(settings, logical_date, shard, shards, model_id)
+    path = workdir.shard_path(settings, logical_date, shard, shards, model_id)
     lake.write_parquet_atomically(scored, path)
-    result = ScoreResult(
+    if sampled is not None:
+        sample_path = workdir.drift_sample_path(settings, logical_date, shard, shards)
+        sample_path.unlink(missing_ok=True)  # an earlier run's, which a shard without sampled users would keep
+        if sample_parts:
+            lake.write_parquet_atomically(pl.concat(sample_parts), sample_path)
+    manifest = workdir.ShardManifest(
         logical_date=logical_date.isoformat(),
         shard=shard,
         shards=shards,
@@ -211,14 +166,8 @@ def score_shard(
         seconds=round(time.perf_counter() - started, 3),
         predict_seconds=round(predict_seconds, 3),
     )
-    lake.write_json_atomically(asdict(result), path.with_suffix(".json"))
-    return result
-
-
-def summarise(results: list[ScoreResult]) -> str:
-    users = sum(r.users for r in results)
-    rows = sum(r.candidate_rows for r in results)
-    return f"{users:,} users in {len(results)} shard(s), {rows:,} candidates ranked"
+    lake.write_json_atomically(asdict(manifest), workdir.manifest_path(path))
+    return manifest
 
 
 def score(
@@ -227,7 +176,7 @@ def score(
     shards: int | None = None,
     shard: int | None = None,
     model_id: str | None = None,
-) -> list[ScoreResult]:
+) -> list[workdir.ShardManifest]:
     """Score one shard, or all of them one after another when ``shard`` is None (`model_id`: a chosen model)."""
     ranker_for(settings, logical_date, model_id)  # before planning: without a model, that is what to say
     if shard is not None:
@@ -238,8 +187,8 @@ def score(
 
 def shard_count(settings: Settings, logical_date: date) -> int:
     """At least ``score_shards``, and enough that no shard has more than ``shard_users`` users."""
-    folder = ensure_shared_tables(settings, logical_date)
-    users = pl.scan_parquet(folder / "users.parquet").select(pl.len()).collect().item()
+    folder = workdir.require_tables(settings, logical_date)
+    users = pl.scan_parquet(folder / f"{workdir.USERS}.parquet").select(pl.len()).collect().item()
     return max(settings.score_shards, math.ceil(users / settings.shard_users))
 
 
@@ -249,46 +198,25 @@ def plan_shards(
     """The shard numbers to score (``shards`` of them, or ``shard_count``); shard files of an earlier run
     with another count are removed, since publishing them with this run's would mix two runs."""
     shards = shards or shard_count(settings, logical_date)
-    folder = scores_dir(settings, logical_date, model_id)
-    if folder.is_dir():
-        for stale in folder.glob("shard-*"):
-            if not stale.name.split(".")[0].endswith(f"-of-{shards:05d}"):
-                stale.unlink()
+    workdir.remove_other_shard_counts(settings, logical_date, shards, model_id)
     return list(range(shards))
 
 
-def read_manifests(settings: Settings, logical_date: date, model_id: str | None = None) -> list[ScoreResult]:
-    """The manifests of one complete set of shards for the date (of `model_id`'s folder, with one), or a
-    clear error naming what is missing."""
-    folder = scores_dir(settings, logical_date, model_id)
-    manifests = [_read_manifest(p) for p in sorted(folder.glob("shard-*.json"))]
-    if not manifests:
-        raise MissingDataError(f"no scores for {logical_date} in {folder}; run `overnight score --date {logical_date}`")
-    counts = {m.shards for m in manifests}
-    if len(counts) != 1:
-        raise MissingDataError(f"scores for {logical_date} mix shard counts {sorted(counts)}; re-run `overnight score`")
-    shards = counts.pop()
-    missing = sorted(set(range(shards)) - {m.shard for m in manifests})
-    if missing:
-        raise MissingDataError(f"scores for {logical_date} are missing shard(s) {missing} of {shards}")
-    models = {m.model_id for m in manifests}
-    if len(models) != 1:
-        raise MissingDataError(
-            f"shards of {logical_date} were scored by different models {sorted(models)}; re-run them"
+@dataclass(frozen=True)
+class ScoredShards:
+    """Every shard of a night scored (`overnight run`, `overnight score`): the step's result."""
+
+    manifests: list[workdir.ShardManifest]
+
+    def summary(self) -> str:
+        users = sum(m.users for m in self.manifests)
+        rows = sum(m.candidate_rows for m in self.manifests)
+        return f"{users:,} users in {len(self.manifests)} shard(s), {rows:,} candidates ranked"
+
+    def outcome(self) -> Outcome:
+        return Outcome(
+            self.summary(),
+            rows_in=sum(m.candidate_rows for m in self.manifests),
+            rows_out=sum(m.users for m in self.manifests),
+            model_id=self.manifests[0].model_id if self.manifests else None,
         )
-    return sorted(manifests, key=lambda m: m.shard)
-
-
-def _read_manifest(path: Path) -> ScoreResult:
-    try:
-        return ScoreResult(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as error:
-        raise MissingDataError(
-            f"shard manifest {path} is unreadable ({error}); re-run `overnight score` for its date"
-        ) from None
-
-
-def fallback(settings: Settings, logical_date: date) -> tuple[list[str], list[float]]:
-    """The list for users the batch does not know: the most popular available items."""
-    popular = pl.read_parquet(settings.work_dir_for(logical_date) / "popular.parquet").head(settings.top_k)
-    return popular["item_id"].to_list(), popular["popular_score"].cast(pl.Float64).to_list()

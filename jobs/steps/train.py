@@ -32,6 +32,7 @@ from jobs import lake, registry
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
 from jobs.monitoring import drift
+from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import candidates, features
 from jobs.steps.ranking_metrics import K, candidate_recall, ranking_metrics
@@ -94,6 +95,10 @@ class TrainResult:
     @property
     def promoted(self) -> bool:
         return self.trained and self.status in ("production", "retired")
+
+    def outcome(self) -> Outcome:
+        training = self.metrics.get("training") or {}
+        return Outcome(self.summary(), rows_in=training.get("rows"), model_id=self.scoring_model_id)
 
     def summary(self) -> str:
         if not self.trained:
@@ -461,11 +466,11 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
     rejection = promotion_gate(results, settings)
     metrics["gate"] = {"passed": rejection is None, "reason": rejection, "margin": settings.promotion_margin}
     model_id, artifact = _save_artifact(fitted.booster, settings, logical_date)
-    drift.save_reference(settings, artifact.parent, logical_date)
+    drift.write_reference(settings, artifact.parent, features.sample_features(settings, logical_date))
     model = registry.ModelVersion(
         model_id=model_id,
         logical_date=logical_date,
-        status="candidate",
+        status="trained",
         status_reason=None,
         data_window={
             "features_before": cutoff.isoformat(),
@@ -488,7 +493,7 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
         if rejection is not None and current is None:
             # nothing to keep: a night without any model could not score at all
             logger.warning("train: gate failed (%s), but there is no model to keep; promoting %s", rejection, model_id)
-            model = registry.with_status(model, "candidate", f"promoted without a model to keep; gate: {rejection}")
+            model = registry.with_status(model, "trained", f"promoted without a model to keep; gate: {rejection}")
         elif rejection is not None and current is not None and current.model_id != model_id:
             registry.register(conn, registry.with_status(model, "rejected", f"promotion skipped: {rejection}"))
             scoring = registry.model_for_date(conn, logical_date)

@@ -4,7 +4,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tests.support.airflow import DAGS_FOLDER
+from tests.support.dags import DAGS_FOLDER
 
 # Airflow reads its configuration when first imported, so this must happen at collection time.
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="overnight-airflow-"))

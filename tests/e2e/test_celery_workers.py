@@ -21,8 +21,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support.airflow import DAGS_FOLDER
 from tests.support.commands import free_port, overnight_env
+from tests.support.dags import DAGS_FOLDER
 from tests.support.data import SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
 
@@ -198,7 +198,7 @@ def test_score_shards_run_on_both_celery_workers(
     finally:
         drop_database(postgres_admin_url, airflow_db)
 
-    shards = [t for t in tasks if t[0] == "score_shard"]
+    shards = [t for t in tasks if t[0] == "score"]
     assert sorted(t[1] for t in shards) == list(range(SHARDS))
     assert {t[2] for t in shards} == {"success"}
     schedule = "\n".join(

@@ -11,7 +11,7 @@ from typing import Any
 import pendulum
 import pytest
 
-from tests.support.airflow import DAGS_FOLDER
+from tests.support.dags import DAGS_FOLDER
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from airflow.serialization.encoders import coerce_to_core_timetable
 
-from tests.support.airflow import DAGS_FOLDER
+from jobs import nightly
+from tests.support.dags import DAGS_FOLDER
 
 pytestmark = pytest.mark.e2e
 
@@ -70,19 +71,33 @@ def test_nightly_wires_the_pipeline_in_order(dagbag: Any) -> None:
     for before, after in [
         ("ingest", "features"),
         ("ingest", "candidates"),
-        ("ingest", "train"),
-        ("train", "plan_shards"),
-        ("features", "plan_shards"),
-        ("candidates", "plan_shards"),
-        ("plan_shards", "score_shard"),
-        ("score_shard", "publish"),
+        ("features", "train"),
+        ("candidates", "train"),
+        ("train", "plan_score"),
+        ("plan_score", "score"),
+        ("score", "monitor"),
+        ("monitor", "publish"),
         ("publish", "check_freshness"),
         ("publish", "shadow"),
         ("publish", "refresh_canary"),
     ]:
         assert order.index(before) < order.index(after), f"{before} must run before {after}"
-    assert dag.get_task("score_shard").is_mapped
+    assert dag.get_task("score").is_mapped
     assert dag.deadline, "the nightly run has a completion deadline alert"
+
+
+def test_the_dag_is_the_nightly_graph_overnight_run_runs(dagbag: Any) -> None:
+    """One graph: every step of jobs.nightly.STEPS is a task waiting on exactly its upstream steps."""
+    dag = dagbag.dags["overnight_nightly"]
+    planned = {f"plan_{step.task_id}" for step in nightly.STEPS if step.sharded}
+    assert {task.task_id for task in dag.tasks} == {step.task_id for step in nightly.STEPS} | planned
+    for step in nightly.STEPS:
+        entry = dag.get_task(f"plan_{step.task_id}" if step.sharded else step.task_id)
+        assert entry.upstream_task_ids == {nightly.STEP_BY_NAME[up].task_id for up in step.upstream}, step.name
+        if step.sharded:
+            assert dag.get_task(step.task_id).upstream_task_ids == {entry.task_id}
+        expected_rule = "all_done" if step.even_after_failure else "all_success"
+        assert dag.get_task(step.task_id).trigger_rule == expected_rule, step.name
 
 
 @pytest.mark.parametrize("dag_file", sorted(p.name for p in DAGS_FOLDER.glob("*.py")))

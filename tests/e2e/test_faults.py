@@ -23,8 +23,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.support.airflow import run_dag
 from tests.support.commands import OVERNIGHT, overnight, overnight_env, running_service
+from tests.support.dags import run_dag
 from tests.support.data import SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
 
@@ -108,7 +108,10 @@ def production(
     try:
         overnight("run", "--source", str(sample_source), "--date", str(PREVIOUS), env=env)
         overnight("ingest", "--source", str(sample_source), "--date", str(SAMPLE_DATE), env=env)
+        for step in ("candidates", "features"):
+            overnight(step, "--date", str(SAMPLE_DATE), env=env)
         overnight("score", "--date", str(SAMPLE_DATE), "--shards", "2", env=env)
+        overnight("monitor", "--date", str(SAMPLE_DATE), env=env)  # publish's gate reads what it records
         with running_service(env) as service:
             yield Production(database_url, env, service)
     finally:

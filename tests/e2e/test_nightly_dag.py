@@ -7,8 +7,8 @@ import psycopg
 import pytest
 
 from jobs.steps.features import FEATURES
-from tests.support.airflow import run_dag
 from tests.support.commands import overnight_env, running_service
+from tests.support.dags import run_dag
 from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.e2e

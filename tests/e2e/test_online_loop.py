@@ -16,11 +16,11 @@ import pytest
 from psycopg.types.json import Jsonb
 
 import sql
-from jobs import lake, nightly
+from jobs import batches, lake, nightly
 from jobs.dev.generate import generate, write_dataset
 from jobs.rollouts import canary, online
 from jobs.settings import Settings
-from jobs.steps import ingest, publish
+from jobs.steps import ingest
 from tests.support.commands import overnight, overnight_env, running_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -41,7 +41,7 @@ def make_batch(conn: psycopg.Connection, model_id: str, prefix: str, ndcg: float
         {
             "model_id": model_id,
             "logical_date": datetime.now(UTC).date(),
-            "status": "candidate",
+            "status": "trained",
             "status_reason": None,
             "data_window": Jsonb({}),
             "params": Jsonb({}),
@@ -123,7 +123,7 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
     with psycopg.connect(database_url) as conn:
         production = make_batch(conn, "ranker-production", "p", ndcg=0.21)
         candidate = make_batch(conn, "ranker-candidate", "c", ndcg=0.25)
-        publish.switch_live(conn, production, "publish")
+        batches.switch_live(conn, production, "publish")
     canary.start_canary(settings, candidate, TRAFFIC, salt="online-loop")
 
     env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=API_KEY)
@@ -162,7 +162,7 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
         ("ranker-candidate", 0.25),
         ("ranker-production", 0.21),
     ]
-    assert report["models"]["ranker-candidate"]["ctr"] == canary["ctr"]
+    assert report["models"]["ranker-candidate"]["ctr"] == treated["ctr"]
     assert report["models"]["ranker-production"]["offline"]["recall@10"] == 0.105
 
     env = overnight_env(database_url, settings.data_dir)
@@ -173,14 +173,14 @@ def test_online_report_detects_the_better_variant(database_url: str, tmp_path: A
     with psycopg.connect(database_url) as conn:
         recorded = dict(conn.execute("SELECT model_id, summary FROM overnight.online_daily").fetchall())
     assert recorded.keys() == {"ranker-candidate", "ranker-production"}
-    assert recorded["ranker-candidate"]["ctr"] == canary["ctr"]
+    assert recorded["ranker-candidate"]["ctr"] == treated["ctr"]
     assert recorded["ranker-production"]["impressions"] == control["impressions"]
     listed = {row["model_id"]: row for row in json.loads(overnight("models", "--json", env=env).stdout)}
-    assert listed["ranker-candidate"]["online"]["ctr"] == canary["ctr"]
+    assert listed["ranker-candidate"]["online"]["ctr"] == treated["ctr"]
     assert listed["ranker-production"]["online"]["ips_click_rate"] == control["ips_click_rate"]
     table = overnight("models", env=env).stdout
     candidate_line = next(line for line in table.splitlines() if line.startswith("ranker-candidate"))
-    assert f"{canary['ctr']['value']:.4f}" in candidate_line and "0.2500" in candidate_line
+    assert f"{treated['ctr']['value']:.4f}" in candidate_line and "0.2500" in candidate_line
     assert overnight("models", "--online-days", "0", "--json", env=env).stdout.count('"online": null') == 2
 
 
@@ -193,7 +193,7 @@ def test_feedback_sent_to_the_service_is_in_the_next_nights_interactions(databas
     data = generate(users=150, items=80, days=40, end_date=yesterday, seed=5, events_per_user=20)
     source = write_dataset(data, tmp_path / "source")
     settings = Settings(database_url=database_url, data_dir=tmp_path / "var", num_boost_round=20)
-    nightly.run(settings, source, yesterday)
+    nightly.run(nightly.night_of(settings, yesterday, source))
 
     env = overnight_env(database_url, settings.data_dir, OVERNIGHT_API_KEYS=API_KEY)
     sent: dict[tuple[str, str, str], str] = {}

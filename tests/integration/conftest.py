@@ -11,9 +11,10 @@ from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
 from jobs import registry
+from jobs.monitoring import drift
 from jobs.settings import Settings
-from jobs.steps import ingest, publish, score, train
-from tests.support.batches import ScoredLake
+from jobs.steps import publish, score, train
+from tests.support.batches import ScoredLake, ingest_and_prepare
 from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
 
@@ -28,7 +29,7 @@ def scored_lake(
     try:
         settings = Settings(data_dir=data_dir, database_url=url, score_shards=2)
         for day in (PREVIOUS_DATE, SAMPLE_DATE):
-            ingest.ingest(settings, sample_source, day)
+            ingest_and_prepare(settings, sample_source, day)
         trained = train.train(settings, PREVIOUS_DATE)
         for day in (PREVIOUS_DATE, SAMPLE_DATE):
             score.score(settings, day)
@@ -42,19 +43,26 @@ def scored_lake(
 
 @pytest.fixture
 def batch_settings(scored_lake: ScoredLake, database_url: str, tmp_path: Path) -> Settings:
-    """Settings over a private copy of the scored lake and a fresh database that knows its model."""
+    """Settings over a private copy of the scored lake and a fresh database that knows its model and
+    the monitoring of both days."""
     data_dir = tmp_path / "var"
     shutil.copytree(scored_lake.data_dir, data_dir)
     with psycopg.connect(database_url) as conn:
         registry.register(conn, scored_lake.model)
-    return Settings(data_dir=data_dir, database_url=database_url, score_shards=2)
+    settings = Settings(data_dir=data_dir, database_url=database_url, score_shards=2)
+    # What publish's gate reads, as the monitor step records it; without a retrain request, which the
+    # tests of retraining make themselves.
+    quiet = settings.model_copy(update={"drift_retrain_psi": float("inf")})
+    for day in scored_lake.dates:
+        drift.monitor_input(quiet, day)
+    return settings
 
 
 @pytest.fixture
 def two_batches(batch_settings: Settings) -> tuple[int, int]:
     """(production, candidate): PREVIOUS_DATE's batch is live, SAMPLE_DATE's is published but not live."""
-    candidate = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
-    production = publish.publish(batch_settings, PREVIOUS_DATE, make_live=True).batch_id
+    candidate = publish.publish_nightly(batch_settings, SAMPLE_DATE, make_live=False).batch_id
+    production = publish.publish_nightly(batch_settings, PREVIOUS_DATE, make_live=True).batch_id
     return production, candidate
 
 

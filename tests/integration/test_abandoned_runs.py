@@ -23,9 +23,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from console.dashboard import read_overview
 from jobs.monitoring import freshness, history
 from jobs.settings import Settings
-from serving.dashboard import _read
 from tests.support.commands import OVERNIGHT, overnight, overnight_env
 from tests.support.data import SAMPLE_DATE
 
@@ -49,7 +49,7 @@ def eventually(read: Callable[[], T | None], timeout: float = 20.0) -> T:
 def dashboard(url: str) -> dict[str, Any]:
     async def read() -> dict[str, Any]:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            return await _read(conn, None)
+            return await read_overview(conn, None)
 
     return asyncio.run(read())
 
@@ -124,7 +124,7 @@ from types import SimpleNamespace
 
 from jobs.monitoring import history
 
-ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score_shard", map_index=int(sys.argv[1]))
+ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score", map_index=int(sys.argv[1]))
 dag_run = SimpleNamespace(run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC))
 context = {"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)}
 history.airflow_task_started(context)
@@ -134,7 +134,7 @@ time.sleep(600)
 
 
 def task_context(map_index: int) -> dict[str, Any]:
-    ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score_shard", map_index=map_index)
+    ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score", map_index=map_index)
     dag_run = SimpleNamespace(run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC))
     return {"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)}
 
@@ -174,7 +174,7 @@ def test_an_airflow_task_whose_process_died_is_abandoned_until_its_retry(
     assert run["steps"] == {"score[0]": "abandoned", "score[1]": "running"}
 
     # Shard 1 ends: nothing runs any more and a step was abandoned, so the dag run is.
-    history.airflow_task_finished(task_context(1), {"rows_out": 10})
+    history.airflow_task_finished(task_context(1), {"summary": "shard 1 of 2", "rows_out": 10})
     run = recent()
     assert (run["status"], run["steps"]) == ("abandoned", {"score[0]": "abandoned", "score[1]": "success"})
     assert run["abandoned_at"] is not None
@@ -184,7 +184,7 @@ def test_an_airflow_task_whose_process_died_is_abandoned_until_its_retry(
     run = recent()
     assert (run["status"], run["abandoned_at"]) == ("running", None)
     assert run["steps"] == {"score[0]": "running", "score[1]": "success"}
-    history.airflow_task_finished(task_context(0), {"rows_out": 10})
+    history.airflow_task_finished(task_context(0), {"summary": "shard 0 of 2", "rows_out": 10})
     with psycopg.connect(database_url) as conn:
         attempts = conn.execute("SELECT step, status, attempt FROM overnight.run_steps ORDER BY step").fetchall()
     assert attempts == [("score[0]", "success", 2), ("score[1]", "success", 1)]

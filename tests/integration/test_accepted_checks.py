@@ -20,11 +20,11 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from console.dashboard import read_overview
 from jobs import nightly
 from jobs.dev.generate import generate, write_dataset
 from jobs.monitoring import drift
 from jobs.settings import Settings
-from serving.dashboard import _read
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import SAMPLE_DATE
 
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 def dashboard(url: str) -> dict[str, Any]:
     async def read() -> dict[str, Any]:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            return await _read(conn, None)
+            return await read_overview(conn, None)
 
     return asyncio.run(read())
 
@@ -111,7 +111,7 @@ def test_the_dag_publishes_a_held_back_batch_with_its_accept_checks_param(
 ) -> None:
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url)
     with pytest.raises(Exception, match="no events on"):
-        nightly.run(settings, sample_source, NO_EVENTS)
+        nightly.run(nightly.night_of(settings, NO_EVENTS, sample_source))
     # The DAG's publish task as Airflow calls it, with the run's params and dag run.
     code = (
         "import json, sys\n"
@@ -119,9 +119,13 @@ def test_the_dag_publishes_a_held_back_batch_with_its_accept_checks_param(
         "from airflow.dag_processing.dagbag import DagBag\n"
         "dag = DagBag(dag_folder=sys.argv[1]).dags['overnight_nightly']\n"
         "assert dag.params['accept_checks'] is None\n"
-        "publish = dag.get_task('publish').python_callable\n"
-        "dag_run = SimpleNamespace(run_id='manual__accept', triggering_user_name='ops-alice')\n"
-        "print(json.dumps(publish(sys.argv[2], [], params={'accept_checks': sys.argv[3]}, dag_run=dag_run)))\n"
+        "from datetime import datetime, UTC\n"
+        "from airflow.sdk.execution_time.context import set_current_context\n"
+        "run_step = dag.get_task('publish').python_callable\n"
+        "dag_run = SimpleNamespace(run_id='manual__accept', triggering_user_name='ops-alice', run_after=None)\n"
+        "day = datetime.fromisoformat(sys.argv[2]).replace(tzinfo=UTC)\n"
+        "with set_current_context({'dag_run': dag_run, 'logical_date': day}):\n"
+        "    print(json.dumps(run_step('publish', params={'accept_checks': sys.argv[3]})))\n"
     )
     airflow_home = tmp_path / "airflow"
     env = {
@@ -139,11 +143,10 @@ def test_the_dag_publishes_a_held_back_batch_with_its_accept_checks_param(
         cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(last_line(done.stdout))
-    assert result["live"] is True
-    assert result["accepted"]["reason"] == REASON
-    assert result["accepted"]["accepted_by"] == "ops-alice (airflow dag run manual__accept)"
+    outcome = json.loads(last_line(done.stdout))  # the task's return: the publish step's outcome
+    assert "batch 2" in outcome["summary"] and ", live; accepted 1 failing check" in outcome["summary"]
     with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT batch_id FROM overnight.live").fetchone() == (outcome["batch_id"],)
         row = conn.execute("SELECT reason, accepted_by FROM overnight.monitor_acceptances").fetchone()
     assert row == (REASON, "ops-alice (airflow dag run manual__accept)")
 
@@ -154,8 +157,9 @@ def test_the_first_night_without_earlier_days_is_not_held_back(database_url: str
     source = write_dataset(data, tmp_path / "source")
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, label_days=1)
 
-    night = nightly.run(settings, source, SAMPLE_DATE)
-    assert night.results["publish"]["live"]
+    night = nightly.run(nightly.night_of(settings, SAMPLE_DATE, source))
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT batch_id FROM overnight.live").fetchone() == (night.batch_id,)
     volume = next(c for c in drift.report(settings, SAMPLE_DATE)["checks"] if c["statistic"] == "volume_change")
     assert volume["level"] == "ok" and volume["value"] is None
     assert volume["message"].startswith(f"volume_change: not measured: no full day of events before {SAMPLE_DATE}")

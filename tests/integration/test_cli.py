@@ -22,9 +22,10 @@ def test_run_publishes_a_fresh_batch_that_status_shows_and_serve_answers(
 ) -> None:
     run = overnight("run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat(), env=env)
     steps = ["ingest", "features", "candidates", "train", "score", "monitor", "publish", "check-freshness"]
-    steps += ["refresh-canary", "online"]  # the DAG's tasks after publish (no shadow model is set)
+    steps += ["shadow", "refresh-canary", "online"]  # the DAG's tasks after publish, one graph
     for number, step in enumerate(steps, 1):
-        assert f"[{number}/10] {step} done in" in run.stderr
+        assert f"[{number}/11] {step} done in" in run.stderr
+    assert "shadow done in 0.0s: skipped: no shadow_model param" in run.stderr
     assert "canary not refreshed" in run.stderr and "daily partitions created" in run.stderr
     assert "batch 1 is published" in run.stdout
 
@@ -139,9 +140,13 @@ def test_generate_writes_what_ingest_reads_and_refuses_bad_options(env: dict[str
 def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
     """The CLI contract (`overnight: error: ...`) holds for usage errors too, not only for failed steps."""
     for args, message in (
-        (["canary", "--batch", "1"], "a canary needs --batch (or --model) and --traffic"),
-        (["canary", "--stop", "--batch", "3"], "--stop takes no --batch, --model, --traffic, --salt or --allow-shrink"),
-        (["canary", "--batch", "1", "--traffic", "5%"], "Invalid value for '--traffic'"),
+        (["canary", "start", "--batch", "1"], "Missing option '--traffic'"),
+        (["canary", "start", "--traffic", "0.1"], "give --batch or --model (one of them)"),
+        (["canary", "start", "--batch", "1", "--traffic", "5%"], "Invalid value for '--traffic'"),
+        (["canary", "stop", "--batch", "3"], "No such option: --batch"),
+        # the single command's options became sub-commands: the error says which
+        (["canary", "--batch", "1", "--traffic", "0.1"], "`overnight canary start --batch B --traffic T`"),
+        (["canary", "--stop"], "`overnight canary stop`"),
         (["online-report", "--from", "2026-13-01", "--to", "2026-11-02"], "'2026-13-01' is not a date like"),
         (["online-report", "--from", "2026-11-01", "--to", "2026-11-02", "--eta", "-1"], "Invalid value for '--eta'"),
         (["score"], "Missing option '--date'"),
@@ -153,5 +158,5 @@ def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("overnight: error: ") and message in lines[0], (args, lines)
         assert result.stdout == ""
-    helped = overnight("canary", "--help", env=env)
+    helped = overnight("canary", "start", "--help", env=env)
     assert "--traffic" in helped.stdout and helped.stderr == ""

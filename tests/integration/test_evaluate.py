@@ -57,7 +57,11 @@ def test_evaluate_reports_every_model_under_both_protocols(
 def test_models_and_status_show_the_registry(env: dict[str, str], sample_source: Path) -> None:
     assert "no models yet" in overnight("models", env=env).stdout
     overnight("ingest", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat(), env=env)
-    overnight("train", "--date", SAMPLE_DATE.isoformat(), env=env)
+    refused = overnight("train", "--date", SAMPLE_DATE.isoformat(), env=env, check=False)
+    assert refused.returncode == 1  # a step never rebuilds another's output: it names the step to run
+    assert f"run the candidates step first (`overnight candidates --date {SAMPLE_DATE}`" in refused.stderr
+    for step in ("candidates", "features", "train"):
+        overnight(step, "--date", SAMPLE_DATE.isoformat(), env=env)
     models = json.loads(overnight("models", "--json", env=env).stdout)
     assert len(models) == 1
     assert models[0]["status"] == "production"

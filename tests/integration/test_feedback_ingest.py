@@ -137,7 +137,7 @@ def test_a_client_sending_mostly_unknown_items_warns_and_the_night_still_publish
     store(settings, *[(at, at, f"u-sku{n}", str(n), "click") for n in (1, 2)])
     store(settings, *[(at, at, f"u-sku{n}", f"SKU-{n:05d}", "click") for n in range(8)])  # the client's own ids
 
-    night = nightly.run(settings, sample_source, D)
+    night = nightly.run(nightly.night_of(settings, D, sample_source))
 
     check = feedback_check(settings)
     assert (check["level"], check["value"], check["warn_at"], check["fail_at"]) == ("warn", 0.8, 0.05, None)
@@ -155,7 +155,7 @@ def test_clean_feedback_is_ok_and_a_night_without_feedback_is_not_measured(
     at = DAY + timedelta(hours=9)
     store(settings, *[(at, at, f"u-clean{n}", str(n), "click") for n in range(1, 6)])
 
-    nightly.run(settings, sample_source, D)
+    nightly.run(nightly.night_of(settings, D, sample_source))
     check = feedback_check(settings)
     assert (check["level"], check["value"]) == ("ok", 0.0)
 

@@ -104,9 +104,9 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
         dashboard_url="http://dash.example/dashboard",
     )
 
-    good = nightly.run(settings, source, TRAINED_ON)
+    good = nightly.run(nightly.night_of(settings, TRAINED_ON, source))
     with pytest.raises(BatchValidationError, match="blocked by monitoring") as blocked:
-        nightly.run(settings, source, TONIGHT)
+        nightly.run(nightly.night_of(settings, TONIGHT, source))
 
     found = drift.report(settings, TONIGHT)
     checks = found["checks"]
@@ -147,12 +147,13 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
     first = [s for s in steps if s[0] == runs[0][0]]
     assert [s[1] for s in first] == [
         "ingest", "features", "candidates", "train", "score", "monitor", "publish", "check-freshness",
-        "refresh-canary", "online",
+        "shadow", "refresh-canary", "online",
     ]  # fmt: skip
-    assert all(s[2] == "success" and s[3] > 0 and s[4] > 0 for s in first)
+    assert all(s[2] == "success" and s[3] >= 0 and s[4] > 0 for s in first)
     ingest_step = first[0]
     assert ingest_step[5] > ingest_step[6] > 0  # rows read, rows valid (events after the date set aside)
-    assert [s[1:3] for s in steps if s[0] == runs[1][0]][-1] == ("publish", "blocked")
+    # the blocked run stops at publish; only the online upkeep, which runs even after a failure, follows
+    assert [s[1:3] for s in steps if s[0] == runs[1][0]][-2:] == [("publish", "blocked"), ("online", "success")]
 
     # drift past OVERNIGHT_DRIFT_RETRAIN_PSI makes the model due, from tonight on, until a new one
     assert retrain_tomorrow is not None and "item_mean_weight" in retrain_tomorrow
@@ -168,7 +169,7 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
     assert message["dashboard"] == "http://dash.example/dashboard?date=2026-11-19"
     assert "item_mean_weight" in str(message["text"])
     with pytest.raises(BatchValidationError, match="blocked by monitoring"):
-        publish.publish(settings, TONIGHT)
+        publish.publish_nightly(settings, TONIGHT)
     assert len(Webhook.received) == 2
 
     # the CLI prints the same report

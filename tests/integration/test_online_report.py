@@ -227,7 +227,7 @@ def test_canary_minus_production_counts_only_the_answers_served_while_the_canary
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "INSERT INTO overnight.model_versions (model_id, logical_date, status, data_window, params, features,"
-            " metrics, artifact_path, artifact_sha256) SELECT 'm2', logical_date, 'candidate', data_window, params,"
+            " metrics, artifact_path, artifact_sha256) SELECT 'm2', logical_date, 'trained', data_window, params,"
             " features, metrics, 'm2.txt', artifact_sha256 FROM overnight.model_versions WHERE model_id = 'm'"
         )
         conn.execute("UPDATE overnight.batches SET status = 'ready' WHERE batch_id = %s", (canary_batch,))

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 import sql
-from jobs import registry
+from jobs import batches, registry, workdir
 from jobs.errors import BatchValidationError, MissingDataError
 from jobs.rollouts import canary
 from jobs.settings import Settings
@@ -39,7 +39,7 @@ def table_exists(settings: Settings, batch_id: int) -> bool:
 
 
 def test_publish_loads_validates_and_goes_live(batch_settings: Settings) -> None:
-    result = publish.publish(batch_settings, SAMPLE_DATE)
+    result = publish.publish_nightly(batch_settings, SAMPLE_DATE)
     assert result.live
     assert live_batch(batch_settings) == result.batch_id
     assert result.validation["rows"] == result.users > 0
@@ -61,7 +61,7 @@ def test_publish_loads_validates_and_goes_live(batch_settings: Settings) -> None
 
 
 def corrupt_shard(settings: Settings, change: Callable[[pl.DataFrame], pl.DataFrame]) -> None:
-    path = score.shard_path(settings, SAMPLE_DATE, 0, 2)
+    path = workdir.shard_path(settings, SAMPLE_DATE, 0, 2)
     pl.read_parquet(path).pipe(change).write_parquet(path)
 
 
@@ -96,11 +96,11 @@ CORRUPTIONS: dict[str, tuple[Callable[[pl.DataFrame], pl.DataFrame], str]] = {
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
 def test_failed_validation_leaves_the_live_batch_untouched(batch_settings: Settings, corruption: str) -> None:
-    good = publish.publish(batch_settings, PREVIOUS_DATE)
+    good = publish.publish_nightly(batch_settings, PREVIOUS_DATE)
     change, expected = CORRUPTIONS[corruption]
     corrupt_shard(batch_settings, change)
     with pytest.raises(BatchValidationError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        publish.publish(batch_settings, SAMPLE_DATE)
+        publish.publish_nightly(batch_settings, SAMPLE_DATE)
     assert live_batch(batch_settings) == good.batch_id
     failed = max(statuses(batch_settings))
     assert statuses(batch_settings)[failed] == "failed"
@@ -110,13 +110,13 @@ def test_failed_validation_leaves_the_live_batch_untouched(batch_settings: Setti
 def test_too_little_coverage_fails_validation(batch_settings: Settings) -> None:
     corrupt_shard(batch_settings, lambda f: f.head(1))
     with pytest.raises(BatchValidationError, match="active users"):
-        publish.publish(batch_settings, SAMPLE_DATE)
+        publish.publish_nightly(batch_settings, SAMPLE_DATE)
     assert live_batch(batch_settings) is None
 
 
 def test_republishing_a_date_replaces_its_batch(batch_settings: Settings) -> None:
-    first = publish.publish(batch_settings, SAMPLE_DATE)
-    second = publish.publish(batch_settings, SAMPLE_DATE)
+    first = publish.publish_nightly(batch_settings, SAMPLE_DATE)
+    second = publish.publish_nightly(batch_settings, SAMPLE_DATE)
     assert live_batch(batch_settings) == second.batch_id
     assert second.dropped_batches == [first.batch_id]
     assert statuses(batch_settings) == {first.batch_id: "dropped", second.batch_id: "live"}
@@ -124,42 +124,42 @@ def test_republishing_a_date_replaces_its_batch(batch_settings: Settings) -> Non
 
 
 def test_a_backfilled_date_does_not_move_live_backwards_unless_asked(batch_settings: Settings) -> None:
-    newest = publish.publish(batch_settings, SAMPLE_DATE)
-    backfill = publish.publish(batch_settings, PREVIOUS_DATE)
+    newest = publish.publish_nightly(batch_settings, SAMPLE_DATE)
+    backfill = publish.publish_nightly(batch_settings, PREVIOUS_DATE)
     assert not backfill.live
     assert "newer date" in backfill.reason
     assert live_batch(batch_settings) == newest.batch_id
     assert statuses(batch_settings)[backfill.batch_id] == "ready"
-    forced = publish.publish(batch_settings, PREVIOUS_DATE, make_live=True)
+    forced = publish.publish_nightly(batch_settings, PREVIOUS_DATE, make_live=True)
     assert forced.live
     assert live_batch(batch_settings) == forced.batch_id
 
 
 def test_rollback_switches_to_the_batch_before_and_back(batch_settings: Settings) -> None:
-    older = publish.publish(batch_settings, PREVIOUS_DATE)
-    newer = publish.publish(batch_settings, SAMPLE_DATE)
-    switched = publish.rollback(batch_settings)
+    older = publish.publish_nightly(batch_settings, PREVIOUS_DATE)
+    newer = publish.publish_nightly(batch_settings, SAMPLE_DATE)
+    switched = batches.rollback(batch_settings)
     assert (switched.batch_id, switched.previous_batch_id) == (older.batch_id, newer.batch_id)
     assert live_batch(batch_settings) == older.batch_id
     with pytest.raises(MissingDataError, match="no kept batch before"):
-        publish.rollback(batch_settings)
-    publish.rollback(batch_settings, to_batch=newer.batch_id)
+        batches.rollback(batch_settings)
+    batches.rollback(batch_settings, to_batch=newer.batch_id)
     assert live_batch(batch_settings) == newer.batch_id
     with pytest.raises(MissingDataError, match="does not exist"):
-        publish.rollback(batch_settings, to_batch=999)
+        batches.rollback(batch_settings, to_batch=999)
 
 
 def test_retention_keeps_the_newest_batches_and_the_live_one(batch_settings: Settings) -> None:
     settings = batch_settings.model_copy(update={"keep_batches": 2})
-    first = publish.publish(settings, PREVIOUS_DATE)
-    second = publish.publish(settings, SAMPLE_DATE)
-    third = publish.publish(settings, PREVIOUS_DATE, make_live=False)
+    first = publish.publish_nightly(settings, PREVIOUS_DATE)
+    second = publish.publish_nightly(settings, SAMPLE_DATE)
+    third = publish.publish_nightly(settings, PREVIOUS_DATE, make_live=False)
     assert statuses(settings) == {first.batch_id: "dropped", second.batch_id: "live", third.batch_id: "ready"}
     assert [table_exists(settings, b) for b in (first.batch_id, second.batch_id, third.batch_id)] == [False, True, True]
 
 
 def test_a_publish_that_died_mid_load_is_cleaned_up(batch_settings: Settings) -> None:
-    live = publish.publish(batch_settings, PREVIOUS_DATE)
+    live = publish.publish_nightly(batch_settings, PREVIOUS_DATE)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         orphan = conn.execute(
             "INSERT INTO overnight.batches (logical_date, model_id, status, k, users_scored, active_users,"
@@ -169,7 +169,7 @@ def test_a_publish_that_died_mid_load_is_cleaned_up(batch_settings: Settings) ->
             (live.batch_id,),
         ).fetchone()[0]  # type: ignore[index]
         conn.execute(sql.batch_query("create_recs_table", orphan))
-    publish.publish(batch_settings, SAMPLE_DATE)
+    publish.publish_nightly(batch_settings, SAMPLE_DATE)
     assert statuses(batch_settings)[orphan] == "failed"
     assert not table_exists(batch_settings, orphan)
 
@@ -178,7 +178,7 @@ LIVE_DATE = "SELECT b.batch_id, b.logical_date FROM overnight.live JOIN overnigh
 
 
 def expected_rows(settings: Settings, day: date) -> dict[str, list[str]]:
-    frames = [pl.read_parquet(p) for p in sorted(score.scores_dir(settings, day).glob("shard-*.parquet"))]
+    frames = [pl.read_parquet(p) for p in sorted(workdir.scores_dir(settings, day).glob("shard-*.parquet"))]
     return dict(pl.concat(frames).select("user_id", "item_ids").iter_rows())
 
 
@@ -187,7 +187,7 @@ def test_readers_never_see_a_mix_or_a_gap_while_batches_switch(batch_settings: S
     by_date = {day: expected_rows(batch_settings, day) for day in (PREVIOUS_DATE, SAMPLE_DATE)}
     users = sorted(set(by_date[PREVIOUS_DATE]) & set(by_date[SAMPLE_DATE]))[:50]
     assert any(by_date[PREVIOUS_DATE][u] != by_date[SAMPLE_DATE][u] for u in users)
-    publish.publish(batch_settings, PREVIOUS_DATE)
+    publish.publish_nightly(batch_settings, PREVIOUS_DATE)
     stop = threading.Event()
     problems: list[str] = []
     reads = [0]
@@ -215,9 +215,9 @@ def test_readers_never_see_a_mix_or_a_gap_while_batches_switch(batch_settings: S
         thread.start()
     try:
         for _ in range(2):
-            publish.publish(batch_settings, SAMPLE_DATE)
-            publish.rollback(batch_settings)
-            publish.publish(batch_settings, PREVIOUS_DATE, make_live=True)
+            publish.publish_nightly(batch_settings, SAMPLE_DATE)
+            batches.rollback(batch_settings)
+            publish.publish_nightly(batch_settings, PREVIOUS_DATE, make_live=True)
     finally:
         stop.set()
         for thread in threads:
@@ -227,16 +227,16 @@ def test_readers_never_see_a_mix_or_a_gap_while_batches_switch(batch_settings: S
 
 
 def test_publish_needs_every_shard(batch_settings: Settings) -> None:
-    score.shard_path(batch_settings, SAMPLE_DATE, 1, 2).with_suffix(".json").unlink()
+    workdir.shard_path(batch_settings, SAMPLE_DATE, 1, 2).with_suffix(".json").unlink()
     with pytest.raises(MissingDataError, match=r"missing shard\(s\) \[1\] of 2"):
-        publish.publish(batch_settings, SAMPLE_DATE)
+        publish.publish_nightly(batch_settings, SAMPLE_DATE)
 
 
 def test_a_manifest_cut_short_is_named_in_the_error(batch_settings: Settings) -> None:
-    manifest = score.shard_path(batch_settings, SAMPLE_DATE, 0, 2).with_suffix(".json")
+    manifest = workdir.shard_path(batch_settings, SAMPLE_DATE, 0, 2).with_suffix(".json")
     manifest.write_text(manifest.read_text()[:40])
     with pytest.raises(MissingDataError, match=rf"shard manifest {manifest} is unreadable .*re-run `overnight score`"):
-        publish.publish(batch_settings, SAMPLE_DATE)
+        publish.publish_nightly(batch_settings, SAMPLE_DATE)
 
 
 def test_scoring_uses_no_model_newer_than_the_date(batch_settings: Settings) -> None:
@@ -245,7 +245,7 @@ def test_scoring_uses_no_model_newer_than_the_date(batch_settings: Settings) -> 
 
 
 def test_more_users_than_a_shard_holds_make_more_shards_that_cover_everyone(batch_settings: Settings) -> None:
-    users = pl.read_parquet(batch_settings.work_dir_for(SAMPLE_DATE) / "users.parquet")["user_id"]
+    users = pl.read_parquet(workdir.table_path(batch_settings, SAMPLE_DATE, workdir.USERS))["user_id"]
     settings = batch_settings.model_copy(update={"shard_users": math.ceil(users.len() / 3), "score_shards": 1})
     assert score.shard_count(settings, SAMPLE_DATE) == 3
     results = score.score(settings, SAMPLE_DATE)
@@ -255,8 +255,8 @@ def test_more_users_than_a_shard_holds_make_more_shards_that_cover_everyone(batc
     assert sum(r.users + r.users_without_candidates for r in results) == users.len()
     assert set(scored) <= set(users)
     assert all(0 < r.predict_seconds <= r.seconds for r in results)
-    assert [m.shards for m in score.read_manifests(settings, SAMPLE_DATE)] == [3, 3, 3]  # the 2-shard run is gone
-    assert publish.publish(settings, SAMPLE_DATE).users == scored.len()
+    assert [m.shards for m in workdir.read_manifests(settings, SAMPLE_DATE)] == [3, 3, 3]  # the 2-shard run is gone
+    assert publish.publish_nightly(settings, SAMPLE_DATE).users == scored.len()
 
 
 def test_a_canarys_batch_that_never_went_live_is_neither_a_rollback_target_nor_a_rollback_slot(
@@ -266,10 +266,11 @@ def test_a_canarys_batch_that_never_went_live_is_neither_a_rollback_target_nor_a
     rollback must skip it, and it must not push production's batches out of the places kept for rollback."""
     register_challenger(batch_settings)
     settings = batch_settings.model_copy(update={"keep_batches": 2})
-    yesterday = publish.publish(settings, PREVIOUS_DATE)
-    never_started = publish.publish_model(settings, SAMPLE_DATE, "challenger")
+    yesterday = publish.publish_nightly(settings, PREVIOUS_DATE)
+    score.score(settings, SAMPLE_DATE, model_id="challenger")
+    never_started = publish.publish_canary_batch(settings, SAMPLE_DATE, "challenger")
     assert not never_started.live and never_started.dropped_batches == []
-    tonight = publish.publish(settings, SAMPLE_DATE)  # a same-date publish does not replace the canary's batch
+    tonight = publish.publish_nightly(settings, SAMPLE_DATE)  # a same-date publish does not replace the canary's batch
     assert tonight.dropped_batches == []
     assert statuses(settings) == {
         yesterday.batch_id: "retired",
@@ -279,11 +280,11 @@ def test_a_canarys_batch_that_never_went_live_is_neither_a_rollback_target_nor_a
     with psycopg.connect(str(settings.database_url)) as conn:
         assert conn.execute(sql.query("rollback_target"), (tonight.batch_id,)).fetchone() == (yesterday.batch_id,)
     # Canaries' never-live batches have their own retention: the newest keep_batches of them.
-    again = [publish.publish(settings, SAMPLE_DATE, model_id="challenger").batch_id for _ in range(2)]
+    again = [publish.publish_canary_batch(settings, SAMPLE_DATE, "challenger").batch_id for _ in range(2)]
     assert statuses(settings)[never_started.batch_id] == "dropped"
     assert [statuses(settings)[b] for b in again] == ["ready", "ready"]
     assert table_exists(settings, yesterday.batch_id)
-    switched = publish.rollback(settings)
+    switched = batches.rollback(settings)
     assert (switched.batch_id, switched.previous_batch_id) == (yesterday.batch_id, tonight.batch_id)
 
 
@@ -291,11 +292,11 @@ def test_rollback_after_a_promotion_makes_the_old_model_production_again(batch_s
     """Promoting a model canary makes its model production; rolling back must undo that too, or the next
     night would score with the model just rolled back from."""
     original = register_challenger(batch_settings)
-    production = publish.publish(batch_settings, SAMPLE_DATE).batch_id
+    production = publish.publish_nightly(batch_settings, SAMPLE_DATE).batch_id
     canary.start_model_canary(batch_settings, "challenger", 0.1)
     promoted = canary.promote_canary(batch_settings)
     assert promoted.model_changed
-    switched = publish.rollback(batch_settings)
+    switched = batches.rollback(batch_settings)
     assert (switched.batch_id, switched.previous_batch_id) == (production, promoted.batch_id)
     assert (switched.model_id, switched.previous_model_id) == (original.model_id, "challenger")
     assert f"model {original.model_id} is the production model again (was challenger)" in switched.summary()
@@ -305,29 +306,29 @@ def test_rollback_after_a_promotion_makes_the_old_model_production_again(batch_s
     assert challenger is not None and challenger.status == "retired"
     assert challenger.status_reason == f"replaced by {original.model_id}: rollback to batch {production}"
     # `--to` a batch of another model does the same: challenger is production again, then the original.
-    assert publish.rollback(batch_settings, to_batch=promoted.batch_id).model_id == "challenger"
-    back = publish.rollback(batch_settings)
+    assert batches.rollback(batch_settings, to_batch=promoted.batch_id).model_id == "challenger"
+    back = batches.rollback(batch_settings)
     assert (back.batch_id, back.model_id, back.previous_model_id) == (production, original.model_id, "challenger")
 
 
 def test_retention_leaves_alone_a_batch_that_became_the_canary_after_it_was_chosen(batch_settings: Settings) -> None:
     """Retention lists the batches to drop, then drops them one by one: one that a canary took meanwhile
     is read again under the live lock and kept."""
-    live = publish.publish(batch_settings, PREVIOUS_DATE).batch_id
-    chosen = publish.publish(batch_settings, SAMPLE_DATE, make_live=False).batch_id
+    live = publish.publish_nightly(batch_settings, PREVIOUS_DATE).batch_id
+    chosen = publish.publish_nightly(batch_settings, SAMPLE_DATE, make_live=False).batch_id
     canary.start_canary(batch_settings, chosen, 0.1)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
-        assert not publish.drop_batch(conn, chosen)
-        assert not publish.drop_batch(conn, live)
+        assert not batches.drop_batch(conn, chosen)
+        assert not batches.drop_batch(conn, live)
     assert table_exists(batch_settings, chosen) and table_exists(batch_settings, live)
     assert statuses(batch_settings) == {live: "live", chosen: "canary"}
 
 
 def test_a_once_live_batch_stays_a_rollback_target_after_serving_as_a_canary(batch_settings: Settings) -> None:
     """Canarying yesterday's batch again and stopping it must not make it look like a never-live canary."""
-    yesterday = publish.publish(batch_settings, PREVIOUS_DATE).batch_id
-    tonight = publish.publish(batch_settings, SAMPLE_DATE).batch_id
+    yesterday = publish.publish_nightly(batch_settings, PREVIOUS_DATE).batch_id
+    tonight = publish.publish_nightly(batch_settings, SAMPLE_DATE).batch_id
     canary.start_canary(batch_settings, yesterday, 0.1)
     canary.stop_canary(batch_settings)
     assert statuses(batch_settings) == {yesterday: "retired", tonight: "live"}
-    assert publish.rollback(batch_settings).batch_id == yesterday
+    assert batches.rollback(batch_settings).batch_id == yesterday

@@ -7,11 +7,11 @@ import psycopg
 import pytest
 
 import sql
-from jobs import lake, registry
+from jobs import batches, lake, registry, workdir
 from jobs.errors import MissingDataError, RolloutError
 from jobs.rollouts import canary, shadow
 from jobs.settings import Settings
-from jobs.steps import publish, score
+from jobs.steps import score
 from tests.support.batches import batch_status, register_challenger
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
@@ -43,7 +43,7 @@ def test_a_shadow_never_touches_production_monitoring(batch_settings: Settings, 
     production, _ = two_batches
     before = monitoring_of(batch_settings, PREVIOUS_DATE)
     assert ("output", production) in [(stage, batch) for stage, batch, *_ in before[0]]
-    model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    model_id = workdir.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
     # every output check of the shadow fails at these thresholds: it must still publish, silently
     strict = batch_settings.model_copy(
         update={"monitor_thresholds": {"catalogue_coverage": {"fail": 1.01}, "short_list_share": {"fail": -1.0}}}
@@ -65,10 +65,10 @@ def test_a_shadow_never_touches_production_monitoring(batch_settings: Settings, 
 def test_canary_stop_and_promote_print_json(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
     production, candidate = two_batches
-    overnight("canary", "--batch", str(candidate), "--traffic", "0.05", "--salt", "j", env=env)
-    stopped = json.loads(overnight("canary", "--stop", "--json", env=env).stdout)
+    overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.05", "--salt", "j", env=env)
+    stopped = json.loads(overnight("canary", "stop", "--json", env=env).stdout)
     assert (stopped["batch_id"], stopped["salt"], stopped["production_batch_id"]) == (candidate, "j", production)
-    overnight("canary", "--batch", str(candidate), "--traffic", "0.05", env=env)
+    overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.05", env=env)
     promoted = json.loads(overnight("promote", "--json", env=env).stdout)
     assert (promoted["batch_id"], promoted["previous_batch_id"]) == (candidate, production)
 
@@ -91,7 +91,7 @@ def test_a_model_canary_promoted_becomes_the_production_model(
     assert (batch[1], batch[2], batch[3]) == (PREVIOUS_DATE, "challenger", "canary")  # the live batch's date
     assert batch_status(batch_settings, production) == "live"  # not replaced, although of the same date
     assert monitoring_of(batch_settings, PREVIOUS_DATE) == before  # production's monitoring record stands
-    with pytest.raises(RolloutError, match=r"already the canary.*canary --refresh"):
+    with pytest.raises(RolloutError, match=r"already the canary.*canary refresh"):
         canary.start_model_canary(batch_settings, "challenger", 0.2)
     assert score.ranker_for(batch_settings, SAMPLE_DATE).model_id == original.model_id  # until promoted
 
@@ -134,7 +134,7 @@ def test_rollback_refuses_a_canary_batch_under_the_live_lock(
     production, candidate = two_batches
     canary.start_canary(batch_settings, candidate, 0.1)
     with pytest.raises(MissingDataError, match=f"batch {candidate} is canary"):
-        publish.rollback(batch_settings, to_batch=candidate)
+        batches.rollback(batch_settings, to_batch=candidate)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         assert conn.execute(sql.query("live_batch_id")).fetchone() == (production,)
 
@@ -159,7 +159,7 @@ def test_shadow_report_says_how_much_of_its_window_has_data(
     batch_settings: Settings, two_batches: tuple[int, int]
 ) -> None:
     """The lake holds one day after PREVIOUS_DATE: a 7-day window is 1/7 there, and the report says so."""
-    model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    model_id = workdir.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
     shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
 
     partial = shadow.shadow_report(batch_settings, PREVIOUS_DATE, horizon_days=7)
@@ -206,9 +206,9 @@ def test_shadow_report_outlives_the_production_batch_table(
     register_challenger(batch_settings)
     shadow_batch = shadow.run_shadow(batch_settings, PREVIOUS_DATE, "challenger").batch_id
     with psycopg.connect(str(batch_settings.database_url)) as conn:
-        publish.switch_live(conn, candidate, "publish")  # the next night goes live; production is retired
+        batches.switch_live(conn, candidate, "publish")  # the next night goes live; production is retired
         # Dropped, but its row not yet marked: as a report that looked the batch up just before the drop.
-        assert publish.drop_batch(conn, production, mark_dropped=False)
+        assert batches.drop_batch(conn, production, mark_dropped=False)
 
     report = shadow.shadow_report(batch_settings, PREVIOUS_DATE)
     assert (report.production["batch_id"], report.shadow["batch_id"]) == (production, shadow_batch)
@@ -227,7 +227,7 @@ def test_shadow_report_outlives_the_production_batch_table(
     # Retention marks both batches dropped (the shadow's too): their rows, and so their models, remain.
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         conn.execute(sql.query("mark_batch_dropped"), (production,))
-        assert publish.drop_batch(conn, shadow_batch)
+        assert batches.drop_batch(conn, shadow_batch)
     later = shadow.shadow_report(batch_settings, PREVIOUS_DATE)
     assert (later.production["batch_id"], later.shadow["batch_id"]) == (production, shadow_batch)
     assert later.latest_window == report.latest_window

@@ -13,11 +13,11 @@ import pytest
 from psycopg import sql as pgsql
 
 import sql
-from jobs import lake, nightly, registry
+from jobs import batches, lake, nightly, registry, workdir
 from jobs.errors import FutureModelError, MissingDataError, RolloutError
 from jobs.rollouts import canary, shadow
 from jobs.settings import Settings
-from jobs.steps import ingest, publish, ranking_metrics, score, train
+from jobs.steps import ingest, publish, ranking_metrics, train
 from serving.live import read_rollout
 from serving.variants import CANARY, PRODUCTION
 from tests.support.batches import batch_status, register_challenger
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 def scored_rows(settings: Settings, day: date, model_id: str | None = None) -> dict[str, list[str]]:
-    folder = score.scores_dir(settings, day, model_id)
+    folder = workdir.scores_dir(settings, day, model_id)
     frames = [pl.read_parquet(p) for p in sorted(folder.glob("shard-*.parquet"))]
     return dict(pl.concat(frames).select("user_id", "item_ids").iter_rows())
 
@@ -82,7 +82,7 @@ def test_canary_start_ramp_stop_and_promote(batch_settings: Settings, two_batche
     assert rollout is not None and rollout.canary is None and rollout.production.batch_id == candidate
     assert batch_status(batch_settings, production) == "retired"
 
-    status = canary.canary_status(batch_settings)
+    status = batches.canary_status(batch_settings)
     assert status["canary"] is None and status["production_batch_id"] == candidate
     assert [event["action"] for event in status["history"]] == ["promote", "start", "stop", "ramp", "start"]
     with psycopg.connect(str(batch_settings.database_url)) as conn:
@@ -109,11 +109,11 @@ def test_canary_refuses_what_it_cannot_serve(batch_settings: Settings, two_batch
         canary.start_canary(batch_settings, candidate, 0.1, salt="s2")
     # The canary is out of reach of rollback and retention.
     with pytest.raises(MissingDataError, match="is canary"):
-        publish.rollback(batch_settings, to_batch=candidate)
+        batches.rollback(batch_settings, to_batch=candidate)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         expired = [r[0] for r in conn.execute(sql.query("expired_batches"), (0,))]
     assert candidate not in expired
-    publish.publish(batch_settings, SAMPLE_DATE, make_live=False)  # a re-run of the canary's date
+    publish.publish_nightly(batch_settings, SAMPLE_DATE, make_live=False)  # a re-run of the canary's date
     assert batch_status(batch_settings, candidate) == "canary"
 
 
@@ -132,21 +132,21 @@ def test_canary_ramp_down_needs_allow_shrink(batch_settings: Settings, two_batch
     canary.start_canary(batch_settings, candidate, 0.5)  # the same share is no ramp down
     with pytest.raises(RolloutError, match=r"50\.00% of users; lowering it to 20\.00% .*--allow-shrink"):
         canary.start_canary(batch_settings, candidate, 0.2)
-    assert canary.canary_status(batch_settings)["canary"]["traffic"] == 0.5
+    assert batches.canary_status(batch_settings)["canary"]["traffic"] == 0.5
     assert canary_users() == before
 
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
-    refused = overnight("canary", "--batch", str(candidate), "--traffic", "0.2", env=env, check=False)
+    refused = overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.2", env=env, check=False)
     assert refused.returncode == 1
     [line] = refused.stderr.strip().splitlines()
     assert line.startswith("overnight: error: batch") and "back to production" in line and "--allow-shrink" in line
-    assert "--allow-shrink" in overnight("canary", "--help", env=env).stdout
+    assert "--allow-shrink" in overnight("canary", "ramp", "--help", env=env).stdout
 
-    shrunk = overnight("canary", "--batch", str(candidate), "--traffic", "0.2", "--allow-shrink", env=env)
+    shrunk = overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.2", "--allow-shrink", env=env)
     assert "traffic: 0.2" in shrunk.stdout and "salt: shrink" in shrunk.stdout
     after = canary_users()
     assert after < before and len(after) < len(before)  # the same salt: a subset stays, the rest is production
-    status = canary.canary_status(batch_settings)
+    status = batches.canary_status(batch_settings)
     assert [(e["action"], e["traffic"]) for e in status["history"]] == [("ramp", 0.2), ("ramp", 0.5), ("start", 0.5)]
 
 
@@ -202,7 +202,7 @@ def test_readers_see_no_error_while_canaries_start_stop_and_promote(
 
 def test_shadow_batch_is_published_but_never_served(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
     production, _ = two_batches
-    model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    model_id = workdir.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
     result = shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
     assert result.users == len(scored_rows(batch_settings, PREVIOUS_DATE, model_id)) > 0
     assert batch_status(batch_settings, result.batch_id) == "shadow"
@@ -211,13 +211,13 @@ def test_shadow_batch_is_published_but_never_served(batch_settings: Settings, tw
         conn.commit()
         assert live == (production,)
         with pytest.raises(psycopg.errors.CheckViolation, match="shadow batches are never served"):
-            publish.switch_live(conn, result.batch_id, "publish")
+            batches.switch_live(conn, result.batch_id, "publish")
     with pytest.raises(MissingDataError, match="is shadow"):
-        publish.rollback(batch_settings, to_batch=result.batch_id)
+        batches.rollback(batch_settings, to_batch=result.batch_id)
     with pytest.raises(RolloutError, match="shadow batch"):
         canary.start_canary(batch_settings, result.batch_id, 0.05)
     # Publishing production again for that date leaves the shadow alone, and vice versa.
-    publish.publish(batch_settings, PREVIOUS_DATE, make_live=True)
+    publish.publish_nightly(batch_settings, PREVIOUS_DATE, make_live=True)
     assert batch_status(batch_settings, result.batch_id) == "shadow"
 
     # The same model as production: identical lists, zero deltas, on a real window (SAMPLE_DATE's events).
@@ -244,7 +244,7 @@ def test_shadow_report_of_a_different_model(batch_settings: Settings, two_batche
     and the registry say on their own."""
     production_batch, _ = two_batches
     challenger = train.train(batch_settings.model_copy(update={"num_leaves": 2, "learning_rate": 0.5}), PREVIOUS_DATE)
-    production_model = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    production_model = workdir.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
     assert challenger.trained and challenger.model_id != production_model
     shadow_batch = shadow.run_shadow(batch_settings, PREVIOUS_DATE, challenger.model_id).batch_id
 
@@ -314,14 +314,14 @@ def test_shadow_report_of_a_different_model(batch_settings: Settings, two_batche
 def test_shadow_refuses_unknown_and_future_models(batch_settings: Settings) -> None:
     with pytest.raises(MissingDataError, match="model nope is not registered"):
         shadow.run_shadow(batch_settings, SAMPLE_DATE, "nope")
-    model_id = score.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    model_id = workdir.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
     older = PREVIOUS_DATE - timedelta(days=3)
     with pytest.raises(FutureModelError, match="would use the future"):
         shadow.run_shadow(batch_settings, older, model_id)
     # The nightly DAG's shadow of a backfilled older date: skipped with the reason, nothing published.
     skipped = shadow.nightly_shadow(batch_settings, older, model_id)
     assert isinstance(skipped, shadow.ShadowSkipped) and skipped.skipped
-    assert (skipped.logical_date, skipped.shadow_model) == (older.isoformat(), model_id)
+    assert (skipped.logical_date, skipped.model_id) == (older.isoformat(), model_id)
     assert f"after {older}" in skipped.reason and "would use the future" in skipped.reason
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         shadows = conn.execute("SELECT count(*) FROM overnight.batches WHERE logical_date = %s", (older,)).fetchone()
@@ -376,7 +376,7 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
     production, candidate = two_batches
     for args, message in (
-        (["canary", "--batch", "999", "--traffic", "0.05"], "batch 999 does not exist"),
+        (["canary", "start", "--batch", "999", "--traffic", "0.05"], "batch 999 does not exist"),
         (["promote"], "no canary is running"),
     ):
         result = overnight(*args, env=env, check=False)
@@ -384,7 +384,7 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
         assert result.stderr.strip().splitlines() == [
             f"overnight: error: {message}" + result.stderr.split(message)[1].rstrip()
         ]
-    started = overnight("canary", "--batch", str(candidate), "--traffic", "0.05", "--salt", "cli", env=env)
+    started = overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.05", "--salt", "cli", env=env)
     assert "salt: cli" in started.stdout and "traffic: 0.05" in started.stdout
     shown = overnight("status", env=env).stdout
     assert f"canary: batch {candidate} for {SAMPLE_DATE}, model ranker-" in shown and "serves 5.00% of users" in shown
@@ -411,20 +411,20 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     started = canary.start_model_canary(batch_settings, "challenger", 0.2, PREVIOUS_DATE, salt="fresh")
     same_night = canary.refresh_canary(batch_settings, PREVIOUS_DATE)
     assert not same_night.refreshed and f"is of {PREVIOUS_DATE} already" in same_night.reason
-    tonight = publish.publish(batch_settings, SAMPLE_DATE, make_live=True)  # the next night
+    tonight = publish.publish_nightly(batch_settings, SAMPLE_DATE, make_live=True)  # the next night
 
     # Stopped while the night was scored: the new batch is kept ready, the stop stands.
-    publish_model = publish.publish_model
+    publish_canary_batch = publish.publish_canary_batch
 
     def stopped_meanwhile(*args: object) -> publish.PublishResult:
-        published = publish_model(*args)  # type: ignore[arg-type]
+        published = publish_canary_batch(*args)  # type: ignore[arg-type]
         canary.stop_canary(batch_settings)
         return published
 
-    monkeypatch.setattr(publish, "publish_model", stopped_meanwhile)
+    monkeypatch.setattr(publish, "publish_canary_batch", stopped_meanwhile)
     raced = canary.refresh_canary(batch_settings, SAMPLE_DATE)
     assert not raced.refreshed and raced.canary_batch is None and "the canary was stopped" in raced.reason
-    assert canary.canary_status(batch_settings)["canary"] is None
+    assert batches.canary_status(batch_settings)["canary"] is None
     # The stopped canary's batch (ready, of the previous date, of another model) was never production:
     # rollback from tonight goes to the batch that was.
     with psycopg.connect(str(batch_settings.database_url)) as conn:
@@ -443,7 +443,7 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         batch = conn.execute(sql.query("batch_by_id"), (new,)).fetchone()
     assert batch is not None and (batch[1], batch[2]) == (SAMPLE_DATE, "challenger")
-    status = canary.canary_status(batch_settings)
+    status = batches.canary_status(batch_settings)
     running = status["canary"]
     assert (running["batch_id"], running["traffic"], running["salt"]) == (new, 0.2, "fresh")  # the same users
     assert (running["started_at"], running["production_batch_id"]) == (started.started_at, tonight.batch_id)
@@ -457,14 +457,14 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     ahead = canary.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))  # production is of SAMPLE_DATE
     assert not ahead.refreshed and ahead.reason.startswith(f"production serves {SAMPLE_DATE}")
     # Ramping needs no batch id: the refresh moved the canary off the batch it was started with.
-    with pytest.raises(RolloutError, match=rf"batch {new} is already the canary .*overnight canary --traffic T"):
+    with pytest.raises(RolloutError, match=rf"batch {new} is already the canary .*overnight canary ramp --traffic T"):
         canary.start_canary(batch_settings, started.batch_id, 0.3)
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
-    ramped = json.loads(overnight("canary", "--traffic", "0.3", "--json", env=env).stdout)
+    ramped = json.loads(overnight("canary", "ramp", "--traffic", "0.3", "--json", env=env).stdout)
     assert (ramped["batch_id"], ramped["traffic"], ramped["salt"]) == (new, 0.3, "fresh")
-    assert "--allow-shrink" in overnight("canary", "--traffic", "0.1", env=env, check=False).stderr
+    assert "--allow-shrink" in overnight("canary", "ramp", "--traffic", "0.1", env=env, check=False).stderr
 
-    again = overnight("canary", "--refresh", "--date", SAMPLE_DATE.isoformat(), "--json", env=env, check=False)
+    again = overnight("canary", "refresh", "--date", SAMPLE_DATE.isoformat(), "--json", env=env, check=False)
     assert again.returncode == 1, again.stderr
     assert json.loads(again.stdout)["reason"] == f"canary batch {new} is of {SAMPLE_DATE} already"
 
@@ -475,12 +475,17 @@ def test_overnight_run_also_scores_the_shadow_and_keeps_the_online_tables(
     """`overnight run` does what the DAG's tasks after publish do; the run history names the night's
     serving batch, not the shadow's."""
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, num_boost_round=20)
-    first = nightly.run(settings, sample_source, SAMPLE_DATE)
-    assert "shadow" not in first.results and first.results["online"]["recorded"]["models"] == []
-    assert first.results["online"]["tables"]["created_partitions"]["served_prediction_chunks"] >= 0
+    first = nightly.run(nightly.night_of(settings, SAMPLE_DATE, sample_source))
+    assert first.outcomes["shadow"]["summary"].startswith("skipped: no shadow_model")
+    assert "partitions created" in first.outcomes["online"]["summary"]
+    assert "recorded for 0 served models" in first.outcomes["online"]["summary"]
 
-    night = nightly.run(settings.model_copy(update={"shadow_model": first.model_id}), sample_source, SAMPLE_DATE)
-    shadow_batch = night.results["shadow"]["shadow"]["batch_id"]
+    shadowed = settings.model_copy(update={"shadow_model": first.model_id})
+    night = nightly.run(nightly.night_of(shadowed, SAMPLE_DATE, sample_source))
+    with psycopg.connect(database_url) as conn:
+        shadows = conn.execute("SELECT batch_id FROM overnight.batches WHERE kind = 'shadow'").fetchall()
+    assert len(shadows) == 1 and f"shadow batch {shadows[0][0]}" in night.outcomes["shadow"]["summary"]
+    shadow_batch = shadows[0][0]
     assert batch_status(settings, shadow_batch) == "shadow" and shadow_batch != night.batch_id
     assert [step.step for step in night.steps][-3:] == ["shadow", "refresh-canary", "online"]
     with psycopg.connect(database_url) as conn:

@@ -8,12 +8,12 @@ import psycopg
 import pytest
 from polars.testing import assert_frame_equal
 
-from jobs import lake, registry
+from jobs import lake, registry, workdir
 from jobs.errors import MissingDataError
 from jobs.settings import Settings
 from jobs.steps import candidates, features, ingest, train
 from jobs.steps.features import FEATURES
-from tests.support.batches import ScoredLake
+from tests.support.batches import ScoredLake, ingest_and_prepare
 from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ def test_examples_ignore_everything_from_the_cutoff_on(tmp_path: Path, sample_so
 
 def test_the_same_data_trains_the_same_model(tmp_path: Path, sample_source: Path, database_url: str) -> None:
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url)
-    ingest.ingest(settings, sample_source, SAMPLE_DATE)
+    ingest_and_prepare(settings, sample_source, SAMPLE_DATE)
     first = train.train(settings, SAMPLE_DATE)
     second = train.train(settings, SAMPLE_DATE)
     assert first.model_id == second.model_id
@@ -102,10 +102,10 @@ def test_tables_for_a_date_ignore_events_on_or_after_it(tmp_path: Path, sample_s
     for settings in (only_until_d, everything):
         features.prepare(settings, early)
         candidates.prepare(settings, early)
-    names = [*candidates.CandidateTables.FILES, *features.FeatureTables.FILES, "users"]
+    names = [*workdir.CANDIDATE_TABLES, *workdir.FEATURE_TABLES, workdir.USERS]
     for name in names:
-        expected = pl.read_parquet(only_until_d.work_dir_for(early) / f"{name}.parquet")
-        assert_frame_equal(pl.read_parquet(everything.work_dir_for(early) / f"{name}.parquet"), expected)
+        expected = pl.read_parquet(workdir.folder(only_until_d, early) / f"{name}.parquet")
+        assert_frame_equal(pl.read_parquet(workdir.folder(everything, early) / f"{name}.parquet"), expected)
 
 
 def test_the_gate_keeps_production_when_a_new_model_is_not_better(

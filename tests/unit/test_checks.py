@@ -4,7 +4,6 @@ import pytest
 
 from jobs.errors import OvernightError
 from jobs.monitoring.checks import DEFAULT_THRESHOLDS, judge, thresholds, verdict
-from jobs.monitoring.history import rows_of
 from jobs.settings import Settings
 
 
@@ -54,10 +53,3 @@ def test_verdict_is_the_worst_level() -> None:
     checks = [judge(limits, "output", "fallback_share", v) for v in (0.0, 0.3)]
     assert verdict(checks) == "warn"
     assert verdict([]) == "ok"
-
-
-def test_rows_in_and_out_of_step_results() -> None:
-    assert rows_of({"rows_read": 10, "rows_valid": 8}) == (10, 8)
-    assert rows_of([{"candidate_rows": 100, "users": 5}, {"candidate_rows": 50, "users": 3}]) == (150, 8)
-    assert rows_of({"trained": True, "metrics": {"training": {"rows": 42}}}) == (42, None)
-    assert rows_of(None) == (None, None)

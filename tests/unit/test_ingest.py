@@ -6,7 +6,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from jobs import lake
+from jobs import lake, workdir
 from jobs.errors import BadInputError
 from jobs.settings import Settings
 from jobs.steps.ingest import MAX_WEIGHT, detect_format, ingest, read_source, source_chunks, validate_interactions
@@ -229,7 +229,7 @@ def test_a_source_read_in_chunks_lands_as_if_read_whole(tmp_path: Path, monkeypa
     assert quarantined["row"].to_list() == [200]
     lake_rows = pl.read_parquet(lake.interaction_partitions(chunked_settings.lake_dir, DAY))
     assert lake_rows.height == chunked.rows_valid == 201
-    assert not (chunked_settings.work_dir_for(DAY) / "ingest-staging").exists()
+    assert not (workdir.folder(chunked_settings, DAY) / "ingest-staging").exists()
 
 
 # ---------------------------------------------------------------- null-looking text, bad weights, bad lines

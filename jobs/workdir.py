@@ -1,0 +1,170 @@
+"""Where a date's work files live, and what a step finds there or is told to make first.
+
+One folder per logical date under ``OVERNIGHT_DATA_DIR/work/``: the item tables the candidates and
+features steps share with scoring, the date's users, the score shards with their manifests (one
+folder per chosen model besides production's), the feature sample monitoring reads for drift, and
+ingest's staging. A step that finds its input missing fails with one line naming the step to run;
+only the nightly runner (``jobs.nightly``) decides what to (re)compute.
+"""
+
+import json
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from jobs.errors import MissingDataError
+from jobs.outcome import Outcome
+from jobs.settings import Settings
+
+CANDIDATE_TABLES = ("popular", "neighbours", "similar", "genre_popular", "item_genres")
+FEATURE_TABLES = ("item_features", "item_genres")
+USERS = "users"  # every user with history as of the date, sorted: what the score shards split
+
+
+def root(settings: Settings) -> Path:
+    """Every date's folder, and the scratch folders of one-off jobs (evaluation), live under this."""
+    return settings.data_dir / "work"
+
+
+def folder(settings: Settings, logical_date: date) -> Path:
+    return root(settings) / f"date={logical_date.isoformat()}"
+
+
+def table_path(settings: Settings, logical_date: date, name: str) -> Path:
+    return folder(settings, logical_date) / f"{name}.parquet"
+
+
+def ingest_staging(settings: Settings, logical_date: date) -> Path:
+    return folder(settings, logical_date) / "ingest-staging"
+
+
+def ingest_report_path(settings: Settings, logical_date: date) -> Path:
+    return settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
+
+
+def missing(what: str, logical_date: date, step: str, where: Path) -> MissingDataError:
+    """The one-line error of a step whose input is not there: what, where, and the step that makes it."""
+    return MissingDataError(
+        f"no {what} for {logical_date} in {where}: run the {step} step first "
+        f"(`overnight {step} --date {logical_date}`, or `overnight run`)"
+    )
+
+
+def require_tables(settings: Settings, logical_date: date) -> Path:
+    """The date's folder, once the candidates and features steps have written their tables there."""
+    for step, names in (("candidates", (*CANDIDATE_TABLES, USERS)), ("features", FEATURE_TABLES)):
+        absent = [name for name in names if not table_path(settings, logical_date, name).exists()]
+        if absent:
+            raise missing(f"{step} tables ({', '.join(absent)})", logical_date, step, folder(settings, logical_date))
+    return folder(settings, logical_date)
+
+
+# ---------------------------------------------------------------------------- score shards
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """One scored shard, as the score step writes it beside the shard and publish reads it."""
+
+    logical_date: str
+    shard: int
+    shards: int
+    model_id: str
+    users: int
+    users_without_candidates: int
+    candidate_rows: int
+    generated_at: str
+    path: str
+    seconds: float = 0.0
+    predict_seconds: float = 0.0  # inside LightGBM's predict: the ceiling the rest of scoring is measured against
+
+    def outcome(self) -> Outcome:
+        summary = f"shard {self.shard} of {self.shards}: {self.users:,} users, {self.candidate_rows:,} candidates"
+        return Outcome(summary, rows_in=self.candidate_rows, rows_out=self.users, model_id=self.model_id)
+
+
+def scores_dir(settings: Settings, logical_date: date, model_id: str | None = None) -> Path:
+    """Production's shards in ``scores/``; a chosen model's (a shadow, a canary) in
+    ``model-scores/<model_id>/``, so a shadow and a canary of the same night never mix."""
+    day = folder(settings, logical_date)
+    return day / "scores" if model_id is None else day / "model-scores" / model_id
+
+
+def shard_name(shard: int, shards: int) -> str:
+    return f"shard-{shard:05d}-of-{shards:05d}"
+
+
+def shard_path(settings: Settings, logical_date: date, shard: int, shards: int, model_id: str | None = None) -> Path:
+    return scores_dir(settings, logical_date, model_id) / f"{shard_name(shard, shards)}.parquet"
+
+
+def manifest_path(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+def read_manifests(settings: Settings, logical_date: date, model_id: str | None = None) -> list[ShardManifest]:
+    """The manifests of one complete set of shards for the date (of `model_id`'s folder, with one), or a
+    one-line error saying what is missing."""
+    where = scores_dir(settings, logical_date, model_id)
+    manifests = [_read_manifest(p) for p in sorted(where.glob("shard-*.json"))]  # see manifest_path
+    if not manifests:
+        raise missing("scores", logical_date, "score", where)
+    counts = {m.shards for m in manifests}
+    if len(counts) != 1:
+        raise MissingDataError(f"scores for {logical_date} mix shard counts {sorted(counts)}; re-run `overnight score`")
+    shards = counts.pop()
+    absent = sorted(set(range(shards)) - {m.shard for m in manifests})
+    if absent:
+        raise MissingDataError(
+            f"scores for {logical_date} are missing shard(s) {absent} of {shards}; "
+            f"run `overnight score --date {logical_date} --shards {shards} --shard N` for each"
+        )
+    models = {m.model_id for m in manifests}
+    if len(models) != 1:
+        raise MissingDataError(
+            f"shards of {logical_date} were scored by different models {sorted(models)}; re-run them"
+        )
+    return sorted(manifests, key=lambda m: m.shard)
+
+
+def _read_manifest(path: Path) -> ShardManifest:
+    try:
+        return ShardManifest(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:
+        raise MissingDataError(
+            f"shard manifest {path} is unreadable ({error}); re-run `overnight score` for its date"
+        ) from None
+
+
+def remove_other_shard_counts(settings: Settings, logical_date: date, shards: int, model_id: str | None) -> None:
+    """Shard files of an earlier run with another shard count: publishing them with this run's would
+    mix two runs."""
+    keep = f"-of-{shards:05d}"
+    folders = [scores_dir(settings, logical_date, model_id)]
+    if model_id is None:
+        folders.append(drift_sample_dir(settings, logical_date))
+    for where in folders:
+        if where.is_dir():
+            for stale in where.glob("shard-*"):
+                if not stale.name.split(".")[0].endswith(keep):
+                    stale.unlink()
+
+
+# ---------------------------------------------------------------------------- monitoring's feature sample
+
+
+def drift_sample_dir(settings: Settings, logical_date: date) -> Path:
+    """Tonight's ranker features for a stable sample of users, one part per shard: written by the score
+    step as it scores them, read by monitoring's drift."""
+    return folder(settings, logical_date) / "drift-sample"
+
+
+def drift_sample_path(settings: Settings, logical_date: date, shard: int, shards: int) -> Path:
+    return drift_sample_dir(settings, logical_date) / f"{shard_name(shard, shards)}.parquet"
+
+
+def drift_sample_parts(settings: Settings, logical_date: date) -> list[Path]:
+    parts = sorted(drift_sample_dir(settings, logical_date).glob("shard-*.parquet"))
+    if not parts:
+        raise missing("feature sample", logical_date, "score", drift_sample_dir(settings, logical_date))
+    return parts
