@@ -1,6 +1,5 @@
 """The batch side's configuration: every ``OVERNIGHT_*`` environment variable it reads, in one place."""
 
-from datetime import date
 from pathlib import Path
 
 from pydantic import Field
@@ -22,22 +21,42 @@ class Settings(BaseSettings):
         description="What the nightly DAG ingests when its run gives no `source` param; "
         "`{date}` in it is replaced by the logical date (YYYY-MM-DD).",
     )
-    source_format: str = "auto"
-    max_bad_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    source_format: str = Field(
+        default="auto",
+        description="Format of the nightly source: auto (detected from the path), movielens, parquet or csv.",
+    )
+    max_bad_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Ingest fails when more than this share of rows is bad (quarantined); "
+            "`overnight ingest --max-bad-fraction` overrides it."
+        ),
+    )
 
     # candidates
     recent_days: int = Field(default=14, gt=0, description="Window of the recent-popularity generator.")
-    popular_candidates: int = Field(default=100, gt=0)
+    popular_candidates: int = Field(
+        default=100,
+        gt=0,
+        description=(
+            "Candidates per user from the recent-popularity generator (most popular available items of the last "
+            "recent_days)."
+        ),
+    )
     covisit_history: int = Field(default=20, gt=0, description="Latest items per user used for co-visitation.")
     covisit_neighbours: int = Field(default=30, gt=0, description="Neighbours kept per item.")
-    covisit_candidates: int = Field(default=100, gt=0)
+    covisit_candidates: int = Field(default=100, gt=0, description="Candidates per user from co-visitation.")
     covisit_half_life_days: float = Field(
         default=60.0, gt=0.0, description="Days over which a co-visit loses half its weight."
     )
     similarity_history: int = Field(default=100, gt=0, description="Latest items per user used for item similarity.")
     similarity_neighbours: int = Field(default=50, gt=0, description="Most similar items kept per item.")
     similarity_min_support: int = Field(default=2, gt=0, description="Users two items must share to be similar.")
-    knn_candidates: int = Field(default=100, gt=0)
+    knn_candidates: int = Field(
+        default=100, gt=0, description="Candidates per user from item-to-item similarity (knn)."
+    )
     max_candidates: int = Field(default=200, gt=0, description="Candidates ranked per user, all sources together.")
     genre_candidates: int = Field(default=50, gt=0, description="Candidates per user from their favourite genres.")
     covisit_max_users: int = Field(
@@ -57,7 +76,14 @@ class Settings(BaseSettings):
     label_days: int = Field(default=14, gt=0, description="Label window before the logical date.")
     retrain_days: int = Field(default=1, gt=0, description="Retrain when the newest model is this old.")
     label_windows: int = Field(default=3, gt=0, description="Rolling label windows to train on, history permitting.")
-    early_stopping_rounds: int = Field(default=30, gt=0)
+    early_stopping_rounds: int = Field(
+        default=30,
+        gt=0,
+        description=(
+            "Boosting rounds without improvement on the newest label window before training stops; the model is "
+            "then refit on every window."
+        ),
+    )
     train_max_users: int = Field(default=200_000, gt=0, description="Users sampled per label window to train on.")
     promotion_margin: float = Field(
         default=0.0,
@@ -67,15 +93,23 @@ class Settings(BaseSettings):
     promotion_min_user_coverage: float = Field(
         default=0.95, ge=0.0, le=1.0, description="Share of evaluated users that must get a full top-10 list."
     )
-    num_boost_round: int = Field(default=200, gt=0)
-    learning_rate: float = Field(default=0.05, gt=0.0)
-    num_leaves: int = Field(default=31, gt=1)
-    min_data_in_leaf: int = Field(default=20, gt=0)
-    seed: int = 7
+    num_boost_round: int = Field(default=200, gt=0, description="Most boosting rounds of the LightGBM ranker.")
+    learning_rate: float = Field(default=0.05, gt=0.0, description="Learning rate of the LightGBM ranker.")
+    num_leaves: int = Field(default=31, gt=1, description="Leaves per tree of the LightGBM ranker.")
+    min_data_in_leaf: int = Field(default=20, gt=0, description="Fewest training rows per leaf of the LightGBM ranker.")
+    seed: int = Field(
+        default=7,
+        description=(
+            "Seed of every random choice in training and monitoring (LightGBM, user samples, the held-out fifth, "
+            "the drift reference): the same data trains the same model."
+        ),
+    )
 
     # scoring and publishing
     top_k: int = Field(default=50, gt=0, description="Items published per user.")
-    exclude_seen: bool = True
+    exclude_seen: bool = Field(
+        default=True, description="Leave out of a user's list the items they already interacted with."
+    )
     score_shards: int = Field(default=2, gt=0, description="Fewest score shards.")
     shard_users: int = Field(
         default=100_000,
@@ -90,8 +124,22 @@ class Settings(BaseSettings):
         default=6.0, ge=0.0, description="Alert when a nightly run takes longer than this; 0 turns the alert off."
     )
     alert_webhook_url: str | None = Field(default=None, description="Generic JSON POST for alerts.")
-    max_age_hours: float = Field(default=26.0, gt=0.0)
-    min_coverage: float = Field(default=0.95, ge=0.0, le=1.0)
+    max_age_hours: float = Field(
+        default=26.0,
+        gt=0.0,
+        description=(
+            "Freshness limit: check-freshness and the hourly freshness DAG fail when the live batch is older than this."
+        ),
+    )
+    min_coverage: float = Field(
+        default=0.95,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Smallest share of active users a batch must cover: publish validation refuses a batch below it, and "
+            "freshness checks fail below it."
+        ),
+    )
     airflow_admin_password: str | None = Field(
         default=None, description="Admin password of `overnight airflow` (default: generated once, then kept)."
     )
@@ -142,14 +190,6 @@ class Settings(BaseSettings):
     @property
     def lake_dir(self) -> Path:
         return self.data_dir / "lake"
-
-    @property
-    def work_dir(self) -> Path:
-        return self.data_dir / "work"
-
-    def work_dir_for(self, logical_date: date) -> Path:
-        """Intermediate files of one logical date's run (shared tables, score shards)."""
-        return self.work_dir / f"date={logical_date.isoformat()}"
 
     @property
     def models_dir(self) -> Path:
