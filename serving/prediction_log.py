@@ -1,28 +1,12 @@
 """Writing rows to Postgres in bulk, off the request path: what was served (`PredictionLog`), and the
 writer it shares with the feedback endpoint (`BulkWriter`).
 
-A request only appends a tuple to a bounded in-memory queue and never awaits: when the queue is full
-the row is refused (the prediction log drops it and counts the drop; the feedback endpoint answers
-503). One background task drains the queue in batches and writes each as one statement with one JSON
-array, over its own connection, so logging never takes a connection from the lookup pool. A batch
-stays open up to `linger_seconds` (0.25) or until full, so Postgres gets few, large writes; meanwhile
-the task encodes what arrived every 10 ms with orjson (C, well under a microsecond a row), 200 rows
-per call, yielding to the lookups between calls, appends that to the batch's one JSON array, and lets
-those rows go: the batch keeps only its JSON, for its retries. That work runs on the event loop the
-lookups share. Done at the end of the quarter second instead, on thousands of rows long out of the
-CPU's caches, it raised the lookups' p99 by a fifth or more in the serving benchmark; spread out, by
-about a tenth or less. What was served is
-stored as that JSON text, one row per batch, sent as a ``text`` parameter: Postgres then does no
-per-answer work on the lookups' cores (0.31-0.42 µs of its CPU an answer, measured; as a ``json``
-parameter it parsed every byte first, 0.82-0.88 µs). A failed write, or one not done within
-`write_timeout` (a lock, a silent network), is retried with back-off (the queue fills meanwhile and
-refuses rows, bounded memory), and a task that fails unexpectedly is restarted; `stop()` drains what
-is left. A retried batch is stored once: each batch gets a write id when it is made, kept through its
-retries, and its statement claims the id in ``overnight.bulk_writes`` and inserts the rows only if the
-claim is new, so when Postgres committed a write whose reply was lost (a dropped connection, the
-client's deadline passing just after the commit), the retry inserts nothing and the rows count as
-written once. Rows held in memory are lost if the process dies before writing them (SIGKILL, OOM, a
-crash), or if Postgres stays down through `stop()` (then counted as lost, and logged).
+A request only appends to a bounded in-memory queue and never waits: when the queue is full the row
+is refused (the prediction log drops and counts it; the feedback endpoint answers 503). One task per
+writer encodes rows a slice at a time and writes each batch as one statement over its own connection,
+retried until Postgres takes it; a batch's write id makes a retried write store its rows once. Rows
+held in memory are lost if the process dies before writing them. Why it is built this way, with the
+measurements: docs/serving.md.
 """
 
 import asyncio

@@ -1,33 +1,10 @@
 """Online metrics: what was served (``overnight.served_predictions``) joined to what users did with it
-(``overnight.feedback_events``), per variant and per batch; and the upkeep of those two tables.
+(``overnight.feedback_events``), per variant, batch and model (``overnight online-report``), and the
+upkeep of those two tables' daily partitions.
 
-Definitions (``overnight online-report``):
-- served: (request, item) pairs the service logged; an item's position is its rank in the answer.
-- impression: a served pair with an impression event, or with a click or conversion (a clicked item
-  was seen even when the client did not report the impression).
-- CTR = clicked impressions / impressions; conversion rate = converted impressions / impressions.
-- Intervals (95%) take the user as the unit, because users (not impressions) are randomized between
-  the arms and one user's impressions are correlated: each rate is a ratio Σy_u / Σn_u over users,
-  with the delta-method variance (`ratio_variance`). CTR and conversion rate use Wilson's interval on
-  the effective sample size n_eff = p(1-p) / Var (at most the impressions), canary-minus-production
-  Newcombe's interval from those two; the IPS click rate and its difference the normal interval.
-- IPS click rate: the click rate an item would have if it were always examined, from the
-  examination hypothesis P(click | shown at position p) = θ_p · P(relevant). Each impressed pair
-  counts click / θ_p, averaged over the impressions (as CTR is), so a variant that puts good items
-  lower (where they are seen less) is not penalised for it. Averaging over impressions assumes
-  clients send an impression event for every item they render (θ_p is the chance a rendered item is
-  examined); an item served but never rendered, or traffic that sends no feedback, is left out of
-  both CTR and IPS rather than counted as not clicked. θ_p comes from a propensity model:
-  - ``power`` (default): θ_p = p^-η, η = 1 (Joachims et al., 2017); set η from a randomisation
-    experiment (swap intervention) when one was run;
-  - ``estimated``: θ_p = CTR at p / CTR at 1 (over impressions), pooled over every variant and made
-    non-increasing.
-    It needs no configuration but attributes to position what is partly relevance (better items are
-    ranked higher), so it over-corrects; prefer a measured η.
-  θ_p is floored at 0.05 (weights at most 20) to bound the variance.
-- offline: beside each batch's and each model's online numbers, the held-out metrics its model was
-  registered with (``overnight.model_versions.metrics``: the promotion gate's evaluation, DESIGN §4),
-  so that the offline and the online view of one model can be read side by side.
+CTR and conversion rate are per impression with user-level intervals (users, not impressions, are
+randomised between the arms); the IPS click rate reweights clicks by the examination propensity of
+their position. The definitions and their assumptions: docs/rollouts.md, "The online report".
 """
 
 import math

@@ -1,23 +1,10 @@
 """Feedback events (``overnight.feedback_events``, from POST /v1/events) as interactions for ingest.
 
-Ingest of a date D merges them into the lake like any source, so tomorrow's model learns from
-today's clicks. Each event type gets its weight from OVERNIGHT_FEEDBACK_WEIGHTS; types without a
-weight (impressions, by default: being shown an item is not a sign of interest) are left out.
-
-Which events a night reads goes by when the service *received* them, not by when they happened:
-the service accepts events up to 7 days old, so a window by event time would silently miss the
-ones that arrived late, and a re-run of a past date would take in what arrived after it. Ingest of
-D reads the events received before D + 1 day that happened before it too (one stamped a few minutes
-into the next day waits for that night), and that became visible in [D - OVERNIGHT_FEEDBACK_LATE_DAYS,
-D + 1 day). Each keeps its own time, so it lands in the lake partition of the day it happened, even
-days before D; the lake merge drops rows it already holds, so reading an event again on the nights
-after changes nothing. Ingest validates the rows like a source's and drops feedback on items
-outside the catalogue (see ``jobs.steps.ingest``).
-
-A click and a conversion of the same item are two interactions, weighted 1 + 3 by default: they
-are two events (the lake's duplicate key includes the event type), and the weights are per type, so
-a conversion, which nearly always follows a click, ends up worth both. Set the conversion weight
-to what it should add to a click.
+Each event type gets its weight from OVERNIGHT_FEEDBACK_WEIGHTS; types without one (impressions, by
+default) are left out. A night reads events by when the service *received* them (D and the
+OVERNIGHT_FEEDBACK_LATE_DAYS days before), not by when they happened, so late arrivals are not
+missed and a re-run of a past date takes in nothing newer; each keeps its own time in the lake.
+Details: docs/rollouts.md, "The online loop".
 """
 
 from datetime import date, timedelta
