@@ -23,10 +23,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from jobs.batches import rollback
 from jobs.database import upgrade
 from jobs.rollouts.canary import promote_canary, start_canary, stop_canary
 from jobs.settings import Settings
-from jobs.batches import rollback
 from serving.lookup import POOL_APPLICATION_NAME
 from serving.variants import CANARY, PRODUCTION, TrafficSplit
 from tests.support.commands import free_port, overnight_env, running_service

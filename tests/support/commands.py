@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,36 +43,45 @@ def overnight_env(database_url: str, data_dir: Path, **extra: str) -> dict[str, 
 @contextmanager
 def running_service(env: dict[str, str], *args: str, ready_timeout: float = 30) -> Iterator[str]:
     """`overnight serve` on a free port of 127.0.0.1; yields its base URL once /readyz answers 200."""
-    port = free_port()
-    process = subprocess.Popen(
-        [str(OVERNIGHT), "serve", "--port", str(port), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"overnight serve exited {process.returncode}:\n{process.stdout.read()}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"overnight serve was not ready within {ready_timeout}s")
-            time.sleep(0.2)
+    with running_server(env, "serve", "/readyz", *args, ready_timeout=ready_timeout) as base:
         yield base
-    finally:
-        process.terminate()
+
+
+@contextmanager
+def running_server(
+    env: dict[str, str], command: str, probe: str, *args: str, ready_timeout: float = 30
+) -> Iterator[str]:
+    """`overnight <command>` (serve, console) on a free port of 127.0.0.1; yields its base URL once
+    `probe` answers 200, and stops it after the block."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    # A file, not a pipe: nobody reads the server's log while it runs, and a full pipe would stall it.
+    with tempfile.TemporaryFile(mode="w+") as output:
+        process = subprocess.Popen(
+            [str(OVERNIGHT), command, "--port", str(port), *args], env=env, stdout=output, stderr=subprocess.STDOUT
+        )
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                if process.poll() is not None:
+                    output.seek(0)
+                    raise AssertionError(f"overnight {command} exited {process.returncode}:\n{output.read()[-3000:]}")
+                try:
+                    if httpx.get(f"{base}{probe}", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"overnight {command} was not ready within {ready_timeout}s")
+                time.sleep(0.2)
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @contextmanager

@@ -1,9 +1,6 @@
 """The operator console under test: its app on a real socket with clients, `overnight console` as a user
 runs it, and a database login in its read-only role."""
 
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +14,7 @@ from psycopg.conninfo import make_conninfo
 
 from console.app import create_app
 from console.settings import ConsoleSettings, get_console_settings
-from tests.support.commands import OVERNIGHT, free_port, serving_app
+from tests.support.commands import running_server, serving_app
 
 CONSOLE_KEY = "console-key-3f9a2e"
 # Nothing listens there: the service panel says it cannot read the service, and the rest still works.
@@ -68,35 +65,8 @@ def running_console(settings: ConsoleSettings, *, auth_disabled: bool = False) -
 @contextmanager
 def console_process(env: dict[str, str], *args: str, ready_timeout: float = 30) -> Iterator[str]:
     """`overnight console` on a free port of 127.0.0.1; yields its base URL once /healthz answers."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    # A file, not a pipe: nobody reads the console's log while it runs, and a full pipe would stall it.
-    with tempfile.TemporaryFile(mode="w+") as output:
-        process = subprocess.Popen(
-            [str(OVERNIGHT), "console", "--port", str(port), *args], env=env, stdout=output, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + ready_timeout
-            while True:
-                if process.poll() is not None:
-                    output.seek(0)
-                    raise AssertionError(f"overnight console exited {process.returncode}:\n{output.read()[-3000:]}")
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"overnight console was not ready within {ready_timeout}s")
-                time.sleep(0.2)
-            yield base
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with running_server(env, "console", "/healthz", *args, ready_timeout=ready_timeout) as base:
+        yield base
 
 
 @contextmanager

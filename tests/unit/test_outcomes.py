@@ -16,7 +16,8 @@ def manifest(shard: int, users: int, rows: int) -> workdir.ShardManifest:
 def test_rows_in_and_out_of_each_step_and_the_nights_batch_and_model() -> None:
     ingested = IngestResult("2026-11-20", "src", "csv", 10, 8, 2, {"duplicate": 2}, 0.2, 1, 3, 4, None, None, None)
     assert (ingested.outcome().rows_in, ingested.outcome().rows_out) == (10, 8)
-    trained = TrainResult("2026-11-20", True, "m2", "rejected", "gate", "m1", {"ndcg@10": 0.3, "training": {"rows": 42}})
+    metrics = {"ndcg@10": 0.3, "training": {"rows": 42}}
+    trained = TrainResult("2026-11-20", True, "m2", "rejected", "gate", "m1", metrics)
     assert (trained.outcome().rows_in, trained.outcome().model_id) == (42, "m1")  # the model that scores the night
     scored = ScoredShards([manifest(0, 5, 100), manifest(1, 3, 50)]).outcome()
     assert (scored.rows_in, scored.rows_out, scored.model_id, scored.batch_id) == (150, 8, "m1", None)
