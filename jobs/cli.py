@@ -703,11 +703,16 @@ def status(as_json: JsonFlag = False) -> None:
         )
 
 
+HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535)]
+WorkersOption = Annotated[int, typer.Option(min=1, help="Worker processes.")]
+
+
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    workers: WorkersOption = 1,
     no_auth: Annotated[
         bool,
         typer.Option(
@@ -716,7 +721,9 @@ def serve(
             "to anyone who can reach the port (local use only). The only way to turn authentication off.",
         ),
     ] = False,
-    server: Annotated[str, typer.Option(help="HTTP server: granian (faster here, see README) or uvicorn.")] = "granian",
+    server: Annotated[
+        str, typer.Option(help="HTTP server: granian (faster here, see docs/serving.md) or uvicorn.")
+    ] = "granian",
 ) -> None:
     """Run the lookup service (needs OVERNIGHT_API_KEYS unless --no-auth)."""
     from jobs.database import database_url
@@ -737,9 +744,9 @@ def _serve(host: str, port: int, workers: int, no_auth: bool, server: str = "gra
 
 @app.command()
 def console(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8001,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8001,
+    workers: WorkersOption = 1,
     no_auth: Annotated[
         bool,
         typer.Option(
