@@ -1,0 +1,1 @@
+"""The batch side: the nightly steps, monitoring, rollouts and the ``overnight`` CLI."""

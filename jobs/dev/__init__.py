@@ -1,1 +1,1 @@
-"""For trying overnight out: synthetic data and a local Airflow."""
+"""For trying overnight out and working on it: synthetic data, the demo, a local Airflow, the configuration page."""

@@ -1,14 +1,10 @@
-"""Output monitoring of a batch before it goes live, and the publish gate.
+"""Output monitoring of a batch before it goes live: what the publish gate (``jobs.monitoring.gate``)
+judges, and the unrecorded checks of a chosen model's batch.
 
 Measures the lists about to be published: score distribution (of a stable sample of about
 20,000 users; each user's top score over all of them), share of active users left to the
 fallback, catalogue coverage, distinct items and Gini of exposure, empty and short lists, and the
 overlap with (and score shift against) yesterday's lists for a stable sample of users.
-``check_batch`` is the gate publish calls before switching ``live``: any check at its fail
-threshold (input, drift or output) blocks the batch with the reasons, and production keeps the
-batch it has. An operator who has looked at them may accept the fails (``overnight publish
---accept-checks "why"``): the batch goes through, and who accepted which checks, why and when is
-recorded (``overnight.monitor_acceptances``, linked to the run) and alerted.
 """
 
 import logging
