@@ -61,7 +61,6 @@ class Sharded:
 
     plan: Callable[[Night], list[int]]
     run_shard: Callable[[Night, int, int], StepResult]  # (night, shards, shard)
-    combine: Callable[[list[Any]], StepResult]
 
 
 def _never(night: Night) -> str | None:
@@ -195,7 +194,7 @@ STEPS: tuple[Step, ...] = (
     Step("features", _features, upstream=("ingest",)),
     Step("candidates", _candidates, upstream=("ingest",)),
     Step("train", _train, upstream=("features", "candidates")),
-    Step("score", _score, upstream=("train",), sharded=Sharded(_plan_shards, _score_shard, _scored), retries=3),
+    Step("score", _score, upstream=("train",), sharded=Sharded(_plan_shards, _score_shard), retries=3),
     Step("monitor", _monitor, upstream=("score",)),
     Step("publish", _publish, upstream=("monitor",)),
     Step("check-freshness", _check_freshness, upstream=("publish",), retries=1),
