@@ -27,12 +27,27 @@ class Migration:
     text: str
 
 
+# A batch's tables, by the placeholder its queries use for each (see migrations 0001 and 0019): the user
+# lists, the items' neighbour lists, the catalogue's attributes, the segments' lists, users' segments.
+BATCH_TABLES = ("recs", "similar", "items", "segments", "user_segments")
+
+
+def batch_table_name(batch_id: int, table: str = "recs") -> str:
+    if table not in BATCH_TABLES:
+        raise ValueError(f"a batch has no {table!r} table (it has {', '.join(BATCH_TABLES)})")
+    return f"{table}_{int(batch_id)}"
+
+
+def batch_table(batch_id: int, table: str = "recs") -> pgsql.Identifier:
+    return pgsql.Identifier(SCHEMA, batch_table_name(batch_id, table))
+
+
 def recs_table_name(batch_id: int) -> str:
-    return f"recs_{int(batch_id)}"
+    return batch_table_name(batch_id)
 
 
 def recs_table(batch_id: int) -> pgsql.Identifier:
-    return pgsql.Identifier(SCHEMA, recs_table_name(batch_id))
+    return batch_table(batch_id)
 
 
 @cache
@@ -54,8 +69,8 @@ def query(name: str) -> LiteralString:
 
 
 def batch_query(name: str, batch_id: int) -> pgsql.Composed:
-    """A named query over one batch's table; ``{recs}`` in its text is the table."""
-    return pgsql.SQL(query(name)).format(recs=recs_table(batch_id))
+    """A named query over one batch's tables; ``{recs}``, ``{similar}``, ... in its text are the tables."""
+    return pgsql.SQL(query(name)).format(**{table: batch_table(batch_id, table) for table in BATCH_TABLES})
 
 
 def migrations() -> list[Migration]:

@@ -1,5 +1,6 @@
 """What the batch side and the serving side agree on besides the tables: limits and names both check."""
 
+from collections.abc import Sequence, Set
 from typing import Final, Literal
 
 # The longest user or item id: ingest quarantines longer ones, so no batch holds one; the lookup
@@ -12,3 +13,48 @@ BatchKind = Literal["serving", "canary", "shadow"]
 NIGHTLY_BATCH: Final = "serving"
 CANARY_BATCH: Final = "canary"
 SHADOW_BATCH: Final = "shadow"
+
+# Session recommendations (POST /v1/recommendations:session) are combined at request time by the service
+# and the same way by `overnight evaluate` when it measures them, so both use `blend_session`.
+# The i-th most recent item's neighbours count SESSION_RECENCY_DECAY ** i as much as the latest item's.
+SESSION_RECENCY_DECAY: Final = 0.7
+# With a known user, their own precomputed list counts this much against the whole session's.
+SESSION_USER_WEIGHT: Final = 1.0
+
+Ranked = tuple[Sequence[str], Sequence[float]]
+
+
+def blend_session(
+    neighbours: Sequence[Ranked | None],
+    leave_out: Set[str],
+    user_list: Sequence[str] = (),
+) -> list[tuple[str, float]]:
+    """Every item the session's neighbour lists propose, best first, with its blended score.
+
+    `neighbours` has one list per session item, most recent first (None for an item without one); their
+    scores are similarities, never negative. Each list's scores are divided by its best, weighted by
+    recency, summed over the lists and divided by the weights' sum. A known user's own list (`user_list`,
+    best first: ranker scores are not comparable across users, so only its order counts) adds
+    SESSION_USER_WEIGHT * (1 - position / length). Items in `leave_out` (the session's own, the excluded)
+    are left out; ties go by item id, so an answer repeats exactly."""
+    totals: dict[str, float] = {}
+    weight_sum = 0.0
+    for position, ranked in enumerate(neighbours):
+        weight = SESSION_RECENCY_DECAY**position
+        weight_sum += weight
+        if ranked is None or not ranked[0]:
+            continue
+        item_ids, scores = ranked
+        best = max(scores)
+        if best <= 0:
+            continue
+        for item_id, score in zip(item_ids, scores, strict=True):
+            if item_id not in leave_out:
+                totals[item_id] = totals.get(item_id, 0.0) + weight * score / best
+    if weight_sum:
+        totals = {item_id: score / weight_sum for item_id, score in totals.items()}
+    length = len(user_list)
+    for position, item_id in enumerate(user_list):
+        if item_id not in leave_out:
+            totals[item_id] = totals.get(item_id, 0.0) + SESSION_USER_WEIGHT * (1 - position / length)
+    return sorted(totals.items(), key=lambda pair: (-pair[1], pair[0]))

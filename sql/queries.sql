@@ -26,6 +26,25 @@ INSERT INTO overnight.schema_migrations (version, name) VALUES (%s, %s);
 -- Every lookup trip: the users waiting at that moment, one or many, in one round trip.
 SELECT user_id, item_ids, scores FROM {recs} WHERE user_id = ANY(%s);
 
+-- name: similar_for_items
+-- The neighbour lists of the items asked for (similar items, session recommendations), in one round trip.
+SELECT item_id, item_ids, scores FROM {similar} WHERE item_id = ANY(%s);
+
+-- name: recs_and_segments_for_users
+-- `recs_for_users` for a batch with user segments: a user it did not score comes back with the segment
+-- their attributes put them in (item_ids and scores null), in the same round trip.
+SELECT user_id, item_ids, scores, NULL::text AS segment FROM {recs} WHERE user_id = ANY(%(user_ids)s)
+UNION ALL
+SELECT user_id, NULL, NULL, segment FROM {user_segments} WHERE user_id = ANY(%(user_ids)s);
+
+-- name: batch_items
+-- Every catalogue item of a batch with its popularity and attributes: the service holds them in memory
+-- for filters and fallbacks.
+SELECT item_id, popularity, attributes FROM {items};
+
+-- name: batch_segments
+SELECT segment, item_ids, scores FROM {segments};
+
 -- name: serving_session
 -- Run once per pooled lookup connection: the server gives up on a lookup when the client would.
 SELECT set_config('statement_timeout', %s, false);
@@ -111,6 +130,56 @@ CREATE TABLE {recs} (
 -- name: copy_recs
 COPY {recs} (user_id, item_ids, scores) FROM STDIN (FORMAT BINARY);
 
+-- name: create_similar_table
+CREATE TABLE {similar} (
+    item_id  text NOT NULL,
+    item_ids text[] NOT NULL,
+    scores   real[] NOT NULL
+);
+
+-- name: copy_similar
+COPY {similar} (item_id, item_ids, scores) FROM STDIN (FORMAT BINARY);
+
+-- name: add_similar_primary_key
+ALTER TABLE {similar} ADD PRIMARY KEY (item_id);
+
+-- name: create_items_table
+CREATE TABLE {items} (
+    item_id    text PRIMARY KEY,
+    -- larger is more popular: fallbacks and filtered fills take items in this order
+    popularity real NOT NULL,
+    -- {"genre": ["Comedy", "Drama"], "available": true, ...}: what `filter=` may ask about
+    attributes jsonb NOT NULL
+);
+
+-- name: copy_items
+COPY {items} (item_id, popularity, attributes) FROM STDIN (FORMAT BINARY);
+
+-- name: create_segments_table
+CREATE TABLE {segments} (
+    segment  text PRIMARY KEY,
+    item_ids text[] NOT NULL,
+    scores   real[] NOT NULL
+);
+
+-- name: copy_segments
+COPY {segments} (segment, item_ids, scores) FROM STDIN (FORMAT BINARY);
+
+-- name: create_user_segments_table
+CREATE TABLE {user_segments} (
+    user_id text NOT NULL,
+    segment text NOT NULL
+);
+
+-- name: copy_user_segments
+COPY {user_segments} (user_id, segment) FROM STDIN (FORMAT BINARY);
+
+-- name: add_user_segments_primary_key
+ALTER TABLE {user_segments} ADD PRIMARY KEY (user_id);
+
+-- name: set_batch_extras
+UPDATE overnight.batches SET similar_k = %s, segment_attribute = %s WHERE batch_id = %s;
+
 -- name: add_recs_primary_key
 ALTER TABLE {recs} ADD PRIMARY KEY (user_id);
 
@@ -129,7 +198,8 @@ WHERE batch_id = %s;
 SET LOCAL lock_timeout = '5s';
 
 -- name: drop_recs_table
-DROP TABLE IF EXISTS {recs};
+-- Every table of the batch (sql.BATCH_TABLES).
+DROP TABLE IF EXISTS {recs}, {similar}, {items}, {segments}, {user_segments};
 
 -- name: batch_by_id
 SELECT batch_id, logical_date, model_id, status, k, users_scored, active_users, generated_at,
