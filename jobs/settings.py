@@ -116,6 +116,19 @@ class Settings(BaseSettings):
         gt=0,
         description="Most users per score shard: more users make more shards, so a shard's memory stays the same.",
     )
+    similar_k: int = Field(
+        default=50, gt=0, description="Neighbours published per item (GET /v1/items/{item_id}/similar, sessions)."
+    )
+    segment_attribute: str | None = Field(
+        default=None,
+        description=(
+            "User attribute (a column of the users table: country, platform, ...) whose values are segments: "
+            "users the batch did not score get their segment's popular list. Unset: one global list."
+        ),
+    )
+    segment_min_users: int = Field(
+        default=50, gt=0, description="Fewest recently active users a segment needs for a popular list of its own."
+    )
     keep_batches: int = Field(default=3, ge=2, description="Batches kept for instant rollback.")
     publish_workers: int = Field(default=2, gt=0, description="Parallel COPY connections.")
 
