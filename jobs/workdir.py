@@ -19,6 +19,8 @@ from jobs.settings import Settings
 CANDIDATE_TABLES = ("popular", "neighbours", "similar", "genre_popular", "item_genres")
 FEATURE_TABLES = ("item_features", "item_genres")
 USERS = "users"  # every user with history as of the date, sorted: what the score shards split
+# What the candidates step makes for publish to load beside the user lists (sql.BATCH_TABLES)
+SIMILAR_ITEMS = "similar_items"  # item_id, item_ids, scores: each item's neighbours, best first
 
 
 def root(settings: Settings) -> Path:

@@ -21,6 +21,7 @@ import polars as pl
 from jobs import kernels, lake, workdir
 from jobs.outcome import Outcome
 from jobs.settings import Settings
+from jobs.steps import similar
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +317,8 @@ def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
     tables = build_tables(events, catalogue, lake.day_end(logical_date), settings)
     users = events.select("user_id").unique().collect(engine="streaming").sort("user_id")
-    for name, frame in {**tables.frames(), workdir.USERS: users}.items():
+    published = {workdir.SIMILAR_ITEMS: similar.similar_items(tables.neighbours, tables.similar, catalogue, settings)}
+    for name, frame in {**tables.frames(), workdir.USERS: users, **published}.items():
         lake.write_parquet_atomically(frame, workdir.table_path(settings, logical_date, name))
     result = CandidatesResult(
         logical_date=logical_date.isoformat(),
