@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,18 @@ BIN = Path(sys.executable).parent
 API_KEY = "bench-key"
 MODEL_ID = "bench-model"
 CATALOGUE = 20_000
+SIMILAR_K = 50
+SEGMENTS = 10
 PACED_CONNECTIONS_FACTOR = 4
 TAIL_LEVELS = np.concatenate([50 + np.arange(400) / 10, 90 + np.arange(1000) / 100])  # of a phase's `tail_ms`
 BOOTSTRAP_DRAWS = 2000
 
-# wrk runs this per connection: pick a user by the configured mix and ask for their default list.
+# wrk runs this per connection: pick a user by the configured mix and ask for their default list, or
+# another endpoint's request (ENDPOINT_REQUESTS).
 WRK_SCRIPT = """
 local users, hot_users = {users}, {hot_users}
 local hot_share, unknown_share, delay_ms = {hot_share}, {unknown_share}, {delay_ms}
+local catalogue = {catalogue}
 local counter = 0
 wrk.headers["Authorization"] = "Bearer {api_key}"
 
@@ -84,18 +89,21 @@ init = function(args)
   math.randomseed(os.time() * 1000 + seed)
 end
 
-request = function()
+pick_user = function()
   local draw = math.random()
-  local user
   if draw < unknown_share then
-    user = "x" .. math.random(1, 1000000000)
+    return "x" .. math.random(1, 1000000000)
   elseif draw < unknown_share + hot_share then
-    user = "u" .. math.random(0, hot_users - 1)
-  else
-    user = "u" .. math.random(0, users - 1)
+    return "u" .. math.random(0, hot_users - 1)
   end
-  return wrk.format(nil, "/v1/users/" .. user .. "/recommendations")
+  return "u" .. math.random(0, users - 1)
 end
+
+pick_item = function()
+  return "i" .. math.random(0, catalogue - 1)
+end
+
+{request}
 
 if delay_ms > 0 then
   -- wrk waits whole milliseconds: a fractional delay is its floor or ceiling at random, in proportion.
@@ -128,6 +136,37 @@ done = function(summary, latency, requests)
     table.concat(tail, ", ")))
 end
 """
+
+# The request each measured endpoint sends (a Lua `request` function for WRK_SCRIPT).
+ENDPOINT_REQUESTS = {
+    "user_lookup": """
+request = function()
+  return wrk.format(nil, "/v1/users/" .. pick_user() .. "/recommendations")
+end
+""",
+    # A typical storefront filter: one broad genre (about 40% of the catalogue) among available items.
+    "filtered_user_lookup": """
+request = function()
+  return wrk.format(nil, "/v1/users/" .. pick_user() .. "/recommendations?filter=genre:g0,available")
+end
+""",
+    "similar": """
+request = function()
+  return wrk.format(nil, "/v1/items/" .. pick_item() .. "/similar")
+end
+""",
+    # A visitor's session of three items, most recent first.
+    "session": """
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  local body = '{"items": ["' .. pick_item() .. '", "' .. pick_item() .. '", "' .. pick_item() .. '"]}'
+  return wrk.format("POST", "/v1/recommendations:session", nil, body)
+end
+""",
+}
+NEW_ENDPOINTS = ("similar", "session", "filtered_user_lookup")
+THROUGHPUT_TARGET = 0.8  # of the user lookup's requests/s
+HALF_RATE_P99_TARGET_MS = 5.0
 
 
 # ---------------------------------------------------------------------------- the hello-world ceilings
@@ -186,9 +225,10 @@ def ensure_batch(admin_url: str, url: str, users: int, k: int, fresh: bool) -> t
     with psycopg.connect(url) as conn:
         upgrade(conn)
         row = conn.execute(
-            "SELECT b.batch_id, b.users_scored FROM overnight.live JOIN overnight.batches AS b USING (batch_id)"
+            "SELECT b.batch_id, b.users_scored, b.similar_k FROM overnight.live"
+            " JOIN overnight.batches AS b USING (batch_id)"
         ).fetchone()
-    if row is not None and row[1] == users:
+    if row is not None and row[1] == users and row[2] is not None:
         return int(row[0]), 0.0
     start = time.monotonic()
     batch_id = publish_synthetic(url, users, k)
@@ -245,10 +285,46 @@ def publish_synthetic(url: str, users: int, k: int) -> int:
         print(file=sys.stderr)
         conn.execute(sql.batch_query("add_recs_primary_key", batch_id))
         conn.execute(sql.batch_query("analyze_recs", batch_id))
+        publish_extras(conn, batch_id, rng, k)
         conn.execute(sql.query("mark_batch_ready"), (Jsonb({"rows": users}), batch_id))
         conn.commit()
         switch_live(conn, batch_id, "publish")
     return int(batch_id)
+
+
+def publish_extras(conn: psycopg.Connection[Any], batch_id: int, rng: np.random.Generator, k: int) -> None:
+    """The batch's extra tables, as the batch side publishes them by the named queries: each catalogue item's
+    `similar_k` neighbours; its popularity (i0 most popular) and attributes (genres g0..g19, g0 on about 40%
+    of the items; 95% available); SEGMENTS segments' popular lists; the segments of 10,000 users not scored."""
+    names = [f"i{n}" for n in range(CATALOGUE)]
+    ranked = ["text", "text[]", "float4[]"]
+    similarities = [round(0.95 * (SIMILAR_K - n) / SIMILAR_K, 4) for n in range(SIMILAR_K)]
+    steps = 1 + np.arange(SIMILAR_K) * 104_729 % (CATALOGUE - 1)
+    conn.execute(sql.batch_query("create_similar_table", batch_id))
+    with conn.cursor() as cur, cur.copy(sql.batch_query("copy_similar", batch_id)) as copy:
+        copy.set_types(ranked)
+        for n in range(CATALOGUE):
+            copy.write_row((names[n], [names[(n + step) % CATALOGUE] for step in steps.tolist()], similarities))
+    conn.execute(sql.batch_query("add_similar_primary_key", batch_id))
+    conn.execute(sql.batch_query("create_items_table", batch_id))
+    with conn.cursor() as cur, cur.copy(sql.batch_query("copy_items", batch_id)) as copy:
+        copy.set_types(["text", "float4", "jsonb"])
+        for n in range(CATALOGUE):
+            genres = sorted({f"g{n % 20}", *(["g0"] if n % 5 < 2 else [])})
+            copy.write_row((names[n], float(CATALOGUE - n), Jsonb({"genre": genres, "available": n % 20 != 19})))
+    conn.execute(sql.batch_query("create_segments_table", batch_id))
+    with conn.cursor() as cur, cur.copy(sql.batch_query("copy_segments", batch_id)) as copy:
+        copy.set_types(ranked)
+        for segment in range(SEGMENTS):
+            items = rng.choice(CATALOGUE, size=k, replace=False).tolist()
+            copy.write_row((f"s{segment}", [names[i] for i in items], [float(k - n) for n in range(k)]))
+    conn.execute(sql.batch_query("create_user_segments_table", batch_id))
+    with conn.cursor() as cur, cur.copy(sql.batch_query("copy_user_segments", batch_id)) as copy:
+        copy.set_types(["text", "text"])
+        for n in range(10_000):
+            copy.write_row((f"a{n}", f"s{n % SEGMENTS}"))
+    conn.execute(sql.batch_query("add_user_segments_primary_key", batch_id))
+    conn.execute(sql.query("set_batch_extras"), (SIMILAR_K, "country", batch_id))
 
 
 # ---------------------------------------------------------------------------- load
@@ -273,14 +349,18 @@ def pgbench(url: str, batch_id: int, users: int, seconds: int, clients: int) -> 
     return float(line.split()[2])
 
 
-def wrk(base: str, args: argparse.Namespace, seconds: float, delay_ms: float = 0) -> dict[str, Any]:
+def wrk(
+    base: str, args: argparse.Namespace, seconds: float, delay_ms: float = 0, endpoint: str = "user_lookup"
+) -> dict[str, Any]:
     script = WRK_SCRIPT.format(
         users=args.users,
         hot_users=max(1, round(args.users * args.hot_users)),
         hot_share=args.hot_share,
         unknown_share=args.unknown_share,
         delay_ms=f"{delay_ms:.3f}",
+        catalogue=CATALOGUE,
         api_key=API_KEY,
+        request=ENDPOINT_REQUESTS[endpoint],
     )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as file:
         file.write(script)
@@ -420,13 +500,16 @@ def service_metrics(base: str) -> dict[str, float]:
     }
 
 
-def load_services(args: argparse.Namespace, env: dict[str, str]) -> list[tuple[float, dict[str, Any]]]:
+def load_services(
+    args: argparse.Namespace, env: dict[str, str]
+) -> tuple[list[tuple[float, dict[str, Any]]], dict[str, Any]]:
     """`overnight serve`'s app under wrk, once per --prediction-log-sample-rate: each rate's phase flat out,
     then each rate's phase at half the first phase's maximum (the same load for all).
 
     One service per distinct rate runs throughout, and the phases alternate between them in the order
     given: the machine's speed drifts over minutes (other tenants), so runs compared with each other
-    should be close in time rather than one configuration after the other.
+    should be close in time rather than one configuration after the other. Then the other endpoints
+    (`load_endpoints`) on the first rate's service.
     """
     rates = list(dict.fromkeys(args.prediction_log_sample_rate))
     bases: dict[float, str] = {}
@@ -457,10 +540,49 @@ def load_services(args: argparse.Namespace, env: dict[str, str]) -> list[tuple[f
             )
             half["target_rps"] = round(target_rps, 1)
             runs.append((rate, {"full": full, "half": half, "service": service_metrics(bases[rate])}))
-        return runs
+        first = args.prediction_log_sample_rate[0]
+        return runs, load_endpoints(args, bases[first], pids[first], paced)
 
 
-def delay_for(base: str, args: argparse.Namespace, target_rps: float) -> float:
+def load_endpoints(args: argparse.Namespace, base: str, service_pid: int, paced: argparse.Namespace) -> dict[str, Any]:
+    """Each new endpoint flat out and at half its own maximum, and the user lookup flat out between them
+    (its rate next to theirs in time: the machine's speed drifts); each one's requests/s and service CPU
+    per request over the user lookup's measured just before it, and its p99 at half load, against the
+    targets."""
+    endpoints: dict[str, Any] = {}
+    for endpoint in NEW_ENDPOINTS:
+        wrk(base, args, 5, endpoint=endpoint)  # warm-up: its prepared statements and cache entries
+        lookup = with_cpu_per_request(service_pid, partial(wrk, base, args, args.seconds))
+        full = with_cpu_per_request(service_pid, partial(wrk, base, args, args.seconds, endpoint=endpoint))
+        target_rps = full["rps"] / 2
+        delay = delay_for(base, paced, target_rps, endpoint)
+        half = wrk(base, paced, args.seconds, delay_ms=delay, endpoint=endpoint)
+        ratio = full["rps"] / lookup["rps"]
+        endpoints[endpoint] = {
+            "rps": full["rps"],
+            "user_lookup_rps": lookup["rps"],
+            "ratio_to_user_lookup": round(ratio, 3),
+            "latency_ms": {key: full[f"{key}_ms"] for key in ("p50", "p90", "p99", "p999", "max")},
+            "errors": full["errors"],
+            "cpu_us_per_request": full["cpu_us_per_request"],
+            "user_lookup_cpu_us_per_request": lookup["cpu_us_per_request"],
+            # The service's CPU per request is far steadier than requests/s on a shared machine.
+            "cpu_ratio_to_user_lookup": round(
+                full["cpu_us_per_request"]["service"] / lookup["cpu_us_per_request"]["service"], 3
+            ),
+            "half_rate": {
+                "target_rps": round(target_rps, 1),
+                "rps": half["rps"],
+                "latency_ms": {key: half[f"{key}_ms"] for key in ("p50", "p90", "p99", "p999", "max")},
+                "errors": half["errors"],
+            },
+            "meets_throughput_target": ratio >= THROUGHPUT_TARGET,
+            "meets_half_rate_p99_target": half["p99_ms"] < HALF_RATE_P99_TARGET_MS,
+        }
+    return endpoints
+
+
+def delay_for(base: str, args: argparse.Namespace, target_rps: float, endpoint: str = "user_lookup") -> float:
     """The wait between a connection's requests that makes wrk send `target_rps`.
 
     A connection's rate is 1 / (wait + latency + wrk's own time), and the latency depends on the rate:
@@ -469,7 +591,7 @@ def delay_for(base: str, args: argparse.Namespace, target_rps: float) -> float:
     period_ms = 1000 * args.connections / target_rps
     delay_ms = period_ms
     for _ in range(2):
-        probe = wrk(base, args, 3, delay_ms=delay_ms)
+        probe = wrk(base, args, 3, delay_ms=delay_ms, endpoint=endpoint)
         overhead_ms = 1000 * args.connections / probe["rps"] - delay_ms
         delay_ms = max(0.05, period_ms - overhead_ms)
     return delay_ms
@@ -637,7 +759,7 @@ def main() -> None:
             "OVERNIGHT_API_KEYS": API_KEY,
             "OVERNIGHT_CACHE_ENTRIES": "0" if args.no_cache else os.environ.get("OVERNIGHT_CACHE_ENTRIES", "50000"),
         }
-        runs = load_services(args, env)
+        runs, endpoints = load_services(args, env)
         full, half, explained = runs[0][1]["full"], runs[0][1]["half"], runs[0][1]["service"]
     finally:
         if not args.keep:
@@ -704,6 +826,10 @@ def main() -> None:
             for rate, run in runs
         ],
         "prediction_log_cost": logging_cost(runs),
+        # Similar items, sessions and filters against the user lookup, in the same run (issue 29): targets
+        # requests/s >= 0.8 of the user lookup's and p99 at half load < 5 ms.
+        "endpoints": endpoints,
+        "endpoint_targets": {"ratio_to_user_lookup": THROUGHPUT_TARGET, "half_rate_p99_ms": HALF_RATE_P99_TARGET_MS},
         "publish_seconds": round(publish_seconds, 1),
         "load_average": [round(load, 2) for load in os.getloadavg()],
         "cpus": os.cpu_count(),

@@ -1,10 +1,14 @@
-"""Postgres binary COPY of (user_id text, item_ids text[], scores real[]) rows, encoded column-wise.
+"""Postgres binary COPY of (user_id text, item_ids text[], scores real[]) rows, encoded column-wise,
+and of rows of plain text, real and jsonb fields (a batch's item attributes and users' segments).
 
 psycopg's ``write_row`` encodes one row per Python call, which costs more than the server's work
 to load it. Here a whole block of rows becomes one COPY body with Arrow's C++ string kernels:
 each element is its 4-byte length joined to its bytes, each row's elements are joined into its
 array, and each row's fields are joined to their length prefixes, element-wise over all rows.
 """
+
+from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -16,6 +20,9 @@ TRAILER = b"\xff\xff"
 TEXT_OID, FLOAT4_OID = 25, 700
 NULL_LENGTH = -1
 NOTHING = pa.scalar(b"", pa.large_binary())  # the separator of every join
+JSONB_VERSION = pa.scalar(b"\x01", pa.large_binary())  # jsonb's binary form: this byte, then the JSON text
+# The plain fields `encode_fields` writes: text, real (float4) and jsonb (from JSON text)
+FieldKind = Literal["text", "real", "jsonb"]
 
 
 class EncodingError(ValueError):
@@ -63,10 +70,18 @@ def _array_field(
     return pc.binary_join_element_wise(header, body, NOTHING)
 
 
-def encode_rows(frame: pl.DataFrame) -> pa.Buffer:
-    """The COPY rows of ``frame``'s user_id, item_ids and scores, to send between SIGNATURE and TRAILER."""
-    table = frame.select("user_id", "item_ids", "scores").to_arrow(compat_level=pl.CompatLevel.oldest())
-    users = table.column("user_id").combine_chunks().cast(pa.large_binary())
+def _body(encoded: pa.Array, rows: int) -> pa.Buffer:
+    """The bytes of ``encoded``'s rows, one after the other."""
+    encoded = encoded.cast(pa.large_binary())
+    data_offsets = np.frombuffer(encoded.buffers()[1], dtype=np.int64)[encoded.offset : encoded.offset + rows + 1]
+    return encoded.buffers()[2][data_offsets[0] : data_offsets[-1]] if rows else pa.py_buffer(b"")
+
+
+def encode_rows(frame: pl.DataFrame, key: str = "user_id") -> pa.Buffer:
+    """The COPY rows of ``frame``'s ``key`` (text: a user id, an item id, a segment), item_ids and scores, to
+    send between SIGNATURE and TRAILER."""
+    table = frame.select(key, "item_ids", "scores").to_arrow(compat_level=pl.CompatLevel.oldest())
+    users = table.column(key).combine_chunks().cast(pa.large_binary())
     items = table.column("item_ids").combine_chunks().cast(pa.large_list(pa.large_binary()))
     scores = table.column("scores").combine_chunks().cast(pa.large_list(pa.float32()))
     if users.null_count or items.null_count or scores.null_count:
@@ -103,6 +118,27 @@ def encode_rows(frame: pl.DataFrame) -> pa.Buffer:
     item_length = _fixed(_int32(pc.binary_length(item_field).to_numpy(zero_copy_only=False), rows=rows))
     score_length = _fixed(_int32(pc.binary_length(score_field).to_numpy(zero_copy_only=False), rows=rows))
     encoded = pc.binary_join_element_wise(prefix, users, item_length, item_field, score_length, score_field, NOTHING)
-    encoded = encoded.cast(pa.large_binary())
-    data_offsets = np.frombuffer(encoded.buffers()[1], dtype=np.int64)[encoded.offset : encoded.offset + rows + 1]
-    return encoded.buffers()[2][data_offsets[0] : data_offsets[-1]] if rows else pa.py_buffer(b"")
+    return _body(encoded, rows)
+
+
+def encode_fields(frame: pl.DataFrame, kinds: Mapping[str, FieldKind]) -> pa.Buffer:
+    """The COPY rows of ``frame``'s columns named in ``kinds``, in that order, each a field of its kind
+    (none may be null), to send between SIGNATURE and TRAILER."""
+    table = frame.select(list(kinds)).to_arrow(compat_level=pl.CompatLevel.oldest())
+    rows = frame.height
+    fields = [_fixed(np.full(rows, len(kinds), dtype=">i2").view(np.uint8).reshape(rows, 2))]
+    for name, kind in kinds.items():
+        column = table.column(name).combine_chunks()
+        if column.null_count:
+            raise EncodingError(f"a row has a null {name}")
+        if kind == "real":
+            values = _fixed(
+                np.asarray(column.to_numpy(zero_copy_only=False), dtype=">f4").view(np.uint8).reshape(rows, 4)
+            )
+        elif kind == "jsonb":
+            values = pc.binary_join_element_wise(JSONB_VERSION, column.cast(pa.large_binary()), NOTHING)
+        else:
+            values = column.cast(pa.large_binary())
+        lengths = pc.binary_length(values).to_numpy(zero_copy_only=False)
+        fields += [_fixed(_int32(lengths, rows=rows)), values]
+    return _body(pc.binary_join_element_wise(*fields, NOTHING), rows)

@@ -3,7 +3,8 @@
 Layout under ``OVERNIGHT_DATA_DIR/lake``::
 
     interactions/event_date=YYYY-MM-DD/part-0.parquet   one partition per event day
-    items/date=YYYY-MM-DD/items.parquet                 catalogue snapshot per logical date
+    items/date=YYYY-MM-DD/items.parquet                 catalogue snapshot per logical date (ITEMS_SCHEMA
+                                                        and the item file's attribute columns)
     users/date=YYYY-MM-DD/users.parquet                 user attributes per logical date (optional)
     quarantine/date=YYYY-MM-DD/<source>.parquet         rejected rows with their reason
 
@@ -14,6 +15,7 @@ once, and a backfill of that day run afterwards sees it.
 """
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
@@ -36,6 +38,14 @@ ITEMS_SCHEMA: dict[str, pl.DataType] = {
     "genres": pl.List(pl.String()),
     "available": pl.Boolean(),
 }
+# Besides ITEMS_SCHEMA a catalogue snapshot keeps the item file's attribute columns (a storefront's
+# `category`, `in_stock`): text, lists of text or true/false, what request-time filters ask about. Ingest
+# keeps at most MAX_ITEM_ATTRIBUTES of them, named like ATTRIBUTE_NAME, none with a value longer than
+# MAX_ATTRIBUTE_LENGTH characters or a list longer than MAX_ATTRIBUTE_VALUES (free text is not an attribute).
+MAX_ITEM_ATTRIBUTES = 16
+MAX_ATTRIBUTE_LENGTH = 64
+MAX_ATTRIBUTE_VALUES = 32
+ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 def day_end(logical_date: date) -> datetime:
@@ -127,6 +137,11 @@ def read_catalogue(lake_dir: Path, as_of: date) -> pl.DataFrame:
     if path is None:
         raise MissingDataError(f"no item catalogue in the lake on or before {as_of}; run `overnight ingest` first")
     return pl.read_parquet(path)
+
+
+def item_attribute_columns(catalogue: pl.DataFrame) -> list[str]:
+    """The catalogue's attribute columns besides genres and availability, in their order."""
+    return [name for name in catalogue.columns if name not in ITEMS_SCHEMA]
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -1,7 +1,8 @@
 """Where a date's work files live, and what a step finds there or is told to make first.
 
 One folder per logical date under ``OVERNIGHT_DATA_DIR/work/``: the item tables the candidates and
-features steps share with scoring, the date's users, the score shards with their manifests (one
+features steps share with scoring, what the candidates step makes for publish besides the lists
+(``BATCH_EXTRAS``), the date's users, the score shards with their manifests (one
 folder per chosen model besides production's), the feature sample monitoring reads for drift, and
 ingest's staging. A step that finds its input missing fails with one line naming the step to run;
 only the nightly runner (``jobs.nightly``) decides what to (re)compute.
@@ -21,6 +22,10 @@ FEATURE_TABLES = ("item_features", "item_genres")
 USERS = "users"  # every user with history as of the date, sorted: what the score shards split
 # What the candidates step makes for publish to load beside the user lists (sql.BATCH_TABLES)
 SIMILAR_ITEMS = "similar_items"  # item_id, item_ids, scores: each item's neighbours, best first
+ITEM_ATTRIBUTES = "item_attributes"  # item_id, popularity, attributes (JSON text): every catalogue item
+SEGMENTS = "segments"  # segment, item_ids, scores: each user segment's popular list (none without segments)
+USER_SEGMENTS = "user_segments"  # user_id, segment: users with attributes whom the date's USERS lack
+BATCH_EXTRAS = (SIMILAR_ITEMS, ITEM_ATTRIBUTES, SEGMENTS, USER_SEGMENTS)
 
 
 def root(settings: Settings) -> Path:
@@ -61,6 +66,16 @@ def require_tables(settings: Settings, logical_date: date) -> Path:
     return folder(settings, logical_date)
 
 
+def require_batch_extras(settings: Settings, logical_date: date) -> dict[str, Path]:
+    """The path of each of the date's BATCH_EXTRAS, once the candidates step has written them."""
+    paths = {name: table_path(settings, logical_date, name) for name in BATCH_EXTRAS}
+    absent = [name for name, path in paths.items() if not path.exists()]
+    if absent:
+        where = folder(settings, logical_date)
+        raise missing(f"candidates tables ({', '.join(absent)})", logical_date, "candidates", where)
+    return paths
+
+
 # ---------------------------------------------------------------------------- score shards
 
 
@@ -78,7 +93,8 @@ class ShardManifest:
     generated_at: str
     path: str
     seconds: float = 0.0
-    predict_seconds: float = 0.0  # inside LightGBM's predict: the ceiling the rest of scoring is measured against
+    predict_seconds: float = 0.0  # inside the model's predict: the ceiling the rest of scoring is measured against
+    predictor: str = "lightgbm"  # what ran the model: "tl2cgen" (compiled) or "lightgbm" (jobs.predictor)
 
     def outcome(self) -> Outcome:
         summary = f"shard {self.shard} of {self.shards}: {self.users:,} users, {self.candidate_rows:,} candidates"

@@ -8,9 +8,11 @@ import gc
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -27,30 +29,50 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from serving.auth import ApiKeys, bearer_scheme, bearer_token
+from serving.catalogue import EMPTY_CATALOGUE, Catalogue
 from serving.errors import (
+    BodyTooLargeError,
     DatabaseUnavailableError,
     InvalidRequestError,
     NoLiveBatchError,
     NotAuthenticatedError,
     ServingError,
+    UnreadableBodyError,
 )
 from serving.feedback import FeedbackIntake
 from serving.feedback import router as events_router
-from serving.limits import RequestSizeLimit
-from serving.live import LiveView, LiveWatcher
-from serving.lookup import Answer, Answers, Lookup, create_pool, encode, render
+from serving.limits import RequestSizeLimit, read_body
+from serving.live import LiveBatch, LiveView, LiveWatcher
+from serving.lookup import (
+    Answer,
+    Answers,
+    Lookup,
+    create_pool,
+    encode,
+    render,
+    render_session,
+    render_similar,
+)
 from serving.metrics import MetricsMiddleware, RequestRecorder, ServingMetrics
 from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
 from serving.schemas import (
+    FILTER_DESCRIPTION,
+    SEGMENT_DESCRIPTION,
     BatchRecommendations,
     BatchRecommendationsRequest,
+    BatchSimilarItems,
     ErrorMessage,
     Health,
     Readiness,
     Recommendations,
+    SessionRecommendations,
+    SessionRequest,
+    SimilarItems,
+    SimilarItemsRequest,
 )
 from serving.settings import ENV_PREFIX, ServingSettings, check_auth_configured, get_serving_settings
 from serving.variants import CANARY, PRODUCTION
+from sql.contract import MAX_ID_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +116,8 @@ class _AnyText(PathConvertor):
 
 register_url_convertor("text", _AnyText())
 USER_RECOMMENDATIONS_PATH = "/v1/users/{user_id:text}/recommendations"
+SIMILAR_ITEMS_PATH = "/v1/items/{item_id:text}/similar"
+SESSION_PATH = "/v1/recommendations:session"
 
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
 ops = APIRouter()
@@ -113,36 +137,112 @@ async def user_recommendations(
         list[str] | None,
         Query(description="Item ids to leave out: comma-separated, and/or the parameter repeated."),
     ] = None,
+    filter: Annotated[str | None, Query(description=FILTER_DESCRIPTION)] = None,
+    segment: Annotated[str | None, Query(description=SEGMENT_DESCRIPTION)] = None,
 ) -> None:
     """The schema of `UserRecommendationsEndpoint`: the parameters and rules it enforces itself."""
+
+
+@documented.get(SIMILAR_ITEMS_PATH, summary="Items similar to one item", response_model=SimilarItems)
+async def similar_items(
+    item_id: Annotated[str, Path(description="Any item id; ids with `/` may be percent-encoded.")],
+    k: Annotated[
+        int | None,
+        Query(ge=1, description="Neighbours to return, 1..similar_k of the live batch; default 10 (or less)."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        Query(description="Item ids to leave out: comma-separated, and/or the parameter repeated."),
+    ] = None,
+    filter: Annotated[str | None, Query(description=FILTER_DESCRIPTION)] = None,
+    user_id: Annotated[
+        str | None, Query(description="Whom the list is for: a canary user's comes from the canary's batch.")
+    ] = None,
+) -> None:
+    """The schema of `SimilarItemsEndpoint`: the parameters and rules it enforces itself."""
 
 
 class UserRecommendationsEndpoint:
     """GET one user's list as a routed endpoint: for what `ServingApp` does not answer before the stack (HEAD)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers, body = await _user_recommendations(scope, scope["path_params"]["user_id"])
+        headers, body = await _user_recommendations(scope, receive, scope["path_params"]["user_id"])
         await _send_json(send, headers, body)
 
 
-async def _user_recommendations(scope: Scope, user_id: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+class SimilarItemsEndpoint:
+    """GET one item's neighbours as a routed endpoint (HEAD, a mounted root path), like the user lookup's."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers, body = await _similar_items(scope, receive, scope["path_params"]["item_id"])
+        await _send_json(send, headers, body)
+
+
+async def _user_recommendations(
+    scope: Scope, receive: Receive, user_id: str
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The one-user lookup: headers and JSON body, or a `ServingError`.
 
     FastAPI's per-request parameter and dependency solving cost about three times the rest of a cached
-    lookup, so this checks the key and parses its two query parameters itself, with the rules and error
+    lookup, so this checks the key and parses its query parameters itself, with the rules and error
     shapes `user_recommendations` declares.
     """
     state = scope["app"].state
     if not state.auth_disabled:
         state.api_keys.check_token(bearer_token(scope["headers"]))
-    k, exclude = _lookup_query(scope["query_string"])
+    query = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
-    answer = await lookup.recommend(user_id, k, exclude)
+    answer = await lookup.recommend(user_id, query.k, query.exclude, query.filter, query.segment)
+    return _served(scope, answer, lookup), encode(render(answer, answer.results[0]))
+
+
+async def _similar_items(scope: Scope, receive: Receive, item_id: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """One item's neighbours: headers and JSON body, or a `ServingError` (as `_user_recommendations`)."""
+    state = scope["app"].state
+    if not state.auth_disabled:
+        state.api_keys.check_token(bearer_token(scope["headers"]))
+    query = _lookup_query(scope["query_string"])
+    lookup: Lookup = state.lookup
+    answer = await lookup.similar([item_id], query.k, query.exclude, query.filter, query.user_id)
+    return _served(scope, answer, lookup), encode(render_similar(answer, answer.results[0]))
+
+
+async def _session_recommendations(scope: Scope, receive: Receive, _: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A session's answer: headers and JSON body, or a `ServingError` or `RequestValidationError`, with the
+    rules and error shapes of `session_recommendations` (the body as FastAPI would read and validate it)."""
+    state = scope["app"].state
+    if not state.auth_disabled:
+        state.api_keys.check_token(bearer_token(scope["headers"]))
+    body = await read_body(scope, receive, state.settings.max_request_bytes)
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise UnreadableBodyError("There was an error parsing the body") from None
+    try:
+        request = SessionRequest.model_validate_json(text)
+    except ValidationError as error:
+        problems = error.errors(include_url=False)
+        raise RequestValidationError([{**problem, "loc": ("body", *problem["loc"])} for problem in problems]) from None
+    lookup: Lookup = state.lookup
+    answer = await lookup.session(
+        request.items,
+        request.k,
+        _exclude_set(request.exclude),
+        _filter_text(request.filter),
+        request.user_id,
+        request.segment,
+    )
+    return _served(scope, answer, lookup), encode(render_session(answer, answer.results[0]))
+
+
+def _served(scope: Scope, answer: Answer, lookup: Lookup) -> list[tuple[bytes, bytes]]:
+    """Count and log a fast-path answer; its headers."""
+    state = scope["app"].state
     state.metrics.count_answer(answer)
     request_id = request_id_for(_header(scope["headers"], b"x-request-id"))
     if scope["method"] != "HEAD":  # a HEAD shows the user nothing, so nothing was served to log
         state.prediction_log.record_answer(request_id, answer.batch.batch_id, answer.variant, answer.results)
-    return _answer_headers(answer, lookup, request_id), encode(render(answer, answer.results[0]))
+    return _answer_headers(answer, lookup, request_id, filled=answer.filled)
 
 
 async def _send_json(send: Send, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -151,51 +251,82 @@ async def _send_json(send: Send, headers: list[tuple[bytes, bytes]], body: bytes
     await send({"type": "http.response.body", "body": body})
 
 
-_ONE_USER_PREFIX, _, _ONE_USER_SUFFIX = USER_RECOMMENDATIONS_PATH.partition("{user_id:text}")
+Handler = Callable[[Scope, Receive, str], Awaitable[tuple[list[tuple[bytes, bytes]], bytes]]]
 
 
-def _one_user_id(path: str) -> str | None:
-    """The user id of a one-user lookup path, as the route's pattern would match it; None for other paths."""
-    if (
-        path.startswith(_ONE_USER_PREFIX)
-        and path.endswith(_ONE_USER_SUFFIX)
-        and len(path) >= len(_ONE_USER_PREFIX) + len(_ONE_USER_SUFFIX)
-    ):
-        return path[len(_ONE_USER_PREFIX) : len(path) - len(_ONE_USER_SUFFIX)]
-    return None
+@dataclass(frozen=True)
+class _FastRoute:
+    """A GET answered before the middleware stack: its template and the id its path names."""
+
+    template: str
+    handler: Handler
+    prefix: str
+    suffix: str
+
+    def path_id(self, path: str) -> str | None:
+        """The id in `path`, as the route's pattern would match it; None for other paths."""
+        if (
+            path.startswith(self.prefix)
+            and path.endswith(self.suffix)
+            and len(path) >= len(self.prefix) + len(self.suffix)
+        ):
+            return path[len(self.prefix) : len(path) - len(self.suffix)]
+        return None
+
+
+def _fast_route(template: str, handler: Handler) -> _FastRoute:
+    prefix, _, rest = template.partition("{")
+    return _FastRoute(template, handler, prefix, rest.partition("}")[2])
+
+
+_FAST_ROUTES = (
+    _fast_route(USER_RECOMMENDATIONS_PATH, _user_recommendations),
+    _fast_route(SIMILAR_ITEMS_PATH, _similar_items),
+)
+_SESSION_ROUTE = _FastRoute(SESSION_PATH, _session_recommendations, SESSION_PATH, "")
 
 
 class ServingApp(FastAPI):
-    """FastAPI, with the one-user lookup answered before its middleware stack and router.
+    """FastAPI, with the one-user lookup, one item's neighbours and a session answered before its middleware
+    stack and router.
 
     On a cached lookup, Starlette's middleware layers and route matching cost about as much as the
-    lookup itself: without them the service answered 15-45% more requests/s. So a GET of the one-user
-    path is served here, recorded by the same `RequestRecorder` under the same route template, with
-    the same error responses (a `ServingError` as `_on_serving_error` maps it, anything else a plain
-    500 that goes on to the server's log, as Starlette's `ServerErrorMiddleware` does). Every other
-    request goes through the stack, where the same lookup is also routed (HEAD, a mounted root path).
+    lookup itself: without them the service answered 15-45% more requests/s (and FastAPI's body solving
+    cost a session POST as much again). So those requests are served here, recorded by the same
+    `RequestRecorder` under the same route template, with the same error responses (a `ServingError` as
+    `_on_serving_error` maps it, a body FastAPI would refuse as it would, anything else a plain 500 that
+    goes on to the server's log, as Starlette's `ServerErrorMiddleware` does). Every other request goes
+    through the stack, where the same lookups are also routed (HEAD, a mounted root path).
     """
 
     recorder: RequestRecorder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path"):
-            user_id = _one_user_id(scope["path"])
-            if user_id is not None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            if scope["method"] == "GET":
+                for route in _FAST_ROUTES:
+                    path_id = route.path_id(scope["path"])
+                    if path_id is not None:
+                        scope["app"] = self
+                        await self._fast(scope, receive, send, route, path_id)
+                        return
+            elif scope["method"] == "POST" and scope["path"] == SESSION_PATH:
                 scope["app"] = self
-                await self._one_user(scope, receive, send, user_id)
+                await self._fast(scope, receive, send, _SESSION_ROUTE, "")
                 return
         await super().__call__(scope, receive, send)
 
-    async def _one_user(self, scope: Scope, receive: Receive, send: Send, user_id: str) -> None:
+    async def _fast(self, scope: Scope, receive: Receive, send: Send, route: _FastRoute, path_id: str) -> None:
         start = time.perf_counter()
         status = 500
         batch_id = b""
         try:
             try:
-                headers, body = await _user_recommendations(scope, user_id)
-            except ServingError as error:
-                response = serving_error_response(error)
+                headers, body = await route.handler(scope, receive, path_id)
+            except (ServingError, RequestValidationError) as error:
+                response = (
+                    serving_error_response(error) if isinstance(error, ServingError) else _unprocessable(error.errors())
+                )
                 status = response.status_code
                 await response(scope, receive, send)
                 return
@@ -206,7 +337,7 @@ class ServingApp(FastAPI):
             batch_id = headers[0][1]
             await _send_json(send, headers, body)
         finally:
-            self.recorder.record(scope, USER_RECOMMENDATIONS_PATH, status, time.perf_counter() - start, batch_id)
+            self.recorder.record(scope, route.template, status, time.perf_counter() - start, batch_id)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -219,16 +350,39 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 _INT = TypeAdapter(int)
 
 
-def _lookup_query(query_string: bytes) -> tuple[int | None, frozenset[str]]:
+@dataclass(frozen=True, slots=True)
+class _LookupQuery:
+    k: int | None = None
+    exclude: frozenset[str] = frozenset()
+    filter: str | None = None
+    segment: str | None = None
+    user_id: str | None = None
+
+
+_NO_QUERY = _LookupQuery()
+
+
+def _lookup_query(query_string: bytes) -> _LookupQuery:
+    """The fast-path GETs' query parameters, by FastAPI's rules: the last `k`, `segment` or `user_id` wins,
+    `exclude` and `filter` may repeat (excluded items add up; filters AND, like their terms)."""
     if not query_string:
-        return None, frozenset()
+        return _NO_QUERY
     k_text: str | None = None
     excluded: list[str] = []
+    filters: list[str] = []
+    segment: str | None = None
+    user_id: str | None = None
     for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
         if name == "k":
-            k_text = value  # the last one wins, as in FastAPI
+            k_text = value
         elif name == "exclude":
             excluded.append(value)
+        elif name == "filter":
+            filters.append(value)
+        elif name == "segment":
+            segment = value
+        elif name == "user_id":
+            user_id = value
     k = None
     if k_text is not None:
         try:
@@ -237,7 +391,15 @@ def _lookup_query(query_string: bytes) -> tuple[int | None, frozenset[str]]:
             raise InvalidRequestError(("query", "k"), error.errors()[0]["msg"], k_text) from None
         if k < 1:
             raise InvalidRequestError(("query", "k"), "Input should be greater than or equal to 1", k_text)
-    return k, _exclude_set(excluded)
+    return _LookupQuery(k, _exclude_set(excluded), _filter_text(filters), segment, user_id)
+
+
+def _filter_text(values: list[str] | str | None) -> str | None:
+    """The filter terms of one or more `filter` values, ANDed; None when there are none (empty values)."""
+    if isinstance(values, str):
+        values = [values]
+    text = ",".join(value for value in values or () if value.strip())
+    return text or None
 
 
 @api.post(
@@ -251,7 +413,9 @@ def _lookup_query(query_string: bytes) -> tuple[int | None, frozenset[str]]:
 async def batch_recommendations(request: Request, body: BatchRecommendationsRequest) -> Response:
     state = request.app.state
     lookup: Lookup = state.lookup
-    answers = await lookup.recommend_many(body.user_ids, body.k, _exclude_set(body.exclude))
+    answers = await lookup.recommend_many(
+        body.user_ids, body.k, _exclude_set(body.exclude), _filter_text(body.filter), body.segment
+    )
     request_id = request_id_for(request.headers.get("x-request-id"))
     for answer in answers.parts:
         state.metrics.count_answer(answer)
@@ -262,6 +426,49 @@ async def batch_recommendations(request: Request, body: BatchRecommendationsRequ
     # With users in both arms, X-Batch-Id names the production batch (each result names its own), and
     # X-Variant both arms.
     return _json(document, answers, lookup, request_id)
+
+
+@api.post(
+    "/items:similar",
+    summary="Items similar to each of many items",
+    description="Every list from one batch: the canary's when `user_id` is in a running canary's share, else the "
+    "live batch's.",
+    response_model=BatchSimilarItems,
+    responses=BODY_ERRORS,
+)
+async def batch_similar_items(request: Request, body: SimilarItemsRequest) -> Response:
+    state = request.app.state
+    lookup: Lookup = state.lookup
+    answer = await lookup.similar(
+        body.item_ids, body.k, _exclude_set(body.exclude), _filter_text(body.filter), body.user_id, where="body"
+    )
+    return _single_answer(request, answer, {"results": [render_similar(answer, recs) for recs in answer.results]})
+
+
+@api.post(
+    SESSION_PATH.removeprefix("/v1"),
+    summary="Recommendations for a session: the items a visitor just touched",
+    description="Blended at request time from the precomputed neighbour lists of the session's items (recent "
+    "ones weigh more), and the user's own list when the batch scored `user_id`; never a model call.",
+    response_model=SessionRecommendations,
+    responses=BODY_ERRORS,
+)
+async def session_recommendations(request: Request, body: SessionRequest) -> Response:
+    state = request.app.state
+    lookup: Lookup = state.lookup
+    answer = await lookup.session(
+        body.items, body.k, _exclude_set(body.exclude), _filter_text(body.filter), body.user_id, body.segment
+    )
+    return _single_answer(request, answer, render_session(answer, answer.results[0]))
+
+
+def _single_answer(request: Request, answer: Answer, document: Any) -> Response:
+    """Count and log an answer from one batch; the response with its headers."""
+    state = request.app.state
+    state.metrics.count_answer(answer)
+    request_id = request_id_for(request.headers.get("x-request-id"))
+    state.prediction_log.record_answer(request_id, answer.batch.batch_id, answer.variant, answer.results)
+    return _json(document, Answers([answer], []), state.lookup, request_id)
 
 
 @ops.get("/healthz", summary="The process is alive")
@@ -306,7 +513,7 @@ def _exclude_set(values: list[str] | None) -> frozenset[str]:
 def _json(document: Any, answers: Answers, lookup: Lookup, request_id: str) -> Response:
     response = Response(content=encode(document), media_type="application/json")
     variants = b", ".join(_VARIANT_HEADER[answer.variant] for answer in answers.parts)
-    response.raw_headers.extend(_answer_headers(answers.parts[0], lookup, request_id, variants))
+    response.raw_headers.extend(_answer_headers(answers.parts[0], lookup, request_id, variants, answers.filled))
     return response
 
 
@@ -314,10 +521,11 @@ _VARIANT_HEADER = {PRODUCTION: PRODUCTION.encode(), CANARY: CANARY.encode()}
 
 
 def _answer_headers(
-    answer: Answer, lookup: Lookup, request_id: str, variants: bytes | None = None
+    answer: Answer, lookup: Lookup, request_id: str, variants: bytes | None = None, filled: int = 0
 ) -> list[tuple[bytes, bytes]]:
     """`X-Batch-Id` (first: the access log reads it from there), data age, `X-Variant` (`variants`, for
-    a batch request's arms, else the answer's), request id, and `X-Stale` if so."""
+    a batch request's arms, else the answer's), request id, `X-Stale` if so, and `X-Filled-From-Fallback`
+    when a filtered answer was filled (`filled` items, over all of a batch request's lists)."""
     headers = [
         (b"x-batch-id", b"%d" % answer.batch.batch_id),
         (b"x-data-age-seconds", b"%d" % answer.batch.age_seconds()),
@@ -327,13 +535,17 @@ def _answer_headers(
     if lookup.view.problem:
         # The live pointer cannot be read right now: this may no longer be the batch that is live.
         headers.append((b"x-stale", lookup.view.problem.encode()))
+    if filled:
+        headers.append((b"x-filled-from-fallback", b"%d" % filled))
     return headers
 
 
 # ---------------------------------------------------------------------------- errors
 
 _STATUS: list[tuple[type[ServingError], int]] = [
+    (UnreadableBodyError, 400),
     (NotAuthenticatedError, 401),
+    (BodyTooLargeError, 413),
     (InvalidRequestError, 422),
     (NoLiveBatchError, 503),
     (DatabaseUnavailableError, 503),
@@ -479,6 +691,7 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     app.add_exception_handler(ServingError, _on_serving_error)
     app.add_exception_handler(RequestValidationError, _on_request_validation_error)
     app.router.routes.append(Route(USER_RECOMMENDATIONS_PATH, UserRecommendationsEndpoint(), methods=["GET"]))
+    app.router.routes.append(Route(SIMILAR_ITEMS_PATH, SimilarItemsEndpoint(), methods=["GET"]))
     app.include_router(api)
     app.include_router(events_router, dependencies=[Depends(require_api_key)], responses=_ERRORS | BODY_ERRORS)
     app.include_router(ops)
@@ -486,14 +699,17 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     documents: dict[int | None, dict[str, Any]] = {}
 
     def openapi() -> dict[str, Any]:
-        # One document per k of the live batch: the largest k a client may ask for is the live batch's.
-        k = None if view.batch is None else view.batch.k
-        if k not in documents:
+        # One document per live batch: the largest k a client may ask for and the attributes a filter may
+        # name are the live batch's. Only the latest is kept.
+        batch = view.batch
+        key = None if batch is None else batch.batch_id
+        if key not in documents:
             document = get_openapi(
                 title=app.title, version=app.version, summary=app.summary, routes=[*documented.routes, *app.routes]
             )
-            documents[k] = declare_limits(document, settings, k)
-        app.openapi_schema = documents[k]
+            documents.clear()
+            documents[key] = declare_limits(document, settings, batch)
+        app.openapi_schema = documents[key]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -504,30 +720,85 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
 _NO_NUL = "^[^\\x00]+$"
 
 
-def declare_limits(document: dict[str, Any], settings: ServingSettings, k: int | None) -> dict[str, Any]:
-    """`document` with the limits this server enforces written in: k up to the live batch's, id lengths,
-    list sizes; so a request the schema allows is one the server accepts (bar the feedback time window,
-    which JSON Schema cannot state: it is in the description)."""
+def declare_limits(document: dict[str, Any], settings: ServingSettings, batch: LiveBatch | None) -> dict[str, Any]:
+    """`document` with the limits this server enforces written in: k up to the live batch's (similar items:
+    its similar_k), id lengths, list sizes, the filters its items' attributes allow; so a request the
+    schema allows is one the server accepts (bar the feedback time window, which JSON Schema cannot
+    state: it is in the description)."""
     user_id = {"type": "string", "minLength": 1, "maxLength": settings.max_user_id_length, "pattern": _NO_NUL}
-    k_schema: dict[str, Any] = {"type": "integer", "minimum": 1} | ({"maximum": k} if k else {})
+    item_id = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": _NO_NUL}
+    k_schema = _k_schema(None if batch is None else batch.k)
+    similar_k_schema = _k_schema(None if batch is None else batch.similar_k or batch.k)
     # Items may also be sent comma-separated in one value; the schema states the one-per-value form.
     exclude = {
         "type": "array",
         "items": {"type": "string", "pattern": "^[^,]*$"},
         "maxItems": settings.max_exclude_items,
     }
-    lookup = document["paths"]["/v1/users/{user_id}/recommendations"]["get"]
-    for parameter in lookup["parameters"]:
-        described = {"description": parameter["schema"].get("description", "")}
-        parameter["schema"] = {"user_id": user_id, "k": k_schema, "exclude": exclude}[parameter["name"]] | described
+    filter_schema = _filter_schema(settings, None if batch is None else batch.catalogue)
+    segment = {"type": "string", "maxLength": MAX_ID_LENGTH}
+    parameters = {
+        "/v1/users/{user_id}/recommendations": {
+            "user_id": user_id,
+            "k": k_schema,
+            "exclude": exclude,
+            "filter": filter_schema,
+            "segment": segment,
+        },
+        "/v1/items/{item_id}/similar": {
+            "item_id": item_id,
+            "k": similar_k_schema,
+            "exclude": exclude,
+            "filter": filter_schema,
+            "user_id": user_id,
+        },
+    }
+    for path, schemas_by_name in parameters.items():
+        for parameter in document["paths"][path]["get"]["parameters"]:
+            described = {"description": parameter["schema"].get("description", "")}
+            parameter["schema"] = schemas_by_name[parameter["name"]] | described
     schemas = document["components"]["schemas"]
+    excluded = {key: value for key, value in exclude.items() if key != "type"}
     many = schemas["BatchRecommendationsRequest"]["properties"]
     many["user_ids"] |= {"maxItems": settings.max_batch_users, "items": user_id}
     many["k"]["anyOf"][0] = k_schema
-    many["exclude"] |= {key: value for key, value in exclude.items() if key != "type"}
+    many["exclude"] |= excluded
+    many["filter"]["anyOf"][0] = filter_schema
+    many["segment"]["anyOf"][0] = segment
+    similar = schemas["SimilarItemsRequest"]["properties"]
+    similar["item_ids"] |= {"maxItems": settings.max_batch_items, "items": item_id}
+    similar["k"]["anyOf"][0] = similar_k_schema
+    similar["exclude"] |= excluded
+    similar["filter"]["anyOf"][0] = filter_schema
+    similar["user_id"]["anyOf"][0] = user_id
+    session = schemas["SessionRequest"]["properties"]
+    session["items"] |= {"maxItems": settings.max_session_items, "items": item_id}
+    session["k"]["anyOf"][0] = k_schema
+    session["exclude"] |= excluded
+    session["filter"]["anyOf"][0] = filter_schema
+    session["user_id"]["anyOf"][0] = user_id
+    session["segment"]["anyOf"][0] = segment
     schemas["FeedbackRequest"]["properties"]["events"]["maxItems"] = settings.feedback_max_events
     schemas["FeedbackEvent"]["properties"]["user_id"]["maxLength"] = settings.max_user_id_length
     return document
+
+
+def _k_schema(k: int | None) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 1} | ({"maximum": k} if k else {})
+
+
+def _filter_schema(settings: ServingSettings, catalogue: Catalogue | None) -> dict[str, Any]:
+    """The filters the live batch accepts, as a pattern over its attribute names (those that are plain
+    words; the others are accepted too, but not stated). Without attributes only the empty filter is."""
+    names = sorted(name for name in (catalogue or EMPTY_CATALOGUE).attribute_names if _PLAIN_NAME.fullmatch(name))
+    if not names:
+        return {"type": "string", "maxLength": 0}
+    name = f"(?:{'|'.join(names)})"
+    term = f"(?:-?{name}|{name}:-?[^,\\s-](?:[^,]*[^,\\s])?)"
+    return {"type": "string", "maxLength": settings.max_filter_length, "pattern": f"^{term}(?:,{term})*$"}
+
+
+_PLAIN_NAME = re.compile(r"\w+", re.ASCII)
 
 
 def _configure_logging() -> None:

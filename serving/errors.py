@@ -42,6 +42,18 @@ class InvalidRequestError(ServingError):
         self.value = value
 
 
+class UnreadableBodyError(ServingError):
+    """A request body that is not JSON text (UTF-8)."""
+
+    reason = "unreadable_body"
+
+
+class BodyTooLargeError(ServingError):
+    """A request body over OVERNIGHT_MAX_REQUEST_BYTES."""
+
+    reason = "body_too_large"
+
+
 class NoLiveBatchError(ServingError):
     """Nothing is live yet, or the live pointer could not be read."""
 

@@ -3,6 +3,8 @@
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.errors import BodyTooLargeError
+
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -21,41 +23,24 @@ class RequestSizeLimit:
         if scope["type"] != "http" or scope["method"] in _BODYLESS_METHODS:
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > self.max_bytes:
-                    await self._refuse(send)
-                    return
-                break
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # the client went away; the app sees an empty body and the disconnect
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            body = await read_body(scope, receive, self.max_bytes)
+        except BodyTooLargeError:
+            await self._refuse(send)
+            return
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = orjson.dumps(
-            {"detail": f"request body larger than {self.max_bytes} bytes (OVERNIGHT_MAX_REQUEST_BYTES)"}
-        )
+        body = orjson.dumps({"detail": _too_large(self.max_bytes)})
         await send(
             {
                 "type": "http.response.start",
@@ -64,3 +49,32 @@ class RequestSizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    """The request's body, refused (`BodyTooLargeError`) at once when Content-Length says it is over
+    `max_bytes`, else as soon as a chunked body grows past it. A client gone away leaves it short: the
+    app sees what came, and the disconnect."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > max_bytes:
+                raise BodyTooLargeError(_too_large(max_bytes))
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLargeError(_too_large(max_bytes))
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"request body larger than {max_bytes} bytes (OVERNIGHT_MAX_REQUEST_BYTES)"

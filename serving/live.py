@@ -10,14 +10,16 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql as pgsql
 
 import sql
+from serving.catalogue import Catalogue, load_catalogue
 from serving.errors import first_line
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION, TrafficSplit, Variant
@@ -28,6 +30,11 @@ WATCHER_APPLICATION_NAME = "overnight-serving-live"
 # `LiveView.problem` while the pointer cannot be read: shown to clients (X-Stale, 503s); the cause is logged.
 LIVE_POINTER_UNREADABLE = "live_pointer_unreadable"
 _FIRST_BACKOFF_SECONDS = 0.5
+# Reading a new batch's catalogue (50,000 items: 1.5-2 s on a busy machine, docs/serving.md) may take longer
+# than a lookup's deadline; the live pointer itself is read within that deadline.
+CATALOGUE_LOAD_SECONDS = 60.0
+# The per-id lists a lookup reads from a batch: users' lists, items' neighbour lists.
+Table = Literal["recs", "similar"]
 
 
 # eq=False: a batch is compared and hashed by identity (cheap, and each read is its own snapshot).
@@ -43,11 +50,29 @@ class LiveBatch:
     # Rendered once per batch, so a lookup only binds the user ids and copies the text.
     recs_for_users: bytes
     generated_at_text: str
+    # Neighbours per item; None for a batch published before similar items (it has no extra tables).
+    similar_k: int | None = None
+    # The user attribute its segments come from; None: no segments.
+    segment_attribute: str | None = None
+    # Its items, attributes and segments' lists, held while the batch is served (None: no extras).
+    catalogue: Catalogue | None = None
+    similar_for_items: bytes | None = None
+    recs_and_segments_for_users: bytes | None = None
 
     def age_seconds(self, now: float | None = None) -> int:
         """Whole seconds since the batch was generated (never negative, even with clock skew)."""
         current = time.time() if now is None else now
         return max(0, int(current - self.generated_at.timestamp()))
+
+    def rows_query(self, table: Table, ids: list[str]) -> tuple[bytes, Sequence[Any] | Mapping[str, Any]]:
+        """The statement and parameters that read `ids`' rows of `table` in one round trip: a user the
+        batch did not score comes back with their segment when the batch has segments."""
+        if table == "similar":
+            assert self.similar_for_items is not None, "a batch without similar items has no neighbour lists"
+            return self.similar_for_items, (ids,)
+        if self.recs_and_segments_for_users is not None:
+            return self.recs_and_segments_for_users, {"user_ids": ids}
+        return self.recs_for_users, (ids,)
 
 
 def live_batch_from_row(
@@ -58,8 +83,13 @@ def live_batch_from_row(
     fallback_item_ids: list[str],
     fallback_scores: list[float],
     switched_at: datetime,
+    similar_k: int | None = None,
+    segment_attribute: str | None = None,
+    catalogue: Catalogue | None = None,
 ) -> LiveBatch:
     generated = generated_at.astimezone(UTC)
+    extras = similar_k is not None
+    segments = extras and segment_attribute is not None
     return LiveBatch(
         batch_id=batch_id,
         model_id=model_id,
@@ -70,6 +100,13 @@ def live_batch_from_row(
         fallback_scores=tuple(fallback_scores),
         recs_for_users=sql.batch_query("recs_for_users", batch_id).as_bytes(None),
         generated_at_text=generated.isoformat().replace("+00:00", "Z"),
+        similar_k=similar_k,
+        segment_attribute=segment_attribute if segments else None,
+        catalogue=catalogue,
+        similar_for_items=sql.batch_query("similar_for_items", batch_id).as_bytes(None) if extras else None,
+        recs_and_segments_for_users=(
+            sql.batch_query("recs_and_segments_for_users", batch_id).as_bytes(None) if segments else None
+        ),
     )
 
 
@@ -94,17 +131,52 @@ class Rollout:
         return PRODUCTION, self.production
 
 
-async def read_rollout(conn: psycopg.AsyncConnection[Any]) -> Rollout | None:
+async def read_rollout(
+    conn: psycopg.AsyncConnection[Any], known: Rollout | None = None, timeout: float | None = None
+) -> Rollout | None:
     """Production and canary as the database has them now, read in one statement (one snapshot, so a
     promote or stop is seen whole); None while nothing is live.
 
+    A batch's catalogue is read when the batch is new to `known` (what is served now), and taken over
+    from `known` otherwise: a batch's tables never change, and reading 50,000 items takes a while.
     A canary without a live production batch is not served: every user needs a production answer.
+    `timeout` bounds the pointer's read; a catalogue's, CATALOGUE_LOAD_SECONDS.
     """
-    cur = await conn.execute(sql.query("serving_batches"))
+    cur = await asyncio.wait_for(conn.execute(sql.query("serving_batches")), timeout)
+    rows = await cur.fetchall()
     production: LiveBatch | None = None
     canary: Canary | None = None
-    for variant, *columns, traffic, salt in await cur.fetchall():
-        batch = live_batch_from_row(*columns)
+    held = {} if known is None else {batch.batch_id: batch.catalogue for batch in _batches(known)}
+    for (
+        variant,
+        batch_id,
+        model_id,
+        k,
+        generated_at,
+        fallback_item_ids,
+        fallback_scores,
+        switched_at,
+        similar_k,
+        segment_attribute,
+        traffic,
+        salt,
+    ) in rows:
+        catalogue = held.get(batch_id)
+        if catalogue is None and similar_k is not None:
+            load = load_catalogue(conn, batch_id, with_segments=segment_attribute is not None)
+            catalogue = await asyncio.wait_for(load, CATALOGUE_LOAD_SECONDS)
+        batch = live_batch_from_row(
+            batch_id,
+            model_id,
+            k,
+            generated_at,
+            fallback_item_ids,
+            fallback_scores,
+            switched_at,
+            similar_k,
+            segment_attribute,
+            catalogue,
+        )
         if variant == PRODUCTION:
             production = batch
         else:
@@ -112,6 +184,10 @@ async def read_rollout(conn: psycopg.AsyncConnection[Any]) -> Rollout | None:
     if production is None:
         return None
     return Rollout(production=production, canary=canary)
+
+
+def _batches(rollout: Rollout) -> list[LiveBatch]:
+    return [rollout.production] + ([] if rollout.canary is None else [rollout.canary.batch])
 
 
 class LiveView:
@@ -128,9 +204,9 @@ class LiveView:
         # Reloads are serialised so that an older read can never overwrite a newer one.
         self._lock = asyncio.Lock()
 
-    async def reload(self, conn: psycopg.AsyncConnection[Any]) -> Rollout | None:
+    async def reload(self, conn: psycopg.AsyncConnection[Any], timeout: float | None = None) -> Rollout | None:
         async with self._lock:
-            self._swap(await read_rollout(conn))
+            self._swap(await read_rollout(conn, self.rollout, timeout))
             return self.rollout
 
     async def replace_stale(self, stale: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> Rollout | None:
@@ -141,7 +217,7 @@ class LiveView:
             if rollout is not None and (
                 rollout.production is stale or (rollout.canary is not None and rollout.canary.batch is stale)
             ):
-                self._swap(await read_rollout(conn))
+                self._swap(await read_rollout(conn, rollout))
             return self.rollout
 
     def _swap(self, rollout: Rollout | None) -> None:
@@ -261,12 +337,12 @@ class LiveWatcher:
             listen = pgsql.SQL("LISTEN {}").format(pgsql.Identifier(sql.LIVE_CHANNEL))
             await asyncio.wait_for(conn.execute(listen), timeout)
             # Read after LISTEN: a switch committed in between is then seen by this read or notified.
-            await asyncio.wait_for(self.view.reload(conn), timeout)
+            await self.view.reload(conn, timeout)
             self._first_attempt.set()
             while True:
                 async for _ in conn.notifies(timeout=self.settings.live_poll_seconds, stop_after=1):
                     pass
-                await asyncio.wait_for(self.view.reload(conn), timeout)
+                await self.view.reload(conn, timeout)
 
 
 def _connect_timeout(db_timeout: float) -> int:

@@ -1,9 +1,13 @@
 """The hot path: one live-batch snapshot, a bounded cache, at most one pooled round trip per lookup.
 
-A lookup first asks the cache, keyed by (batch id, user id) so that a batch switch invalidates it by
-construction. Misses do not each take a connection: concurrent misses are coalesced, and every database
-trip answers all users waiting at that moment with one ``user_id = ANY(...)`` query. With little load a
-trip carries one user and costs what a single query does; under load a trip carries many.
+A lookup first asks the cache, keyed by (batch id, id) so that a batch switch invalidates it by
+construction; users' lists and items' neighbour lists have a cache each. Misses do not each take a
+connection: concurrent misses are coalesced, and every database trip answers all ids waiting at that
+moment for one table of one batch with one ``= ANY(...)`` query. With little load a trip carries one id
+and costs what a single query does; under load a trip carries many. A session's items go in one trip.
+
+Everything else an answer needs (filters, segments' lists, unknown items' fallbacks) is in memory: the
+batch's `Catalogue`, read when the batch started being served.
 
 Every database wait is bounded by ``db_timeout_seconds``: checkout and query share one deadline, and
 running out of it is a `DatabaseUnavailableError`. A lookup that finds the table of its batch gone (a
@@ -16,8 +20,9 @@ import logging
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Literal, NoReturn, TypeVar
 
 import orjson
@@ -26,6 +31,7 @@ from psycopg import errors as pgerrors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 import sql
+from serving.catalogue import EMPTY_CATALOGUE, Filter, FilterError
 from serving.errors import (
     DatabaseUnavailableError,
     InvalidRequestError,
@@ -33,15 +39,20 @@ from serving.errors import (
     ServingError,
     first_line,
 )
-from serving.live import LiveBatch, LiveView, Rollout, read_rollout
+from serving.live import LiveBatch, LiveView, Rollout, Table
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION
+from sql.contract import MAX_ID_LENGTH, blend_session
 
 logger = logging.getLogger(__name__)
 
 POOL_APPLICATION_NAME = "overnight-serving"
 DEFAULT_K = 10
-Source = Literal["personalized", "fallback"]
+# personalized: the user's list; similar: the item's neighbours; session: blended from the session's
+# items' neighbours; fallback: a segment's or the batch's popular list (or an unknown item's genres').
+Source = Literal["personalized", "fallback", "similar", "session"]
+SOURCES: tuple[Source, ...] = ("personalized", "fallback", "similar", "session")
+Where = Literal["query", "body"]
 Loc = tuple[str | int, ...]
 T = TypeVar("T")
 # A user's published list as the cache holds it: the item ids joined by NUL (which Postgres text cannot
@@ -52,6 +63,9 @@ T = TypeVar("T")
 # a fifth of the memory, and joining costs a tenth of interning the ids one by one (10 µs a row under
 # load). A lookup splits off only the k ids it returns.
 Row = tuple[str, bytes]
+# What the cache holds for an id: its row; for a user the batch did not score, their segment (text) when
+# the batch knows it, else None.
+Cached = Row | str | None
 ITEM_SEPARATOR = "\x00"
 
 
@@ -94,21 +108,34 @@ class BatchDroppedError(DatabaseUnavailableError):
 
 
 @dataclass(frozen=True, slots=True)
-class UserRecs:
+class Recs:
+    """One list as served: a user's, an item's neighbours, or a session's."""
+
+    # Whom it was served to: the user asked for, or the request's optional user ("" for none).
     user_id: str
     item_ids: list[str]
     scores: list[float]
     source: Source
+    # The segment whose popular list answered (None: no segment's list did).
+    segment: str | None = None
+    # Items filled in from the fallback because too few passed the filter.
+    filled: int = 0
+    # Similar items: the item whose neighbours these are.
+    item_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What one lookup served: the batch it came from, the variant, every user's list, and how."""
+    """What one lookup served: the batch it came from, the variant, every list, and how."""
 
     batch: LiveBatch
     variant: str
-    results: list[UserRecs]
+    results: list[Recs]
     cache_hits: int
+
+    @property
+    def filled(self) -> int:
+        return sum(recs.filled for recs in self.results)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +144,11 @@ class Answers:
     and every requested user's list in request order with the answer it belongs to."""
 
     parts: list[Answer]
-    in_order: list[tuple[Answer, UserRecs]]
+    in_order: list[tuple[Answer, Recs]]
+
+    @property
+    def filled(self) -> int:
+        return sum(answer.filled for answer in self.parts)
 
 
 # An observer sees every answer after it is computed (served-prediction logging, ...). It runs on the
@@ -152,32 +183,32 @@ def create_pool(settings: ServingSettings) -> AsyncConnectionPool[psycopg.AsyncC
 
 
 class RecsCache:
-    """A bounded LRU map of (batch id, user id) to the user's row, or None for a user the batch lacks."""
+    """A bounded LRU map of (batch id, id) to the id's row, its segment, or None for an id the batch lacks."""
 
     def __init__(self, entries: int) -> None:
         self.entries = entries
         self.hits = 0
         self.misses = 0
-        self._rows: OrderedDict[tuple[int, str], Row | None] = OrderedDict()
+        self._rows: OrderedDict[tuple[int, str], Cached] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def get(self, batch_id: int, user_id: str) -> Row | Literal[False] | None:
-        """The cached row, None for a cached unknown user, False when not cached."""
-        key = (batch_id, user_id)
+    def get(self, batch_id: int, key: str) -> Cached | Literal[False]:
+        """The cached row (or segment), None for a cached unknown id, False when not cached."""
+        cache_key = (batch_id, key)
         try:
-            row = self._rows[key]
+            row = self._rows[cache_key]
         except KeyError:
             self.misses += 1
             return False
-        self._rows.move_to_end(key)
+        self._rows.move_to_end(cache_key)
         self.hits += 1
         return row
 
-    def put(self, batch_id: int, user_id: str, row: Row | None) -> None:
+    def put(self, batch_id: int, key: str, row: Cached) -> None:
         if self.entries:
-            self._rows[(batch_id, user_id)] = row
+            self._rows[(batch_id, key)] = row
             if len(self._rows) > self.entries:
                 self._rows.popitem(last=False)
 
@@ -192,12 +223,16 @@ class Lookup:
         self.settings = settings
         self.view = view
         self.pool = pool
-        self.cache = RecsCache(settings.cache_entries)
+        self.caches: dict[Table, RecsCache] = {
+            "recs": RecsCache(settings.cache_entries),
+            "similar": RecsCache(settings.cache_entries),
+        }
+        self.cache = self.caches["recs"]
         self.observers: list[AnswerObserver] = []
-        # users per database trip, for the metrics
+        # ids per database trip, for the metrics
         self.trips = 0
         self.trip_users = 0
-        self._waiting: dict[LiveBatch, dict[str, asyncio.Future[Row | ServingError | None]]] = {}
+        self._waiting: dict[tuple[LiveBatch, Table], dict[str, asyncio.Future[Cached | ServingError]]] = {}
         self._trips_running = 0
         self._background: set[asyncio.Task[None]] = set()
         self._pool_check: asyncio.Future[None] | None = None
@@ -215,31 +250,48 @@ class Lookup:
     def live(self) -> LiveBatch:
         return self.rollout().production
 
-    async def recommend(self, user_id: str, k: int | None, exclude: frozenset[str]) -> Answer:
+    async def recommend(
+        self,
+        user_id: str,
+        k: int | None,
+        exclude: frozenset[str],
+        filter_text: str | None = None,
+        segment: str | None = None,
+    ) -> Answer:
         self._check_user_id(user_id, ("path", "user_id"))
         self._check_exclude(exclude, ("query", "exclude"))
+        self._check_segment(segment, ("query", "segment"))
         rollout = self.rollout()
         # k is checked against production, so whether a k is valid does not depend on the user's arm
         # (a canary has at least production's K).
         k = self._resolve_k(k, rollout.production, ("query", "k"))
         variant, batch = rollout.route(user_id)
+        wanted = self._filter(batch, filter_text, ("query", "filter"))
         cached = self.cache.get(batch.batch_id, user_id)
         if cached is False:
             try:
-                row = await self._coalesced(batch, user_id)
+                row = await self._coalesced(batch, "recs", user_id)
             except BatchDroppedError:
                 # Route again with the rollout just reloaded: a canary user whose batch the refresh replaced
                 # stays in the canary, on its new batch.
                 variant, batch = self.rollout().route(user_id)
-                row = await self._coalesced(batch, user_id)
+                wanted = self._filter(batch, filter_text, ("query", "filter"))
+                row = await self._coalesced(batch, "recs", user_id)
             hits = 0
         else:
             row, hits = cached, 1
-        answer = Answer(batch, variant, [pick(batch, user_id, row, k, exclude)], hits)
+        answer = Answer(batch, variant, [pick(batch, user_id, row, k, exclude, wanted, segment)], hits)
         self._observe(answer)
         return answer
 
-    async def recommend_many(self, user_ids: Sequence[str], k: int | None, exclude: frozenset[str]) -> Answers:
+    async def recommend_many(
+        self,
+        user_ids: Sequence[str],
+        k: int | None,
+        exclude: frozenset[str],
+        filter_text: str | None = None,
+        segment: str | None = None,
+    ) -> Answers:
         if len(user_ids) > self.settings.max_batch_users:
             raise InvalidRequestError(
                 ("body", "user_ids"),
@@ -248,21 +300,121 @@ class Lookup:
         for index, user_id in enumerate(user_ids):
             self._check_user_id(user_id, ("body", "user_ids", index))
         self._check_exclude(exclude, ("body", "exclude"))
+        self._check_segment(segment, ("body", "segment"))
         rollout = self.rollout()
         k = self._resolve_k(k, rollout.production, ("body", "k"))
+        ask = _Ask(k, exclude, filter_text, segment)
         try:
-            answers = await self._answers(rollout, user_ids, k, exclude)
+            answers = await self._answers(rollout, user_ids, ask)
         except BatchDroppedError:
             # As in `recommend`: every user routed again with the rollout just reloaded.
-            answers = await self._answers(self.rollout(), user_ids, k, exclude)
+            answers = await self._answers(self.rollout(), user_ids, ask)
         for answer in answers.parts:
             self._observe(answer)
         return answers
 
-    async def _answers(self, rollout: Rollout, user_ids: Sequence[str], k: int, exclude: frozenset[str]) -> Answers:
+    async def similar(
+        self,
+        item_ids: Sequence[str],
+        k: int | None,
+        exclude: frozenset[str],
+        filter_text: str | None = None,
+        user_id: str | None = None,
+        where: Where = "query",
+    ) -> Answer:
+        """Each item's neighbours from the batch `user_id` is routed to (production without one); an item
+        without neighbours gets the popular items of its genres, else the batch's fallback list."""
+        if len(item_ids) > self.settings.max_batch_items:
+            raise InvalidRequestError(
+                (where, "item_ids"),
+                f"at most {self.settings.max_batch_items} item ids per request, got {len(item_ids)}",
+            )
+        for index, item_id in enumerate(item_ids):
+            self._check_item_id(item_id, ("path", "item_id") if where == "query" else ("body", "item_ids", index))
+        self._check_exclude(exclude, (where, "exclude"))
+        if user_id is not None:
+            self._check_user_id(user_id, (where, "user_id"))
+        rollout = self.rollout()
+        production = rollout.production
+        k = self._resolve_k(k, production, (where, "k"), production.similar_k or production.k, "similar_k")
+
+        async def answer(rollout: Rollout) -> Answer:
+            variant, batch = (PRODUCTION, rollout.production) if user_id is None else rollout.route(user_id)
+            wanted = self._filter(batch, filter_text, (where, "filter"))
+            rows, hits = await self._rows(batch, "similar", item_ids)
+            results = [
+                pick_similar(batch, item_id, rows[item_id], user_id or "", k, exclude, wanted) for item_id in item_ids
+            ]
+            return Answer(batch, variant, results, hits)
+
+        served = await self._rerouted(rollout, answer)
+        self._observe(served)
+        return served
+
+    async def session(
+        self,
+        items: Sequence[str],
+        k: int | None,
+        exclude: frozenset[str],
+        filter_text: str | None = None,
+        user_id: str | None = None,
+        segment: str | None = None,
+    ) -> Answer:
+        """The session's items' neighbour lists blended by `sql.contract.blend_session` (with the user's own
+        list when the batch scored them), leaving out the session's and the excluded items. When no item
+        has neighbours, what the user lookup would answer (the segment's or the global fallback for a
+        visitor)."""
+        if len(items) > self.settings.max_session_items:
+            raise InvalidRequestError(
+                ("body", "items"), f"at most {self.settings.max_session_items} session items, got {len(items)}"
+            )
+        for index, item_id in enumerate(items):
+            self._check_item_id(item_id, ("body", "items", index))
+        self._check_exclude(exclude, ("body", "exclude"))
+        self._check_segment(segment, ("body", "segment"))
+        if user_id is not None:
+            self._check_user_id(user_id, ("body", "user_id"))
+        rollout = self.rollout()
+        k = self._resolve_k(k, rollout.production, ("body", "k"))
+        leave_out = exclude.union(items)
+
+        async def answer(rollout: Rollout) -> Answer:
+            variant, batch = (PRODUCTION, rollout.production) if user_id is None else rollout.route(user_id)
+            wanted = self._filter(batch, filter_text, ("body", "filter"))
+            user_row: Cached = None
+            if user_id is None:
+                neighbour_rows, hits = await self._rows(batch, "similar", items)
+            else:
+                (neighbour_rows, hits), (user_rows, user_hits) = await asyncio.gather(
+                    self._rows(batch, "similar", items), self._rows(batch, "recs", [user_id])
+                )
+                user_row, hits = user_rows[user_id], hits + user_hits
+            neighbours = [_ranked(neighbour_rows[item_id]) for item_id in items]
+            if any(ranked is not None for ranked in neighbours):
+                user_list = _ranked(user_row)
+                blended = blend_session(neighbours, leave_out, () if user_list is None else user_list[0])
+                # A filtered session runs short into the segment asked for, else the one stored for the user.
+                stored = user_row if isinstance(user_row, str) else None
+                recs = _take(batch, user_id or "", k, leave_out, wanted, "session", blended, segment or stored)
+            else:
+                recs = pick(batch, user_id or "", user_row, k, leave_out, wanted, segment)
+            return Answer(batch, variant, [recs], hits)
+
+        served = await self._rerouted(rollout, answer)
+        self._observe(served)
+        return served
+
+    async def _rerouted(self, rollout: Rollout, answer: Callable[[Rollout], Coroutine[Any, Any, Answer]]) -> Answer:
+        """`answer` from `rollout`; once more from the rollout just reloaded if its batch was dropped under it."""
+        try:
+            return await answer(rollout)
+        except BatchDroppedError:
+            return await answer(self.rollout())
+
+    async def _answers(self, rollout: Rollout, user_ids: Sequence[str], ask: "_Ask") -> Answers:
         canary = rollout.canary
         if canary is None:
-            answer = await self._answer_from(rollout.production, PRODUCTION, user_ids, k, exclude)
+            answer = await self._answer_from(rollout.production, PRODUCTION, user_ids, ask)
             return Answers([answer], [(answer, recs) for recs in answer.results])
         # Each user from their own arm; each arm wholly from one batch, both arms at once.
         arms = [canary.split.variant(user_id) for user_id in user_ids]
@@ -271,7 +423,7 @@ class Lookup:
         for user_id, arm in zip(user_ids, arms, strict=True):
             users[arm].append(user_id)
         asked = [arm for arm in (PRODUCTION, CANARY) if users[arm]]
-        parts = await asyncio.gather(*(self._answer_from(batches[arm], arm, users[arm], k, exclude) for arm in asked))
+        parts = await asyncio.gather(*(self._answer_from(batches[arm], arm, users[arm], ask) for arm in asked))
         results = {arm: (part, iter(part.results)) for arm, part in zip(asked, parts, strict=True)}
         in_order = []
         for arm in arms:
@@ -279,48 +431,58 @@ class Lookup:
             in_order.append((part, next(remaining)))
         return Answers(list(parts), in_order)
 
-    async def _answer_from(
-        self, batch: LiveBatch, variant: str, user_ids: Sequence[str], k: int, exclude: frozenset[str]
-    ) -> Answer:
+    async def _answer_from(self, batch: LiveBatch, variant: str, user_ids: Sequence[str], ask: "_Ask") -> Answer:
         """Every user's list from one batch."""
-        rows: dict[str, Row | None] = {}
-        missing = []
-        for user_id in dict.fromkeys(user_ids):
-            cached = self.cache.get(batch.batch_id, user_id)
-            if cached is False:
-                missing.append(user_id)
-            else:
-                rows[user_id] = cached
-        hits = len(rows)
-        if missing:
-            fetched = await self._within_deadline(self._fetch(batch, missing))
-            for user_id in missing:
-                rows[user_id] = row = fetched.get(user_id)
-                self.cache.put(batch.batch_id, user_id, row)
-        return Answer(batch, variant, [pick(batch, user_id, rows[user_id], k, exclude) for user_id in user_ids], hits)
+        wanted = self._filter(batch, ask.filter_text, ("body", "filter"))
+        rows, hits = await self._rows(batch, "recs", user_ids)
+        results = [pick(batch, user_id, rows[user_id], ask.k, ask.exclude, wanted, ask.segment) for user_id in user_ids]
+        return Answer(batch, variant, results, hits)
 
-    async def ping(self) -> Rollout | None:
-        """What the database says is served, read through the lookup pool (readiness)."""
+    async def ping(self) -> None:
+        """Read what the database says is served, through the lookup pool (readiness)."""
 
-        async def read() -> Rollout | None:
+        async def read() -> None:
             async with self.pool.connection() as conn:
-                return await read_rollout(conn)
+                await conn.execute(sql.query("serving_batches"))
 
-        return await self._within_deadline(read())
+        await self._within_deadline(read())
 
     # ------------------------------------------------------------------------ coalescing
 
-    async def _coalesced(self, batch: LiveBatch, user_id: str) -> Row | None:
-        """Wait for the next database trip to bring this user's row; start a trip if none is running."""
-        waiting = self._waiting.setdefault(batch, {})
-        future = waiting.get(user_id)
-        if future is None:
-            future = waiting[user_id] = asyncio.get_running_loop().create_future()
-        if self._trips_running < self.settings.pool_max_size:
-            self._trips_running += 1
-            task = asyncio.create_task(self._trips())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+    async def _rows(self, batch: LiveBatch, table: Table, ids: Sequence[str]) -> tuple[dict[str, Cached], int]:
+        """Each id's row (or segment, or None) of one table of `batch`, and how many came from the cache.
+        The uncached ones go in the next database trip together; a batch without similar items has no
+        neighbour lists to read."""
+        rows: dict[str, Cached] = {}
+        if table == "similar" and batch.similar_for_items is None:
+            return dict.fromkeys(ids), 0
+        cache = self.caches[table]
+        missing = []
+        for key in dict.fromkeys(ids):
+            cached = cache.get(batch.batch_id, key)
+            if cached is False:
+                missing.append(key)
+            else:
+                rows[key] = cached
+        hits = len(rows)
+        if missing:
+            futures = [self._wait_for(batch, table, key) for key in missing]
+            self._start_trip()
+            timeout = self.settings.db_timeout_seconds
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+            if pending:
+                raise DatabaseUnavailableError(f"the database did not answer within {timeout:g} s")
+            for key, future in zip(missing, futures, strict=True):
+                result = future.result()
+                if isinstance(result, ServingError):
+                    raise result
+                rows[key] = result
+        return rows, hits
+
+    async def _coalesced(self, batch: LiveBatch, table: Table, key: str) -> Cached:
+        """Wait for the next database trip to bring this id's row; start a trip if none is running."""
+        future = self._wait_for(batch, table, key)
+        self._start_trip()
         # asyncio.wait, not wait_for: the future may be shared with other requests and must not be cancelled.
         timeout = self.settings.db_timeout_seconds
         done, _ = await asyncio.wait((future,), timeout=timeout)
@@ -331,54 +493,84 @@ class Lookup:
             raise result
         return result
 
+    def _wait_for(self, batch: LiveBatch, table: Table, key: str) -> "asyncio.Future[Cached | ServingError]":
+        waiting = self._waiting.setdefault((batch, table), {})
+        future = waiting.get(key)
+        if future is None:
+            future = waiting[key] = asyncio.get_running_loop().create_future()
+        return future
+
+    def _start_trip(self) -> None:
+        if self._trips_running < self.settings.pool_max_size:
+            self._trips_running += 1
+            task = asyncio.create_task(self._trips())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     async def _trips(self) -> None:
         """Make database trips until nobody is waiting: each trip takes everyone waiting when it starts."""
         try:
             while self._waiting:
                 waiting, self._waiting = self._waiting, {}
-                for batch, futures in waiting.items():
+                for (batch, table), futures in waiting.items():
                     try:
-                        rows = await self._within_deadline(self._fetch(batch, list(futures)))
+                        rows = await self._within_deadline(self._fetch(batch, table, list(futures)))
                     except ServingError as error:
                         for future in futures.values():
                             if not future.done():
                                 future.set_result(error)
                         continue
-                    for user_id, future in futures.items():
-                        row = rows.get(user_id)
-                        self.cache.put(batch.batch_id, user_id, row)
+                    cache = self.caches[table]
+                    for key, future in futures.items():
+                        row = rows.get(key)
+                        cache.put(batch.batch_id, key, row)
                         if not future.done():
                             future.set_result(row)
         finally:
             self._trips_running -= 1
 
-    async def _fetch(self, batch: LiveBatch, user_ids: list[str]) -> dict[str, Row]:
+    async def _fetch(self, batch: LiveBatch, table: Table, ids: list[str]) -> dict[str, Cached]:
         self.trips += 1
-        self.trip_users += len(user_ids)
+        self.trip_users += len(ids)
         try:
-            return await self._fetch_once(batch, user_ids)
+            return await self._fetch_once(batch, table, ids)
         except _DeadConnectionError as dead:
             # The connection died while it sat idle in the pool (a restarted or failed-over Postgres, an
             # operator's pg_terminate_backend, a proxy's idle timeout): the pool's other idle connections
             # likely died with it. Weed them out, then ask once more on a live one; a lookup is a read,
             # so asking twice is safe. If Postgres itself is gone, the retry fails like the first try.
             self.dead_connection_retries += 1
-            _database_trouble.warning("a pooled connection was dead (%s): retrying the lookup once", dead.cause)
+            _database_trouble.warning("a pooled connection was dead (%s): retrying the lookup", dead.cause)
             await self._check_pool()
-            return await self._fetch_once(batch, user_ids)
+            try:
+                return await self._fetch_once(batch, table, ids)
+            except _DeadConnectionError:
+                # Killed connections may still be coming back from other lookups that were using them when
+                # the check ran: one more try. Each try needs a connection that died under it, so a Postgres
+                # that is gone fails on connecting instead, and the deadline bounds every try together.
+                self.dead_connection_retries += 1
+                await self._check_pool()
+                return await self._fetch_once(batch, table, ids)
 
-    async def _fetch_once(self, batch: LiveBatch, user_ids: list[str]) -> dict[str, Row]:
+    async def _fetch_once(self, batch: LiveBatch, table: Table, ids: list[str]) -> dict[str, Cached]:
+        statement, parameters = batch.rows_query(table, ids)
         async with self.pool.connection() as conn:
             try:
-                cur = await conn.execute(batch.recs_for_users, (user_ids,))
+                cur = await conn.execute(statement, parameters)
+                rows = await cur.fetchall()
             except pgerrors.UndefinedTable:
                 await self._reload_after_drop(batch, conn)
             except psycopg.OperationalError as error:
                 if conn.broken:
                     raise _DeadConnectionError(error) from error
                 raise
-            rows = await cur.fetchall()
-        return {user_id: cache_row(item_ids, scores) for user_id, item_ids, scores in rows}
+        found: dict[str, Cached] = {}
+        for key, item_ids, scores, *segment in rows:
+            if item_ids is not None:
+                found[key] = cache_row(item_ids, scores)
+            else:  # a user the batch did not score, with the segment their attributes put them in
+                found.setdefault(key, segment[0])
+        return found
 
     async def _check_pool(self) -> None:
         """`pool.check()` once for all the lookups that found a dead connection at the same moment."""
@@ -461,33 +653,96 @@ class Lookup:
             )
 
     @staticmethod
-    def _resolve_k(k: int | None, batch: LiveBatch, loc: Loc) -> int:
+    def _check_item_id(item_id: str, loc: Loc) -> None:
+        # Like a user id's checks: an id the batch side could not have published is refused, not looked up.
+        if len(item_id) > MAX_ID_LENGTH:
+            raise InvalidRequestError(loc, f"item id is longer than {MAX_ID_LENGTH} characters")
+        if not item_id:
+            raise InvalidRequestError(loc, "item id is empty")
+        if "\x00" in item_id:
+            raise InvalidRequestError(loc, "item id contains a NUL character")
+        if not item_id.isascii():
+            try:
+                item_id.encode()
+            except UnicodeEncodeError:
+                raise InvalidRequestError(loc, "item id is not valid Unicode text") from None
+
+    @staticmethod
+    def _check_segment(segment: str | None, loc: Loc) -> None:
+        if segment is not None and len(segment) > MAX_ID_LENGTH:
+            raise InvalidRequestError(loc, f"segment is longer than {MAX_ID_LENGTH} characters")
+
+    def _filter(self, batch: LiveBatch, text: str | None, loc: Loc) -> Filter | None:
+        """The filter `text` compiled over `batch`'s catalogue (None: no filter); parsing is cached."""
+        if text is None:
+            return None
+        if len(text) > self.settings.max_filter_length:
+            raise InvalidRequestError(loc, f"filter is longer than {self.settings.max_filter_length} characters")
+        try:
+            return (batch.catalogue or EMPTY_CATALOGUE).filter(text)
+        except FilterError as error:
+            raise InvalidRequestError(loc, str(error), text) from None
+
+    @staticmethod
+    def _resolve_k(k: int | None, batch: LiveBatch, loc: Loc, limit: int | None = None, name: str = "k") -> int:
+        """k, or the default, within 1..`limit` (the batch's k unless given; `name` says which it is)."""
+        limit = batch.k if limit is None else limit
         if k is None:
-            return min(DEFAULT_K, batch.k)
-        if not 1 <= k <= batch.k:
+            return min(DEFAULT_K, limit)
+        if not 1 <= k <= limit:
             raise InvalidRequestError(
-                loc, f"k must be between 1 and {batch.k} (the k of live batch {batch.batch_id})", k
+                loc, f"k must be between 1 and {limit} (the {name} of live batch {batch.batch_id})", k
             )
         return k
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """What a batch request asks of every user's list."""
+
+    k: int
+    exclude: frozenset[str]
+    filter_text: str | None
+    segment: str | None
 
 
 def cache_row(item_ids: Sequence[str], scores: Sequence[float]) -> Row:
     return ITEM_SEPARATOR.join(item_ids), array("d", scores).tobytes()
 
 
-def pick(batch: LiveBatch, user_id: str, row: Row | None, k: int, exclude: frozenset[str]) -> UserRecs:
-    if row is None:
-        item_ids: Sequence[str] = batch.fallback_item_ids
-        scores: Sequence[float] = batch.fallback_scores
-        source: Source = "fallback"
-    else:
-        joined, packed = row
-        scores = memoryview(packed).cast("d")
-        source = "personalized"
-        # Without exclusions only the first k ids are needed: split off just those.
-        item_ids = joined.split(ITEM_SEPARATOR, -1 if exclude else k) if joined else []
+def _ranked(row: Cached) -> tuple[list[str], Sequence[float]] | None:
+    """A cached row as its item ids and scores; None for a segment or an unknown id."""
+    if not isinstance(row, tuple):
+        return None
+    joined, packed = row
+    return (joined.split(ITEM_SEPARATOR) if joined else []), memoryview(packed).cast("d")
+
+
+def pick(
+    batch: LiveBatch,
+    user_id: str,
+    row: Cached,
+    k: int,
+    exclude: frozenset[str],
+    wanted: Filter | None = None,
+    segment: str | None = None,
+) -> Recs:
+    """A user's answer from their cached row: their list, else their segment's (`segment` asked for, else
+    the one the batch stored for them), else the batch's fallback; filtered and filled when `wanted`."""
+    if not isinstance(row, tuple):
+        listed, answered = _fallback(batch, segment or row)
+        return _take(
+            batch, user_id, k, exclude, wanted, "fallback", listed, None, answered, fallback_is_global=answered is None
+        )
+    joined, packed = row
+    scores = memoryview(packed).cast("d")
+    if wanted is not None:
+        item_ids = joined.split(ITEM_SEPARATOR) if joined else []
+        return _take(batch, user_id, k, exclude, wanted, "personalized", zip(item_ids, scores, strict=True), segment)
+    # Without exclusions only the first k ids are needed: split off just those.
+    item_ids = joined.split(ITEM_SEPARATOR, -1 if exclude else k) if joined else []
     if not exclude:
-        return UserRecs(user_id, list(item_ids[:k]), list(scores[:k]), source)
+        return Recs(user_id, item_ids[:k], list(scores[:k]), "personalized")
     # Exclude before cutting to k, so excluded items leave room for the next ones in rank order.
     kept_items: list[str] = []
     kept_scores: list[float] = []
@@ -497,26 +752,129 @@ def pick(batch: LiveBatch, user_id: str, row: Row | None, k: int, exclude: froze
             kept_scores.append(score)
             if len(kept_items) == k:
                 break
-    return UserRecs(user_id, kept_items, kept_scores, source)
+    return Recs(user_id, kept_items, kept_scores, "personalized")
+
+
+def pick_similar(
+    batch: LiveBatch, item_id: str, row: Cached, user_id: str, k: int, exclude: frozenset[str], wanted: Filter | None
+) -> Recs:
+    """An item's neighbours; without any, the popular items of its genres, then the batch's fallback list.
+    The item itself is never among them."""
+    leave_out = exclude | {item_id}
+    ranked = _ranked(row)
+    if ranked is not None:
+        neighbours = zip(*ranked, strict=True)
+        recs = _take(batch, user_id, k, leave_out, wanted, "similar", neighbours, None, genres_of=item_id)
+    else:
+        catalogue = batch.catalogue or EMPTY_CATALOGUE
+        fallback = _unique_items(chain(catalogue.genre_fallback(item_id), _global(batch)))
+        recs = _take(batch, user_id, k, leave_out, wanted, "fallback", fallback, None, fallback_is_global=True)
+    return Recs(recs.user_id, recs.item_ids, recs.scores, recs.source, None, recs.filled, item_id)
+
+
+def _take(
+    batch: LiveBatch,
+    user_id: str,
+    k: int,
+    leave_out: frozenset[str],
+    wanted: Filter | None,
+    source: Source,
+    ranked: Iterable[tuple[str, float]],
+    segment: str | None,
+    answered_segment: str | None = None,
+    *,
+    genres_of: str | None = None,
+    fallback_is_global: bool = False,
+) -> Recs:
+    """The first k items of `ranked` (no item twice) not left out and passing `wanted`. With a filter, too
+    few are filled from the filtered fallback: `genres_of`'s genres (similar items), the segment's list,
+    the batch's fallback list, then the catalogue by popularity (available items only); `filled` counts
+    them."""
+    items: list[str] = []
+    scores: list[float] = []
+    passes = None if wanted is None else wanted.passes
+    for item_id, score in ranked:
+        if item_id not in leave_out and (passes is None or passes(item_id)):
+            items.append(item_id)
+            scores.append(score)
+            if len(items) == k:
+                break
+    filled = 0
+    if passes is not None and len(items) < k:
+        catalogue = batch.catalogue or EMPTY_CATALOGUE
+        taken = set(items)
+        fills: list[Iterable[tuple[str, float]]] = []
+        if genres_of is not None:
+            fills.append(catalogue.genre_fallback(genres_of))
+        if answered_segment is None and segment is not None and segment in catalogue.segments:
+            fills.append(zip(*catalogue.segments[segment], strict=True))
+        if not fallback_is_global:
+            fills.append(_global(batch))
+        fills.append(catalogue.popular())
+        for item_id, score in chain.from_iterable(fills):
+            if item_id not in leave_out and item_id not in taken and passes(item_id):
+                items.append(item_id)
+                scores.append(score)
+                taken.add(item_id)
+                filled += 1
+                if len(items) == k:
+                    break
+    return Recs(user_id, items, scores, source, answered_segment, filled)
+
+
+def _unique_items(ranked: Iterable[tuple[str, float]]) -> Iterator[tuple[str, float]]:
+    """`ranked` without the items it already gave (with their first score)."""
+    seen: set[str] = set()
+    for item_id, score in ranked:
+        if item_id not in seen:
+            seen.add(item_id)
+            yield item_id, score
+
+
+def _fallback(batch: LiveBatch, segment: str | None) -> tuple[Iterator[tuple[str, float]], str | None]:
+    """The segment's popular list and its name when the batch has one for it, else the batch's fallback list."""
+    catalogue = batch.catalogue
+    if segment is not None and catalogue is not None and segment in catalogue.segments:
+        item_ids, scores = catalogue.segments[segment]
+        return zip(item_ids, scores, strict=True), segment
+    return _global(batch), None
+
+
+def _global(batch: LiveBatch) -> Iterator[tuple[str, float]]:
+    return zip(batch.fallback_item_ids, batch.fallback_scores, strict=True)
 
 
 # ---------------------------------------------------------------------------- rendering
 
 
-def render(answer: Answer, recs: UserRecs) -> dict[str, Any]:
+def render(answer: Answer, recs: Recs) -> dict[str, Any]:
     """One user's answer as the JSON object of DESIGN §7 (`Recommendations` in serving.schemas)."""
+    return _rendered({"user_id": recs.user_id}, answer, recs)
+
+
+def render_similar(answer: Answer, recs: Recs) -> dict[str, Any]:
+    """One item's neighbours (`SimilarItems` in serving.schemas)."""
+    return _rendered({"item_id": recs.item_id}, answer, recs)
+
+
+def render_session(answer: Answer, recs: Recs) -> dict[str, Any]:
+    """A session's answer (`SessionRecommendations` in serving.schemas); user_id null without a user."""
+    return _rendered({"user_id": recs.user_id or None}, answer, recs)
+
+
+def _rendered(document: dict[str, Any], answer: Answer, recs: Recs) -> dict[str, Any]:
     batch = answer.batch
-    return {
-        "user_id": recs.user_id,
-        "items": [
-            {"item_id": item_id, "score": score} for item_id, score in zip(recs.item_ids, recs.scores, strict=True)
-        ],
-        "source": recs.source,
-        "model_id": batch.model_id,
-        "batch_id": batch.batch_id,
-        "generated_at": batch.generated_at_text,
-        "variant": answer.variant,
-    }
+    document["items"] = [
+        {"item_id": item_id, "score": score} for item_id, score in zip(recs.item_ids, recs.scores, strict=True)
+    ]
+    document["source"] = recs.source
+    if recs.segment is not None:
+        document["segment"] = recs.segment
+    document["model_id"] = batch.model_id
+    document["batch_id"] = batch.batch_id
+    document["generated_at"] = batch.generated_at_text
+    document["variant"] = answer.variant
+    return document
 
 
 def encode(document: Any) -> bytes:

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.live import LiveView
-from serving.lookup import Answer, Lookup
+from serving.lookup import SOURCES, Answer, Lookup
 from serving.variants import CANARY, PRODUCTION
 
 access_logger = logging.getLogger("overnight.access")
@@ -73,12 +73,12 @@ class ServingMetrics:
         )
         self.lookups = Counter(
             "overnight_lookups",
-            "Users answered, by source: a falling personalized share means coverage dropped.",
+            "Lists answered, by source (personalized, fallback, similar, session): a falling personalized share "
+            "means coverage dropped.",
             ["source"],
             registry=self.registry,
         )
-        self._personalized = self.lookups.labels("personalized")
-        self._fallback = self.lookups.labels("fallback")
+        self._by_source = {source: self.lookups.labels(source) for source in SOURCES}
         answers = Counter(
             "overnight_variant_lookups",
             "Users answered, by variant (production, canary).",
@@ -124,11 +124,9 @@ class ServingMetrics:
 
     def count_answer(self, answer: Answer) -> None:
         self._by_variant[answer.variant].inc(len(answer.results))
-        personalized = sum(1 for recs in answer.results if recs.source == "personalized")
-        if personalized:
-            self._personalized.inc(personalized)
-        if personalized < len(answer.results):
-            self._fallback.inc(len(answer.results) - personalized)
+        by_source = self._by_source
+        for recs in answer.results:
+            by_source[recs.source].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -143,15 +141,23 @@ class _LookupCollector(Collector):
         lookup = self.lookup
         if lookup is None:
             return
-        cache = lookup.cache
+        caches = lookup.caches.values()
+        hit_count = sum(cache.hits for cache in caches)
+        miss_count = sum(cache.misses for cache in caches)
         hits = CounterMetricFamily(
-            "overnight_cache_lookups", "Lookup cache reads by result (hit ratio = hit / all).", labels=["result"]
+            "overnight_cache_lookups",
+            "Lookup cache reads (users' and items' lists) by result (hit ratio = hit / all).",
+            labels=["result"],
         )
-        hits.add_metric(["hit"], cache.hits)
-        hits.add_metric(["miss"], cache.misses)
+        hits.add_metric(["hit"], hit_count)
+        hits.add_metric(["miss"], miss_count)
         yield hits
-        yield GaugeMetricFamily("overnight_cache_entries", "Users held in the lookup cache.", value=len(cache))
-        ratio = cache.hits / (cache.hits + cache.misses) if cache.hits + cache.misses else math.nan
+        yield GaugeMetricFamily(
+            "overnight_cache_entries",
+            "Users' and items' lists held in the lookup caches.",
+            value=sum(len(cache) for cache in caches),
+        )
+        ratio = hit_count / (hit_count + miss_count) if hit_count + miss_count else math.nan
         yield GaugeMetricFamily("overnight_cache_hit_ratio", "Cache hits over all cache reads so far.", value=ratio)
         yield CounterMetricFamily(
             "overnight_db_trips",

@@ -11,12 +11,26 @@ class RecommendedItem(BaseModel):
     score: float = Field(description="The ranker's score; higher ranks first. Comparable within one batch only.")
 
 
+FILTER_DESCRIPTION = (
+    "Comma-separated terms, all of which an item must meet: `name:value` (the item's attribute equals or "
+    "contains the value), `name:-value` (it does not), `name` (the attribute is true), `-name` (it is false). "
+    "Names are those of the batch's item attributes (another is a 422). When fewer than k items pass, the "
+    "answer is filled from the filtered fallback and says how many in `X-Filled-From-Fallback`."
+)
+SEGMENT_DESCRIPTION = (
+    "For a user the batch did not score: answer with this segment's popular list (an unknown segment: the "
+    "global fallback). Without it, the segment the batch stored for the user, if any."
+)
+SEGMENT_FIELD_DESCRIPTION = "The segment whose popular list answered; present only when one did."
+
+
 class Recommendations(BaseModel):
     user_id: str
     items: list[RecommendedItem] = Field(description="In rank order, at most k, excluded items left out.")
     source: Literal["personalized", "fallback"] = Field(
-        description="`fallback`: the user is not in the batch and gets the batch's fallback list."
+        description="`fallback`: the user is not in the batch and gets their segment's or the batch's fallback list."
     )
+    segment: str | None = Field(default=None, description=SEGMENT_FIELD_DESCRIPTION)
     model_id: str
     batch_id: int
     generated_at: datetime = Field(description="When the batch was computed (UTC).")
@@ -43,10 +57,90 @@ class BatchRecommendationsRequest(BaseModel):
         description="Items per user, 1..k of the live batch; default 10 (or k if smaller).",
     )
     exclude: list[str] = Field(default_factory=list, description="Items left out of every user's list.")
+    filter: str | None = Field(default=None, description=FILTER_DESCRIPTION)
+    segment: str | None = Field(default=None, description=SEGMENT_DESCRIPTION)
 
 
 class BatchRecommendations(BaseModel):
     results: list[Recommendations] = Field(description="One per requested user id, in request order.")
+
+
+class SimilarItems(BaseModel):
+    item_id: str
+    items: list[RecommendedItem] = Field(
+        description="The item's neighbours, most similar first (score: the similarity), at most k, excluded "
+        "items and the item itself left out."
+    )
+    source: Literal["similar", "fallback"] = Field(
+        description="`fallback`: the batch has no neighbours for the item; the popular items of its genres "
+        "when the batch's catalogue has it, else the batch's fallback list."
+    )
+    model_id: str
+    batch_id: int
+    generated_at: datetime = Field(description="When the batch was computed (UTC).")
+    variant: str = Field(description="Which model variant answered; `production` outside a canary.")
+
+
+class SimilarItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_ids: list[str] = Field(
+        min_length=1, description="Items to look up (at most OVERNIGHT_MAX_BATCH_ITEMS, 1000 by default)."
+    )
+    k: Annotated[int, BeforeValidator(_integral_number)] | None = Field(
+        default=None,
+        ge=1,
+        strict=True,
+        description="Neighbours per item, 1..similar_k of the live batch; default 10 (or similar_k if smaller).",
+    )
+    exclude: list[str] = Field(default_factory=list, description="Items left out of every item's list.")
+    filter: str | None = Field(default=None, description=FILTER_DESCRIPTION)
+    user_id: str | None = Field(
+        default=None, description="Whom the lists are for: a canary user's come from the canary's batch."
+    )
+
+
+class BatchSimilarItems(BaseModel):
+    results: list[SimilarItems] = Field(description="One per requested item id, in request order.")
+
+
+class SessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[str] = Field(
+        description="The items the visitor just touched, most recent first (at most OVERNIGHT_MAX_SESSION_ITEMS, "
+        "50 by default)."
+    )
+    k: Annotated[int, BeforeValidator(_integral_number)] | None = Field(
+        default=None,
+        ge=1,
+        strict=True,
+        description="Items to return, 1..k of the live batch; default 10 (or k if smaller).",
+    )
+    exclude: list[str] = Field(default_factory=list, description="Items left out besides the session's own.")
+    user_id: str | None = Field(
+        default=None,
+        description="A user the batch scored has their own list blended in; it also routes the request (canary).",
+    )
+    filter: str | None = Field(default=None, description=FILTER_DESCRIPTION)
+    segment: str | None = Field(default=None, description=SEGMENT_DESCRIPTION)
+
+
+class SessionRecommendations(BaseModel):
+    user_id: str | None = Field(description="The request's user_id, null without one.")
+    items: list[RecommendedItem] = Field(
+        description="Blended from the session's items' neighbour lists (sql.contract.blend_session), at most k, "
+        "the session's and the excluded items left out."
+    )
+    source: Literal["session", "personalized", "fallback"] = Field(
+        description="`session`: blended; when no session item has neighbours, what the user lookup would "
+        "answer: `personalized` for a user the batch scored, else `fallback` (their segment's or the global list)."
+    )
+    segment: str | None = Field(default=None, description=SEGMENT_FIELD_DESCRIPTION)
+    model_id: str
+    batch_id: int
+    generated_at: datetime = Field(description="When the batch was computed (UTC).")
+    variant: str = Field(description="Which model variant answered; `production` outside a canary.")
 
 
 class ErrorMessage(BaseModel):

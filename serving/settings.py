@@ -42,10 +42,18 @@ class ServingSettings(BaseSettings):
     cache_entries: int = Field(
         default=50_000,
         ge=0,
-        description="Users kept in each worker's lookup cache (about 1 KB each at k=50); 0 turns the cache off.",
+        description="Users kept in each worker's lookup cache (about 1 KB each at k=50), and as many items' "
+        "neighbour lists in another; 0 turns both off.",
     )
 
     max_batch_users: int = Field(default=1000, ge=1, description="Most users in one POST /v1/recommendations:batch.")
+    max_batch_items: int = Field(default=1000, ge=1, description="Most item ids in one POST /v1/items:similar.")
+    max_session_items: int = Field(
+        default=50, ge=1, description="Most items one POST /v1/recommendations:session may give; more get 422."
+    )
+    max_filter_length: int = Field(
+        default=512, ge=1, description="Longest `filter=` accepted (characters); longer ones get 422."
+    )
     max_user_id_length: int = Field(
         default=MAX_ID_LENGTH, ge=1, description="Longest user id accepted (characters); longer ones get 422."
     )

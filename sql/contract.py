@@ -1,6 +1,7 @@
 """What the batch side and the serving side agree on besides the tables: limits and names both check."""
 
 from collections.abc import Sequence, Set
+from operator import itemgetter
 from typing import Final, Literal
 
 # The longest user or item id: ingest quarantines longer ones, so no batch holds one; the lookup
@@ -38,23 +39,24 @@ def blend_session(
     SESSION_USER_WEIGHT * (1 - position / length). Items in `leave_out` (the session's own, the excluded)
     are left out; ties go by item id, so an answer repeats exactly."""
     totals: dict[str, float] = {}
-    weight_sum = 0.0
+    get = totals.get
+    weight_sum = sum(SESSION_RECENCY_DECAY**position for position in range(len(neighbours)))
     for position, ranked in enumerate(neighbours):
-        weight = SESSION_RECENCY_DECAY**position
-        weight_sum += weight
         if ranked is None or not ranked[0]:
             continue
         item_ids, scores = ranked
         best = max(scores)
         if best <= 0:
             continue
+        scale = SESSION_RECENCY_DECAY**position / (best * weight_sum)
         for item_id, score in zip(item_ids, scores, strict=True):
             if item_id not in leave_out:
-                totals[item_id] = totals.get(item_id, 0.0) + weight * score / best
-    if weight_sum:
-        totals = {item_id: score / weight_sum for item_id, score in totals.items()}
+                totals[item_id] = get(item_id, 0.0) + score * scale
     length = len(user_list)
     for position, item_id in enumerate(user_list):
         if item_id not in leave_out:
-            totals[item_id] = totals.get(item_id, 0.0) + SESSION_USER_WEIGHT * (1 - position / length)
-    return sorted(totals.items(), key=lambda pair: (-pair[1], pair[0]))
+            totals[item_id] = get(item_id, 0.0) + SESSION_USER_WEIGHT * (1 - position / length)
+    # By item id, then (a stable sort) by score: ties keep item id order.
+    blended = sorted(totals.items())
+    blended.sort(key=itemgetter(1), reverse=True)
+    return blended

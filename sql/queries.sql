@@ -39,8 +39,8 @@ SELECT user_id, NULL, NULL, segment FROM {user_segments} WHERE user_id = ANY(%(u
 
 -- name: batch_items
 -- Every catalogue item of a batch with its popularity and attributes: the service holds them in memory
--- for filters and fallbacks.
-SELECT item_id, popularity, attributes FROM {items};
+-- for filters and fallbacks. Most popular first (ties by id), the order its fallbacks and fills take.
+SELECT item_id, popularity, attributes FROM {items} ORDER BY popularity DESC, item_id;
 
 -- name: batch_segments
 SELECT segment, item_ids, scores FROM {segments};
@@ -148,7 +148,8 @@ CREATE TABLE {items} (
     item_id    text PRIMARY KEY,
     -- larger is more popular: fallbacks and filtered fills take items in this order
     popularity real NOT NULL,
-    -- {"genre": ["Comedy", "Drama"], "available": true, ...}: what `filter=` may ask about
+    -- {{"genre": ["Comedy", "Drama"], "available": true, ...}}: what `filter=` may ask about (braces doubled:
+    -- sql.batch_query formats this text)
     attributes jsonb NOT NULL
 );
 
@@ -544,14 +545,16 @@ LIMIT %s;
 -- name: serving_batches
 -- Production and, when one runs, the canary, read in one statement so a reader never sees a promote
 -- half done. What the lookup service needs to answer from each batch (see serving.live.live_batch_from_row),
--- plus variant, traffic and salt (null for production). The canary's switched_at is its updated_at.
+-- its extras (similar_k, segment_attribute: null for none), then the canary's traffic and salt (null for
+-- production). The canary's switched_at is its updated_at.
 SELECT 'production' AS variant, b.batch_id, b.model_id, b.k, b.generated_at, b.fallback_item_ids,
-       b.fallback_scores, l.switched_at, NULL::double precision AS traffic, NULL::text AS salt
+       b.fallback_scores, l.switched_at, b.similar_k, b.segment_attribute,
+       NULL::double precision AS traffic, NULL::text AS salt
 FROM overnight.live AS l
 JOIN overnight.batches AS b USING (batch_id)
 UNION ALL
 SELECT 'canary', b.batch_id, b.model_id, b.k, b.generated_at, b.fallback_item_ids, b.fallback_scores,
-       c.updated_at, c.traffic, c.salt
+       c.updated_at, b.similar_k, b.segment_attribute, c.traffic, c.salt
 FROM overnight.canary AS c
 JOIN overnight.batches AS b USING (batch_id);
 

@@ -14,6 +14,8 @@ from jobs.settings import Settings
 logger = logging.getLogger(__name__)
 
 DEMO_USERS, DEMO_ITEMS, DEMO_DAYS = 3000, 600, 60
+# The demo's batches have segment fallbacks: users the batch does not score get their country's popular list.
+DEMO_SEGMENT_ATTRIBUTE = "country"
 
 
 @dataclass(frozen=True)
@@ -21,17 +23,21 @@ class Demo:
     api_key: str
     user_id: str
     run: nightly.RunResult
+    newcomer_id: str | None = None  # a user the batch did not score, served their segment's popular list
 
 
 def prepare_demo(settings: Settings, progress: nightly.Progress = logger.info, nights: int = 1) -> Demo:
     """Generate sample data ending yesterday, run the pipeline on it and make an API key.
 
     With ``nights`` above 1 the nights before yesterday run first, oldest first, so the run history
-    and the monitoring dashboard have a few nights to show.
+    and the monitoring dashboard have a few nights to show. Unless the settings name another segment
+    attribute, the batches segment users by country (``DEMO_SEGMENT_ATTRIBUTE``).
     """
+    if settings.segment_attribute is None:
+        settings = settings.model_copy(update={"segment_attribute": DEMO_SEGMENT_ATTRIBUTE})
     logical_date = datetime.now(UTC).date() - timedelta(days=1)
     source = settings.data_dir / "sample" / logical_date.isoformat()
-    if not (source / "interactions.parquet").exists():
+    if not all((source / f"{table}.parquet").exists() for table in ("interactions", "items", "users")):
         progress(f"generating sample data ({DEMO_USERS:,} users, {DEMO_ITEMS} items, {DEMO_DAYS} days) in {source}")
         data = generate.generate(DEMO_USERS, DEMO_ITEMS, DEMO_DAYS, end_date=logical_date, seed=42)
         generate.write_dataset(data, source)
@@ -44,4 +50,6 @@ def prepare_demo(settings: Settings, progress: nightly.Progress = logger.info, n
         key_file.chmod(0o600)
     first_shard = workdir.read_manifests(settings, logical_date)[0].path
     user_id = str(pl.read_parquet(first_shard, n_rows=1)["user_id"][0])
-    return Demo(api_key=key_file.read_text().strip(), user_id=user_id, run=result)
+    newcomers = pl.read_parquet(workdir.table_path(settings, logical_date, workdir.USER_SEGMENTS), n_rows=1)
+    newcomer_id = str(newcomers["user_id"][0]) if newcomers.height else None
+    return Demo(api_key=key_file.read_text().strip(), user_id=user_id, run=result, newcomer_id=newcomer_id)

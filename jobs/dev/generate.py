@@ -9,6 +9,9 @@
   on days by a weekly rhythm and at hours by a daily one (evening peak). Some events are repeats
   of an item the user had before.
 - With ``drift_from``, every user's taste moves to other genres from that day on.
+- Users have attributes (a users table): a country and a platform, skewed as a real audience is. A
+  user's country tilts their taste a little (some users' main genre is their country's), so each
+  country's popular list differs from the global one; a few users have signed up but done nothing yet.
 
 Users are generated in fixed-size chunks, each from its own seed, so the output depends only on
 the arguments and memory only on the chunk size. Used by ``overnight generate``, the demo, the
@@ -38,12 +41,22 @@ WEEKDAY_WEIGHTS = np.array([1.0, 0.95, 0.95, 1.0, 1.1, 1.3, 1.25])  # Monday fir
 REPEAT_SHARE = 0.1
 EXPLORE_SHARE = 0.15
 SECOND_TASTE_SHARE = 0.3
+COUNTRIES = ("US", "GB", "DE", "FR", "BR", "IN", "JP")
+COUNTRY_SHARES = np.array([0.38, 0.14, 0.12, 0.10, 0.10, 0.10, 0.06])
+PLATFORMS = ("ios", "android", "web")
+PLATFORM_SHARES = np.array([0.45, 0.40, 0.15])
+COUNTRY_TASTE_SHARE = 0.35  # users whose main genre is their country's favourite
+SIGNED_UP_SHARE = 0.05  # users in the users table (beyond `users`) without any interaction yet
+# Random streams beyond the catalogue's (0) and the users' interactions' (1 + chunk): user attributes, then
+# the users who have only signed up.
+ATTRIBUTE_STREAM = 1 << 30
 
 
 @dataclass(frozen=True)
 class GeneratedData:
     interactions: pl.DataFrame
     items: pl.DataFrame
+    users: pl.DataFrame | None = None  # user_id, country, platform
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,51 @@ def _day_table(days: int, start: date) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(weights)])
 
 
+@dataclass(frozen=True)
+class UserAttributes:
+    country: np.ndarray  # index into COUNTRIES
+    platform: np.ndarray  # index into PLATFORMS
+    country_taste: np.ndarray  # whether the user's main genre is their country's
+
+
+def user_attributes(first_user: int, users: int, seed: int) -> UserAttributes:
+    """The attributes of users ``first_user + 1 ..``, from a stream of their own (per chunk of users), so
+    that they leave the interactions' random draws as they were."""
+    rng = _rng(seed, ATTRIBUTE_STREAM + first_user // CHUNK_USERS)
+    return UserAttributes(
+        country=rng.choice(len(COUNTRIES), size=users, p=COUNTRY_SHARES),
+        platform=rng.choice(len(PLATFORMS), size=users, p=PLATFORM_SHARES),
+        country_taste=rng.random(users) < COUNTRY_TASTE_SHARE,
+    )
+
+
+def country_genre(country: np.ndarray, genres: int) -> np.ndarray:
+    """Each country's favourite genre: a different one for each while there are enough genres."""
+    return (3 * country + 1) % genres
+
+
+def users_frame(users: int, seed: int) -> pl.DataFrame:
+    """The users table: (user_id, country, platform) of the ``users`` users with interactions (ids 1..users)
+    and of ``SIGNED_UP_SHARE`` as many more who have none yet (ids after them)."""
+    signed_up = int(users * SIGNED_UP_SHARE)
+    parts = [(first, min(CHUNK_USERS, users - first)) for first in range(0, users, CHUNK_USERS)]
+    attributes = [user_attributes(first, count, seed) for first, count in parts]
+    newcomers = np.random.default_rng([seed, ATTRIBUTE_STREAM - 1])
+    country = np.concatenate(
+        [*(a.country for a in attributes), newcomers.choice(len(COUNTRIES), size=signed_up, p=COUNTRY_SHARES)]
+    )
+    platform = np.concatenate(
+        [*(a.platform for a in attributes), newcomers.choice(len(PLATFORMS), size=signed_up, p=PLATFORM_SHARES)]
+    )
+    return pl.DataFrame(
+        {
+            "user_id": pl.Series(np.arange(1, users + signed_up + 1)).cast(pl.String),
+            "country": np.array(COUNTRIES)[country],
+            "platform": np.array(PLATFORMS)[platform],
+        }
+    )
+
+
 def _user_chunk(
     first_user: int,
     users: int,
@@ -139,6 +197,8 @@ def _user_chunk(
     sigma = 1.0
     activity = np.maximum(2, rng.lognormal(np.log(events_per_user) - sigma**2 / 2, sigma, size=users)).astype(np.int64)
     favourite = rng.integers(0, genres, size=(users, 2))
+    attributes = user_attributes(first_user, users, seed)
+    favourite[:, 0] = np.where(attributes.country_taste, country_genre(attributes.country, genres), favourite[:, 0])
     session_length = 1 + rng.poisson(3.0, size=users)
 
     user_of_event = np.repeat(np.arange(users), activity)
@@ -264,7 +324,7 @@ def generate(
         users, items, days, end_date=end_date, seed=seed, events_per_user=events_per_user, drift_from=drift_from
     )
     interactions = pl.concat(list(chunks)).sort("timestamp", "user_id")
-    return GeneratedData(interactions=interactions, items=items_frame(catalogue))
+    return GeneratedData(interactions=interactions, items=items_frame(catalogue), users=users_frame(users, seed))
 
 
 def _write_table(frame: pl.DataFrame, path: Path, fmt: str) -> None:
@@ -281,10 +341,12 @@ def _write_table(frame: pl.DataFrame, path: Path, fmt: str) -> None:
 
 
 def write_dataset(data: GeneratedData, out: Path, fmt: str = "parquet") -> Path:
-    """Write ``interactions.<fmt>`` and ``items.<fmt>`` into the folder ``out``."""
+    """Write ``interactions.<fmt>``, ``items.<fmt>`` and, with users, ``users.<fmt>`` into the folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     _write_table(data.interactions, out / f"interactions.{fmt}", fmt)
     _write_table(data.items, out / f"items.{fmt}", fmt)
+    if data.users is not None:
+        _write_table(data.users, out / f"users.{fmt}", fmt)
     return out
 
 
@@ -301,7 +363,8 @@ def write_generated(
     fmt: str = "parquet",
     progress: Callable[[str], None] = logger.info,
 ) -> GenerateResult:
-    """Stream a dataset to ``out``: ``interactions/part-NNNNN.<fmt>`` (one per chunk of users) and ``items.<fmt>``.
+    """Stream a dataset to ``out``: ``interactions/part-NNNNN.<fmt>`` (one per chunk of users), ``items.<fmt>``
+    and ``users.<fmt>``.
 
     Memory depends on the chunk size, not on the number of users.
     """
@@ -315,6 +378,7 @@ def write_generated(
         users, items, days, end_date=end_date, seed=seed, events_per_user=events_per_user, drift_from=drift_from
     )
     _write_table(items_frame(catalogue), out / f"items.{fmt}", fmt)
+    _write_table(users_frame(users, seed), out / f"users.{fmt}", fmt)
     total = parts = 0
     for parts, chunk in enumerate(chunks, start=1):
         _write_table(chunk, parts_dir / f"part-{parts - 1:05d}.{fmt}", fmt)

@@ -13,7 +13,7 @@ on the user count); per-user candidates are generated per chunk of users by :fun
 
 import logging
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 
 import polars as pl
@@ -22,6 +22,7 @@ from jobs import kernels, lake, workdir
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import similar
+from jobs.steps.popularity import build_segments, item_attributes, popularity_counts
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +113,16 @@ class CandidatesResult:
     neighbour_pairs: int
     similar_pairs: int
     path: str
+    segments: int = 0  # segments with a popular list of their own (segment_attribute)
 
     def outcome(self) -> Outcome:
         return Outcome(self.summary(), rows_out=self.users)
 
     def summary(self) -> str:
+        segments = f", {self.segments} segment lists" if self.segments else ""
         return (
             f"{self.users:,} users, {self.popular_items} popular items, {self.neighbour_pairs:,} co-visitation "
-            f"and {self.similar_pairs:,} similarity pairs"
+            f"and {self.similar_pairs:,} similarity pairs{segments}"
         )
 
 
@@ -132,14 +135,9 @@ def item_genres(catalogue: pl.DataFrame) -> pl.DataFrame:
 
 def build_popular(events: pl.LazyFrame, catalogue: pl.DataFrame, cutoff: datetime, settings: Settings) -> pl.DataFrame:
     """(item_id, popular_score, popular_rank): counts in the recent window; all-time counts break ties."""
-    since = cutoff - timedelta(days=settings.recent_days)
     available = catalogue.lazy().filter(pl.col("available")).select("item_id")
     return (
-        events.group_by("item_id")
-        .agg(
-            popular_score=(pl.col("timestamp") >= since).sum().cast(pl.Float32),
-            all_time=pl.len(),
-        )
+        popularity_counts(events, cutoff, settings)
         .join(available, on="item_id", how="semi")
         .sort(["popular_score", "all_time", "item_id"], descending=[True, True, False])
         .head(settings.popular_candidates)
@@ -312,12 +310,20 @@ def generate(events: pl.LazyFrame, shares: pl.DataFrame, tables: CandidateTables
 
 
 def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
-    """Build the shared candidate tables as of the end of ``logical_date`` for the score shards."""
+    """Build the shared candidate tables as of the end of ``logical_date`` for the score shards, and what
+    publish loads beside the user lists (``workdir.BATCH_EXTRAS``)."""
     events = lake.scan_interactions(settings.lake_dir, logical_date)
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
-    tables = build_tables(events, catalogue, lake.day_end(logical_date), settings)
+    cutoff = lake.day_end(logical_date)
+    tables = build_tables(events, catalogue, cutoff, settings)
     users = events.select("user_id").unique().collect(engine="streaming").sort("user_id")
     published = {workdir.SIMILAR_ITEMS: similar.similar_items(tables.neighbours, tables.similar, catalogue, settings)}
+    attributes = lake.item_attribute_columns(catalogue)
+    published[workdir.ITEM_ATTRIBUTES] = item_attributes(events, catalogue, attributes, cutoff, settings)
+    users_table = lake.latest_snapshot(settings.lake_dir, "users", logical_date)
+    published[workdir.SEGMENTS], published[workdir.USER_SEGMENTS] = build_segments(
+        events, catalogue, users, users_table, logical_date, cutoff, settings
+    )
     for name, frame in {**tables.frames(), workdir.USERS: users, **published}.items():
         lake.write_parquet_atomically(frame, workdir.table_path(settings, logical_date, name))
     result = CandidatesResult(
@@ -327,6 +333,7 @@ def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
         neighbour_pairs=tables.neighbours.height,
         similar_pairs=tables.similar.height,
         path=str(workdir.folder(settings, logical_date)),
+        segments=published[workdir.SEGMENTS].height,
     )
     logger.info("candidates as of %s: %s", logical_date, result.summary())
     return result

@@ -14,6 +14,10 @@ held-out part by ``train.evaluate_models``.
   items of a user are the new items they touched in [C, C + horizon). When fewer than
   ``MIN_EVALUATED_USERS`` users fall in the horizon, it is doubled (up to ``MAX_WIDENED_HORIZON_DAYS``;
   a default cutoff moves back with it) until enough do, and the result carries a warning.
+
+Beside the ranker, every evaluation measures the item-to-item answers (``jobs.steps.item_quality``): the
+similar items on the protocol's held-out events (the next item among the previous one's neighbours), and
+session recommendations for anonymous visitors (a fifth of the users, never in the neighbour tables).
 """
 
 import logging
@@ -30,7 +34,7 @@ import polars as pl
 from jobs import lake, workdir
 from jobs.errors import BadInputError, MissingDataError
 from jobs.settings import Settings
-from jobs.steps import features, ingest, train
+from jobs.steps import features, ingest, item_quality, popularity, train
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,13 @@ MIN_EVALUATED_USERS = 100
 # run's next days look like.
 MAX_WIDENED_HORIZON_DAYS = 90
 TOO_NOISY = "these numbers are too noisy to compare models by"
+# Visitors are answered in Python, one blend_session each: enough for a stable mean, bounded on big sources.
+SESSION_MAX_VISITORS = 5_000
+# Printed above user-holdout numbers wherever they appear: comparable with papers, not what users get.
+LITERATURE_PROTOCOL = (
+    "user-holdout: the literature's protocol, not how the nightly run trains and publishes; "
+    "`overnight backtest` scores the published lists"
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +71,20 @@ class Evaluation:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     feature_importance: dict[str, float] = field(default_factory=dict)
     warning: str | None = None  # set when the numbers rest on too few users to compare models by
+    similar_items: item_quality.SimilarItemsQuality | None = None
+    session: item_quality.SessionQuality | None = None
 
     def table(self) -> str:
+        """The ranker and its baselines, then the similar-items and session tables."""
+        tables = [self.ranking_table()]
+        tables += [part.table() for part in (self.similar_items, self.session) if part is not None]
+        return "\n\n".join(tables)
+
+    def ranking_table(self) -> str:
         columns = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10", "candidate_recall", "users")
         lines = [f"warning: {self.warning}"] if self.warning else []
+        if self.protocol == "user-holdout":
+            lines.append(LITERATURE_PROTOCOL)
         lines.append(f"{'model':<16}" + "".join(f"{c:>18}" for c in columns))
         for name, metrics in self.models.items():
             cells = [f"{metrics[c]:>18,}" if c == "users" else f"{metrics[c]:>18.4f}" for c in columns]
@@ -71,15 +92,20 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def user_holdout_window(events: pl.DataFrame, settings: Settings, name: str) -> train.LabelWindow:
-    """Each user's last 20% of interactions by time (at least one; users with two or more) as labels."""
+def user_holdout_split(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(history, held out): each user's last 20% of interactions by time (at least one; users with two or
+    more) are held out; ties in time go by item id."""
     ordered = events.sort("user_id", "timestamp", "item_id").with_columns(
         _position=pl.int_range(pl.len()).over("user_id"), _count=pl.len().over("user_id")
     )
     held = pl.max_horizontal((pl.col("_count") * HOLDOUT_SHARE).ceil().cast(pl.Int64), pl.lit(1))
     is_label = (pl.col("_count") >= 2) & (pl.col("_position") >= pl.col("_count") - held)
-    history = ordered.filter(~is_label).drop("_position", "_count")
-    later = ordered.filter(is_label).drop("_position", "_count")
+    return ordered.filter(~is_label).drop("_position", "_count"), ordered.filter(is_label).drop("_position", "_count")
+
+
+def user_holdout_window(events: pl.DataFrame, settings: Settings, name: str) -> train.LabelWindow:
+    """Each user's last 20% of interactions by time (at least one; users with two or more) as labels."""
+    history, later = user_holdout_split(events)
     last = history["timestamp"].max()
     assert isinstance(last, datetime), "every user has history"
     cutoff = last + timedelta(microseconds=1)
@@ -183,14 +209,75 @@ def split(
     return test, train.rolling_windows(events.lazy().filter(pl.col("timestamp") < test.cutoff), test.cutoff, settings)
 
 
+def session_visitors(events: pl.DataFrame, settings: Settings) -> pl.Series:
+    """The anonymous visitors of the session protocol: the held-out fifth of the users the promotion gate
+    also keeps apart (``train.held_out_users``), at most SESSION_MAX_VISITORS of them."""
+    held_out = train.held_out_users(events["user_id"], settings.seed)
+    return train.sample_users(held_out, SESSION_MAX_VISITORS, settings.seed)
+
+
+def session_split(events: pl.DataFrame, visitors: pl.Series) -> item_quality.Sessions | None:
+    """The session protocol's split: each visitor's last 20% of interactions by time (as ``user-holdout``
+    holds them out) predicted from the items before it; everyone else's events build the neighbours."""
+    is_visitor = pl.col("user_id").is_in(visitors.implode())
+    before, later = user_holdout_split(events.filter(is_visitor))
+    return item_quality.sessions_of(before, later, events.filter(~is_visitor))
+
+
+def held_out_events(events: pl.DataFrame, protocol: str, test: train.LabelWindow, horizon_days: int) -> pl.DataFrame:
+    """Every held-out event of a protocol's test split (the relevant sets keep only the new items)."""
+    if protocol == "user-holdout":
+        return user_holdout_split(events)[1]
+    end = test.cutoff + timedelta(days=horizon_days)
+    return events.filter((pl.col("timestamp") >= test.cutoff) & (pl.col("timestamp") < end))
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """A source ingested into a scratch lake as of a date: what the evaluation reads."""
+
+    settings: Settings  # the evaluation's settings with the scratch lake as the data dir
+    as_of: date
+
+
 def load_source(settings: Settings, source: Path, fmt: str, scratch: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(valid interactions, catalogue) of a source, through ingest's validation into a scratch lake."""
+    events, catalogue, _ = ingest_source(settings, source, fmt, scratch)
+    return events, catalogue
+
+
+def ingest_source(
+    settings: Settings, source: Path, fmt: str, scratch: Path
+) -> tuple[pl.DataFrame, pl.DataFrame, Scratch]:
+    """(valid interactions, catalogue, the scratch lake) of a source, through ingest's validation."""
     as_of = datetime.now(UTC).date()
     # The source alone: the feedback the service collected belongs to the nightly lake, not to this evaluation.
     scratch_settings = settings.model_copy(update={"data_dir": scratch, "ingest_feedback": False})
     ingest.ingest(scratch_settings, source, as_of, fmt)
     events = lake.scan_interactions(scratch_settings.lake_dir, as_of).collect()
-    return events, lake.read_catalogue(scratch_settings.lake_dir, as_of)
+    return events, lake.read_catalogue(scratch_settings.lake_dir, as_of), Scratch(scratch_settings, as_of)
+
+
+def segment_popular(
+    scratch: Scratch, sessions: item_quality.Sessions, catalogue: pl.DataFrame
+) -> item_quality.SegmentPopular | str:
+    """Each segment's popular list among the session split's training users and every user's segment, as
+    the nightly run would publish them; or why there are none."""
+    attribute = scratch.settings.segment_attribute
+    if attribute is None:
+        return "no segment attribute (OVERNIGHT_SEGMENT_ATTRIBUTE is unset)"
+    users_path = lake.latest_snapshot(scratch.settings.lake_dir, "users", scratch.as_of)
+    try:
+        members = popularity.read_user_segments(users_path, scratch.as_of, attribute)
+    except (MissingDataError, BadInputError) as error:
+        return str(error)
+    no_one_scored = pl.DataFrame(schema={"user_id": pl.String})
+    lists, _ = popularity.build_segments(
+        sessions.training, catalogue, no_one_scored, users_path, scratch.as_of, sessions.cutoff, scratch.settings
+    )
+    if lists.height == 0:
+        return f"no segment of {attribute!r} has {scratch.settings.segment_min_users} recently active users"
+    return item_quality.SegmentPopular(members=members, lists=lists)
 
 
 def evaluate(
@@ -210,10 +297,17 @@ def evaluate(
     workdir.root(settings).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="evaluate-", dir=workdir.root(settings)))
     try:
-        events, catalogue = load_source(settings, source, fmt, scratch)
+        events, catalogue, lake_scratch = ingest_source(settings, source, fmt, scratch)
+        seconds["load"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        sessions = session_split(events, session_visitors(events, settings))
+        session = None
+        if sessions is not None:  # while the scratch lake is there: the segment baseline reads its users table
+            baseline = segment_popular(lake_scratch, sessions, catalogue)
+            session = item_quality.session_quality(sessions, catalogue, settings, baseline)
+        seconds["session"] = round(time.perf_counter() - started, 2)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    seconds["load"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
     cutoff_start = lake.day_start(cutoff) if cutoff else None
@@ -246,6 +340,11 @@ def evaluate(
     results = train.evaluate_models(examples, {train.RANKER: (fitted.booster, list(features.FEATURES))}, settings)
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
     models = {name: _public(results[name]) for name in MODEL_ORDER if name in results}
+
+    started = time.perf_counter()
+    later = held_out_events(events, protocol, test, horizon.days if horizon else horizon_days)
+    similar_items = item_quality.similar_items_quality(test.history, later.lazy(), catalogue, test.cutoff, settings)
+    seconds["similar_items"] = round(time.perf_counter() - started, 2)
     return Evaluation(
         source=str(source),
         protocol=protocol,
@@ -260,6 +359,8 @@ def evaluate(
         models=models,
         feature_importance=dict(sorted(fitted.importance.items(), key=lambda kv: -kv[1])),
         warning=warning,
+        similar_items=similar_items,
+        session=session,
     )
 
 

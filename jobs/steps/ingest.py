@@ -658,30 +658,85 @@ def _normalise_items(items: pl.DataFrame, file_name: str) -> pl.DataFrame:
             (pl.col("title").cast(pl.String) if "title" in items.columns else pl.lit(None, pl.String)).alias("title"),
             genres.alias("genres"),
             available.alias("available"),
+            *_item_attributes(items, file_name),
         )
         .filter(pl.col("item_id").is_not_null() & (pl.col("item_id") != ""))
         .unique("item_id", keep="last", maintain_order=True)
     )
 
 
+# Columns of an item file that are not attributes: the catalogue's own, and `genre`, the name genres go by
+# among the published attributes (jobs.steps.attributes).
+_NOT_ATTRIBUTES = {*lake.ITEMS_SCHEMA, "genre"}
+_TRUE_OR_FALSE = ["true", "false"]
+
+
+def _item_attributes(items: pl.DataFrame, file_name: str) -> list[pl.Expr]:
+    """The item file's attribute columns (``lake.MAX_ITEM_ATTRIBUTES``): text, lists of text and flags, with
+    text that only says true or false read as a flag and empty text as no value. A column that cannot be one
+    is left out with a warning naming it and why: the item file is still good."""
+    kept: list[pl.Expr] = []
+    for name, dtype in items.schema.items():
+        if name in _NOT_ATTRIBUTES:
+            continue
+        column = items[name]
+        expr: pl.Expr | None = None
+        why = ""
+        if not lake.ATTRIBUTE_NAME.match(name):
+            why = "its name is not lower-case letters, digits and _ (at most 32)"
+        elif len(kept) == lake.MAX_ITEM_ATTRIBUTES:
+            why = f"the item file has more than {lake.MAX_ITEM_ATTRIBUTES} attribute columns"
+        elif dtype == pl.Boolean:
+            expr = pl.col(name)
+        elif dtype == pl.String:
+            text = column.str.strip_chars().drop_nulls()
+            stripped = pl.col(name).str.strip_chars()
+            if (text.str.len_chars().max() or 0) > lake.MAX_ATTRIBUTE_LENGTH:  # type: ignore[operator]
+                why = f"a value is longer than {lake.MAX_ATTRIBUTE_LENGTH} characters (free text)"
+            elif text.len() and text.str.to_lowercase().is_in(_TRUE_OR_FALSE).all():
+                expr = stripped.str.to_lowercase() == "true"
+            else:
+                expr = pl.when(stripped != "").then(stripped)
+        elif dtype == pl.List(pl.String):
+            values = column.explode().drop_nulls()
+            if (column.list.len().max() or 0) > lake.MAX_ATTRIBUTE_VALUES:  # type: ignore[operator]
+                why = f"a list holds more than {lake.MAX_ATTRIBUTE_VALUES} values"
+            elif (values.str.len_chars().max() or 0) > lake.MAX_ATTRIBUTE_LENGTH:  # type: ignore[operator]
+                why = f"a value is longer than {lake.MAX_ATTRIBUTE_LENGTH} characters"
+            else:
+                expr = pl.col(name).list.drop_nulls()
+        else:
+            why = f"its type is {dtype} (an attribute is text, a list of text or true/false)"
+        if expr is None:
+            logger.warning("ingest: %s: item column %r is not kept as an attribute: %s", file_name, name, why)
+        else:
+            kept.append(expr.alias(name))
+    return kept
+
+
 def build_catalogue(
     previous: pl.DataFrame | None, items: pl.DataFrame | None, interactions: pl.DataFrame
 ) -> pl.DataFrame:
     """The catalogue after this ingest: what was known, updated by the item file, plus any item seen
-    in the source's interactions (never in feedback: see ``UNKNOWN_ITEM``)."""
+    in the source's interactions (never in feedback: see ``UNKNOWN_ITEM``).
+
+    Attribute columns are the item file's, then those earlier snapshots had, ``lake.MAX_ITEM_ATTRIBUTES``
+    at most; an item the item file lists has only the attributes the file gives it."""
     parts = [df for df in (previous, items) if df is not None]
     known = (
-        pl.concat(parts, how="vertical_relaxed").unique("item_id", keep="last", maintain_order=True)
+        pl.concat(parts, how="diagonal_relaxed").unique("item_id", keep="last", maintain_order=True)
         if parts
         else pl.DataFrame(schema=lake.ITEMS_SCHEMA)
     )
+    attributes = list(dict.fromkeys(name for part in reversed(parts) for name in lake.item_attribute_columns(part)))
     seen = interactions.select(pl.col("item_id").unique()).join(known, on="item_id", how="anti")
     unseen = seen.with_columns(
         title=pl.lit(None, pl.String),
         genres=pl.lit([], dtype=pl.List(pl.String)),
         available=pl.lit(True),
     )
-    return pl.concat([known.select(lake.ITEMS_SCHEMA.keys()), unseen], how="vertical_relaxed").sort("item_id")
+    columns = [*lake.ITEMS_SCHEMA, *attributes[: lake.MAX_ITEM_ATTRIBUTES]]
+    return pl.concat([known.select(columns), unseen], how="diagonal_relaxed").select(columns).sort("item_id")
 
 
 # ---------------------------------------------------------------- writing

@@ -1,10 +1,13 @@
 """Publish a date's scores to Postgres (DESIGN §5) and move the live pointer.
 
 1. Register the batch ('loading') and create ``overnight.recs_<batch_id>`` without a key.
-2. COPY every shard in binary, in parallel; build the primary key after the load.
-3. Validate (row count, coverage, empty lists, unknown items, non-finite scores; the lists are
-   checked as they are sent, the row count is the server's); a failure marks the batch 'failed',
-   drops its table and leaves production untouched.
+2. COPY every shard in binary, in parallel; build the primary key after the load. Then COPY what the
+   candidates step made beside the user lists (``workdir.BATCH_EXTRAS``) into the batch's other tables
+   (similar items, item attributes, segment lists, users' segments), key them and record the batch's
+   ``similar_k`` and ``segment_attribute``.
+3. Validate (row count, coverage, empty lists, unknown items, non-finite scores, and the same of the
+   other tables; the lists are checked as they are sent, the row counts are the server's); a failure
+   marks the batch 'failed', drops its tables and leaves production untouched.
 4. In one transaction point ``overnight.live`` at the batch and NOTIFY the lookup services.
 5. Drop batches beyond the newest few, and earlier batches of the same date (a re-run replaces).
 
@@ -17,15 +20,18 @@ A batch scored with a chosen model (``score.score(..., model_id=M)``) is publish
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import psycopg
+import pyarrow as pa
 from psycopg.copy import QueuedLibpqWriter
 
 import sql
@@ -53,7 +59,7 @@ class PublishResult:
     reason: str
     dropped_batches: list[int] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, validate, monitor, switch
+    seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, extras, validate, monitor, switch
     accepted: gate.Acceptance | None = None  # the failing checks accepted to publish it
 
     def outcome(self) -> Outcome:
@@ -65,23 +71,29 @@ class PublishResult:
         return f"batch {self.batch_id}, {self.users:,} users, {state}{accepted}"
 
 
-def copy_frame(copy: psycopg.Copy, frame: pl.DataFrame) -> None:
-    """Send (user_id, item_ids, scores) rows as one binary COPY stream, encoded a block at a time."""
+Encoder = Callable[[pl.DataFrame], pa.Buffer]
+
+
+def copy_frame(copy: psycopg.Copy, frame: pl.DataFrame, encode: Encoder = copy_binary.encode_rows) -> None:
+    """Send ``frame`` as one binary COPY stream, encoded a block at a time by ``encode`` (by default as
+    (user_id, item_ids, scores) rows)."""
     copy.write(copy_binary.SIGNATURE)
     for block in frame.iter_slices(COPY_BLOCK_ROWS):
         try:
-            copy.write(copy_binary.encode_rows(block))
+            copy.write(encode(block))
         except copy_binary.EncodingError as error:
             raise BatchValidationError(str(error)) from error
     copy.write(copy_binary.TRAILER)
 
 
-def copy_into(url: str, query: psycopg.sql.Composed, frame: pl.DataFrame) -> int:
+def copy_into(
+    url: str, query: psycopg.sql.Composed, frame: pl.DataFrame, encode: Encoder = copy_binary.encode_rows
+) -> int:
     """COPY ``frame`` on a connection of its own; a writer thread sends one block while the next is encoded.
     Returns the rows the server says it loaded."""
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         with cur.copy(query, writer=QueuedLibpqWriter(cur)) as copy:
-            copy_frame(copy, frame)
+            copy_frame(copy, frame, encode)
         return cur.rowcount
 
 
@@ -164,6 +176,120 @@ def validate(
     return measured, problems
 
 
+@dataclass(frozen=True)
+class _Extra:
+    """How one of the tables the candidates step makes beside the user lists becomes one of the batch's."""
+
+    table: str  # the batch's table (sql.BATCH_TABLES): its create_<table>_table and copy_<table> queries
+    label: str  # how a validation failure names it
+    encode: Encoder
+    primary_key: str | None = None  # the query that keys it once loaded (None: created with its key)
+
+
+EXTRAS = {
+    workdir.SIMILAR_ITEMS: _Extra(
+        "similar", "similar items", partial(copy_binary.encode_rows, key="item_id"), "add_similar_primary_key"
+    ),
+    workdir.ITEM_ATTRIBUTES: _Extra(
+        "items",
+        "item attributes",
+        partial(copy_binary.encode_fields, kinds={"item_id": "text", "popularity": "real", "attributes": "jsonb"}),
+    ),
+    workdir.SEGMENTS: _Extra("segments", "segment lists", partial(copy_binary.encode_rows, key="segment")),
+    workdir.USER_SEGMENTS: _Extra(
+        "user_segments",
+        "user segments",
+        partial(copy_binary.encode_fields, kinds={"user_id": "text", "segment": "text"}),
+        "add_user_segments_primary_key",
+    ),
+}
+
+
+def _load_extras(
+    conn: psycopg.Connection, url: str, batch_id: int, frames: dict[str, pl.DataFrame], settings: Settings
+) -> dict[str, int]:
+    """Create the batch's other tables, COPY each of ``frames`` into its own (in parallel), key them and
+    record the batch's similar_k and segment_attribute. Returns the rows the server loaded into each."""
+    with conn.transaction():
+        for extra in EXTRAS.values():
+            conn.execute(sql.batch_query(f"create_{extra.table}_table", batch_id))
+
+    @contextmanager
+    def duplicates_named(extra: _Extra) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.errors.UniqueViolation as error:
+            raise BatchValidationError(
+                f"batch {batch_id}: duplicate keys in the {extra.label} ({error.diag.message_detail})"
+            ) from error
+
+    def load(name: str) -> int:
+        extra = EXTRAS[name]
+        with duplicates_named(extra):  # a table created with its key refuses them as they come
+            return copy_into(url, sql.batch_query(f"copy_{extra.table}", batch_id), frames[name], extra.encode)
+
+    with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
+        loaded = dict(zip(EXTRAS, pool.map(load, EXTRAS), strict=True))
+    for extra in EXTRAS.values():
+        if extra.primary_key:
+            with duplicates_named(extra), conn.transaction():
+                conn.execute(sql.batch_query(extra.primary_key, batch_id))
+    with conn.transaction():
+        conn.execute(sql.query("set_batch_extras"), (settings.similar_k, settings.segment_attribute, batch_id))
+    return loaded
+
+
+def validate_extras(
+    frames: dict[str, pl.DataFrame], loaded: dict[str, int], catalogue: list[str], settings: Settings
+) -> tuple[dict[str, Any], list[str]]:
+    """(measurements, problems) of the batch's other tables, checked on the very frames sent: every table
+    holds what was sent; neighbour and segment lists are non-empty, of finite scores (neighbours' above 0,
+    at most similar_k of them) and name catalogue items; every catalogue item has its attributes; every
+    user's segment has a list."""
+    known = pl.Series(catalogue, dtype=pl.String).implode()
+    measured: dict[str, Any] = dict(loaded)
+    problems = []
+    for name, extra in EXTRAS.items():
+        if loaded[name] != frames[name].height:
+            problems.append(f"{extra.label}: table has {loaded[name]} rows but {frames[name].height} were sent")
+
+    def unknown_items(label: str, ids: pl.Series) -> None:
+        distinct = ids.drop_nulls().unique()
+        unknown = distinct.filter(distinct.is_in(known).not_()).sort()
+        if unknown.len():
+            problems.append(
+                f"{label}: {unknown.len()} item ids not in the catalogue (e.g. {', '.join(unknown.head(5).to_list())})"
+            )
+
+    for name in (workdir.SIMILAR_ITEMS, workdir.SEGMENTS):
+        check = ShardCheck.of(frames[name], loaded[name])
+        label = EXTRAS[name].label
+        problems += [f"{label}: {getattr(check, bad)} {text}" for bad, text in _BAD_ROWS.items() if getattr(check, bad)]
+        unknown_items(label, check.item_ids)
+    similar = frames[workdir.SIMILAR_ITEMS]
+    scores = pl.col("scores")
+    below, too_long = similar.select(
+        below=(scores.list.min() <= 0).sum(),
+        too_long=(scores.list.len() > settings.similar_k).sum(),
+    ).row(0)
+    if below:
+        problems.append(f"similar items: {below} rows with scores not above 0")
+    if too_long:
+        problems.append(f"similar items: {too_long} lists longer than similar_k ({settings.similar_k})")
+    unknown_items("similar items", similar["item_id"])
+    items = frames[workdir.ITEM_ATTRIBUTES]
+    unknown_items("item attributes", items["item_id"])
+    if items.height != len(catalogue):
+        problems.append(f"item attributes: {items.height} items but the catalogue has {len(catalogue)}")
+    if not items["popularity"].is_finite().all():
+        problems.append("item attributes: non-finite popularity")
+    users = frames[workdir.USER_SEGMENTS]
+    listless = users.filter(users["segment"].is_in(frames[workdir.SEGMENTS]["segment"].implode()).not_())
+    if listless.height:
+        problems.append(f"user segments: {listless.height} users of a segment without a list")
+    return measured, problems
+
+
 def _drop_listed(conn: psycopg.Connection, query: str, *params: object) -> list[int]:
     with conn.transaction():
         listed = [r[0] for r in conn.execute(sql.query(query), params)]
@@ -240,6 +366,9 @@ def _load(settings: Settings, logical_date: date, model_id: str | None, kind: Ba
     if not fallback_items:
         raise MissingDataError(f"no popular items to serve as the fallback list for {logical_date}")
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)["item_id"].to_list()
+    extras = {
+        name: pl.read_parquet(path) for name, path in workdir.require_batch_extras(settings, logical_date).items()
+    }
     scored_by = manifests[0].model_id  # production's, or the chosen model's (its folder holds only its scores)
     generated_at = min(datetime.fromisoformat(m.generated_at) for m in manifests)
     url = database_url(settings)
@@ -292,7 +421,12 @@ def _load(settings: Settings, logical_date: date, model_id: str | None, kind: Ba
                     f"batch {batch_id}: duplicate user ids across shards ({error.diag.message_detail})"
                 ) from error
             lap("primary_key")
+            extras_loaded = _load_extras(conn, url, batch_id, extras, settings)
+            lap("extras")
             measured, problems = validate(shard_checks, fallback_items, users_scored, active_users, catalogue, settings)
+            measured_extras, extra_problems = validate_extras(extras, extras_loaded, catalogue, settings)
+            measured |= measured_extras
+            problems += extra_problems
             lap("validate")
             if problems:
                 raise BatchValidationError(

@@ -19,12 +19,8 @@ def ranking_metrics(
     recommendations: pl.DataFrame, relevant: pl.DataFrame, catalogue_size: int, k: int = K
 ) -> dict[str, float]:
     """Score ``recommendations`` (user_id, item_id, rank from 1) against ``relevant`` (user_id, item_id)."""
-    relevant = relevant.select("user_id", "item_id").unique()
-    users = relevant.group_by("user_id").agg(pl.len().alias("relevant"))
-    n_users = users.height
-    top = recommendations.filter(pl.col("rank") <= k).select("user_id", "item_id", "rank")
-    top = top.join(users.select("user_id"), on="user_id", how="semi")
-    if n_users == 0:
+    per_user = per_user_metrics(recommendations, relevant, k)
+    if per_user.height == 0:
         return {
             f"ndcg@{k}": 0.0,
             f"recall@{k}": 0.0,
@@ -33,7 +29,31 @@ def ranking_metrics(
             f"coverage@{k}": 0.0,
             "users": 0,
         }
+    means = per_user.drop("user_id").mean().row(0, named=True)
+    covered = listed_items(recommendations, relevant, k).select(pl.col("item_id").n_unique()).item()
+    # Rounded: a parallel mean adds in varying order, and a registry should not differ in the 16th digit.
+    return {
+        f"ndcg@{k}": round(float(means["ndcg"]), DIGITS),
+        f"recall@{k}": round(float(means["recall"]), DIGITS),
+        f"map@{k}": round(float(means["ap"]), DIGITS),
+        f"hit_rate@{k}": round(float(means["hit"]), DIGITS),
+        f"coverage@{k}": round(covered / catalogue_size, DIGITS) if catalogue_size else 0.0,
+        "users": per_user.height,
+    }
 
+
+def listed_items(recommendations: pl.DataFrame, relevant: pl.DataFrame, k: int = K) -> pl.DataFrame:
+    """(user_id, item_id, rank) of the top k of the users in ``relevant``: what coverage counts."""
+    top = recommendations.filter(pl.col("rank") <= k).select("user_id", "item_id", "rank")
+    return top.join(relevant.select("user_id").unique(), on="user_id", how="semi")
+
+
+def per_user_metrics(recommendations: pl.DataFrame, relevant: pl.DataFrame, k: int = K) -> pl.DataFrame:
+    """One row per user in ``relevant``, sorted by user id: user_id, ndcg, recall, ap, hit (their means
+    are the metrics of ``ranking_metrics``; the backtest resamples them)."""
+    relevant = relevant.select("user_id", "item_id").unique()
+    users = relevant.group_by("user_id").agg(pl.len().alias("relevant"))
+    top = listed_items(recommendations, relevant, k)
     hits = (
         top.join(relevant, on=["user_id", "item_id"], how="inner")
         .sort("user_id", "rank")
@@ -51,29 +71,20 @@ def ranking_metrics(
             "idcg": [sum(1.0 / math.log2(r + 1) for r in range(1, n + 1)) for n in range(1, k + 1)],
         }
     )
-    per_user = (
+    return (
         users.join(hits, on="user_id", how="left")
         .fill_null(0)
         .with_columns(n=pl.min_horizontal(pl.col("relevant"), pl.lit(k)))
         .join(ideal, on="n", how="left")
         .select(
+            "user_id",
             ndcg=pl.col("dcg") / pl.col("idcg"),
             recall=pl.col("hits") / pl.col("relevant"),
             ap=pl.col("precision_sum") / pl.col("n"),
             hit=(pl.col("hits") > 0).cast(pl.Float64),
         )
+        .sort("user_id")
     )
-    means = per_user.mean().row(0, named=True)
-    covered = top.select(pl.col("item_id").n_unique()).item()
-    # Rounded: a parallel mean adds in varying order, and a registry should not differ in the 16th digit.
-    return {
-        f"ndcg@{k}": round(float(means["ndcg"]), DIGITS),
-        f"recall@{k}": round(float(means["recall"]), DIGITS),
-        f"map@{k}": round(float(means["ap"]), DIGITS),
-        f"hit_rate@{k}": round(float(means["hit"]), DIGITS),
-        f"coverage@{k}": round(covered / catalogue_size, DIGITS) if catalogue_size else 0.0,
-        "users": n_users,
-    }
 
 
 def candidate_recall(candidates: pl.DataFrame, relevant: pl.DataFrame) -> float:

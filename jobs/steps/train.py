@@ -348,21 +348,29 @@ def evaluate_models(
             "full_lists": round(full / users.height, 6) if users.height else 0.0,
             "finite_scores": bool(np.isfinite(scores).all()),
         }
+    for name, (listed, proposed) in baseline_lists(examples, settings).items():
+        results[name] = {
+            **ranking_metrics(listed, relevant, size),
+            "candidate_recall": candidate_recall(proposed, relevant),
+        }
+    return results
+
+
+def baseline_lists(examples: Examples, settings: Settings) -> dict[str, tuple[pl.DataFrame, pl.DataFrame]]:
+    """Every baseline's lists for the examples' labelled users: (its top K, user_id, item_id, rank; all it
+    proposed, the ceiling of its recall). Each candidate source on its own, and the all-time most popular."""
+    frame = examples.frame
+    lists: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}
     for source, name in SOURCE_BASELINES.items():
         score, rank = candidates.SOURCES[source]
         proposed = frame.filter(pl.col(score) > 0) if source != "popular" else frame
         proposed = proposed.filter(pl.col(rank) <= candidates.source_limits(settings)[source])
-        results[name] = {
-            **ranking_metrics(top_k(proposed, pl.col(rank), K, descending=False), relevant, size),
-            "candidate_recall": candidate_recall(proposed, relevant),
-        }
+        lists[name] = (top_k(proposed, pl.col(rank), K, descending=False), proposed)
+    users = examples.relevant.select("user_id").unique()
     popular = most_popular(examples.window.history, users, settings.popular_candidates, settings)
     popular_top = top_k(popular, pl.col("popularity"), settings.popular_candidates)
-    results[MOST_POPULAR] = {
-        **ranking_metrics(popular_top, relevant, size),
-        "candidate_recall": candidate_recall(popular_top, relevant),
-    }
-    return results
+    lists[MOST_POPULAR] = (popular_top, popular_top)
+    return lists
 
 
 def baselines_of(results: dict[str, Any]) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def test_generate_writes_what_ingest_reads_and_refuses_bad_options(env: dict[str
     )  # fmt: skip
     assert made.stdout.startswith("wrote ") and "of 300 users over 80 items" in made.stdout
     assert "generate: 300 of 300 users" in made.stderr  # progress
-    assert sorted(p.name for p in out.iterdir()) == ["interactions", "items.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["interactions", "items.parquet", "users.parquet"]
     ingested = overnight("ingest", "--source", str(out), "--date", SAMPLE_DATE.isoformat(), env=env)
     assert "rows_quarantined: 0" in ingested.stdout
     bad = overnight("generate", "--out", str(out), "--format", "json", env=env, check=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs.dev.generate import generate, write_dataset
+from jobs.steps import item_quality
 from jobs.steps.evaluate import MAX_WIDENED_HORIZON_DAYS, METRIC_KEYS, MIN_EVALUATED_USERS, MODEL_ORDER
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import SAMPLE_DATE
@@ -48,10 +49,31 @@ def test_evaluate_reports_every_model_under_both_protocols(
     assert holdout["protocol"] == "user-holdout" and holdout["cutoff"] is None
     # users whose held-out items are all items they had seen before have nothing new to find
     assert 200 < holdout["models"]["ranker"]["users"] <= 300
+    assert_item_to_item_quality(report)
+    assert_item_to_item_quality(holdout)
+    assert "segment-popular   not applicable: no segment attribute" in run.stdout
 
     wrong = overnight("evaluate", "--source", str(sample_source), "--protocol", "random", env=env, check=False)
     assert wrong.returncode == 1
     assert wrong.stderr.strip() == "overnight: error: unknown protocol 'random'; choose one of user-holdout, global"
+
+
+def assert_item_to_item_quality(report: dict) -> None:
+    """The similar-items and session tables beside the ranker's: every model on the same pairs or visitors."""
+    similar = report["similar_items"]
+    assert list(similar["models"]) == [item_quality.BLEND, item_quality.ITEM_KNN, item_quality.CO_VISITATION]
+    assert similar["pairs"] > 100
+    for metrics in similar["models"].values():
+        assert metrics["users"] == similar["pairs"]
+        assert 0.0 < metrics["ndcg@10"] <= metrics["hit_rate@10"] <= 1.0
+    session = report["session"]
+    popular = session["models"][item_quality.POPULAR]
+    assert popular["users"] == session["visitors"] > 20
+    assert session["models"][item_quality.BLEND]["ndcg@10"] > popular["ndcg@10"]
+    assert session["lift"] == pytest.approx(session["models"][item_quality.BLEND]["ndcg@10"] / popular["ndcg@10"], 1e-3)
+    assert session["models"][item_quality.SEGMENT_POPULAR] == {
+        item_quality.NOT_APPLICABLE: "no segment attribute (OVERNIGHT_SEGMENT_ATTRIBUTE is unset)"
+    }
 
 
 def test_models_and_status_show_the_registry(env: dict[str, str], sample_source: Path) -> None:

@@ -16,7 +16,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from jobs.database import upgrade
 from tests.support.databases import create_database, drop_database
-from tests.support.serving import API_KEY, RECS, K, Publisher, running, service_settings
+from tests.support.serving import API_KEY, EXTRAS, RECS, K, Publisher, running, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def api_schema(postgres_admin_url: str) -> Iterator[Any]:
     try:
         with psycopg.connect(url) as conn:
             upgrade(conn)
-        Publisher(url).publish(RECS)
+        Publisher(url).publish(RECS, extras=EXTRAS)
         with running(service_settings(url)) as service:
             service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=5)
             yield schemathesis.openapi.from_url(f"{service.base_url}/openapi.json")
@@ -39,7 +39,8 @@ def fuzz(api_schema: Any, max_examples: int, check: Callable[[Any], None]) -> No
     """Run `check` on generated cases of every operation (hypothesis drives; failures shrink and report)."""
     operations = [result.ok() for result in api_schema.get_all_operations()]
     labels = [operation.label for operation in operations]
-    assert len(operations) >= 5 and "POST /v1/events" in labels, labels
+    new_routes = {"GET /v1/items/{item_id}/similar", "POST /v1/items:similar", "POST /v1/recommendations:session"}
+    assert len(operations) >= 8 and {"POST /v1/events", *new_routes} <= set(labels), labels
     for operation in operations:
 
         @given(case=operation.as_strategy())
@@ -81,10 +82,15 @@ def test_the_schema_states_the_limits_and_an_unreadable_body_is_a_documented_400
     }
     assert lookup["k"]["maximum"] == K  # the live batch's k
     assert lookup["user_id"]["maxLength"] == 256 and lookup["exclude"]["maxItems"] == 500
+    assert "genre" in lookup["filter"]["pattern"] and lookup["segment"]["maxLength"] == 256
+    similar = {p["name"]: p["schema"] for p in document["paths"]["/v1/items/{item_id}/similar"]["get"]["parameters"]}
+    assert similar["k"]["maximum"] == EXTRAS.similar_k and similar["item_id"]["maxLength"] == 256
+    session = document["components"]["schemas"]["SessionRequest"]["properties"]
+    assert session["items"]["maxItems"] == 50 and session["k"]["anyOf"][0]["maximum"] == K
     events = document["components"]["schemas"]["FeedbackEvent"]["properties"]
     assert "7 days" in events["timestamp"]["description"]
     base_url = api_schema.get_base_url().rstrip("/")
-    for path in ("/v1/recommendations:batch", "/v1/events"):
+    for path in ("/v1/recommendations:batch", "/v1/events", "/v1/items:similar", "/v1/recommendations:session"):
         assert "400" in document["paths"][path]["post"]["responses"]
         response = httpx.post(
             f"{base_url}{path}",

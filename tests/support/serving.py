@@ -47,6 +47,59 @@ def scores_for(items: list[str], top: float = 3.21) -> list[float]:
     return [round(top - 0.25 * rank, 2) for rank in range(len(items))]
 
 
+def similarities_for(items: list[str]) -> list[float]:
+    """Neighbour scores as the batch side publishes them: best first, all above 0."""
+    return [round(0.95 - 0.04 * rank, 2) for rank in range(len(items))]
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What a batch publishes besides its user lists (migration 0019): each item's neighbours, the
+    catalogue's popularity and attributes, each segment's popular list and the segments of users the
+    batch did not score. `similar_k` None publishes none of it, as a batch from before it."""
+
+    similar: dict[str, list[str]]
+    items: dict[str, tuple[float, dict[str, Any]]]
+    segments: dict[str, list[str]] = field(default_factory=dict)
+    user_segments: dict[str, str] = field(default_factory=dict)
+    similar_k: int = K
+    segment_attribute: str | None = "country"
+
+
+# A small catalogue: the user lists' items i1..i12, the fallback's p1..p5, and two Westerns without
+# neighbours. i6 is not available.
+ITEMS: dict[str, tuple[float, dict[str, Any]]] = {
+    "i1": (100.0, {"genre": ["Comedy"], "available": True}),
+    "i2": (90.0, {"genre": ["Drama"], "available": True}),
+    "i3": (80.0, {"genre": ["Comedy", "Drama"], "available": True}),
+    "i4": (70.0, {"genre": ["Horror"], "available": True}),
+    "i5": (60.0, {"genre": ["Comedy"], "available": True}),
+    "i6": (50.0, {"genre": ["Horror"], "available": False}),
+    "i7": (40.0, {"genre": ["Drama"], "available": True}),
+    "i8": (30.0, {"genre": ["Comedy"], "available": True}),
+    "i9": (20.0, {"genre": ["Horror"], "available": True}),
+    "i10": (10.0, {"genre": ["Drama"], "available": True}),
+    "i11": (5.0, {"genre": ["Comedy"], "available": True}),
+    "i12": (4.0, {"genre": ["Comedy"], "available": True, "year": 1995}),
+    "p1": (200.0, {"genre": ["Drama"], "available": True}),
+    "p2": (190.0, {"genre": ["Horror"], "available": True}),
+    "p3": (180.0, {"genre": ["Comedy"], "available": True}),
+    "p4": (170.0, {"genre": ["Drama"], "available": True}),
+    "p5": (160.0, {"genre": ["Horror"], "available": False}),
+    "w1": (2.0, {"genre": ["Western"], "available": True}),
+    "w2": (1.0, {"genre": ["Western"], "available": True}),
+}
+SIMILAR: dict[str, list[str]] = {
+    "i1": ["i3", "i5", "i8", "i2", "i4", "i11", "i12", "i7"],
+    "i2": ["i7", "i10", "i3", "i1"],
+    "i3": ["i1", "i2", "i5", "i7", "i9"],
+    "i5": ["i1", "i8", "i3"],
+}
+SEGMENTS: dict[str, list[str]] = {"FR": ["i7", "i10", "i2", "i9"], "DE": ["i4", "i9", "i1"]}
+USER_SEGMENTS: dict[str, str] = {"anon-fr": "FR", "anon-de": "DE"}
+EXTRAS = Extras(SIMILAR, ITEMS, SEGMENTS, USER_SEGMENTS)
+
+
 @dataclass
 class Publisher:
     """Publishes batches exactly as the batch side does, through the named queries of sql/queries.sql."""
@@ -64,6 +117,7 @@ class Publisher:
         model_id: str = "ranker-2026-11-20",
         switch: bool = True,
         notify: bool = True,
+        extras: Extras | None = None,
     ) -> int:
         generated_at = generated_at or datetime.now(UTC) - timedelta(hours=2)
         with psycopg.connect(self.url) as conn:
@@ -103,10 +157,40 @@ class Publisher:
                 for user_id, items in recs.items():
                     copy.write_row((user_id, items, scores_for(items)))
             conn.execute(sql.batch_query("add_recs_primary_key", batch_id))
+            if extras is not None:
+                self._publish_extras(conn, batch_id, extras)
             conn.execute(sql.query("mark_batch_ready"), (Jsonb({"rows": len(recs)}), batch_id))
         if switch:
             self.switch(batch_id, notify=notify)
         return batch_id
+
+    @staticmethod
+    def _publish_extras(conn: psycopg.Connection[Any], batch_id: int, extras: Extras) -> None:
+        """The extra tables of migration 0019, by the batch side's named queries and binary COPY."""
+        ranked = ["text", "text[]", "float4[]"]
+        conn.execute(sql.batch_query("create_similar_table", batch_id))
+        with conn.cursor() as cur, cur.copy(sql.batch_query("copy_similar", batch_id)) as copy:
+            copy.set_types(ranked)
+            for item_id, neighbours in extras.similar.items():
+                copy.write_row((item_id, neighbours, similarities_for(neighbours)))
+        conn.execute(sql.batch_query("add_similar_primary_key", batch_id))
+        conn.execute(sql.batch_query("create_items_table", batch_id))
+        with conn.cursor() as cur, cur.copy(sql.batch_query("copy_items", batch_id)) as copy:
+            copy.set_types(["text", "float4", "jsonb"])
+            for item_id, (popularity, attributes) in extras.items.items():
+                copy.write_row((item_id, popularity, Jsonb(attributes)))
+        conn.execute(sql.batch_query("create_segments_table", batch_id))
+        with conn.cursor() as cur, cur.copy(sql.batch_query("copy_segments", batch_id)) as copy:
+            copy.set_types(ranked)
+            for segment, items in extras.segments.items():
+                copy.write_row((segment, items, scores_for(items, top=1.0)))
+        conn.execute(sql.batch_query("create_user_segments_table", batch_id))
+        with conn.cursor() as cur, cur.copy(sql.batch_query("copy_user_segments", batch_id)) as copy:
+            copy.set_types(["text", "text"])
+            for user_id, segment in extras.user_segments.items():
+                copy.write_row((user_id, segment))
+        conn.execute(sql.batch_query("add_user_segments_primary_key", batch_id))
+        conn.execute(sql.query("set_batch_extras"), (extras.similar_k, extras.segment_attribute, batch_id))
 
     def switch(self, batch_id: int, *, notify: bool = True) -> None:
         """Point `live` at a batch in one transaction, as publish and rollback do."""
@@ -145,6 +229,12 @@ class Service:
 
     def recs(self, user_id: str, **params: Any) -> httpx.Response:
         return self.client.get(f"/v1/users/{user_id}/recommendations", params=params)
+
+    def similar(self, item_id: str, **params: Any) -> httpx.Response:
+        return self.client.get(f"/v1/items/{item_id}/similar", params=params)
+
+    def session(self, **body: Any) -> httpx.Response:
+        return self.client.post("/v1/recommendations:session", json=body)
 
     def wait_for(self, condition: Callable[[], bool], within: float) -> float:
         start = time.monotonic()

@@ -1,0 +1,145 @@
+"""The similar-items and session protocols (jobs.steps.item_quality) on cases worked out by hand."""
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+
+from jobs.settings import Settings
+from jobs.steps.evaluate import session_split
+from jobs.steps.item_quality import (
+    SESSION_ITEMS,
+    list_answers,
+    next_item_metrics,
+    next_item_pairs,
+    segment_answers,
+    session_answers,
+)
+from jobs.steps.similar import similar_items
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def events(rows: list[tuple[str, str, int]]) -> pl.DataFrame:
+    """(user, item, minute) rows as lake interactions."""
+    return pl.DataFrame(
+        {
+            "user_id": [u for u, _, _ in rows],
+            "item_id": [i for _, i, _ in rows],
+            "timestamp": [START + timedelta(minutes=m) for _, _, m in rows],
+        },
+        schema_overrides={"timestamp": pl.Datetime("us", "UTC")},
+    )
+
+
+def neighbours(lists: dict[str, list[tuple[str, float]]]) -> pl.DataFrame:
+    """A similar_items table: (item_id, item_ids, scores), best first."""
+    return pl.DataFrame(
+        {
+            "item_id": list(lists),
+            "item_ids": [[i for i, _ in ranked] for ranked in lists.values()],
+            "scores": [[s for _, s in ranked] for ranked in lists.values()],
+        },
+        schema_overrides={"scores": pl.List(pl.Float32)},
+    )
+
+
+def triples(pairs: pl.DataFrame) -> list[tuple[str, ...]]:
+    return [tuple(row) for row in pairs.select("user_id", "previous_id", "item_id").iter_rows()]
+
+
+def test_next_item_pairs_follow_each_user_in_time_and_keep_only_new_items() -> None:
+    history = events([("a", "x", 0), ("a", "y", 1), ("b", "old", 0), ("c", "never-later", 0)])
+    # a: z after y; x again (not new, but it is what w follows); w after x. b: only p's successor q counts
+    # after its history's last item; p at the same minute as b's history item comes after it.
+    later = events([("a", "x", 3), ("a", "z", 2), ("a", "w", 4), ("b", "p", 0), ("b", "q", 5), ("d", "s", 1)])
+    later = pl.concat([later, events([("d", "t", 2)])])
+    pairs = next_item_pairs(history.lazy(), later.lazy())
+    assert triples(pairs) == [("a", "y", "z"), ("a", "x", "w"), ("b", "old", "p"), ("b", "p", "q"), ("d", "s", "t")]
+    assert pairs["pair"].to_list() == [0, 1, 2, 3, 4]
+
+
+def test_next_item_metrics_score_one_query_per_pair() -> None:
+    history = events([("a", "x", 0), ("a", "y", 1), ("b", "p", 0)])
+    later = events([("a", "z", 2), ("a", "w", 3), ("b", "q", 1)])
+    pairs = next_item_pairs(history.lazy(), later.lazy())  # y -> z, z -> w, p -> q
+    table = neighbours({"y": [("x", 0.9), ("z", 0.5)], "z": [("x", 1.0)]})  # p has no neighbours: a miss
+    metrics = next_item_metrics(pairs, table, catalogue_size=8)
+    assert metrics["users"] == 3
+    assert metrics["hit_rate@10"] == pytest.approx(1 / 3)  # only z, second among y's neighbours
+    assert metrics["ndcg@10"] == pytest.approx(1 / math.log2(3) / 3)
+    assert metrics["coverage@10"] == pytest.approx(2 / 8)  # x and z were listed
+
+
+def test_next_item_metrics_count_only_the_first_ten_neighbours() -> None:
+    pairs = next_item_pairs(events([("a", "x", 0)]).lazy(), events([("a", "target", 1)]).lazy())
+    eleven = [(f"n{i:02d}", 1.0 - i / 100) for i in range(10)] + [("target", 0.5)]
+    assert next_item_metrics(pairs, neighbours({"x": eleven}), 20)["hit_rate@10"] == 0.0
+    assert next_item_metrics(pairs, neighbours({"x": eleven[:9] + eleven[10:]}), 20)["ndcg@10"] == pytest.approx(
+        1 / math.log2(11)
+    )
+
+
+VISITORS = pl.Series(["v"])
+
+
+def test_session_split_holds_out_whole_users_and_their_last_fifth() -> None:
+    visitor, other = "v", "u"
+    # the visitor: 10 events, the last 2 held out; "b" comes back in the held-out part (not new), "a" twice before
+    rows = [(visitor, item, minute) for minute, item in enumerate(["a", "b", "c", "a", "d", "e", "f", "g", "b", "h"])]
+    rows += [(other, "a", 0), (other, "h", 30)]
+    sessions = session_split(events(rows), VISITORS)
+    assert sessions is not None
+    assert sessions.items.rows() == [(visitor, ["g", "f", "e", "d", "a", "c", "b"])]  # distinct, latest first
+    assert sessions.relevant.rows() == [(visitor, "h")]
+    training = sessions.training.collect()
+    assert set(training["user_id"]) == {other}  # the neighbours never see a visitor
+    assert sessions.cutoff == START + timedelta(minutes=30, microseconds=1)
+
+
+def test_a_session_holds_the_latest_items_only() -> None:
+    rows = [("v", f"i{n:03d}", n) for n in range(100)] + [("u", "i000", 0)]
+    sessions = session_split(events(rows), VISITORS)
+    assert sessions is not None
+    session = sessions.items["items"].to_list()[0]
+    assert len(session) == SESSION_ITEMS
+    assert session[0] == "i079" and session[-1] == "i030"  # the last 20 are held out
+
+
+def test_session_split_is_none_without_a_visitor_to_answer() -> None:
+    # the visitor's held-out item is one they had seen; a single event makes no session
+    assert session_split(events([("v", "a", 0), ("v", "a", 1), ("u", "b", 0)]), VISITORS) is None
+    assert session_split(events([("v", "a", 0), ("u", "b", 0)]), VISITORS) is None
+
+
+def test_session_answers_blend_the_neighbours_and_leave_the_session_out() -> None:
+    items = pl.DataFrame({"user_id": ["v"], "items": [["a", "b"]]})  # a is the most recent
+    table = neighbours({"a": [("x", 1.0), ("y", 0.5)], "b": [("y", 2.0), ("a", 1.0)]})
+    # y: 0.5 (from a) + decay * 1.0 (from b, scaled by its best) beats x's 1.0 for any decay above 0.5
+    assert session_answers(items, table).rows() == [("v", "y", 1), ("v", "x", 2)]
+
+
+def test_popular_lists_leave_the_session_out_and_segments_get_their_own() -> None:
+    items = pl.DataFrame({"user_id": ["v", "w"], "items": [["p1"], ["q"]]})
+    assert list_answers(items, ["p1", "p2", "p3"], k=2).rows() == [
+        ("v", "p2", 1),
+        ("v", "p3", 2),
+        ("w", "p1", 1),
+        ("w", "p2", 2),
+    ]
+    own = segment_answers(items, {"w": ["s1", "q", "s2"]}, ["p1", "p2"], k=2)
+    assert own.rows() == [("v", "p2", 1), ("w", "s1", 1), ("w", "s2", 2)]
+
+
+def test_similar_items_scale_each_signal_by_the_items_best_and_mix_them_by_the_share() -> None:
+    covisits = pl.DataFrame({"item_id": ["a", "a"], "neighbour_id": ["b", "c"], "covisit_weight": [4.0, 2.0]})
+    cosine = pl.DataFrame({"item_id": ["a", "a"], "neighbour_id": ["c", "d"], "similarity": [0.5, 0.25]})
+    catalogue = pl.DataFrame({"item_id": ["a", "b", "c", "d", "e"], "available": [True, True, True, True, False]})
+    cosine_e = pl.concat([cosine, pl.DataFrame({"item_id": ["a"], "neighbour_id": ["e"], "similarity": [0.5]})])
+    table = similar_items(covisits, cosine_e, catalogue, Settings(), covisit_share=0.4)
+    # c: 0.4 * 2/4 + 0.6 * 0.5/0.5 = 0.8; b: 0.4 * 4/4; d: 0.6 * 0.25/0.5 = 0.3; e is not available
+    assert table.rows() == [("a", ["c", "b", "d"], [pytest.approx(0.8), pytest.approx(0.4), pytest.approx(0.3)])]
+    assert similar_items(covisits, cosine, catalogue, Settings(similar_k=1), 1.0)["item_ids"].to_list() == [["b"]]
+    with pytest.raises(ValueError, match=r"covisit_share must be between 0 and 1, got 1\.5"):
+        similar_items(covisits, cosine, catalogue, Settings(), 1.5)
