@@ -38,6 +38,11 @@ EXPOSE 8001
 CMD ["python", "-m", "console", "--host", "0.0.0.0", "--port", "8001"]
 
 FROM apache/airflow:${AIRFLOW_VERSION}-python${PYTHON_VERSION} AS airflow
+# A C compiler for the workers: scoring compiles the ranker with tl2cgen and gcc (jobs/predictor.py);
+# without one it falls back to LightGBM's slower predict, with a warning.
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+USER airflow
 COPY --chown=airflow:root pyproject.toml uv.lock README.md /opt/overnight/
 COPY --chown=airflow:root jobs /opt/overnight/jobs
 COPY --chown=airflow:root serving /opt/overnight/serving

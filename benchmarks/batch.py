@@ -8,15 +8,18 @@
 3. Runs ingest → candidates → features → score (one process per shard, --shard-users each) →
    monitor_input → publish, as the nightly DAG does, each step in a process of its own, timing it
    and reading its peak RSS.
-4. Measures the ceilings on the same data: LightGBM's bare `predict` on the very feature matrices
-   scoring built (timed inside the scoring loop, and alone on the first chunk's, the better of two
-   runs), and a bare binary COPY of the same published rows (same encoder, same parallel
-   connections, into a table without key or validation). psycopg's per-row `write_row` on a sample
-   is reported beside it for reference.
+4. Measures the ceilings on the same data: LightGBM's bare `predict` on a feature matrix scoring
+   built (the first chunk of shard 0, 20,000 users' candidates, the better of two runs, all cores and
+   one thread), the compiled predictor scoring used (``jobs.predictor``) on the same matrix, and a
+   bare binary COPY of the same published rows (same encoder, same parallel connections, into a
+   table without key or validation). psycopg's per-row `write_row` on a sample is reported beside it
+   for reference.
 
 Prints JSON: per-step seconds and peak RSS, users scored per second, candidate rows per second,
-the two ceilings, and the ratios of our rates to them. Machine load (/proc/loadavg) is recorded at
-every step: on a shared machine compare the ratios, not the absolute numbers.
+the predictor scoring used and its time inside scoring, the ceilings, and the ratios of our rates to
+them (``scoring_vs_predict``: the whole of scoring's rows per second over LightGBM's bare predict's).
+Machine load (/proc/loadavg) is recorded at every step: on a shared machine compare the ratios, not
+the absolute numbers. `--lightgbm-predict` scores with LightGBM's predict instead of the compiled ranker.
 """
 
 import argparse
@@ -49,7 +52,7 @@ def load() -> list[float]:
 
 
 def run_step(step: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run one step in a child process; its wall seconds, peak RSS and what it printed last (JSON)."""
+    """Run one step in a child process; its wall and CPU seconds, peak RSS and what it printed last (JSON)."""
     before = load()
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -58,7 +61,7 @@ def run_step(step: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
     out_thread_output: list[bytes] = []
     reader = threading.Thread(target=lambda: out_thread_output.append(process.stdout.read()))  # type: ignore[union-attr]
     reader.start()
-    _, status, _ = os.wait4(process.pid, 0)
+    _, status, usage = os.wait4(process.pid, 0)
     reader.join()
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -66,6 +69,7 @@ def run_step(step: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
     reported = json.loads(out_thread_output[0].decode().strip().splitlines()[-1])
     return {
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),  # all its threads: less noisy than wall time
         "peak_rss_mb": reported["peak_rss_mb"],
         "load_before": before,
         "result": reported["result"],
@@ -157,8 +161,12 @@ def copy_ceiling(settings: Any) -> dict[str, Any]:
 
 
 def predict_ceiling(settings: Any) -> dict[str, Any]:
-    """LightGBM predict alone, again, on the feature matrix of the first chunk of shard 0."""
-    from jobs import workdir
+    """LightGBM's bare predict on the feature matrix of the first chunk of shard 0 (rows scoring ranked), and
+    the compiled predictor on the same matrix: all cores and one thread, the better of two runs each."""
+    import numpy as np
+    import tl2cgen
+
+    from jobs import predictor, registry, workdir
     from jobs.steps import features, score
 
     model, booster = score.load_ranker(settings, LOGICAL_DATE)
@@ -167,12 +175,31 @@ def predict_ceiling(settings: Any) -> dict[str, Any]:
     users = score.shard_users(folder, manifests[0].shards, 0)
     frame = features.candidate_features(settings, LOGICAL_DATE)(score.shard_events(settings, LOGICAL_DATE, users)[0])
     matrix = frame.select(list(model.features)).to_numpy()
-    seconds = float("inf")
-    for _ in range(2):  # the better of two: a ceiling
-        started = time.perf_counter()
-        booster.predict(matrix, num_threads=0)
-        seconds = min(seconds, time.perf_counter() - started)
-    return {"rows": matrix.shape[0], "seconds": round(seconds, 3), "rows_per_second": round(matrix.shape[0] / seconds)}
+    model_file = registry.artifact_file(settings.data_dir, model)
+    library = predictor.cached_library(model_file, model.artifact_sha256)
+    if library is None:
+        raise SystemExit(f"no compiled library beside {model_file}: scoring did not compile the model")
+    compiled = predictor.compiled_predictor(library, booster.num_feature())
+    one_thread = tl2cgen.Predictor(library, nthread=1)
+    runs = {
+        "lightgbm": lambda: booster.predict(matrix, num_threads=0),
+        "lightgbm_1_thread": lambda: booster.predict(matrix, num_threads=1),
+        "compiled": lambda: compiled.predict(matrix),
+        "compiled_1_thread": lambda: one_thread.predict(tl2cgen.DMatrix(np.ascontiguousarray(matrix))).reshape(-1),
+    }
+    result: dict[str, Any] = {"rows": matrix.shape[0]}
+    scores = {}
+    for name, run in runs.items():
+        seconds, cpu_seconds = float("inf"), float("inf")
+        for _ in range(2):  # the better of two: a ceiling
+            started, cpu_started = time.perf_counter(), time.process_time()
+            scores[name] = run()
+            seconds = min(seconds, time.perf_counter() - started)
+            cpu_seconds = min(cpu_seconds, time.process_time() - cpu_started)
+        result[f"{name}_rows_per_second"] = round(matrix.shape[0] / seconds)
+        result[f"{name}_rows_per_cpu_second"] = round(matrix.shape[0] / cpu_seconds)
+    result["compiled_max_abs_difference"] = float(np.abs(scores["compiled"] - scores["lightgbm"]).max())
+    return result
 
 
 # ------------------------------------------------------------------ the run
@@ -199,17 +226,25 @@ def train_model(args: argparse.Namespace, work: Path, database_url: str) -> dict
     """A ranker trained on a sample of users of the same world, copied into the run's data dir."""
     from jobs.dev.generate import write_generated
     from jobs.settings import Settings
-    from jobs.steps import ingest, train
+    from jobs.steps import candidates, features, ingest, train
 
     source = work / "train-source"
     write_generated(
         source, args.train_users, args.items, args.days, end_date=LOGICAL_DATE, seed=args.seed + 1, progress=log
     )
     settings = Settings(data_dir=work / "train", database_url=database_url, num_boost_round=args.trees)
-    ingest.ingest(settings, source, LOGICAL_DATE - timedelta(days=1))
-    trained = train.train(settings, LOGICAL_DATE - timedelta(days=1))
+    trained_on = LOGICAL_DATE - timedelta(days=1)
+    ingest.ingest(settings, source, trained_on)
+    candidates.prepare(settings, trained_on)  # training's drift reference reads the date's tables, as nightly
+    features.prepare(settings, trained_on)
+    trained = train.train(settings, trained_on)
     shutil.copytree(settings.models_dir, work / "var" / "models")
-    return {"model_id": trained.model_id, "trees": args.trees, "train_users": args.train_users}
+    return {
+        "model_id": trained.model_id,
+        "trees": args.trees,
+        "rounds_kept": trained.metrics["training"]["rounds"],  # after early stopping
+        "train_users": args.train_users,
+    }
 
 
 def log(message: str) -> None:
@@ -227,6 +262,11 @@ def main() -> int:
     parser.add_argument("--train-users", type=int, default=10_000)
     parser.add_argument(
         "--popular", type=int, default=145, help="OVERNIGHT_POPULAR_CANDIDATES: with co-visitation, ~200 per user."
+    )
+    parser.add_argument(
+        "--lightgbm-predict",
+        action="store_true",
+        help="Score with LightGBM's predict (OVERNIGHT_COMPILE_RANKER=false), as before the ranker was compiled.",
     )
     parser.add_argument("--keep", action="store_true", help="Keep the run's database and data dir (to profile).")
     parser.add_argument("--data", type=Path, default=ROOT / "var" / "bench", help="Where datasets are kept for reuse.")
@@ -261,6 +301,7 @@ def main() -> int:
             "OVERNIGHT_SCORE_SHARDS": "1",
             "OVERNIGHT_NUM_BOOST_ROUND": str(args.trees),
             "OVERNIGHT_POPULAR_CANDIDATES": str(args.popular),
+            "OVERNIGHT_COMPILE_RANKER": str(not args.lightgbm_predict).lower(),
         }
         report = measure(source, env)
     finally:
@@ -301,10 +342,11 @@ def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
     scored = [r["result"] for r in shard_runs]
     steps["score"] = {
         "seconds": round(sum(r["seconds"] for r in shard_runs), 2),
+        "cpu_seconds": round(sum(r["cpu_seconds"] for r in shard_runs), 2),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in shard_runs),
         "shards": shards,
         "load_before": shard_runs[0]["load_before"],
-        "per_shard": [{k: r[k] for k in ("seconds", "peak_rss_mb", "load_before")} for r in shard_runs],
+        "per_shard": [{k: r[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb", "load_before")} for r in shard_runs],
     }
     # the DAG's monitor_input task, before publish (whose monitoring gate reads what it measured)
     for step in ("monitor_input", "publish"):
@@ -319,6 +361,7 @@ def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
     score_seconds = steps["score"]["seconds"]
     predict_seconds = sum(r["predict_seconds"] for r in scored)
     publish_rate = users / steps["publish"]["seconds"]
+    lightgbm = predict["result"]["lightgbm_rows_per_second"]  # the ceiling: LightGBM's bare predict
     steps["publish"]["phases"] = steps["publish"]["result"].get("seconds", {})
     for step in STEPS:
         steps[step].pop("result", None)
@@ -328,20 +371,32 @@ def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
         "candidates_per_user": round(rows / users, 1),
         "steps": steps,
         "night_seconds": round(sum(steps[s]["seconds"] for s in STEPS), 2),
+        "night_cpu_seconds": round(sum(steps[s]["cpu_seconds"] for s in STEPS), 2),
         "peak_rss_mb": max(steps[s]["peak_rss_mb"] for s in STEPS),
         "users_scored_per_second": round(users / score_seconds),
         "rows_per_second": round(rows / score_seconds),
         "publish_rows_per_second": round(publish_rate),
+        "predictors": sorted({r["predictor"] for r in scored}),
         "ceilings": {
-            "predict_rows_per_second": round(rows / predict_seconds),
+            "lightgbm_predict_rows_per_second": lightgbm,
+            "lightgbm_predict_1_thread_rows_per_second": predict["result"]["lightgbm_1_thread_rows_per_second"],
+            "compiled_predict_rows_per_second": predict["result"]["compiled_rows_per_second"],
+            "compiled_predict_1_thread_rows_per_second": predict["result"]["compiled_1_thread_rows_per_second"],
+            "compiled_max_abs_difference": predict["result"]["compiled_max_abs_difference"],
+            "ceiling_rows": predict["result"]["rows"],
+            "predict_rows_per_second_in_scoring": round(rows / predict_seconds),
             "predict_seconds_in_scoring": round(predict_seconds, 2),
-            "predict_alone_rows_per_second": predict["result"]["rows_per_second"],
             "copy_rows_per_second": copy["result"]["rows_per_second"],
             "copy_write_row_rows_per_second": copy["result"]["write_row_rows_per_second"],
         },
         "ratios": {
-            "scoring_vs_predict": round(rows / score_seconds / (rows / predict_seconds), 3),
-            "scoring_vs_predict_alone": round(rows / score_seconds / predict["result"]["rows_per_second"], 3),
+            "scoring_vs_predict": round(rows / score_seconds / lightgbm, 3),
+            "predict_in_scoring_vs_lightgbm": round(rows / predict_seconds / lightgbm, 3),
+            "compiled_vs_lightgbm": round(predict["result"]["compiled_rows_per_second"] / lightgbm, 3),
+            # the same in CPU seconds (all threads), which other work on a shared machine disturbs less
+            "scoring_vs_predict_cpu": round(
+                rows / steps["score"]["cpu_seconds"] / predict["result"]["lightgbm_rows_per_cpu_second"], 3
+            ),
             "publish_vs_copy": round(publish_rate / copy["result"]["rows_per_second"], 3),
         },
         "load_end": load(),

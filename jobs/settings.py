@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Most users per score shard: more users make more shards, so a shard's memory stays the same.",
     )
+    compile_ranker: bool = Field(
+        default=True,
+        description="Score with the ranker compiled to native code (tl2cgen and gcc; cached beside the model "
+        "file, compiled when it is trained or first scores); off, or where compiling fails, LightGBM's predict.",
+    )
     similar_k: int = Field(
         default=50, gt=0, description="Neighbours published per item (GET /v1/items/{item_id}/similar, sessions)."
     )

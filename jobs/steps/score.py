@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from jobs import kernels, lake, registry, workdir
+from jobs import kernels, lake, predictor, registry, workdir
 from jobs.database import connect
 from jobs.errors import FutureModelError, MissingDataError
 from jobs.outcome import Outcome
@@ -110,6 +110,9 @@ def score_shard(
         raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
     started = time.perf_counter()
     model, booster = load_ranker(settings, logical_date, model_id)
+    ranker = predictor.for_model(
+        settings, registry.artifact_file(settings.data_dir, model), model.artifact_sha256, booster
+    )
     folder = workdir.require_tables(settings, logical_date)
     feature_names = list(model.features)
     users = shard_users(folder, shards, shard)
@@ -134,7 +137,7 @@ def score_shard(
             if frame.height:
                 matrix = frame.select(feature_names).to_numpy()
                 predicting = time.perf_counter()
-                predicted = booster.predict(matrix, num_threads=0)
+                predicted = ranker.predict(matrix)
                 predict_seconds += time.perf_counter() - predicting
                 del matrix
                 parts.append(rank_top_k(frame, predicted, settings.top_k))
@@ -165,6 +168,7 @@ def score_shard(
         path=str(path),
         seconds=round(time.perf_counter() - started, 3),
         predict_seconds=round(predict_seconds, 3),
+        predictor=ranker.name,
     )
     lake.write_json_atomically(asdict(manifest), workdir.manifest_path(path))
     return manifest

@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 import psycopg
 
-from jobs import lake, registry
+from jobs import lake, predictor, registry
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
 from jobs.monitoring import drift
@@ -497,6 +497,7 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
         artifact_path=str(artifact.relative_to(settings.data_dir)),
         artifact_sha256=registry.file_sha256(artifact),
     )
+    predictor.compile_for(settings, artifact, model.artifact_sha256)  # before scoring can pick the model up
     with connect(settings) as conn:
         if rejection is not None and current is None:
             # nothing to keep: a night without any model could not score at all
