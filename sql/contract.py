@@ -37,7 +37,8 @@ def blend_session(
     recency, summed over the lists and divided by the weights' sum. A known user's own list (`user_list`,
     best first: ranker scores are not comparable across users, so only its order counts) adds
     SESSION_USER_WEIGHT * (1 - position / length). Items in `leave_out` (the session's own, the excluded)
-    are left out; ties go by item id, so an answer repeats exactly."""
+    are left out; ties keep the order in which the lists (most recent item's first) proposed the items,
+    so an answer repeats exactly."""
     totals: dict[str, float] = {}
     get = totals.get
     weight_sum = sum(SESSION_RECENCY_DECAY**position for position in range(len(neighbours)))
@@ -56,7 +57,5 @@ def blend_session(
     for position, item_id in enumerate(user_list):
         if item_id not in leave_out:
             totals[item_id] = get(item_id, 0.0) + SESSION_USER_WEIGHT * (1 - position / length)
-    # By item id, then (a stable sort) by score: ties keep item id order.
-    blended = sorted(totals.items())
-    blended.sort(key=itemgetter(1), reverse=True)
-    return blended
+    # A stable sort: ties keep the order the lists first proposed the items in, so an answer repeats exactly.
+    return sorted(totals.items(), key=itemgetter(1), reverse=True)

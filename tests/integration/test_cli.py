@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import httpx
+import polars as pl
 import pytest
 
 from tests.support.commands import overnight, overnight_env, running_service
@@ -49,6 +50,46 @@ def test_run_publishes_a_fresh_batch_that_status_shows_and_serve_answers(
         assert body["source"] == "personalized"
         assert len(body["items"]) == 10
         assert response.headers["X-Batch-Id"] == "1"
+
+
+def test_a_night_publishes_what_similar_session_segment_and_filtered_answers_are_served_from(
+    database_url: str, tmp_path: Path, sample_source: Path
+) -> None:
+    """The lists a real night publishes beside the users' (items' neighbours, attributes, segments), served."""
+    env = overnight_env(
+        database_url,
+        tmp_path / "var",
+        OVERNIGHT_API_KEYS="cli-test-key",
+        OVERNIGHT_SEGMENT_ATTRIBUTE="country",
+        OVERNIGHT_SEGMENT_MIN_USERS="5",
+    )
+    overnight("run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat(), env=env)
+    items = pl.read_parquet(sample_source / "items.parquet")
+    users = pl.read_parquet(sample_source / "users.parquet")
+    active = pl.read_parquet(sample_source / "interactions.parquet")["user_id"].unique()
+    signed_up = users.filter(pl.col("user_id").is_in(active.implode()).not_()).row(0, named=True)
+    genres = dict(zip(items["item_id"], items["genres"].to_list(), strict=True))
+    headers = {"Authorization": "Bearer cli-test-key"}
+    with running_service(env) as base, httpx.Client(base_url=base, headers=headers) as client:
+        listed = [i["item_id"] for i in client.get("/v1/users/1/recommendations").json()["items"]]
+
+        similar = client.get(f"/v1/items/{listed[0]}/similar", params={"k": 5}).json()
+        assert similar["source"] == "similar" and len(similar["items"]) == 5
+        assert listed[0] not in [i["item_id"] for i in similar["items"]]
+
+        session = client.post("/v1/recommendations:session", json={"items": listed[:2], "k": 5}).json()
+        assert session["source"] == "session" and len(session["items"]) == 5
+        assert not set(listed[:2]) & {i["item_id"] for i in session["items"]}
+
+        newcomer = client.get(f"/v1/users/{signed_up['user_id']}/recommendations").json()
+        assert newcomer["source"] == "fallback" and newcomer["segment"] == signed_up["country"]
+
+        genre = genres[listed[0]][0]
+        filtered = client.get("/v1/users/1/recommendations", params={"filter": f"genre:{genre}", "k": 5})
+        assert filtered.status_code == 200
+        assert all(genre in genres[i["item_id"]] for i in filtered.json()["items"])
+        unknown = client.get("/v1/users/1/recommendations", params={"filter": "colour:red"})
+        assert unknown.status_code == 422 and "colour" in unknown.text
 
 
 def test_stale_batch_fails_freshness_with_one_line(env: dict[str, str], sample_source: Path) -> None:
