@@ -715,7 +715,7 @@ def _ranked(row: Cached) -> tuple[list[str], Sequence[float]] | None:
     if not isinstance(row, tuple):
         return None
     joined, packed = row
-    return (joined.split(ITEM_SEPARATOR) if joined else []), memoryview(packed).cast("d")
+    return (joined.split(ITEM_SEPARATOR) if joined else []), memoryview(packed).cast("d").tolist()
 
 
 def pick(

@@ -40,7 +40,6 @@ def blend_session(
     are left out; ties keep the order in which the lists (most recent item's first) proposed the items,
     so an answer repeats exactly."""
     totals: dict[str, float] = {}
-    get = totals.get
     weight_sum = sum(SESSION_RECENCY_DECAY**position for position in range(len(neighbours)))
     for position, ranked in enumerate(neighbours):
         if ranked is None or not ranked[0]:
@@ -50,12 +49,23 @@ def blend_session(
         if best <= 0:
             continue
         scale = SESSION_RECENCY_DECAY**position / (best * weight_sum)
-        for item_id, score in zip(item_ids, scores, strict=True):
-            if item_id not in leave_out:
-                totals[item_id] = get(item_id, 0.0) + score * scale
-    length = len(user_list)
-    for position, item_id in enumerate(user_list):
-        if item_id not in leave_out:
+        scaled = [score * scale for score in scores]
+        if not totals:
+            # The first list in one step (a list names each item once; if not, it is summed as the others).
+            totals = dict(zip(item_ids, scaled, strict=True))
+            if len(totals) == len(scaled):
+                continue
+            totals = {}
+        get = totals.get
+        for item_id, score in zip(item_ids, scaled, strict=True):
+            totals[item_id] = get(item_id, 0.0) + score
+    if user_list:
+        get = totals.get
+        length = len(user_list)
+        for position, item_id in enumerate(user_list):
             totals[item_id] = get(item_id, 0.0) + SESSION_USER_WEIGHT * (1 - position / length)
+    # Left out last: taking an item out changes no other item's score nor the order they came in.
+    for item_id in leave_out:
+        totals.pop(item_id, None)
     # A stable sort: ties keep the order the lists first proposed the items in, so an answer repeats exactly.
     return sorted(totals.items(), key=itemgetter(1), reverse=True)
