@@ -26,7 +26,7 @@ def database_url(settings: Settings) -> str:
     """
     if settings.database_url:
         return settings.database_url
-    url = embedded_database_url(settings.data_dir)
+    url = embedded_database_url(settings.machine_dir)
     os.environ["OVERNIGHT_DATABASE_URL"] = url
     return url
 

@@ -1,6 +1,6 @@
-"""The local lake: where validated data lives and how to read it as of a logical date.
+"""The lake: where validated data lives and how to read it as of a logical date.
 
-Layout under ``OVERNIGHT_DATA_DIR/lake``::
+Layout under ``OVERNIGHT_DATA_DIR/lake`` (a local folder or an object-storage prefix, ``jobs.storage``)::
 
     interactions/event_date=YYYY-MM-DD/part-0.parquet   one partition per event day
     items/date=YYYY-MM-DD/items.parquet                 catalogue snapshot per logical date (ITEMS_SCHEMA
@@ -22,8 +22,11 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 import polars as pl
+from upath import UPath
 
+from jobs import storage
 from jobs.errors import MissingDataError
+from jobs.storage import is_local
 
 INTERACTIONS_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.String(),
@@ -57,19 +60,19 @@ def day_start(logical_date: date) -> datetime:
     return datetime.combine(logical_date, time(), tzinfo=UTC)
 
 
-def interactions_dir(lake_dir: Path) -> Path:
+def interactions_dir(lake_dir: UPath) -> UPath:
     return lake_dir / "interactions"
 
 
-def partition_path(lake_dir: Path, event_date: date) -> Path:
+def partition_path(lake_dir: UPath, event_date: date) -> UPath:
     return interactions_dir(lake_dir) / f"event_date={event_date.isoformat()}" / "part-0.parquet"
 
 
-def snapshot_path(lake_dir: Path, kind: str, logical_date: date) -> Path:
+def snapshot_path(lake_dir: UPath, kind: str, logical_date: date) -> UPath:
     return lake_dir / kind / f"date={logical_date.isoformat()}" / f"{kind}.parquet"
 
 
-def quarantine_dir(lake_dir: Path, logical_date: date) -> Path:
+def quarantine_dir(lake_dir: UPath, logical_date: date) -> UPath:
     return lake_dir / "quarantine" / f"date={logical_date.isoformat()}"
 
 
@@ -86,15 +89,23 @@ def dated_dirs(folder: Path, prefix: str) -> list[tuple[date, Path]]:
     return sorted(found)
 
 
-def interaction_partitions(lake_dir: Path, as_of: date) -> list[Path]:
-    return [
-        path / "part-0.parquet"
-        for event_date, path in dated_dirs(interactions_dir(lake_dir), "event_date=")
-        if event_date <= as_of and (path / "part-0.parquet").exists()
-    ]
+def dated_files(folder: UPath, prefix: str, name: str) -> list[tuple[date, UPath]]:
+    """Each ``<prefix><date>/<name>`` under ``folder``, by date: one listing, on object storage too."""
+    found = []
+    for path in storage.glob(folder, f"{prefix}*/{name}"):
+        try:
+            found.append((date.fromisoformat(path.parent.name.removeprefix(prefix)), path))
+        except ValueError:
+            continue
+    return sorted(found, key=lambda dated: dated[0])
 
 
-def scan_interactions(lake_dir: Path, as_of: date) -> pl.LazyFrame:
+def interaction_partitions(lake_dir: UPath, as_of: date) -> list[UPath]:
+    partitions = dated_files(interactions_dir(lake_dir), "event_date=", "part-0.parquet")
+    return [path for event_date, path in partitions if event_date <= as_of]
+
+
+def scan_interactions(lake_dir: UPath, as_of: date) -> pl.LazyFrame:
     """Every validated interaction visible on ``as_of`` (timestamp before the end of that day)."""
     files = interaction_partitions(lake_dir, as_of)
     if not files:
@@ -102,7 +113,9 @@ def scan_interactions(lake_dir: Path, as_of: date) -> pl.LazyFrame:
             f"no interactions in the lake at {interactions_dir(lake_dir)} on or before {as_of}; "
             "run `overnight ingest` first"
         )
-    return pl.scan_parquet(files, schema=INTERACTIONS_SCHEMA).filter(pl.col("timestamp") < day_end(as_of))
+    return pl.scan_parquet([str(f) for f in files], schema=INTERACTIONS_SCHEMA).filter(
+        pl.col("timestamp") < day_end(as_of)
+    )
 
 
 def most_recent_users(events: pl.LazyFrame, limit: int) -> pl.LazyFrame:
@@ -122,21 +135,21 @@ def most_recent_users(events: pl.LazyFrame, limit: int) -> pl.LazyFrame:
     return events.filter(pl.col("user_id").is_in(users.implode()))
 
 
-def latest_snapshot(lake_dir: Path, kind: str, as_of: date) -> Path | None:
+def latest_snapshot(lake_dir: UPath, kind: str, as_of: date) -> UPath | None:
     candidates = [
-        path / f"{kind}.parquet"
-        for snapshot_date, path in dated_dirs(lake_dir / kind, "date=")
-        if snapshot_date <= as_of and (path / f"{kind}.parquet").exists()
+        path
+        for snapshot_date, path in dated_files(lake_dir / kind, "date=", f"{kind}.parquet")
+        if snapshot_date <= as_of
     ]
     return candidates[-1] if candidates else None
 
 
-def read_catalogue(lake_dir: Path, as_of: date) -> pl.DataFrame:
+def read_catalogue(lake_dir: UPath, as_of: date) -> pl.DataFrame:
     """The item catalogue as known on ``as_of``: the latest snapshot written on or before it."""
     path = latest_snapshot(lake_dir, "items", as_of)
     if path is None:
         raise MissingDataError(f"no item catalogue in the lake on or before {as_of}; run `overnight ingest` first")
-    return pl.read_parquet(path)
+    return pl.read_parquet(str(path))
 
 
 def item_attribute_columns(catalogue: pl.DataFrame) -> list[str]:
@@ -144,10 +157,17 @@ def item_attribute_columns(catalogue: pl.DataFrame) -> list[str]:
     return [name for name in catalogue.columns if name not in ITEMS_SCHEMA]
 
 
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+def write_atomically(path: Path | UPath, write: Callable[[Path], object]) -> None:
     """`write(tmp)` then rename over `path`: readers see the old file or the new one, never half of one,
     a writer killed midway leaves the old file, and concurrent writers (a shadow and a canary of one
-    model scoring the same folder) do not collide."""
+    model scoring the same folder) do not collide.
+
+    On object storage `tmp` is a local file uploaded as one object (``storage.upload``), which readers
+    see whole or not at all too. Where a set of objects must be complete together, the one written
+    last says so (a shard's manifest after its shard)."""
+    if not is_local(path):
+        storage.upload(path, write)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -157,9 +177,9 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_parquet_atomically(frame: pl.DataFrame, path: Path) -> None:
+def write_parquet_atomically(frame: pl.DataFrame, path: Path | UPath) -> None:
     write_atomically(path, lambda tmp: frame.write_parquet(tmp, statistics=True))
 
 
-def write_json_atomically(value: object, path: Path) -> None:
+def write_json_atomically(value: object, path: Path | UPath) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))

@@ -6,6 +6,9 @@ features steps share with scoring, what the candidates step makes for publish be
 folder per chosen model besides production's), the feature sample monitoring reads for drift, and
 ingest's staging. A step that finds its input missing fails with one line naming the step to run;
 only the nightly runner (``jobs.nightly``) decides what to (re)compute.
+
+With ``OVERNIGHT_DATA_DIR`` on object storage (``jobs.storage``) these folders are prefixes in the bucket,
+except the scratch ones (ingest's staging, one-off jobs'), which stay on this machine's ``LOCAL_DIR``.
 """
 
 import json
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from upath import UPath
+
+from jobs import storage
 from jobs.errors import MissingDataError
 from jobs.outcome import Outcome
 from jobs.settings import Settings
@@ -28,28 +34,34 @@ USER_SEGMENTS = "user_segments"  # user_id, segment: users with attributes whom 
 BATCH_EXTRAS = (SIMILAR_ITEMS, ITEM_ATTRIBUTES, SEGMENTS, USER_SEGMENTS)
 
 
-def root(settings: Settings) -> Path:
-    """Every date's folder, and the scratch folders of one-off jobs (evaluation), live under this."""
+def root(settings: Settings) -> UPath:
+    """Every date's folder lives under this."""
     return settings.data_dir / "work"
 
 
-def folder(settings: Settings, logical_date: date) -> Path:
+def scratch_root(settings: Settings) -> Path:
+    """The scratch folders of one-off jobs (evaluation, backtests): under ``root`` when the data folder is
+    local, on this machine otherwise."""
+    return settings.machine_dir / "work"
+
+
+def folder(settings: Settings, logical_date: date) -> UPath:
     return root(settings) / f"date={logical_date.isoformat()}"
 
 
-def table_path(settings: Settings, logical_date: date, name: str) -> Path:
+def table_path(settings: Settings, logical_date: date, name: str) -> UPath:
     return folder(settings, logical_date) / f"{name}.parquet"
 
 
 def ingest_staging(settings: Settings, logical_date: date) -> Path:
-    return folder(settings, logical_date) / "ingest-staging"
+    return scratch_root(settings) / f"date={logical_date.isoformat()}" / "ingest-staging"
 
 
-def ingest_report_path(settings: Settings, logical_date: date) -> Path:
+def ingest_report_path(settings: Settings, logical_date: date) -> UPath:
     return settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
 
 
-def missing(what: str, logical_date: date, step: str, where: Path) -> MissingDataError:
+def missing(what: str, logical_date: date, step: str, where: Path | UPath) -> MissingDataError:
     """The one-line error of a step whose input is not there: what, where, and the step that makes it."""
     return MissingDataError(
         f"no {what} for {logical_date} in {where}: run the {step} step first "
@@ -57,7 +69,7 @@ def missing(what: str, logical_date: date, step: str, where: Path) -> MissingDat
     )
 
 
-def require_tables(settings: Settings, logical_date: date) -> Path:
+def require_tables(settings: Settings, logical_date: date) -> UPath:
     """The date's folder, once the candidates and features steps have written their tables there."""
     for step, names in (("candidates", (*CANDIDATE_TABLES, USERS)), ("features", FEATURE_TABLES)):
         absent = [name for name in names if not table_path(settings, logical_date, name).exists()]
@@ -66,7 +78,7 @@ def require_tables(settings: Settings, logical_date: date) -> Path:
     return folder(settings, logical_date)
 
 
-def require_batch_extras(settings: Settings, logical_date: date) -> dict[str, Path]:
+def require_batch_extras(settings: Settings, logical_date: date) -> dict[str, UPath]:
     """The path of each of the date's BATCH_EXTRAS, once the candidates step has written them."""
     paths = {name: table_path(settings, logical_date, name) for name in BATCH_EXTRAS}
     absent = [name for name, path in paths.items() if not path.exists()]
@@ -101,7 +113,7 @@ class ShardManifest:
         return Outcome(summary, rows_in=self.candidate_rows, rows_out=self.users, model_id=self.model_id)
 
 
-def scores_dir(settings: Settings, logical_date: date, model_id: str | None = None) -> Path:
+def scores_dir(settings: Settings, logical_date: date, model_id: str | None = None) -> UPath:
     """Production's shards in ``scores/``; a chosen model's (a shadow, a canary) in
     ``model-scores/<model_id>/``, so a shadow and a canary of the same night never mix."""
     day = folder(settings, logical_date)
@@ -112,11 +124,11 @@ def shard_name(shard: int, shards: int) -> str:
     return f"shard-{shard:05d}-of-{shards:05d}"
 
 
-def shard_path(settings: Settings, logical_date: date, shard: int, shards: int, model_id: str | None = None) -> Path:
+def shard_path(settings: Settings, logical_date: date, shard: int, shards: int, model_id: str | None = None) -> UPath:
     return scores_dir(settings, logical_date, model_id) / f"{shard_name(shard, shards)}.parquet"
 
 
-def manifest_path(shard: Path) -> Path:
+def manifest_path(shard: UPath) -> UPath:
     return shard.with_suffix(".json")
 
 
@@ -124,7 +136,7 @@ def read_manifests(settings: Settings, logical_date: date, model_id: str | None 
     """The manifests of one complete set of shards for the date (of `model_id`'s folder, with one), or a
     one-line error saying what is missing."""
     where = scores_dir(settings, logical_date, model_id)
-    manifests = [_read_manifest(p) for p in sorted(where.glob("shard-*.json"))]  # see manifest_path
+    manifests = [_read_manifest(p) for p in storage.glob(where, "shard-*.json")]  # see manifest_path
     if not manifests:
         raise missing("scores", logical_date, "score", where)
     counts = {m.shards for m in manifests}
@@ -145,7 +157,7 @@ def read_manifests(settings: Settings, logical_date: date, model_id: str | None 
     return sorted(manifests, key=lambda m: m.shard)
 
 
-def _read_manifest(path: Path) -> ShardManifest:
+def _read_manifest(path: UPath) -> ShardManifest:
     try:
         return ShardManifest(**json.loads(path.read_text()))
     except (ValueError, TypeError) as error:
@@ -162,27 +174,26 @@ def remove_other_shard_counts(settings: Settings, logical_date: date, shards: in
     if model_id is None:
         folders.append(drift_sample_dir(settings, logical_date))
     for where in folders:
-        if where.is_dir():
-            for stale in where.glob("shard-*"):
-                if not stale.name.split(".")[0].endswith(keep):
-                    stale.unlink()
+        for stale in storage.glob(where, "shard-*"):
+            if not stale.name.split(".")[0].endswith(keep):
+                stale.unlink()
 
 
 # ---------------------------------------------------------------------------- monitoring's feature sample
 
 
-def drift_sample_dir(settings: Settings, logical_date: date) -> Path:
+def drift_sample_dir(settings: Settings, logical_date: date) -> UPath:
     """Tonight's ranker features for a stable sample of users, one part per shard: written by the score
     step as it scores them, read by monitoring's drift."""
     return folder(settings, logical_date) / "drift-sample"
 
 
-def drift_sample_path(settings: Settings, logical_date: date, shard: int, shards: int) -> Path:
+def drift_sample_path(settings: Settings, logical_date: date, shard: int, shards: int) -> UPath:
     return drift_sample_dir(settings, logical_date) / f"{shard_name(shard, shards)}.parquet"
 
 
-def drift_sample_parts(settings: Settings, logical_date: date) -> list[Path]:
-    parts = sorted(drift_sample_dir(settings, logical_date).glob("shard-*.parquet"))
+def drift_sample_parts(settings: Settings, logical_date: date) -> list[UPath]:
+    parts = storage.glob(drift_sample_dir(settings, logical_date), "shard-*.parquet")
     if not parts:
         raise missing("feature sample", logical_date, "score", drift_sample_dir(settings, logical_date))
     return parts

@@ -199,6 +199,7 @@ def prepare(
 
     env = {**os.environ, "AIRFLOW_HOME": str(home), "OVERNIGHT_DATABASE_URL": overnight_url}
     env.setdefault("OVERNIGHT_DATA_DIR", str(settings.data_dir.resolve()))
+    env.setdefault("OVERNIGHT_LOCAL_DIR", str(settings.local_dir.resolve()))
     return LocalAirflow(
         home=home,
         url=base_url,

@@ -36,7 +36,7 @@ def prepare_demo(settings: Settings, progress: nightly.Progress = logger.info, n
     if settings.segment_attribute is None:
         settings = settings.model_copy(update={"segment_attribute": DEMO_SEGMENT_ATTRIBUTE})
     logical_date = datetime.now(UTC).date() - timedelta(days=1)
-    source = settings.data_dir / "sample" / logical_date.isoformat()
+    source = settings.machine_dir / "sample" / logical_date.isoformat()
     if not all((source / f"{table}.parquet").exists() for table in ("interactions", "items", "users")):
         progress(f"generating sample data ({DEMO_USERS:,} users, {DEMO_ITEMS} items, {DEMO_DAYS} days) in {source}")
         data = generate.generate(DEMO_USERS, DEMO_ITEMS, DEMO_DAYS, end_date=logical_date, seed=42)
@@ -44,12 +44,12 @@ def prepare_demo(settings: Settings, progress: nightly.Progress = logger.info, n
     for earlier in range(nights - 1, 0, -1):
         nightly.run(nightly.night_of(settings, logical_date - timedelta(days=earlier), source), progress)
     result = nightly.run(nightly.night_of(settings, logical_date, source), progress)
-    key_file = settings.data_dir / "demo-api-key"
+    key_file = settings.machine_dir / "demo-api-key"
     if not key_file.exists():
         key_file.write_text(secrets.token_urlsafe(24) + "\n")
         key_file.chmod(0o600)
     first_shard = workdir.read_manifests(settings, logical_date)[0].path
     user_id = str(pl.read_parquet(first_shard, n_rows=1)["user_id"][0])
-    newcomers = pl.read_parquet(workdir.table_path(settings, logical_date, workdir.USER_SEGMENTS), n_rows=1)
+    newcomers = pl.read_parquet(str(workdir.table_path(settings, logical_date, workdir.USER_SEGMENTS)), n_rows=1)
     newcomer_id = str(newcomers["user_id"][0]) if newcomers.height else None
     return Demo(api_key=key_file.read_text().strip(), user_id=user_id, run=result, newcomer_id=newcomer_id)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import psycopg
+from upath import UPath
 
 import sql
 from jobs import lake, registry, workdir
@@ -52,10 +53,11 @@ def sample_rows(frame: pl.DataFrame, settings: Settings) -> pl.DataFrame:
 def tonight(settings: Settings, logical_date: date) -> pl.DataFrame:
     """The ranker's features as the score step computed them tonight, for the stable sample of users
     whose features it wrote to the work folder (see ``jobs.workdir.drift_sample_dir``)."""
-    return sample_rows(pl.read_parquet(workdir.drift_sample_parts(settings, logical_date)), settings)
+    parts = workdir.drift_sample_parts(settings, logical_date)
+    return sample_rows(pl.read_parquet([str(part) for part in parts]), settings)
 
 
-def write_reference(settings: Settings, model_dir: Path, frame: pl.DataFrame) -> Path:
+def write_reference(settings: Settings, model_dir: UPath, frame: pl.DataFrame) -> UPath:
     """At training time, keep beside the model a sample of its features as scoring sees them on the
     date it was trained for (`frame`, from the same users as every night's sample); drift compares
     each night's features with it.
@@ -69,9 +71,8 @@ def write_reference(settings: Settings, model_dir: Path, frame: pl.DataFrame) ->
     return path
 
 
-def reference_path(settings: Settings, model: registry.ModelVersion) -> Path:
-    artifact = Path(model.artifact_path)
-    return (artifact if artifact.is_absolute() else settings.data_dir / artifact).parent / REFERENCE_FILE
+def reference_path(settings: Settings, model: registry.ModelVersion) -> Path | UPath:
+    return registry.artifact_location(settings, model).parent / REFERENCE_FILE
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
     drift_report: dict[str, Any] = {"model_id": model.model_id, "reference": str(reference_file)}
     current_rows = 0
     if reference_file.is_file():
-        reference = pl.read_parquet(reference_file)
+        reference = pl.read_parquet(str(reference_file))
         current = tonight(settings, logical_date)
         current_rows = current.height
         names = [f for f in model.features if f in reference.columns and f in current.columns]

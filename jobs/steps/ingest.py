@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
+from upath import UPath
 
 from jobs import lake, workdir
 from jobs.errors import BadInputError, first_line
@@ -742,16 +743,16 @@ def build_catalogue(
 # ---------------------------------------------------------------- writing
 
 
-def _merge_partition(lake_dir: Path, event_date: date, rows: pl.DataFrame) -> None:
+def _merge_partition(lake_dir: UPath, event_date: date, rows: pl.DataFrame) -> None:
     """Merge rows into their event-day partition; merging the same rows twice changes nothing."""
     path = lake.partition_path(lake_dir, event_date)
     if path.exists():
-        rows = pl.concat([pl.read_parquet(path), rows], how="vertical_relaxed").unique(DEDUP_KEYS, keep="first")
+        rows = pl.concat([pl.read_parquet(str(path)), rows], how="vertical_relaxed").unique(DEDUP_KEYS, keep="first")
     lake.write_parquet_atomically(rows.sort(["timestamp", "user_id", "item_id", "event_type"]), path)
 
 
 def _reject_message(
-    source: Source, counts: dict[str, int], rows: int, fraction: float, limit: float, where: Path
+    source: Source, counts: dict[str, int], rows: int, fraction: float, limit: float, where: UPath
 ) -> str:
     worst = sorted(((n, r) for r, n in counts.items() if r != NOT_YET_VISIBLE), reverse=True)[:3]
     detail = ", ".join(
@@ -867,13 +868,11 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
     lake_dir = settings.lake_dir
     quarantine_dir = lake.quarantine_dir(lake_dir, logical_date)
     quarantine_file = quarantine_dir / f"{source.name}.parquet"
-    if quarantine_file.exists():
-        quarantine_file.unlink()
+    quarantine_file.unlink(missing_ok=True)
     quarantined_rows = sum(counts.values())
     if quarantined_rows:
-        quarantine_file.parent.mkdir(parents=True, exist_ok=True)
-        parts = [pl.scan_parquet(part) for part in staged.quarantine_parts]
-        pl.concat(parts, how="diagonal_relaxed").sink_parquet(quarantine_file)
+        parts = pl.concat([pl.scan_parquet(part) for part in staged.quarantine_parts], how="diagonal_relaxed")
+        lake.write_atomically(quarantine_file, parts.sink_parquet)
 
     if bad_fraction > settings.max_bad_fraction:
         raise BadInputError(
@@ -886,7 +885,7 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
         )
 
     previous_path = lake.latest_snapshot(lake_dir, "items", logical_date - timedelta(days=1))
-    previous = pl.read_parquet(previous_path) if previous_path else None
+    previous = pl.read_parquet(str(previous_path)) if previous_path else None
     items = _normalise_items(source.items, source.name) if source.items is not None else None
     seen_items = pl.concat(staged.item_ids).unique().to_frame()
     catalogue = build_catalogue(previous, items, seen_items)
@@ -942,7 +941,7 @@ class _FeedbackCounts:
 
 
 def _stage_feedback(
-    settings: Settings, logical_date: date, staged: _Staged, catalogue: pl.DataFrame, quarantine_dir: Path
+    settings: Settings, logical_date: date, staged: _Staged, catalogue: pl.DataFrame, quarantine_dir: UPath
 ) -> _FeedbackCounts:
     """Validate the feedback events of D's window like a source (ids, times, duplicates), drop those on
     items the catalogue does not hold, set the dropped aside with their reason and stage the rest."""

@@ -26,13 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 import psycopg
 import pyarrow as pa
 from psycopg.copy import QueuedLibpqWriter
+from upath import UPath
 
 import sql
 from jobs import batches, copy_binary, lake, workdir
@@ -124,8 +124,8 @@ class ShardCheck:
         return cls(rows=rows_loaded, **counts, item_ids=frame["item_ids"].explode().drop_nulls().unique())
 
 
-def _load_shard(url: str, batch_id: int, path: Path) -> ShardCheck:
-    frame = pl.read_parquet(path)
+def _load_shard(url: str, batch_id: int, path: UPath) -> ShardCheck:
+    frame = pl.read_parquet(str(path))
     loaded = copy_into(url, sql.batch_query("copy_recs", batch_id), frame)
     return ShardCheck.of(frame, loaded)
 
@@ -332,7 +332,7 @@ def _should_go_live(conn: psycopg.Connection, logical_date: date, make_live: boo
 
 def fallback(settings: Settings, logical_date: date) -> tuple[list[str], list[float]]:
     """The list for users the batch does not know: the most popular available items."""
-    popular = pl.read_parquet(workdir.table_path(settings, logical_date, "popular")).head(settings.top_k)
+    popular = pl.read_parquet(str(workdir.table_path(settings, logical_date, "popular"))).head(settings.top_k)
     return popular["item_id"].to_list(), popular["popular_score"].cast(pl.Float64).to_list()
 
 
@@ -361,13 +361,13 @@ def _load(settings: Settings, logical_date: date, model_id: str | None, kind: Ba
     files = [workdir.shard_path(settings, logical_date, m.shard, m.shards, model_id) for m in manifests]
     users_scored = sum(m.users for m in manifests)
     users_path = workdir.table_path(settings, logical_date, workdir.USERS)
-    active_users = pl.scan_parquet(users_path).select(pl.len()).collect().item()
+    active_users = pl.scan_parquet(str(users_path)).select(pl.len()).collect().item()
     fallback_items, fallback_scores = fallback(settings, logical_date)
     if not fallback_items:
         raise MissingDataError(f"no popular items to serve as the fallback list for {logical_date}")
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)["item_id"].to_list()
     extras = {
-        name: pl.read_parquet(path) for name, path in workdir.require_batch_extras(settings, logical_date).items()
+        name: pl.read_parquet(str(path)) for name, path in workdir.require_batch_extras(settings, logical_date).items()
     }
     scored_by = manifests[0].model_id  # production's, or the chosen model's (its folder holds only its scores)
     generated_at = min(datetime.fromisoformat(m.generated_at) for m in manifests)

@@ -2,8 +2,10 @@
 shards run on both workers, and publish runs after all of them.
 
 Real services throughout: a fresh Postgres database for Airflow's metadata (and Celery's results),
-the Redis at 127.0.0.1:6379 as the broker (a queue of this test's own), and the api-server,
-scheduler, dag-processor and two `airflow celery worker` processes started here.
+the Redis at 127.0.0.1:6379 as the broker (a queue of this test's own), an S3-compatible server
+(moto's) whose bucket holds the data folder, and the api-server, scheduler, dag-processor and two
+`airflow celery worker` processes started here. The workers share only the bucket: each has a local
+folder of its own, as two machines would.
 """
 
 import json
@@ -25,6 +27,7 @@ from tests.support.commands import free_port, overnight_env
 from tests.support.dags import DAGS_FOLDER
 from tests.support.data import SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
+from tests.support.object_storage import S3Server, s3_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -96,17 +99,27 @@ def wait_for(condition, timeout: float, what: str, folder: Path) -> None:  # typ
         time.sleep(2)
 
 
+@pytest.fixture
+def s3() -> Iterator[S3Server]:
+    with s3_server() as server:
+        yield server
+
+
 @pytest.mark.skipif(not redis_answers(), reason=f"no Redis answering at {REDIS[0]}:{REDIS[1]}")
 def test_score_shards_run_on_both_celery_workers(
-    postgres_admin_url: str, database_url: str, sample_source: Path, tmp_path: Path
+    postgres_admin_url: str, database_url: str, sample_source: Path, tmp_path: Path, s3: S3Server
 ) -> None:
+    bucket = s3.new_bucket()
     airflow_db = create_database(postgres_admin_url)
     metadata = sqlalchemy_url(airflow_db)
     port = free_port()
     folder = tmp_path / "logs"
     folder.mkdir()
     env = {
-        **overnight_env(database_url, tmp_path / "var", OVERNIGHT_SOURCE=str(sample_source)),
+        **overnight_env(database_url, Path(), OVERNIGHT_SOURCE=str(sample_source)),
+        **s3.environment(),
+        "OVERNIGHT_DATA_DIR": f"s3://{bucket}/nightly",
+        "OVERNIGHT_LOCAL_DIR": str(tmp_path / "scheduler"),
         "PYTHONPATH": str(ROOT),
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
@@ -138,6 +151,7 @@ def test_score_shards_run_on_both_celery_workers(
             for name in WORKERS:
                 worker_env = {
                     **env,
+                    "OVERNIGHT_LOCAL_DIR": str(tmp_path / name),
                     "OVERNIGHT_TEST_WORKER_NAME": name,
                     "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.e2e.celery_worker_name.hostname",
                 }
@@ -195,6 +209,8 @@ def test_score_shards_run_on_both_celery_workers(
                     (RUN_ID,),
                 ).fetchall()
             assert run_state() == "success", f"{tasks}\n{logs(folder)}"
+            day = f"{bucket}/nightly/work/date={SAMPLE_DATE.isoformat()}/scores"
+            manifests = s3.filesystem().glob(f"{day}/shard-*-of-{SHARDS:05d}.json")
     finally:
         drop_database(postgres_admin_url, airflow_db)
 
@@ -205,6 +221,10 @@ def test_score_shards_run_on_both_celery_workers(
         f"{t[0]}[{t[1]}] on {t[3]}: {t[4]:%H:%M:%S.%f} - {t[5]:%H:%M:%S.%f}" for t in sorted(tasks, key=lambda t: t[4])
     )
     assert {t[3] for t in shards} == set(WORKERS), f"shards ran on {[t[3] for t in shards]}\n{schedule}"
+    assert len(manifests) == SHARDS, manifests
+    for name in WORKERS:  # each scored from its own copy of the model, fetched from the bucket
+        assert list((tmp_path / name / "models").glob("*/model.txt")), f"{name} has no local copy of the model"
+        assert not (tmp_path / name / "lake").exists()
     publish = next(t for t in tasks if t[0] == "publish")
     assert publish[4] >= max(t[5] for t in shards), "publish started before every shard had finished"
     with psycopg.connect(database_url) as conn:

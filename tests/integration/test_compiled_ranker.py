@@ -43,7 +43,7 @@ def trained(
         with psycopg.connect(url) as conn:
             model = registry.model_by_id(conn, result.model_id)
         assert model is not None
-        yield Trained(settings, model, registry.artifact_file(settings.data_dir, model))
+        yield Trained(settings, model, registry.artifact_file(settings, model))
     finally:
         drop_database(postgres_admin_url, url)
 
