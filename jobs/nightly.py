@@ -101,8 +101,9 @@ def _features(night: Night) -> StepResult:
 
 def _candidates(night: Night) -> StepResult:
     from jobs.steps.candidates import prepare
+    from jobs.steps.score import candidate_settings
 
-    return prepare(night.settings, night.logical_date)
+    return prepare(candidate_settings(night.settings, night.logical_date), night.logical_date)
 
 
 def _train(night: Night) -> StepResult:
@@ -115,8 +116,14 @@ def _train(night: Night) -> StepResult:
 
 
 def _plan_shards(night: Night) -> list[int]:
-    from jobs.steps.score import plan_shards
+    from jobs.steps.candidates import prepare
+    from jobs.steps.score import candidate_settings, plan_shards, ranker_for, tables_fit
 
+    # A model trained tonight may have been tuned with other candidate settings than the tables were built
+    # with (for the model before it): the runner builds them again for it, once, before any shard scores.
+    if not tables_fit(night.settings, night.logical_date, ranker_for(night.settings, night.logical_date)):
+        logger.info("candidates: built again with the candidate settings tonight's model was tuned with")
+        prepare(candidate_settings(night.settings, night.logical_date), night.logical_date)
     return plan_shards(night.settings, night.logical_date, night.shards)
 
 

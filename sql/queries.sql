@@ -86,6 +86,19 @@ SELECT model_id, logical_date, status, status_reason, data_window, params, featu
 FROM overnight.model_versions
 WHERE model_id = %s;
 
+-- name: record_tuning_trial
+INSERT INTO overnight.tuning_trials
+    (search_id, trial_number, logical_date, state, params, score, seconds, warm_start, error)
+VALUES (%(search_id)s, %(trial_number)s, %(logical_date)s, %(state)s, %(params)s, %(score)s, %(seconds)s,
+        %(warm_start)s, %(error)s);
+
+-- name: tuning_trials
+-- Every trial of one search, in the order they ran.
+SELECT trial_number, state, params, score, seconds, warm_start, error
+FROM overnight.tuning_trials
+WHERE search_id = %s
+ORDER BY trial_number;
+
 -- name: list_models
 SELECT model_id, logical_date, status, status_reason, data_window, params, features, metrics,
        artifact_path, artifact_sha256, created_at

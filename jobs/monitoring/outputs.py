@@ -4,7 +4,9 @@ judges, and the unrecorded checks of a chosen model's batch.
 Measures the lists about to be published: score distribution (of a stable sample of about
 20,000 users; each user's top score over all of them), share of active users left to the
 fallback, catalogue coverage, distinct items and Gini of exposure, empty and short lists, and the
-overlap with (and score shift against) yesterday's lists for a stable sample of users.
+overlap with (and score shift against) yesterday's lists for a stable sample of users, and the
+intra-list diversity of the same sample's top 10 (``diversity.intra_list_diversity``: how unlike
+each other, by genres and text attributes, the items of a list are), night after night.
 """
 
 import logging
@@ -16,7 +18,7 @@ import polars as pl
 import psycopg
 
 import sql
-from jobs import lake, workdir
+from jobs import diversity, lake, workdir
 from jobs.database import connect
 from jobs.monitoring import checks, distributions
 from jobs.settings import Settings
@@ -34,13 +36,13 @@ def batch_statistics(
     """`chosen_model`: measure the lists scored with that model (a shadow's or a canary's), not production's."""
     manifests = workdir.read_manifests(settings, logical_date, chosen_model)
     files = [workdir.shard_path(settings, logical_date, m.shard, m.shards, chosen_model) for m in manifests]
-    lists = pl.scan_parquet(files)
+    lists = pl.scan_parquet([str(file) for file in files])
     short_at = min(OVERLAP_K, settings.top_k)
     n_lists = lists.select(pl.len()).collect().item()  # from the files' metadata
 
     # One pass over the files for everything. The score distribution is for display: a stable
     # sample of users gives it (50 million scores at 1M users took 4 of the gate's 6 seconds).
-    shape, exposure, sampled_scores, top_scores_frame = pl.collect_all(
+    shape, exposure, sampled_scores, top_scores_frame, sampled_lists = pl.collect_all(
         [
             lists.select(
                 empty=(pl.col("item_ids").list.len() == 0).sum(),
@@ -50,6 +52,9 @@ def batch_statistics(
             lists.select(pl.col("item_ids").explode().alias("item_id")).drop_nulls().group_by("item_id").len(),
             lists.filter(_sample(n_lists, SCORE_SAMPLE_USERS, seed=11)).select(pl.col("scores").explode()).drop_nulls(),
             lists.select(pl.col("scores").list.first()).drop_nulls(),
+            lists.filter(_sample(n_lists, SCORE_SAMPLE_USERS, seed=11)).select(
+                "user_id", pl.col("item_ids").list.head(OVERLAP_K).alias("item_id")
+            ),
         ]
     )
     empty, short, mean_length = shape.row(0)
@@ -80,9 +85,20 @@ def batch_statistics(
         "score_quantiles": distributions.quantiles(scores),
         "top_score_quantiles": distributions.quantiles(top_scores),
         "score_histogram": _equal_width_histogram(scores),
+        "intra_list_diversity": _intra_list_diversity(sampled_lists, catalogue),
     }
     stats |= _against_yesterday(logical_date, lists, n_lists, settings, conn)
     return stats
+
+
+def _intra_list_diversity(sampled_lists: pl.DataFrame, catalogue: pl.DataFrame) -> float | None:
+    """Of the sampled users' top OVERLAP_K; None without a list of two items to compare."""
+    listed = (
+        sampled_lists.explode("item_id").drop_nulls().with_columns(rank=pl.int_range(1, pl.len() + 1).over("user_id"))
+    )
+    if listed.filter(pl.col("rank") == 2).height == 0:
+        return None
+    return diversity.intra_list_diversity(listed, diversity.item_tokens(catalogue), OVERLAP_K)
 
 
 def _equal_width_histogram(values: np.ndarray) -> dict[str, list[float]]:

@@ -6,33 +6,34 @@ lists (user_id, item_ids, scores) and a manifest that publish reads (``jobs.work
 bounded by the shard's users, processed in chunks.
 """
 
+import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+from upath import UPath
 
-from jobs import kernels, lake, predictor, registry, workdir
+from jobs import diversity, kernels, lake, predictor, registry, workdir
 from jobs.database import connect
 from jobs.errors import FutureModelError, MissingDataError
 from jobs.outcome import Outcome
 from jobs.settings import Settings
-from jobs.steps import features
+from jobs.steps import candidates, features
 
 logger = logging.getLogger(__name__)
 
 CHUNK_USERS = 20_000
 
 
-def shard_users(folder: Path, shards: int, shard: int) -> pl.DataFrame:
+def shard_users(folder: UPath, shards: int, shard: int) -> pl.DataFrame:
     """(user_id, chunk): the shard's users, numbered into chunks of CHUNK_USERS."""
     return (
-        pl.scan_parquet(folder / "users.parquet")
+        pl.scan_parquet(str(folder / "users.parquet"))
         .with_row_index("position")
         .filter(pl.col("position") % shards == shard)
         .select("user_id", chunk=(pl.int_range(pl.len()) // CHUNK_USERS).cast(pl.Int32))
@@ -80,18 +81,51 @@ def load_ranker(
     import lightgbm as lgb
 
     model = ranker_for(settings, logical_date, model_id)
-    booster = lgb.Booster(model_file=str(registry.artifact_file(settings.data_dir, model)))
+    booster = lgb.Booster(model_file=str(registry.artifact_file(settings, model)))
     if list(booster.feature_name()) != list(model.features):
         raise MissingDataError(f"model {model.model_id}: artifact features differ from the registered feature list")
     return model, booster
 
 
-def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int) -> pl.DataFrame:
-    """(user_id, item_ids, scores): each user's k best items, best first (ties by item)."""
-    best = kernels.top_rows(frame["user_id"], frame["item_id"], predicted, k)
+class Diversifier:
+    """The MMR re-ranking of a night's lists at ``strength``, over the similarity of the catalogue's items."""
+
+    def __init__(self, catalogue: pl.DataFrame, strength: float) -> None:
+        self.tokens = diversity.item_tokens(catalogue)
+        self.strength = strength
+        self.similarity: diversity.ItemSimilarity | None = None
+
+    def rerank(self, frame: pl.DataFrame, predicted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        items = frame.schema["item_id"]
+        assert isinstance(items, pl.Enum)
+        if self.similarity is None or self.similarity.items != items:  # a chunk may widen the item enum
+            self.similarity = diversity.ItemSimilarity(self.tokens, items)
+        pool = kernels.top_rows(frame["user_id"], frame["item_id"], predicted, k * diversity.POOL_FACTOR)
+        codes = frame.select(pl.col("user_id", "item_id").to_physical().cast(pl.Int64))[pool]
+        chosen, published = diversity.rerank(
+            codes["user_id"].to_numpy(), codes["item_id"].to_numpy(), predicted[pool], k, self.strength, self.similarity
+        )
+        return pool[chosen], published
+
+
+def diversifier(settings: Settings, logical_date: date) -> Diversifier | None:
+    """The night's re-ranking, or None when ``diversity`` is 0: the ranker's order, untouched."""
+    if settings.diversity == 0:
+        return None
+    return Diversifier(lake.read_catalogue(settings.lake_dir, logical_date), settings.diversity)
+
+
+def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int, diverse: Diversifier | None = None) -> pl.DataFrame:
+    """(user_id, item_ids, scores): each user's k best items, best first (ties by item); with ``diverse``,
+    re-ranked by MMR over the best candidates (``jobs.diversity``)."""
+    if diverse is None:
+        best = kernels.top_rows(frame["user_id"], frame["item_id"], predicted, k)
+        published = predicted[best]
+    else:
+        best, published = diverse.rerank(frame, predicted, k)
     return (
         frame.select("user_id", "item_id")[best]
-        .with_columns(score=pl.Series(predicted[best], dtype=pl.Float32))
+        .with_columns(score=pl.Series(published, dtype=pl.Float32))
         .group_by("user_id", maintain_order=True)
         .agg(item_ids="item_id", scores="score")
         .with_columns(pl.col("user_id").cast(pl.String), pl.col("item_ids").cast(pl.List(pl.String)))
@@ -110,15 +144,20 @@ def score_shard(
         raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
     started = time.perf_counter()
     model, booster = load_ranker(settings, logical_date, model_id)
-    ranker = predictor.for_model(
-        settings, registry.artifact_file(settings.data_dir, model), model.artifact_sha256, booster
-    )
+    if not tables_fit(settings, logical_date, model):
+        raise MissingDataError(
+            f"the candidate tables of {logical_date} were built with other candidate settings than {model.model_id} "
+            f"was tuned with; run `overnight candidates --date {logical_date}`"
+        )
+    settings = registry.tuned_settings(settings, model)
+    ranker = predictor.for_model(settings, registry.artifact_file(settings, model), model.artifact_sha256, booster)
     folder = workdir.require_tables(settings, logical_date)
     feature_names = list(model.features)
     users = shard_users(folder, shards, shard)
     build = features.candidate_features(settings, logical_date)
     events = shard_events(settings, logical_date, users)
     sampled = None if model_id else features.drift_sample_users(settings, logical_date)["user_id"]
+    diverse = diversifier(settings, logical_date)
     generated_at = datetime.now(UTC)
     parts: list[pl.DataFrame] = []
     sample_parts: list[pl.DataFrame] = []
@@ -140,7 +179,7 @@ def score_shard(
                 predicted = ranker.predict(matrix)
                 predict_seconds += time.perf_counter() - predicting
                 del matrix
-                parts.append(rank_top_k(frame, predicted, settings.top_k))
+                parts.append(rank_top_k(frame, predicted, settings.top_k, diverse))
         logger.info(
             "score shard %d/%d: chunk %d of %d, %d candidates so far", shard, shards, chunk + 1, chunks, candidate_rows
         )
@@ -192,7 +231,7 @@ def score(
 def shard_count(settings: Settings, logical_date: date) -> int:
     """At least ``score_shards``, and enough that no shard has more than ``shard_users`` users."""
     folder = workdir.require_tables(settings, logical_date)
-    users = pl.scan_parquet(folder / f"{workdir.USERS}.parquet").select(pl.len()).collect().item()
+    users = pl.scan_parquet(str(folder / f"{workdir.USERS}.parquet")).select(pl.len()).collect().item()
     return max(settings.score_shards, math.ceil(users / settings.shard_users))
 
 
@@ -201,9 +240,31 @@ def plan_shards(
 ) -> list[int]:
     """The shard numbers to score (``shards`` of them, or ``shard_count``); shard files of an earlier run
     with another count are removed, since publishing them with this run's would mix two runs."""
+    model = ranker_for(settings, logical_date, model_id)
+    if not tables_fit(settings, logical_date, model):
+        raise MissingDataError(
+            f"the candidate tables of {logical_date} were built with other candidate settings than {model.model_id} "
+            f"was tuned with; run `overnight candidates --date {logical_date}`"
+        )
     shards = shards or shard_count(settings, logical_date)
     workdir.remove_other_shard_counts(settings, logical_date, shards, model_id)
     return list(range(shards))
+
+
+def candidate_settings(settings: Settings, logical_date: date) -> Settings:
+    """The settings the date's candidate tables are built with: those the model that scores the date was
+    tuned with (see ``jobs.tuning``), else the night's own (no model yet, or an untuned one)."""
+    with connect(settings) as conn:
+        model = registry.model_for_date(conn, logical_date)
+    return settings if model is None else registry.tuned_settings(settings, model)
+
+
+def tables_fit(settings: Settings, logical_date: date, model: registry.ModelVersion) -> bool:
+    """Whether the date's candidate tables were built with the candidate settings ``model`` scores with (a
+    tuned model's own, else the night's); tables from before the candidates step recorded them count as the night's."""
+    record = workdir.folder(settings, logical_date) / candidates.BUILT_WITH
+    built = json.loads(record.read_text()) if record.exists() else candidates.shaping_values(settings)
+    return bool(built == candidates.shaping_values(registry.tuned_settings(settings, model)))
 
 
 @dataclass(frozen=True)
