@@ -13,6 +13,8 @@ Intervals are percentile bootstraps over users, resampled within each window and
 resamples for every model, so the ratio of the published lists to a baseline is paired user by user.
 Catalogue coverage is a property of the whole set of lists, not a mean over users: a resample repeats
 some users and leaves out about a third, so it always covers less; it is reported without an interval.
+So are the lists' intra-list diversity and novelty (``diversity.intra_list_diversity``, ``ranking_metrics.novelty``):
+they describe what is shown, not whether it was right, and a window's value is compared, not tested.
 """
 
 import logging
@@ -22,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -34,12 +36,12 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 import sql
-from jobs import lake, nightly, workdir
+from jobs import diversity, lake, nightly, workdir
 from jobs.database import connect, database_url
 from jobs.errors import BadInputError, DatabaseError, MissingDataError, OvernightError, first_line
 from jobs.settings import Settings
 from jobs.steps import evaluate, train
-from jobs.steps.ranking_metrics import K, per_user_metrics, ranking_metrics
+from jobs.steps.ranking_metrics import K, novelty, per_user_metrics, ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +53,13 @@ PUBLISHED = "published"
 BASELINES = tuple(name for name in evaluate.MODEL_ORDER if name != train.RANKER)
 MODELS = (PUBLISHED, *BASELINES)
 # The metrics that are means over users (so resampled), by the column of `per_user_metrics` they average.
-PER_USER = {f"ndcg@{K}": "ndcg", f"recall@{K}": "recall", f"map@{K}": "ap"}
+# graded_ndcg equals ndcg unless OVERNIGHT_EVENT_WEIGHTS grades the relevant items.
+PER_USER = {f"ndcg@{K}": "ndcg", f"graded_ndcg@{K}": "graded_ndcg", f"recall@{K}": "recall", f"map@{K}": "ap"}
 COVERAGE = f"coverage@{K}"
+DIVERSITY = f"intra_list_diversity@{K}"
+NOVELTY = f"novelty@{K}"
 RATIO_METRIC = f"ndcg@{K}"
+LIST_COLUMNS = ((DIVERSITY, 13), (NOVELTY, 11))
 RESAMPLES = 1000
 CONFIDENCE = 0.95
 DIGITS = 6
@@ -173,6 +179,7 @@ class ScoredWindow:
     values: np.ndarray
     coverage: dict[str, float]
     counts: np.ndarray
+    beyond_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # model: DIVERSITY, NOVELTY
 
     @property
     def users(self) -> int:
@@ -202,6 +209,10 @@ def summarise(scored: list[ScoredWindow]) -> Summary:
         }
         coverage = float(np.mean([s.coverage[model] for s in scored]))
         models[model] = {**estimates, COVERAGE: Estimate(round(coverage, DIGITS), None, None)}
+        for metric in (DIVERSITY, NOVELTY):
+            if all(model in s.beyond_accuracy for s in scored):
+                value = float(np.mean([s.beyond_accuracy[model][metric] for s in scored]))
+                models[model][metric] = Estimate(round(value, DIGITS), None, None)
     j = list(PER_USER).index(RATIO_METRIC)
     ratios = {
         name: ratio_estimate(sums[0, j], sums[m, j], resampled[:, 0, j], resampled[:, m, j])
@@ -287,8 +298,8 @@ def _run_window(
     label = f"window {window.number}/{windows}"
     cutoff = lake.day_start(window.cutoff)
     seconds: dict[str, float] = {}
-    workdir.root(settings).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"backtest-{window.cutoff}-", dir=workdir.root(settings)))
+    workdir.scratch_root(settings).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"backtest-{window.cutoff}-", dir=workdir.scratch_root(settings)))
     try:
         source = scratch / "source"
         source.mkdir()
@@ -318,7 +329,7 @@ def _run_window(
             started = time.perf_counter()
             # What the run ingested, all of it (no date filter): the baselines learn from exactly these events.
             partitions = lake.interaction_partitions(run_settings.lake_dir, date.max)
-            seen = pl.scan_parquet(partitions, schema=lake.INTERACTIONS_SCHEMA).collect()
+            seen = pl.scan_parquet([str(p) for p in partitions], schema=lake.INTERACTIONS_SCHEMA).collect()
             run_catalogue = lake.read_catalogue(run_settings.lake_dir, window.run_date)
             later = events.lazy().filter(
                 (pl.col("timestamp") >= cutoff) & (pl.col("timestamp") < lake.day_start(window.horizon_end))
@@ -339,7 +350,12 @@ def _run_window(
             PUBLISHED: published,
             **{name: top for name, (top, _) in train.baseline_lists(examples, settings).items()},
         }
-        scored = _score(lists, relevant, run_catalogue.height, users, rng)
+        tokens = diversity.item_tokens(run_catalogue)
+        beyond_accuracy = {
+            model: {DIVERSITY: diversity.intra_list_diversity(listed, tokens), NOVELTY: novelty(listed, seen)}
+            for model, listed in lists.items()
+        }
+        scored = _score(lists, relevant, run_catalogue.height, users, rng, beyond_accuracy)
         seconds["score"] = round(time.perf_counter() - started, 2)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -367,6 +383,7 @@ def _score(
     catalogue_size: int,
     users: list[str],
     rng: np.random.Generator,
+    beyond_accuracy: dict[str, dict[str, float]],
 ) -> ScoredWindow:
     values = np.empty((len(users), len(MODELS), len(PER_USER)))
     coverage = {}
@@ -375,7 +392,7 @@ def _score(
         assert per_user["user_id"].to_list() == users, "every model is scored on the same users"
         values[:, m, :] = per_user.select(list(PER_USER.values())).to_numpy()
         coverage[model] = ranking_metrics(lists[model], relevant, catalogue_size)[COVERAGE]
-    return ScoredWindow(values, coverage, resample_counts(len(users), RESAMPLES, rng))
+    return ScoredWindow(values, coverage, resample_counts(len(users), RESAMPLES, rng), beyond_accuracy)
 
 
 # ---------------------------------------------------------------------------- the backtest
@@ -401,7 +418,7 @@ class Backtest:
             f"pooled over {len(self.windows)} windows of {self.horizon_days} days, {pooled.users:,} user-windows "
             f"({self.confidence:.0%} intervals, {self.resamples:,} bootstrap resamples of users):",
             f"{'model':<16}" + "".join(f"{metric:>26}" for metric in PER_USER) + f"{COVERAGE:>13}"
-            f"{'published / model':>26}",
+            f"{'diversity@10':>13}{'novelty@10':>11}{'published / model':>26}",
         ]
         for model, estimates in pooled.models.items():
             ratio = pooled.ratios.get(model)
@@ -409,6 +426,7 @@ class Backtest:
                 f"{model:<16}"
                 + "".join(f"{estimates[metric].text():>26}" for metric in PER_USER)
                 + f"{estimates[COVERAGE].text():>13}"
+                + "".join(f"{estimates[m].text():>{w}}" if m in estimates else f"{'-':>{w}}" for m, w in LIST_COLUMNS)
                 + f"{(ratio.text(2) if ratio else '-' if model != PUBLISHED else ''):>26}"
             )
         best = pooled.ratio_to_best_baseline
@@ -443,8 +461,8 @@ def run_backtest(
     started = time.perf_counter()
     check_options(windows, horizon_days)  # before loading anything
     progress(f"backtest: loading {source} ...")
-    workdir.root(settings).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="backtest-source-", dir=workdir.root(settings)))
+    workdir.scratch_root(settings).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="backtest-source-", dir=workdir.scratch_root(settings)))
     try:
         events, catalogue = evaluate.load_source(settings, source, fmt, scratch)
     finally:

@@ -13,6 +13,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
+import pydantic
 import typer
 
 from jobs.errors import OvernightError
@@ -117,6 +118,31 @@ def train(logical_date: DateOption) -> None:
     from jobs.steps.train import train as run_train
 
     _echo(run_train(_settings(), logical_date))
+
+
+@app.command()
+def tune(
+    logical_date: DateOption,
+    budget_minutes: Annotated[
+        float | None,
+        typer.Option(help="Minutes to search (default: OVERNIGHT_TUNE_BUDGET_MINUTES)."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Search the ranker's and the candidate generators' settings as a retrain on the date would (training
+    users only, the production model's parameters first), record every trial, and print the best; nothing
+    is trained or registered."""
+    from jobs.steps.train import tune as run_tune
+
+    settings = _settings()
+    budget = budget_minutes or settings.tune_budget_minutes
+    if budget is None or budget <= 0:
+        raise typer.BadParameter("give --budget-minutes above 0 or set OVERNIGHT_TUNE_BUDGET_MINUTES")
+    searched = run_tune(settings, logical_date, budget)
+    if as_json:  # every trial, with what was chosen
+        _echo({**asdict(searched), "summary": searched.summary(), "best_settings": searched.best.params}, True)
+    else:
+        _echo({**searched.summary(), "best_settings": searched.best.params})
 
 
 @app.command()
@@ -343,6 +369,12 @@ def models(
             f"{metric_text(row['best_baseline_ndcg@10']):>8} {metric_text(ctr):>7} {metric_text(ips):>7}  "
             f"{row['status_reason'] or ''}"
         )
+        if row["tuned_settings"]:
+            tuning = row["tuning"] or {}
+            typer.echo(
+                f"  tuned ({tuning.get('trials')} trials in {tuning.get('seconds')}s): "
+                + ", ".join(f"{name}={value}" for name, value in row["tuned_settings"].items())
+            )
     if online_days:
         typer.echo(
             f"CTR and IPS click rate: online, over the last {online_days} days; - where no impression was logged"
@@ -829,7 +861,7 @@ def airflow_local(
     settings = _settings()
     local = prepare(
         settings,
-        home=airflow_home or settings.data_dir / "airflow",
+        home=airflow_home or settings.machine_dir / "airflow",
         host=host,
         port=port,
         dags_folder=dags_folder,
@@ -915,6 +947,14 @@ def generate(
         ),
     ] = None,
     seed: int = 42,
+    event_types: Annotated[
+        bool,
+        typer.Option(
+            "--event-types",
+            help="A shop's funnel instead of ratings: view, cart and purchase events (event_type), the rarer "
+            "ones far more likely for items of the user's taste.",
+        ),
+    ] = False,
     fmt: Annotated[str, typer.Option("--format", help="parquet or csv")] = "parquet",
 ) -> None:
     """Write a synthetic dataset that ingest reads: power-law popularity, taste clusters, sessions,
@@ -936,6 +976,7 @@ def generate(
         seed=seed,
         events_per_user=events_per_user,
         drift_from=drift_from,
+        event_types=event_types,
         fmt=fmt,
         progress=_progress,
     )
@@ -961,12 +1002,21 @@ def db_stop() -> None:
     """Stop the embedded Postgres started for OVERNIGHT_DATA_DIR (when no server is configured)."""
     from jobs.database import stop_embedded
 
-    stopped = stop_embedded(_settings().data_dir)
+    stopped = stop_embedded(_settings().machine_dir)
     typer.echo("stopped the embedded Postgres" if stopped else "no embedded Postgres in this data dir")
 
 
 def _one_line(message: str) -> str:
     return " ".join(message.split())
+
+
+def _setting_errors(error: pydantic.ValidationError) -> str:
+    """``OVERNIGHT_NAME: why`` for each invalid setting, on one line."""
+    reasons = []
+    for problem in error.errors():
+        name = "OVERNIGHT_" + "_".join(str(part) for part in problem["loc"]).upper()
+        reasons.append(f"{name}: {_one_line(problem['msg']).removeprefix('Value error, ')}")
+    return "; ".join(reasons)
 
 
 def main() -> None:
@@ -989,6 +1039,9 @@ def main() -> None:
         raise SystemExit(error.exit_code) from None
     except OvernightError as error:
         typer.echo(f"overnight: error: {error}", err=True)
+        raise SystemExit(1) from None
+    except pydantic.ValidationError as error:  # a bad OVERNIGHT_* setting
+        typer.echo(f"overnight: error: {_setting_errors(error)}", err=True)
         raise SystemExit(1) from None
     except (KeyboardInterrupt, typer.Abort):
         raise SystemExit(130) from None

@@ -72,6 +72,7 @@ def _top_neighbours(
     user_ptr: np.ndarray,
     history_items: np.ndarray,
     history_recency: np.ndarray,
+    history_strength: np.ndarray,
     seen_ptr: np.ndarray,
     seen_items: np.ndarray,
     neighbour_ptr: np.ndarray,
@@ -102,9 +103,10 @@ def _top_neighbours(
             for h in range(user_ptr[user], user_ptr[user + 1]):
                 item = history_items[h]
                 root = np.sqrt(np.float64(history_recency[h]))
+                strength = np.float64(history_strength[h])
                 for e in range(neighbour_ptr[item], neighbour_ptr[item + 1]):
                     neighbour = neighbour_items[e]
-                    value = neighbour_values[e]
+                    value = np.float32(neighbour_values[e] * strength)
                     if owner[neighbour] != user:
                         owner[neighbour] = user
                         total[neighbour] = 0.0
@@ -172,7 +174,8 @@ def top_neighbours(
 ) -> pl.DataFrame:
     """Each user's ``limit`` best neighbours of their latest items.
 
-    ``latest``: (user_id, item_id, recency) with 1 = the user's latest item; ``seen``: (user_id,
+    ``latest``: (user_id, item_id, recency, strength) with 1 = the user's latest item and strength the
+    weight of the user's item (1 without event weights: the sums are then plain); ``seen``: (user_id,
     item_id) pairs never to propose, or None; ``table``: (item_id, neighbour_id, ``value``). Ids are
     enums, the users' and the items' the same in all three.
 
@@ -185,7 +188,9 @@ def top_neighbours(
     items = latest.schema["item_id"]
     assert isinstance(users, pl.Enum) and isinstance(items, pl.Enum)
     n_users, n_items = users.categories.len(), items.categories.len()
-    history = latest.select(user=_codes("user_id"), item=_codes("item_id"), recency="recency").sort("user")
+    history = latest.select(
+        user=_codes("user_id"), item=_codes("item_id"), recency="recency", strength="strength"
+    ).sort("user")
     pairs = _user_sorted_pairs(seen)
     edges = table.select(item=_codes("item_id"), neighbour=_codes("neighbour_id"), value=pl.col(value)).sort(
         "item", maintain_order=True
@@ -194,6 +199,7 @@ def top_neighbours(
         _pointers(history["user"].to_numpy(), n_users),
         history["item"].to_numpy(),
         history["recency"].cast(pl.Int64).to_numpy(),
+        history["strength"].cast(pl.Float32).to_numpy(),
         _pointers(pairs["user"].to_numpy(), n_users),
         pairs["item"].to_numpy(),
         _pointers(edges["item"].to_numpy(), n_items),

@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -10,9 +11,12 @@ from typing import Any
 import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
+from upath import UPath
 
 import sql
 from jobs.errors import MissingDataError
+from jobs.settings import Settings
+from jobs.storage import download, is_local
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ class ModelVersion:
     created_at: datetime | None = None
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path | UPath) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -102,6 +106,24 @@ def with_status(model: ModelVersion, status: str, reason: str | None) -> ModelVe
     return ModelVersion(**{**model.__dict__, "status": status, "status_reason": reason})
 
 
+# A tuned model's params: the settings its search chose (jobs.tuning), applied wherever it is used, and the search.
+TUNED_SETTINGS = "tuned_settings"
+TUNING = "tuning"
+
+
+def settings_with(settings: Settings, values: dict[str, Any]) -> Settings:
+    """``settings`` with ``values`` (setting name: value) in place of its own, validated as the settings are."""
+    unknown = set(values) - set(Settings.model_fields)
+    if unknown:
+        raise MissingDataError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return Settings.model_validate({**dict(settings), **values}) if values else settings
+
+
+def tuned_settings(settings: Settings, model: ModelVersion) -> Settings:
+    """The settings ``model`` was trained with and must score with: its tuned ones over ``settings``."""
+    return settings_with(settings, model.params.get(TUNED_SETTINGS) or {})
+
+
 def _fetch(conn: psycopg.Connection, name: str, params: tuple[object, ...] = ()) -> list[ModelVersion]:
     with conn.cursor(row_factory=class_row(ModelVersion)) as cur:
         return cur.execute(sql.query(name), params).fetchall()
@@ -142,20 +164,49 @@ def describe(model: ModelVersion) -> dict[str, Any]:
         "best_baseline_ndcg@10": best[1].get("ndcg@10") if best else None,
         "metrics": {k: v for k, v in model.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
         "feature_importance_gain": model.params.get("feature_importance_gain", {}),
+        TUNED_SETTINGS: model.params.get(TUNED_SETTINGS),
+        TUNING: model.params.get(TUNING),
     }
 
 
-def artifact_file(data_dir: Path, model: ModelVersion) -> Path:
-    """The model file, checked against the sha256 the registry recorded for it."""
-    path = Path(model.artifact_path)
-    if not path.is_absolute():
-        path = data_dir / path
+def artifact_location(settings: Settings, model: ModelVersion) -> Path | UPath:
+    """Where the registry says the model file is: its recorded path, under DATA_DIR when relative."""
+    if "://" in model.artifact_path or Path(model.artifact_path).is_absolute():
+        return UPath(model.artifact_path)
+    return settings.data_dir / model.artifact_path
+
+
+def artifact_file(settings: Settings, model: ModelVersion) -> Path:
+    """The model file on this machine, checked against the sha256 the registry recorded for it.
+
+    A model on object storage is copied into LOCAL_DIR once (LightGBM and the compiled library load
+    local files); the copy is checked like the original, so an altered copy is fetched again.
+    """
+    path = artifact_location(settings, model)
+    if is_local(path):
+        _check_sha256(model, path)
+        return path
+    local = settings.local_dir / "models" / model.model_id / path.name
+    if not (local.is_file() and file_sha256(local) == model.artifact_sha256):
+        if not path.is_file():
+            raise MissingDataError(f"model {model.model_id}: artifact {path} is missing")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            download(path, tmp)
+            _check_sha256(model, tmp, shown=path)
+            tmp.replace(local)  # scoring shards fetching the same model at once each leave a whole file
+        finally:
+            tmp.unlink(missing_ok=True)
+    return local
+
+
+def _check_sha256(model: ModelVersion, path: Path, shown: Path | UPath | None = None) -> None:
     if not path.is_file():
-        raise MissingDataError(f"model {model.model_id}: artifact {path} is missing")
+        raise MissingDataError(f"model {model.model_id}: artifact {shown or path} is missing")
     actual = file_sha256(path)
     if actual != model.artifact_sha256:
         raise MissingDataError(
-            f"model {model.model_id}: artifact {path} has sha256 {actual[:12]}…, "
+            f"model {model.model_id}: artifact {shown or path} has sha256 {actual[:12]}…, "
             f"the registry recorded {model.artifact_sha256[:12]}…; refusing to use it"
         )
-    return path

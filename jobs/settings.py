@@ -1,9 +1,33 @@
 """The batch side's configuration: every ``OVERNIGHT_*`` environment variable it reads, in one place."""
 
+import math
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from upath import UPath
+
+OBJECT_STORAGE_PROTOCOLS = ("s3", "s3a")
+
+
+def data_folder(value: object) -> UPath:
+    """OVERNIGHT_DATA_DIR: a local path, or ``s3://bucket/prefix`` (see ``jobs.storage``); ValueError else."""
+    if isinstance(value, UPath):
+        return value
+    if isinstance(value, Path):
+        return UPath(value)
+    if isinstance(value, dict):  # a UPath as pydantic dumps it (Settings.model_dump)
+        protocol = value.get("protocol") or ""
+        value = f"{protocol}://{value['path']}" if protocol not in ("", "file", "local") else value["path"]
+    text = str(value)
+    if "://" not in text:
+        return UPath(Path(text))
+    protocol, _, rest = text.partition("://")
+    if protocol not in OBJECT_STORAGE_PROTOCOLS or not rest.strip("/"):
+        raise ValueError(f"data folder {text!r}: expected a local path or s3://bucket/prefix")
+    # No listing cache: another worker's shards and manifests must show up on the next look.
+    return UPath(f"s3://{rest}", use_listings_cache=False)
 
 
 class Settings(BaseSettings):
@@ -11,9 +35,20 @@ class Settings(BaseSettings):
 
     database_url: str | None = Field(
         default=None,
-        description="Postgres DSN. Unset: an embedded Postgres is started under DATA_DIR/pgdata.",
+        description="Postgres DSN. Unset: an embedded Postgres is started under DATA_DIR/pgdata "
+        "(LOCAL_DIR/pgdata when DATA_DIR is on object storage).",
     )
-    data_dir: Path = Field(default=Path("var"), description="The local lake: Parquet, models, reports.")
+    data_dir: Annotated[UPath, BeforeValidator(data_folder)] = Field(
+        default=Path("var"),
+        validate_default=True,
+        description="The lake, the work files, models and reports: a local folder, or s3://bucket/prefix on an "
+        "S3-compatible object store (credentials and endpoint from the AWS_* variables, docs/operations.md).",
+    )
+    local_dir: Path = Field(
+        default=Path("var"),
+        description="This machine's own folder when DATA_DIR is on object storage: local copies of the models "
+        "and their compiled libraries, scratch folders, the embedded Postgres. Unused when DATA_DIR is local.",
+    )
 
     # ingest
     source: str | None = Field(
@@ -33,6 +68,14 @@ class Settings(BaseSettings):
             "Ingest fails when more than this share of rows is bad (quarantined); "
             "`overnight ingest --max-bad-fraction` overrides it."
         ),
+    )
+
+    event_weights: Annotated[dict[str, float] | None, NoDecode] = Field(
+        default=None,
+        description="What each event type means, as `type=weight,...` (`view=1,cart=3,purchase=8`): the graded "
+        "relevance of the ranker's labels and the weight of each event in the candidate signals (popularity, "
+        "co-visitation, similarity, genre tastes); a type not listed weighs 1. Unset: every event counts once and "
+        "labels are binary.",
     )
 
     # candidates
@@ -75,16 +118,26 @@ class Settings(BaseSettings):
     # training
     label_days: int = Field(default=14, gt=0, description="Label window before the logical date.")
     retrain_days: int = Field(default=1, gt=0, description="Retrain when the newest model is this old.")
-    label_windows: int = Field(default=3, gt=0, description="Rolling label windows to train on, history permitting.")
+    label_windows: int = Field(
+        default=3,
+        gt=0,
+        description="Rolling label windows to train on, history permitting; up to four times as many while the "
+        "windows so far hold fewer than train_max_users labelled users.",
+    )
     early_stopping_rounds: int = Field(
         default=30,
         gt=0,
         description=(
-            "Boosting rounds without improvement on the newest label window before training stops; the model is "
-            "then refit on every window."
+            "Boosting rounds without improvement on the validation users (a fifth of every label window's) before "
+            "training stops; the model is then refit on every user."
         ),
     )
-    train_max_users: int = Field(default=200_000, gt=0, description="Users sampled per label window to train on.")
+    train_max_users: int = Field(
+        default=200_000,
+        gt=0,
+        description="Users sampled per label window to train on; windows past label_windows are added while the "
+        "windows so far hold fewer labelled users than this.",
+    )
     promotion_margin: float = Field(
         default=0.0,
         ge=0.0,
@@ -95,8 +148,19 @@ class Settings(BaseSettings):
     )
     num_boost_round: int = Field(default=200, gt=0, description="Most boosting rounds of the LightGBM ranker.")
     learning_rate: float = Field(default=0.05, gt=0.0, description="Learning rate of the LightGBM ranker.")
-    num_leaves: int = Field(default=31, gt=1, description="Leaves per tree of the LightGBM ranker.")
-    min_data_in_leaf: int = Field(default=20, gt=0, description="Fewest training rows per leaf of the LightGBM ranker.")
+    num_leaves: int = Field(
+        default=7,
+        gt=1,
+        description="Leaves per tree of the LightGBM ranker: few, so that small data (a few hundred users per label "
+        "window) does not learn its noise.",
+    )
+    min_data_in_leaf: int = Field(default=50, gt=0, description="Fewest training rows per leaf of the LightGBM ranker.")
+    tune_budget_minutes: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Minutes a retrain may spend searching the ranker's and the candidate generators' parameters "
+        "(jobs/tuning.py) before the model is trained with the best found; unset: no search, the settings as given.",
+    )
     seed: int = Field(
         default=7,
         description=(
@@ -107,6 +171,13 @@ class Settings(BaseSettings):
 
     # scoring and publishing
     top_k: int = Field(default=50, gt=0, description="Items published per user.")
+    diversity: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Strength of the MMR re-ranking of each published list over the genres and text attributes of "
+        "its items (jobs/diversity.py): 0 publishes the ranker's order, 1 the most varied lists.",
+    )
     exclude_seen: bool = Field(
         default=True, description="Leave out of a user's list the items they already interacted with."
     )
@@ -205,17 +276,59 @@ class Settings(BaseSettings):
 
     online_keep_days: int = Field(default=90, gt=0, description="Days of served predictions and feedback kept.")
 
+    @field_validator("event_weights", mode="before")
+    @classmethod
+    def _parse_event_weights(cls, value: object) -> object:
+        return parse_event_weights(value) if isinstance(value, str) else value
+
+    @field_validator("event_weights")
+    @classmethod
+    def _check_event_weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for name, weight in (value or {}).items():
+            if not name.strip() or not math.isfinite(weight) or weight <= 0:
+                raise ValueError(f"event type {name!r} weighs {weight}: {EVENT_WEIGHTS_FORM}")
+        return value
+
     @property
-    def lake_dir(self) -> Path:
+    def lake_dir(self) -> UPath:
         return self.data_dir / "lake"
 
     @property
-    def models_dir(self) -> Path:
+    def models_dir(self) -> UPath:
         return self.data_dir / "models"
 
     @property
-    def reports_dir(self) -> Path:
+    def reports_dir(self) -> UPath:
         return self.data_dir / "reports"
+
+    @property
+    def machine_dir(self) -> Path:
+        """Where files that must be on this machine go: DATA_DIR itself when local, else LOCAL_DIR."""
+        return self.data_dir if isinstance(self.data_dir, Path) else self.local_dir
+
+
+EVENT_WEIGHTS_FORM = (
+    "give OVERNIGHT_EVENT_WEIGHTS as type=weight pairs with positive weights, e.g. view=1,cart=3,purchase=8"
+)
+
+
+def parse_event_weights(text: str) -> dict[str, float] | None:
+    """``view=1,cart=3`` as {"view": 1.0, "cart": 3.0}; an empty text is no weights at all."""
+    if not text.strip():
+        return None
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, equals, number = (piece.strip() for piece in part.partition("="))
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = math.nan
+        if not equals or not name or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"{part.strip()!r} is not type=weight: {EVENT_WEIGHTS_FORM}")
+        if name in weights:
+            raise ValueError(f"event type {name!r} is given twice: {EVENT_WEIGHTS_FORM}")
+        weights[name] = weight
+    return weights
 
 
 def get_settings(**overrides: object) -> Settings:

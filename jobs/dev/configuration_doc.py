@@ -164,13 +164,13 @@ def _type_name(annotation: Any, comma_separated: bool = False) -> str:
         item = _type_name(args[0]) if args else "text"
         return f"comma-separated list of {item}" if comma_separated else f"JSON list of {item}"
     if origin is dict or annotation is dict:
-        return "JSON object"
+        return "comma-separated name=value pairs" if comma_separated else "JSON object"
     if annotation in _TYPE_NAMES:
         return _TYPE_NAMES[annotation]
     if typing.get_origin(annotation) is typing.Literal:
         return " or ".join(f"`{arg}`" for arg in args)
     name = getattr(annotation, "__name__", str(annotation))
-    return {"IPvAnyNetwork": "network (address or CIDR)"}.get(name, name)
+    return {"IPvAnyNetwork": "network (address or CIDR)", "UPath": "path or s3:// URL"}.get(name, name)
 
 
 _BOUNDS: tuple[tuple[type, str, str], ...] = (

@@ -9,6 +9,9 @@
   on days by a weekly rhythm and at hours by a daily one (evening peak). Some events are repeats
   of an item the user had before.
 - With ``drift_from``, every user's taste moves to other genres from that day on.
+- With ``event_types``, events are a shop's funnel instead of ratings: every event is a ``view``; some
+  views lead to a ``cart`` minutes later and some carts to a ``purchase``, far more often for an item of
+  the user's taste, so the rarer event says more about what the user wants next.
 - Users have attributes (a users table): a country and a platform, skewed as a real audience is. A
   user's country tilts their taste a little (some users' main genre is their country's), so each
   country's popular list differs from the global one; a few users have signed up but done nothing yet.
@@ -50,6 +53,16 @@ SIGNED_UP_SHARE = 0.05  # users in the users table (beyond `users`) without any 
 # Random streams beyond the catalogue's (0) and the users' interactions' (1 + chunk): user attributes, then
 # the users who have only signed up.
 ATTRIBUTE_STREAM = 1 << 30
+# The funnel's draws (event types) come from a stream of their own per chunk, after the attributes': the
+# views are the same events with or without event types.
+FUNNEL_STREAM = 1 << 31
+# Share of views that go to the cart, and of carts that are bought: an item of the user's taste (its main
+# genre one of their two favourites) converts several times as often as another, as real funnels do.
+CART_RATE = {True: 0.1, False: 0.02}
+PURCHASE_RATE = {True: 0.4, False: 0.15}
+CART_DELAY_SECONDS = 300.0  # mean minutes from a view to its cart, and from a cart to its purchase
+PURCHASE_DELAY_SECONDS = 900.0
+EVENT_TYPES = ("view", "cart", "purchase")
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,7 @@ def _user_chunk(
     events_per_user: float,
     drift_day: int | None,
     seed: int,
+    event_types: bool = False,
 ) -> pl.DataFrame:
     rng = _rng(seed, 1 + first_user // CHUNK_USERS)
     genres = catalogue.genres
@@ -254,14 +268,36 @@ def _user_chunk(
     rating = np.clip(np.round(rng.normal(np.where(in_taste | repeat, 4.0, 3.0), 0.9)), 1, 5)
 
     start_us = int(datetime.combine(start, time(), tzinfo=UTC).timestamp() * 1e6)
-    return pl.DataFrame(
-        {
-            "user_id": pl.Series(first_user + user_sorted + 1).cast(pl.String),
-            "item_id": pl.Series(item_sorted + 1).cast(pl.String),
-            "timestamp": pl.Series(start_us + (seconds[by_time] * 1e6).astype(np.int64)).cast(pl.Datetime("us", "UTC")),
-            "rating": pl.Series(rating, dtype=pl.Float32),
-        }
-    )
+
+    def frame(users: np.ndarray, items: np.ndarray, at: np.ndarray) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "user_id": pl.Series(first_user + users + 1).cast(pl.String),
+                "item_id": pl.Series(items + 1).cast(pl.String),
+                "timestamp": pl.Series(start_us + (at * 1e6).astype(np.int64)).cast(pl.Datetime("us", "UTC")),
+            }
+        )
+
+    seconds_sorted = seconds[by_time]
+    if not event_types:
+        return frame(user_sorted, item_sorted, seconds_sorted).with_columns(rating=pl.Series(rating, dtype=pl.Float32))
+    funnel = _rng(seed, FUNNEL_STREAM + first_user // CHUNK_USERS)
+    liked = in_taste | repeat
+    carted = funnel.random(n_events) < np.where(liked, CART_RATE[True], CART_RATE[False])
+    bought = carted & (funnel.random(n_events) < np.where(liked, PURCHASE_RATE[True], PURCHASE_RATE[False]))
+    last_second = days * SECONDS_PER_DAY - 1
+    cart_at = np.minimum(seconds_sorted + funnel.exponential(CART_DELAY_SECONDS, n_events), last_second)
+    purchase_at = np.minimum(cart_at + funnel.exponential(PURCHASE_DELAY_SECONDS, n_events), last_second)
+    steps = [(None, seconds_sorted), (carted, cart_at), (bought, purchase_at)]
+    parts = [
+        frame(user_sorted[mask], item_sorted[mask], at[mask])
+        if mask is not None
+        else frame(user_sorted, item_sorted, at)
+        for mask, at in steps
+    ]
+    return pl.concat(
+        [part.with_columns(event_type=pl.lit(name)) for part, name in zip(parts, EVENT_TYPES, strict=True)]
+    ).sort("user_id", "timestamp", "event_type", maintain_order=True)
 
 
 def items_frame(catalogue: Catalogue) -> pl.DataFrame:
@@ -291,6 +327,7 @@ def interaction_chunks(
     seed: int = 42,
     events_per_user: float = 50.0,
     drift_from: date | None = None,
+    event_types: bool = False,
 ) -> tuple[Catalogue, Iterator[pl.DataFrame]]:
     """The catalogue and a lazy sequence of interaction frames, one per chunk of users."""
     if users <= 0 or items <= 0 or days <= 0:
@@ -304,7 +341,7 @@ def interaction_chunks(
     def chunks() -> Iterator[pl.DataFrame]:
         for first in range(0, users, CHUNK_USERS):
             count = min(CHUNK_USERS, users - first)
-            yield _user_chunk(first, count, catalogue, days, start, events_per_user, drift_day, seed)
+            yield _user_chunk(first, count, catalogue, days, start, events_per_user, drift_day, seed, event_types)
 
     return catalogue, chunks()
 
@@ -318,10 +355,18 @@ def generate(
     seed: int = 42,
     events_per_user: float = 50.0,
     drift_from: date | None = None,
+    event_types: bool = False,
 ) -> GeneratedData:
     """The whole dataset in memory (for small data: tests, the demo)."""
     catalogue, chunks = interaction_chunks(
-        users, items, days, end_date=end_date, seed=seed, events_per_user=events_per_user, drift_from=drift_from
+        users,
+        items,
+        days,
+        end_date=end_date,
+        seed=seed,
+        events_per_user=events_per_user,
+        drift_from=drift_from,
+        event_types=event_types,
     )
     interactions = pl.concat(list(chunks)).sort("timestamp", "user_id")
     return GeneratedData(interactions=interactions, items=items_frame(catalogue), users=users_frame(users, seed))
@@ -360,6 +405,7 @@ def write_generated(
     seed: int = 42,
     events_per_user: float = 50.0,
     drift_from: date | None = None,
+    event_types: bool = False,
     fmt: str = "parquet",
     progress: Callable[[str], None] = logger.info,
 ) -> GenerateResult:
@@ -375,7 +421,14 @@ def write_generated(
     for stale in parts_dir.glob("part-*"):
         stale.unlink()
     catalogue, chunks = interaction_chunks(
-        users, items, days, end_date=end_date, seed=seed, events_per_user=events_per_user, drift_from=drift_from
+        users,
+        items,
+        days,
+        end_date=end_date,
+        seed=seed,
+        events_per_user=events_per_user,
+        drift_from=drift_from,
+        event_types=event_types,
     )
     _write_table(items_frame(catalogue), out / f"items.{fmt}", fmt)
     _write_table(users_frame(users, seed), out / f"users.{fmt}", fmt)

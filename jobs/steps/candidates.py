@@ -6,19 +6,22 @@
 - ``knn``: item-to-item cosine similarity over the user-item matrix, summed over the user's items;
 - ``genre``: the recently popular items of the genres the user spends their time on.
 
-Every source is also a feature of the ranker (its score and rank). The item-level tables are built
-once per cutoff by :func:`prepare` (lazy polars; memory depends on items and history caps, not
-on the user count); per-user candidates are generated per chunk of users by :func:`generate`.
+Each event counts by its type's weight (``OVERNIGHT_EVENT_WEIGHTS``; once without it) in every signal:
+popularity, co-visits, similarity, genre tastes. Every source is also a feature of the ranker (its score
+and rank). The item-level tables are built once per cutoff by :func:`prepare` (lazy polars; memory
+depends on items and history caps, not on the user count); per-user candidates are generated per chunk
+of users by :func:`generate`.
 """
 
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime
-from pathlib import Path
 
 import polars as pl
+from upath import UPath
 
 from jobs import kernels, lake, workdir
+from jobs.event_weights import EVENT_WEIGHT, with_event_weight
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import similar
@@ -36,6 +39,29 @@ SOURCES: dict[str, tuple[str, str]] = {
     "genre": ("genre_score", "genre_rank"),
     "popular": ("popular_score", "popular_rank"),
 }
+
+
+# The settings that shape the tables and the lists. A tuned model's may differ from the night's (jobs.tuning):
+# prepare records their values beside the tables, so scoring can tell whether the tables fit its model.
+SHAPING_SETTINGS = (
+    "recent_days",
+    "popular_candidates",
+    "covisit_history",
+    "covisit_neighbours",
+    "covisit_candidates",
+    "covisit_half_life_days",
+    "similarity_history",
+    "similarity_neighbours",
+    "similarity_min_support",
+    "knn_candidates",
+    "genre_candidates",
+    "max_candidates",
+)
+BUILT_WITH = "candidate_settings.json"
+
+
+def shaping_values(settings: Settings) -> dict[str, float | int]:
+    return {name: getattr(settings, name) for name in SHAPING_SETTINGS}
 
 
 def source_limits(settings: Settings) -> dict[str, int]:
@@ -101,8 +127,8 @@ class CandidateTables:
         return dict(zip(workdir.CANDIDATE_TABLES, frames, strict=True))
 
     @classmethod
-    def load(cls, folder: Path) -> "CandidateTables":
-        return cls(*(pl.read_parquet(folder / f"{name}.parquet") for name in workdir.CANDIDATE_TABLES))
+    def load(cls, folder: UPath) -> "CandidateTables":
+        return cls(*(pl.read_parquet(str(folder / f"{name}.parquet")) for name in workdir.CANDIDATE_TABLES))
 
 
 @dataclass(frozen=True)
@@ -154,8 +180,9 @@ def build_genre_popular(
     halve every ``recent_days``, scaled so that the genre's first item has 1."""
     available = catalogue.filter(pl.col("available"))
     decayed = (
-        events.group_by("item_id")
-        .agg(weight=stable_sum(decay(cutoff, settings.recent_days)))
+        with_event_weight(events, settings.event_weights)
+        .group_by("item_id")
+        .agg(weight=stable_sum(decay(cutoff, settings.recent_days) * pl.col(EVENT_WEIGHT)))
         .join(item_genres(available).lazy(), on="item_id")
     )
     top = top_per_group(decayed, "genre", "weight", "item_id", settings.genre_candidates)
@@ -183,17 +210,23 @@ def top_per_group(
 
 
 def latest_items(events: pl.LazyFrame, limit: int) -> pl.LazyFrame:
-    """Each user's ``limit`` most recently touched distinct items, with recency 1 = latest."""
-    touched = events.group_by("user_id", "item_id").agg(last_seen=pl.col("timestamp").max())
+    """Each user's ``limit`` most recently touched distinct items, with recency 1 = latest and strength, the
+    largest weight of the user's events on the item (``events`` have EVENT_WEIGHT)."""
+    touched = events.group_by("user_id", "item_id").agg(
+        last_seen=pl.col("timestamp").max(), strength=pl.col(EVENT_WEIGHT).max()
+    )
     return top_per_group(touched, "user_id", "last_seen", "item_id", limit, rank_name="recency")
 
 
 def build_neighbours(events: pl.LazyFrame, cutoff: datetime, settings: Settings) -> pl.DataFrame:
     """(item_id, neighbour_id, covisit_weight): co-visits in users' recent histories.
 
-    Two items touched closer in time weigh more, and so do co-visits closer to the cutoff.
+    Two items touched closer in time weigh more, and so do co-visits closer to the cutoff and neighbours
+    the co-visitor engaged with more strongly (event weights).
     """
-    recent = latest_items(events, settings.covisit_history).select("user_id", "item_id", "last_seen")
+    recent = latest_items(with_event_weight(events, settings.event_weights), settings.covisit_history).select(
+        "user_id", "item_id", "last_seen", "strength"
+    )
     pairs = (
         recent.join(recent, on="user_id", suffix="_other")
         .filter(pl.col("item_id") != pl.col("item_id_other"))
@@ -201,6 +234,7 @@ def build_neighbours(events: pl.LazyFrame, cutoff: datetime, settings: Settings)
             "item_id",
             pl.col("item_id_other").alias("neighbour_id"),
             weight=decay(cutoff, settings.covisit_half_life_days, "last_seen")
+            * pl.col("strength_other")
             / (1.0 + (pl.col("last_seen") - pl.col("last_seen_other")).dt.total_seconds().abs() / SECONDS_PER_DAY),
         )
         .group_by("item_id", "neighbour_id")
@@ -215,15 +249,18 @@ def build_neighbours(events: pl.LazyFrame, cutoff: datetime, settings: Settings)
 
 def build_similar(events: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
     """(item_id, neighbour_id, similarity): cosine similarity of items over the user-item matrix
-    (binary, each user's latest ``similarity_history`` items), the top ``similarity_neighbours`` per item."""
-    history = latest_items(events, settings.similarity_history).select("user_id", "item_id")
-    users_per_item = history.group_by("item_id").agg(n=pl.len().cast(pl.Float64))
+    (each user's latest ``similarity_history`` items, a cell the user's strength on the item: 1 without
+    event weights), the top ``similarity_neighbours`` per item; pairs need ``similarity_min_support`` users."""
+    history = latest_items(with_event_weight(events, settings.event_weights), settings.similarity_history).select(
+        "user_id", "item_id", pl.col("strength").cast(pl.Float64)
+    )
+    users_per_item = history.group_by("item_id").agg(n=(pl.col("strength") ** 2).sum())
     pairs = (
         history.join(history, on="user_id", suffix="_other")
         .filter(pl.col("item_id") != pl.col("item_id_other"))
         .group_by("item_id", pl.col("item_id_other").alias("neighbour_id"))
-        .agg(both=pl.len())
-        .filter(pl.col("both") >= settings.similarity_min_support)
+        .agg(support=pl.len(), both=(pl.col("strength") * pl.col("strength_other")).sum())
+        .filter(pl.col("support") >= settings.similarity_min_support)
         .join(users_per_item, on="item_id")
         .join(users_per_item.rename({"item_id": "neighbour_id", "n": "n_other"}), on="neighbour_id")
         .select(
@@ -243,6 +280,7 @@ def build_tables(
     events: pl.LazyFrame, catalogue: pl.DataFrame, cutoff: datetime, settings: Settings
 ) -> CandidateTables:
     """Every item-level table the generators need, from ``events`` (all before ``cutoff``)."""
+    events = with_event_weight(events, settings.event_weights)
     # Item-to-item tables cost users x history squared: count them over a fixed-size sample of recent users.
     return CandidateTables(
         popular=build_popular(events, catalogue, cutoff, settings),
@@ -254,13 +292,14 @@ def build_tables(
 
 
 def user_genre_shares(events: pl.LazyFrame, genres: pl.DataFrame) -> pl.LazyFrame:
-    """(user_id, genre, share): the share of the user's events on items of each genre."""
-    totals = events.group_by("user_id").agg(total=pl.len())
+    """(user_id, genre, share): the share of the user's events (by EVENT_WEIGHT, which ``events`` have) on
+    items of each genre."""
+    totals = events.group_by("user_id").agg(total=pl.col(EVENT_WEIGHT).cast(pl.Float64).sum())
     return (
-        events.select("user_id", "item_id")
+        events.select("user_id", "item_id", EVENT_WEIGHT)
         .join(genres.lazy(), on="item_id")
         .group_by("user_id", "genre")
-        .agg(n=pl.len())
+        .agg(n=pl.col(EVENT_WEIGHT).cast(pl.Float64).sum())
         .join(totals, on="user_id")
         .select("user_id", "genre", share=(pl.col("n") / pl.col("total")).cast(pl.Float32))
     )
@@ -281,6 +320,7 @@ def generate(events: pl.LazyFrame, shares: pl.DataFrame, tables: CandidateTables
     if not (isinstance(users, pl.Enum) and isinstance(items, pl.Enum)):
         raise TypeError(f"candidate generation needs enum ids, got {users} and {items}")
     limits = source_limits(settings)
+    events = with_event_weight(events, settings.event_weights)
     latest = latest_items(events, max(settings.similarity_history, settings.covisit_history)).collect()
     seen = events.select(KEY).unique().collect() if settings.exclude_seen else None
 
@@ -326,6 +366,7 @@ def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
     )
     for name, frame in {**tables.frames(), workdir.USERS: users, **published}.items():
         lake.write_parquet_atomically(frame, workdir.table_path(settings, logical_date, name))
+    lake.write_json_atomically(shaping_values(settings), workdir.folder(settings, logical_date) / BUILT_WITH)
     result = CandidatesResult(
         logical_date=logical_date.isoformat(),
         users=users.height,

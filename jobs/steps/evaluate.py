@@ -31,15 +31,18 @@ from typing import Any
 
 import polars as pl
 
-from jobs import lake, workdir
+from jobs import diversity, lake, workdir
 from jobs.errors import BadInputError, MissingDataError
 from jobs.settings import Settings
 from jobs.steps import features, ingest, item_quality, popularity, train
+from jobs.steps.ranking_metrics import K, novelty
 
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("user-holdout", "global")
 HOLDOUT_SHARE = 0.2
+DIVERSITY = f"intra_list_diversity@{K}"
+NOVELTY = f"novelty@{K}"
 MODEL_ORDER = ("ranker", "most-popular", "recent-popular", "co-visitation", "item-knn", "genre-popular")
 # Below this many users a metric@10 moves by whole points between neighbouring cutoffs: noise, not a ranking.
 MIN_EVALUATED_USERS = 100
@@ -81,11 +84,22 @@ class Evaluation:
         return "\n\n".join(tables)
 
     def ranking_table(self) -> str:
-        columns = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10", "candidate_recall", "users")
+        columns = (
+            "ndcg@10",
+            "graded_ndcg@10",
+            "recall@10",
+            "map@10",
+            "hit_rate@10",
+            "coverage@10",
+            DIVERSITY,
+            NOVELTY,
+            "candidate_recall",
+            "users",
+        )
         lines = [f"warning: {self.warning}"] if self.warning else []
         if self.protocol == "user-holdout":
             lines.append(LITERATURE_PROTOCOL)
-        lines.append(f"{'model':<16}" + "".join(f"{c:>18}" for c in columns))
+        lines.append(f"{'model':<16}" + "".join(f"{c.removeprefix('intra_list_'):>18}" for c in columns))
         for name, metrics in self.models.items():
             cells = [f"{metrics[c]:>18,}" if c == "users" else f"{metrics[c]:>18.4f}" for c in columns]
             lines.append(f"{name:<16}" + "".join(cells))
@@ -294,8 +308,8 @@ def evaluate(
         raise BadInputError(f"--horizon-days must be positive, got {horizon_days}")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    workdir.root(settings).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="evaluate-", dir=workdir.root(settings)))
+    workdir.scratch_root(settings).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="evaluate-", dir=workdir.scratch_root(settings)))
     try:
         events, catalogue, lake_scratch = ingest_source(settings, source, fmt, scratch)
         seconds["load"] = round(time.perf_counter() - started, 2)
@@ -339,7 +353,8 @@ def evaluate(
     examples = train.build_examples(test, catalogue, settings)
     results = train.evaluate_models(examples, {train.RANKER: (fitted.booster, list(features.FEATURES))}, settings)
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
-    models = {name: _public(results[name]) for name in MODEL_ORDER if name in results}
+    beyond = beyond_accuracy(examples, fitted.booster, catalogue, settings)
+    models = {name: {**_public(results[name]), **beyond[name]} for name in MODEL_ORDER if name in results}
 
     started = time.perf_counter()
     later = held_out_events(events, protocol, test, horizon.days if horizon else horizon_days)
@@ -364,13 +379,41 @@ def evaluate(
     )
 
 
+def beyond_accuracy(
+    examples: train.Examples, booster: Any, catalogue: pl.DataFrame, settings: Settings
+) -> dict[str, dict[str, float]]:
+    """Intra-list diversity and novelty of every model's top 10 for the evaluated users: the ranker's own
+    order (the published lists, diversified when OVERNIGHT_DIVERSITY is set, are the backtest's to measure)."""
+    frame = examples.frame
+    predicted = train.predict(booster, frame, list(features.FEATURES))
+    lists = {
+        train.RANKER: train.top_k(frame.with_columns(_ranker=pl.Series(predicted)), pl.col("_ranker"), K),
+        **{name: top for name, (top, _) in train.baseline_lists(examples, settings).items()},
+    }
+    tokens = diversity.item_tokens(catalogue)
+    history = examples.window.history.select("user_id", "item_id").collect()
+    return {
+        name: {DIVERSITY: diversity.intra_list_diversity(listed, tokens), NOVELTY: novelty(listed, history)}
+        for name, listed in lists.items()
+    }
+
+
 def _few_users_warning(users: int) -> str | None:
     if users >= MIN_EVALUATED_USERS:
         return None
     return f"only {users:,} users evaluated, fewer than {MIN_EVALUATED_USERS}: {TOO_NOISY}"
 
 
-METRIC_KEYS = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10", "users", "candidate_recall")
+METRIC_KEYS = (
+    "ndcg@10",
+    "graded_ndcg@10",  # equals ndcg@10 unless OVERNIGHT_EVENT_WEIGHTS grades the relevant items
+    "recall@10",
+    "map@10",
+    "hit_rate@10",
+    "coverage@10",
+    "users",
+    "candidate_recall",
+)
 
 
 def _public(metrics: dict[str, Any]) -> dict[str, Any]:

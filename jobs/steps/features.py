@@ -9,11 +9,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from pathlib import Path
 
 import polars as pl
+from upath import UPath
 
 from jobs import kernels, lake, workdir
+from jobs.event_weights import with_event_weight
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import candidates
@@ -33,7 +34,7 @@ from jobs.steps.candidates import (
 logger = logging.getLogger(__name__)
 
 # what candidates and features read of a user's history: scoring reads only these from the lake
-HISTORY_COLUMNS = ("user_id", "item_id", "timestamp", "weight")
+HISTORY_COLUMNS = ("user_id", "item_id", "timestamp", "weight", "event_type")
 FEATURES: tuple[str, ...] = (
     # candidate sources: scores and ranks (an unproposed item has score 0 and rank limit + 1)
     "knn_score",
@@ -75,8 +76,8 @@ class FeatureTables:
     genres: pl.DataFrame  # item_id, genre
 
     @classmethod
-    def load(cls, folder: Path) -> "FeatureTables":
-        return cls(*(pl.read_parquet(folder / f"{name}.parquet") for name in workdir.FEATURE_TABLES))
+    def load(cls, folder: UPath) -> "FeatureTables":
+        return cls(*(pl.read_parquet(str(folder / f"{name}.parquet")) for name in workdir.FEATURE_TABLES))
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def for_users(events: pl.DataFrame, tables: EncodedTables, cutoff: datetime, set
     """Candidates and their features for the users of ``events`` (their history before ``cutoff``, with
     none of its items unknown to ``tables``): ``assemble``'s frame, ids as enums."""
     history = as_enums(events, tables.items, sorted_enum(events["user_id"])).lazy()
+    history = with_event_weight(history, settings.event_weights)
     shares = user_genre_shares(history, tables.feature_tables.genres).collect()
     proposed = candidates.generate(history, shares, tables.candidate_tables, settings)
     return assemble(proposed, history, shares, tables.feature_tables, cutoff, settings)
@@ -137,7 +139,7 @@ def drift_sample_users(settings: Settings, logical_date: date) -> pl.DataFrame:
     """Up to ``drift_sample_users`` of the date's users, chosen by a hash of their id: every night's
     feature sample (and a model's reference) is of the same slice of users."""
     return (
-        pl.scan_parquet(workdir.table_path(settings, logical_date, workdir.USERS))
+        pl.scan_parquet(str(workdir.table_path(settings, logical_date, workdir.USERS)))
         .sort(pl.col("user_id").hash(seed=7), "user_id")
         .head(settings.drift_sample_users)
         .collect()

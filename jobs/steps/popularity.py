@@ -16,11 +16,12 @@ what it reads from the lake.
 
 import json
 from datetime import date, datetime, timedelta
-from pathlib import Path
 
 import polars as pl
+from upath import UPath
 
 from jobs.errors import BadInputError, MissingDataError
+from jobs.event_weights import EVENT_WEIGHT, with_event_weight
 from jobs.settings import Settings
 from sql.contract import MAX_ID_LENGTH
 
@@ -36,12 +37,18 @@ def popularity_counts(
     events: pl.LazyFrame, cutoff: datetime, settings: Settings, by: tuple[str, ...] = ()
 ) -> pl.LazyFrame:
     """(*by, item_id, popular_score, all_time): each item's interactions in the last ``recent_days`` before
-    ``cutoff`` and in all. More recent ones, then more in all, make an item more popular; ``by`` counts
-    per group (a user segment) instead of over everyone."""
+    ``cutoff`` and in all, each by its event type's weight with ``event_weights``. More recent ones, then more
+    in all, make an item more popular; ``by`` counts per group (a user segment) instead of over everyone."""
     since = cutoff - timedelta(days=settings.recent_days)
-    return events.group_by(*by, "item_id").agg(
-        popular_score=(pl.col("timestamp") >= since).sum().cast(pl.Float32),
-        all_time=pl.len(),
+    if not settings.event_weights:
+        return events.group_by(*by, "item_id").agg(
+            popular_score=(pl.col("timestamp") >= since).sum().cast(pl.Float32),
+            all_time=pl.len(),
+        )
+    weighted = with_event_weight(events, settings.event_weights).with_columns(pl.col(EVENT_WEIGHT).cast(pl.Float64))
+    return weighted.group_by(*by, "item_id").agg(
+        popular_score=pl.col(EVENT_WEIGHT).filter(pl.col("timestamp") >= since).sum().round(6).cast(pl.Float32),
+        all_time=pl.col(EVENT_WEIGHT).sum().round(6),
     )
 
 
@@ -83,7 +90,7 @@ def item_attributes(
     )
 
 
-def read_user_segments(path: Path | None, logical_date: date, attribute: str) -> pl.DataFrame:
+def read_user_segments(path: UPath | None, logical_date: date, attribute: str) -> pl.DataFrame:
     """(user_id, segment) of every user of the users table at ``path`` (the latest on or before the date)
     whose ``attribute`` has a value (as text, at most MAX_ID_LENGTH characters); one row per user, the last
     one listed."""
@@ -92,7 +99,7 @@ def read_user_segments(path: Path | None, logical_date: date, attribute: str) ->
             f"segment_attribute is {attribute!r} but the lake has no users table on or before {logical_date}: "
             "ingest a source with a users file, or unset OVERNIGHT_SEGMENT_ATTRIBUTE"
         )
-    columns = pl.read_parquet_schema(path)
+    columns = pl.read_parquet_schema(str(path))
     if attribute not in columns:
         raise BadInputError(
             f"segment_attribute {attribute!r} is not a column of the users table {path} (it has {', '.join(columns)})"
@@ -101,7 +108,7 @@ def read_user_segments(path: Path | None, logical_date: date, attribute: str) ->
         raise BadInputError(f"users table {path}: column {attribute!r} holds {columns[attribute]}, not one value")
     segment = pl.col(attribute).cast(pl.String).str.strip_chars()
     return (
-        pl.read_parquet(path, columns=["user_id", attribute])
+        pl.read_parquet(str(path), columns=["user_id", attribute])
         .select("user_id", segment.alias("segment"))
         .filter(pl.col("segment").str.len_chars().is_between(1, MAX_ID_LENGTH))
         .unique("user_id", keep="last", maintain_order=True)
@@ -112,7 +119,7 @@ def build_segments(
     events: pl.LazyFrame,
     catalogue: pl.DataFrame,
     scored_users: pl.DataFrame,
-    users_path: Path | None,
+    users_path: UPath | None,
     logical_date: date,
     cutoff: datetime,
     settings: Settings,

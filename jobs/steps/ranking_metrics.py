@@ -5,6 +5,10 @@ min(|relevant|, k) items; Recall@k is hits / |relevant|; MAP@k averages precisio
 and divides by min(|relevant|, k); HitRate@k is the share of users with at least one hit;
 coverage@k is the share of the catalogue that appears in anyone's top k. Every user in
 ``relevant`` counts, including users with no recommendation at all (they score zero).
+
+Graded NDCG@k is NDCG with each relevant item's ``grade`` as its gain (the largest event weight of the user
+on it, ``OVERNIGHT_EVENT_WEIGHTS``), the ideal DCG over the user's k highest grades; without grades it
+equals NDCG@k.
 """
 
 import math
@@ -13,6 +17,7 @@ import polars as pl
 
 K = 10
 DIGITS = 9
+GRADE = "grade"  # the column of a relevant item's grade (jobs.event_weights.GRADE)
 
 
 def ranking_metrics(
@@ -23,6 +28,7 @@ def ranking_metrics(
     if per_user.height == 0:
         return {
             f"ndcg@{k}": 0.0,
+            f"graded_ndcg@{k}": 0.0,
             f"recall@{k}": 0.0,
             f"map@{k}": 0.0,
             f"hit_rate@{k}": 0.0,
@@ -34,6 +40,7 @@ def ranking_metrics(
     # Rounded: a parallel mean adds in varying order, and a registry should not differ in the 16th digit.
     return {
         f"ndcg@{k}": round(float(means["ndcg"]), DIGITS),
+        f"graded_ndcg@{k}": round(float(means["graded_ndcg"]), DIGITS),
         f"recall@{k}": round(float(means["recall"]), DIGITS),
         f"map@{k}": round(float(means["ap"]), DIGITS),
         f"hit_rate@{k}": round(float(means["hit"]), DIGITS),
@@ -49,10 +56,17 @@ def listed_items(recommendations: pl.DataFrame, relevant: pl.DataFrame, k: int =
 
 
 def per_user_metrics(recommendations: pl.DataFrame, relevant: pl.DataFrame, k: int = K) -> pl.DataFrame:
-    """One row per user in ``relevant``, sorted by user id: user_id, ndcg, recall, ap, hit (their means
-    are the metrics of ``ranking_metrics``; the backtest resamples them)."""
-    relevant = relevant.select("user_id", "item_id").unique()
-    users = relevant.group_by("user_id").agg(pl.len().alias("relevant"))
+    """One row per user in ``relevant`` (user_id, item_id and, for graded relevance, grade), sorted by user
+    id: user_id, ndcg, graded_ndcg, recall, ap, hit (their means are the metrics of ``ranking_metrics``; the
+    backtest resamples them)."""
+    grade = pl.col(GRADE).cast(pl.Float64) if GRADE in relevant.columns else pl.lit(1.0, pl.Float64)
+    relevant = relevant.group_by("user_id", "item_id").agg(grade.max().alias(GRADE))
+    users = relevant.group_by("user_id").agg(
+        pl.len().alias("relevant"),
+        graded_idcg=(
+            pl.col(GRADE).sort(descending=True).head(k) / (pl.int_range(2, pl.len().clip(upper_bound=k) + 2)).log(2)
+        ).sum(),
+    )
     top = listed_items(recommendations, relevant, k)
     hits = (
         top.join(relevant, on=["user_id", "item_id"], how="inner")
@@ -62,6 +76,7 @@ def per_user_metrics(recommendations: pl.DataFrame, relevant: pl.DataFrame, k: i
         .agg(
             hits=pl.len(),
             dcg=(1.0 / (pl.col("rank") + 1).log(2)).sum(),
+            graded_dcg=(pl.col(GRADE) / (pl.col("rank") + 1).log(2)).sum(),
             precision_sum=(pl.col("hit_number") / pl.col("rank")).sum(),
         )
     )
@@ -79,6 +94,7 @@ def per_user_metrics(recommendations: pl.DataFrame, relevant: pl.DataFrame, k: i
         .select(
             "user_id",
             ndcg=pl.col("dcg") / pl.col("idcg"),
+            graded_ndcg=pl.col("graded_dcg") / pl.col("graded_idcg"),
             recall=pl.col("hits") / pl.col("relevant"),
             ap=pl.col("precision_sum") / pl.col("n"),
             hit=(pl.col("hits") > 0).cast(pl.Float64),
@@ -94,3 +110,19 @@ def candidate_recall(candidates: pl.DataFrame, relevant: pl.DataFrame) -> float:
         return 0.0
     found = relevant.join(candidates.select("user_id", "item_id").unique(), on=["user_id", "item_id"], how="semi")
     return round(found.height / relevant.height, DIGITS)
+
+
+def novelty(recommendations: pl.DataFrame, history: pl.DataFrame, k: int = K) -> float:
+    """Mean self-information of the listed items, -log2 of the share of the history's users who touched
+    each (plus one, so an item no one touched is finite): higher for less known items."""
+    users = history.select(pl.col("user_id").n_unique()).item()
+    if users == 0:
+        return 0.0
+    reach = history.group_by(pl.col("item_id").cast(pl.String)).agg(reached=pl.col("user_id").n_unique())
+    top = recommendations.filter(pl.col("rank") <= k).select(pl.col("item_id").cast(pl.String))
+    if top.height == 0:
+        return 0.0
+    information = top.join(reach, on="item_id", how="left").select(
+        -((pl.col("reached").fill_null(0) + 1) / (users + 1)).log(2)
+    )
+    return round(float(information.to_series().mean()), DIGITS)  # type: ignore[arg-type]

@@ -3,22 +3,28 @@
 A *label window* is a cutoff, the events before it (all that candidates and features may see) and
 the relevant items of each user after it. The nightly run for date D with label window L days
 uses rolling windows: labels in [end of D - L, end of D), then the L days before that, and so on
-(``label_windows``, as far as the history allows). The same code builds the windows of the
-evaluation protocols (``jobs.steps.evaluate``), so training, evaluation and scoring share one way to
-generate candidates and features.
+(``label_windows``, and more while they hold few users, as far as the history allows). The same code
+builds the windows of the evaluation protocols (``jobs.steps.evaluate``), so training, evaluation and
+scoring share one way to generate candidates and features.
 
-Users are split by a stable hash of their id: a fifth is held out from training for good. The
-newest window's held-out users are where the new model, the production model and every baseline
-are compared: the promotion gate. Early stopping watches the newest window (a temporal validation
-slice) while training on the older ones; the model is then refit on every window with the number
-of rounds found.
+With ``event_weights`` the labels are graded: an item's label stands for the largest weight among the
+user's events on it, and LambdaRank gains each label that weight.
+
+Users are split by a stable hash of their id. The promotion gate judges a new model as the backtest
+judges the lists a night publishes: on the newest windows covering GATE_DAYS, on users it never trained
+on (a fifth of those windows' users, left out of every window); the new model, the production model and
+every baseline are compared there, pooled over the windows. Early stopping watches a fifth of the
+training users of every window while fitting on the rest; the model is then refit on every training user
+with the number of rounds found.
 """
 
 import json
 import logging
-import os
+import math
 import shutil
+import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -27,22 +33,28 @@ from typing import Any
 import numpy as np
 import polars as pl
 import psycopg
+from upath import UPath
 
-from jobs import lake, predictor, registry
+from jobs import lake, predictor, registry, tuning
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
+from jobs.event_weights import EVENT_WEIGHT, GRADE, grade_levels, label_of_grade, with_event_weight
 from jobs.monitoring import drift
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import candidates, features
-from jobs.steps.ranking_metrics import K, candidate_recall, ranking_metrics
+from jobs.steps.ranking_metrics import DIGITS, K, candidate_recall, ranking_metrics
 
 logger = logging.getLogger(__name__)
 
 KEY = candidates.KEY
 BUCKETS = 1000
 HOLDOUT_SHARE = 0.2
-VALIDATION_SHARE = 0.1  # of the training users, when the history has a single label window
+# The promotion gate judges a new model on the newest label windows covering this many days, as the backtest
+# (`overnight backtest`, its default horizon) judges the lists a night publishes.
+GATE_DAYS = 28
+VALIDATION_SHARE = 0.2  # of the training users of every window: where early stopping watches the rounds
+MORE_WINDOWS = 4  # at most this many times label_windows, while the windows hold few users (rolling_windows)
 # model names in evaluations: each candidate source on its own is a baseline
 SOURCE_BASELINES = {
     "popular": "recent-popular",
@@ -61,7 +73,7 @@ class LabelWindow:
     name: str
     cutoff: datetime  # candidates and features see only what happened before it
     history: pl.LazyFrame  # the events before the cutoff
-    relevant: pl.DataFrame  # user_id, item_id: new items of users with history, after the cutoff
+    relevant: pl.DataFrame  # user_id, item_id, grade: new items of users with history, after the cutoff
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,7 @@ class Examples:
 
     window: LabelWindow
     frame: pl.DataFrame  # user_id, item_id, FEATURES..., label
-    relevant: pl.DataFrame  # user_id, item_id
+    relevant: pl.DataFrame  # user_id, item_id, grade
     catalogue_size: int
 
 
@@ -113,8 +125,10 @@ class TrainResult:
 
 
 def new_items(history: pl.LazyFrame, later: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
-    """(user_id, item_id) of ``later`` for users with ``history``; without what they saw when ``exclude_seen``."""
-    relevant = later.select(KEY).unique().join(history.select("user_id").unique(), on="user_id", how="semi")
+    """(user_id, item_id, grade) of ``later`` for users with ``history``; without what they saw when
+    ``exclude_seen``. grade is the largest weight of the user's events on the item (``event_weights``; 1 without)."""
+    graded = with_event_weight(later, settings.event_weights).group_by(KEY).agg(pl.col(EVENT_WEIGHT).max().alias(GRADE))
+    relevant = graded.join(history.select("user_id").unique(), on="user_id", how="semi")
     if settings.exclude_seen:
         relevant = relevant.join(history.select(KEY).unique(), on=KEY, how="anti")
     return relevant.sort(KEY).collect()
@@ -133,15 +147,21 @@ def time_window(events: pl.LazyFrame, cutoff: datetime, end: datetime, settings:
 
 
 def rolling_windows(events: pl.LazyFrame, end: datetime, settings: Settings) -> list[LabelWindow]:
-    """Up to ``label_windows`` consecutive windows of ``label_days`` ending at ``end``, newest first;
-    a window without history before it or without labels ends the list."""
-    windows = []
-    for number in range(settings.label_windows):
+    """Consecutive windows of ``label_days`` ending at ``end``, newest first: ``label_windows`` of them, and
+    more (up to MORE_WINDOWS times as many) while those so far hold fewer than ``train_max_users`` labelled
+    users, so that small data learns from all the history it has and large data stays at ``label_windows``.
+    A window without history before it or without labels ends the list."""
+    windows: list[LabelWindow] = []
+    labelled = 0
+    for number in range(settings.label_windows * MORE_WINDOWS):
+        if number >= settings.label_windows and labelled >= settings.train_max_users:
+            break
         window_end = end - timedelta(days=settings.label_days * number)
         window = time_window(events, window_end - timedelta(days=settings.label_days), window_end, settings)
         if window.relevant.height == 0:
             break
         windows.append(window)
+        labelled += window.relevant["user_id"].n_unique()
     return windows
 
 
@@ -178,9 +198,8 @@ def build_examples(
     user_history = window.history.join(labelled.lazy(), on="user_id", how="semi").collect()
     encoded = features.encode_tables(tables, feature_tables, user_history["item_id"])
     frame = features.for_users(user_history, encoded, window.cutoff, settings).with_columns(pl.col(KEY).cast(pl.String))
-    frame = frame.join(relevant.with_columns(label=pl.lit(1, pl.Int8)), on=KEY, how="left").with_columns(
-        pl.col("label").fill_null(0)
-    )
+    labels = relevant.select(*KEY, label=label_of_grade(pl.col(GRADE), settings.event_weights))
+    frame = frame.join(labels, on=KEY, how="left").with_columns(pl.col("label").fill_null(0))
     return Examples(window=window, frame=frame, relevant=relevant, catalogue_size=catalogue.height)
 
 
@@ -207,6 +226,8 @@ def lightgbm_params(settings: Settings) -> dict[str, Any]:
         "bagging_fraction": 0.8,
         "bagging_freq": 1,
         "lambdarank_truncation_level": 20,
+        # graded labels 1, 2, ... gain as much as the event weights they stand for (0: not relevant)
+        **({"label_gain": [0.0, *levels]} if (levels := grade_levels(settings.event_weights)) else {}),
         "seed": settings.seed,
         "deterministic": True,
         "force_row_wise": True,
@@ -239,18 +260,21 @@ def _dataset(frames: list[pl.DataFrame], reference: Any = None) -> Any:
 
 
 def fit(training: list[Examples], settings: Settings) -> Fitted:
-    """Early-stop on the newest window (or, with a single window, on a tenth of its users), then
-    refit on every window with the best number of rounds."""
+    """Early-stop on a fifth of the training users (by a stable hash) of every window, fitting on the rest,
+    then refit on every user with the best number of rounds.
+
+    Every window rather than the newest alone: on small data the newest holds too few users, and the
+    rounds it picks swing from a handful to a hundred between neighbouring nights (docs/evaluation.md#backtest).
+    """
     import lightgbm as lgb
 
     frames = [e.frame for e in training]
-    if len(frames) >= 2:
-        fit_frames, valid_frames = frames[1:], frames[:1]
-    else:
-        users = frames[0]["user_id"].unique().sort()
+    fit_frames, valid_frames = [], []
+    for frame in frames:
+        users = frame["user_id"].unique().sort()
         valid_users = users.filter(user_buckets(users, settings.seed + 2) < int(BUCKETS * VALIDATION_SHARE)).implode()
-        fit_frames = [frames[0].filter(~pl.col("user_id").is_in(valid_users))]
-        valid_frames = [frames[0].filter(pl.col("user_id").is_in(valid_users))]
+        fit_frames.append(frame.filter(~pl.col("user_id").is_in(valid_users)))
+        valid_frames.append(frame.filter(pl.col("user_id").is_in(valid_users)))
     params = {**lightgbm_params(settings), "num_threads": threads_for(sum(f.height for f in frames))}
     train_set, _ = _dataset(fit_frames)
     if train_set.get_label() is None or len(train_set.get_label()) == 0:
@@ -282,7 +306,7 @@ def fit(training: list[Examples], settings: Settings) -> Fitted:
             "positives": int(full_frame["label"].sum()),
             "rounds": rounds,
             "threads": params["num_threads"],
-            "early_stopping_on": "newest window" if len(frames) >= 2 else "a tenth of the users",
+            "early_stopping_on": f"{VALIDATION_SHARE:.0%} of the users of every window",
         },
     )
 
@@ -380,6 +404,41 @@ def baselines_of(results: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- promotion gate
 
 
+def gate_windows(windows: list[LabelWindow], settings: Settings) -> list[LabelWindow]:
+    """The newest label windows, covering GATE_DAYS: the span the promotion gate judges a new model on."""
+    return windows[: max(1, math.ceil(GATE_DAYS / settings.label_days))]
+
+
+def examples_of(examples: Examples, users: pl.Series) -> Examples:
+    """The part of ``examples`` that is about ``users``."""
+    mine = pl.col("user_id").is_in(users.implode())
+    return Examples(
+        examples.window, examples.frame.filter(mine), examples.relevant.filter(mine), examples.catalogue_size
+    )
+
+
+def pooled_results(per_window: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each model's metrics (``evaluate_models``) over the users of every window together: users add up,
+    flags must hold in every window, every other number is the mean over windows weighted by their users."""
+    pooled: dict[str, Any] = {}
+    for name in per_window[0]:
+        found = [results[name] for results in per_window if name in results]
+        users = sum(metrics["users"] for metrics in found)
+        model: dict[str, Any] = {}
+        for key, value in found[0].items():
+            if key == "users":
+                model[key] = users
+            elif isinstance(value, bool):
+                model[key] = all(metrics[key] for metrics in found)
+            elif isinstance(value, int | float):
+                weighted = sum(metrics[key] * metrics["users"] for metrics in found)
+                model[key] = round(weighted / users, DIGITS) if users else value
+            else:
+                model[key] = value
+        pooled[name] = model
+    return pooled
+
+
 def promotion_gate(results: dict[str, Any], settings: Settings) -> str | None:
     """Why the new ranker must not become production, or None when it may.
 
@@ -420,16 +479,15 @@ def _load_booster(settings: Settings, model: registry.ModelVersion) -> Any | Non
     if not set(model.features) <= set(features.FEATURES):
         return None
     try:
-        return lgb.Booster(model_file=str(registry.artifact_file(settings.data_dir, model)))
+        return lgb.Booster(model_file=str(registry.artifact_file(settings, model)))
     except MissingDataError as error:
         logger.warning("train: cannot compare with %s: %s", model.model_id, error)
         return None
 
 
-def train(settings: Settings, logical_date: date) -> TrainResult:
-    """Train on rolling label windows, evaluate on held-out users, register, and promote through the gate."""
-    import lightgbm as lgb
-
+def label_data(settings: Settings, logical_date: date) -> tuple[pl.DataFrame, list[LabelWindow], pl.Series]:
+    """(catalogue, rolling label windows, the users held out for the promotion gate: a fifth of those of the
+    windows it judges, never trained on in any window) of a retrain on the date."""
     end = lake.day_end(logical_date)
     events = lake.scan_interactions(settings.lake_dir, logical_date)
     # Item attributes (genres, availability) are taken as known on D; candidates and every
@@ -443,14 +501,74 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
             f"interacted with a new item in the {settings.label_days}-day label window; ingest more history "
             "or shorten OVERNIGHT_LABEL_DAYS"
         )
-    held_out = held_out_users(windows[0].relevant["user_id"], settings.seed)
-    training = []
-    for window in windows:
-        users = window.relevant["user_id"].unique()
-        users = sample_users(users.filter(~users.is_in(held_out.implode())), settings.train_max_users, settings.seed)
-        training.append(build_examples(window, catalogue, settings, users))
+    judged = pl.concat([window.relevant["user_id"] for window in gate_windows(windows, settings)])
+    return catalogue, windows, held_out_users(judged, settings.seed)
+
+
+def training_users(window: LabelWindow, held_out: pl.Series, settings: Settings) -> pl.Series:
+    """The window's labelled users a ranker may learn from: never the held-out ones, at most train_max_users."""
+    users = window.relevant["user_id"].unique()
+    return sample_users(users.filter(~users.is_in(held_out.implode())), settings.train_max_users, settings.seed)
+
+
+def tuning_objective(
+    windows: list[LabelWindow], held_out: pl.Series, catalogue: pl.DataFrame
+) -> Callable[[Settings], float]:
+    """NDCG@10 of a ranker trained with a trial's settings, on training users only: fit on the older windows and
+    scored on the newest window's training users (a single window: scored on VALIDATION_SHARE of its training
+    users, fit on the others). The users the promotion gate holds out are in neither part."""
+
+    def objective(settings: Settings) -> float:
+        users = [training_users(window, held_out, settings) for window in windows]
+        if len(windows) >= 2:
+            fitting = [build_examples(w, catalogue, settings, u) for w, u in zip(windows[1:], users[1:], strict=True)]
+            scored_users = users[0]
+        else:
+            scored_users = users[0].filter(user_buckets(users[0], settings.seed + 2) < int(BUCKETS * VALIDATION_SHARE))
+            fitting = [
+                build_examples(
+                    windows[0], catalogue, settings, users[0].filter(~users[0].is_in(scored_users.implode()))
+                )
+            ]
+        fitted = fit(fitting, settings)
+        scored = build_examples(windows[0], catalogue, settings, scored_users)
+        predicted = predict(fitted.booster, scored.frame, list(features.FEATURES))
+        listed = top_k(scored.frame.with_columns(_ranker=pl.Series(predicted)), pl.col("_ranker"), K)
+        return ranking_metrics(listed, scored.relevant, scored.catalogue_size)[f"ndcg@{K}"]
+
+    return objective
+
+
+def tune(settings: Settings, logical_date: date, budget_minutes: float) -> tuning.Search:
+    """The parameter search of a retrain on the date, alone (`overnight tune`): trials recorded, nothing trained."""
+    catalogue, windows, held_out = label_data(settings, logical_date)
+    return tuning.search(settings, logical_date, budget_minutes, tuning_objective(windows, held_out, catalogue))
+
+
+def train(settings: Settings, logical_date: date) -> TrainResult:
+    """Train on rolling label windows, evaluate on held-out users, register, and promote through the gate.
+
+    With ``tune_budget_minutes``, the settings searched by ``jobs.tuning`` are chosen first, on training users."""
+    import lightgbm as lgb
+
+    end = lake.day_end(logical_date)
+    catalogue, windows, held_out = label_data(settings, logical_date)
+    searched = None
+    if settings.tune_budget_minutes is not None:
+        objective = tuning_objective(windows, held_out, catalogue)
+        searched = tuning.search(settings, logical_date, settings.tune_budget_minutes, objective)
+        settings = registry.settings_with(settings, searched.best.params)
+    judged = gate_windows(windows, settings)
+    training, evaluations = [], []
+    for number, window in enumerate(windows):
+        users = training_users(window, held_out, settings)
+        if number < len(judged):  # one build of the window's tables for both parts
+            both = build_examples(window, catalogue, settings, pl.concat([users, held_out]))
+            evaluations.append(examples_of(both, held_out))
+            training.append(examples_of(both, users))
+        else:
+            training.append(build_examples(window, catalogue, settings, users))
     fitted = fit(training, settings)
-    evaluation = build_examples(windows[0], catalogue, settings, held_out)
     rankers = {RANKER: (fitted.booster, list(features.FEATURES))}
     with connect(settings) as conn:
         upgrade(conn)
@@ -458,12 +576,13 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
     current_booster = _load_booster(settings, current) if current else None
     if current is not None and current_booster is not None:
         rankers[PRODUCTION] = (current_booster, list(current.features))
-    results = evaluate_models(evaluation, rankers, settings)
+    results = pooled_results([evaluate_models(examples, rankers, settings) for examples in evaluations])
     cutoff = windows[0].cutoff
     metrics: dict[str, Any] = {
         "protocol": "global",
-        "cutoff": cutoff.isoformat(),
-        "horizon_days": settings.label_days,
+        "cutoff": judged[-1].cutoff.isoformat(),
+        "horizon_days": settings.label_days * len(judged),
+        "gate_windows": [w.name for w in judged],
         **{k: v for k, v in results[RANKER].items() if k not in ("finite_scores",)},
         "baselines": baselines_of(results),
         "production": {"model_id": current.model_id, **results[PRODUCTION]}
@@ -491,13 +610,17 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
             "num_boost_round": fitted.rounds,
             "lightgbm_version": lgb.__version__,
             "feature_importance_gain": fitted.importance,
+            **(
+                {registry.TUNED_SETTINGS: searched.best.params, registry.TUNING: searched.summary()} if searched else {}
+            ),
         },
         features=list(features.FEATURES),
         metrics=metrics,
         artifact_path=str(artifact.relative_to(settings.data_dir)),
         artifact_sha256=registry.file_sha256(artifact),
     )
-    predictor.compile_for(settings, artifact, model.artifact_sha256)  # before scoring can pick the model up
+    # before scoring can pick the model up
+    predictor.compile_for(settings, registry.artifact_file(settings, model), model.artifact_sha256)
     with connect(settings) as conn:
         if rejection is not None and current is None:
             # nothing to keep: a night without any model could not score at all
@@ -536,18 +659,15 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
     )
 
 
-def _save_artifact(booster: Any, settings: Settings, logical_date: date) -> tuple[str, Path]:
-    staging = settings.models_dir / f".staging-{logical_date.isoformat()}-{os.getpid()}"
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / "model.txt"
-    booster.save_model(tmp)
-    model_id = f"ranker-{logical_date:%Y%m%d}-{registry.file_sha256(tmp)[:12]}"
-    final_dir = settings.models_dir / model_id
-    final_dir.mkdir(parents=True, exist_ok=True)
-    artifact = final_dir / "model.txt"
-    tmp.replace(artifact)
-    (final_dir / "features.json").write_text(json.dumps(list(features.FEATURES)) + "\n")
-    shutil.rmtree(staging, ignore_errors=True)
+def _save_artifact(booster: Any, settings: Settings, logical_date: date) -> tuple[str, UPath]:
+    with tempfile.TemporaryDirectory(prefix="overnight-model-") as scratch:
+        saved = Path(scratch) / "model.txt"
+        booster.save_model(saved)
+        model_id = f"ranker-{logical_date:%Y%m%d}-{registry.file_sha256(saved)[:12]}"
+        artifact = settings.models_dir / model_id / "model.txt"
+        lake.write_atomically(artifact, lambda tmp: shutil.copyfile(saved, tmp))
+    names = json.dumps(list(features.FEATURES)) + "\n"
+    lake.write_atomically(artifact.with_name("features.json"), lambda tmp: tmp.write_text(names))
     return model_id, artifact
 
 

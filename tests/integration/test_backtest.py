@@ -9,7 +9,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from jobs.backtest import BASELINES, COVERAGE, MODELS, PER_USER, SCRATCH_DATABASE_PREFIX
+from jobs.backtest import BASELINES, COVERAGE, DIVERSITY, MODELS, NOVELTY, PER_USER, SCRATCH_DATABASE_PREFIX
 from jobs.steps.ingest import read_source
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import SAMPLE_DATE
@@ -32,11 +32,12 @@ def _check_summary(summary: dict, users: int) -> None:
     assert summary["users"] == users
     assert list(summary["models"]) == list(MODELS)
     for model, metrics in summary["models"].items():
-        assert list(metrics) == [*PER_USER, COVERAGE], model
+        assert list(metrics) == [*PER_USER, COVERAGE, DIVERSITY, NOVELTY], model
         for name in PER_USER:
             estimate = metrics[name]
             assert 0.0 <= estimate["low"] <= estimate["value"] <= estimate["high"] <= 1.0, (model, name, estimate)
         assert 0.0 < metrics[COVERAGE]["value"] <= 1.0 and metrics[COVERAGE]["low"] is None
+        assert 0.0 < metrics[DIVERSITY]["value"] <= 1.0 and metrics[NOVELTY]["value"] > 0.0, model
     assert list(summary["ratios"]) == list(BASELINES)
     best = summary["best_baseline"]
     assert summary["models"][best]["ndcg@10"]["value"] == max(

@@ -8,7 +8,14 @@ import pytest
 
 from jobs.dev.generate import generate, write_dataset
 from jobs.steps import item_quality
-from jobs.steps.evaluate import MAX_WIDENED_HORIZON_DAYS, METRIC_KEYS, MIN_EVALUATED_USERS, MODEL_ORDER
+from jobs.steps.evaluate import (
+    DIVERSITY,
+    MAX_WIDENED_HORIZON_DAYS,
+    METRIC_KEYS,
+    MIN_EVALUATED_USERS,
+    MODEL_ORDER,
+    NOVELTY,
+)
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import SAMPLE_DATE
 
@@ -37,7 +44,8 @@ def test_evaluate_reports_every_model_under_both_protocols(
     assert report["warning"] is None and "warning" not in run.stdout + run.stderr
     assert list(report["models"]) == list(MODEL_ORDER)
     for name, metrics in report["models"].items():
-        assert set(metrics) == set(METRIC_KEYS), name
+        assert set(metrics) == {*METRIC_KEYS, DIVERSITY, NOVELTY}, name
+        assert 0.0 < metrics[DIVERSITY] <= 1.0 and metrics[NOVELTY] > 0.0, name
         assert metrics["users"] == report["models"]["ranker"]["users"] > 0
         assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS if k != "users"), name
         assert metrics["recall@10"] <= metrics["candidate_recall"] + 1e-9, name  # candidates cap recall

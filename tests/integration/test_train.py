@@ -9,6 +9,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from jobs import lake, registry, workdir
+from jobs.dev.generate import generate, write_dataset
 from jobs.errors import MissingDataError
 from jobs.settings import Settings
 from jobs.steps import candidates, features, ingest, train
@@ -140,3 +141,40 @@ def test_retrain_is_due_by_age(batch_settings: Settings, scored_lake: ScoredLake
         assert due and "1 day(s) old" in reason
         due, reason = train.retrain_due(batch_settings, conn, PREVIOUS_DATE - timedelta(days=1))
         assert due and reason.startswith("no promoted model trained on or before")
+
+
+SHOP_WEIGHTS = {"view": 1.0, "cart": 3.0, "purchase": 8.0}
+
+
+def test_the_gate_judges_the_newest_windows_on_users_never_trained_on_and_event_weights_grade_labels(
+    tmp_path: Path, database_url: str
+) -> None:
+    shop = generate(users=400, items=120, days=60, end_date=SAMPLE_DATE, seed=12, events_per_user=25, event_types=True)
+    source = write_dataset(shop, tmp_path / "shop")
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, event_weights=SHOP_WEIGHTS)
+    ingest_and_prepare(settings, source, SAMPLE_DATE)
+
+    catalogue, windows, held_out = train.label_data(settings, SAMPLE_DATE)
+    judged = train.gate_windows(windows, settings)
+    assert len(judged) == train.GATE_DAYS // settings.label_days == 2 and judged == windows[:2]
+    for window in windows:
+        assert not train.training_users(window, held_out, settings).is_in(held_out.implode()).any()
+    # labels are graded: a purchase outranks a cart, which outranks a view
+    examples = train.build_examples(windows[0], catalogue, settings)
+    grades = examples.frame.join(examples.relevant, on=["user_id", "item_id"]).select("label", "grade").unique()
+    assert dict(grades.iter_rows()) == {1: 1.0, 2: 3.0, 3: 8.0}
+
+    result = train.train(settings, SAMPLE_DATE)
+    metrics = result.metrics
+    assert metrics["gate_windows"] == [w.name for w in judged]
+    judged_users = sum(
+        w.relevant.filter(pl.col("user_id").is_in(held_out.implode()))["user_id"].n_unique() for w in judged
+    )
+    assert metrics["users"] == judged_users > 0
+    assert metrics["horizon_days"] == 2 * settings.label_days
+    for model in (metrics, *metrics["baselines"].values()):
+        assert 0.0 <= model["graded_ndcg@10"] <= 1.0
+    assert metrics["graded_ndcg@10"] != metrics["ndcg@10"]  # purchases count more than views
+    with psycopg.connect(database_url) as conn:
+        trained = registry.model_by_id(conn, result.model_id)
+    assert trained is not None and trained.params["label_gain"] == [0.0, 1.0, 3.0, 8.0]

@@ -93,3 +93,35 @@ def test_bad_arguments_are_refused() -> None:
         gen.generate(0, 10, 10, end_date=END)
     with pytest.raises(ValueError, match="at least 2"):
         gen.generate(10, 10, 10, end_date=END, events_per_user=1)
+
+
+def test_event_types_are_a_funnel_over_the_same_views_and_the_rarer_events_follow_taste() -> None:
+    plain = gen.generate(2_000, 300, 40, end_date=END, seed=6, events_per_user=30)
+    shop = gen.generate(2_000, 300, 40, end_date=END, seed=6, events_per_user=30, event_types=True)
+    events = shop.interactions
+    assert "rating" not in events.columns and set(events["event_type"]) == {"view", "cart", "purchase"}
+    views = events.filter(pl.col("event_type") == "view").drop("event_type")
+    assert views.sort("user_id", "timestamp").equals(plain.interactions.drop("rating").sort("user_id", "timestamp"))
+    counts = dict(events.group_by("event_type").len().iter_rows())
+    assert 0.02 < counts["cart"] / counts["view"] < 0.15  # a shop's funnel narrows at each step
+    assert 0.2 < counts["purchase"] / counts["cart"] < 0.6
+    # every purchase follows a cart of the same item by the same user, and every cart a view
+    for later, earlier in (("purchase", "cart"), ("cart", "view")):
+        steps = events.filter(pl.col("event_type") == later).join(
+            events.filter(pl.col("event_type") == earlier), on=["user_id", "item_id"], suffix="_before"
+        )
+        followed = steps.group_by("user_id", "item_id", "timestamp").agg(
+            (pl.col("timestamp_before") <= pl.col("timestamp")).any().alias("ok")
+        )
+        assert followed.height == counts[later] and followed["ok"].all()
+    # users buy what they like far more than what they merely look at: the main genre's share rises
+    genre = shop.items.select("item_id", pl.col("genres").list.first().alias("genre"))
+    typed = events.join(genre, on="item_id")
+    favourite = typed.group_by("user_id", "genre").len().sort("len", descending=True).unique("user_id", keep="first")
+    on_favourite = typed.join(favourite.select("user_id", "genre"), on=["user_id", "genre"], how="semi")
+    share = {
+        kind: on_favourite.filter(pl.col("event_type") == kind).height
+        / typed.filter(pl.col("event_type") == kind).height
+        for kind in ("view", "purchase")
+    }
+    assert share["purchase"] > share["view"] + 0.05

@@ -14,7 +14,11 @@ def ids(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(pl.col("user_id").cast(USERS), pl.col("item_id").cast(ITEMS))
 
 
-LATEST = ids(pl.DataFrame({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "c"], "recency": [1, 4, 1]}))
+LATEST = ids(
+    pl.DataFrame(
+        {"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "c"], "recency": [1, 4, 1], "strength": [1.0] * 3}
+    )
+)
 SEEN = ids(pl.DataFrame({"user_id": ["u1", "u1", "u1", "u2"], "item_id": ["a", "b", "e", "c"]}))
 TABLE = pl.DataFrame(
     {
@@ -42,6 +46,16 @@ def test_sums_largest_recency_weighted_and_counts_per_user_and_neighbour() -> No
         ("u1", "c", 1.0, 0.5, pytest.approx(0.5 + 0.5 / 2), 2, 2),
         ("u2", "a", pytest.approx(0.4), pytest.approx(0.4), pytest.approx(0.4), 1, 1),
         ("u2", "b", pytest.approx(0.4), pytest.approx(0.4), pytest.approx(0.4), 1, 2),
+    ]
+
+
+def test_a_stronger_history_item_weighs_its_neighbours_by_its_strength() -> None:
+    bought_a = LATEST.with_columns(strength=pl.when(pl.col("item_id") == "a").then(3.0).otherwise(1.0))
+    found = top_neighbours(bought_a, SEEN, TABLE, "similarity", limit=5, rank_by="total")
+    # u1 bought a (event weight 3): c = 3 x 0.5 + 0.5, d = 3 x 0.25 + 1.0; the largest value is weighted too
+    assert rows(found)[:2] == [
+        ("u1", "c", 2.0, 1.5, pytest.approx(1.5 + 0.5 / 2), 2, 1),
+        ("u1", "d", 1.75, 1.0, pytest.approx(0.75 + 1.0 / 2), 2, 2),
     ]
 
 

@@ -76,3 +76,14 @@ def test_no_evaluated_users_gives_zeros() -> None:
 def test_candidate_recall_is_the_share_of_relevant_pairs_proposed() -> None:
     proposed = pairs({"a": ["x", "z"], "b": ["w"], "c": ["nothing"]})
     assert candidate_recall(proposed, RELEVANT) == pytest.approx(2 / 4)
+
+
+def test_graded_ndcg_gains_each_relevant_item_its_grade_and_equals_ndcg_without_grades() -> None:
+    graded = RELEVANT.with_columns(grade=pl.Series([1.0, 8.0, 3.0, 1.0]))  # a: x=1, y=8; b: w=3; c: q=1
+    result = ranking_metrics(RECOMMENDED, graded, catalogue_size=10, k=10)
+    # user a: x (grade 1) at rank 1, y (grade 8) at rank 3; the ideal puts y first
+    graded_a = (1 / math.log2(2) + 8 / math.log2(4)) / (8 / math.log2(2) + 1 / math.log2(3))
+    assert result["graded_ndcg@10"] == pytest.approx(graded_a / 3)
+    assert result["ndcg@10"] == ranking_metrics(RECOMMENDED, RELEVANT, catalogue_size=10, k=10)["ndcg@10"]
+    binary = ranking_metrics(RECOMMENDED, RELEVANT, catalogue_size=10, k=10)
+    assert binary["graded_ndcg@10"] == binary["ndcg@10"]
