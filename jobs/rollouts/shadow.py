@@ -2,9 +2,9 @@
 compare it with what production published for the same date.
 
 The comparison (``overnight shadow-report``) gives:
-- the latest window: both batches' models on the newest label window as of the date, on its held-out
-  users, the way the promotion gate compares models (`jobs.steps.train`): metrics@10 and shadow-minus-production
-  deltas, there as soon as the date is ingested (it needs the models, not the batches' tables);
+- the latest window: both batches' models on the newest label windows as of the date (the gate's), on
+  their held-out users, the way the promotion gate compares models (`jobs.steps.train`): metrics@10 and
+  shadow-minus-production deltas, there as soon as the date is ingested (it needs the models, not the batches' tables);
 and, for the users both batches know, while retention keeps both tables (OVERNIGHT_KEEP_BATCHES):
 - overlap@10: the mean share of a user's first 10 items that both batches recommend;
 - offline metrics of both on the evaluation window after the date (events in [D + 1, D + 1 + horizon)
@@ -183,30 +183,30 @@ def evaluation_window(settings: Settings, logical_date: date, horizon_days: int)
 def latest_window_comparison(
     settings: Settings, logical_date: date, production_model_id: str, shadow_model_id: str
 ) -> dict[str, Any]:
-    """Both models on the newest label window as of the date, on its held-out users: what the promotion
-    gate compares (`jobs.steps.train`), so it needs no event after the date nor either batch's table."""
-    events = lake.scan_interactions(settings.lake_dir, logical_date)
-    end = lake.day_end(logical_date)
-    window = train.time_window(events, end - timedelta(days=settings.label_days), end, settings)
-    if window.relevant.height == 0:
-        return {
-            "note": f"no user with history interacted with a new item in the {settings.label_days}-day label "
-            f"window ending with {logical_date}: there is no labelled window to compare the models on"
-        }
-    held_out = train.held_out_users(window.relevant["user_id"], settings.seed)
+    """Both models on the newest label windows as of the date, on their held-out users, pooled: what the
+    promotion gate compares (`jobs.steps.train`), so it needs no event after the date nor either batch's table."""
+    try:
+        catalogue, windows, held_out = train.label_data(settings, logical_date)
+    except MissingDataError as error:
+        return {"note": f"there is no labelled window to compare the models on: {error}"}
+    judged = train.gate_windows(windows, settings)
     rankers = {}
     for name, model_id in (("production", production_model_id), ("shadow", shadow_model_id)):
         model, booster = score.load_ranker(settings, logical_date, model_id)
         rankers[name] = (booster, list(model.features))
-    catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
-    results = train.evaluate_models(train.build_examples(window, catalogue, settings, held_out), rankers, settings)
+    results = train.pooled_results(
+        [
+            train.evaluate_models(train.build_examples(window, catalogue, settings, held_out), rankers, settings)
+            for window in judged
+        ]
+    )
     compared = {
         name: {key: value for key, value in results[name].items() if "@" in key or key == "users"} for name in rankers
     }
     return {
-        "window": window.name,
-        "cutoff": window.cutoff.isoformat(),
-        "users": held_out.len(),
+        "window": ", ".join(window.name for window in judged),
+        "cutoff": judged[-1].cutoff.isoformat(),
+        "users": compared["production"]["users"],
         **compared,
         "deltas": _deltas(compared["production"], compared["shadow"]),
     }

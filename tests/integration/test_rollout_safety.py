@@ -1,6 +1,7 @@
 """What canary, promote and shadow must never do to production: its monitoring, its model, its live batch."""
 
 import json
+import math
 from datetime import date, datetime, timedelta
 
 import psycopg
@@ -11,7 +12,7 @@ from jobs import batches, lake, registry, workdir
 from jobs.errors import MissingDataError, RolloutError
 from jobs.rollouts import canary, shadow
 from jobs.settings import Settings
-from jobs.steps import score
+from jobs.steps import score, train
 from tests.support.batches import batch_status, register_challenger
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
@@ -142,12 +143,22 @@ def test_rollback_refuses_a_canary_batch_under_the_live_lock(
 def assert_latest_window_compares(report: shadow.ShadowReport, settings: Settings) -> None:
     """Both models on the newest label window as of the date, on its held-out users, as training's gate."""
     latest = report.latest_window
-    cutoff = datetime.fromisoformat(latest["cutoff"])
-    assert cutoff == lake.day_end(date.fromisoformat(report.logical_date)) - timedelta(days=settings.label_days)
-    assert latest["window"].startswith(f"[{cutoff:%Y-%m-%d}, ")
+    end = lake.day_end(date.fromisoformat(report.logical_date))
+    newest = end - timedelta(days=settings.label_days)
+    judged = math.ceil(train.GATE_DAYS / settings.label_days)
+    assert datetime.fromisoformat(latest["cutoff"]) == end - timedelta(days=settings.label_days * judged)
+    assert latest["window"].startswith(f"[{newest:%Y-%m-%d}, ")
     assert latest["users"] > 0
     for name in ("production", "shadow"):
-        assert set(latest[name]) == {"ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10", "users"}
+        assert set(latest[name]) == {
+            "ndcg@10",
+            "graded_ndcg@10",
+            "recall@10",
+            "map@10",
+            "hit_rate@10",
+            "coverage@10",
+            "users",
+        }
         assert latest[name]["users"] == latest["users"] and 0 < latest[name]["ndcg@10"] <= 1
     expected = {key: latest["shadow"][key] - latest["production"][key] for key in latest["production"] if "@" in key}
     assert latest["deltas"] == pytest.approx(expected) and set(latest["deltas"]) == set(expected)

@@ -232,7 +232,9 @@ def test_shadow_batch_is_published_but_never_served(batch_settings: Settings, tw
     assert report.production["scores"]["top_scores"]["p50"] >= report.production["scores"]["all_scores"]["p50"]
     latest = report.latest_window  # and the same metrics on the latest label window's held-out users
     assert latest["users"] > 0 and latest["production"] == latest["shadow"]
-    assert latest["deltas"] == dict.fromkeys(["ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10"], 0.0)
+    assert latest["deltas"] == dict.fromkeys(
+        ["ndcg@10", "graded_ndcg@10", "recall@10", "map@10", "hit_rate@10", "coverage@10"], 0.0
+    )
 
     rerun = shadow.run_shadow(batch_settings, PREVIOUS_DATE, model_id)
     assert batch_status(batch_settings, result.batch_id) == "dropped"  # replaced by the re-run of its date
