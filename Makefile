@@ -17,10 +17,10 @@ demo: sync ## Generate sample data, run the nightly pipeline, serve it (embedded
 airflow: sync ## A local Airflow 3 for the DAGs (UI on http://127.0.0.1:8080; the admin login is printed)
 	$(RUN) overnight airflow
 
-# Two processes, each taking whole files in collection order (the long end-to-end files first): much
-# of the suite waits on Airflow, services and sockets rather than computing, so two overlap well even
-# on two cores.
-TEST_WORKERS ?= 2
+# Three processes, each taking whole files in collection order (the long end-to-end files first): much
+# of the suite waits on Airflow, services, object storage and sockets rather than computing, so three
+# overlap well even on two cores (two took 20.5 min on 2026-12-07, over CI's 20-minute budget).
+TEST_WORKERS ?= 3
 test: sync ## Run every test (unit, integration, end-to-end) against a real Postgres, in TEST_WORKERS processes
 	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
