@@ -35,6 +35,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import date, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def copy_ceiling(settings: Any) -> dict[str, Any]:
     import polars as pl
 
     import sql
-    from jobs import workdir
+    from jobs import copy_binary, workdir
     from jobs.database import database_url
     from jobs.steps import publish
 
@@ -135,19 +136,24 @@ def copy_ceiling(settings: Any) -> dict[str, Any]:
     rows = sum(f.height for f in frames)
     table = pgsql.Identifier("overnight", f"bench_copy_{uuid.uuid4().hex[:8]}")
     create = pgsql.SQL(sql.query("create_recs_table")).format(recs=table)
-    copy_query = pgsql.SQL(sql.query("copy_recs")).format(recs=table)
+    explained = "reason_codes" in frames[0].columns  # the same columns as publish sends
+    copy_query = pgsql.SQL(sql.query("copy_explained_recs" if explained else "copy_recs")).format(recs=table)
+    encode = partial(copy_binary.encode_rows, reasons=explained)
 
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(create)
+        if explained:
+            conn.execute(pgsql.SQL(sql.query("add_recs_reasons")).format(recs=table))
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
-            list(pool.map(lambda frame: publish.copy_into(url, copy_query, frame), frames))
+            list(pool.map(lambda frame: publish.copy_into(url, copy_query, frame, encode), frames))
         copy_seconds = time.perf_counter() - started
         conn.execute(pgsql.SQL("TRUNCATE {}").format(table))
-        sample = frames[0].head(50_000)
+        columns = ["user_id", "item_ids", "scores", *(("reason_codes", "reason_refs") if explained else ())]
+        sample = frames[0].head(50_000).select(columns)
         started = time.perf_counter()
         with conn.cursor() as cur, cur.copy(copy_query) as copy:
-            copy.set_types(["text", "text[]", "float4[]"])
+            copy.set_types(["text", "text[]", "float4[]", *(("bytea", "text[]") if explained else ())])
             for row in sample.iter_rows():
                 copy.write_row(row)
         write_row_seconds = time.perf_counter() - started
@@ -175,7 +181,7 @@ def predict_ceiling(settings: Any) -> dict[str, Any]:
     users = score.shard_users(folder, manifests[0].shards, 0)
     frame = features.candidate_features(settings, LOGICAL_DATE)(score.shard_events(settings, LOGICAL_DATE, users)[0])
     matrix = frame.select(list(model.features)).to_numpy()
-    model_file = registry.artifact_file(settings.data_dir, model)
+    model_file = registry.artifact_file(settings, model)
     library = predictor.cached_library(model_file, model.artifact_sha256)
     if library is None:
         raise SystemExit(f"no compiled library beside {model_file}: scoring did not compile the model")

@@ -1,5 +1,6 @@
-"""Postgres binary COPY of (user_id text, item_ids text[], scores real[]) rows, encoded column-wise,
-and of rows of plain text, real and jsonb fields (a batch's item attributes and users' segments).
+"""Postgres binary COPY of (user_id text, item_ids text[], scores real[]) rows (with their reasons,
+reason_codes bytea and reason_refs text[]), encoded column-wise, and of rows of plain text, real and
+jsonb fields (a batch's item attributes and users' segments).
 
 psycopg's ``write_row`` encodes one row per Python call, which costs more than the server's work
 to load it. Here a whole block of rows becomes one COPY body with Arrow's C++ string kernels:
@@ -77,10 +78,28 @@ def _body(encoded: pa.Array, rows: int) -> pa.Buffer:
     return encoded.buffers()[2][data_offsets[0] : data_offsets[-1]] if rows else pa.py_buffer(b"")
 
 
-def encode_rows(frame: pl.DataFrame, key: str = "user_id") -> pa.Buffer:
-    """The COPY rows of ``frame``'s ``key`` (text: a user id, an item id, a segment), item_ids and scores, to
-    send between SIGNATURE and TRAILER."""
-    table = frame.select(key, "item_ids", "scores").to_arrow(compat_level=pl.CompatLevel.oldest())
+def _text_array_field(lists: pa.Array) -> pa.Array:
+    """The binary form of a text[] column (``lists``: large lists of binary)."""
+    values = lists.flatten()
+    valid = ~np.asarray(values.is_null(), dtype=bool)
+    return _array_field(
+        values.fill_null(NOTHING),
+        valid,
+        pc.binary_length(values).fill_null(0).to_numpy(zero_copy_only=False),
+        np.asarray(lists.offsets, dtype=np.int64),
+        TEXT_OID,
+    )
+
+
+def _length_prefix(field: pa.Array, rows: int) -> pa.Array:
+    return _fixed(_int32(pc.binary_length(field).to_numpy(zero_copy_only=False), rows=rows))
+
+
+def encode_rows(frame: pl.DataFrame, key: str = "user_id", reasons: bool = False) -> pa.Buffer:
+    """The COPY rows of ``frame``'s ``key`` (text: a user id, an item id, a segment), item_ids and scores and,
+    with ``reasons``, reason_codes (bytea) and reason_refs (text[]), to send between SIGNATURE and TRAILER."""
+    columns = [key, "item_ids", "scores", *(("reason_codes", "reason_refs") if reasons else ())]
+    table = frame.select(columns).to_arrow(compat_level=pl.CompatLevel.oldest())
     users = table.column(key).combine_chunks().cast(pa.large_binary())
     items = table.column("item_ids").combine_chunks().cast(pa.large_list(pa.large_binary()))
     scores = table.column("scores").combine_chunks().cast(pa.large_list(pa.float32()))
@@ -91,15 +110,7 @@ def encode_rows(frame: pl.DataFrame, key: str = "user_id") -> pa.Buffer:
     if not np.array_equal(np.diff(offsets), np.diff(np.asarray(scores.offsets, dtype=np.int64))):
         raise EncodingError("a row has item and score lists of different lengths")
 
-    item_values = items.flatten()
-    item_valid = ~np.asarray(item_values.is_null(), dtype=bool)
-    item_field = _array_field(
-        item_values.fill_null(NOTHING),
-        item_valid,
-        pc.binary_length(item_values).fill_null(0).to_numpy(zero_copy_only=False),
-        offsets,
-        TEXT_OID,
-    )
+    item_field = _text_array_field(items)
     score_values = scores.flatten()
     score_valid = ~np.asarray(score_values.is_null(), dtype=bool)
     floats = np.asarray(score_values.fill_null(0.0), dtype=">f4")
@@ -110,14 +121,20 @@ def encode_rows(frame: pl.DataFrame, key: str = "user_id") -> pa.Buffer:
         [None, pa.py_buffer(score_offsets), pa.py_buffer(floats[score_valid].tobytes())],
     )
     score_field = _array_field(score_bytes, score_valid, np.full(len(floats), 4), offsets, FLOAT4_OID)
+    fields = [item_field, score_field]
+    if reasons:
+        codes = table.column("reason_codes").combine_chunks().cast(pa.large_binary())
+        refs = table.column("reason_refs").combine_chunks().cast(pa.large_list(pa.large_binary()))
+        if codes.null_count or refs.null_count:
+            raise EncodingError("a row has null reasons")
+        fields += [codes, _text_array_field(refs)]
 
     user_lengths = pc.binary_length(users).to_numpy(zero_copy_only=False)
     field_count = np.zeros((rows, 2), dtype=np.uint8)
-    field_count[:, 1] = 3
+    field_count[:, 1] = 1 + len(fields)
+    prefixed = [part for field in fields for part in (_length_prefix(field, rows), field)]
     prefix = _fixed(np.hstack([field_count, _int32(user_lengths, rows=rows)]))
-    item_length = _fixed(_int32(pc.binary_length(item_field).to_numpy(zero_copy_only=False), rows=rows))
-    score_length = _fixed(_int32(pc.binary_length(score_field).to_numpy(zero_copy_only=False), rows=rows))
-    encoded = pc.binary_join_element_wise(prefix, users, item_length, item_field, score_length, score_field, NOTHING)
+    encoded = pc.binary_join_element_wise(prefix, users, *prefixed, NOTHING)
     return _body(encoded, rows)
 
 

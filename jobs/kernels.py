@@ -90,11 +90,15 @@ def _top_neighbours(
     out_recent = np.empty(n_users * limit, np.float32)
     out_count = np.empty(n_users * limit, np.int32)
     out_rank = np.empty(n_users * limit, np.int32)
+    out_because = np.empty(n_users * limit, np.int64)
     for task in numba.prange((n_users + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
         total = np.zeros(n_items, np.float64)
         recent = np.zeros(n_items, np.float64)
         largest = np.zeros(n_items, np.float32)
         count = np.zeros(n_items, np.int32)
+        # the history item adding the most to the neighbour's ranking sum (ties: the one reached first)
+        because = np.empty(n_items, np.int64)
+        strongest = np.zeros(n_items, np.float64)
         owner = np.full(n_items, -1, np.int64)  # the user whose sums a slot holds; -2 = seen by that user
         touched = np.empty(n_items, np.int64)
         keys = np.empty(n_items, np.uint64)
@@ -107,6 +111,7 @@ def _top_neighbours(
                 for e in range(neighbour_ptr[item], neighbour_ptr[item + 1]):
                     neighbour = neighbour_items[e]
                     value = np.float32(neighbour_values[e] * strength)
+                    added = np.float64(value) / root if by_recent else np.float64(value)
                     if owner[neighbour] != user:
                         owner[neighbour] = user
                         total[neighbour] = 0.0
@@ -115,6 +120,11 @@ def _top_neighbours(
                         count[neighbour] = 0
                         touched[n_touched] = neighbour
                         n_touched += 1
+                        because[neighbour] = item
+                        strongest[neighbour] = added
+                    elif added > strongest[neighbour]:
+                        because[neighbour] = item
+                        strongest[neighbour] = added
                     total[neighbour] += np.float64(value)
                     recent[neighbour] += np.float64(value) / root
                     largest[neighbour] = max(largest[neighbour], value)
@@ -140,7 +150,8 @@ def _top_neighbours(
                 out_max[base + r] = largest[item]
                 out_recent[base + r] = _rounded(recent[item])
                 out_count[base + r] = count[item]
-    return out_users, out_items, out_total, out_max, out_recent, out_count, out_rank
+                out_because[base + r] = because[item]
+    return out_users, out_items, out_total, out_max, out_recent, out_count, out_rank, out_because
 
 
 def _pointers(sorted_codes: np.ndarray, size: int) -> np.ndarray:
@@ -179,9 +190,10 @@ def top_neighbours(
     item_id) pairs never to propose, or None; ``table``: (item_id, neighbour_id, ``value``). Ids are
     enums, the users' and the items' the same in all three.
 
-    Returns (user_code, item_code, total, max, recent, count, rank): per user and neighbour, the
-    sum of ``value`` over the user's items, its largest value, the sum of ``value`` / sqrt(recency),
-    and how many of the user's items have it as a neighbour. Ranked by ``total`` or ``recent``
+    Returns (user_code, item_code, total, max, recent, count, rank, because): per user and neighbour,
+    the sum of ``value`` over the user's items, its largest value, the sum of ``value`` / sqrt(recency),
+    how many of the user's items have it as a neighbour, and the code of the user's item that adds the
+    most to the sum it is ranked by (the reason a list gives for it). Ranked by ``total`` or ``recent``
     (rounded to 6 decimals, ties by item), rank 1 = best.
     """
     users = latest.schema["user_id"]
@@ -209,17 +221,21 @@ def top_neighbours(
         limit,
         rank_by == "recent",
     )
-    names = ("user_code", "item_code", "total", "max", "recent", "count", "rank")
+    names = ("user_code", "item_code", "total", "max", "recent", "count", "rank", "because")
     return pl.DataFrame(dict(zip(names, columns, strict=True))).filter(pl.col("user_code") >= 0)
 
 
 # what `merge_sources` returns after user_code and item_code: the float columns, then the integer ones
 _MERGED_FLOATS = ("knn_score", "knn_max", "knn_recent", "covisit_score", "genre_score", "popular_score")
-_MERGED_INTS = ("knn_rank", "covisit_rank", "genre_rank", "popular_rank", "covisit_hits")
+# (the four ranks first: the cut to `most` reads them by position)
+_MERGED_INTS = (
+    "knn_rank", "covisit_rank", "genre_rank", "popular_rank", "covisit_hits",
+    "knn_because", "covisit_because", "genre_because",
+)  # fmt: skip
 _SOURCE_COLUMNS = {  # each source's rank (0 inside the kernel when it did not propose the item): its columns
-    "knn_rank": ("knn_score", "knn_max", "knn_recent", "knn_rank"),
-    "covisit_rank": ("covisit_score", "covisit_hits", "covisit_rank"),
-    "genre_rank": ("genre_score", "genre_rank"),
+    "knn_rank": ("knn_score", "knn_max", "knn_recent", "knn_rank", "knn_because"),
+    "covisit_rank": ("covisit_score", "covisit_hits", "covisit_rank", "covisit_because"),
+    "genre_rank": ("genre_score", "genre_rank", "genre_because"),
     "popular_rank": ("popular_score", "popular_rank"),
 }
 
@@ -244,10 +260,12 @@ def _merge_sources(
     knn_ptr: np.ndarray,
     knn_items: np.ndarray,
     knn_values: np.ndarray,
+    knn_because: np.ndarray,
     covisit_ptr: np.ndarray,
     covisit_items: np.ndarray,
     covisit_values: np.ndarray,
     covisit_hits: np.ndarray,
+    covisit_because: np.ndarray,
     favourite_ptr: np.ndarray,
     favourite_genres: np.ndarray,
     favourite_shares: np.ndarray,
@@ -277,6 +295,8 @@ def _merge_sources(
         genre_owner = np.full(n_items, -1, np.int64)
         genre_sum = np.empty(n_items, np.float64)
         genre_touched = np.empty(n_items, np.int64)
+        genre_because = np.empty(n_items, np.int64)  # the favourite genre adding the most to genre_sum
+        genre_most = np.empty(n_items, np.float64)
         keys = np.empty(n_items, np.uint64)
         for user in range(task * _USERS_PER_TASK, min(n_users, (task + 1) * _USERS_PER_TASK)):
             for s in range(seen_ptr[user], seen_ptr[user + 1]):
@@ -287,12 +307,14 @@ def _merge_sources(
                 n = _join(item, user, owner, members, n, floats, ints)
                 floats[item, 0:3] = knn_values[e]
                 ints[item, 0] = e - knn_ptr[user] + 1
+                ints[item, 5] = knn_because[e]
             for e in range(covisit_ptr[user], covisit_ptr[user + 1]):
                 item = covisit_items[e]
                 n = _join(item, user, owner, members, n, floats, ints)
                 floats[item, 3] = covisit_values[e]
                 ints[item, 1] = e - covisit_ptr[user] + 1
                 ints[item, 4] = covisit_hits[e]
+                ints[item, 6] = covisit_because[e]
             # genre: the popular items of the user's favourite genres, weighted by the genre's share
             n_genre = 0
             for f in range(favourite_ptr[user], favourite_ptr[user + 1]):
@@ -301,12 +323,18 @@ def _merge_sources(
                     item = genre_items[g]
                     if seen_by[item] == user:
                         continue
+                    added = np.float64(favourite_shares[f] * genre_popularity[g])
                     if genre_owner[item] != user:
                         genre_owner[item] = user
                         genre_sum[item] = 0.0
                         genre_touched[n_genre] = item
                         n_genre += 1
-                    genre_sum[item] += np.float64(favourite_shares[f] * genre_popularity[g])
+                        genre_because[item] = genre
+                        genre_most[item] = added
+                    elif added > genre_most[item]:
+                        genre_because[item] = genre
+                        genre_most[item] = added
+                    genre_sum[item] += added
             for t in range(n_genre):
                 keys[t] = _key(_rounded(genre_sum[genre_touched[t]]), genre_touched[t])
             chosen = _best(keys[:n_genre], genre_limit)
@@ -315,6 +343,7 @@ def _merge_sources(
                 n = _join(item, user, owner, members, n, floats, ints)
                 floats[item, 4] = _rounded(genre_sum[item])
                 ints[item, 2] = r + 1
+                ints[item, 7] = genre_because[item]
             # popular: the list as it comes (best first, ties by item), without what the user has seen
             rank = 0
             for p in range(popular_items.size):
@@ -366,7 +395,9 @@ def merge_sources(
     with the best rank in any source stay, ties by item.
 
     Returns user_code, item_code and per source its score and rank columns (see candidates.SOURCES)
-    plus knn_max, knn_recent and covisit_hits, null where the source did not propose the item.
+    plus knn_max, knn_recent and covisit_hits, null where the source did not propose the item, and what a
+    list says it was proposed for: knn_because and covisit_because, the code of the user's item that
+    added the most to its neighbour sum, and genre_because, the favourite genre that added the most.
     Ids are enums: the users' of ``favourite`` and the items' of ``popular`` are the others' too.
     """
     users = favourite.schema["user_id"]
@@ -386,10 +417,12 @@ def merge_sources(
         _pointers(knn["user_code"].to_numpy(), n_users),
         knn["item_code"].to_numpy(),
         knn.select("total", "max", "recent").to_numpy(order="c"),
+        knn["because"].to_numpy(),
         _pointers(covisit["user_code"].to_numpy(), n_users),
         covisit["item_code"].to_numpy(),
         covisit["recent"].to_numpy(),
         covisit["count"].to_numpy(),
+        covisit["because"].to_numpy(),
         _pointers(favourite["user"].to_numpy(), n_users),
         _code_array(favourite["genre"]),
         favourite["share"].cast(pl.Float32).to_numpy(),
@@ -413,7 +446,7 @@ def merge_sources(
             **{name: ints[i] for i, name in enumerate(_MERGED_INTS)},
         }
     )
-    return merged.filter(pl.col("user_code") >= 0).select(
+    kept = merged.filter(pl.col("user_code") >= 0).select(
         "user_code",
         "item_code",
         *(
@@ -422,6 +455,7 @@ def merge_sources(
             for column in columns
         ),
     )
+    return kept.with_columns(genre_because=genres.categories.gather(kept["genre_because"]))
 
 
 @numba.njit(parallel=True, cache=True)

@@ -178,6 +178,11 @@ class Settings(BaseSettings):
         description="Strength of the MMR re-ranking of each published list over the genres and text attributes of "
         "its items (jobs/diversity.py): 0 publishes the ranker's order, 1 the most varied lists.",
     )
+    explanations: bool = Field(
+        default=True,
+        description="Publish a reason with every item of a user's list (`?explain=true`): the source that proposed "
+        "it and the user's item or genre it was proposed for; two bytes an item and the names they point to.",
+    )
     exclude_seen: bool = Field(
         default=True, description="Leave out of a user's list the items they already interacted with."
     )

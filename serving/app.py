@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
@@ -56,6 +56,7 @@ from serving.lookup import (
 from serving.metrics import MetricsMiddleware, RequestRecorder, ServingMetrics
 from serving.prediction_log import PredictionLog, WriterCollector, request_id_for
 from serving.schemas import (
+    EXPLAIN_DESCRIPTION,
     FILTER_DESCRIPTION,
     SEGMENT_DESCRIPTION,
     BatchRecommendations,
@@ -139,6 +140,7 @@ async def user_recommendations(
     ] = None,
     filter: Annotated[str | None, Query(description=FILTER_DESCRIPTION)] = None,
     segment: Annotated[str | None, Query(description=SEGMENT_DESCRIPTION)] = None,
+    explain: Annotated[bool, Query(description=EXPLAIN_DESCRIPTION)] = False,
 ) -> None:
     """The schema of `UserRecommendationsEndpoint`: the parameters and rules it enforces itself."""
 
@@ -192,7 +194,7 @@ async def _user_recommendations(
         state.api_keys.check_token(bearer_token(scope["headers"]))
     query = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
-    answer = await lookup.recommend(user_id, query.k, query.exclude, query.filter, query.segment)
+    answer = await lookup.recommend(user_id, query.k, query.exclude, query.filter, query.segment, query.explain)
     return _served(scope, answer, lookup), encode(render(answer, answer.results[0]))
 
 
@@ -348,6 +350,8 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 
 _INT = TypeAdapter(int)
+_BOOL = TypeAdapter(bool)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +361,7 @@ class _LookupQuery:
     filter: str | None = None
     segment: str | None = None
     user_id: str | None = None
+    explain: bool = False
 
 
 _NO_QUERY = _LookupQuery()
@@ -372,6 +377,7 @@ def _lookup_query(query_string: bytes) -> _LookupQuery:
     filters: list[str] = []
     segment: str | None = None
     user_id: str | None = None
+    explain_text: str | None = None
     for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
         if name == "k":
             k_text = value
@@ -383,15 +389,21 @@ def _lookup_query(query_string: bytes) -> _LookupQuery:
             segment = value
         elif name == "user_id":
             user_id = value
-    k = None
-    if k_text is not None:
-        try:
-            k = _INT.validate_python(k_text)
-        except ValidationError as error:
-            raise InvalidRequestError(("query", "k"), error.errors()[0]["msg"], k_text) from None
-        if k < 1:
-            raise InvalidRequestError(("query", "k"), "Input should be greater than or equal to 1", k_text)
-    return _LookupQuery(k, _exclude_set(excluded), _filter_text(filters), segment, user_id)
+        elif name == "explain":
+            explain_text = value
+    k = None if k_text is None else _query_value(_INT, "k", k_text)
+    if k is not None and k < 1:
+        raise InvalidRequestError(("query", "k"), "Input should be greater than or equal to 1", k_text)
+    explain = explain_text is not None and _query_value(_BOOL, "explain", explain_text)
+    return _LookupQuery(k, _exclude_set(excluded), _filter_text(filters), segment, user_id, explain)
+
+
+def _query_value(adapter: TypeAdapter[T], name: str, text: str) -> T:
+    """A query parameter's value by FastAPI's rules (pydantic's lax mode), or the 422 it would give."""
+    try:
+        return adapter.validate_python(text)
+    except ValidationError as error:
+        raise InvalidRequestError(("query", name), error.errors()[0]["msg"], text) from None
 
 
 def _filter_text(values: list[str] | str | None) -> str | None:
@@ -414,7 +426,7 @@ async def batch_recommendations(request: Request, body: BatchRecommendationsRequ
     state = request.app.state
     lookup: Lookup = state.lookup
     answers = await lookup.recommend_many(
-        body.user_ids, body.k, _exclude_set(body.exclude), _filter_text(body.filter), body.segment
+        body.user_ids, body.k, _exclude_set(body.exclude), _filter_text(body.filter), body.segment, body.explain
     )
     request_id = request_id_for(request.headers.get("x-request-id"))
     for answer in answers.parts:
@@ -744,6 +756,7 @@ def declare_limits(document: dict[str, Any], settings: ServingSettings, batch: L
             "exclude": exclude,
             "filter": filter_schema,
             "segment": segment,
+            "explain": {"type": "boolean"},
         },
         "/v1/items/{item_id}/similar": {
             "item_id": item_id,
@@ -794,7 +807,9 @@ def _filter_schema(settings: ServingSettings, catalogue: Catalogue | None) -> di
     if not names:
         return {"type": "string", "maxLength": 0}
     name = f"(?:{'|'.join(names)})"
-    term = f"(?:-?{name}|{name}:-?[^,\\s-](?:[^,]*[^,\\s])?)"
+    # What Python's str.strip() takes off (the parser strips terms): JSON Schema's \s plus \x1c-\x1f and \x85.
+    space = "\\s\\x1c-\\x1f\\x85"
+    term = f"(?:-?{name}|{name}:-?[^,{space}-](?:[^,]*[^,{space}])?)"
     return {"type": "string", "maxLength": settings.max_filter_length, "pattern": f"^{term}(?:,{term})*$"}
 
 

@@ -33,8 +33,9 @@ _FIRST_BACKOFF_SECONDS = 0.5
 # Reading a new batch's catalogue (50,000 items: 1.5-2 s on a busy machine, docs/serving.md) may take longer
 # than a lookup's deadline; the live pointer itself is read within that deadline.
 CATALOGUE_LOAD_SECONDS = 60.0
-# The per-id lists a lookup reads from a batch: users' lists, items' neighbour lists.
-Table = Literal["recs", "similar"]
+# The per-id lists a lookup reads from a batch: users' lists, items' neighbour lists, users' lists with their
+# reasons (`?explain=true`).
+Table = Literal["recs", "similar", "explained"]
 
 
 # eq=False: a batch is compared and hashed by identity (cheap, and each read is its own snapshot).
@@ -58,6 +59,8 @@ class LiveBatch:
     catalogue: Catalogue | None = None
     similar_for_items: bytes | None = None
     recs_and_segments_for_users: bytes | None = None
+    # Users' lists with their reasons; None for a batch published without them.
+    explained_recs_for_users: bytes | None = None
 
     def age_seconds(self, now: float | None = None) -> int:
         """Whole seconds since the batch was generated (never negative, even with clock skew)."""
@@ -70,6 +73,11 @@ class LiveBatch:
         if table == "similar":
             assert self.similar_for_items is not None, "a batch without similar items has no neighbour lists"
             return self.similar_for_items, (ids,)
+        if table == "explained":
+            assert self.explained_recs_for_users is not None, "a batch published without reasons has none to read"
+            if self.recs_and_segments_for_users is not None:
+                return self.explained_recs_for_users, {"user_ids": ids}
+            return self.explained_recs_for_users, (ids,)
         if self.recs_and_segments_for_users is not None:
             return self.recs_and_segments_for_users, {"user_ids": ids}
         return self.recs_for_users, (ids,)
@@ -86,10 +94,12 @@ def live_batch_from_row(
     similar_k: int | None = None,
     segment_attribute: str | None = None,
     catalogue: Catalogue | None = None,
+    explained: bool = False,
 ) -> LiveBatch:
     generated = generated_at.astimezone(UTC)
     extras = similar_k is not None
     segments = extras and segment_attribute is not None
+    explained_query = "explained_recs_and_segments_for_users" if segments else "explained_recs_for_users"
     return LiveBatch(
         batch_id=batch_id,
         model_id=model_id,
@@ -107,6 +117,7 @@ def live_batch_from_row(
         recs_and_segments_for_users=(
             sql.batch_query("recs_and_segments_for_users", batch_id).as_bytes(None) if segments else None
         ),
+        explained_recs_for_users=sql.batch_query(explained_query, batch_id).as_bytes(None) if explained else None,
     )
 
 
@@ -158,6 +169,7 @@ async def read_rollout(
         switched_at,
         similar_k,
         segment_attribute,
+        explained,
         traffic,
         salt,
     ) in rows:
@@ -176,6 +188,7 @@ async def read_rollout(
             similar_k,
             segment_attribute,
             catalogue,
+            explained,
         )
         if variant == PRODUCTION:
             production = batch

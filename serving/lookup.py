@@ -42,7 +42,7 @@ from serving.errors import (
 from serving.live import LiveBatch, LiveView, Rollout, Table
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION
-from sql.contract import MAX_ID_LENGTH, blend_session
+from sql.contract import MAX_ID_LENGTH, blend_session, decode_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,12 @@ T = TypeVar("T")
 # a fifth of the memory, and joining costs a tenth of interning the ids one by one (10 µs a row under
 # load). A lookup splits off only the k ids it returns.
 Row = tuple[str, bytes]
+# A user's list with its reasons (`?explain=true`): the row, then the reason codes and the names they point
+# to joined like the ids (sql.contract.decode_reasons). Read and cached apart from the plain rows.
+ExplainedRow = tuple[str, bytes, bytes, str]
 # What the cache holds for an id: its row; for a user the batch did not score, their segment (text) when
 # the batch knows it, else None.
-Cached = Row | str | None
+Cached = Row | ExplainedRow | str | None
 ITEM_SEPARATOR = "\x00"
 
 
@@ -122,6 +125,8 @@ class Recs:
     filled: int = 0
     # Similar items: the item whose neighbours these are.
     item_id: str | None = None
+    # With `explain`: why each item is listed (None where the batch has no reasons); else None.
+    reasons: list[dict[str, str] | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +231,7 @@ class Lookup:
         self.caches: dict[Table, RecsCache] = {
             "recs": RecsCache(settings.cache_entries),
             "similar": RecsCache(settings.cache_entries),
+            "explained": RecsCache(settings.cache_entries),
         }
         self.cache = self.caches["recs"]
         self.observers: list[AnswerObserver] = []
@@ -257,6 +263,7 @@ class Lookup:
         exclude: frozenset[str],
         filter_text: str | None = None,
         segment: str | None = None,
+        explain: bool = False,
     ) -> Answer:
         self._check_user_id(user_id, ("path", "user_id"))
         self._check_exclude(exclude, ("query", "exclude"))
@@ -267,20 +274,23 @@ class Lookup:
         k = self._resolve_k(k, rollout.production, ("query", "k"))
         variant, batch = rollout.route(user_id)
         wanted = self._filter(batch, filter_text, ("query", "filter"))
-        cached = self.cache.get(batch.batch_id, user_id)
+        table = _lists_table(batch, explain)
+        cached = self.caches[table].get(batch.batch_id, user_id)
         if cached is False:
             try:
-                row = await self._coalesced(batch, "recs", user_id)
+                row = await self._coalesced(batch, table, user_id)
             except BatchDroppedError:
                 # Route again with the rollout just reloaded: a canary user whose batch the refresh replaced
                 # stays in the canary, on its new batch.
                 variant, batch = self.rollout().route(user_id)
                 wanted = self._filter(batch, filter_text, ("query", "filter"))
-                row = await self._coalesced(batch, "recs", user_id)
+                table = _lists_table(batch, explain)
+                row = await self._coalesced(batch, table, user_id)
             hits = 0
         else:
             row, hits = cached, 1
-        answer = Answer(batch, variant, [pick(batch, user_id, row, k, exclude, wanted, segment)], hits)
+        recs = pick(batch, user_id, row, k, exclude, wanted, segment)
+        answer = Answer(batch, variant, [explained(recs, row) if explain else recs], hits)
         self._observe(answer)
         return answer
 
@@ -291,6 +301,7 @@ class Lookup:
         exclude: frozenset[str],
         filter_text: str | None = None,
         segment: str | None = None,
+        explain: bool = False,
     ) -> Answers:
         if len(user_ids) > self.settings.max_batch_users:
             raise InvalidRequestError(
@@ -303,7 +314,7 @@ class Lookup:
         self._check_segment(segment, ("body", "segment"))
         rollout = self.rollout()
         k = self._resolve_k(k, rollout.production, ("body", "k"))
-        ask = _Ask(k, exclude, filter_text, segment)
+        ask = _Ask(k, exclude, filter_text, segment, explain)
         try:
             answers = await self._answers(rollout, user_ids, ask)
         except BatchDroppedError:
@@ -434,8 +445,10 @@ class Lookup:
     async def _answer_from(self, batch: LiveBatch, variant: str, user_ids: Sequence[str], ask: "_Ask") -> Answer:
         """Every user's list from one batch."""
         wanted = self._filter(batch, ask.filter_text, ("body", "filter"))
-        rows, hits = await self._rows(batch, "recs", user_ids)
+        rows, hits = await self._rows(batch, _lists_table(batch, ask.explain), user_ids)
         results = [pick(batch, user_id, rows[user_id], ask.k, ask.exclude, wanted, ask.segment) for user_id in user_ids]
+        if ask.explain:
+            results = [explained(recs, rows[recs.user_id]) for recs in results]
         return Answer(batch, variant, results, hits)
 
     async def ping(self) -> None:
@@ -565,11 +578,14 @@ class Lookup:
                     raise _DeadConnectionError(error) from error
                 raise
         found: dict[str, Cached] = {}
-        for key, item_ids, scores, *segment in rows:
-            if item_ids is not None:
+        for key, item_ids, scores, *rest in rows:
+            if item_ids is None:  # a user the batch did not score, with the segment their attributes put them in
+                found.setdefault(key, rest[-1])
+            elif table == "explained":
+                codes, refs = rest[0], rest[1]
+                found[key] = (*cache_row(item_ids, scores), bytes(codes), ITEM_SEPARATOR.join(refs))
+            else:
                 found[key] = cache_row(item_ids, scores)
-            else:  # a user the batch did not score, with the segment their attributes put them in
-                found.setdefault(key, segment[0])
         return found
 
     async def _check_pool(self) -> None:
@@ -704,6 +720,30 @@ class _Ask:
     exclude: frozenset[str]
     filter_text: str | None
     segment: str | None
+    explain: bool = False
+
+
+def _lists_table(batch: LiveBatch, explain: bool) -> Table:
+    """Where a user's list is read: with its reasons when they are asked for and the batch has them."""
+    return "explained" if explain and batch.explained_recs_for_users is not None else "recs"
+
+
+def explained(recs: Recs, row: Cached) -> Recs:
+    """`recs` with each item's reason: its list's stored reason (`sql.contract.decode_reasons`), or for an
+    item from a popular list (the user's segment's, the batch's fallback), "popular"; None for each item
+    when the batch was published without reasons."""
+    if isinstance(row, tuple) and len(row) == 2:  # the batch has no reasons
+        stored: dict[str, dict[str, str]] = {}
+        unknown: dict[str, str] | None = None
+    else:
+        stored = {}
+        if isinstance(row, tuple):
+            joined, _, codes, refs = row
+            listed = joined.split(ITEM_SEPARATOR) if joined else []
+            stored = dict(zip(listed, decode_reasons(codes, refs.split(ITEM_SEPARATOR) if refs else []), strict=True))
+        unknown = {"source": "popular", "segment": recs.segment} if recs.segment else {"source": "popular"}
+    reasons = [stored.get(item_id, unknown) for item_id in recs.item_ids]
+    return Recs(recs.user_id, recs.item_ids, recs.scores, recs.source, recs.segment, recs.filled, recs.item_id, reasons)
 
 
 def cache_row(item_ids: Sequence[str], scores: Sequence[float]) -> Row:
@@ -714,7 +754,7 @@ def _ranked(row: Cached) -> tuple[list[str], Sequence[float]] | None:
     """A cached row as its item ids and scores; None for a segment or an unknown id."""
     if not isinstance(row, tuple):
         return None
-    joined, packed = row
+    joined, packed = row[0], row[1]
     return (joined.split(ITEM_SEPARATOR) if joined else []), memoryview(packed).cast("d").tolist()
 
 
@@ -734,7 +774,7 @@ def pick(
         return _take(
             batch, user_id, k, exclude, wanted, "fallback", listed, None, answered, fallback_is_global=answered is None
         )
-    joined, packed = row
+    joined, packed = row[0], row[1]
     scores = memoryview(packed).cast("d")
     if wanted is not None:
         item_ids = joined.split(ITEM_SEPARATOR) if joined else []
@@ -867,6 +907,9 @@ def _rendered(document: dict[str, Any], answer: Answer, recs: Recs) -> dict[str,
     document["items"] = [
         {"item_id": item_id, "score": score} for item_id, score in zip(recs.item_ids, recs.scores, strict=True)
     ]
+    if recs.reasons is not None:
+        for item, reason in zip(document["items"], recs.reasons, strict=True):
+            item["reason"] = reason
     document["source"] = recs.source
     if recs.segment is not None:
         document["segment"] = recs.segment

@@ -6,9 +6,29 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
+class Reason(BaseModel):
+    source: Literal["covisit", "knn", "genre", "trending", "popular"] = Field(
+        description="What put the item in the list: `covisit` (often touched close in time to `item_id`, one of "
+        "the user's items), `knn` (liked by the same users as `item_id`), `genre` (popular in `genre`, one of the "
+        "user's favourite genres), `trending` (popular lately), `popular` (from a popular list: the user's "
+        "`segment`'s, or everyone's, when the user is not in the batch or a filter left too few of theirs)."
+    )
+    item_id: str | None = Field(default=None, description="The user's item behind a `covisit` or `knn` reason.")
+    genre: str | None = Field(default=None, description="The user's genre behind a `genre` reason.")
+    segment: str | None = Field(default=None, description="The segment whose popular list an item came from.")
+
+
 class RecommendedItem(BaseModel):
     item_id: str
     score: float = Field(description="The ranker's score; higher ranks first. Comparable within one batch only.")
+    reason: Reason | None = Field(
+        default=None,
+        description="Only with `explain=true`: why the item is listed; null when the batch was published without "
+        "reasons (OVERNIGHT_EXPLANATIONS=false, or before they existed).",
+    )
+
+
+EXPLAIN_DESCRIPTION = "Give each item the reason it is listed (`reason`)."
 
 
 FILTER_DESCRIPTION = (
@@ -59,6 +79,7 @@ class BatchRecommendationsRequest(BaseModel):
     exclude: list[str] = Field(default_factory=list, description="Items left out of every user's list.")
     filter: str | None = Field(default=None, description=FILTER_DESCRIPTION)
     segment: str | None = Field(default=None, description=SEGMENT_DESCRIPTION)
+    explain: bool = Field(default=False, strict=True, description=EXPLAIN_DESCRIPTION)
 
 
 class BatchRecommendations(BaseModel):

@@ -15,6 +15,33 @@ NIGHTLY_BATCH: Final = "serving"
 CANARY_BATCH: Final = "canary"
 SHADOW_BATCH: Final = "shadow"
 
+# Why an item is in a user's published list (`?explain=true`). A batch published with explanations has,
+# beside each user's item_ids, reason_codes (bytea: two bytes an item, big-endian, the source's index in
+# REASON_SOURCES << REASON_SOURCE_SHIFT | the index in reason_refs of what it names) and reason_refs (text[]:
+# the distinct user's items and genres the reasons name, sorted). "trending" (the recent popular list)
+# names nothing; "covisit" and "knn" name the user's item that added the most to the item's neighbour
+# sum; "genre" names the user's favourite genre that added the most to its genre score.
+REASON_SOURCES: Final = ("trending", "covisit", "knn", "genre")
+REASON_SOURCE_SHIFT: Final = 14
+REASON_REF_MASK: Final = (1 << REASON_SOURCE_SHIFT) - 1
+
+
+def decode_reasons(codes: bytes, refs: Sequence[str]) -> list[dict[str, str]]:
+    """The reasons of a list's items, in its order: {"source": ...} and, for an item-to-item source, the
+    "item_id" it names, for "genre" the "genre"."""
+    reasons: list[dict[str, str]] = []
+    for index in range(0, len(codes), 2):
+        code = (codes[index] << 8) | codes[index + 1]
+        source = REASON_SOURCES[code >> REASON_SOURCE_SHIFT]
+        if source == "trending":
+            reasons.append({"source": source})
+        else:
+            reasons.append(
+                {"source": source, "genre" if source == "genre" else "item_id": refs[code & REASON_REF_MASK]}
+            )
+    return reasons
+
+
 # Session recommendations (POST /v1/recommendations:session) are combined at request time by the service
 # and the same way by `overnight evaluate` when it measures them, so both use `blend_session`.
 # The i-th most recent item's neighbours count SESSION_RECENCY_DECAY ** i as much as the latest item's.

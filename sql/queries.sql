@@ -26,6 +26,16 @@ INSERT INTO overnight.schema_migrations (version, name) VALUES (%s, %s);
 -- Every lookup trip: the users waiting at that moment, one or many, in one round trip.
 SELECT user_id, item_ids, scores FROM {recs} WHERE user_id = ANY(%s);
 
+-- name: explained_recs_for_users
+-- `recs_for_users` with each list's reasons (`?explain=true`), for a batch published with them.
+SELECT user_id, item_ids, scores, reason_codes, reason_refs FROM {recs} WHERE user_id = ANY(%s);
+
+-- name: explained_recs_and_segments_for_users
+SELECT user_id, item_ids, scores, reason_codes, reason_refs, NULL::text AS segment
+FROM {recs} WHERE user_id = ANY(%(user_ids)s)
+UNION ALL
+SELECT user_id, NULL, NULL, NULL, NULL, segment FROM {user_segments} WHERE user_id = ANY(%(user_ids)s);
+
 -- name: similar_for_items
 -- The neighbour lists of the items asked for (similar items, session recommendations), in one round trip.
 SELECT item_id, item_ids, scores FROM {similar} WHERE item_id = ANY(%s);
@@ -142,6 +152,16 @@ CREATE TABLE {recs} (
 
 -- name: copy_recs
 COPY {recs} (user_id, item_ids, scores) FROM STDIN (FORMAT BINARY);
+
+-- name: add_recs_reasons
+-- Each list's reasons (sql/contract.py: REASON_SOURCES), for a night published with explanations.
+ALTER TABLE {recs} ADD COLUMN reason_codes bytea NOT NULL, ADD COLUMN reason_refs text[] NOT NULL;
+
+-- name: copy_explained_recs
+COPY {recs} (user_id, item_ids, scores, reason_codes, reason_refs) FROM STDIN (FORMAT BINARY);
+
+-- name: mark_batch_explained
+UPDATE overnight.batches SET explained = true WHERE batch_id = %s;
 
 -- name: create_similar_table
 CREATE TABLE {similar} (
@@ -558,16 +578,16 @@ LIMIT %s;
 -- name: serving_batches
 -- Production and, when one runs, the canary, read in one statement so a reader never sees a promote
 -- half done. What the lookup service needs to answer from each batch (see serving.live.live_batch_from_row),
--- its extras (similar_k, segment_attribute: null for none), then the canary's traffic and salt (null for
--- production). The canary's switched_at is its updated_at.
+-- its extras (similar_k, segment_attribute: null for none), whether its lists have reasons, then the
+-- canary's traffic and salt (null for production). The canary's switched_at is its updated_at.
 SELECT 'production' AS variant, b.batch_id, b.model_id, b.k, b.generated_at, b.fallback_item_ids,
-       b.fallback_scores, l.switched_at, b.similar_k, b.segment_attribute,
+       b.fallback_scores, l.switched_at, b.similar_k, b.segment_attribute, b.explained,
        NULL::double precision AS traffic, NULL::text AS salt
 FROM overnight.live AS l
 JOIN overnight.batches AS b USING (batch_id)
 UNION ALL
 SELECT 'canary', b.batch_id, b.model_id, b.k, b.generated_at, b.fallback_item_ids, b.fallback_scores,
-       c.updated_at, b.similar_k, b.segment_attribute, c.traffic, c.salt
+       c.updated_at, b.similar_k, b.segment_attribute, b.explained, c.traffic, c.salt
 FROM overnight.canary AS c
 JOIN overnight.batches AS b USING (batch_id);
 

@@ -36,7 +36,7 @@ def batch_statistics(
     """`chosen_model`: measure the lists scored with that model (a shadow's or a canary's), not production's."""
     manifests = workdir.read_manifests(settings, logical_date, chosen_model)
     files = [workdir.shard_path(settings, logical_date, m.shard, m.shards, chosen_model) for m in manifests]
-    lists = pl.scan_parquet([str(file) for file in files])
+    lists = pl.scan_parquet([str(file) for file in files]).select("user_id", "item_ids", "scores")
     short_at = min(OVERLAP_K, settings.top_k)
     n_lists = lists.select(pl.len()).collect().item()  # from the files' metadata
 

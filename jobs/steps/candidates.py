@@ -58,6 +58,10 @@ SHAPING_SETTINGS = (
     "max_candidates",
 )
 BUILT_WITH = "candidate_settings.json"
+# What a source proposed an item for: the user's item that added the most to its knn or co-visitation sum
+# (item ids), the favourite genre that added the most to its genre score (text). Not ranker features.
+ITEM_REASONS = ("knn_because", "covisit_because")
+REASONS = (*ITEM_REASONS, "genre_because")
 
 
 def shaping_values(settings: Settings) -> dict[str, float | int]:
@@ -311,7 +315,8 @@ def generate(events: pl.LazyFrame, shares: pl.DataFrame, tables: CandidateTables
 
     Columns: user_id, item_id, then per source its score and rank (``SOURCES``) and the extra
     scores knn_max, knn_recent, covisit_hits; a source that did not propose the item leaves its
-    columns null. Items the user already interacted with are left out when ``exclude_seen`` is set.
+    columns null. ``REASONS`` say what each source proposed the item for (``kernels.merge_sources``).
+    Items the user already interacted with are left out when ``exclude_seen`` is set.
     Rows come in no particular order. Ids must be enums, the same items enum in ``events`` and
     ``tables`` (``features.encode_tables``).
     """
@@ -345,7 +350,8 @@ def generate(events: pl.LazyFrame, shares: pl.DataFrame, tables: CandidateTables
     return merged.select(
         decode(pl.col("user_code"), users).alias("user_id"),
         decode(pl.col("item_code"), items).alias("item_id"),
-        pl.exclude("user_code", "item_code"),
+        pl.exclude("user_code", "item_code", *ITEM_REASONS),
+        *(decode(pl.col(column), items).alias(column) for column in ITEM_REASONS),
     )
 
 

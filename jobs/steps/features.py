@@ -21,6 +21,7 @@ from jobs.steps import candidates
 from jobs.steps.candidates import (
     ITEM_COLUMNS,
     KEY,
+    REASONS,
     SOURCES,
     as_enums,
     days_before,
@@ -104,19 +105,24 @@ def encode_tables(
     )
 
 
-def for_users(events: pl.DataFrame, tables: EncodedTables, cutoff: datetime, settings: Settings) -> pl.DataFrame:
+def for_users(
+    events: pl.DataFrame, tables: EncodedTables, cutoff: datetime, settings: Settings, reasons: bool = False
+) -> pl.DataFrame:
     """Candidates and their features for the users of ``events`` (their history before ``cutoff``, with
-    none of its items unknown to ``tables``): ``assemble``'s frame, ids as enums."""
+    none of its items unknown to ``tables``): ``assemble``'s frame (with ``reasons``: theirs too), ids as enums."""
     history = as_enums(events, tables.items, sorted_enum(events["user_id"])).lazy()
     history = with_event_weight(history, settings.event_weights)
     shares = user_genre_shares(history, tables.feature_tables.genres).collect()
     proposed = candidates.generate(history, shares, tables.candidate_tables, settings)
-    return assemble(proposed, history, shares, tables.feature_tables, cutoff, settings)
+    return assemble(proposed, history, shares, tables.feature_tables, cutoff, settings, reasons)
 
 
-def candidate_features(settings: Settings, logical_date: date) -> Callable[[pl.DataFrame], pl.DataFrame]:
-    """chunk events -> (user_id, item_id, FEATURES...): the seam between the candidate generators, the
-    features and the ranker, with the date's shared tables read (and their ids encoded) once.
+def candidate_features(
+    settings: Settings, logical_date: date, reasons: bool = False
+) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """chunk events -> (user_id, item_id, FEATURES..., with ``reasons`` REASONS...): the seam between the
+    candidate generators, the features and the ranker, with the date's shared tables read (and their ids
+    encoded) once.
 
     The frame returned keeps the ids as enums (see ``encode_tables``).
     """
@@ -130,7 +136,7 @@ def candidate_features(settings: Settings, logical_date: date) -> Callable[[pl.D
         if not events["item_id"].is_in(encoded.items.categories.implode()).all():
             # an item none of the tables knows (the lake changed since they were built): widen the enum
             encoded = encode_tables(*string_tables, events["item_id"])
-        return for_users(events, encoded, cutoff, settings)
+        return for_users(events, encoded, cutoff, settings, reasons)
 
     return build
 
@@ -222,9 +228,11 @@ def assemble(
     tables: FeatureTables,
     cutoff: datetime,
     settings: Settings,
+    reasons: bool = False,
 ) -> pl.DataFrame:
-    """Join every feature onto the ``proposed`` candidates; the result has user_id, item_id and
-    FEATURES, no nulls, in no particular order (training sorts what it groups; scoring ranks each
+    """Join every feature onto the ``proposed`` candidates; the result has user_id, item_id, FEATURES
+    (no nulls) and, with ``reasons``, the sources' ``candidates.REASONS`` (null where a source did not
+    propose the item), in no particular order (training sorts what it groups; scoring ranks each
     user's rows itself).
 
     ``events`` are the history of the candidates' users, all before ``cutoff``, ids as enums like
@@ -243,7 +251,7 @@ def assemble(
             time_gap_days=pl.col("item_days_since_mean") - pl.col("user_days_since_last"),
             **{rank: pl.col(rank).fill_null(limits[source] + 1) for source, (_, rank) in SOURCES.items()},
         )
-        .select(*KEY, *[pl.col(f).cast(pl.Float32).fill_null(0.0) for f in FEATURES])
+        .select(*KEY, *[pl.col(f).cast(pl.Float32).fill_null(0.0) for f in FEATURES], *(REASONS if reasons else ()))
     )
     return frame.collect()
 

@@ -106,6 +106,7 @@ class ShardCheck:
     length_mismatches: int
     non_finite_scores: int
     null_elements: int
+    reason_mismatches: int  # rows without two bytes of reason per item (in a night published with reasons)
     item_ids: pl.Series  # distinct
 
     @classmethod
@@ -120,14 +121,31 @@ class ShardCheck:
             length_mismatches=(items.list.len() != scores.list.len()).sum(),
             non_finite_scores=scores.list.eval(pl.element().is_finite().not_()).list.any().sum(),
             null_elements=(has_nulls(items) | has_nulls(scores)).sum(),
+            reason_mismatches=(
+                (pl.col("reason_codes").bin.size() != 2 * items.list.len()).sum()
+                if "reason_codes" in frame.columns
+                else pl.lit(0)
+            ),
         ).row(0, named=True)
         return cls(rows=rows_loaded, **counts, item_ids=frame["item_ids"].explode().drop_nulls().unique())
 
 
-def _load_shard(url: str, batch_id: int, path: UPath) -> ShardCheck:
+def _load_shard(url: str, batch_id: int, path: UPath, explained: bool) -> ShardCheck:
     frame = pl.read_parquet(str(path))
-    loaded = copy_into(url, sql.batch_query("copy_recs", batch_id), frame)
+    if explained:
+        query = sql.batch_query("copy_explained_recs", batch_id)
+        loaded = copy_into(url, query, frame, partial(copy_binary.encode_rows, reasons=True))
+    else:
+        loaded = copy_into(url, sql.batch_query("copy_recs", batch_id), frame)
     return ShardCheck.of(frame, loaded)
+
+
+def _explained(files: list[UPath]) -> bool:
+    """Whether the shards carry their lists' reasons (scored with ``explanations``); all of them or none."""
+    with_reasons = {"reason_codes" in pl.scan_parquet(str(path)).collect_schema() for path in files}
+    if len(with_reasons) > 1:
+        raise BatchValidationError("some shards of the night have reasons and some not: score the date again")
+    return with_reasons == {True}
 
 
 # ShardCheck's counts of bad rows, and how a validation failure names them
@@ -136,6 +154,7 @@ _BAD_ROWS = {
     "length_mismatches": "item/score length mismatches",
     "non_finite_scores": "rows with non-finite scores",
     "null_elements": "rows with null elements",
+    "reason_mismatches": "rows whose reasons do not match their items",
 }
 
 
@@ -400,12 +419,16 @@ def _load(settings: Settings, logical_date: date, model_id: str | None, kind: Ba
         if kind != NIGHTLY_BATCH:
             conn.execute(sql.query("mark_batch_kind"), (kind, batch_id))
         conn.execute(sql.batch_query("create_recs_table", batch_id))
+        explained = _explained(files)
+        if explained:
+            conn.execute(sql.batch_query("add_recs_reasons", batch_id))
+            conn.execute(sql.query("mark_batch_explained"), (batch_id,))
         conn.commit()
         logger.info("publish: batch %d for %s: loading %d shards", batch_id, logical_date, len(manifests))
         measured: dict[str, Any] | None = None
         try:
             with ThreadPoolExecutor(max_workers=settings.publish_workers) as pool:
-                shard_checks = list(pool.map(lambda path: _load_shard(url, batch_id, path), files))
+                shard_checks = list(pool.map(lambda path: _load_shard(url, batch_id, path, explained), files))
             logger.info(
                 "publish: batch %d: %d rows loaded; building the primary key",
                 batch_id,

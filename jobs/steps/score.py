@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from upath import UPath
 
 from jobs import diversity, kernels, lake, predictor, registry, workdir
@@ -24,10 +25,18 @@ from jobs.errors import FutureModelError, MissingDataError
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import candidates, features
+from sql.contract import REASON_SOURCE_SHIFT, REASON_SOURCES
 
 logger = logging.getLogger(__name__)
 
 CHUNK_USERS = 20_000
+# A shard file's columns: the lists, and their reasons when the night publishes explanations.
+LISTS_SCHEMA: dict[str, pl.DataType] = {
+    "user_id": pl.String(),
+    "item_ids": pl.List(pl.String),
+    "scores": pl.List(pl.Float32),
+}
+REASONS_SCHEMA: dict[str, pl.DataType] = {"reason_refs": pl.List(pl.String), "reason_codes": pl.Binary()}
 
 
 def shard_users(folder: UPath, shards: int, shard: int) -> pl.DataFrame:
@@ -117,19 +126,69 @@ def diversifier(settings: Settings, logical_date: date) -> Diversifier | None:
 
 def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int, diverse: Diversifier | None = None) -> pl.DataFrame:
     """(user_id, item_ids, scores): each user's k best items, best first (ties by item); with ``diverse``,
-    re-ranked by MMR over the best candidates (``jobs.diversity``)."""
+    re-ranked by MMR over the best candidates (``jobs.diversity``). When ``frame`` has the sources'
+    ``candidates.REASONS``, the lists' reasons too (reason_codes, reason_refs: ``sql.contract``)."""
     if diverse is None:
         best = kernels.top_rows(frame["user_id"], frame["item_id"], predicted, k)
         published = predicted[best]
     else:
         best, published = diverse.rerank(frame, predicted, k)
-    return (
-        frame.select("user_id", "item_id")[best]
-        .with_columns(score=pl.Series(published, dtype=pl.Float32))
+    explained = all(column in frame.columns for column in candidates.REASONS)
+    chosen = frame.select("user_id", "item_id", *(reason_code_and_ref() if explained else ()))[best]
+    if explained:  # the ref's place among the user's sorted distinct refs, beside the source
+        place = (pl.col("reason_ref").rank("dense").over("user_id") - 1).fill_null(0).cast(pl.Int32)
+        code = pl.col("reason_code").cast(pl.Int32) * (1 << REASON_SOURCE_SHIFT) + place
+        chosen = chosen.with_columns(reason_code=code.cast(pl.UInt16))
+    reasons = (pl.col("reason_code"), pl.col("reason_ref").drop_nulls().unique().sort().alias("reason_refs"))
+    lists = (
+        chosen.with_columns(score=pl.Series(published, dtype=pl.Float32))
         .group_by("user_id", maintain_order=True)
-        .agg(item_ids="item_id", scores="score")
+        .agg(pl.col("item_id").alias("item_ids"), pl.col("score").alias("scores"), *(reasons if explained else ()))
         .with_columns(pl.col("user_id").cast(pl.String), pl.col("item_ids").cast(pl.List(pl.String)))
     )
+    if not explained:
+        return lists
+    return lists.with_columns(reason_codes=packed_codes(lists["reason_code"])).select(*LISTS_SCHEMA, *REASONS_SCHEMA)
+
+
+def packed_codes(codes: pl.Series) -> pl.Series:
+    """Each list of two-byte codes as bytes, big-endian (bytea for Postgres, ``sql.contract.decode_reasons``)."""
+    lists = codes.to_arrow().cast(pa.large_list(pa.uint16()))
+    values = np.asarray(lists.flatten().to_numpy(zero_copy_only=False), dtype=">u2")
+    offsets = np.asarray(lists.offsets, dtype=np.int64) * 2
+    packed = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(lists), [None, pa.py_buffer(offsets), pa.py_buffer(values.tobytes())]
+    )
+    return pl.Series("reason_codes", packed, dtype=pl.Binary)
+
+
+def reason_code_and_ref() -> tuple[pl.Expr, pl.Expr]:
+    """Per candidate, its reason's source code (``sql.contract.REASON_SOURCES``) and what it names: the
+    item-to-item source that ranks the item higher (co-visitation on a tie) with the user's item behind it,
+    else the genre source with the user's genre, else trending (the popular source, naming nothing)."""
+    covisit = pl.col("covisit_because").is_not_null()
+    knn = pl.col("knn_because").is_not_null()
+    genre = pl.col("genre_because").is_not_null()
+    by_covisit = covisit & (knn.not_() | (pl.col("covisit_rank") <= pl.col("knn_rank")))
+    source = REASON_SOURCES.index
+    code = (
+        pl.when(by_covisit)
+        .then(source("covisit"))
+        .when(knn)
+        .then(source("knn"))
+        .when(genre)
+        .then(source("genre"))
+        .otherwise(source("trending"))
+    )
+    ref = (
+        pl.when(by_covisit)
+        .then(pl.col("covisit_because").cast(pl.String))
+        .when(knn)
+        .then(pl.col("knn_because").cast(pl.String))
+        .when(genre)
+        .then(pl.col("genre_because"))
+    )
+    return code.cast(pl.UInt16).alias("reason_code"), ref.alias("reason_ref")
 
 
 def score_shard(
@@ -154,7 +213,7 @@ def score_shard(
     folder = workdir.require_tables(settings, logical_date)
     feature_names = list(model.features)
     users = shard_users(folder, shards, shard)
-    build = features.candidate_features(settings, logical_date)
+    build = features.candidate_features(settings, logical_date, reasons=settings.explanations)
     events = shard_events(settings, logical_date, users)
     sampled = None if model_id else features.drift_sample_users(settings, logical_date)["user_id"]
     diverse = diversifier(settings, logical_date)
@@ -172,7 +231,7 @@ def score_shard(
             candidate_rows += frame.height
             if sampled is not None:
                 in_sample = frame.filter(pl.col("user_id").cast(pl.String).is_in(sampled.implode()))
-                sample_parts.append(features.with_text_ids(in_sample))
+                sample_parts.append(features.with_text_ids(in_sample.drop(candidates.REASONS, strict=False)))
             if frame.height:
                 matrix = frame.select(feature_names).to_numpy()
                 predicting = time.perf_counter()
@@ -186,7 +245,7 @@ def score_shard(
     scored = (
         pl.concat(parts)
         if parts
-        else pl.DataFrame(schema={"user_id": pl.String, "item_ids": pl.List(pl.String), "scores": pl.List(pl.Float32)})
+        else pl.DataFrame(schema=LISTS_SCHEMA | (REASONS_SCHEMA if settings.explanations else {}))
     )
     path = workdir.shard_path(settings, logical_date, shard, shards, model_id)
     lake.write_parquet_atomically(scored, path)

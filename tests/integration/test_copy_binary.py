@@ -1,6 +1,7 @@
 """The column-wise binary COPY encoder against a real Postgres: what goes in comes back out."""
 
 import math
+from functools import partial
 
 import polars as pl
 import psycopg
@@ -60,3 +61,26 @@ def test_rows_the_table_cannot_take_are_refused_before_loading() -> None:
         copy_binary.encode_rows(
             pl.DataFrame({"user_id": ["u"], "item_ids": [["a", "b"]], "scores": [[1.0]]}, schema=SCHEMA)
         )
+
+
+def test_lists_with_their_reasons_survive_the_trip(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(publish, "COPY_BLOCK_ROWS", 2)
+    frame = pl.DataFrame(
+        {
+            "user_id": ["a", "b", "c"],
+            "item_ids": [["x", "y"], ["z"], []],
+            "scores": [[2.0, 1.0], [0.5], []],
+            "reason_refs": [["Comedy", "ü"], [], []],
+            "reason_codes": [b"\xc0\x00\x40\x01", b"\x00\x00", b""],
+        },
+        schema={**SCHEMA, "reason_refs": pl.List(pl.String), "reason_codes": pl.Binary},
+    )
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "CREATE TABLE recs (user_id text, item_ids text[], scores real[], reason_codes bytea, reason_refs text[])"
+        )
+        query = "COPY recs (user_id, item_ids, scores, reason_codes, reason_refs) FROM STDIN (FORMAT BINARY)"
+        with conn.cursor() as cur, cur.copy(query) as copy:
+            publish.copy_frame(copy, frame.slice(0), partial(copy_binary.encode_rows, reasons=True))
+        rows = conn.execute("SELECT user_id, reason_codes, reason_refs FROM recs ORDER BY user_id").fetchall()
+    assert rows == [("a", b"\xc0\x00\x40\x01", ["Comedy", "ü"]), ("b", b"\x00\x00", []), ("c", b"", [])]

@@ -91,6 +91,15 @@ CORRUPTIONS: dict[str, tuple[Callable[[pl.DataFrame], pl.DataFrame], str]] = {
         "rows with non-finite scores",
     ),
     "duplicate user": (lambda f: pl.concat([f, f.head(1)]), "duplicate user ids"),
+    "reasons cut short": (
+        lambda f: f.with_columns(
+            pl.when(pl.int_range(pl.len()) == 0)
+            .then(pl.lit(b""))
+            .otherwise(pl.col("reason_codes"))
+            .alias("reason_codes")
+        ),
+        "1 rows whose reasons do not match their items",
+    ),
 }
 
 

@@ -4,7 +4,7 @@ affinity, the top rows per user) against hand-computed cases."""
 import polars as pl
 import pytest
 
-from jobs.kernels import genre_affinity, merge_sources, top_neighbours, top_rows
+from jobs.kernels import RankBy, genre_affinity, merge_sources, top_neighbours, top_rows
 
 USERS = pl.Enum(["u1", "u2", "u3"])
 ITEMS = pl.Enum(["a", "b", "c", "d", "e"])
@@ -30,7 +30,7 @@ TABLE = pl.DataFrame(
 
 
 def rows(found: pl.DataFrame) -> list[tuple[object, ...]]:
-    named = found.with_columns(
+    named = found.drop("because").with_columns(
         pl.col("user_code").map_elements(USERS.categories.__getitem__, return_dtype=pl.String),
         pl.col("item_code").map_elements(ITEMS.categories.__getitem__, return_dtype=pl.String),
     )
@@ -65,12 +65,27 @@ def test_ranking_by_the_recency_weighted_sum_breaks_its_ties_by_item_and_keeps_t
     assert [(r[0], r[1], r[6]) for r in rows(found)] == [("u1", "c", 1), ("u2", "a", 1)]
 
 
+def test_each_neighbour_names_the_users_item_that_adds_the_most_to_the_sum_it_is_ranked_by() -> None:
+    def because(rank_by: RankBy) -> dict[tuple[str, str], str]:
+        found = top_neighbours(LATEST, SEEN, TABLE, "similarity", limit=5, rank_by=rank_by)
+        return {
+            (USERS.categories[u], ITEMS.categories[i]): ITEMS.categories[b]
+            for u, i, b in found.select("user_code", "item_code", "because").rows()
+        }
+
+    # u1's d: 0.25 from a, 1.0 from b; c: 0.5 from each (a tie), but b is u1's 4th latest item, so by the
+    # recency-weighted sum a gives 0.5 and b 0.5 / sqrt(4), and d's b still gives the most (0.5 against 0.25)
+    total, recent = because("total"), because("recent")
+    assert total[("u1", "d")] == "b" and (total[("u2", "a")], total[("u2", "b")]) == ("c", "c")
+    assert (recent[("u1", "c")], recent[("u1", "d")]) == ("a", "b")
+
+
 def test_without_seen_items_every_neighbour_is_a_candidate() -> None:
     found = top_neighbours(LATEST, None, TABLE, "similarity", limit=5, rank_by="total")
     assert [(r[0], r[1]) for r in rows(found)] == [("u1", "d"), ("u1", "c"), ("u1", "e"), ("u2", "a"), ("u2", "b")]
 
 
-def merged(most: int) -> list[tuple[object, ...]]:
+def merged(most: int, reasons: bool = False) -> list[tuple[object, ...]]:
     knn = top_neighbours(LATEST, SEEN, TABLE, "similarity", limit=5, rank_by="total")
     covisit = top_neighbours(LATEST, SEEN, TABLE, "similarity", limit=1, rank_by="recent")
     favourite = pl.DataFrame(
@@ -83,6 +98,10 @@ def merged(most: int) -> list[tuple[object, ...]]:
         pl.col("item_id").cast(ITEMS), pl.col("popular_score").cast(pl.Float32)
     )
     found = merge_sources(knn, covisit, favourite, genre_popular, popular, SEEN, genre_limit=1, most=most)
+    if reasons:
+        found = found.select("user_code", "item_code", "knn_because", "covisit_because", "genre_because")
+    else:
+        found = found.drop("knn_because", "covisit_because", "genre_because")
     named = found.with_columns(
         pl.col("user_code").map_elements(USERS.categories.__getitem__, return_dtype=pl.String),
         pl.col("item_code").map_elements(ITEMS.categories.__getitem__, return_dtype=pl.String),
@@ -107,6 +126,19 @@ def test_merging_keeps_every_sources_score_and_rank_and_leaves_the_others_null()
         ("u3", "d", n, n, n, n, n, n, n, n, n, 5.0, 2),
         ("u3", "e", n, n, n, n, n, n, n, n, n, 5.0, 3),
     ]
+
+
+def test_merging_keeps_what_each_source_proposed_the_item_for() -> None:
+    # (knn_because, covisit_because: item codes of the user's items; genre_because: the genre adding the most)
+    # u1's c: by knn a and b tie, by co-visitation a gives the most; its genre score is 0.25 from x, 0.0625 from y.
+    # u1's d: b (1.0 against 0.25), only knn proposes it. u2's a: c, both; u2's d: genre y only.
+    found = {(r[0], r[1]): r[2:] for r in merged(most=10, reasons=True)}
+    code = ITEMS.categories.to_list().index
+    assert found[("u1", "c")][1:] == (code("a"), "x")
+    assert found[("u1", "d")] == (code("b"), None, None)
+    assert found[("u2", "a")] == (code("c"), code("c"), None)
+    assert found[("u2", "d")] == (None, None, "y")
+    assert found[("u3", "b")] == (None, None, None)
 
 
 def test_past_the_most_candidates_the_best_rank_in_any_source_stays_and_ties_go_by_item() -> None:
