@@ -255,29 +255,9 @@ def build_similar(events: pl.LazyFrame, settings: Settings) -> pl.DataFrame:
     """(item_id, neighbour_id, similarity): cosine similarity of items over the user-item matrix
     (each user's latest ``similarity_history`` items, a cell the user's strength on the item: 1 without
     event weights), the top ``similarity_neighbours`` per item; pairs need ``similarity_min_support`` users."""
-    history = latest_items(with_event_weight(events, settings.event_weights), settings.similarity_history).select(
-        "user_id", "item_id", pl.col("strength").cast(pl.Float64)
-    )
-    users_per_item = history.group_by("item_id").agg(n=(pl.col("strength") ** 2).sum())
-    pairs = (
-        history.join(history, on="user_id", suffix="_other")
-        .filter(pl.col("item_id") != pl.col("item_id_other"))
-        .group_by("item_id", pl.col("item_id_other").alias("neighbour_id"))
-        .agg(support=pl.len(), both=(pl.col("strength") * pl.col("strength_other")).sum())
-        .filter(pl.col("support") >= settings.similarity_min_support)
-        .join(users_per_item, on="item_id")
-        .join(users_per_item.rename({"item_id": "neighbour_id", "n": "n_other"}), on="neighbour_id")
-        .select(
-            "item_id",
-            "neighbour_id",
-            similarity=(pl.col("both") / (pl.col("n") * pl.col("n_other")).sqrt()).round(6).cast(pl.Float32),
-        )
-    )
-    return (
-        top_per_group(pairs, "item_id", "similarity", "neighbour_id", settings.similarity_neighbours)
-        .sort("item_id", "similarity", "neighbour_id", descending=[False, True, False])
-        .collect(engine="streaming")
-    )
+    history = latest_items(with_event_weight(events, settings.event_weights), settings.similarity_history)
+    collected = history.select("user_id", "item_id", "strength").collect(engine="streaming")
+    return kernels.item_similarity(collected, settings.similarity_min_support, settings.similarity_neighbours)
 
 
 def build_tables(

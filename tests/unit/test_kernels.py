@@ -1,10 +1,11 @@
 """The compiled kernels (neighbour sums for knn and co-visitation, the merge of the candidate sources, genre
 affinity, the top rows per user) against hand-computed cases."""
 
+import numpy as np
 import polars as pl
 import pytest
 
-from jobs.kernels import RankBy, genre_affinity, merge_sources, top_neighbours, top_rows
+from jobs.kernels import RankBy, genre_affinity, item_similarity, merge_sources, top_neighbours, top_rows
 
 USERS = pl.Enum(["u1", "u2", "u3"])
 ITEMS = pl.Enum(["a", "b", "c", "d", "e"])
@@ -171,3 +172,50 @@ def test_top_rows_are_each_users_best_scores_with_ties_by_item() -> None:
     )
     # u1: b, then a before c on their tie; u2: a, then b before c (-0.0 ties with 0.0); u3 has no rows
     assert top_rows(frame["user_id"], frame["item_id"], frame["score"].to_numpy(), k=2).tolist() == [3, 2, 1, 4]
+
+
+def polars_similarity(history: pl.DataFrame, min_support: int, limit: int) -> pl.DataFrame:
+    """The cosine similarity as a polars self-join: what ``item_similarity`` computes without holding every pair."""
+    norms = history.group_by("item_id").agg(n=(pl.col("strength") ** 2).sum())
+    pairs = (
+        history.join(history, on="user_id", suffix="_other")
+        .filter(pl.col("item_id") != pl.col("item_id_other"))
+        .group_by("item_id", pl.col("item_id_other").alias("neighbour_id"))
+        .agg(support=pl.len(), both=(pl.col("strength") * pl.col("strength_other")).sum())
+        .filter(pl.col("support") >= min_support)
+        .join(norms, on="item_id")
+        .join(norms.rename({"item_id": "neighbour_id", "n": "n_other"}), on="neighbour_id")
+        .select(
+            "item_id",
+            "neighbour_id",
+            similarity=(pl.col("both") / (pl.col("n") * pl.col("n_other")).sqrt()).round(6).cast(pl.Float32),
+        )
+    )
+    return (
+        pairs.sort(["item_id", "similarity", "neighbour_id"], descending=[False, True, False])
+        .group_by("item_id", maintain_order=True)
+        .head(limit)
+    )
+
+
+@pytest.mark.parametrize("strengths", [(1.0,), (1.0, 3.0, 8.0)])
+def test_item_similarity_equals_the_self_join_it_replaces(strengths: tuple[float, ...]) -> None:
+    rng = np.random.default_rng(5)
+    users, items = 300, 60
+    pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, users, 4_000), rng.zipf(1.3, 4_000) % items, strict=True)}
+    history = pl.DataFrame(
+        {
+            "user_id": [f"u{u}" for u, _ in sorted(pairs)],
+            "item_id": [f"i{i:02d}" for _, i in sorted(pairs)],
+            "strength": rng.choice(strengths, len(pairs)),
+        }
+    )
+    found = item_similarity(history, min_support=2, limit=7)
+    expected = polars_similarity(history, min_support=2, limit=7)
+    assert found.height > 100 and found.columns == ["item_id", "neighbour_id", "similarity"]
+    assert found.to_dicts() == expected.to_dicts()
+
+
+def test_item_similarity_of_no_history_is_empty() -> None:
+    empty = pl.DataFrame(schema={"user_id": pl.String, "item_id": pl.String, "strength": pl.Float64})
+    assert item_similarity(empty, min_support=1, limit=5).height == 0
