@@ -619,7 +619,7 @@ def item_similarity(history: pl.DataFrame, min_support: int, limit: int) -> pl.D
         item=pl.col("item_id").cast(pl.String).cast(items).to_physical().cast(pl.Int64),
         strength=pl.col("strength").cast(pl.Float64),
     )
-    n_users, n_items = (int(coded["user"].max()) + 1 if coded.height else 0), items.categories.len()
+    n_users, n_items = coded["user"].n_unique(), items.categories.len()
     by_user = coded.sort("user", "item")
     by_item = coded.sort("item", "user")
     norms = by_item.group_by("item").agg((pl.col("strength") ** 2).sum()).sort("item")["strength"].to_numpy()
