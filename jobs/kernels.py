@@ -455,7 +455,8 @@ def merge_sources(
             for column in columns
         ),
     )
-    return kept.with_columns(genre_because=genres.categories.gather(kept["genre_because"]))
+    physical = pl.Series(dtype=genres).to_physical().dtype  # codes as an enum: no text per candidate
+    return kept.with_columns(pl.col("genre_because").cast(physical).cat.to(genres))
 
 
 @numba.njit(parallel=True, cache=True)

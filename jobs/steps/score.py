@@ -30,6 +30,8 @@ from sql.contract import REASON_SOURCE_SHIFT, REASON_SOURCES
 logger = logging.getLogger(__name__)
 
 CHUNK_USERS = 20_000
+# The ranks that choose between the item-to-item sources' reasons (features: an unproposed item ranks last).
+REASON_RANKS = ("covisit_rank", "knn_rank")
 # A shard file's columns: the lists, and their reasons when the night publishes explanations.
 LISTS_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.String(),
@@ -134,8 +136,9 @@ def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int, diverse: Dive
     else:
         best, published = diverse.rerank(frame, predicted, k)
     explained = all(column in frame.columns for column in candidates.REASONS)
-    chosen = frame.select("user_id", "item_id", *(reason_code_and_ref() if explained else ()))[best]
-    if explained:  # the ref's place among the user's sorted distinct refs, beside the source
+    chosen = frame.select("user_id", "item_id", *((*REASON_RANKS, *candidates.REASONS) if explained else ()))[best]
+    if explained:  # the source and what it names, then the name's place among the user's sorted distinct names
+        chosen = chosen.with_columns(reason_code_and_ref())
         place = (pl.col("reason_ref").rank("dense").over("user_id") - 1).fill_null(0).cast(pl.Int32)
         code = pl.col("reason_code").cast(pl.Int32) * (1 << REASON_SOURCE_SHIFT) + place
         chosen = chosen.with_columns(reason_code=code.cast(pl.UInt16))
@@ -186,7 +189,7 @@ def reason_code_and_ref() -> tuple[pl.Expr, pl.Expr]:
         .when(knn)
         .then(pl.col("knn_because").cast(pl.String))
         .when(genre)
-        .then(pl.col("genre_because"))
+        .then(pl.col("genre_because").cast(pl.String))
     )
     return code.cast(pl.UInt16).alias("reason_code"), ref.alias("reason_ref")
 
