@@ -18,6 +18,7 @@ ranks and tie-breaks (a higher score first, then the lower item code: ``_key``).
 winners are picked by a partition, so only they are sorted. Compiled once and cached beside this file.
 """
 
+from datetime import datetime
 from typing import Literal
 
 import numba
@@ -642,5 +643,98 @@ def item_similarity(history: pl.DataFrame, min_support: int, limit: int) -> pl.D
             "item_id": names.gather(found_items[kept]),
             "neighbour_id": names.gather(neighbours[kept]),
             "similarity": similarity[kept],
+        }
+    )
+
+
+@numba.njit(parallel=True, cache=True)
+def _covisitation(
+    user_ptr: np.ndarray,
+    user_items: np.ndarray,
+    user_seen: np.ndarray,
+    user_strengths: np.ndarray,
+    item_ptr: np.ndarray,
+    item_users: np.ndarray,
+    item_seen: np.ndarray,
+    cutoff: int,
+    per_day: float,
+    limit: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n_items = item_ptr.size - 1
+    out_items = np.full(n_items * limit, -1, np.int64)  # -1: an unused slot
+    out_neighbours = np.empty(n_items * limit, np.int64)
+    out_weights = np.empty(n_items * limit, np.float32)
+    for task in numba.prange((n_items + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
+        total = np.zeros(n_items, np.float64)
+        owner = np.full(n_items, -1, np.int64)  # the item whose sums a slot holds
+        weight = np.empty(n_items, np.float32)
+        touched = np.empty(n_items, np.int64)
+        keys = np.empty(n_items, np.uint64)
+        for item in range(task * _USERS_PER_TASK, min(n_items, (task + 1) * _USERS_PER_TASK)):
+            n_touched = 0
+            for e in range(item_ptr[item], item_ptr[item + 1]):
+                user = item_users[e]
+                seen = item_seen[e]
+                # as polars computes it: whole seconds (truncated), then days
+                decayed = np.exp(-(np.float64((cutoff - seen) // 1_000_000) / 86_400.0) * per_day)
+                for f in range(user_ptr[user], user_ptr[user + 1]):
+                    other = user_items[f]
+                    if other == item:
+                        continue
+                    if owner[other] != item:
+                        owner[other] = item
+                        total[other] = 0.0
+                        touched[n_touched] = other
+                        n_touched += 1
+                    gap = np.float64(abs(seen - user_seen[f]) // 1_000_000) / 86_400.0
+                    total[other] += decayed * user_strengths[f] / (1.0 + gap)
+            for t in range(n_touched):
+                other = touched[t]
+                weight[other] = _rounded(total[other])
+                keys[t] = _key(weight[other], other)
+            chosen = _best(keys[:n_touched], limit)
+            base = item * limit
+            for r in range(chosen.size):
+                out_items[base + r] = item
+                out_neighbours[base + r] = chosen[r]
+                out_weights[base + r] = weight[chosen[r]]
+    return out_items, out_neighbours, out_weights
+
+
+def covisitation(recent: pl.DataFrame, cutoff: datetime, half_life_days: float, limit: int) -> pl.DataFrame:
+    """(item_id, neighbour_id, covisit_weight): each item's ``limit`` heaviest co-visited items (ties by
+    neighbour id). ``recent``: (user_id, item_id, last_seen, strength), an item at most once per user. A
+    co-visit of item i with the user's item j weighs the decay of i's last_seen before ``cutoff`` (halving
+    every ``half_life_days``) times j's strength, over 1 + the days between the two; summed per pair,
+    rounded to 6 decimals. Summed per item like ``item_similarity``, never holding the pairs."""
+    items = pl.Enum(recent["item_id"].cast(pl.String).unique().sort())
+    coded = recent.select(
+        user=pl.col("user_id").rank("dense").cast(pl.Int64) - 1,
+        item=pl.col("item_id").cast(pl.String).cast(items).to_physical().cast(pl.Int64),
+        seen=pl.col("last_seen").dt.cast_time_unit("us").dt.replace_time_zone(None).cast(pl.Int64),
+        strength=pl.col("strength").cast(pl.Float64),
+    )
+    by_user = coded.sort("user", "item")
+    by_item = coded.sort("item", "user")
+    cutoff_us = int(pl.Series([cutoff]).dt.cast_time_unit("us").dt.replace_time_zone(None).cast(pl.Int64)[0])
+    found_items, neighbours, weights = _covisitation(
+        _pointers(by_user["user"].to_numpy(), coded["user"].n_unique()),
+        by_user["item"].to_numpy(),
+        by_user["seen"].to_numpy(),
+        by_user["strength"].to_numpy(),
+        _pointers(by_item["item"].to_numpy(), items.categories.len()),
+        by_item["user"].to_numpy(),
+        by_item["seen"].to_numpy(),
+        cutoff_us,
+        0.6931471805599453 / half_life_days,
+        limit,
+    )
+    kept = found_items >= 0
+    names = items.categories
+    return pl.DataFrame(
+        {
+            "item_id": names.gather(found_items[kept]),
+            "neighbour_id": names.gather(neighbours[kept]),
+            "covisit_weight": weights[kept],
         }
     )

@@ -228,27 +228,9 @@ def build_neighbours(events: pl.LazyFrame, cutoff: datetime, settings: Settings)
     Two items touched closer in time weigh more, and so do co-visits closer to the cutoff and neighbours
     the co-visitor engaged with more strongly (event weights).
     """
-    recent = latest_items(with_event_weight(events, settings.event_weights), settings.covisit_history).select(
-        "user_id", "item_id", "last_seen", "strength"
-    )
-    pairs = (
-        recent.join(recent, on="user_id", suffix="_other")
-        .filter(pl.col("item_id") != pl.col("item_id_other"))
-        .select(
-            "item_id",
-            pl.col("item_id_other").alias("neighbour_id"),
-            weight=decay(cutoff, settings.covisit_half_life_days, "last_seen")
-            * pl.col("strength_other")
-            / (1.0 + (pl.col("last_seen") - pl.col("last_seen_other")).dt.total_seconds().abs() / SECONDS_PER_DAY),
-        )
-        .group_by("item_id", "neighbour_id")
-        .agg(covisit_weight=stable_sum(pl.col("weight")))
-    )
-    return (
-        top_per_group(pairs, "item_id", "covisit_weight", "neighbour_id", settings.covisit_neighbours)
-        .sort("item_id", "covisit_weight", "neighbour_id", descending=[False, True, False])
-        .collect(engine="streaming")
-    )
+    recent = latest_items(with_event_weight(events, settings.event_weights), settings.covisit_history)
+    collected = recent.select("user_id", "item_id", "last_seen", "strength").collect(engine="streaming")
+    return kernels.covisitation(collected, cutoff, settings.covisit_half_life_days, settings.covisit_neighbours)
 
 
 def build_similar(events: pl.LazyFrame, settings: Settings) -> pl.DataFrame:

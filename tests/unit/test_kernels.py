@@ -1,11 +1,21 @@
 """The compiled kernels (neighbour sums for knn and co-visitation, the merge of the candidate sources, genre
 affinity, the top rows per user) against hand-computed cases."""
 
+from datetime import UTC, datetime, timedelta
+
 import numpy as np
 import polars as pl
 import pytest
 
-from jobs.kernels import RankBy, genre_affinity, item_similarity, merge_sources, top_neighbours, top_rows
+from jobs.kernels import (
+    RankBy,
+    covisitation,
+    genre_affinity,
+    item_similarity,
+    merge_sources,
+    top_neighbours,
+    top_rows,
+)
 
 USERS = pl.Enum(["u1", "u2", "u3"])
 ITEMS = pl.Enum(["a", "b", "c", "d", "e"])
@@ -219,3 +229,49 @@ def test_item_similarity_equals_the_self_join_it_replaces(strengths: tuple[float
 def test_item_similarity_of_no_history_is_empty() -> None:
     empty = pl.DataFrame(schema={"user_id": pl.String, "item_id": pl.String, "strength": pl.Float64})
     assert item_similarity(empty, min_support=1, limit=5).height == 0
+
+
+def polars_covisitation(recent: pl.DataFrame, cutoff: datetime, half_life_days: float, limit: int) -> pl.DataFrame:
+    """Co-visitation as a polars self-join: what ``covisitation`` computes without holding every pair."""
+    day = 86_400.0
+    decay = (
+        -((pl.lit(cutoff) - pl.col("last_seen")).dt.total_seconds() / day) * (0.6931471805599453 / half_life_days)
+    ).exp()
+    gap = (pl.col("last_seen") - pl.col("last_seen_other")).dt.total_seconds().abs() / day
+    return (
+        recent.join(recent, on="user_id", suffix="_other")
+        .filter(pl.col("item_id") != pl.col("item_id_other"))
+        .select(
+            "item_id",
+            pl.col("item_id_other").alias("neighbour_id"),
+            weight=decay * pl.col("strength_other") / (1.0 + gap),
+        )
+        .group_by("item_id", "neighbour_id")
+        .agg(covisit_weight=pl.col("weight").sum().round(6).cast(pl.Float32))
+        .sort(["item_id", "covisit_weight", "neighbour_id"], descending=[False, True, False])
+        .group_by("item_id", maintain_order=True)
+        .head(limit)
+    )
+
+
+@pytest.mark.parametrize("strengths", [(1.0,), (1.0, 3.0, 8.0)])
+def test_covisitation_equals_the_self_join_it_replaces(strengths: tuple[float, ...]) -> None:
+    rng = np.random.default_rng(9)
+    cutoff = datetime(2026, 11, 20, tzinfo=UTC)
+    pairs = sorted(
+        {(int(u), int(i)) for u, i in zip(rng.integers(0, 300, 3_000), rng.zipf(1.3, 3_000) % 60, strict=True)}
+    )
+    # sub-second times, before and after one another: the gaps are whole seconds, truncated
+    micros = rng.integers(0, 30 * 86_400 * 1_000_000, len(pairs))
+    recent = pl.DataFrame(
+        {
+            "user_id": [f"u{u}" for u, _ in pairs],
+            "item_id": [f"i{i:02d}" for _, i in pairs],
+            "last_seen": [cutoff - timedelta(microseconds=int(m)) for m in micros],
+            "strength": rng.choice(strengths, len(pairs)),
+        }
+    )
+    found = covisitation(recent, cutoff, half_life_days=7.0, limit=6)
+    expected = polars_covisitation(recent, cutoff, half_life_days=7.0, limit=6)
+    assert found.height > 100 and found.columns == ["item_id", "neighbour_id", "covisit_weight"]
+    assert found.to_dicts() == expected.to_dicts()
