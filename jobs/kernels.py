@@ -551,59 +551,115 @@ def genre_affinity(candidates: pl.DataFrame, shares: pl.DataFrame, item_genres: 
 
 
 @numba.njit(parallel=True, cache=True)
-def _item_similarity(
+def _item_pairs(
     user_ptr: np.ndarray,
     user_items: np.ndarray,
+    user_seen: np.ndarray,
     user_strengths: np.ndarray,
     item_ptr: np.ndarray,
     item_users: np.ndarray,
+    item_seen: np.ndarray,
     item_strengths: np.ndarray,
-    norms: np.ndarray,
+    cosine: bool,
     min_support: int,
+    cutoff: int,
+    per_day: float,
     limit: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item, the sums over its users' other items, each item's ``limit`` best kept: with ``cosine``,
+    strength x strength over the norms' product (pairs of ``min_support`` users or more); else the
+    co-visit weight (``covisitation``)."""
     n_items = item_ptr.size - 1
+    norms = np.zeros(n_items, np.float64)
+    if cosine:
+        for item in range(n_items):
+            for e in range(item_ptr[item], item_ptr[item + 1]):
+                norms[item] += item_strengths[e] * item_strengths[e]
     out_items = np.full(n_items * limit, -1, np.int64)  # -1: an unused slot
     out_neighbours = np.empty(n_items * limit, np.int64)
-    out_similarity = np.empty(n_items * limit, np.float32)
+    out_values = np.empty(n_items * limit, np.float32)
     for task in numba.prange((n_items + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
-        both = np.zeros(n_items, np.float64)
+        total = np.zeros(n_items, np.float64)
         support = np.zeros(n_items, np.int64)
         owner = np.full(n_items, -1, np.int64)  # the item whose sums a slot holds
-        similarity = np.empty(n_items, np.float32)
+        value = np.empty(n_items, np.float32)
         touched = np.empty(n_items, np.int64)
         keys = np.empty(n_items, np.uint64)
         for item in range(task * _USERS_PER_TASK, min(n_items, (task + 1) * _USERS_PER_TASK)):
             n_touched = 0
             for e in range(item_ptr[item], item_ptr[item + 1]):
                 user = item_users[e]
-                strength = item_strengths[e]
+                seen = item_seen[e]
+                # as polars computes it: whole seconds (truncated), then days
+                decayed = 0.0 if cosine else np.exp(-(np.float64((cutoff - seen) // 1_000_000) / 86_400.0) * per_day)
                 for f in range(user_ptr[user], user_ptr[user + 1]):
                     other = user_items[f]
                     if other == item:
                         continue
                     if owner[other] != item:
                         owner[other] = item
-                        both[other] = 0.0
+                        total[other] = 0.0
                         support[other] = 0
                         touched[n_touched] = other
                         n_touched += 1
-                    both[other] += strength * user_strengths[f]
+                    if cosine:
+                        total[other] += item_strengths[e] * user_strengths[f]
+                    else:
+                        gap = np.float64(abs(seen - user_seen[f]) // 1_000_000) / 86_400.0
+                        total[other] += decayed * user_strengths[f] / (1.0 + gap)
                     support[other] += 1
             n_candidates = 0
             for t in range(n_touched):
                 other = touched[t]
                 if support[other] >= min_support:
-                    similarity[other] = _rounded(both[other] / np.sqrt(norms[item] * norms[other]))
-                    keys[n_candidates] = _key(similarity[other], other)
+                    summed = total[other] / np.sqrt(norms[item] * norms[other]) if cosine else total[other]
+                    value[other] = _rounded(summed)
+                    keys[n_candidates] = _key(value[other], other)
                     n_candidates += 1
             chosen = _best(keys[:n_candidates], limit)
             base = item * limit
             for r in range(chosen.size):
                 out_items[base + r] = item
                 out_neighbours[base + r] = chosen[r]
-                out_similarity[base + r] = similarity[chosen[r]]
-    return out_items, out_neighbours, out_similarity
+                out_values[base + r] = value[chosen[r]]
+    return out_items, out_neighbours, out_values
+
+
+def _item_pair_table(
+    frame: pl.DataFrame, name: str, cosine: bool, min_support: int, cutoff: int, per_day: float, limit: int
+) -> pl.DataFrame:
+    """``_item_pairs`` over ``frame`` (user_id, item_id, strength, and for co-visits last_seen) as
+    (item_id, neighbour_id, ``name``), ids as text, each item's best first."""
+    items = pl.Enum(frame["item_id"].cast(pl.String).unique().sort())
+    seen = pl.col("last_seen").dt.cast_time_unit("us").dt.replace_time_zone(None) if not cosine else pl.lit(0)
+    coded = frame.select(
+        user=pl.col("user_id").rank("dense").cast(pl.Int64) - 1,
+        item=pl.col("item_id").cast(pl.String).cast(items).to_physical().cast(pl.Int64),
+        seen=seen.cast(pl.Int64),
+        strength=pl.col("strength").cast(pl.Float64),
+    )
+    by_user = coded.sort("user", "item")
+    by_item = coded.sort("item", "user")
+    found_items, neighbours, values = _item_pairs(
+        _pointers(by_user["user"].to_numpy(), coded["user"].n_unique()),
+        by_user["item"].to_numpy(),
+        by_user["seen"].to_numpy(),
+        by_user["strength"].to_numpy(),
+        _pointers(by_item["item"].to_numpy(), items.categories.len()),
+        by_item["user"].to_numpy(),
+        by_item["seen"].to_numpy(),
+        by_item["strength"].to_numpy(),
+        cosine,
+        min_support,
+        cutoff,
+        per_day,
+        limit,
+    )
+    kept = found_items >= 0
+    names = items.categories
+    return pl.DataFrame(
+        {"item_id": names.gather(found_items[kept]), "neighbour_id": names.gather(neighbours[kept]), name: values[kept]}
+    )
 
 
 def item_similarity(history: pl.DataFrame, min_support: int, limit: int) -> pl.DataFrame:
@@ -615,90 +671,7 @@ def item_similarity(history: pl.DataFrame, min_support: int, limit: int) -> pl.D
     does: the polars self-join it replaces held every (user, item, item) row of 20,000 users' histories
     at once (4.3 GB at 100 items a user).
     """
-    items = pl.Enum(history["item_id"].cast(pl.String).unique().sort())
-    coded = history.select(
-        user=pl.col("user_id").rank("dense").cast(pl.Int64) - 1,
-        item=pl.col("item_id").cast(pl.String).cast(items).to_physical().cast(pl.Int64),
-        strength=pl.col("strength").cast(pl.Float64),
-    )
-    n_users, n_items = coded["user"].n_unique(), items.categories.len()
-    by_user = coded.sort("user", "item")
-    by_item = coded.sort("item", "user")
-    norms = by_item.group_by("item").agg((pl.col("strength") ** 2).sum()).sort("item")["strength"].to_numpy()
-    found_items, neighbours, similarity = _item_similarity(
-        _pointers(by_user["user"].to_numpy(), n_users),
-        by_user["item"].to_numpy(),
-        by_user["strength"].to_numpy(),
-        _pointers(by_item["item"].to_numpy(), n_items),
-        by_item["user"].to_numpy(),
-        by_item["strength"].to_numpy(),
-        norms,
-        min_support,
-        limit,
-    )
-    kept = found_items >= 0
-    names = items.categories
-    return pl.DataFrame(
-        {
-            "item_id": names.gather(found_items[kept]),
-            "neighbour_id": names.gather(neighbours[kept]),
-            "similarity": similarity[kept],
-        }
-    )
-
-
-@numba.njit(parallel=True, cache=True)
-def _covisitation(
-    user_ptr: np.ndarray,
-    user_items: np.ndarray,
-    user_seen: np.ndarray,
-    user_strengths: np.ndarray,
-    item_ptr: np.ndarray,
-    item_users: np.ndarray,
-    item_seen: np.ndarray,
-    cutoff: int,
-    per_day: float,
-    limit: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n_items = item_ptr.size - 1
-    out_items = np.full(n_items * limit, -1, np.int64)  # -1: an unused slot
-    out_neighbours = np.empty(n_items * limit, np.int64)
-    out_weights = np.empty(n_items * limit, np.float32)
-    for task in numba.prange((n_items + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
-        total = np.zeros(n_items, np.float64)
-        owner = np.full(n_items, -1, np.int64)  # the item whose sums a slot holds
-        weight = np.empty(n_items, np.float32)
-        touched = np.empty(n_items, np.int64)
-        keys = np.empty(n_items, np.uint64)
-        for item in range(task * _USERS_PER_TASK, min(n_items, (task + 1) * _USERS_PER_TASK)):
-            n_touched = 0
-            for e in range(item_ptr[item], item_ptr[item + 1]):
-                user = item_users[e]
-                seen = item_seen[e]
-                # as polars computes it: whole seconds (truncated), then days
-                decayed = np.exp(-(np.float64((cutoff - seen) // 1_000_000) / 86_400.0) * per_day)
-                for f in range(user_ptr[user], user_ptr[user + 1]):
-                    other = user_items[f]
-                    if other == item:
-                        continue
-                    if owner[other] != item:
-                        owner[other] = item
-                        total[other] = 0.0
-                        touched[n_touched] = other
-                        n_touched += 1
-                    gap = np.float64(abs(seen - user_seen[f]) // 1_000_000) / 86_400.0
-                    total[other] += decayed * user_strengths[f] / (1.0 + gap)
-            for t in range(n_touched):
-                other = touched[t]
-                weight[other] = _rounded(total[other])
-                keys[t] = _key(weight[other], other)
-            chosen = _best(keys[:n_touched], limit)
-            base = item * limit
-            for r in range(chosen.size):
-                out_items[base + r] = item
-                out_neighbours[base + r] = chosen[r]
-                out_weights[base + r] = weight[chosen[r]]
-    return out_items, out_neighbours, out_weights
+    return _item_pair_table(history, "similarity", True, min_support, 0, 0.0, limit)
 
 
 def covisitation(recent: pl.DataFrame, cutoff: datetime, half_life_days: float, limit: int) -> pl.DataFrame:
@@ -707,34 +680,6 @@ def covisitation(recent: pl.DataFrame, cutoff: datetime, half_life_days: float, 
     co-visit of item i with the user's item j weighs the decay of i's last_seen before ``cutoff`` (halving
     every ``half_life_days``) times j's strength, over 1 + the days between the two; summed per pair,
     rounded to 6 decimals. Summed per item like ``item_similarity``, never holding the pairs."""
-    items = pl.Enum(recent["item_id"].cast(pl.String).unique().sort())
-    coded = recent.select(
-        user=pl.col("user_id").rank("dense").cast(pl.Int64) - 1,
-        item=pl.col("item_id").cast(pl.String).cast(items).to_physical().cast(pl.Int64),
-        seen=pl.col("last_seen").dt.cast_time_unit("us").dt.replace_time_zone(None).cast(pl.Int64),
-        strength=pl.col("strength").cast(pl.Float64),
-    )
-    by_user = coded.sort("user", "item")
-    by_item = coded.sort("item", "user")
     cutoff_us = int(pl.Series([cutoff]).dt.cast_time_unit("us").dt.replace_time_zone(None).cast(pl.Int64)[0])
-    found_items, neighbours, weights = _covisitation(
-        _pointers(by_user["user"].to_numpy(), coded["user"].n_unique()),
-        by_user["item"].to_numpy(),
-        by_user["seen"].to_numpy(),
-        by_user["strength"].to_numpy(),
-        _pointers(by_item["item"].to_numpy(), items.categories.len()),
-        by_item["user"].to_numpy(),
-        by_item["seen"].to_numpy(),
-        cutoff_us,
-        0.6931471805599453 / half_life_days,
-        limit,
-    )
-    kept = found_items >= 0
-    names = items.categories
-    return pl.DataFrame(
-        {
-            "item_id": names.gather(found_items[kept]),
-            "neighbour_id": names.gather(neighbours[kept]),
-            "covisit_weight": weights[kept],
-        }
-    )
+    per_day = 0.6931471805599453 / half_life_days
+    return _item_pair_table(recent, "covisit_weight", False, 1, cutoff_us, per_day, limit)
