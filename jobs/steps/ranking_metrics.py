@@ -20,21 +20,18 @@ DIGITS = 9
 GRADE = "grade"  # the column of a relevant item's grade (jobs.event_weights.GRADE)
 
 
+def metric_names(k: int = K) -> tuple[str, ...]:
+    """The metrics ``ranking_metrics`` reports, besides its user count."""
+    return (f"ndcg@{k}", f"graded_ndcg@{k}", f"recall@{k}", f"map@{k}", f"hit_rate@{k}", f"coverage@{k}")
+
+
 def ranking_metrics(
     recommendations: pl.DataFrame, relevant: pl.DataFrame, catalogue_size: int, k: int = K
 ) -> dict[str, float]:
     """Score ``recommendations`` (user_id, item_id, rank from 1) against ``relevant`` (user_id, item_id)."""
     per_user = per_user_metrics(recommendations, relevant, k)
     if per_user.height == 0:
-        return {
-            f"ndcg@{k}": 0.0,
-            f"graded_ndcg@{k}": 0.0,
-            f"recall@{k}": 0.0,
-            f"map@{k}": 0.0,
-            f"hit_rate@{k}": 0.0,
-            f"coverage@{k}": 0.0,
-            "users": 0,
-        }
+        return {**dict.fromkeys(metric_names(k), 0.0), "users": 0}
     means = per_user.drop("user_id").mean().row(0, named=True)
     covered = listed_items(recommendations, relevant, k).select(pl.col("item_id").n_unique()).item()
     # Rounded: a parallel mean adds in varying order, and a registry should not differ in the 16th digit.

@@ -1,7 +1,6 @@
 """OVERNIGHT_DATA_DIR=s3://bucket/prefix against a real S3-compatible server (moto's, its own process):
 the same night as on a local folder, the same published batch, and writes a reader never sees half of."""
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from jobs.settings import Settings
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
+from tests.support.lake_files import assert_a_writer_dying_midway_leaves_the_old_file_alone
 from tests.support.object_storage import S3Server, s3_server
 
 pytestmark = pytest.mark.integration
@@ -125,17 +125,7 @@ def test_the_data_folder_is_a_local_path_or_an_s3_url() -> None:
 
 def test_a_writer_that_dies_midway_leaves_the_old_object_and_nothing_else(s3_env: S3Server) -> None:
     data_dir = Settings(data_dir=f"s3://{s3_env.new_bucket()}/atomic").data_dir
-    path = data_dir / "work" / "shard-00000-of-00001.json"
-    lake.write_json_atomically({"users": 1}, path)
-
-    def dies_midway(tmp: Path) -> None:
-        tmp.write_text('{"users": ')
-        raise OSError("killed")
-
-    with pytest.raises(OSError, match="killed"):
-        lake.write_atomically(path, dies_midway)
-    assert json.loads(path.read_text()) == {"users": 1}
-    assert [p.name for p in (data_dir / "work").iterdir()] == [path.name]
+    assert_a_writer_dying_midway_leaves_the_old_file_alone(data_dir / "work")
 
 
 def test_a_model_in_the_bucket_is_copied_once_and_fetched_again_when_the_copy_is_altered(

@@ -12,7 +12,7 @@ from jobs import batches, lake, registry, workdir
 from jobs.errors import MissingDataError, RolloutError
 from jobs.rollouts import canary, shadow
 from jobs.settings import Settings
-from jobs.steps import score, train
+from jobs.steps import ranking_metrics, score, train
 from tests.support.batches import batch_status, register_challenger
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
@@ -150,15 +150,7 @@ def assert_latest_window_compares(report: shadow.ShadowReport, settings: Setting
     assert latest["window"].startswith(f"[{newest:%Y-%m-%d}, ")
     assert latest["users"] > 0
     for name in ("production", "shadow"):
-        assert set(latest[name]) == {
-            "ndcg@10",
-            "graded_ndcg@10",
-            "recall@10",
-            "map@10",
-            "hit_rate@10",
-            "coverage@10",
-            "users",
-        }
+        assert set(latest[name]) == {*ranking_metrics.metric_names(10), "users"}
         assert latest[name]["users"] == latest["users"] and 0 < latest[name]["ndcg@10"] <= 1
     expected = {key: latest["shadow"][key] - latest["production"][key] for key in latest["production"] if "@" in key}
     assert latest["deltas"] == pytest.approx(expected) and set(latest["deltas"]) == set(expected)

@@ -2,23 +2,12 @@ import json
 import threading
 from pathlib import Path
 
-import pytest
-
 from jobs import lake
+from tests.support.lake_files import assert_a_writer_dying_midway_leaves_the_old_file_alone
 
 
 def test_a_writer_that_dies_midway_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
-    path = tmp_path / "shard-00000-of-00001.json"
-    lake.write_json_atomically({"users": 1}, path)
-
-    def dies_midway(tmp: Path) -> None:
-        tmp.write_text('{"users": ')
-        raise OSError("killed")
-
-    with pytest.raises(OSError, match="killed"):
-        lake.write_atomically(path, dies_midway)
-    assert json.loads(path.read_text()) == {"users": 1}
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert_a_writer_dying_midway_leaves_the_old_file_alone(tmp_path)
 
 
 def test_concurrent_writers_of_one_path_never_show_a_reader_half_a_file(tmp_path: Path) -> None:
