@@ -20,7 +20,7 @@ import logging
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Literal, NoReturn, TypeVar
@@ -161,8 +161,16 @@ class Answers:
 AnswerObserver = Callable[[Answer], None]
 
 
-def create_pool(settings: ServingSettings) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
-    """The lookup pool, not yet open. Autocommit, so a lookup is one round trip with no COMMIT after it."""
+def _connection_options(settings: ServingSettings) -> dict[str, Any]:
+    """How every lookup connection is opened: autocommit, so a lookup is one round trip with no COMMIT."""
+    return {
+        "autocommit": True,
+        "application_name": POOL_APPLICATION_NAME,
+        "connect_timeout": max(2, round(settings.db_timeout_seconds)),
+    }
+
+
+def _configure_for(settings: ServingSettings) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
     statement_timeout_ms = str(max(1, round(settings.db_timeout_seconds * 1000)))
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -171,16 +179,17 @@ def create_pool(settings: ServingSettings) -> AsyncConnectionPool[psycopg.AsyncC
         # Prepare the lookup statements on their first use rather than their fifth.
         conn.prepare_threshold = 0
 
+    return configure
+
+
+def create_pool(settings: ServingSettings) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    """The lookup pool, not yet open."""
     return AsyncConnectionPool(
         settings.database_url,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
-        kwargs={
-            "autocommit": True,
-            "application_name": POOL_APPLICATION_NAME,
-            "connect_timeout": max(2, round(settings.db_timeout_seconds)),
-        },
-        configure=configure,
+        kwargs=_connection_options(settings),
+        configure=_configure_for(settings),
         timeout=settings.db_timeout_seconds,
         open=False,
         name=POOL_APPLICATION_NAME,
@@ -454,11 +463,10 @@ class Lookup:
     async def ping(self) -> None:
         """Read what the database says is served, through the lookup pool (readiness)."""
 
-        async def read() -> None:
-            async with self.pool.connection() as conn:
-                await conn.execute(sql.query("serving_batches"))
+        async def read(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(sql.query("serving_batches"))
 
-        await self._within_deadline(read())
+        await self._within_deadline(self._on_live_connection(read))
 
     # ------------------------------------------------------------------------ coalescing
 
@@ -545,38 +553,43 @@ class Lookup:
     async def _fetch(self, batch: LiveBatch, table: Table, ids: list[str]) -> dict[str, Cached]:
         self.trips += 1
         self.trip_users += len(ids)
-        try:
-            return await self._fetch_once(batch, table, ids)
-        except _DeadConnectionError as dead:
-            # The connection died while it sat idle in the pool (a restarted or failed-over Postgres, an
-            # operator's pg_terminate_backend, a proxy's idle timeout): the pool's other idle connections
-            # likely died with it. Weed them out, then ask once more on a live one; a lookup is a read,
-            # so asking twice is safe. If Postgres itself is gone, the retry fails like the first try.
-            self.dead_connection_retries += 1
-            _database_trouble.warning("a pooled connection was dead (%s): retrying the lookup", dead.cause)
-            await self._check_pool()
-            try:
-                return await self._fetch_once(batch, table, ids)
-            except _DeadConnectionError:
-                # Killed connections may still be coming back from other lookups that were using them when
-                # the check ran: one more try. Each try needs a connection that died under it, so a Postgres
-                # that is gone fails on connecting instead, and the deadline bounds every try together.
-                self.dead_connection_retries += 1
-                await self._check_pool()
-                return await self._fetch_once(batch, table, ids)
 
-    async def _fetch_once(self, batch: LiveBatch, table: Table, ids: list[str]) -> dict[str, Cached]:
+        async def read(conn: psycopg.AsyncConnection[Any]) -> dict[str, Cached]:
+            return await self._read_rows(conn, batch, table, ids)
+
+        return await self._on_live_connection(read)
+
+    async def _on_live_connection(self, read: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """`read` on a pooled connection; if that connection turns out dead, once more on a fresh one.
+
+        A connection can die while it sits idle in the pool (a restarted or failed-over Postgres, an
+        operator's pg_terminate_backend, a proxy's idle timeout), and the pool only learns of it when it is
+        used. A lookup is a read, so asking again is safe; a fresh connection, opened for this one retry,
+        cannot have died idle, so if it fails too, Postgres itself is unavailable. The pool's other idle
+        connections likely died at the same moment: a check weeds them out in the background.
+        """
+        try:
+            async with self.pool.connection() as conn:
+                return await _unless_dead(read, conn)
+        except _DeadConnectionError as dead:
+            self.dead_connection_retries += 1
+            _database_trouble.warning("a pooled connection was dead (%s): retrying on a fresh one", dead.cause)
+            self._check_pool()
+        async with await psycopg.AsyncConnection.connect(
+            self.settings.database_url, **_connection_options(self.settings)
+        ) as conn:
+            await _configure_for(self.settings)(conn)
+            return await read(conn)
+
+    async def _read_rows(
+        self, conn: psycopg.AsyncConnection[Any], batch: LiveBatch, table: Table, ids: list[str]
+    ) -> dict[str, Cached]:
         statement, parameters = batch.rows_query(table, ids)
-        async with self.pool.connection() as conn:
-            try:
-                cur = await conn.execute(statement, parameters)
-                rows = await cur.fetchall()
-            except pgerrors.UndefinedTable:
-                await self._reload_after_drop(batch, conn)
-            except psycopg.OperationalError as error:
-                if conn.broken:
-                    raise _DeadConnectionError(error) from error
-                raise
+        try:
+            cur = await conn.execute(statement, parameters)
+            rows = await cur.fetchall()
+        except pgerrors.UndefinedTable:
+            await self._reload_after_drop(batch, conn)
         found: dict[str, Cached] = {}
         for key, item_ids, scores, *rest in rows:
             if item_ids is None:  # a user the batch did not score, with the segment their attributes put them in
@@ -588,11 +601,11 @@ class Lookup:
                 found[key] = cache_row(item_ids, scores)
         return found
 
-    async def _check_pool(self) -> None:
+    def _check_pool(self) -> None:
         """`pool.check()` once for all the lookups that found a dead connection at the same moment."""
         if self._pool_check is None or self._pool_check.done():
             self._pool_check = asyncio.ensure_future(self.pool.check())
-        await asyncio.shield(self._pool_check)
+            self._pool_check.add_done_callback(_forget)
 
     async def _reload_after_drop(self, batch: LiveBatch, conn: psycopg.AsyncConnection[Any]) -> NoReturn:
         # The batch we hold was dropped after a switch or canary refresh we have not heard of yet (a missed
@@ -632,7 +645,7 @@ class Lookup:
             raise DatabaseUnavailableError(f"no database connection free within {timeout:g} s") from None
         except pgerrors.QueryCanceled:
             raise DatabaseUnavailableError(f"the database query took longer than {timeout:g} s") from None
-        except (psycopg.OperationalError, _DeadConnectionError) as error:
+        except psycopg.OperationalError as error:
             _database_trouble.warning("lookup: database unavailable: %s", first_line(error))
             raise DatabaseUnavailableError("the database is unavailable") from None
         except psycopg.Error:
@@ -924,6 +937,18 @@ def encode(document: Any) -> bytes:
     return orjson.dumps(document)
 
 
-def _forget(task: asyncio.Task[Any]) -> None:
+async def _unless_dead(
+    read: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], conn: psycopg.AsyncConnection[Any]
+) -> T:
+    """`read(conn)`, with a failure that left the connection broken raised as `_DeadConnectionError`."""
+    try:
+        return await read(conn)
+    except psycopg.OperationalError as error:
+        if conn.broken:
+            raise _DeadConnectionError(error) from error
+        raise
+
+
+def _forget(task: "asyncio.Future[Any]") -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.debug("abandoned lookup ended with %r", task.exception())

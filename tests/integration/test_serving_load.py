@@ -424,8 +424,9 @@ def test_canary_start_ramp_stop_and_promote_under_load(database_url: str, tmp_pa
 @pytest.mark.slow
 def test_pooled_connections_killed_under_load_cost_no_lookup_an_error(database_url: str, tmp_path: Path) -> None:
     """pg_terminate_backend on every lookup connection (what a Postgres restart or failover does to the
-    idle ones) a few times under load from 16 clients: each lookup that lands on a dead connection is
-    asked again on a live one, so no client sees an error."""
+    idle ones) a few times under load from 16 clients: each lookup, and each readiness check, that lands on
+    a dead connection is asked once more on a fresh one, so no client sees an error. One worker, so its
+    /metrics shows every retry."""
     Publisher(database_url).publish(tagged_recs("a"), fallback=tagged_fallback("a"))
     env = overnight_env(
         database_url,
@@ -435,8 +436,9 @@ def test_pooled_connections_killed_under_load_cost_no_lookup_an_error(database_u
         OVERNIGHT_POOL_MAX_SIZE="8",
     )
     killed = 0
+    readiness: list[int] = []
     with (
-        running_service(env, "--workers", "2") as base,
+        running_service(env, "--workers", "1") as base,
         Load(base, threads=16) as load,
         psycopg.connect(database_url, autocommit=True) as admin,
     ):
@@ -448,9 +450,18 @@ def test_pooled_connections_killed_under_load_cost_no_lookup_an_error(database_u
                 (POOL_APPLICATION_NAME,),
             ).fetchone()
             killed += row[0] if row else 0
+            readiness.append(httpx.get(f"{base}/readyz", timeout=10).status_code)
         time.sleep(0.7)
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
     samples = load.samples
     assert killed >= 6, f"only {killed} connections were killed: the fault was not exercised"
     assert len(samples) > 500, f"only {len(samples)} requests: the load did not run"
     failed = [(s.status, s.body) for s in samples if s.status != 200]
     assert not failed, f"{len(failed)} of {len(samples)} lookups failed, e.g. {failed[:3]}"
+    assert readiness == [200] * 6, f"readiness right after the kills: {readiness}"
+    retries = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("overnight_db_dead_connection_retries")
+    )
+    assert retries > 0, "no lookup found a dead connection: the retry was not exercised"
