@@ -31,10 +31,9 @@ from unittest import mock
 import polars as pl
 
 import sql.contract
-from jobs.backtest import DEFAULT_HORIZON_DAYS, DEFAULT_WINDOWS, run_backtest
-from jobs.settings import Settings
-from jobs.steps import candidates, item_quality, similar
-from jobs.steps.evaluate import (
+from jobs.evaluation import item_quality
+from jobs.evaluation.backtest import DEFAULT_HORIZON_DAYS, DEFAULT_WINDOWS, run_backtest
+from jobs.evaluation.evaluate import (
     PROTOCOLS,
     evaluate,
     load_source,
@@ -42,7 +41,9 @@ from jobs.steps.evaluate import (
     session_visitors,
     user_holdout_split,
 )
-from jobs.steps.ranking_metrics import ranking_metrics
+from jobs.evaluation.ranking_metrics import ranking_metrics
+from jobs.settings import Settings
+from jobs.steps import candidates, similar
 
 COVISIT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RECENCY_DECAYS = (0.5, 0.7, 0.8, 0.9, 1.0)

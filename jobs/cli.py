@@ -282,7 +282,7 @@ def evaluate(
     (against item-knn and co-visitation alone) and session answers for anonymous held-out users
     (against the popular and segment popular lists).
     """
-    from jobs.steps.evaluate import evaluate as run_evaluate
+    from jobs.evaluation.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(_settings(), source, protocol, cutoff, horizon_days, fmt)
     window = f", cutoff {result.cutoff}, horizon {result.horizon_days} days" if result.cutoff else ""
@@ -316,7 +316,7 @@ def backtest(
     from Postgres and score them, and every baseline on the same users, against the new items each user
     touched in the next --horizon-days. NDCG@10, Recall@10, MAP@10 and coverage per window and pooled,
     with bootstrap intervals, and the ratio of the published lists to the best baseline."""
-    from jobs.backtest import run_backtest
+    from jobs.evaluation.backtest import run_backtest
 
     result = run_backtest(_settings(), source, windows, horizon_days, fmt, progress=_progress)
     if json_file is not None and str(json_file) == "-":

@@ -8,7 +8,8 @@ The comparison (``overnight shadow-report``) gives:
 and, for the users both batches know, while retention keeps both tables (OVERNIGHT_KEEP_BATCHES):
 - overlap@10: the mean share of a user's first 10 items that both batches recommend;
 - offline metrics of both on the evaluation window after the date (events in [D + 1, D + 1 + horizon)
-  that the lake holds by now), with the shadow-minus-production deltas, by `jobs.steps.ranking_metrics`, and how many
+  that the lake holds by now), with the shadow-minus-production deltas, by
+  `jobs.evaluation.ranking_metrics`, and how many
   of the window's days the lake holds interactions for (the report of last night's shadow batch has
   none for a week: its metrics then are of a partial window, and it says so);
 - the distributions of all scores and of each user's top score.
@@ -29,9 +30,10 @@ import sql
 from jobs import lake
 from jobs.database import connect, upgrade
 from jobs.errors import FutureModelError, MissingDataError
+from jobs.evaluation import ranking_metrics
 from jobs.outcome import Outcome
 from jobs.settings import Settings
-from jobs.steps import publish, ranking_metrics, score, train
+from jobs.steps import publish, score, train
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,3 @@
-"""The nightly steps and the evaluation: each a typed function of the settings and a logical date."""
+"""The nightly steps, each a typed function of the settings and a logical date, and the parts only a
+step uses: feedback (what ingest reads of the service's events), similar and popularity (the item
+tables publish loads with a batch)."""

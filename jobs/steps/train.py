@@ -4,7 +4,7 @@ A *label window* is a cutoff, the events before it (all that candidates and feat
 the relevant items of each user after it. The nightly run for date D with label window L days
 uses rolling windows: labels in [end of D - L, end of D), then the L days before that, and so on
 (``label_windows``, and more while they hold few users, as far as the history allows). The same code
-builds the windows of the evaluation protocols (``jobs.steps.evaluate``), so training, evaluation and
+builds the windows of the evaluation protocols (``jobs.evaluation.evaluate``), so training, evaluation and
 scoring share one way to generate candidates and features.
 
 With ``event_weights`` the labels are graded: an item's label stands for the largest weight among the
@@ -38,12 +38,12 @@ from upath import UPath
 from jobs import lake, predictor, registry, tuning
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
+from jobs.evaluation.ranking_metrics import DIGITS, K, candidate_recall, ranking_metrics
 from jobs.event_weights import EVENT_WEIGHT, GRADE, grade_levels, label_of_grade, with_event_weight
 from jobs.monitoring import drift
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import candidates, features
-from jobs.steps.ranking_metrics import DIGITS, K, candidate_recall, ranking_metrics
 
 logger = logging.getLogger(__name__)
 

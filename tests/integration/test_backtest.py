@@ -9,7 +9,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from jobs.backtest import BASELINES, COVERAGE, DIVERSITY, MODELS, NOVELTY, PER_USER, SCRATCH_DATABASE_PREFIX
+from jobs.evaluation.backtest import BASELINES, COVERAGE, DIVERSITY, MODELS, NOVELTY, PER_USER, SCRATCH_DATABASE_PREFIX
 from jobs.steps.ingest import read_source
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import SAMPLE_DATE

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from jobs.dev.generate import generate, write_dataset
-from jobs.steps import item_quality
-from jobs.steps.evaluate import (
+from jobs.evaluation import item_quality
+from jobs.evaluation.evaluate import (
     DIVERSITY,
     MAX_WIDENED_HORIZON_DAYS,
     METRIC_KEYS,

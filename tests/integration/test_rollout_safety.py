@@ -10,9 +10,10 @@ import pytest
 import sql
 from jobs import batches, lake, registry, workdir
 from jobs.errors import MissingDataError, RolloutError
+from jobs.evaluation import ranking_metrics
 from jobs.rollouts import canary, shadow
 from jobs.settings import Settings
-from jobs.steps import ranking_metrics, score, train
+from jobs.steps import score, train
 from tests.support.batches import batch_status, register_challenger
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE

@@ -15,9 +15,10 @@ from psycopg import sql as pgsql
 import sql
 from jobs import batches, lake, nightly, registry, workdir
 from jobs.errors import FutureModelError, MissingDataError, RolloutError
+from jobs.evaluation import ranking_metrics
 from jobs.rollouts import canary, shadow
 from jobs.settings import Settings
-from jobs.steps import ingest, publish, ranking_metrics, train
+from jobs.steps import ingest, publish, train
 from serving.live import read_rollout
 from serving.variants import CANARY, PRODUCTION
 from tests.support.batches import batch_status, register_challenger

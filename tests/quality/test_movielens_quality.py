@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.evaluation.evaluate import evaluate
 from jobs.settings import Settings
-from jobs.steps.evaluate import evaluate
 from tests.support.data import MOVIELENS_100K
 
 pytestmark = [

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from jobs.dev.generate import generate, write_dataset
+from jobs.evaluation import evaluate, item_quality
 from jobs.settings import Settings
-from jobs.steps import evaluate, item_quality
 from tests.support.data import MOVIELENS_100K, SAMPLE_DATE
 
 pytestmark = pytest.mark.slow

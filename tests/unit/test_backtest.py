@@ -6,7 +6,8 @@ from datetime import date, timedelta
 import numpy as np
 import pytest
 
-from jobs.backtest import (
+from jobs.errors import BadInputError
+from jobs.evaluation.backtest import (
     BASELINES,
     COVERAGE,
     MODELS,
@@ -19,7 +20,6 @@ from jobs.backtest import (
     resample_counts,
     summarise,
 )
-from jobs.errors import BadInputError
 
 ML_100K_FIRST, ML_100K_LAST = date(1997, 9, 20), date(1998, 4, 22)
 

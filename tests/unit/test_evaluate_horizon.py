@@ -4,14 +4,14 @@ from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
-from jobs.settings import Settings
-from jobs.steps.evaluate import (
+from jobs.evaluation.evaluate import (
     MAX_WIDENED_HORIZON_DAYS,
     MIN_EVALUATED_USERS,
     Evaluation,
     choose_horizon,
     widened_horizons,
 )
+from jobs.settings import Settings
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 CUTOFF = START + timedelta(days=30)

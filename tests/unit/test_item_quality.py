@@ -1,4 +1,4 @@
-"""The similar-items and session protocols (jobs.steps.item_quality) on cases worked out by hand."""
+"""The similar-items and session protocols (jobs.evaluation.item_quality) on cases worked out by hand."""
 
 import math
 from datetime import UTC, datetime, timedelta
@@ -6,9 +6,8 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from jobs.settings import Settings
-from jobs.steps.evaluate import session_split
-from jobs.steps.item_quality import (
+from jobs.evaluation.evaluate import session_split
+from jobs.evaluation.item_quality import (
     SESSION_ITEMS,
     list_answers,
     next_item_metrics,
@@ -16,6 +15,7 @@ from jobs.steps.item_quality import (
     segment_answers,
     session_answers,
 )
+from jobs.settings import Settings
 from jobs.steps.similar import similar_items
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -6,8 +6,8 @@ from typing import Any
 import polars as pl
 import pytest
 
+from jobs.evaluation.evaluate import split, user_holdout_window
 from jobs.settings import Settings
-from jobs.steps.evaluate import split, user_holdout_window
 from jobs.steps.train import PRODUCTION, RANKER, promotion_gate
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

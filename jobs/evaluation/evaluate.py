@@ -15,7 +15,7 @@ held-out part by ``train.evaluate_models``.
   ``MIN_EVALUATED_USERS`` users fall in the horizon, it is doubled (up to ``MAX_WIDENED_HORIZON_DAYS``;
   a default cutoff moves back with it) until enough do, and the result carries a warning.
 
-Beside the ranker, every evaluation measures the item-to-item answers (``jobs.steps.item_quality``): the
+Beside the ranker, every evaluation measures the item-to-item answers (``jobs.evaluation.item_quality``): the
 similar items on the protocol's held-out events (the next item among the previous one's neighbours), and
 session recommendations for anonymous visitors (a fifth of the users, never in the neighbour tables).
 """
@@ -33,9 +33,10 @@ import polars as pl
 
 from jobs import diversity, lake, workdir
 from jobs.errors import BadInputError, MissingDataError
+from jobs.evaluation import item_quality
+from jobs.evaluation.ranking_metrics import K, novelty
 from jobs.settings import Settings
-from jobs.steps import features, ingest, item_quality, popularity, train
-from jobs.steps.ranking_metrics import K, novelty
+from jobs.steps import features, ingest, popularity, train
 
 logger = logging.getLogger(__name__)
 

@@ -39,9 +39,10 @@ import sql
 from jobs import diversity, lake, nightly, workdir
 from jobs.database import connect, database_url
 from jobs.errors import BadInputError, DatabaseError, MissingDataError, OvernightError, first_line
+from jobs.evaluation import evaluate
+from jobs.evaluation.ranking_metrics import K, novelty, per_user_metrics, ranking_metrics
 from jobs.settings import Settings
-from jobs.steps import evaluate, train
-from jobs.steps.ranking_metrics import K, novelty, per_user_metrics, ranking_metrics
+from jobs.steps import train
 
 logger = logging.getLogger(__name__)
 
