@@ -13,10 +13,10 @@ maximum, is what intra-list diversity averages: on the MovieLens 100K backtest i
 for the same NDCG (docs/evaluation.md#diversity). Strength 0 is the ranker's order; 1 ignores the
 scores but for the first item and for ties.
 
-This module imports only numba, numpy and polars: monitoring and scoring both use it.
+Monitoring and scoring both use this module, so it imports only numpy and polars; the re-ranking's
+kernel is ``jobs.kernels.mmr_positions``.
 """
 
-import numba
 import numpy as np
 import polars as pl
 
@@ -66,64 +66,6 @@ class ItemSimilarity:
         self.tokens = coded["token"].to_numpy().astype(np.int64)
 
 
-@numba.njit(cache=True, inline="always")
-def _jaccard(pointers: np.ndarray, tokens: np.ndarray, a: int, b: int) -> float:
-    i, i_end = pointers[a], pointers[a + 1]
-    j, j_end = pointers[b], pointers[b + 1]
-    union = (i_end - i) + (j_end - j)
-    if union == 0:
-        return 0.0
-    shared = 0
-    while i < i_end and j < j_end:
-        if tokens[i] == tokens[j]:
-            shared += 1
-            i += 1
-            j += 1
-        elif tokens[i] < tokens[j]:
-            i += 1
-        else:
-            j += 1
-    return shared / (union - shared)
-
-
-@numba.njit(parallel=True, cache=True)
-def _mmr(
-    user_ptr: np.ndarray,
-    items: np.ndarray,
-    scores: np.ndarray,
-    pointers: np.ndarray,
-    tokens: np.ndarray,
-    k: int,
-    strength: float,
-) -> np.ndarray:
-    """Per user (rows user_ptr[u]:user_ptr[u+1], best score first), the pool positions in MMR order."""
-    n_users = user_ptr.size - 1
-    out = np.full(n_users * k, -1, np.int64)
-    for user in numba.prange(n_users):
-        first, last = user_ptr[user], user_ptr[user + 1]
-        size = last - first
-        high, low = scores[first], scores[last - 1]
-        spread = high - low
-        taken = np.zeros(size, np.bool_)
-        similarity = np.zeros(size)  # of each candidate to the items taken, summed
-        for position in range(min(k, size)):
-            best, best_value = -1, -np.inf
-            for c in range(size):
-                if taken[c]:
-                    continue
-                relevance = (scores[first + c] - low) / spread if spread > 0 else 1.0
-                mean = similarity[c] / position if position > 0 else 0.0
-                value = (1.0 - strength) * relevance - strength * mean
-                if value > best_value:  # strictly: among equals the better-scored candidate stays
-                    best, best_value = c, value
-            taken[best] = True
-            out[user * k + position] = first + best
-            for c in range(size):
-                if not taken[c]:
-                    similarity[c] += _jaccard(pointers, tokens, items[first + best], items[first + c])
-    return out
-
-
 def rerank(
     user_codes: np.ndarray,
     item_codes: np.ndarray,
@@ -140,7 +82,11 @@ def rerank(
     """
     starts = np.flatnonzero(np.diff(user_codes, prepend=-1)) if user_codes.size else np.empty(0, np.int64)
     user_ptr = np.append(starts, user_codes.size).astype(np.int64)
-    chosen = _mmr(user_ptr, item_codes, scores.astype(np.float64), similarity.pointers, similarity.tokens, k, strength)
+    from jobs import kernels  # numba: loaded only where lists are re-ranked, never by monitoring
+
+    chosen = kernels.mmr_positions(
+        user_ptr, item_codes, scores.astype(np.float64), similarity.pointers, similarity.tokens, k, strength
+    )
     chosen = chosen[chosen >= 0]
     chosen_users = user_codes[chosen]
     # descending scores within each user: sort by (user, -score); users are already in order

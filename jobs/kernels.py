@@ -683,3 +683,62 @@ def covisitation(recent: pl.DataFrame, cutoff: datetime, half_life_days: float, 
     cutoff_us = int(pl.Series([cutoff]).dt.cast_time_unit("us").dt.replace_time_zone(None).cast(pl.Int64)[0])
     per_day = 0.6931471805599453 / half_life_days
     return _item_pair_table(recent, "covisit_weight", False, 1, cutoff_us, per_day, limit)
+
+
+@numba.njit(cache=True, inline="always")
+def _jaccard(pointers: np.ndarray, tokens: np.ndarray, a: int, b: int) -> float:
+    i, i_end = pointers[a], pointers[a + 1]
+    j, j_end = pointers[b], pointers[b + 1]
+    union = (i_end - i) + (j_end - j)
+    if union == 0:
+        return 0.0
+    shared = 0
+    while i < i_end and j < j_end:
+        if tokens[i] == tokens[j]:
+            shared += 1
+            i += 1
+            j += 1
+        elif tokens[i] < tokens[j]:
+            i += 1
+        else:
+            j += 1
+    return shared / (union - shared)
+
+
+@numba.njit(parallel=True, cache=True)
+def mmr_positions(
+    user_ptr: np.ndarray,
+    items: np.ndarray,
+    scores: np.ndarray,
+    pointers: np.ndarray,
+    tokens: np.ndarray,
+    k: int,
+    strength: float,
+) -> np.ndarray:
+    """Per user (rows user_ptr[u]:user_ptr[u+1], best score first), the pool positions in MMR order
+    (``jobs.diversity.rerank``): -1 where a user's pool is smaller than k."""
+    n_users = user_ptr.size - 1
+    out = np.full(n_users * k, -1, np.int64)
+    for user in numba.prange(n_users):
+        first, last = user_ptr[user], user_ptr[user + 1]
+        size = last - first
+        high, low = scores[first], scores[last - 1]
+        spread = high - low
+        taken = np.zeros(size, np.bool_)
+        similarity = np.zeros(size)  # of each candidate to the items taken, summed
+        for position in range(min(k, size)):
+            best, best_value = -1, -np.inf
+            for c in range(size):
+                if taken[c]:
+                    continue
+                relevance = (scores[first + c] - low) / spread if spread > 0 else 1.0
+                mean = similarity[c] / position if position > 0 else 0.0
+                value = (1.0 - strength) * relevance - strength * mean
+                if value > best_value:  # strictly: among equals the better-scored candidate stays
+                    best, best_value = c, value
+            taken[best] = True
+            out[user * k + position] = first + best
+            for c in range(size):
+                if not taken[c]:
+                    similarity[c] += _jaccard(pointers, tokens, items[first + best], items[first + c])
+    return out

@@ -100,10 +100,9 @@ def _features(night: Night) -> StepResult:
 
 
 def _candidates(night: Night) -> StepResult:
-    from jobs.steps.candidates import prepare
-    from jobs.steps.score import candidate_settings
+    from jobs.steps.candidates import prepare, settings_for_date
 
-    return prepare(candidate_settings(night.settings, night.logical_date), night.logical_date)
+    return prepare(settings_for_date(night.settings, night.logical_date), night.logical_date)
 
 
 def _train(night: Night) -> StepResult:
@@ -115,15 +114,23 @@ def _train(night: Night) -> StepResult:
     return result
 
 
-def _plan_shards(night: Night) -> list[int]:
-    from jobs.steps.candidates import prepare
-    from jobs.steps.score import candidate_settings, plan_shards, ranker_for, tables_fit
+def _candidate_tables_fit(night: Night) -> str | None:
+    from jobs import registry
+    from jobs.database import connect
+    from jobs.steps.candidates import tables_fit
 
-    # A model trained tonight may have been tuned with other candidate settings than the tables were built
-    # with (for the model before it): the runner builds them again for it, once, before any shard scores.
-    if not tables_fit(night.settings, night.logical_date, ranker_for(night.settings, night.logical_date)):
-        logger.info("candidates: built again with the candidate settings tonight's model was tuned with")
-        prepare(candidate_settings(night.settings, night.logical_date), night.logical_date)
+    with connect(night.settings) as conn:
+        model = registry.model_for_date(conn, night.logical_date)
+    if model is None:
+        return "no model scores the date yet"
+    if tables_fit(night.settings, night.logical_date, model):
+        return f"the candidate tables fit {model.model_id}"
+    return None
+
+
+def _plan_shards(night: Night) -> list[int]:
+    from jobs.steps.score import plan_shards
+
     return plan_shards(night.settings, night.logical_date, night.shards)
 
 
@@ -201,7 +208,10 @@ STEPS: tuple[Step, ...] = (
     Step("features", _features, upstream=("ingest",)),
     Step("candidates", _candidates, upstream=("ingest",)),
     Step("train", _train, upstream=("features", "candidates")),
-    Step("score", _score, upstream=("train",), sharded=Sharded(_plan_shards, _score_shard), retries=3),
+    # A model trained tonight may have been tuned with other candidate settings than the tables were built
+    # with (for the model before it): then the candidates step runs again, for it, before any shard scores.
+    Step("refit-candidates", _candidates, upstream=("train",), skip=_candidate_tables_fit),
+    Step("score", _score, upstream=("refit-candidates",), sharded=Sharded(_plan_shards, _score_shard), retries=3),
     Step("monitor", _monitor, upstream=("score",)),
     Step("publish", _publish, upstream=("monitor",)),
     Step("check-freshness", _check_freshness, upstream=("publish",), retries=1),

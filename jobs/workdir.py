@@ -32,6 +32,7 @@ ITEM_ATTRIBUTES = "item_attributes"  # item_id, popularity, attributes (JSON tex
 SEGMENTS = "segments"  # segment, item_ids, scores: each user segment's popular list (none without segments)
 USER_SEGMENTS = "user_segments"  # user_id, segment: users with attributes whom the date's USERS lack
 BATCH_EXTRAS = (SIMILAR_ITEMS, ITEM_ATTRIBUTES, SEGMENTS, USER_SEGMENTS)
+CANDIDATE_SETTINGS = "candidate_settings.json"  # the settings the candidates step built the tables with
 
 
 def root(settings: Settings) -> UPath:
@@ -51,6 +52,10 @@ def folder(settings: Settings, logical_date: date) -> UPath:
 
 def table_path(settings: Settings, logical_date: date, name: str) -> UPath:
     return folder(settings, logical_date) / f"{name}.parquet"
+
+
+def candidate_settings_path(settings: Settings, logical_date: date) -> UPath:
+    return folder(settings, logical_date) / CANDIDATE_SETTINGS
 
 
 def ingest_staging(settings: Settings, logical_date: date) -> Path:

@@ -13,6 +13,7 @@ depends on items and history caps, not on the user count); per-user candidates a
 of users by :func:`generate`.
 """
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -20,7 +21,8 @@ from datetime import date, datetime
 import polars as pl
 from upath import UPath
 
-from jobs import kernels, lake, workdir
+from jobs import kernels, lake, registry, workdir
+from jobs.database import connect
 from jobs.event_weights import EVENT_WEIGHT, with_event_weight
 from jobs.outcome import Outcome
 from jobs.settings import Settings
@@ -57,7 +59,6 @@ SHAPING_SETTINGS = (
     "genre_candidates",
     "max_candidates",
 )
-BUILT_WITH = "candidate_settings.json"
 # What a source proposed an item for: the user's item that added the most to its knn or co-visitation sum
 # (item ids), the favourite genre that added the most to its genre score (text). Not ranker features.
 ITEM_REASONS = ("knn_because", "covisit_because")
@@ -66,6 +67,22 @@ REASONS = (*ITEM_REASONS, "genre_because")
 
 def shaping_values(settings: Settings) -> dict[str, float | int]:
     return {name: getattr(settings, name) for name in SHAPING_SETTINGS}
+
+
+def settings_for_date(settings: Settings, logical_date: date) -> Settings:
+    """The settings the date's tables are built with: those the model that scores the date was tuned with
+    (see ``jobs.tuning``), else the night's own (no model yet, or an untuned one)."""
+    with connect(settings) as conn:
+        model = registry.model_for_date(conn, logical_date)
+    return settings if model is None else registry.tuned_settings(settings, model)
+
+
+def tables_fit(settings: Settings, logical_date: date, model: registry.ModelVersion) -> bool:
+    """Whether the date's tables were built with the candidate settings ``model`` scores with (a tuned
+    model's own, else the night's); tables from before the step recorded them count as the night's."""
+    record = workdir.candidate_settings_path(settings, logical_date)
+    built = json.loads(record.read_text()) if record.exists() else shaping_values(settings)
+    return bool(built == shaping_values(registry.tuned_settings(settings, model)))
 
 
 def source_limits(settings: Settings) -> dict[str, int]:
@@ -334,7 +351,7 @@ def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
     )
     for name, frame in {**tables.frames(), workdir.USERS: users, **published}.items():
         lake.write_parquet_atomically(frame, workdir.table_path(settings, logical_date, name))
-    lake.write_json_atomically(shaping_values(settings), workdir.folder(settings, logical_date) / BUILT_WITH)
+    lake.write_json_atomically(shaping_values(settings), workdir.candidate_settings_path(settings, logical_date))
     result = CandidatesResult(
         logical_date=logical_date.isoformat(),
         users=users.height,

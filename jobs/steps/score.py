@@ -6,7 +6,6 @@ lists (user_id, item_ids, scores) and a manifest that publish reads (``jobs.work
 bounded by the shard's users, processed in chunks.
 """
 
-import json
 import logging
 import math
 import time
@@ -206,7 +205,7 @@ def score_shard(
         raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
     started = time.perf_counter()
     model, booster = load_ranker(settings, logical_date, model_id)
-    if not tables_fit(settings, logical_date, model):
+    if not candidates.tables_fit(settings, logical_date, model):
         raise MissingDataError(
             f"the candidate tables of {logical_date} were built with other candidate settings than {model.model_id} "
             f"was tuned with; run `overnight candidates --date {logical_date}`"
@@ -303,7 +302,7 @@ def plan_shards(
     """The shard numbers to score (``shards`` of them, or ``shard_count``); shard files of an earlier run
     with another count are removed, since publishing them with this run's would mix two runs."""
     model = ranker_for(settings, logical_date, model_id)
-    if not tables_fit(settings, logical_date, model):
+    if not candidates.tables_fit(settings, logical_date, model):
         raise MissingDataError(
             f"the candidate tables of {logical_date} were built with other candidate settings than {model.model_id} "
             f"was tuned with; run `overnight candidates --date {logical_date}`"
@@ -311,22 +310,6 @@ def plan_shards(
     shards = shards or shard_count(settings, logical_date)
     workdir.remove_other_shard_counts(settings, logical_date, shards, model_id)
     return list(range(shards))
-
-
-def candidate_settings(settings: Settings, logical_date: date) -> Settings:
-    """The settings the date's candidate tables are built with: those the model that scores the date was
-    tuned with (see ``jobs.tuning``), else the night's own (no model yet, or an untuned one)."""
-    with connect(settings) as conn:
-        model = registry.model_for_date(conn, logical_date)
-    return settings if model is None else registry.tuned_settings(settings, model)
-
-
-def tables_fit(settings: Settings, logical_date: date, model: registry.ModelVersion) -> bool:
-    """Whether the date's candidate tables were built with the candidate settings ``model`` scores with (a
-    tuned model's own, else the night's); tables from before the candidates step recorded them count as the night's."""
-    record = workdir.folder(settings, logical_date) / candidates.BUILT_WITH
-    built = json.loads(record.read_text()) if record.exists() else candidates.shaping_values(settings)
-    return bool(built == candidates.shaping_values(registry.tuned_settings(settings, model)))
 
 
 @dataclass(frozen=True)

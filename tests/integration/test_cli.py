@@ -23,10 +23,11 @@ def test_run_publishes_a_fresh_batch_that_status_shows_and_serve_answers(
     env: dict[str, str], sample_source: Path
 ) -> None:
     run = overnight("run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat(), env=env)
-    steps = ["ingest", "features", "candidates", "train", "score", "monitor", "publish", "check-freshness"]
-    steps += ["shadow", "refresh-canary", "online"]  # the DAG's tasks after publish, one graph
+    steps = ["ingest", "features", "candidates", "train", "refit-candidates", "score", "monitor", "publish"]
+    steps += ["check-freshness", "shadow", "refresh-canary", "online"]  # the DAG's tasks after publish, one graph
     for number, step in enumerate(steps, 1):
-        assert f"[{number}/11] {step} done in" in run.stderr
+        assert f"[{number}/12] {step} done in" in run.stderr
+    assert re.search(r"refit-candidates done in [0-9.]+s: skipped: the candidate tables fit ", run.stderr)
     assert re.search(r"shadow done in [0-9.]+s: skipped: no shadow_model param", run.stderr)
     assert "canary not refreshed" in run.stderr and "daily partitions created" in run.stderr
     assert "batch 1 is published" in run.stdout

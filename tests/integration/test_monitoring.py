@@ -146,8 +146,8 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
     assert "item_mean_weight" in runs[1][3]
     first = [s for s in steps if s[0] == runs[0][0]]
     assert [s[1] for s in first] == [
-        "ingest", "features", "candidates", "train", "score", "monitor", "publish", "check-freshness",
-        "shadow", "refresh-canary", "online",
+        "ingest", "features", "candidates", "train", "refit-candidates", "score", "monitor", "publish",
+        "check-freshness", "shadow", "refresh-canary", "online",
     ]  # fmt: skip
     assert all(s[2] == "success" and s[3] >= 0 and s[4] > 0 for s in first)
     ingest_step = first[0]

@@ -8,7 +8,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from jobs import registry, tuning, workdir
+from jobs import nightly, registry, tuning, workdir
 from jobs.errors import MissingDataError
 from jobs.settings import Settings
 from jobs.steps import candidates, score, train
@@ -94,8 +94,7 @@ def test_scoring_applies_the_tuned_candidate_settings_of_its_model(
             conn,
             registry.ModelVersion(**{**model.__dict__, "params": {**model.params, registry.TUNED_SETTINGS: tuned}}),
         )
-    folder = workdir.folder(settings, SAMPLE_DATE)
-    built_with = folder / candidates.BUILT_WITH
+    built_with = workdir.candidate_settings_path(settings, SAMPLE_DATE)
     assert json.loads(built_with.read_text()) == candidates.shaping_values(settings)  # the night's settings
 
     # scoring never rebuilds the tables another step makes: it refuses the wrong ones, naming the step
@@ -103,8 +102,12 @@ def test_scoring_applies_the_tuned_candidate_settings_of_its_model(
         score.score_shard(settings, SAMPLE_DATE, 1, 0)
     with pytest.raises(MissingDataError, match=r"run `overnight candidates --date"):
         score.score(settings, SAMPLE_DATE)
-    # which builds them with the settings of the model that scores the date
-    overnight("candidates", "--date", SAMPLE_DATE.isoformat(), env=overnight_env(database_url, settings.data_dir))
+    # the nightly graph's refit-candidates step builds them with the settings of the model that scores the
+    # date, as `overnight candidates` would, and is skipped once they fit
+    night = nightly.Night(settings, SAMPLE_DATE)
+    assert not isinstance(nightly.run_step("refit-candidates", night), nightly.Skipped)
+    skipped = nightly.run_step("refit-candidates", night)
+    assert isinstance(skipped, nightly.Skipped) and skipped.reason == f"the candidate tables fit {model.model_id}"
 
     (manifest,) = score.score(settings, SAMPLE_DATE)
 

@@ -49,3 +49,15 @@ def test_operator_commands_load_no_model_or_data_library() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "", f"operator commands load {loaded.stdout.strip()}"
+
+
+def test_monitoring_loads_no_model_or_jit_compiler() -> None:
+    """Monitoring reads tables (polars), never a model: the publish gate and drift must not pay for numba,
+    llvmlite or lightgbm."""
+    code = (
+        "import sys\n"
+        "import jobs.monitoring.gate, jobs.monitoring.drift, jobs.monitoring.outputs\n"
+        "print(','.join(m for m in ('numba', 'llvmlite', 'lightgbm') if m in sys.modules))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "", f"monitoring loads {loaded.stdout.strip()}"
