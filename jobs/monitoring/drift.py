@@ -392,15 +392,15 @@ def drift_requires_retrain(conn: psycopg.Connection, logical_date: date) -> str 
     return str(row[0]) if row else None
 
 
-def report(settings: Settings, logical_date: date, recompute: bool = False) -> dict[str, Any]:
-    """The stored monitoring report of a date (measured now if it was never measured, or if asked)."""
+def report(settings: Settings, logical_date: date) -> dict[str, Any]:
+    """The stored monitoring report of a date; measuring it is the monitor step's work, never this reader's."""
     with connect(settings) as conn:
         upgrade(conn)
         stored = checks.stored_reports(conn, logical_date)
-    if recompute or "input" not in stored:
-        monitor_input(settings, logical_date)
-    with connect(settings) as conn:
-        stored = checks.stored_reports(conn, logical_date)
+        if "input" not in stored:
+            raise MissingDataError(
+                f"{logical_date} has no monitoring report yet; run `overnight monitor --date {logical_date}`"
+            )
         stored_checks = checks.stored_checks(conn, logical_date)
         retrain = drift_requires_retrain(conn, logical_date)
     return {

@@ -21,7 +21,7 @@ import pytest
 
 from jobs import nightly
 from jobs.dev.generate import GeneratedData, generate, write_dataset
-from jobs.errors import BatchValidationError
+from jobs.errors import BatchValidationError, MissingDataError
 from jobs.monitoring import drift
 from jobs.settings import Settings
 from jobs.steps import publish
@@ -109,6 +109,10 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
         nightly.run(nightly.night_of(settings, TONIGHT, source))
 
     found = drift.report(settings, TONIGHT)
+    # reading a report never measures one: a date the monitor step has not seen names that step
+    unmeasured = TONIGHT + timedelta(days=1)
+    with pytest.raises(MissingDataError, match=rf"^{unmeasured} has no monitoring report yet; run `overnight monitor"):
+        drift.report(settings, unmeasured)
     checks = found["checks"]
     # The generator's items fade with age, so a time-based feature may drift a little for real (a warn);
     # only the injected drift may fail.
