@@ -8,6 +8,7 @@ partitions and replaces that date's catalogue snapshot, quarantine and report.
 import bisect
 import io
 import logging
+import re
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -17,16 +18,18 @@ from io import StringIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import polars as pl
 from upath import UPath
 
 from jobs import lake, workdir
-from jobs.errors import BadInputError, first_line
+from jobs.errors import BadInputError
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps.feedback import SOURCE_NAME as FEEDBACK_SOURCE
 from jobs.steps.feedback import feedback_interactions
 from sql.contract import MAX_ID_LENGTH
+from sql.text import first_line
 
 if TYPE_CHECKING:
     import pyarrow.csv
@@ -61,6 +64,8 @@ EXTRA_FIELDS = "extra_fields"
 TOO_FEW_FIELDS = "too_few_fields"
 RAW_LINE = "raw_line"
 _LINE_REASON = "_line_reason"  # the reader's note of such a line, until validation makes it the row's reason
+# The line of a CSV file (from 1, the header's) on which a row starts: the quarantine's `line`.
+_LINE = "_line"
 REASON_COLUMN: dict[str, str | None] = {
     "missing_user_id": "user_id",
     "bad_user_id": "user_id",
@@ -279,20 +284,23 @@ def _csv_batches(file: Path) -> Iterator[pl.DataFrame]:
             stream,
             # serial: the invalid-row handler gets each skipped line's row number only then
             read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
-            parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, invalid_row_handler=bad_lines.skip),
+            # newlines_in_values: a block never ends inside a quoted field, whose line ends are its text
+            parse_options=pyarrow.csv.ParseOptions(
+                delimiter=delimiter, newlines_in_values=True, invalid_row_handler=bad_lines.skip
+            ),
             convert_options=pyarrow.csv.ConvertOptions(
                 column_types=dict.fromkeys(names, pyarrow.string()), null_values=[""], strings_can_be_null=True
             ),
         )
-        empty = True
+        rows = 0
         for batch in batches:
             frame = bad_lines.put_back(pl.from_arrow(batch))  # type: ignore[arg-type]
             if frame.height:
-                empty = False
-                yield frame
+                yield stream.line_numbers.numbered(frame, rows)
+                rows += frame.height
         rest = bad_lines.put_back(None)
-        if rest.height or empty:  # an empty frame still shows the columns, so that validation can name what is missing
-            yield rest
+        if rest.height or not rows:  # an empty frame still shows the columns, for validation to name what is missing
+            yield stream.line_numbers.numbered(rest, rows)
 
 
 def _printable(text: str) -> str:
@@ -305,6 +313,79 @@ def _printable(text: str) -> str:
 
 def _escaped_line(line: bytes) -> str:
     return _printable(line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
+
+
+class _CsvLineNumbers:
+    """The line of the file (from 1, the header's) on which each record starts, counted the way pyarrow
+    reads records: a line ending inside a quoted field does not end the record, and an empty line is no
+    record (pyarrow skips it). ``feed`` is given the file's bytes in order, as pyarrow reads them; a block
+    without quotes or empty lines, the usual case, is counted with a few byte searches.
+
+    Held as the records at which (line - record) changes: one entry per multi-line record or empty line,
+    and those before the rows already numbered are forgotten.
+    """
+
+    def __init__(self, delimiter: str) -> None:
+        d = re.escape(delimiter).encode()
+        # a field: a quoted part ("" a quote in it), then text up to the delimiter; or text not starting with "
+        field = rb'(?:"(?:[^"]|"")*+"[^%s]*+|(?!")[^%s]*+)' % (d, d)
+        # a line that does not end inside a quoted field, read from a record's start or inside a quoted field
+        self._ends_record = re.compile(rb"%s(?:%s%s)*+" % (field, d, field))
+        self._closes_quote = re.compile(rb'(?:[^"]|"")*+"[^%s]*+(?:%s%s)*+' % (d, d, field))
+        self._lines = 0
+        self._records = 0  # the header's included
+        self._in_quote = False
+        self._after_cr = False
+        self._shifts = [(0, 1)]  # (record, line - record for it and those after it)
+
+    def feed(self, data: bytes) -> None:
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]  # the end of a \r\n split between two reads
+        if not data:
+            return
+        self._after_cr = data.endswith(b"\r")
+        lines = self._one_record_a_line(data)
+        if lines is not None:
+            self._shift(self._lines + 1 - self._records)
+            self._lines += lines
+            self._records += lines
+            return
+        for line in data.splitlines():
+            self._lines += 1
+            if self._in_quote:
+                self._in_quote = self._closes_quote.fullmatch(line) is None
+            elif line:
+                self._shift(self._lines - self._records)
+                self._records += 1
+                self._in_quote = self._ends_record.fullmatch(line) is None
+
+    def _one_record_a_line(self, data: bytes) -> int | None:
+        """The lines in ``data`` when each is a record (no quote, no empty line), else None. Byte searches
+        only, for \\n or \\r\\n line ends (a mix of them is left to the line by line count)."""
+        if self._in_quote or b'"' in data or data.startswith((b"\n", b"\r")):
+            return None
+        lf = data.count(b"\n")
+        unended = not data.endswith((b"\n", b"\r"))
+        if b"\r" not in data:
+            return None if b"\n\n" in data else lf + unended
+        crlf = data.count(b"\r\n")
+        if crlf != lf or data.count(b"\r") != crlf + data.endswith(b"\r") or b"\n\r" in data:
+            return None
+        return lf + data.endswith(b"\r") + unended
+
+    def _shift(self, shift: int) -> None:
+        if shift != self._shifts[-1][1]:
+            self._shifts.append((self._records, shift))
+
+    def numbered(self, frame: pl.DataFrame, first_row: int) -> pl.DataFrame:
+        """``frame``, the rows from ``first_row`` (0: the one after the header), with their lines in ``_LINE``."""
+        records = np.arange(first_row + 1, first_row + 1 + frame.height, dtype=np.int64)
+        starts = np.fromiter((record for record, _ in self._shifts), np.int64)
+        shifts = np.fromiter((shift for _, shift in self._shifts), np.int64)
+        lines = records + shifts[np.searchsorted(starts, records, side="right") - 1]
+        done = bisect.bisect_right(self._shifts, first_row + 1 + frame.height, key=lambda entry: entry[0]) - 1
+        del self._shifts[:done]
+        return frame.with_columns(pl.Series(_LINE, lines, dtype=pl.Int64))
 
 
 class _Utf8CheckedFile(io.RawIOBase):
@@ -326,6 +407,7 @@ class _Utf8CheckedFile(io.RawIOBase):
         self._at_end = False
         self.undecodable: dict[int, str] = {}
         self._marked_lines = 0
+        self.line_numbers = _CsvLineNumbers(delimiter)
 
     def readable(self) -> bool:
         return True
@@ -334,7 +416,11 @@ class _Utf8CheckedFile(io.RawIOBase):
         size = size if size is not None and size >= 0 else CSV_BLOCK_BYTES  # pyarrow always asks for a size
         while not self._ready and not self._at_end:
             self._ready = self._checked_lines(size)
+            self.line_numbers.feed(self._ready)
         piece, self._ready = self._ready[:size], self._ready[size:]
+        if len(piece) > 1 and piece.endswith(b"\r") and self._ready.startswith(b"\n"):
+            # pyarrow takes a block that is only the \n of a \r\n for the end of the file: keep \r\n together
+            piece, self._ready = piece[:-1], b"\r" + self._ready
         return piece
 
     def close(self) -> None:
@@ -426,14 +512,15 @@ class _BadCsvLines:
 
 
 def _read_whole_table(path: Path) -> pl.DataFrame:
-    """An item or user file: these have no quarantine, so a line that cannot be read is an error."""
+    """An item or user file: these have no quarantine, so a line that cannot be read is an error (a
+    catalogue missing an item's line would make a withdrawn item, seen in interactions, available)."""
     table = pl.concat(list(_table_batches(path, CHUNK_ROWS)), how="diagonal_relaxed")
     if _LINE_REASON not in table.columns:
-        return table
-    bad = table.with_row_index("row").filter(pl.col(_LINE_REASON).is_not_null())
+        return table.drop(_LINE, strict=False)
+    bad = table.filter(pl.col(_LINE_REASON).is_not_null())
     first = bad.row(0, named=True)
     raise BadInputError(
-        f"{path.name}: {bad.height:,} unreadable line(s), the first at row {first['row']} "
+        f"{path.name}: {bad.height:,} unreadable line(s), the first at line {first[_LINE]} "
         f"({first[_LINE_REASON]}): {first[RAW_LINE]}"
     )
 
@@ -559,11 +646,12 @@ def validate_interactions(
     """Split the source's interactions into (valid rows in the lake schema, quarantined rows).
 
     Quarantined rows keep their original columns as text, plus ``row`` (0-based position in
-    the source, counted from ``first_row``) and ``reason``. ``keep_row`` keeps ``row`` on valid rows too.
+    the source, counted from ``first_row``), ``line`` (a CSV file's line the row starts on, from 1 for
+    the header; null for other sources) and ``reason``. ``keep_row`` keeps ``row`` and ``line`` on valid rows too.
     """
     raw = source.interactions
     reader_notes = (_LINE_REASON, RAW_LINE) if _LINE_REASON in raw.columns else ()
-    columns = {name: dtype for name, dtype in raw.schema.items() if name not in reader_notes}
+    columns = {name: dtype for name, dtype in raw.schema.items() if name not in (*reader_notes, _LINE)}
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         found = _printable(", ".join(columns)) or "none"
@@ -604,6 +692,7 @@ def validate_interactions(
     if reader_notes:  # a line whose fields could not be read has no values to check
         reason = pl.when(pl.col(_LINE_REASON).is_not_null()).then(pl.col(_LINE_REASON)).otherwise(reason)
     checked = raw.with_row_index("row", offset=first_row).with_columns(
+        pl.col(_LINE) if _LINE in raw.columns else pl.lit(None, pl.Int64).alias(_LINE),
         _user=user,
         _item=item,
         _timestamp=timestamp,
@@ -618,7 +707,7 @@ def validate_interactions(
         .otherwise(pl.col("reason"))
     )
     valid = checked.filter(pl.col("reason").is_null()).select(
-        *(["row"] if keep_row else []),
+        *([pl.col("row"), pl.col(_LINE).alias("line")] if keep_row else []),
         pl.col("_user").alias("user_id"),
         pl.col("_item").alias("item_id"),
         pl.col("_timestamp").alias("timestamp"),
@@ -626,7 +715,11 @@ def validate_interactions(
         pl.col("_event_type").alias("event_type"),
     )
     quarantined = checked.filter(pl.col("reason").is_not_null()).select(
-        "row", *[pl.col(c).cast(pl.String) for c in columns], *([RAW_LINE] if reader_notes else []), "reason"
+        "row",
+        pl.col(_LINE).alias("line"),
+        *[pl.col(c).cast(pl.String) for c in columns],
+        *([RAW_LINE] if reader_notes else []),
+        "reason",
     )
     return valid, quarantined
 
@@ -667,7 +760,7 @@ def _normalise_items(items: pl.DataFrame, file_name: str) -> pl.DataFrame:
 
 
 # Columns of an item file that are not attributes: the catalogue's own, and `genre`, the name genres go by
-# among the published attributes (jobs.steps.attributes).
+# among the published attributes (jobs.steps.popularity.item_attributes).
 _NOT_ATTRIBUTES = {*lake.ITEMS_SCHEMA, "genre"}
 _TRUE_OR_FALSE = ["true", "false"]
 
@@ -794,7 +887,7 @@ class _Staged:
 
 
 def _stage_valid(staged: _Staged, valid: pl.DataFrame, name: str) -> None:
-    """Stage valid rows (with their ``row`` number) by event day, and note their ids and time range."""
+    """Stage valid rows (with their ``row`` and ``line`` numbers) by event day, and note their ids and time range."""
     if not valid.height:
         return
     staged.user_ids.append(valid["user_id"].unique())
@@ -843,7 +936,10 @@ def _quarantine_cross_chunk_duplicates(staged: _Staged) -> None:
         staged.counts["duplicate"] += repeated.height
         lake.write_parquet_atomically(
             repeated.select(
-                "row", *[pl.col(c).cast(pl.String) for c in lake.INTERACTIONS_SCHEMA], reason=pl.lit("duplicate")
+                "row",
+                "line",
+                *[pl.col(c).cast(pl.String) for c in lake.INTERACTIONS_SCHEMA],
+                reason=pl.lit("duplicate"),
             ),
             staged.folder / "quarantine" / f"{day_dir.name}-duplicates.parquet",
         )
@@ -895,7 +991,7 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
 
     days = staged.day_dirs()
     for count, (event_date, day_dir) in enumerate(days, start=1):
-        rows = pl.read_parquet(sorted(day_dir.glob("*.parquet"))).drop("row").unique(DEDUP_KEYS, keep="first")
+        rows = pl.read_parquet(sorted(day_dir.glob("*.parquet"))).drop("row", "line").unique(DEDUP_KEYS, keep="first")
         _merge_partition(lake_dir, event_date, rows)
         if count % 50 == 0:
             logger.info("ingest: wrote %d of %d event-day partitions", count, len(days))

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql as pgsql
+from starlette.requests import Request
 
 import sql
 from console.app import create_app
@@ -42,17 +43,23 @@ ONE_USER_ROUTE = "/v1/users/{user_id:text}/recommendations"
 @pytest.mark.parametrize(
     "cookie",
     [
-        "9" * 5000 + "." + "a" * 64,  # more digits than int() takes
-        "²." + "a" * 64,  # a digit to str.isdigit(), not to int()
-        "123",
-        "." * 10,
-        "99999999999." + "Z" * 64,
-        "\uff11\uff12\uff13." + "a" * 64,  # fullwidth digits
+        b"9" * 5000 + b"." + b"a" * 64,  # more digits than int() takes
+        # The server reads a header's bytes as latin-1: b"\xb2" is "²", b"\xb9" "¹", b"\xb3" "³", digits to
+        # str.isdigit() that int() refuses.
+        b"\xb2." + b"a" * 64,
+        b"1\xb9\xb3." + b"a" * 64,
+        b"123",
+        b"." * 10,
+        b"99999999999." + b"Z" * 64,
+        "\uff11\uff12\uff13.".encode() + b"a" * 64,  # fullwidth digits, sent as UTF-8
     ],
 )
-def test_a_malformed_session_cookie_is_no_session(database_url: str, cookie: str) -> None:
+def test_a_malformed_session_cookie_is_no_session(database_url: str, cookie: bytes) -> None:
+    raw = COOKIE.encode() + b"=" + cookie  # bytes: httpx sends them as they are, no UTF-8 re-encoding
+    # what the app's session check is given: the cookie's bytes read as latin-1 ("²." for b"\xb2.")
+    assert Request({"type": "http", "headers": [(b"cookie", raw)]}).cookies[COOKIE] == cookie.decode("latin-1")
     with running_console(console_settings(database_url)) as console:
-        header = {b"Cookie": f"{COOKIE}={cookie}".encode()}  # as raw bytes, as a client may send them
+        header = {b"Cookie": raw}
         page = console.anonymous.get("/dashboard", headers=header)
         assert page.status_code == 200 and "Sign in" in page.text
         assert console.anonymous.get("/dashboard/api/overview", headers=header).status_code == 401

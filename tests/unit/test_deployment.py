@@ -407,6 +407,23 @@ def test_the_proxy_logs_requests_without_query_strings_or_credentials() -> None:
         assert [args for name, args, _ in block if name == "access_log"], "a server without access_log uses 'main'"
 
 
+# nginx's error levels, least severe first; each error of a request ends with its request line, query
+# string included. Upstream errors and timeouts are `error`, a response buffered to a file `warn`.
+NGINX_ERROR_LEVELS = ["debug", "info", "notice", "warn", "error", "crit", "alert", "emerg"]
+
+
+def test_the_proxy_error_log_never_gets_the_request_line_of_an_upstream_failure() -> None:
+    error_logs = [args for name, args, _ in _walk(NGINX) if name == "error_log"]
+    assert error_logs, "no error_log: the image's (level notice) logs every upstream error with its request line"
+    for args in error_logs:
+        # without a level nginx logs `error` and worse
+        assert len(args) == 2 and args[1] in NGINX_ERROR_LEVELS, f"error_log {args}: give it a level"
+        assert NGINX_ERROR_LEVELS.index(args[1]) >= NGINX_ERROR_LEVELS.index("crit"), f"error_log {args}"
+    for block in [block for name, _, block in NGINX if name == "server"]:
+        assert block is not None
+        assert [args for name, args, _ in block if name == "error_log"], "a server without error_log uses the image's"
+
+
 def _location_for(server: list[Directive], path: str) -> list[Directive]:
     """The location block nginx picks for a path: an exact `=` match, else the longest prefix."""
     locations = [(args, block) for name, args, block in server if name == "location" and block is not None]

@@ -323,9 +323,10 @@ def test_an_undecodable_line_is_quarantined_not_the_whole_file(tmp_path: Path) -
     assert (result.rows_read, result.rows_valid) == (201, 199)
     assert result.quarantined_by_reason == {"bad_encoding": 1, "bad_timestamp": 1}
     quarantined = pl.read_parquet(result.quarantine_path).sort("row")  # type: ignore[arg-type]
-    assert quarantined.select("row", "reason", "raw_line").rows() == [
-        (100, "bad_encoding", r"u\xff\xfe,i1,2026-11-10T12:00:00Z,3"),
-        (200, "bad_timestamp", None),
+    # line: the file's line, the header being line 1
+    assert quarantined.select("row", "line", "reason", "raw_line").rows() == [
+        (100, 102, "bad_encoding", r"u\xff\xfe,i1,2026-11-10T12:00:00Z,3"),
+        (200, 202, "bad_timestamp", None),
     ]
     assert quarantined.row(0, named=True)["user_id"] is None
 
@@ -344,13 +345,51 @@ def test_lines_with_extra_or_too_few_fields_are_quarantined_in_place(tmp_path: P
     )
     valid, quarantined = validate_interactions(read_source(path), DAY)
     assert valid.height == 15
-    assert quarantined.select("row", "reason", "raw_line").rows() == [
-        (10, "extra_fields", "u1,i1,2026-11-10T12:00:00Z,3,surprise"),
-        (11, "too_few_fields", "u1,i1"),
-        (12, "bad_encoding", r"u1,i1,2026-11-10T12:00:00Z,3,\x1b[2J\xff"),
-        (13, "extra_fields", r"u1,i1,2026-11-10T12:00:00Z,3,\x1b[2J"),
-        (19, "bad_timestamp", None),
+    assert quarantined.select("row", "line", "reason", "raw_line").rows() == [
+        (10, 12, "extra_fields", "u1,i1,2026-11-10T12:00:00Z,3,surprise"),
+        (11, 13, "too_few_fields", "u1,i1"),
+        (12, 14, "bad_encoding", r"u1,i1,2026-11-10T12:00:00Z,3,\x1b[2J\xff"),
+        (13, 15, "extra_fields", r"u1,i1,2026-11-10T12:00:00Z,3,\x1b[2J"),
+        (19, 21, "bad_timestamp", None),
     ]
+
+
+@pytest.mark.parametrize("block_bytes", [64 << 20, 64])  # 64: a few lines a block, records across blocks
+def test_quarantined_rows_carry_the_line_they_start_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    monkeypatch.setattr("jobs.steps.ingest.CSV_BLOCK_BYTES", block_bytes)
+    path = write_bytes(
+        tmp_path / "src",
+        b"user_id,item_id,timestamp,rating,note\n"  # line 1
+        + b"u0,i0,2026-11-10T12:00:00Z,3,\n"  # line 2
+        + b'u1,i"1,2026-11-10T12:00:00Z,3,"two\nlines"\n'  # lines 3-4: a quote inside a field opens nothing
+        + b"\n"  # line 5: empty, no row
+        + b'u2,i2,2026-11-10T12:00:00Z,3,"a ""quote"", then\r\nthree\r\nlines"\r\n'  # lines 6-8
+        + b"u\xff,i1,2026-11-10T12:00:00Z,3,\n"  # line 9: row 3, not UTF-8
+        + b'u3,i3,2026-11-10T12:00:00Z,3,"x\ny",extra\n'  # lines 10-11: row 4, a field too many
+        + b'u4,"i\n4",2026-11-10T12:00:00Z,3,\n'  # lines 12-13: row 5, an id holding a line break
+        + b'u5,i5,yesterday,3,"a,b"',  # line 14: row 6, and no line end
+    )
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    assert valid["item_id"].to_list() == ["i0", 'i"1', "i2"]
+    assert quarantined.select("row", "line", "reason").rows() == [
+        (3, 9, "bad_encoding"),
+        (4, 10, "extra_fields"),
+        (5, 12, "bad_item_id"),
+        (6, 14, "bad_timestamp"),
+    ]
+
+
+@pytest.mark.parametrize("block_bytes", range(40, 90))
+def test_a_crlf_file_is_read_to_its_end_whatever_the_block_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    # pyarrow ends the file at a block that is only the \n of a \r\n split from its \r
+    monkeypatch.setattr("jobs.steps.ingest.CSV_BLOCK_BYTES", block_bytes)
+    path = write_bytes(tmp_path / "src", (HEADER + good_lines(60)).replace(b"\n", b"\r\n"))
+    valid, quarantined = validate_interactions(read_source(path), DAY)
+    assert (valid.height, quarantined.height) == (60, 0)
 
 
 def test_bad_lines_keep_their_row_numbers_across_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -389,7 +428,7 @@ def test_an_item_file_with_a_bad_line_is_a_clear_error(tmp_path: Path) -> None:
     folder = tmp_path / "src"
     write_csv(folder, "user_id,item_id,timestamp\nu1,i1,2026-11-10\n")
     write_bytes(folder, b"item_id,title\ni1,One\ni2,Caf\xe9\n", name="items.csv")
-    with pytest.raises(BadInputError, match=r"items.csv: 1 unreadable line\(s\), the first at row 1 \(bad_encoding\)"):
+    with pytest.raises(BadInputError, match=r"items.csv: 1 unreadable line\(s\), the first at line 3 \(bad_encoding\)"):
         ingest(settings_for(tmp_path), folder, DAY)
 
 
