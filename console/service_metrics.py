@@ -21,6 +21,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from sql.text import first_line
+
 logger = logging.getLogger(__name__)
 
 SNAPSHOTS_KEPT = 240
@@ -47,19 +49,14 @@ def _read_metrics(url: str, timeout: float) -> Scrape:
     except urllib.error.HTTPError as error:
         return Scrape(url, problem=f"{metrics_url} answered HTTP {error.code}")
     except urllib.error.URLError as error:
-        return Scrape(url, problem=f"{metrics_url} cannot be reached ({_first_line(error.reason)})")
+        return Scrape(url, problem=f"{metrics_url} cannot be reached ({first_line(error.reason)})")
     except TimeoutError:
         return Scrape(url, problem=f"{metrics_url} did not answer within {timeout:g} s")
     except OSError as error:
-        return Scrape(url, problem=f"{metrics_url} cannot be read ({_first_line(error)})")
+        return Scrape(url, problem=f"{metrics_url} cannot be read ({first_line(error)})")
     if len(body) > MAX_METRICS_BYTES:
         return Scrape(url, problem=f"{metrics_url} answered more than {MAX_METRICS_BYTES} bytes")
     return Scrape(url, text=body.decode("utf-8", "replace"))
-
-
-def _first_line(error: object) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 async def scrape(urls: Sequence[str], timeout: float) -> list[Scrape]:
@@ -130,7 +127,7 @@ def service_figures(
         try:
             read = _parse(one.text)
         except (ValueError, KeyError, IndexError) as error:  # what the parser and a bucket without `le` raise
-            problems.append(f"{one.url}/metrics is not Prometheus text ({_first_line(error)})")
+            problems.append(f"{one.url}/metrics is not Prometheus text ({first_line(error)})")
             continue
         counts.add(read)
         answered.append((one.url, read.started_at))

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Self
 from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sql.text import settings_error_line
+
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "OVERNIGHT_"
@@ -130,7 +132,7 @@ def get_console_settings(**overrides: Any) -> ConsoleSettings:
     try:
         return ConsoleSettings(**overrides)
     except ValidationError as error:
-        raise ConsoleConfigError(_one_line(error)) from None
+        raise ConsoleConfigError(settings_error_line(error, ENV_PREFIX)) from None
 
 
 def check_auth_configured(settings: ConsoleSettings, auth_disabled: bool) -> None:
@@ -144,14 +146,3 @@ def check_auth_configured(settings: ConsoleSettings, auth_disabled: bool) -> Non
             f"no key configured: set {ENV_PREFIX}DASHBOARD_KEYS or {ENV_PREFIX}API_KEYS (comma-separated) "
             "or start with --no-auth"
         )
-
-
-def _one_line(error: ValidationError) -> str:
-    problems = []
-    for detail in error.errors(include_url=False, include_input=False):
-        field = str(detail["loc"][0]) if detail["loc"] else ""
-        if not field:  # a rule across fields: its message names them
-            problems.append(detail["msg"].removeprefix("Value error, "))
-        else:
-            problems.append(f"{ENV_PREFIX}{field.upper()}: {detail['msg'].removeprefix('Value error, ')}")
-    return "; ".join(problems)

@@ -14,6 +14,7 @@ import psycopg
 import sql
 from jobs.errors import DatabaseError
 from jobs.settings import Settings
+from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ def connect(settings: Settings, *, autocommit: bool = False) -> Iterator[psycopg
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
     except psycopg.OperationalError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DatabaseError(f"cannot connect to Postgres: {reason}") from error
+        raise DatabaseError(f"cannot connect to Postgres: {first_line(error)}") from error
     with conn:
         yield conn
 

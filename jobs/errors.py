@@ -31,10 +31,3 @@ class DatabaseError(OvernightError):
 
 class RolloutError(OvernightError):
     """A canary, promote or shadow request that the current state of the batches does not allow."""
-
-
-def first_line(error: BaseException | str, limit: int = 2000) -> str:
-    """The first line of an error's message (its type's name when it has none), cut at `limit`
-    characters: what a one-line CLI error, a log line or a run history row shows."""
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:limit]

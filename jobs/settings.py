@@ -268,6 +268,8 @@ class Settings(BaseSettings):
         description="Ingest also reads overnight.feedback_events (POST /v1/events) as interactions; turn it off "
         "when the source already holds the same events.",
     )
+    # Types of sql.contract.FEEDBACK_EVENT_TYPES (ingest refuses others; tests/unit/test_contract.py checks
+    # the default), written out: this module imports no project module, it is the bottom import layer.
     feedback_weights: dict[str, float] = Field(
         default={"click": 1.0, "conversion": 3.0},
         description="Interaction weight per feedback type; a type not listed (impressions by default) is not ingested.",

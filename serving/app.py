@@ -6,7 +6,6 @@
 import asyncio
 import gc
 import logging
-import math
 import os
 import re
 import time
@@ -74,6 +73,7 @@ from serving.schemas import (
 from serving.settings import ENV_PREFIX, ServingSettings, check_auth_configured, get_serving_settings
 from serving.variants import CANARY, PRODUCTION
 from sql.contract import MAX_ID_LENGTH
+from sql.text import jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -597,23 +597,7 @@ def _unprocessable(problems: Sequence[Any]) -> Response:
     surrogate (``"\\ud800"``), which no response could encode as UTF-8, and Python's parser takes NaN,
     Infinity and 1e400 (infinity), which JSON has no number for; either made FastAPI's own handler
     answer 500."""
-    return JSONResponse({"detail": _json_safe(jsonable_encoder(problems))}, status_code=422)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return value.encode(errors="backslashreplace").decode()
-        return value
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, list):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, dict):
-        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
-    return value
+    return JSONResponse({"detail": jsonable(jsonable_encoder(problems), non_finite="text")}, status_code=422)
 
 
 # ---------------------------------------------------------------------------- factory

@@ -64,9 +64,3 @@ class DatabaseUnavailableError(ServingError):
     """Postgres did not answer in time, refused the connection or lost it."""
 
     reason = "database_unavailable"
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none), for one-line logs."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

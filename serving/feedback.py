@@ -1,20 +1,15 @@
 """`POST /v1/events`: impressions, clicks and conversions from the product, written in bulk to
 ``overnight.feedback_events``.
 
-What "accepted" means: a 202 is sent only after every event of the request is validated and queued
-in memory (all of them or none); the queue is written to Postgres within a fraction of a second,
-retried while Postgres is away, and drained when the service shuts down. A retried write stores its
-events once, even when an earlier attempt was committed and only its reply was lost (each write claims
-an id in ``overnight.bulk_writes`` in the same statement; see `serving.prediction_log`). Until written,
-events live only in the process: they are lost if it is killed (SIGKILL, OOM, a crash) or if Postgres
-stays down through the drain (then counted in ``overnight_bulk_rows_lost``). A request that would not
-fit in the queue gets a 503 with Retry-After and nothing of it is kept, so the client retries the
-whole request and no event is counted twice. An invalid event fails the whole request with a 422
-naming the event and the reason, in FastAPI's usual error format.
+A 202 is sent only after every event of the request is validated and queued in memory (all or none); the
+queue is written within a fraction of a second, retried while Postgres is away (each write stored once, see
+`serving.prediction_log`) and drained at shutdown; until written, events are lost if the process dies. A
+request that would not fit in the queue gets a 503 with Retry-After and nothing of it is kept; an invalid event
+fails the whole request with a 422 naming it. docs/serving.md#the-prediction-log-and-feedback-writers.
 """
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -22,9 +17,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 import sql
 from serving.prediction_log import BulkWriter
-from sql.contract import MAX_ID_LENGTH
+from sql.contract import MAX_ID_LENGTH, FeedbackEventType
 
-EventType = Literal["impression", "click", "conversion"]
 FeedbackRow = tuple[datetime, datetime, str, str, str, str | None]
 
 # Ids hold no control characters, as in the ingest data contract. A user id may be as long as the lookups
@@ -38,10 +32,12 @@ class FeedbackEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: str = Field(
-        min_length=1, pattern=_ID_PATTERN, description="At most OVERNIGHT_MAX_USER_ID_LENGTH characters (256)."
+        min_length=1,
+        pattern=_ID_PATTERN,
+        description=f"At most OVERNIGHT_MAX_USER_ID_LENGTH characters ({MAX_ID_LENGTH}).",
     )
     item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)
-    type: EventType = Field(description="What the user did with the item.")
+    type: FeedbackEventType = Field(description="What the user did with the item.")
     timestamp: AwareDatetime = Field(
         description="When it happened, with a time zone (ISO 8601): at most 7 days before the server's clock "
         "and at most 5 minutes after it (clock skew); outside that window the request is a 422."
@@ -74,7 +70,7 @@ class FeedbackIntake:
         database_url: str,
         *,
         max_events_per_request: int = 1000,
-        max_user_id_length: int = 256,
+        max_user_id_length: int = MAX_ID_LENGTH,
         max_age: timedelta = timedelta(days=7),
         max_clock_skew: timedelta = timedelta(minutes=5),
         **writer_options: object,

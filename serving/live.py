@@ -20,9 +20,9 @@ from psycopg import sql as pgsql
 
 import sql
 from serving.catalogue import Catalogue, load_catalogue
-from serving.errors import first_line
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION, TrafficSplit, Variant
+from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 

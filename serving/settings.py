@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serving.errors import ServingConfigError
 from sql.contract import MAX_ID_LENGTH
+from sql.text import settings_error_line
 
 ENV_PREFIX = "OVERNIGHT_"
 
@@ -114,7 +115,7 @@ def get_serving_settings(**overrides: Any) -> ServingSettings:
     try:
         return ServingSettings(**overrides)
     except ValidationError as error:
-        raise ServingConfigError(_one_line(error)) from None
+        raise ServingConfigError(settings_error_line(error, ENV_PREFIX, _MISSING)) from None
 
 
 def check_auth_configured(settings: ServingSettings, auth_disabled: bool) -> None:
@@ -129,15 +130,5 @@ def check_auth_configured(settings: ServingSettings, auth_disabled: bool) -> Non
         )
 
 
-def _one_line(error: ValidationError) -> str:
-    problems = []
-    for detail in error.errors(include_url=False, include_input=False):
-        field = str(detail["loc"][0]) if detail["loc"] else ""
-        variable = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-        if detail["type"] == "missing" and field == "database_url":
-            problems.append(f"{variable} is not set: the lookup service needs the Postgres DSN of the batches")
-        elif not field:  # a rule across fields: its message names them
-            problems.append(detail["msg"].removeprefix("Value error, "))
-        else:
-            problems.append(f"{variable}: {detail['msg']}")
-    return "; ".join(problems)
+# What a required setting left unset gets said about it.
+_MISSING = {"database_url": "the lookup service needs the Postgres DSN of the batches"}

@@ -1,22 +1,19 @@
 """The canary split: which arm a user is in, from a hash of (salt, user id).
 
-A user's bucket is the 8-byte BLAKE2b digest ``blake2b(salt || 0x00 || user_id, digest_size=8)`` (the
-digest size is a parameter of the hash: this is not the first 8 bytes of the default 64-byte digest),
-salt and user id UTF-8 encoded, read big-endian as an integer in [0, 2**64); the user is in the canary
-when the bucket is below ``traffic * 2**64``. So the split is:
-
-- stable: the same user gets the same arm in every request, process and day (no per-process seed);
-- exact within sampling error: buckets are uniform, so the canary share of n users is binomial;
-- monotone in traffic: ramping 5% → 20% keeps every 5% user in the canary and adds new ones;
-- independent across salts: a new salt draws a new slice, so one canary's users are not the next's.
+A user's bucket is the 8-byte BLAKE2b digest ``blake2b(salt || 0x00 || user_id, digest_size=8)`` (a parameter
+of the hash: not the first 8 bytes of the default 64-byte digest), salt and user id UTF-8 encoded, read
+big-endian as an integer in [0, 2**64); the user is in the canary when the bucket is below ``traffic * 2**64``.
+So a user's arm is the same in every request, process and day, the canary share of n users is binomial, ramping
+up keeps every user already in the canary, and a new salt draws a new slice.
 """
 
 import hashlib
-from typing import Final, Literal
 
-Variant = Literal["production", "canary"]
-PRODUCTION: Final = "production"
-CANARY: Final = "canary"
+from sql.contract import CANARY_VARIANT as CANARY
+from sql.contract import PRODUCTION_VARIANT as PRODUCTION
+from sql.contract import Variant
+
+__all__ = ["CANARY", "PRODUCTION", "TrafficSplit", "Variant"]
 
 _BUCKETS = 1 << 64
 

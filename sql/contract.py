@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence, Set
 from operator import itemgetter
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 # The longest user or item id: ingest quarantines longer ones, so no batch holds one; the lookup
 # service takes user ids this long by default (OVERNIGHT_MAX_USER_ID_LENGTH) and feedback item ids.
@@ -14,6 +14,17 @@ BatchKind = Literal["serving", "canary", "shadow"]
 NIGHTLY_BATCH: Final = "serving"
 CANARY_BATCH: Final = "canary"
 SHADOW_BATCH: Final = "shadow"
+
+# Which batch answered a lookup (overnight.served_predictions.variant, the X-Variant header): the live
+# batch, or the canary's for the canary's share of users.
+Variant = Literal["production", "canary"]
+PRODUCTION_VARIANT: Final = "production"
+CANARY_VARIANT: Final = "canary"
+
+# What a user did with an item (POST /v1/events, overnight.feedback_events.event_type, whose CHECK in
+# migration 0006 lists the same); OVERNIGHT_FEEDBACK_WEIGHTS gives some of them a weight for ingest.
+FeedbackEventType = Literal["impression", "click", "conversion"]
+FEEDBACK_EVENT_TYPES: Final[tuple[FeedbackEventType, ...]] = get_args(FeedbackEventType)
 
 # Why an item is in a user's published list (`?explain=true`). A batch published with explanations has,
 # beside each user's item_ids, reason_codes (bytea: two bytes an item, big-endian, the source's index in

@@ -3,7 +3,7 @@
 Each statistic has a warn and a fail threshold and a bad side (above or below). A check compares
 one measured value with them; the checks of a date and stage (input, drift, output) are stored
 in ``overnight.monitor_checks`` and the full report in ``overnight.monitor_reports``. A fail
-blocks the publish (see ``jobs.monitoring.outputs.check_batch``); a warn is recorded and shown.
+blocks the publish (see ``jobs.monitoring.gate.check_batch``); a warn is recorded and shown.
 """
 
 import logging
@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 import sql
-from jobs.jsonable import jsonb
 from jobs.settings import Settings
+from sql.text import jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def record(
                 [
                     {
                         **{k: v for k, v in asdict(c).items() if k != "details"},
-                        "details": jsonb(c.details),
+                        "details": Jsonb(jsonable(c.details)),
                         "logical_date": logical_date,
                         "run_id": run_id,
                         "model_id": model_id,
@@ -186,7 +187,7 @@ def record(
                 "logical_date": logical_date,
                 "stage": stage,
                 "verdict": verdict(checks),
-                "report": jsonb(report),
+                "report": Jsonb(jsonable(report)),
                 "run_id": run_id,
                 "model_id": model_id,
                 "batch_id": batch_id,

@@ -12,10 +12,10 @@ from jobs import registry
 from jobs.batches import running_canary
 from jobs.database import connect, upgrade
 from jobs.errors import StaleBatchError
-from jobs.jsonable import jsonable
 from jobs.monitoring import history
 from jobs.outcome import Outcome
 from jobs.settings import Settings
+from sql.text import jsonable
 
 logger = logging.getLogger(__name__)
 

@@ -1,17 +1,10 @@
 """Run history: every pipeline run, and per step its wall time, peak memory, rows in and out and
 outcome, in ``overnight.runs`` and ``overnight.run_steps``.
 
-``overnight run`` records through :func:`step`; the Airflow DAG through the task hooks at the end
-(``on_execute_callback``, ``post_execute``, ``on_failure_callback``), which run in the task's own
-process, so a step's memory is that task's. Recording never fails a run: a problem is logged.
-
-A process that dies mid-way (SIGKILL, OOM, a lost machine) cannot record its end, so the process that
-records holds a connection (its :class:`Recorder`) while it runs; a running run or step whose recorder's
-backend is gone is ``abandoned`` (migration 0016): marked so when a run starts or ``overnight status``
-lists runs, read so by the dashboard at once (its role cannot write). An Airflow task's process owns
-its step only: the dag run is abandoned when a step is and no other step still runs (between tasks
-nothing runs and nothing is abandoned); a retry makes both running again, and between a failed attempt
-and its retry the step reads abandoned (no process runs it meanwhile).
+``overnight run`` records through :func:`step`, the Airflow DAG through task hooks that run in the task's
+own process (so a step's memory is that task's). Recording never fails a run. A process that dies cannot
+record its end, so the recording process holds a connection (its :class:`Recorder`) while it runs: a running
+run or step whose recorder's backend is gone is ``abandoned`` (migration 0016; docs/operations.md#abandoned-runs).
 """
 
 import logging
@@ -30,9 +23,9 @@ from psycopg.rows import dict_row
 
 import sql
 from jobs.database import connect, database_url, upgrade
-from jobs.errors import first_line
 from jobs.outcome import Outcome
 from jobs.settings import Settings, get_settings
+from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 

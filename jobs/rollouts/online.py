@@ -23,6 +23,7 @@ from jobs.errors import BadInputError
 from jobs.jsonable import jsonb
 from jobs.outcome import Outcome
 from jobs.settings import Settings
+from sql.contract import CANARY_VARIANT, PRODUCTION_VARIANT
 
 Z = 1.959964  # 95%
 MIN_PROPENSITY = 0.05
@@ -296,8 +297,8 @@ def online_report(
     # Only the answers served while a canary ran: the users were split between the arms then, whereas a
     # whole day's production answers include the hours before the canary started (another batch, other
     # hours' traffic). A user moved to the canary by a ramp is in both arms.
-    if "canary" in while_canary and "production" in while_canary:
-        canary, production = while_canary["canary"], while_canary["production"]
+    if CANARY_VARIANT in while_canary and PRODUCTION_VARIANT in while_canary:
+        canary, production = while_canary[CANARY_VARIANT], while_canary[PRODUCTION_VARIANT]
 
         def difference(outcome: str) -> dict[str, float | None]:
             a, b = canary.sums(outcome), production.sums(outcome)
@@ -310,13 +311,13 @@ def online_report(
         report["canary_minus_production"] = {
             "while_canary_ran": {
                 name: {key: arm.summary()[key] for key in ("impressed_users", "impressions")}
-                for name, arm in (("canary", canary), ("production", production))
+                for name, arm in ((CANARY_VARIANT, canary), (PRODUCTION_VARIANT, production))
             },
             "ctr": difference("clicks"),
             "conversion_rate": difference("conversions"),
             "ips_click_rate": difference("ips"),
         }
-        canary_models = sorted({b["model_id"] for b in report["batches"] if b["variant"] == "canary"})
+        canary_models = sorted({b["model_id"] for b in report["batches"] if b["variant"] == CANARY_VARIANT})
         if len(canary_models) > 1:
             report["canary_minus_production"]["warning"] = (
                 f"the canary arm pools the answers of {len(canary_models)} models ({', '.join(canary_models)}): "
@@ -448,7 +449,7 @@ def render(report: dict[str, Any]) -> Iterable[str]:
         arms = delta["while_canary_ran"]
         yield (
             "canary - production over the answers served while a canary ran "
-            f"({arms['canary']['impressions']:,} and {arms['production']['impressions']:,} impressions):"
+            f"({arms[CANARY_VARIANT]['impressions']:,} and {arms[PRODUCTION_VARIANT]['impressions']:,} impressions):"
         )
         yield (
             f"  CTR {interval(delta['ctr'])}, conversion {interval(delta['conversion_rate'])}, "

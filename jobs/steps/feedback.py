@@ -15,14 +15,22 @@ import polars as pl
 import sql
 from jobs import lake
 from jobs.database import connect, upgrade
+from jobs.errors import OvernightError
 from jobs.settings import Settings
+from sql.contract import FEEDBACK_EVENT_TYPES
 
 SOURCE_NAME = "overnight.feedback_events"
 _CSV_SCHEMA = {"user_id": pl.String, "item_id": pl.String, "occurred_us": pl.Int64, "event_type": pl.String}
 
 
 def feedback_interactions(settings: Settings, logical_date: date) -> pl.DataFrame:
-    """Feedback of ingest of D's window (see above), in the lake's interaction schema (DESIGN §3), unvalidated."""
+    """Feedback of ingest of D's window (see above), as ``lake.INTERACTIONS_SCHEMA`` rows, unvalidated."""
+    unknown = sorted(set(settings.feedback_weights) - set(FEEDBACK_EVENT_TYPES))
+    if unknown:  # a misspelt type would match no event: its feedback would be left out without a word
+        raise OvernightError(
+            f"OVERNIGHT_FEEDBACK_WEIGHTS names {', '.join(map(repr, unknown))}: "
+            f"the feedback event types are {', '.join(FEEDBACK_EVENT_TYPES)}"
+        )
     weights = {kind: weight for kind, weight in settings.feedback_weights.items() if weight}
     if not weights:
         return pl.DataFrame(schema=lake.INTERACTIONS_SCHEMA)

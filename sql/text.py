@@ -1,0 +1,78 @@
+"""Small helpers every image shares: one-line error text, JSON-safe values and one-line settings errors.
+
+They live under sql/ because the lookup service's and the console's images hold only their own package
+and sql/, and serving/ and console/ never import jobs/. Standard library only: each image loads this.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Literal, Protocol
+
+
+def first_line(error: object, limit: int = 2000) -> str:
+    """The first line of an error's message (its type's name when it has none), cut at `limit`
+    characters: what a one-line CLI error, log line, status or run history row shows."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+def jsonable(value: Any, *, non_finite: Literal["null", "text"] = "null") -> Any:
+    """`value` as JSON (and so jsonb and any UTF-8 response) can carry it: dataclasses as dicts, keys as
+    text, tuples as lists, dates as ISO text, decimals as floats, text holding a lone surrogate with it
+    escaped (``"\\ud800"``), and NaN and infinities, which JSON has no number for, as null, or with
+    ``non_finite="text"`` as "NaN", "Infinity" and "-Infinity" (how a 422 echoes a client's input)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, str):
+        return _utf8(value)
+    if isinstance(value, dict):
+        return {_utf8(str(k)): jsonable(v, non_finite=non_finite) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v, non_finite=non_finite) for v in value]
+    if isinstance(value, Decimal):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        if non_finite == "null":
+            return None
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="backslashreplace").decode()
+    return text
+
+
+class _Invalid(Protocol):
+    """What `settings_error_line` reads of a pydantic ``ValidationError``."""
+
+    def errors(self, *, include_url: bool = ..., include_input: bool = ...) -> Sequence[Mapping[str, Any]]: ...
+
+
+def settings_error_line(error: _Invalid, prefix: str, missing: Mapping[str, str] | None = None) -> str:
+    """A pydantic settings ``ValidationError`` on one line, a problem per invalid setting joined by "; ":
+    ``PREFIX_NAME: why`` (a value inside a mapping or list setting adds its place, ``PREFIX_NAME.key``);
+    a rule across settings gives its own message, which names them; a required setting not set that has
+    an entry in `missing` gives ``PREFIX_NAME is not set: <the entry>``."""
+    problems = []
+    for detail in error.errors(include_url=False, include_input=False):
+        message = " ".join(str(detail["msg"]).split()).removeprefix("Value error, ")
+        place = [str(part) for part in detail["loc"]]
+        if not place:  # a rule across settings: its message names them
+            problems.append(message)
+            continue
+        field, *inside = place
+        variable = f"{prefix}{field.upper()}"
+        if detail["type"] == "missing" and not inside and missing and field in missing:
+            problems.append(f"{variable} is not set: {missing[field]}")
+        else:
+            problems.append(f"{variable}{''.join(f'.{part}' for part in inside)}: {message}")
+    return "; ".join(problems)
