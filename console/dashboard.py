@@ -1,21 +1,16 @@
 """The monitoring dashboard at ``/dashboard``: one page, its assets, and one JSON endpoint behind it.
 
-It reads the batch side's records (what is live and the canary, runs, models and their online numbers
-per day, monitoring checks and reports, alerts) through the named queries of ``sql/queries.sql``
-(section "console"), and the lookup service's figures from its ``/metrics``. The charts are drawn by
-Apache ECharts, vendored under ``console/static/vendor`` so the page works offline.
-
-Sign-in (see `console.auth`): a login form trades a key for a session cookie; an old bookmark's
-``/dashboard?key=...`` still works, is dropped from the URL at once and redacted from the access log,
-but no such link is handed out any more. With ``--no-auth`` the dashboard is open.
+It reads the batch side's records (what is live and the canary, runs, models and their online numbers per
+day, monitoring checks and reports, alerts) through the named queries of ``sql/queries.sql`` (section
+"console"), and the lookup service's figures from its ``/metrics``. The charts are drawn by Apache ECharts,
+vendored under ``console/static/vendor`` so the page works offline. Sign-in: `console.auth`; an old bookmark's
+``/dashboard?key=...`` still works and is dropped from the URL and the access log. ``--no-auth`` opens it.
 """
 
 import asyncio
 import html
 import logging
-import math
 from datetime import date, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -36,6 +31,7 @@ from console.auth import (
     without_session,
 )
 from console.service_metrics import scrape, service_figures
+from sql.text import first_line, jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -190,34 +186,35 @@ async def overview(
         scraping.cancel()
         return data
     data["service"] = service_figures(request.app.state.service_snapshots, await scraping)
-    return JSONResponse(_plain(data), headers={"Cache-Control": "no-store"})
+    return JSONResponse(jsonable(data), headers={"Cache-Control": "no-store"})
+
+
+async def connect_read_only(dsn: str) -> psycopg.AsyncConnection[dict[str, Any]]:
+    """A connection of the console's: every transaction on it is read only, whichever role the DSN logs in
+    as (the batch side's owner role, when OVERNIGHT_CONSOLE_DATABASE_URL is unset)."""
+    return await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, connect_timeout=5, row_factory=dict_row, options="-c default_transaction_read_only=on"
+    )
 
 
 async def _records(dsn: str, day: date | None) -> dict[str, Any] | Response:
     """`read_overview` over a connection of its own, or the 503 that says why the records cannot be read."""
     try:
-        async with await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, connect_timeout=5, row_factory=dict_row
-        ) as conn:
+        async with await connect_read_only(dsn) as conn:
             return await read_overview(conn, day)
     except psycopg.errors.UndefinedTable:
         return JSONResponse(
             {"detail": "the monitoring tables do not exist yet: run `overnight db upgrade`"}, status_code=503
         )
     except psycopg.errors.InsufficientPrivilege as error:
-        logger.error("dashboard: the console's database role may not read what it shows: %s", _first_line(error))
+        logger.error("dashboard: the console's database role may not read what it shows: %s", first_line(error))
         detail = "the console's database role may not read the monitoring tables: run `overnight db upgrade`"
         return JSONResponse({"detail": detail, "reason": "insufficient_privilege"}, status_code=503)
     except psycopg.OperationalError as error:
-        logger.warning("dashboard: database unavailable: %s", _first_line(error))
+        logger.warning("dashboard: database unavailable: %s", first_line(error))
         return JSONResponse(
             {"detail": "the database is unavailable", "reason": "database_unavailable"}, status_code=503
         )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 async def _fetch(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, params: Any = ()) -> list[dict[str, Any]]:
@@ -277,17 +274,3 @@ def _model(row: dict[str, Any]) -> dict[str, Any]:
             if isinstance(values, dict)
         },
     }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

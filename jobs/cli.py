@@ -18,6 +18,7 @@ import typer
 
 from jobs.errors import OvernightError
 from jobs.settings import Settings, get_settings
+from sql.text import settings_error_line
 
 logger = logging.getLogger("overnight")
 
@@ -213,8 +214,8 @@ def publish(
 @app.command()
 def run(source: SourceOption, logical_date: DateOption, fmt: FormatOption = "auto") -> None:
     """The whole nightly pipeline without Airflow: the same steps as the DAG (`jobs.nightly.STEPS`), in order:
-    ingest → features, candidates → train when due → score → monitor → publish → check-freshness →
-    shadow, refresh-canary, online upkeep."""
+    ingest → features, candidates → train when due → refit-candidates (when tonight's model needs them) →
+    score → monitor → publish → check-freshness → shadow, refresh-canary, online upkeep."""
     from jobs import nightly
 
     night = nightly.night_of(_settings(), logical_date, source, source_format=fmt)
@@ -278,7 +279,7 @@ def evaluate(
 
     Prints NDCG@10, Recall@10, MAP@10, HitRate@10, catalogue coverage@10, candidate recall and the
     number of evaluated users for the ranker, most-popular, recent-popular, co-visitation, item-knn
-    and genre-popular (DESIGN §4); then the similar items' NDCG@10 and HitRate@10 at the next item
+    and genre-popular (docs/evaluation.md); then the similar items' NDCG@10 and HitRate@10 at the next item
     (against item-knn and co-visitation alone) and session answers for anonymous held-out users
     (against the popular and segment popular lists).
     """
@@ -405,18 +406,25 @@ def drift(
     as_json: JsonFlag = False,
     recompute: Annotated[
         bool,
-        typer.Option("--recompute", help="Measure input and feature drift again instead of showing the stored report."),
+        typer.Option(
+            "--recompute", help="Run the monitor step again (input and feature drift) before showing the report."
+        ),
     ] = False,
 ) -> None:
     """Show a date's monitoring report: input statistics, feature drift (PSI, KS) against the model's
     training reference, output statistics, and each check's level against its warn/fail thresholds.
 
-    Measures input and drift first if the date has no report yet. Exit 0 whatever the verdict.
+    The monitor step measures them (`overnight monitor --date D`, or `overnight run`); a date it has not
+    measured is an error saying so. Exit 0 whatever the verdict.
     """
+    from jobs import nightly
     from jobs.monitoring.checks import LEVELS
     from jobs.monitoring.drift import report
 
-    found = report(_settings(), logical_date, recompute=recompute)
+    settings = _settings()
+    if recompute:
+        nightly.run_step("monitor", nightly.night_of(settings, logical_date))
+    found = report(settings, logical_date)
     if as_json:
         _echo(found, as_json=True)
         return
@@ -1010,15 +1018,6 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
-def _setting_errors(error: pydantic.ValidationError) -> str:
-    """``OVERNIGHT_NAME: why`` for each invalid setting, on one line."""
-    reasons = []
-    for problem in error.errors():
-        name = "OVERNIGHT_" + "_".join(str(part) for part in problem["loc"]).upper()
-        reasons.append(f"{name}: {_one_line(problem['msg']).removeprefix('Value error, ')}")
-    return "; ".join(reasons)
-
-
 def main() -> None:
     """Run the CLI; every failure is one line on stderr: exit 1 for an OvernightError, 2 for a usage
     error (the CLI contract, which typer's boxed usage messages would break), 130 for Ctrl-C."""
@@ -1041,7 +1040,8 @@ def main() -> None:
         typer.echo(f"overnight: error: {error}", err=True)
         raise SystemExit(1) from None
     except pydantic.ValidationError as error:  # a bad OVERNIGHT_* setting
-        typer.echo(f"overnight: error: {_setting_errors(error)}", err=True)
+        prefix = Settings.model_config.get("env_prefix", "")
+        typer.echo(f"overnight: error: {settings_error_line(error, prefix)}", err=True)
         raise SystemExit(1) from None
     except (KeyboardInterrupt, typer.Abort):
         raise SystemExit(130) from None

@@ -1,14 +1,11 @@
 """Where a date's work files live, and what a step finds there or is told to make first.
 
-One folder per logical date under ``OVERNIGHT_DATA_DIR/work/``: the item tables the candidates and
-features steps share with scoring, what the candidates step makes for publish besides the lists
-(``BATCH_EXTRAS``), the date's users, the score shards with their manifests (one
-folder per chosen model besides production's), the feature sample monitoring reads for drift, and
-ingest's staging. A step that finds its input missing fails with one line naming the step to run;
-only the nightly runner (``jobs.nightly``) decides what to (re)compute.
-
-With ``OVERNIGHT_DATA_DIR`` on object storage (``jobs.storage``) these folders are prefixes in the bucket,
-except the scratch ones (ingest's staging, one-off jobs'), which stay on this machine's ``LOCAL_DIR``.
+One folder per logical date under ``OVERNIGHT_DATA_DIR/work/``: the item tables the candidates and features
+steps share with scoring, what the candidates step makes for publish (``BATCH_EXTRAS``), the date's users, the
+score shards with their manifests (a folder per chosen model besides production's), the drift sample and
+ingest's staging. A step that finds its input missing fails with one line naming the step to run; only the
+nightly runner (``jobs.nightly``) decides what to (re)compute. On object storage (``jobs.storage``) the
+scratch folders (ingest's staging, one-off jobs') stay on this machine's ``LOCAL_DIR``.
 """
 
 import json
@@ -51,7 +48,12 @@ def folder(settings: Settings, logical_date: date) -> UPath:
 
 
 def table_path(settings: Settings, logical_date: date, name: str) -> UPath:
-    return folder(settings, logical_date) / f"{name}.parquet"
+    return table_in(folder(settings, logical_date), name)
+
+
+def table_in(date_folder: UPath, name: str) -> UPath:
+    """The file of table `name` in a date's folder (`folder`, `require_tables`)."""
+    return date_folder / f"{name}.parquet"
 
 
 def candidate_settings_path(settings: Settings, logical_date: date) -> UPath:

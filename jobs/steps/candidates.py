@@ -1,16 +1,11 @@
 """Candidate generators: cheap sources of items worth ranking for each user.
 
-- ``popular``: the most interacted-with available items of the last ``recent_days``;
-- ``covisit``: items other users touched close in time to the items of this user's recent
-  history, each co-visit weighted by the time gap between the two items and by how recent it is;
-- ``knn``: item-to-item cosine similarity over the user-item matrix, summed over the user's items;
-- ``genre``: the recently popular items of the genres the user spends their time on.
-
-Each event counts by its type's weight (``OVERNIGHT_EVENT_WEIGHTS``; once without it) in every signal:
-popularity, co-visits, similarity, genre tastes. Every source is also a feature of the ranker (its score
-and rank). The item-level tables are built once per cutoff by :func:`prepare` (lazy polars; memory
-depends on items and history caps, not on the user count); per-user candidates are generated per chunk
-of users by :func:`generate`.
+``popular`` (the most interacted-with available items of the last ``recent_days``), ``covisit`` (items touched
+close in time to the user's recent items, weighted by the gap and by recency), ``knn`` (item-to-item cosine
+similarity, summed over the user's items) and ``genre`` (the recently popular items of the user's genres). Each
+event counts by its type's weight (``OVERNIGHT_EVENT_WEIGHTS``); every source is also a ranker feature. The
+item-level tables are built once per cutoff by :func:`prepare` (their memory follows items and history caps,
+not users); per-user candidates per chunk of users by :func:`generate`.
 """
 
 import json
@@ -149,7 +144,7 @@ class CandidateTables:
 
     @classmethod
     def load(cls, folder: UPath) -> "CandidateTables":
-        return cls(*(pl.read_parquet(str(folder / f"{name}.parquet")) for name in workdir.CANDIDATE_TABLES))
+        return cls(*(pl.read_parquet(str(workdir.table_in(folder, name))) for name in workdir.CANDIDATE_TABLES))
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ class FeatureTables:
 
     @classmethod
     def load(cls, folder: UPath) -> "FeatureTables":
-        return cls(*(pl.read_parquet(str(folder / f"{name}.parquet")) for name in workdir.FEATURE_TABLES))
+        return cls(*(pl.read_parquet(str(workdir.table_in(folder, name))) for name in workdir.FEATURE_TABLES))
 
 
 @dataclass(frozen=True)

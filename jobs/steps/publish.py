@@ -1,21 +1,11 @@
-"""Publish a date's scores to Postgres (DESIGN §5) and move the live pointer.
+"""Publish a date's scores to Postgres and move the live pointer (docs/architecture.md#the-publish-protocol).
 
-1. Register the batch ('loading') and create ``overnight.recs_<batch_id>`` without a key.
-2. COPY every shard in binary, in parallel; build the primary key after the load. Then COPY what the
-   candidates step made beside the user lists (``workdir.BATCH_EXTRAS``) into the batch's other tables
-   (similar items, item attributes, segment lists, users' segments), key them and record the batch's
-   ``similar_k`` and ``segment_attribute``.
-3. Validate (row count, coverage, empty lists, unknown items, non-finite scores, and the same of the
-   other tables; the lists are checked as they are sent, the row counts are the server's); a failure
-   marks the batch 'failed', drops its tables and leaves production untouched.
-4. In one transaction point ``overnight.live`` at the batch and NOTIFY the lookup services.
-5. Drop batches beyond the newest few, and earlier batches of the same date (a re-run replaces).
-
-A batch monitoring holds back is published with ``accept_checks`` (``overnight publish --accept-checks
-"why"``): the fails are accepted, recorded and alerted, and the batch goes on as any other.
-A batch of a date older than the live one (a backfill) is kept ready but not made live unless asked.
-A batch scored with a chosen model (``score.score(..., model_id=M)``) is published either as a shadow
-(never served) or, with ``model_id``, as a serving batch that never goes live here: a canary's batch.
+Register the batch ('loading'), binary-COPY every shard in parallel into ``overnight.recs_<batch_id>`` and the
+candidates step's extras (``workdir.BATCH_EXTRAS``) into the batch's other tables, key them and validate (a
+failure marks the batch 'failed', drops its tables and leaves production untouched); then, in one transaction,
+point ``overnight.live`` at it and NOTIFY the lookup services, and drop batches beyond the newest few. A backfill's
+batch is kept ready, not made live unless asked; one monitoring holds back goes on with ``accept_checks``; one
+scored with a chosen model is published as a shadow or a canary's batch, never live here.
 """
 
 import logging
@@ -379,7 +369,7 @@ def _load(settings: Settings, logical_date: date, model_id: str | None, kind: Ba
     manifests = workdir.read_manifests(settings, logical_date, model_id)
     files = [workdir.shard_path(settings, logical_date, m.shard, m.shards, model_id) for m in manifests]
     users_scored = sum(m.users for m in manifests)
-    users_path = workdir.table_path(settings, logical_date, workdir.USERS)
+    users_path = workdir.table_in(workdir.require_tables(settings, logical_date), workdir.USERS)
     active_users = pl.scan_parquet(str(users_path)).select(pl.len()).collect().item()
     fallback_items, fallback_scores = fallback(settings, logical_date)
     if not fallback_items:

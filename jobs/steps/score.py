@@ -43,7 +43,7 @@ REASONS_SCHEMA: dict[str, pl.DataType] = {"reason_refs": pl.List(pl.String), "re
 def shard_users(folder: UPath, shards: int, shard: int) -> pl.DataFrame:
     """(user_id, chunk): the shard's users, numbered into chunks of CHUNK_USERS."""
     return (
-        pl.scan_parquet(str(folder / "users.parquet"))
+        pl.scan_parquet(str(workdir.table_in(folder, workdir.USERS)))
         .with_row_index("position")
         .filter(pl.col("position") % shards == shard)
         .select("user_id", chunk=(pl.int_range(pl.len()) // CHUNK_USERS).cast(pl.Int32))
@@ -292,7 +292,7 @@ def score(
 def shard_count(settings: Settings, logical_date: date) -> int:
     """At least ``score_shards``, and enough that no shard has more than ``shard_users`` users."""
     folder = workdir.require_tables(settings, logical_date)
-    users = pl.scan_parquet(str(folder / f"{workdir.USERS}.parquet")).select(pl.len()).collect().item()
+    users = pl.scan_parquet(str(workdir.table_in(folder, workdir.USERS))).select(pl.len()).collect().item()
     return max(settings.score_shards, math.ceil(users / settings.shard_users))
 
 

@@ -15,6 +15,7 @@ from jobs.monitoring import drift
 from jobs.settings import Settings
 from jobs.steps import publish, score, train
 from tests.support.batches import ScoredLake, ingest_and_prepare
+from tests.support.console import console_login
 from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
 
@@ -64,6 +65,13 @@ def two_batches(batch_settings: Settings) -> tuple[int, int]:
     candidate = publish.publish_nightly(batch_settings, SAMPLE_DATE, make_live=False).batch_id
     production = publish.publish_nightly(batch_settings, PREVIOUS_DATE, make_live=True).batch_id
     return production, candidate
+
+
+@pytest.fixture
+def console_dsn(database_url: str) -> Iterator[str]:
+    """The database as the console logs in to it, in the overnight_console role (migration 0018)."""
+    with console_login(database_url) as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -2,11 +2,10 @@
 
 A CLI run is abandoned when its process is gone; a step of an Airflow dag run when its task's process
 is gone, the dag run itself only when none of its steps is still running; a retry of the task makes
-both running again. Read through what users read: the dashboard (as the lookup service's read-only
+both running again. Read through what users read: the dashboard (as the console's read-only
 role, which cannot write) and `overnight status --json`.
 """
 
-import asyncio
 import json
 import os
 import signal
@@ -21,12 +20,11 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 
-from console.dashboard import read_overview
 from jobs.monitoring import freshness, history
 from jobs.settings import Settings
 from tests.support.commands import OVERNIGHT, overnight, overnight_env
+from tests.support.console import read_dashboard
 from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
@@ -46,14 +44,6 @@ def eventually(read: Callable[[], T | None], timeout: float = 20.0) -> T:
         time.sleep(0.1)
 
 
-def dashboard(url: str) -> dict[str, Any]:
-    async def read() -> dict[str, Any]:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            return await read_overview(conn, None)
-
-    return asyncio.run(read())
-
-
 def stored_statuses(url: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
         return conn.execute(
@@ -63,7 +53,7 @@ def stored_statuses(url: str) -> list[tuple[Any, ...]]:
 
 
 def test_a_killed_overnight_run_and_its_step_read_as_abandoned_and_the_next_run_starts(
-    database_url: str, serving_login: str, sample_source: Path, tmp_path: Path
+    database_url: str, console_dsn: str, sample_source: Path, tmp_path: Path
 ) -> None:
     env = overnight_env(database_url, tmp_path / "var")
     args = ["run", "--source", str(sample_source), "--date", SAMPLE_DATE.isoformat()]
@@ -89,7 +79,7 @@ def test_a_killed_overnight_run_and_its_step_read_as_abandoned_and_the_next_run_
 
     # The dashboard, under the read-only role, tells from the owner's backend being gone.
     def abandoned_on_dashboard() -> dict[str, Any] | None:
-        shown = dashboard(serving_login)["runs"]
+        shown = read_dashboard(console_dsn)["runs"]
         return shown[-1] if shown and shown[-1]["status"] == "abandoned" else None
 
     run = eventually(abandoned_on_dashboard)
@@ -113,7 +103,7 @@ def test_a_killed_overnight_run_and_its_step_read_as_abandoned_and_the_next_run_
     history = json.loads(overnight("status", "--json", env=env).stdout)["recent_runs"]
     assert [(r["status"], r["abandoned_at"] is not None) for r in history] == [("success", False), ("abandoned", True)]
     assert history[0]["steps"]["publish"] == "success"
-    on_dashboard = dashboard(serving_login)["runs"]
+    on_dashboard = read_dashboard(console_dsn)["runs"]
     assert [r["status"] for r in on_dashboard] == ["abandoned", "success"]
 
 

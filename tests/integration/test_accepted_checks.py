@@ -7,25 +7,22 @@ run history, the alert log and the dashboard. The first night, with no earlier d
 volume with, is not held back.
 """
 
-import asyncio
 import json
 import re
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 
-from console.dashboard import read_overview
 from jobs import nightly
 from jobs.dev.generate import generate, write_dataset
 from jobs.monitoring import drift
 from jobs.settings import Settings
 from tests.support.commands import overnight, overnight_env
+from tests.support.console import read_dashboard
 from tests.support.data import SAMPLE_DATE
 
 pytestmark = pytest.mark.integration
@@ -35,20 +32,12 @@ REASON = "the export of the 21st was empty upstream (INC-123); the 20th's lists 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def dashboard(url: str) -> dict[str, Any]:
-    async def read() -> dict[str, Any]:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            return await read_overview(conn, None)
-
-    return asyncio.run(read())
-
-
 def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
 def test_a_night_without_events_is_held_back_in_words_and_published_once_accepted(
-    database_url: str, serving_login: str, sample_source: Path, tmp_path: Path
+    database_url: str, console_dsn: str, sample_source: Path, tmp_path: Path
 ) -> None:
     env = overnight_env(database_url, tmp_path / "var")
     night = NO_EVENTS.isoformat()
@@ -97,8 +86,8 @@ def test_a_night_without_events_is_held_back_in_words_and_published_once_accepte
     assert details["reason"] == REASON and details["checks"] == ["volume_change"]
     assert details["accepted_by"] == accepted["accepted_by"] and REASON in details["text"]
 
-    # the dashboard, as the lookup service's read-only role
-    runs = dashboard(serving_login)["runs"]
+    # the dashboard, as the console reads it: its read-only role
+    runs = read_dashboard(console_dsn)["runs"]
     assert [(r["status"], r["accepted"] is not None) for r in runs] == [("blocked", False), ("success", True)]
     shown_acceptance = runs[-1]["accepted"]
     assert shown_acceptance["reason"] == REASON and shown_acceptance["accepted_by"] == accepted["accepted_by"]

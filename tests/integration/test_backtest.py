@@ -71,7 +71,7 @@ def test_backtest_runs_the_nightly_steps_at_each_cutoff_and_scores_what_they_pub
         assert window["number"] == number
         assert window["run_date"] == (cutoff - timedelta(days=1)).isoformat()
         assert window["horizon_end"] == (cutoff + timedelta(days=HORIZON_DAYS)).isoformat()
-        assert f"window {number}/2 [7/11] publish done in" in run.stderr  # the real steps, with progress
+        assert f"window {number}/2 [8/12] publish done in" in run.stderr  # the real steps, with progress
         # The run saw every event before its cutoff and none at or after it.
         start = datetime.combine(cutoff, datetime.min.time(), tzinfo=UTC)
         assert window["run_events"] == events.filter(pl.col("timestamp") < start).height

@@ -1,6 +1,7 @@
 """The operator console under test: its app on a real socket with clients, `overnight console` as a user
 runs it, and a database login in its read-only role."""
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
 from console.app import create_app
+from console.dashboard import connect_read_only, read_overview
 from console.settings import ConsoleSettings, get_console_settings
 from tests.support.commands import running_server, serving_app
 
@@ -81,3 +83,13 @@ def console_login(database_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(pgsql.SQL("DROP ROLE IF EXISTS {}").format(pgsql.Identifier(role)))
+
+
+def read_dashboard(dsn: str) -> dict[str, Any]:
+    """What the dashboard shows, read as the console reads it (`console.dashboard.connect_read_only`)."""
+
+    async def read() -> dict[str, Any]:
+        async with await connect_read_only(dsn) as conn:
+            return await read_overview(conn, None)
+
+    return asyncio.run(read())
