@@ -1,4 +1,4 @@
-"""Evaluate the whole pipeline on a dataset under DESIGN §4's protocols and print JSON.
+"""Evaluate the whole pipeline on a dataset under the protocols of docs/evaluation.md and print JSON.
 
     uv run python benchmarks/quality.py DATASET_DIR [--protocol user-holdout|global|both]
                                          [--cutoff YYYY-MM-DD] [--horizon-days 7] [--blend-grid]

@@ -1,17 +1,8 @@
 """overnight_nightly: the tasks of `jobs.nightly.STEPS`, the same steps `overnight run` runs in order.
 
-ingest → features, candidates → train when due → score (one mapped task per shard) → monitor →
-publish → check-freshness → shadow → refresh-canary → online (the online tables' upkeep, which runs
-even after a failure). Wiring only: each task runs one step of ``jobs.nightly`` and returns the step's
-outcome; heavy libraries are imported inside the tasks, never when the scheduler parses this file.
-
-Params: ``source`` (default OVERNIGHT_SOURCE; ``{date}`` becomes the logical date), ``shards``
-(default: enough for OVERNIGHT_SHARD_USERS users each, at least OVERNIGHT_SCORE_SHARDS),
-``publish_live`` (null: live unless a newer date is live; true: make this date's batch live even in a
-backfill; false: never), ``shadow_model`` (default OVERNIGHT_SHADOW_MODEL: a registered model also
-scored into a shadow batch that is never served; compare with ``overnight shadow-report``) and
-``accept_checks`` (a reason: publish the batch though monitoring fails it, as ``overnight publish
---accept-checks``, recorded with who triggered the run).
+Wiring only: each task runs one step of ``jobs.nightly`` and returns the step's outcome; heavy libraries are
+imported inside the tasks, never when the scheduler parses this file. The params (``source``, ``shards``,
+``publish_live``, ``shadow_model``, ``accept_checks``) are described in docs/airflow.md#params.
 """
 
 from __future__ import annotations

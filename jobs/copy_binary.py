@@ -2,10 +2,9 @@
 reason_codes bytea and reason_refs text[]), encoded column-wise, and of rows of plain text, real and
 jsonb fields (a batch's item attributes and users' segments).
 
-psycopg's ``write_row`` encodes one row per Python call, which costs more than the server's work
-to load it. Here a whole block of rows becomes one COPY body with Arrow's C++ string kernels:
-each element is its 4-byte length joined to its bytes, each row's elements are joined into its
-array, and each row's fields are joined to their length prefixes, element-wise over all rows.
+A whole block of rows becomes one COPY body with Arrow's C++ string kernels, not one Python call per row
+(psycopg's ``write_row``): each element is its 4-byte length joined to its bytes, each row's elements are
+joined into its array, and each row's fields to their length prefixes, element-wise over all rows.
 """
 
 from collections.abc import Mapping

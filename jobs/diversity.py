@@ -1,20 +1,11 @@
 """Diversity of the published lists: item similarity from the catalogue, and an MMR re-ranking.
 
-Two items are as similar as the Jaccard index of their *tokens*: their genres and the values of the
-catalogue's text attributes (a storefront's ``category``, ``brand``), as ``name=value``. Items
-without tokens are similar to nothing. The similarity needs no events, so it is the same for every
-model and every night, and cheap: a few tokens per item.
-
-The re-ranking is maximal marginal relevance (Carbonell & Goldstein, 1998) over each user's best
-``POOL_FACTOR`` x k candidates: position after position, it takes the candidate with the highest
-``(1 - strength) x relevance - strength x (its mean similarity to the items already taken)``,
-relevance being the ranker's score scaled to [0, 1] within the user's pool. The mean, not MMR's usual
-maximum, is what intra-list diversity averages: on the MovieLens 100K backtest it bought more diversity
-for the same NDCG (docs/evaluation.md#diversity). Strength 0 is the ranker's order; 1 ignores the
-scores but for the first item and for ties.
-
-Monitoring and scoring both use this module, so it imports only numpy and polars; the re-ranking's
-kernel is ``jobs.kernels.mmr_positions``.
+Two items are as similar as the Jaccard index of their tokens (genres and the catalogue's text attributes,
+as ``name=value``): no events needed, so it is the same for every model and night. The re-ranking is maximal
+marginal relevance over each user's best ``POOL_FACTOR`` x k candidates, with the *mean* similarity to the
+items already taken in place of MMR's usual maximum (why: docs/evaluation.md#diversity); strength 0 is the
+ranker's order. Monitoring and scoring both use this module, so it imports only numpy and polars; the
+re-ranking's kernel is ``jobs.kernels.mmr_positions``.
 """
 
 import numpy as np

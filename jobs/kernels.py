@@ -1,21 +1,11 @@
-"""Per-user sums that a polars join and group-by would materialise first, compiled with numba.
+"""Per-user and per-item sums that polars would materialise as joins and group-bys first, compiled with numba.
 
-- ``top_neighbours``: the knn and co-visitation sources sum an item-to-item table over each
-  user's latest items. For a 20,000-user chunk that is 28 million (user, item, neighbour) rows
-  grouped into 9 million (user, neighbour) pairs, of which each user keeps ~100: as a polars
-  join and group-by, the largest part of scoring a chunk. Here each user's neighbours are added
-  up in scratch arrays indexed by item code, the seen items are dropped and only what is kept is
-  sorted, on all cores.
-- ``merge_sources``: the four sources' lists of each user merged into one, with the genre and
-  popular sources computed on the way (seen items skipped, ranks renumbered) and the list cut to
-  the most candidates by best rank. As polars joins, group-bys and per-user rankings of the
-  ~10 million rows of a chunk this took longer than the two neighbour sums together.
-- ``genre_affinity``: per candidate, the user's shares of the item's genres, summed, without
-  joining millions of candidates to their genres and grouping them back.
-
-The results equal the polars formulations': sums in float64 rounded to 6 decimals, the same
-ranks and tie-breaks (a higher score first, then the lower item code: ``_key``). Each user's
-winners are picked by a partition, so only they are sorted. Compiled once and cached beside this file.
+``top_neighbours`` (the knn and co-visitation sums over each user's latest items), ``merge_sources`` (the four
+sources' lists in one, genre and popular computed on the way), ``genre_affinity``, ``top_rows`` (each user's
+top k), ``item_similarity`` and ``covisitation`` (the item tables, never holding the pairs) and ``mmr_positions``
+(the diversity re-ranking). They work in scratch arrays indexed by item code, on all cores, and equal the
+polars formulations: float64 sums rounded to 6 decimals, the same ranks and tie-breaks (``_key``); only each
+user's winners are sorted. Why: docs/scale.md#throughput. Compiled once and cached beside this file.
 """
 
 from datetime import datetime

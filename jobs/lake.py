@@ -1,17 +1,10 @@
 """The lake: where validated data lives and how to read it as of a logical date.
 
-Layout under ``OVERNIGHT_DATA_DIR/lake`` (a local folder or an object-storage prefix, ``jobs.storage``)::
-
-    interactions/event_date=YYYY-MM-DD/part-0.parquet   one partition per event day
-    items/date=YYYY-MM-DD/items.parquet                 catalogue snapshot per logical date (ITEMS_SCHEMA
-                                                        and the item file's attribute columns)
-    users/date=YYYY-MM-DD/users.parquet                 user attributes per logical date (optional)
-    quarantine/date=YYYY-MM-DD/<source>.parquet         rejected rows with their reason
-
-Reading "as of D" sees only events with ``timestamp < D + 1 day``, so nothing of the future leaks
-into a backfill. Partitions are by event time, not by arrival: an event ingested late (feedback
-received days after it happened, see ``jobs.steps.feedback``) is merged into the partition of its own day,
-once, and a backfill of that day run afterwards sees it.
+Under ``OVERNIGHT_DATA_DIR/lake`` (a local folder or an object-storage prefix, ``jobs.storage``):
+``interactions/event_date=D/`` (one partition per event day), ``items/date=D/`` and ``users/date=D/`` (the
+catalogue and the user attributes per logical date) and ``quarantine/date=D/`` (rejected rows with their
+reason). Reading "as of D" sees only events with ``timestamp < D + 1 day``, so nothing of the future leaks into
+a backfill. Partitions are by event time: an event ingested late (``jobs.steps.feedback``) joins its own day's.
 """
 
 import json

@@ -1,20 +1,11 @@
 """The ranker as scoring runs it: compiled to native code, or LightGBM's own ``predict`` where it cannot be.
 
-LightGBM's ``predict`` walks each tree as data, node by node. tl2cgen (with treelite, which reads
-LightGBM's model file) turns every tree into nested C ``if``s that gcc compiles into a shared
-library: on our ranker (55 trees of 31 leaves) it scores about 3x LightGBM's rows per CPU second on
-the same feature matrix, with the same scores (``docs/performance.md``). lleaves, the LLVM-based
-equivalent, needs llvmlite's legacy pass manager, which the llvmlite that numba 0.68 needs no longer has.
-
-The library is compiled once per model, when it is trained or else when scoring first loads it,
-and cached beside the model file under a name holding the model's sha256, the compiler's version
-and the machine's architecture, with a record of the model's and the library's own digests. A
-cache whose record does not match (another model, a truncated or altered library) is compiled
-again, never loaded. Both files are written by rename, so score shards compiling the same model
-at once each leave a whole library. Where compiling is impossible (no C compiler, a model tl2cgen
-cannot read) or ``compile_ranker`` is off, scoring uses LightGBM's ``predict``, with a warning.
-
-Imported lazily, by the steps that score: treelite, tl2cgen and lightgbm load native libraries.
+tl2cgen (with treelite, which reads LightGBM's model file) turns every tree into nested C ``if``s that gcc
+compiles into a shared library, with the same scores as LightGBM's ``predict`` (why: docs/scale.md#throughput).
+It is compiled once per model and cached beside the model file, named by the model's sha256, the compiler's
+version and the machine's architecture and checked against recorded digests: a cache that does not match is
+compiled again, never loaded. Without a C compiler, for a model tl2cgen cannot read or with ``compile_ranker``
+off, scoring uses LightGBM's ``predict``, with a warning. Imported lazily: these libraries load native code.
 """
 
 import contextlib

@@ -1,15 +1,10 @@
 """Where OVERNIGHT_DATA_DIR lives: a local folder, or a prefix in an S3-compatible bucket.
 
-Both are a ``UPath`` (universal_pathlib): a local folder is a ``pathlib.Path`` as before, and
-``s3://bucket/prefix`` is a path over s3fs, so ``/``, ``exists``, ``glob``, ``open`` and ``unlink``
-read the same in the steps. Credentials and the endpoint come from the usual AWS variables
-(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` for MinIO,
-Ceph or GCS's interoperability endpoint), which s3fs and polars' own object-store reader both read.
-
-``Settings.data_dir`` is made one from the setting; this module is what reads and writes differ in.
-polars and pyarrow do not take a ``UPath``: they take a path on object storage as text, ``str(path)``,
-and read it with their own S3 client. What has to be a file on this machine (a model LightGBM loads,
-its compiled library, scratch folders) lives under ``Settings.machine_dir`` instead.
+Both are a ``UPath`` (universal_pathlib, over s3fs for ``s3://``), so ``/``, ``exists``, ``glob``, ``open`` and
+``unlink`` read the same in the steps; credentials and the endpoint come from the usual AWS variables. polars
+and pyarrow take a path on object storage as text, ``str(path)``, and read it with their own client. What has
+to be a file on this machine (a model LightGBM loads, its compiled library, scratch folders) lives under
+``Settings.machine_dir``. Setup and atomic writes: docs/operations.md#the-data-folder-on-object-storage.
 """
 
 import tempfile

@@ -1,18 +1,11 @@
 """The retrain's parameter search: the ranker's and the candidate generators' settings, within a time budget.
 
-With ``tune_budget_minutes`` set, a retrain first searches (``jobs.steps.train.tune``): each trial builds
-the training users' candidates and features with its settings, trains a ranker on the older label
-windows and scores it by NDCG@10 on the newest one, on training users only (the users the promotion
-gate holds out are never seen). The model is then trained with the best trial's settings, which it
-keeps in its registry params (``settings``), and every night it scores applies them
-(:func:`jobs.registry.tuned_settings`).
-
-The sampler is Optuna's TPE: it handles integer, float and log-scaled ranges together, learns which
-region pays from a few dozen trials and is cheap beside the trials themselves (each one trains a
-ranker). The first trial is the production model's parameters (its tuned settings, or the ones it was
-trained with), so a search never ends worse than what serves today on the same data. Trials start
-while the budget lasts; the one running when it runs out finishes. Every trial is recorded in
-``overnight.tuning_trials`` as it ends.
+With ``tune_budget_minutes`` set, a retrain first searches (``jobs.steps.train.tune``): each trial builds the
+training users' candidates and features with its settings, trains on the older label windows and is scored by
+NDCG@10 on the newest, on training users only (the gate's held-out users are never seen). The sampler is
+Optuna's TPE; the first trial is the production model's settings, so a search never ends worse than what serves
+today. Every trial is recorded in ``overnight.tuning_trials``; the model keeps the best settings, which every
+night it scores applies (:func:`jobs.registry.tuned_settings`). Details: docs/evaluation.md#tuning.
 """
 
 import logging

@@ -1,18 +1,10 @@
 """The hot path: one live-batch snapshot, a bounded cache, at most one pooled round trip per lookup.
 
-A lookup first asks the cache, keyed by (batch id, id) so that a batch switch invalidates it by
-construction; users' lists and items' neighbour lists have a cache each. Misses do not each take a
-connection: concurrent misses are coalesced, and every database trip answers all ids waiting at that
-moment for one table of one batch with one ``= ANY(...)`` query. With little load a trip carries one id
-and costs what a single query does; under load a trip carries many. A session's items go in one trip.
-
-Everything else an answer needs (filters, segments' lists, unknown items' fallbacks) is in memory: the
-batch's `Catalogue`, read when the batch started being served.
-
-Every database wait is bounded by ``db_timeout_seconds``: checkout and query share one deadline, and
-running out of it is a `DatabaseUnavailableError`. A lookup that finds the table of its batch gone (a
-switch or canary refresh whose NOTIFY has not arrived) reloads the rollout, routes its users again and
-makes one more trip, with a deadline of its own.
+The cache is keyed by (batch id, id), so a batch switch invalidates it by construction. Concurrent misses are
+coalesced: each database trip answers every id waiting at that moment for one table of one batch with one
+``= ANY(...)`` query. Everything else an answer needs (filters, segments' lists, fallbacks) is in memory, in the
+batch's `Catalogue`. Every database wait is bounded by ``db_timeout_seconds`` (`DatabaseUnavailableError`); a
+lookup that finds its batch's table gone reloads the rollout and asks once more. docs/serving.md has the why.
 """
 
 import asyncio
@@ -37,12 +29,12 @@ from serving.errors import (
     InvalidRequestError,
     NoLiveBatchError,
     ServingError,
-    first_line,
 )
 from serving.live import LiveBatch, LiveView, Rollout, Table
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION
 from sql.contract import MAX_ID_LENGTH, blend_session, decode_reasons
+from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -901,7 +893,7 @@ def _global(batch: LiveBatch) -> Iterator[tuple[str, float]]:
 
 
 def render(answer: Answer, recs: Recs) -> dict[str, Any]:
-    """One user's answer as the JSON object of DESIGN §7 (`Recommendations` in serving.schemas)."""
+    """One user's answer as the JSON object of docs/serving.md (`Recommendations` in serving.schemas)."""
     return _rendered({"user_id": recs.user_id}, answer, recs)
 
 

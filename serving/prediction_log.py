@@ -1,12 +1,11 @@
 """Writing rows to Postgres in bulk, off the request path: what was served (`PredictionLog`), and the
 writer it shares with the feedback endpoint (`BulkWriter`).
 
-A request only appends to a bounded in-memory queue and never waits: when the queue is full the row
-is refused (the prediction log drops and counts it; the feedback endpoint answers 503). One task per
-writer encodes rows a slice at a time and writes each batch as one statement over its own connection,
-retried until Postgres takes it; a batch's write id makes a retried write store its rows once. Rows
-held in memory are lost if the process dies before writing them. Why it is built this way, with the
-measurements: docs/serving.md.
+A request only appends to a bounded in-memory queue and never waits: when the queue is full the row is
+refused (the prediction log drops and counts it; the feedback endpoint answers 503). One task per writer
+encodes rows a slice at a time and writes each batch as one statement over its own connection, retried until
+Postgres takes it; a batch's write id makes a retried write store its rows once. Rows held in memory are lost
+if the process dies. Why it is built this way: docs/serving.md#the-prediction-log-and-feedback-writers.
 """
 
 import asyncio
@@ -31,7 +30,7 @@ from psycopg import postgres
 from psycopg.adapt import Buffer, Dumper
 
 import sql
-from serving.errors import first_line
+from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -426,7 +425,7 @@ MICROSECONDS_PER_DAY = 86_400_000_000
 
 
 class ServedList(Protocol):
-    """One user's answer as the lookup returns it (`serving.lookup.UserRecs`)."""
+    """One user's answer as the lookup returns it (`serving.lookup.Recs`)."""
 
     @property
     def user_id(self) -> str: ...

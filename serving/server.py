@@ -2,8 +2,8 @@
 `main()` (``python -m serving``, ``overnight-serve``, the lookup image) runs it without the batch side's CLI.
 
 Configuration is checked before the server starts, so a bad setup fails with one line instead of a
-traceback per worker. granian is the default because it measured faster on the same app and machine
-(docs/serving.md); uvicorn stays available for platforms granian does not cover.
+traceback per worker. granian is the default (why: docs/serving.md#choosing-the-server); uvicorn stays
+available for platforms granian does not cover.
 """
 
 import argparse

@@ -3,8 +3,7 @@
     python -m jobs.dev.configuration_doc
 
 Imports the settings modules only (no data or web library), and reads no environment: a default is
-the field's own. A class whose module is not there yet is left out, so the generator runs before and
-after it lands.
+the field's own. Every class of SETTINGS_CLASSES must import: a missing one is an error, not a gap.
 """
 
 import argparse
@@ -47,17 +46,11 @@ class SettingsClass:
 
 
 def settings_classes() -> list[SettingsClass]:
-    """The classes of SETTINGS_CLASSES that can be imported; a missing module is skipped, any other error raised."""
-    found = []
-    for module_name, class_name, heading in SETTINGS_CLASSES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name or module_name.startswith(f"{error.name}."):
-                continue  # not landed yet
-            raise
-        found.append(SettingsClass(module_name, class_name, heading, getattr(module, class_name)))
-    return found
+    """Every class of SETTINGS_CLASSES, in order; a module or class that cannot be imported raises."""
+    return [
+        SettingsClass(module_name, class_name, heading, getattr(importlib.import_module(module_name), class_name))
+        for module_name, class_name, heading in SETTINGS_CLASSES
+    ]
 
 
 def undocumented_fields() -> list[str]:

@@ -1,24 +1,11 @@
 """Synthetic interaction data with the structure of a real product, deterministic by seed.
 
-- Items have a genre (some two) and a power-law popularity. Some exist before the period, the rest
-  are released during it; every item's appeal fades with age, and fully faded ones are marked
-  unavailable in the catalogue.
-- Users arrive over the period (most are there from the start), have a heavy-tailed activity level
-  and a taste: a main and a second favourite genre, with some exploration.
-- Events come in sessions: a session has one genre and a few events minutes apart. Sessions fall
-  on days by a weekly rhythm and at hours by a daily one (evening peak). Some events are repeats
-  of an item the user had before.
-- With ``drift_from``, every user's taste moves to other genres from that day on.
-- With ``event_types``, events are a shop's funnel instead of ratings: every event is a ``view``; some
-  views lead to a ``cart`` minutes later and some carts to a ``purchase``, far more often for an item of
-  the user's taste, so the rarer event says more about what the user wants next.
-- Users have attributes (a users table): a country and a platform, skewed as a real audience is. A
-  user's country tilts their taste a little (some users' main genre is their country's), so each
-  country's popular list differs from the global one; a few users have signed up but done nothing yet.
-
-Users are generated in fixed-size chunks, each from its own seed, so the output depends only on
-the arguments and memory only on the chunk size. Used by ``overnight generate``, the demo, the
-tests and the benchmarks; it writes the same formats ingest reads.
+Power-law item popularity with releases that fade, users who arrive over the period with heavy-tailed
+activity and genre tastes, sessions of one genre minutes apart on daily and weekly rhythms, and a users
+table (country, platform) that tilts tastes; optionally tastes that drift (``drift_from``) or a shop's
+funnel of views, carts and purchases (``event_types``). What the data holds: docs/scale.md#data-to-try-it-on.
+Users are generated in fixed-size chunks, each from its own seed, so the output depends only on the
+arguments and memory only on the chunk size; it writes the formats ingest reads.
 """
 
 import logging

@@ -1,20 +1,11 @@
 """The backtest (``overnight backtest``): the nightly run as it really runs, scored the way a user would check it.
 
-Rolling origin, newest first: the newest cutoff C leaves ``horizon_days`` whole days of events after it,
-each older one is ``horizon_days`` before the next. For each cutoff the events before C are written as
-the window's source, and the nightly steps (``jobs.nightly``, as ``overnight run --date C-1``) run on it
-against a scratch work folder and a scratch database on the configured (or embedded) Postgres, which
-is dropped afterwards. The lists the run published are read back from Postgres as a lookup returns
-them: the live batch's list, else the batch's fallback list. They and every built-in baseline
-(``train.baseline_lists``, on exactly the events the run ingested) are scored on the same users: those
-with events before C who touched an item new to them in [C, C + horizon).
-
-Intervals are percentile bootstraps over users, resampled within each window and seeded, with the same
-resamples for every model, so the ratio of the published lists to a baseline is paired user by user.
-Catalogue coverage is a property of the whole set of lists, not a mean over users: a resample repeats
-some users and leaves out about a third, so it always covers less; it is reported without an interval.
-So are the lists' intra-list diversity and novelty (``diversity.intra_list_diversity``, ``ranking_metrics.novelty``):
-they describe what is shown, not whether it was right, and a window's value is compared, not tested.
+At rolling cutoffs C (newest first, ``horizon_days`` apart) the nightly steps (``jobs.nightly``, as ``overnight
+run --date C-1``) run on the events before C against a scratch work folder and a scratch database, dropped
+afterwards. The lists they published, read back as a lookup returns them, and every built-in baseline (on
+exactly the events the run ingested) are scored on the users with events before C who touched an item new to
+them in [C, C + horizon), with seeded bootstrap intervals paired user by user. The protocol, and why coverage,
+diversity and novelty have no interval: docs/evaluation.md#backtest.
 """
 
 import logging
@@ -38,11 +29,13 @@ from psycopg.rows import dict_row
 import sql
 from jobs import diversity, lake, nightly, workdir
 from jobs.database import connect, database_url
-from jobs.errors import BadInputError, DatabaseError, MissingDataError, OvernightError, first_line
+from jobs.errors import BadInputError, DatabaseError, MissingDataError, OvernightError
 from jobs.evaluation import evaluate
 from jobs.evaluation.ranking_metrics import K, novelty, per_user_metrics, ranking_metrics
 from jobs.settings import Settings
 from jobs.steps import train
+from sql.contract import PRODUCTION_VARIANT
+from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +262,7 @@ def published_lists(settings: Settings, users: list[str]) -> tuple[pl.DataFrame,
     with connect(settings) as conn:
         with conn.cursor(row_factory=dict_row) as cursor:
             batches = cursor.execute(sql.query("serving_batches")).fetchall()
-        live = next((b for b in batches if b["variant"] == "production"), None)
+        live = next((b for b in batches if b["variant"] == PRODUCTION_VARIANT), None)
         if live is None:
             raise MissingDataError("the nightly run published no live batch")
         rows = conn.execute(sql.batch_query("top_items_for_users", live["batch_id"]), (K, users)).fetchall()

@@ -1,23 +1,11 @@
-"""Offline evaluation (``overnight evaluate``): the protocols of DESIGN §4 over a whole source.
+"""Offline evaluation (``overnight evaluate``): the protocols of docs/evaluation.md over a whole source.
 
-The source goes through ingest's validation into a scratch lake; the whole pipeline, candidate
-tables and ranker included, is then trained on the training part only, with the same label
-windows, candidate and feature code as the nightly run, and every model is scored on the
-held-out part by ``train.evaluate_models``.
-
-- ``user-holdout``: each user's last 20% of interactions by time (at least one, users with two or
-  more) are the relevant set; every other interaction is training data. The ranker learns from
-  the same split applied again inside the training data (``label_windows`` times, each on what the
-  previous one left).
-- ``global``: cutoff C (default: the last ``horizon_days`` of the data); training data is every
-  event before C, and the ranker learns from the nightly rolling windows ending at C; the relevant
-  items of a user are the new items they touched in [C, C + horizon). When fewer than
-  ``MIN_EVALUATED_USERS`` users fall in the horizon, it is doubled (up to ``MAX_WIDENED_HORIZON_DAYS``;
-  a default cutoff moves back with it) until enough do, and the result carries a warning.
-
-Beside the ranker, every evaluation measures the item-to-item answers (``jobs.evaluation.item_quality``): the
-similar items on the protocol's held-out events (the next item among the previous one's neighbours), and
-session recommendations for anonymous visitors (a fifth of the users, never in the neighbour tables).
+The source goes through ingest's validation into a scratch lake; the whole pipeline, candidate tables and
+ranker included, is trained on the training part only, with the same label windows, candidate and feature
+code as the nightly run, and every model is scored on the held-out part by ``train.evaluate_models``.
+Protocols: ``user-holdout`` (each user's last 20% by time is held out) and ``global`` (a cutoff and a
+horizon, widened while too few users fall in it). The item-to-item answers are measured beside the ranker
+(``jobs.evaluation.item_quality``).
 """
 
 import logging

@@ -1,16 +1,10 @@
-"""Quality of the item-to-item answers: similar items and session recommendations (issue 29, DESIGN §4).
+"""Quality of the item-to-item answers: similar items and session recommendations (docs/evaluation.md).
 
-- **next item** (similar items): for each held-out event whose item is new to the user, the item the user
-  touched just before it (in time order) asks for its published neighbours; HitRate@10 and NDCG@10 of the
-  next item among them, one query per pair. Neighbours come only from the training part.
-- **session** (anonymous visitors): some users are left out of the neighbour tables altogether; the items
-  they touched in their held-out part (``overnight evaluate``: their last 20%) and new to them are the
-  relevant ones, the distinct items before it, most recent first (at most ``SESSION_ITEMS``), the session,
-  answered by ``sql.contract.blend_session`` exactly as the service answers it, against the global and
-  the segment popular lists (what a lookup's fallback gives) with the session's items left out.
-
-Each is scored with ``ranking_metrics`` (a pair or a visitor is one "user" of it), so every number means
-what it means for the user lists.
+- next item (similar items): each held-out event whose item is new to the user asks, through the item the
+  user touched just before it, for that item's published neighbours; the next item is the relevant one.
+- session (anonymous visitors, left out of the neighbour tables): their held-out new items are the relevant
+  ones and the items before them the session, answered by ``sql.contract.blend_session`` as the service
+  answers it, against the global and segment popular lists. Both are scored with ``ranking_metrics``.
 """
 
 from collections.abc import Mapping, Sequence

@@ -1,14 +1,10 @@
 """Top-k ranking metrics, vectorised over all users at once.
 
-Conventions (DESIGN §4): binary relevance; NDCG@k divides by the ideal DCG over
-min(|relevant|, k) items; Recall@k is hits / |relevant|; MAP@k averages precision at each hit
-and divides by min(|relevant|, k); HitRate@k is the share of users with at least one hit;
-coverage@k is the share of the catalogue that appears in anyone's top k. Every user in
-``relevant`` counts, including users with no recommendation at all (they score zero).
-
-Graded NDCG@k is NDCG with each relevant item's ``grade`` as its gain (the largest event weight of the user
-on it, ``OVERNIGHT_EVENT_WEIGHTS``), the ideal DCG over the user's k highest grades; without grades it
-equals NDCG@k.
+Conventions (docs/evaluation.md#metrics): binary relevance; NDCG@k and MAP@k divide by min(|relevant|, k)
+(NDCG through the ideal DCG); Recall@k is hits / |relevant|; HitRate@k the share of users with a hit;
+coverage@k the share of the catalogue in anyone's top k. Every user in ``relevant`` counts, including users
+with no recommendation (they score zero). Graded NDCG@k gains each relevant item's ``grade`` (the user's
+largest event weight on it, ``OVERNIGHT_EVENT_WEIGHTS``) and equals NDCG@k without grades.
 """
 
 import math

@@ -1,15 +1,10 @@
 """Input monitoring and feature drift of one night (``overnight drift``).
 
-- Input: the date's event volume against the trailing 7-day average, the share of new users and
-  new items, null and quarantine fractions (from ingest's report), and the rating/weight
-  distribution against the 28 days before.
-- Drift: per ranker feature, PSI and the two-sample KS statistic between the model's reference
-  (its features as scoring saw them on the date it was trained for, saved beside the model at
-  training time by ``write_reference``) and tonight's, which the score step wrote for the same stable
-  sample of users.
-
-Feature drift at or above ``OVERNIGHT_DRIFT_RETRAIN_PSI`` records a retrain request for the model;
-``drift_requires_retrain`` is what the retrain cadence asks.
+Input: the date's event volume against the trailing 7-day average, the shares of new users and items, null
+and quarantine fractions (ingest's report) and the weight distribution against the 28 days before. Drift:
+per ranker feature, PSI and the two-sample KS statistic between the model's reference (its features as
+scoring saw them on its training date, ``write_reference``) and tonight's sample of the same users. Drift at
+or above ``OVERNIGHT_DRIFT_RETRAIN_PSI`` records a retrain request (``drift_requires_retrain``).
 """
 
 import json

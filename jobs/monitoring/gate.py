@@ -2,11 +2,10 @@
 operator has looked at the fails and accepted them on the record.
 
 Publish calls ``check_batch`` after the batch is loaded and validated: it measures the batch's output
-(``jobs.monitoring.outputs``), records it as the date's output monitoring, and holds the batch back
-when any check of the date (input, drift or output) is at its fail threshold. The input and drift
-checks are the monitor step's: the gate reads them, and fails naming that step when they are missing.
-``overnight publish --accept-checks "why"`` publishes anyway: who accepted which checks, why and
-when goes to ``overnight.monitor_acceptances`` (linked to the run) and is alerted.
+(``jobs.monitoring.outputs``), records it, and holds the batch back when any check of the date (input, drift
+or output) fails. The input and drift checks are the monitor step's: the gate reads them, and fails naming
+that step when they are missing. ``overnight publish --accept-checks "why"`` publishes anyway, recorded in
+``overnight.monitor_acceptances`` and alerted.
 """
 
 import getpass

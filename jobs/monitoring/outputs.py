@@ -1,12 +1,10 @@
 """Output monitoring of a batch before it goes live: what the publish gate (``jobs.monitoring.gate``)
 judges, and the unrecorded checks of a chosen model's batch.
 
-Measures the lists about to be published: score distribution (of a stable sample of about
-20,000 users; each user's top score over all of them), share of active users left to the
-fallback, catalogue coverage, distinct items and Gini of exposure, empty and short lists, and the
-overlap with (and score shift against) yesterday's lists for a stable sample of users, and the
-intra-list diversity of the same sample's top 10 (``diversity.intra_list_diversity``: how unlike
-each other, by genres and text attributes, the items of a list are), night after night.
+It measures the lists about to be published: the score distribution and each user's top score (on a stable
+sample of users), the share of active users left to the fallback, catalogue coverage, distinct items and
+Gini of exposure, empty and short lists, the overlap with and score shift against yesterday's lists, and
+the sample's intra-list diversity (``diversity.intra_list_diversity``). Thresholds: docs/monitoring.md.
 """
 
 import logging

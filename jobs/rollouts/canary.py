@@ -1,17 +1,11 @@
 """Canary rollouts: serve a published batch to a stable slice of users, then promote it or stop it.
 
-The canary is one row in ``overnight.canary`` (batch, traffic share, salt); the lookup service reads
-it together with the live pointer and routes each user by a hash of (salt, user id), see
-`serving.variants`. Every change happens in one transaction under the live lock, is recorded in
-``overnight.canary_history`` and NOTIFYs the lookup services, like a publish. While it is the canary
-a batch has status 'canary', so retention, rollback and a publish leave it alone.
-
-To canary a model, `start_model_canary` scores a date with it (the shadow's scoring path) into a
-batch that does not go live, and starts the canary on that batch. Each night after, `refresh_canary`
-scores the night's date with the canary's model and moves the canary to that batch (same salt, same
-traffic, so the same users): production's lists are renewed every night, and a canary serving a
-week-old batch beside them would lose the comparison for its age, not its model. Promoting the canary
-also makes its model the registry's production model, so the nights after score with it.
+The canary is one row of ``overnight.canary`` (batch, traffic share, salt), read by the lookup service with
+the live pointer; users are routed by a hash of (salt, user id), `serving.variants`. Every change is one
+transaction under the live lock, recorded in ``overnight.canary_history`` and NOTIFYed, like a publish. A
+model is canaried by scoring a date with it into a batch that does not go live (`start_model_canary`), and
+`refresh_canary` moves that canary to each night's date; promoting makes the canary's batch live and its
+model production. Details and reasons: docs/rollouts.md#canary.
 """
 
 import logging
@@ -37,7 +31,7 @@ logger = logging.getLogger(__name__)
 CANARY_STATUSES = ("ready", "retired")
 
 
-def _check_candidate(conn: psycopg.Connection, batch_id: int, production: int | None) -> None:
+def _check_canary_batch(conn: psycopg.Connection, batch_id: int, production: int | None) -> None:
     with conn.cursor(row_factory=dict_row) as cur:
         batch = cur.execute(sql.query("batch_for_rollout"), (batch_id,)).fetchone()
     if batch is None:
@@ -112,7 +106,7 @@ def start_canary(
                 )
             if running is not None:
                 _check_ramp(running, traffic, allow_shrink)
-            _check_candidate(conn, batch_id, production)
+            _check_canary_batch(conn, batch_id, production)
             action = "ramp" if running is not None else "start"
             chosen_salt = running["salt"] if running is not None else salt or secrets.token_hex(8)
             conn.execute(sql.query("upsert_canary"), (batch_id, traffic, chosen_salt))
@@ -315,7 +309,7 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
                     reason=f"the canary was {changed} while {day} was scored; batch {published.batch_id} is kept ready",
                 )
             production = batches.live_batch_id(conn)
-            _check_candidate(conn, published.batch_id, production)
+            _check_canary_batch(conn, published.batch_id, production)
             conn.execute(
                 sql.query("move_canary_to_batch"),
                 {"batch_id": published.batch_id, "previous_batch_id": current["batch_id"]},

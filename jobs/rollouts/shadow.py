@@ -1,19 +1,10 @@
 """Shadow batches: score a date with another registered model into a batch that is never served, and
-compare it with what production published for the same date.
+compare it with what production published for the same date (``overnight shadow-report``).
 
-The comparison (``overnight shadow-report``) gives:
-- the latest window: both batches' models on the newest label windows as of the date (the gate's), on
-  their held-out users, the way the promotion gate compares models (`jobs.steps.train`): metrics@10 and
-  shadow-minus-production deltas, there as soon as the date is ingested (it needs the models, not the batches' tables);
-and, for the users both batches know, while retention keeps both tables (OVERNIGHT_KEEP_BATCHES):
-- overlap@10: the mean share of a user's first 10 items that both batches recommend;
-- offline metrics of both on the evaluation window after the date (events in [D + 1, D + 1 + horizon)
-  that the lake holds by now), with the shadow-minus-production deltas, by
-  `jobs.evaluation.ranking_metrics`, and how many
-  of the window's days the lake holds interactions for (the report of last night's shadow batch has
-  none for a week: its metrics then are of a partial window, and it says so);
-- the distributions of all scores and of each user's top score.
-Once retention has dropped either table, those three say "unavailable" and why.
+The report holds both models on the newest label windows the promotion gate judges (there as soon as the
+date is ingested) and, while retention keeps both batches' tables, overlap@10, offline metrics on the days
+after the date that the lake holds (saying so when the window is incomplete) and the score distributions,
+each "unavailable", with the reason, once a table is gone. Details: docs/rollouts.md#shadow.
 """
 
 import logging

@@ -1,17 +1,11 @@
-"""Popularity beyond the one global list, published with each batch: every catalogue item's popularity
-with the attributes request-time filters ask about (``overnight.items_<batch>``), and, with
-``segment_attribute``, each user segment's popular list and the segment of each user the batch does not
-score (``overnight.segments_<batch>``, ``overnight.user_segments_<batch>``; see sql/migrations/0019).
+"""Popularity beyond the one global list, published with each batch: every catalogue item's popularity and
+the attributes request-time filters ask about (``overnight.items_<batch>``) and, with ``segment_attribute``,
+each user segment's popular list and the segment of each user the batch does not score
+(``overnight.segments_<batch>``, ``overnight.user_segments_<batch>``; sql/migrations/0019).
 
-Popularity is counted as the popular list counts it (``jobs.steps.candidates.build_popular``):
-interactions in the last ``recent_days``, then interactions in all. It is the order fallbacks and
-filtered fills take items in. A segment (a value of the users table's ``segment_attribute`` column:
-country, platform, ...) gets a list of its own when it has at least ``segment_min_users`` recently active
-users; the lookup service answers the users of such a segment whom the batch did not score with it rather
-than with the global list.
-
-Only the shared leaves are imported here (see tests/unit/test_structure.py): the candidates step passes in
-what it reads from the lake.
+Popularity is counted as the popular list counts it (``jobs.steps.candidates.build_popular``): it is the order
+fallbacks and filtered fills take items in. A segment gets a list of its own with at least ``segment_min_users``
+recently active users. Only the shared leaves are imported here (see tests/unit/test_structure.py).
 """
 
 import json

@@ -1,15 +1,10 @@
 """Similar items: each catalogue item's neighbours, published with the batch for
 ``GET /v1/items/{item_id}/similar`` and for session recommendations.
 
-They blend the two item-to-item signals the candidate generators already count (co-visitation and
-cosine similarity, see ``jobs.steps.candidates``): each signal is divided by the item's best, so the two
-are on one scale, and mixed by ``covisit_share``.
-
-Which share is best depends on the data: at the next item a user touches, cosine alone is best on
-MovieLens 100K and co-visitation alone on the generated data. DEFAULT_COVISIT_SHARE is the share whose
-worst shortfall from each dataset's best is the smallest, on the next item and on sessions
-(``benchmarks/quality.py --blend-grid``; docs/evaluation.md). Choosing it each night on the training
-window's last days would build the item tables twice, about doubling the candidates step.
+They blend the two item-to-item signals the candidate generators already count (co-visitation and cosine
+similarity, see ``jobs.steps.candidates``): each signal is divided by the item's best, so the two are on one
+scale, and mixed by ``covisit_share``. How DEFAULT_COVISIT_SHARE was chosen, and why it is not chosen each
+night: docs/evaluation.md#how-the-blend-was-chosen.
 """
 
 import polars as pl

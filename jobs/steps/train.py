@@ -1,21 +1,11 @@
 """Train the LightGBM LambdaRank ranker point in time, evaluate it, and register it through the promotion gate.
 
-A *label window* is a cutoff, the events before it (all that candidates and features may see) and
-the relevant items of each user after it. The nightly run for date D with label window L days
-uses rolling windows: labels in [end of D - L, end of D), then the L days before that, and so on
-(``label_windows``, and more while they hold few users, as far as the history allows). The same code
-builds the windows of the evaluation protocols (``jobs.evaluation.evaluate``), so training, evaluation and
-scoring share one way to generate candidates and features.
-
-With ``event_weights`` the labels are graded: an item's label stands for the largest weight among the
-user's events on it, and LambdaRank gains each label that weight.
-
-Users are split by a stable hash of their id. The promotion gate judges a new model as the backtest
-judges the lists a night publishes: on the newest windows covering GATE_DAYS, on users it never trained
-on (a fifth of those windows' users, left out of every window); the new model, the production model and
-every baseline are compared there, pooled over the windows. Early stopping watches a fifth of the
-training users of every window while fitting on the rest; the model is then refit on every training user
-with the number of rounds found.
+A *label window* is a cutoff, the events before it (all that candidates and features may see) and each user's
+relevant items after it. The nightly run for D learns from rolling windows ending at D (``label_windows``); the
+evaluation protocols (``jobs.evaluation.evaluate``) build theirs with the same code, so training, evaluation and
+scoring share one way to generate candidates and features. With ``event_weights`` the labels are graded. The
+gate compares the new model, production's and every baseline on the newest windows covering GATE_DAYS, on users
+held out of training by a stable hash: docs/architecture.md#3-train-when-due.
 """
 
 import json

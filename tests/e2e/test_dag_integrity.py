@@ -66,7 +66,7 @@ def test_house_rules(dagbag: Any, dag_id: str) -> None:
 
 def test_nightly_wires_the_pipeline_in_order(dagbag: Any) -> None:
     dag = dagbag.dags["overnight_nightly"]
-    # a topological order exists (no cycle) and follows the diagram of DESIGN §8
+    # a topological order exists (no cycle) and follows the order of jobs.nightly.STEPS (docs/airflow.md)
     order = [task.task_id for task in dag.topological_sort()]
     for before, after in [
         ("ingest", "features"),

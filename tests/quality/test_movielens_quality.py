@@ -1,4 +1,4 @@
-"""Model quality on real data: on MovieLens 100K (user-holdout, DESIGN §4) the ranker must reach NDCG@10 0.21,
+"""Model quality on real data: on MovieLens 100K (user-holdout, docs/evaluation.md) the ranker must reach NDCG@10 0.21,
 ahead of EASE (0.199), and beat every baseline on NDCG@10, Recall@10 and MAP@10."""
 
 from pathlib import Path

@@ -2,7 +2,15 @@
 
 import pytest
 
-from jobs.dev.configuration_doc import COMMAND, DOC_PATH, render, settings_classes, undocumented_fields
+from jobs.dev.configuration_doc import (
+    COMMAND,
+    DOC_PATH,
+    SETTINGS_CLASSES,
+    UNDOCUMENTED,
+    render,
+    settings_classes,
+    undocumented_fields,
+)
 
 
 def test_the_configuration_page_is_generated_from_the_settings_classes() -> None:
@@ -11,14 +19,26 @@ def test_the_configuration_page_is_generated_from_the_settings_classes() -> None
         pytest.fail(f"{DOC_PATH.name} differs from the settings classes: run `{COMMAND}` and commit the page")
 
 
-def test_the_batch_and_serving_settings_are_on_the_page() -> None:
-    names = {entry.name for entry in settings_classes()}
-    assert {"Settings", "ServingSettings"} <= names
+def test_the_three_settings_classes_are_on_the_page() -> None:
+    expected = [
+        ("jobs.settings", "Settings"),
+        ("serving.settings", "ServingSettings"),
+        ("console.settings", "ConsoleSettings"),
+    ]
+    assert [(module, name) for module, name, _ in SETTINGS_CLASSES] == expected
+    # none is skipped: each imports, and its section is on the page
+    assert [(entry.module, entry.name) for entry in settings_classes()] == expected
+    page = render()
+    for module, name in expected:
+        assert f"`{module}.{name}`" in page
 
 
-def test_every_setting_has_a_description() -> None:
-    missing = undocumented_fields()
+@pytest.mark.parametrize("class_name", ["Settings", "ServingSettings", "ConsoleSettings"])
+def test_every_setting_has_a_description(class_name: str) -> None:
+    entry = next(entry for entry in settings_classes() if entry.name == class_name)
+    assert entry.cls.model_fields, f"{class_name} has no settings"
+    missing = [field for field in undocumented_fields() if field.startswith(f"{class_name}.")]
     assert not missing, (
-        f"{len(missing)} settings have no description= (the generated page shows them as undocumented): "
+        f"{len(missing)} settings have no description= (the generated page shows them as {UNDOCUMENTED}): "
         + ", ".join(missing)
     )
