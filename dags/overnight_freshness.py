@@ -11,7 +11,6 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-import pendulum
 from airflow.sdk import dag, task
 
 from jobs.monitoring.alerts import task_failed
@@ -21,9 +20,8 @@ from jobs.monitoring.alerts import task_failed
     dag_id="overnight_freshness",
     description="Fail loudly when the live batch is stale or incomplete.",
     schedule="@hourly",
-    # Early for the same reason as overnight_nightly's: a manual run dated before start_date gets no
-    # task and would report a success without checking anything. catchup=False: only the latest hour.
-    start_date=pendulum.datetime(1970, 1, 1, tz="UTC"),
+    # No start_date, for the same reason as overnight_nightly's: a manual run dated before it would get no
+    # task and report a success without checking anything. catchup=False: from the coming hour.
     catchup=False,
     max_active_runs=1,
     default_args={

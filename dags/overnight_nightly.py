@@ -12,7 +12,6 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-import pendulum
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, get_current_context, task
 from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetable
 from airflow.task.trigger_rule import TriggerRule
@@ -82,10 +81,10 @@ def _completion_deadline() -> DeadlineAlert | None:
     # Interval semantics: the run that starts at midnight after day D has logical date D, so a night
     # scores the day that has just ended (Airflow 3's "@daily" would label it with the day just begun).
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
-    # Early on purpose: Airflow creates no task instance for a manual run (UI, REST API) dated before
-    # start_date and reports it a success, so every date a user can pick must come after it. With
-    # catchup=False the scheduler still starts from the latest night, never from this date.
-    start_date=pendulum.datetime(1970, 1, 1, tz="UTC"),
+    # No start_date on purpose: Airflow creates no task instance for a manual run (UI, REST API) dated
+    # before it and reports that run a success, so any start_date leaves dates that silently do nothing.
+    # Without one (Airflow 3) every date gets its tasks; catchup=False: the scheduler starts from the
+    # latest night.
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,

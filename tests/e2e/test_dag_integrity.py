@@ -56,7 +56,6 @@ def test_house_rules(dagbag: Any, dag_id: str) -> None:
     assert "overnight" in dag.tags
     assert dag.catchup is False
     assert dag.max_active_runs == 1
-    assert dag.start_date is not None and dag.start_date.tzinfo is not None
     assert dag.doc_md
     for task in dag.tasks:
         assert task.owner == "overnight", task.task_id
