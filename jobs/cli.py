@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, is_dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -80,6 +81,11 @@ def _echo(result: Any, as_json: bool = False) -> None:
             typer.echo(f"{key}: {shown}")
     else:
         typer.echo(str(data))
+
+
+def _echo_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        typer.echo(line)
 
 
 def _progress(message: str) -> None:
@@ -345,8 +351,8 @@ def models(
     """List the model registry: status, held-out metrics beside the best baseline and the online
     numbers, and why a model was kept out."""
     from jobs.database import connect, upgrade
-    from jobs.registry import describe, list_models
-    from jobs.rollouts.online import metric_text, online_by_model
+    from jobs.registry import describe, list_models, render_models
+    from jobs.rollouts.online import online_by_model
 
     settings = _settings()
     with connect(settings) as conn:
@@ -357,29 +363,7 @@ def models(
     if as_json:
         _echo(rows, as_json=True)
         return
-    if not rows:
-        typer.echo("no models yet: run `overnight train --date D`")
-        return
-    typer.echo(
-        f"{'model':<34} {'date':<10} {'status':<10} {'ndcg@10':>8} {'baseline':>8} {'CTR':>7} {'IPS':>7}  reason"
-    )
-    for row in rows:
-        ctr, ips = (row["online"][key]["value"] if row["online"] else None for key in ("ctr", "ips_click_rate"))
-        typer.echo(
-            f"{row['model_id']:<34} {row['logical_date']:<10} {row['status']:<10} {metric_text(row['ndcg@10']):>8} "
-            f"{metric_text(row['best_baseline_ndcg@10']):>8} {metric_text(ctr):>7} {metric_text(ips):>7}  "
-            f"{row['status_reason'] or ''}"
-        )
-        if row["tuned_settings"]:
-            tuning = row["tuning"] or {}
-            typer.echo(
-                f"  tuned ({tuning.get('trials')} trials in {tuning.get('seconds')}s): "
-                + ", ".join(f"{name}={value}" for name, value in row["tuned_settings"].items())
-            )
-    if online_days:
-        typer.echo(
-            f"CTR and IPS click rate: online, over the last {online_days} days; - where no impression was logged"
-        )
+    _echo_lines(render_models(rows, online_days))
 
 
 @app.command("check-freshness")
@@ -418,8 +402,7 @@ def drift(
     measured is an error saying so. Exit 0 whatever the verdict.
     """
     from jobs import nightly
-    from jobs.monitoring.checks import LEVELS
-    from jobs.monitoring.drift import report
+    from jobs.monitoring.drift import render_report, report
 
     settings = _settings()
     if recompute:
@@ -428,39 +411,7 @@ def drift(
     if as_json:
         _echo(found, as_json=True)
         return
-    typer.echo(f"monitoring of {found['logical_date']}: {found['verdict'].upper()}")
-    for stage in ("input", "drift", "output"):
-        stored = found["stages"].get(stage)
-        if stored is None:
-            typer.echo(
-                f"\n{stage}: not measured yet"
-                + ("  (measured when the batch is published)" if stage == "output" else "")
-            )
-            continue
-        where = f"model {stored['model_id']}" + (f", batch {stored['batch_id']}" if stored["batch_id"] else "")
-        typer.echo(f"\n{stage}: {stored['verdict']}  ({where}, run {stored['run_id'] or '-'})")
-        if stage == "drift":
-            problem = stored["report"].get("problem")
-            if problem:
-                typer.echo(f"  {problem}")
-            features = stored["report"].get("features", {})
-            if features:
-                typer.echo(f"  {'feature':<24} {'PSI':>8} {'KS':>7} {'p-value':>9}  level")
-                levels = {(c["statistic"], c["subject"]): c["level"] for c in found["checks"] if c["stage"] == "drift"}
-                for name, values in sorted(features.items(), key=lambda item: -(item[1]["psi"] or 0)):
-                    level = max(
-                        levels.get(("feature_psi", name), "ok"),
-                        levels.get(("feature_ks", name), "ok"),
-                        key=LEVELS.index,
-                    )
-                    ks, pvalue = values["ks"] or 0.0, values["ks_pvalue"] or 0.0
-                    typer.echo(f"  {name:<24} {values['psi']:8.3f} {ks:7.3f} {pvalue:9.2g}  {level}")
-            continue
-        for check in found["checks"]:
-            if check["stage"] == stage:
-                typer.echo(f"  {check['level']:<5} {check['message']}")
-    if found["retrain_reason"]:
-        typer.echo(f"\nretrain due: {found['retrain_reason']}")
+    _echo_lines(render_report(found))
 
 
 @app.command()
@@ -659,38 +610,7 @@ def shadow_report(
     if as_json:
         _echo(report.as_dict(), as_json=True)
         return
-    typer.echo(
-        f"{report.logical_date}: production batch {report.production['batch_id']} ({report.production['model_id']}) "
-        f"vs shadow batch {report.shadow['batch_id']} ({report.shadow['model_id']})"
-    )
-    latest = report.latest_window
-    if "note" in latest:
-        typer.echo(f"latest window: {latest['note']}")
-    else:
-        typer.echo(f"latest window {latest['window']}: {latest['users']:,} held-out users, as the promotion gate")
-        for key, delta in latest["deltas"].items():
-            production = latest["production"][key]
-            typer.echo(f"  {key:<14} production {production:.4f}  shadow {production + delta:.4f}  delta {delta:+.4f}")
-    if "unavailable" in report.overlap:
-        typer.echo(f"overlap, evaluation after the date, scores: unavailable: {report.overlap['unavailable']}")
-        return
-    typer.echo(f"overlap: {json.dumps(report.overlap)}")
-    window = report.evaluation["window"]
-    typer.echo(
-        f"evaluation window {window['start']} .. {window['end']}: {window['users']:,} users, "
-        f"{window['days_with_data']} of {window['days']} days with data"
-        + ("" if report.evaluation["window_complete"] else " (INCOMPLETE)")
-    )
-    if "warning" in report.evaluation:
-        typer.echo(f"  warning: {report.evaluation['warning']}")
-    elif "note" in report.evaluation:
-        typer.echo(f"  {report.evaluation['note']}")
-    for key, delta in report.deltas.items():
-        production = report.evaluation["production"][key]
-        typer.echo(f"  {key:<14} production {production:.4f}  shadow {production + delta:.4f}  delta {delta:+.4f}")
-    for name, batch in (("production", report.production), ("shadow", report.shadow)):
-        typer.echo(f"{name} scores: all {json.dumps(batch['scores']['all_scores'])}")
-        typer.echo(f"{name} scores: top {json.dumps(batch['scores']['top_scores'])}")
+    _echo_lines(report.lines())
 
 
 @app.command("online-report")
@@ -731,48 +651,20 @@ def online_report(
     if as_json:
         _echo(report, as_json=True)
         return
-    for line in render(report):
-        typer.echo(line)
+    _echo_lines(render(report))
 
 
 @app.command()
 def status(as_json: JsonFlag = False) -> None:
     """Show the live batch, its age and coverage, the production model and the latest batches."""
+    from jobs.monitoring.freshness import render_status
     from jobs.monitoring.freshness import status as read_status
 
     report = read_status(_settings())
     if as_json:
         _echo(report, as_json=True)
         return
-    live = report["live"]
-    if live is None:
-        typer.echo("live: nothing published yet")
-    else:
-        typer.echo(
-            f"live: batch {live['batch_id']} for {live['logical_date']}, model {live['model_id']}, "
-            f"{live['users_scored']:,} users of {live['active_users']:,} active, "
-            f"{float(live['age_seconds']) / 3600:.1f} h old"
-        )
-    if report["canary"]:
-        canary = report["canary"]
-        typer.echo(
-            f"canary: batch {canary['batch_id']} for {canary['logical_date']}, model {canary['model_id']}, "
-            f"{float(canary['age_seconds']) / 3600:.1f} h old, serves {canary['traffic']:.2%} of users "
-            f"(since {canary['started_at']}); `overnight promote` or `overnight canary stop`"
-        )
-    model = report["production_model"]
-    if model:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in model["metrics"].items() if "@" in k)
-        typer.echo(f"production model: {model['model_id']} ({model['logical_date']}): {shown}")
-        if model["best_baseline"]:
-            typer.echo(f"  best baseline {model['best_baseline']}: ndcg@10 {model['best_baseline_ndcg@10']:.4f}")
-    typer.echo("recent batches:")
-    for batch in report["recent_batches"]:
-        reason = f"  ({batch['failure_reason']})" if batch["failure_reason"] else ""
-        typer.echo(
-            f"  {batch['batch_id']:>5}  {batch['logical_date']}  {batch['status']:<8} "
-            f"{batch['users_scored']:>9,} users{reason}"
-        )
+    _echo_lines(render_status(report))
 
 
 HostOption = Annotated[str, typer.Option(help="Address to listen on.")]

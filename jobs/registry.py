@@ -169,6 +169,35 @@ def describe(model: ModelVersion) -> dict[str, Any]:
     }
 
 
+def metric_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def render_models(rows: list[dict[str, Any]], online_days: int) -> list[str]:
+    """``describe`` rows, each with its ``online`` numbers (or None), as the table ``overnight models`` prints."""
+    if not rows:
+        return ["no models yet: run `overnight train --date D`"]
+    lines = [f"{'model':<34} {'date':<10} {'status':<10} {'ndcg@10':>8} {'baseline':>8} {'CTR':>7} {'IPS':>7}  reason"]
+    for row in rows:
+        ctr, ips = (row["online"][key]["value"] if row["online"] else None for key in ("ctr", "ips_click_rate"))
+        lines.append(
+            f"{row['model_id']:<34} {row['logical_date']:<10} {row['status']:<10} {metric_text(row['ndcg@10']):>8} "
+            f"{metric_text(row['best_baseline_ndcg@10']):>8} {metric_text(ctr):>7} {metric_text(ips):>7}  "
+            f"{row['status_reason'] or ''}"
+        )
+        if row[TUNED_SETTINGS]:
+            tuning = row[TUNING] or {}
+            lines.append(
+                f"  tuned ({tuning.get('trials')} trials in {tuning.get('seconds')}s): "
+                + ", ".join(f"{name}={value}" for name, value in row[TUNED_SETTINGS].items())
+            )
+    if online_days:
+        lines.append(
+            f"CTR and IPS click rate: online, over the last {online_days} days; - where no impression was logged"
+        )
+    return lines
+
+
 def artifact_location(settings: Settings, model: ModelVersion) -> Path | UPath:
     """Where the registry says the model file is: its recorded path, under DATA_DIR when relative."""
     if "://" in model.artifact_path or Path(model.artifact_path).is_absolute():

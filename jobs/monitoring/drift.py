@@ -415,3 +415,41 @@ def report(settings: Settings, logical_date: date) -> dict[str, Any]:
         },
         "checks": [{k: v for k, v in c.items() if k not in ("model_id", "batch_id", "run_id")} for c in stored_checks],
     }
+
+
+def render_report(found: dict[str, Any]) -> list[str]:
+    """A ``report`` as the lines ``overnight drift`` prints: each stage's verdict and checks, the drift
+    stage as a table of features, worst PSI first."""
+    lines = [f"monitoring of {found['logical_date']}: {found['verdict'].upper()}"]
+    for stage in ("input", "drift", "output"):
+        stored = found["stages"].get(stage)
+        lines.append("")
+        if stored is None:
+            lines.append(
+                f"{stage}: not measured yet" + ("  (measured when the batch is published)" if stage == "output" else "")
+            )
+            continue
+        where = f"model {stored['model_id']}" + (f", batch {stored['batch_id']}" if stored["batch_id"] else "")
+        lines.append(f"{stage}: {stored['verdict']}  ({where}, run {stored['run_id'] or '-'})")
+        if stage == "drift":
+            problem = stored["report"].get("problem")
+            if problem:
+                lines.append(f"  {problem}")
+            features = stored["report"].get("features", {})
+            if features:
+                lines.append(f"  {'feature':<24} {'PSI':>8} {'KS':>7} {'p-value':>9}  level")
+                levels = {(c["statistic"], c["subject"]): c["level"] for c in found["checks"] if c["stage"] == "drift"}
+                for name, values in sorted(features.items(), key=lambda item: -(item[1]["psi"] or 0)):
+                    level = max(
+                        levels.get(("feature_psi", name), "ok"),
+                        levels.get(("feature_ks", name), "ok"),
+                        key=checks.LEVELS.index,
+                    )
+                    ks, pvalue = values["ks"] or 0.0, values["ks_pvalue"] or 0.0
+                    psi = "-" if values["psi"] is None else f"{values['psi']:.3f}"  # not measurable: say so
+                    lines.append(f"  {name:<24} {psi:>8} {ks:7.3f} {pvalue:9.2g}  {level}")
+            continue
+        lines += [f"  {check['level']:<5} {check['message']}" for check in found["checks"] if check["stage"] == stage]
+    if found["retrain_reason"]:
+        lines += ["", f"retrain due: {found['retrain_reason']}"]
+    return lines

@@ -111,5 +111,39 @@ def status(settings: Settings, recent: int = 5) -> dict[str, Any]:
     }
 
 
+def render_status(report: dict[str, Any]) -> list[str]:
+    """A ``status`` as the lines ``overnight status`` prints."""
+    live = report["live"]
+    if live is None:
+        lines = ["live: nothing published yet"]
+    else:
+        lines = [
+            f"live: batch {live['batch_id']} for {live['logical_date']}, model {live['model_id']}, "
+            f"{live['users_scored']:,} users of {live['active_users']:,} active, "
+            f"{float(live['age_seconds']) / 3600:.1f} h old"
+        ]
+    if report["canary"]:
+        canary = report["canary"]
+        lines.append(
+            f"canary: batch {canary['batch_id']} for {canary['logical_date']}, model {canary['model_id']}, "
+            f"{float(canary['age_seconds']) / 3600:.1f} h old, serves {canary['traffic']:.2%} of users "
+            f"(since {canary['started_at']}); `overnight promote` or `overnight canary stop`"
+        )
+    model = report["production_model"]
+    if model:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in model["metrics"].items() if "@" in k)
+        lines.append(f"production model: {model['model_id']} ({model['logical_date']}): {shown}")
+        if model["best_baseline"]:
+            lines.append(f"  best baseline {model['best_baseline']}: ndcg@10 {model['best_baseline_ndcg@10']:.4f}")
+    lines.append("recent batches:")
+    for batch in report["recent_batches"]:
+        reason = f"  ({batch['failure_reason']})" if batch["failure_reason"] else ""
+        lines.append(
+            f"  {batch['batch_id']:>5}  {batch['logical_date']}  {batch['status']:<8} "
+            f"{batch['users_scored']:>9,} users{reason}"
+        )
+    return lines
+
+
 def as_dict(result: FreshnessResult) -> dict[str, Any]:
     return jsonable({**asdict(result), "ok": result.ok})

@@ -22,6 +22,7 @@ from jobs.database import connect, upgrade
 from jobs.errors import BadInputError
 from jobs.jsonable import jsonb
 from jobs.outcome import Outcome
+from jobs.registry import metric_text
 from jobs.settings import Settings
 from sql.contract import CANARY_VARIANT, PRODUCTION_VARIANT
 
@@ -459,10 +460,6 @@ def render(report: dict[str, Any]) -> Iterable[str]:
             yield f"  warning: {delta['warning']}"
     if report["unattributed_feedback"]:
         yield f"feedback not matched to a logged answer: {report['unattributed_feedback']}"
-
-
-def metric_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 # ---------------------------------------------------------------------------- upkeep

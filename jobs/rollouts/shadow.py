@@ -7,6 +7,7 @@ after the date that the lake holds (saying so when the window is incomplete) and
 each "unavailable", with the reason, once a table is gone. Details: docs/rollouts.md#shadow.
 """
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
@@ -96,6 +97,42 @@ class ShadowReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The report as the lines ``overnight shadow-report`` prints."""
+
+        def compared(key: str, production: float, delta: float) -> str:
+            return f"  {key:<14} production {production:.4f}  shadow {production + delta:.4f}  delta {delta:+.4f}"
+
+        lines = [
+            f"{self.logical_date}: production batch {self.production['batch_id']} ({self.production['model_id']}) "
+            f"vs shadow batch {self.shadow['batch_id']} ({self.shadow['model_id']})"
+        ]
+        latest = self.latest_window
+        if "note" in latest:
+            lines.append(f"latest window: {latest['note']}")
+        else:
+            lines.append(f"latest window {latest['window']}: {latest['users']:,} held-out users, as the promotion gate")
+            lines += [compared(key, latest["production"][key], delta) for key, delta in latest["deltas"].items()]
+        if "unavailable" in self.overlap:
+            lines.append(f"overlap, evaluation after the date, scores: unavailable: {self.overlap['unavailable']}")
+            return lines
+        lines.append(f"overlap: {json.dumps(self.overlap)}")
+        window = self.evaluation["window"]
+        lines.append(
+            f"evaluation window {window['start']} .. {window['end']}: {window['users']:,} users, "
+            f"{window['days_with_data']} of {window['days']} days with data"
+            + ("" if self.evaluation["window_complete"] else " (INCOMPLETE)")
+        )
+        if "warning" in self.evaluation:
+            lines.append(f"  warning: {self.evaluation['warning']}")
+        elif "note" in self.evaluation:
+            lines.append(f"  {self.evaluation['note']}")
+        lines += [compared(key, self.evaluation["production"][key], delta) for key, delta in self.deltas.items()]
+        for name, batch in (("production", self.production), ("shadow", self.shadow)):
+            lines.append(f"{name} scores: all {json.dumps(batch['scores']['all_scores'])}")
+            lines.append(f"{name} scores: top {json.dumps(batch['scores']['top_scores'])}")
+        return lines
 
 
 def _batch(conn: psycopg.Connection, query: str, logical_date: date, what: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ import pytest
 
 from jobs.errors import OvernightError
 from jobs.monitoring.checks import DEFAULT_THRESHOLDS, judge, thresholds, verdict
+from jobs.monitoring.drift import render_report
 from jobs.settings import Settings
 
 
@@ -53,3 +54,28 @@ def test_verdict_is_the_worst_level() -> None:
     checks = [judge(limits, "output", "fallback_share", v) for v in (0.0, 0.3)]
     assert verdict(checks) == "warn"
     assert verdict([]) == "ok"
+
+
+def test_the_drift_table_shows_a_feature_whose_psi_could_not_be_measured() -> None:
+    drift_stage = {
+        "verdict": "ok",
+        "model_id": "m1",
+        "batch_id": None,
+        "run_id": 3,
+        "report": {
+            "features": {
+                "item_popularity": {"psi": 0.012, "ks": 0.05, "ks_pvalue": 0.4},
+                "user_genre_share": {"psi": None, "ks": None, "ks_pvalue": None},
+            }
+        },
+    }
+    found = {
+        "logical_date": "2026-12-06",
+        "verdict": "ok",
+        "stages": {"drift": drift_stage},
+        "checks": [],
+        "retrain_reason": None,
+    }
+    lines = render_report(found)
+    assert "  user_genre_share                -   0.000         0  ok" in lines
+    assert "  item_popularity             0.012   0.050       0.4  ok" in lines
