@@ -217,9 +217,7 @@ def test_rerunning_a_date_with_the_cli_and_publish_live_replaces_its_batch(airfl
     assert after[DATES[2]] == (before[DATES[2]], "retired")  # the newest stays kept for rollback
 
 
-def test_a_run_triggered_for_any_past_date_runs_its_tasks(
-    airflow: RunningAirflow, tmp_path: Path
-) -> None:
+def test_a_run_triggered_for_any_past_date_runs_its_tasks(airflow: RunningAirflow, tmp_path: Path) -> None:
     """A manual run (the UI's trigger form, the REST API) of a date long past, as an operator picks it:
     MovieLens 100K's last day, on MovieLens when it is there, else on generated data ending that day.
 

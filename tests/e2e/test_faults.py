@@ -6,18 +6,13 @@ a slow database would), then killed with SIGKILL. Afterwards production must sti
 previous batch, and a plain re-run must complete and leave no orphan table behind.
 """
 
-import json
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psycopg
@@ -27,6 +22,7 @@ from tests.support.commands import OVERNIGHT, overnight, overnight_env, running_
 from tests.support.dags import run_dag
 from tests.support.data import SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
+from tests.support.webhooks import recording_webhook
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -224,30 +220,6 @@ def test_publish_killed_between_copy_and_switch_is_replaced_by_the_rerun(product
     assert production.batch_status(killed) == "dropped"  # the re-run of the date replaced it
 
 
-@contextmanager
-def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A real HTTP endpoint on a free port that records the JSON bodies posted to it."""
-    received: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/alert", received
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_the_freshness_dag_fails_loudly_and_posts_to_the_webhook_when_live_is_stale_and_short(
     production: Production, tmp_path: Path
 ) -> None:
@@ -256,15 +228,15 @@ def test_the_freshness_dag_fails_loudly_and_posts_to_the_webhook_when_live_is_st
         conn.execute(
             f"DELETE FROM overnight.recs_{live} WHERE user_id = (SELECT min(user_id) FROM overnight.recs_{live})"
         )
-    with webhook() as (url, received):
-        env = {**production.env, "OVERNIGHT_ALERT_WEBHOOK_URL": url, "OVERNIGHT_MAX_AGE_HOURS": "0.0001"}
+    with recording_webhook("/alert") as webhook:
+        env = {**production.env, "OVERNIGHT_ALERT_WEBHOOK_URL": webhook.url, "OVERNIGHT_MAX_AGE_HOURS": "0.0001"}
         result = run_dag("overnight_freshness", str(SAMPLE_DATE), env, tmp_path / "airflow")
     assert result.returncode == 1
     assert "STATE failed" in result.stdout
     problem = f"live batch {live} ("
     assert problem in result.stdout + result.stderr
-    assert len(received) == 1, received
-    alert = received[0]
+    assert len(webhook.received) == 1, webhook.received
+    alert = webhook.received[0]
     assert alert["title"] == "overnight_freshness.check_freshness failed"
     assert problem in alert["text"] and "h old (limit 0.0001 h)" in alert["text"]
     assert "rows but" in alert["error"]  # the missing row is named too

@@ -6,8 +6,6 @@ the lookup service's /metrics over HTTP.
 import json
 import re
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -30,6 +28,7 @@ from tests.support.console import (
     console_settings,
     running_console,
 )
+from tests.support.polling import wait_until
 from tests.support.serving import RECS, SWITCH_DEADLINE, Publisher, running, service_settings
 
 pytestmark = pytest.mark.integration
@@ -143,13 +142,6 @@ def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
 
 def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.name == "overnight.console.access"]
-
-
-def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"not true within {within} s"
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------- turning auth off

@@ -2,6 +2,7 @@
 real socket; each reason checked against the lake it was computed from."""
 
 from collections.abc import Iterator
+from functools import partial
 
 import polars as pl
 import psycopg
@@ -13,16 +14,14 @@ from jobs import lake, workdir
 from jobs.settings import Settings
 from jobs.steps import publish, score
 from tests.support.data import SAMPLE_DATE
-from tests.support.serving import SWITCH_DEADLINE, Service, item_ids, running, service_settings
+from tests.support.serving import SWITCH_DEADLINE, Service, item_ids, lookup_service, running, service_settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def service(batch_settings: Settings, database_url: str) -> Iterator[Service]:
-    publish.publish_nightly(batch_settings, SAMPLE_DATE)
-    with running(service_settings(database_url)) as service:
-        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+    with lookup_service(database_url, partial(publish.publish_nightly, batch_settings, SAMPLE_DATE)) as service:
         yield service
 
 

@@ -7,12 +7,9 @@ and the webhook must get one message per problem however often the night is re-r
 """
 
 import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import polars as pl
@@ -27,6 +24,7 @@ from jobs.settings import Settings
 from jobs.steps import publish
 from jobs.steps.features import FEATURES
 from tests.support.commands import overnight, overnight_env
+from tests.support.webhooks import Webhook, recording_webhook
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -63,33 +61,14 @@ def drifting_source(folder: Path) -> Path:
     return write_dataset(GeneratedData(interactions, data.items), folder)
 
 
-class Webhook(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, object]]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Webhook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def webhook() -> Iterator[str]:
-    Webhook.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    finally:
-        server.shutdown()
+def webhook() -> Iterator[Webhook]:
+    with recording_webhook() as webhook:
+        yield webhook
 
 
 def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
-    database_url: str, tmp_path: Path, webhook: str
+    database_url: str, tmp_path: Path, webhook: Webhook
 ) -> None:
     source = drifting_source(tmp_path / "source")
     settings = Settings(
@@ -100,7 +79,7 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
         num_boost_round=30,
         monitor_thresholds={"feature_psi": {"fail": 0.25}},
         drift_reference_rows=1_000_000,  # every row: no sampling noise this close to the threshold
-        alert_webhook_url=webhook,
+        alert_webhook_url=webhook.url,
         dashboard_url="http://dash.example/dashboard",
     )
 
@@ -164,17 +143,17 @@ def test_drift_on_a_known_day_is_flagged_and_blocks_the_publish(
     assert retrain_before is None
 
     # one message per problem: the drift fail and the retrain; a re-run of publish sends nothing new
-    titles = sorted(str(m["title"]) for m in Webhook.received)
+    titles = sorted(str(m["title"]) for m in webhook.received)
     assert len(titles) == 2, titles
     assert any("feature_psi fail" in t for t in titles)
     assert any("due for retraining" in t for t in titles)
-    message = next(m for m in Webhook.received if "feature_psi" in str(m["title"]))
+    message = next(m for m in webhook.received if "feature_psi" in str(m["title"]))
     assert message["threshold"] == 0.25
     assert message["dashboard"] == "http://dash.example/dashboard?date=2026-11-19"
     assert "item_mean_weight" in str(message["text"])
     with pytest.raises(BatchValidationError, match="blocked by monitoring"):
         publish.publish_nightly(settings, TONIGHT)
-    assert len(Webhook.received) == 2
+    assert len(webhook.received) == 2
 
     # the CLI prints the same report
     env = overnight_env(database_url, settings.data_dir)

@@ -43,6 +43,7 @@ from tests.support.serving import (
     detail_text,
     item_ids,
     item_ids_of,
+    lookup_service,
     running,
     scores_for,
     service_settings,
@@ -67,7 +68,7 @@ def publisher(database_url: str) -> Publisher:
 
 @pytest.fixture
 def service(database_url: str) -> Iterator[Service]:
-    with running(service_settings(database_url)) as service:
+    with lookup_service(database_url) as service:  # nothing published: see live_service
         yield service
 
 

@@ -3,6 +3,7 @@ with negation and booleans, 422s for unknown attributes and malformed filters, a
 from the filtered fallback with `X-Filled-From-Fallback`."""
 
 from collections.abc import Iterator
+from functools import partial
 
 import httpx
 import pytest
@@ -10,14 +11,12 @@ import pytest
 from tests.support.serving import (
     EXTRAS,
     RECS,
-    SWITCH_DEADLINE,
     Publisher,
     Service,
     detail_text,
     item_ids,
     item_ids_of,
-    running,
-    service_settings,
+    lookup_service,
 )
 
 pytestmark = pytest.mark.integration
@@ -25,9 +24,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def service(database_url: str) -> Iterator[Service]:
-    Publisher(database_url).publish(RECS, extras=EXTRAS)
-    with running(service_settings(database_url, max_filter_length=64)) as service:
-        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+    published = partial(Publisher(database_url).publish, RECS, extras=EXTRAS)
+    with lookup_service(database_url, published, max_filter_length=64) as service:
         yield service
 
 

@@ -30,6 +30,7 @@ from jobs.settings import Settings
 from serving.lookup import POOL_APPLICATION_NAME
 from serving.variants import CANARY, PRODUCTION, TrafficSplit
 from tests.support.commands import free_port, overnight_env, running_service
+from tests.support.polling import wait_until
 from tests.support.serving import API_KEY, K, Publisher
 
 pytestmark = pytest.mark.integration
@@ -105,13 +106,6 @@ def answers(sample: Sample) -> list[dict[str, Any]]:
     """Every user's answer in a response: one for a lookup, several for a batch request."""
     results: list[dict[str, Any]] = sample.body.get("results", [sample.body])
     return results
-
-
-def wait_for(condition: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"not true within {within} s"
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------- swaps and a rollback
@@ -263,7 +257,7 @@ def test_postgres_stopping_under_load_gives_fast_503s_or_stale_cache_and_recover
             recent = [s for s in load.samples[-40:] if s.started > time.time() - 0.5]
             return len(recent) > 5 and all(s.status == 200 and "X-Stale" not in s.headers for s in recent)
 
-        wait_for(healthy, within=10)
+        wait_until(healthy, within=10, interval=0.05)
         recovered_after = time.time() - started_at
         time.sleep(0.5)
 

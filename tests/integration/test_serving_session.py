@@ -5,6 +5,7 @@ known user's list is blended in, and visitors get their segment's list."""
 import struct
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -17,14 +18,12 @@ from tests.support.serving import (
     RECS,
     SEGMENTS,
     SIMILAR,
-    SWITCH_DEADLINE,
     Publisher,
     Service,
     detail_text,
     item_ids,
-    running,
+    lookup_service,
     scores_for,
-    service_settings,
     similarities_for,
 )
 
@@ -33,9 +32,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def service(database_url: str) -> Iterator[Service]:
-    Publisher(database_url).publish(RECS, extras=EXTRAS)
-    with running(service_settings(database_url, max_session_items=5, max_request_bytes=8192)) as service:
-        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+    published = partial(Publisher(database_url).publish, RECS, extras=EXTRAS)
+    with lookup_service(database_url, published, max_session_items=5, max_request_bytes=8192) as service:
         yield service
 
 

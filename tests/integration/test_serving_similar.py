@@ -3,6 +3,7 @@ routed to, k/exclude/filter applied, fallbacks for items without neighbours, swi
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from tests.support.serving import (
     detail_text,
     item_ids,
     item_ids_of,
+    lookup_service,
     running,
     service_settings,
     similarities_for,
@@ -39,9 +41,7 @@ def publisher(database_url: str) -> Publisher:
 
 @pytest.fixture
 def service(database_url: str, publisher: Publisher) -> Iterator[Service]:
-    publisher.publish(RECS, extras=EXTRAS)
-    with running(service_settings(database_url)) as service:
-        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+    with lookup_service(database_url, partial(publisher.publish, RECS, extras=EXTRAS)) as service:
         yield service
 
 

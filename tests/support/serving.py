@@ -4,7 +4,6 @@ and clients that check every answer."""
 import hashlib
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import sql
 from serving.app import create_app
 from serving.prediction_log import BulkWriter, EncodedBatch
 from serving.settings import ServingSettings, get_serving_settings
+from tests.support.polling import wait_until
 
 API_KEY = "test-key-5b0d1c"
 
@@ -237,12 +237,7 @@ class Service:
         return self.client.post("/v1/recommendations:session", json=body)
 
     def wait_for(self, condition: Callable[[], bool], within: float) -> float:
-        start = time.monotonic()
-        while not condition():
-            if time.monotonic() - start > within:
-                raise AssertionError(f"not true within {within} s")
-            time.sleep(0.01)
-        return time.monotonic() - start
+        return wait_until(condition, within)
 
     def close(self) -> None:
         self.client.close()
@@ -286,6 +281,20 @@ def running(settings: ServingSettings) -> Iterator[Service]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def lookup_service(
+    database_url: str, publish: Callable[[], object] | None = None, **overrides: Any
+) -> Iterator[Service]:
+    """The app on `service_settings(database_url, **overrides)`. With `publish`, that is called first
+    (publishing what the tests look up) and the service is waited for until /readyz answers 200."""
+    if publish is not None:
+        publish()
+    with running(service_settings(database_url, **overrides)) as service:
+        if publish is not None:
+            service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        yield service
 
 
 def batch_of(response: httpx.Response) -> int:

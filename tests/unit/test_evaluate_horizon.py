@@ -1,6 +1,6 @@
 """The global protocol widens a horizon that holds too few users, and says so: on cases worked out by hand."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import polars as pl
 
@@ -12,8 +12,8 @@ from jobs.evaluation.evaluate import (
     widened_horizons,
 )
 from jobs.settings import Settings
+from tests.support.interactions import START, interactions
 
-START = datetime(2026, 1, 1, tzinfo=UTC)
 CUTOFF = START + timedelta(days=30)
 
 
@@ -28,16 +28,7 @@ def events(new_item_days: list[int]) -> pl.DataFrame:
             (user, "mid", START + timedelta(days=20)),
             (user, "new", CUTOFF + timedelta(days=day)),
         ]
-    return pl.DataFrame(
-        {
-            "user_id": [u for u, _, _ in rows],
-            "item_id": [i for _, i, _ in rows],
-            "timestamp": [t for _, _, t in rows],
-            "weight": [1.0] * len(rows),
-            "event_type": ["interaction"] * len(rows),
-        },
-        schema_overrides={"weight": pl.Float32, "timestamp": pl.Datetime("us", "UTC")},
-    )
+    return interactions(rows)
 
 
 def test_the_horizon_doubles_up_to_the_limit() -> None:

@@ -1,7 +1,7 @@
 """The similar-items and session protocols (jobs.evaluation.item_quality) on cases worked out by hand."""
 
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import polars as pl
 import pytest
@@ -17,20 +17,7 @@ from jobs.evaluation.item_quality import (
 )
 from jobs.settings import Settings
 from jobs.steps.similar import similar_items
-
-START = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def events(rows: list[tuple[str, str, int]]) -> pl.DataFrame:
-    """(user, item, minute) rows as lake interactions."""
-    return pl.DataFrame(
-        {
-            "user_id": [u for u, _, _ in rows],
-            "item_id": [i for _, i, _ in rows],
-            "timestamp": [START + timedelta(minutes=m) for _, _, m in rows],
-        },
-        schema_overrides={"timestamp": pl.Datetime("us", "UTC")},
-    )
+from tests.support.interactions import START, at_minutes
 
 
 def neighbours(lists: dict[str, list[tuple[str, float]]]) -> pl.DataFrame:
@@ -50,19 +37,19 @@ def triples(pairs: pl.DataFrame) -> list[tuple[str, ...]]:
 
 
 def test_next_item_pairs_follow_each_user_in_time_and_keep_only_new_items() -> None:
-    history = events([("a", "x", 0), ("a", "y", 1), ("b", "old", 0), ("c", "never-later", 0)])
+    history = at_minutes([("a", "x", 0), ("a", "y", 1), ("b", "old", 0), ("c", "never-later", 0)])
     # a: z after y; x again (not new, but it is what w follows); w after x. b: only p's successor q counts
     # after its history's last item; p at the same minute as b's history item comes after it.
-    later = events([("a", "x", 3), ("a", "z", 2), ("a", "w", 4), ("b", "p", 0), ("b", "q", 5), ("d", "s", 1)])
-    later = pl.concat([later, events([("d", "t", 2)])])
+    later = at_minutes([("a", "x", 3), ("a", "z", 2), ("a", "w", 4), ("b", "p", 0), ("b", "q", 5), ("d", "s", 1)])
+    later = pl.concat([later, at_minutes([("d", "t", 2)])])
     pairs = next_item_pairs(history.lazy(), later.lazy())
     assert triples(pairs) == [("a", "y", "z"), ("a", "x", "w"), ("b", "old", "p"), ("b", "p", "q"), ("d", "s", "t")]
     assert pairs["pair"].to_list() == [0, 1, 2, 3, 4]
 
 
 def test_next_item_metrics_score_one_query_per_pair() -> None:
-    history = events([("a", "x", 0), ("a", "y", 1), ("b", "p", 0)])
-    later = events([("a", "z", 2), ("a", "w", 3), ("b", "q", 1)])
+    history = at_minutes([("a", "x", 0), ("a", "y", 1), ("b", "p", 0)])
+    later = at_minutes([("a", "z", 2), ("a", "w", 3), ("b", "q", 1)])
     pairs = next_item_pairs(history.lazy(), later.lazy())  # y -> z, z -> w, p -> q
     table = neighbours({"y": [("x", 0.9), ("z", 0.5)], "z": [("x", 1.0)]})  # p has no neighbours: a miss
     metrics = next_item_metrics(pairs, table, catalogue_size=8)
@@ -73,7 +60,7 @@ def test_next_item_metrics_score_one_query_per_pair() -> None:
 
 
 def test_next_item_metrics_count_only_the_first_ten_neighbours() -> None:
-    pairs = next_item_pairs(events([("a", "x", 0)]).lazy(), events([("a", "target", 1)]).lazy())
+    pairs = next_item_pairs(at_minutes([("a", "x", 0)]).lazy(), at_minutes([("a", "target", 1)]).lazy())
     eleven = [(f"n{i:02d}", 1.0 - i / 100) for i in range(10)] + [("target", 0.5)]
     assert next_item_metrics(pairs, neighbours({"x": eleven}), 20)["hit_rate@10"] == 0.0
     assert next_item_metrics(pairs, neighbours({"x": eleven[:9] + eleven[10:]}), 20)["ndcg@10"] == pytest.approx(
@@ -89,7 +76,7 @@ def test_session_split_holds_out_whole_users_and_their_last_fifth() -> None:
     # the visitor: 10 events, the last 2 held out; "b" comes back in the held-out part (not new), "a" twice before
     rows = [(visitor, item, minute) for minute, item in enumerate(["a", "b", "c", "a", "d", "e", "f", "g", "b", "h"])]
     rows += [(other, "a", 0), (other, "h", 30)]
-    sessions = session_split(events(rows), VISITORS)
+    sessions = session_split(at_minutes(rows), VISITORS)
     assert sessions is not None
     assert sessions.items.rows() == [(visitor, ["g", "f", "e", "d", "a", "c", "b"])]  # distinct, latest first
     assert sessions.relevant.rows() == [(visitor, "h")]
@@ -100,7 +87,7 @@ def test_session_split_holds_out_whole_users_and_their_last_fifth() -> None:
 
 def test_a_session_holds_the_latest_items_only() -> None:
     rows = [("v", f"i{n:03d}", n) for n in range(100)] + [("u", "i000", 0)]
-    sessions = session_split(events(rows), VISITORS)
+    sessions = session_split(at_minutes(rows), VISITORS)
     assert sessions is not None
     session = sessions.items["items"].to_list()[0]
     assert len(session) == SESSION_ITEMS
@@ -109,8 +96,8 @@ def test_a_session_holds_the_latest_items_only() -> None:
 
 def test_session_split_is_none_without_a_visitor_to_answer() -> None:
     # the visitor's held-out item is one they had seen; a single event makes no session
-    assert session_split(events([("v", "a", 0), ("v", "a", 1), ("u", "b", 0)]), VISITORS) is None
-    assert session_split(events([("v", "a", 0), ("u", "b", 0)]), VISITORS) is None
+    assert session_split(at_minutes([("v", "a", 0), ("v", "a", 1), ("u", "b", 0)]), VISITORS) is None
+    assert session_split(at_minutes([("v", "a", 0), ("u", "b", 0)]), VISITORS) is None
 
 
 def test_session_answers_blend_the_neighbours_and_leave_the_session_out() -> None:

@@ -1,6 +1,6 @@
 """The evaluation protocols' splits and the promotion gate, on cases worked out by hand."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import polars as pl
@@ -9,22 +9,7 @@ import pytest
 from jobs.evaluation.evaluate import split, user_holdout_window
 from jobs.settings import Settings
 from jobs.steps.train import PRODUCTION, RANKER, promotion_gate
-
-START = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def events(rows: list[tuple[str, str, int]]) -> pl.DataFrame:
-    """(user, item, day) rows as lake interactions."""
-    return pl.DataFrame(
-        {
-            "user_id": [u for u, _, _ in rows],
-            "item_id": [i for _, i, _ in rows],
-            "timestamp": [START + timedelta(days=d) for _, _, d in rows],
-            "weight": [1.0] * len(rows),
-            "event_type": ["interaction"] * len(rows),
-        },
-        schema_overrides={"weight": pl.Float32, "timestamp": pl.Datetime("us", "UTC")},
-    )
+from tests.support.interactions import START, on_days
 
 
 def pairs(frame: pl.DataFrame) -> set[tuple[str, str]]:
@@ -35,7 +20,7 @@ def test_user_holdout_keeps_each_users_last_fifth_by_time() -> None:
     rows = [("a", f"i{n}", n) for n in range(10)]  # 10 events: the last 2 are held out
     rows += [("b", "x", 5), ("b", "y", 1), ("b", "z", 3)]  # 3 events: ceil(0.6) = the last 1, by time
     rows += [("c", "solo", 2)]  # a single interaction: training only
-    window = user_holdout_window(events(rows), Settings(), "test")
+    window = user_holdout_window(on_days(rows), Settings(), "test")
     assert pairs(window.relevant) == {("a", "i8"), ("a", "i9"), ("b", "x")}
     history = window.history.collect()
     assert pairs(history) == {("a", f"i{n}") for n in range(8)} | {("b", "y"), ("b", "z"), ("c", "solo")}
@@ -45,7 +30,7 @@ def test_user_holdout_keeps_each_users_last_fifth_by_time() -> None:
 
 def test_user_holdout_drops_relevant_items_the_user_saw_in_training() -> None:
     rows = [("a", "x", 0), ("a", "y", 1), ("a", "x", 2)]  # x again at the end: not a new item
-    window = user_holdout_window(events(rows), Settings(), "test")
+    window = user_holdout_window(on_days(rows), Settings(), "test")
     assert window.relevant.height == 0
 
 
@@ -53,7 +38,7 @@ def test_global_protocol_tests_the_horizon_after_the_cutoff() -> None:
     rows = [("a", "old", 0), ("a", "new", 10), ("a", "later", 20), ("b", "new", 11), ("c", "old", 1)]
     rows += [("d", "only-after", 12)]  # no history before the cutoff: not evaluated
     settings = Settings(label_days=5, label_windows=1)
-    test, windows = split(events(rows), "global", settings, cutoff=START + timedelta(days=10), horizon_days=7)
+    test, windows = split(on_days(rows), "global", settings, cutoff=START + timedelta(days=10), horizon_days=7)
     assert test.cutoff == START + timedelta(days=10)
     assert pairs(test.relevant) == {("a", "new")}  # b and d have no history, "later" is past the horizon
     assert pairs(test.history.collect()) == {("a", "old"), ("c", "old")}
