@@ -217,6 +217,15 @@ def test_rerunning_a_date_with_the_cli_and_publish_live_replaces_its_batch(airfl
     assert after[DATES[2]] == (before[DATES[2]], "retired")  # the newest stays kept for rollback
 
 
+def _trigger(airflow: RunningAirflow, logical_date: str, source: Path) -> str:
+    """A manual run of the nightly DAG through the REST API, as the UI's trigger form makes one: its id."""
+    created = airflow.client.post(
+        f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": logical_date, "conf": {"source": str(source)}}
+    )
+    assert created.status_code == 200, created.text
+    return str(created.json()["dag_run_id"])
+
+
 def test_a_run_triggered_for_any_past_date_runs_its_tasks(airflow: RunningAirflow, tmp_path: Path) -> None:
     """A manual run (the UI's trigger form, the REST API) of a date long past, as an operator picks it:
     MovieLens 100K's last day, on MovieLens when it is there, else on generated data ending that day.
@@ -229,12 +238,7 @@ def test_a_run_triggered_for_any_past_date_runs_its_tasks(airflow: RunningAirflo
         source = write_dataset(data, tmp_path / "source")
     airflow.unpause()
     started = time.monotonic()
-    created = airflow.client.post(
-        f"/api/v2/dags/{DAG_ID}/dagRuns",
-        json={"logical_date": "1998-04-22T00:00:00Z", "conf": {"source": str(source)}},
-    )
-    assert created.status_code == 200, created.text
-    run_id = created.json()["dag_run_id"]
+    run_id = _trigger(airflow, "1998-04-22T00:00:00Z", source)
     deadline = time.monotonic() + 400
     while (run := airflow.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json())["state"] != "success":
         assert run["state"] != "failed", airflow.failed_task_logs()
@@ -251,12 +255,7 @@ def test_a_run_triggered_for_any_past_date_runs_its_tasks(airflow: RunningAirflo
     assert date(1998, 4, 22) in [day for _, day, _ in _kept_batches(airflow.database_url)]
 
     # A date before any start_date Airflow could have had (1970 was ours): its tasks exist and run too.
-    old = airflow.client.post(
-        f"/api/v2/dags/{DAG_ID}/dagRuns",
-        json={"logical_date": "1969-12-31T00:00:00Z", "conf": {"source": str(source)}},
-    )
-    assert old.status_code == 200, old.text
-    old_run = old.json()["dag_run_id"]
+    old_run = _trigger(airflow, "1969-12-31T00:00:00Z", source)
     deadline = time.monotonic() + 120
     while True:
         listed = airflow.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{old_run}/taskInstances").json()
