@@ -336,7 +336,7 @@ def prepare(settings: Settings, logical_date: date) -> CandidatesResult:
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
     cutoff = lake.day_end(logical_date)
     tables = build_tables(events, catalogue, cutoff, settings)
-    users = events.select("user_id").unique().collect(engine="streaming").sort("user_id")
+    users = lake.users_as_of(settings.lake_dir, logical_date)
     published = {workdir.SIMILAR_ITEMS: similar.similar_items(tables.neighbours, tables.similar, catalogue, settings)}
     attributes = lake.item_attribute_columns(catalogue)
     published[workdir.ITEM_ATTRIBUTES] = item_attributes(events, catalogue, attributes, cutoff, settings)
