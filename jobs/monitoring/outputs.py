@@ -8,12 +8,15 @@ the sample's intra-list diversity (``diversity.intra_list_diversity``). Threshol
 """
 
 import logging
+from collections.abc import Sequence
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import psycopg
+from upath import UPath
 
 import sql
 from jobs import diversity, lake, workdir
@@ -38,24 +41,9 @@ def batch_statistics(
     short_at = min(OVERLAP_K, settings.top_k)
     n_lists = lists.select(pl.len()).collect().item()  # from the files' metadata
 
-    # One pass over the files for everything. The score distribution is for display: a stable
-    # sample of users gives it (50 million scores at 1M users took 4 of the gate's 6 seconds).
-    shape, exposure, sampled_scores, top_scores_frame, sampled_lists = pl.collect_all(
-        [
-            lists.select(
-                empty=(pl.col("item_ids").list.len() == 0).sum(),
-                short=(pl.col("item_ids").list.len() < short_at).sum(),
-                mean_length=pl.col("item_ids").list.len().mean(),
-            ),
-            lists.select(pl.col("item_ids").explode().alias("item_id")).drop_nulls().group_by("item_id").len(),
-            lists.filter(_sample(n_lists, SCORE_SAMPLE_USERS, seed=11)).select(pl.col("scores").explode()).drop_nulls(),
-            lists.select(pl.col("scores").list.first()).drop_nulls(),
-            lists.filter(_sample(n_lists, SCORE_SAMPLE_USERS, seed=11)).select(
-                "user_id", pl.col("item_ids").list.head(OVERLAP_K).alias("item_id")
-            ),
-        ]
+    empty, short, mean_length, exposure, sampled_scores, top_scores_frame, sampled_lists = list_statistics(
+        files, n_lists, short_at
     )
-    empty, short, mean_length = shape.row(0)
     catalogue = lake.read_catalogue(settings.lake_dir, logical_date)
     if "available" in catalogue.columns:
         catalogue = catalogue.filter(pl.col("available").fill_null(True))
@@ -87,6 +75,47 @@ def batch_statistics(
     }
     stats |= _against_yesterday(logical_date, lists, n_lists, settings, conn)
     return stats
+
+
+def list_statistics(
+    files: Sequence[UPath | Path], n_lists: int, short_at: int
+) -> tuple[int, int, float | None, pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Of the published lists in `files`: how many are empty and shorter than `short_at`, their mean length,
+    each item's exposure (item_id, len), a stable sample's scores, every list's top score, and the sample's
+    first OVERLAP_K items (user_id, item_id).
+
+    Shard by shard, then combined: exploding every list of a night at once held them all (4.1 GB for 3M
+    lists of 50), one shard's at a time holds a shard's. The score distribution is for display, so a
+    stable sample of users gives it.
+    """
+    shapes, exposures, scores, tops, samples = [], [], [], [], []
+    for file in files:
+        lists = pl.scan_parquet(str(file)).select("user_id", "item_ids", "scores")
+        sampled = lists.filter(_sample(n_lists, SCORE_SAMPLE_USERS, seed=11))
+        shape, exposure, sampled_scores, top, sample = pl.collect_all(
+            [
+                lists.select(
+                    empty=(pl.col("item_ids").list.len() == 0).sum(),
+                    short=(pl.col("item_ids").list.len() < short_at).sum(),
+                    items=pl.col("item_ids").list.len().sum(),
+                ),
+                lists.select(pl.col("item_ids").explode().alias("item_id")).drop_nulls().group_by("item_id").len(),
+                sampled.select(pl.col("scores").explode()).drop_nulls(),
+                lists.select(pl.col("scores").list.first()).drop_nulls(),
+                sampled.select("user_id", pl.col("item_ids").list.head(OVERLAP_K).alias("item_id")),
+            ]
+        )
+        shapes.append(shape)
+        exposures.append(exposure)
+        scores.append(sampled_scores)
+        tops.append(top)
+        samples.append(sample)
+    if not shapes:
+        raise ValueError("no shard files to measure")
+    empty, short, items = pl.concat(shapes).sum().row(0)
+    exposure = pl.concat(exposures).group_by("item_id").agg(pl.col("len").sum())
+    mean_length = items / n_lists if n_lists else None
+    return empty, short, mean_length, exposure, pl.concat(scores), pl.concat(tops), pl.concat(samples)
 
 
 def _intra_list_diversity(sampled_lists: pl.DataFrame, catalogue: pl.DataFrame) -> float | None:
