@@ -185,7 +185,7 @@ async def _user_recommendations(
 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The one-user lookup: headers and JSON body, or a `ServingError`.
 
-    FastAPI's per-request parameter and dependency solving cost about three times the rest of a cached
+    FastAPI's per-request parameter and dependency solving cost several times the rest of a cached
     lookup, so this checks the key and parses its query parameters itself, with the rules and error
     shapes `user_recommendations` declares.
     """
@@ -194,7 +194,8 @@ async def _user_recommendations(
         state.api_keys.check_token(bearer_token(scope["headers"]))
     query = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
-    answer = await lookup.recommend(user_id, query.k, query.exclude, query.filter, query.segment, query.explain)
+    exclude = _exclude_set(query.exclude, state.settings.max_exclude_items, ("query",))
+    answer = await lookup.recommend(user_id, query.k, exclude, query.filter, query.segment, query.explain)
     return _served(scope, answer, lookup), encode(render(answer, answer.results[0]))
 
 
@@ -205,7 +206,8 @@ async def _similar_items(scope: Scope, receive: Receive, item_id: str) -> tuple[
         state.api_keys.check_token(bearer_token(scope["headers"]))
     query = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
-    answer = await lookup.similar([item_id], query.k, query.exclude, query.filter, query.user_id)
+    exclude = _exclude_set(query.exclude, state.settings.max_exclude_items, ("query",))
+    answer = await lookup.similar([item_id], query.k, exclude, query.filter, query.user_id)
     return _served(scope, answer, lookup), encode(render_similar(answer, answer.results[0]))
 
 
@@ -229,7 +231,7 @@ async def _session_recommendations(scope: Scope, receive: Receive, _: str) -> tu
     answer = await lookup.session(
         request.items,
         request.k,
-        _exclude_set(request.exclude),
+        _exclude_set(request.exclude, state.settings.max_exclude_items, ("body",)),
         _filter_text(request.filter),
         request.user_id,
         request.segment,
@@ -293,8 +295,8 @@ class ServingApp(FastAPI):
     stack and router.
 
     On a cached lookup, Starlette's middleware layers and route matching cost about as much as the
-    lookup itself: without them the service answered 15-45% more requests/s (and FastAPI's body solving
-    cost a session POST as much again). So those requests are served here, recorded by the same
+    lookup itself (and FastAPI's body solving a session POST as much again). So those requests are
+    served here, recorded by the same
     `RequestRecorder` under the same route template, with the same error responses (a `ServingError` as
     `_on_serving_error` maps it, a body FastAPI would refuse as it would, anything else a plain 500 that
     goes on to the server's log, as Starlette's `ServerErrorMiddleware` does). Every other request goes
@@ -357,7 +359,7 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class _LookupQuery:
     k: int | None = None
-    exclude: frozenset[str] = frozenset()
+    exclude: tuple[str, ...] = ()
     filter: str | None = None
     segment: str | None = None
     user_id: str | None = None
@@ -395,7 +397,7 @@ def _lookup_query(query_string: bytes) -> _LookupQuery:
     if k is not None and k < 1:
         raise InvalidRequestError(("query", "k"), "Input should be greater than or equal to 1", k_text)
     explain = explain_text is not None and _query_value(_BOOL, "explain", explain_text)
-    return _LookupQuery(k, _exclude_set(excluded), _filter_text(filters), segment, user_id, explain)
+    return _LookupQuery(k, tuple(excluded), _filter_text(filters), segment, user_id, explain)
 
 
 def _query_value(adapter: TypeAdapter[T], name: str, text: str) -> T:
@@ -426,7 +428,12 @@ async def batch_recommendations(request: Request, body: BatchRecommendationsRequ
     state = request.app.state
     lookup: Lookup = state.lookup
     answers = await lookup.recommend_many(
-        body.user_ids, body.k, _exclude_set(body.exclude), _filter_text(body.filter), body.segment, body.explain
+        body.user_ids,
+        body.k,
+        _exclude_set(body.exclude, state.settings.max_exclude_items, ("body",)),
+        _filter_text(body.filter),
+        body.segment,
+        body.explain,
     )
     request_id = request_id_for(request.headers.get("x-request-id"))
     for answer in answers.parts:
@@ -452,7 +459,12 @@ async def batch_similar_items(request: Request, body: SimilarItemsRequest) -> Re
     state = request.app.state
     lookup: Lookup = state.lookup
     answer = await lookup.similar(
-        body.item_ids, body.k, _exclude_set(body.exclude), _filter_text(body.filter), body.user_id, where="body"
+        body.item_ids,
+        body.k,
+        _exclude_set(body.exclude, state.settings.max_exclude_items, ("body",)),
+        _filter_text(body.filter),
+        body.user_id,
+        where="body",
     )
     return _single_answer(request, answer, {"results": [render_similar(answer, recs) for recs in answer.results]})
 
@@ -469,7 +481,12 @@ async def session_recommendations(request: Request, body: SessionRequest) -> Res
     state = request.app.state
     lookup: Lookup = state.lookup
     answer = await lookup.session(
-        body.items, body.k, _exclude_set(body.exclude), _filter_text(body.filter), body.user_id, body.segment
+        body.items,
+        body.k,
+        _exclude_set(body.exclude, state.settings.max_exclude_items, ("body",)),
+        _filter_text(body.filter),
+        body.user_id,
+        body.segment,
     )
     return _single_answer(request, answer, render_session(answer, answer.results[0]))
 
@@ -516,9 +533,14 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(content=metrics.render(), media_type=metrics.content_type)
 
 
-def _exclude_set(values: list[str] | None) -> frozenset[str]:
+def _exclude_set(values: Sequence[str] | None, limit: int, loc: tuple[str, ...]) -> frozenset[str]:
+    """The ids `values` name (each one id or several separated by commas). The limit counts them as sent,
+    empty and repeated ones too, so no request over the schema's `maxItems` gets through."""
     if not values:
         return frozenset()
+    sent = len(values) + sum(value.count(",") for value in values)
+    if sent > limit:
+        raise InvalidRequestError((*loc, "exclude"), f"at most {limit} excluded items, got {sent}")
     return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
@@ -720,17 +742,13 @@ def declare_limits(document: dict[str, Any], settings: ServingSettings, batch: L
     """`document` with the limits this server enforces written in: k up to the live batch's (similar items:
     its similar_k), id lengths, list sizes, the filters its items' attributes allow; so a request the
     schema allows is one the server accepts (bar the feedback time window, which JSON Schema cannot
-    state: it is in the description)."""
+    state: it is in the description and in `x-overnight-window`)."""
     user_id = {"type": "string", "minLength": 1, "maxLength": settings.max_user_id_length, "pattern": _NO_NUL}
     item_id = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": _NO_NUL}
     k_schema = _k_schema(None if batch is None else batch.k)
     similar_k_schema = _k_schema(None if batch is None else batch.similar_k or batch.k)
-    # Items may also be sent comma-separated in one value; the schema states the one-per-value form.
-    exclude = {
-        "type": "array",
-        "items": {"type": "string", "pattern": "^[^,]*$"},
-        "maxItems": settings.max_exclude_items,
-    }
+    # Each value is one id or several separated by commas; the limit counts them as sent (`_exclude_set`).
+    exclude = {"type": "array", "items": {"type": "string"}, "maxItems": settings.max_exclude_items}
     filter_schema = _filter_schema(settings, None if batch is None else batch.catalogue)
     segment = {"type": "string", "maxLength": MAX_ID_LENGTH}
     parameters = {
@@ -786,7 +804,8 @@ def _k_schema(k: int | None) -> dict[str, Any]:
 
 def _filter_schema(settings: ServingSettings, catalogue: Catalogue | None) -> dict[str, Any]:
     """The filters the live batch accepts, as a pattern over its attribute names (those that are plain
-    words; the others are accepted too, but not stated). Without attributes only the empty filter is."""
+    words; the others are accepted too, but not stated). The empty filter is accepted and filters nothing;
+    without attributes it is the only one."""
     names = sorted(name for name in (catalogue or EMPTY_CATALOGUE).attribute_names if _PLAIN_NAME.fullmatch(name))
     if not names:
         return {"type": "string", "maxLength": 0}
@@ -794,7 +813,8 @@ def _filter_schema(settings: ServingSettings, catalogue: Catalogue | None) -> di
     # What Python's str.strip() takes off (the parser strips terms): JSON Schema's \s plus \x1c-\x1f and \x85.
     space = "\\s\\x1c-\\x1f\\x85"
     term = f"(?:-?{name}|{name}:-?[^,{space}-](?:[^,]*[^,{space}])?)"
-    return {"type": "string", "maxLength": settings.max_filter_length, "pattern": f"^{term}(?:,{term})*$"}
+    # The empty filter filters nothing.
+    return {"type": "string", "maxLength": settings.max_filter_length, "pattern": f"^(?:{term}(?:,{term})*)?$"}
 
 
 _PLAIN_NAME = re.compile(r"\w+", re.ASCII)

@@ -28,6 +28,10 @@ FeedbackRow = tuple[datetime, datetime, str, str, str, str | None]
 _ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
 
+MAX_EVENT_AGE = timedelta(days=7)
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+
+
 class FeedbackEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,7 +44,14 @@ class FeedbackEvent(BaseModel):
     type: FeedbackEventType = Field(description="What the user did with the item.")
     timestamp: AwareDatetime = Field(
         description="When it happened, with a time zone (ISO 8601): at most 7 days before the server's clock "
-        "and at most 5 minutes after it (clock skew); outside that window the request is a 422."
+        "and at most 5 minutes after it (clock skew); outside that window the request is a 422. JSON Schema "
+        "cannot state a window relative to the server's clock: `x-overnight-window` gives it in seconds.",
+        json_schema_extra={
+            "x-overnight-window": {
+                "max_age_seconds": int(MAX_EVENT_AGE.total_seconds()),
+                "max_future_seconds": int(MAX_CLOCK_SKEW.total_seconds()),
+            }
+        },
     )
     request_id: str | None = Field(
         default=None,
@@ -71,8 +82,8 @@ class FeedbackIntake:
         *,
         max_events_per_request: int = 1000,
         max_user_id_length: int = MAX_ID_LENGTH,
-        max_age: timedelta = timedelta(days=7),
-        max_clock_skew: timedelta = timedelta(minutes=5),
+        max_age: timedelta = MAX_EVENT_AGE,
+        max_clock_skew: timedelta = MAX_CLOCK_SKEW,
         **writer_options: object,
     ) -> None:
         self.max_events_per_request = max_events_per_request

@@ -180,6 +180,18 @@ def test_exclude_filters_before_cutting_to_k(live_service: Service) -> None:
     response = live_service.recs("42", exclude=too_many)
     assert response.status_code == 422
     assert "at most 500" in detail_text(response)
+    # The limit counts ids as sent, repeated and empty ones too: the schema's maxItems, so every request
+    # over it is refused (schemathesis sends such lists), in a query and in a JSON body alike.
+    repeated = live_service.client.get("/v1/users/42/recommendations", params=[("exclude", "x")] * 501)
+    assert repeated.status_code == 422 and "got 501" in detail_text(repeated)
+    assert live_service.client.get("/v1/users/42/recommendations", params=[("exclude", "x")] * 500).status_code == 200
+    for path, body in (
+        ("/v1/recommendations:batch", {"user_ids": ["42"]}),
+        ("/v1/items:similar", {"item_ids": ["i1"]}),
+        ("/v1/recommendations:session", {"items": ["i1"]}),
+    ):
+        refused = live_service.client.post(path, json=body | {"exclude": [""] * 501})
+        assert refused.status_code == 422 and "at most 500" in detail_text(refused), path
 
 
 def test_odd_user_ids_are_looked_up_safely(live_service: Service, publisher: Publisher) -> None:
