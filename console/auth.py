@@ -74,14 +74,25 @@ def matching_key(settings: ConsoleSettings, presented: str) -> str | None:
 
 
 def authorised(request: Request) -> bool:
-    """A valid session cookie or bearer key, or auth turned off with ``--no-auth``."""
+    """A valid session cookie or bearer key, or auth turned off with ``--no-auth``. A bearer key counts
+    as a sign-in: a wrong one is a failure for the throttle, and a throttled client's key is not tried."""
     if request.app.state.auth_disabled:
         return True
     settings = settings_of(request)
     if valid_session(settings, request.cookies.get(COOKIE)):
         return True
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and bool(credentials) and matching_key(settings, credentials.strip()) is not None
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return False
+    client = client_address(request)
+    throttle = throttle_of(request)
+    if throttle.retry_after(client):
+        return False
+    if matching_key(settings, credentials.strip()) is None:
+        throttle.failed(client)
+        return False
+    throttle.succeeded(client)
+    return True
 
 
 def with_session(response: Response, request: Request, key: str) -> Response:
@@ -135,7 +146,8 @@ class LoginThrottle:
     """Slows down key guessing: after `attempts` failed sign-ins from one client within `window` seconds,
     that client's next sign-ins are refused (429, with Retry-After) until the oldest failure is older
     than the window. A successful sign-in clears the client's failures. Each worker counts its own
-    failures, at most `clients` clients (the longest quiet are forgotten first)."""
+    failures (with N workers a client gets up to N x `attempts` tries a window), at most `clients`
+    clients (the longest quiet are forgotten first)."""
 
     def __init__(self, attempts: int = 5, window: float = 900.0, clients: int = 10_000) -> None:
         self.attempts = attempts

@@ -3,8 +3,8 @@
 It reads the batch side's records (what is live and the canary, runs, models and their online numbers per
 day, monitoring checks and reports, alerts) through the named queries of ``sql/queries.sql`` (section
 "console"), and the lookup service's figures from its ``/metrics``. The charts are drawn by Apache ECharts,
-vendored under ``console/static/vendor`` so the page works offline. Sign-in: `console.auth`; an old bookmark's
-``/dashboard?key=...`` still works and is dropped from the URL and the access log. ``--no-auth`` opens it.
+vendored under ``console/static/vendor`` so the page works offline. Sign-in: `console.auth`; a key in the
+address (``/dashboard?key=...``) is never taken. ``--no-auth`` opens it.
 """
 
 import asyncio
@@ -104,20 +104,9 @@ def _login_page(status: int = 200, message: str = "", next_query: str = "") -> R
 @router.get("")
 async def dashboard_page(request: Request, key: Annotated[str | None, Query()] = None) -> Response:
     if key is not None:
-        # An old bookmark's ?key=: trade it for a session and take it out of the address bar and history.
-        # (Links with keys are no longer handed out: the access log redacts them, a proxy's may not.)
-        client = client_address(request)
-        throttle = throttle_of(request)
-        if retry_after := throttle.retry_after(client):
-            return _too_many_attempts(retry_after)
-        found = matching_key(settings_of(request), key)
-        if found is None and not request.app.state.auth_disabled:
-            throttle.failed(client)
-            return _login_page(401, "That key is not valid.")
-        throttle.succeeded(client)
-        rest = "&".join(f"{k}={v}" for k, v in request.query_params.items() if k != "key")
-        response = RedirectResponse(f"/dashboard{'?' + rest if rest else ''}", status_code=303)
-        return with_session(response, request, found) if found else response
+        # A key in the address reaches browser history and every proxy's log on the way: it is never
+        # taken, only answered with the sign-in form (the access log writes it as REDACTED).
+        return _login_page(401, "A key in the address is not accepted: sign in with the form below.")
     if not authorised(request):
         return _login_page(next_query=request.url.query)
     return _page_headers(FileResponse(STATIC / "dashboard.html", media_type="text/html; charset=utf-8"))
@@ -176,7 +165,11 @@ async def asset(name: str) -> Response:
 async def overview(
     request: Request, day: Annotated[date | None, Query(alias="date", description="Date to focus on.")] = None
 ) -> Response:
+    # Whether the client was held back before this request (its own failure does not make it a 429).
+    retry_after = throttle_of(request).retry_after(client_address(request))
     if not authorised(request):
+        if retry_after:
+            return _too_many_attempts(retry_after)
         return JSONResponse({"detail": "sign in at /dashboard, or send Authorization: Bearer <key>"}, status_code=401)
     settings = settings_of(request)
     # The service's figures are read while the database answers; neither waits for the other.

@@ -104,7 +104,7 @@ def test_dashboard_draws_every_panel_without_console_errors(
         recorded = online.record_day(settings, today)
         assert recorded == {"day": today.isoformat(), "models": served_models, "complete": False}
 
-        # the data needs a key; a bookmarked ?key= becomes a cookie and leaves the address bar
+        # the data needs a key
         assert httpx.get(f"{base}/dashboard/api/overview").status_code == 401
         overview = httpx.get(f"{base}/dashboard/api/overview", headers=bearer).json()
         assert len(overview["runs"]) == 3 and all(r["status"] == "success" for r in overview["runs"])
@@ -120,10 +120,10 @@ def test_dashboard_draws_every_panel_without_console_errors(
         earlier = (SAMPLE_DATE - timedelta(days=1)).isoformat()
         focused = httpx.get(f"{base}/dashboard/api/overview", params={"date": earlier}, headers=bearer).json()
         assert focused["focus_date"] == earlier and focused["output"]["logical_date"] == earlier
-        assert httpx.get(f"{base}/dashboard", params={"key": "wrong"}).status_code == 401
-        traded = httpx.get(f"{base}/dashboard", params={"key": KEY, "date": "2026-11-20"})
-        assert traded.status_code == 303 and traded.headers["location"] == "/dashboard?date=2026-11-20"
-        cookie = traded.headers["set-cookie"].lower()
+        assert httpx.get(f"{base}/dashboard", params={"key": KEY}).status_code == 401  # keys never in URLs
+        signed_in = httpx.post(f"{base}/dashboard/login", data={"key": KEY, "next": "date=2026-11-20"})
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/dashboard?date=2026-11-20"
+        cookie = signed_in.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie and KEY not in cookie
         assert httpx.get(f"{base}/dashboard/static/../settings.py").status_code == 404
         assert httpx.get(f"{service}/dashboard").status_code == 404  # not the lookup service's any more

@@ -104,9 +104,38 @@ def test_repeated_failed_sign_ins_from_one_client_are_slowed_down(database_url: 
         refused = _sign_in(console, CONSOLE_KEY, **guesser)  # even the right key: the client must wait
         assert refused.status_code == 429
         assert 1 <= int(refused.headers["Retry-After"]) <= 900
-        assert console.anonymous.get("/dashboard", params={"key": CONSOLE_KEY}, headers=guesser).status_code == 429
+        # nor with the key as a bearer header on the data endpoint
+        bearer = {"Authorization": f"Bearer {CONSOLE_KEY}"}
+        assert console.anonymous.get("/dashboard/api/overview", headers=guesser | bearer).status_code == 429
         # another client behind the same proxy is not held back
         assert _sign_in(console, CONSOLE_KEY, **{"X-Forwarded-For": "198.51.100.2"}).status_code == 303
+
+
+def test_guessing_bearer_keys_on_the_data_endpoint_is_slowed_down_too(database_url: str) -> None:
+    with running_console(console_settings(database_url, trusted_proxies="127.0.0.1")) as console:
+        guesser = {"X-Forwarded-For": "203.0.113.8"}
+
+        def overview(key: str) -> httpx.Response:
+            return console.anonymous.get(
+                "/dashboard/api/overview", headers=guesser | {"Authorization": f"Bearer {key}"}
+            )
+
+        assert [overview(f"guess-{n}").status_code for n in range(5)] == [401] * 5
+        refused = overview(CONSOLE_KEY)
+        assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 900
+        assert _sign_in(console, CONSOLE_KEY, **guesser).status_code == 429  # one count for every way in
+        assert (
+            console.anonymous.get(
+                "/dashboard/api/overview", headers={"Authorization": f"Bearer {CONSOLE_KEY}"}
+            ).status_code
+            == 200
+        )
+
+
+def test_a_key_in_the_address_is_never_taken(database_url: str) -> None:
+    with running_console(console_settings(database_url)) as console:
+        page = console.anonymous.get("/dashboard", params={"key": CONSOLE_KEY, "date": "2026-11-20"})
+        assert page.status_code == 401 and "Sign in" in page.text and "set-cookie" not in page.headers
 
 
 def test_a_sign_in_form_bigger_than_one_is_refused(database_url: str) -> None:
