@@ -496,14 +496,20 @@ RETURNING times_seen = 1;
 -- it reads them as overnight_console (migration 0018), which may read what they name and nothing else.
 
 -- name: dashboard_runs
--- A run whose process died reads as abandoned here already (noticed now), though this read-only role
--- cannot mark it: the batch side does when it next starts a run or shows them (migration 0016).
+-- A run whose process died reads as abandoned here already, though this read-only role cannot mark it:
+-- the batch side does (with when it noticed) when it next starts or lists runs or checks freshness
+-- (migration 0016). Until then abandoned_at is null and its time ends at its last recorded step.
 SELECT r.run_id, r.logical_date, r.trigger,
        CASE WHEN gone.abandoned THEN 'abandoned' ELSE r.status END AS status,
-       r.started_at, r.finished_at,
-       coalesce(r.abandoned_at, CASE WHEN gone.abandoned THEN now() END) AS abandoned_at,
+       r.started_at, r.finished_at, r.abandoned_at,
        r.batch_id, r.model_id, r.error,
-       extract(epoch FROM coalesce(r.finished_at, r.abandoned_at, now()) - r.started_at) AS seconds,
+       extract(epoch FROM coalesce(
+           r.finished_at, r.abandoned_at,
+           CASE WHEN gone.abandoned THEN
+               (SELECT max(greatest(s.started_at, s.finished_at)) FROM overnight.run_steps AS s
+                WHERE s.run_id = r.run_id)
+           END,
+           CASE WHEN gone.abandoned THEN r.started_at ELSE now() END) - r.started_at) AS seconds,
        (SELECT jsonb_build_object('reason', a.reason, 'accepted_by', a.accepted_by, 'accepted_at', a.accepted_at,
                                   'batch_id', a.batch_id, 'checks', a.checks)
         FROM overnight.monitor_acceptances AS a WHERE a.run_id = r.run_id

@@ -146,8 +146,9 @@ function runNote(run) {
   if (run.error) notes.push(run.error);
   if (run.status === "abandoned") {
     const step = run.steps.find((s) => s.status === "abandoned");
-    notes.push("abandoned" + (step ? " in " + step.step : "") + ": the process recording it died (noticed " +
-               new Date(run.abandoned_at).toLocaleString() + ")");
+    notes.push("abandoned" + (step ? " in " + step.step : "") + ": the process recording it died (" +
+               (run.abandoned_at ? "noticed " + new Date(run.abandoned_at).toLocaleString()
+                                 : "not yet recorded by the batch side") + ")");
   }
   const accepted = run.accepted;
   if (accepted) {

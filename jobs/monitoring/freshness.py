@@ -51,10 +51,12 @@ def _live(conn: psycopg.Connection) -> dict[str, Any] | None:
 def check_freshness(
     settings: Settings, max_age_hours: float | None = None, min_coverage: float | None = None
 ) -> FreshnessResult:
-    """Check what is actually served; raise StaleBatchError naming every problem found."""
+    """Check what is actually served; raise StaleBatchError naming every problem found. Runs whose
+    process died are marked abandoned on the way (the hourly check notices them between nights)."""
     max_age = settings.max_age_hours if max_age_hours is None else max_age_hours
     minimum = settings.min_coverage if min_coverage is None else min_coverage
     with connect(settings) as conn:
+        history.mark_abandoned(conn)
         live = _live(conn)
         if live is None:
             raise StaleBatchError("nothing is live: no batch has been published yet")

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
+from jobs.errors import StaleBatchError
 from jobs.monitoring import freshness, history
 from jobs.settings import Settings
 from tests.support.commands import OVERNIGHT, overnight, overnight_env
@@ -42,6 +43,25 @@ def eventually(read: Callable[[], T | None], timeout: float = 20.0) -> T:
         if time.monotonic() > deadline:
             raise AssertionError("not seen in time")
         time.sleep(0.1)
+
+
+def kill_once_started(script: str, *args: str, before_kill: Callable[[], object] = lambda: None) -> None:
+    """Run `script` in a Python process of its own, wait until it prints "started", call `before_kill`,
+    then kill it with SIGKILL (its database connections end with it)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args], env=dict(os.environ), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "started"
+        before_kill()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
 
 
 def stored_statuses(url: str) -> list[tuple[Any, ...]]:
@@ -83,28 +103,65 @@ def test_a_killed_overnight_run_and_its_step_read_as_abandoned_and_the_next_run_
         return shown[-1] if shown and shown[-1]["status"] == "abandoned" else None
 
     run = eventually(abandoned_on_dashboard)
-    assert run["abandoned_at"] is not None
+    # Not marked yet: no noticed time, and its time ends at its last recorded step (it does not grow).
+    assert run["abandoned_at"] is None
+    time.sleep(1.1)
+    assert read_dashboard(console_dsn)["runs"][-1]["seconds"] == run["seconds"]
     steps = {s["step"]: s["status"] for s in run["steps"]}
     assert steps[killed_in] == "abandoned", steps
     assert {status for name, status in steps.items() if name != killed_in} == {"success"}
     assert {row[1] for row in stored_statuses(database_url)} == {"running"}  # the read-only read wrote nothing
 
-    # `overnight status` marks them abandoned for good, with when it noticed.
-    shown_status = json.loads(overnight("status", "--json", env=env).stdout)
-    last = shown_status["recent_runs"][0]
-    assert last["status"] == "abandoned" and last["abandoned_at"] is not None
-    assert last["steps"][killed_in] == "abandoned"
-    stored = stored_statuses(database_url)
-    assert {(row[1], row[2]) for row in stored} == {("abandoned", True)}
-    assert [(row[3], row[4], row[5]) for row in stored if row[4] != "success"] == [(killed_in, "abandoned", True)]
-
-    # The next run of the date starts and finishes; the abandoned one stays as it was.
+    # Starting the next run marks the dead one abandoned for good, with when it noticed; the new run
+    # starts and finishes.
+    before_start = datetime.now(UTC)
     overnight(*args, env=env)
+    with psycopg.connect(database_url) as conn:
+        first = conn.execute("SELECT status, abandoned_at FROM overnight.runs ORDER BY run_id LIMIT 1").fetchone()
+    assert first is not None and first[0] == "abandoned" and first[1] >= before_start
+    stored = stored_statuses(database_url)
+    assert [(row[3], row[4], row[5]) for row in stored if row[4] not in ("success", "skipped")][:1] == [
+        (killed_in, "abandoned", True)
+    ]
     history = json.loads(overnight("status", "--json", env=env).stdout)["recent_runs"]
     assert [(r["status"], r["abandoned_at"] is not None) for r in history] == [("success", False), ("abandoned", True)]
     assert history[0]["steps"]["publish"] == "success"
     on_dashboard = read_dashboard(console_dsn)["runs"]
-    assert [r["status"] for r in on_dashboard] == ["abandoned", "success"]
+    assert [(r["status"], r["abandoned_at"] is not None) for r in on_dashboard] == [
+        ("abandoned", True),
+        ("success", False),
+    ]
+
+
+def test_the_freshness_check_marks_runs_whose_process_died(database_url: str, tmp_path: Path) -> None:
+    """The hourly freshness DAG notices a dead run between nights, even when nothing is live yet."""
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
+    kill_once_started(DEAD_CLI_RUN, database_url, str(tmp_path / "var"))
+
+    def marked() -> tuple[Any, ...] | None:
+        with pytest.raises(StaleBatchError, match="nothing is live"):
+            freshness.check_freshness(settings)
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT status, abandoned_at FROM overnight.runs").fetchone()
+        return row if row is not None and row[0] == "abandoned" else None
+
+    assert eventually(marked)[1] is not None
+
+
+# A CLI run recorded by a process that is then killed (its backend ends with it).
+DEAD_CLI_RUN = """
+import sys, time
+from datetime import date
+from pathlib import Path
+
+from jobs.monitoring import history
+from jobs.settings import Settings
+
+settings = Settings(database_url=sys.argv[1], data_dir=Path(sys.argv[2]))
+with history.recording(settings, date(2026, 11, 20)):
+    print("started", flush=True)
+    time.sleep(600)
+"""
 
 
 TASK_PROCESS = """
@@ -139,20 +196,8 @@ def test_an_airflow_task_whose_process_died_is_abandoned_until_its_retry(
     def recent() -> dict[str, Any]:
         return dict(freshness.status(settings)["recent_runs"][0])
 
-    task = subprocess.Popen(
-        [sys.executable, "-c", TASK_PROCESS, "0"], env=dict(os.environ), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert task.stdout is not None and task.stdout.readline().strip() == "started"
-        history.airflow_task_started(task_context(1))  # another shard of the same dag run, alive in this process
-        os.kill(task.pid, signal.SIGKILL)
-        task.wait(timeout=10)
-    finally:
-        if task.poll() is None:
-            task.kill()
-        task.wait()
-        assert task.stdout is not None
-        task.stdout.close()
+    # another shard of the same dag run starts meanwhile, alive in this process
+    kill_once_started(TASK_PROCESS, "0", before_kill=lambda: history.airflow_task_started(task_context(1)))
 
     # Shard 0's process died: its step is abandoned, the dag run is not while shard 1 runs.
     def shard_abandoned() -> dict[str, Any] | None:
