@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
-from io import StringIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,14 +92,33 @@ _TIMESTAMP_FORMATS = (
 
 
 @dataclass(frozen=True)
+class TableFile:
+    """An item or user file (``kind`` "item" or "user"), checked line by line: ``rows`` are its good rows
+    (``<kind>_id`` stripped), ``quarantined`` its bad lines, with ``row``, ``line`` and ``reason`` like
+    quarantined interactions. ``name`` is the file's, for messages and its quarantine file."""
+
+    name: str
+    kind: str
+    rows: pl.DataFrame
+    quarantined: pl.DataFrame
+
+    @property
+    def rows_read(self) -> int:
+        return self.rows.height + self.quarantined.height
+
+    def by_reason(self) -> dict[str, int]:
+        return dict(sorted(self.quarantined.group_by("reason").len().iter_rows())) if self.quarantined.height else {}
+
+
+@dataclass(frozen=True)
 class Source:
     """A source read into raw frames; ``name`` is the file that messages should point at."""
 
     name: str
     format: str
     interactions: pl.DataFrame
-    items: pl.DataFrame | None = None
-    users: pl.DataFrame | None = None
+    items: TableFile | None = None
+    users: TableFile | None = None
     default_event_type: str = "interaction"
 
 
@@ -120,6 +138,12 @@ class IngestResult:
     first_event: str | None
     last_event: str | None
     quarantine_path: str | None
+    # The item and user files' bad lines (MovieLens' movies file included), by reason, and where they are set
+    # aside: they count in neither the rows above nor bad_fraction; each file has its own limit.
+    items_quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    items_quarantine_path: str | None = None
+    users_quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    users_quarantine_path: str | None = None
     # overnight.feedback_events, apart from the source's counts (its drops never fail the run):
     # events read, events that passed validation, events dropped (set aside) by reason.
     feedback_read: int = 0
@@ -133,6 +157,9 @@ class IngestResult:
 
     def summary(self) -> str:
         text = f"{self.rows_valid:,} rows from {self.source} ({self.format}), {self.rows_quarantined:,} quarantined"
+        table_lines = sum(self.items_quarantined_by_reason.values()) + sum(self.users_quarantined_by_reason.values())
+        if table_lines:
+            text += f"; {table_lines:,} item or user file lines quarantined"
         if self.feedback_read:
             dropped = sum(self.feedback_dropped_by_reason.values())
             text += f"; {self.feedback_used:,} of {self.feedback_read:,} feedback events, {dropped:,} dropped"
@@ -215,7 +242,7 @@ def source_chunks(path: Path, fmt: str = "auto", chunk_rows: int = 0) -> Iterato
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "movielens":
-        yield _read_movielens(path)
+        yield from _movielens_chunks(path)
         return
     interactions, items, users = path, None, None
     if path.is_dir():
@@ -223,11 +250,11 @@ def source_chunks(path: Path, fmt: str = "auto", chunk_rows: int = 0) -> Iterato
         if found is None:
             raise BadInputError(f"{path}: no interactions.parquet, interactions.csv or interactions/ in it")
         interactions, items, users = found, _table_file(path, "items"), _table_file(path, "users")
-    item_frame = _read_whole_table(items) if items else None
-    user_frame = _read_whole_table(users) if users else None
+    item_file = _read_table_file(items, "item") if items else None
+    user_file = _read_table_file(users, "user") if users else None
     for number, frame in enumerate(_table_batches(interactions, chunk_rows or CHUNK_ROWS)):
         first = number == 0
-        yield Source(interactions.name, fmt, frame, item_frame if first else None, user_frame if first else None)
+        yield Source(interactions.name, fmt, frame, item_file if first else None, user_file if first else None)
 
 
 def _table_files(path: Path) -> list[Path]:
@@ -248,7 +275,7 @@ def _table_batches(path: Path, rows: int) -> Iterator[pl.DataFrame]:
             else:
                 yield from _csv_batches(file)
         except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
-            raise BadInputError(f"{file}: cannot read: {_printable(first_line(error))}") from error
+            raise BadInputError(f"{_printable(str(file))}: cannot read: {_printable(first_line(error))}") from error
 
 
 def _parquet_batches(file: Path, rows: int) -> Iterator[pl.DataFrame]:
@@ -263,30 +290,44 @@ def _parquet_batches(file: Path, rows: int) -> Iterator[pl.DataFrame]:
         yield pl.read_parquet(file)
 
 
-def _csv_batches(file: Path) -> Iterator[pl.DataFrame]:
+def _csv_batches(
+    file: Path, delimiter: str | None = None, names: list[str] | None = None, quoted: bool = True
+) -> Iterator[pl.DataFrame]:
     """The file's fields as text, a block at a time. Only an empty field is null: text that pyarrow
     would take for one by default (NA, null, nan...) can be a real id. A line whose fields cannot
-    be read comes as a row of nulls in its place (see ``_BadCsvLines``), not as an error."""
+    be read comes as a row of nulls in its place (see ``_BadCsvLines``), not as an error.
+
+    ``delimiter``: by default a tab for .tsv, else a comma. ``names``: the columns of a file without a
+    header line (MovieLens' u.data), whose first line is then line 1. ``quoted``: whether " quotes fields."""
     import pyarrow
     import pyarrow.csv
 
-    delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
-    with file.open("rb") as handle:  # pyarrow needs the header within a block; lines may end with \r alone
-        header = next(iter(handle.readline(CSV_BLOCK_BYTES).splitlines(keepends=True)), b"")
-    try:
-        header.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadInputError(f"{file}: the header line is not UTF-8: {_escaped_line(header)}") from None
-    names = pl.read_csv(header, separator=delimiter, infer_schema=False).columns
-    with _Utf8CheckedFile(file, fields=len(names), delimiter=delimiter) as stream:
-        bad_lines = _BadCsvLines(names, delimiter, stream.undecodable)
+    delimiter = delimiter or ("\t" if file.suffix.lower() == ".tsv" else ",")
+    header_line = names is None
+    if names is None:
+        with file.open("rb") as handle:  # pyarrow needs the header within a block; lines may end with \r alone
+            header = next(iter(handle.readline(CSV_BLOCK_BYTES).splitlines(keepends=True)), b"")
+        try:
+            header.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInputError(
+                f"{_printable(str(file))}: the header line is not UTF-8: {_escaped_line(header)}"
+            ) from None
+        names = pl.read_csv(header, separator=delimiter, infer_schema=False, quote_char='"' if quoted else None).columns
+    with _Utf8CheckedFile(file, fields=len(names), delimiter=delimiter, header=header_line, quoted=quoted) as stream:
+        bad_lines = _BadCsvLines(names, delimiter, stream.undecodable, header=header_line)
         batches = pyarrow.csv.open_csv(
             stream,
             # serial: the invalid-row handler gets each skipped line's row number only then
-            read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+            read_options=pyarrow.csv.ReadOptions(
+                block_size=CSV_BLOCK_BYTES, use_threads=False, column_names=None if header_line else names
+            ),
             # newlines_in_values: a block never ends inside a quoted field, whose line ends are its text
             parse_options=pyarrow.csv.ParseOptions(
-                delimiter=delimiter, newlines_in_values=True, invalid_row_handler=bad_lines.skip
+                delimiter=delimiter,
+                quote_char='"' if quoted else False,
+                newlines_in_values=True,
+                invalid_row_handler=bad_lines.skip,
             ),
             convert_options=pyarrow.csv.ConvertOptions(
                 column_types=dict.fromkeys(names, pyarrow.string()), null_values=[""], strings_can_be_null=True
@@ -319,24 +360,27 @@ class _CsvLineNumbers:
     """The line of the file (from 1, the header's) on which each record starts, counted the way pyarrow
     reads records: a line ending inside a quoted field does not end the record, and an empty line is no
     record (pyarrow skips it). ``feed`` is given the file's bytes in order, as pyarrow reads them; a block
-    without quotes or empty lines, the usual case, is counted with a few byte searches.
+    without quotes or empty lines, the usual case, is counted with a few byte searches. A file without a
+    header (``header`` False) is counted as if a header stood before its line 1; one read without quoting
+    (``quoted`` False) has no quoted fields.
 
     Held as the records at which (line - record) changes: one entry per multi-line record or empty line,
     and those before the rows already numbered are forgotten.
     """
 
-    def __init__(self, delimiter: str) -> None:
+    def __init__(self, delimiter: str, header: bool = True, quoted: bool = True) -> None:
         d = re.escape(delimiter).encode()
         # a field: a quoted part ("" a quote in it), then text up to the delimiter; or text not starting with "
         field = rb'(?:"(?:[^"]|"")*+"[^%s]*+|(?!")[^%s]*+)' % (d, d)
         # a line that does not end inside a quoted field, read from a record's start or inside a quoted field
         self._ends_record = re.compile(rb"%s(?:%s%s)*+" % (field, d, field))
         self._closes_quote = re.compile(rb'(?:[^"]|"")*+"[^%s]*+(?:%s%s)*+' % (d, d, field))
+        self._quoted = quoted
         self._lines = 0
-        self._records = 0  # the header's included
+        self._records = 0 if header else 1  # the header's included (one before line 1 when there is none)
         self._in_quote = False
         self._after_cr = False
-        self._shifts = [(0, 1)]  # (record, line - record for it and those after it)
+        self._shifts = [(0, 1 if header else 0)]  # (record, line - record for it and those after it)
 
     def feed(self, data: bytes) -> None:
         if self._after_cr and data.startswith(b"\n"):
@@ -357,12 +401,12 @@ class _CsvLineNumbers:
             elif line:
                 self._shift(self._lines - self._records)
                 self._records += 1
-                self._in_quote = self._ends_record.fullmatch(line) is None
+                self._in_quote = self._quoted and self._ends_record.fullmatch(line) is None
 
     def _one_record_a_line(self, data: bytes) -> int | None:
         """The lines in ``data`` when each is a record (no quote, no empty line), else None. Byte searches
         only, for \\n or \\r\\n line ends (a mix of them is left to the line by line count)."""
-        if self._in_quote or b'"' in data or data.startswith((b"\n", b"\r")):
+        if self._in_quote or (self._quoted and b'"' in data) or data.startswith((b"\n", b"\r")):
             return None
         lf = data.count(b"\n")
         unended = not data.endswith((b"\n", b"\r"))
@@ -398,7 +442,7 @@ class _Utf8CheckedFile(io.RawIOBase):
 
     MARKER = "\x00undecodable line "
 
-    def __init__(self, path: Path, fields: int, delimiter: str) -> None:
+    def __init__(self, path: Path, fields: int, delimiter: str, header: bool = True, quoted: bool = True) -> None:
         super().__init__()
         self._file = path.open("rb")
         self._marker_end = (delimiter * fields).encode()
@@ -407,7 +451,7 @@ class _Utf8CheckedFile(io.RawIOBase):
         self._at_end = False
         self.undecodable: dict[int, str] = {}
         self._marked_lines = 0
-        self.line_numbers = _CsvLineNumbers(delimiter)
+        self.line_numbers = _CsvLineNumbers(delimiter, header=header, quoted=quoted)
 
     def readable(self) -> bool:
         return True
@@ -462,8 +506,9 @@ class _BadCsvLines:
     """Lines pyarrow's CSV reader skips, noted by its invalid-row handler and put back, as rows of
     nulls with their reason and text, where they were among the rows read: each keeps its row number."""
 
-    def __init__(self, names: list[str], delimiter: str, undecodable: dict[int, str]) -> None:
+    def __init__(self, names: list[str], delimiter: str, undecodable: dict[int, str], header: bool = True) -> None:
         self._names = names
+        self._first_number = 2 if header else 1  # pyarrow's number for the first row after the header
         self._delimiter = delimiter
         self._undecodable = undecodable
         # (rows read before the line, reason, text), in the file's order
@@ -478,8 +523,8 @@ class _BadCsvLines:
             number = text[len(_Utf8CheckedFile.MARKER) :].rstrip(self._delimiter)
             if number.isdigit() and int(number) in self._undecodable:
                 reason, text = BAD_ENCODING, self._undecodable.pop(int(number))
-        # row.number counts the header as 1; pyarrow gives it when it reads serially, as it does here
-        position = row.number - 2 if row.number is not None else self._rows_read + self._skipped
+        # row.number counts the header, if any, as 1; pyarrow gives it when it reads serially, as it does here
+        position = row.number - self._first_number if row.number is not None else self._rows_read + self._skipped
         self._pending.append((position - self._skipped, reason, _printable(text)))
         self._skipped += 1
         return "skip"
@@ -511,85 +556,164 @@ class _BadCsvLines:
         return pl.concat([bad, read], how="diagonal").sort("_line_position", maintain_order=True).drop("_line_position")
 
 
-def _read_whole_table(path: Path) -> pl.DataFrame:
-    """An item or user file: these have no quarantine, so a line that cannot be read is an error (a
-    catalogue missing an item's line would make a withdrawn item, seen in interactions, available)."""
-    table = pl.concat(list(_table_batches(path, CHUNK_ROWS)), how="diagonal_relaxed")
-    if _LINE_REASON not in table.columns:
-        return table.drop(_LINE, strict=False)
-    bad = table.filter(pl.col(_LINE_REASON).is_not_null())
-    first = bad.row(0, named=True)
-    raise BadInputError(
-        f"{path.name}: {bad.height:,} unreadable line(s), the first at line {first[_LINE]} "
-        f"({first[_LINE_REASON]}): {first[RAW_LINE]}"
-    )
+def _read_table_file(path: Path, kind: str, rename: dict[str, str] | None = None) -> TableFile:
+    """An item or user file (or folder of parts), read like interactions: a line that cannot be read is
+    quarantined with its reason, the rest of the file is kept (see ``check_table_file``)."""
+    frame = pl.concat(list(_table_batches(path, CHUNK_ROWS)), how="diagonal_relaxed")
+    return check_table_file(frame.rename(rename, strict=False) if rename else frame, kind, path.name)
 
 
-def _read_movielens(folder: Path) -> Source:
+def _movielens_chunks(folder: Path) -> Iterator[Source]:
+    """A MovieLens release as Sources, the ratings a block at a time, read like a CSV source: a line that
+    cannot be read (not UTF-8, a field too many or too few) is quarantined with its line, not the file."""
+    import pyarrow
+
     found = _movielens_files(folder)
     if found is None:
         raise BadInputError(f"{folder}: not a MovieLens folder (no u.data, ratings.dat or ratings.csv)")
     ratings_path, items_path, variant = found
+    items = _movielens_items(items_path, variant) if items_path else None
     columns = ["user_id", "item_id", "rating", "timestamp"]
+    if variant == "movielens-100k":  # tab-separated, no header
+        batches = _csv_batches(ratings_path, delimiter="\t", names=columns)
+    elif variant == "movielens-1m":  # fields separated by ::, which pyarrow cannot split: one field a line
+        lines = _csv_batches(ratings_path, delimiter="\x1f", names=["line"], quoted=False)
+        batches = (_split_lines(frame, "::", columns) for frame in lines)
+    else:
+        renamed = {"userId": "user_id", "movieId": "item_id"}
+        batches = (frame.rename(renamed, strict=False) for frame in _csv_batches(ratings_path))
     try:
-        if variant == "movielens-100k":
-            ratings = pl.read_csv(
-                ratings_path, separator="\t", has_header=False, new_columns=columns, infer_schema=False
-            )
-            items = _movielens_100k_items(items_path) if items_path else None
-        elif variant == "movielens-1m":
-            ratings = _split_double_colon(
-                pl.read_csv(
-                    ratings_path,
-                    has_header=False,
-                    separator="\x1f",
-                    quote_char=None,
-                    new_columns=["line"],
-                    infer_schema=False,
-                ),
-                columns,
-            )
-            items = _movielens_1m_items(items_path) if items_path else None
-        else:
-            ratings = pl.read_csv(ratings_path, infer_schema=False).rename(
-                {"userId": "user_id", "movieId": "item_id"}, strict=False
-            )
-            items = _movielens_latest_items(items_path) if items_path else None
-    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as error:
-        raise BadInputError(f"{ratings_path}: cannot read as {variant}: {_printable(first_line(error))}") from error
-    return Source(
-        name=ratings_path.name, format=variant, interactions=ratings, items=items, default_event_type="rating"
+        for number, frame in enumerate(batches):
+            first = number == 0
+            yield Source(ratings_path.name, variant, frame, items if first else None, default_event_type="rating")
+    except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
+        raise BadInputError(
+            f"{_printable(str(ratings_path))}: cannot read as {variant}: {_printable(first_line(error))}"
+        ) from error
+
+
+def _split_lines(lines: pl.DataFrame, separator: str, columns: list[str]) -> pl.DataFrame:
+    """Lines (``line``, numbered in ``_LINE``) split at ``separator`` into ``columns``, for MovieLens' files
+    that pyarrow cannot split (``::``) or that are latin-1. A line with more or fewer fields is noted like such
+    a CSV line (a row of nulls with its reason and its text, escaped), unless the reader noted it already."""
+    separators = pl.col("line").str.count_matches(separator, literal=True)
+    wrong = (
+        pl.when(separators > len(columns) - 1)
+        .then(pl.lit(EXTRA_FIELDS))
+        .when(separators < len(columns) - 1)
+        .then(pl.lit(TOO_FEW_FIELDS))
     )
+    if _LINE_REASON not in lines.columns:
+        lines = lines.with_columns(pl.lit(None, pl.String).alias(_LINE_REASON), pl.lit(None, pl.String).alias(RAW_LINE))
+    noted = lines.with_columns(
+        pl.coalesce(_LINE_REASON, wrong).alias(_LINE_REASON),
+        pl.coalesce(
+            RAW_LINE,
+            pl.when(wrong.is_not_null()).then(pl.col("line")).map_elements(_printable, return_dtype=pl.String),
+        ).alias(RAW_LINE),
+    )
+    fields = (
+        pl.when(pl.col(_LINE_REASON).is_null())
+        .then(pl.col("line"))
+        .str.splitn(separator, len(columns))
+        .struct.rename_fields(columns)
+        .alias("fields")
+    )
+    split = noted.select(fields, _LINE, _LINE_REASON, RAW_LINE).unnest("fields")
+    if split[_LINE_REASON].null_count() == split.height:
+        return split.drop(_LINE_REASON, RAW_LINE)
+    return split
 
 
-def _split_double_colon(lines: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    return lines.select(
-        pl.col("line").str.splitn("::", len(columns)).struct.rename_fields(columns).alias("fields")
-    ).unnest("fields")
+def _latin1_lines(path: Path) -> pl.DataFrame:
+    """A latin-1 file's lines (every byte decodes), numbered from 1 in ``_LINE``, without the empty ones."""
+    lines = re.split(r"\r\n?|\n", path.read_bytes().decode("latin-1"))
+    numbered = pl.DataFrame({"line": lines, _LINE: pl.int_range(1, len(lines) + 1, eager=True)})
+    return numbered.filter(pl.col("line") != "")
+
+
+def _movielens_items(path: Path, variant: str) -> TableFile:
+    if variant == "movielens-latest":  # a CSV file like an item file
+        return _read_table_file(path, "item", rename={"movieId": "item_id"})
+    try:  # latin-1: every line decodes
+        frame = _movielens_100k_items(path) if variant == "movielens-100k" else _movielens_1m_items(path)
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise BadInputError(
+            f"{_printable(str(path))}: cannot read as {variant}: {_printable(first_line(error))}"
+        ) from error
+    return check_table_file(frame, "item", path.name)
 
 
 def _movielens_100k_items(path: Path) -> pl.DataFrame:
-    text = path.read_bytes().decode("latin-1")
     names = ["item_id", "title", "release_date", "video_release_date", "url", *MOVIELENS_100K_GENRES]
-    raw = pl.read_csv(
-        StringIO(text),
-        separator="|",
-        has_header=False,
-        new_columns=names,
-        quote_char=None,
-        infer_schema=False,
-    )
+    raw = _split_lines(_latin1_lines(path), "|", names)
     flags = [pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in MOVIELENS_100K_GENRES]
-    return raw.select("item_id", "title", pl.concat_list(flags).list.drop_nulls().alias("genres"))
+    notes = [c for c in (_LINE, _LINE_REASON, RAW_LINE) if c in raw.columns]
+    return raw.select("item_id", "title", pl.concat_list(flags).list.drop_nulls().alias("genres"), *notes)
 
 
 def _movielens_1m_items(path: Path) -> pl.DataFrame:
-    lines = pl.DataFrame({"line": path.read_bytes().decode("latin-1").splitlines()})
-    return _split_double_colon(lines, ["item_id", "title", "genres"])
+    return _split_lines(_latin1_lines(path), "::", ["item_id", "title", "genres"])
 
 
-def _movielens_latest_items(path: Path) -> pl.DataFrame:
-    return pl.read_csv(path, infer_schema=False).rename({"movieId": "item_id"}, strict=False)
+def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
+    """Split an item or user file (``kind`` "item" or "user") into its good rows and its bad lines: a line
+    the reader could not read, an empty ``<kind>_id`` (``missing_<kind>_id``) or one no batch may hold
+    (``bad_<kind>_id``). A file without that column is refused; an id listed twice is warned about (the
+    last line is kept, as the catalogue and users snapshot keep it)."""
+    id_column = f"{kind}_id"
+    notes = _LINE_REASON in frame.columns
+    columns = {c: dtype for c, dtype in frame.schema.items() if c not in (_LINE_REASON, RAW_LINE, _LINE)}
+    if id_column not in columns:
+        found = _printable(", ".join(columns)) or "none"
+        raise BadInputError(f"{_printable(name)}: {kind} file has no {id_column} column (found: {found})")
+    ident = _id_expr(id_column, columns[id_column], name)
+    reason: pl.Expr = (
+        pl.when(ident.is_null() | (ident == ""))
+        .then(pl.lit(f"missing_{id_column}"))
+        .when(_bad_id(ident))
+        .then(pl.lit(f"bad_{id_column}"))
+    )
+    if notes:
+        reason = pl.when(pl.col(_LINE_REASON).is_not_null()).then(pl.col(_LINE_REASON)).otherwise(reason)
+    checked = frame.with_row_index("row").with_columns(
+        pl.col(_LINE) if _LINE in frame.columns else pl.lit(None, pl.Int64).alias(_LINE),
+        _id=ident,
+        reason=reason,
+    )
+    good = checked.filter(pl.col("reason").is_null())
+    repeated = good.filter(pl.col("_id").is_duplicated())
+    if repeated.height:
+        # As before lines were checked one by one: the file's last line of an id is the one kept.
+        first = repeated.row(0, named=True)["_id"]
+        places = repeated.filter(pl.col("_id") == first)
+        where = _places("line", places[_LINE]) if places[_LINE].null_count() == 0 else _places("row", places["row"])
+        logger.warning(
+            "ingest: %s: %s id %s is on %s (%s ids listed more than once): the last line of each is kept",
+            _printable(name),
+            kind,
+            _printable(first),
+            where,
+            f"{repeated['_id'].n_unique():,}",
+        )
+    quarantined = checked.filter(pl.col("reason").is_not_null()).select(
+        "row",
+        pl.col(_LINE).alias("line"),
+        *[pl.col(c) if dtype.is_nested() else pl.col(c).cast(pl.String) for c, dtype in columns.items()],
+        *([RAW_LINE] if notes else []),
+        "reason",
+    )
+    rows = good.with_columns(pl.col("_id").alias(id_column)).select(list(columns))
+    return TableFile(name, kind, rows, quarantined)
+
+
+def _places(what: str, numbers: pl.Series) -> str:
+    """Where a repeated id is: "lines 2 and 4", "rows 0, 3, 7 and 2 more"."""
+    shown = [str(n) for n in numbers.head(3)]
+    rest = len(numbers) - len(shown)
+    if rest:
+        return f"{what}s {', '.join(shown)} and {rest:,} more"
+    return f"{what}s {', '.join(shown[:-1])} and {shown[-1]}"
 
 
 # ---------------------------------------------------------------- validation
@@ -627,6 +751,11 @@ def _epoch_to_datetime(seconds_or_more: pl.Expr) -> pl.Expr:
     micros = pl.when(value.abs() >= 1e14).then(value).when(value.abs() >= 1e11).then(value * 1e3).otherwise(value * 1e6)
     finite = value.is_finite() & (micros.abs() < 9e18)
     return pl.when(finite).then(micros.cast(pl.Int64, strict=False)).cast(pl.Datetime("us", "UTC"))
+
+
+def _bad_id(expr: pl.Expr) -> pl.Expr:
+    """An id no batch may hold: longer than ``MAX_ID_LENGTH`` or holding a control character."""
+    return (expr.str.len_chars() > MAX_ID_LENGTH) | expr.str.contains(r"[\x00-\x1f\x7f]")
 
 
 def _weight_expr(columns: dict[str, pl.DataType]) -> tuple[pl.Expr, pl.Expr]:
@@ -668,17 +797,14 @@ def validate_interactions(
     if columns["timestamp"] == pl.String:
         timestamp_missing = timestamp_missing | (pl.col("timestamp").str.strip_chars() == "")
 
-    def bad_id(expr: pl.Expr) -> pl.Expr:
-        return (expr.str.len_chars() > MAX_ID_LENGTH) | expr.str.contains(r"[\x00-\x1f\x7f]")
-
     reason: pl.Expr = (
         pl.when(user.is_null() | (user == ""))
         .then(pl.lit("missing_user_id"))
-        .when(bad_id(user))
+        .when(_bad_id(user))
         .then(pl.lit("bad_user_id"))
         .when(item.is_null() | (item == ""))
         .then(pl.lit("missing_item_id"))
-        .when(bad_id(item))
+        .when(_bad_id(item))
         .then(pl.lit("bad_item_id"))
         .when(timestamp_missing)
         .then(pl.lit("missing_timestamp"))
@@ -725,8 +851,9 @@ def validate_interactions(
 
 
 def _normalise_items(items: pl.DataFrame, file_name: str) -> pl.DataFrame:
-    if "item_id" not in items.columns:
-        raise BadInputError(f"{file_name}: item file has no item_id column (found: {', '.join(items.columns)})")
+    if "item_id" not in items.columns:  # checked when read (check_table_file)
+        found = _printable(", ".join(items.columns)) or "none"
+        raise BadInputError(f"{_printable(file_name)}: item file has no item_id column (found: {found})")
     genres = pl.lit([], dtype=pl.List(pl.String))
     if "genres" in items.columns:
         dtype = items.schema["genres"]
@@ -844,15 +971,13 @@ def _merge_partition(lake_dir: UPath, event_date: date, rows: pl.DataFrame) -> N
     lake.write_parquet_atomically(rows.sort(["timestamp", "user_id", "item_id", "event_type"]), path)
 
 
-def _reject_message(
-    source: Source, counts: dict[str, int], rows: int, fraction: float, limit: float, where: UPath
-) -> str:
+def _reject_message(name: str, counts: dict[str, int], rows: int, fraction: float, limit: float, where: UPath) -> str:
     worst = sorted(((n, r) for r, n in counts.items() if r != NOT_YET_VISIBLE), reverse=True)[:3]
     detail = ", ".join(
         f"{n:,} {r} in column {REASON_COLUMN[r]}" if REASON_COLUMN[r] else f"{n:,} {r} (whole line)" for n, r in worst
     )
     return (
-        f"{source.name}: {fraction:.1%} of {rows:,} rows are bad (limit {limit:.1%}): {detail}; "
+        f"{_printable(name)}: {fraction:.1%} of {rows:,} rows are bad (limit {limit:.1%}): {detail}; "
         f"rows set aside in {where}"
     )
 
@@ -972,17 +1097,24 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
 
     if bad_fraction > settings.max_bad_fraction:
         raise BadInputError(
-            _reject_message(source, counts, rows_read, bad_fraction, settings.max_bad_fraction, quarantine_file)
+            _reject_message(source.name, counts, rows_read, bad_fraction, settings.max_bad_fraction, quarantine_file)
         )
     rows_valid = rows_read - quarantined_rows
     if rows_valid == 0:
         raise BadInputError(
             f"{source.name}: no valid interactions on or before {logical_date} (read {rows_read:,} rows)"
         )
+    no_file: tuple[dict[str, int], str | None] = ({}, None)
+    item_lines = (
+        _quarantine_table_file(source.items, quarantine_dir, settings.max_bad_fraction) if source.items else no_file
+    )
+    user_lines = (
+        _quarantine_table_file(source.users, quarantine_dir, settings.max_bad_fraction) if source.users else no_file
+    )
 
     previous_path = lake.latest_snapshot(lake_dir, "items", logical_date - timedelta(days=1))
     previous = pl.read_parquet(str(previous_path)) if previous_path else None
-    items = _normalise_items(source.items, source.name) if source.items is not None else None
+    items = _normalise_items(source.items.rows, source.items.name) if source.items is not None else None
     seen_items = pl.concat(staged.item_ids).unique().to_frame()
     catalogue = build_catalogue(previous, items, seen_items)
     feedback = (
@@ -996,14 +1128,8 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
         if count % 50 == 0:
             logger.info("ingest: wrote %d of %d event-day partitions", count, len(days))
     lake.write_parquet_atomically(catalogue, lake.snapshot_path(lake_dir, "items", logical_date))
-    if source.users is not None:
-        users = source.users
-        if "user_id" not in users.columns:
-            raise BadInputError(f"{source.name}: user file has no user_id column")
-        users = users.with_columns(_id_expr("user_id", users.schema["user_id"], source.name).alias("user_id"))
-        lake.write_parquet_atomically(
-            users.filter(pl.col("user_id").is_not_null()), lake.snapshot_path(lake_dir, "users", logical_date)
-        )
+    if source.users is not None:  # checked when read: ids present, stripped and listed once
+        lake.write_parquet_atomically(source.users.rows, lake.snapshot_path(lake_dir, "users", logical_date))
 
     result = IngestResult(
         logical_date=logical_date.isoformat(),
@@ -1020,12 +1146,33 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
         first_event=staged.first.isoformat() if staged.first else None,
         last_event=staged.last.isoformat() if staged.last else None,
         quarantine_path=str(quarantine_file) if quarantined_rows else None,
+        items_quarantined_by_reason=item_lines[0],
+        items_quarantine_path=item_lines[1],
+        users_quarantined_by_reason=user_lines[0],
+        users_quarantine_path=user_lines[1],
         **(asdict(feedback) if feedback else {}),
     )
     report = workdir.ingest_report_path(settings, logical_date)
     result = IngestResult(**{**asdict(result), "report_path": str(report)})
     lake.write_json_atomically(asdict(result), report)
     return result
+
+
+def _quarantine_table_file(table: TableFile, quarantine_dir: UPath, limit: float) -> tuple[dict[str, int], str | None]:
+    """Set an item or user file's bad lines aside in ``<file name>.parquet`` beside the source's, and refuse
+    the file when more than ``limit`` of its lines are bad; (lines set aside by reason, where)."""
+    path = quarantine_dir / f"{table.name}.parquet"
+    path.unlink(missing_ok=True)
+    counts = table.by_reason()
+    if table.quarantined.height:
+        lake.write_parquet_atomically(table.quarantined, path)
+        logger.warning(
+            "ingest: %s: %d bad lines set aside in %s: %s", table.name, table.quarantined.height, path, counts
+        )
+    fraction = table.quarantined.height / table.rows_read if table.rows_read else 0.0
+    if fraction > limit:
+        raise BadInputError(_reject_message(table.name, counts, table.rows_read, fraction, limit, path))
+    return counts, str(path) if table.quarantined.height else None
 
 
 @dataclass(frozen=True)

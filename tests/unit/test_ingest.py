@@ -424,12 +424,19 @@ def test_bad_lines_count_toward_the_bad_fraction(tmp_path: Path) -> None:
     assert ingest(settings_for(tmp_path / "lenient", max_bad_fraction=0.2), path, DAY).rows_quarantined == 30
 
 
-def test_an_item_file_with_a_bad_line_is_a_clear_error(tmp_path: Path) -> None:
+def test_an_item_file_with_a_bad_line_quarantines_the_line_not_the_file(tmp_path: Path) -> None:
+    # more: tests/unit/test_ingest_bad_lines.py
     folder = tmp_path / "src"
     write_csv(folder, "user_id,item_id,timestamp\nu1,i1,2026-11-10\n")
     write_bytes(folder, b"item_id,title\ni1,One\ni2,Caf\xe9\n", name="items.csv")
-    with pytest.raises(BadInputError, match=r"items.csv: 1 unreadable line\(s\), the first at line 3 \(bad_encoding\)"):
-        ingest(settings_for(tmp_path), folder, DAY)
+    settings = settings_for(tmp_path, max_bad_fraction=0.5)
+    result = ingest(settings, folder, DAY)
+    assert result.items_quarantined_by_reason == {"bad_encoding": 1}
+    assert pl.read_parquet(result.items_quarantine_path).select("line", "reason").rows() == [(3, "bad_encoding")]  # type: ignore[arg-type]
+    assert lake.read_catalogue(settings.lake_dir, DAY).select("item_id", "title").rows() == [("i1", "One")]
+    # the file's own limit: 1 bad line of 2 is more than the default 5%
+    with pytest.raises(BadInputError, match=r"items.csv: 50.0% of 2 rows are bad \(limit 5.0%\): 1 bad_encoding"):
+        ingest(settings_for(tmp_path / "strict"), folder, DAY)
 
 
 @pytest.mark.parametrize(
