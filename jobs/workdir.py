@@ -68,7 +68,7 @@ def ingest_report_path(settings: Settings, logical_date: date) -> UPath:
     return settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
 
 
-def missing(what: str, logical_date: date, step: str, where: Path | UPath) -> MissingDataError:
+def missing(what: str, logical_date: date, step: str, where: Path | UPath | str) -> MissingDataError:
     """The one-line error of a step whose input is not there: what, where, and the step that makes it."""
     return MissingDataError(
         f"no {what} for {logical_date} in {where}: run the {step} step first "

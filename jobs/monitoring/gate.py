@@ -81,6 +81,16 @@ def operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def require_input_checks(settings: Settings, logical_date: date, model_id: str) -> None:
+    """The date's input and drift checks, measured with `model_id`, are stored: publish asks before it
+    loads a batch, so a missing monitor step costs no load."""
+    with connect(settings) as conn:
+        measured_input = checks.stored_reports(conn, logical_date).get("input")
+    if measured_input is None or measured_input["model_id"] != model_id:
+        what = "input and drift checks" + ("" if measured_input is None else f" of model {model_id}")
+        raise workdir.missing(what, logical_date, "monitor", "the database")
+
+
 def check_batch(
     settings: Settings,
     logical_date: date,
@@ -95,11 +105,7 @@ def check_batch(
     then the acceptance is recorded, alerted and returned. Never for a batch of a chosen model: see
     ``outputs.unrecorded_checks``."""
     limits = checks.thresholds(settings)
-    with connect(settings) as conn:
-        measured_input = checks.stored_reports(conn, logical_date).get("input")
-    if measured_input is None or measured_input["model_id"] != model_id:
-        what = "input and drift checks" + ("" if measured_input is None else f" of model {model_id}")
-        raise workdir.missing(what, logical_date, "monitor", settings.reports_dir)
+    require_input_checks(settings, logical_date, model_id)
     run_id = history.current_run_id()
     with connect(settings) as conn:
         stats = batch_statistics(settings, logical_date, batch_id, conn)

@@ -476,6 +476,7 @@ def publish_nightly(
     def through_the_gate(batch_id: int, model_id: str, measured: dict[str, Any]) -> gate.Acceptance | None:
         return gate.check_batch(settings, logical_date, batch_id, model_id, accept_checks, accepted_by)
 
+    gate.require_input_checks(settings, logical_date, workdir.read_manifests(settings, logical_date, None)[0].model_id)
     loaded = _load(settings, logical_date, None, NIGHTLY_BATCH, through_the_gate)
     started = time.perf_counter()
     with connect(settings) as conn:

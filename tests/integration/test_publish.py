@@ -248,6 +248,20 @@ def test_a_manifest_cut_short_is_named_in_the_error(batch_settings: Settings) ->
         publish.publish_nightly(batch_settings, SAMPLE_DATE)
 
 
+def test_publish_without_the_monitor_step_loads_nothing_and_names_it(batch_settings: Settings) -> None:
+    with psycopg.connect(batch_settings.database_url) as conn:
+        conn.execute("DELETE FROM overnight.monitor_checks")
+        conn.execute("DELETE FROM overnight.monitor_reports")
+    with pytest.raises(MissingDataError) as raised:
+        publish.publish_nightly(batch_settings, SAMPLE_DATE)
+    assert str(raised.value) == (
+        f"no input and drift checks for {SAMPLE_DATE} in the database: run the monitor step first "
+        f"(`overnight monitor --date {SAMPLE_DATE}`, or `overnight run`)"
+    )
+    with psycopg.connect(batch_settings.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM overnight.batches").fetchone() == (0,)  # no load was begun
+
+
 def test_scoring_uses_no_model_newer_than_the_date(batch_settings: Settings) -> None:
     with pytest.raises(MissingDataError, match="no promoted model trained on or before"):
         score.score(batch_settings, date(2020, 1, 1))
