@@ -4,15 +4,17 @@ Heavy modules (polars, lightgbm, the service) are imported inside the commands t
 so ``overnight --help`` and ``overnight serve`` start quickly.
 """
 
+import inspect
 import json
 import logging
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, is_dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pydantic
 import typer
@@ -21,12 +23,15 @@ from jobs.errors import OvernightError
 from jobs.settings import Settings, get_settings
 from sql.text import settings_error_line
 
+if TYPE_CHECKING:
+    from jobs.dev.demo import Demo
+
 logger = logging.getLogger("overnight")
 
 app = typer.Typer(
     name="overnight",
     help="Recommendations computed overnight, served in a millisecond.\n\n"
-    "Configuration comes from OVERNIGHT_* environment variables (see the README); "
+    "Configuration comes from OVERNIGHT_* environment variables (see docs/configuration.md); "
     "with OVERNIGHT_DATABASE_URL unset an embedded Postgres is started under OVERNIGHT_DATA_DIR.",
     no_args_is_help=True,
     add_completion=False,
@@ -77,6 +82,8 @@ def _echo(result: Any, as_json: bool = False) -> None:
         return
     if isinstance(data, dict):
         for key, value in data.items():
+            if value is None:  # a field this result does not have (rows_in of a step that reads no rows, ...)
+                continue
             shown = json.dumps(value, default=str) if isinstance(value, dict | list) else value
             typer.echo(f"{key}: {shown}")
     else:
@@ -136,9 +143,11 @@ def tune(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Search the ranker's and the candidate generators' settings as a retrain on the date would (training
-    users only, the production model's parameters first), record every trial, and print the best; nothing
-    is trained or registered."""
+    """Search the settings a retrain on the date would use and print the best; nothing is trained or registered.
+
+    The ranker's and the candidate generators' settings, searched as the retrain would (training users only,
+    the production model's parameters first); every trial is recorded.
+    """
     from jobs.steps.train import tune as run_tune
 
     settings = _settings()
@@ -208,20 +217,26 @@ def publish(
         return
     if not accept_checks.strip():
         raise typer.BadParameter("say why the failing checks may be published", param_hint="'--accept-checks'")
-    from jobs import nightly
+    from jobs.monitoring import history
+    from jobs.steps.publish import publish_nightly
 
+    settings = _settings()
     # A run of its own in the run history (one step), so the acceptance shows beside the run it unblocks.
-    night = nightly.night_of(_settings(), logical_date, publish_live=live, accept_checks=accept_checks)
-    published = nightly.run(night, _progress, only=("publish",))
-    summary = published.steps[0].summary
-    typer.echo(summary if "accepted" in summary else f"{summary}; no check failed, nothing was accepted")
+    with history.recording(settings, logical_date) as run_id, history.step(settings, run_id, "publish") as recorded:
+        published = publish_nightly(settings, logical_date, live, accept_checks)
+        recorded.append(published.outcome())
+    summary = published.summary()
+    typer.echo(summary if published.accepted else f"{summary}; no check failed, nothing was accepted")
 
 
 @app.command()
 def run(source: SourceOption, logical_date: DateOption, fmt: FormatOption = "auto") -> None:
-    """The whole nightly pipeline without Airflow: the same steps as the DAG (`jobs.nightly.STEPS`), in order:
-    ingest → features, candidates → train when due → refit-candidates (when tonight's model needs them) →
-    score → monitor → publish → check-freshness → shadow, refresh-canary, online upkeep."""
+    """Run the whole nightly pipeline without Airflow: the DAG's steps, in order, in this process.
+
+    The same steps as the DAG (`jobs.nightly.STEPS`): ingest → features, candidates → train when due →
+    refit-candidates (when tonight's model needs them) → score → monitor → publish → check-freshness →
+    shadow, refresh-canary, online upkeep.
+    """
     from jobs import nightly
 
     night = nightly.night_of(_settings(), logical_date, source, source_format=fmt)
@@ -318,11 +333,14 @@ def backtest(
     ] = None,
     fmt: FormatOption = "auto",
 ) -> None:
-    """Backtest what the nightly run publishes: at each cutoff, run its steps (as `overnight run --date C-1`)
-    on the events before C against a scratch database and work folder, read the published lists back
-    from Postgres and score them, and every baseline on the same users, against the new items each user
-    touched in the next --horizon-days. NDCG@10, Recall@10, MAP@10 and coverage per window and pooled,
-    with bootstrap intervals, and the ratio of the published lists to the best baseline."""
+    """Backtest what the nightly run publishes at rolling cutoffs, beside every baseline.
+
+    At each cutoff C, run its steps (as `overnight run --date C-1`) on the events before C against a
+    scratch database and work folder, read the published lists back from Postgres and score them, and
+    every baseline on the same users, against the new items each user touched in the next --horizon-days.
+    NDCG@10, Recall@10, MAP@10 and coverage per window and pooled, with bootstrap intervals, and the
+    ratio of the published lists to the best baseline.
+    """
     from jobs.evaluation.backtest import run_backtest
 
     result = run_backtest(_settings(), source, windows, horizon_days, fmt, progress=_progress)
@@ -348,8 +366,10 @@ def models(
     ] = 2,
     as_json: JsonFlag = False,
 ) -> None:
-    """List the model registry: status, held-out metrics beside the best baseline and the online
-    numbers, and why a model was kept out."""
+    """List the model registry: status, held-out and online metrics, why a model was kept out.
+
+    The held-out metrics are shown beside the best baseline's, the online numbers beside them (--online-days).
+    """
     from jobs.database import connect, upgrade
     from jobs.registry import describe, list_models, render_models
     from jobs.rollouts.online import online_by_model
@@ -395,11 +415,12 @@ def drift(
         ),
     ] = False,
 ) -> None:
-    """Show a date's monitoring report: input statistics, feature drift (PSI, KS) against the model's
-    training reference, output statistics, and each check's level against its warn/fail thresholds.
+    """Show a date's monitoring report: input, feature drift and output checks, each with its level.
 
-    The monitor step measures them (`overnight monitor --date D`, or `overnight run`); a date it has not
-    measured is an error saying so. Exit 0 whatever the verdict.
+    Input statistics, feature drift (PSI, KS) against the model's training reference, output statistics,
+    and each check's level against its warn/fail thresholds. The monitor step measures them
+    (`overnight monitor --date D`, or `overnight run`); a date it has not measured is an error saying so.
+    Exit 0 whatever the verdict.
     """
     from jobs import nightly
     from jobs.monitoring.drift import render_report, report
@@ -430,23 +451,27 @@ def rollback(
 
 
 canary_app = typer.Typer(
-    help="Canary rollouts: serve a published batch or a registered model to a stable share of users beside "
-    "production, ramp it, stop it; `overnight promote` ends one by making it production. With no command: "
+    help="Canary rollouts: serve a batch or a model to a stable share of users beside production.\n\n"
+    "Start one, ramp it, stop it; `overnight promote` ends one by making it production. With no command: "
     "the running canary and its history.\n\n"
     "A user's arm comes from a hash of the canary's salt and their user id, so it stays the same across "
     "requests, service restarts and days.",
     invoke_without_command=True,
 )
 app.add_typer(canary_app, name="canary")
+canary_start_app = typer.Typer(
+    help="Start a canary: a published batch (`start batch B`) or a registered model (`start model M`).\n\n"
+    "One canary runs at a time: change its share with `overnight canary ramp --traffic T`, or end it with "
+    "`overnight canary stop` before starting another.",
+    no_args_is_help=True,
+    invoke_without_command=True,  # so that the old form's options reach the callback, which names the new form
+)
+canary_app.add_typer(canary_start_app, name="start")
 TrafficOption = Annotated[
     float, typer.Option("--traffic", help="Share of users in the canary, between 0 and 1 (0.05 = 5%).")
 ]
-AllowShrinkOption = Annotated[
-    bool,
-    typer.Option(
-        "--allow-shrink",
-        help="Allow lowering the share of a running canary, which moves some canary users back to production.",
-    ),
+SaltOption = Annotated[
+    str | None, typer.Option("--salt", help="Chooses which users are in the share (default: a new random salt).")
 ]
 CanaryDateOption = Annotated[
     date | None,
@@ -458,13 +483,23 @@ CanaryDateOption = Annotated[
     ),
 ]
 CanaryShardsOption = Annotated[int | None, typer.Option(min=1, help="Number of score shards.")]
-# The options of the single `overnight canary` command this group replaces, and the command to use now.
-_OLD_CANARY_FORMS = {
-    "--batch": "overnight canary start --batch B --traffic T",
-    "--model": "overnight canary start --model M --traffic T",
-    "--stop": "overnight canary stop",
-    "--refresh": "overnight canary refresh",
-    "--traffic": "overnight canary ramp --traffic T",
+_RAMP_SHRINK = "overnight canary ramp --traffic T --allow-shrink"
+# Options of earlier forms of the canary commands, and the command to use now: (command, option) -> hint.
+_MOVED_OPTIONS = {
+    # the single `overnight canary` command that the group replaced
+    ("canary", "--batch"): "the canary's options became sub-commands: `overnight canary start batch B --traffic T`",
+    ("canary", "--model"): "the canary's options became sub-commands: `overnight canary start model M --traffic T`",
+    ("canary", "--stop"): "the canary's options became sub-commands: `overnight canary stop`",
+    ("canary", "--refresh"): "the canary's options became sub-commands: `overnight canary refresh`",
+    ("canary", "--traffic"): "the canary's options became sub-commands: `overnight canary ramp --traffic T`",
+    # options of one kind of start, or of a ramp
+    ("canary start batch", "--date"): "--date goes with a model: `overnight canary start model M --traffic T --date D`",
+    (
+        "canary start batch",
+        "--shards",
+    ): "--shards goes with a model: `overnight canary start model M --traffic T --shards N`",
+    ("canary start batch", "--allow-shrink"): f"only a ramp can lower a running canary's share: `{_RAMP_SHRINK}`",
+    ("canary start model", "--allow-shrink"): f"only a ramp can lower a running canary's share: `{_RAMP_SHRINK}`",
 }
 
 
@@ -476,61 +511,139 @@ def canary(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 @canary_app.command("status")
 def canary_status(as_json: JsonFlag = False) -> None:
-    """The running canary (batch, share of users, salt, since when) and its latest history."""
+    """Show the running canary (batch, share of users, salt, since when) and its latest history."""
     _canary_status(as_json)
 
 
 def _canary_status(as_json: bool) -> None:
+    from jobs.batches import CanaryState
     from jobs.batches import canary_status as read_status
 
-    _echo(read_status(_settings()), as_json)
+    def when(iso: str) -> str:
+        return datetime.fromisoformat(iso).isoformat(sep=" ", timespec="seconds")
+
+    status = read_status(_settings())
+    if as_json:
+        _echo(status, as_json=True)
+        return
+    running = status["canary"]
+    if running is None:
+        typer.echo("no canary is running")
+    else:
+        typer.echo(f"{CanaryState(**running).summary()}; since {when(running['started_at'])}")
+    if status["history"]:
+        typer.echo("history, newest first:")
+    for event in status["history"]:
+        typer.echo(
+            f"  {when(event['happened_at'])}  {event['action']:<7}  batch {event['batch_id']} at "
+            f"{event['traffic']:.2%} (salt {event['salt']!r}), production batch {event['production_batch_id']}"
+        )
 
 
-@canary_app.command("start")
+@canary_start_app.callback()
 def canary_start(
+    ctx: typer.Context,
+    # The options of `overnight canary start` before `batch` and `model` became sub-commands, hidden: they are
+    # read only to say which command to use now.
+    batch: Annotated[str | None, typer.Option("--batch", hidden=True)] = None,
+    model: Annotated[str | None, typer.Option("--model", hidden=True)] = None,
+    traffic: Annotated[str | None, typer.Option("--traffic", hidden=True)] = None,
+    logical_date: Annotated[str | None, typer.Option("--date", hidden=True)] = None,
+    shards: Annotated[str | None, typer.Option("--shards", hidden=True)] = None,
+    salt: Annotated[str | None, typer.Option("--salt", hidden=True)] = None,
+    allow_shrink: Annotated[bool, typer.Option("--allow-shrink", hidden=True)] = False,
+    as_json: Annotated[bool, typer.Option("--json", hidden=True)] = False,
+) -> None:
+    from typer._click.exceptions import UsageError  # typer vendors click
+
+    given = (batch, model, traffic, logical_date, shards, salt)
+    if allow_shrink or as_json or any(value is not None for value in given):
+        now = _start_now(batch, model, traffic, logical_date, shards, salt, allow_shrink, as_json)
+        raise UsageError(f"`overnight canary start` takes what to start as a sub-command now: {now}", ctx)
+    if ctx.invoked_subcommand is None:
+        raise UsageError(f"Missing command: {_start_now(None, None, None, None, None, None, False, False)}", ctx)
+
+
+def _start_now(
+    batch: str | None,
+    model: str | None,
+    traffic: str | None,
+    logical_date: str | None,
+    shards: str | None,
+    salt: str | None,
+    allow_shrink: bool,
+    as_json: bool,
+) -> str:
+    """The commands to use now for the options of the old `overnight canary start` (B, M, T: not given)."""
+    share = ["--traffic", traffic or "T"]
+    output = ["--json"] if as_json else []
+    if allow_shrink:  # starting the running canary's batch again was a ramp
+        forms = [["ramp", *share, "--allow-shrink", *output]]
+    else:
+        rest = [*(["--salt", salt] if salt else []), *output]
+        scored = [*(["--date", logical_date] if logical_date else []), *(["--shards", shards] if shards else [])]
+        as_batch = ["start", "batch", batch or "B", *share, *rest]
+        as_model = ["start", "model", model or "M", *share, *scored, *rest]
+        wanted = [(as_batch, batch is not None), (as_model, model is not None or bool(scored))]
+        forms = [form for form, chosen in wanted if chosen] or [as_batch, as_model]
+    return " or ".join(f"`overnight canary {shlex.join(form)}`" for form in forms)
+
+
+@canary_start_app.command("batch")
+def canary_start_batch(
+    batch_id: Annotated[
+        int, typer.Argument(metavar="B", help="A published batch (ready or retired), not the live one.")
+    ],
     traffic: TrafficOption,
-    batch: Annotated[
-        int | None, typer.Option("--batch", help="A published batch to serve to the canary's users.")
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model", help="A registered model: scores --date with it into a new batch (not live) and serves that."
-        ),
-    ] = None,
-    logical_date: CanaryDateOption = None,
-    shards: CanaryShardsOption = None,
-    salt: Annotated[
-        str | None, typer.Option(help="Chooses which users are in the share (default: a new random salt).")
-    ] = None,
-    allow_shrink: AllowShrinkOption = False,
+    salt: SaltOption = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Serve a batch (--batch) or a model (--model) to a --traffic share of users beside production.
+    """Serve a published batch to a --traffic share of users beside production.
 
-    Starting the running canary's batch again changes its share, as `ramp` does. Each night the DAG
+    Refused while a canary runs: `overnight canary ramp --traffic T` changes its share. A stopped canary's
+    batch can be started again.
+    """
+    from jobs.rollouts.canary import start_canary
+
+    _echo(start_canary(_settings(), batch_id, traffic, salt), as_json)
+
+
+@canary_start_app.command("model")
+def canary_start_model(
+    model_id: Annotated[str, typer.Argument(metavar="M", help="A registered model (`overnight models` lists them).")],
+    traffic: TrafficOption,
+    logical_date: CanaryDateOption = None,
+    shards: CanaryShardsOption = None,
+    salt: SaltOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Score a date with a registered model into a new batch (not live) and serve it to a --traffic share.
+
+    Refused while a canary runs: `overnight canary ramp --traffic T` changes its share. Each night the DAG
     renews a model canary's lists with the night's date (`overnight canary refresh` by hand).
     """
-    from jobs.rollouts import canary as rollout
+    from jobs.rollouts.canary import start_model_canary
 
-    if (batch is None) == (model is None):
-        raise typer.BadParameter("give --batch or --model (one of them)")
-    if model is None and (logical_date is not None or shards is not None):
-        raise typer.BadParameter("--date and --shards go with --model: a published batch is scored already")
-    settings = _settings()
-    if model is not None:
-        if allow_shrink:
-            raise typer.BadParameter("--allow-shrink goes with --batch (a model canary always starts a new canary)")
-        _echo(rollout.start_model_canary(settings, model, traffic, logical_date, salt, shards), as_json)
-        return
-    assert batch is not None
-    _echo(rollout.start_canary(settings, batch, traffic, salt, allow_shrink), as_json)
+    _echo(start_model_canary(_settings(), model_id, traffic, logical_date, salt, shards), as_json)
 
 
 @canary_app.command("ramp")
-def canary_ramp(traffic: TrafficOption, allow_shrink: AllowShrinkOption = False, as_json: JsonFlag = False) -> None:
-    """Change the running canary's share of users, whatever batch it serves: up keeps every canary user in
-    the canary; down moves some back to production, so it needs --allow-shrink."""
+def canary_ramp(
+    traffic: TrafficOption,
+    allow_shrink: Annotated[
+        bool,
+        typer.Option(
+            "--allow-shrink",
+            help="Allow lowering the share, which moves the users between the two shares back to production.",
+        ),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change the running canary's share of users, whatever batch it serves.
+
+    The salt stays: a ramp up keeps every canary user in the canary; a ramp down moves some back to
+    production mid-experiment, so it needs --allow-shrink.
+    """
     from jobs.rollouts.canary import ramp_canary
 
     _echo(ramp_canary(_settings(), traffic, allow_shrink), as_json)
@@ -554,8 +667,10 @@ def canary_stop(as_json: JsonFlag = False) -> None:
 def canary_refresh(
     logical_date: CanaryDateOption = None, shards: CanaryShardsOption = None, as_json: JsonFlag = False
 ) -> None:
-    """Score --date with the running canary's model and serve that batch to the same users (the nightly
-    DAG does it after each publish). Exit 1 when there was nothing to refresh, with the reason."""
+    """Score a newer date with the running canary's model and serve that batch to the same users.
+
+    The nightly DAG does it after each publish. Exit 1 when there was nothing to refresh, with the reason.
+    """
     from jobs.rollouts.canary import refresh_canary
 
     refreshed = refresh_canary(_settings(), logical_date, shards)
@@ -569,8 +684,10 @@ def canary_refresh(
 
 @app.command()
 def promote(as_json: JsonFlag = False) -> None:
-    """Make the running canary the production batch for every user and its model the production model
-    (one transaction, instant), so the next nights score with that model."""
+    """Make the running canary production for every user, and its model the production model.
+
+    One transaction, instant; the next nights score with that model.
+    """
     from jobs.rollouts.canary import promote_canary
 
     result = promote_canary(_settings())
@@ -602,8 +719,11 @@ def shadow_report(
     ] = 7,
     as_json: JsonFlag = False,
 ) -> None:
-    """Compare a date's shadow batch with its production batch: both models on the latest label window,
-    then overlap@10, offline metrics after the date and scores while retention keeps both batches."""
+    """Compare a date's shadow batch with its production batch.
+
+    Both models on the latest label window, then overlap@10, offline metrics after the date and scores
+    while retention keeps both batches.
+    """
     from jobs.rollouts.shadow import shadow_report as make_report
 
     report = make_report(_settings(), logical_date, horizon_days)
@@ -720,9 +840,11 @@ def console(
         ),
     ] = False,
 ) -> None:
-    """Run the operator console: the monitoring dashboard at /dashboard, its own process and database role
-    (needs OVERNIGHT_DASHBOARD_KEYS or OVERNIGHT_API_KEYS unless --no-auth; the service panel reads
-    OVERNIGHT_CONSOLE_SERVICE_URL's /metrics)."""
+    """Run the operator console: the monitoring dashboard at /dashboard.
+
+    Its own process and database role; needs OVERNIGHT_DASHBOARD_KEYS or OVERNIGHT_API_KEYS unless
+    --no-auth. The service panel reads OVERNIGHT_CONSOLE_SERVICE_URL's /metrics.
+    """
     import os
 
     from jobs.database import database_url
@@ -788,17 +910,7 @@ def demo(
 
     settings = _settings()
     result = prepare_demo(settings, progress=_progress, nights=nights)
-    typer.echo(f"\nbatch {result.run.batch_id} is live (model {result.run.model_id}). API key: {result.api_key}")
-    typer.echo(
-        f'Try:  curl -H "Authorization: Bearer {result.api_key}" '
-        f'"http://127.0.0.1:{port}/v1/users/{result.user_id}/recommendations?k=5"'
-    )
-    if result.newcomer_id:  # signed up, no history yet: their country's popular list
-        typer.echo(
-            f'A new user (segment fallback):  curl -H "Authorization: Bearer {result.api_key}" '
-            f'"http://127.0.0.1:{port}/v1/users/{result.newcomer_id}/recommendations?k=5"'
-        )
-    typer.echo(f"Dashboard:  http://127.0.0.1:{console_port}/dashboard  (sign in with the API key)")
+    typer.echo("\n" + "\n".join(demo_lines(result, port, console_port)))
     if serve_after:
         os.environ["OVERNIGHT_API_KEYS"] = result.api_key
         console_process = _start_console(console_port, service_url=f"http://127.0.0.1:{port}")
@@ -807,6 +919,23 @@ def demo(
             _serve("127.0.0.1", port, 1, no_auth=False)
         finally:
             _stop_console(console_process)
+
+
+def demo_lines(result: "Demo", port: int, console_port: int) -> list[str]:
+    """What the demo prints: the key once, in curl's header, never in a URL (a key in a URL reaches
+    browser history and proxies' logs); the dashboard is signed in to through its form."""
+    lines = [
+        f"batch {result.run.batch_id} is live (model {result.run.model_id}). API key: {result.api_key}",
+        f'Try:  curl -H "Authorization: Bearer {result.api_key}" '
+        f'"http://127.0.0.1:{port}/v1/users/{result.user_id}/recommendations?k=5"',
+    ]
+    if result.newcomer_id:  # signed up, no history yet: their country's popular list
+        lines.append(
+            f'A new user (segment fallback):  curl -H "Authorization: Bearer {result.api_key}" '
+            f'"http://127.0.0.1:{port}/v1/users/{result.newcomer_id}/recommendations?k=5"'
+        )
+    lines.append(f"Dashboard:  http://127.0.0.1:{console_port}/dashboard  (sign in with the API key)")
+    return lines
 
 
 def _start_console(port: int, service_url: str) -> subprocess.Popen[bytes]:
@@ -857,9 +986,11 @@ def generate(
     ] = False,
     fmt: Annotated[str, typer.Option("--format", help="parquet or csv")] = "parquet",
 ) -> None:
-    """Write a synthetic dataset that ingest reads: power-law popularity, taste clusters, sessions,
-    repeats, daily and weekly rhythm, items appearing and fading, users with a country (which tilts their
-    taste) and a platform. The same arguments give the same data."""
+    """Write a synthetic dataset that ingest reads; the same arguments give the same data.
+
+    Power-law popularity, taste clusters, sessions, repeats, daily and weekly rhythm, items appearing and
+    fading, users with a country (which tilts their taste) and a platform.
+    """
     from datetime import UTC, datetime, timedelta
 
     from jobs.dev.generate import write_generated
@@ -906,6 +1037,22 @@ def db_stop() -> None:
     typer.echo("stopped the embedded Postgres" if stopped else "no embedded Postgres in this data dir")
 
 
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    """Give each command its docstring with every paragraph on one line: typer keeps the line breaks of
+    the paragraphs after the first, which then break mid-sentence in a terminal of another width. (The
+    first paragraph, the summary in `overnight --help`, is one line of its own.)"""
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            paragraphs = inspect.cleandoc(command.callback.__doc__).split("\n\n")
+            command.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrap_help(group.typer_instance)
+
+
+_unwrap_help(app)
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
@@ -922,10 +1069,11 @@ def main() -> None:
         raise SystemExit(error.exit_code) from None
     except click_errors.ClickException as error:  # UsageError, BadParameter, MissingParameter, NoSuchOption, ...
         message = _one_line(error.format_message())
-        if isinstance(error, click_errors.NoSuchOption) and error.ctx and error.ctx.info_name == "canary":
-            now = _OLD_CANARY_FORMS.get(error.option_name)
-            if now:
-                message += f"; the canary's options became sub-commands: `{now}`"
+        if isinstance(error, click_errors.NoSuchOption) and error.ctx:
+            command = " ".join(error.ctx.command_path.split()[1:])  # without the program's name
+            moved = _MOVED_OPTIONS.get((command, error.option_name))
+            if moved:
+                message += f"; {moved}"
         typer.echo(f"overnight: error: {message}", err=True)
         raise SystemExit(error.exit_code) from None
     except OvernightError as error:

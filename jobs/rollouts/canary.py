@@ -78,56 +78,74 @@ def _check_ramp(running: dict[str, Any], traffic: float, allow_shrink: bool) -> 
     )
 
 
-def start_canary(
-    settings: Settings, batch_id: int, traffic: float, salt: str | None = None, allow_shrink: bool = False
-) -> batches.CanaryState:
-    """Serve `batch_id` to a `traffic` share of users; the same batch again changes its share (a ramp).
+_NONE_RUNNING = (
+    "no canary is running: start one with `overnight canary start batch B --traffic T` "
+    "or `overnight canary start model M --traffic T`"
+)
 
-    Without a salt a new canary gets a random one (a fresh slice of users); a ramp keeps its salt.
-    A ramp down (a smaller share) moves users back to production and is refused unless `allow_shrink`.
+
+def _already_running(running: dict[str, Any], also: str = "") -> RolloutError:
+    return RolloutError(
+        f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users): change its share "
+        "with `overnight canary ramp --traffic T`, or stop it with `overnight canary stop` before starting "
+        f"another{also}"
+    )
+
+
+def _serve(
+    conn: psycopg.Connection, action: str, batch_id: int, traffic: float, salt: str, production: int | None
+) -> batches.CanaryState:
+    """Inside the caller's transaction, under the live lock, the batch checked: serve `batch_id` to the
+    `traffic` share of users `salt` picks, mark the batch a canary, record `action` and tell the lookup
+    services. A ramp updates the running row (same batch and salt), which keeps its start time."""
+    conn.execute(sql.query("upsert_canary"), (batch_id, traffic, salt))
+    conn.execute(sql.query("mark_batch_canary"), (batch_id,))
+    conn.execute(sql.query("record_canary_event"), (action, batch_id, traffic, salt, production))
+    batches.notify(conn, f"canary:{batch_id}")
+    row = batches.canary_row(conn)
+    assert row is not None and row["batch_id"] == batch_id
+    return batches.canary_state(row, production)
+
+
+def start_canary(settings: Settings, batch_id: int, traffic: float, salt: str | None = None) -> batches.CanaryState:
+    """Serve `batch_id` to a `traffic` share of users beside production, as a new canary.
+
+    Refused while a canary runs (`ramp_canary` changes its share, `stop_canary` ends it). Without a salt
+    the canary gets a random one: a fresh slice of users.
     """
     _check_request(traffic, salt)
     with connect(settings) as conn:
         upgrade(conn)
         with conn.transaction():
             conn.execute(sql.query("lock_live"))
-            production = batches.live_batch_id(conn)
             running = batches.canary_row(conn)
-            if running is not None and running["batch_id"] != batch_id:
-                raise RolloutError(
-                    f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users); "
-                    "stop it first with `overnight canary stop` "
-                    "(to change its share: `overnight canary ramp --traffic T`)"
-                )
-            if running is not None and salt is not None and salt != running["salt"]:
-                raise RolloutError(
-                    f"batch {batch_id} is the canary with salt {running['salt']!r}; changing the salt would "
-                    "move users between arms mid-experiment: stop it and start a new canary instead"
-                )
             if running is not None:
-                _check_ramp(running, traffic, allow_shrink)
+                raise _already_running(running)
+            production = batches.live_batch_id(conn)
             _check_canary_batch(conn, batch_id, production)
-            action = "ramp" if running is not None else "start"
-            chosen_salt = running["salt"] if running is not None else salt or secrets.token_hex(8)
-            conn.execute(sql.query("upsert_canary"), (batch_id, traffic, chosen_salt))
-            conn.execute(sql.query("mark_batch_canary"), (batch_id,))
-            conn.execute(sql.query("record_canary_event"), (action, batch_id, traffic, chosen_salt, production))
-            batches.notify(conn, f"canary:{batch_id}")
-            state = batches.canary_row(conn)
-            assert state is not None
-    logger.info("canary %s: batch %d at %.2f%% of users", action, batch_id, traffic * 100)
-    return batches.canary_state(state, production)
+            started = _serve(conn, "start", batch_id, traffic, salt or secrets.token_hex(8), production)
+    logger.info("canary start: batch %d at %.2f%% of users", batch_id, traffic * 100)
+    return started
 
 
 def ramp_canary(settings: Settings, traffic: float, allow_shrink: bool = False) -> batches.CanaryState:
     """Change the running canary's share of users, whichever batch it serves now (a nightly refresh moves
-    a model canary to a new batch each night); same salt, so a ramp up keeps every canary user in it."""
+    a model canary to a new batch each night). The salt stays, so a ramp up keeps every canary user in it;
+    a ramp down moves users back to production and is refused unless `allow_shrink`."""
+    _check_request(traffic, None)
     with connect(settings) as conn:
         upgrade(conn)
-        running = batches.canary_row(conn)
-    if running is None:
-        raise RolloutError("no canary is running: start one with `overnight canary start --batch B --traffic T`")
-    return start_canary(settings, running["batch_id"], traffic, None, allow_shrink)
+        with conn.transaction():
+            conn.execute(sql.query("lock_live"))
+            running = batches.canary_row(conn)
+            if running is None:
+                raise RolloutError(_NONE_RUNNING)
+            _check_ramp(running, traffic, allow_shrink)
+            production = batches.live_batch_id(conn)
+            _check_canary_batch(conn, running["batch_id"], production)
+            ramped = _serve(conn, "ramp", running["batch_id"], traffic, running["salt"], production)
+    logger.info("canary ramp: batch %d at %.2f%% of users", ramped.batch_id, traffic * 100)
+    return ramped
 
 
 def _end_canary(conn: psycopg.Connection, action: str, none_running: str) -> tuple[dict[str, Any], int | None]:
@@ -181,9 +199,7 @@ def promote_canary(settings: Settings) -> Promotion:
     with connect(settings) as conn:
         upgrade(conn)
         with conn.transaction():
-            running, _ = _end_canary(
-                conn, "promote", "no canary is running: start one with `overnight canary start --batch B --traffic T`"
-            )
+            running, _ = _end_canary(conn, "promote", _NONE_RUNNING)
             switched = batches.switch_live(conn, running["batch_id"], "promote")
             with conn.cursor(row_factory=dict_row) as cur:
                 batch = cur.execute(sql.query("batch_for_rollout"), (switched.batch_id,)).fetchone()
@@ -222,11 +238,8 @@ def start_model_canary(
         running = batches.canary_row(conn)
         with conn.cursor(row_factory=dict_row) as cur:
             live = cur.execute(sql.query("live_status")).fetchone()
-    if running is not None:
-        raise RolloutError(
-            f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users); stop it first "
-            f"with `overnight canary stop` (`overnight canary refresh` renews its lists for the same users)"
-        )
+    if running is not None:  # before minutes of scoring; `start_canary` checks again under the live lock
+        raise _already_running(running, " (`overnight canary refresh` renews its lists for the same users)")
     if live is None:
         raise RolloutError("nothing is live: publish a production batch before starting a canary")
     day = logical_date or live["logical_date"]

@@ -198,13 +198,16 @@ def test_generate_writes_what_ingest_reads_and_refuses_bad_options(env: dict[str
 def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
     """The CLI contract (`overnight: error: ...`) holds for usage errors too, not only for failed steps."""
     for args, message in (
-        (["canary", "start", "--batch", "1"], "Missing option '--traffic'"),
-        (["canary", "start", "--traffic", "0.1"], "give --batch or --model (one of them)"),
-        (["canary", "start", "--batch", "1", "--traffic", "5%"], "Invalid value for '--traffic'"),
+        (["canary", "start", "batch", "1"], "Missing option '--traffic'"),
+        (["canary", "start", "model"], "Missing argument 'M'"),
+        (["canary", "start", "batch", "1", "--traffic", "5%"], "Invalid value for '--traffic'"),
         (["canary", "stop", "--batch", "3"], "No such option: --batch"),
         # the single command's options became sub-commands: the error says which
-        (["canary", "--batch", "1", "--traffic", "0.1"], "`overnight canary start --batch B --traffic T`"),
+        (["canary", "--batch", "1", "--traffic", "0.1"], "`overnight canary start batch B --traffic T`"),
         (["canary", "--stop"], "`overnight canary stop`"),
+        # so did `canary start`'s --batch and --model
+        (["canary", "start", "--batch", "1", "--traffic", "0.1"], "`overnight canary start batch 1 --traffic 0.1`"),
+        (["canary", "start", "--traffic", "0.1"], "`overnight canary start model M --traffic 0.1`"),
         (["online-report", "--from", "2026-13-01", "--to", "2026-11-02"], "'2026-13-01' is not a date like"),
         (["online-report", "--from", "2026-11-01", "--to", "2026-11-02", "--eta", "-1"], "Invalid value for '--eta'"),
         (["score"], "Missing option '--date'"),
@@ -216,5 +219,5 @@ def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("overnight: error: ") and message in lines[0], (args, lines)
         assert result.stdout == ""
-    helped = overnight("canary", "start", "--help", env=env)
+    helped = overnight("canary", "start", "batch", "--help", env=env)
     assert "--traffic" in helped.stdout and helped.stderr == ""

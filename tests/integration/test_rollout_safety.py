@@ -67,10 +67,10 @@ def test_a_shadow_never_touches_production_monitoring(batch_settings: Settings, 
 def test_canary_stop_and_promote_print_json(batch_settings: Settings, two_batches: tuple[int, int]) -> None:
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
     production, candidate = two_batches
-    overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.05", "--salt", "j", env=env)
+    overnight("canary", "start", "batch", str(candidate), "--traffic", "0.05", "--salt", "j", env=env)
     stopped = json.loads(overnight("canary", "stop", "--json", env=env).stdout)
     assert (stopped["batch_id"], stopped["salt"], stopped["production_batch_id"]) == (candidate, "j", production)
-    overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.05", env=env)
+    overnight("canary", "start", "batch", str(candidate), "--traffic", "0.05", env=env)
     promoted = json.loads(overnight("promote", "--json", env=env).stdout)
     assert (promoted["batch_id"], promoted["previous_batch_id"]) == (candidate, production)
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import threading
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -62,8 +63,9 @@ def test_canary_start_ramp_stop_and_promote(batch_settings: Settings, two_batche
     assert 0.15 < share < 0.45, share  # 300 users at 30%
     assert all(batch.batch_id == (candidate if variant == CANARY else production) for variant, batch in routed)
 
-    ramped = canary.start_canary(batch_settings, candidate, 0.6)
-    assert ramped.salt == "exp-1" and ramped.traffic == 0.6
+    ramped = canary.ramp_canary(batch_settings, 0.6)
+    assert (ramped.batch_id, ramped.salt, ramped.traffic) == (candidate, "exp-1", 0.6)
+    assert ramped.started_at == started.started_at  # the same canary
     rollout = asyncio.run(rollout_of(batch_settings))
     assert rollout is not None
     assert {u for u in users if rollout.route(u)[0] == CANARY} >= {
@@ -104,10 +106,22 @@ def test_canary_refuses_what_it_cannot_serve(batch_settings: Settings, two_batch
         canary.stop_canary(batch_settings)
     with pytest.raises(RolloutError, match="no canary is running"):
         canary.promote_canary(batch_settings)
+    with pytest.raises(RolloutError, match="no canary is running: start one with `overnight canary start batch B"):
+        canary.ramp_canary(batch_settings, 0.1)
 
     canary.start_canary(batch_settings, candidate, 0.05, salt="s1")
-    with pytest.raises(RolloutError, match="changing the salt"):
-        canary.start_canary(batch_settings, candidate, 0.1, salt="s2")
+    # Starting only starts: the running canary is changed by a ramp, or stopped first, whatever the batch.
+    for batch_id, salt in ((candidate, None), (candidate, "s2"), (production, None)):
+        with pytest.raises(
+            RolloutError,
+            match=rf"batch {candidate} is already the canary \(5\.00% of users\): change its share with "
+            r"`overnight canary ramp --traffic T`, or stop it with `overnight canary stop`",
+        ):
+            canary.start_canary(batch_settings, batch_id, 0.1, salt=salt)
+    for traffic in (0.0, 1.0):
+        with pytest.raises(RolloutError, match="between 0 and 1"):
+            canary.ramp_canary(batch_settings, traffic)
+    assert batches.canary_status(batch_settings)["canary"]["salt"] == "s1"
     # The canary is out of reach of rollback and retention.
     with pytest.raises(MissingDataError, match="is canary"):
         batches.rollback(batch_settings, to_batch=candidate)
@@ -130,20 +144,26 @@ def test_canary_ramp_down_needs_allow_shrink(batch_settings: Settings, two_batch
 
     canary.start_canary(batch_settings, candidate, 0.5, salt="shrink")
     before = canary_users()
-    canary.start_canary(batch_settings, candidate, 0.5)  # the same share is no ramp down
+    canary.ramp_canary(batch_settings, 0.5)  # the same share is no ramp down
     with pytest.raises(RolloutError, match=r"50\.00% of users; lowering it to 20\.00% .*--allow-shrink"):
-        canary.start_canary(batch_settings, candidate, 0.2)
+        canary.ramp_canary(batch_settings, 0.2)
     assert batches.canary_status(batch_settings)["canary"]["traffic"] == 0.5
     assert canary_users() == before
 
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
-    refused = overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.2", env=env, check=False)
+    refused = overnight("canary", "ramp", "--traffic", "0.2", env=env, check=False)
     assert refused.returncode == 1
     [line] = refused.stderr.strip().splitlines()
     assert line.startswith("overnight: error: batch") and "back to production" in line and "--allow-shrink" in line
     assert "--allow-shrink" in overnight("canary", "ramp", "--help", env=env).stdout
+    assert "--allow-shrink" not in overnight("canary", "start", "batch", "--help", env=env).stdout
+    # the old way to shrink, a start of the running canary's batch with --allow-shrink, names the ramp
+    old = ("canary", "start", "--batch", str(candidate), "--traffic", "0.2", "--allow-shrink")
+    moved = overnight(*old, env=env, check=False)
+    assert moved.returncode == 2 and "`overnight canary ramp --traffic 0.2 --allow-shrink`" in moved.stderr
+    assert batches.canary_status(batch_settings)["canary"]["traffic"] == 0.5
 
-    shrunk = overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.2", "--allow-shrink", env=env)
+    shrunk = overnight("canary", "ramp", "--traffic", "0.2", "--allow-shrink", env=env)
     assert "traffic: 0.2" in shrunk.stdout and "salt: shrink" in shrunk.stdout
     after = canary_users()
     assert after < before and len(after) < len(before)  # the same salt: a subset stays, the rest is production
@@ -188,7 +208,7 @@ def test_readers_see_no_error_while_canaries_start_stop_and_promote(
         live, other = production, candidate
         for _ in range(3):
             canary.start_canary(batch_settings, other, 0.2)
-            canary.start_canary(batch_settings, other, 0.5)
+            canary.ramp_canary(batch_settings, 0.5)
             canary.stop_canary(batch_settings)
             canary.start_canary(batch_settings, other, 0.5)
             canary.promote_canary(batch_settings)
@@ -379,7 +399,8 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
     env = overnight_env(str(batch_settings.database_url), batch_settings.data_dir)
     production, candidate = two_batches
     for args, message in (
-        (["canary", "start", "--batch", "999", "--traffic", "0.05"], "batch 999 does not exist"),
+        (["canary", "start", "batch", "999", "--traffic", "0.05"], "batch 999 does not exist"),
+        (["canary", "ramp", "--traffic", "0.05"], "no canary is running"),
         (["promote"], "no canary is running"),
     ):
         result = overnight(*args, env=env, check=False)
@@ -387,8 +408,20 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
         assert result.stderr.strip().splitlines() == [
             f"overnight: error: {message}" + result.stderr.split(message)[1].rstrip()
         ]
-    started = overnight("canary", "start", "--batch", str(candidate), "--traffic", "0.05", "--salt", "cli", env=env)
+    assert overnight("canary", "status", env=env).stdout == "no canary is running\n"
+    started = overnight("canary", "start", "batch", str(candidate), "--traffic", "0.05", "--salt", "cli", env=env)
     assert "salt: cli" in started.stdout and "traffic: 0.05" in started.stdout
+    again = overnight("canary", "start", "batch", str(candidate), "--traffic", "0.1", env=env, check=False)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == [
+        f"overnight: error: batch {candidate} is already the canary (5.00% of users): change its share with "
+        "`overnight canary ramp --traffic T`, or stop it with `overnight canary stop` before starting another"
+    ]
+    running, heading, *history = overnight("canary", env=env).stdout.splitlines()
+    assert running.startswith(f"canary batch {candidate} serves 5.00% of users (salt 'cli'); production is batch")
+    assert re.fullmatch(r".*; since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d", running), running
+    assert heading == "history, newest first:" and len(history) == 1
+    assert history[0].endswith(f"  start    batch {candidate} at 5.00% (salt 'cli'), production batch {production}")
     shown = overnight("status", env=env).stdout
     assert f"canary: batch {candidate} for {SAMPLE_DATE}, model ranker-" in shown and "serves 5.00% of users" in shown
     status = json.loads(overnight("status", "--json", env=env).stdout)
@@ -397,6 +430,9 @@ def test_cli_rollout_errors_are_one_line(batch_settings: Settings, two_batches: 
     promoted = overnight("promote", env=env)
     assert f"canary batch {candidate} is now production (was {production})" in promoted.stdout
     assert "canary:" not in overnight("status", env=env).stdout
+    after = overnight("canary", "status", env=env).stdout.splitlines()
+    assert after[:2] == ["no canary is running", "history, newest first:"] and len(after) == 4
+    assert "promote  batch" in after[2] and "start    batch" in after[3]
 
 
 def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(

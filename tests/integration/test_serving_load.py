@@ -25,7 +25,7 @@ from psycopg.conninfo import make_conninfo
 
 from jobs.batches import rollback
 from jobs.database import upgrade
-from jobs.rollouts.canary import promote_canary, start_canary, stop_canary
+from jobs.rollouts.canary import promote_canary, ramp_canary, start_canary, stop_canary
 from jobs.settings import Settings
 from serving.lookup import POOL_APPLICATION_NAME
 from serving.variants import CANARY, PRODUCTION, TrafficSplit
@@ -373,7 +373,7 @@ def test_canary_start_ramp_stop_and_promote_under_load(database_url: str, tmp_pa
     with running_service(env, "--workers", "2") as base, Load(base, batch_every=4) as load:
         change(lambda: None, Serving(a))
         change(lambda: start_canary(settings, b, 0.3, salt="one"), Serving(a, b, TrafficSplit("one", 0.3)))
-        change(lambda: start_canary(settings, b, 0.6, salt="one"), Serving(a, b, TrafficSplit("one", 0.6)))
+        change(lambda: ramp_canary(settings, 0.6), Serving(a, b, TrafficSplit("one", 0.6)))
         change(lambda: stop_canary(settings), Serving(a))
         change(lambda: start_canary(settings, c, 0.5, salt="two"), Serving(a, c, TrafficSplit("two", 0.5)))
         change(lambda: promote_canary(settings), Serving(c))

@@ -1,0 +1,139 @@
+"""The `overnight` command's help and usage errors, in process (no database): one-line summaries, the canary
+sub-commands and the old canary forms' errors naming the command to use now, text output without unset fields."""
+
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import typer
+
+from jobs import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["overnight", *args])
+    monkeypatch.setenv("COLUMNS", "200")  # the help's table, unwrapped
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out, err = capsys.readouterr()
+    return int(exited.value.code or 0), out, err
+
+
+def commands(app: typer.Typer, path: str = "overnight") -> list[tuple[str, str | None]]:
+    """Every command and group under `app`, with the docstring or help text typer shows for it."""
+    found: list[tuple[str, str | None]] = []
+    for command in app.registered_commands:
+        assert command.callback is not None
+        name = command.name or command.callback.__name__.replace("_", "-")
+        found.append((f"{path} {name}", command.callback.__doc__))
+    for group in app.registered_groups:
+        assert group.typer_instance is not None
+        found.append((f"{path} {group.name}", group.typer_instance.info.help))
+        found += commands(group.typer_instance, f"{path} {group.name}")
+    return found
+
+
+def test_every_command_has_a_one_line_summary() -> None:
+    """`overnight --help` shows each command's first paragraph: one line of source, a sentence, then the details."""
+    listed = commands(cli.app)
+    assert {"overnight canary start batch", "overnight canary start model", "overnight canary ramp"} <= {
+        name for name, _ in listed
+    }
+    for name, text in listed:
+        assert isinstance(text, str) and text.strip(), f"{name} has no help"
+        summary = inspect.cleandoc(text).split("\n\n")[0]
+        assert "\n" not in summary and summary.endswith("."), f"{name}: {summary!r}"
+        assert len(summary) <= 110, f"{name}: a summary of {len(summary)} characters"
+
+
+def test_the_help_lists_summaries_and_points_to_the_configuration_page(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, top, _ = run_cli(monkeypatch, capsys, "--help")
+    assert code == 0 and "docs/configuration.md" in top and (ROOT / "docs" / "configuration.md").is_file()
+    assert "Search the settings a retrain on the date would use and print the best" in top
+    code, started, _ = run_cli(monkeypatch, capsys, "canary", "start", "--help")
+    assert code == 0
+    assert "batch " in started and "model " in started
+    for hidden in ("--batch", "--model", "--salt", "--allow-shrink"):  # the old form's, read only to name the new
+        assert hidden not in started, hidden
+    code, drift, _ = run_cli(monkeypatch, capsys, "drift", "--help")
+    # the details are one paragraph, not the source's lines
+    assert code == 0 and "Input statistics, feature drift (PSI, KS) against the model's training reference" in drift
+
+
+@pytest.mark.parametrize(
+    ("args", "now"),
+    [
+        (["canary", "start", "--batch", "5", "--traffic", "0.1"], "`overnight canary start batch 5 --traffic 0.1`"),
+        (["canary", "start", "--model", "M1", "--traffic", "0.1"], "`overnight canary start model M1 --traffic 0.1`"),
+        (
+            ["canary", "start", "--model", "M1", "--traffic", "0.1", "--date", "2026-11-20", "--shards", "4"],
+            "`overnight canary start model M1 --traffic 0.1 --date 2026-11-20 --shards 4`",
+        ),
+        (
+            ["canary", "start", "--batch", "5", "--traffic", "0.1", "--salt", "a b", "--json"],
+            "`overnight canary start batch 5 --traffic 0.1 --salt 'a b' --json`",
+        ),
+        (
+            ["canary", "start", "--traffic", "0.1"],
+            "`overnight canary start batch B --traffic 0.1` or `overnight canary start model M --traffic 0.1`",
+        ),
+        (
+            ["canary", "start", "--batch", "5", "--traffic", "0.2", "--allow-shrink"],
+            "`overnight canary ramp --traffic 0.2 --allow-shrink`",
+        ),
+        (["canary", "start", "batch", "5", "--traffic", "0.2", "--allow-shrink"], "`overnight canary ramp --traffic T"),
+        (
+            ["canary", "start", "batch", "5", "--traffic", "0.2", "--date", "2026-11-20"],
+            "`overnight canary start model",
+        ),
+        (["canary", "--batch", "5", "--traffic", "0.1"], "`overnight canary start batch B --traffic T`"),
+        (["canary", "--model", "M1", "--traffic", "0.1"], "`overnight canary start model M --traffic T`"),
+    ],
+)
+def test_an_old_canary_form_is_a_usage_error_naming_the_new_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], now: str
+) -> None:
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert (code, out) == (2, "")
+    [line] = err.strip().splitlines()
+    assert line.startswith("overnight: error: ") and now in line, line
+
+
+@dataclass(frozen=True)
+class Stepped:
+    summary: str
+    rows_in: int | None = None
+    rows_out: int | None = None
+    batch_id: int | None = None
+
+
+def test_text_output_leaves_out_unset_fields_and_json_keeps_them(capsys: pytest.CaptureFixture[str]) -> None:
+    cli._echo(Stepped("features for 2026-11-20", rows_out=12))
+    assert capsys.readouterr().out == "summary: features for 2026-11-20\nrows_out: 12\n"
+    cli._echo(Stepped("features for 2026-11-20", rows_out=12), as_json=True)
+    assert '"rows_in": null' in capsys.readouterr().out
+
+
+def test_the_demo_prints_no_link_with_a_key() -> None:
+    """A key in a URL reaches browser history and proxies' logs: the demo sends it as a header only and
+    points at the dashboard's sign-in form."""
+    result = SimpleNamespace(
+        api_key="demo-secret",
+        user_id="u1",
+        newcomer_id="u9",
+        run=SimpleNamespace(batch_id=3, model_id="ranker-1"),
+    )
+    shown = "\n".join(cli.demo_lines(result, 8000, 8001))  # type: ignore[arg-type]
+    urls = re.findall(r"https?://[^\s\"]+", shown)
+    assert len(urls) == 3 and not [url for url in urls if "demo-secret" in url or "key=" in url], urls
+    assert shown.count("demo-secret") == 3  # printed once, then in each curl's Authorization header
+    assert 'curl -H "Authorization: Bearer demo-secret"' in shown
+    assert "http://127.0.0.1:8001/dashboard  (sign in with the API key)" in shown
