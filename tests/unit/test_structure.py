@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.imports import ImportGraph
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -61,3 +63,81 @@ def test_monitoring_loads_no_model_or_jit_compiler() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "", f"monitoring loads {loaded.stdout.strip()}"
+
+
+# The import graph, read from source (tests/support/imports.py): what loading a module loads, before any of
+# it runs. The tests above that start a Python see what one run loads; these see every path, including the
+# imports inside functions, which a run loads only when it calls them.
+
+# What `overnight status`, `check-freshness`, `rollback` and `canary status` import (jobs/cli.py imports
+# them inside the commands), the CLI module itself, and the hourly freshness DAG as the scheduler parses it.
+OPERATOR_MODULES = ("jobs.cli", "jobs.monitoring.freshness", "jobs.batches", "dags.overnight_freshness")
+MODEL_MODULES = ("numba", "llvmlite", "lightgbm", "jobs.kernels")
+
+
+def _within(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(f"{p}.") for p in packages)
+
+
+def _show(chain: list[str]) -> str:
+    return " -> ".join(chain)
+
+
+def test_the_import_graph_sees_what_loading_a_module_runs() -> None:
+    """The graph the tests below read: if it lost the imports inside functions, or took them for module-level
+    ones, those tests would pass or fail for nothing."""
+    graph = ImportGraph(ROOT)
+    assert {
+        "jobs.cli",
+        "jobs.monitoring.freshness",
+        "jobs.batches",
+        "jobs.kernels",
+        "serving.app",
+    } <= graph.files.keys()
+    assert {"dags.overnight_freshness", "sql", "sql.text", "console.app"} <= graph.files.keys()
+    at_import = graph.edges(module_level_only=True)
+    anywhere = graph.edges()
+    # jobs/cli.py imports its settings at the top and each step inside the command that runs it
+    assert {"jobs.settings", "sql.text", "typer"} <= at_import["jobs.cli"]
+    assert "jobs.steps.train" in anywhere["jobs.cli"] - at_import["jobs.cli"]
+    assert "jobs.kernels" in graph.reachable("jobs.cli")
+    # `from jobs.monitoring.freshness import as_dict` names the module, not the package
+    assert "jobs.monitoring.freshness" in anywhere["jobs.cli"]
+
+
+def test_no_import_cycle_among_the_projects_modules() -> None:
+    """Counting the imports inside functions too: a cycle deferred into a function is still a cycle, one
+    call away from a partly initialised module."""
+    cycle = ImportGraph(ROOT).find_cycle()
+    assert not cycle, f"import cycle: {_show(cycle)}"
+
+
+def test_monitoring_never_reaches_a_step() -> None:
+    """Not through another module either, nor through an import inside a function."""
+    graph = ImportGraph(ROOT)
+    monitoring = [m for m in graph.files if _within(m, "jobs.monitoring")]
+    assert len(monitoring) > 5
+    for module in monitoring:
+        reached = graph.reachable(module)
+        assert not [_show(c) for m, c in reached.items() if _within(m, "jobs.steps")], module
+
+
+def test_the_lookup_service_never_reaches_batch_code_or_the_console() -> None:
+    """Its image holds serving/ and sql/ only: a path to jobs/ or console/, however indirect, is an import
+    error in production."""
+    graph = ImportGraph(ROOT)
+    service = [m for m in graph.files if _within(m, "serving")]
+    assert len(service) > 5
+    for module in service:
+        reached = graph.reachable(module)
+        assert not [_show(c) for m, c in reached.items() if _within(m, "jobs", "console")], module
+
+
+def test_operator_commands_reach_no_model_library_at_import() -> None:
+    """The modules of the operator commands, and all they import at module level, never import numba,
+    llvmlite, lightgbm or the kernels (which compile with numba); only a function may, when it is called."""
+    graph = ImportGraph(ROOT)
+    for module in OPERATOR_MODULES:
+        assert module in graph.files, module
+        reached = graph.reachable(module, module_level_only=True)
+        assert not [_show(c) for m, c in reached.items() if _within(m, *MODEL_MODULES)], module
