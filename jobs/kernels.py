@@ -658,8 +658,8 @@ def item_similarity(history: pl.DataFrame, min_support: int, limit: int) -> pl.D
     pairs shared by at least ``min_support`` users; best first, ties by neighbour id. Ids are text.
 
     Per item, its users' items are summed in scratch arrays indexed by item code, as ``_top_neighbours``
-    does: the polars self-join it replaces held every (user, item, item) row of 20,000 users' histories
-    at once (4.3 GB at 100 items a user).
+    does, so memory never holds the (user, item, item) rows of a self-join, whose count grows with users
+    times history squared.
     """
     return _item_pair_table(history, "similarity", True, min_support, 0, 0.0, limit)
 

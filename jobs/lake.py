@@ -111,8 +111,7 @@ def users_as_of(lake_dir: UPath, as_of: date) -> pl.DataFrame:
     """(user_id): every user with an interaction visible on ``as_of``, sorted.
 
     A few day partitions at a time, keeping the users not seen in earlier ones: memory holds the users
-    rather than every interaction's id (at 3M users over 148 M interactions 0.9 GB against 3.7 GB for one
-    ``unique`` over the whole history, in about the same time).
+    rather than every interaction's id, as one ``unique`` over the whole history would.
     """
     files = _partitions_or_fail(lake_dir, as_of)
     seen = pl.DataFrame(schema={"user_id": INTERACTIONS_SCHEMA["user_id"]})

@@ -35,7 +35,7 @@ def glob(folder: Path | UPath, pattern: str) -> list[UPath]:
     """The files under `folder` matching `pattern` (``*`` within one name, no ``**``), sorted.
 
     On object storage one recursive listing, filtered here: fsspec's own glob (and UPath's) asks about
-    every entry it meets, a request each, which costs seconds on a lake of a few hundred partitions.
+    every entry it meets, a request each, so its time grows with the lake's partitions.
     """
     if is_local(folder):
         return sorted(UPath(path) for path in folder.glob(pattern))

@@ -30,8 +30,8 @@ WATCHER_APPLICATION_NAME = "overnight-serving-live"
 # `LiveView.problem` while the pointer cannot be read: shown to clients (X-Stale, 503s); the cause is logged.
 LIVE_POINTER_UNREADABLE = "live_pointer_unreadable"
 _FIRST_BACKOFF_SECONDS = 0.5
-# Reading a new batch's catalogue (50,000 items: 1.5-2 s on a busy machine, docs/serving.md) may take longer
-# than a lookup's deadline; the live pointer itself is read within that deadline.
+# Reading a new batch's catalogue (every item and its attributes) may take longer than a lookup's
+# deadline; the live pointer itself is read within that deadline.
 CATALOGUE_LOAD_SECONDS = 60.0
 # The per-id lists a lookup reads from a batch: users' lists, items' neighbour lists, users' lists with their
 # reasons (`?explain=true`).

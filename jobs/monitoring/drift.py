@@ -122,8 +122,8 @@ def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
 
     def new_share(column: str) -> tuple[float | None, int]:
         # The date's ids looked up in the history before it, rather than every id's first day: memory then
-        # holds the date's ids, not the whole history's (7 GB at 3M users). Compared as 64-bit hashes; a
-        # collision (about 1 in 10^7 at millions of ids) would count one new id as seen.
+        # holds the date's ids, not the whole history's. Compared as 64-bit hashes; a collision (about 1 in
+        # 10^7 at millions of ids) would count one new id as seen.
         keyed = events.select(key=pl.col(column).hash(seed=0), timestamp=pl.col("timestamp"))
         today = keyed.filter(pl.col("timestamp") >= day_start).select("key").unique().collect(engine="streaming")
         if today.is_empty():

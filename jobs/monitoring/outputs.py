@@ -84,9 +84,9 @@ def list_statistics(
     each item's exposure (item_id, len), a stable sample's scores, every list's top score, and the sample's
     first OVERLAP_K items (user_id, item_id).
 
-    Shard by shard, then combined: exploding every list of a night at once held them all (4.1 GB for 3M
-    lists of 50), one shard's at a time holds a shard's. The score distribution is for display, so a
-    stable sample of users gives it.
+    Shard by shard, then combined: exploding every list of a night at once would hold them all, one
+    shard's at a time holds a shard's. The score distribution is for display, so a stable sample of
+    users gives it.
     """
     shapes, exposures, scores, tops, samples = [], [], [], [], []
     for file in files:
