@@ -7,7 +7,7 @@
 # the project from the folders copied. pyproject.toml lists every package (jobs, serving, console, sql);
 # hatchling builds the wheel from the ones present and leaves the absent ones out, so an image holds only
 # its role's code. The entry points of the roles left out (`overnight`, `overnight-console` in lookup)
-# are removed so that nothing in the image points at code it does not have.
+# are removed so that nothing in the image points at code it does not have (in airflow too: no console).
 ARG AIRFLOW_VERSION=3.3.2
 ARG PYTHON_VERSION=3.11
 
@@ -47,6 +47,8 @@ COPY --chown=airflow:root pyproject.toml uv.lock README.md /opt/overnight/
 COPY --chown=airflow:root jobs /opt/overnight/jobs
 COPY --chown=airflow:root serving /opt/overnight/serving
 COPY --chown=airflow:root sql /opt/overnight/sql
-# Install overnight next to the image's own Airflow, never upgrading or downgrading it.
-RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "/opt/overnight[batch]"
+# Install overnight next to the image's own Airflow, never upgrading or downgrading it; the console is
+# its own image, so its entry point goes.
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "/opt/overnight[batch]" \
+    && rm "$(command -v overnight-console)"
 COPY --chown=airflow:root dags /opt/airflow/dags

@@ -217,10 +217,11 @@ def test_rerunning_a_date_with_the_cli_and_publish_live_replaces_its_batch(airfl
     assert after[DATES[2]] == (before[DATES[2]], "retired")  # the newest stays kept for rollback
 
 
-def _trigger(airflow: RunningAirflow, logical_date: str, source: Path) -> str:
+def _trigger(airflow: RunningAirflow, logical_date: str, source: Path, **params: Any) -> str:
     """A manual run of the nightly DAG through the REST API, as the UI's trigger form makes one: its id."""
     created = airflow.client.post(
-        f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": logical_date, "conf": {"source": str(source)}}
+        f"/api/v2/dags/{DAG_ID}/dagRuns",
+        json={"logical_date": logical_date, "conf": {"source": str(source), **params}},
     )
     assert created.status_code == 200, created.text
     return str(created.json()["dag_run_id"])
@@ -253,6 +254,22 @@ def test_a_run_triggered_for_any_past_date_runs_its_tasks(airflow: RunningAirflo
     assert states.get("publish") == "success", states
     assert states.get("ingest") == "success", states
     assert date(1998, 4, 22) in [day for _, day, _ in _kept_batches(airflow.database_url)]
+
+    # The day after the data ends has no events: monitoring holds its batch back, and an operator who
+    # looked publishes it anyway through the DAG's accept_checks param, on the record.
+    why = "the source ends on 1998-04-22; an empty day is expected"
+    accepted_run = _trigger(airflow, "1998-04-23T00:00:00Z", source, accept_checks=why)
+    deadline = time.monotonic() + 400
+    while (run := airflow.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{accepted_run}").json())["state"] != "success":
+        assert run["state"] != "failed", airflow.failed_task_logs()
+        assert time.monotonic() < deadline, run
+        time.sleep(1)
+    with psycopg.connect(airflow.database_url) as conn:
+        accepted = conn.execute(
+            "SELECT a.reason, b.logical_date, r.external_id FROM overnight.monitor_acceptances AS a"
+            " JOIN overnight.batches AS b USING (batch_id) JOIN overnight.runs AS r USING (run_id)"
+        ).fetchall()
+    assert accepted == [(why, date(1998, 4, 23), f"{DAG_ID}/{accepted_run}")], accepted
 
     # A date before any start_date Airflow could have had (1970 was ours): its tasks exist and run too.
     old_run = _trigger(airflow, "1969-12-31T00:00:00Z", source)

@@ -476,6 +476,16 @@ def test_each_service_image_holds_its_roles_code_only(target: str, package: str,
     assert {f".venv/bin/{name}" for name in absent} <= set(install.split()), install
 
 
+def test_the_airflow_image_holds_no_console_and_no_entry_point_to_it() -> None:
+    stage = _stage((ROOT / "Dockerfile").read_text(), "airflow")
+    copied = {line.split()[-2] for line in stage if line.startswith("COPY ")}
+    assert {"jobs", "serving", "sql", "dags"} <= copied and "console" not in copied, copied
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    absent = {name for name, target in scripts.items() if target.split(".")[0] not in copied}
+    install = next(line for line in stage if line.startswith("RUN pip install") and "/opt/overnight" in line)
+    assert absent == {"overnight-console"} and all(f'rm "$(command -v {name})"' in install for name in absent)
+
+
 @pytest.mark.parametrize(("package", "foreign"), [("serving", {"jobs", "console"}), ("console", {"jobs", "serving"})])
 def test_a_role_imports_no_other_roles_code(package: str, foreign: set[str]) -> None:
     modules = sorted(
