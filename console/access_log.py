@@ -3,22 +3,16 @@ values of secret query parameters (an old bookmark's ``/dashboard?key=...``) rep
 
 import logging
 import time
-from urllib.parse import unquote_plus
 
 import orjson
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from console.auth import client_address
+from sql.web import UNMATCHED_ROUTE, bounded, loggable_query, logged_method
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("overnight.console.access")
-
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-OTHER_METHOD = "OTHER"
-UNMATCHED_ROUTE = "unmatched"
-LOGGED_TEXT_CHARS = 512
-SECRET_PARAMETERS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password", "secret"})
 
 
 class AccessLog:
@@ -47,13 +41,13 @@ class AccessLog:
 
 
 def _log(scope: Scope, status: int, elapsed: float) -> None:
-    method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+    method = logged_method(scope["method"])
     route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
     entry = {
         "ts": time.time(),
         "method": method,
-        "path": _bounded(scope["path"]),
-        "query": _bounded(loggable_query(scope.get("query_string", b""))),
+        "path": bounded(scope["path"]),
+        "query": bounded(loggable_query(scope.get("query_string", b""))),
         "route": route,
         "status": status,
         "duration_ms": round(elapsed * 1000, 3),
@@ -61,23 +55,3 @@ def _log(scope: Scope, status: int, elapsed: float) -> None:
         "client": client_address(Request(scope)),
     }
     access_logger.info(orjson.dumps(entry).decode())
-
-
-def loggable_query(query_string: bytes) -> str:
-    """The query string as it may be logged: the values of secret parameters replaced by REDACTED."""
-    text = query_string.decode("latin-1")
-    if not text:
-        return text
-    parts = []
-    for part in text.split("&"):
-        name, equals, _ = part.partition("=")
-        if equals and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
-            part = f"{name}=REDACTED"
-        parts.append(part)
-    return "&".join(parts)
-
-
-def _bounded(text: str) -> str:
-    if len(text) <= LOGGED_TEXT_CHARS:
-        return text
-    return f"{text[:LOGGED_TEXT_CHARS]}...[{len(text) - LOGGED_TEXT_CHARS} more characters]"

@@ -7,7 +7,6 @@ builds one app per worker from the environment.
 import logging
 import os
 from collections import deque
-from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI
@@ -18,6 +17,7 @@ from console.auth import LoginThrottle
 from console.dashboard import router as dashboard_router
 from console.service_metrics import SNAPSHOTS_KEPT
 from console.settings import ENV_PREFIX, ConsoleSettings, check_auth_configured, get_console_settings
+from sql.web import configure_logging, overnight_version
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool =
     """The console; with no settings they come from the environment (the server's workers)."""
     settings = settings or get_console_settings()
     check_auth_configured(settings, auth_disabled)
-    _configure_logging()
+    configure_logging()
     if auth_disabled:
         logger.warning("authentication is disabled (--no-auth): anyone who can reach this port can open the dashboard")
     elif os.environ.get(IGNORED_AUTH_VARIABLE):
@@ -43,7 +43,7 @@ def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool =
     app = FastAPI(
         title="overnight console",
         summary="The operator dashboard of overnight.",
-        version=_version(),
+        version=overnight_version(),
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -65,16 +65,3 @@ def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool =
         return RedirectResponse("/dashboard", status_code=307)
 
     return app
-
-
-def _configure_logging() -> None:
-    # The server configures only its own loggers; give ours a handler unless the host (CLI) already did.
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _version() -> str:
-    try:
-        return metadata.version("overnight")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"

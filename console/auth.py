@@ -18,6 +18,7 @@ from ipaddress import ip_address
 from fastapi import Request, Response
 
 from console.settings import ConsoleSettings
+from sql.web import key_digest
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,8 @@ def settings_of(request: Request) -> ConsoleSettings:
     return settings
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-
-
 def _signature(key: str, expires: int) -> str:
-    return hmac.new(_digest(key), f"overnight-dashboard|{expires}".encode(), hashlib.sha256).hexdigest()
+    return hmac.new(key_digest(key), f"overnight-dashboard|{expires}".encode(), hashlib.sha256).hexdigest()
 
 
 def session_token(key: str, now: float | None = None) -> str:
@@ -65,10 +62,10 @@ def valid_session(settings: ConsoleSettings, token: str | None) -> bool:
 
 def matching_key(settings: ConsoleSettings, presented: str) -> str | None:
     """The configured key `presented` is, compared with every key in constant time; None if none."""
-    digest = _digest(presented)
+    digest = key_digest(presented)
     found = None
     for key in settings.keys:
-        if hmac.compare_digest(digest, _digest(key)):
+        if hmac.compare_digest(digest, key_digest(key)):
             found = key
     return found
 

@@ -4,7 +4,6 @@ The console reads the batch side's records with its own read-only role (migratio
 operators with the dashboard keys, and reads the lookup service's figures from its ``/metrics``.
 """
 
-import json
 import logging
 from typing import Annotated, Any, Self
 
@@ -12,6 +11,7 @@ from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, mod
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sql.text import settings_error_line
+from sql.web import split_keys
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +82,7 @@ class ConsoleSettings(BaseSettings):
     @field_validator("dashboard_keys", "api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    value = json.loads(text)
-                except ValueError:
-                    value = text.split(",")
-            else:
-                value = text.split(",")
-        if isinstance(value, list | tuple | set | frozenset):
-            keys = [key.strip() if isinstance(key, str) else key for key in value]
-            return tuple(dict.fromkeys(key for key in keys if key != ""))
-        return value
+        return split_keys(value)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

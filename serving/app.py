@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -32,6 +31,7 @@ from serving.catalogue import EMPTY_CATALOGUE, Catalogue
 from serving.errors import (
     BodyTooLargeError,
     DatabaseUnavailableError,
+    FeedbackQueueFullError,
     InvalidRequestError,
     NoLiveBatchError,
     NotAuthenticatedError,
@@ -74,6 +74,7 @@ from serving.settings import ENV_PREFIX, ServingSettings, check_auth_configured,
 from serving.variants import CANARY, PRODUCTION
 from sql.contract import MAX_ID_LENGTH
 from sql.text import jsonable
+from sql.web import configure_logging, overnight_version
 
 logger = logging.getLogger(__name__)
 
@@ -583,6 +584,7 @@ _STATUS: list[tuple[type[ServingError], int]] = [
     (InvalidRequestError, 422),
     (NoLiveBatchError, 503),
     (DatabaseUnavailableError, 503),
+    (FeedbackQueueFullError, 503),
 ]
 
 
@@ -634,7 +636,7 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     """The app; with no settings they come from the environment (``uvicorn --factory``)."""
     settings = settings or get_serving_settings()
     check_auth_configured(settings, auth_disabled)
-    _configure_logging()
+    configure_logging()
     if auth_disabled:
         logger.warning(
             "authentication is disabled (--no-auth): anyone who can reach this port can read recommendations "
@@ -694,7 +696,7 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     app = ServingApp(
         title="overnight",
         summary="Recommendations computed overnight, served in a millisecond.",
-        version=_version(),
+        version=overnight_version(),
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -818,16 +820,3 @@ def _filter_schema(settings: ServingSettings, catalogue: Catalogue | None) -> di
 
 
 _PLAIN_NAME = re.compile(r"\w+", re.ASCII)
-
-
-def _configure_logging() -> None:
-    # uvicorn configures only its own loggers; give ours a handler unless the host (CLI) already did.
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _version() -> str:
-    try:
-        return metadata.version("overnight")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"

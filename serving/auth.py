@@ -1,12 +1,12 @@
 """Bearer API keys: a request must carry one of the configured keys (compared in constant time)."""
 
-import hashlib
 import hmac
 from collections.abc import Iterable
 
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from serving.errors import NotAuthenticatedError
+from sql.web import key_digest
 
 # auto_error=False: a missing or malformed header is ours to answer (401 with WWW-Authenticate).
 bearer_scheme = HTTPBearer(auto_error=False, description="One of the keys in OVERNIGHT_API_KEYS.")
@@ -15,7 +15,7 @@ bearer_scheme = HTTPBearer(auto_error=False, description="One of the keys in OVE
 class ApiKeys:
     def __init__(self, keys: Iterable[str]) -> None:
         # Digests have one length, so the comparison time says nothing about a key's length either.
-        self._digests = tuple(_digest(key) for key in keys)
+        self._digests = tuple(key_digest(key) for key in keys)
 
     def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         self.check_token(None if credentials is None else credentials.credentials)
@@ -23,17 +23,13 @@ class ApiKeys:
     def check_token(self, token: str | None) -> None:
         if not token:
             raise NotAuthenticatedError("missing bearer token: send Authorization: Bearer <key>")
-        presented = _digest(token)
+        presented = key_digest(token)
         matched = False
         for digest in self._digests:
             # No early exit: every configured key is compared on every request.
             matched |= hmac.compare_digest(presented, digest)
         if not matched:
             raise NotAuthenticatedError("invalid API key")
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:

@@ -11,7 +11,6 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from urllib.parse import unquote_plus
 
 import orjson
 from prometheus_client import (
@@ -32,22 +31,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.live import LiveView
 from serving.lookup import SOURCES, Answer, Lookup
 from serving.variants import CANARY, PRODUCTION
+from sql.web import UNMATCHED_ROUTE, bounded, loggable_query, logged_method
 
 access_logger = logging.getLogger("overnight.access")
 
 # Lookups take about a millisecond; the upper buckets catch database stalls up to the timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-# Label values come from these fixed sets only: a client can send any method and path, and each new label
-# value is a new series kept for the life of the process (and a bigger scrape).
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-OTHER_METHOD = "OTHER"
-UNMATCHED_ROUTE = "unmatched"
-# The access log's fields that carry what a client sent are cut to this many characters.
-LOGGED_TEXT_CHARS = 512
-# Query parameters whose values are secrets (an old dashboard bookmark's `?key=`, which now gets the
-# moved-to-the-console 404 here): logged as REDACTED.
-SECRET_PARAMETERS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password", "secret"})
 
 
 class ServingMetrics:
@@ -207,9 +196,7 @@ class RequestRecorder:
         self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def record(self, scope: Scope, template: str, status: int, elapsed: float, batch_id: bytes) -> None:
-        method = scope["method"]
-        if method not in KNOWN_METHODS:
-            method = OTHER_METHOD
+        method = logged_method(scope["method"])
         key = (template, method, status)
         series = self._series.get(key)
         if series is None:
@@ -260,8 +247,8 @@ def _log_access(scope: Scope, method: str, route: str, status: int, elapsed: flo
     entry = {
         "ts": time.time(),
         "method": method,
-        "path": _bounded(scope["path"]),
-        "query": _bounded(loggable_query(scope.get("query_string", b""))),
+        "path": bounded(scope["path"]),
+        "query": bounded(loggable_query(scope.get("query_string", b""))),
         "route": route,
         "status": status,
         "duration_ms": round(elapsed * 1000, 3),
@@ -269,23 +256,3 @@ def _log_access(scope: Scope, method: str, route: str, status: int, elapsed: flo
         "client": client[0] if client else None,
     }
     access_logger.info(orjson.dumps(entry).decode())
-
-
-def loggable_query(query_string: bytes) -> str:
-    """The query string as it may be logged: the values of secret parameters replaced by REDACTED."""
-    text = query_string.decode("latin-1")
-    if not text:
-        return text
-    parts = []
-    for part in text.split("&"):
-        name, equals, _ = part.partition("=")
-        if equals and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
-            part = f"{name}=REDACTED"
-        parts.append(part)
-    return "&".join(parts)
-
-
-def _bounded(text: str) -> str:
-    if len(text) <= LOGGED_TEXT_CHARS:
-        return text
-    return f"{text[:LOGGED_TEXT_CHARS]}...[{len(text) - LOGGED_TEXT_CHARS} more characters]"

@@ -1,6 +1,5 @@
 """The lookup service's configuration: every ``OVERNIGHT_*`` variable it reads, validated in one place."""
 
-import json
 import os
 from typing import Annotated, Any, Self
 
@@ -10,6 +9,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from serving.errors import ServingConfigError
 from sql.contract import MAX_ID_LENGTH
 from sql.text import settings_error_line
+from sql.web import split_keys
 
 ENV_PREFIX = "OVERNIGHT_"
 
@@ -81,19 +81,7 @@ class ServingSettings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    value = json.loads(text)
-                except ValueError:
-                    value = text.split(",")
-            else:
-                value = text.split(",")
-        if isinstance(value, list | tuple | set | frozenset):
-            keys = [key.strip() if isinstance(key, str) else key for key in value]
-            return tuple(dict.fromkeys(key for key in keys if key != ""))
-        return value
+        return split_keys(value)
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> Self:

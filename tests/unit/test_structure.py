@@ -141,3 +141,33 @@ def test_operator_commands_reach_no_model_library_at_import() -> None:
         assert module in graph.files, module
         reached = graph.reachable(module, module_level_only=True)
         assert not [_show(c) for m, c in reached.items() if _within(m, *MODEL_MODULES)], module
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_the_helpers_every_role_shares_are_defined_once() -> None:
+    """sql/text.py and sql/web.py hold what the batch side, the lookup service and the console do alike
+    (one-line errors, JSON-safe values, redacted access-log fields, key lists, ...): a role that writes
+    its own copy again (public or private) lets the two drift apart."""
+    shared = {
+        name for module in ("text", "web") for name in _top_level_names(ROOT / "sql" / f"{module}.py") if name[0] != "_"
+    }
+    assert {"first_line", "jsonable", "loggable_query", "split_keys", "SECRET_PARAMETERS"} <= shared
+    copies = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for package in ("jobs", "serving", "console")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for name in _top_level_names(path)
+        if name in shared or name.lstrip("_") in shared
+    ]
+    assert not copies, copies

@@ -1,0 +1,85 @@
+"""What the lookup service and the console do alike over HTTP: bounded access-log fields with secret
+query values redacted, metric labels from fixed sets, API key lists read from settings, key digests,
+logging set up and the package version. One definition each, so the two cannot drift apart.
+
+It lives under sql/ for the reason sql/text.py does: each of the two images holds its own package and
+sql/ only. Standard library only.
+"""
+
+import hashlib
+import json
+import logging
+from importlib import metadata
+from typing import Any
+from urllib.parse import unquote_plus
+
+# Label values come from these fixed sets only: a client can send any method and path, and each new label
+# value is a new series kept for the life of the process (and a bigger scrape).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "OTHER"
+UNMATCHED_ROUTE = "unmatched"
+# The access logs' fields that carry what a client sent are cut to this many characters.
+LOGGED_TEXT_CHARS = 512
+# Query parameters whose values are secrets (a dashboard bookmark's `?key=`): logged as REDACTED.
+SECRET_PARAMETERS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password", "secret"})
+
+
+def logged_method(method: str) -> str:
+    return method if method in KNOWN_METHODS else OTHER_METHOD
+
+
+def loggable_query(query_string: bytes) -> str:
+    """The query string as it may be logged: the values of secret parameters replaced by REDACTED."""
+    text = query_string.decode("latin-1")
+    if not text:
+        return text
+    parts = []
+    for part in text.split("&"):
+        name, equals, _ = part.partition("=")
+        if equals and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
+            part = f"{name}=REDACTED"
+        parts.append(part)
+    return "&".join(parts)
+
+
+def bounded(text: str) -> str:
+    """`text` cut at LOGGED_TEXT_CHARS, saying how much was left out."""
+    if len(text) <= LOGGED_TEXT_CHARS:
+        return text
+    return f"{text[:LOGGED_TEXT_CHARS]}...[{len(text) - LOGGED_TEXT_CHARS} more characters]"
+
+
+def split_keys(value: Any) -> Any:
+    """A key list as settings take it (`a,b`, a JSON list, or a sequence): stripped, blanks and repeats
+    dropped, in order; anything else is left for validation to refuse."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = text.split(",")
+        else:
+            value = text.split(",")
+    if isinstance(value, list | tuple | set | frozenset):
+        keys = [key.strip() if isinstance(key, str) else key for key in value]
+        return tuple(dict.fromkeys(key for key in keys if key != ""))
+    return value
+
+
+def key_digest(key: str) -> bytes:
+    """What keys are compared by (in constant time): equal lengths whatever the key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def configure_logging() -> None:
+    # The server configures only its own loggers; give ours a handler unless the host (CLI) already did.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def overnight_version() -> str:
+    try:
+        return metadata.version("overnight")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
