@@ -126,7 +126,10 @@ async def _form(request: Request) -> dict[str, list[str]] | None:
 async def login(request: Request) -> Response:
     form = await _form(request)
     if form is None:
-        return JSONResponse({"detail": f"a sign-in form is at most {LOGIN_FORM_BYTES} bytes"}, status_code=413)
+        return JSONResponse(
+            {"detail": f"a sign-in form is at most {LOGIN_FORM_BYTES} bytes", "reason": "body_too_large"},
+            status_code=413,
+        )
     presented = (form.get("key") or [""])[0]
     next_query = (form.get("next") or [""])[0]
     client = client_address(request)
@@ -152,7 +155,7 @@ async def logout() -> Response:
 async def asset(name: str) -> Response:
     media_type = ASSETS.get(name)
     if media_type is None:
-        return JSONResponse({"detail": "not found"}, status_code=404)
+        return JSONResponse({"detail": "not found", "reason": "not_found"}, status_code=404)
     response = FileResponse(STATIC / name, media_type=media_type)
     response.headers["Cache-Control"] = "public, max-age=3600"
     return response
@@ -169,8 +172,15 @@ async def overview(
     retry_after = throttle_of(request).retry_after(client_address(request))
     if not authorised(request):
         if retry_after:
-            return _too_many_attempts(retry_after)
-        return JSONResponse({"detail": "sign in at /dashboard, or send Authorization: Bearer <key>"}, status_code=401)
+            return JSONResponse(
+                {"detail": f"too many failed sign-ins: try again in {retry_after} s", "reason": "too_many_attempts"},
+                status_code=429,
+                headers={"Retry-After": str(retry_after)},
+            )
+        return JSONResponse(
+            {"detail": "sign in at /dashboard, or send Authorization: Bearer <key>", "reason": "not_authenticated"},
+            status_code=401,
+        )
     settings = settings_of(request)
     # The service's figures are read while the database answers; neither waits for the other.
     scraping = asyncio.ensure_future(scrape(settings.console_service_url, settings.console_service_timeout_seconds))
@@ -197,7 +207,8 @@ async def _records(dsn: str, day: date | None) -> dict[str, Any] | Response:
             return await read_overview(conn, day)
     except psycopg.errors.UndefinedTable:
         return JSONResponse(
-            {"detail": "the monitoring tables do not exist yet: run `overnight db upgrade`"}, status_code=503
+            {"detail": "the monitoring tables do not exist yet: run `overnight db upgrade`", "reason": "no_schema"},
+            status_code=503,
         )
     except psycopg.errors.InsufficientPrivilege as error:
         logger.error("dashboard: the console's database role may not read what it shows: %s", first_line(error))

@@ -60,6 +60,12 @@ class NoLiveBatchError(ServingError):
     reason = "no_live_batch"
 
 
+class FeedbackQueueFullError(ServingError):
+    """The feedback writer's queue cannot take the request's events: nothing was kept (503, Retry-After)."""
+
+    reason = "feedback_queue_full"
+
+
 class DatabaseUnavailableError(ServingError):
     """Postgres did not answer in time, refused the connection or lost it."""
 

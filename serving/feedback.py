@@ -11,12 +11,14 @@ fails the whole request with a 422 naming it. docs/serving.md#the-prediction-log
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 import sql
+from serving.errors import FeedbackQueueFullError
 from serving.prediction_log import BulkWriter
+from serving.schemas import ErrorMessage
 from sql.contract import MAX_ID_LENGTH, FeedbackEventType
 
 FeedbackRow = tuple[datetime, datetime, str, str, str, str | None]
@@ -166,16 +168,18 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
     summary="Report impressions, clicks and conversions",
     responses={
         422: {"description": "An event is malformed or out of the time limits; nothing was kept."},
-        503: {"description": "The queue is full; nothing was kept, retry the whole request later."},
+        503: {
+            "model": ErrorMessage,
+            "description": "The queue is full (reason feedback_queue_full); nothing was kept, retry the whole "
+            "request later.",
+        },
     },
 )
 async def post_events(body: FeedbackRequest, intake: Annotated[FeedbackIntake, Depends(_intake)]) -> FeedbackAccepted:
     rows = intake.rows(body.events, datetime.now(UTC))
     if not intake.writer.offer_all(rows):
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail=f"feedback queue is full ({intake.writer.queued} of {intake.writer.capacity} waiting); "
-            "nothing was kept, retry the request",
-            headers={"Retry-After": "1"},
+        raise FeedbackQueueFullError(
+            f"feedback queue is full ({intake.writer.queued} of {intake.writer.capacity} waiting); "
+            "nothing was kept, retry the request"
         )
     return FeedbackAccepted(accepted=len(rows))

@@ -120,9 +120,12 @@ def test_guessing_bearer_keys_on_the_data_endpoint_is_slowed_down_too(database_u
                 "/dashboard/api/overview", headers=guesser | {"Authorization": f"Bearer {key}"}
             )
 
-        assert [overview(f"guess-{n}").status_code for n in range(5)] == [401] * 5
+        wrong = [overview(f"guess-{n}") for n in range(5)]
+        assert [r.status_code for r in wrong] == [401] * 5 and wrong[0].json()["reason"] == "not_authenticated"
         refused = overview(CONSOLE_KEY)
         assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 900
+        assert refused.json()["reason"] == "too_many_attempts"
+        assert overview("guess-6").json()["reason"] == "too_many_attempts"
         assert _sign_in(console, CONSOLE_KEY, **guesser).status_code == 429  # one count for every way in
         assert (
             console.anonymous.get(

@@ -13,8 +13,8 @@ import pytest
 from fastapi import FastAPI
 
 from jobs.database import upgrade
-from serving.app import create_app
-from serving.errors import ServingConfigError
+from serving.app import create_app, serving_error_response
+from serving.errors import ServingConfigError, ServingError
 from serving.feedback import FeedbackIntake, router
 from serving.settings import get_serving_settings
 from tests.support.commands import serving_app
@@ -42,6 +42,7 @@ def events_app(intake: FeedbackIntake, *, start_writer: bool = True) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan)
     app.include_router(router)
+    app.add_exception_handler(ServingError, lambda _, error: serving_error_response(error))  # as create_app does
     return app
 
 
@@ -178,6 +179,7 @@ def test_a_full_queue_refuses_whole_requests_with_503_and_loses_nothing_accepted
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "1"
         assert "nothing was kept" in refused.json()["detail"]
+        assert refused.json()["reason"] == "feedback_queue_full"
         fits = http.post("/v1/events", json={"events": [event(item_id=f"c{n}") for n in range(2)]})
         assert fits.status_code == 202
         accepted += 2
