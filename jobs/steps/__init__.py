@@ -1,3 +1,3 @@
-"""The nightly steps, each a typed function of the settings and a logical date, and the parts only a
-step uses: feedback (what ingest reads of the service's events), similar and popularity (the item
-tables publish loads with a batch)."""
+"""The nightly steps, each a typed function of the settings and a logical date, and three table
+builders the steps share with evaluation (which measures the same tables): feedback (what ingest reads
+of the service's events), similar and popularity (the item tables publish loads with a batch)."""
