@@ -217,16 +217,11 @@ def publish(
         return
     if not accept_checks.strip():
         raise typer.BadParameter("say why the failing checks may be published", param_hint="'--accept-checks'")
-    from jobs.monitoring import history
-    from jobs.steps.publish import publish_nightly
+    from jobs import nightly
 
-    settings = _settings()
     # A run of its own in the run history (one step), so the acceptance shows beside the run it unblocks.
-    with history.recording(settings, logical_date) as run_id, history.step(settings, run_id, "publish") as recorded:
-        published = publish_nightly(settings, logical_date, live, accept_checks)
-        recorded.append(published.outcome())
-    summary = published.summary()
-    typer.echo(summary if published.accepted else f"{summary}; no check failed, nothing was accepted")
+    night = nightly.night_of(_settings(), logical_date, publish_live=live, accept_checks=accept_checks)
+    typer.echo(nightly.run(night, _progress, only=("publish",)).steps[0].summary)
 
 
 @app.command()

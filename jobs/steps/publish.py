@@ -51,6 +51,7 @@ class PublishResult:
     validation: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # load, primary_key, extras, validate, monitor, switch
     accepted: gate.Acceptance | None = None  # the failing checks accepted to publish it
+    acceptance_offered: bool = False  # an operator gave a reason to accept failing checks (--accept-checks)
 
     def outcome(self) -> Outcome:
         return Outcome(self.summary(), rows_out=self.users, batch_id=self.batch_id, model_id=self.model_id)
@@ -58,6 +59,8 @@ class PublishResult:
     def summary(self) -> str:
         state = "live" if self.live else f"not live: {self.reason}"
         accepted = f"; {self.accepted.summary()}" if self.accepted else ""
+        if self.acceptance_offered and not self.accepted:
+            accepted = "; no check failed, nothing was accepted"
         return f"batch {self.batch_id}, {self.users:,} users, {state}{accepted}"
 
 
@@ -505,6 +508,7 @@ def publish_nightly(
         validation=loaded.measured,
         seconds=loaded.seconds,
         accepted=loaded.accepted,
+        acceptance_offered=accept_checks is not None,
     )
 
 
