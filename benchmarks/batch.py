@@ -1,25 +1,7 @@
-"""The nightly batch at scale, step by step, against its own ceilings measured in the same run.
+"""The nightly batch at scale, step by step (seconds, CPU, peak memory), against the ceilings of LightGBM's
+bare `predict` and a bare binary COPY measured in the same run; prints JSON. Method: docs/scale.md.
 
     uv run python benchmarks/batch.py --users 1000000 --items 50000 --json batch-1m.json
-
-1. Generates the dataset with `overnight generate`'s generator (or reuses it from --data).
-2. Trains a ranker on a small sample of users from the same world (not timed: the night under test
-   does not retrain) and registers it in a new database on --admin-url (dropped at the end).
-3. Runs ingest → candidates → features → score (one process per shard, --shard-users each) →
-   monitor_input → publish, as the nightly DAG does, each step in a process of its own, timing it
-   and reading its peak RSS.
-4. Measures the ceilings on the same data: LightGBM's bare `predict` on a feature matrix scoring
-   built (the first chunk of shard 0, 20,000 users' candidates, the better of two runs, all cores and
-   one thread), the compiled predictor scoring used (``jobs.predictor``) on the same matrix, and a
-   bare binary COPY of the same published rows (same encoder, same parallel connections, into a
-   table without key or validation). psycopg's per-row `write_row` on a sample is reported beside it
-   for reference.
-
-Prints JSON: per-step seconds and peak RSS, users scored per second, candidate rows per second,
-the predictor scoring used and its time inside scoring, the ceilings, and the ratios of our rates to
-them (``scoring_vs_predict``: the whole of scoring's rows per second over LightGBM's bare predict's).
-Machine load (/proc/loadavg) is recorded at every step: on a shared machine compare the ratios, not
-the absolute numbers. `--lightgbm-predict` scores with LightGBM's predict instead of the compiled ranker.
 """
 
 import argparse

@@ -1,21 +1,7 @@
-"""How deep user lists must be published for request-time filters, and what depth costs.
+"""How deep user lists must be published for request-time filters to still leave 10 items, and what each
+depth costs publish and the table; prints JSON. Method: docs/scale.md.
 
     uv run python benchmarks/filter_depth.py --users 100000 --items 50000 --json filter-depth.json
-
-A filtered answer (`filter=genre:Comedy`) keeps only the published items that pass; when fewer than k
-pass it is filled from the filtered fallback. This measures, on the published lists of real runs, how
-often a list still holds 10 passing items at depth K = 50, 100, 200, and what each K costs publish:
-
-1. Depth. For each dataset (MovieLens 100K at --movielens when present, and the synthetic world of
-   --users), the nightly run scores every user's list at the deepest K; for every genre filter
-   `genre:X` and its negation `genre:-X`, the share of users whose first K items hold at least 10
-   passing ones. MovieLens runs with `overnight run`; the synthetic world as `benchmarks/batch.py` runs
-   it (a ranker trained on a sample of --train-users, then ingest → candidates → features → score).
-2. Cost. The synthetic world's lists are published at each K (deepest first, cut to K), timing the
-   publish and reading `pg_total_relation_size` of the user lists' table; both grow linearly in users,
-   so they are scaled to 1M users.
-
-Prints JSON; runs against new databases on --admin-url (dropped at the end).
 """
 
 import argparse

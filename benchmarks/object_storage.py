@@ -1,19 +1,7 @@
-"""Which S3 client the data folder goes through, and what a night on a bucket costs against a local folder.
+"""Which S3 client the data folder goes through, and what a night on a bucket costs against a local folder,
+on moto's S3 server; prints JSON. Method: docs/scale.md.
 
-    uv run python benchmarks/object_storage.py --shards 8 --rows 200000 --repeats 3
-    uv run python benchmarks/object_storage.py --nights 2
-
-Starts moto's S3 server (the one the tests use) on 127.0.0.1, writes --shards Parquet files of
---rows score rows each (user_id, item_ids, scores: a score shard's columns) and reads them back
-through each client installed here: s3fs (fsspec, what ``jobs.storage``'s UPath uses), pyarrow's
-S3FileSystem, obstore when installed, and polars' own reader (object_store, what the steps' reads
-use), plus a listing of the folder. Prints JSON: for each client the best of --repeats seconds to
-write and to read every shard, MB per second, and the listing's milliseconds. moto is an in-memory
-Python server, so absolute numbers say little about AWS: compare the clients against each other.
-
-With --nights N it instead runs `overnight run` N times on the tests' sample data (300 users, 45 days)
-with OVERNIGHT_DATA_DIR on a local folder and on a bucket of the same server, alternately, each in a new
-database on --admin-url, and prints each run's seconds and its steps' summaries.
+    uv run python benchmarks/object_storage.py --shards 8 --rows 200000 --repeats 3   # or --nights 2
 """
 
 import argparse

@@ -1,17 +1,8 @@
-"""What served-prediction logging costs a lookup, and how fast the writer drains: prints JSON.
+"""What logging a served answer costs a lookup (one `PredictionLog.record` call) and how fast the writer
+drains into Postgres; prints JSON. Run it as a module: as a file, benchmarks/serving.py would shadow the
+`serving` package.
 
     uv run python -m benchmarks.prediction_log [--rows 200000] [--admin-url postgresql://...]
-
-(As a module: run as a file, benchmarks/serving.py would shadow the `serving` package.)
-
-- ``record_ns``: time of one `PredictionLog.record` call (what a lookup pays), percentiles over
-  many calls, when the queue accepts, when it is full (drop and count), and when sampled out;
-- ``writer``: rows per second the background writer puts into Postgres (10 items a row), with
-  the recording side running flat out in the same event loop.
-
-Runs against a new database on the Postgres at --admin-url (created and dropped). Compare these
-numbers with a lookup's ~1 ms: the p99 effect on lookups is measured by the serving benchmark once
-logging is wired into the service.
 """
 
 import argparse

@@ -1,19 +1,7 @@
-"""Evaluate the whole pipeline on a dataset under the protocols of docs/evaluation.md and print JSON.
+"""Evaluate the whole pipeline on a dataset under the protocols of docs/evaluation.md and print JSON (what it
+holds: that document's "Metrics" and "Reproducing").
 
-    uv run python benchmarks/quality.py DATASET_DIR [--protocol user-holdout|global|both]
-                                         [--cutoff YYYY-MM-DD] [--horizon-days 7] [--blend-grid]
-                                         [--backtest [--windows 6] [--backtest-horizon-days 28]]
-
-The JSON has, per protocol, the metrics of every model (ranker, most-popular, recent-popular,
-co-visitation, item-knn, genre-popular): ndcg@10, recall@10, map@10, hit_rate@10, coverage@10,
-users and candidate_recall, plus the wall seconds of loading, training and evaluating. Under the
-global protocol, ``horizon_days`` is the horizon used and ``requested_horizon_days`` the one asked
-for: with fewer than 100 users in it the horizon is widened; ``warning`` then says so, and stays
-set when too few users were evaluated even so. ``similar_items`` and ``session`` are the item-to-item
-answers' quality (docs/evaluation.md); ``--blend-grid`` adds ``blend_grid``: the similar-items blend
-and the session recency decay measured over a grid (see ``blend_grid``). ``--backtest`` adds ``backtest``:
-``overnight backtest``'s result (see ``backtest``).
-Only the backtest touches a database; the other work files go to a temporary directory.
+    uv run python benchmarks/quality.py DATASET_DIR [--protocol user-holdout|global|both] [--blend-grid] [--backtest]
 """
 
 import argparse

@@ -1,35 +1,8 @@
-"""Load the lookup service near the machine's limit and compare it with its two ceilings, measured in the same run.
+"""Load the lookup service near the machine's limit with wrk and compare it with its ceilings (pgbench on the
+same table, a hello-world app of the same stack) measured in the same run; prints JSON. Needs `wrk` and
+`pgbench` on PATH. Method, and `--pool`: docs/performance.md.
 
-    python benchmarks/serving.py [--users 1000000] [--workers 1] [--server granian] [--no-cache]
-                                 [--prediction-log-sample-rate 0 1 1 0 ...] ...
-
-1. Publishes a batch of N users (top-k each) into a database of its own, by the named queries of
-   sql/queries.sql and the publisher's own switch (reused by a later run with the same N and k
-   when started with --keep).
-2. Measures the database ceiling: pgbench, prepared, select-only on that batch's table.
-3. Measures the HTTP ceiling: a hello-world app of the same stack (FastAPI, the same server and
-   workers), and for reference the same server with a bare ASGI hello-world.
-4. Starts `overnight serve` and loads it with wrk from a separate process over loopback: a user mix
-   with a share of hot users and of unknown users; first flat out, then at half that rate (four
-   times the connections, each waiting between its requests for a fractional time that two short
-   probes set). With several --prediction-log-sample-rate values, one service per value runs
-   throughout and the phases alternate between them in the order given (flat out each, then each
-   at half the first phase's maximum), so the cost of logging what is served shows as the
-   difference between them, measured close together in time on a machine whose speed drifts.
-   Give them in ABBA order (0 1 1 0 0 1 1 0 ...) so a steady drift falls on both alike.
-5. Compares the rates: the p99 of all of a rate's half-rate requests together (merged from each
-   phase's quantiles, not averaged), the highest rate's over rate 0's with a 95% bootstrap interval
-   over neighbouring pairs of phases, and the CPU per request of the service and of Postgres in
-   each phase (from /proc: far steadier than latency here).
-
-Prints one JSON document: requests/s, latency percentiles, errors, both ceilings and our ratios to them.
-
-    python benchmarks/serving.py --pool run1.json run2.json ...
-
-loads nothing: it pools the logging pairs of earlier runs' output (the geometric mean of every pair's
-p99 ratio, with a bootstrap interval), since on a shared machine runs differ by more than one run's
-interval shows.
-Needs `wrk` and `pgbench` on PATH (Debian: apt-get install wrk postgresql-client).
+    python benchmarks/serving.py [--users 1000000] [--prediction-log-sample-rate 0 1 1 0 ...] [--keep]
 """
 
 import argparse

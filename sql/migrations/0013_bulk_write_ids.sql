@@ -7,7 +7,7 @@
 -- inserts its rows: the rows go in only if the claim is new. A retry racing a write still running on
 -- a dropped connection waits for that one's outcome on the primary key, so one of them wins.
 --
--- An id matters only for the minutes a batch may be retried; maintain_tables (jobs/online.py) deletes
+-- An id matters only for the minutes a batch may be retried; maintain_tables (jobs/rollouts/online.py) deletes
 -- those older than 2 days, once a night. Not partitioned (the primary key must be the id alone), and no
 -- index on written_at: the nightly delete takes about a third of the table, a scan costs no more.
 CREATE TABLE overnight.bulk_writes (

@@ -1,5 +1,5 @@
 -- Beyond one user's list: what a batch publishes besides its user lists, in tables of its own that are
--- switched, rolled back, canaried and dropped with it (sql.batch_tables names them):
+-- switched, rolled back, canaried and dropped with it (sql.BATCH_TABLES names them):
 --   overnight.similar_<batch>        each item's neighbours (item_id, item_ids, scores), like the user lists
 --   overnight.items_<batch>          each catalogue item's popularity and the attributes filters use
 --   overnight.segments_<batch>       each user segment's popular list
