@@ -14,12 +14,15 @@ from typing import Any
 
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, get_current_context, task
 from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetable
+from airflow.sdk.exceptions import AirflowFailException
 from airflow.task.trigger_rule import TriggerRule
 
 from jobs import nightly
 from jobs.monitoring.alerts import task_failed
 from jobs.monitoring.history import airflow_task_failed, airflow_task_finished, airflow_task_started
 from jobs.settings import get_settings
+
+WATCHER = "watcher"  # fails the dag run when any step failed
 
 DEFAULT_ARGS = {
     "owner": "overnight",
@@ -62,6 +65,10 @@ def plan_shards(step: str, params: dict[str, Any] | None = None) -> list[dict[st
 
 def run_shard(step: str, shards: int, shard: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
     return asdict(nightly.run_shard(step, _night(params), shards, shard).outcome())
+
+
+def fail_the_run() -> None:
+    raise AirflowFailException("a step of this night failed or was blocked: see that task's log")
 
 
 def _completion_deadline() -> DeadlineAlert | None:
@@ -128,6 +135,11 @@ def overnight_nightly() -> None:
             last[step.name] = task(**recorded)(run_shard).partial(step=step.name).expand_kwargs(planned)
         for upstream in step.upstream:
             last[upstream] >> first[step.name]
+    # Airflow judges a dag run by its last tasks, and the online upkeep runs (and succeeds) even after an
+    # earlier step failed: without this task a night whose publish failed would show green. It runs only
+    # when a step failed, and fails; the failed step has already alerted and recorded the run's end.
+    watcher = task(task_id=WATCHER, trigger_rule=TriggerRule.ONE_FAILED, on_failure_callback=[])(fail_the_run)
+    list(last.values()) >> watcher()
 
 
 overnight_nightly()

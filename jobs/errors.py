@@ -21,6 +21,10 @@ class BatchValidationError(OvernightError):
     """A batch failed publish validation; production was left untouched."""
 
 
+class PublishBlockedError(BatchValidationError):
+    """Monitoring held a batch back: the run ends 'blocked' rather than 'failed'."""
+
+
 class StaleBatchError(OvernightError):
     """The live batch is too old or covers too few users."""
 

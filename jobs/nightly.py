@@ -112,6 +112,15 @@ def _train(night: Night) -> StepResult:
     return result
 
 
+def _model_is_current(night: Night) -> str | None:
+    from jobs.database import connect
+    from jobs.steps.train import retrain_due
+
+    with connect(night.settings) as conn:
+        due, reason = retrain_due(night.settings, conn, night.logical_date)
+    return None if due else f"the model is current: {reason}"
+
+
 def _candidate_tables_fit(night: Night) -> str | None:
     from jobs import registry
     from jobs.database import connect
@@ -205,7 +214,7 @@ STEPS: tuple[Step, ...] = (
     Step("ingest", _ingest),
     Step("features", _features, upstream=("ingest",)),
     Step("candidates", _candidates, upstream=("ingest",)),
-    Step("train", _train, upstream=("features", "candidates")),
+    Step("train", _train, upstream=("features", "candidates"), skip=_model_is_current),
     # A model trained tonight may have been tuned with other candidate settings than the tables were built
     # with (for the model before it): then the candidates step runs again, for it, before any shard scores.
     Step("refit-candidates", _candidates, upstream=("train",), skip=_candidate_tables_fit),

@@ -12,8 +12,11 @@ class Outcome:
     summary: str
     rows_in: int | None = None
     rows_out: int | None = None
-    batch_id: int | None = None  # the batch the night published (a shadow's or a canary's is not)
-    model_id: str | None = None  # the model the night scores with
+    batch_id: int | None = None  # the batch the step published or serves
+    model_id: str | None = None  # the model the step trained, scored or served with
+    # Whether batch_id and model_id are the night's production ones, which the run itself records too;
+    # a shadow's or a canary's are the step's own.
+    production: bool = True
 
 
 class StepResult(Protocol):

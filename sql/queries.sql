@@ -372,7 +372,8 @@ VALUES (%(run_id)s, %(step)s, 'running', now(), %(owner_pid)s, %(owner_name)s)
 ON CONFLICT (run_id, step) DO UPDATE SET
     status = 'running', attempt = overnight.run_steps.attempt + 1, started_at = now(),
     finished_at = NULL, seconds = NULL, peak_memory_bytes = NULL, rows_in = NULL, rows_out = NULL,
-    summary = NULL, error = NULL, abandoned_at = NULL, owner_pid = EXCLUDED.owner_pid,
+    summary = NULL, error = NULL, abandoned_at = NULL, batch_id = NULL, model_id = NULL,
+    owner_pid = EXCLUDED.owner_pid,
     owner_name = EXCLUDED.owner_name;
 
 -- name: resume_abandoned_run
@@ -385,7 +386,8 @@ WHERE run_id = %s AND status = 'abandoned';
 UPDATE overnight.run_steps
 SET status = %(status)s, finished_at = now(), seconds = %(seconds)s,
     peak_memory_bytes = %(peak_memory_bytes)s, rows_in = %(rows_in)s, rows_out = %(rows_out)s,
-    summary = %(summary)s, error = %(error)s, abandoned_at = NULL
+    summary = %(summary)s, error = %(error)s, abandoned_at = NULL, batch_id = %(batch_id)s,
+    model_id = %(model_id)s
 WHERE run_id = %(run_id)s AND step = %(step)s;
 
 -- name: note_run_result
@@ -395,19 +397,18 @@ SET batch_id = coalesce(%(batch_id)s, batch_id), model_id = coalesce(%(model_id)
 WHERE run_id = %(run_id)s;
 
 -- name: finish_run
+-- A run that ends well is only a success if no step of it failed or was blocked: in an Airflow dag run the
+-- online upkeep runs (and ends the run) after an earlier step failed, whose end is then kept.
+WITH failed_step AS (
+    SELECT status, error FROM overnight.run_steps
+    WHERE run_id = %(run_id)s AND status IN ('failed', 'blocked') AND %(status)s = 'success'
+    ORDER BY finished_at LIMIT 1
+)
 UPDATE overnight.runs
-SET status = %(status)s, error = %(error)s, abandoned_at = NULL,
+SET status = coalesce((SELECT status FROM failed_step), %(status)s),
+    error = coalesce((SELECT error FROM failed_step), %(error)s), abandoned_at = NULL,
     finished_at = CASE WHEN %(status)s = 'running' THEN NULL ELSE now() END
 WHERE run_id = %(run_id)s;
-
--- name: run_by_id
-SELECT run_id, logical_date, trigger, external_id, status, started_at, finished_at, batch_id, model_id, error
-FROM overnight.runs WHERE run_id = %s;
-
--- name: run_steps_of_run
-SELECT step, status, attempt, started_at, finished_at, seconds, peak_memory_bytes, rows_in, rows_out,
-       summary, error
-FROM overnight.run_steps WHERE run_id = %s ORDER BY started_at, step;
 
 -- name: recent_runs
 -- The newest runs with each step's status and the checks accepted to publish their batch, if any

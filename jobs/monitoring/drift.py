@@ -272,7 +272,10 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
         upgrade(conn)
         model = registry.model_for_date(conn, logical_date)
     if model is None:
-        raise MissingDataError(f"no promoted model trained on or before {logical_date} to measure drift against")
+        raise MissingDataError(
+            f"no promoted model trained on or before {logical_date} to measure drift against; "
+            f"run `overnight train --date {logical_date}`"
+        )
 
     measured = input_statistics(settings, logical_date)
     input_details = {

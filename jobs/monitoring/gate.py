@@ -18,7 +18,7 @@ from typing import Any
 import sql
 from jobs import workdir
 from jobs.database import connect
-from jobs.errors import BatchValidationError, OvernightError
+from jobs.errors import OvernightError, PublishBlockedError
 from jobs.jsonable import jsonb
 from jobs.monitoring import alerts, checks, history
 from jobs.monitoring.outputs import OUTPUT_STATISTICS, batch_statistics
@@ -27,10 +27,8 @@ from jobs.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-class MonitoringBlockedError(BatchValidationError):
+class MonitoringBlockedError(PublishBlockedError):
     """Monitoring found a problem past its fail threshold: the batch must not go live."""
-
-    blocks_publish = True
 
     def __init__(self, message: str, alert_fingerprint: str | None) -> None:
         super().__init__(message)

@@ -2,9 +2,10 @@
 outcome, in ``overnight.runs`` and ``overnight.run_steps``.
 
 ``overnight run`` records through :func:`step`, the Airflow DAG through task hooks that run in the task's
-own process (so a step's memory is that task's). Recording never fails a run. A process that dies cannot
-record its end, so the recording process holds a connection (its :class:`Recorder`) while it runs: a running
-run or step whose recorder's backend is gone is ``abandoned`` (migration 0016; docs/operations.md#abandoned-runs).
+own process (so a step's memory is that task's). Once a run has started, recording never fails it. A process
+that dies cannot record its end, so the recording process holds a connection (its :class:`Recorder`) while it
+runs, and a CLI run does not start without one: a running run or step whose recorder's backend is gone is
+``abandoned`` (migrations 0016, 0022; docs/operations.md#abandoned-runs). A run ends as its worst step.
 """
 
 import logging
@@ -23,6 +24,7 @@ from psycopg.rows import dict_row
 
 import sql
 from jobs.database import connect, database_url, upgrade
+from jobs.errors import DatabaseError, PublishBlockedError
 from jobs.outcome import Outcome
 from jobs.settings import Settings, get_settings
 from sql.text import first_line
@@ -57,7 +59,9 @@ class Recorder:
 _recorder: Recorder | None = None
 
 
-def open_recorder(settings: Settings) -> Recorder | None:
+def open_recorder(settings: Settings, *, required: bool = False) -> Recorder | None:
+    """The recorder's connection; None (a warning) when it cannot be opened, or a `DatabaseError` if
+    `required`: a run without one could never be told abandoned if its process died."""
     name = f"overnight-recorder-{secrets.token_hex(8)}"
     conn: psycopg.Connection | None = None
     try:
@@ -67,6 +71,10 @@ def open_recorder(settings: Settings) -> Recorder | None:
     except Exception as error:
         if conn is not None:
             conn.close()
+        if required:
+            raise DatabaseError(
+                f"run history: could not open the connection that tells a dead run from a live one: {first_line(error)}"
+            ) from error
         logger.warning("run history: no recorder connection, so a death of this process goes unnoticed: %s", error)
         return None
     return Recorder(pid=int(row[0]), name=name, conn=conn)
@@ -127,7 +135,7 @@ def recording(settings: Settings, logical_date: date) -> Iterator[int]:
     """A CLI run around the block: started, then finished as success, failed or blocked; what
     monitoring records meanwhile is linked to it. This process records it and its steps."""
     global _current_run_id, _recorder
-    recorder = open_recorder(settings)
+    recorder = open_recorder(settings, required=True)
     outer_recorder, _recorder = _recorder, recorder
     try:
         run_id = start_run(settings, logical_date, "cli", recorder=recorder)
@@ -159,7 +167,7 @@ def finish_run(settings: Settings, run_id: int, status: str, error: BaseExceptio
 
 def outcome_of(error: BaseException) -> str:
     """'blocked' when monitoring held the publish back, 'failed' for anything else."""
-    return "blocked" if getattr(error, "blocks_publish", False) else "failed"
+    return "blocked" if isinstance(error, PublishBlockedError) else "failed"
 
 
 # ---------------------------------------------------------------------------- measuring a step
@@ -219,9 +227,11 @@ def end_step(
                     "rows_out": outcome.rows_out if outcome else None,
                     "summary": outcome.summary if outcome else None,
                     "error": first_line(error) if error is not None else None,
+                    "batch_id": outcome.batch_id if outcome else None,
+                    "model_id": outcome.model_id if outcome else None,
                 },
             )
-            if outcome is not None and (outcome.batch_id is not None or outcome.model_id is not None):
+            if outcome is not None and outcome.production and (outcome.batch_id or outcome.model_id):
                 conn.execute(
                     sql.query("note_run_result"),
                     {"run_id": run_id, "batch_id": outcome.batch_id, "model_id": outcome.model_id},

@@ -260,7 +260,7 @@ class CanaryRefresh:
     previous_canary_batch: int | None = None
 
     def outcome(self) -> Outcome:
-        return Outcome(self.summary())  # the canary's batch and model are not the night's
+        return Outcome(self.summary(), batch_id=self.canary_batch, model_id=self.canary_model, production=False)
 
     def summary(self) -> str:
         if not self.refreshed:

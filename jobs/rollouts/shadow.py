@@ -44,8 +44,9 @@ class ShadowResult:
         return f"shadow batch {self.batch_id} of model {self.model_id}: {self.users:,} users (never served)"
 
     def outcome(self) -> Outcome:
-        # Neither the batch nor the model is the night's: the summary names them.
-        return Outcome(self.summary(), rows_out=self.users)
+        return Outcome(
+            self.summary(), rows_out=self.users, batch_id=self.batch_id, model_id=self.model_id, production=False
+        )
 
 
 def run_shadow(settings: Settings, logical_date: date, model_id: str, shards: int | None = None) -> ShadowResult:

@@ -93,14 +93,14 @@ class TrainResult:
     reason: str
     scoring_model_id: str | None = None  # what scores the date after this step
     metrics: dict[str, Any] = field(default_factory=dict)
+    training_rows: int | None = None  # candidate rows the model was fitted on; None when nothing was trained
 
     @property
     def promoted(self) -> bool:
         return self.trained and self.status in ("production", "retired")
 
     def outcome(self) -> Outcome:
-        training = self.metrics.get("training") or {}
-        return Outcome(self.summary(), rows_in=training.get("rows"), model_id=self.scoring_model_id)
+        return Outcome(self.summary(), rows_in=self.training_rows, model_id=self.scoring_model_id)
 
     def summary(self) -> str:
         if not self.trained:
@@ -628,6 +628,7 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
                 reason=f"promotion skipped: {rejection}",
                 scoring_model_id=scoring.model_id if scoring else None,
                 metrics=metrics,
+                training_rows=fitted.training["rows"],
             )
         registry.register(conn, model)
         promoted = registry.promote(conn, model)
@@ -646,6 +647,7 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
         reason=promoted.status_reason or "trained and promoted",
         scoring_model_id=model_id,
         metrics=metrics,
+        training_rows=fitted.training["rows"],
     )
 
 

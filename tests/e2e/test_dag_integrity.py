@@ -15,6 +15,8 @@ from tests.support.dags import DAGS_FOLDER
 
 pytestmark = pytest.mark.e2e
 
+WATCHER = "watcher"  # overnight_nightly's task that fails the dag run when a step failed
+
 # DAG id → cron expression of its schedule.
 EXPECTED = {"overnight_nightly": "0 0 * * *", "overnight_freshness": "0 * * * *"}
 
@@ -60,7 +62,8 @@ def test_house_rules(dagbag: Any, dag_id: str) -> None:
     for task in dag.tasks:
         assert task.owner == "overnight", task.task_id
         assert task.retries >= 1, f"{dag_id}.{task.task_id} has no retries"
-        assert task.on_failure_callback, f"{dag_id}.{task.task_id} sends no alert on failure"
+        if task.task_id != WATCHER:  # it fails only after a step failed, which has alerted
+            assert task.on_failure_callback, f"{dag_id}.{task.task_id} sends no alert on failure"
 
 
 def test_nightly_wires_the_pipeline_in_order(dagbag: Any) -> None:
@@ -89,7 +92,7 @@ def test_the_dag_is_the_nightly_graph_overnight_run_runs(dagbag: Any) -> None:
     """One graph: every step of jobs.nightly.STEPS is a task waiting on exactly its upstream steps."""
     dag = dagbag.dags["overnight_nightly"]
     planned = {f"plan_{step.task_id}" for step in nightly.STEPS if step.sharded}
-    assert {task.task_id for task in dag.tasks} == {step.task_id for step in nightly.STEPS} | planned
+    assert {task.task_id for task in dag.tasks} == {step.task_id for step in nightly.STEPS} | planned | {WATCHER}
     for step in nightly.STEPS:
         entry = dag.get_task(f"plan_{step.task_id}" if step.sharded else step.task_id)
         assert entry.upstream_task_ids == {nightly.STEP_BY_NAME[up].task_id for up in step.upstream}, step.name
@@ -97,6 +100,12 @@ def test_the_dag_is_the_nightly_graph_overnight_run_runs(dagbag: Any) -> None:
             assert dag.get_task(step.task_id).upstream_task_ids == {entry.task_id}
         expected_rule = "all_done" if step.even_after_failure else "all_success"
         assert dag.get_task(step.task_id).trigger_rule == expected_rule, step.name
+    # The online upkeep runs after a failure and succeeds: the watcher, waiting on every step and run
+    # only when one failed, fails the dag run (Airflow judges a run by its last tasks).
+    watcher = dag.get_task(WATCHER)
+    assert watcher.trigger_rule == "one_failed" and not watcher.downstream_task_ids
+    assert watcher.upstream_task_ids == {step.task_id for step in nightly.STEPS}
+    assert [task.task_id for task in dag.leaves] == [WATCHER]
 
 
 @pytest.mark.parametrize("dag_file", sorted(p.name for p in DAGS_FOLDER.glob("*.py")))

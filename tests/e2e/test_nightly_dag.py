@@ -1,5 +1,6 @@
 """The real `overnight_nightly` DAG through `dag.test()` on small generated data, then a lookup over HTTP."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -90,6 +91,22 @@ def test_nightly_dag_publishes_a_batch_that_the_service_serves(
             "ORDER BY r.run_id DESC LIMIT 1"
         ).fetchone()
     assert night == ("success", True)  # the run history names the night's serving batch, not the shadow
+
+    # The next day has no events: monitoring blocks its publish, the online upkeep still runs and succeeds,
+    # and yet the dag run fails (its watcher task) and the run history reads blocked, as `overnight run` would.
+    empty_day = SAMPLE_DATE + timedelta(days=1)
+    blocked = run_dag(
+        "overnight_nightly", empty_day.isoformat(), {**env, "OVERNIGHT_RETRAIN_DAYS": "7"}, tmp_path / "airflow"
+    )
+    assert blocked.returncode == 1 and blocked.stdout.strip().endswith("STATE failed"), blocked.stdout[-4000:]
+    with psycopg.connect(database_url) as conn:
+        status, error, run_id = conn.execute(
+            "SELECT status, error, run_id FROM overnight.runs WHERE logical_date = %s", (empty_day,)
+        ).fetchone()  # type: ignore[misc]
+        steps = dict(conn.execute("SELECT step, status FROM overnight.run_steps WHERE run_id = %s", (run_id,)))
+    assert status == "blocked" and f"no events on {empty_day}" in error
+    assert (steps["publish"], steps["online"], steps["train"]) == ("blocked", "success", "success")
+    assert "watcher" not in steps  # not a step: it only fails the dag run
 
 
 def test_freshness_dag_fails_when_nothing_is_live(database_url: str, tmp_path: Path) -> None:

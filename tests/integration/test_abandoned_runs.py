@@ -21,12 +21,15 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from jobs.errors import StaleBatchError
+from jobs.database import upgrade
+from jobs.errors import DatabaseError, StaleBatchError
 from jobs.monitoring import freshness, history
+from jobs.monitoring.gate import MonitoringBlockedError
 from jobs.settings import Settings
 from tests.support.commands import OVERNIGHT, overnight, overnight_env
 from tests.support.console import read_dashboard
 from tests.support.data import SAMPLE_DATE
+from tests.support.databases import create_database, drop_database, migrate_before
 
 pytestmark = pytest.mark.integration
 
@@ -180,8 +183,8 @@ time.sleep(600)
 """
 
 
-def task_context(map_index: int) -> dict[str, Any]:
-    ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score", map_index=map_index)
+def task_context(map_index: int, task_id: str = "score") -> dict[str, Any]:
+    ti = SimpleNamespace(dag_id="overnight_nightly", task_id=task_id, map_index=map_index)
     dag_run = SimpleNamespace(run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC))
     return {"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)}
 
@@ -224,3 +227,69 @@ def test_an_airflow_task_whose_process_died_is_abandoned_until_its_retry(
         attempts = conn.execute("SELECT step, status, attempt FROM overnight.run_steps ORDER BY step").fetchall()
     assert attempts == [("score[0]", "success", 2), ("score[1]", "success", 1)]
     assert recent()["status"] == "running"  # the dag run goes on to publish
+
+
+def test_a_night_blocked_in_airflow_stays_blocked_after_the_online_upkeep_succeeds(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The online upkeep runs after a failed step and ends the dag run: the run keeps the blocked step's
+    end, as `overnight run` records it. A shadow's batch is its step's, never the run's."""
+    monkeypatch.setenv("OVERNIGHT_DATABASE_URL", database_url)
+    monkeypatch.setenv("OVERNIGHT_DATA_DIR", str(tmp_path / "var"))
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
+    shadow, publish, online = (task_context(-1, name) for name in ("shadow", "publish", "online"))
+
+    history.airflow_task_started(shadow)
+    shadow_outcome = {"summary": "shadow batch 7 of model m9", "rows_out": 5, "batch_id": 7, "model_id": "m9"}
+    history.airflow_task_finished(shadow, shadow_outcome | {"production": False})
+    history.airflow_task_started(publish)
+    blocked = MonitoringBlockedError("volume_change of interactions is -100%: no events on 2026-11-20", None)
+    history.airflow_task_failed(publish | {"exception": blocked})
+    history.airflow_task_started(online)
+    history.airflow_task_finished(online, {"summary": "partitions kept"}, ends_run=True)
+
+    run = dict(freshness.status(settings)["recent_runs"][0])
+    assert (run["status"], run["steps"]) == (
+        "blocked",
+        {"shadow": "success", "publish": "blocked", "online": "success"},
+    )
+    assert run["error"] == str(blocked) and run["finished_at"] is not None
+    assert (run["batch_id"], run["model_id"]) == (None, None)
+    with psycopg.connect(database_url) as conn:
+        steps = conn.execute("SELECT step, batch_id, model_id FROM overnight.run_steps ORDER BY step").fetchall()
+    assert steps == [("online", None, None), ("publish", None, None), ("shadow", 7, "m9")]
+
+
+def test_a_cli_run_does_not_start_without_the_connection_that_would_tell_it_abandoned(tmp_path: Path) -> None:
+    settings = Settings(database_url="postgresql://postgres@127.0.0.1:1/nowhere", data_dir=tmp_path / "var")
+    refused = pytest.raises(DatabaseError, match=r"^run history: could not open the connection that tells a dead run")
+    with refused, history.recording(settings, SAMPLE_DATE):
+        raise AssertionError("the run started")
+
+
+def test_runs_left_running_before_runs_had_recorders_are_abandoned_by_the_upgrade(postgres_admin_url: str) -> None:
+    url = create_database(postgres_admin_url)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            migrate_before(conn, 22)
+            add_run = (
+                "INSERT INTO overnight.runs (logical_date, trigger, external_id, status, owner_name) "
+                "VALUES (%s, %s, %s, %s, %s) RETURNING run_id"
+            )
+            day = SAMPLE_DATE
+            ownerless_cli = conn.execute(add_run, (day, "cli", None, "running", None)).fetchone()
+            finished = conn.execute(add_run, (day, "cli", None, "success", None)).fetchone()
+            dag_run = conn.execute(add_run, (day, "airflow", "overnight_nightly/old", "running", None)).fetchone()
+            assert ownerless_cli and finished and dag_run
+            conn.execute(
+                "INSERT INTO overnight.run_steps (run_id, step, status) VALUES (%s, 'ingest', 'success'), "
+                "(%s, 'train', 'running')",
+                (dag_run[0], dag_run[0]),
+            )
+            upgrade(conn)
+            runs = dict(conn.execute("SELECT run_id, status FROM overnight.runs").fetchall())
+            steps = conn.execute("SELECT step, status, abandoned_at IS NOT NULL FROM overnight.run_steps").fetchall()
+        assert runs == {ownerless_cli[0]: "abandoned", finished[0]: "success", dag_run[0]: "abandoned"}
+        assert sorted(steps) == [("ingest", "success", False), ("train", "abandoned", True)]
+    finally:
+        drop_database(postgres_admin_url, url)

@@ -9,24 +9,12 @@ import pytest
 
 import sql
 from jobs.database import upgrade
-from tests.support.databases import create_database, drop_database
+from tests.support.databases import create_database, drop_database, migrate_before
 
 pytestmark = pytest.mark.integration
 
 RENAMES = 17  # sql/migrations/0017_canary_batches_and_trained_models.sql
 DAY = date(2024, 3, 1)
-
-
-def migrate_before(conn: psycopg.Connection, version: int) -> None:
-    """The schema as it was just before `version`: each earlier migration applied and recorded as upgrade()
-    does, so upgrade() later applies `version` and the rest."""
-    with conn.transaction():
-        conn.execute(sql.query("lock_migrations"))
-        conn.execute(sql.query("create_migrations_table"))
-        for migration in sql.migrations():
-            if migration.version < version:
-                conn.execute(migration.text.encode())
-                conn.execute(sql.query("record_migration"), (migration.version, migration.name))
 
 
 def add_model(conn: psycopg.Connection, model_id: str, status: str) -> None:
