@@ -94,7 +94,7 @@ _LOGIN_PAGE = """<!doctype html>
 """
 
 
-def _login_page(status: int = 200, message: str = "", next_query: str = "") -> Response:
+def _login_page(status: int, message: str = "", next_query: str = "") -> Response:
     shown = f'<p class="error" role="alert">{html.escape(message)}</p>' if message else ""
     return _page_headers(
         HTMLResponse(_LOGIN_PAGE.format(message=shown, next=html.escape(next_query, quote=True)), status_code=status)
@@ -107,8 +107,8 @@ async def dashboard_page(request: Request, key: Annotated[str | None, Query()] =
         # A key in the address reaches browser history and every proxy's log on the way: it is never
         # taken, only answered with the sign-in form (the access log writes it as REDACTED).
         return _login_page(401, "A key in the address is not accepted: sign in with the form below.")
-    if not authorised(request):
-        return _login_page(next_query=request.url.query)
+    if not authorised(request):  # no session, or a cookie that does not parse: the sign-in form, as a 401
+        return _login_page(401, next_query=request.url.query)
     return _page_headers(FileResponse(STATIC / "dashboard.html", media_type="text/html; charset=utf-8"))
 
 
