@@ -8,6 +8,8 @@ from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from upath import UPath
 
+MAX_WEIGHT = 1e6  # default OVERNIGHT_MAX_WEIGHT: ratings and counts are far below it
+
 OBJECT_STORAGE_PROTOCOLS = ("s3", "s3a")
 
 
@@ -59,6 +61,15 @@ class Settings(BaseSettings):
     source_format: str = Field(
         default="auto",
         description="Format of the nightly source: auto (detected from the path), movielens, parquet or csv.",
+    )
+    max_weight: float = Field(
+        default=MAX_WEIGHT,
+        gt=0.0,
+        description=(
+            "Ingest quarantines an interaction whose weight (rating, count) is above this as `bad_weight`, like a "
+            "negative or non-finite one: such a value is a unit or column mistake (an epoch or an id read as a "
+            "weight) that would outweigh millions of ordinary interactions."
+        ),
     )
     max_bad_fraction: float = Field(
         default=0.05,

@@ -24,7 +24,7 @@ from upath import UPath
 from jobs import lake, workdir
 from jobs.errors import BadInputError
 from jobs.outcome import Outcome
-from jobs.settings import Settings
+from jobs.settings import MAX_WEIGHT, Settings
 from jobs.steps.feedback import SOURCE_NAME as FEEDBACK_SOURCE
 from jobs.steps.feedback import feedback_interactions
 from sql.contract import MAX_ID_LENGTH
@@ -39,9 +39,6 @@ FORMATS = ("auto", "movielens", "parquet", "csv")
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
 CHUNK_ROWS = 2_000_000  # interactions validated at a time: ingest's memory depends on this, not on the source
 CSV_BLOCK_BYTES = 64 << 20  # bytes of CSV parsed at a time: a CSV chunk holds one block's rows
-# Weights are ratings or counts: far below this. One past it is a unit or column mistake (an epoch
-# or an id read as a weight), and would outweigh millions of ordinary interactions in the features' sums.
-MAX_WEIGHT = 1e6
 DEDUP_KEYS = ["user_id", "item_id", "timestamp", "event_type"]
 
 MOVIELENS_100K_GENRES = (
@@ -770,13 +767,14 @@ def _weight_expr(columns: dict[str, pl.DataType]) -> tuple[pl.Expr, pl.Expr]:
 
 
 def validate_interactions(
-    source: Source, logical_date: date, first_row: int = 0, keep_row: bool = False
+    source: Source, logical_date: date, first_row: int = 0, keep_row: bool = False, max_weight: float = MAX_WEIGHT
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split the source's interactions into (valid rows in the lake schema, quarantined rows).
 
-    Quarantined rows keep their original columns as text, plus ``row`` (0-based position in
-    the source, counted from ``first_row``), ``line`` (a CSV file's line the row starts on, from 1 for
-    the header; null for other sources) and ``reason``. ``keep_row`` keeps ``row`` and ``line`` on valid rows too.
+        Quarantined rows keep their original columns as text, plus ``row`` (0-based position in
+        the source, counted from ``first_row``), ``line`` (a CSV file's line the row starts on, from 1 for
+        the header; null for other sources) and ``reason``. ``keep_row`` keeps ``row`` and ``line`` on valid rows too.
+    A weight that is not a finite number in [0, ``max_weight``] is ``bad_weight`` (OVERNIGHT_MAX_WEIGHT).
     """
     raw = source.interactions
     reader_notes = (_LINE_REASON, RAW_LINE) if _LINE_REASON in raw.columns else ()
@@ -812,7 +810,7 @@ def validate_interactions(
         .then(pl.lit("bad_timestamp"))
         .when(timestamp >= lake.day_end(logical_date))
         .then(pl.lit(NOT_YET_VISIBLE))
-        .when(weight_present & (weight.is_null() | ~weight.is_finite() | (weight < 0) | (weight > MAX_WEIGHT)))
+        .when(weight_present & (weight.is_null() | ~weight.is_finite() | (weight < 0) | (weight > max_weight)))
         .then(pl.lit("bad_weight"))
     )
     if reader_notes:  # a line whose fields could not be read has no values to check
@@ -1027,13 +1025,15 @@ def _stage_valid(staged: _Staged, valid: pl.DataFrame, name: str) -> None:
         lake.write_parquet_atomically(rows, staged.folder / f"event_date={event_date}" / name)
 
 
-def _stage(source_path: Path, fmt: str, logical_date: date, folder: Path) -> tuple[Source, _Staged]:
+def _stage(source_path: Path, fmt: str, logical_date: date, folder: Path, max_weight: float) -> tuple[Source, _Staged]:
     """Validate the source chunk by chunk into ``folder``: valid rows by event day, quarantined rows aside."""
     staged = _Staged(folder)
     meta: Source | None = None
     for chunk in source_chunks(source_path, fmt):
         meta = meta or chunk
-        valid, quarantined = validate_interactions(chunk, logical_date, first_row=staged.rows_read, keep_row=True)
+        valid, quarantined = validate_interactions(
+            chunk, logical_date, first_row=staged.rows_read, keep_row=True, max_weight=max_weight
+        )
         staged.rows_read += chunk.interactions.height
         name = f"chunk-{staged.chunks:05d}.parquet"
         staged.chunks += 1
@@ -1080,7 +1080,7 @@ def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str =
 
 
 def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str, staging: Path) -> IngestResult:
-    source, staged = _stage(source_path, fmt, logical_date, staging)
+    source, staged = _stage(source_path, fmt, logical_date, staging, settings.max_weight)
     counts, rows_read = dict(staged.counts), staged.rows_read
     logger.info("ingest: read %s (%s): %d rows", source.name, source.format, rows_read)
     malformed = sum(n for reason, n in counts.items() if reason != NOT_YET_VISIBLE)
@@ -1191,7 +1191,9 @@ def _stage_feedback(
     events = feedback_interactions(settings, logical_date)
     source = Source(FEEDBACK_SOURCE, "postgres", events, default_event_type="feedback")
     # Row numbers after the source's own, so the first copy of a row in both is the source's.
-    valid, dropped = validate_interactions(source, logical_date, first_row=staged.rows_read, keep_row=True)
+    valid, dropped = validate_interactions(
+        source, logical_date, first_row=staged.rows_read, keep_row=True, max_weight=settings.max_weight
+    )
     unknown = valid.join(catalogue.select("item_id"), on="item_id", how="anti")
     if unknown.height:
         valid = valid.join(unknown.select("row"), on="row", how="anti")

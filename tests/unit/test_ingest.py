@@ -278,6 +278,15 @@ def test_negative_and_absurd_weights_are_quarantined(tmp_path: Path) -> None:
     assert valid["weight"].to_list() == [0.0, 2.5, MAX_WEIGHT]
 
 
+def test_what_weight_is_absurd_is_the_sources_setting(tmp_path: Path) -> None:
+    """OVERNIGHT_MAX_WEIGHT: a source of 1-5 ratings can call anything above 5 a mistake."""
+    rows = "".join(f"u{n},i{n},2026-11-10T00:00:00Z,{weight}\n" for n, weight in enumerate([1, 5, 6, 50] * 25))
+    path = write_csv(tmp_path / "src", "user_id,item_id,timestamp,weight\n" + rows)
+    assert ingest(settings_for(tmp_path / "default", max_bad_fraction=1.0), path, DAY).quarantined_by_reason == {}
+    strict = ingest(settings_for(tmp_path / "strict", max_weight=5, max_bad_fraction=1.0), path, DAY)
+    assert strict.quarantined_by_reason == {"bad_weight": 50} and strict.rows_valid == 50
+
+
 def test_parquet_weights_are_checked_like_csv_ones(tmp_path: Path) -> None:
     path = tmp_path / "interactions.parquet"
     weights = [float("nan"), float("inf"), -1.0, MAX_WEIGHT * 10, None, 2.5]
