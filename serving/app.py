@@ -4,7 +4,9 @@
 """
 
 import asyncio
+import copy
 import gc
+import json
 import logging
 import os
 import re
@@ -12,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -38,7 +41,7 @@ from serving.errors import (
     ServingError,
     UnreadableBodyError,
 )
-from serving.feedback import FeedbackIntake
+from serving.feedback import FeedbackIntake, event_timestamp_pattern
 from serving.feedback import router as events_router
 from serving.limits import RequestSizeLimit, read_body
 from serving.live import LiveBatch, LiveView, LiveWatcher
@@ -105,7 +108,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorMessage, "description": "No batch is live yet, or the database did not answer."},
 }
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorMessage, "description": "The request body could not be read as JSON text (UTF-8)."},
+    400: {
+        "model": ErrorMessage,
+        "description": "The request body's bytes are not text in an encoding JSON allows (UTF-8, or UTF-16/32; "
+        "reason unreadable_body). Text that is not well-formed JSON is a 422 (type json_invalid).",
+    },
     413: {"model": ErrorMessage, "description": "The request body is larger than OVERNIGHT_MAX_REQUEST_BYTES."},
 }
 
@@ -220,7 +227,7 @@ async def _session_recommendations(scope: Scope, receive: Receive, _: str) -> tu
         state.api_keys.check_token(bearer_token(scope["headers"]))
     body = await read_body(scope, receive, state.settings.max_request_bytes)
     try:
-        text = body.decode()
+        text = body.decode(json.detect_encoding(body))  # as FastAPI reads the other routes' bodies
     except UnicodeDecodeError:
         raise UnreadableBodyError("There was an error parsing the body") from None
     try:
@@ -716,20 +723,19 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     app.include_router(events_router, dependencies=[Depends(require_api_key)], responses=_ERRORS | BODY_ERRORS)
     app.include_router(ops)
 
-    documents: dict[int | None, dict[str, Any]] = {}
+    routes_document: list[dict[str, Any]] = []  # FastAPI's document of the routes, made once
 
     def openapi() -> dict[str, Any]:
-        # One document per live batch: the largest k a client may ask for and the attributes a filter may
-        # name are the live batch's. Only the latest is kept.
-        batch = view.batch
-        key = None if batch is None else batch.batch_id
-        if key not in documents:
-            document = get_openapi(
-                title=app.title, version=app.version, summary=app.summary, routes=[*documented.routes, *app.routes]
+        # The limits are written in at every fetch: the largest k a client may ask for and the attributes a
+        # filter may name are the live batch's, and the feedback timestamps' pattern moves with the clock.
+        if not routes_document:
+            routes_document.append(
+                get_openapi(
+                    title=app.title, version=app.version, summary=app.summary, routes=[*documented.routes, *app.routes]
+                )
             )
-            documents.clear()
-            documents[key] = declare_limits(document, settings, batch)
-        app.openapi_schema = documents[key]
+        document = copy.deepcopy(routes_document[0])
+        app.openapi_schema = declare_limits(document, settings, view.batch, datetime.now(UTC))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -740,11 +746,13 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
 _NO_NUL = "^[^\\x00]+$"
 
 
-def declare_limits(document: dict[str, Any], settings: ServingSettings, batch: LiveBatch | None) -> dict[str, Any]:
+def declare_limits(
+    document: dict[str, Any], settings: ServingSettings, batch: LiveBatch | None, now: datetime
+) -> dict[str, Any]:
     """`document` with the limits this server enforces written in: k up to the live batch's (similar items:
-    its similar_k), id lengths, list sizes, the filters its items' attributes allow; so a request the
-    schema allows is one the server accepts (bar the feedback time window, which JSON Schema cannot
-    state: it is in the description and in `x-overnight-window`)."""
+    its similar_k), id lengths, list sizes, the filters its items' attributes allow, feedback timestamps
+    certainly inside the time window at `now` (`event_timestamp_pattern`); so a request the schema allows
+    is one the server accepts. Also says which bodies are a 422: malformed JSON is one too."""
     user_id = {"type": "string", "minLength": 1, "maxLength": settings.max_user_id_length, "pattern": _NO_NUL}
     item_id = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": _NO_NUL}
     k_schema = _k_schema(None if batch is None else batch.k)
@@ -797,7 +805,18 @@ def declare_limits(document: dict[str, Any], settings: ServingSettings, batch: L
     session["segment"]["anyOf"][0] = segment
     schemas["FeedbackRequest"]["properties"]["events"]["maxItems"] = settings.feedback_max_events
     schemas["FeedbackEvent"]["properties"]["user_id"]["maxLength"] = settings.max_user_id_length
+    schemas["FeedbackEvent"]["properties"]["timestamp"]["pattern"] = event_timestamp_pattern(now)
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            if "requestBody" in operation and "422" in operation["responses"]:
+                declared = operation["responses"]["422"]
+                declared["description"] = f"{declared['description'].rstrip('.')}. {_MALFORMED_JSON}"
     return document
+
+
+# FastAPI reads the bodies: UTF-8 text that is not JSON is a validation error (the 400 is for bytes that
+# are not UTF-8 text).
+_MALFORMED_JSON = "A body that is not well-formed JSON is a 422 too (type json_invalid)."
 
 
 def _k_schema(k: int | None) -> dict[str, Any]:

@@ -43,7 +43,7 @@ class InvalidRequestError(ServingError):
 
 
 class UnreadableBodyError(ServingError):
-    """A request body that is not JSON text (UTF-8)."""
+    """A request body whose bytes are not text in an encoding JSON allows (UTF-8, UTF-16, UTF-32)."""
 
     reason = "unreadable_body"
 

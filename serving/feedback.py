@@ -8,7 +8,7 @@ request that would not fit in the queue gets a 503 with Retry-After and nothing 
 fails the whole request with a 422 naming it. docs/serving.md#the-prediction-log-and-feedback-writers.
 """
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, status
@@ -32,6 +32,44 @@ _ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
 MAX_EVENT_AGE = timedelta(days=7)
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+# How long after the OpenAPI document is fetched its timestamp pattern still matches only accepted timestamps.
+EVENT_PATTERN_VALIDITY = timedelta(hours=1)
+
+_ANY_HOUR = "(?:[01][0-9]|2[0-3])"
+
+
+def event_timestamp_pattern(
+    now: datetime, *, max_age: timedelta = MAX_EVENT_AGE, valid_for: timedelta = EVENT_PATTERN_VALIDITY
+) -> str:
+    """A JSON Schema pattern matching only timestamps the server accepts, from `now` (aware) until `now +
+    valid_for`: RFC 3339 date-times in UTC (`Z` or `+00:00`, seconds 00-59, at most 6 decimals) in the whole
+    hours from `now - max_age + valid_for`, rounded up to the hour, to the start of `now`'s hour (UTC).
+
+    Every string it matches is inside [server time - max_age, server time + MAX_CLOCK_SKEW] for any server
+    time in [now, now + valid_for], so a client that fetched the schema may send what it matches for that
+    long. The window is wider (other offsets, minutes up to the limits): the pattern states part of it.
+    """
+    now = now.astimezone(UTC)
+    end = now.replace(minute=0, second=0, microsecond=0)  # excluded
+    oldest = now - max_age + valid_for
+    hour = oldest.replace(minute=0, second=0, microsecond=0)
+    if hour < oldest:
+        hour += timedelta(hours=1)
+    hours_by_day: dict[date, list[int]] = {}
+    while hour < end:
+        hours_by_day.setdefault(hour.date(), []).append(hour.hour)
+        hour += timedelta(hours=1)
+    if not hours_by_day:
+        return "(?!)"  # no whole hour is certainly inside the window: matches nothing
+    days = "|".join(f"{day.isoformat()}T{_hours(hours)}" for day, hours in hours_by_day.items())
+    return f"^(?:{days}):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{{1,6}})?(?:Z|\\+00:00)$"
+
+
+def _hours(hours: list[int]) -> str:
+    """Hours of a day (ascending, no gaps) as a pattern over their two digits."""
+    if len(hours) == 24:
+        return _ANY_HOUR
+    return f"(?:{'|'.join(f'{hour:02d}' for hour in hours)})"
 
 
 class FeedbackEvent(BaseModel):
@@ -46,8 +84,10 @@ class FeedbackEvent(BaseModel):
     type: FeedbackEventType = Field(description="What the user did with the item.")
     timestamp: AwareDatetime = Field(
         description="When it happened, with a time zone (ISO 8601): at most 7 days before the server's clock "
-        "and at most 5 minutes after it (clock skew); outside that window the request is a 422. JSON Schema "
-        "cannot state a window relative to the server's clock: `x-overnight-window` gives it in seconds.",
+        "and at most 5 minutes after it (clock skew); outside that window the request is a 422. The schema's "
+        "`pattern` shows the window as of when this document was fetched, in UTC, with a margin: a timestamp it "
+        "matches is accepted for an hour after the fetch. The server also accepts other offsets and the rest "
+        "of the window; `x-overnight-window` gives the window in seconds.",
         json_schema_extra={
             "x-overnight-window": {
                 "max_age_seconds": int(MAX_EVENT_AGE.total_seconds()),
