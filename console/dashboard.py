@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 
 import sql
 from console.auth import (
+    COOKIE,
     authorised,
     client_address,
     matching_key,
@@ -107,8 +108,10 @@ async def dashboard_page(request: Request, key: Annotated[str | None, Query()] =
         # A key in the address reaches browser history and every proxy's log on the way: it is never
         # taken, only answered with the sign-in form (the access log writes it as REDACTED).
         return _login_page(401, "A key in the address is not accepted: sign in with the form below.")
-    if not authorised(request):  # no session, or a cookie that does not parse: the sign-in form, as a 401
-        return _login_page(401, next_query=request.url.query)
+    if not authorised(request):
+        # A first visit gets the sign-in form; a session cookie that is none (forged, malformed, expired)
+        # is refused as such, with the same form.
+        return _login_page(401 if COOKIE in request.cookies else 200, next_query=request.url.query)
     return _page_headers(FileResponse(STATIC / "dashboard.html", media_type="text/html; charset=utf-8"))
 
 

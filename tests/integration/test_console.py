@@ -61,6 +61,8 @@ def test_a_malformed_session_cookie_is_no_session(database_url: str, cookie: byt
         header = {b"Cookie": raw}
         page = console.anonymous.get("/dashboard", headers=header)
         assert page.status_code == 401 and "Sign in" in page.text and "set-cookie" not in page.headers
+        first_visit = console.anonymous.get("/dashboard")  # no cookie at all: the form, nothing refused
+        assert first_visit.status_code == 200 and "Sign in" in first_visit.text
         assert console.anonymous.get("/dashboard/api/overview", headers=header).status_code == 401
 
 
