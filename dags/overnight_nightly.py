@@ -130,7 +130,12 @@ def overnight_nightly() -> None:
         if step.sharded is None:
             first[step.name] = last[step.name] = task(**recorded)(run_step)(step.name)
         else:
-            planned = task(task_id=f"plan_{step.task_id}")(plan_shards)(step.name)
+            # recorded as a step of its own ("plan-score"), so a plan that fails is in the run history too
+            planned = task(
+                task_id=f"plan_{step.task_id}",
+                on_execute_callback=airflow_task_started,
+                post_execute=airflow_task_finished,
+            )(plan_shards)(step.name)
             first[step.name] = planned
             last[step.name] = task(**recorded)(run_shard).partial(step=step.name).expand_kwargs(planned)
         for upstream in step.upstream:

@@ -397,12 +397,13 @@ SET batch_id = coalesce(%(batch_id)s, batch_id), model_id = coalesce(%(model_id)
 WHERE run_id = %(run_id)s;
 
 -- name: finish_run
--- A run that ends well is only a success if no step of it failed or was blocked: in an Airflow dag run the
--- online upkeep runs (and ends the run) after an earlier step failed, whose end is then kept.
+-- A run ends as its first step that failed or was blocked, whichever process reports its end: `overnight
+-- run` raises the first error; in an Airflow dag run each failing task reports, and the online upkeep runs
+-- (and ends the run) after them. Without such a step, as reported.
 WITH failed_step AS (
     SELECT status, error FROM overnight.run_steps
-    WHERE run_id = %(run_id)s AND status IN ('failed', 'blocked') AND %(status)s = 'success'
-    ORDER BY finished_at LIMIT 1
+    WHERE run_id = %(run_id)s AND status IN ('failed', 'blocked')
+    ORDER BY finished_at, step LIMIT 1
 )
 UPDATE overnight.runs
 SET status = coalesce((SELECT status FROM failed_step), %(status)s),

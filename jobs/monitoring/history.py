@@ -5,7 +5,8 @@ outcome, in ``overnight.runs`` and ``overnight.run_steps``.
 own process (so a step's memory is that task's). Once a run has started, recording never fails it. A process
 that dies cannot record its end, so the recording process holds a connection (its :class:`Recorder`) while it
 runs, and a CLI run does not start without one: a running run or step whose recorder's backend is gone is
-``abandoned`` (migrations 0016, 0022; docs/operations.md#abandoned-runs). A run ends as its worst step.
+``abandoned`` (migrations 0016, 0022; docs/operations.md#abandoned-runs). A run ends as its first failed
+or blocked step.
 """
 
 import logging

@@ -98,6 +98,8 @@ def test_the_dag_is_the_nightly_graph_overnight_run_runs(dagbag: Any) -> None:
         assert entry.upstream_task_ids == {nightly.STEP_BY_NAME[up].task_id for up in step.upstream}, step.name
         if step.sharded:
             assert dag.get_task(step.task_id).upstream_task_ids == {entry.task_id}
+        # every task records its step in the run history, a sharded step's plan included
+        assert entry.on_execute_callback and entry.post_execute, entry.task_id
         expected_rule = "all_done" if step.even_after_failure else "all_success"
         assert dag.get_task(step.task_id).trigger_rule == expected_rule, step.name
     # The online upkeep runs after a failure and succeeds: the watcher, waiting on every step and run

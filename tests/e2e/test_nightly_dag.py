@@ -51,9 +51,8 @@ def test_nightly_dag_publishes_a_batch_that_the_service_serves(
 
     # run history: one row for the dag run, one per task (per map index for the shards), from the hooks
     assert [r[1:] for r in runs] == [("airflow", "success", SAMPLE_DATE, batch_id)]
-    assert {"ingest", "train", "score[0]", "score[1]", "score[2]", "monitor", "publish", "check-freshness"} <= set(
-        steps
-    )
+    recorded = {"ingest", "train", "plan-score", "score[0]", "score[1]", "score[2]", "monitor", "publish"}
+    assert recorded | {"check-freshness", "online"} <= set(steps)
     assert all(measured[:3] == ["success", True, True] for measured in steps.values()), steps
     assert steps["publish"][3] == sum(steps[f"score[{i}]"][3] for i in range(3)) > 0  # users scored = published
     assert drift_checks is not None and drift_checks[0] == 2 * len(FEATURES)  # PSI and KS of each feature

@@ -293,3 +293,22 @@ def test_runs_left_running_before_runs_had_recorders_are_abandoned_by_the_upgrad
         assert sorted(steps) == [("ingest", "success", False), ("train", "abandoned", True)]
     finally:
         drop_database(postgres_admin_url, url)
+
+
+def test_a_night_ends_as_its_first_failed_step_whichever_task_reports_last(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `overnight run` raises its first error: a blocked publish, then a failing online upkeep, end the
+    Airflow run as blocked, with the publish's reason, not as the last failure reported."""
+    monkeypatch.setenv("OVERNIGHT_DATABASE_URL", database_url)
+    monkeypatch.setenv("OVERNIGHT_DATA_DIR", str(tmp_path / "var"))
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
+    publish, online = task_context(-1, "publish"), task_context(-1, "online")
+    history.airflow_task_started(publish)
+    blocked = MonitoringBlockedError("volume_change of interactions is -100%", None)
+    history.airflow_task_failed(publish | {"exception": blocked})
+    history.airflow_task_started(online)
+    history.airflow_task_failed(online | {"exception": RuntimeError("partition upkeep failed")})
+    run = dict(freshness.status(settings)["recent_runs"][0])
+    assert (run["status"], run["error"]) == ("blocked", str(blocked))
+    assert run["steps"] == {"publish": "blocked", "online": "failed"}
