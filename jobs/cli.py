@@ -68,6 +68,32 @@ SourceOption = Annotated[
 FormatOption = Annotated[
     str, typer.Option("--format", help="auto, movielens, parquet or csv (auto detects from the path).")
 ]
+ShardsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Number of score shards (default: at least OVERNIGHT_SCORE_SHARDS, "
+        "and at most OVERNIGHT_SHARD_USERS users in each).",
+    ),
+]
+LiveOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--live/--no-live",
+        help="Force making the batch live, or keep it from going live. "
+        "Default: live unless the live batch is of a newer date (a backfill).",
+    ),
+]
+AcceptChecksOption = Annotated[
+    str | None,
+    typer.Option(
+        "--accept-checks",
+        metavar="WHY",
+        help="Publish the batch even though monitoring fails it (see `overnight drift --date D` first), "
+        "accepting its failing checks for this reason; who, why, when and which checks are recorded in "
+        "the run history, the alert log and the dashboard.",
+    ),
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
@@ -164,14 +190,7 @@ def tune(
 @app.command()
 def score(
     logical_date: DateOption,
-    shards: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Number of shards (default: at least OVERNIGHT_SCORE_SHARDS, "
-            "and at most OVERNIGHT_SHARD_USERS users in each).",
-        ),
-    ] = None,
+    shards: ShardsOption = None,
     shard: Annotated[int | None, typer.Option(min=0, help="Score only this shard (0-based); default all.")] = None,
 ) -> None:
     """Score every user with history (or one shard of them) with the model the date may use."""
@@ -184,27 +203,7 @@ def score(
 
 
 @app.command()
-def publish(
-    logical_date: DateOption,
-    live: Annotated[
-        bool | None,
-        typer.Option(
-            "--live/--no-live",
-            help="Force making the batch live, or keep it from going live. "
-            "Default: live unless the live batch is of a newer date (a backfill).",
-        ),
-    ] = None,
-    accept_checks: Annotated[
-        str | None,
-        typer.Option(
-            "--accept-checks",
-            metavar="WHY",
-            help="Publish the batch even though monitoring fails it (see `overnight drift --date D` first), "
-            "accepting its failing checks for this reason; who, why, when and which checks are recorded in "
-            "the run history, the alert log and the dashboard.",
-        ),
-    ] = None,
-) -> None:
+def publish(logical_date: DateOption, live: LiveOption = None, accept_checks: AcceptChecksOption = None) -> None:
     """Load a date's scores into a new batch table, validate it and switch the live pointer to it.
 
     Monitoring's gate needs the date's input and drift checks: run `overnight monitor --date D` first
@@ -215,8 +214,7 @@ def publish(
 
         _echo(publish_nightly(_settings(), logical_date, make_live=live))
         return
-    if not accept_checks.strip():
-        raise typer.BadParameter("say why the failing checks may be published", param_hint="'--accept-checks'")
+    _require_reason(accept_checks)
     from jobs import nightly
 
     # A run of its own in the run history (one step), so the acceptance shows beside the run it unblocks.
@@ -224,17 +222,43 @@ def publish(
     typer.echo(nightly.run(night, _progress, only=("publish",)).steps[0].summary)
 
 
+def _require_reason(accept_checks: str | None) -> None:
+    if accept_checks is not None and not accept_checks.strip():
+        raise typer.BadParameter("say why the failing checks may be published", param_hint="'--accept-checks'")
+
+
 @app.command()
-def run(source: SourceOption, logical_date: DateOption, fmt: FormatOption = "auto") -> None:
+def run(
+    source: SourceOption,
+    logical_date: DateOption,
+    fmt: FormatOption = "auto",
+    shards: ShardsOption = None,
+    live: LiveOption = None,
+    shadow_model: Annotated[
+        str | None,
+        typer.Option(help="Registered model to score into a shadow batch too (default OVERNIGHT_SHADOW_MODEL)."),
+    ] = None,
+    accept_checks: AcceptChecksOption = None,
+) -> None:
     """Run the whole nightly pipeline without Airflow: the DAG's steps, in order, in this process.
 
     The same steps as the DAG (`jobs.nightly.STEPS`): ingest → features, candidates → train when due →
     refit-candidates (when tonight's model needs them) → score → monitor → publish → check-freshness →
-    shadow, refresh-canary, online upkeep.
+    shadow, refresh-canary, online upkeep. The options are the DAG's params.
     """
     from jobs import nightly
 
-    night = nightly.night_of(_settings(), logical_date, source, source_format=fmt)
+    _require_reason(accept_checks)
+    night = nightly.night_of(
+        _settings(),
+        logical_date,
+        source,
+        source_format=fmt,
+        shards=shards,
+        publish_live=live,
+        shadow_model=shadow_model,
+        accept_checks=accept_checks,
+    )
     result = nightly.run(night, progress=_progress)
     typer.echo(f"batch {result.batch_id} is published from model {result.model_id} in {result.total_seconds:.1f}s:")
     for step in result.steps:

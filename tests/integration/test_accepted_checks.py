@@ -152,3 +152,17 @@ def test_the_first_night_without_earlier_days_is_not_held_back(database_url: str
     volume = next(c for c in drift.report(settings, SAMPLE_DATE)["checks"] if c["statistic"] == "volume_change")
     assert volume["level"] == "ok" and volume["value"] is None
     assert volume["message"].startswith(f"volume_change: not measured: no full day of events before {SAMPLE_DATE}")
+
+
+def test_overnight_run_takes_the_dags_params(database_url: str, sample_source: Path, tmp_path: Path) -> None:
+    """`overnight run` and the DAG run the same steps with the same params: shards, accept_checks."""
+    env = overnight_env(database_url, tmp_path / "var")
+    night = NO_EVENTS.isoformat()
+    source = str(sample_source)
+    refused = overnight("run", "--source", source, "--date", night, "--accept-checks", " ", env=env, check=False)
+    assert refused.returncode == 2 and "--accept-checks" in refused.stderr
+    run = overnight("run", "--source", source, "--date", night, "--shards", "3", "--accept-checks", REASON, env=env)
+    assert "in 3 shard(s)" in run.stdout and "accepted 1 failing check (volume_change)" in run.stdout, run.stdout
+    status = json.loads(overnight("status", "--json", env=env).stdout)
+    assert status["live"]["logical_date"] == night and status["recent_runs"][0]["status"] == "success"
+    assert status["recent_runs"][0]["accepted"]["reason"] == REASON
