@@ -202,7 +202,7 @@ async def _user_recommendations(
         state.api_keys.check_token(bearer_token(scope["headers"]))
     query = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
-    exclude = _exclude_set(query.exclude, state.settings.max_exclude_items, ("query",))
+    exclude = _query_exclude_set(query.exclude, state.settings.max_exclude_items)
     answer = await lookup.recommend(user_id, query.k, exclude, query.filter, query.segment, query.explain)
     return _served(scope, answer, lookup), encode(render(answer, answer.results[0]))
 
@@ -214,7 +214,7 @@ async def _similar_items(scope: Scope, receive: Receive, item_id: str) -> tuple[
         state.api_keys.check_token(bearer_token(scope["headers"]))
     query = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
-    exclude = _exclude_set(query.exclude, state.settings.max_exclude_items, ("query",))
+    exclude = _query_exclude_set(query.exclude, state.settings.max_exclude_items)
     answer = await lookup.similar([item_id], query.k, exclude, query.filter, query.user_id)
     return _served(scope, answer, lookup), encode(render_similar(answer, answer.results[0]))
 
@@ -239,7 +239,7 @@ async def _session_recommendations(scope: Scope, receive: Receive, _: str) -> tu
     answer = await lookup.session(
         request.items,
         request.k,
-        _exclude_set(request.exclude, state.settings.max_exclude_items, ("body",)),
+        _body_exclude_set(request.exclude, state.settings.max_exclude_items),
         _filter_text(request.filter),
         request.user_id,
         request.segment,
@@ -438,7 +438,7 @@ async def batch_recommendations(request: Request, body: BatchRecommendationsRequ
     answers = await lookup.recommend_many(
         body.user_ids,
         body.k,
-        _exclude_set(body.exclude, state.settings.max_exclude_items, ("body",)),
+        _body_exclude_set(body.exclude, state.settings.max_exclude_items),
         _filter_text(body.filter),
         body.segment,
         body.explain,
@@ -469,7 +469,7 @@ async def batch_similar_items(request: Request, body: SimilarItemsRequest) -> Re
     answer = await lookup.similar(
         body.item_ids,
         body.k,
-        _exclude_set(body.exclude, state.settings.max_exclude_items, ("body",)),
+        _body_exclude_set(body.exclude, state.settings.max_exclude_items),
         _filter_text(body.filter),
         body.user_id,
         where="body",
@@ -491,7 +491,7 @@ async def session_recommendations(request: Request, body: SessionRequest) -> Res
     answer = await lookup.session(
         body.items,
         body.k,
-        _exclude_set(body.exclude, state.settings.max_exclude_items, ("body",)),
+        _body_exclude_set(body.exclude, state.settings.max_exclude_items),
         _filter_text(body.filter),
         body.user_id,
         body.segment,
@@ -541,15 +541,28 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(content=metrics.render(), media_type=metrics.content_type)
 
 
-def _exclude_set(values: Sequence[str] | None, limit: int, loc: tuple[str, ...]) -> frozenset[str]:
-    """The ids `values` name (each one id or several separated by commas). The limit counts them as sent,
-    empty and repeated ones too, so no request over the schema's `maxItems` gets through."""
+def _query_exclude_set(values: Sequence[str] | None, limit: int) -> frozenset[str]:
+    """The ids a query's `exclude` values name: each one id or several separated by commas (the schema's
+    form style, not exploded), the parameter repeated or not. The limit counts the ids as sent, empty and
+    repeated ones too: the schema's `maxItems` of comma-free items."""
     if not values:
         return frozenset()
     sent = len(values) + sum(value.count(",") for value in values)
+    _check_exclude_count(sent, limit, ("query",))
+    return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+def _body_exclude_set(values: Sequence[str] | None, limit: int) -> frozenset[str]:
+    """A body's `exclude` array: each element one id, exactly as given (an id may hold a comma)."""
+    if not values:
+        return frozenset()
+    _check_exclude_count(len(values), limit, ("body",))
+    return frozenset(values)
+
+
+def _check_exclude_count(sent: int, limit: int, loc: tuple[str, ...]) -> None:
     if sent > limit:
         raise InvalidRequestError((*loc, "exclude"), f"at most {limit} excluded items, got {sent}")
-    return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
 def _json(document: Any, answers: Answers, lookup: Lookup, request_id: str) -> Response:
@@ -757,8 +770,13 @@ def declare_limits(
     item_id = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": _NO_NUL}
     k_schema = _k_schema(None if batch is None else batch.k)
     similar_k_schema = _k_schema(None if batch is None else batch.similar_k or batch.k)
-    # Each value is one id or several separated by commas; the limit counts them as sent (`_exclude_set`).
-    exclude = {"type": "array", "items": {"type": "string"}, "maxItems": settings.max_exclude_items}
+    # A query's exclude is comma-separated ids (`_query_exclude_set` counts them); a body's, one id an element.
+    exclude = {
+        "type": "array",
+        "items": {"type": "string", "pattern": "^[^,]*$"},
+        "maxItems": settings.max_exclude_items,
+    }
+    excluded = {"items": {"type": "string"}, "maxItems": settings.max_exclude_items}
     filter_schema = _filter_schema(settings, None if batch is None else batch.catalogue)
     segment = {"type": "string", "maxLength": MAX_ID_LENGTH}
     parameters = {
@@ -782,8 +800,9 @@ def declare_limits(
         for parameter in document["paths"][path]["get"]["parameters"]:
             described = {"description": parameter["schema"].get("description", "")}
             parameter["schema"] = schemas_by_name[parameter["name"]] | described
+            if parameter["name"] == "exclude":
+                parameter |= {"style": "form", "explode": False}  # exclude=a,b,c (repeating it works too)
     schemas = document["components"]["schemas"]
-    excluded = {key: value for key, value in exclude.items() if key != "type"}
     many = schemas["BatchRecommendationsRequest"]["properties"]
     many["user_ids"] |= {"maxItems": settings.max_batch_users, "items": user_id}
     many["k"]["anyOf"][0] = k_schema

@@ -76,7 +76,9 @@ class BatchRecommendationsRequest(BaseModel):
         strict=True,
         description="Items per user, 1..k of the live batch; default 10 (or k if smaller).",
     )
-    exclude: list[str] = Field(default_factory=list, description="Items left out of every user's list.")
+    exclude: list[str] = Field(
+        default_factory=list, description="Items left out of every user's list: one id an element, as given."
+    )
     filter: str | None = Field(default=None, description=FILTER_DESCRIPTION)
     segment: str | None = Field(default=None, description=SEGMENT_DESCRIPTION)
     explain: bool = Field(default=False, strict=True, description=EXPLAIN_DESCRIPTION)
@@ -114,7 +116,9 @@ class SimilarItemsRequest(BaseModel):
         strict=True,
         description="Neighbours per item, 1..similar_k of the live batch; default 10 (or similar_k if smaller).",
     )
-    exclude: list[str] = Field(default_factory=list, description="Items left out of every item's list.")
+    exclude: list[str] = Field(
+        default_factory=list, description="Items left out of every item's list: one id an element, as given."
+    )
     filter: str | None = Field(default=None, description=FILTER_DESCRIPTION)
     user_id: str | None = Field(
         default=None, description="Whom the lists are for: a canary user's come from the canary's batch."
@@ -138,7 +142,9 @@ class SessionRequest(BaseModel):
         strict=True,
         description="Items to return, 1..k of the live batch; default 10 (or k if smaller).",
     )
-    exclude: list[str] = Field(default_factory=list, description="Items left out besides the session's own.")
+    exclude: list[str] = Field(
+        default_factory=list, description="Items left out besides the session's own: one id an element, as given."
+    )
     user_id: str | None = Field(
         default=None,
         description="A user the batch scored has their own list blended in; it also routes the request (canary).",

@@ -164,3 +164,35 @@ def test_every_body_route_reads_the_encodings_json_allows(api_schema: Any) -> No
                 headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
             )
             assert response.status_code == 200, (path, encoding, response.text)
+
+
+def test_the_exclude_limit_is_the_one_the_schema_states(api_schema: Any) -> None:
+    """A query's exclude counts comma-separated ids, as its schema (form style, comma-free items) counts
+    them; a body's counts elements, each one id as given."""
+    document = api_schema.raw_schema
+    base_url = api_schema.get_base_url().rstrip("/")
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    (parameter,) = [
+        p
+        for p in document["paths"]["/v1/users/{user_id}/recommendations"]["get"]["parameters"]
+        if p["name"] == "exclude"
+    ]
+    assert (parameter["style"], parameter["explode"], parameter["schema"]["maxItems"]) == ("form", False, 500)
+    assert not re.fullmatch(parameter["schema"]["items"]["pattern"], "i1,i2")
+    body_exclude = document["components"]["schemas"]["BatchRecommendationsRequest"]["properties"]["exclude"]
+    assert body_exclude["maxItems"] == 500 and "pattern" not in body_exclude["items"]
+
+    ids = ",".join(f"i{n}" for n in range(501))
+    too_many = httpx.get(f"{base_url}/v1/users/42/recommendations", params={"exclude": ids}, headers=bearer)
+    assert too_many.status_code == 422 and "at most 500 excluded items, got 501" in too_many.text
+    one_id = httpx.post(
+        f"{base_url}/v1/recommendations:batch", json={"user_ids": ["42"], "exclude": [ids]}, headers=bearer
+    )
+    assert one_id.status_code == 200, one_id.text
+
+    by_query = httpx.get(f"{base_url}/v1/users/42/recommendations", params={"exclude": "i1,i2"}, headers=bearer)
+    assert {"i1", "i2"}.isdisjoint(item["item_id"] for item in by_query.json()["items"])
+    by_body = httpx.post(
+        f"{base_url}/v1/recommendations:batch", json={"user_ids": ["42"], "exclude": ["i1,i2"]}, headers=bearer
+    )
+    assert {"i1", "i2"} <= {item["item_id"] for item in by_body.json()["results"][0]["items"]}  # no such id
