@@ -64,7 +64,7 @@ def serve(
             workers=workers,
             access_log=False,
             server_header=False,
-            # The app decides whom to believe about the client (OVERNIGHT_TRUSTED_PROXIES), not the server.
+            # X-Forwarded-* headers are believed by no one here: the lookup service logs the peer address.
             proxy_headers=False,
         )
 

@@ -153,7 +153,8 @@ class IngestResult:
         return Outcome(self.summary(), rows_in=self.rows_read, rows_out=self.rows_valid)
 
     def summary(self) -> str:
-        text = f"{self.rows_valid:,} rows from {self.source} ({self.format}), {self.rows_quarantined:,} quarantined"
+        source = _printable(self.source)
+        text = f"{self.rows_valid:,} rows from {source} ({self.format}), {self.rows_quarantined:,} quarantined"
         table_lines = sum(self.items_quarantined_by_reason.values()) + sum(self.users_quarantined_by_reason.values())
         if table_lines:
             text += f"; {table_lines:,} item or user file lines quarantined"
@@ -927,7 +928,9 @@ def _item_attributes(items: pl.DataFrame, file_name: str) -> list[pl.Expr]:
         else:
             why = f"its type is {dtype} (an attribute is text, a list of text or true/false)"
         if expr is None:
-            logger.warning("ingest: %s: item column %r is not kept as an attribute: %s", file_name, name, why)
+            logger.warning(
+                "ingest: %s: item column %r is not kept as an attribute: %s", _printable(file_name), name, why
+            )
         else:
             kept.append(expr.alias(name))
     return kept
@@ -1041,7 +1044,7 @@ def _stage(source_path: Path, fmt: str, logical_date: date, folder: Path, max_we
             staged.counts.update(dict(quarantined.group_by("reason").len().iter_rows()))
             lake.write_parquet_atomically(quarantined, folder / "quarantine" / name)
         _stage_valid(staged, valid, name)
-        logger.info("ingest: validated %d rows of %s", staged.rows_read, meta.name)
+        logger.info("ingest: validated %d rows of %s", staged.rows_read, _printable(meta.name))
     assert meta is not None
     if staged.chunks > 1:
         _quarantine_cross_chunk_duplicates(staged)
@@ -1082,7 +1085,7 @@ def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str =
 def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str, staging: Path) -> IngestResult:
     source, staged = _stage(source_path, fmt, logical_date, staging, settings.max_weight)
     counts, rows_read = dict(staged.counts), staged.rows_read
-    logger.info("ingest: read %s (%s): %d rows", source.name, source.format, rows_read)
+    logger.info("ingest: read %s (%s): %d rows", _printable(source.name), source.format, rows_read)
     malformed = sum(n for reason, n in counts.items() if reason != NOT_YET_VISIBLE)
     bad_fraction = malformed / rows_read if rows_read else 0.0
 
@@ -1167,7 +1170,11 @@ def _quarantine_table_file(table: TableFile, quarantine_dir: UPath, limit: float
     if table.quarantined.height:
         lake.write_parquet_atomically(table.quarantined, path)
         logger.warning(
-            "ingest: %s: %d bad lines set aside in %s: %s", table.name, table.quarantined.height, path, counts
+            "ingest: %s: %d bad lines set aside in %s: %s",
+            _printable(table.name),
+            table.quarantined.height,
+            path,
+            counts,
         )
     fraction = table.quarantined.height / table.rows_read if table.rows_read else 0.0
     if fraction > limit:

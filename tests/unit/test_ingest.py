@@ -1,5 +1,6 @@
 """Ingest: readers, the data contract's validation, quarantine and the lake it writes."""
 
+import logging
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -462,3 +463,14 @@ def test_error_messages_escape_what_the_file_holds(tmp_path: Path, header: bytes
     message = str(failure.value)
     assert shown in message
     assert message.isprintable()
+
+
+def test_a_source_named_with_control_characters_reaches_no_log_or_summary_raw(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "src\x1b[2J"
+    path = write_csv(folder, "user_id,item_id,timestamp,rating\n" + GOOD_ROWS)
+    with caplog.at_level(logging.DEBUG, logger="jobs"):
+        result = ingest(settings_for(tmp_path), path, DAY)
+    assert "\x1b" not in result.summary() and r"\x1b[2J" in result.summary()
+    assert caplog.records and not any("\x1b" in record.getMessage() for record in caplog.records)
