@@ -17,6 +17,11 @@ class FutureModelError(MissingDataError):
     """A model trained after the date was asked to score it: that would use the future."""
 
 
+class UnfitCandidatesError(MissingDataError):
+    """A chosen model (a shadow's, a canary's) was tuned with other candidate settings than the date's
+    candidate tables were built with: it cannot score that date."""
+
+
 class BatchValidationError(OvernightError):
     """A batch failed publish validation; production was left untouched."""
 

@@ -191,7 +191,7 @@ def _shadow(night: Night) -> StepResult:
 
     model_id = _shadow_model(night)
     assert model_id is not None
-    return nightly_shadow(night.settings, night.logical_date, model_id)
+    return nightly_shadow(night.settings, night.logical_date, model_id, night.shards)
 
 
 def _canary_refresh_off(night: Night) -> str | None:
@@ -201,7 +201,7 @@ def _canary_refresh_off(night: Night) -> str | None:
 def _refresh_canary(night: Night) -> StepResult:
     from jobs.rollouts.canary import refresh_canary
 
-    return refresh_canary(night.settings, night.logical_date)
+    return refresh_canary(night.settings, night.logical_date, night.shards)
 
 
 def _online(night: Night) -> StepResult:

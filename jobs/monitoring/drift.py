@@ -47,15 +47,20 @@ def sample_rows(frame: pl.DataFrame, settings: Settings) -> pl.DataFrame:
 
 def tonight(settings: Settings, logical_date: date) -> pl.DataFrame:
     """The ranker's features as the score step computed them tonight, for the stable sample of users
-    whose features it wrote to the work folder (see ``jobs.workdir.drift_sample_dir``)."""
+    whose features it wrote to the work folder (see ``jobs.workdir.drift_sample_dir``), as drift compares them."""
+    return sample_rows(_scored_sample(settings, logical_date), settings)
+
+
+def _scored_sample(settings: Settings, logical_date: date) -> pl.DataFrame:
     parts = workdir.drift_sample_parts(settings, logical_date)
-    return sample_rows(pl.read_parquet([str(part) for part in parts]), settings)
+    return pl.read_parquet([str(part) for part in parts])
 
 
 def write_reference(settings: Settings, model_dir: UPath, frame: pl.DataFrame) -> UPath:
-    """At training time, keep beside the model a sample of its features as scoring sees them on the
-    date it was trained for (`frame`, from the same users as every night's sample); drift compares
-    each night's features with it.
+    """Keep beside the model a sample of its features as scoring sees them on the date it was trained for
+    (`frame`, from the same users as every night's sample); drift compares each night's features with it.
+    Train writes it, or, when the date's candidate tables were built with other candidate settings than the
+    model was tuned with, the monitor step of that date writes tonight's sample, scored with rebuilt tables.
 
     Not the training rows themselves: those are as of the start of the label window and only of
     labelled users, so time-dependent features (ages, recencies, counts) would differ from any
@@ -293,6 +298,10 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
     ]
 
     reference_file = reference_path(settings, model)
+    if not reference_file.is_file() and model.logical_date == logical_date:
+        # Trained tonight with other candidate settings than the date's tables had then (jobs.steps.train):
+        # its reference is tonight's sample, scored once refit-candidates built the tables it scores with.
+        write_reference(settings, reference_file.parent, _scored_sample(settings, logical_date))
     drift_checks: list[checks.Check] = []
     drift_report: dict[str, Any] = {"model_id": model.model_id, "reference": str(reference_file)}
     current_rows = 0

@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 import sql
 from jobs import batches, registry
 from jobs.database import connect, upgrade
-from jobs.errors import MissingDataError, RolloutError
+from jobs.errors import MissingDataError, RolloutError, UnfitCandidatesError
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import publish, score
@@ -308,7 +308,10 @@ def refresh_canary(settings: Settings, logical_date: date | None = None, shards:
             skipped,
             reason=f"production serves {live['logical_date']}: a canary of {day} would be compared on newer lists",
         )
-    score.score(settings, day, shards, model_id=current["model_id"])
+    try:
+        score.score(settings, day, shards, model_id=current["model_id"])
+    except UnfitCandidatesError as error:
+        return replace(skipped, reason=str(error))
     published = publish.publish_canary_batch(settings, day, current["model_id"])
     with connect(settings) as conn:
         with conn.transaction():

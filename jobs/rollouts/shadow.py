@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 import sql
 from jobs import lake
 from jobs.database import connect, upgrade
-from jobs.errors import FutureModelError, MissingDataError
+from jobs.errors import FutureModelError, MissingDataError, UnfitCandidatesError
 from jobs.evaluation import ranking_metrics
 from jobs.outcome import Outcome
 from jobs.settings import Settings
@@ -75,12 +75,13 @@ class ShadowSkipped:
 def nightly_shadow(
     settings: Settings, logical_date: date, model_id: str, shards: int | None = None
 ) -> ShadowResult | ShadowSkipped:
-    """The shadow of a scheduled run: like `run_shadow`, but a model trained after the date (a backfill
-    of an older date with today's OVERNIGHT_SHADOW_MODEL) skips the shadow with the reason logged,
-    rather than failing a night whose production batch is published. An unknown model still fails."""
+    """The shadow of a scheduled run: like `run_shadow`, but a model that cannot score the date (trained
+    after it, in a backfill of an older date with today's OVERNIGHT_SHADOW_MODEL; or tuned with other
+    candidate settings than the date's tables) skips the shadow with the reason logged, rather than
+    failing a night whose production batch is published. An unknown model still fails."""
     try:
         return run_shadow(settings, logical_date, model_id, shards)
-    except FutureModelError as error:
+    except (FutureModelError, UnfitCandidatesError) as error:
         skipped = ShadowSkipped(logical_date.isoformat(), model_id, str(error))
         logger.warning("%s", skipped.summary())
         return skipped

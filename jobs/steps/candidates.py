@@ -75,9 +75,14 @@ def settings_for_date(settings: Settings, logical_date: date) -> Settings:
 def tables_fit(settings: Settings, logical_date: date, model: registry.ModelVersion) -> bool:
     """Whether the date's tables were built with the candidate settings ``model`` scores with (a tuned
     model's own, else the night's); tables from before the step recorded them count as the night's."""
+    return tables_built_with(settings, logical_date, registry.tuned_settings(settings, model))
+
+
+def tables_built_with(settings: Settings, logical_date: date, wanted: Settings) -> bool:
+    """Whether the date's tables were built with ``wanted``'s candidate settings (``settings``: the night's)."""
     record = workdir.candidate_settings_path(settings, logical_date)
     built = json.loads(record.read_text()) if record.exists() else shaping_values(settings)
-    return bool(built == shaping_values(registry.tuned_settings(settings, model)))
+    return bool(built == shaping_values(wanted))
 
 
 def source_limits(settings: Settings) -> dict[str, int]:

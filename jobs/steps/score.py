@@ -20,7 +20,7 @@ from upath import UPath
 
 from jobs import diversity, kernels, lake, predictor, registry, workdir
 from jobs.database import connect
-from jobs.errors import FutureModelError, MissingDataError
+from jobs.errors import FutureModelError, MissingDataError, UnfitCandidatesError
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import candidates, features
@@ -62,6 +62,25 @@ def shard_events(settings: Settings, logical_date: date, users: pl.DataFrame) ->
         .join(users, on="user_id")
     )
     return {key[0]: part.drop("chunk") for key, part in events.partition_by("chunk", as_dict=True).items()}
+
+
+def require_fitting_tables(
+    settings: Settings, logical_date: date, model: registry.ModelVersion, model_id: str | None
+) -> None:
+    """The date's candidate tables must be built with the candidate settings `model` was tuned with. For
+    the date's own model (`model_id` None) the candidates step rebuilds them; a chosen model with other
+    settings cannot score the date, since the date has one set of tables, its own model's."""
+    if candidates.tables_fit(settings, logical_date, model):
+        return
+    if model_id is None:
+        raise MissingDataError(
+            f"the candidate tables of {logical_date} were built with other candidate settings than {model.model_id} "
+            f"was tuned with; run `overnight candidates --date {logical_date}`"
+        )
+    raise UnfitCandidatesError(
+        f"model {model.model_id} was tuned with other candidate settings than the candidate tables of "
+        f"{logical_date} were built with (those of the model that scores the date): it cannot score {logical_date}"
+    )
 
 
 def ranker_for(settings: Settings, logical_date: date, model_id: str | None = None) -> registry.ModelVersion:
@@ -205,11 +224,7 @@ def score_shard(
         raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
     started = time.perf_counter()
     model, booster = load_ranker(settings, logical_date, model_id)
-    if not candidates.tables_fit(settings, logical_date, model):
-        raise MissingDataError(
-            f"the candidate tables of {logical_date} were built with other candidate settings than {model.model_id} "
-            f"was tuned with; run `overnight candidates --date {logical_date}`"
-        )
+    require_fitting_tables(settings, logical_date, model, model_id)
     settings = registry.tuned_settings(settings, model)
     ranker = predictor.for_model(settings, registry.artifact_file(settings, model), model.artifact_sha256, booster)
     folder = workdir.require_tables(settings, logical_date)
@@ -302,11 +317,7 @@ def plan_shards(
     """The shard numbers to score (``shards`` of them, or ``shard_count``); shard files of an earlier run
     with another count are removed, since publishing them with this run's would mix two runs."""
     model = ranker_for(settings, logical_date, model_id)
-    if not candidates.tables_fit(settings, logical_date, model):
-        raise MissingDataError(
-            f"the candidate tables of {logical_date} were built with other candidate settings than {model.model_id} "
-            f"was tuned with; run `overnight candidates --date {logical_date}`"
-        )
+    require_fitting_tables(settings, logical_date, model, model_id)
     shards = shards or shard_count(settings, logical_date)
     workdir.remove_other_shard_counts(settings, logical_date, shards, model_id)
     return list(range(shards))

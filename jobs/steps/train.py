@@ -543,6 +543,7 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
 
     end = lake.day_end(logical_date)
     catalogue, windows, held_out = label_data(settings, logical_date)
+    night_settings = settings
     searched = None
     if settings.tune_budget_minutes is not None:
         objective = tuning_objective(windows, held_out, catalogue)
@@ -583,7 +584,10 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
     rejection = promotion_gate(results, settings)
     metrics["gate"] = {"passed": rejection is None, "reason": rejection, "margin": settings.promotion_margin}
     model_id, artifact = _save_artifact(fitted.booster, settings, logical_date)
-    drift.write_reference(settings, artifact.parent, features.sample_features(settings, logical_date))
+    if candidates.tables_built_with(night_settings, logical_date, settings):
+        drift.write_reference(settings, artifact.parent, features.sample_features(settings, logical_date))
+    else:  # the date's tables are the last model's: its reference is tonight's sample (jobs.monitoring.drift)
+        logger.info("train: the drift reference of %s is taken once its candidate tables are built", model_id)
     model = registry.ModelVersion(
         model_id=model_id,
         logical_date=logical_date,

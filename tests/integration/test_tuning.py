@@ -9,7 +9,9 @@ import psycopg
 import pytest
 
 from jobs import nightly, registry, tuning, workdir
-from jobs.errors import MissingDataError
+from jobs.errors import MissingDataError, UnfitCandidatesError
+from jobs.monitoring import drift
+from jobs.rollouts import shadow
 from jobs.settings import Settings
 from jobs.steps import candidates, score, train
 from tests.support.batches import ingest_and_prepare
@@ -114,6 +116,24 @@ def test_scoring_applies_the_tuned_candidate_settings_of_its_model(
     assert json.loads(built_with.read_text()) == {**candidates.shaping_values(settings), **tuned}
     assert manifest.model_id == model.model_id
     assert manifest.candidate_rows <= manifest.users * tuned["max_candidates"] < untuned.candidate_rows
+
+    # A model whose candidate settings the date's tables did not have when it was trained gets its drift
+    # reference from the monitor step of its date: tonight's sample, scored with the rebuilt tables.
+    reference = drift.reference_path(settings, model)
+    reference.unlink()
+    nightly.run_step("monitor", night)
+    assert pl.read_parquet(reference).equals(drift.tonight(settings, SAMPLE_DATE))
+    assert drift.report(settings, SAMPLE_DATE)["stages"]["drift"]["report"]["features"]
+
+    # A chosen model tuned otherwise (here the same model without tuned settings) cannot score the date,
+    # whose one set of tables is its own model's: a clear error, and the nightly shadow skips with it.
+    other = registry.ModelVersion(**{**model.__dict__, "model_id": "ranker-untuned", "status": "trained"})
+    with psycopg.connect(database_url) as conn:
+        registry.register(conn, other)
+    with pytest.raises(UnfitCandidatesError, match=r"ranker-untuned was tuned with other candidate settings"):
+        score.score(settings, SAMPLE_DATE, model_id=other.model_id)
+    skipped_shadow = shadow.nightly_shadow(settings, SAMPLE_DATE, other.model_id)
+    assert isinstance(skipped_shadow, shadow.ShadowSkipped) and "cannot score" in skipped_shadow.reason
 
 
 def test_overnight_tune_runs_the_search_alone_and_models_show_the_chosen_settings(
