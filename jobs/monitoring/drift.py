@@ -56,7 +56,7 @@ def _scored_sample(settings: Settings, logical_date: date) -> pl.DataFrame:
     return pl.read_parquet([str(part) for part in parts])
 
 
-def write_reference(settings: Settings, model_dir: UPath, frame: pl.DataFrame) -> UPath:
+def write_reference(settings: Settings, model_dir: Path | UPath, frame: pl.DataFrame) -> Path | UPath:
     """Keep beside the model a sample of its features as scoring sees them on the date it was trained for
     (`frame`, from the same users as every night's sample); drift compares each night's features with it.
     Train writes it, or, when the date's candidate tables were built with other candidate settings than the
