@@ -13,7 +13,7 @@ import math
 import re
 import time
 from collections import OrderedDict, deque
-from ipaddress import ip_address
+from ipaddress import IPv6Address, ip_address, ip_network
 
 from fastapi import Request, Response
 
@@ -144,7 +144,8 @@ class LoginThrottle:
     that client's next sign-ins are refused (429, with Retry-After) until the oldest failure is older
     than the window. A successful sign-in clears the client's failures. Each worker counts its own
     failures (with N workers a client gets up to N x `attempts` tries a window), at most `clients`
-    clients (the longest quiet are forgotten first)."""
+    clients (the longest quiet are forgotten first). An IPv6 client counts as its /64 network, which one
+    host commonly holds whole: a fresh address for each try would otherwise be a fresh client."""
 
     def __init__(self, attempts: int = 5, window: float = 900.0, clients: int = 10_000) -> None:
         self.attempts = attempts
@@ -154,7 +155,7 @@ class LoginThrottle:
 
     def retry_after(self, client: str, now: float | None = None) -> int:
         """Seconds until `client` may try again; 0 when it may now."""
-        failures = self._failures.get(client)
+        failures = self._failures.get(_counted_as(client))
         if failures is None:
             return 0
         now = time.monotonic() if now is None else now
@@ -165,6 +166,7 @@ class LoginThrottle:
         return max(1, math.ceil(failures[0] + self.window - now))
 
     def failed(self, client: str, now: float | None = None) -> None:
+        client = _counted_as(client)
         failures = self._failures.pop(client, None) or deque(maxlen=self.attempts)
         failures.append(time.monotonic() if now is None else now)
         self._failures[client] = failures
@@ -172,7 +174,18 @@ class LoginThrottle:
             self._failures.popitem(last=False)
 
     def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+        self._failures.pop(_counted_as(client), None)
+
+
+def _counted_as(client: str) -> str:
+    """The key a client's failures count under: an IPv6 address's /64 network, else the client as given."""
+    try:
+        address = ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is None:
+        return str(ip_network(f"{client}/64", strict=False))
+    return client
 
 
 def throttle_of(request: Request) -> LoginThrottle:

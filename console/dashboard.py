@@ -222,6 +222,10 @@ async def _records(dsn: str, day: date | None) -> dict[str, Any] | Response:
         return JSONResponse(
             {"detail": "the database is unavailable", "reason": "database_unavailable"}, status_code=503
         )
+    except psycopg.Error as error:  # a schema this console does not know (another version's): say so, not a 500
+        logger.error("dashboard: the records could not be read: %s", first_line(error))
+        detail = "the records could not be read: is the schema the console's version? run `overnight db upgrade`"
+        return JSONResponse({"detail": detail, "reason": "database_error"}, status_code=503)
 
 
 async def _fetch(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, params: Any = ()) -> list[dict[str, Any]]:

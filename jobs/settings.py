@@ -1,12 +1,16 @@
 """The batch side's configuration: every ``OVERNIGHT_*`` environment variable it reads, in one place."""
 
 import math
+import urllib.parse
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from upath import UPath
+
+from jobs.errors import SettingsError
+from sql.text import settings_error_line
 
 MAX_WEIGHT = 1e6  # default OVERNIGHT_MAX_WEIGHT: ratings and counts are far below it
 
@@ -294,6 +298,33 @@ class Settings(BaseSettings):
 
     online_keep_days: int = Field(default=90, gt=0, description="Days of served predictions and feedback kept.")
 
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        # A chat webhook's URL is a secret: the message names the problem, never the value.
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+            raise ValueError("not an http:// or https:// URL with a host (the value is not repeated: it may be secret)")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("its port is not a number (the value is not repeated: it may be secret)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_feedback_weights(self) -> Self:
+        # Ingest would set every event of a type weighed outside these bounds aside as bad_weight, each night.
+        for name, weight in self.feedback_weights.items():
+            if not name.strip() or not math.isfinite(weight) or not 0 <= weight <= self.max_weight:
+                raise ValueError(
+                    f"OVERNIGHT_FEEDBACK_WEIGHTS: feedback type {name!r} weighs {weight}: a weight is a number from 0 "
+                    f"to OVERNIGHT_MAX_WEIGHT ({self.max_weight:g})"
+                )
+        return self
+
     @field_validator("event_weights", mode="before")
     @classmethod
     def _parse_event_weights(cls, value: object) -> object:
@@ -350,4 +381,9 @@ def parse_event_weights(text: str) -> dict[str, float] | None:
 
 
 def get_settings(**overrides: object) -> Settings:
-    return Settings(**overrides)  # type: ignore[arg-type]
+    """The settings, or a `SettingsError` on one line that names each bad variable and never repeats its
+    value (a webhook URL or a DSN may be a secret, and Airflow shows a DAG's import errors)."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(settings_error_line(error, Settings.model_config.get("env_prefix", ""))) from None

@@ -25,8 +25,8 @@ class RequestSizeLimit:
             return
         try:
             body = await read_body(scope, receive, self.max_bytes)
-        except BodyTooLargeError:
-            await self._refuse(send)
+        except BodyTooLargeError as error:
+            await self._refuse(send, error)
             return
         replayed = False
 
@@ -39,8 +39,9 @@ class RequestSizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = orjson.dumps({"detail": _too_large(self.max_bytes)})
+    async def _refuse(self, send: Send, error: BodyTooLargeError) -> None:
+        # the shape and reason of every other refusal (serving.app.serving_error_response)
+        body = orjson.dumps({"detail": str(error), "reason": error.reason})
         await send(
             {
                 "type": "http.response.start",

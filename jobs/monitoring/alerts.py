@@ -5,8 +5,10 @@ Airflow imports this module when it parses the DAGs, so it imports nothing heavy
 """
 
 import asyncio
+import http.client
 import json
 import logging
+import urllib.error
 import urllib.request
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -40,8 +42,17 @@ def send_alert(
     try:
         with urllib.request.urlopen(request, timeout=10):
             pass
-    except OSError as error:
-        logger.error("could not deliver the alert to the webhook: %s", error)
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        # not the error's text: it may hold the webhook's URL, which is a secret
+        logger.error("could not deliver the alert to the webhook: %s", _delivery_failure(error))
+
+
+def _delivery_failure(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code}"
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, OSError):
+        return f"{type(error.reason).__name__} ({error.reason.strerror or 'no detail'})"
+    return type(error).__name__
 
 
 def _first_time(settings: "Settings", fingerprint: str, title: str, details: dict[str, Any]) -> bool:

@@ -178,6 +178,15 @@ def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.name == "overnight.console.access"]
 
 
+def test_a_schema_the_console_does_not_know_is_a_503_with_a_reason_never_a_500(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:  # another version's schema, say
+        conn.execute("ALTER TABLE overnight.runs RENAME COLUMN abandoned_at TO abandoned_when")
+    with running_console(console_settings(database_url)) as console:
+        overview = console.overview()
+    assert overview.status_code == 503 and overview.json()["reason"] == "database_error"
+    assert "abandoned" not in overview.text  # the driver's text goes to the log only
+
+
 # ---------------------------------------------------------------------------- turning auth off
 
 

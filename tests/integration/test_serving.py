@@ -473,9 +473,11 @@ def test_oversized_bodies_are_refused_with_413_before_parsing(database_url: str,
     with running(service_settings(database_url, max_request_bytes=2048)) as service:
         service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
         big = {"user_ids": ["u" * 200] * 20}
-        response = service.client.post("/v1/recommendations:batch", json=big)
-        assert response.status_code == 413
-        assert "2048 bytes" in detail_text(response)
+        for path in ("/v1/recommendations:batch", "/v1/events", "/v1/items:similar", "/v1/recommendations:session"):
+            response = service.client.post(path, json=big)
+            # one shape for every refusal: a short reason code beside the detail
+            assert response.status_code == 413 and response.json()["reason"] == "body_too_large", path
+            assert "2048 bytes" in detail_text(response)
 
         def chunked() -> Iterator[bytes]:  # no Content-Length: counted while read
             yield b'{"user_ids": ['
