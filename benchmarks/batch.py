@@ -27,7 +27,8 @@ from psycopg.conninfo import make_conninfo
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGICAL_DATE = date(2026, 11, 20)
-STEPS = ("ingest", "candidates", "features", "score", "monitor_input", "publish")
+# The nightly steps a night without retraining runs (jobs.nightly.STEPS' names), each in a child process.
+STEPS = ("ingest", "candidates", "features", "score", "monitor", "publish")
 
 
 def load() -> list[float]:
@@ -76,26 +77,20 @@ def own_peak_rss_mb() -> float:
 
 
 def child_step(step: str, extra: list[str]) -> Any:
+    """One step as the DAG's task runs it (`jobs.nightly`), so what is measured is what a night runs."""
+    from jobs import nightly
     from jobs.settings import get_settings
-    from jobs.steps import candidates, features, ingest, publish, score
 
     settings = get_settings()
-    if step == "ingest":
-        return asdict(ingest.ingest(settings, Path(extra[0]), LOGICAL_DATE))
-    if step == "candidates":
-        return asdict(candidates.prepare(settings, LOGICAL_DATE))
-    if step == "features":
-        return asdict(features.prepare(settings, LOGICAL_DATE))
+    night = nightly.night_of(settings, LOGICAL_DATE, extra[0] if step == "ingest" else None)
+    if step in ("ingest", "candidates", "features", "monitor"):
+        return asdict(nightly.run_step(step, night))  # type: ignore[call-overload]
     if step == "plan":
-        return score.plan_shards(settings, LOGICAL_DATE)
+        return nightly.plan_shards("score", night)
     if step == "score":
-        return asdict(score.score_shard(settings, LOGICAL_DATE, int(extra[0]), int(extra[1])))
-    if step == "monitor_input":
-        from jobs.monitoring import drift
-
-        return asdict(drift.monitor_input(settings, LOGICAL_DATE))
+        return asdict(nightly.run_shard("score", night, int(extra[0]), int(extra[1])))  # type: ignore[call-overload]
     if step == "publish":
-        result = asdict(publish.publish_nightly(settings, LOGICAL_DATE))
+        result = asdict(nightly.run_step("publish", night))  # type: ignore[call-overload]
         return {k: v for k, v in result.items() if k != "validation"} | {"validation": result["validation"]}
     if step == "copy-ceiling":
         return copy_ceiling(settings)
@@ -336,8 +331,8 @@ def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
         "load_before": shard_runs[0]["load_before"],
         "per_shard": [{k: r[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb", "load_before")} for r in shard_runs],
     }
-    # the DAG's monitor_input task, before publish (whose monitoring gate reads what it measured)
-    for step in ("monitor_input", "publish"):
+    # the DAG's monitor task, before publish (whose monitoring gate reads what it measured)
+    for step in ("monitor", "publish"):
         log(f"{step} ... (load {load()})")
         steps[step] = run_step(step, [], env)
         log(f"{step}: {steps[step]['seconds']} s, peak {steps[step]['peak_rss_mb']} MB")
