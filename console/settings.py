@@ -25,7 +25,9 @@ class ConsoleConfigError(Exception):
 
 class ConsoleSettings(BaseSettings):
     # Empty variables count as unset, so compose's `${VAR:-}` falls back as an absent one does.
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, env_ignore_empty=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, env_ignore_empty=True, hide_input_in_errors=True
+    )
 
     console_database_url: str | None = Field(
         default=None,

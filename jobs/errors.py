@@ -34,10 +34,6 @@ class StaleBatchError(OvernightError):
     """The live batch is too old or covers too few users."""
 
 
-class SettingsError(OvernightError):
-    """An OVERNIGHT_* variable is not valid; the message names each and never repeats a value."""
-
-
 class DatabaseError(OvernightError):
     """Postgres could not be reached or the schema is not what this version expects."""
 

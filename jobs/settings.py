@@ -5,12 +5,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Annotated, Self
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from upath import UPath
-
-from jobs.errors import SettingsError
-from sql.text import settings_error_line
 
 MAX_WEIGHT = 1e6  # default OVERNIGHT_MAX_WEIGHT: ratings and counts are far below it
 
@@ -37,7 +34,9 @@ def data_folder(value: object) -> UPath:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore")
+    # hide_input_in_errors: a DSN or a webhook URL may be a secret, and Airflow shows a task's or a DAG
+    # file's errors in its UI.
+    model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore", hide_input_in_errors=True)
 
     database_url: str | None = Field(
         default=None,
@@ -381,9 +380,4 @@ def parse_event_weights(text: str) -> dict[str, float] | None:
 
 
 def get_settings(**overrides: object) -> Settings:
-    """The settings, or a `SettingsError` on one line that names each bad variable and never repeats its
-    value (a webhook URL or a DSN may be a secret, and Airflow shows a DAG's import errors)."""
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as error:
-        raise SettingsError(settings_error_line(error, Settings.model_config.get("env_prefix", ""))) from None
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ def _default_pool_max_size() -> int:
 
 
 class ServingSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, hide_input_in_errors=True)
 
     database_url: str = Field(min_length=1, repr=False, description="Postgres DSN the batches are published to.")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
