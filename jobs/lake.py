@@ -7,10 +7,12 @@ reason). Reading "as of D" sees only events with ``timestamp < D + 1 day``, so n
 a backfill. Partitions are by event time: an event ingested late (``jobs.steps.feedback``) joins its own day's.
 """
 
+import fcntl
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
@@ -206,6 +208,25 @@ def write_atomically(path: Path | UPath, write: Callable[[Path], object]) -> Non
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive_writes(lake_dir: Path | UPath) -> Iterator[None]:
+    """Hold the lake's write lock around read-modify-write merges of its partitions: two ingests at once (a
+    backfill of two dates, each merging into the same event days) would otherwise lose one's rows. A local
+    lake only (an flock between this machine's processes); an object store has no lock: there, one
+    ingest at a time (docs/operations.md)."""
+    if not is_local(lake_dir):
+        yield
+        return
+    lock_file = Path(lake_dir) / ".write.lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_parquet_atomically(frame: pl.DataFrame, path: Path | UPath) -> None:

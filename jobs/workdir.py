@@ -9,6 +9,7 @@ scratch folders (ingest's staging, one-off jobs') stay on this machine's ``LOCAL
 """
 
 import json
+import tempfile
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -61,7 +62,10 @@ def candidate_settings_path(settings: Settings, logical_date: date) -> UPath:
 
 
 def ingest_staging(settings: Settings, logical_date: date) -> Path:
-    return scratch_root(settings) / f"date={logical_date.isoformat()}" / "ingest-staging"
+    """A new folder of this ingest's own: two ingests of one date at once must not share (or delete) one."""
+    parent = scratch_root(settings) / f"date={logical_date.isoformat()}"
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="ingest-staging-", dir=parent))
 
 
 def ingest_report_path(settings: Settings, logical_date: date) -> UPath:

@@ -1075,7 +1075,6 @@ def _quarantine_cross_chunk_duplicates(staged: _Staged) -> None:
 
 def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str = "auto") -> IngestResult:
     staging = workdir.ingest_staging(settings, logical_date)
-    shutil.rmtree(staging, ignore_errors=True)
     try:
         return _ingest(settings, Path(source_path), logical_date, fmt, staging)
     finally:
@@ -1125,11 +1124,12 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
     )
 
     days = staged.day_dirs()
-    for count, (event_date, day_dir) in enumerate(days, start=1):
-        rows = pl.read_parquet(sorted(day_dir.glob("*.parquet"))).drop("row", "line").unique(DEDUP_KEYS, keep="first")
-        _merge_partition(lake_dir, event_date, rows)
-        if count % 50 == 0:
-            logger.info("ingest: wrote %d of %d event-day partitions", count, len(days))
+    with lake.exclusive_writes(lake_dir):
+        for count, (event_date, day_dir) in enumerate(days, start=1):
+            rows = pl.read_parquet(sorted(day_dir.glob("*.parquet")))
+            _merge_partition(lake_dir, event_date, rows.drop("row", "line").unique(DEDUP_KEYS, keep="first"))
+            if count % 50 == 0:
+                logger.info("ingest: wrote %d of %d event-day partitions", count, len(days))
     lake.write_parquet_atomically(catalogue, lake.snapshot_path(lake_dir, "items", logical_date))
     if source.users is not None:  # checked when read: ids present, stripped and listed once
         lake.write_parquet_atomically(source.users.rows, lake.snapshot_path(lake_dir, "users", logical_date))

@@ -1,7 +1,10 @@
 """Ingest: readers, the data contract's validation, quarantine and the lake it writes."""
 
 import logging
-from datetime import UTC, date, datetime
+import subprocess
+import sys
+import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -230,7 +233,7 @@ def test_a_source_read_in_chunks_lands_as_if_read_whole(tmp_path: Path, monkeypa
     assert quarantined["row"].to_list() == [200]
     lake_rows = pl.read_parquet(lake.interaction_partitions(chunked_settings.lake_dir, DAY))
     assert lake_rows.height == chunked.rows_valid == 201
-    assert not (workdir.folder(chunked_settings, DAY) / "ingest-staging").exists()
+    assert not list((workdir.scratch_root(chunked_settings) / f"date={DAY}").glob("ingest-staging*"))
 
 
 # ---------------------------------------------------------------- null-looking text, bad weights, bad lines
@@ -474,3 +477,64 @@ def test_a_source_named_with_control_characters_reaches_no_log_or_summary_raw(
         result = ingest(settings_for(tmp_path), path, DAY)
     assert "\x1b" not in result.summary() and r"\x1b[2J" in result.summary()
     assert caplog.records and not any("\x1b" in record.getMessage() for record in caplog.records)
+
+
+INGEST_IN_A_PROCESS = """
+import sys
+from datetime import date
+from pathlib import Path
+from jobs.settings import Settings
+from jobs.steps.ingest import ingest
+settings = Settings(data_dir=Path(sys.argv[1]), ingest_feedback=False, max_bad_fraction=1.0)
+print(ingest(settings, Path(sys.argv[2]), date.fromisoformat(sys.argv[3])).rows_valid)
+"""
+
+
+def test_two_ingests_at_once_lose_no_rows(tmp_path: Path) -> None:
+    """A backfill of two dates at once: both merge into the same event-day partitions of one lake (under its
+    write lock), and of one date twice at once, each with a staging folder of its own."""
+    days = [date(2026, 8, 1) + timedelta(days=n) for n in range(100)]
+    sources = {}
+    for name in ("a", "b", "c"):
+        rows = "".join(f"{name}{u},i{u % 97},{day}T12:00:00Z,1\n" for day in days for u in range(150))
+        sources[name] = write_csv(tmp_path / name, "user_id,item_id,timestamp,rating\n" + rows)
+    lake_root = tmp_path / "var"
+    runs = [("a", "2026-11-20"), ("b", "2026-11-21"), ("c", "2026-11-21")]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", INGEST_IN_A_PROCESS, str(lake_root), str(sources[name]), day],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, day in runs
+    ]
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        assert out.strip() == str(len(days) * 150)
+    lake_rows = pl.read_parquet(lake.interaction_partitions(lake_root / "lake", date(2026, 11, 21)))
+    by_source = lake_rows.group_by(pl.col("user_id").str.head(1)).len().sort("user_id").rows()
+    assert by_source == [(name, len(days) * 150) for name in "abc"]
+
+
+HOLD_THE_LAKE = """
+import sys, time
+from pathlib import Path
+from jobs import lake
+with lake.exclusive_writes(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(1.5)
+"""
+
+
+def test_the_lakes_write_lock_is_held_across_processes(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LAKE, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with lake.exclusive_writes(tmp_path):
+            waited = time.monotonic() - started
+    finally:
+        holder.wait(timeout=30)
+    assert waited > 1.0
