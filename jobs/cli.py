@@ -21,7 +21,7 @@ import typer
 
 from jobs.errors import OvernightError
 from jobs.settings import Settings, get_settings
-from sql.text import settings_error_line
+from sql.text import first_line, settings_error_line
 
 if TYPE_CHECKING:
     from jobs.dev.demo import Demo
@@ -1104,6 +1104,12 @@ def main() -> None:
         raise SystemExit(1) from None
     except (KeyboardInterrupt, typer.Abort):
         raise SystemExit(130) from None
+    except Exception as error:  # not one the code foresaw (a file where a folder should be, say): still one line
+        logging.getLogger("jobs.cli").debug("the unforeseen error's traceback", exc_info=True)
+        typer.echo(
+            f"overnight: error: {type(error).__name__}: {first_line(error)} (run with -v for the traceback)", err=True
+        )
+        raise SystemExit(1) from None
     # without standalone mode, an explicit exit (--help: 0, Ctrl-C inside a command: 130) is returned
     if isinstance(code, int) and not isinstance(code, bool):
         raise SystemExit(code)

@@ -176,7 +176,7 @@ def test_a_killed_score_shard_leaves_production_serving_and_a_rerun_completes(pr
     if not (_scores(production) / "shard-00000-of-00002.json").exists():  # killed before its manifest
         refused = overnight("publish", "--date", str(SAMPLE_DATE), env=production.env, check=False)
         assert refused.returncode == 1
-        assert "missing shard(s) [0]" in refused.stderr
+        assert "missing 1 shard(s) of 2: 0;" in refused.stderr
         assert production.served_batch() == served
     overnight("score", "--date", str(SAMPLE_DATE), "--shards", "2", "--shard", "0", env=production.env)  # the retry
     assert production.rerun_publish_goes_live() != served

@@ -221,3 +221,25 @@ def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
         assert result.stdout == ""
     helped = overnight("canary", "start", "batch", "--help", env=env)
     assert "--traffic" in helped.stdout and helped.stderr == ""
+
+
+def test_an_error_no_code_foresaw_is_still_one_line_with_exit_1(
+    env: dict[str, str], sample_source: Path, tmp_path: Path
+) -> None:
+    """A file where the data folder should be, say: one line naming the error, no traceback (-v shows it)."""
+    not_a_folder = tmp_path / "afile"
+    not_a_folder.write_text("")
+    failed = overnight(
+        "ingest",
+        "--source",
+        str(sample_source),
+        "--date",
+        str(SAMPLE_DATE),
+        env={**env, "OVERNIGHT_DATA_DIR": str(not_a_folder)},
+        check=False,
+    )
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    (line,) = failed.stderr.strip().splitlines()[-1:]
+    assert re.match(
+        r"overnight: error: (NotADirectoryError|FileExistsError): .* \(run with -v for the traceback\)$", line
+    )

@@ -237,7 +237,7 @@ def test_readers_never_see_a_mix_or_a_gap_while_batches_switch(batch_settings: S
 
 def test_publish_needs_every_shard(batch_settings: Settings) -> None:
     workdir.shard_path(batch_settings, SAMPLE_DATE, 1, 2).with_suffix(".json").unlink()
-    with pytest.raises(MissingDataError, match=r"missing shard\(s\) \[1\] of 2"):
+    with pytest.raises(MissingDataError, match=r"missing 1 shard\(s\) of 2: 1; "):
         publish.publish_nightly(batch_settings, SAMPLE_DATE)
 
 
