@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, is_dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -48,11 +48,21 @@ def _parse_date(value: str) -> date:
         raise typer.BadParameter(f"{value!r} is not a date like 2026-11-22") from None
 
 
+def _parse_logical_date(value: str) -> date:
+    """A night's date: never after today (UTC). A typo a year ahead would go live and hold every real night
+    back as a backfill (a newer date is live)."""
+    day = _parse_date(value)
+    today = datetime.now(UTC).date()
+    if day > today:
+        raise typer.BadParameter(f"{day} is after today ({today}, UTC): a night scores a day that has begun")
+    return day
+
+
 DateOption = Annotated[
     date,
     typer.Option(
         "--date",
-        parser=_parse_date,
+        parser=_parse_logical_date,
         metavar="YYYY-MM-DD",
         help="Logical date: the run uses events before the end of this day (UTC).",
     ),
@@ -496,7 +506,7 @@ CanaryDateOption = Annotated[
     date | None,
     typer.Option(
         "--date",
-        parser=_parse_date,
+        parser=_parse_logical_date,
         metavar="YYYY-MM-DD",
         help="The date to score with the model (default: the live batch's date).",
     ),

@@ -201,6 +201,9 @@ def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
         (["canary", "start", "batch", "1"], "Missing option '--traffic'"),
         (["canary", "start", "model"], "Missing argument 'M'"),
         (["canary", "start", "batch", "1", "--traffic", "5%"], "Invalid value for '--traffic'"),
+        # a night's date a typo puts in the future would go live and hold every real night back
+        (["run", "--source", "x", "--date", "2999-01-01"], "Invalid value for '--date': 2999-01-01 is after today"),
+        (["publish", "--date", "2999-01-01"], "is after today"),
         (["canary", "stop", "--batch", "3"], "No such option: --batch"),
         # the single command's options became sub-commands: the error says which
         (["canary", "--batch", "1", "--traffic", "0.1"], "`overnight canary start batch B --traffic T`"),
