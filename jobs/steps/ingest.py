@@ -193,8 +193,13 @@ def _file_format(path: Path) -> str:
 
 
 def _folder_suffix(folder: Path) -> str:
-    suffixes = {p.suffix.lower() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    suffixes = {p.suffix.lower() for p in _data_files(folder)}
     return suffixes.pop() if len(suffixes) == 1 else ""
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """A folder's data files: not hidden (.crc) nor a writer's marker (Spark's _SUCCESS, _committed_...)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
 
 
 def _movielens_files(folder: Path) -> tuple[Path, Path | None, str] | None:
@@ -250,25 +255,26 @@ def source_chunks(path: Path, fmt: str = "auto", chunk_rows: int = 0) -> Iterato
         interactions, items, users = found, _table_file(path, "items"), _table_file(path, "users")
     item_file = _read_table_file(items, "item") if items else None
     user_file = _read_table_file(users, "user") if users else None
-    for number, frame in enumerate(_table_batches(interactions, chunk_rows or CHUNK_ROWS)):
+    for number, frame in enumerate(_table_batches(interactions, chunk_rows or CHUNK_ROWS, fmt)):
         first = number == 0
         yield Source(interactions.name, fmt, frame, item_file if first else None, user_file if first else None)
 
 
 def _table_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    files = _data_files(path) if path.is_dir() else [path]
     if not files:
         raise BadInputError(f"{path}: empty folder")
     return files
 
 
-def _table_batches(path: Path, rows: int) -> Iterator[pl.DataFrame]:
-    """Parquet keeps its types; CSV is read as text so that validation sees every bad value."""
+def _table_batches(path: Path, rows: int, fmt: str = "auto") -> Iterator[pl.DataFrame]:
+    """Parquet keeps its types; CSV is read as text so that validation sees every bad value. `fmt` (parquet
+    or csv) is what the files are whatever their names say; auto tells each by its name."""
     import pyarrow
 
     for file in _table_files(path):
         try:
-            if _file_format(file) == "parquet":
+            if (fmt if fmt in ("parquet", "csv") else _file_format(file)) == "parquet":
                 yield from _parquet_batches(file, rows)
             else:
                 yield from _csv_batches(file)

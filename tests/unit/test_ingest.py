@@ -538,3 +538,25 @@ def test_the_lakes_write_lock_is_held_across_processes(tmp_path: Path) -> None:
     finally:
         holder.wait(timeout=30)
     assert waited > 1.0
+
+
+def test_a_spark_output_folder_and_a_file_named_without_its_format_are_read(tmp_path: Path) -> None:
+    """Spark writes part files beside a _SUCCESS marker and .crc files; --format says what a file is
+    whatever its name."""
+    frame = pl.DataFrame(
+        {"user_id": ["u1", "u2", "u3"], "item_id": ["i1", "i2", "i3"], "timestamp": [datetime(2026, 11, 10)] * 3}
+    )
+    folder = tmp_path / "spark" / "interactions"
+    folder.mkdir(parents=True)
+    frame.head(2).write_parquet(folder / "part-00000-abc.snappy.parquet")
+    frame.tail(1).write_parquet(folder / "part-00001-abc.snappy.parquet")
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-00000-abc.snappy.parquet.crc").write_bytes(b"\x00")
+    assert detect_format(tmp_path / "spark") == "parquet"
+    assert read_source(tmp_path / "spark").interactions.height == 3
+
+    unnamed = tmp_path / "export"
+    frame.write_parquet(unnamed)
+    with pytest.raises(BadInputError, match="cannot tell the format from the name"):
+        read_source(unnamed)
+    assert read_source(unnamed, "parquet").interactions["user_id"].to_list() == ["u1", "u2", "u3"]
