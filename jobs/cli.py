@@ -10,7 +10,7 @@ import logging
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -75,8 +75,26 @@ SourceOption = Annotated[
         "or a MovieLens folder (ml-100k, ml-1m, ml-latest).",
     ),
 ]
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """An option's callback: a value not among `choices` is a usage error (exit 2) naming them."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
 FormatOption = Annotated[
-    str, typer.Option("--format", help="auto, movielens, parquet or csv (auto detects from the path).")
+    str,
+    typer.Option(
+        "--format",
+        callback=_one_of("auto", "movielens", "parquet", "csv"),
+        help="auto, movielens, parquet or csv (auto detects from the path).",
+    ),
 ]
 ShardsOption = Annotated[
     int | None,
@@ -305,9 +323,10 @@ def evaluate(
     protocol: Annotated[
         str,
         typer.Option(
+            callback=_one_of("user-holdout", "global"),
             help="user-holdout: the literature's protocol, each user's last 20% of interactions held out "
             "(`overnight backtest` measures what the nightly run publishes); "
-            "global: train before --cutoff, test on the next --horizon-days."
+            "global: train before --cutoff, test on the next --horizon-days.",
         ),
     ] = "user-holdout",
     cutoff: Annotated[
@@ -335,6 +354,8 @@ def evaluate(
     """
     from jobs.evaluation.evaluate import evaluate as run_evaluate
 
+    if protocol != "global" and cutoff is not None:
+        raise typer.BadParameter("--cutoff belongs to --protocol global", param_hint="'--cutoff'")
     result = run_evaluate(_settings(), source, protocol, cutoff, horizon_days, fmt)
     window = f", cutoff {result.cutoff}, horizon {result.horizon_days} days" if result.cutoff else ""
     _progress(
@@ -835,7 +856,11 @@ def serve(
         ),
     ] = False,
     server: Annotated[
-        str, typer.Option(help="HTTP server: granian (faster here, see docs/serving.md) or uvicorn.")
+        str,
+        typer.Option(
+            callback=_one_of("granian", "uvicorn"),
+            help="HTTP server: granian (faster here, see docs/serving.md) or uvicorn.",
+        ),
     ] = "granian",
 ) -> None:
     """Run the lookup service (needs OVERNIGHT_API_KEYS unless --no-auth)."""

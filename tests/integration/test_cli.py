@@ -204,6 +204,10 @@ def test_usage_errors_are_one_line_with_exit_2(env: dict[str, str]) -> None:
         # a night's date a typo puts in the future would go live and hold every real night back
         (["run", "--source", "x", "--date", "2999-01-01"], "Invalid value for '--date': 2999-01-01 is after today"),
         (["publish", "--date", "2999-01-01"], "is after today"),
+        (["ingest", "--source", "x", "--date", "2026-11-20", "--format", "bogus"], "is not one of auto, movielens"),
+        (["evaluate", "--source", "x", "--protocol", "bogus"], "is not one of user-holdout, global"),
+        (["evaluate", "--source", "x", "--cutoff", "2026-11-01"], "--cutoff belongs to --protocol global"),
+        (["serve", "--server", "bogus"], "is not one of granian, uvicorn"),
         (["canary", "stop", "--batch", "3"], "No such option: --batch"),
         # the single command's options became sub-commands: the error says which
         (["canary", "--batch", "1", "--traffic", "0.1"], "`overnight canary start batch B --traffic T`"),
