@@ -726,10 +726,11 @@ def canary_refresh(
     refreshed = refresh_canary(_settings(), logical_date, shards)
     if as_json:
         _echo(refreshed, as_json=True)
-    else:
-        typer.echo(refreshed.summary())
-    if not refreshed.refreshed:
+    if not refreshed.refreshed:  # the CLI's failure line, as any command's
+        typer.echo(f"overnight: error: {refreshed.summary()}", err=True)
         raise typer.Exit(1)
+    if not as_json:
+        typer.echo(refreshed.summary())
 
 
 @app.command()

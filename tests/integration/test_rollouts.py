@@ -506,6 +506,10 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     again = overnight("canary", "refresh", "--date", SAMPLE_DATE.isoformat(), "--json", env=env, check=False)
     assert again.returncode == 1, again.stderr
     assert json.loads(again.stdout)["reason"] == f"canary batch {new} is of {SAMPLE_DATE} already"
+    # without --json, the CLI's failure line on stderr, as every command's
+    plain = overnight("canary", "refresh", "--date", SAMPLE_DATE.isoformat(), env=env, check=False)
+    assert plain.returncode == 1 and plain.stdout == ""
+    assert plain.stderr.strip().splitlines()[-1].startswith("overnight: error: canary not refreshed")
 
 
 def test_overnight_run_also_scores_the_shadow_and_keeps_the_online_tables(
