@@ -62,8 +62,10 @@ def test_evaluate_reports_every_model_under_both_protocols(
     assert "segment-popular   not applicable: no segment attribute" in run.stdout
 
     wrong = overnight("evaluate", "--source", str(sample_source), "--protocol", "random", env=env, check=False)
-    assert wrong.returncode == 1
-    assert wrong.stderr.strip() == "overnight: error: unknown protocol 'random'; choose one of user-holdout, global"
+    assert wrong.returncode == 2  # a usage error, as every malformed option
+    assert wrong.stderr.strip() == (
+        "overnight: error: Invalid value for '--protocol': 'random' is not one of user-holdout, global"
+    )
 
 
 def assert_item_to_item_quality(report: dict) -> None:
