@@ -5,6 +5,7 @@
 
 import asyncio
 import copy
+import functools
 import gc
 import json
 import logging
@@ -736,18 +737,16 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     app.include_router(events_router, dependencies=[Depends(require_api_key)], responses=_ERRORS | BODY_ERRORS)
     app.include_router(ops)
 
-    routes_document: list[dict[str, Any]] = []  # FastAPI's document of the routes, made once
+    @functools.cache
+    def routes_document() -> dict[str, Any]:  # FastAPI's document of the routes, made once
+        return get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=[*documented.routes, *app.routes]
+        )
 
     def openapi() -> dict[str, Any]:
         # The limits are written in at every fetch: the largest k a client may ask for and the attributes a
         # filter may name are the live batch's, and the feedback timestamps' pattern moves with the clock.
-        if not routes_document:
-            routes_document.append(
-                get_openapi(
-                    title=app.title, version=app.version, summary=app.summary, routes=[*documented.routes, *app.routes]
-                )
-            )
-        document = copy.deepcopy(routes_document[0])
+        document = copy.deepcopy(routes_document())
         app.openapi_schema = declare_limits(document, settings, view.batch, datetime.now(UTC))
         return app.openapi_schema
 
@@ -771,19 +770,19 @@ def declare_limits(
     k_schema = _k_schema(None if batch is None else batch.k)
     similar_k_schema = _k_schema(None if batch is None else batch.similar_k or batch.k)
     # A query's exclude is comma-separated ids (`_query_exclude_set` counts them); a body's, one id an element.
-    exclude = {
+    query_exclude = {
         "type": "array",
         "items": {"type": "string", "pattern": "^[^,]*$"},
         "maxItems": settings.max_exclude_items,
     }
-    excluded = {"items": {"type": "string"}, "maxItems": settings.max_exclude_items}
+    body_exclude = {"items": {"type": "string"}, "maxItems": settings.max_exclude_items}
     filter_schema = _filter_schema(settings, None if batch is None else batch.catalogue)
     segment = {"type": "string", "maxLength": MAX_ID_LENGTH}
     parameters = {
         "/v1/users/{user_id}/recommendations": {
             "user_id": user_id,
             "k": k_schema,
-            "exclude": exclude,
+            "exclude": query_exclude,
             "filter": filter_schema,
             "segment": segment,
             "explain": {"type": "boolean"},
@@ -791,7 +790,7 @@ def declare_limits(
         "/v1/items/{item_id}/similar": {
             "item_id": item_id,
             "k": similar_k_schema,
-            "exclude": exclude,
+            "exclude": query_exclude,
             "filter": filter_schema,
             "user_id": user_id,
         },
@@ -806,19 +805,19 @@ def declare_limits(
     many = schemas["BatchRecommendationsRequest"]["properties"]
     many["user_ids"] |= {"maxItems": settings.max_batch_users, "items": user_id}
     many["k"]["anyOf"][0] = k_schema
-    many["exclude"] |= excluded
+    many["exclude"] |= body_exclude
     many["filter"]["anyOf"][0] = filter_schema
     many["segment"]["anyOf"][0] = segment
     similar = schemas["SimilarItemsRequest"]["properties"]
     similar["item_ids"] |= {"maxItems": settings.max_batch_items, "items": item_id}
     similar["k"]["anyOf"][0] = similar_k_schema
-    similar["exclude"] |= excluded
+    similar["exclude"] |= body_exclude
     similar["filter"]["anyOf"][0] = filter_schema
     similar["user_id"]["anyOf"][0] = user_id
     session = schemas["SessionRequest"]["properties"]
     session["items"] |= {"maxItems": settings.max_session_items, "items": item_id}
     session["k"]["anyOf"][0] = k_schema
-    session["exclude"] |= excluded
+    session["exclude"] |= body_exclude
     session["filter"]["anyOf"][0] = filter_schema
     session["user_id"]["anyOf"][0] = user_id
     session["segment"]["anyOf"][0] = segment
@@ -833,8 +832,8 @@ def declare_limits(
     return document
 
 
-# FastAPI reads the bodies: UTF-8 text that is not JSON is a validation error (the 400 is for bytes that
-# are not UTF-8 text).
+# FastAPI reads the bodies: text that is not JSON is a validation error (the 400 is for bytes that are
+# not text in an encoding JSON allows).
 _MALFORMED_JSON = "A body that is not well-formed JSON is a 422 too (type json_invalid)."
 
 
