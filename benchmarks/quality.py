@@ -29,7 +29,7 @@ from jobs.evaluation.evaluate import (
     session_visitors,
     user_holdout_split,
 )
-from jobs.evaluation.ranking_metrics import ranking_metrics
+from jobs.steps.ranking_metrics import ranking_metrics
 from jobs.settings import Settings
 from jobs.steps import candidates, similar
 

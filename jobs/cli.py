@@ -672,7 +672,7 @@ def canary_start_model(
     Refused while a canary runs: `overnight canary ramp --traffic T` changes its share. Each night the DAG
     renews a model canary's lists with the night's date (`overnight canary refresh` by hand).
     """
-    from jobs.rollouts.canary import start_model_canary
+    from jobs.rollouts.model_canary import start_model_canary
 
     _echo(start_model_canary(_settings(), model_id, traffic, logical_date, salt, shards), as_json)
 
@@ -721,7 +721,7 @@ def canary_refresh(
 
     The nightly DAG does it after each publish. Exit 1 when there was nothing to refresh, with the reason.
     """
-    from jobs.rollouts.canary import refresh_canary
+    from jobs.rollouts.model_canary import refresh_canary
 
     refreshed = refresh_canary(_settings(), logical_date, shards)
     if as_json:

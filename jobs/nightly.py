@@ -199,7 +199,7 @@ def _canary_refresh_off(night: Night) -> str | None:
 
 
 def _refresh_canary(night: Night) -> StepResult:
-    from jobs.rollouts.canary import refresh_canary
+    from jobs.rollouts.model_canary import refresh_canary
 
     return refresh_canary(night.settings, night.logical_date, night.shards)
 

@@ -31,9 +31,9 @@ from jobs import diversity, lake, nightly, workdir
 from jobs.database import connect, database_url
 from jobs.errors import BadInputError, DatabaseError, MissingDataError, OvernightError
 from jobs.evaluation import evaluate
-from jobs.evaluation.ranking_metrics import K, novelty, per_user_metrics, ranking_metrics
 from jobs.settings import Settings
 from jobs.steps import train
+from jobs.steps.ranking_metrics import K, novelty, per_user_metrics, ranking_metrics
 from sql.contract import PRODUCTION_VARIANT
 from sql.text import first_line
 

@@ -22,9 +22,9 @@ import polars as pl
 from jobs import diversity, lake, workdir
 from jobs.errors import BadInputError, MissingDataError
 from jobs.evaluation import item_quality
-from jobs.evaluation.ranking_metrics import K, novelty
 from jobs.settings import Settings
 from jobs.steps import features, ingest, popularity, train
+from jobs.steps.ranking_metrics import K, novelty
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import polars as pl
 
-from jobs.evaluation.ranking_metrics import K, ranking_metrics
 from jobs.settings import Settings
 from jobs.steps import candidates, similar
+from jobs.steps.ranking_metrics import K, ranking_metrics
 from sql.contract import SESSION_RECENCY_DECAY, blend_session
 
 # The service takes at most this many session items by default (OVERNIGHT_MAX_SESSION_ITEMS); the evaluation

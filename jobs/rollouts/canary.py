@@ -2,16 +2,15 @@
 
 The canary is one row of ``overnight.canary`` (batch, traffic share, salt), read by the lookup service with
 the live pointer; users are routed by a hash of (salt, user id), `serving.variants`. Every change is one
-transaction under the live lock, recorded in ``overnight.canary_history`` and NOTIFYed, like a publish. A
-model is canaried by scoring a date with it into a batch that does not go live (`start_model_canary`), and
-`refresh_canary` moves that canary to each night's date; promoting makes the canary's batch live and its
-model production. Details and reasons: docs/rollouts.md#canary.
+transaction under the live lock, recorded in ``overnight.canary_history`` and NOTIFYed, like a publish. Each
+is a few rows changed, no data read: a registered model's canary, which scores and publishes a batch first,
+is `jobs.rollouts.model_canary`. Promoting makes the canary's batch live and its model production.
+Details and reasons: docs/rollouts.md#canary.
 """
 
 import logging
 import secrets
-from dataclasses import dataclass, replace
-from datetime import date
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -20,10 +19,8 @@ from psycopg.rows import dict_row
 import sql
 from jobs import batches, registry
 from jobs.database import connect, upgrade
-from jobs.errors import MissingDataError, RolloutError, UnfitCandidatesError
-from jobs.outcome import Outcome
+from jobs.errors import MissingDataError, RolloutError
 from jobs.settings import Settings
-from jobs.steps import publish, score
 from sql.contract import SHADOW_BATCH
 
 logger = logging.getLogger(__name__)
@@ -31,7 +28,7 @@ logger = logging.getLogger(__name__)
 CANARY_STATUSES = ("ready", "retired")
 
 
-def _check_canary_batch(conn: psycopg.Connection, batch_id: int, production: int | None) -> None:
+def check_canary_batch(conn: psycopg.Connection, batch_id: int, production: int | None) -> None:
     with conn.cursor(row_factory=dict_row) as cur:
         batch = cur.execute(sql.query("batch_for_rollout"), (batch_id,)).fetchone()
     if batch is None:
@@ -58,7 +55,7 @@ def _check_canary_batch(conn: psycopg.Connection, batch_id: int, production: int
         )
 
 
-def _check_request(traffic: float, salt: str | None) -> None:
+def check_request(traffic: float, salt: str | None) -> None:
     if not 0.0 < traffic < 1.0:
         raise RolloutError(f"--traffic must be between 0 and 1 (exclusive), got {traffic:g}")
     if salt is not None and not salt.strip():
@@ -84,7 +81,7 @@ _NONE_RUNNING = (
 )
 
 
-def _already_running(running: dict[str, Any], also: str = "") -> RolloutError:
+def already_running(running: dict[str, Any], also: str = "") -> RolloutError:
     return RolloutError(
         f"batch {running['batch_id']} is already the canary ({running['traffic']:.2%} of users): change its share "
         "with `overnight canary ramp --traffic T`, or stop it with `overnight canary stop` before starting "
@@ -113,16 +110,16 @@ def start_canary(settings: Settings, batch_id: int, traffic: float, salt: str | 
     Refused while a canary runs (`ramp_canary` changes its share, `stop_canary` ends it). Without a salt
     the canary gets a random one: a fresh slice of users.
     """
-    _check_request(traffic, salt)
+    check_request(traffic, salt)
     with connect(settings) as conn:
         upgrade(conn)
         with conn.transaction():
             conn.execute(sql.query("lock_live"))
             running = batches.canary_row(conn)
             if running is not None:
-                raise _already_running(running)
+                raise already_running(running)
             production = batches.live_batch_id(conn)
-            _check_canary_batch(conn, batch_id, production)
+            check_canary_batch(conn, batch_id, production)
             started = _serve(conn, "start", batch_id, traffic, salt or secrets.token_hex(8), production)
     logger.info("canary start: batch %d at %.2f%% of users", batch_id, traffic * 100)
     return started
@@ -132,7 +129,7 @@ def ramp_canary(settings: Settings, traffic: float, allow_shrink: bool = False) 
     """Change the running canary's share of users, whichever batch it serves now (a nightly refresh moves
     a model canary to a new batch each night). The salt stays, so a ramp up keeps every canary user in it;
     a ramp down moves users back to production and is refused unless `allow_shrink`."""
-    _check_request(traffic, None)
+    check_request(traffic, None)
     with connect(settings) as conn:
         upgrade(conn)
         with conn.transaction():
@@ -142,7 +139,7 @@ def ramp_canary(settings: Settings, traffic: float, allow_shrink: bool = False) 
                 raise RolloutError(_NONE_RUNNING)
             _check_ramp(running, traffic, allow_shrink)
             production = batches.live_batch_id(conn)
-            _check_canary_batch(conn, running["batch_id"], production)
+            check_canary_batch(conn, running["batch_id"], production)
             ramped = _serve(conn, "ramp", running["batch_id"], traffic, running["salt"], production)
     logger.info("canary ramp: batch %d at %.2f%% of users", ramped.batch_id, traffic * 100)
     return ramped
@@ -216,138 +213,3 @@ def promote_canary(settings: Settings) -> Promotion:
     )
     logger.info("%s", promotion.summary())
     return promotion
-
-
-def start_model_canary(
-    settings: Settings,
-    model_id: str,
-    traffic: float,
-    logical_date: date | None = None,
-    salt: str | None = None,
-    shards: int | None = None,
-) -> batches.CanaryState:
-    """Canary a registered model: score `logical_date` (default: the live batch's date) with it into a
-    new batch that does not go live, then serve that batch to a `traffic` share of users.
-
-    The batch is of that one date; the nightly DAG moves the canary to each new night's batch of the
-    model (`refresh_canary`), and `overnight canary refresh` does it by hand.
-    """
-    _check_request(traffic, salt)
-    with connect(settings) as conn:
-        upgrade(conn)
-        running = batches.canary_row(conn)
-        with conn.cursor(row_factory=dict_row) as cur:
-            live = cur.execute(sql.query("live_status")).fetchone()
-    if running is not None:  # before minutes of scoring; `start_canary` checks again under the live lock
-        raise _already_running(running, " (`overnight canary refresh` renews its lists for the same users)")
-    if live is None:
-        raise RolloutError("nothing is live: publish a production batch before starting a canary")
-    day = logical_date or live["logical_date"]
-    score.score(settings, day, shards, model_id=model_id)
-    published = publish.publish_canary_batch(settings, day, model_id)
-    return start_canary(settings, published.batch_id, traffic, salt)
-
-
-@dataclass(frozen=True)
-class CanaryRefresh:
-    """What `refresh_canary` did: moved the canary to a batch of the date, or why not."""
-
-    logical_date: str
-    refreshed: bool
-    reason: str
-    canary_model: str | None = None
-    canary_batch: int | None = None  # the batch the canary serves now
-    previous_canary_batch: int | None = None
-
-    def outcome(self) -> Outcome:
-        return Outcome(self.summary(), batch_id=self.canary_batch, model_id=self.canary_model, production=False)
-
-    def summary(self) -> str:
-        if not self.refreshed:
-            return f"canary not refreshed for {self.logical_date}: {self.reason}"
-        return (
-            f"canary refreshed: batch {self.canary_batch} (model {self.canary_model}, {self.logical_date}) "
-            f"replaces batch {self.previous_canary_batch} for the same users"
-        )
-
-
-def refresh_canary(settings: Settings, logical_date: date | None = None, shards: int | None = None) -> CanaryRefresh:
-    """Score `logical_date` (default: the live batch's date) with the running canary's model and move the
-    canary to that batch, keeping its salt and traffic. The nightly DAG calls it after publish.
-
-    Nothing is done (and `refreshed` is False, with the reason) when no canary runs, when its batch is
-    of that date or a later one, when its model is production's (the lists would be production's), or
-    when the date is newer than production's (the arms would be compared on lists of different days).
-    The scoring takes minutes; if the canary was stopped, promoted or replaced meanwhile, the new batch
-    is kept ready and the canary is left as it is.
-    """
-    with connect(settings) as conn:
-        upgrade(conn)
-        running = batches.canary_row(conn)
-        with conn.cursor(row_factory=dict_row) as cur:
-            live = cur.execute(sql.query("live_status")).fetchone()
-            current = (
-                cur.execute(sql.query("batch_for_rollout"), (running["batch_id"],)).fetchone() if running else None
-            )
-    day = logical_date or (live["logical_date"] if live else None)
-    when = day.isoformat() if day else "the live date"
-    if running is None or current is None:
-        return CanaryRefresh(when, False, "no canary is running")
-    if live is None or day is None:
-        return CanaryRefresh(when, False, "nothing is live")
-    skipped = CanaryRefresh(when, False, "", current["model_id"], current["batch_id"])
-    if current["logical_date"] >= day:
-        return replace(skipped, reason=f"canary batch {current['batch_id']} is of {current['logical_date']} already")
-    if current["model_id"] == live["model_id"]:
-        return replace(
-            skipped,
-            reason=f"the canary's model {current['model_id']} is production's: its lists would be production's",
-        )
-    if day > live["logical_date"]:
-        return replace(
-            skipped,
-            reason=f"production serves {live['logical_date']}: a canary of {day} would be compared on newer lists",
-        )
-    try:
-        score.score(settings, day, shards, model_id=current["model_id"])
-    except UnfitCandidatesError as error:
-        return replace(skipped, reason=str(error))
-    published = publish.publish_canary_batch(settings, day, current["model_id"])
-    with connect(settings) as conn:
-        with conn.transaction():
-            conn.execute(sql.query("lock_live"))
-            now_running = batches.canary_row(conn)
-            if now_running is None or now_running["batch_id"] != current["batch_id"]:
-                changed = "stopped" if now_running is None else f"moved to batch {now_running['batch_id']}"
-                return replace(
-                    skipped,
-                    canary_batch=None if now_running is None else now_running["batch_id"],
-                    reason=f"the canary was {changed} while {day} was scored; batch {published.batch_id} is kept ready",
-                )
-            production = batches.live_batch_id(conn)
-            _check_canary_batch(conn, published.batch_id, production)
-            conn.execute(
-                sql.query("move_canary_to_batch"),
-                {"batch_id": published.batch_id, "previous_batch_id": current["batch_id"]},
-            )
-            conn.execute(sql.query("mark_batch_canary"), (published.batch_id,))
-            conn.execute(sql.query("mark_canary_batch_ready"), (current["batch_id"],))
-            conn.execute(
-                sql.query("record_canary_event"),
-                ("refresh", published.batch_id, now_running["traffic"], now_running["salt"], production),
-            )
-            batches.notify(conn, f"canary:{published.batch_id}")
-        # Replaced, as a re-run's batch replaces the one before: kept, it would take a place among the
-        # batches retention keeps for rollback every night. (Still being read, it is dropped by a later
-        # publish; rollback never picks a canary that was never live.)
-        batches.drop_batch(conn, current["batch_id"])
-    refreshed = CanaryRefresh(
-        when,
-        True,
-        f"scored {day} with model {current['model_id']}; batch {current['batch_id']} is dropped",
-        current["model_id"],
-        published.batch_id,
-        current["batch_id"],
-    )
-    logger.info("%s", refreshed.summary())
-    return refreshed

@@ -22,10 +22,9 @@ import sql
 from jobs import lake
 from jobs.database import connect, upgrade
 from jobs.errors import FutureModelError, MissingDataError, UnfitCandidatesError
-from jobs.evaluation import ranking_metrics
 from jobs.outcome import Outcome
 from jobs.settings import Settings
-from jobs.steps import publish, score, train
+from jobs.steps import publish, ranking_metrics, score, train
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from upath import UPath
 from jobs import lake, predictor, registry, tuning
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
-from jobs.evaluation.ranking_metrics import DIGITS, K, candidate_recall, ranking_metrics
 from jobs.event_weights import EVENT_WEIGHT, GRADE, grade_levels, label_of_grade, with_event_weight
 from jobs.monitoring import drift
 from jobs.outcome import Outcome
 from jobs.settings import Settings
 from jobs.steps import candidates, features
+from jobs.steps.ranking_metrics import DIGITS, K, candidate_recall, ranking_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 import sql
 from jobs import batches, registry, workdir
 from jobs.errors import BatchValidationError, MissingDataError
-from jobs.rollouts import canary
+from jobs.rollouts import canary, model_canary
 from jobs.settings import Settings
 from jobs.steps import publish, score
 from tests.support.batches import register_challenger
@@ -316,7 +316,7 @@ def test_rollback_after_a_promotion_makes_the_old_model_production_again(batch_s
     night would score with the model just rolled back from."""
     original = register_challenger(batch_settings)
     production = publish.publish_nightly(batch_settings, SAMPLE_DATE).batch_id
-    canary.start_model_canary(batch_settings, "challenger", 0.1)
+    model_canary.start_model_canary(batch_settings, "challenger", 0.1)
     promoted = canary.promote_canary(batch_settings)
     assert promoted.model_changed
     switched = batches.rollback(batch_settings)

@@ -10,10 +10,9 @@ import pytest
 import sql
 from jobs import batches, lake, registry, workdir
 from jobs.errors import MissingDataError, RolloutError
-from jobs.evaluation import ranking_metrics
-from jobs.rollouts import canary, shadow
+from jobs.rollouts import canary, model_canary, shadow
 from jobs.settings import Settings
-from jobs.steps import score, train
+from jobs.steps import ranking_metrics, score, train
 from tests.support.batches import batch_status, register_challenger
 from tests.support.commands import overnight, overnight_env
 from tests.support.data import PREVIOUS_DATE, SAMPLE_DATE
@@ -85,7 +84,7 @@ def test_a_model_canary_promoted_becomes_the_production_model(
     challenger_trained_for = original.logical_date - timedelta(days=1)
     before = monitoring_of(batch_settings, PREVIOUS_DATE)
 
-    started = canary.start_model_canary(batch_settings, "challenger", 0.1, salt="m1")
+    started = model_canary.start_model_canary(batch_settings, "challenger", 0.1, salt="m1")
     assert (started.traffic, started.salt, started.production_batch_id) == (0.1, "m1", production)
     with psycopg.connect(str(batch_settings.database_url)) as conn:
         batch = conn.execute(sql.query("batch_by_id"), (started.batch_id,)).fetchone()
@@ -94,7 +93,7 @@ def test_a_model_canary_promoted_becomes_the_production_model(
     assert batch_status(batch_settings, production) == "live"  # not replaced, although of the same date
     assert monitoring_of(batch_settings, PREVIOUS_DATE) == before  # production's monitoring record stands
     with pytest.raises(RolloutError, match=r"already the canary.*canary refresh"):
-        canary.start_model_canary(batch_settings, "challenger", 0.2)
+        model_canary.start_model_canary(batch_settings, "challenger", 0.2)
     assert score.ranker_for(batch_settings, SAMPLE_DATE).model_id == original.model_id  # until promoted
 
     promotion = canary.promote_canary(batch_settings)

@@ -16,10 +16,9 @@ from psycopg import sql as pgsql
 import sql
 from jobs import batches, lake, nightly, registry, workdir
 from jobs.errors import FutureModelError, MissingDataError, RolloutError
-from jobs.evaluation import ranking_metrics
-from jobs.rollouts import canary, shadow
+from jobs.rollouts import canary, model_canary, shadow
 from jobs.settings import Settings
-from jobs.steps import ingest, publish, train
+from jobs.steps import ingest, publish, ranking_metrics, train
 from serving.live import read_rollout
 from serving.variants import CANARY, PRODUCTION
 from tests.support.batches import batch_status, register_challenger
@@ -440,15 +439,15 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
 ) -> None:
     production, candidate = two_batches
     register_challenger(batch_settings)
-    assert canary.refresh_canary(batch_settings, SAMPLE_DATE).reason == "no canary is running"
+    assert model_canary.refresh_canary(batch_settings, SAMPLE_DATE).reason == "no canary is running"
     # A canary of production's own model: a refresh would serve production's lists (no scoring is tried).
     canary.start_canary(batch_settings, candidate, 0.1)
-    same_model = canary.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))
+    same_model = model_canary.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))
     assert not same_model.refreshed and "is production's" in same_model.reason
     canary.stop_canary(batch_settings)
 
-    started = canary.start_model_canary(batch_settings, "challenger", 0.2, PREVIOUS_DATE, salt="fresh")
-    same_night = canary.refresh_canary(batch_settings, PREVIOUS_DATE)
+    started = model_canary.start_model_canary(batch_settings, "challenger", 0.2, PREVIOUS_DATE, salt="fresh")
+    same_night = model_canary.refresh_canary(batch_settings, PREVIOUS_DATE)
     assert not same_night.refreshed and f"is of {PREVIOUS_DATE} already" in same_night.reason
     tonight = publish.publish_nightly(batch_settings, SAMPLE_DATE, make_live=True)  # the next night
 
@@ -461,7 +460,7 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
         return published
 
     monkeypatch.setattr(publish, "publish_canary_batch", stopped_meanwhile)
-    raced = canary.refresh_canary(batch_settings, SAMPLE_DATE)
+    raced = model_canary.refresh_canary(batch_settings, SAMPLE_DATE)
     assert not raced.refreshed and raced.canary_batch is None and "the canary was stopped" in raced.reason
     assert batches.canary_status(batch_settings)["canary"] is None
     # The stopped canary's batch (ready, of the previous date, of another model) was never production:
@@ -471,7 +470,7 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     monkeypatch.undo()
 
     started = canary.start_canary(batch_settings, started.batch_id, 0.2, salt="fresh")
-    refreshed = canary.refresh_canary(batch_settings, SAMPLE_DATE)
+    refreshed = model_canary.refresh_canary(batch_settings, SAMPLE_DATE)
     assert refreshed.refreshed and (refreshed.canary_model, refreshed.previous_canary_batch) == (
         "challenger",
         started.batch_id,
@@ -493,7 +492,7 @@ def test_a_model_canary_is_refreshed_onto_the_new_night_for_the_same_users(
     # The chosen model's scores have a folder of their own, beside production's, for the same users.
     assert set(scored_rows(batch_settings, SAMPLE_DATE, "challenger")) == set(scored_rows(batch_settings, SAMPLE_DATE))
 
-    ahead = canary.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))  # production is of SAMPLE_DATE
+    ahead = model_canary.refresh_canary(batch_settings, SAMPLE_DATE + timedelta(days=1))  # production is of SAMPLE_DATE
     assert not ahead.refreshed and ahead.reason.startswith(f"production serves {SAMPLE_DATE}")
     # Ramping needs no batch id: the refresh moved the canary off the batch it was started with.
     with pytest.raises(RolloutError, match=rf"batch {new} is already the canary .*overnight canary ramp --traffic T"):

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from jobs import diversity, tuning
-from jobs.evaluation.ranking_metrics import novelty
+from jobs.steps.ranking_metrics import novelty
 from jobs.settings import Settings
 from jobs.steps import candidates, score
 

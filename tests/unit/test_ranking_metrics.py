@@ -5,7 +5,7 @@ import math
 import polars as pl
 import pytest
 
-from jobs.evaluation.ranking_metrics import candidate_recall, ranking_metrics
+from jobs.steps.ranking_metrics import candidate_recall, ranking_metrics
 
 
 def recs(rows: dict[str, list[str]]) -> pl.DataFrame:

@@ -38,13 +38,14 @@ def test_the_lookup_service_and_the_console_import_no_batch_code_nor_each_other(
 
 
 def test_operator_commands_load_no_model_or_data_library() -> None:
-    """status, check-freshness, rollback and the hourly freshness DAG read a few rows: they must not pay
+    """status, check-freshness, rollback, the canary's state changes and the hourly freshness DAG read a few rows: they must not pay
     for numba, llvmlite, lightgbm or polars (seconds of start-up, and a JIT cache on disk)."""
     code = (
         "import runpy, sys\n"
         "import jobs.cli\n"
         "from jobs.monitoring.freshness import check_freshness, status\n"
         "from jobs.batches import rollback, canary_status\n"
+        "from jobs.rollouts.canary import start_canary, ramp_canary, stop_canary, promote_canary\n"
         f"runpy.run_path({str(ROOT / 'dags' / 'overnight_freshness.py')!r})\n"
         "heavy = ('numba', 'llvmlite', 'lightgbm', 'polars', 'pyarrow')\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
@@ -71,7 +72,13 @@ def test_monitoring_loads_no_model_or_jit_compiler() -> None:
 
 # What `overnight status`, `check-freshness`, `rollback` and `canary status` import (jobs/cli.py imports
 # them inside the commands), the CLI module itself, and the hourly freshness DAG as the scheduler parses it.
-OPERATOR_MODULES = ("jobs.cli", "jobs.monitoring.freshness", "jobs.batches", "dags.overnight_freshness")
+OPERATOR_MODULES = (
+    "jobs.cli",
+    "jobs.monitoring.freshness",
+    "jobs.batches",
+    "jobs.rollouts.canary",  # canary start batch, ramp, stop, promote
+    "dags.overnight_freshness",
+)
 MODEL_MODULES = ("numba", "llvmlite", "lightgbm", "jobs.kernels")
 
 
@@ -171,3 +178,35 @@ def test_the_helpers_every_role_shares_are_defined_once() -> None:
         if name in shared or name.lstrip("_") in shared
     ]
     assert not copies, copies
+
+
+# The folders of jobs/ from the top down, as docs/architecture.md draws them: a module may import its own
+# folder's modules and those of folders below it, never above. The top-level modules of jobs/ other than
+# these (settings, database, lake, workdir, batches, ...) are the bottom layer.
+FOLDER_ORDER = (
+    ("jobs.cli", "jobs.dev"),
+    ("jobs.evaluation",),
+    ("jobs.nightly",),
+    ("jobs.rollouts",),
+    ("jobs.steps",),
+    ("jobs.monitoring",),
+)
+
+
+def _layer(module: str) -> int:
+    for depth, folders in enumerate(FOLDER_ORDER):
+        if _within(module, *folders):
+            return depth
+    return len(FOLDER_ORDER)
+
+
+def test_the_folders_of_jobs_import_one_way_only() -> None:
+    graph = ImportGraph(ROOT)
+    upward = [
+        f"{module} imports {target}"
+        for module, targets in graph.edges().items()
+        if _within(module, "jobs")
+        for target in targets
+        if _within(target, "jobs") and _layer(target) < _layer(module)
+    ]
+    assert not upward, upward
