@@ -13,7 +13,8 @@ import math
 import re
 import time
 from collections import OrderedDict, deque
-from ipaddress import IPv6Address, ip_address, ip_network
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from fastapi import Request, Response
 
@@ -113,13 +114,15 @@ def without_session(response: Response) -> Response:
 def _proxied(request: Request) -> bool:
     """Whether the request came from a proxy we trust to say who the client is and how it connected."""
     peer = request.client.host if request.client else None
-    if peer is None:
-        return False
+    return peer is not None and _trusted(peer, settings_of(request).trusted_proxies)
+
+
+def _trusted(host: str, proxies: Iterable[IPv4Network | IPv6Network]) -> bool:
     try:
-        address = ip_address(peer)
+        address = ip_address(host)
     except ValueError:
         return False
-    return any(address in network for network in settings_of(request).trusted_proxies)
+    return any(address in network for network in proxies)
 
 
 def over_https(request: Request) -> bool:
@@ -131,12 +134,24 @@ def over_https(request: Request) -> bool:
 
 
 def client_address(request: Request) -> str:
-    """The client as the nearest trusted proxy saw it (X-Forwarded-For's last hop), else the peer."""
+    """The client as the trusted proxies saw it (`forwarded_client`), else the peer."""
     peer = request.client.host if request.client else "unknown"
-    forwarded = request.headers.get("x-forwarded-for", "")
-    if forwarded and _proxied(request):
-        return forwarded.split(",")[-1].strip()[:64] or peer
-    return peer
+    forwarded_for = request.headers.get("x-forwarded-for", "")
+    return forwarded_client(peer, forwarded_for, settings_of(request).trusted_proxies)
+
+
+def forwarded_client(peer: str, forwarded_for: str, proxies: Sequence[IPv4Network | IPv6Network]) -> str:
+    """The client of a request from `peer`: when the peer is one of the trusted `proxies`, the nearest
+    X-Forwarded-For hop that is not a trusted proxy itself (each proxy appends the address it was reached
+    from, so the hops left of that one are whatever the client chose to send); else the peer."""
+    if not _trusted(peer, proxies):
+        return peer
+    hops = [hop.strip()[:64] for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, proxies):
+            return hop
+    # Every hop a trusted proxy: the request started at one of them.
+    return hops[0] if hops else peer
 
 
 class LoginThrottle:

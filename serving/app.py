@@ -13,6 +13,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from serving.auth import ApiKeys, bearer_scheme, bearer_token
-from serving.catalogue import EMPTY_CATALOGUE, Catalogue
+from serving.catalogue import EMPTY_CATALOGUE
 from serving.errors import (
     BodyTooLargeError,
     DatabaseUnavailableError,
@@ -45,7 +46,7 @@ from serving.errors import (
 from serving.feedback import FeedbackIntake, event_timestamp_pattern
 from serving.feedback import router as events_router
 from serving.limits import RequestSizeLimit, read_body
-from serving.live import LiveBatch, LiveView, LiveWatcher
+from serving.live import LiveView, LiveWatcher, Rollout
 from serving.lookup import (
     Answer,
     Answers,
@@ -745,9 +746,9 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
 
     def openapi() -> dict[str, Any]:
         # The limits are written in at every fetch: the largest k a client may ask for and the attributes a
-        # filter may name are the live batch's, and the feedback timestamps' pattern moves with the clock.
+        # filter may name follow the live rollout, and the feedback timestamps' pattern moves with the clock.
         document = copy.deepcopy(routes_document())
-        app.openapi_schema = declare_limits(document, settings, view.batch, datetime.now(UTC))
+        app.openapi_schema = declare_limits(document, settings, view.rollout, datetime.now(UTC))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -759,16 +760,20 @@ _NO_NUL = "^[^\\x00]+$"
 
 
 def declare_limits(
-    document: dict[str, Any], settings: ServingSettings, batch: LiveBatch | None, now: datetime
+    document: dict[str, Any], settings: ServingSettings, rollout: Rollout | None, now: datetime
 ) -> dict[str, Any]:
     """`document` with the limits this server enforces written in: k up to the live batch's (similar items:
-    its similar_k), id lengths, list sizes, the filters its items' attributes allow, feedback timestamps
-    certainly inside the time window at `now` (`event_timestamp_pattern`); so a request the schema allows
-    is one the server accepts. Also says which bodies are a 422: malformed JSON is one too."""
+    its similar_k), id lengths, list sizes, the filters the items' attributes allow in every arm of
+    `rollout`, feedback timestamps certainly inside the time window at `now` (`event_timestamp_pattern`);
+    so a request the schema allows is one the server accepts, whichever arm the user is in. Also says
+    which bodies are a 422: malformed JSON is one too."""
     user_id = {"type": "string", "minLength": 1, "maxLength": settings.max_user_id_length, "pattern": _NO_NUL}
     item_id = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": _NO_NUL}
-    k_schema = _k_schema(None if batch is None else batch.k)
-    similar_k_schema = _k_schema(None if batch is None else batch.similar_k or batch.k)
+    # Lookups check k against production's for both arms (a canary has at least its k), so the k limits are
+    # production's alone: a smaller one would state that the server refuses a k it takes.
+    production = None if rollout is None else rollout.production
+    k_schema = _k_schema(None if production is None else production.k)
+    similar_k_schema = _k_schema(None if production is None else production.similar_k or production.k)
     # A query's exclude is comma-separated ids (`_query_exclude_set` counts them); a body's, one id an element.
     query_exclude = {
         "type": "array",
@@ -776,7 +781,7 @@ def declare_limits(
         "maxItems": settings.max_exclude_items,
     }
     body_exclude = {"items": {"type": "string"}, "maxItems": settings.max_exclude_items}
-    filter_schema = _filter_schema(settings, None if batch is None else batch.catalogue)
+    filter_schema = _filter_schema(settings, _attributes_of_every_arm(rollout))
     segment = {"type": "string", "maxLength": MAX_ID_LENGTH}
     parameters = {
         "/v1/users/{user_id}/recommendations": {
@@ -841,11 +846,21 @@ def _k_schema(k: int | None) -> dict[str, Any]:
     return {"type": "integer", "minimum": 1} | ({"maximum": k} if k else {})
 
 
-def _filter_schema(settings: ServingSettings, catalogue: Catalogue | None) -> dict[str, Any]:
-    """The filters the live batch accepts, as a pattern over its attribute names (those that are plain
-    words; the others are accepted too, but not stated). The empty filter is accepted and filters nothing;
-    without attributes it is the only one."""
-    names = sorted(name for name in (catalogue or EMPTY_CATALOGUE).attribute_names if _PLAIN_NAME.fullmatch(name))
+def _attributes_of_every_arm(rollout: Rollout | None) -> frozenset[str]:
+    """The attribute names a filter may use whichever batch answers: those every served batch's items have."""
+    if rollout is None:
+        return frozenset()
+    names = (rollout.production.catalogue or EMPTY_CATALOGUE).attribute_names
+    if rollout.canary is not None:
+        names &= (rollout.canary.batch.catalogue or EMPTY_CATALOGUE).attribute_names
+    return names
+
+
+def _filter_schema(settings: ServingSettings, attribute_names: AbstractSet[str]) -> dict[str, Any]:
+    """The filters naming only `attribute_names`, as a pattern over them (those that are plain words; the
+    others are accepted too, but not stated). The empty filter is accepted and filters nothing; without
+    attributes it is the only one."""
+    names = sorted(name for name in attribute_names if _PLAIN_NAME.fullmatch(name))
     if not names:
         return {"type": "string", "maxLength": 0}
     name = f"(?:{'|'.join(names)})"

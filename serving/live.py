@@ -295,6 +295,7 @@ class LiveWatcher:
         self.view = view
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
+        self._backoff = _FIRST_BACKOFF_SECONDS
 
     def start(self) -> None:
         if self._task is None:
@@ -316,7 +317,6 @@ class LiveWatcher:
             self._task = None
 
     async def run(self) -> None:
-        backoff = _FIRST_BACKOFF_SECONDS
         while True:
             try:
                 await self._listen()
@@ -324,14 +324,12 @@ class LiveWatcher:
                 reason = first_line(error)
                 self.view.problem = LIVE_POINTER_UNREADABLE
                 self._first_attempt.set()
-                delay = backoff * random.uniform(0.5, 1.0)
+                delay = self._backoff * random.uniform(0.5, 1.0)
                 # Database trouble is expected now and then; anything else is a bug worth a traceback.
                 expected = isinstance(error, psycopg.Error | OSError | TimeoutError)
                 logger.warning("live watcher: %s; reconnecting in %.1f s", reason, delay, exc_info=not expected)
                 await asyncio.sleep(delay)
-                backoff = min(backoff * 2, max(self.settings.live_poll_seconds, _FIRST_BACKOFF_SECONDS))
-            else:
-                backoff = _FIRST_BACKOFF_SECONDS
+                self._backoff = min(self._backoff * 2, max(self.settings.live_poll_seconds, _FIRST_BACKOFF_SECONDS))
 
     async def _listen(self) -> None:
         timeout = self.settings.db_timeout_seconds
@@ -352,6 +350,9 @@ class LiveWatcher:
             # Read after LISTEN: a switch committed in between is then seen by this read or notified.
             await self.view.reload(conn, timeout)
             self._first_attempt.set()
+            # Back and current: the next lost connection starts over from the first back-off. (`_listen`
+            # only ever ends by raising, so `run` cannot tell a long-lived connection from a failed attempt.)
+            self._backoff = _FIRST_BACKOFF_SECONDS
             while True:
                 async for _ in conn.notifies(timeout=self.settings.live_poll_seconds, stop_after=1):
                     pass

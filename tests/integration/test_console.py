@@ -113,6 +113,15 @@ def test_repeated_failed_sign_ins_from_one_client_are_slowed_down(database_url: 
         assert _sign_in(console, CONSOLE_KEY, **{"X-Forwarded-For": "198.51.100.2"}).status_code == 303
 
 
+def test_behind_two_trusted_proxies_one_guesser_does_not_lock_out_the_others(database_url: str) -> None:
+    with running_console(console_settings(database_url, trusted_proxies="127.0.0.1,10.0.0.1")) as console:
+        guesser = {"X-Forwarded-For": "203.0.113.7, 10.0.0.1"}
+        for _ in range(5):
+            assert _sign_in(console, "wrong", **guesser).status_code == 401
+        assert _sign_in(console, CONSOLE_KEY, **guesser).status_code == 429
+        assert _sign_in(console, CONSOLE_KEY, **{"X-Forwarded-For": "198.51.100.2, 10.0.0.1"}).status_code == 303
+
+
 def test_guessing_bearer_keys_on_the_data_endpoint_is_slowed_down_too(database_url: str) -> None:
     with running_console(console_settings(database_url, trusted_proxies="127.0.0.1")) as console:
         guesser = {"X-Forwarded-For": "203.0.113.8"}

@@ -211,3 +211,29 @@ def test_stale_answers_and_503s_carry_reason_codes_when_the_database_refuses_con
                 admin.execute(pgsql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(pgsql.Identifier(name)))
         service.wait_for(lambda: "X-Stale" not in service.recs("42").headers, within=5)
         time.sleep(0.1)
+
+
+def test_the_live_watcher_recovers_as_fast_from_every_lost_connection(database_url: str) -> None:
+    """The watcher's reconnect back-off starts over once it is back: connections lost now and then (an
+    operator's pg_terminate_backend, failovers) must not leave answers stale for longer each time."""
+    Publisher(database_url).publish(RECS)
+    with (
+        running(service_settings(database_url, live_poll_seconds=5)) as service,
+        psycopg.connect(database_url, autocommit=True) as admin,
+    ):
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        recoveries = []
+        for _ in range(5):
+            lost_at = time.monotonic()
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s",
+                (WATCHER_APPLICATION_NAME,),
+            ).fetchone()
+            assert killed == (1,)
+            service.wait_for(lambda: "X-Stale" in service.recs("42").headers, within=2)
+            service.wait_for(lambda: "X-Stale" not in service.recs("42").headers, within=10)
+            recoveries.append(round(time.monotonic() - lost_at, 2))
+            time.sleep(1)
+        # The first back-off is at most 0.5 s; doubling it each time would take 2 s or more by the fourth.
+        assert max(recoveries) < 1.5, recoveries
