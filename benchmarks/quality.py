@@ -29,9 +29,9 @@ from jobs.evaluation.evaluate import (
     session_visitors,
     user_holdout_split,
 )
-from jobs.steps.ranking_metrics import ranking_metrics
 from jobs.settings import Settings
 from jobs.steps import candidates, similar
+from jobs.steps.ranking_metrics import ranking_metrics
 
 COVISIT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RECENCY_DECAYS = (0.5, 0.7, 0.8, 0.9, 1.0)

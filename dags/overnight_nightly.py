@@ -1,8 +1,9 @@
 """overnight_nightly: the tasks of `jobs.nightly.STEPS`, the same steps `overnight run` runs in order.
 
 Wiring only: each task runs one step of ``jobs.nightly`` and returns the step's outcome; heavy libraries are
-imported inside the tasks, never when the scheduler parses this file. The params (``source``, ``shards``,
-``publish_live``, ``shadow_model``, ``accept_checks``) are described in docs/airflow.md#params.
+imported inside the tasks, never when the scheduler parses this file. The params (``source``,
+``source_format``, ``shards``, ``publish_live``, ``shadow_model``, ``accept_checks``) are described in
+docs/airflow.md#params.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _night(params: dict[str, Any] | None) -> nightly.Night:
         settings=get_settings(),
         logical_date=when.date(),
         source=params.get("source"),
+        source_format=params.get("source_format"),
         shards=params.get("shards"),
         publish_live=params.get("publish_live"),
         shadow_model=params.get("shadow_model"),
@@ -99,6 +101,12 @@ def _completion_deadline() -> DeadlineAlert | None:
     doc_md=__doc__,
     params={
         "source": Param(None, type=["null", "string"], description="File or folder to ingest."),
+        "source_format": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, "auto", "movielens", "parquet", "csv"],
+            description="How to read the source (auto detects from the path).",
+        ),
         "shards": Param(None, type=["null", "integer"], minimum=1, description="Score shards."),
         "publish_live": Param(None, type=["null", "boolean"], description="Force (or forbid) going live."),
         "shadow_model": Param(

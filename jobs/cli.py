@@ -21,10 +21,11 @@ import typer
 
 from jobs.errors import OvernightError
 from jobs.settings import Settings, get_settings
-from sql.text import first_line, settings_error_line
+from sql.text import first_line, jsonable, printable, settings_error_line
 
 if TYPE_CHECKING:
     from jobs.dev.demo import Demo
+    from jobs.nightly import Night
 
 logger = logging.getLogger("overnight")
 
@@ -49,12 +50,12 @@ def _parse_date(value: str) -> date:
 
 
 def _parse_logical_date(value: str) -> date:
-    """A night's date: never after today (UTC). A typo a year ahead would go live and hold every real night
-    back as a backfill (a newer date is live)."""
+    """A night's date: never after today (UTC), a usage error here rather than the night's refusal."""
+    from jobs.nightly import after_today
+
     day = _parse_date(value)
-    today = datetime.now(UTC).date()
-    if day > today:
-        raise typer.BadParameter(f"{day} is after today ({today}, UTC): a night scores a day that has begun")
+    if (late := after_today(day)) is not None:
+        raise typer.BadParameter(late)
     return day
 
 
@@ -132,13 +133,13 @@ def _settings(**overrides: Any) -> Settings:
 def _echo(result: Any, as_json: bool = False) -> None:
     data = asdict(result) if is_dataclass(result) and not isinstance(result, type) else result
     if as_json:
-        typer.echo(json.dumps(data, indent=2, default=str))
+        typer.echo(json.dumps(jsonable(data), indent=2, default=str))
         return
     if isinstance(data, dict):
         for key, value in data.items():
             if value is None:  # a field this result does not have (rows_in of a step that reads no rows, ...)
                 continue
-            shown = json.dumps(value, default=str) if isinstance(value, dict | list) else value
+            shown = json.dumps(jsonable(value), default=str) if isinstance(value, dict | list) else value
             typer.echo(f"{key}: {shown}")
     else:
         typer.echo(str(data))
@@ -175,17 +176,16 @@ def ingest(
     ] = None,
 ) -> None:
     """Validate a source against the data contract and write it to the lake; bad rows are quarantined."""
-    from jobs.steps.ingest import ingest as run_ingest
-
-    _echo(run_ingest(_settings(max_bad_fraction=max_bad_fraction), source, logical_date, fmt))
+    _run_step("ingest", _night(logical_date, source, max_bad_fraction=max_bad_fraction, source_format=fmt))
 
 
 @app.command()
 def train(logical_date: DateOption) -> None:
-    """Train the ranker point in time for a date, evaluate it and register it."""
-    from jobs.steps.train import train as run_train
+    """Train the ranker point in time for a date, evaluate it and register it, even if the model is current.
 
-    _echo(run_train(_settings(), logical_date))
+    The nightly run trains only when a retrain is due; this command trains whenever it is run.
+    """
+    _run_step("train", _night(logical_date, retrain=True))
 
 
 @app.command()
@@ -222,12 +222,9 @@ def score(
     shard: Annotated[int | None, typer.Option(min=0, help="Score only this shard (0-based); default all.")] = None,
 ) -> None:
     """Score every user with history (or one shard of them) with the model the date may use."""
-    from jobs.steps.score import score as run_score
-
     if shard is not None and shards is not None and shard >= shards:
         raise typer.BadParameter(f"--shard must be below --shards ({shards})")
-    for result in run_score(_settings(), logical_date, shards, shard):
-        _echo(result)
+    _run_step("score", _night(logical_date, shards=shards, shard=shard))
 
 
 @app.command()
@@ -237,17 +234,8 @@ def publish(logical_date: DateOption, live: LiveOption = None, accept_checks: Ac
     Monitoring's gate needs the date's input and drift checks: run `overnight monitor --date D` first
     (`overnight run` does).
     """
-    if accept_checks is None:
-        from jobs.steps.publish import publish_nightly
-
-        _echo(publish_nightly(_settings(), logical_date, make_live=live))
-        return
     _require_reason(accept_checks)
-    from jobs import nightly
-
-    # A run of its own in the run history (one step), so the acceptance shows beside the run it unblocks.
-    night = nightly.night_of(_settings(), logical_date, publish_live=live, accept_checks=accept_checks)
-    typer.echo(nightly.run(night, _progress, only=("publish",)).steps[0].summary)
+    _run_step("publish", _night(logical_date, publish_live=live, accept_checks=accept_checks))
 
 
 def _require_reason(accept_checks: str | None) -> None:
@@ -277,8 +265,7 @@ def run(
     from jobs import nightly
 
     _require_reason(accept_checks)
-    night = nightly.night_of(
-        _settings(),
+    night = _night(
         logical_date,
         source,
         source_format=fmt,
@@ -293,28 +280,41 @@ def run(
         typer.echo(f"  {step.step:<16} {step.seconds:7.1f}s  {step.summary}")
 
 
-def _one_step(name: str, logical_date: date) -> None:
+def _night(
+    logical_date: date, source: Path | None = None, max_bad_fraction: float | None = None, **params: Any
+) -> "Night":
     from jobs import nightly
 
-    _echo(nightly.run_step(name, nightly.night_of(_settings(), logical_date)).outcome())
+    given = {name: value for name, value in params.items() if value is not None}
+    return nightly.night_of(_settings(max_bad_fraction=max_bad_fraction), logical_date, source, **given)
+
+
+def _run_step(name: str, night: "Night") -> None:
+    """One step of the nightly graph, as `overnight run` runs it: a run of its own in the run history (so a
+    step run by hand, and an accepted publish, show beside the night it completes); prints its result."""
+    from jobs import nightly
+
+    result = nightly.run(night, _progress, only=(name,)).results[name]
+    _echo(result)
+    typer.echo(f"summary: {result.outcome().summary}")
 
 
 @app.command()
 def features(logical_date: DateOption) -> None:
     """Build the date's item feature tables, which scoring and training read (after ingest)."""
-    _one_step("features", logical_date)
+    _run_step("features", _night(logical_date))
 
 
 @app.command()
 def candidates(logical_date: DateOption) -> None:
     """Build the date's candidate tables and user list, which scoring and training read (after ingest)."""
-    _one_step("candidates", logical_date)
+    _run_step("candidates", _night(logical_date))
 
 
 @app.command()
 def monitor(logical_date: DateOption) -> None:
     """Measure the date's input and the ranker's feature drift (after score); publish's gate reads them."""
-    _one_step("monitor", logical_date)
+    _run_step("monitor", _night(logical_date))
 
 
 @app.command()
@@ -367,7 +367,7 @@ def evaluate(
         return
     typer.echo(result.table())
     if json_file is not None:
-        json_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        json_file.write_text(json.dumps(jsonable(result), indent=2) + "\n")
 
 
 @app.command()
@@ -399,7 +399,7 @@ def backtest(
         return
     typer.echo(result.table())
     if json_file is not None:
-        json_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        json_file.write_text(json.dumps(jsonable(result), indent=2) + "\n")
 
 
 @app.command()
@@ -477,7 +477,7 @@ def drift(
 
     settings = _settings()
     if recompute:
-        nightly.run_step("monitor", nightly.night_of(settings, logical_date))
+        nightly.run(nightly.night_of(settings, logical_date), _progress, only=("monitor",))
     found = report(settings, logical_date)
     if as_json:
         _echo(found, as_json=True)
@@ -1046,7 +1046,7 @@ def generate(
     Power-law popularity, taste clusters, sessions, repeats, daily and weekly rhythm, items appearing and
     fading, users with a country (which tilts their taste) and a platform.
     """
-    from datetime import UTC, datetime, timedelta
+    from datetime import datetime, timedelta
 
     from jobs.dev.generate import write_generated
 
@@ -1112,6 +1112,10 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def _printable_lines(text: str) -> str:
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def main() -> None:
     """Run the CLI; every failure is one line on stderr: exit 1 for an OvernightError, 2 for a usage
     error (the CLI contract, which typer's boxed usage messages would break), 130 for Ctrl-C."""
@@ -1129,10 +1133,10 @@ def main() -> None:
             moved = _MOVED_OPTIONS.get((command, error.option_name))
             if moved:
                 message += f"; {moved}"
-        typer.echo(f"overnight: error: {message}", err=True)
+        typer.echo(f"overnight: error: {printable(message)}", err=True)
         raise SystemExit(error.exit_code) from None
-    except OvernightError as error:
-        typer.echo(f"overnight: error: {error}", err=True)
+    except OvernightError as error:  # its text may name a file or hold a value from a source: escaped
+        typer.echo(f"overnight: error: {_printable_lines(str(error))}", err=True)
         raise SystemExit(1) from None
     except pydantic.ValidationError as error:  # a bad OVERNIGHT_* setting
         prefix = Settings.model_config.get("env_prefix", "")
@@ -1143,7 +1147,8 @@ def main() -> None:
     except Exception as error:  # not one the code foresaw (a file where a folder should be, say): still one line
         logging.getLogger("jobs.cli").debug("the unforeseen error's traceback", exc_info=True)
         typer.echo(
-            f"overnight: error: {type(error).__name__}: {first_line(error)} (run with -v for the traceback)", err=True
+            f"overnight: error: {type(error).__name__}: {printable(first_line(error))} (run with -v for the traceback)",
+            err=True,
         )
         raise SystemExit(1) from None
     # without standalone mode, an explicit exit (--help: 0, Ctrl-C inside a command: 130) is returned

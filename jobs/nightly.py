@@ -11,10 +11,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import BadInputError
 from jobs.monitoring import history
 from jobs.outcome import Outcome, StepResult
 from jobs.settings import Settings
@@ -37,6 +38,20 @@ class Night:
     shadow_model: str | None = None  # default OVERNIGHT_SHADOW_MODEL
     accept_checks: str | None = None  # an operator's reason to publish what monitoring holds back
     accepted_by: str | None = None  # who (default: this process's user at its host)
+    retrain: bool = False  # train even when the model is current (`overnight train`)
+    shard: int | None = None  # score only this shard (`overnight score --shard`)
+
+    def __post_init__(self) -> None:
+        if (late := after_today(self.logical_date)) is not None:
+            raise BadInputError(late)
+
+
+def after_today(day: date) -> str | None:
+    """Why a night of `day` must not run, if `day` is after today (UTC): a typo a year ahead, or a future
+    logical_date given to the DAG's REST API, would go live and hold every real night back as a backfill
+    (a newer date is live)."""
+    today = datetime.now(UTC).date()
+    return f"{day} is after today ({today}, UTC): a night scores a day that has begun" if day > today else None
 
 
 @dataclass(frozen=True)
@@ -104,9 +119,9 @@ def _candidates(night: Night) -> StepResult:
 
 
 def _train(night: Night) -> StepResult:
-    from jobs.steps.train import train_if_due
+    from jobs.steps.train import train, train_if_due
 
-    result = train_if_due(night.settings, night.logical_date)
+    result = (train if night.retrain else train_if_due)(night.settings, night.logical_date)
     if result.trained and not result.promoted:  # kept out by the gate: not a failure of the night
         logger.warning("%s", result.summary())
     return result
@@ -116,9 +131,19 @@ def _model_is_current(night: Night) -> str | None:
     from jobs.database import connect
     from jobs.steps.train import retrain_due
 
+    if night.retrain:
+        return None
     with connect(night.settings) as conn:
         due, reason = retrain_due(night.settings, conn, night.logical_date)
     return None if due else f"the model is current: {reason}"
+
+
+def _refit_candidates(night: Night) -> StepResult:
+    from jobs.steps.train import write_late_reference
+
+    rebuilt = _candidates(night)
+    write_late_reference(night.settings, night.logical_date)
+    return rebuilt
 
 
 def _candidate_tables_fit(night: Night) -> str | None:
@@ -155,7 +180,10 @@ def _scored(manifests: list[Any]) -> StepResult:
 
 def _score(night: Night) -> StepResult:
     planned = _plan_shards(night)
-    return _scored([_score_shard(night, len(planned), shard) for shard in planned])
+    chosen = planned if night.shard is None else [night.shard]
+    if not set(chosen) <= set(planned):
+        raise BadInputError(f"there is no shard {night.shard}: {night.logical_date} has {len(planned)} (0-based)")
+    return _scored([_score_shard(night, len(planned), shard) for shard in chosen])
 
 
 def _monitor(night: Night) -> StepResult:
@@ -217,7 +245,7 @@ STEPS: tuple[Step, ...] = (
     Step("train", _train, upstream=("features", "candidates"), skip=_model_is_current),
     # A model trained tonight may have been tuned with other candidate settings than the tables were built
     # with (for the model before it): then the candidates step runs again, for it, before any shard scores.
-    Step("refit-candidates", _candidates, upstream=("train",), skip=_candidate_tables_fit),
+    Step("refit-candidates", _refit_candidates, upstream=("train",), skip=_candidate_tables_fit),
     Step("score", _score, upstream=("refit-candidates",), sharded=Sharded(_plan_shards, _score_shard), retries=3),
     Step("monitor", _monitor, upstream=("score",)),
     Step("publish", _publish, upstream=("monitor",)),
@@ -270,6 +298,7 @@ class RunResult:
     steps: list[StepTiming] = field(default_factory=list)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_id: int | None = None
+    results: dict[str, StepResult] = field(default_factory=dict, repr=False)  # each step's own result
 
     @property
     def total_seconds(self) -> float:
@@ -284,6 +313,7 @@ def run(night: Night, progress: Progress = logger.info, only: Iterable[str] | No
     chosen = [step for step in STEPS if only is None or step.name in set(only)]
     timings: list[StepTiming] = []
     outcomes: dict[str, dict[str, Any]] = {}
+    results: dict[str, StepResult] = {}
     failed: set[str] = set()
     first_error: BaseException | None = None
     with history.recording(settings, night.logical_date) as run_id:
@@ -295,7 +325,8 @@ def run(night: Night, progress: Progress = logger.info, only: Iterable[str] | No
             started = time.perf_counter()
             try:
                 with history.step(settings, run_id, step.name) as recorded:
-                    outcome = run_step(step.name, night).outcome()
+                    results[step.name] = run_step(step.name, night)
+                    outcome = results[step.name].outcome()
                     recorded.append(outcome)
             except Exception as error:
                 failed.add(step.name)
@@ -316,6 +347,7 @@ def run(night: Night, progress: Progress = logger.info, only: Iterable[str] | No
         steps=timings,
         outcomes=outcomes,
         run_id=run_id,
+        results=results,
     )
 
 

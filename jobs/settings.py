@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from upath import UPath
 
 MAX_WEIGHT = 1e6  # default OVERNIGHT_MAX_WEIGHT: ratings and counts are far below it
+# The largest OVERNIGHT_MAX_WEIGHT: about float32's largest number, as the lake stores weights
+# (jobs.lake.INTERACTIONS_SCHEMA); a weight above it would be stored as infinity.
+FLOAT32_WEIGHT_LIMIT = 3.4e38
 
 OBJECT_STORAGE_PROTOCOLS = ("s3", "s3a")
 
@@ -68,10 +71,13 @@ class Settings(BaseSettings):
     max_weight: float = Field(
         default=MAX_WEIGHT,
         gt=0.0,
+        le=FLOAT32_WEIGHT_LIMIT,
+        allow_inf_nan=False,
         description=(
             "Ingest quarantines an interaction whose weight (rating, count) is above this as `bad_weight`, like a "
             "negative or non-finite one: such a value is a unit or column mistake (an epoch or an id read as a "
-            "weight) that would outweigh millions of ordinary interactions."
+            "weight) that would outweigh millions of ordinary interactions. A finite number: the lake stores "
+            "weights as 32-bit floats, so it is at most 3.4e38."
         ),
     )
     max_bad_fraction: float = Field(

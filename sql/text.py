@@ -1,4 +1,5 @@
-"""Small helpers every image shares: one-line error text, JSON-safe values and one-line settings errors.
+"""Small helpers every image shares: one-line error text, printable text, JSON-safe values and one-line
+settings errors.
 
 They live under sql/ because the lookup service's and the console's images hold only their own package
 and sql/, and serving/ and console/ never import jobs/. Standard library only: each image loads this.
@@ -17,6 +18,14 @@ def first_line(error: object, limit: int = 2000) -> str:
     characters: what a one-line CLI error, log line, status or run history row shows."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\x1b``, ``\\n``): a terminal or
+    a log never receives raw control bytes from a file name, a source's line or a client."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def jsonable(value: Any, *, non_finite: Literal["null", "text"] = "null") -> Any:

@@ -13,6 +13,8 @@ import urllib.request
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from sql.text import jsonable
+
 if TYPE_CHECKING:
     from jobs.monitoring.checks import Check
     from jobs.settings import Settings
@@ -31,13 +33,13 @@ def send_alert(
     if fingerprint is not None and not _first_time(settings, fingerprint, title, details):
         logger.warning("alert %s was already sent (%s); not sending it again", title, fingerprint)
         return
-    logger.error("ALERT %s: %s", title, json.dumps(details, default=str))
+    logger.error("ALERT %s: %s", title, json.dumps(jsonable(details), default=str))
     url = settings.alert_webhook_url
     if not url:
         return
     # "text" is what Slack, Mattermost and most chat webhooks display
     text = f"{title}: {details['error']}" if details.get("error") else title
-    body = json.dumps({"title": title, "text": text, **details}, default=str).encode()
+    body = json.dumps(jsonable({"title": title, "text": text, **details}), default=str).encode()
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10):

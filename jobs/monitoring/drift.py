@@ -60,7 +60,7 @@ def write_reference(settings: Settings, model_dir: Path | UPath, frame: pl.DataF
     """Keep beside the model a sample of its features as scoring sees them on the date it was trained for
     (`frame`, from the same users as every night's sample); drift compares each night's features with it.
     Train writes it, or, when the date's candidate tables were built with other candidate settings than the
-    model was tuned with, the monitor step of that date writes tonight's sample, scored with rebuilt tables.
+    model was tuned with, `jobs.steps.train.write_late_reference` once refit-candidates has rebuilt them.
 
     Not the training rows themselves: those are as of the start of the label window and only of
     labelled users, so time-dependent features (ages, recencies, counts) would differ from any
@@ -119,8 +119,9 @@ def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
         volume=(pl.col("timestamp") >= day_start).sum(),
         trailing=((pl.col("timestamp") >= trailing_start) & (pl.col("timestamp") < day_start)).sum(),
         history_start=pl.col("timestamp").min(),
+        last_before=pl.col("timestamp").filter(pl.col("timestamp") < day_start).max(),
     ).collect(engine="streaming")
-    volume, trailing, history_start = counts.row(0)
+    volume, trailing, history_start, last_before = counts.row(0)
     # A lake younger than the trailing window averages over the days it has.
     days_of_history = min(TRAILING_DAYS, (day_start - history_start).days) if history_start else 0
     trailing_average = trailing / days_of_history if days_of_history > 0 else None
@@ -175,10 +176,15 @@ def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
     if trailing_average:
         ratio = volume / trailing_average
         volume_change = max(ratio, 1 / ratio) if ratio > 0 else float("inf")
+    elif trailing_average == 0 and volume == 0:
+        # Nothing on the date nor in the week before, with history before that: the source, not the
+        # users, most likely stopped; a factor of nothing against nothing must not read as no change.
+        volume_change = float("inf")
     return {
         "volume": volume,
         "trailing_days": days_of_history,
         "trailing_average": trailing_average,
+        "last_event_before": last_before.date().isoformat() if last_before else None,
         "volume_ratio": volume / trailing_average if trailing_average else None,
         "volume_change": volume_change,
         "users_today": users_today,
@@ -205,15 +211,27 @@ def input_statistics(settings: Settings, logical_date: date) -> dict[str, Any]:
 
 def volume_in_words(logical_date: date, measured: dict[str, Any]) -> str | None:
     """The volume check's message where a factor says it badly: a day without events (an infinite
-    change; it usually means a broken or late source, so it still fails), and a first night, with no
-    full day before it to compare with (not measured, so it never holds a batch back)."""
+    change; it usually means a broken or late source, so it still fails), also after a week without
+    any; a first night, with no full day before it to compare with (not measured, so it never holds a
+    batch back); and the events of a day after a week without any (nothing to compare them with)."""
     volume, average = measured["volume"], measured["trailing_average"]
     if average is None:
         return (
             f"volume_change: not measured: no full day of events before {logical_date} to compare its "
             f"{volume:,} events with (a first night)"
         )
-    if volume == 0 and average > 0:
+    days = measured["trailing_days"]
+    if average == 0:
+        if volume > 0:
+            return (
+                f"volume_change: not measured: no events in the {days} days before {logical_date} to compare "
+                f"its {volume:,} events with (the last before them was on {measured['last_event_before']})"
+            )
+        return (
+            f"no events on {logical_date} nor in the {days} days before it (the last event was on "
+            f"{measured['last_event_before']}): the source may be incomplete"
+        )
+    if volume == 0:
         shown = f"{average:,.0f}" if average >= 10 else f"{average:.2g}"
         return (
             f"no events on {logical_date}; the trailing {measured['trailing_days']}-day average is {shown} a day: "
@@ -298,10 +316,6 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
     ]
 
     reference_file = reference_path(settings, model)
-    if not reference_file.is_file() and model.logical_date == logical_date:
-        # Trained tonight with other candidate settings than the date's tables had then (jobs.steps.train):
-        # its reference is tonight's sample, scored once refit-candidates built the tables it scores with.
-        write_reference(settings, reference_file.parent, _scored_sample(settings, logical_date))
     drift_checks: list[checks.Check] = []
     drift_report: dict[str, Any] = {"model_id": model.model_id, "reference": str(reference_file)}
     current_rows = 0

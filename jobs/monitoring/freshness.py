@@ -2,6 +2,7 @@
 
 import logging
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -141,10 +142,41 @@ def render_status(report: dict[str, Any]) -> list[str]:
     for batch in report["recent_batches"]:
         reason = f"  ({batch['failure_reason']})" if batch["failure_reason"] else ""
         lines.append(
-            f"  {batch['batch_id']:>5}  {batch['logical_date']}  {batch['status']:<8} "
+            f"  {batch['batch_id']:>5}  {batch['logical_date']}  {_batch_status(batch):<8} "
             f"{batch['users_scored']:>9,} users{reason}"
         )
+    lines.append("recent runs:")
+    lines += [_run_line(run) for run in report["recent_runs"]]
     return lines
+
+
+def _batch_status(batch: dict[str, Any]) -> str:
+    """A batch the publish gate held back is stored as failed, with the gate's message as its reason
+    (``jobs.monitoring.gate.check_batch``): it is shown as blocked, as its run is."""
+    held_back = f"batch {batch['batch_id']} for {batch['logical_date']} blocked by monitoring: "
+    if batch["status"] == "failed" and (batch["failure_reason"] or "").startswith(held_back):
+        return "blocked"
+    return str(batch["status"])
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    """One run of ``status``'s ``recent_runs``: its date, status and start, when an abandoned run was
+    noticed, the steps that failed, were blocked or abandoned, and who accepted failing checks."""
+    line = f"  {run['run_id']:>5}  {run['logical_date']}  {run['status']:<9} started {_shown_time(run['started_at'])}"
+    if run["abandoned_at"]:
+        line += f", noticed abandoned {_shown_time(run['abandoned_at'])}"
+    stopped = [
+        f"{step} {status}" for step, status in run["steps"].items() if status in ("failed", "blocked", "abandoned")
+    ]
+    if stopped:
+        line += f"; {'steps' if len(stopped) > 1 else 'step'} {', '.join(stopped)}"
+    if run["accepted"]:
+        line += f"; failing checks accepted by {run['accepted']['accepted_by']}"
+    return line
+
+
+def _shown_time(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def as_dict(result: FreshnessResult) -> dict[str, Any]:

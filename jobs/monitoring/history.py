@@ -256,7 +256,8 @@ def step(settings: Settings, run_id: int, name: str) -> Iterator[list[Outcome]]:
 
 # ---------------------------------------------------------------------------- Airflow task hooks
 
-# A step's task id is its name with "_" for "-" (see jobs.nightly), so CLI and DAG runs record alike.
+# A step's task id is its name with "_" for "-" (see jobs.nightly), so a step's row has the same name from
+# either; a sharded step's DAG tasks record its plan and each shard ("score[3]"), `overnight run` one row.
 _airflow_started: dict[str, float] = {}
 
 

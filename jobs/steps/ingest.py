@@ -28,7 +28,7 @@ from jobs.settings import MAX_WEIGHT, Settings
 from jobs.steps.feedback import SOURCE_NAME as FEEDBACK_SOURCE
 from jobs.steps.feedback import feedback_interactions
 from sql.contract import MAX_ID_LENGTH
-from sql.text import first_line
+from sql.text import first_line, printable
 
 if TYPE_CHECKING:
     import pyarrow.csv
@@ -59,6 +59,11 @@ BAD_ENCODING = "bad_encoding"
 EXTRA_FIELDS = "extra_fields"
 TOO_FEW_FIELDS = "too_few_fields"
 RAW_LINE = "raw_line"
+# Such a record read over several lines (a quoted field holding line breaks: often one stray quote that took
+# the lines after it into one field) is one bad row a line, each with its own text: its first line with the
+# record's reason, the others IN_QUOTED_FIELD. The bad fraction then counts every line it took.
+IN_QUOTED_FIELD = "in_quoted_field"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as the reader ends lines: \r alone too, never \f or \x85
 _LINE_REASON = "_line_reason"  # the reader's note of such a line, until validation makes it the row's reason
 # The line of a CSV file (from 1, the header's) on which a row starts: the quarantine's `line`.
 _LINE = "_line"
@@ -76,6 +81,7 @@ REASON_COLUMN: dict[str, str | None] = {
     BAD_ENCODING: None,
     EXTRA_FIELDS: None,
     TOO_FEW_FIELDS: None,
+    IN_QUOTED_FIELD: None,
 }
 _TIMESTAMP_FORMATS = (
     "%Y-%m-%dT%H:%M:%S%.f%#z",
@@ -153,7 +159,7 @@ class IngestResult:
         return Outcome(self.summary(), rows_in=self.rows_read, rows_out=self.rows_valid)
 
     def summary(self) -> str:
-        source = _printable(self.source)
+        source = printable(self.source)
         text = f"{self.rows_valid:,} rows from {source} ({self.format}), {self.rows_quarantined:,} quarantined"
         table_lines = sum(self.items_quarantined_by_reason.values()) + sum(self.users_quarantined_by_reason.values())
         if table_lines:
@@ -279,7 +285,7 @@ def _table_batches(path: Path, rows: int, fmt: str = "auto") -> Iterator[pl.Data
             else:
                 yield from _csv_batches(file)
         except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
-            raise BadInputError(f"{_printable(str(file))}: cannot read: {_printable(first_line(error))}") from error
+            raise BadInputError(f"{printable(str(file))}: cannot read: {printable(first_line(error))}") from error
 
 
 def _parquet_batches(file: Path, rows: int) -> Iterator[pl.DataFrame]:
@@ -299,7 +305,8 @@ def _csv_batches(
 ) -> Iterator[pl.DataFrame]:
     """The file's fields as text, a block at a time. Only an empty field is null: text that pyarrow
     would take for one by default (NA, null, nan...) can be a real id. A line whose fields cannot
-    be read comes as a row of nulls in its place (see ``_BadCsvLines``), not as an error.
+    be read comes as a row of nulls in its place (see ``_BadCsvLines``), not as an error; such a
+    record read over several lines, as a row of nulls for each (see ``IN_QUOTED_FIELD``).
 
     ``delimiter``: by default a tab for .tsv, else a comma. ``names``: the columns of a file without a
     header line (MovieLens' u.data), whose first line is then line 1. ``quoted``: whether " quotes fields."""
@@ -315,7 +322,7 @@ def _csv_batches(
             header.decode("utf-8")
         except UnicodeDecodeError:
             raise BadInputError(
-                f"{_printable(str(file))}: the header line is not UTF-8: {_escaped_line(header)}"
+                f"{printable(str(file))}: the header line is not UTF-8: {_escaped_line(header)}"
             ) from None
         names = pl.read_csv(header, separator=delimiter, infer_schema=False, quote_char='"' if quoted else None).columns
     with _Utf8CheckedFile(file, fields=len(names), delimiter=delimiter, header=header_line, quoted=quoted) as stream:
@@ -337,27 +344,19 @@ def _csv_batches(
                 column_types=dict.fromkeys(names, pyarrow.string()), null_values=[""], strings_can_be_null=True
             ),
         )
-        rows = 0
+        records = 0
         for batch in batches:
             frame = bad_lines.put_back(pl.from_arrow(batch))  # type: ignore[arg-type]
             if frame.height:
-                yield stream.line_numbers.numbered(frame, rows)
-                rows += frame.height
+                yield _a_row_a_line(stream.line_numbers.numbered(frame, records))
+                records += frame.height
         rest = bad_lines.put_back(None)
-        if rest.height or not rows:  # an empty frame still shows the columns, for validation to name what is missing
-            yield stream.line_numbers.numbered(rest, rows)
-
-
-def _printable(text: str) -> str:
-    """``text`` with control and other non-printable characters escaped (``\\x1b``), for messages and
-    quarantined lines: a terminal or a log never receives raw control bytes from a source."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+        if rest.height or not records:  # an empty frame still shows the columns, for validation to name what is missing
+            yield _a_row_a_line(stream.line_numbers.numbered(rest, records))
 
 
 def _escaped_line(line: bytes) -> str:
-    return _printable(line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
+    return printable(line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
 
 
 class _CsvLineNumbers:
@@ -515,23 +514,30 @@ class _BadCsvLines:
         self._first_number = 2 if header else 1  # pyarrow's number for the first row after the header
         self._delimiter = delimiter
         self._undecodable = undecodable
-        # (rows read before the line, reason, text), in the file's order
-        self._pending: list[tuple[int, str, str]] = []
+        # (rows read before the record, reason, the text of each of its lines), in the file's order
+        self._pending: list[tuple[int, str, list[str]]] = []
         self._skipped = 0
         self._rows_read = 0
 
     def skip(self, row: "pyarrow.csv.InvalidRow") -> str:
-        text = row.text
         reason = EXTRA_FIELDS if row.actual_columns > row.expected_columns else TOO_FEW_FIELDS
-        if text.startswith(_Utf8CheckedFile.MARKER):
-            number = text[len(_Utf8CheckedFile.MARKER) :].rstrip(self._delimiter)
-            if number.isdigit() and int(number) in self._undecodable:
-                reason, text = BAD_ENCODING, self._undecodable.pop(int(number))
+        lines = _LINE_BREAK.split(row.text)
+        undecodable = [self._undecodable_text(line) for line in lines]
+        if len(lines) == 1 and undecodable[0] is not None:
+            reason = BAD_ENCODING
+        texts = [printable(line if text is None else text) for line, text in zip(lines, undecodable, strict=True)]
         # row.number counts the header, if any, as 1; pyarrow gives it when it reads serially, as it does here
         position = row.number - self._first_number if row.number is not None else self._rows_read + self._skipped
-        self._pending.append((position - self._skipped, reason, _printable(text)))
+        self._pending.append((position - self._skipped, reason, texts))
         self._skipped += 1
         return "skip"
+
+    def _undecodable_text(self, line: str) -> str | None:
+        """The escaped text of the line that is not UTF-8 that ``line`` marks, if it is such a marker."""
+        if not line.startswith(_Utf8CheckedFile.MARKER):
+            return None
+        number = line[len(_Utf8CheckedFile.MARKER) :].rstrip(self._delimiter)
+        return self._undecodable.pop(int(number), None) if number.isdigit() else None
 
     def put_back(self, frame: pl.DataFrame | None) -> pl.DataFrame:
         """``frame``, the next rows read, with the skipped lines among them put back in place; at the
@@ -551,13 +557,33 @@ class _BadCsvLines:
             {
                 **{name: pl.Series([None] * len(lines), dtype=pl.String) for name in self._names},
                 _LINE_REASON: [reason for _, reason, _ in lines],
-                RAW_LINE: [text for _, _, text in lines],
+                RAW_LINE: pl.Series([texts for _, _, texts in lines], dtype=pl.List(pl.String)),
                 "_line_position": [rows_before - start for rows_before, _, _ in lines],
             }
         )
         read = frame.with_columns(_line_position=pl.int_range(frame.height, dtype=pl.Int64))
         # a skipped line goes before the row read after it: a stable sort, skipped lines first
         return pl.concat([bad, read], how="diagonal").sort("_line_position", maintain_order=True).drop("_line_position")
+
+
+def _a_row_a_line(records: pl.DataFrame) -> pl.DataFrame:
+    """``records`` (numbered, with the skipped ones put back, their lines' texts a list in ``RAW_LINE``) with
+    a bad record read over several lines made one row a line (see ``IN_QUOTED_FIELD``)."""
+    if RAW_LINE not in records.columns:
+        return records
+    if (records[RAW_LINE].list.len().max() or 0) <= 1:  # type: ignore[operator]
+        return records.with_columns(pl.col(RAW_LINE).list.first())
+    rows = pl.col(RAW_LINE).list.len().fill_null(1).clip(1)  # each record's rows once exploded
+    following = pl.int_range(pl.len()) - pl.col("_first")  # 0 on a record's first line
+    return (
+        records.with_columns(_first=rows.cum_sum() - rows)
+        .explode(RAW_LINE)
+        .with_columns(
+            pl.col(_LINE) + following,
+            pl.when(following > 0).then(pl.lit(IN_QUOTED_FIELD)).otherwise(pl.col(_LINE_REASON)).alias(_LINE_REASON),
+        )
+        .drop("_first")
+    )
 
 
 def _read_table_file(path: Path, kind: str, rename: dict[str, str] | None = None) -> TableFile:
@@ -592,7 +618,7 @@ def _movielens_chunks(folder: Path) -> Iterator[Source]:
             yield Source(ratings_path.name, variant, frame, items if first else None, default_event_type="rating")
     except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
         raise BadInputError(
-            f"{_printable(str(ratings_path))}: cannot read as {variant}: {_printable(first_line(error))}"
+            f"{printable(str(ratings_path))}: cannot read as {variant}: {printable(first_line(error))}"
         ) from error
 
 
@@ -613,7 +639,7 @@ def _split_lines(lines: pl.DataFrame, separator: str, columns: list[str]) -> pl.
         pl.coalesce(_LINE_REASON, wrong).alias(_LINE_REASON),
         pl.coalesce(
             RAW_LINE,
-            pl.when(wrong.is_not_null()).then(pl.col("line")).map_elements(_printable, return_dtype=pl.String),
+            pl.when(wrong.is_not_null()).then(pl.col("line")).map_elements(printable, return_dtype=pl.String),
         ).alias(RAW_LINE),
     )
     fields = (
@@ -643,7 +669,7 @@ def _movielens_items(path: Path, variant: str) -> TableFile:
         frame = _movielens_100k_items(path) if variant == "movielens-100k" else _movielens_1m_items(path)
     except (pl.exceptions.PolarsError, OSError) as error:
         raise BadInputError(
-            f"{_printable(str(path))}: cannot read as {variant}: {_printable(first_line(error))}"
+            f"{printable(str(path))}: cannot read as {variant}: {printable(first_line(error))}"
         ) from error
     return check_table_file(frame, "item", path.name)
 
@@ -669,8 +695,8 @@ def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
     notes = _LINE_REASON in frame.columns
     columns = {c: dtype for c, dtype in frame.schema.items() if c not in (_LINE_REASON, RAW_LINE, _LINE)}
     if id_column not in columns:
-        found = _printable(", ".join(columns)) or "none"
-        raise BadInputError(f"{_printable(name)}: {kind} file has no {id_column} column (found: {found})")
+        found = printable(", ".join(columns)) or "none"
+        raise BadInputError(f"{printable(name)}: {kind} file has no {id_column} column (found: {found})")
     ident = _id_expr(id_column, columns[id_column], name)
     reason: pl.Expr = (
         pl.when(ident.is_null() | (ident == ""))
@@ -694,9 +720,9 @@ def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
         where = _places("line", places[_LINE]) if places[_LINE].null_count() == 0 else _places("row", places["row"])
         logger.warning(
             "ingest: %s: %s id %s is on %s (%s ids listed more than once): the last line of each is kept",
-            _printable(name),
+            printable(name),
             kind,
-            _printable(first),
+            printable(first),
             where,
             f"{repeated['_id'].n_unique():,}",
         )
@@ -781,14 +807,15 @@ def validate_interactions(
         Quarantined rows keep their original columns as text, plus ``row`` (0-based position in
         the source, counted from ``first_row``), ``line`` (a CSV file's line the row starts on, from 1 for
         the header; null for other sources) and ``reason``. ``keep_row`` keeps ``row`` and ``line`` on valid rows too.
-    A weight that is not a finite number in [0, ``max_weight``] is ``bad_weight`` (OVERNIGHT_MAX_WEIGHT).
+    A weight that is not a finite number in [0, ``max_weight``], or that float32 cannot hold, is ``bad_weight``
+    (OVERNIGHT_MAX_WEIGHT).
     """
     raw = source.interactions
     reader_notes = (_LINE_REASON, RAW_LINE) if _LINE_REASON in raw.columns else ()
     columns = {name: dtype for name, dtype in raw.schema.items() if name not in (*reader_notes, _LINE)}
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        found = _printable(", ".join(columns)) or "none"
+        found = printable(", ".join(columns)) or "none"
         raise BadInputError(f"{source.name}: missing required column {', '.join(missing)} (found: {found})")
     user = _id_expr("user_id", columns["user_id"], source.name)
     item = _id_expr("item_id", columns["item_id"], source.name)
@@ -817,7 +844,11 @@ def validate_interactions(
         .then(pl.lit("bad_timestamp"))
         .when(timestamp >= lake.day_end(logical_date))
         .then(pl.lit(NOT_YET_VISIBLE))
-        .when(weight_present & (weight.is_null() | ~weight.is_finite() | (weight < 0) | (weight > max_weight)))
+        # finite as the lake stores it too: a float32 holds no number above about 3.4e38
+        .when(
+            weight_present
+            & (weight.is_null() | ~weight.cast(pl.Float32).is_finite() | (weight < 0) | (weight > max_weight))
+        )
         .then(pl.lit("bad_weight"))
     )
     if reader_notes:  # a line whose fields could not be read has no values to check
@@ -827,7 +858,12 @@ def validate_interactions(
         _user=user,
         _item=item,
         _timestamp=timestamp,
-        _weight=pl.when(weight_present).then(weight.cast(pl.Float32)).otherwise(pl.lit(1.0, dtype=pl.Float32)),
+        # -0 is stored as 0: a weight of nothing has no sign
+        _weight=pl.when(~weight_present)
+        .then(pl.lit(1.0, dtype=pl.Float32))
+        .when(weight == 0)
+        .then(pl.lit(0.0, dtype=pl.Float32))
+        .otherwise(weight.cast(pl.Float32)),
         _event_type=event_type,
         reason=reason,
     )
@@ -857,8 +893,8 @@ def validate_interactions(
 
 def _normalise_items(items: pl.DataFrame, file_name: str) -> pl.DataFrame:
     if "item_id" not in items.columns:  # checked when read (check_table_file)
-        found = _printable(", ".join(items.columns)) or "none"
-        raise BadInputError(f"{_printable(file_name)}: item file has no item_id column (found: {found})")
+        found = printable(", ".join(items.columns)) or "none"
+        raise BadInputError(f"{printable(file_name)}: item file has no item_id column (found: {found})")
     genres = pl.lit([], dtype=pl.List(pl.String))
     if "genres" in items.columns:
         dtype = items.schema["genres"]
@@ -935,7 +971,7 @@ def _item_attributes(items: pl.DataFrame, file_name: str) -> list[pl.Expr]:
             why = f"its type is {dtype} (an attribute is text, a list of text or true/false)"
         if expr is None:
             logger.warning(
-                "ingest: %s: item column %r is not kept as an attribute: %s", _printable(file_name), name, why
+                "ingest: %s: item column %r is not kept as an attribute: %s", printable(file_name), name, why
             )
         else:
             kept.append(expr.alias(name))
@@ -978,14 +1014,39 @@ def _merge_partition(lake_dir: UPath, event_date: date, rows: pl.DataFrame) -> N
     lake.write_parquet_atomically(rows.sort(["timestamp", "user_id", "item_id", "event_type"]), path)
 
 
-def _reject_message(name: str, counts: dict[str, int], rows: int, fraction: float, limit: float, where: UPath) -> str:
+def _reject_message(
+    name: str,
+    counts: dict[str, int],
+    rows: int,
+    fraction: float,
+    limit: float,
+    where: UPath,
+    quarantined: pl.LazyFrame,
+) -> str:
+    """The message refusing a file with too many bad rows; ``quarantined``, its quarantined rows, is read
+    only when some of its lines were read inside a bad record's quoted field, to say where the first starts."""
     worst = sorted(((n, r) for r, n in counts.items() if r != NOT_YET_VISIBLE), reverse=True)[:3]
     detail = ", ".join(
         f"{n:,} {r} in column {REASON_COLUMN[r]}" if REASON_COLUMN[r] else f"{n:,} {r} (whole line)" for n, r in worst
     )
     return (
-        f"{_printable(name)}: {fraction:.1%} of {rows:,} rows are bad (limit {limit:.1%}): {detail}; "
-        f"rows set aside in {where}"
+        f"{printable(name)}: {fraction:.1%} of {rows:,} rows are bad (limit {limit:.1%}): {detail}"
+        + (_first_quoted_record(quarantined) if counts.get(IN_QUOTED_FIELD) else "")
+        + f"; rows set aside in {where}"
+    )
+
+
+def _first_quoted_record(quarantined: pl.LazyFrame) -> str:
+    """Where the first bad record read over several lines starts and ends, in words."""
+    further = quarantined.filter(pl.col("reason") == IN_QUOTED_FIELD).select("row", "line").sort("row").collect()
+    if further.is_empty():
+        return ""
+    # its further lines: the rows that follow its first IN_QUOTED_FIELD one without a gap
+    record = further.filter((pl.col("row").diff().fill_null(1) != 1).cum_sum() == 0)
+    start, end = record["line"][0] - 1, record["line"][-1]
+    return (
+        f"; a quoted field opening on line {start:,} runs on to line {end:,} (a stray quote?): "
+        f"its {end - start + 1:,} lines count as bad rows"
     )
 
 
@@ -1050,7 +1111,7 @@ def _stage(source_path: Path, fmt: str, logical_date: date, folder: Path, max_we
             staged.counts.update(dict(quarantined.group_by("reason").len().iter_rows()))
             lake.write_parquet_atomically(quarantined, folder / "quarantine" / name)
         _stage_valid(staged, valid, name)
-        logger.info("ingest: validated %d rows of %s", staged.rows_read, _printable(meta.name))
+        logger.info("ingest: validated %d rows of %s", staged.rows_read, printable(meta.name))
     assert meta is not None
     if staged.chunks > 1:
         _quarantine_cross_chunk_duplicates(staged)
@@ -1090,7 +1151,7 @@ def ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str =
 def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str, staging: Path) -> IngestResult:
     source, staged = _stage(source_path, fmt, logical_date, staging, settings.max_weight)
     counts, rows_read = dict(staged.counts), staged.rows_read
-    logger.info("ingest: read %s (%s): %d rows", _printable(source.name), source.format, rows_read)
+    logger.info("ingest: read %s (%s): %d rows", printable(source.name), source.format, rows_read)
     malformed = sum(n for reason, n in counts.items() if reason != NOT_YET_VISIBLE)
     bad_fraction = malformed / rows_read if rows_read else 0.0
 
@@ -1104,8 +1165,11 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
         lake.write_atomically(quarantine_file, parts.sink_parquet)
 
     if bad_fraction > settings.max_bad_fraction:
+        quarantined = pl.concat([pl.scan_parquet(part) for part in staged.quarantine_parts], how="diagonal_relaxed")
         raise BadInputError(
-            _reject_message(source.name, counts, rows_read, bad_fraction, settings.max_bad_fraction, quarantine_file)
+            _reject_message(
+                source.name, counts, rows_read, bad_fraction, settings.max_bad_fraction, quarantine_file, quarantined
+            )
         )
     rows_valid = rows_read - quarantined_rows
     if rows_valid == 0:
@@ -1177,14 +1241,16 @@ def _quarantine_table_file(table: TableFile, quarantine_dir: UPath, limit: float
         lake.write_parquet_atomically(table.quarantined, path)
         logger.warning(
             "ingest: %s: %d bad lines set aside in %s: %s",
-            _printable(table.name),
+            printable(table.name),
             table.quarantined.height,
             path,
             counts,
         )
     fraction = table.quarantined.height / table.rows_read if table.rows_read else 0.0
     if fraction > limit:
-        raise BadInputError(_reject_message(table.name, counts, table.rows_read, fraction, limit, path))
+        raise BadInputError(
+            _reject_message(table.name, counts, table.rows_read, fraction, limit, path, table.quarantined.lazy())
+        )
     return counts, str(path) if table.quarantined.height else None
 
 

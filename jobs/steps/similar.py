@@ -30,10 +30,13 @@ def similar_items(
         raise ValueError(f"covisit_share must be between 0 and 1, got {covisit_share}")
 
     def scaled(table: pl.DataFrame, value: str, share: float) -> pl.LazyFrame:
-        return table.lazy().select(
-            "item_id",
-            "neighbour_id",
-            score=pl.col(value).cast(pl.Float64) / pl.col(value).cast(pl.Float64).max().over("item_id") * share,
+        # A pair the signal weighs 0 (co-visits so old that their decay rounds to 0) is no neighbour: divided
+        # by an item's best of 0 it would score NaN, which `score > 0` keeps (polars orders NaN above numbers).
+        weight = pl.col(value).cast(pl.Float64)
+        return (
+            table.lazy()
+            .filter(weight.is_finite() & (weight > 0))
+            .select("item_id", "neighbour_id", score=weight / weight.max().over("item_id") * share)
         )
 
     available = catalogue.lazy().filter(pl.col("available")).select(pl.col("item_id").alias("neighbour_id"))

@@ -586,7 +586,7 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
     model_id, artifact = _save_artifact(fitted.booster, settings, logical_date)
     if candidates.tables_built_with(night_settings, logical_date, settings):
         drift.write_reference(settings, artifact.parent, features.sample_features(settings, logical_date))
-    else:  # the date's tables are the last model's: its reference is tonight's sample (jobs.monitoring.drift)
+    else:  # the date's tables are the last model's: refit-candidates rebuilds them, then `write_late_reference`
         logger.info("train: the drift reference of %s is taken once its candidate tables are built", model_id)
     model = registry.ModelVersion(
         model_id=model_id,
@@ -687,6 +687,20 @@ def retrain_due(settings: Settings, conn: psycopg.Connection, logical_date: date
     if age >= settings.retrain_days:
         return True, f"{current.model_id} is {age} day(s) old; retraining every {settings.retrain_days} day(s)"
     return False, f"{current.model_id} is {age} day(s) old; retraining every {settings.retrain_days} day(s)"
+
+
+def write_late_reference(settings: Settings, logical_date: date) -> None:
+    """The drift reference of a model trained for the date that `train` could not write: the date's candidate
+    tables were then built with other candidate settings than the model was tuned with. The refit-candidates
+    step calls it once it has rebuilt them for the model."""
+    with connect(settings) as conn:
+        model = registry.model_for_date(conn, logical_date)
+    if model is None or model.logical_date != logical_date:
+        return
+    reference = drift.reference_path(settings, model)
+    if not reference.is_file():
+        sample = features.sample_features(registry.tuned_settings(settings, model), logical_date)
+        drift.write_reference(settings, reference.parent, sample)
 
 
 def train_if_due(settings: Settings, logical_date: date) -> TrainResult:

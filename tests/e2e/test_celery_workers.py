@@ -153,7 +153,7 @@ def test_score_shards_run_on_both_celery_workers(
                     **env,
                     "OVERNIGHT_LOCAL_DIR": str(tmp_path / name),
                     "OVERNIGHT_TEST_WORKER_NAME": name,
-                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.e2e.celery_worker_name.hostname",
+                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.support.celery_worker_name.hostname",
                 }
                 command = [
                     str(AIRFLOW),

@@ -1,6 +1,7 @@
 """The real `overnight_nightly` DAG through `dag.test()` on small generated data, then a lookup over HTTP."""
 
-from datetime import timedelta
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -8,7 +9,7 @@ import psycopg
 import pytest
 
 from jobs.steps.features import FEATURES
-from tests.support.commands import overnight_env, running_service
+from tests.support.commands import overnight, overnight_env, running_service
 from tests.support.dags import run_dag
 from tests.support.data import SAMPLE_DATE
 
@@ -115,3 +116,14 @@ def test_freshness_dag_fails_when_nothing_is_live(database_url: str, tmp_path: P
     output = result.stdout + result.stderr
     assert "nothing is live: no batch has been published yet" in output
     assert "STATE failed" in result.stdout
+
+
+def test_a_nightly_run_of_a_future_date_is_refused_with_the_reason(database_url: str, tmp_path: Path) -> None:
+    """The REST API and the trigger form take any logical_date; a future one (a typo a year ahead) would go
+    live and hold every real night back as a backfill. The CLI refuses it as a usage error, the DAG here."""
+    env = overnight_env(database_url, tmp_path / "var")
+    future = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()
+    result = run_dag("overnight_nightly", future, env, tmp_path / "airflow")
+    assert result.returncode == 1 and result.stdout.strip().endswith("STATE failed"), result.stdout[-4000:]
+    assert f"{future} is after today" in result.stdout + result.stderr
+    assert json.loads(overnight("status", "--json", env=env).stdout)["live"] is None

@@ -8,6 +8,7 @@ role, which cannot write) and `overnight status --json`.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +130,15 @@ def test_a_killed_overnight_run_and_its_step_read_as_abandoned_and_the_next_run_
     history = json.loads(overnight("status", "--json", env=env).stdout)["recent_runs"]
     assert [(r["status"], r["abandoned_at"] is not None) for r in history] == [("success", False), ("abandoned", True)]
     assert history[0]["steps"]["publish"] == "success"
+    # and in words: the dead run, when it was noticed and the step it died in
+    shown = overnight("status", env=env).stdout.splitlines()
+    day, when = SAMPLE_DATE.isoformat(), r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+    runs = shown[shown.index("recent runs:") + 1 :]
+    assert len(runs) == 2, runs
+    assert re.fullmatch(rf"\s+2  {day}  success\s+started {when}", runs[0]), runs
+    assert re.fullmatch(
+        rf"\s+1  {day}  abandoned started {when}, noticed abandoned {when}; step {killed_in} abandoned", runs[1]
+    ), runs
     on_dashboard = read_dashboard(console_dsn)["runs"]
     assert [(r["status"], r["abandoned_at"] is not None) for r in on_dashboard] == [
         ("abandoned", True),

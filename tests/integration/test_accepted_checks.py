@@ -28,6 +28,7 @@ from tests.support.data import SAMPLE_DATE
 pytestmark = pytest.mark.integration
 
 NO_EVENTS = SAMPLE_DATE + timedelta(days=1)  # sample_source ends on SAMPLE_DATE
+NO_EVENTS_FOR_A_WEEK = SAMPLE_DATE + timedelta(days=8)  # nothing on it nor in its trailing 7 days
 REASON = "the export of the 21st was empty upstream (INC-123); the 20th's lists are fine to serve"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,6 +94,39 @@ def test_a_night_without_events_is_held_back_in_words_and_published_once_accepte
     assert shown_acceptance["reason"] == REASON and shown_acceptance["accepted_by"] == accepted["accepted_by"]
     assert [c["statistic"] for c in shown_acceptance["checks"]] == ["volume_change"]
     assert shown_acceptance["accepted_at"]
+
+
+def test_a_night_without_events_after_a_week_without_any_is_held_back_too(
+    database_url: str, sample_source: Path, tmp_path: Path
+) -> None:
+    """No trailing average to compare the empty night with, but history before it: the source stopped
+    sending, which must not pass as "not measured" and publish the batch."""
+    env = overnight_env(database_url, tmp_path / "var")
+    night = NO_EVENTS_FOR_A_WEEK.isoformat()
+
+    blocked = overnight("run", "--source", str(sample_source), "--date", night, env=env, check=False)
+    assert blocked.returncode == 1, blocked.stderr[-2000:]
+    assert last_line(blocked.stderr).startswith(
+        f"overnight: error: batch 1 for {night} blocked by monitoring: no events on {night} nor in the 7 days "
+        f"before it (the last event was on {SAMPLE_DATE}): the source may be incomplete; "
+    )
+    shown = overnight("drift", "--date", night, env=env).stdout
+    assert f"fail  no events on {night} nor in the 7 days before it" in shown and not re.search(r"\binf\b", shown)
+
+    # `overnight status` says the batch and its run were blocked, and at which step
+    status = overnight("status", env=env).stdout.splitlines()
+    batches, runs = status[status.index("recent batches:") + 1], status[status.index("recent runs:") + 1 :]
+    assert re.fullmatch(
+        rf"\s+1  {night}  blocked\s+[\d,]+ users  \(batch 1 for {night} blocked by monitoring: .*\)", batches
+    )
+    assert re.fullmatch(rf"\s+1  {night}  blocked\s+started [\d-]+ [\d:]+ UTC; step publish blocked", runs[0])
+
+    published = overnight("publish", "--date", night, "--accept-checks", REASON, env=env)
+    assert "accepted 1 failing check (volume_change)" in published.stdout, published.stdout
+    runs = overnight("status", env=env).stdout.splitlines()
+    assert runs[0].startswith(f"live: batch 2 for {night}")
+    accepted = runs[runs.index("recent runs:") + 1]
+    assert re.fullmatch(rf"\s+2  {night}  success\s+started .* UTC; failing checks accepted by \S+@\S+", accepted)
 
 
 def test_the_dag_publishes_a_held_back_batch_with_its_accept_checks_param(

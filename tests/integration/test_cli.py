@@ -6,6 +6,7 @@ from pathlib import Path
 
 import httpx
 import polars as pl
+import psycopg
 import pytest
 
 from tests.support.commands import overnight, overnight_env, running_service
@@ -52,6 +53,32 @@ def test_run_publishes_a_fresh_batch_that_status_shows_and_serve_answers(
         assert body["source"] == "personalized"
         assert len(body["items"]) == 10
         assert response.headers["X-Batch-Id"] == "1"
+
+
+def test_single_steps_run_through_the_nightly_runner_and_are_each_a_run_in_the_history(
+    env: dict[str, str], database_url: str, sample_source: Path
+) -> None:
+    day = SAMPLE_DATE.isoformat()
+    overnight("ingest", "--source", str(sample_source), "--date", day, env=env)
+    for step in ("features", "candidates", "train"):
+        overnight(step, "--date", day, env=env)
+    again = overnight("train", "--date", day, env=env)  # by hand it trains even though the model is current
+    assert "trained: True" in again.stdout and "[1/1] train done in" in again.stderr, again.stdout
+    one_shard = overnight("score", "--date", day, "--shards", "2", "--shard", "1", env=env)
+    assert " users in 1 shard(s)" in one_shard.stdout, one_shard.stdout
+    missing = overnight("score", "--date", day, "--shard", "7", env=env, check=False)
+    assert missing.returncode == 1 and "there is no shard 7" in missing.stderr.splitlines()[-1], missing.stderr
+    for step in ("score", "monitor", "publish"):
+        done = overnight(step, "--date", day, env=env)
+        assert done.stdout.splitlines()[-1].startswith("summary: "), done.stdout
+    with psycopg.connect(database_url) as conn:
+        runs = conn.execute(
+            "SELECT r.status, array_agg(s.step) FROM overnight.runs AS r JOIN overnight.run_steps AS s USING (run_id) "
+            "GROUP BY r.run_id ORDER BY r.run_id"
+        ).fetchall()
+    by_hand = ["ingest", "features", "candidates", "train", "train", "score", "score", "score", "monitor", "publish"]
+    assert [steps for _, steps in runs] == [[step] for step in by_hand]
+    assert [status for status, _ in runs] == ["success"] * 6 + ["failed"] + ["success"] * 3
 
 
 def test_a_night_publishes_what_similar_session_segment_and_filtered_answers_are_served_from(

@@ -106,8 +106,13 @@ def test_scoring_applies_the_tuned_candidate_settings_of_its_model(
         score.score(settings, SAMPLE_DATE)
     # the nightly graph's refit-candidates step builds them with the settings of the model that scores the
     # date, as `overnight candidates` would, and is skipped once they fit
+    # A model whose candidate settings the date's tables did not have when it was trained gets its drift
+    # reference from that step too, once the tables are rebuilt for it; monitoring only reads it.
+    reference = drift.reference_path(settings, model)
+    reference.unlink()
     night = nightly.Night(settings, SAMPLE_DATE)
     assert not isinstance(nightly.run_step("refit-candidates", night), nightly.Skipped)
+    written = pl.read_parquet(reference)
     skipped = nightly.run_step("refit-candidates", night)
     assert isinstance(skipped, nightly.Skipped) and skipped.reason == f"the candidate tables fit {model.model_id}"
 
@@ -117,13 +122,16 @@ def test_scoring_applies_the_tuned_candidate_settings_of_its_model(
     assert manifest.model_id == model.model_id
     assert manifest.candidate_rows <= manifest.users * tuned["max_candidates"] < untuned.candidate_rows
 
-    # A model whose candidate settings the date's tables did not have when it was trained gets its drift
-    # reference from the monitor step of its date: tonight's sample, scored with the rebuilt tables.
-    reference = drift.reference_path(settings, model)
+    # the reference is the features scoring computed for the same sampled users
+    assert written.sort(written.columns).equals(
+        drift.tonight(settings, SAMPLE_DATE).select(written.columns).sort(written.columns)
+    )
+    nightly.run_step("monitor", night)
+    assert drift.report(settings, SAMPLE_DATE)["stages"]["drift"]["report"]["features"]
     reference.unlink()
     nightly.run_step("monitor", night)
-    assert pl.read_parquet(reference).equals(drift.tonight(settings, SAMPLE_DATE))
-    assert drift.report(settings, SAMPLE_DATE)["stages"]["drift"]["report"]["features"]
+    assert not reference.exists()
+    assert "has no training reference" in drift.report(settings, SAMPLE_DATE)["stages"]["drift"]["report"]["problem"]
 
     # A chosen model tuned otherwise (here the same model without tuned settings) cannot score the date,
     # whose one set of tables is its own model's: a clear error, and the nightly shadow skips with it.

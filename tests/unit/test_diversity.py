@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 
 from jobs import diversity, tuning
-from jobs.steps.ranking_metrics import novelty
 from jobs.settings import Settings
 from jobs.steps import candidates, score
+from jobs.steps.ranking_metrics import novelty
 
 # a and b are both dramas; c is a comedy; d has no genre; e is a drama in the "film" category
 CATALOGUE = pl.DataFrame(

@@ -7,8 +7,10 @@ import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
+from pydantic import ValidationError
 
 from jobs import lake, workdir
 from jobs.errors import BadInputError
@@ -282,6 +284,33 @@ def test_negative_and_absurd_weights_are_quarantined(tmp_path: Path) -> None:
     assert valid["weight"].to_list() == [0.0, 2.5, MAX_WEIGHT]
 
 
+def test_a_weight_of_minus_zero_is_stored_as_zero(tmp_path: Path) -> None:
+    rows = "".join(f"u{n},i{n},2026-11-10T00:00:00Z,{text}\n" for n, text in enumerate(["-0", "-0.0", "0"]))
+    path = write_csv(tmp_path / "src", "user_id,item_id,timestamp,weight\n" + rows)
+    ingest(settings_for(tmp_path), path, DAY)
+    stored = pl.read_parquet(lake.partition_path(settings_for(tmp_path).lake_dir, date(2026, 11, 10)))
+    assert stored["weight"].to_list() == [0.0, 0.0, 0.0]
+    assert not np.signbit(stored["weight"].to_numpy()).any()
+
+
+def test_a_weight_that_float32_cannot_hold_is_bad_whatever_the_limit(tmp_path: Path) -> None:
+    """The lake stores weights as float32: 1e200 would be stored as infinity."""
+    rows = "".join(f"u{n},i{n},2026-11-10T00:00:00Z,{text}\n" for n, text in enumerate(["1e200", "3e38", "2"]))
+    path = write_csv(tmp_path / "src", "user_id,item_id,timestamp,weight\n" + rows)
+    valid, quarantined = validate_interactions(read_source(path), DAY, max_weight=1e300)
+    assert quarantined.select("weight", "reason").rows() == [("1e200", "bad_weight")]
+    assert valid["weight"].to_list() == [pytest.approx(3e38), 2.0]
+
+
+@pytest.mark.parametrize("limit", ["inf", "nan", "1e300", "3.5e38"])
+def test_the_largest_weight_setting_is_a_number_float32_holds(monkeypatch: pytest.MonkeyPatch, limit: str) -> None:
+    monkeypatch.setenv("OVERNIGHT_MAX_WEIGHT", limit)
+    with pytest.raises(ValidationError, match="max_weight"):
+        Settings()
+    monkeypatch.setenv("OVERNIGHT_MAX_WEIGHT", "3.4e38")
+    assert Settings().max_weight == 3.4e38
+
+
 def test_what_weight_is_absurd_is_the_sources_setting(tmp_path: Path) -> None:
     """OVERNIGHT_MAX_WEIGHT: a source of 1-5 ratings can call anything above 5 a mistake."""
     rows = "".join(f"u{n},i{n},2026-11-10T00:00:00Z,{weight}\n" for n, weight in enumerate([1, 5, 6, 50] * 25))
@@ -380,17 +409,18 @@ def test_quarantined_rows_carry_the_line_they_start_on(
         + b"\n"  # line 5: empty, no row
         + b'u2,i2,2026-11-10T12:00:00Z,3,"a ""quote"", then\r\nthree\r\nlines"\r\n'  # lines 6-8
         + b"u\xff,i1,2026-11-10T12:00:00Z,3,\n"  # line 9: row 3, not UTF-8
-        + b'u3,i3,2026-11-10T12:00:00Z,3,"x\ny",extra\n'  # lines 10-11: row 4, a field too many
-        + b'u4,"i\n4",2026-11-10T12:00:00Z,3,\n'  # lines 12-13: row 5, an id holding a line break
-        + b'u5,i5,yesterday,3,"a,b"',  # line 14: row 6, and no line end
+        + b'u3,i3,2026-11-10T12:00:00Z,3,"x\ny",extra\n'  # lines 10-11: rows 4-5, a field too many: a row a line
+        + b'u4,"i\n4",2026-11-10T12:00:00Z,3,\n'  # lines 12-13: row 6, an id holding a line break
+        + b'u5,i5,yesterday,3,"a,b"',  # line 14: row 7, and no line end
     )
     valid, quarantined = validate_interactions(read_source(path), DAY)
     assert valid["item_id"].to_list() == ["i0", 'i"1', "i2"]
-    assert quarantined.select("row", "line", "reason").rows() == [
-        (3, 9, "bad_encoding"),
-        (4, 10, "extra_fields"),
-        (5, 12, "bad_item_id"),
-        (6, 14, "bad_timestamp"),
+    assert quarantined.select("row", "line", "reason", "raw_line").rows() == [
+        (3, 9, "bad_encoding", r"u\xff,i1,2026-11-10T12:00:00Z,3,"),
+        (4, 10, "extra_fields", 'u3,i3,2026-11-10T12:00:00Z,3,"x'),
+        (5, 11, "in_quoted_field", 'y",extra'),
+        (6, 12, "bad_item_id", None),
+        (7, 14, "bad_timestamp", None),
     ]
 
 
@@ -435,6 +465,32 @@ def test_bad_lines_count_toward_the_bad_fraction(tmp_path: Path) -> None:
     assert "13.0% of 230 rows" in message
     assert "20 extra_fields (whole line), 10 bad_encoding (whole line)" in message
     assert ingest(settings_for(tmp_path / "lenient", max_bad_fraction=0.2), path, DAY).rows_quarantined == 30
+
+
+def test_a_stray_quote_that_takes_the_rest_of_the_file_counts_each_line_it_took(tmp_path: Path) -> None:
+    """A quote that no quote closes makes the rest of the file one quoted field: one bad record, read as one
+    row, would have lost 500 rows for a bad fraction of 0.2%."""
+    lines = [f"u{n},i{n % 7},2024-01-01T00:00:00,1" for n in range(1000)]
+    lines[499] = 'u499x,"i3,2024-01-01T00:00:00,1'  # line 501, the header being line 1
+    path = write_csv(tmp_path / "src", "user_id,item_id,timestamp,weight\n" + "\n".join(lines) + "\n")
+    day = date(2024, 1, 1)
+
+    with pytest.raises(BadInputError) as failure:
+        ingest(settings_for(tmp_path / "default"), path, day)
+    assert str(failure.value).startswith(
+        "interactions.csv: 50.1% of 1,000 rows are bad (limit 5.0%): 500 in_quoted_field (whole line), "
+        "1 too_few_fields (whole line); a quoted field opening on line 501 runs on to line 1,001 (a stray quote?): "
+        "its 501 lines count as bad rows; rows set aside in "
+    )
+
+    result = ingest(settings_for(tmp_path / "lenient", max_bad_fraction=1.0), path, day)
+    assert (result.rows_read, result.rows_valid) == (1000, 499)
+    assert result.quarantined_by_reason == {"in_quoted_field": 500, "too_few_fields": 1}
+    quarantined = pl.read_parquet(result.quarantine_path).sort("row")  # type: ignore[arg-type]
+    # each line set aside with its own text: what the quote took can be read back
+    assert quarantined["line"].to_list() == list(range(501, 1002))
+    assert quarantined["raw_line"].to_list() == lines[499:]
+    assert quarantined["reason"].to_list() == ["too_few_fields"] + ["in_quoted_field"] * 500
 
 
 def test_an_item_file_with_a_bad_line_quarantines_the_line_not_the_file(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The similar-items and session protocols (jobs.evaluation.item_quality) on cases worked out by hand."""
 
 import math
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
@@ -16,8 +16,9 @@ from jobs.evaluation.item_quality import (
     session_answers,
 )
 from jobs.settings import Settings
+from jobs.steps.candidates import build_neighbours, build_similar
 from jobs.steps.similar import similar_items
-from tests.support.interactions import START, at_minutes
+from tests.support.interactions import START, at_minutes, on_days
 
 
 def neighbours(lists: dict[str, list[tuple[str, float]]]) -> pl.DataFrame:
@@ -130,3 +131,17 @@ def test_similar_items_scale_each_signal_by_the_items_best_and_mix_them_by_the_s
     assert similar_items(covisits, cosine, catalogue, Settings(similar_k=1), 1.0)["item_ids"].to_list() == [["b"]]
     with pytest.raises(ValueError, match=r"covisit_share must be between 0 and 1, got 1\.5"):
         similar_items(covisits, cosine, catalogue, Settings(), 1.5)
+
+
+def test_items_whose_co_visits_decayed_to_nothing_get_no_nan_scores() -> None:
+    """A night long after its data (steps run for 2099 on 2026's events): every co-visit decays to a weight
+    of 0, and an item's best of 0 must not divide its neighbours' into NaN, which publish refuses."""
+    events = on_days([("u1", "a", 0), ("u1", "b", 1), ("u2", "a", 2), ("u2", "b", 3), ("u2", "c", 3)]).lazy()
+    settings = Settings()
+    covisits = build_neighbours(events, datetime(2099, 1, 1, tzinfo=UTC), settings)
+    assert covisits.height == 6 and covisits["covisit_weight"].to_list() == [0.0] * 6
+    cosine = build_similar(events, settings)  # a and b, which two users share
+    catalogue = pl.DataFrame({"item_id": ["a", "b", "c"], "available": True})
+    table = similar_items(covisits, cosine, catalogue, settings, covisit_share=0.4)
+    # the cosine signal alone (0.6 of the blend); c, known to co-visitation only, has no neighbours
+    assert table.rows() == [("a", ["b"], [pytest.approx(0.6)]), ("b", ["a"], [pytest.approx(0.6)])]

@@ -38,8 +38,9 @@ def test_the_lookup_service_and_the_console_import_no_batch_code_nor_each_other(
 
 
 def test_operator_commands_load_no_model_or_data_library() -> None:
-    """status, check-freshness, rollback, the canary's state changes and the hourly freshness DAG read a few rows: they must not pay
-    for numba, llvmlite, lightgbm or polars (seconds of start-up, and a JIT cache on disk)."""
+    """status, check-freshness, rollback, the canary's state changes and the hourly freshness DAG read a few
+    rows: they must not pay for numba, llvmlite, lightgbm or polars (seconds of start-up, and a JIT cache on
+    disk)."""
     code = (
         "import runpy, sys\n"
         "import jobs.cli\n"
