@@ -1,10 +1,10 @@
 """The monitoring dashboard at ``/dashboard``: one page, its assets, and one JSON endpoint behind it.
 
 It reads the batch side's records (what is live and the canary, runs, models and their online numbers per
-day, monitoring checks and reports, alerts) through the named queries of ``sql/queries.sql`` (section
-"console"), and the lookup service's figures from its ``/metrics``. The charts are drawn by Apache ECharts,
-vendored under ``console/static/vendor`` so the page works offline. Sign-in: `console.auth`; a key in the
-address (``/dashboard?key=...``) is never taken. ``--no-auth`` opens it.
+day, monitoring checks and reports, alerts) through the named queries of ``sql/queries/console.sql``, and
+the lookup service's figures from its ``/metrics``. The charts are drawn by Apache ECharts, vendored under
+``console/static/vendor`` so the page works offline. Sign-in: `console.auth`; a key in the address
+(``/dashboard?key=...``) is never taken. ``--no-auth`` opens it.
 """
 
 import asyncio

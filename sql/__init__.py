@@ -1,8 +1,9 @@
 """The Postgres contract shared by the batch side and the serving side.
 
-Migrations live in ``sql/migrations/NNNN_name.sql``; every query either side runs is a named
-block in ``sql/queries.sql``. Values are always bound parameters; the only thing formatted into
-SQL is a batch table's name, and that goes through ``psycopg.sql.Identifier``.
+Migrations live in ``sql/migrations/NNNN_name.sql``; every query a role runs is a named block
+(``-- name: x`` starts it) in ``sql/queries/<role or part>.sql``: ``serving.sql`` the lookup service's,
+``console.sql`` the console's, the others the batch side's. Values are always bound parameters; the only
+thing formatted into SQL is a batch table's name (``{recs}``, ...), through ``psycopg.sql.Identifier``.
 """
 
 import re
@@ -52,12 +53,15 @@ def recs_table(batch_id: int) -> pgsql.Identifier:
 
 @cache
 def queries() -> dict[str, str]:
-    text = resources.files(__name__).joinpath("queries.sql").read_text(encoding="utf-8")
-    parts = _NAME_LINE.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    named = {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-    if len(named) != len(parts) // 2:
-        raise ValueError("sql/queries.sql names a query twice")
+    named: dict[str, str] = {}
+    files = sorted(resources.files(__name__).joinpath("queries").iterdir(), key=lambda entry: entry.name)
+    for entry in (entry for entry in files if entry.name.endswith(".sql")):
+        parts = _NAME_LINE.split(entry.read_text(encoding="utf-8"))
+        # parts = [preamble, name1, body1, name2, body2, ...]
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in named:
+                raise ValueError(f"sql/queries names the query {name!r} twice (again in {entry.name})")
+            named[name] = body.strip()
     return named
 
 
@@ -65,7 +69,7 @@ def query(name: str) -> LiteralString:
     try:
         return cast(LiteralString, queries()[name])
     except KeyError:
-        raise KeyError(f"no query named {name!r} in sql/queries.sql") from None
+        raise KeyError(f"no query named {name!r} in sql/queries/") from None
 
 
 def batch_query(name: str, batch_id: int) -> pgsql.Composed:

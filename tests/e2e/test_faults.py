@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PREVIOUS = SAMPLE_DATE - timedelta(days=1)
 KEY = "fault-test-key"
-LIVE_LOCK = 7368224362352640001  # sql/queries.sql lock_live
+LIVE_LOCK = 7368224362352640001  # sql/queries/publish.sql lock_live
 HOLD_READY_LOCK = 4242
 
 

@@ -102,7 +102,7 @@ EXTRAS = Extras(SIMILAR, ITEMS, SEGMENTS, USER_SEGMENTS)
 
 @dataclass
 class Publisher:
-    """Publishes batches exactly as the batch side does, through the named queries of sql/queries.sql."""
+    """Publishes batches exactly as the batch side does, through the named queries of sql/queries/."""
 
     url: str
     logical_date: date = date(2026, 11, 20)
