@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import pydantic
 import typer
+from typer.core import TyperGroup
 
 from jobs.errors import OvernightError
 from jobs.settings import Settings, get_settings
@@ -29,7 +30,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("overnight")
 
-app = typer.Typer(
+
+class _PlainHelp(TyperGroup):
+    """Click's plain help (rich's option tables cut long words short in an 80-column terminal), listing
+    each command's whole summary, wrapped, where click would cut it at the terminal's width."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        commands = ((name, self.get_command(ctx, name)) for name in self.list_commands(ctx))
+        rows = [
+            (name, command.get_short_help_str(limit=1_000))
+            for name, command in commands
+            if command and not command.hidden
+        ]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _typer(**options: Any) -> typer.Typer:
+    return typer.Typer(cls=_PlainHelp, rich_markup_mode=None, **options)
+
+
+app = _typer(
     name="overnight",
     help="Recommendations computed overnight, served in a millisecond.\n\n"
     "Configuration comes from OVERNIGHT_* environment variables (see docs/configuration.md); "
@@ -38,7 +60,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+db_app = _typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 
@@ -139,7 +161,8 @@ def _echo(result: Any, as_json: bool = False) -> None:
         for key, value in data.items():
             if value is None:  # a field this result does not have (rows_in of a step that reads no rows, ...)
                 continue
-            shown = json.dumps(jsonable(value), default=str) if isinstance(value, dict | list) else value
+            # text as it is; numbers, true/false, lists and mappings as JSON writes them
+            shown = value if isinstance(value, str) else json.dumps(jsonable(value), default=str)
             typer.echo(f"{key}: {shown}")
     else:
         typer.echo(str(data))
@@ -500,7 +523,7 @@ def rollback(
     typer.echo(run_rollback(_settings(), to).summary())
 
 
-canary_app = typer.Typer(
+canary_app = _typer(
     help="Canary rollouts: serve a batch or a model to a stable share of users beside production.\n\n"
     "Start one, ramp it, stop it; `overnight promote` ends one by making it production. With no command: "
     "the running canary and its history.\n\n"
@@ -509,7 +532,7 @@ canary_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(canary_app, name="canary")
-canary_start_app = typer.Typer(
+canary_start_app = _typer(
     help="Start a canary: a published batch (`start batch B`) or a registered model (`start model M`).\n\n"
     "One canary runs at a time: change its share with `overnight canary ramp --traffic T`, or end it with "
     "`overnight canary stop` before starting another.",
@@ -839,7 +862,7 @@ def status(as_json: JsonFlag = False) -> None:
 
 
 HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
-PortOption = Annotated[int, typer.Option(min=1, max=65535)]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
 WorkersOption = Annotated[int, typer.Option(min=1, help="Worker processes.")]
 
 
@@ -949,7 +972,7 @@ def airflow_local(
 
 @app.command()
 def demo(
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the lookup service.")] = 8000,
     console_port: Annotated[
         int, typer.Option("--console-port", min=1, max=65535, help="Port of the console (the dashboard).")
     ] = 8001,
@@ -1088,8 +1111,7 @@ def db_stop() -> None:
     """Stop the embedded Postgres started for OVERNIGHT_DATA_DIR (when no server is configured)."""
     from jobs.database import stop_embedded
 
-    stopped = stop_embedded(_settings().machine_dir)
-    typer.echo("stopped the embedded Postgres" if stopped else "no embedded Postgres in this data dir")
+    typer.echo(stop_embedded(_settings().machine_dir))
 
 
 def _unwrap_help(typer_app: typer.Typer) -> None:

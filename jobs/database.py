@@ -39,13 +39,16 @@ def embedded_database_url(data_dir: Path) -> str:
     return str(server.get_uri())
 
 
-def stop_embedded(data_dir: Path) -> bool:
-    """Stop the embedded Postgres of this data dir, if one was ever started; True if it was."""
-    if not (data_dir / "pgdata" / "PG_VERSION").exists():
-        return False
+def stop_embedded(data_dir: Path) -> str:
+    """Stop the embedded Postgres of this data dir if it runs; what was done, in words."""
+    pgdata = data_dir / "pgdata"
+    if not (pgdata / "PG_VERSION").exists():
+        return f"no embedded Postgres in {data_dir}"
+    if not (pgdata / "postmaster.pid").exists():  # Postgres writes it on start and removes it on a clean stop
+        return f"the embedded Postgres in {data_dir} is not running"
     _embedded_server(data_dir, cleanup_mode="stop").cleanup()
     embedded_database_url.cache_clear()
-    return True
+    return f"stopped the embedded Postgres in {data_dir}"
 
 
 def _embedded_server(data_dir: Path, cleanup_mode: str | None) -> Any:

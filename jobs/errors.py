@@ -1,5 +1,7 @@
 """Domain errors of the batch side. The CLI turns each into a one-line message and exit code 1."""
 
+from datetime import date
+
 
 class OvernightError(Exception):
     """Base of every error a user can act on; its message is the whole explanation."""
@@ -15,6 +17,10 @@ class MissingDataError(OvernightError):
 
 class FutureModelError(MissingDataError):
     """A model trained after the date was asked to score it: that would use the future."""
+
+    def __init__(self, message: str, trained_for: date | None = None) -> None:
+        super().__init__(message)
+        self.trained_for = trained_for
 
 
 class UnfitCandidatesError(MissingDataError):

@@ -266,14 +266,16 @@ class InputReport:
     rows_in: int
     rows_out: int
     problems: list[str] = field(default_factory=list)
+    flagged_inputs: list[str] = field(default_factory=list)  # input statistics at warn or fail
 
     def outcome(self) -> Outcome:
         return Outcome(self.summary(), rows_in=self.rows_in, rows_out=self.rows_out, model_id=self.model_id)
 
     def summary(self) -> str:
+        inputs = ", ".join(self.flagged_inputs) or "none"
         drifted = ", ".join(self.drifted_features) or "none"
         retrain = "; retrain requested" if self.retrain_reason else ""
-        return f"{self.verdict}: drifted features {drifted}{retrain}"
+        return f"{self.verdict}: input checks flagged {inputs}; drifted features {drifted}{retrain}"
 
 
 INPUT_STATISTICS = (
@@ -377,6 +379,7 @@ def monitor_input(settings: Settings, logical_date: date) -> InputReport:
         rows_in=int(measured["volume"]),
         rows_out=current_rows,
         problems=[c.message for c in judged if c.level != "ok"],
+        flagged_inputs=[c.statistic for c in input_checks if c.level != "ok"],
     )
 
 

@@ -11,7 +11,7 @@ from psycopg.rows import dict_row
 import sql
 from jobs import batches
 from jobs.database import connect, upgrade
-from jobs.errors import RolloutError, UnfitCandidatesError
+from jobs.errors import FutureModelError, RolloutError, UnfitCandidatesError
 from jobs.outcome import Outcome
 from jobs.rollouts import canary
 from jobs.settings import Settings
@@ -45,7 +45,16 @@ def start_model_canary(
     if live is None:
         raise RolloutError("nothing is live: publish a production batch before starting a canary")
     day = logical_date or live["logical_date"]
-    score.score(settings, day, shards, model_id=model_id)
+    try:
+        score.score(settings, day, shards, model_id=model_id)
+    except FutureModelError as error:
+        if error.trained_for is None:
+            raise
+        raise FutureModelError(
+            f"{error}; canary it on a date it may score: "
+            f"`overnight canary start model {model_id} --traffic {traffic} --date {error.trained_for}`",
+            error.trained_for,
+        ) from None
     published = publish.publish_canary_batch(settings, day, model_id)
     return canary.start_canary(settings, published.batch_id, traffic, salt)
 

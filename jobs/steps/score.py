@@ -99,7 +99,8 @@ def ranker_for(settings: Settings, logical_date: date, model_id: str | None = No
     if model.logical_date > logical_date:
         raise FutureModelError(
             f"model {model.model_id} was trained for {model.logical_date}, after {logical_date}: "
-            "scoring that date with it would use the future"
+            "scoring that date with it would use the future",
+            model.logical_date,
         )
     return model
 

@@ -444,17 +444,19 @@ def promotion_gate(results: dict[str, Any], settings: Settings) -> str | None:
             f"(minimum {settings.promotion_min_user_coverage:.0%})"
         )
     factor = 1.0 + settings.promotion_margin
+    margin = f" by {settings.promotion_margin:.1%}" if settings.promotion_margin else ""
+    # the gate's own users and windows: not the figures the models were registered with
     best_name, best = max(baselines_of(results).items(), key=lambda item: item[1]["ndcg@10"])
     if new["ndcg@10"] < best["ndcg@10"] * factor or new["ndcg@10"] == 0.0:
         return (
-            f"ndcg@10 {new['ndcg@10']:.4f} does not beat {best_name} ({best['ndcg@10']:.4f}) "
-            f"by {settings.promotion_margin:.1%}"
+            f"ndcg@10 {new['ndcg@10']:.4f} does not beat {best_name}{margin}: "
+            f"it scores {best['ndcg@10']:.4f} on the same held-out users"
         )
     production = results.get(PRODUCTION)
     if production is not None and new["ndcg@10"] < production["ndcg@10"] * factor:
         return (
-            f"ndcg@10 {new['ndcg@10']:.4f} does not beat the production model "
-            f"({production['ndcg@10']:.4f}) by {settings.promotion_margin:.1%}"
+            f"ndcg@10 {new['ndcg@10']:.4f} does not beat the production model{margin}: "
+            f"it scores {production['ndcg@10']:.4f} on the same held-out users"
         )
     return None
 

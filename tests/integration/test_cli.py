@@ -63,7 +63,7 @@ def test_single_steps_run_through_the_nightly_runner_and_are_each_a_run_in_the_h
     for step in ("features", "candidates", "train"):
         overnight(step, "--date", day, env=env)
     again = overnight("train", "--date", day, env=env)  # by hand it trains even though the model is current
-    assert "trained: True" in again.stdout and "[1/1] train done in" in again.stderr, again.stdout
+    assert "trained: true" in again.stdout and "[1/1] train done in" in again.stderr, again.stdout
     one_shard = overnight("score", "--date", day, "--shards", "2", "--shard", "1", env=env)
     assert " users in 1 shard(s)" in one_shard.stdout, one_shard.stdout
     missing = overnight("score", "--date", day, "--shard", "7", env=env, check=False)
@@ -277,3 +277,16 @@ def test_an_error_no_code_foresaw_is_still_one_line_with_exit_1(
     assert re.match(
         r"overnight: error: (NotADirectoryError|FileExistsError): .* \(run with -v for the traceback\)$", line
     )
+
+
+def test_db_stop_says_what_it_did_to_the_embedded_postgres(tmp_path: Path) -> None:
+    """Without OVERNIGHT_DATABASE_URL a command starts an embedded Postgres under the data dir, which keeps
+    running; `db stop` stops it, and says so only when it did."""
+    env = {k: v for k, v in overnight_env("", tmp_path / "var").items() if k != "OVERNIGHT_DATABASE_URL"}
+    assert overnight("db", "stop", env=env).stdout.startswith("no embedded Postgres in ")
+    try:
+        assert json.loads(overnight("status", "--json", env=env).stdout)["live"] is None  # starts it
+    finally:
+        stopped = overnight("db", "stop", env=env).stdout
+    assert stopped.startswith("stopped the embedded Postgres in "), stopped
+    assert "is not running" in overnight("db", "stop", env=env).stdout

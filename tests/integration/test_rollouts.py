@@ -333,6 +333,20 @@ def test_shadow_report_of_a_different_model(batch_settings: Settings, two_batche
     assert any(latest["deltas"].values())
 
 
+def test_a_model_canary_of_a_date_before_the_model_says_which_date_to_use(
+    batch_settings: Settings, two_batches: tuple[int, int]
+) -> None:
+    model_id = workdir.read_manifests(batch_settings, PREVIOUS_DATE)[0].model_id
+    older = PREVIOUS_DATE - timedelta(days=3)
+    with pytest.raises(FutureModelError) as refused:
+        model_canary.start_model_canary(batch_settings, model_id, 0.1, older)
+    trained_for = refused.value.trained_for
+    assert trained_for is not None and trained_for > older
+    assert str(refused.value).endswith(
+        f"`overnight canary start model {model_id} --traffic 0.1 --date {trained_for}`"
+    ), refused.value
+
+
 def test_shadow_refuses_unknown_and_future_models(batch_settings: Settings) -> None:
     with pytest.raises(MissingDataError, match="model nope is not registered"):
         shadow.run_shadow(batch_settings, SAMPLE_DATE, "nope")
