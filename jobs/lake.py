@@ -4,7 +4,8 @@ Under ``OVERNIGHT_DATA_DIR/lake`` (a local folder or an object-storage prefix, `
 ``interactions/event_date=D/`` (one partition per event day), ``items/date=D/`` and ``users/date=D/`` (the
 catalogue and the user attributes per logical date) and ``quarantine/date=D/`` (rejected rows with their
 reason). Reading "as of D" sees only events with ``timestamp < D + 1 day``, so nothing of the future leaks into
-a backfill. Partitions are by event time: an event ingested late (``jobs.steps.feedback``) joins its own day's.
+a backfill. Partitions are by event time: an event ingested late (``jobs.steps.feedback_interactions``) joins
+its own day's.
 """
 
 import fcntl

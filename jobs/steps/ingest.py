@@ -25,8 +25,8 @@ from jobs import lake, workdir
 from jobs.errors import BadInputError
 from jobs.outcome import Outcome
 from jobs.settings import MAX_WEIGHT, Settings
-from jobs.steps.feedback import SOURCE_NAME as FEEDBACK_SOURCE
-from jobs.steps.feedback import feedback_interactions
+from jobs.steps.feedback_interactions import SOURCE_NAME as FEEDBACK_SOURCE
+from jobs.steps.feedback_interactions import feedback_interactions
 from sql.contract import MAX_ID_LENGTH
 from sql.text import first_line, printable
 
