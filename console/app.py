@@ -9,20 +9,19 @@ import os
 from collections import deque
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.exceptions import HTTPException
 
 from console.access_log import AccessLog
 from console.auth import LoginThrottle
 from console.dashboard import router as dashboard_router
 from console.service_metrics import SNAPSHOTS_KEPT
-from console.settings import ENV_PREFIX, ConsoleSettings, check_auth_configured, get_console_settings
-from sql.web import configure_logging, overnight_version
+from console.settings import IGNORED_AUTH_VARIABLE, ConsoleSettings, check_auth_configured, get_console_settings
+from sql.web import configure_logging, overnight_version, short_keys_warning
 
 logger = logging.getLogger(__name__)
-
-# Older releases of the service turned auth off from this variable; only the --no-auth flag does.
-IGNORED_AUTH_VARIABLE = f"{ENV_PREFIX}AUTH_DISABLED"
 
 
 def create_open_app() -> FastAPI:
@@ -39,6 +38,10 @@ def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool =
         logger.warning("authentication is disabled (--no-auth): anyone who can reach this port can open the dashboard")
     elif os.environ.get(IGNORED_AUTH_VARIABLE):
         logger.warning("%s is ignored: only the --no-auth flag turns authentication off", IGNORED_AUTH_VARIABLE)
+    if not auth_disabled and (
+        weak := short_keys_warning(settings.keys, "OVERNIGHT_DASHBOARD_KEYS or OVERNIGHT_API_KEYS")
+    ):
+        logger.warning("%s", weak)
 
     app = FastAPI(
         title="overnight console",
@@ -55,6 +58,7 @@ def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool =
     if settings.console_access_log:
         app.add_middleware(AccessLog)
     app.include_router(dashboard_router)
+    app.add_exception_handler(HTTPException, _on_http_error)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
@@ -65,3 +69,12 @@ def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool =
         return RedirectResponse("/dashboard", status_code=307)
 
     return app
+
+
+async def _on_http_error(request: Request, error: Exception) -> Response:
+    """FastAPI's answer to an HTTP error; a sign-in form that did not arrive in time (the console's one 408,
+    `console.dashboard._form`) in the shape of the console's other refusals, with its reason."""
+    assert isinstance(error, HTTPException)
+    if error.status_code == 408:
+        return JSONResponse({"detail": error.detail, "reason": "body_timeout"}, status_code=408, headers=error.headers)
+    return await http_exception_handler(request, error)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 import psycopg
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from psycopg.rows import dict_row
 
@@ -116,12 +116,25 @@ async def dashboard_page(request: Request, key: Annotated[str | None, Query()] =
 
 
 async def _form(request: Request) -> dict[str, list[str]] | None:
-    """The posted form, or None when it is bigger than a sign-in form can be."""
+    """The posted form, or None when it is bigger than a sign-in form can be; a 408 (HTTPException) when it
+    has not all arrived within OVERNIGHT_BODY_TIMEOUT_SECONDS."""
+    timeout_seconds = settings_of(request).body_timeout_seconds
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > LOGIN_FORM_BYTES:
-            return None
+    # One deadline for the whole form: a client trickling it a byte at a time must not hold the worker's
+    # connection slot for longer either.
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > LOGIN_FORM_BYTES:
+                    return None
+    except TimeoutError:
+        raise HTTPException(
+            408,
+            f"the sign-in form did not arrive within {timeout_seconds:g} s (OVERNIGHT_BODY_TIMEOUT_SECONDS)",
+            # the rest of the form is still on its way: the connection cannot carry another request
+            headers={"Connection": "close"},
+        ) from None
     return parse_qs(body.decode("utf-8", "replace"))
 
 

@@ -18,6 +18,15 @@ APP_FACTORY = "console.app:create_app"
 # Workers learn --no-auth from the factory they are told to call: nothing in their environment can say it.
 OPEN_APP_FACTORY = "console.app:create_open_app"
 DEFAULT_PORT = 8001
+# granian's backpressure caps the connections a worker holds at once, idle keep-alive ones too; past it, new
+# ones wait unaccepted, /healthz with them. Its default (1024 divided among the workers) shrinks with every
+# worker added: this is per worker, whatever their number. Anyone may post the sign-in form, so the cap is
+# high, to make holding every slot costly: a form is at most 16 KiB (LOGIN_FORM_BYTES) and is cut off after
+# OVERNIGHT_BODY_TIMEOUT_SECONDS, so a full worker buffers at most 16 MiB of them.
+CONNECTIONS_PER_WORKER = 1024
+# How long a connection may take to send a request's headers, and stay idle between requests (granian
+# applies it to both); a slot held by a silent client is freed after this (granian's default: 30 s).
+HEADER_READ_TIMEOUT_MS = 10_000
 
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1, no_auth: bool = False) -> None:
@@ -30,6 +39,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1, n
     check_auth_configured(settings, auth_disabled=no_auth)
     from granian import Granian
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
 
     logger.info("the console's dashboard is on http://%s:%d/dashboard (%d worker(s))", host, port, workers)
     Granian(
@@ -42,6 +52,8 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1, n
         websockets=False,
         log_access=False,  # the console's own access log redacts keys from query strings
         respawn_failed_workers=True,
+        backpressure=CONNECTIONS_PER_WORKER,
+        http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
     ).serve()
 
 

@@ -5,6 +5,7 @@ operators with the dashboard keys, and reads the lookup service's figures from i
 """
 
 import logging
+import os
 from typing import Annotated, Any, Self
 
 from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "OVERNIGHT_"
 DEFAULT_SERVICE_URL = "http://127.0.0.1:8000"
+# Older releases of the service turned auth off from this variable; only the --no-auth flag does.
+IGNORED_AUTH_VARIABLE = f"{ENV_PREFIX}AUTH_DISABLED"
 
 
 class ConsoleConfigError(Exception):
@@ -62,6 +65,12 @@ class ConsoleSettings(BaseSettings):
     )
     console_service_timeout_seconds: float = Field(
         default=2.0, gt=0, le=30, description="How long the service panel waits for each /metrics answer."
+    )
+    body_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Time a sign-in form's whole body has to arrive once its headers have; a slower one gets 408.",
     )
     console_access_log: bool = Field(
         default=True,
@@ -132,7 +141,11 @@ def check_auth_configured(settings: ConsoleSettings, auth_disabled: bool) -> Non
     open the dashboard of a console that has keys configured.
     """
     if not settings.keys and not auth_disabled:
-        raise ConsoleConfigError(
+        message = (
             f"no key configured: set {ENV_PREFIX}DASHBOARD_KEYS or {ENV_PREFIX}API_KEYS (comma-separated) "
             "or start with --no-auth"
         )
+        if os.environ.get(IGNORED_AUTH_VARIABLE):
+            # Said here, in the one line a refused start prints: a warning logged before it may not be shown.
+            message += f" ({IGNORED_AUTH_VARIABLE} is ignored: only --no-auth turns authentication off)"
+        raise ConsoleConfigError(message)

@@ -5,12 +5,14 @@
 
 import asyncio
 import copy
+import email.message
 import functools
 import gc
 import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from collections.abc import Set as AbstractSet
@@ -18,16 +20,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import TypeAdapter, ValidationError
 from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -45,7 +49,7 @@ from serving.errors import (
 )
 from serving.feedback import FeedbackIntake, event_timestamp_pattern
 from serving.feedback import router as events_router
-from serving.limits import RequestSizeLimit, read_body
+from serving.limits import BodyTimeoutError, RequestSizeLimit, read_body
 from serving.live import LiveView, LiveWatcher, Rollout
 from serving.lookup import (
     Answer,
@@ -75,17 +79,15 @@ from serving.schemas import (
     SimilarItems,
     SimilarItemsRequest,
 )
-from serving.settings import ENV_PREFIX, ServingSettings, check_auth_configured, get_serving_settings
+from serving.settings import IGNORED_AUTH_VARIABLE, ServingSettings, check_auth_configured, get_serving_settings
 from serving.variants import CANARY, PRODUCTION
 from sql.contract import MAX_ID_LENGTH
 from sql.text import jsonable
-from sql.web import configure_logging, overnight_version
+from sql.web import configure_logging, overnight_version, short_keys_warning
 
 logger = logging.getLogger(__name__)
 
 WRITER_DRAIN_SECONDS = 10.0  # at shutdown, for the queued answers and events to be written
-# Older releases turned auth off from this variable; now only the --no-auth flag does (see create_open_app).
-IGNORED_AUTH_VARIABLE = f"{ENV_PREFIX}AUTH_DISABLED"
 
 # ---------------------------------------------------------------------------- dependencies
 # Async: FastAPI runs a plain `def` dependency in a worker thread, which costs more than the lookup.
@@ -115,8 +117,14 @@ BODY_ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "The request body's bytes are not text in an encoding JSON allows (UTF-8, or UTF-16/32; "
         "reason unreadable_body). Text that is not well-formed JSON is a 422 (type json_invalid).",
     },
+    408: {
+        "model": ErrorMessage,
+        "description": "The request body did not all arrive within OVERNIGHT_BODY_TIMEOUT_SECONDS (reason "
+        "body_timeout); the connection is closed.",
+    },
     413: {"model": ErrorMessage, "description": "The request body is larger than OVERNIGHT_MAX_REQUEST_BYTES."},
 }
+UNREADABLE_BODY = "the request body is not text in an encoding JSON allows (UTF-8, UTF-16 or UTF-32)"
 
 
 class _AnyText(PathConvertor):
@@ -202,6 +210,7 @@ async def _user_recommendations(
     state = scope["app"].state
     if not state.auth_disabled:
         state.api_keys.check_token(bearer_token(scope["headers"]))
+    _check_path_id_is_utf8(scope, user_id, "user_id")
     query = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
     exclude = _query_exclude_set(query.exclude, state.settings.max_exclude_items)
@@ -214,6 +223,7 @@ async def _similar_items(scope: Scope, receive: Receive, item_id: str) -> tuple[
     state = scope["app"].state
     if not state.auth_disabled:
         state.api_keys.check_token(bearer_token(scope["headers"]))
+    _check_path_id_is_utf8(scope, item_id, "item_id")
     query = _lookup_query(scope["query_string"])
     lookup: Lookup = state.lookup
     exclude = _query_exclude_set(query.exclude, state.settings.max_exclude_items)
@@ -227,16 +237,9 @@ async def _session_recommendations(scope: Scope, receive: Receive, _: str) -> tu
     state = scope["app"].state
     if not state.auth_disabled:
         state.api_keys.check_token(bearer_token(scope["headers"]))
-    body = await read_body(scope, receive, state.settings.max_request_bytes)
-    try:
-        text = body.decode(json.detect_encoding(body))  # as FastAPI reads the other routes' bodies
-    except UnicodeDecodeError:
-        raise UnreadableBodyError("There was an error parsing the body") from None
-    try:
-        request = SessionRequest.model_validate_json(text)
-    except ValidationError as error:
-        problems = error.errors(include_url=False)
-        raise RequestValidationError([{**problem, "loc": ("body", *problem["loc"])} for problem in problems]) from None
+    settings: ServingSettings = state.settings
+    body = await read_body(scope, receive, settings.max_request_bytes, settings.body_timeout_seconds)
+    request = _session_request(body, _header(scope["headers"], b"content-type"))
     lookup: Lookup = state.lookup
     answer = await lookup.session(
         request.items,
@@ -247,6 +250,56 @@ async def _session_recommendations(scope: Scope, receive: Receive, _: str) -> tu
         request.segment,
     )
     return _served(scope, answer, lookup), encode(render_session(answer, answer.results[0]))
+
+
+def _session_request(body: bytes, content_type: str | None) -> SessionRequest:
+    """A session body read and validated as FastAPI reads a routed endpoint's: no body is a missing one, and
+    it is read as JSON only when its Content-Type says so (else its bytes, which are no object, are what
+    is validated); or the `RequestValidationError` or `UnreadableBodyError` FastAPI's reading would give."""
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        if not _is_json_media_type(content_type):
+            return SessionRequest.model_validate(body, from_attributes=True)
+        try:
+            text = body.decode(json.detect_encoding(body))
+        except UnicodeDecodeError:
+            raise UnreadableBodyError(UNREADABLE_BODY) from None
+        return SessionRequest.model_validate_json(text)
+    except ValidationError as error:
+        problems = error.errors(include_url=False)
+        raise RequestValidationError([{**problem, "loc": ("body", *problem["loc"])} for problem in problems]) from None
+
+
+def _is_json_media_type(content_type: str | None) -> bool:
+    """Whether a Content-Type names JSON (application/json or application/*+json), parsed as FastAPI parses it."""
+    if content_type == "application/json":
+        return True
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _check_path_id_is_utf8(scope: Scope, path_id: str, name: str) -> None:
+    """Refuse (422) an id in the path whose percent-encoded bytes are not UTF-8.
+
+    Servers decode the path leniently, each bad sequence becoming U+FFFD, so `%FF` and `%FE` would both be
+    the user "\ufffd" (answered, and logged as one user). Only a path holding U+FFFD is decoded again,
+    strictly, from the bytes the client sent: a well-formed `%EF%BF%BD` is an id like any other.
+    """
+    if "\ufffd" not in path_id:
+        return
+    raw_path = scope.get("raw_path")
+    if raw_path is None:
+        return
+    try:
+        unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        what = name.replace("_", " ")
+        raise InvalidRequestError(("path", name), f"{what} is not valid UTF-8 once percent-decoded") from None
 
 
 def _served(scope: Scope, answer: Answer, lookup: Lookup) -> list[tuple[bytes, bytes]]:
@@ -602,6 +655,7 @@ def _answer_headers(
 _STATUS: list[tuple[type[ServingError], int]] = [
     (UnreadableBodyError, 400),
     (NotAuthenticatedError, 401),
+    (BodyTimeoutError, 408),
     (BodyTooLargeError, 413),
     (InvalidRequestError, 422),
     (NoLiveBatchError, 503),
@@ -614,9 +668,16 @@ async def _on_serving_error(request: Request, error: Exception) -> Response:
     return serving_error_response(error)
 
 
+# Refusals made before the request's body was read (a key is checked first): the rest of the body may still
+# be on its way, so the connection cannot carry another request. uvicorn would keep it open waiting for it.
+_BODY_UNREAD = (NotAuthenticatedError, BodyTimeoutError, BodyTooLargeError)
+
+
 def serving_error_response(error: Exception) -> Response:
     status = next((code for kind, code in _STATUS if isinstance(error, kind)), 500)
     headers: dict[str, str] = {}
+    if isinstance(error, _BODY_UNREAD):
+        headers["Connection"] = "close"
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     elif status == 503:
@@ -633,6 +694,28 @@ def serving_error_response(error: Exception) -> Response:
     return JSONResponse({"detail": str(error), "reason": reason}, status_code=status, headers=headers)
 
 
+async def _on_http_error(request: Request, error: Exception) -> Response:
+    """FastAPI's answer to an HTTP error, but for a body its JSON parser raised on with something other than
+    a decode error (FastAPI's bare 400 "There was an error parsing the body"): bytes that are not text in
+    an encoding JSON allows are a 400 `unreadable_body`, and text the parser gives up on (nested too
+    deeply, a number of too many digits) a 422 json_invalid, as the session endpoint and the schema say."""
+    assert isinstance(error, HTTPException)
+    cause = error.__cause__
+    if error.status_code != 400 or cause is None:
+        return await http_exception_handler(request, error)
+    if isinstance(cause, UnicodeDecodeError):
+        return serving_error_response(UnreadableBodyError(UNREADABLE_BODY))
+    if isinstance(cause, RecursionError):
+        reason = "nested too deeply"
+    elif isinstance(cause, ValueError):
+        reason = f"a number of more than {sys.get_int_max_str_digits()} digits"
+    else:
+        reason = "not readable as JSON"
+    return _unprocessable(
+        [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}, "ctx": {"error": reason}}]
+    )
+
+
 async def _on_request_validation_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RequestValidationError)
     return _unprocessable(error.errors())
@@ -642,11 +725,32 @@ def _unprocessable(problems: Sequence[Any]) -> Response:
     """FastAPI's 422 body, with the client's input echoed only as JSON can carry it: a body may hold a lone
     surrogate (``"\\ud800"``), which no response could encode as UTF-8, and Python's parser takes NaN,
     Infinity and 1e400 (infinity), which JSON has no number for; either made FastAPI's own handler
-    answer 500."""
-    return JSONResponse({"detail": jsonable(jsonable_encoder(problems), non_finite="text")}, status_code=422)
+    answer 500. A body not declared JSON is echoed as its bytes, which need not be UTF-8 (FastAPI's encoder
+    decodes them strictly, a 500 too): bytes that are not are echoed with U+FFFD in their place."""
+    encoded = jsonable_encoder(problems, custom_encoder={bytes: _lenient_text})
+    return JSONResponse({"detail": jsonable(encoded, non_finite="text")}, status_code=422)
+
+
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------- factory
+
+API_PREFIX = "/v1/"
+
+
+def _admit_body(scope: Scope) -> bool:
+    """Whether `RequestSizeLimit` reads a request's body: only the /v1 routes take one, and only from a client
+    with a valid key (else `NotAuthenticatedError`), so no one without a key can make a worker hold a body."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if not path.removeprefix(root_path).startswith(API_PREFIX):
+        return False
+    state = scope["app"].state
+    if not state.auth_disabled:
+        state.api_keys.check_token(bearer_token(scope["headers"]))
+    return True
 
 
 def create_open_app() -> FastAPI:
@@ -669,6 +773,8 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
             "%s is ignored: only the --no-auth flag (`overnight serve`, `python -m serving`) turns authentication off",
             IGNORED_AUTH_VARIABLE,
         )
+    if not auth_disabled and (weak := short_keys_warning(settings.api_keys, "OVERNIGHT_API_KEYS")):
+        logger.warning("%s", weak)
 
     view = LiveView()
     metrics = ServingMetrics(view)
@@ -727,11 +833,18 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     app.state.metrics = metrics
     app.state.prediction_log = prediction_log
     app.state.feedback = feedback
-    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestSizeLimit,
+        max_bytes=settings.max_request_bytes,
+        timeout_seconds=settings.body_timeout_seconds,
+        admit=_admit_body,
+        respond=serving_error_response,
+    )
     app.recorder = RequestRecorder(metrics, access_log=settings.access_log, sample=settings.access_log_sample)
     app.add_middleware(MetricsMiddleware, recorder=app.recorder)
     app.add_exception_handler(ServingError, _on_serving_error)
     app.add_exception_handler(RequestValidationError, _on_request_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
     app.router.routes.append(Route(USER_RECOMMENDATIONS_PATH, UserRecommendationsEndpoint(), methods=["GET"]))
     app.router.routes.append(Route(SIMILAR_ITEMS_PATH, SimilarItemsEndpoint(), methods=["GET"]))
     app.include_router(api)
@@ -839,7 +952,10 @@ def declare_limits(
 
 # FastAPI reads the bodies: text that is not JSON is a validation error (the 400 is for bytes that are
 # not text in an encoding JSON allows).
-_MALFORMED_JSON = "A body that is not well-formed JSON is a 422 too (type json_invalid)."
+_MALFORMED_JSON = (
+    "A body that is not well-formed JSON, or that the parser gives up on (nested too deeply, a number of "
+    "thousands of digits), is a 422 too (type json_invalid)."
+)
 
 
 def _k_schema(k: int | None) -> dict[str, Any]:

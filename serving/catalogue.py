@@ -3,12 +3,14 @@
 The catalogue (the batch's ``items`` table: each item's popularity and attributes) and its segments'
 popular lists are read once when a batch starts being served and kept while it is served: filters,
 unknown items' fallbacks and filtered fills are then answered without a database trip. Attributes are
-held as an inverted index (attribute, value) -> items, so a filter is a few set lookups per item.
+held as an inverted index (attribute, value) -> items; a filter's terms are folded into one set when it
+is compiled, so whether an item passes is one set lookup however many terms the filter has.
 """
 
 import asyncio
 import heapq
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -28,6 +30,11 @@ AVAILABLE_ATTRIBUTE = "available"
 # Rows parsed between two yields to the event loop while a catalogue loads: lookups keep being answered.
 _LOAD_CHUNK_ROWS = 500
 _PARSED_FILTERS = 1_024
+# Compiled filters hold the sets they fold and the lists they fill from, up to a catalogue's size each:
+# a catalogue keeps the filters used last while all they hold stays under _FILTERS_HELD_ITEMS items or
+# _FILTERS_HELD_CATALOGUES times its own size, whichever is more.
+_FILTERS_HELD_ITEMS = 100_000
+_FILTERS_HELD_CATALOGUES = 8
 _NAME = re.compile(r"[^,:\-\s][^,:]*")
 
 Ranked = tuple[tuple[str, ...], tuple[float, ...]]
@@ -63,72 +70,151 @@ class Catalogue:
     segments: Mapping[str, Ranked]
 
     attribute_names: frozenset[str] = field(init=False)
-    # Filters compiled over this catalogue, by their text (each holds only references to its sets).
-    _compiled: dict[str, "Filter"] = field(init=False, repr=False)
+    # Filters compiled over this catalogue, by their text.
+    _compiled: "_CompiledFilters" = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         names = frozenset(self.values) | frozenset(self.true) | frozenset(self.false)
         object.__setattr__(self, "attribute_names", names)
-        object.__setattr__(self, "_compiled", {})
+        held = max(_FILTERS_HELD_ITEMS, _FILTERS_HELD_CATALOGUES * len(self.popularity))
+        object.__setattr__(self, "_compiled", _CompiledFilters(_PARSED_FILTERS, held))
 
     def filter(self, text: str) -> "Filter":
         """`text` parsed and compiled over this catalogue (both cached); a `FilterError` if it cannot be."""
         compiled = self._compiled.get(text)
         if compiled is None:
             compiled = self.compile(parse_filter(text))
-            if len(self._compiled) >= _PARSED_FILTERS:
-                self._compiled.clear()
-            self._compiled[text] = compiled
+            self._compiled.put(text, compiled)
         return compiled
 
-    def genre_fallback(self, item_id: str) -> Iterator[tuple[str, float]]:
-        """The available items sharing a genre with `item_id`, most popular first (nothing for an item
-        outside the catalogue or without genres); the item itself is not among them."""
+    def genre_fallback(self, item_id: str, wanted: "Filter | None" = None) -> Iterator[tuple[str, float]]:
+        """The available items sharing a genre with `item_id` (and passing `wanted`), most popular first
+        (nothing for an item outside the catalogue or without genres); the item itself is not among them."""
         if item_id not in self.popularity:
             return iter(())
         genres = self.values.get(GENRE_ATTRIBUTE, {})
-        lists = [self.genre_lists.get(genre, ()) for genre, items in genres.items() if item_id in items]
+        item_genres = [genre for genre, items in genres.items() if item_id in items]
+        if wanted is None:
+            lists = [self.genre_lists.get(genre, ()) for genre in item_genres]
+        else:
+            lists = [wanted.genre_list(genre) for genre in item_genres]
         popularity = self.popularity
         merged = heapq.merge(*lists, key=lambda other: (-popularity[other], other))
         return ((other, popularity[other]) for other in _unique(merged) if other != item_id)
 
-    def popular(self) -> Iterator[tuple[str, float]]:
-        popularity = self.popularity
-        return ((item_id, popularity[item_id]) for item_id in self.by_popularity)
-
     def compile(self, terms: tuple[Term, ...]) -> "Filter":
         """The filter of `terms` over this catalogue; a `FilterError` naming an attribute its items lack."""
         known = self.attribute_names
-        checks = []
-        for term in terms:
+        # An item must be in every one of `required` and in none of `refused`.
+        required: list[AbstractSet[str]] = []
+        refused: list[AbstractSet[str]] = []
+        for term in dict.fromkeys(terms):
             if term.name not in known:
                 listed = ", ".join(sorted(known)) or "none"
                 raise FilterError(f"unknown attribute {term.name!r} (the batch's items have: {listed})")
             if term.value is None:
-                members = (self.false if term.negated else self.true).get(term.name, frozenset())
-                checks.append((members, True))
+                required.append((self.false if term.negated else self.true).get(term.name, frozenset()))
             else:
                 members = self.values.get(term.name, {}).get(term.value, frozenset())
-                checks.append((members, not term.negated))
-        return Filter(tuple(checks))
+                (refused if term.negated else required).append(members)
+        if not required:
+            # Negated values only: an item passes when it is none of them, even one outside the catalogue.
+            if len(refused) == 1:
+                return Filter(self, refused[0], passing=False)
+            owned = set().union(*refused)
+            return Filter(self, owned, passing=False, held=len(owned))
+        required.sort(key=len)
+        if len(required) == 1 and not refused:
+            return Filter(self, required[0], passing=True)
+        # Each step walks the smaller of its two sets: no more than the sets' sizes together.
+        owned = set(required[0]).intersection(*required[1:])
+        for members in refused:
+            owned -= members
+        return Filter(self, owned, passing=True, held=len(owned))
+
+
+class Filter:
+    """A compiled filter: its terms folded into one set, which an item passes by being in it (`passing`)
+    or, for a filter of negated values only, by being out of it. What fills a short filtered answer is
+    built on its first use and kept with the filter: the catalogue's passing items by popularity, and
+    each genre's, so a fill walks only items that pass, never the whole catalogue."""
+
+    __slots__ = ("_genre_lists", "_popular", "cache", "catalogue", "held", "members", "passing")
+
+    def __init__(self, catalogue: Catalogue, members: AbstractSet[str], *, passing: bool, held: int = 0) -> None:
+        self.catalogue = catalogue
+        self.members = members
+        self.passing = passing
+        # Items in the sets and lists this filter built (not the catalogue's own sets it refers to).
+        self.held = held
+        self.cache: _CompiledFilters | None = None
+        self._popular: tuple[str, ...] | None = None
+        self._genre_lists: dict[str, tuple[str, ...]] = {}
+
+    def passes(self, item_id: str) -> bool:
+        return (item_id in self.members) is self.passing
+
+    def popular(self) -> Iterator[tuple[str, float]]:
+        """The catalogue's available items that pass, most popular first, with their popularity."""
+        if self._popular is None:
+            self._popular = self._built(self.catalogue.by_popularity)
+        popularity = self.catalogue.popularity
+        return ((item_id, popularity[item_id]) for item_id in self._popular)
+
+    def genre_list(self, genre: str) -> tuple[str, ...]:
+        """`genre`'s available items that pass, most popular first."""
+        built = self._genre_lists.get(genre)
+        if built is None:
+            built = self._genre_lists[genre] = self._built(self.catalogue.genre_lists.get(genre, ()))
+        return built
+
+    def _built(self, items: Iterable[str]) -> tuple[str, ...]:
+        members, passing = self.members, self.passing
+        kept = tuple(item_id for item_id in items if (item_id in members) is passing)
+        self.held += len(kept)
+        if self.cache is not None:
+            self.cache.grew(len(kept))
+        return kept
+
+
+class _CompiledFilters:
+    """The filters compiled over one catalogue by their text, the least recently used dropped first: at
+    most `entries` of them, holding at most `items` items together (`Filter.held`)."""
+
+    def __init__(self, entries: int, items: int) -> None:
+        self.entries = entries
+        self.items = items
+        self.held = 0
+        self._filters: OrderedDict[str, Filter] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._filters)
+
+    def get(self, text: str) -> Filter | None:
+        compiled = self._filters.get(text)
+        if compiled is not None:
+            self._filters.move_to_end(text)
+        return compiled
+
+    def put(self, text: str, compiled: Filter) -> None:
+        self._filters[text] = compiled
+        compiled.cache = self
+        self.held += compiled.held
+        self._drop_oldest()
+
+    def grew(self, items: int) -> None:
+        self.held += items
+        self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        while self._filters and (len(self._filters) > self.entries or self.held > self.items):
+            _, dropped = self._filters.popitem(last=False)
+            dropped.cache = None
+            self.held -= dropped.held
 
 
 # What a batch without extras filters and fills with: it has no items, so every attribute is unknown.
 EMPTY_CATALOGUE = Catalogue(by_popularity=(), popularity={}, values={}, true={}, false={}, genre_lists={}, segments={})
-
-
-@dataclass(frozen=True, slots=True)
-class Filter:
-    """A compiled filter: an item passes when it is in (or, for a negated value, out of) every set."""
-
-    checks: tuple[tuple[AbstractSet[str], bool], ...]
-
-    def passes(self, item_id: str) -> bool:
-        # A loop rather than all(): no generator made per item of every filtered answer.
-        for members, wanted in self.checks:  # noqa: SIM110
-            if (item_id in members) is not wanted:
-                return False
-        return True
 
 
 @lru_cache(maxsize=_PARSED_FILTERS)

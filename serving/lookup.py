@@ -13,7 +13,7 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -118,6 +118,9 @@ class Recs:
     item_id: str | None = None
     # With `explain`: why each item is listed (None where the batch has no reasons); else None.
     reasons: list[dict[str, str] | None] | None = None
+    # The segment whose popular list the first `filled_from_segment` of the filled items came from.
+    fill_segment: str | None = None
+    filled_from_segment: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,21 +726,26 @@ def _lists_table(batch: LiveBatch, explain: bool) -> Table:
 
 
 def explained(recs: Recs, row: Cached) -> Recs:
-    """`recs` with each item's reason: its list's stored reason (`sql.contract.decode_reasons`), or for an
-    item from a popular list (the user's segment's, the batch's fallback), "popular"; None for each item
-    when the batch was published without reasons."""
-    if isinstance(row, tuple) and len(row) == 2:  # the batch has no reasons
+    """`recs` with each item's reason: for an item of the user's own list, its stored reason
+    (`sql.contract.decode_reasons`; None when the batch was published without reasons); for an item from a
+    popular list (the answer's own, or filled in after a filter), "popular", naming the segment when the
+    list was a segment's."""
+    popular = {"source": "popular"}
+    own = recs.item_ids[: len(recs.item_ids) - recs.filled]
+    reasons: list[dict[str, str] | None]
+    if isinstance(row, tuple):
         stored: dict[str, dict[str, str]] = {}
-        unknown: dict[str, str] | None = None
-    else:
-        stored = {}
-        if isinstance(row, tuple):
+        if len(row) == 4:
             joined, _, codes, refs = row
             listed = joined.split(ITEM_SEPARATOR) if joined else []
             stored = dict(zip(listed, decode_reasons(codes, refs.split(ITEM_SEPARATOR) if refs else []), strict=True))
-        unknown = {"source": "popular", "segment": recs.segment} if recs.segment else {"source": "popular"}
-    reasons = [stored.get(item_id, unknown) for item_id in recs.item_ids]
-    return Recs(recs.user_id, recs.item_ids, recs.scores, recs.source, recs.segment, recs.filled, recs.item_id, reasons)
+        reasons = [stored.get(item_id) for item_id in own]
+    else:
+        reasons = [{"source": "popular", "segment": recs.segment} if recs.segment else popular] * len(own)
+    if recs.fill_segment is not None:
+        reasons += [{"source": "popular", "segment": recs.fill_segment}] * recs.filled_from_segment
+    reasons += [popular] * (recs.filled - recs.filled_from_segment)
+    return replace(recs, reasons=reasons)
 
 
 def cache_row(item_ids: Sequence[str], scores: Sequence[float]) -> Row:
@@ -801,7 +809,7 @@ def pick_similar(
         recs = _take(batch, user_id, k, leave_out, wanted, "similar", neighbours, None, genres_of=item_id)
     else:
         catalogue = batch.catalogue or EMPTY_CATALOGUE
-        fallback = _unique_items(chain(catalogue.genre_fallback(item_id), _global(batch)))
+        fallback = _unique_items(chain(catalogue.genre_fallback(item_id, wanted), _global(batch)))
         recs = _take(batch, user_id, k, leave_out, wanted, "fallback", fallback, None, fallback_is_global=True)
     return Recs(recs.user_id, recs.item_ids, recs.scores, recs.source, None, recs.filled, item_id)
 
@@ -833,27 +841,47 @@ def _take(
             scores.append(score)
             if len(items) == k:
                 break
-    filled = 0
-    if passes is not None and len(items) < k:
+    own = len(items)
+    fill_segment = None
+    filled_from_segment = 0
+    if wanted is not None and own < k:
+        passes = wanted.passes
         catalogue = batch.catalogue or EMPTY_CATALOGUE
         taken = set(items)
-        fills: list[Iterable[tuple[str, float]]] = []
+
+        def fill_from(listed: Iterable[tuple[str, float]]) -> None:
+            if len(items) == k:
+                return
+            for item_id, score in listed:
+                if item_id not in leave_out and item_id not in taken and passes(item_id):
+                    items.append(item_id)
+                    scores.append(score)
+                    taken.add(item_id)
+                    if len(items) == k:
+                        return
+
+        # The genres' and the catalogue's lists come from the filter with only its passing items: a filter
+        # that passes few would otherwise walk the whole catalogue for every list of a batch request.
         if genres_of is not None:
-            fills.append(catalogue.genre_fallback(genres_of))
+            fill_from(catalogue.genre_fallback(genres_of, wanted))
         if answered_segment is None and segment is not None and segment in catalogue.segments:
-            fills.append(zip(*catalogue.segments[segment], strict=True))
+            before = len(items)
+            fill_from(zip(*catalogue.segments[segment], strict=True))
+            fill_segment, filled_from_segment = segment, len(items) - before
         if not fallback_is_global:
-            fills.append(_global(batch))
-        fills.append(catalogue.popular())
-        for item_id, score in chain.from_iterable(fills):
-            if item_id not in leave_out and item_id not in taken and passes(item_id):
-                items.append(item_id)
-                scores.append(score)
-                taken.add(item_id)
-                filled += 1
-                if len(items) == k:
-                    break
-    return Recs(user_id, items, scores, source, answered_segment, filled)
+            fill_from(_global(batch))
+        fill_from(wanted.popular())
+    filled = len(items) - own
+    return Recs(
+        user_id,
+        items,
+        scores,
+        source,
+        answered_segment,
+        filled,
+        fill_segment=fill_segment,
+        filled_from_segment=filled_from_segment,
+    )
 
 
 def _unique_items(ranked: Iterable[tuple[str, float]]) -> Iterator[tuple[str, float]]:

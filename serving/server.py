@@ -22,6 +22,15 @@ APP_FACTORY = "serving.app:create_app"
 OPEN_APP_FACTORY = "serving.app:create_open_app"
 Server = Literal["granian", "uvicorn"]
 SERVERS: tuple[Server, ...] = ("granian", "uvicorn")
+# granian's backpressure caps the connections a worker holds at once, idle keep-alive ones too; past it, new
+# ones wait unaccepted, /healthz with them. Its default (1024 divided among the workers) shrinks with every
+# worker added: this is per worker, whatever their number. With keys checked before a body is read, only
+# clients with a key can hold body buffers, so 512 x OVERNIGHT_MAX_REQUEST_BYTES (1 MiB) bounds what a
+# worker buffers at 512 MiB, and a few proxies' keep-alive pools still fit.
+CONNECTIONS_PER_WORKER = 512
+# How long a connection may take to send a request's headers, and stay idle between requests (granian
+# applies it to both); a slot held by a silent client is freed after this (granian's default: 30 s).
+HEADER_READ_TIMEOUT_MS = 10_000
 
 
 def serve(
@@ -41,6 +50,7 @@ def serve(
     if server == "granian":
         from granian import Granian
         from granian.constants import Interfaces
+        from granian.http import HTTP1Settings
 
         Granian(
             factory,
@@ -52,6 +62,8 @@ def serve(
             websockets=False,
             log_access=False,  # our own access log (OVERNIGHT_ACCESS_LOG) knows routes and batches
             respawn_failed_workers=True,
+            backpressure=CONNECTIONS_PER_WORKER,
+            http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
         ).serve()
     else:
         import uvicorn

@@ -12,6 +12,8 @@ from sql.text import settings_error_line
 from sql.web import split_keys
 
 ENV_PREFIX = "OVERNIGHT_"
+# Older releases turned auth off from this variable; now only the --no-auth flag does (see create_open_app).
+IGNORED_AUTH_VARIABLE = f"{ENV_PREFIX}AUTH_DISABLED"
 
 
 def _default_pool_max_size() -> int:
@@ -61,6 +63,12 @@ class ServingSettings(BaseSettings):
     max_exclude_items: int = Field(default=500, ge=0, description="Most item ids one request may exclude.")
     max_request_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest request body accepted; bigger ones get 413."
+    )
+    body_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Time a request's whole body has to arrive once its headers have; a slower one gets 408.",
     )
     access_log: bool = Field(default=False, description="One JSON line per request on the `overnight.access` logger.")
     access_log_sample: float = Field(
@@ -113,9 +121,11 @@ def check_auth_configured(settings: ServingSettings, auth_disabled: bool) -> Non
     deployment must not open the API of a service that has keys configured.
     """
     if not settings.api_keys and not auth_disabled:
-        raise ServingConfigError(
-            f"no API key configured: set {ENV_PREFIX}API_KEYS (comma-separated) or start with --no-auth"
-        )
+        message = f"no API key configured: set {ENV_PREFIX}API_KEYS (comma-separated) or start with --no-auth"
+        if os.environ.get(IGNORED_AUTH_VARIABLE):
+            # Said here, in the one line a refused start prints: a warning logged before it may not be shown.
+            message += f" ({IGNORED_AUTH_VARIABLE} is ignored: only --no-auth turns authentication off)"
+        raise ServingConfigError(message)
 
 
 # What a required setting left unset gets said about it.

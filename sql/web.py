@@ -67,6 +67,23 @@ def split_keys(value: Any) -> Any:
     return value
 
 
+# Keys are checked without a limit on tries (a lockout after failed tries would let anyone who can reach
+# the service lock its product backends out, all of them behind a proxy): a key must be long enough that
+# guessing is hopeless. A shorter key is warned about, not refused, so an upgrade never stops a service.
+MIN_KEY_CHARS = 16
+
+
+def short_keys_warning(keys: tuple[str, ...], variable: str) -> str | None:
+    """What to log at start when some of `keys` (from `variable`) are too short to be safe from guessing."""
+    short = sum(len(key) < MIN_KEY_CHARS for key in keys)
+    if not short:
+        return None
+    return (
+        f"{short} of the {len(keys)} keys in {variable} are shorter than {MIN_KEY_CHARS} characters: keys are "
+        "checked without a limit on tries, so use long random ones (`openssl rand -hex 16`)"
+    )
+
+
 def key_digest(key: str) -> bytes:
     """What keys are compared by (in constant time): equal lengths whatever the key."""
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()

@@ -5,8 +5,11 @@ the lookup service's /metrics over HTTP.
 
 import json
 import re
+import socket
 import subprocess
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -23,8 +26,10 @@ from console.settings import ConsoleConfigError
 from tests.support.commands import OVERNIGHT, free_port, overnight_env
 from tests.support.console import (
     CONSOLE_KEY,
+    NO_SERVICE_URL,
     Console,
     console_login,
+    console_process,
     console_settings,
     running_console,
 )
@@ -158,6 +163,45 @@ def test_a_sign_in_form_bigger_than_one_is_refused(database_url: str) -> None:
         assert huge.status_code == 413
 
 
+def test_a_sign_in_form_that_stalls_is_cut_off_with_a_408_while_the_console_answers(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Clients that stop mid-form on `overnight console` (granian): each gets a 408 with its reason once
+    OVERNIGHT_BODY_TIMEOUT_SECONDS is up, and the console answers others meanwhile."""
+    timeout_seconds = 1.0
+    env = overnight_env(
+        database_url,
+        tmp_path / "var",
+        OVERNIGHT_API_KEYS=CONSOLE_KEY,
+        OVERNIGHT_CONSOLE_SERVICE_URL=NO_SERVICE_URL,
+        OVERNIGHT_BODY_TIMEOUT_SECONDS=str(timeout_seconds),
+    )
+    with console_process(env) as base:
+        address = urlsplit(base)
+        started = time.monotonic()
+        stalled = []
+        for _ in range(50):
+            sock = socket.create_connection((address.hostname, address.port), timeout=5)
+            sock.sendall(
+                b"POST /dashboard/login HTTP/1.1\r\nHost: test\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nkey="
+            )
+            stalled.append(sock)
+        assert httpx.get(f"{base}/healthz", timeout=timeout_seconds / 2).status_code == 200
+        deadline = started + timeout_seconds + 3
+        for sock in stalled:
+            received = b""
+            with sock:
+                while True:  # until the console closes the connection, or the test's deadline
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    if not (chunk := sock.recv(65536)):
+                        break
+                    received += chunk
+            assert received.startswith(b"HTTP/1.1 408 "), received[:100]
+            refusal = json.loads(received.partition(b"\r\n\r\n")[2])
+            assert refusal["reason"] == "body_timeout" and "OVERNIGHT_BODY_TIMEOUT_SECONDS" in refusal["detail"]
+
+
 def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -222,6 +266,21 @@ def test_overnight_console_refuses_to_start_without_a_key_in_one_line(database_u
     assert refused.stderr.strip().splitlines()[-1] == (
         "overnight: error: no key configured: set OVERNIGHT_DASHBOARD_KEYS or OVERNIGHT_API_KEYS (comma-separated) "
         "or start with --no-auth"
+    )
+
+
+def test_a_refused_start_says_the_auth_disabled_variable_is_ignored(database_url: str, tmp_path: Path) -> None:
+    """`OVERNIGHT_AUTH_DISABLED=true overnight console` without a key: its one line says the variable was not
+    taken (the warning about it is logged only once the app is made, which a refused start never gets to)."""
+    env = overnight_env(database_url, tmp_path / "var", OVERNIGHT_AUTH_DISABLED="true")
+    refused = subprocess.run(
+        [str(OVERNIGHT), "console", "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    last_line = refused.stderr.strip().splitlines()[-1]
+    assert (
+        last_line.startswith("overnight: error: no key configured")
+        and "OVERNIGHT_AUTH_DISABLED is ignored" in last_line
     )
 
 

@@ -14,7 +14,17 @@ from jobs import lake, workdir
 from jobs.settings import Settings
 from jobs.steps import publish, score
 from tests.support.data import SAMPLE_DATE
-from tests.support.serving import SWITCH_DEADLINE, Service, item_ids, lookup_service, running, service_settings
+from tests.support.serving import (
+    EXTRAS,
+    RECS,
+    SWITCH_DEADLINE,
+    Publisher,
+    Service,
+    item_ids,
+    lookup_service,
+    running,
+    service_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +106,19 @@ def test_reasons_cost_two_bytes_an_item_beside_the_names_they_point_to(
         query = pgsql.SQL("SELECT cardinality(item_ids), length(reason_codes), cardinality(reason_refs) FROM {}")
         rows = conn.execute(query.format(sql.recs_table(result.batch_id))).fetchall()
     assert rows and all(codes == 2 * items and refs <= items for items, codes, refs in rows)
+
+
+def test_items_filled_from_a_segments_list_name_the_segment_and_the_others_do_not(database_url: str) -> None:
+    """Which popular list each filled item came from, whatever the batch (this one has no reasons)."""
+    published = partial(Publisher(database_url).publish, RECS, extras=EXTRAS)
+    with lookup_service(database_url, published) as service:
+        # User 7's list is i5 i3 i9: only i3 is a Drama; FR's list adds i7 i10 i2, the fallback list p1 p4.
+        user = service.recs("7", k=6, filter="genre:Drama", segment="FR", explain="true")
+        assert (item_ids(user), user.headers["X-Filled-From-Fallback"]) == (["i3", "i7", "i10", "i2", "p1", "p4"], "5")
+        from_fr = {"source": "popular", "segment": "FR"}
+        popular = {"source": "popular"}
+        assert [item["reason"] for item in user.json()["items"]] == [None, from_fr, from_fr, from_fr, popular, popular]
+        # A visitor answered from FR's list (i7 i10 i2 are its Dramas), filled from the fallback list (p1).
+        visitor = service.recs("anon-fr", k=4, filter="genre:Drama", explain="true")
+        assert (item_ids(visitor), visitor.json()["segment"]) == (["i7", "i10", "i2", "p1"], "FR")
+        assert [item["reason"] for item in visitor.json()["items"]] == [from_fr, from_fr, from_fr, popular]

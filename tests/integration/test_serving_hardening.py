@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,6 +36,38 @@ def raw_request(base_url: str, method: str, path: str) -> int:
         while chunk := sock.recv(65536):
             received += chunk
     return int(received.split(b" ", 2)[1])
+
+
+def stall_mid_body(base_url: str, path: str, headers: dict[str, str] | None = None) -> socket.socket:
+    """A client that announces a 100-byte JSON body, sends its first byte and then nothing."""
+    address = urlsplit(base_url)
+    sock = socket.create_connection((address.hostname, address.port), timeout=5)
+    lines = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n{lines}\r\n"
+    sock.sendall(head.encode() + b"{")
+    return sock
+
+
+def answers_before_close(socks: list[socket.socket], within: float) -> list[tuple[int | None, bytes]]:
+    """The status and response each server sent before closing its connection, all within `within` seconds
+    from now; status None for a connection still open then."""
+    deadline = time.monotonic() + within
+    answers: list[tuple[int | None, bytes]] = []
+    for sock in socks:
+        received = b""
+        try:
+            while True:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                if not (chunk := sock.recv(65536)):
+                    break
+                received += chunk
+        except TimeoutError:
+            answers.append((None, received))
+            continue
+        finally:
+            sock.close()
+        answers.append((int(received.split(b" ", 2)[1]), received))
+    return answers
 
 
 # ---------------------------------------------------------------------------- metrics and the access log
@@ -126,6 +159,62 @@ def test_the_lookup_service_runs_from_its_own_entry_point(database_url: str, tmp
     assert refused.stderr.strip().splitlines()[-1].startswith("serving: error: no API key configured")
 
 
+# ---------------------------------------------------------------------------- slow and unreadable requests
+
+BODY_TIMEOUT_SECONDS = 1.0
+
+
+def test_stalled_bodies_are_cut_off_and_clients_without_a_key_never_hold_one(database_url: str, tmp_path: Path) -> None:
+    """More clients stopping mid-body than a worker of `overnight serve` (granian) takes connections: those
+    without a key are refused before their body is read (no route outside /v1 reads one), those with one
+    get a 408 once OVERNIGHT_BODY_TIMEOUT_SECONDS is up, and /healthz answers all along."""
+    Publisher(database_url).publish(RECS)
+    env = overnight_env(
+        database_url,
+        tmp_path / "var",
+        OVERNIGHT_API_KEYS=API_KEY,
+        OVERNIGHT_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT_SECONDS),
+    )
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    with running_service(env) as base:
+        paths = ("/v1/events", "/v1/recommendations:session", "/v1/recommendations:batch", "/no-such-route")
+        anonymous = [stall_mid_body(base, path) for path in paths for _ in range(300)]
+        assert httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+        statuses = Counter(status for status, _ in answers_before_close(anonymous, within=2))
+        assert statuses == {401: 900, 404: 300}, statuses
+
+        started = time.monotonic()
+        keyed = [stall_mid_body(base, path, bearer) for path in paths[:3] for _ in range(10)]
+        assert httpx.get(f"{base}/healthz", timeout=BODY_TIMEOUT_SECONDS / 2).status_code == 200
+        answers = answers_before_close(keyed, within=BODY_TIMEOUT_SECONDS + 3 - (time.monotonic() - started))
+        assert {status for status, _ in answers} == {408}, answers[:3]
+        for _, response in answers:
+            refusal = json.loads(response.partition(b"\r\n\r\n")[2])
+            assert refusal["reason"] == "body_timeout" and "OVERNIGHT_BODY_TIMEOUT_SECONDS" in refusal["detail"]
+        # granian passes the path's bytes on as sent: an id that is not UTF-8 is refused there too
+        refused = httpx.get(f"{base}/v1/users/%FF/recommendations", headers=bearer)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["path", "user_id"]
+
+
+def test_ids_whose_bytes_are_not_utf8_are_refused_naming_the_parameter(database_url: str) -> None:
+    """The server decodes `%FF` and `%FE` alike to U+FFFD: answered, they would be one user in the
+    prediction log. A well-formed U+FFFD (`%EF%BF%BD`) is an id like any other."""
+    Publisher(database_url).publish(RECS)
+    with running(service_settings(database_url)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        for path, name in [
+            ("/v1/users/%FF/recommendations", "user_id"),
+            ("/v1/users/tenant%2F%C3/recommendations", "user_id"),
+            ("/v1/items/%ED%A0%80/similar", "item_id"),  # a UTF-16 surrogate, which UTF-8 cannot hold
+        ]:
+            refused = service.client.get(path)
+            assert refused.status_code == 422, (path, refused.text)
+            assert refused.json()["detail"][0]["loc"] == ["path", name], refused.text
+            assert service.client.head(path).status_code == 422, path  # the routed endpoint's rules too
+        replacement = service.client.get("/v1/users/%EF%BF%BD/recommendations")
+        assert replacement.status_code == 200 and replacement.json()["user_id"] == "\ufffd"
+
+
 # ---------------------------------------------------------------------------- turning auth off
 
 
@@ -146,6 +235,8 @@ def test_the_environment_cannot_turn_auth_off(database_url: str, tmp_path: Path)
     )
     assert refused.returncode == 1
     assert "no API key configured" in refused.stderr
+    # the one line a refused start prints says the variable was not taken, lest it look like a bug
+    assert "OVERNIGHT_AUTH_DISABLED is ignored" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_no_auth_warns_that_feedback_writes_are_open_too(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -153,6 +244,19 @@ def test_no_auth_warns_that_feedback_writes_are_open_too(database_url: str, capl
         create_app(service_settings(database_url, api_keys=()), auth_disabled=True)
     warning = " ".join(record.getMessage() for record in caplog.records)
     assert "--no-auth" in warning and "POST /v1/events" in warning
+
+
+def test_a_key_short_enough_to_guess_is_warned_about_at_start(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys are checked without a limit on tries (a lockout would let anyone lock the backends out)."""
+    with caplog.at_level(logging.WARNING, logger="serving.app"):
+        create_app(service_settings(database_url, api_keys=("k" * 32,)))
+    assert "shorter than" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="serving.app"):
+        create_app(service_settings(database_url, api_keys=("k" * 32, "short")))
+    assert "1 of the 2 keys in OVERNIGHT_API_KEYS are shorter than 16 characters" in caplog.text
+    assert "short," not in caplog.text and "'short'" not in caplog.text  # never the key itself
 
 
 # ---------------------------------------------------------------------------- internals stay in the log

@@ -112,6 +112,37 @@ def test_session_limits_are_422s(service: Service) -> None:
     assert too_big.status_code == 413 and "8192" in too_big.json()["detail"]
 
 
+def test_a_session_body_is_json_only_when_its_content_type_says_so_as_routed_bodies_are(service: Service) -> None:
+    """FastAPI reads a routed endpoint's body as JSON only under application/json or a +json type; the session
+    POST, answered before it, must refuse the others with the same 422 (not answer them 200)."""
+    bodies = {
+        "/v1/recommendations:session": b'{"items": ["i1"], "k": 1}',
+        "/v1/recommendations:batch": b'{"user_ids": ["42"], "k": 1}',
+    }
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/jsonp", None):
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        problems = []
+        for path, body in bodies.items():
+            refused = service.client.post(path, content=body, headers=headers)
+            assert refused.status_code == 422, (content_type, path, refused.text)
+            problems.append(refused.json()["detail"])
+        assert problems[0] == [{**problems[1][0], "input": bodies["/v1/recommendations:session"].decode()}]
+        assert problems[0][0]["type"] == "model_attributes_type" and problems[0][0]["loc"] == ["body"]
+        # bytes that are not UTF-8 are echoed as far as they are text, never a 500
+        for path in bodies:
+            odd = service.client.post(path, content=b'\xff{"items": []}', headers=headers)
+            assert odd.status_code == 422 and odd.json()["detail"][0]["input"] == '\ufffd{"items": []}', odd.text
+    for content_type in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.session+json"):
+        answered = service.client.post(
+            "/v1/recommendations:session",
+            content=bodies["/v1/recommendations:session"],
+            headers={"Content-Type": content_type},
+        )
+        assert answered.status_code == 200, (content_type, answered.text)
+    empty = service.client.post("/v1/recommendations:session", headers={"Content-Type": "application/json"})
+    assert empty.status_code == 422 and empty.json()["detail"][0]["type"] == "missing", empty.text
+
+
 def test_segment_fallbacks_by_parameter_and_by_stored_segment(service: Service) -> None:
     stored = service.recs("anon-fr", k=3).json()
     assert (stored["source"], stored["segment"], [i["item_id"] for i in stored["items"]]) == (

@@ -66,3 +66,17 @@ def test_an_unknown_items_fallback_is_its_genres_available_items_by_popularity()
     assert list(catalogue().genre_fallback("c")) == [("a", 2.0), ("b", 1.0)]
     assert list(catalogue().genre_fallback("a")) == []  # alone in its genre
     assert list(catalogue().genre_fallback("zzz")) == []  # not in the catalogue
+
+
+def test_compiled_filters_are_kept_while_what_they_hold_stays_under_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("serving.catalogue._FILTERS_HELD_ITEMS", 3)
+    monkeypatch.setattr("serving.catalogue._FILTERS_HELD_CATALOGUES", 1)
+    held = catalogue()
+    # Repeated terms are dropped: one negated term refers to the catalogue's own set and holds nothing.
+    assert list(held.filter("genre:-Comedy,genre:-Comedy").popular()) == [("b", 1.0)]
+    first = held.filter("available,genre:Comedy")  # folds its two sets into one of its own: {a}
+    assert list(first.popular()) == [("a", 2.0)]
+    assert held.filter("available,genre:Comedy") is first
+    # Its own set and two lists more: over the bound, so the filters used longest ago are let go.
+    assert list(held.filter("genre:-Drama,genre:-Horror").popular()) == [("a", 2.0)]
+    assert held.filter("available,genre:Comedy") is not first
