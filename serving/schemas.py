@@ -175,7 +175,8 @@ class ErrorMessage(BaseModel):
     reason: str | None = Field(
         default=None,
         description="A short code for programs: not_authenticated, no_live_batch, live_pointer_unreadable, "
-        "database_unavailable, database_error, feedback_queue_full, unreadable_body, body_too_large.",
+        "database_unavailable, database_error, feedback_queue_full, unreadable_body, body_too_large, "
+        "body_timeout.",
     )
 
 
