@@ -3,7 +3,7 @@
 Input: the date's event volume against the trailing 7-day average, the shares of new users and items, null
 and quarantine fractions (ingest's report) and the weight distribution against the 28 days before. Drift:
 per ranker feature, PSI and the two-sample KS statistic between the model's reference (its features as
-scoring saw them on its training date, ``write_reference``) and tonight's sample of the same users. Drift at
+scoring saw them on its training date, written by ``jobs.steps.train``) and tonight's sample of the same users. Drift at
 or above ``OVERNIGHT_DRIFT_RETRAIN_PSI`` records a retrain request (``drift_requires_retrain``).
 """
 
@@ -54,21 +54,6 @@ def tonight(settings: Settings, logical_date: date) -> pl.DataFrame:
 def _scored_sample(settings: Settings, logical_date: date) -> pl.DataFrame:
     parts = workdir.drift_sample_parts(settings, logical_date)
     return pl.read_parquet([str(part) for part in parts])
-
-
-def write_reference(settings: Settings, model_dir: Path | UPath, frame: pl.DataFrame) -> Path | UPath:
-    """Keep beside the model a sample of its features as scoring sees them on the date it was trained for
-    (`frame`, from the same users as every night's sample); drift compares each night's features with it.
-    Train writes it, or, when the date's candidate tables were built with other candidate settings than the
-    model was tuned with, `jobs.steps.train.write_late_reference` once refit-candidates has rebuilt them.
-
-    Not the training rows themselves: those are as of the start of the label window and only of
-    labelled users, so time-dependent features (ages, recencies, counts) would differ from any
-    night's scoring data by construction, every night, and a retrain would not make that go away.
-    """
-    path = model_dir / REFERENCE_FILE
-    lake.write_parquet_atomically(sample_rows(frame, settings), path)
-    return path
 
 
 def reference_path(settings: Settings, model: registry.ModelVersion) -> Path | UPath:

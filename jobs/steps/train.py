@@ -587,7 +587,7 @@ def train(settings: Settings, logical_date: date) -> TrainResult:
     metrics["gate"] = {"passed": rejection is None, "reason": rejection, "margin": settings.promotion_margin}
     model_id, artifact = _save_artifact(fitted.booster, settings, logical_date)
     if candidates.tables_built_with(night_settings, logical_date, settings):
-        drift.write_reference(settings, artifact.parent, features.sample_features(settings, logical_date))
+        write_reference(settings, artifact.parent, features.sample_features(settings, logical_date))
     else:  # the date's tables are the last model's: refit-candidates rebuilds them, then `write_late_reference`
         logger.info("train: the drift reference of %s is taken once its candidate tables are built", model_id)
     model = registry.ModelVersion(
@@ -691,6 +691,20 @@ def retrain_due(settings: Settings, conn: psycopg.Connection, logical_date: date
     return False, f"{current.model_id} is {age} day(s) old; retraining every {settings.retrain_days} day(s)"
 
 
+def write_reference(settings: Settings, model_dir: Path | UPath, frame: pl.DataFrame) -> Path | UPath:
+    """Keep beside the model a sample of its features as scoring sees them on the date it was trained for
+    (`frame`, from the same users as every night's sample); monitoring's drift compares each night's
+    features with it (`jobs.monitoring.drift.reference_path`) and never writes it.
+
+    Not the training rows themselves: those are as of the start of the label window and only of
+    labelled users, so time-dependent features (ages, recencies, counts) would differ from any
+    night's scoring data by construction, every night, and a retrain would not make that go away.
+    """
+    path = model_dir / drift.REFERENCE_FILE
+    lake.write_parquet_atomically(drift.sample_rows(frame, settings), path)
+    return path
+
+
 def write_late_reference(settings: Settings, logical_date: date) -> None:
     """The drift reference of a model trained for the date that `train` could not write: the date's candidate
     tables were then built with other candidate settings than the model was tuned with. The refit-candidates
@@ -702,7 +716,7 @@ def write_late_reference(settings: Settings, logical_date: date) -> None:
     reference = drift.reference_path(settings, model)
     if not reference.is_file():
         sample = features.sample_features(registry.tuned_settings(settings, model), logical_date)
-        drift.write_reference(settings, reference.parent, sample)
+        write_reference(settings, reference.parent, sample)
 
 
 def train_if_due(settings: Settings, logical_date: date) -> TrainResult:

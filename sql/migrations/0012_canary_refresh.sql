@@ -1,4 +1,4 @@
--- A canary of a model is refreshed each night (jobs.rollouts.canary.refresh_canary): the night's date is
+-- A canary of a model is refreshed each night (jobs.rollouts.model_canary.refresh_canary): the night's date is
 -- scored with the canary's model and the canary moves to that batch, keeping its salt and traffic, so
 -- the same users compare fresh lists with fresh lists. The move is recorded as a 'refresh'; it does
 -- not end the canary's period (the online report's canary minus production spans it).
