@@ -25,7 +25,6 @@ from jobs.rollouts.canary import start_canary, stop_canary
 from jobs.settings import Settings
 from serving.app import USER_RECOMMENDATIONS_PATH, create_app
 from serving.errors import ServingConfigError
-from serving.live import WATCHER_APPLICATION_NAME
 from serving.server import serve
 from serving.settings import get_serving_settings
 from serving.variants import TrafficSplit
@@ -43,6 +42,7 @@ from tests.support.serving import (
     detail_text,
     item_ids,
     item_ids_of,
+    kill_live_watcher,
     lookup_service,
     running,
     scores_for,
@@ -398,12 +398,7 @@ def test_an_unreachable_database_is_a_503_with_a_reason(database_url: str) -> No
 
 def test_the_watcher_reconnects_after_losing_its_connection(live_service: Service, publisher: Publisher) -> None:
     with psycopg.connect(publisher.url, autocommit=True) as admin:
-        killed = admin.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name = %s",
-            (WATCHER_APPLICATION_NAME,),
-        ).fetchone()
-    assert killed == (1,)
+        assert kill_live_watcher(admin) == 1
     time.sleep(0.1)
     second = publisher.publish({"42": ["n1"]})
     live_service.wait_for(lambda: batch_of(live_service.recs("42")) == second, within=3)

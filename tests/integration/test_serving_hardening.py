@@ -22,7 +22,15 @@ from serving.app import create_app
 from serving.live import WATCHER_APPLICATION_NAME
 from serving.lookup import POOL_APPLICATION_NAME
 from tests.support.commands import OVERNIGHT, free_port, overnight_env, running_service
-from tests.support.serving import API_KEY, RECS, SWITCH_DEADLINE, Publisher, running, service_settings
+from tests.support.serving import (
+    API_KEY,
+    RECS,
+    SWITCH_DEADLINE,
+    Publisher,
+    kill_live_watcher,
+    running,
+    service_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -329,12 +337,7 @@ def test_the_live_watcher_recovers_as_fast_from_every_lost_connection(database_u
         recoveries = []
         for _ in range(5):
             lost_at = time.monotonic()
-            killed = admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name = %s",
-                (WATCHER_APPLICATION_NAME,),
-            ).fetchone()
-            assert killed == (1,)
+            assert kill_live_watcher(admin) == 1
             service.wait_for(lambda: "X-Stale" in service.recs("42").headers, within=2)
             service.wait_for(lambda: "X-Stale" not in service.recs("42").headers, within=10)
             recoveries.append(round(time.monotonic() - lost_at, 2))

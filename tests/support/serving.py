@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 
 import sql
 from serving.app import create_app
+from serving.live import WATCHER_APPLICATION_NAME
 from serving.prediction_log import BulkWriter, EncodedBatch
 from serving.settings import ServingSettings, get_serving_settings
 from tests.support.polling import wait_until
@@ -325,3 +326,14 @@ def losing_the_first_reply(writer: BulkWriter[Any]) -> None:
         return stored
 
     writer._write = write_then_fail_once  # type: ignore[method-assign]
+
+
+def kill_live_watcher(admin: psycopg.Connection[Any]) -> int:
+    """Terminate the live watcher's connection(s) to `admin`'s database; how many were terminated."""
+    killed = admin.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = %s",
+        (WATCHER_APPLICATION_NAME,),
+    ).fetchone()
+    assert killed is not None
+    return int(killed[0])
