@@ -19,6 +19,7 @@ from jobs.errors import BadInputError
 from jobs.monitoring import history
 from jobs.outcome import Outcome, StepResult
 from jobs.settings import Settings
+from sql.text import first_line, printable
 
 logger = logging.getLogger(__name__)
 
@@ -331,10 +332,10 @@ def run(night: Night, progress: Progress = logger.info, only: Iterable[str] | No
             except Exception as error:
                 failed.add(step.name)
                 first_error = first_error or error
-                progress(f"[{number}/{len(chosen)}] {step.name} failed: {error}")
+                progress(f"[{number}/{len(chosen)}] {step.name} failed: {first_line(error)}")
                 continue
             elapsed = time.perf_counter() - started
-            progress(f"[{number}/{len(chosen)}] {step.name} done in {elapsed:.1f}s: {outcome.summary}")
+            progress(f"[{number}/{len(chosen)}] {step.name} done in {elapsed:.1f}s: {printable(outcome.summary)}")
             timings.append(StepTiming(step.name, round(elapsed, 3), outcome.summary))
             outcomes[step.name] = asdict(outcome)
         if first_error is not None:

@@ -15,9 +15,10 @@ from typing import Any, Literal, Protocol
 
 def first_line(error: object, limit: int = 2000) -> str:
     """The first line of an error's message (its type's name when it has none), cut at `limit`
-    characters: what a one-line CLI error, log line, status or run history row shows."""
+    characters, with non-printable characters escaped (`printable`): what a one-line CLI error, log
+    line, status or run history row shows, whatever file name or client text the message carries."""
     text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+    return printable((text.splitlines()[0] if text else type(error).__name__)[:limit])
 
 
 def printable(text: str) -> str:

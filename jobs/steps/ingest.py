@@ -67,6 +67,8 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as the reader ends lines: \r alone to
 _LINE_REASON = "_line_reason"  # the reader's note of such a line, until validation makes it the row's reason
 # The line of a CSV file (from 1, the header's) on which a row starts: the quarantine's `line`.
 _LINE = "_line"
+# The file of a folder of parts (``items/part-1.csv``) an item or user row was read from: the quarantine's `file`.
+_FILE = "_file"
 REASON_COLUMN: dict[str, str | None] = {
     "missing_user_id": "user_id",
     "bad_user_id": "user_id",
@@ -97,7 +99,7 @@ _TIMESTAMP_FORMATS = (
 @dataclass(frozen=True)
 class TableFile:
     """An item or user file (``kind`` "item" or "user"), checked line by line: ``rows`` are its good rows
-    (``<kind>_id`` stripped), ``quarantined`` its bad lines, with ``row``, ``line`` and ``reason`` like
+    (``<kind>_id`` stripped), ``quarantined`` its bad lines, with ``row``, ``file``, ``line`` and ``reason`` like
     quarantined interactions. ``name`` is the file's, for messages and its quarantine file."""
 
     name: str
@@ -115,7 +117,9 @@ class TableFile:
 
 @dataclass(frozen=True)
 class Source:
-    """A source read into raw frames; ``name`` is the file that messages should point at."""
+    """A source read into raw frames; ``name`` is the file that messages should point at, ``file`` the file
+    (a part of a folder: ``interactions/part-1.csv``) these interactions were read from: a quarantined
+    row's ``file``, beside its ``line``."""
 
     name: str
     format: str
@@ -123,6 +127,7 @@ class Source:
     items: TableFile | None = None
     users: TableFile | None = None
     default_event_type: str = "interaction"
+    file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -261,9 +266,11 @@ def source_chunks(path: Path, fmt: str = "auto", chunk_rows: int = 0) -> Iterato
         interactions, items, users = found, _table_file(path, "items"), _table_file(path, "users")
     item_file = _read_table_file(items, "item") if items else None
     user_file = _read_table_file(users, "user") if users else None
-    for number, frame in enumerate(_table_batches(interactions, chunk_rows or CHUNK_ROWS, fmt)):
+    for number, (file, frame) in enumerate(_table_batches(interactions, chunk_rows or CHUNK_ROWS, fmt)):
         first = number == 0
-        yield Source(interactions.name, fmt, frame, item_file if first else None, user_file if first else None)
+        yield Source(
+            interactions.name, fmt, frame, item_file if first else None, user_file if first else None, file=file
+        )
 
 
 def _table_files(path: Path) -> list[Path]:
@@ -273,17 +280,19 @@ def _table_files(path: Path) -> list[Path]:
     return files
 
 
-def _table_batches(path: Path, rows: int, fmt: str = "auto") -> Iterator[pl.DataFrame]:
-    """Parquet keeps its types; CSV is read as text so that validation sees every bad value. `fmt` (parquet
+def _table_batches(path: Path, rows: int, fmt: str = "auto") -> Iterator[tuple[str, pl.DataFrame]]:
+    """Each file's rows, with the file's name from the source's folder (``interactions/part-1.csv``).
+    Parquet keeps its types; CSV is read as text so that validation sees every bad value. `fmt` (parquet
     or csv) is what the files are whatever their names say; auto tells each by its name."""
     import pyarrow
 
     for file in _table_files(path):
+        label = str(file.relative_to(path.parent))
         try:
             if (fmt if fmt in ("parquet", "csv") else _file_format(file)) == "parquet":
-                yield from _parquet_batches(file, rows)
+                yield from ((label, frame) for frame in _parquet_batches(file, rows))
             else:
-                yield from _csv_batches(file)
+                yield from ((label, frame) for frame in _csv_batches(file))
         except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
             raise BadInputError(f"{printable(str(file))}: cannot read: {printable(first_line(error))}") from error
 
@@ -589,7 +598,10 @@ def _a_row_a_line(records: pl.DataFrame) -> pl.DataFrame:
 def _read_table_file(path: Path, kind: str, rename: dict[str, str] | None = None) -> TableFile:
     """An item or user file (or folder of parts), read like interactions: a line that cannot be read is
     quarantined with its reason, the rest of the file is kept (see ``check_table_file``)."""
-    frame = pl.concat(list(_table_batches(path, CHUNK_ROWS)), how="diagonal_relaxed")
+    frame = pl.concat(
+        [frame.with_columns(pl.lit(file).alias(_FILE)) for file, frame in _table_batches(path, CHUNK_ROWS)],
+        how="diagonal_relaxed",
+    )
     return check_table_file(frame.rename(rename, strict=False) if rename else frame, kind, path.name)
 
 
@@ -615,7 +627,14 @@ def _movielens_chunks(folder: Path) -> Iterator[Source]:
     try:
         for number, frame in enumerate(batches):
             first = number == 0
-            yield Source(ratings_path.name, variant, frame, items if first else None, default_event_type="rating")
+            yield Source(
+                ratings_path.name,
+                variant,
+                frame,
+                items if first else None,
+                default_event_type="rating",
+                file=ratings_path.name,
+            )
     except (pl.exceptions.PolarsError, OSError, pyarrow.ArrowException) as error:
         raise BadInputError(
             f"{printable(str(ratings_path))}: cannot read as {variant}: {printable(first_line(error))}"
@@ -693,7 +712,7 @@ def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
     last line is kept, as the catalogue and users snapshot keep it)."""
     id_column = f"{kind}_id"
     notes = _LINE_REASON in frame.columns
-    columns = {c: dtype for c, dtype in frame.schema.items() if c not in (_LINE_REASON, RAW_LINE, _LINE)}
+    columns = {c: dtype for c, dtype in frame.schema.items() if c not in (_LINE_REASON, RAW_LINE, _LINE, _FILE)}
     if id_column not in columns:
         found = printable(", ".join(columns)) or "none"
         raise BadInputError(f"{printable(name)}: {kind} file has no {id_column} column (found: {found})")
@@ -728,6 +747,7 @@ def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
         )
     quarantined = checked.filter(pl.col("reason").is_not_null()).select(
         "row",
+        pl.col(_FILE).alias("file") if _FILE in frame.columns else pl.lit(name).alias("file"),
         pl.col(_LINE).alias("line"),
         *[pl.col(c) if dtype.is_nested() else pl.col(c).cast(pl.String) for c, dtype in columns.items()],
         *([RAW_LINE] if notes else []),
@@ -805,8 +825,8 @@ def validate_interactions(
     """Split the source's interactions into (valid rows in the lake schema, quarantined rows).
 
         Quarantined rows keep their original columns as text, plus ``row`` (0-based position in
-        the source, counted from ``first_row``), ``line`` (a CSV file's line the row starts on, from 1 for
-        the header; null for other sources) and ``reason``. ``keep_row`` keeps ``row`` and ``line`` on valid rows too.
+        the source, counted from ``first_row``), ``file`` (``source.file``), ``line`` (a CSV file's line the
+        row starts on, from 1 for the header; null for other sources) and ``reason``. ``keep_row`` keeps ``row`` and ``line`` on valid rows too.
     A weight that is not a finite number in [0, ``max_weight``], or that float32 cannot hold, is ``bad_weight``
     (OVERNIGHT_MAX_WEIGHT).
     """
@@ -883,6 +903,7 @@ def validate_interactions(
     )
     quarantined = checked.filter(pl.col("reason").is_not_null()).select(
         "row",
+        pl.lit(source.file, pl.String).alias("file"),
         pl.col(_LINE).alias("line"),
         *[pl.col(c).cast(pl.String) for c in columns],
         *([RAW_LINE] if reader_notes else []),
@@ -1031,22 +1052,25 @@ def _reject_message(
     )
     return (
         f"{printable(name)}: {fraction:.1%} of {rows:,} rows are bad (limit {limit:.1%}): {detail}"
-        + (_first_quoted_record(quarantined) if counts.get(IN_QUOTED_FIELD) else "")
+        + (_first_quoted_record(quarantined, name) if counts.get(IN_QUOTED_FIELD) else "")
         + f"; rows set aside in {where}"
     )
 
 
-def _first_quoted_record(quarantined: pl.LazyFrame) -> str:
-    """Where the first bad record read over several lines starts and ends, in words."""
-    further = quarantined.filter(pl.col("reason") == IN_QUOTED_FIELD).select("row", "line").sort("row").collect()
+def _first_quoted_record(quarantined: pl.LazyFrame, source_name: str) -> str:
+    """Where the first bad record read over several lines starts and ends, in words (and in which file,
+    when the source is a folder of parts)."""
+    further = (
+        quarantined.filter(pl.col("reason") == IN_QUOTED_FIELD).select("row", "file", "line").sort("row").collect()
+    )
     if further.is_empty():
         return ""
     # its further lines: the rows that follow its first IN_QUOTED_FIELD one without a gap
     record = further.filter((pl.col("row").diff().fill_null(1) != 1).cum_sum() == 0)
-    start, end = record["line"][0] - 1, record["line"][-1]
+    start, end, file = record["line"][0] - 1, record["line"][-1], record["file"][0]
     return (
-        f"; a quoted field opening on line {start:,} runs on to line {end:,} (a stray quote?): "
-        f"its {end - start + 1:,} lines count as bad rows"
+        f"; a quoted field opening on line {start:,}{f' of {printable(file)}' if file != source_name else ''} runs on to line "
+        f"{end:,} (a stray quote?): its {end - start + 1:,} lines count as bad rows"
     )
 
 
@@ -1065,6 +1089,7 @@ class _Staged:
     folder: Path
     rows_read: int = 0
     chunks: int = 0
+    chunk_files: dict[str, str | None] = field(default_factory=dict)  # staged chunk name: the file it was read from
     counts: Counter[str] = field(default_factory=Counter)
     user_ids: list[pl.Series] = field(default_factory=list)
     item_ids: list[pl.Series] = field(default_factory=list)
@@ -1107,6 +1132,7 @@ def _stage(source_path: Path, fmt: str, logical_date: date, folder: Path, max_we
         staged.rows_read += chunk.interactions.height
         name = f"chunk-{staged.chunks:05d}.parquet"
         staged.chunks += 1
+        staged.chunk_files[name] = chunk.file
         if quarantined.height:
             staged.counts.update(dict(quarantined.group_by("reason").len().iter_rows()))
             lake.write_parquet_atomically(quarantined, folder / "quarantine" / name)
@@ -1124,14 +1150,16 @@ def _quarantine_cross_chunk_duplicates(staged: _Staged) -> None:
         parts = sorted(day_dir.glob("*.parquet"))
         if len(parts) < 2:
             continue
-        rows = pl.read_parquet(parts)
+        rows = pl.read_parquet(parts, include_file_paths="_part")
         repeated = rows.filter(~pl.struct(DEDUP_KEYS).is_first_distinct())
         if not repeated.height:
             continue
         staged.counts["duplicate"] += repeated.height
+        files = {part.name: staged.chunk_files.get(part.name) for part in parts}
         lake.write_parquet_atomically(
             repeated.select(
                 "row",
+                pl.col("_part").str.split("/").list.last().replace_strict(files, return_dtype=pl.String).alias("file"),
                 "line",
                 *[pl.col(c).cast(pl.String) for c in lake.INTERACTIONS_SCHEMA],
                 reason=pl.lit("duplicate"),

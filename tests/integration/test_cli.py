@@ -152,6 +152,25 @@ def test_bad_input_fails_with_a_one_line_reason(env: dict[str, str], tmp_path: P
     assert "is not a date like 2026-11-22" in wrong_date.stderr
 
 
+def test_control_characters_in_a_source_name_never_reach_the_terminal_or_the_run_history(
+    env: dict[str, str], tmp_path: Path, database_url: str
+) -> None:
+    hostile = tmp_path / "e\x1b[2Jvil.csv"
+    hostile.write_text("user_id,item_id,timestamp\nu1,,2026-11-10\nu2,i2,2026-11-10\n")
+    result = overnight("ingest", "--source", str(hostile), "--date", "2026-11-20", env=env, check=False)
+    assert result.returncode == 1
+    assert "\x1b" not in result.stderr
+    assert r"e\x1b[2Jvil.csv: 50.0% of 2 rows are bad" in result.stderr
+    with psycopg.connect(database_url) as conn:
+        recorded = conn.execute(
+            "SELECT r.error, s.error FROM overnight.runs r JOIN overnight.run_steps s USING (run_id)"
+        ).fetchall()
+    assert recorded
+    for run_error, step_error in recorded:
+        assert "\x1b" not in run_error + step_error
+        assert run_error.count(r"e\x1b[2Jvil.csv") == step_error.count(r"e\x1b[2Jvil.csv") == 2  # source, quarantine
+
+
 def test_steps_that_need_earlier_steps_say_which(env: dict[str, str]) -> None:
     no_model = overnight("score", "--date", "2026-11-20", env=env, check=False)
     assert no_model.returncode == 1

@@ -508,6 +508,40 @@ def test_an_item_file_with_a_bad_line_quarantines_the_line_not_the_file(tmp_path
         ingest(settings_for(tmp_path / "strict"), folder, DAY)
 
 
+def test_a_bad_line_in_a_folder_of_parts_says_which_part_it_is_in(tmp_path: Path) -> None:
+    """Three parts with a bad line at the same line number: the quarantine tells them apart by file, the
+    item parts' bad lines too, and a row repeated across two parts is set aside with its own part."""
+    folder = tmp_path / "src"
+    for part in range(3):
+        write_bytes(
+            folder / "interactions",
+            HEADER + good_lines(30, start=30 * part) + f"u{part},i1,2026-11-10T12:00:00Z,3,extra\n".encode(),
+            name=f"part-{part}.csv",
+        )
+    write_bytes(folder / "interactions", HEADER + good_lines(1), name="part-3.csv")  # part-0's first row again
+    write_bytes(folder / "items", b"item_id,title\ni1,One\n", name="part-0.csv")
+    write_bytes(folder / "items", b"item_id,title\ni2,Two\ni3,Caf\xe9\n", name="part-1.csv")
+    result = ingest(settings_for(tmp_path, max_bad_fraction=0.5), folder, DAY)
+    assert (result.rows_read, result.rows_valid, result.rows_quarantined) == (94, 90, 4)
+    quarantined = pl.read_parquet(result.quarantine_path).sort("row")  # type: ignore[arg-type]
+    assert quarantined.select("file", "line", "reason").rows() == [
+        ("interactions/part-0.csv", 32, "extra_fields"),
+        ("interactions/part-1.csv", 32, "extra_fields"),
+        ("interactions/part-2.csv", 32, "extra_fields"),
+        ("interactions/part-3.csv", 2, "duplicate"),
+    ]
+    items = pl.read_parquet(result.items_quarantine_path)  # type: ignore[arg-type]
+    assert items.select("file", "line", "reason").rows() == [("items/part-1.csv", 3, "bad_encoding")]
+
+
+def test_a_stray_quote_in_one_part_of_a_folder_is_named_with_its_part(tmp_path: Path) -> None:
+    folder = tmp_path / "src" / "interactions"
+    write_bytes(folder, HEADER + good_lines(10), name="part-0.csv")
+    write_bytes(folder, HEADER + good_lines(5) + b'u9,"i3,2026-11-10T12:00:00Z,3\n' + good_lines(4), name="part-1.csv")
+    with pytest.raises(BadInputError, match=r"a quoted field opening on line 7 of interactions/part-1.csv runs on"):
+        ingest(settings_for(tmp_path), folder.parent, DAY)
+
+
 @pytest.mark.parametrize(
     ("header", "shown"),
     [
