@@ -8,6 +8,8 @@ docs/airflow.md#params.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
 from functools import partial
@@ -19,8 +21,14 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow.task.trigger_rule import TriggerRule
 
 from jobs import nightly
+from jobs.errors import worth_retrying
 from jobs.monitoring.alerts import task_failed
-from jobs.monitoring.history import airflow_task_failed, airflow_task_finished, airflow_task_started
+from jobs.monitoring.history import (
+    airflow_task_failed,
+    airflow_task_finished,
+    airflow_task_retrying,
+    airflow_task_started,
+)
 from jobs.settings import get_settings
 
 WATCHER = "watcher"  # fails the dag run when any step failed
@@ -32,6 +40,7 @@ DEFAULT_ARGS = {
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30),
     "on_failure_callback": [task_failed, airflow_task_failed],
+    "on_retry_callback": airflow_task_retrying,
 }
 
 
@@ -56,17 +65,32 @@ def _night(params: dict[str, Any] | None) -> nightly.Night:
     )
 
 
+@contextmanager
+def _retried_only_if_worth_it() -> Iterator[None]:
+    """An error that a retry cannot cure (bad input, a date in the future, a publish monitoring held
+    back) fails the task at once with its message, rather than after minutes of retries."""
+    try:
+        yield
+    except Exception as error:
+        if worth_retrying(error):
+            raise
+        raise AirflowFailException(str(error)) from error
+
+
 def run_step(step: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    return asdict(nightly.run_step(step, _night(params)).outcome())
+    with _retried_only_if_worth_it():
+        return asdict(nightly.run_step(step, _night(params)).outcome())
 
 
 def plan_shards(step: str, params: dict[str, Any] | None = None) -> list[dict[str, int]]:
-    planned = nightly.plan_shards(step, _night(params))
+    with _retried_only_if_worth_it():
+        planned = nightly.plan_shards(step, _night(params))
     return [{"shards": len(planned), "shard": shard} for shard in planned]
 
 
 def run_shard(step: str, shards: int, shard: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    return asdict(nightly.run_shard(step, _night(params), shards, shard).outcome())
+    with _retried_only_if_worth_it():
+        return asdict(nightly.run_shard(step, _night(params), shards, shard).outcome())
 
 
 def fail_the_run() -> None:

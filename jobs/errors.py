@@ -46,3 +46,10 @@ class DatabaseError(OvernightError):
 
 class RolloutError(OvernightError):
     """A canary, promote or shadow request that the current state of the batches does not allow."""
+
+
+def worth_retrying(error: BaseException) -> bool:
+    """Whether running the same step again may cure ``error``: yes when Postgres was out of reach or for
+    anything no code foresaw (a lost file system, a killed process); no for an error that names what a
+    person must fix (bad input, a step to run first, a batch monitoring held back)."""
+    return isinstance(error, DatabaseError) or not isinstance(error, OvernightError)

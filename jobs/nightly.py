@@ -71,10 +71,12 @@ class Skipped:
 @dataclass(frozen=True)
 class Sharded:
     """How a step splits into shards: the DAG maps `run_shard` over `plan`'s shard numbers, on as many
-    workers as there are; `overnight run` scores them one after another."""
+    workers as there are; `overnight run` runs them one after another (or only ``night.shard``) and
+    `combine`s their results."""
 
     plan: Callable[[Night], list[int]]
     run_shard: Callable[[Night, int, int], StepResult]  # (night, shards, shard)
+    combine: Callable[[list[Any]], StepResult]
 
 
 def _never(night: Night) -> str | None:
@@ -83,13 +85,23 @@ def _never(night: Night) -> str | None:
 
 @dataclass(frozen=True)
 class Step:
+    """One step of the night: what it runs (``run``, or ``sharded`` shard by shard), the steps it waits
+    on, when the night goes without it (``skip``) and whether it runs after an earlier step failed."""
+
     name: str
-    run: Callable[[Night], StepResult]
+    run: Callable[[Night], StepResult] | None = None
     upstream: tuple[str, ...] = ()
     skip: Callable[[Night], str | None] = _never
     even_after_failure: bool = False
     sharded: Sharded | None = None
     retries: int | None = None  # the DAG task's, when not the DAG's default
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.sharded is None):
+            raise ValueError(f"step {self.name}: give it either run or sharded")
+        # the DAG maps a sharded step's tasks over its plan: it has no place for a skip or trigger rule
+        if self.sharded is not None and (self.skip is not _never or self.even_after_failure):
+            raise ValueError(f"step {self.name}: a sharded step is never skipped nor run after a failure")
 
     @property
     def task_id(self) -> str:
@@ -179,12 +191,13 @@ def _scored(manifests: list[Any]) -> StepResult:
     return ScoredShards(manifests)
 
 
-def _score(night: Night) -> StepResult:
-    planned = _plan_shards(night)
+def _every_shard(sharded: Sharded, night: Night) -> StepResult:
+    """A sharded step in one process: every shard in turn, or only ``night.shard``."""
+    planned = sharded.plan(night)
     chosen = planned if night.shard is None else [night.shard]
     if not set(chosen) <= set(planned):
         raise BadInputError(f"there is no shard {night.shard}: {night.logical_date} has {len(planned)} (0-based)")
-    return _scored([_score_shard(night, len(planned), shard) for shard in chosen])
+    return sharded.combine([sharded.run_shard(night, len(planned), shard) for shard in chosen])
 
 
 def _monitor(night: Night) -> StepResult:
@@ -247,7 +260,7 @@ STEPS: tuple[Step, ...] = (
     # A model trained tonight may have been tuned with other candidate settings than the tables were built
     # with (for the model before it): then the candidates step runs again, for it, before any shard scores.
     Step("refit-candidates", _refit_candidates, upstream=("train",), skip=_candidate_tables_fit),
-    Step("score", _score, upstream=("refit-candidates",), sharded=Sharded(_plan_shards, _score_shard), retries=3),
+    Step("score", upstream=("refit-candidates",), sharded=Sharded(_plan_shards, _score_shard, _scored), retries=3),
     Step("monitor", _monitor, upstream=("score",)),
     Step("publish", _publish, upstream=("monitor",)),
     Step("check-freshness", _check_freshness, upstream=("publish",), retries=1),
@@ -266,6 +279,9 @@ def run_step(name: str, night: Night) -> StepResult:
     if reason is not None:
         logger.info("%s: %s", name, reason)
         return Skipped(reason)
+    if step.sharded is not None:
+        return _every_shard(step.sharded, night)
+    assert step.run is not None
     return step.run(night)
 
 

@@ -153,8 +153,10 @@ def task_failed(context: Any) -> None:
             "try_number": ti.try_number,
             "error": str(exception or "unknown"),
         },
-        # a problem monitoring already alerted about (a blocked publish) is not announced twice
-        fingerprint=getattr(exception, "alert_fingerprint", None),
+        # a problem monitoring already alerted about (a blocked publish, also as the cause the DAG
+        # fails the task with) is not announced twice
+        fingerprint=getattr(exception, "alert_fingerprint", None)
+        or getattr(getattr(exception, "__cause__", None), "alert_fingerprint", None),
     )
 
 

@@ -167,8 +167,10 @@ def finish_run(settings: Settings, run_id: int, status: str, error: BaseExceptio
 
 
 def outcome_of(error: BaseException) -> str:
-    """'blocked' when monitoring held the publish back, 'failed' for anything else."""
-    return "blocked" if isinstance(error, PublishBlockedError) else "failed"
+    """'blocked' when monitoring held the publish back (also when raised again as the cause of another
+    error, as the DAG fails a task without retries), 'failed' for anything else."""
+    blocked = isinstance(error, PublishBlockedError) or isinstance(error.__cause__, PublishBlockedError)
+    return "blocked" if blocked else "failed"
 
 
 # ---------------------------------------------------------------------------- measuring a step
@@ -198,7 +200,7 @@ def begin_step(settings: Settings, run_id: int, name: str) -> float:
     try:
         with connect(settings) as conn:
             conn.execute(sql.query("start_run_step"), {"run_id": run_id, "step": name, **_owned_by(_recorder)})
-            conn.execute(sql.query("resume_abandoned_run"), (run_id,))
+            conn.execute(sql.query("resume_run"), {"run_id": run_id, "step": name})
     except Exception as error:
         logger.warning("run history: could not record the start of %s: %s", name, error)
     reset_peak_memory()
@@ -307,6 +309,19 @@ def airflow_task_finished(context: Any, result: Any, *, ends_run: bool = False) 
             finish_run(settings, run_id, "success")
     except Exception as error:
         logger.warning("run history: could not record the task end: %s", error)
+    finally:
+        _release_recorder()
+
+
+def airflow_task_retrying(context: Any) -> None:
+    """``on_retry_callback``: this attempt failed and Airflow will run the task again: the step is recorded
+    failed with its error until the retry starts it again; the run goes on (neither ended nor abandoned)."""
+    try:
+        settings, run_id, name = _airflow_step(context)
+        error = context.get("exception") or RuntimeError("task failed")
+        end_step(settings, run_id, name, _airflow_started.pop(name, time.perf_counter()), error=error)
+    except Exception as failure:
+        logger.warning("run history: could not record the failed attempt: %s", failure)
     finally:
         _release_recorder()
 

@@ -826,7 +826,8 @@ def validate_interactions(
 
         Quarantined rows keep their original columns as text, plus ``row`` (0-based position in
         the source, counted from ``first_row``), ``file`` (``source.file``), ``line`` (a CSV file's line the
-        row starts on, from 1 for the header; null for other sources) and ``reason``. ``keep_row`` keeps ``row`` and ``line`` on valid rows too.
+        row starts on, from 1 for the header; null for other sources) and ``reason``. ``keep_row`` keeps
+        ``row`` and ``line`` on valid rows too.
     A weight that is not a finite number in [0, ``max_weight``], or that float32 cannot hold, is ``bad_weight``
     (OVERNIGHT_MAX_WEIGHT).
     """
@@ -1068,9 +1069,10 @@ def _first_quoted_record(quarantined: pl.LazyFrame, source_name: str) -> str:
     # its further lines: the rows that follow its first IN_QUOTED_FIELD one without a gap
     record = further.filter((pl.col("row").diff().fill_null(1) != 1).cum_sum() == 0)
     start, end, file = record["line"][0] - 1, record["line"][-1], record["file"][0]
+    in_part = f" of {printable(file)}" if file != source_name else ""
     return (
-        f"; a quoted field opening on line {start:,}{f' of {printable(file)}' if file != source_name else ''} runs on to line "
-        f"{end:,} (a stray quote?): its {end - start + 1:,} lines count as bad rows"
+        f"; a quoted field opening on line {start:,}{in_part} runs on to line {end:,} (a stray quote?): "
+        f"its {end - start + 1:,} lines count as bad rows"
     )
 
 

@@ -37,10 +37,15 @@ ON CONFLICT (run_id, step) DO UPDATE SET
     owner_pid = EXCLUDED.owner_pid,
     owner_name = EXCLUDED.owner_name;
 
--- name: resume_abandoned_run
--- A step starting again (an Airflow retry) makes its abandoned run running again.
-UPDATE overnight.runs SET status = 'running', abandoned_at = NULL
-WHERE run_id = %s AND status = 'abandoned';
+-- name: resume_run
+-- A step starting again makes its run running again: after an Airflow retry of a failed attempt, or a
+-- dag run cleared or backfilled again (a blocked night re-run with accept_checks); any step starting
+-- makes an abandoned run running again.
+UPDATE overnight.runs SET status = 'running', abandoned_at = NULL, error = NULL, finished_at = NULL
+WHERE run_id = %(run_id)s AND status <> 'running'
+  AND (status = 'abandoned'
+       OR EXISTS (SELECT 1 FROM overnight.run_steps AS s
+                  WHERE s.run_id = %(run_id)s AND s.step = %(step)s AND s.attempt > 1));
 
 -- name: finish_run_step
 -- A step's end is recorded even if it was taken for abandoned (its recorder's connection was lost).

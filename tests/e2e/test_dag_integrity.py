@@ -3,6 +3,8 @@
 One parametrized test per rule walks every DAG, so a new DAG is checked without a new test.
 """
 
+import importlib.util
+import re
 import subprocess
 import sys
 from typing import Any
@@ -11,6 +13,9 @@ import pytest
 from airflow.serialization.encoders import coerce_to_core_timetable
 
 from jobs import nightly
+from jobs.errors import BadInputError, DatabaseError
+from jobs.monitoring.gate import MonitoringBlockedError
+from jobs.monitoring.history import airflow_task_retrying
 from tests.support.dags import DAGS_FOLDER
 
 pytestmark = pytest.mark.e2e
@@ -98,8 +103,11 @@ def test_the_dag_is_the_nightly_graph_overnight_run_runs(dagbag: Any) -> None:
         assert entry.upstream_task_ids == {nightly.STEP_BY_NAME[up].task_id for up in step.upstream}, step.name
         if step.sharded:
             assert dag.get_task(step.task_id).upstream_task_ids == {entry.task_id}
-        # every task records its step in the run history, a sharded step's plan included
+        # every task records its step in the run history, a sharded step's plan included, and a failed
+        # attempt with a retry due (Airflow calls only the retry callback then: docs/airflow.md)
         assert entry.on_execute_callback and entry.post_execute, entry.task_id
+        for task in {entry, dag.get_task(step.task_id)}:
+            assert airflow_task_retrying in _callbacks(task.on_retry_callback), task.task_id
         expected_rule = "all_done" if step.even_after_failure else "all_success"
         assert dag.get_task(step.task_id).trigger_rule == expected_rule, step.name
     # The online upkeep runs after a failure and succeeds: the watcher, waiting on every step and run
@@ -122,3 +130,28 @@ def test_parsing_imports_nothing_heavy(dag_file: str) -> None:
         [sys.executable, "-c", code, str(DAGS_FOLDER / dag_file)], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "", f"{dag_file} imports {result.stdout.strip()} at parse time"
+
+
+def _callbacks(callback: Any) -> list[Any]:
+    return list(callback) if isinstance(callback, list | tuple) else [callback]
+
+
+def test_an_error_a_retry_cannot_cure_fails_the_task_at_once() -> None:
+    """Bad input, a future date or a publish monitoring held back fail without minutes of retries;
+    Postgres out of reach or an error no code foresaw is retried."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    spec = importlib.util.spec_from_file_location("overnight_nightly_under_test", DAGS_FOLDER / "overnight_nightly.py")
+    assert spec and spec.loader
+    dag_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dag_file)
+    for final in (BadInputError("events.csv: missing required column user_id"), MonitoringBlockedError("held", None)):
+        with (
+            pytest.raises(AirflowFailException, match=re.escape(str(final))) as failed,
+            dag_file._retried_only_if_worth_it(),
+        ):
+            raise final
+        assert failed.value.__cause__ is final
+    for transient in (DatabaseError("cannot reach Postgres"), OSError("No space left on device")):
+        with pytest.raises(type(transient)), dag_file._retried_only_if_worth_it():
+            raise transient

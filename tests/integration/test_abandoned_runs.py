@@ -270,6 +270,65 @@ def test_a_night_blocked_in_airflow_stays_blocked_after_the_online_upkeep_succee
     assert steps == [("online", None, None), ("publish", None, None), ("shadow", 7, "m9")]
 
 
+def test_an_airflow_attempt_that_fails_with_a_retry_due_is_failed_not_abandoned(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Airflow calls only the retry callback when an attempt fails with retries left: the step keeps its
+    error, the run goes on (not abandoned, though the attempt's process is gone), and the retry resumes it."""
+    monkeypatch.setenv("OVERNIGHT_DATABASE_URL", database_url)
+    monkeypatch.setenv("OVERNIGHT_DATA_DIR", str(tmp_path / "var"))
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
+    ingest = task_context(-1, "ingest")
+    history.airflow_task_started(ingest)
+    history.airflow_task_retrying(ingest | {"exception": OSError("the source's volume is not mounted")})
+
+    run = dict(freshness.status(settings)["recent_runs"][0])  # reading the runs marks abandoned ones
+    assert (run["status"], run["abandoned_at"], run["steps"]) == ("running", None, {"ingest": "failed"})
+    with psycopg.connect(database_url) as conn:
+        step = conn.execute("SELECT status, error, attempt FROM overnight.run_steps").fetchone()
+    assert step == ("failed", "the source's volume is not mounted", 1)
+
+    history.airflow_task_started(ingest)
+    history.airflow_task_finished(ingest, {"summary": "100 rows", "rows_out": 100})
+    run = dict(freshness.status(settings)["recent_runs"][0])
+    assert (run["status"], run["steps"]) == ("running", {"ingest": "success"})
+
+
+def test_a_blocked_dag_run_run_again_with_its_checks_accepted_ends_a_success(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backfill with reprocess 'failed' clears a blocked dag run and runs its tasks again (with the
+    accept_checks param): the run is running again from its first task and ends as its new steps do."""
+    monkeypatch.setenv("OVERNIGHT_DATABASE_URL", database_url)
+    monkeypatch.setenv("OVERNIGHT_DATA_DIR", str(tmp_path / "var"))
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
+    ingest, publish, online = (task_context(-1, name) for name in ("ingest", "publish", "online"))
+    history.airflow_task_started(ingest)
+    history.airflow_task_finished(ingest, {"summary": "0 rows"})
+    history.airflow_task_started(publish)
+    blocked = MonitoringBlockedError("no events on 2026-11-20", None)
+    # the DAG fails a task that a retry cannot cure at once, with the error as its cause
+    failed_at_once = RuntimeError(str(blocked))
+    failed_at_once.__cause__ = blocked
+    history.airflow_task_failed(publish | {"exception": failed_at_once})
+    history.airflow_task_started(online)
+    history.airflow_task_finished(online, {"summary": "partitions kept"}, ends_run=True)
+    assert dict(freshness.status(settings)["recent_runs"][0])["status"] == "blocked"
+
+    history.airflow_task_started(ingest)  # the dag run, cleared, starts again
+    run = dict(freshness.status(settings)["recent_runs"][0])
+    assert (run["status"], run["error"], run["finished_at"]) == ("running", None, None)
+    for task in (ingest, publish, online):
+        if task is not ingest:
+            history.airflow_task_started(task)
+        history.airflow_task_finished(task, {"summary": "done"}, ends_run=task is online)
+    run = dict(freshness.status(settings)["recent_runs"][0])
+    assert (run["status"], run["steps"]) == (
+        "success",
+        {"ingest": "success", "publish": "success", "online": "success"},
+    )
+
+
 def test_a_cli_run_does_not_start_without_the_connection_that_would_tell_it_abandoned(tmp_path: Path) -> None:
     settings = Settings(database_url="postgresql://postgres@127.0.0.1:1/nowhere", data_dir=tmp_path / "var")
     refused = pytest.raises(DatabaseError, match=r"^run history: could not open the connection that tells a dead run")

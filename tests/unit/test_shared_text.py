@@ -16,7 +16,10 @@ def test_first_line_is_the_first_line_or_the_type_name_cut_at_the_limit() -> Non
 
 def test_first_line_escapes_control_characters_from_names_in_the_message() -> None:
     """A source named with an escape sequence must not reach a terminal, a log or the run history raw."""
-    assert first_line(ValueError("e\x1b[2Jvil.csv: no valid interactions\x07")) == "e\\x1b[2Jvil.csv: no valid interactions\\x07"
+    assert (
+        first_line(ValueError("e\x1b[2Jvil.csv: no valid interactions\x07"))
+        == "e\\x1b[2Jvil.csv: no valid interactions\\x07"
+    )
 
 
 class _Settings(BaseSettings):
