@@ -22,7 +22,7 @@ airflow: sync ## A local Airflow 3 for the DAGs (UI on http://127.0.0.1:8080; th
 # overlap well even on two cores (two took 20.5 min on 2026-12-07, over CI's 20-minute budget).
 TEST_WORKERS ?= 3
 test: sync ## Run every test (unit, integration, end-to-end) against a real Postgres, in TEST_WORKERS processes
-	$(RUN) python -m compileall -q jobs serving console dags
+	$(RUN) python -m compileall -q jobs serving console sql common dags
 	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: sync ## Unit tests only (no services)

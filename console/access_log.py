@@ -8,8 +8,8 @@ import orjson
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.web import UNMATCHED_ROUTE, bounded, loggable_query, logged_method
 from console.auth import client_address
-from sql.web import UNMATCHED_ROUTE, bounded, loggable_query, logged_method
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("overnight.console.access")

@@ -14,12 +14,12 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 
+from common.web import configure_logging, overnight_version, short_keys_warning
 from console.access_log import AccessLog
 from console.auth import LoginThrottle
 from console.dashboard import router as dashboard_router
 from console.service_metrics import SNAPSHOTS_KEPT
 from console.settings import IGNORED_AUTH_VARIABLE, ConsoleSettings, check_auth_configured, get_console_settings
-from sql.web import configure_logging, overnight_version, short_keys_warning
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_netw
 
 from fastapi import Request, Response
 
+from common.web import key_digest
 from console.settings import ConsoleSettings
-from sql.web import key_digest
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from psycopg.rows import dict_row
 
 import sql
+from common.text import first_line, jsonable
 from console.auth import (
     COOKIE,
     authorised,
@@ -32,7 +33,6 @@ from console.auth import (
     without_session,
 )
 from console.service_metrics import scrape, service_figures
-from sql.text import first_line, jsonable
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from sql.text import first_line
+from common.text import first_line
 
 logger = logging.getLogger(__name__)
 

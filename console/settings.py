@@ -11,8 +11,8 @@ from typing import Annotated, Any, Self
 from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from sql.text import settings_error_line
-from sql.web import split_keys
+from common.text import settings_error_line
+from common.web import split_keys
 
 logger = logging.getLogger(__name__)
 

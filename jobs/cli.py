@@ -20,9 +20,9 @@ import pydantic
 import typer
 from typer.core import TyperGroup
 
+from common.text import first_line, jsonable, printable, settings_error_line
 from jobs.errors import OvernightError
 from jobs.settings import Settings, get_settings
-from sql.text import first_line, jsonable, printable, settings_error_line
 
 if TYPE_CHECKING:
     from jobs.dev.demo import Demo

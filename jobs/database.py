@@ -12,9 +12,9 @@ from typing import Any
 import psycopg
 
 import sql
+from common.text import first_line
 from jobs.errors import DatabaseError
 from jobs.settings import Settings
-from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 

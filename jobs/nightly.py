@@ -15,11 +15,11 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from common.text import first_line, printable
 from jobs.errors import BadInputError
 from jobs.monitoring import history
 from jobs.outcome import Outcome, StepResult
 from jobs.settings import Settings
-from sql.text import first_line, printable
 
 logger = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from common.text import jsonable
+from common.web import configure_logging, overnight_version, short_keys_warning
 from serving.auth import ApiKeys, bearer_scheme, bearer_token
 from serving.catalogue import EMPTY_CATALOGUE
 from serving.errors import (
@@ -82,8 +84,6 @@ from serving.schemas import (
 from serving.settings import IGNORED_AUTH_VARIABLE, ServingSettings, check_auth_configured, get_serving_settings
 from serving.variants import CANARY, PRODUCTION
 from sql.contract import MAX_ID_LENGTH
-from sql.text import jsonable
-from sql.web import configure_logging, overnight_version, short_keys_warning
 
 logger = logging.getLogger(__name__)
 

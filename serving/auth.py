@@ -5,8 +5,8 @@ from collections.abc import Iterable
 
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from common.web import key_digest
 from serving.errors import NotAuthenticatedError
-from sql.web import key_digest
 
 # auto_error=False: a missing or malformed header is ours to answer (401 with WWW-Authenticate).
 bearer_scheme = HTTPBearer(auto_error=False, description="One of the keys in OVERNIGHT_API_KEYS.")

@@ -19,10 +19,10 @@ import psycopg
 from psycopg import sql as pgsql
 
 import sql
+from common.text import first_line
 from serving.catalogue import Catalogue, load_catalogue
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION, TrafficSplit, Variant
-from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 

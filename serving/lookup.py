@@ -23,6 +23,8 @@ from psycopg import errors as pgerrors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 import sql
+from common.session import blend_session
+from common.text import first_line
 from serving.catalogue import EMPTY_CATALOGUE, Filter, FilterError
 from serving.errors import (
     DatabaseUnavailableError,
@@ -33,8 +35,7 @@ from serving.errors import (
 from serving.live import LiveBatch, LiveView, Rollout, Table
 from serving.settings import ServingSettings
 from serving.variants import CANARY, PRODUCTION
-from sql.contract import MAX_ID_LENGTH, blend_session, decode_reasons
-from sql.text import first_line
+from sql.contract import MAX_ID_LENGTH, decode_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ class Lookup:
         user_id: str | None = None,
         segment: str | None = None,
     ) -> Answer:
-        """The session's items' neighbour lists blended by `sql.contract.blend_session` (with the user's own
+        """The session's items' neighbour lists blended by `common.session.blend_session` (with the user's own
         list when the batch scored them), leaving out the session's and the excluded items. When no item
         has neighbours, what the user lookup would answer (the segment's or the global fallback for a
         visitor)."""

@@ -28,10 +28,10 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.web import UNMATCHED_ROUTE, bounded, loggable_query, logged_method
 from serving.live import LiveView
 from serving.lookup import SOURCES, Answer, Lookup
 from serving.variants import CANARY, PRODUCTION
-from sql.web import UNMATCHED_ROUTE, bounded, loggable_query, logged_method
 
 access_logger = logging.getLogger("overnight.access")
 

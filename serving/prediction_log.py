@@ -30,7 +30,7 @@ from psycopg import postgres
 from psycopg.adapt import Buffer, Dumper
 
 import sql
-from sql.text import first_line
+from common.text import first_line
 
 logger = logging.getLogger(__name__)
 

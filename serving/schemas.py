@@ -156,7 +156,7 @@ class SessionRequest(BaseModel):
 class SessionRecommendations(BaseModel):
     user_id: str | None = Field(description="The request's user_id, null without one.")
     items: list[RecommendedItem] = Field(
-        description="Blended from the session's items' neighbour lists (sql.contract.blend_session), at most k, "
+        description="Blended from the session's items' neighbour lists (common.session.blend_session), at most k, "
         "the session's and the excluded items left out."
     )
     source: Literal["session", "personalized", "fallback"] = Field(

@@ -6,10 +6,10 @@ from typing import Annotated, Any, Self
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.text import settings_error_line
+from common.web import split_keys
 from serving.errors import ServingConfigError
 from sql.contract import MAX_ID_LENGTH
-from sql.text import settings_error_line
-from sql.web import split_keys
 
 ENV_PREFIX = "OVERNIGHT_"
 # Older releases turned auth off from this variable; now only the --no-auth flag does (see create_open_app).

@@ -27,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 import sql
+from common.text import first_line
 from jobs import diversity, lake, nightly, workdir
 from jobs.database import connect, database_url
 from jobs.errors import BadInputError, DatabaseError, MissingDataError, OvernightError
@@ -35,7 +36,6 @@ from jobs.settings import Settings
 from jobs.steps import train
 from jobs.steps.ranking_metrics import K, novelty, per_user_metrics, ranking_metrics
 from sql.contract import PRODUCTION_VARIANT
-from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 - next item (similar items): each held-out event whose item is new to the user asks, through the item the
   user touched just before it, for that item's published neighbours; the next item is the relevant one.
 - session (anonymous visitors, left out of the neighbour tables): their held-out new items are the relevant
-  ones and the items before them the session, answered by ``sql.contract.blend_session`` as the service
+  ones and the items before them the session, answered by ``common.session.blend_session`` as the service
   answers it, against the global and segment popular lists. Both are scored with ``ranking_metrics``.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 
 import polars as pl
 
+from common.session import SESSION_RECENCY_DECAY, blend_session
 from jobs.settings import Settings
 from jobs.steps import candidates, similar
 from jobs.steps.ranking_metrics import K, ranking_metrics
-from sql.contract import SESSION_RECENCY_DECAY, blend_session
 
 # The service takes at most this many session items by default (OVERNIGHT_MAX_SESSION_ITEMS); the evaluation
 # gives each visitor's latest ones.

@@ -13,7 +13,7 @@ import urllib.request
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from sql.text import jsonable
+from common.text import jsonable
 
 if TYPE_CHECKING:
     from jobs.monitoring.checks import Check

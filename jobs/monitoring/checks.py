@@ -17,8 +17,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 import sql
+from common.text import jsonable
 from jobs.settings import Settings
-from sql.text import jsonable
 
 logger = logging.getLogger(__name__)
 

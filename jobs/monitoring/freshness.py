@@ -9,6 +9,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 import sql
+from common.text import jsonable
 from jobs import registry
 from jobs.batches import running_canary
 from jobs.database import connect, upgrade
@@ -16,7 +17,6 @@ from jobs.errors import StaleBatchError
 from jobs.monitoring import history
 from jobs.outcome import Outcome
 from jobs.settings import Settings
-from sql.text import jsonable
 
 logger = logging.getLogger(__name__)
 

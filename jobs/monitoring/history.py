@@ -24,11 +24,11 @@ import psycopg
 from psycopg.rows import dict_row
 
 import sql
+from common.text import first_line
 from jobs.database import connect, database_url, upgrade
 from jobs.errors import DatabaseError, PublishBlockedError
 from jobs.outcome import Outcome
 from jobs.settings import Settings, get_settings
-from sql.text import first_line
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 from upath import UPath
 
+from common.text import first_line, printable
 from jobs import lake, workdir
 from jobs.errors import BadInputError
 from jobs.outcome import Outcome
@@ -28,7 +29,6 @@ from jobs.settings import MAX_WEIGHT, Settings
 from jobs.steps.feedback_interactions import SOURCE_NAME as FEEDBACK_SOURCE
 from jobs.steps.feedback_interactions import feedback_interactions
 from sql.contract import MAX_ID_LENGTH
-from sql.text import first_line, printable
 
 if TYPE_CHECKING:
     import pyarrow.csv

@@ -1,5 +1,5 @@
 """Session recommendations and segment fallbacks on a real socket against a real Postgres: the blend is
-`sql.contract.blend_session`'s over the published lists, the session's and excluded items stay out, a
+`common.session.blend_session`'s over the published lists, the session's and excluded items stay out, a
 known user's list is blended in, and visitors get their segment's list."""
 
 import struct
@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sql.contract import blend_session
+from common.session import blend_session
 from tests.support.serving import (
     EXTRAS,
     FALLBACK,

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_PACKAGES = ("jobs", "serving", "console", "sql", "dags")
+PROJECT_PACKAGES = ("jobs", "serving", "console", "sql", "common", "dags")
 
 
 @dataclass(frozen=True)

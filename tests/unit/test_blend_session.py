@@ -2,7 +2,7 @@
 
 import random
 
-from sql.contract import SESSION_RECENCY_DECAY, SESSION_USER_WEIGHT, Ranked, blend_session
+from common.session import SESSION_RECENCY_DECAY, SESSION_USER_WEIGHT, Ranked, blend_session
 
 
 def blend_by_definition(

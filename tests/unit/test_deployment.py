@@ -467,7 +467,7 @@ def _stage(dockerfile: str, target: str) -> list[str]:
 def test_each_service_image_holds_its_roles_code_only(target: str, package: str, port: int) -> None:
     stage = _stage((ROOT / "Dockerfile").read_text(), target)
     copied = {word for line in stage if line.startswith("COPY ") for word in line.split()[1:-1]}
-    assert copied == {"pyproject.toml", "uv.lock", "README.md", package, "sql"}
+    assert copied == {"pyproject.toml", "uv.lock", "README.md", package, "sql", "common"}
     assert f'CMD ["python", "-m", "{package}", "--host", "0.0.0.0", "--port", "{port}"]' in stage
     # the project is installed from the folders copied; no entry point is left that needs another role's code
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -479,7 +479,7 @@ def test_each_service_image_holds_its_roles_code_only(target: str, package: str,
 def test_the_airflow_image_holds_no_console_and_no_entry_point_to_it() -> None:
     stage = _stage((ROOT / "Dockerfile").read_text(), "airflow")
     copied = {line.split()[-2] for line in stage if line.startswith("COPY ")}
-    assert {"jobs", "serving", "sql", "dags"} <= copied and "console" not in copied, copied
+    assert {"jobs", "serving", "sql", "common", "dags"} <= copied and "console" not in copied, copied
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     absent = {name for name, target in scripts.items() if target.split(".")[0] not in copied}
     install = next(line for line in stage if line.startswith("RUN pip install") and "/opt/overnight" in line)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
-from sql.text import jsonable
+from common.text import jsonable
 
 
 @dataclass

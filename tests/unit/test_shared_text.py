@@ -1,10 +1,10 @@
-"""The helpers in sql/text.py that the batch side, the lookup service and the console share."""
+"""The helpers in common/text.py that the batch side, the lookup service and the console share."""
 
 import pytest
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sql.text import first_line, settings_error_line
+from common.text import first_line, settings_error_line
 
 
 def test_first_line_is_the_first_line_or_the_type_name_cut_at_the_limit() -> None:

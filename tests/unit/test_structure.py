@@ -102,11 +102,11 @@ def test_the_import_graph_sees_what_loading_a_module_runs() -> None:
         "jobs.kernels",
         "serving.app",
     } <= graph.files.keys()
-    assert {"dags.overnight_freshness", "sql", "sql.text", "console.app"} <= graph.files.keys()
+    assert {"dags.overnight_freshness", "sql", "common.text", "console.app"} <= graph.files.keys()
     at_import = graph.edges(module_level_only=True)
     anywhere = graph.edges()
     # jobs/cli.py imports its settings at the top and each step inside the command that runs it
-    assert {"jobs.settings", "sql.text", "typer"} <= at_import["jobs.cli"]
+    assert {"jobs.settings", "common.text", "typer"} <= at_import["jobs.cli"]
     assert "jobs.steps.train" in anywhere["jobs.cli"] - at_import["jobs.cli"]
     assert "jobs.kernels" in graph.reachable("jobs.cli")
     # `from jobs.monitoring.freshness import as_dict` names the module, not the package
@@ -131,7 +131,7 @@ def test_monitoring_never_reaches_a_step() -> None:
 
 
 def test_the_lookup_service_never_reaches_batch_code_or_the_console() -> None:
-    """Its image holds serving/ and sql/ only: a path to jobs/ or console/, however indirect, is an import
+    """Its image holds serving/, sql/ and common/ only: a path to jobs/ or console/, however indirect, is an import
     error in production."""
     graph = ImportGraph(ROOT)
     service = [m for m in graph.files if _within(m, "serving")]
@@ -164,11 +164,14 @@ def _top_level_names(path: Path) -> set[str]:
 
 
 def test_the_helpers_every_role_shares_are_defined_once() -> None:
-    """sql/text.py and sql/web.py hold what the batch side, the lookup service and the console do alike
+    """common/text.py and common/web.py hold what the batch side, the lookup service and the console do alike
     (one-line errors, JSON-safe values, redacted access-log fields, key lists, ...): a role that writes
     its own copy again (public or private) lets the two drift apart."""
     shared = {
-        name for module in ("text", "web") for name in _top_level_names(ROOT / "sql" / f"{module}.py") if name[0] != "_"
+        name
+        for module in ("text", "web")
+        for name in _top_level_names(ROOT / "common" / f"{module}.py")
+        if name[0] != "_"
     }
     assert {"first_line", "jsonable", "loggable_query", "split_keys", "SECRET_PARAMETERS"} <= shared
     copies = [

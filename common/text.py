@@ -1,9 +1,5 @@
-"""Small helpers every image shares: one-line error text, printable text, JSON-safe values and one-line
-settings errors.
-
-They live under sql/ because the lookup service's and the console's images hold only their own package
-and sql/, and serving/ and console/ never import jobs/. Standard library only: each image loads this.
-"""
+"""One-line and printable error text, JSON-safe values and one-line settings errors, for every role.
+Standard library only."""
 
 import math
 from collections.abc import Mapping, Sequence

@@ -1,9 +1,7 @@
 """What the lookup service and the console do alike over HTTP: bounded access-log fields with secret
 query values redacted, metric labels from fixed sets, API key lists read from settings, key digests,
 logging set up and the package version. One definition each, so the two cannot drift apart.
-
-It lives under sql/ for the reason sql/text.py does: each of the two images holds its own package and
-sql/ only. Standard library only.
+Standard library only.
 """
 
 import hashlib
