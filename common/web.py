@@ -1,12 +1,14 @@
-"""What the lookup service and the console do alike over HTTP: bounded access-log fields with secret
-query values redacted, metric labels from fixed sets, API key lists read from settings, key digests,
-logging set up and the package version. One definition each, so the two cannot drift apart.
+"""What the lookup service and the console do alike over HTTP: bounded access-log fields with the values
+of query parameters the app does not read redacted, metric labels from fixed sets, API key lists read from
+settings, key digests, logging set up and the package version. One definition each, so the two cannot drift apart.
 Standard library only.
 """
 
 import hashlib
 import json
 import logging
+import re
+from collections.abc import Set as AbstractSet
 from importlib import metadata
 from typing import Any
 from urllib.parse import unquote_plus
@@ -18,26 +20,28 @@ OTHER_METHOD = "OTHER"
 UNMATCHED_ROUTE = "unmatched"
 # The access logs' fields that carry what a client sent are cut to this many characters.
 LOGGED_TEXT_CHARS = 512
-# Query parameters whose values are secrets (a dashboard bookmark's `?key=`): logged as REDACTED.
-SECRET_PARAMETERS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password", "secret"})
+# What a query parameter the app does not read is logged as: `name=REDACTED`, or just this without a `=`.
+REDACTED = "REDACTED"
+# `;` separates parameters too for some servers and proxies (and Python's parse_qsl before 3.10).
+_QUERY_SEPARATORS = re.compile(r"([&;])")
 
 
 def logged_method(method: str) -> str:
     return method if method in KNOWN_METHODS else OTHER_METHOD
 
 
-def loggable_query(query_string: bytes) -> str:
-    """The query string as it may be logged: the values of secret parameters replaced by REDACTED."""
+def loggable_query(query_string: bytes, logged: AbstractSet[str]) -> str:
+    """The query string as it may be logged: the values of the parameters named in `logged` (the app's own,
+    none a secret) as sent, every other one's value replaced by REDACTED (the name kept) and a part without
+    a `=` by REDACTED whole. An allowlist: credentials come under any name (`?key=`, `?api-key=`, `?sig=`,
+    `?code=`, ...). `&` and `;` both separate parameters. Pass the result through `bounded`."""
     text = query_string.decode("latin-1")
-    if not text:
-        return text
-    parts = []
-    for part in text.split("&"):
-        name, equals, _ = part.partition("=")
-        if equals and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
-            part = f"{name}=REDACTED"
-        parts.append(part)
-    return "&".join(parts)
+    parts = _QUERY_SEPARATORS.split(text)
+    for index in range(0, len(parts), 2):  # the separators are at the odd indexes
+        name, equals, _ = parts[index].partition("=")
+        if parts[index] and unquote_plus(name) not in logged:
+            parts[index] = f"{name}={REDACTED}" if equals else REDACTED
+    return "".join(parts)
 
 
 def bounded(text: str) -> str:

@@ -1,5 +1,6 @@
 """The console's access log: one JSON line per request, with what a client sent bounded in length and the
-values of secret query parameters (an old bookmark's ``/dashboard?key=...``) replaced by REDACTED."""
+values of the query parameters the console does not read (an old bookmark's ``/dashboard?key=...``, or
+a credential under any other name) replaced by REDACTED."""
 
 import logging
 import time
@@ -13,6 +14,10 @@ from console.auth import client_address
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("overnight.console.access")
+# The query parameters the console reads for what it shows (console.dashboard: the page's and the overview's
+# `date`): the access log writes their values, every other one's REDACTED. Not `key`: the page reads it
+# only to refuse it, and it is a secret.
+LOGGED_QUERY_PARAMETERS = frozenset({"date"})
 
 
 class AccessLog:
@@ -47,7 +52,7 @@ def _log(scope: Scope, status: int, elapsed: float) -> None:
         "ts": time.time(),
         "method": method,
         "path": bounded(scope["path"]),
-        "query": bounded(loggable_query(scope.get("query_string", b""))),
+        "query": bounded(loggable_query(scope.get("query_string", b""), LOGGED_QUERY_PARAMETERS)),
         "route": route,
         "status": status,
         "duration_ms": round(elapsed * 1000, 3),

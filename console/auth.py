@@ -125,10 +125,17 @@ def _trusted(host: str, proxies: Iterable[IPv4Network | IPv6Network]) -> bool:
     return any(address in network for network in proxies)
 
 
+def _list_header(request: Request, name: str) -> str:
+    """All of a list header's lines joined in order, as one line (RFC 7230 section 3.2.2): a proxy may add
+    its own line rather than append to the client's, and `headers.get` reads the first line only, which
+    is the one the client wrote."""
+    return ",".join(request.headers.getlist(name))
+
+
 def over_https(request: Request) -> bool:
     if request.url.scheme == "https":
         return True
-    forwarded = request.headers.get("x-forwarded-proto", "")
+    forwarded = _list_header(request, "x-forwarded-proto")
     # The proxy nearest to us appends last: its word is the one we trust.
     return bool(forwarded) and forwarded.split(",")[-1].strip().lower() == "https" and _proxied(request)
 
@@ -136,22 +143,36 @@ def over_https(request: Request) -> bool:
 def client_address(request: Request) -> str:
     """The client as the trusted proxies saw it (`forwarded_client`), else the peer."""
     peer = request.client.host if request.client else "unknown"
-    forwarded_for = request.headers.get("x-forwarded-for", "")
+    forwarded_for = _list_header(request, "x-forwarded-for")
     return forwarded_client(peer, forwarded_for, settings_of(request).trusted_proxies)
 
 
 def forwarded_client(peer: str, forwarded_for: str, proxies: Sequence[IPv4Network | IPv6Network]) -> str:
     """The client of a request from `peer`: when the peer is one of the trusted `proxies`, the nearest
     X-Forwarded-For hop that is not a trusted proxy itself (each proxy appends the address it was reached
-    from, so the hops left of that one are whatever the client chose to send); else the peer."""
+    from, so the hops left of that one are whatever the client chose to send); else the peer. A hop is its
+    address without a port or IPv6 brackets (`_hop_address`): the client's port changes with each connection."""
     if not _trusted(peer, proxies):
         return peer
-    hops = [hop.strip()[:64] for hop in forwarded_for.split(",") if hop.strip()]
+    hops = [_hop_address(hop)[:64] for hop in forwarded_for.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _trusted(hop, proxies):
             return hop
     # Every hop a trusted proxy: the request started at one of them.
     return hops[0] if hops else peer
+
+
+def _hop_address(hop: str) -> str:
+    """An X-Forwarded-For hop's address: `203.0.113.7:1234` is 203.0.113.7, `[2001:db8::1]:443` and
+    `[2001:db8::1]` are 2001:db8::1; a bare IPv6 address (its colons are no port) or anything else as given."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        inside, bracket, _ = hop[1:].partition("]")
+        return inside.strip() if bracket else hop
+    host, colon, port = hop.rpartition(":")
+    if colon and host and ":" not in host and port.isascii() and port.isdigit():
+        return host
+    return hop
 
 
 class LoginThrottle:

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from common.server import IGNORED_AUTH_VARIABLE, open_app_factory
 from common.text import jsonable
 from common.web import configure_logging, overnight_version, short_keys_warning
 from serving.auth import ApiKeys, bearer_scheme, bearer_token
@@ -81,7 +82,7 @@ from serving.schemas import (
     SimilarItems,
     SimilarItemsRequest,
 )
-from serving.settings import IGNORED_AUTH_VARIABLE, ServingSettings, check_auth_configured, get_serving_settings
+from serving.settings import ServingSettings, check_auth_configured, get_serving_settings
 from serving.variants import CANARY, PRODUCTION
 from sql.contract import MAX_ID_LENGTH
 
@@ -604,7 +605,10 @@ def _query_exclude_set(values: Sequence[str] | None, limit: int) -> frozenset[st
         return frozenset()
     sent = len(values) + sum(value.count(",") for value in values)
     _check_exclude_count(sent, limit, ("query",))
-    return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
+    items = [item for value in values for item in value.split(",")]
+    for item in items:
+        _check_exclude_length(item, ("query", "exclude"))
+    return frozenset(item.strip() for item in items if item.strip())
 
 
 def _body_exclude_set(values: Sequence[str] | None, limit: int) -> frozenset[str]:
@@ -612,12 +616,20 @@ def _body_exclude_set(values: Sequence[str] | None, limit: int) -> frozenset[str
     if not values:
         return frozenset()
     _check_exclude_count(len(values), limit, ("body",))
+    for index, item in enumerate(values):
+        _check_exclude_length(item, ("body", "exclude", index))
     return frozenset(values)
 
 
 def _check_exclude_count(sent: int, limit: int, loc: tuple[str, ...]) -> None:
     if sent > limit:
         raise InvalidRequestError((*loc, "exclude"), f"at most {limit} excluded items, got {sent}")
+
+
+def _check_exclude_length(item: str, loc: tuple[str | int, ...]) -> None:
+    """An excluded id longer than any id can be (the schema's `maxLength`): a 422, as a looked-up id's."""
+    if len(item) > MAX_ID_LENGTH:
+        raise InvalidRequestError(loc, f"excluded item id is longer than {MAX_ID_LENGTH} characters")
 
 
 def _json(document: Any, answers: Answers, lookup: Lookup, request_id: str) -> Response:
@@ -753,11 +765,6 @@ def _admit_body(scope: Scope) -> bool:
     return True
 
 
-def create_open_app() -> FastAPI:
-    """The app without authentication: the factory ``overnight serve --no-auth`` gives its workers."""
-    return create_app(auth_disabled=True)
-
-
 def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool = False) -> FastAPI:
     """The app; with no settings they come from the environment (``uvicorn --factory``)."""
     settings = settings or get_serving_settings()
@@ -868,6 +875,9 @@ def create_app(settings: ServingSettings | None = None, *, auth_disabled: bool =
     return app
 
 
+# The app without authentication: the factory ``overnight serve --no-auth`` gives its workers.
+create_open_app = open_app_factory(create_app)
+
 # Postgres text holds no NUL, so an id with one is refused (422) rather than looked up.
 _NO_NUL = "^[^\\x00]+$"
 
@@ -888,12 +898,13 @@ def declare_limits(
     k_schema = _k_schema(None if production is None else production.k)
     similar_k_schema = _k_schema(None if production is None else production.similar_k or production.k)
     # A query's exclude is comma-separated ids (`_query_exclude_set` counts them); a body's, one id an element.
+    # Either way no excluded id may be longer than an id can be (`_check_exclude_length`).
     query_exclude = {
         "type": "array",
-        "items": {"type": "string", "pattern": "^[^,]*$"},
+        "items": {"type": "string", "maxLength": MAX_ID_LENGTH, "pattern": "^[^,]*$"},
         "maxItems": settings.max_exclude_items,
     }
-    body_exclude = {"items": {"type": "string"}, "maxItems": settings.max_exclude_items}
+    body_exclude = {"items": {"type": "string", "maxLength": MAX_ID_LENGTH}, "maxItems": settings.max_exclude_items}
     filter_schema = _filter_schema(settings, _attributes_of_every_arm(rollout))
     segment = {"type": "string", "maxLength": MAX_ID_LENGTH}
     parameters = {
@@ -914,6 +925,10 @@ def declare_limits(
         },
     }
     for path, schemas_by_name in parameters.items():
+        # No content: the HTTP server answers these itself (uvicorn in plain text, granian with no body).
+        document["paths"][path]["get"]["responses"] |= {
+            str(status): {"description": _LONG_TARGET} for status in (400, 414, 431)
+        }
         for parameter in document["paths"][path]["get"]["parameters"]:
             described = {"description": parameter["schema"].get("description", "")}
             parameter["schema"] = schemas_by_name[parameter["name"]] | described
@@ -947,8 +962,30 @@ def declare_limits(
             if "requestBody" in operation and "422" in operation["responses"]:
                 declared = operation["responses"]["422"]
                 declared["description"] = f"{declared['description'].rstrip('.')}. {_MALFORMED_JSON}"
+            if "requestBody" in operation:
+                operation["requestBody"]["description"] = _body_limit(settings.max_request_bytes)
     return document
 
+
+def _body_limit(max_bytes: int) -> str:
+    """What a request body's description says of the byte limit. The schema cannot state it, and it admits
+    bigger bodies: whitespace is unbounded, and at the default limits a batch of 1,000 user ids and 500
+    excluded ids, each 256 four-byte characters, is 1.5 MB (the limit 1 MiB): so the limit is said to apply."""
+    return (
+        f"At most {max_bytes:,} bytes as sent (OVERNIGHT_MAX_REQUEST_BYTES): a larger body is refused with a 413 "
+        "(reason body_too_large), even one this schema admits."
+    )
+
+
+# A lookup's query may be longer than an HTTP server reads (500 excluded ids of 256 characters each), and the
+# server refuses it before the service sees it: granian (`overnight serve`) with 414 (431 when the request's
+# head is several hundred KiB), uvicorn with 400.
+_LONG_TARGET = (
+    "The path and query as sent (percent-encoded) are longer than the HTTP server takes (64 KiB), which a long "
+    "`exclude` list can make them: 414 under granian (the default; 431 for a request head of several hundred "
+    "KiB), 400 under `--server uvicorn`, without a body. Send such lists in the body of "
+    "POST /v1/recommendations:batch or POST /v1/items:similar."
+)
 
 # FastAPI reads the bodies: text that is not JSON is a validation error (the 400 is for bytes that are
 # not text in an encoding JSON allows).

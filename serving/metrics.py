@@ -34,6 +34,9 @@ from serving.lookup import SOURCES, Answer, Lookup
 from serving.variants import CANARY, PRODUCTION
 
 access_logger = logging.getLogger("overnight.access")
+# The query parameters the lookup service reads (serving.app's lookups: `_lookup_query`): the access log
+# writes their values; every other parameter's is REDACTED, since a credential may come under any name.
+LOGGED_QUERY_PARAMETERS = frozenset({"k", "exclude", "filter", "segment", "user_id", "explain"})
 
 # Lookups take about a millisecond; the upper buckets catch database stalls up to the timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -248,7 +251,7 @@ def _log_access(scope: Scope, method: str, route: str, status: int, elapsed: flo
         "ts": time.time(),
         "method": method,
         "path": bounded(scope["path"]),
-        "query": bounded(loggable_query(scope.get("query_string", b""))),
+        "query": bounded(loggable_query(scope.get("query_string", b""), LOGGED_QUERY_PARAMETERS)),
         "route": route,
         "status": status,
         "duration_ms": round(elapsed * 1000, 3),

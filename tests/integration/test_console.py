@@ -127,6 +127,32 @@ def test_behind_two_trusted_proxies_one_guesser_does_not_lock_out_the_others(dat
         assert _sign_in(console, CONSOLE_KEY, **{"X-Forwarded-For": "198.51.100.2, 10.0.0.1"}).status_code == 303
 
 
+def test_a_made_up_first_header_line_neither_escapes_the_throttle_nor_decides_the_scheme(database_url: str) -> None:
+    """A proxy such as HAProxy adds its own X-Forwarded-For / X-Forwarded-Proto line after the client's:
+    every line counts, in order, so the client's made-up first line is no new client nor a scheme."""
+
+    def sign_in(key: str, headers: list[tuple[str, str]]) -> httpx.Response:
+        return console.anonymous.post(
+            "/dashboard/login", data={"key": key, "next": ""}, headers=headers, follow_redirects=False
+        )
+
+    with running_console(console_settings(database_url, trusted_proxies="127.0.0.1")) as console:
+        statuses = [
+            sign_in("bad", [("X-Forwarded-For", f"7.7.7.{n}"), ("X-Forwarded-For", "3.3.3.3")]).status_code
+            for n in range(8)
+        ]
+        assert statuses == [401] * 5 + [429] * 3
+        # a client the proxy named with a port, a new one each connection: still one client
+        with_ports = [
+            sign_in("bad", [("X-Forwarded-For", f"203.0.113.20:{port}")]).status_code for port in range(40000, 40006)
+        ]
+        assert with_ports == [401] * 5 + [429]
+        https = [("X-Forwarded-Proto", "http"), ("X-Forwarded-Proto", "https")]  # the proxy's line last
+        assert "secure" in sign_in(CONSOLE_KEY, https).headers["set-cookie"].lower()
+        forged = [("X-Forwarded-Proto", "https"), ("X-Forwarded-Proto", "http")]
+        assert "secure" not in sign_in(CONSOLE_KEY, forged).headers["set-cookie"].lower()
+
+
 def test_guessing_bearer_keys_on_the_data_endpoint_is_slowed_down_too(database_url: str) -> None:
     with running_console(console_settings(database_url, trusted_proxies="127.0.0.1")) as console:
         guesser = {"X-Forwarded-For": "203.0.113.8"}
@@ -214,8 +240,12 @@ def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
         console.anonymous.request("PROPFIND", "/healthz")
         console.anonymous.get("/dashboard/" + "x" * 5000)
         console.anonymous.get("/healthz", headers={"X-Forwarded-For": "203.0.113.9"})
+        # a credential may come under any name, after a `;` too: only `date`, which the console reads, is written
+        console.anonymous.get("/dashboard?api-key=s3cret-a&sig=s3cret-b;code=s3cret-c&date=2026-11-20;session=s3cret-d")
+        # the client as the trusted proxy passed it on: whatever it is, a bounded field
+        console.anonymous.get("/healthz", headers={"X-Forwarded-For": "c" * 5000})
         # a line is written once its response is sent: the last one may come a moment after
-        wait_until(lambda: len(_access_lines(caplog)) >= 5)
+        wait_until(lambda: len(_access_lines(caplog)) >= 7)
     messages = _access_lines(caplog)
     entries = [json.loads(message) for message in messages]
     assert not any("s3cret" in message for message in messages)
@@ -225,6 +255,8 @@ def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
     assert all(len(message) < 2000 for message in messages)
     assert entries[3]["path"].endswith("more characters]")
     assert entries[4]["client"] == "203.0.113.9"  # as the trusted proxy saw it
+    assert entries[5]["query"] == "api-key=REDACTED&sig=REDACTED;code=REDACTED&date=2026-11-20;session=REDACTED"
+    assert entries[6]["client"].startswith("ccc") and len(entries[6]["client"]) <= 64
 
 
 def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:

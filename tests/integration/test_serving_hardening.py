@@ -21,12 +21,14 @@ from psycopg import sql as pgsql
 from serving.app import create_app
 from serving.live import WATCHER_APPLICATION_NAME
 from serving.lookup import POOL_APPLICATION_NAME
+from sql.contract import MAX_ID_LENGTH
 from tests.support.commands import OVERNIGHT, free_port, overnight_env, running_service
 from tests.support.serving import (
     API_KEY,
     RECS,
     SWITCH_DEADLINE,
     Publisher,
+    detail_text,
     kill_live_watcher,
     running,
     service_settings,
@@ -110,15 +112,21 @@ def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
             service.anonymous.get("/dashboard", params={"KEY": "s3cret-upper"})
             service.anonymous.request("PROPFIND", "/healthz")  # uvicorn refuses methods it does not know
             service.recs("u" * 5000)
+            # a credential may come under any name: only the parameters the service reads are written
+            names = ("api-key", "x-api-key", "auth", "sig", "session", "code")
+            service.client.get("/v1/users/42/recommendations?" + "&".join(f"{name}=s3cret-{name}" for name in names))
+            service.client.get("/v1/users/42/recommendations?k=3;key=s3cret-after-a-semicolon&exclude=i1")
     messages = [record.getMessage() for record in caplog.records if record.name == "overnight.access"]
     # A line is written once its response is sent: the last /readyz of the wait may come in too.
     entries = [entry for entry in map(json.loads, messages) if entry["route"] != "/readyz"]
     assert not any("s3cret" in message for message in messages)
-    assert entries[0]["query"] == "key=REDACTED&date=2026-11-20"
+    assert entries[0]["query"] == "key=REDACTED&date=REDACTED"  # the service reads no `date`
     assert entries[1]["query"] == "KEY=REDACTED"
     assert entries[2]["method"] == "OTHER"
     assert all(len(message) < 2000 for message in messages)
     assert entries[3]["path"].endswith("more characters]")
+    assert entries[4]["query"] == "&".join(f"{name}=REDACTED" for name in names)
+    assert entries[5]["query"] == "k=3;key=REDACTED&exclude=i1"
 
 
 # ---------------------------------------------------------------------------- the dashboard moved out
@@ -223,6 +231,74 @@ def test_ids_whose_bytes_are_not_utf8_are_refused_naming_the_parameter(database_
         assert replacement.status_code == 200 and replacement.json()["user_id"] == "\ufffd"
 
 
+# ---------------------------------------------------------------------------- the schema tells the truth
+
+EXCLUDING_BODIES = (
+    ("/v1/recommendations:batch", "BatchRecommendationsRequest", {"user_ids": ["42"]}),
+    ("/v1/items:similar", "SimilarItemsRequest", {"item_ids": ["i1"]}),
+    ("/v1/recommendations:session", "SessionRequest", {"items": ["i1"]}),
+)
+
+
+def test_an_excluded_id_longer_than_any_id_is_declared_and_refused_naming_the_field(database_url: str) -> None:
+    Publisher(database_url).publish(RECS)
+    with running(service_settings(database_url)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        document = service.anonymous.get("/openapi.json").json()
+        schemas = document["components"]["schemas"]
+        for _, model, _ in EXCLUDING_BODIES:
+            assert schemas[model]["properties"]["exclude"]["items"]["maxLength"] == MAX_ID_LENGTH, model
+        for path in ("/v1/users/{user_id}/recommendations", "/v1/items/{item_id}/similar"):
+            parameters = {p["name"]: p for p in document["paths"][path]["get"]["parameters"]}
+            assert parameters["exclude"]["schema"]["items"]["maxLength"] == MAX_ID_LENGTH, path
+            # the longest exclude list the schema admits is more than an HTTP server reads in a request line
+            assert {"400", "414", "431"} <= document["paths"][path]["get"]["responses"].keys(), path
+        over_a_request_line = ",".join(["x" * MAX_ID_LENGTH] * 300)  # 77 KB, within every limit stated
+        refused_by_the_server = raw_request(
+            service.base_url, "GET", f"/v1/users/42/recommendations?exclude={over_a_request_line}"
+        )
+        assert refused_by_the_server == 400  # uvicorn's answer (granian's is 414), before the service sees it
+
+        longest, too_long = "x" * MAX_ID_LENGTH, "x" * (MAX_ID_LENGTH + 1)
+        for path, _, body in EXCLUDING_BODIES:
+            assert service.client.post(path, json=body | {"exclude": ["i2", longest]}).status_code == 200, path
+            refused = service.client.post(path, json=body | {"exclude": ["i2", too_long]})
+            assert refused.status_code == 422, (path, refused.text)
+            assert refused.json()["detail"][0]["loc"] == ["body", "exclude", 1], refused.text
+            assert f"longer than {MAX_ID_LENGTH}" in detail_text(refused)
+        for get, looked_up in ((service.recs, "42"), (service.similar, "i1")):
+            assert get(looked_up, exclude=f"i2,{longest}").status_code == 200
+            refused = get(looked_up, exclude=f"i2,{too_long}")
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["detail"][0]["loc"] == ["query", "exclude"], refused.text
+
+
+def test_every_request_body_states_the_byte_limit_the_schema_cannot(database_url: str) -> None:
+    """A body the schema admits may still be over OVERNIGHT_MAX_REQUEST_BYTES: each request body's
+    description says the limit and that it applies all the same, and such a body is the 413 it promises."""
+    Publisher(database_url).publish(RECS)
+    with running(service_settings(database_url, max_request_bytes=4096)) as service:
+        service.wait_for(lambda: service.anonymous.get("/readyz").status_code == 200, within=SWITCH_DEADLINE)
+        document = service.anonymous.get("/openapi.json").json()
+        bodies = {
+            f"{method.upper()} {path}": operation["requestBody"]
+            for path, operations in document["paths"].items()
+            for method, operation in operations.items()
+            if "requestBody" in operation
+        }
+        assert len(bodies) == 4, bodies.keys()  # batch, similar items, session and feedback events
+        for label, request_body in bodies.items():
+            description = request_body.get("description", "")
+            assert (
+                "4,096 bytes" in description and "413" in description and "even one this schema admits" in (description)
+            ), label
+        # 16 excluded ids of 256 characters: within every limit the schema states, over the 4 KiB byte limit.
+        admitted = {"user_ids": ["42"], "exclude": ["x" * MAX_ID_LENGTH] * 16}
+        assert len(json.dumps(admitted)) > 4096
+        refused = service.client.post("/v1/recommendations:batch", json=admitted)
+        assert refused.status_code == 413 and refused.json()["reason"] == "body_too_large"
+
+
 # ---------------------------------------------------------------------------- turning auth off
 
 
@@ -292,8 +368,10 @@ def test_an_unreachable_database_shows_reason_codes_not_driver_text(tmp_path: Pa
 
 
 def test_stale_answers_and_503s_carry_reason_codes_when_the_database_refuses_connections(
-    database_url: str, postgres_admin_url: str
+    database_url: str, postgres_admin_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Callers get a reason code; the driver's words (which name the database) go to the service's log."""
+    caplog.set_level(logging.WARNING)
     publisher = Publisher(database_url)
     publisher.publish(RECS)
     name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
@@ -319,6 +397,8 @@ def test_stale_answers_and_503s_carry_reason_codes_when_the_database_refuses_con
                 ready = service.anonymous.get("/readyz")
                 assert ready.status_code == 503
                 _shows_no_internals(ready.text)
+                logged = [r.getMessage() for r in caplog.records if r.name.startswith("serving")]
+                assert any("not currently accepting connections" in line for line in logged), logged
             finally:
                 admin.execute(pgsql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(pgsql.Identifier(name)))
         service.wait_for(lambda: "X-Stale" not in service.recs("42").headers, within=5)
