@@ -1,11 +1,12 @@
-"""One-line and printable error text, JSON-safe values and one-line settings errors, for every role.
-Standard library only."""
+"""One-line and printable error text, short lists ("a, b, c and 2 more"), JSON-safe values and one-line
+settings errors, for every role. Standard library only."""
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from itertools import islice
 from typing import Any, Literal, Protocol
 
 
@@ -23,6 +24,19 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def some(items: Collection[object], shown: int = 3, *, sentences: bool = False) -> str:
+    """The first `shown` of `items` and how many more, so a message stays one short line: "4", "2 and 4",
+    "0, 3 and 7", "0, 3, 7 and 2 more". Items that are messages of their own (`sentences`) are joined by
+    "; " with the rest in brackets: "no events; 3 users (and 2 more)"."""
+    listed = [str(item) for item in islice(items, max(shown, 0))]
+    rest = len(items) - len(listed)
+    if sentences:
+        return "; ".join(listed) + (f" (and {rest:,} more)" if rest else "")
+    if rest:
+        return f"{', '.join(listed)} and {rest:,} more"
+    return f"{', '.join(listed[:-1])} and {listed[-1]}" if len(listed) > 1 else "".join(listed)
 
 
 def jsonable(value: Any, *, non_finite: Literal["null", "text"] = "null") -> Any:

@@ -14,19 +14,15 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 
+from common.server import IGNORED_AUTH_VARIABLE, open_app_factory
 from common.web import configure_logging, overnight_version, short_keys_warning
 from console.access_log import AccessLog
 from console.auth import LoginThrottle
 from console.dashboard import router as dashboard_router
 from console.service_metrics import SNAPSHOTS_KEPT
-from console.settings import IGNORED_AUTH_VARIABLE, ConsoleSettings, check_auth_configured, get_console_settings
+from console.settings import ConsoleSettings, check_auth_configured, get_console_settings
 
 logger = logging.getLogger(__name__)
-
-
-def create_open_app() -> FastAPI:
-    """The console without sign-in: the factory ``overnight console --no-auth`` gives its workers."""
-    return create_app(auth_disabled=True)
 
 
 def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool = False) -> FastAPI:
@@ -69,6 +65,10 @@ def create_app(settings: ConsoleSettings | None = None, *, auth_disabled: bool =
         return RedirectResponse("/dashboard", status_code=307)
 
     return app
+
+
+# The console without sign-in: the factory ``overnight console --no-auth`` gives its workers.
+create_open_app = open_app_factory(create_app)
 
 
 async def _on_http_error(request: Request, error: Exception) -> Response:

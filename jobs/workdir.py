@@ -16,6 +16,7 @@ from pathlib import Path
 
 from upath import UPath
 
+from common.text import some
 from jobs import storage
 from jobs.errors import MissingDataError
 from jobs.outcome import Outcome
@@ -70,12 +71,6 @@ def ingest_staging(settings: Settings, logical_date: date) -> Path:
 
 def ingest_report_path(settings: Settings, logical_date: date) -> UPath:
     return settings.reports_dir / "ingest" / f"date={logical_date.isoformat()}.json"
-
-
-def _some(numbers: list[int], shown: int = 10) -> str:
-    """At most `shown` of `numbers`, and how many more: an error stays one short line."""
-    listed = ", ".join(str(n) for n in numbers[:shown])
-    return listed if len(numbers) <= shown else f"{listed} and {len(numbers) - shown:,} more"
 
 
 def missing(what: str, logical_date: date, step: str, where: Path | UPath | str) -> MissingDataError:
@@ -163,7 +158,7 @@ def read_manifests(settings: Settings, logical_date: date, model_id: str | None 
     absent = sorted(set(range(shards)) - {m.shard for m in manifests})
     if absent:
         raise MissingDataError(
-            f"scores for {logical_date} are missing {len(absent):,} shard(s) of {shards:,}: {_some(absent)}; "
+            f"scores for {logical_date} are missing {len(absent):,} shard(s) of {shards:,}: {some(absent, 10)}; "
             f"run `overnight score --date {logical_date} --shards {shards} --shard N` for each"
         )
     models = {m.model_id for m in manifests}

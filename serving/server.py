@@ -8,16 +8,17 @@ available for platforms granian does not cover.
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Literal
 
+from common.server import check_listening, run_granian, run_server_main, server_parser
 from serving.errors import ServingConfigError
 from serving.settings import check_auth_configured, get_serving_settings
 
 logger = logging.getLogger(__name__)
 
 APP_FACTORY = "serving.app:create_app"
+DEFAULT_PORT = 8000
 # Workers learn --no-auth from the factory they are told to call: nothing in their environment can say it.
 OPEN_APP_FACTORY = "serving.app:create_open_app"
 Server = Literal["granian", "uvicorn"]
@@ -28,19 +29,13 @@ SERVERS: tuple[Server, ...] = ("granian", "uvicorn")
 # clients with a key can hold body buffers, so 512 x OVERNIGHT_MAX_REQUEST_BYTES (1 MiB) bounds what a
 # worker buffers at 512 MiB, and a few proxies' keep-alive pools still fit.
 CONNECTIONS_PER_WORKER = 512
-# How long a connection may take to send a request's headers, and stay idle between requests (granian
-# applies it to both); a slot held by a silent client is freed after this (granian's default: 30 s).
-HEADER_READ_TIMEOUT_MS = 10_000
 
 
 def serve(
-    host: str = "127.0.0.1", port: int = 8000, workers: int = 1, no_auth: bool = False, server: str = "granian"
+    host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1, no_auth: bool = False, server: str = "granian"
 ) -> None:
     """Serve until interrupted. Raises `ServingConfigError` (one-line message) when it must not start."""
-    if workers < 1:
-        raise ServingConfigError(f"workers must be at least 1, got {workers}")
-    if not 0 <= port <= 65535:
-        raise ServingConfigError(f"port must be between 0 and 65535, got {port}")
+    check_listening(port, workers, ServingConfigError)
     if server not in SERVERS:
         raise ServingConfigError(f"server must be one of {', '.join(SERVERS)}, got {server!r}")
     settings = get_serving_settings()
@@ -48,23 +43,7 @@ def serve(
     factory = OPEN_APP_FACTORY if no_auth else APP_FACTORY
     logger.info("serving on http://%s:%d with %d %s worker(s)", host, port, workers, server)
     if server == "granian":
-        from granian import Granian
-        from granian.constants import Interfaces
-        from granian.http import HTTP1Settings
-
-        Granian(
-            factory,
-            address=host,
-            port=port,
-            interface=Interfaces.ASGI,
-            workers=workers,
-            factory=True,
-            websockets=False,
-            log_access=False,  # our own access log (OVERNIGHT_ACCESS_LOG) knows routes and batches
-            respawn_failed_workers=True,
-            backpressure=CONNECTIONS_PER_WORKER,
-            http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
-        ).serve()
+        run_granian(factory, host=host, port=port, workers=workers, connections_per_worker=CONNECTIONS_PER_WORKER)
     else:
         import uvicorn
 
@@ -82,19 +61,13 @@ def serve(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = server_parser(
         prog="python -m serving",
         description="The overnight lookup service, configured from OVERNIGHT_* variables "
         "(OVERNIGHT_DATABASE_URL, OVERNIGHT_API_KEYS, ...).",
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
-    parser.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
-    parser.add_argument("--workers", type=int, default=1, help="Worker processes (default 1).")
-    parser.add_argument(
-        "--no-auth",
-        action="store_true",
-        help="Serve without API keys: lookups and feedback writes (POST /v1/events) are open to anyone who can "
-        "reach the port (local use only). The only way to turn authentication off.",
+        default_port=DEFAULT_PORT,
+        no_auth_help="Serve without API keys: lookups and feedback writes (POST /v1/events) are open to anyone "
+        "who can reach the port (local use only). The only way to turn authentication off.",
     )
     parser.add_argument(
         "--server", choices=SERVERS, default="granian", help="HTTP server: granian (default, faster) or uvicorn."
@@ -105,11 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m serving``: every failure to start is one line on stderr and exit status 1."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        serve(host=args.host, port=args.port, workers=args.workers, no_auth=args.no_auth, server=args.server)
-    except ServingConfigError as error:
-        print(f"serving: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    run_server_main(
+        "serving",
+        lambda: serve(host=args.host, port=args.port, workers=args.workers, no_auth=args.no_auth, server=args.server),
+        ServingConfigError,
+    )

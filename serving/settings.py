@@ -6,14 +6,11 @@ from typing import Annotated, Any, Self
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.server import ENV_PREFIX, check_keys_configured
 from common.text import settings_error_line
 from common.web import split_keys
 from serving.errors import ServingConfigError
 from sql.contract import MAX_ID_LENGTH
-
-ENV_PREFIX = "OVERNIGHT_"
-# Older releases turned auth off from this variable; now only the --no-auth flag does (see create_open_app).
-IGNORED_AUTH_VARIABLE = f"{ENV_PREFIX}AUTH_DISABLED"
 
 
 def _default_pool_max_size() -> int:
@@ -115,17 +112,10 @@ def get_serving_settings(**overrides: Any) -> ServingSettings:
 
 
 def check_auth_configured(settings: ServingSettings, auth_disabled: bool) -> None:
-    """Refuse to serve an open API by accident: no key is only allowed when auth is disabled explicitly.
-
-    Only `overnight serve --no-auth` disables auth, never the environment: a stray variable left in a
-    deployment must not open the API of a service that has keys configured.
-    """
-    if not settings.api_keys and not auth_disabled:
-        message = f"no API key configured: set {ENV_PREFIX}API_KEYS (comma-separated) or start with --no-auth"
-        if os.environ.get(IGNORED_AUTH_VARIABLE):
-            # Said here, in the one line a refused start prints: a warning logged before it may not be shown.
-            message += f" ({IGNORED_AUTH_VARIABLE} is ignored: only --no-auth turns authentication off)"
-        raise ServingConfigError(message)
+    """Refuse to serve an open API by accident: no key is only allowed with `overnight serve --no-auth`."""
+    check_keys_configured(
+        settings.api_keys, auth_disabled, what="API key", variables=f"{ENV_PREFIX}API_KEYS", error=ServingConfigError
+    )
 
 
 # What a required setting left unset gets said about it.

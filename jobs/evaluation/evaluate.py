@@ -343,7 +343,11 @@ def evaluate(
     results = train.evaluate_models(examples, {train.RANKER: (fitted.booster, list(features.FEATURES))}, settings)
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
     beyond = beyond_accuracy(examples, fitted.booster, catalogue, settings)
-    models = {name: {**_public(results[name]), **beyond[name]} for name in MODEL_ORDER if name in results}
+    models = {
+        name: {**item_quality.public_metrics(results[name], METRIC_KEYS), **beyond[name]}
+        for name in MODEL_ORDER
+        if name in results
+    }
 
     started = time.perf_counter()
     later = held_out_events(events, protocol, test, horizon.days if horizon else horizon_days)
@@ -403,7 +407,3 @@ METRIC_KEYS = (
     "users",
     "candidate_recall",
 )
-
-
-def _public(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {key: metrics[key] for key in METRIC_KEYS}

@@ -28,7 +28,8 @@ CO_VISITATION = "co-visitation"
 POPULAR = "popular"
 SEGMENT_POPULAR = "segment-popular"
 NOT_APPLICABLE = "not_applicable"
-METRIC_KEYS = (f"ndcg@{K}", f"hit_rate@{K}", f"recall@{K}", f"coverage@{K}", "users")
+# What the similar-items and session reports show of `ranking_metrics` (the user protocol's: evaluate.METRIC_KEYS).
+ITEM_METRIC_KEYS = (f"ndcg@{K}", f"hit_rate@{K}", f"recall@{K}", f"coverage@{K}", "users")
 
 
 def next_item_pairs(history: pl.LazyFrame, later: pl.LazyFrame) -> pl.DataFrame:
@@ -71,11 +72,12 @@ def neighbour_answers(pairs: pl.DataFrame, neighbours: pl.DataFrame, k: int = K)
 def next_item_metrics(pairs: pl.DataFrame, neighbours: pl.DataFrame, catalogue_size: int) -> dict[str, Any]:
     """Metrics@10 of ``neighbours`` (``similar.similar_items``' table) at predicting each pair's next item."""
     relevant = pairs.select(pl.col("pair").alias("user_id"), "item_id")
-    return _public(ranking_metrics(neighbour_answers(pairs, neighbours), relevant, catalogue_size))
+    return public_metrics(ranking_metrics(neighbour_answers(pairs, neighbours), relevant, catalogue_size))
 
 
-def _public(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: metrics[key] for key in METRIC_KEYS}
+def public_metrics(metrics: Mapping[str, Any], keys: Sequence[str] = ITEM_METRIC_KEYS) -> dict[str, Any]:
+    """The metrics a report shows, `keys` in their order: `ranking_metrics` measures more."""
+    return {key: metrics[key] for key in keys}
 
 
 @dataclass(frozen=True)
@@ -238,19 +240,19 @@ def session_quality(
     tables = candidates.build_tables(sessions.training, catalogue, sessions.cutoff, settings)
     size, relevant = catalogue.height, sessions.relevant
     models: dict[str, dict[str, Any]] = {
-        name: _public(ranking_metrics(session_answers(sessions.items, neighbours), relevant, size))
+        name: public_metrics(ranking_metrics(session_answers(sessions.items, neighbours), relevant, size))
         for name, neighbours in neighbour_tables(tables, catalogue, settings, similar.DEFAULT_COVISIT_SHARE).items()
     }
     # The whole popular table, deeper than the published fallback: a session may leave out many of its items.
     popular = tables.popular["item_id"].to_list()
-    models[POPULAR] = _public(ranking_metrics(list_answers(sessions.items, popular), relevant, size))
+    models[POPULAR] = public_metrics(ranking_metrics(list_answers(sessions.items, popular), relevant, size))
     if isinstance(segment_popular, str):
         models[SEGMENT_POPULAR] = {NOT_APPLICABLE: segment_popular}
     else:
         own = dict(segment_popular.lists.select("segment", "item_ids").iter_rows())
         list_of = {user_id: own[segment] for user_id, segment in segment_popular.members.iter_rows() if segment in own}
         answers = segment_answers(sessions.items, list_of, popular)
-        models[SEGMENT_POPULAR] = _public(ranking_metrics(answers, relevant, size))
+        models[SEGMENT_POPULAR] = public_metrics(ranking_metrics(answers, relevant, size))
     base = models[POPULAR][f"ndcg@{K}"]
     lift = round(models[BLEND][f"ndcg@{K}"] / base, 4) if base > 0 else None
     return SessionQuality(

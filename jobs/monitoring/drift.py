@@ -20,6 +20,7 @@ import psycopg
 from upath import UPath
 
 import sql
+from common.text import some
 from jobs import lake, registry, workdir
 from jobs.database import connect, upgrade
 from jobs.errors import MissingDataError
@@ -393,9 +394,8 @@ def _retrain_reason(settings: Settings, logical_date: date, drift_checks: list[c
     )
     if not drifted:
         return None
-    listed = ", ".join(f"{name} PSI {value:.3f}" for value, name in drifted[:5])
-    more = f" and {len(drifted) - 5} more" if len(drifted) > 5 else ""
-    return f"feature drift on {logical_date}: {listed}{more} (retrain at PSI >= {limit:g})"
+    listed = some([f"{name} PSI {value:.3f}" for value, name in drifted], 5)
+    return f"feature drift on {logical_date}: {listed} (retrain at PSI >= {limit:g})"
 
 
 def drift_requires_retrain(conn: psycopg.Connection, logical_date: date) -> str | None:

@@ -16,6 +16,7 @@ from datetime import date
 from typing import Any
 
 import sql
+from common.text import some
 from jobs import workdir
 from jobs.database import connect
 from jobs.errors import OvernightError, PublishBlockedError
@@ -123,8 +124,7 @@ def check_batch(
         day = logical_date.isoformat()
         raise MonitoringBlockedError(
             f"batch {batch_id} for {logical_date} blocked by monitoring: "
-            + "; ".join(c["message"] for c in fails[:10])
-            + (f" (and {len(fails) - 10} more)" if len(fails) > 10 else "")
+            + some([c["message"] for c in fails], 10, sentences=True)
             + (f"; see {link}" if link else f"; see `overnight drift --date {day}`")
             + f'; to publish it anyway once looked at: overnight publish --date {day} --accept-checks "why"',
             alerts.fingerprint(logical_date, first["stage"], first["statistic"], "fail"),

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 from upath import UPath
 
-from common.text import first_line, printable
+from common.text import first_line, printable, some
 from jobs import lake, workdir
 from jobs.errors import BadInputError
 from jobs.outcome import Outcome
@@ -736,7 +736,8 @@ def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
         # As before lines were checked one by one: the file's last line of an id is the one kept.
         first = repeated.row(0, named=True)["_id"]
         places = repeated.filter(pl.col("_id") == first)
-        where = _places("line", places[_LINE]) if places[_LINE].null_count() == 0 else _places("row", places["row"])
+        # "lines 2 and 4"; "rows 0, 3, 7 and 2 more" when the lines are not known
+        where = f"lines {some(places[_LINE])}" if places[_LINE].null_count() == 0 else f"rows {some(places['row'])}"
         logger.warning(
             "ingest: %s: %s id %s is on %s (%s ids listed more than once): the last line of each is kept",
             printable(name),
@@ -755,15 +756,6 @@ def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
     )
     rows = good.with_columns(pl.col("_id").alias(id_column)).select(list(columns))
     return TableFile(name, kind, rows, quarantined)
-
-
-def _places(what: str, numbers: pl.Series) -> str:
-    """Where a repeated id is: "lines 2 and 4", "rows 0, 3, 7 and 2 more"."""
-    shown = [str(n) for n in numbers.head(3)]
-    rest = len(numbers) - len(shown)
-    if rest:
-        return f"{what}s {', '.join(shown)} and {rest:,} more"
-    return f"{what}s {', '.join(shown[:-1])} and {shown[-1]}"
 
 
 # ---------------------------------------------------------------- validation

@@ -164,16 +164,24 @@ def _top_level_names(path: Path) -> set[str]:
 
 
 def test_the_helpers_every_role_shares_are_defined_once() -> None:
-    """common/text.py and common/web.py hold what the batch side, the lookup service and the console do alike
-    (one-line errors, JSON-safe values, redacted access-log fields, key lists, ...): a role that writes
-    its own copy again (public or private) lets the two drift apart."""
+    """common/text.py, common/web.py and common/server.py hold what the batch side, the lookup service and the
+    console do alike (one-line errors, short lists, JSON-safe values, redacted access-log fields, key lists, the
+    server's start and its checks, ...): a role that writes its own copy again (public or private) lets the two
+    drift apart."""
     shared = {
         name
-        for module in ("text", "web")
+        for module in ("text", "web", "server")
         for name in _top_level_names(ROOT / "common" / f"{module}.py")
         if name[0] != "_"
     }
-    assert {"first_line", "jsonable", "loggable_query", "split_keys", "SECRET_PARAMETERS"} <= shared
+    assert {"first_line", "some", "jsonable", "loggable_query", "split_keys", "REDACTED"} <= shared
+    assert {
+        "HEADER_READ_TIMEOUT_MS",
+        "IGNORED_AUTH_VARIABLE",
+        "ENV_PREFIX",
+        "run_granian",
+        "open_app_factory",
+    } <= shared
     copies = [
         f"{path.relative_to(ROOT)}: {name}"
         for package in ("jobs", "serving", "console")
