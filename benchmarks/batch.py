@@ -1,5 +1,6 @@
 """The nightly batch at scale, step by step (seconds, CPU, peak memory), against the ceilings of LightGBM's
 bare `predict` and a bare binary COPY measured in the same run; prints JSON. Method: docs/scale.md.
+The steps are `jobs.nightly.STEPS`, in its order: every one a night with a current model runs is timed.
 
     uv run python benchmarks/batch.py --users 1000000 --items 50000 --json batch-1m.json
 """
@@ -27,8 +28,8 @@ from psycopg.conninfo import make_conninfo
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGICAL_DATE = date(2026, 11, 20)
-# The nightly steps a night without retraining runs (jobs.nightly.STEPS' names), each in a child process.
-STEPS = ("ingest", "candidates", "features", "score", "monitor", "publish")
+# The step of jobs.nightly.STEPS that retrains: the measured night has a current model, so the night skips it.
+RETRAINING = "train"
 
 
 def load() -> list[float]:
@@ -77,26 +78,32 @@ def own_peak_rss_mb() -> float:
 
 
 def child_step(step: str, extra: list[str]) -> Any:
-    """One step as the DAG's task runs it (`jobs.nightly`), so what is measured is what a night runs."""
+    """One step as the DAG's task runs it (`jobs.nightly`), so what is measured is what a night runs.
+
+    `extra` is the night's source, then for ``plan`` a sharded step's name, for ``shard`` its name, shard
+    count and shard. A step the night skips answers ``{"skipped": reason}``.
+    """
     from jobs import nightly
     from jobs.settings import get_settings
 
     settings = get_settings()
-    night = nightly.night_of(settings, LOGICAL_DATE, extra[0] if step == "ingest" else None)
-    if step in ("ingest", "candidates", "features", "monitor"):
-        return asdict(nightly.run_step(step, night))  # type: ignore[call-overload]
+    night = nightly.night_of(settings, LOGICAL_DATE, extra[0])
     if step == "plan":
-        return nightly.plan_shards("score", night)
-    if step == "score":
-        return asdict(nightly.run_shard("score", night, int(extra[0]), int(extra[1])))  # type: ignore[call-overload]
-    if step == "publish":
-        result = asdict(nightly.run_step("publish", night))  # type: ignore[call-overload]
-        return {k: v for k, v in result.items() if k != "validation"} | {"validation": result["validation"]}
+        return nightly.plan_shards(extra[1], night)
+    if step == "shard":
+        return asdict(nightly.run_shard(extra[1], night, int(extra[2]), int(extra[3])))  # type: ignore[call-overload]
     if step == "copy-ceiling":
         return copy_ceiling(settings)
     if step == "predict-ceiling":
         return predict_ceiling(settings)
-    raise SystemExit(f"unknown step {step}")
+    if step not in nightly.STEP_BY_NAME:
+        raise SystemExit(f"unknown step {step}")
+    if step == RETRAINING and nightly.STEP_BY_NAME[step].skip(night) is None:
+        raise SystemExit(f"the night of {LOGICAL_DATE} would retrain: the benchmark measures one with a current model")
+    result = nightly.run_step(step, night)
+    if isinstance(result, nightly.Skipped):
+        return {"skipped": result.reason}
+    return asdict(result)  # type: ignore[call-overload]
 
 
 def copy_ceiling(settings: Any) -> dict[str, Any]:
@@ -205,22 +212,33 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     return folder, {**info, "reused": False}
 
 
+def upstream_of(name: str) -> list[str]:
+    """`name` and every step of jobs.nightly.STEPS it waits on, directly or not, in the night's order."""
+    from jobs import nightly
+
+    needed = {name}
+    for step in reversed(nightly.STEPS):
+        if step.name in needed:
+            needed.update(step.upstream)
+    return [step.name for step in nightly.STEPS if step.name in needed]
+
+
 def train_model(args: argparse.Namespace, work: Path, database_url: str) -> dict[str, Any]:
-    """A ranker trained on a sample of users of the same world, copied into the run's data dir."""
+    """A ranker trained on a sample of users of the same world, copied into the run's data dir: the night
+    before's steps up to training (`jobs.nightly.run`, retraining), as `overnight train` runs them."""
+    from jobs import nightly
     from jobs.dev.generate import write_generated
     from jobs.settings import Settings
-    from jobs.steps import candidates, features, ingest, train
+    from jobs.steps.train import TrainResult
 
     source = work / "train-source"
     write_generated(
         source, args.train_users, args.items, args.days, end_date=LOGICAL_DATE, seed=args.seed + 1, progress=log
     )
     settings = Settings(data_dir=work / "train", database_url=database_url, num_boost_round=args.trees)
-    trained_on = LOGICAL_DATE - timedelta(days=1)
-    ingest.ingest(settings, source, trained_on)
-    candidates.prepare(settings, trained_on)  # training's drift reference reads the date's tables, as nightly
-    features.prepare(settings, trained_on)
-    trained = train.train(settings, trained_on)
+    night = nightly.night_of(settings, LOGICAL_DATE - timedelta(days=1), source, retrain=True)
+    trained = nightly.run(night, progress=log, only=upstream_of(RETRAINING)).results[RETRAINING]
+    assert isinstance(trained, TrainResult)
     shutil.copytree(settings.models_dir, work / "var" / "models")
     return {
         "model_id": trained.model_id,
@@ -285,6 +303,8 @@ def main() -> int:
             "OVERNIGHT_NUM_BOOST_ROUND": str(args.trees),
             "OVERNIGHT_POPULAR_CANDIDATES": str(args.popular),
             "OVERNIGHT_COMPILE_RANKER": str(not args.lightgbm_predict).lower(),
+            # a night without retraining: the model trained the day before is current (by default, 1 day is due)
+            "OVERNIGHT_RETRAIN_DAYS": "7",
         }
         report = measure(source, env)
     finally:
@@ -310,35 +330,47 @@ def main() -> int:
     return 0
 
 
-def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
-    steps: dict[str, dict[str, Any]] = {}
-    for step in ("ingest", "candidates", "features"):
-        log(f"{step} ... (load {load()})")
-        steps[step] = run_step(step, [str(source)] if step == "ingest" else [], env)
-        log(f"{step}: {steps[step]['seconds']} s, peak {steps[step]['peak_rss_mb']} MB")
-    shards = len(run_step("plan", [], env)["result"])
+def run_sharded(name: str, source: Path, env: dict[str, str]) -> dict[str, Any]:
+    """A sharded step as the DAG maps it: its plan, then each shard in a child process of its own."""
+    shards = len(run_step("plan", [str(source), name], env)["result"])
     shard_runs = []
     for shard in range(shards):
-        log(f"score shard {shard + 1}/{shards} ... (load {load()})")
-        shard_runs.append(run_step("score", [str(shards), str(shard)], env))
-        log(f"score shard {shard + 1}/{shards}: {shard_runs[-1]['seconds']} s, peak {shard_runs[-1]['peak_rss_mb']} MB")
-    scored = [r["result"] for r in shard_runs]
-    steps["score"] = {
+        log(f"{name} shard {shard + 1}/{shards} ... (load {load()})")
+        shard_runs.append(run_step("shard", [str(source), name, str(shards), str(shard)], env))
+        log(
+            f"{name} shard {shard + 1}/{shards}: {shard_runs[-1]['seconds']} s, peak {shard_runs[-1]['peak_rss_mb']} MB"
+        )
+    return {
         "seconds": round(sum(r["seconds"] for r in shard_runs), 2),
         "cpu_seconds": round(sum(r["cpu_seconds"] for r in shard_runs), 2),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in shard_runs),
         "shards": shards,
         "load_before": shard_runs[0]["load_before"],
         "per_shard": [{k: r[k] for k in ("seconds", "cpu_seconds", "peak_rss_mb", "load_before")} for r in shard_runs],
+        "result": [r["result"] for r in shard_runs],
     }
-    # the DAG's monitor task, before publish (whose monitoring gate reads what it measured)
-    for step in ("monitor", "publish"):
-        log(f"{step} ... (load {load()})")
-        steps[step] = run_step(step, [], env)
-        log(f"{step}: {steps[step]['seconds']} s, peak {steps[step]['peak_rss_mb']} MB")
-    copy = run_step("copy-ceiling", [], env)
-    predict = run_step("predict-ceiling", [], env)
 
+
+def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Every step of jobs.nightly.STEPS in its order, each in a child process (a sharded one shard by shard):
+    those the night runs are timed, those it skips listed with the night's reason."""
+    from jobs import nightly  # loads no data library
+
+    steps: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for step in nightly.STEPS:
+        log(f"{step.name} ... (load {load()})")
+        measured = run_sharded(step.name, source, env) if step.sharded else run_step(step.name, [str(source)], env)
+        if isinstance(measured["result"], dict) and "skipped" in measured["result"]:
+            skipped[step.name] = measured["result"]["skipped"]
+            log(f"{step.name}: skipped, {skipped[step.name]}")
+            continue
+        steps[step.name] = measured
+        log(f"{step.name}: {measured['seconds']} s, peak {measured['peak_rss_mb']} MB")
+    copy = run_step("copy-ceiling", [str(source)], env)
+    predict = run_step("predict-ceiling", [str(source)], env)
+
+    scored = steps["score"]["result"]
     users = sum(r["users"] for r in scored)
     rows = sum(r["candidate_rows"] for r in scored)
     score_seconds = steps["score"]["seconds"]
@@ -346,16 +378,17 @@ def measure(source: Path, env: dict[str, str]) -> dict[str, Any]:
     publish_rate = users / steps["publish"]["seconds"]
     lightgbm = predict["result"]["lightgbm_rows_per_second"]  # the ceiling: LightGBM's bare predict
     steps["publish"]["phases"] = steps["publish"]["result"].get("seconds", {})
-    for step in STEPS:
-        steps[step].pop("result", None)
+    for measured in steps.values():
+        measured.pop("result", None)
     return {
         "users_scored": users,
         "candidate_rows": rows,
         "candidates_per_user": round(rows / users, 1),
         "steps": steps,
-        "night_seconds": round(sum(steps[s]["seconds"] for s in STEPS), 2),
-        "night_cpu_seconds": round(sum(steps[s]["cpu_seconds"] for s in STEPS), 2),
-        "peak_rss_mb": max(steps[s]["peak_rss_mb"] for s in STEPS),
+        "skipped_steps": skipped,
+        "night_seconds": round(sum(s["seconds"] for s in steps.values()), 2),
+        "night_cpu_seconds": round(sum(s["cpu_seconds"] for s in steps.values()), 2),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in steps.values()),
         "users_scored_per_second": round(users / score_seconds),
         "rows_per_second": round(rows / score_seconds),
         "publish_rows_per_second": round(publish_rate),

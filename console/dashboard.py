@@ -52,9 +52,10 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
-# Every named query the dashboard runs: what its database role (migration 0018) must be able to read.
+# Every named query the dashboard runs, all of sql/queries/console.sql and nothing of another file: what its
+# database role (migration 0018) must be able to read.
 QUERIES = (
-    "live_status",
+    "dashboard_live",
     "dashboard_canary",
     "dashboard_runs",
     "dashboard_run_steps",
@@ -63,7 +64,7 @@ QUERIES = (
     "dashboard_checks",
     "dashboard_output_report",
     "dashboard_alerts",
-    "retrain_request_for_date",
+    "dashboard_retrain_request",
 )
 
 
@@ -250,7 +251,7 @@ async def _fetch(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, param
 
 async def read_overview(conn: psycopg.AsyncConnection[dict[str, Any]], day: date | None) -> dict[str, Any]:
     """Everything the page shows but the service panel, focused on `day` (default the newest checked date)."""
-    live = await _fetch(conn, "live_status")
+    live = await _fetch(conn, "dashboard_live")
     canary = await _fetch(conn, "dashboard_canary")
     runs = await _fetch(conn, "dashboard_runs", (RUNS_SHOWN,))
     steps = await _fetch(conn, "dashboard_run_steps", ([r["run_id"] for r in runs],))
@@ -262,7 +263,7 @@ async def read_overview(conn: psycopg.AsyncConnection[dict[str, Any]], day: date
     output = await _fetch(conn, "dashboard_output_report", {"logical_date": day})
     alerts = await _fetch(conn, "dashboard_alerts", (ALERTS_SHOWN,))
     focus = day or (max(c["logical_date"] for c in checks) if checks else None)
-    retrain = await _fetch(conn, "retrain_request_for_date", {"logical_date": focus}) if focus else []
+    retrain = await _fetch(conn, "dashboard_retrain_request", {"logical_date": focus}) if focus else []
     current = live[0] if live else None
     return {
         "generated_at": datetime.now().astimezone(),

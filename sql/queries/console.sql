@@ -1,5 +1,15 @@
--- The operator console's reads (console/dashboard.py QUERIES, with live_status and retrain_request_for_date):
--- it runs them as overnight_console (migration 0018), which may read what they name and nothing else.
+-- The operator console's reads (console/dashboard.py QUERIES), all of them and only here: the console runs
+-- no query of another file, so a change on the batch side never breaks it. It runs them as
+-- overnight_console (migration 0018), which may read what they name and nothing else.
+
+-- name: dashboard_live
+-- The live batch. The same read as status.sql's live_status, copied on purpose (`duplicates` may list the
+-- pair): when the batch side changes its query, the console's and this role's grants need not follow.
+SELECT b.batch_id, b.logical_date, b.model_id, b.status, b.k, b.users_scored, b.active_users,
+       b.generated_at, b.published_at, l.switched_at,
+       extract(epoch FROM now() - b.generated_at) AS age_seconds
+FROM overnight.live AS l
+JOIN overnight.batches AS b USING (batch_id);
 
 -- name: dashboard_runs
 -- A run whose process died reads as abandoned here already, though this read-only role cannot mark it:
@@ -85,3 +95,16 @@ SELECT fingerprint, title, details->>'text' AS text, first_sent_at, last_seen_at
 FROM overnight.alerts
 ORDER BY last_seen_at DESC
 LIMIT %s;
+
+-- name: dashboard_retrain_request
+-- The newest drift request against the model that a date would use (a newer model answers it). The same
+-- read as monitoring.sql's retrain_request_for_date, copied on purpose (`duplicates` lists the pair), as
+-- dashboard_live is.
+SELECT r.reason
+FROM overnight.retrain_requests AS r
+WHERE r.logical_date <= %(logical_date)s
+  AND r.model_id = (SELECT m.model_id FROM overnight.model_versions AS m
+                    WHERE m.status IN ('production', 'retired') AND m.logical_date <= %(logical_date)s
+                    ORDER BY m.logical_date DESC, m.created_at DESC LIMIT 1)
+ORDER BY r.logical_date DESC
+LIMIT 1;
