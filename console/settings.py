@@ -5,21 +5,18 @@ operators with the dashboard keys, and reads the lookup service's figures from i
 """
 
 import logging
-import os
 from typing import Annotated, Any, Self
 
 from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.server import ENV_PREFIX, check_keys_configured
 from common.text import settings_error_line
 from common.web import split_keys
 
 logger = logging.getLogger(__name__)
 
-ENV_PREFIX = "OVERNIGHT_"
 DEFAULT_SERVICE_URL = "http://127.0.0.1:8000"
-# Older releases of the service turned auth off from this variable; only the --no-auth flag does.
-IGNORED_AUTH_VARIABLE = f"{ENV_PREFIX}AUTH_DISABLED"
 
 
 class ConsoleConfigError(Exception):
@@ -135,17 +132,11 @@ def get_console_settings(**overrides: Any) -> ConsoleSettings:
 
 
 def check_auth_configured(settings: ConsoleSettings, auth_disabled: bool) -> None:
-    """Refuse to open the dashboard to anyone by accident: no key is allowed only with ``--no-auth``.
-
-    Only the flag disables auth, never the environment: a stray variable left in a deployment must not
-    open the dashboard of a console that has keys configured.
-    """
-    if not settings.keys and not auth_disabled:
-        message = (
-            f"no key configured: set {ENV_PREFIX}DASHBOARD_KEYS or {ENV_PREFIX}API_KEYS (comma-separated) "
-            "or start with --no-auth"
-        )
-        if os.environ.get(IGNORED_AUTH_VARIABLE):
-            # Said here, in the one line a refused start prints: a warning logged before it may not be shown.
-            message += f" ({IGNORED_AUTH_VARIABLE} is ignored: only --no-auth turns authentication off)"
-        raise ConsoleConfigError(message)
+    """Refuse to open the dashboard to anyone by accident: no key is allowed only with ``--no-auth``."""
+    check_keys_configured(
+        settings.keys,
+        auth_disabled,
+        what="key",
+        variables=f"{ENV_PREFIX}DASHBOARD_KEYS or {ENV_PREFIX}API_KEYS",
+        error=ConsoleConfigError,
+    )

@@ -98,12 +98,15 @@ def fail_the_run() -> None:
 
 
 def _completion_deadline() -> DeadlineAlert | None:
+    """The night must be done ``OVERNIGHT_NIGHTLY_DEADLINE_HOURS`` after its day ends (its logical date is
+    the day's start). Not from DAGRUN_QUEUED_AT: clearing a run with a deadline from when it was queued is
+    a 500 in Airflow 3.3 (apache/airflow#70368), so no one could retry a failed night from the UI."""
     hours = get_settings().nightly_deadline_hours
     if not hours:
         return None
     return DeadlineAlert(
-        reference=DeadlineReference.DAGRUN_QUEUED_AT,
-        interval=timedelta(hours=hours),
+        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
+        interval=timedelta(days=1, hours=hours),
         callback=AsyncCallback("jobs.monitoring.alerts.nightly_deadline_missed"),
     )
 

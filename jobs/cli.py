@@ -48,7 +48,9 @@ class _PlainHelp(TyperGroup):
 
 
 def _typer(**options: Any) -> typer.Typer:
-    return typer.Typer(cls=_PlainHelp, rich_markup_mode=None, **options)
+    return typer.Typer(
+        cls=_PlainHelp, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]}, **options
+    )
 
 
 app = _typer(
@@ -565,6 +567,12 @@ _MOVED_OPTIONS = {
     ("canary", "--stop"): "the canary's options became sub-commands: `overnight canary stop`",
     ("canary", "--refresh"): "the canary's options became sub-commands: `overnight canary refresh`",
     ("canary", "--traffic"): "the canary's options became sub-commands: `overnight canary ramp --traffic T`",
+    **{
+        ("canary", option): f"{option} is an option of a sub-command now: `overnight canary start model M --traffic T"
+        f" {option} X` (see `overnight canary -h`)"
+        for option in ("--date", "--shards", "--salt")
+    },
+    ("canary", "--allow-shrink"): f"only a ramp can lower a running canary's share: `{_RAMP_SHRINK}`",
     # options of one kind of start, or of a ramp
     ("canary start batch", "--date"): "--date goes with a model: `overnight canary start model M --traffic T --date D`",
     (
@@ -1153,8 +1161,8 @@ def main() -> None:
         if isinstance(error, click_errors.NoSuchOption) and error.ctx:
             command = " ".join(error.ctx.command_path.split()[1:])  # without the program's name
             moved = _MOVED_OPTIONS.get((command, error.option_name))
-            if moved:
-                message += f"; {moved}"
+            if moved:  # click's guess among this command's options would mislead: say where it went
+                message = f"No such option: {error.option_name}; {moved}"
         typer.echo(f"overnight: error: {printable(message)}", err=True)
         raise SystemExit(error.exit_code) from None
     except OvernightError as error:  # its text may name a file or hold a value from a source: escaped

@@ -235,7 +235,12 @@ class Settings(BaseSettings):
 
     # scheduling and freshness
     nightly_deadline_hours: float = Field(
-        default=6.0, ge=0.0, description="Alert when a nightly run takes longer than this; 0 turns the alert off."
+        default=6.0,
+        ge=0.0,
+        description=(
+            "Alert when a scheduled nightly run has not finished this many hours after its day ends (when it"
+            " starts, midnight UTC); 0 turns the alert off."
+        ),
     )
     alert_webhook_url: str | None = Field(default=None, description="Generic JSON POST for alerts.")
     max_age_hours: float = Field(

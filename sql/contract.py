@@ -8,7 +8,16 @@ from typing import Final, Literal, get_args
 MAX_ID_LENGTH: Final = 256
 
 # What a batch is for (overnight.batches.kind): the night's lists (served when live), a canary's
-# lists (served to the canary's share of users), or a shadow's (never served).
+# lists (served to the canary's share of users), or a shadow's (never served). The kind says where a batch
+# came from and never changes; its status (overnight.batches.status) says what it is doing now:
+#   kind     statuses it can have
+#   serving  loading -> ready -> live -> retired, failed, dropped; "canary" while a canary serves it (a
+#            published night's batch, `overnight canary start batch B`)
+#   canary   loading -> ready (scored by a canary's model) -> canary while served -> live once promoted,
+#            retired, failed, dropped
+#   shadow   loading -> shadow (validated, never served), failed, dropped
+# So the word canary is a kind (lists a canary's model scored) and a status (any batch a canary serves now),
+# and, as a Variant below, which batch answered a lookup.
 BatchKind = Literal["serving", "canary", "shadow"]
 NIGHTLY_BATCH: Final = "serving"
 CANARY_BATCH: Final = "canary"

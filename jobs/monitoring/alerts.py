@@ -13,7 +13,7 @@ import urllib.request
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from common.text import jsonable
+from common.text import jsonable, some
 
 if TYPE_CHECKING:
     from jobs.monitoring.checks import Check
@@ -107,8 +107,7 @@ def alert_problems(
         send_alert(
             f"overnight {logical_date}: {what}: {statistic} {level}",
             {
-                "text": "; ".join(c.message for c in worst)
-                + (f" (and {len(checks) - 10} more)" if len(checks) > 10 else ""),
+                "text": some([c.message for c in checks], 10, sentences=True),
                 "level": level,
                 "stage": stage,
                 "statistic": statistic,
@@ -161,11 +160,17 @@ def task_failed(context: Any) -> None:
 
 
 async def nightly_deadline_missed(**kwargs: Any) -> None:
-    """Deadline Alert callback (runs in the triggerer) when the nightly run is late."""
+    """Deadline Alert callback (runs in the triggerer) when the nightly run is late. Only a scheduled
+    night can be late: a backfill or manual run of an older date is past its night's deadline from the
+    start."""
     context = kwargs.get("context") or {}
     dag_run = context.get("dag_run") if isinstance(context, dict) else None
+    dag_run = dag_run if isinstance(dag_run, dict) else {}  # the run as the REST API shows it
+    if dag_run.get("run_type", "scheduled") != "scheduled":
+        logger.info("the deadline of a %s run passed: only a scheduled night can be late", dag_run["run_type"])
+        return
     await asyncio.to_thread(
         send_alert,
         "overnight_nightly missed its completion deadline",
-        {"dag_id": "overnight_nightly", "run_id": getattr(dag_run, "run_id", None), **kwargs.get("details", {})},
+        {"dag_id": "overnight_nightly", "run_id": dag_run.get("dag_run_id"), **kwargs.get("details", {})},
     )

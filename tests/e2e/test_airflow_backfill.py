@@ -25,9 +25,9 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from jobs.dev.airflow_local import metadata_database_name
-from jobs.dev.generate import generate, write_dataset
+from jobs.dev.generate import generate
 from tests.support.commands import OVERNIGHT, free_port, overnight_env
-from tests.support.data import MOVIELENS_100K, SAMPLE_DATE
+from tests.support.data import MOVIELENS_100K, SAMPLE_DATE, write_movielens_100k
 from tests.support.databases import create_database, drop_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -85,6 +85,14 @@ def _kept_batches(database_url: str) -> list[tuple[int, Any, str]]:
             "SELECT batch_id, logical_date, status FROM overnight.batches "
             "WHERE status IN ('live', 'ready', 'retired', 'loading') ORDER BY batch_id"
         ).fetchall()
+
+
+def _run_status(database_url: str, dag_run_id: str) -> str | None:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT status FROM overnight.runs WHERE external_id = %s", (f"{DAG_ID}/{dag_run_id}",)
+        ).fetchone()
+    return row[0] if row else None
 
 
 def _live_date(database_url: str) -> Any:
@@ -229,14 +237,15 @@ def _trigger(airflow: RunningAirflow, logical_date: str, source: Path, **params:
 
 def test_a_run_triggered_for_any_past_date_runs_its_tasks(airflow: RunningAirflow, tmp_path: Path) -> None:
     """A manual run (the UI's trigger form, the REST API) of a date long past, as an operator picks it:
-    MovieLens 100K's last day, on MovieLens when it is there, else on generated data ending that day.
+    MovieLens 100K's last day, on MovieLens 100K when it is there (../shared), else on generated data
+    ending that day written as a MovieLens 100K release, read by the same reader.
 
     Last in the file: it adds a 1998 batch, which the tests above do not expect among theirs.
     """
     source = MOVIELENS_100K
     if not (MOVIELENS_100K / "u.data").exists():
         data = generate(users=300, items=120, days=45, end_date=date(1998, 4, 22), seed=11, events_per_user=25)
-        source = write_dataset(data, tmp_path / "source")
+        source = write_movielens_100k(data, tmp_path / "ml-100k")
     airflow.unpause()
     started = time.monotonic()
     run_id = _trigger(airflow, "1998-04-22T00:00:00Z", source)
@@ -255,13 +264,36 @@ def test_a_run_triggered_for_any_past_date_runs_its_tasks(airflow: RunningAirflo
     assert states.get("ingest") == "success", states
     assert date(1998, 4, 22) in [day for _, day, _ in _kept_batches(airflow.database_url)]
 
-    # The day after the data ends has no events: monitoring holds its batch back, and an operator who
-    # looked publishes it anyway through the DAG's accept_checks param, on the record.
-    why = "the source ends on 1998-04-22; an empty day is expected"
-    accepted_run = _trigger(airflow, "1998-04-23T00:00:00Z", source, accept_checks=why)
+    # The day after the data ends has no events: monitoring holds its batch back. The publish task fails
+    # at once (a retry cannot cure it) and the run is blocked in the run history.
+    blocked_run = _trigger(airflow, "1998-04-23T00:00:00Z", source)
     deadline = time.monotonic() + 400
-    while (run := airflow.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{accepted_run}").json())["state"] != "success":
-        assert run["state"] != "failed", airflow.failed_task_logs()
+    while (run := airflow.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{blocked_run}").json())["state"] != "failed":
+        assert run["state"] != "success", run
+        assert time.monotonic() < deadline, run
+        time.sleep(1)
+    listed = airflow.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{blocked_run}/taskInstances").json()
+    publish = next(ti for ti in listed["task_instances"] if ti["task_id"] == "publish")
+    assert (publish["state"], publish["try_number"]) == ("failed", 1), publish
+    assert _run_status(airflow.database_url, blocked_run) == "blocked"
+
+    # An operator who looked publishes it anyway on the record: a backfill of the date that reprocesses
+    # failed runs, with the accept_checks param (a run for the date exists: a new trigger would be a 409).
+    why = "the source ends on 1998-04-22; an empty day is expected"
+    created = airflow.client.post(
+        "/api/v2/backfills",
+        json={
+            "dag_id": DAG_ID,
+            "from_date": "1998-04-23T00:00:00Z",
+            "to_date": "1998-04-23T00:00:00Z",
+            "reprocess_behavior": "failed",
+            "dag_run_conf": {"source": str(source), "accept_checks": why},
+        },
+    )
+    assert created.status_code == 200, created.text
+    deadline = time.monotonic() + 400
+    while (run := airflow.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{blocked_run}").json())["state"] != "success":
+        assert run["state"] != "failed", airflow.failed_task_logs()  # the backfill cleared it when created
         assert time.monotonic() < deadline, run
         time.sleep(1)
     with psycopg.connect(airflow.database_url) as conn:
@@ -269,7 +301,8 @@ def test_a_run_triggered_for_any_past_date_runs_its_tasks(airflow: RunningAirflo
             "SELECT a.reason, b.logical_date, r.external_id FROM overnight.monitor_acceptances AS a"
             " JOIN overnight.batches AS b USING (batch_id) JOIN overnight.runs AS r USING (run_id)"
         ).fetchall()
-    assert accepted == [(why, date(1998, 4, 23), f"{DAG_ID}/{accepted_run}")], accepted
+    assert accepted == [(why, date(1998, 4, 23), f"{DAG_ID}/{blocked_run}")], accepted
+    assert _run_status(airflow.database_url, blocked_run) == "success"
 
     # A date before any start_date Airflow could have had (1970 was ours): its tasks exist and run too.
     old_run = _trigger(airflow, "1969-12-31T00:00:00Z", source)

@@ -6,6 +6,7 @@ and saves a screenshot (dashboard.png) in the test's output folder. Needs Debian
 chromium-driver (`make browser`); in CI (CI set) their absence is a failure, not a skip.
 """
 
+import json
 import os
 import shutil
 import time
@@ -128,6 +129,34 @@ def test_dashboard_draws_every_panel_without_console_errors(
         assert httpx.get(f"{base}/dashboard/static/../settings.py").status_code == 404
         assert httpx.get(f"{service}/dashboard").status_code == 404  # not the lookup service's any more
 
+        # What the runs table must say in words: a run whose process died in train, and the newest night's
+        # batch published with a failing check accepted (as `overnight publish --accept-checks` records it).
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            (dead_run,) = conn.execute(
+                "INSERT INTO overnight.runs (logical_date, trigger, status, abandoned_at)"
+                " VALUES (%s, 'cli', 'abandoned', now()) RETURNING run_id",
+                (SAMPLE_DATE,),
+            ).fetchone()  # type: ignore[misc]
+            conn.execute(
+                "INSERT INTO overnight.run_steps (run_id, step, status, abandoned_at)"
+                " VALUES (%s, 'train', 'abandoned', now())",
+                (dead_run,),
+            )
+            (newest_run, newest_batch) = conn.execute(
+                "SELECT run_id, batch_id FROM overnight.runs WHERE batch_id IS NOT NULL ORDER BY run_id DESC LIMIT 1"
+            ).fetchone()  # type: ignore[misc]
+            conn.execute(
+                "INSERT INTO overnight.monitor_acceptances"
+                " (logical_date, batch_id, run_id, checks, reason, accepted_by)"
+                " VALUES (%s, %s, %s, %s, 'a holiday: low volume expected', 'ops-alice')",
+                (
+                    SAMPLE_DATE,
+                    newest_batch,
+                    newest_run,
+                    json.dumps([{"stage": "input", "statistic": "volume_change", "subject": "interactions"}]),
+                ),
+            )
+
         browser.get(f"{base}/dashboard")
         browser.find_element(By.ID, "key").send_keys(KEY)
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
@@ -142,6 +171,7 @@ def test_dashboard_draws_every_panel_without_console_errors(
             if panel not in ("live", "checks", "online")
         }
         live_cards = browser.find_element(By.ID, "live-cards").text
+        runs_table = browser.find_element(By.ID, "table-runs").text
         online_table = browser.find_element(By.ID, "table-online").text
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
@@ -149,6 +179,9 @@ def test_dashboard_draws_every_panel_without_console_errors(
     print(f"screenshot: {tmp_path / 'dashboard.png'}")
     assert states == dict.fromkeys(PANELS, "ready")
     assert f"#{canary_batch}" in live_cards and "10.0% of users" in live_cards
+    assert f"#{dead_run}" in runs_table and "abandoned in train: the process recording it died (noticed" in runs_table
+    assert f"batch #{newest_batch} published with failing checks accepted (volume_change of interactions)" in runs_table
+    assert "by ops-alice" in runs_table and "“a holiday: low volume expected”" in runs_table
     assert all(model in online_table for model in served_models)
     assert "CTR [95%]" in online_table and f"{today} (partial)" in online_table
     assert all(count >= 1 for count in canvases.values()), canvases

@@ -121,8 +121,12 @@ def test_a_killed_overnight_run_and_its_step_read_as_abandoned_and_the_next_run_
     before_start = datetime.now(UTC)
     overnight(*args, env=env)
     with psycopg.connect(database_url) as conn:
-        first = conn.execute("SELECT status, abandoned_at FROM overnight.runs ORDER BY run_id LIMIT 1").fetchone()
-    assert first is not None and first[0] == "abandoned" and first[1] >= before_start
+        first, second = conn.execute(
+            "SELECT status, abandoned_at, started_at FROM overnight.runs ORDER BY run_id"
+        ).fetchall()
+    assert first[0] == "abandoned" and first[1] >= before_start
+    # noticed when the next run started, before any of its steps (not by a later read, check-freshness's)
+    assert first[1] <= second[2], (first, second)
     stored = stored_statuses(database_url)
     assert [(row[3], row[4], row[5]) for row in stored if row[4] not in ("success", "skipped")][:1] == [
         (killed_in, "abandoned", True)

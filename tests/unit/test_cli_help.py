@@ -104,6 +104,8 @@ def test_the_help_lists_summaries_and_points_to_the_configuration_page(
         ),
         (["canary", "--batch", "5", "--traffic", "0.1"], "`overnight canary start batch B --traffic T`"),
         (["canary", "--model", "M1", "--traffic", "0.1"], "`overnight canary start model M --traffic T`"),
+        (["canary", "--salt", "x", "--batch", "5"], "`overnight canary start model M --traffic T --salt X`"),
+        (["canary", "--allow-shrink", "--traffic", "0.1"], "`overnight canary ramp --traffic T --allow-shrink`"),
     ],
 )
 def test_an_old_canary_form_is_a_usage_error_naming_the_new_one(
@@ -113,6 +115,12 @@ def test_an_old_canary_form_is_a_usage_error_naming_the_new_one(
     assert (code, out) == (2, "")
     [line] = err.strip().splitlines()
     assert line.startswith("overnight: error: ") and now in line, line
+    assert "Possible options" not in line  # click's guess among the group's own options would mislead
+
+
+def test_minus_h_is_help_everywhere(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, "canary", "-h")
+    assert code == 0 and out.startswith("Usage: overnight canary [OPTIONS] COMMAND [ARGS]...")
 
 
 @dataclass(frozen=True)
@@ -145,3 +153,17 @@ def test_the_demo_prints_no_link_with_a_key() -> None:
     assert shown.count("demo-secret") == 3  # printed once, then in each curl's Authorization header
     assert 'curl -H "Authorization: Bearer demo-secret"' in shown
     assert "http://127.0.0.1:8001/dashboard  (sign in with the API key)" in shown
+
+
+def test_no_doc_leads_anyone_to_a_link_with_a_key() -> None:
+    """The docs lead to the console's sign-in form: a URL carrying a key (``?key=``, ``&api_key=``) in the
+    README, docs/, the deployment files or the example environment would put it in browser history and logs."""
+    places = [ROOT / "README.md", ROOT / ".env.example", ROOT / "docker-compose.yml"]
+    places += sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "deploy").rglob("*.*"))
+    linked = [
+        f"{path.relative_to(ROOT)}: {url}"
+        for path in places
+        for url in re.findall(r"https?://\S+|/(?:dashboard|console|v1)\S*", path.read_text())
+        if re.search(r"[?&;](?:api_?|x-api-)?key=(?!\.\.\.)", url, re.IGNORECASE)
+    ]
+    assert len(places) > 10 and not linked, linked
