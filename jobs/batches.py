@@ -139,6 +139,12 @@ def canary_row(conn: psycopg.Connection) -> dict[str, Any] | None:
         return cur.execute(sql.query("canary_state")).fetchone()
 
 
+def live_status(conn: psycopg.Connection) -> dict[str, Any] | None:
+    """The live batch with its date, model, size, active users and age, or None before the first publish."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql.query("live_status")).fetchone()
+
+
 def live_batch_id(conn: psycopg.Connection) -> int | None:
     row = conn.execute(sql.query("live_batch_id")).fetchone()
     return int(row[0]) if row else None

@@ -859,8 +859,8 @@ def online_report(
 @app.command()
 def status(as_json: JsonFlag = False) -> None:
     """Show the live batch, its age and coverage, the production model and the latest batches."""
-    from jobs.monitoring.freshness import render_status
-    from jobs.monitoring.freshness import status as read_status
+    from jobs.monitoring.status import render_status
+    from jobs.monitoring.status import status as read_status
 
     report = read_status(_settings())
     if as_json:

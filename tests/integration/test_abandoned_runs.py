@@ -24,7 +24,7 @@ import pytest
 
 from jobs.database import upgrade
 from jobs.errors import DatabaseError, StaleBatchError
-from jobs.monitoring import freshness, history
+from jobs.monitoring import freshness, history, status
 from jobs.monitoring.gate import MonitoringBlockedError
 from jobs.settings import Settings
 from tests.support.commands import OVERNIGHT, overnight, overnight_env
@@ -211,7 +211,7 @@ def test_an_airflow_task_whose_process_died_is_abandoned_until_its_retry(
     settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
 
     def recent() -> dict[str, Any]:
-        return dict(freshness.status(settings)["recent_runs"][0])
+        return dict(status.status(settings)["recent_runs"][0])
 
     # another shard of the same dag run starts meanwhile, alive in this process
     kill_once_started(TASK_PROCESS, "0", before_kill=lambda: history.airflow_task_started(task_context(1)))
@@ -262,7 +262,7 @@ def test_a_night_blocked_in_airflow_stays_blocked_after_the_online_upkeep_succee
     history.airflow_task_started(online)
     history.airflow_task_finished(online, {"summary": "partitions kept"}, ends_run=True)
 
-    run = dict(freshness.status(settings)["recent_runs"][0])
+    run = dict(status.status(settings)["recent_runs"][0])
     assert (run["status"], run["steps"]) == (
         "blocked",
         {"shadow": "success", "publish": "blocked", "online": "success"},
@@ -286,7 +286,7 @@ def test_an_airflow_attempt_that_fails_with_a_retry_due_is_failed_not_abandoned(
     history.airflow_task_started(ingest)
     history.airflow_task_retrying(ingest | {"exception": OSError("the source's volume is not mounted")})
 
-    run = dict(freshness.status(settings)["recent_runs"][0])  # reading the runs marks abandoned ones
+    run = dict(status.status(settings)["recent_runs"][0])  # reading the runs marks abandoned ones
     assert (run["status"], run["abandoned_at"], run["steps"]) == ("running", None, {"ingest": "failed"})
     with psycopg.connect(database_url) as conn:
         step = conn.execute("SELECT status, error, attempt FROM overnight.run_steps").fetchone()
@@ -294,7 +294,7 @@ def test_an_airflow_attempt_that_fails_with_a_retry_due_is_failed_not_abandoned(
 
     history.airflow_task_started(ingest)
     history.airflow_task_finished(ingest, {"summary": "100 rows", "rows_out": 100})
-    run = dict(freshness.status(settings)["recent_runs"][0])
+    run = dict(status.status(settings)["recent_runs"][0])
     assert (run["status"], run["steps"]) == ("running", {"ingest": "success"})
 
 
@@ -317,16 +317,16 @@ def test_a_blocked_dag_run_run_again_with_its_checks_accepted_ends_a_success(
     history.airflow_task_failed(publish | {"exception": failed_at_once})
     history.airflow_task_started(online)
     history.airflow_task_finished(online, {"summary": "partitions kept"}, ends_run=True)
-    assert dict(freshness.status(settings)["recent_runs"][0])["status"] == "blocked"
+    assert dict(status.status(settings)["recent_runs"][0])["status"] == "blocked"
 
     history.airflow_task_started(ingest)  # the dag run, cleared, starts again
-    run = dict(freshness.status(settings)["recent_runs"][0])
+    run = dict(status.status(settings)["recent_runs"][0])
     assert (run["status"], run["error"], run["finished_at"]) == ("running", None, None)
     for task in (ingest, publish, online):
         if task is not ingest:
             history.airflow_task_started(task)
         history.airflow_task_finished(task, {"summary": "done"}, ends_run=task is online)
-    run = dict(freshness.status(settings)["recent_runs"][0])
+    run = dict(status.status(settings)["recent_runs"][0])
     assert (run["status"], run["steps"]) == (
         "success",
         {"ingest": "success", "publish": "success", "online": "success"},
@@ -382,6 +382,6 @@ def test_a_night_ends_as_its_first_failed_step_whichever_task_reports_last(
     history.airflow_task_failed(publish | {"exception": blocked})
     history.airflow_task_started(online)
     history.airflow_task_failed(online | {"exception": RuntimeError("partition upkeep failed")})
-    run = dict(freshness.status(settings)["recent_runs"][0])
+    run = dict(status.status(settings)["recent_runs"][0])
     assert (run["status"], run["error"]) == ("blocked", str(blocked))
     assert run["steps"] == {"publish": "blocked", "online": "failed"}

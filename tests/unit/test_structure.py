@@ -44,7 +44,8 @@ def test_operator_commands_load_no_model_or_data_library() -> None:
     code = (
         "import runpy, sys\n"
         "import jobs.cli\n"
-        "from jobs.monitoring.freshness import check_freshness, status\n"
+        "from jobs.monitoring.freshness import check_freshness\n"
+        "from jobs.monitoring.status import status\n"
         "from jobs.batches import rollback, canary_status\n"
         "from jobs.rollouts.canary import start_canary, ramp_canary, stop_canary, promote_canary\n"
         f"runpy.run_path({str(ROOT / 'dags' / 'overnight_freshness.py')!r})\n"
@@ -76,6 +77,7 @@ def test_monitoring_loads_no_model_or_jit_compiler() -> None:
 OPERATOR_MODULES = (
     "jobs.cli",
     "jobs.monitoring.freshness",
+    "jobs.monitoring.status",
     "jobs.batches",
     "jobs.rollouts.canary",  # canary start batch, ramp, stop, promote
     "dags.overnight_freshness",
