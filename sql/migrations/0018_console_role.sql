@@ -1,6 +1,6 @@
 -- overnight_console: the group role of the operator console (`overnight console`). It reads what the
--- dashboard shows (the queries of sql/queries/console.sql, with live_status and
--- retrain_request_for_date) and nothing else: no batch table, no online log, no write anywhere.
+-- dashboard shows (the queries of sql/queries/console.sql) and nothing else: no batch table, no online
+-- log, no write anywhere.
 -- A login role for the console joins it:  CREATE ROLE overnight_dash LOGIN PASSWORD '...' IN ROLE overnight_console;
 -- Roles belong to the whole cluster, and other databases may have created this one already (or be
 -- creating it right now), so every statement here can run again.
