@@ -27,7 +27,8 @@ from tests.support.commands import free_port, overnight_env
 from tests.support.dags import DAGS_FOLDER
 from tests.support.data import SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
-from tests.support.object_storage import S3Server, s3_server
+from tests.support.object_storage import S3Server
+from tests.support.object_storage import s3_fixture as s3_fixture  # the `s3` fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -97,12 +98,6 @@ def wait_for(condition, timeout: float, what: str, folder: Path) -> None:  # typ
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout:.0f}s\n{logs(folder)}")
         time.sleep(2)
-
-
-@pytest.fixture
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
 
 
 @pytest.mark.skipif(not redis_answers(), reason=f"no Redis answering at {REDIS[0]}:{REDIS[1]}")

@@ -18,15 +18,10 @@ from tests.support.commands import overnight, overnight_env
 from tests.support.data import SAMPLE_DATE
 from tests.support.databases import create_database, drop_database
 from tests.support.lake_files import assert_a_writer_dying_midway_leaves_the_old_file_alone
-from tests.support.object_storage import S3Server, s3_server
+from tests.support.object_storage import S3Server
+from tests.support.object_storage import s3_fixture as s3_fixture  # the `s3` fixture
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture

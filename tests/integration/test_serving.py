@@ -48,6 +48,7 @@ from tests.support.serving import (
     scores_for,
     service_settings,
 )
+from tests.support.serving import publisher_fixture as publisher_fixture  # the `publisher` fixture
 
 pytestmark = pytest.mark.integration
 
@@ -59,11 +60,6 @@ pytestmark = pytest.mark.integration
 
 
 # ---------------------------------------------------------------------------- the service
-
-
-@pytest.fixture
-def publisher(database_url: str) -> Publisher:
-    return Publisher(database_url)
 
 
 @pytest.fixture

@@ -30,13 +30,9 @@ from tests.support.serving import (
     service_settings,
     similarities_for,
 )
+from tests.support.serving import publisher_fixture as publisher_fixture  # the `publisher` fixture
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def publisher(database_url: str) -> Publisher:
-    return Publisher(database_url)
 
 
 @pytest.fixture

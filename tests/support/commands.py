@@ -16,9 +16,6 @@ import httpx
 OVERNIGHT = Path(sys.executable).with_name("overnight")
 
 
-OVERNIGHT = Path(sys.executable).with_name("overnight")
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2,6 +2,10 @@
 
 The batch side reaches it the way it reaches AWS, MinIO or Ceph: through the standard AWS variables
 (``environment``), with OVERNIGHT_DATA_DIR=s3://bucket/prefix. Each test makes its own bucket.
+
+A test module gets the ``s3`` fixture (one server per module) by importing it:
+``from tests.support.object_storage import s3_fixture as s3_fixture`` (the redundant alias tells ruff the
+import is meant, though only pytest uses it).
 """
 
 import subprocess
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 import s3fs
 
 from tests.support.commands import free_port
@@ -79,3 +84,10 @@ def s3_server(ready_timeout: float = 30) -> Iterator[S3Server]:
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module", name="s3")
+def s3_fixture() -> Iterator[S3Server]:
+    """moto's server for the tests of one module."""
+    with s3_server() as server:
+        yield server

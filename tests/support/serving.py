@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 import uvicorn
 from psycopg.types.json import Jsonb
 
@@ -206,6 +207,13 @@ class Publisher:
         with psycopg.connect(self.url) as conn:
             conn.execute(sql.batch_query("drop_recs_table", batch_id))
             conn.execute(sql.query("mark_batch_dropped"), (batch_id,))
+
+
+@pytest.fixture(name="publisher")
+def publisher_fixture(database_url: str) -> Publisher:
+    """A `Publisher` on the test's database; a test module gets it by importing
+    ``publisher_fixture as publisher_fixture`` (the redundant alias tells ruff the import is meant)."""
+    return Publisher(database_url)
 
 
 def _no_server_errors(response: httpx.Response) -> None:

@@ -16,13 +16,9 @@ from jobs import lake, workdir
 from jobs.errors import BadInputError
 from jobs.settings import Settings
 from jobs.steps.ingest import MAX_WEIGHT, detect_format, ingest, read_source, source_chunks, validate_interactions
+from tests.support.sources import settings_for, write_bytes
 
 DAY = date(2026, 11, 20)
-
-
-def settings_for(tmp_path: Path, **overrides: object) -> Settings:
-    """A source's own validation and merge: no database, so no feedback events."""
-    return Settings(data_dir=tmp_path / "var", ingest_feedback=False, **overrides)  # type: ignore[arg-type]
 
 
 def write_csv(folder: Path, text: str, name: str = "interactions.csv") -> Path:
@@ -342,13 +338,6 @@ HEADER = b"user_id,item_id,timestamp,rating\n"
 
 def good_lines(count: int, start: int = 0) -> bytes:
     return b"".join(f"u{n},i{n % 11},2026-11-10T12:00:00Z,3\n".encode() for n in range(start, start + count))
-
-
-def write_bytes(folder: Path, content: bytes, name: str = "interactions.csv") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_bytes(content)
-    return path
 
 
 def test_an_undecodable_line_is_quarantined_not_the_whole_file(tmp_path: Path) -> None:

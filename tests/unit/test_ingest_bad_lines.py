@@ -10,21 +10,10 @@ import pytest
 
 from jobs import lake
 from jobs.errors import BadInputError
-from jobs.settings import Settings
 from jobs.steps.ingest import ingest, read_source, validate_interactions
+from tests.support.sources import settings_for, write_bytes
 
 DAY = date(2026, 11, 20)
-
-
-def settings_for(tmp_path: Path, **overrides: object) -> Settings:
-    return Settings(data_dir=tmp_path / "var", ingest_feedback=False, **overrides)  # type: ignore[arg-type]
-
-
-def write_bytes(folder: Path, content: bytes, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_bytes(content)
-    return path
 
 
 def interactions(count: int = 40) -> bytes:
