@@ -1,7 +1,6 @@
-"""What the lookup service and the console do alike to start: refuse to run without keys unless told
-``--no-auth``, the factory that tells workers so, the checks of where to listen, granian with its limits,
-and the ``python -m <role>`` command line. Each role's server.py keeps only its app, port and settings.
-Standard library only at import: granian is imported when a server starts.
+"""What the lookup service and the console do alike to start (each role's server.py keeps only its app, port and
+settings): refuse to run without keys unless told ``--no-auth``, the checks of where to listen, granian with its
+limits, and the ``python -m <role>`` command line. Standard library only at import: granian is imported at start.
 """
 
 import argparse

@@ -1,7 +1,6 @@
-"""What the lookup service and the console do alike over HTTP: bounded access-log fields with the values
-of query parameters the app does not read redacted, metric labels from fixed sets, API key lists read from
-settings, key digests, logging set up and the package version. One definition each, so the two cannot drift apart.
-Standard library only.
+"""What the lookup service and the console do alike over HTTP, defined once so the two cannot drift apart: access-log
+fields, metric labels from fixed sets, API key lists and digests, logging set up and the package version. Standard
+library only.
 """
 
 import hashlib

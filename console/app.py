@@ -1,7 +1,5 @@
-"""The operator console's HTTP app: the dashboard router, a health check, and the access log.
-
-`granian --factory console.app:create_app` (what `overnight console` and ``python -m console`` run)
-builds one app per worker from the environment.
+"""The operator console's HTTP app: the dashboard router, a health check, and the access log. `granian --factory
+console.app:create_app` (what `overnight console` and ``python -m console`` run) builds one per worker.
 """
 
 import logging

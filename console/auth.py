@@ -1,9 +1,6 @@
-"""Who may open the dashboard: signed session cookies, keys in constant time, a sign-in throttle, and
-which proxies are believed about the client's address and scheme.
-
-A browser cannot send a bearer header when it navigates, so an operator signs in once with a key and
-keeps a signed, HttpOnly, SameSite=Strict cookie for 12 hours; the JSON endpoint also takes
-``Authorization: Bearer <key>``, for scripts. The keys are OVERNIGHT_DASHBOARD_KEYS, or the API keys.
+"""Who may open the dashboard: signed session cookies (a browser cannot send a bearer header when it navigates),
+bearer keys for scripts, compared in constant time, a sign-in throttle, and which proxies are believed about the
+client's address and scheme (docs/monitoring.md#the-dashboard).
 """
 
 import hashlib

@@ -1,10 +1,5 @@
-"""The monitoring dashboard at ``/dashboard``: one page, its assets, and one JSON endpoint behind it.
-
-It reads the batch side's records (what is live and the canary, runs, models and their online numbers per
-day, monitoring checks and reports, alerts) through the named queries of ``sql/queries/console.sql``, and
-the lookup service's figures from its ``/metrics``. The charts are drawn by Apache ECharts, vendored under
-``console/static/vendor`` so the page works offline. Sign-in: `console.auth`; a key in the address
-(``/dashboard?key=...``) is never taken. ``--no-auth`` opens it.
+"""The monitoring dashboard at ``/dashboard``: one page, its assets, and one JSON endpoint behind it, reading the
+batch side's records through ``sql/queries/console.sql`` and the lookup service's ``/metrics``. Sign-in: `console.auth`.
 """
 
 import asyncio
@@ -39,6 +34,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
 STATIC = Path(__file__).with_name("static")
+# The charts are Apache ECharts, vendored under static/vendor so that the page works offline.
 ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",

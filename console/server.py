@@ -1,8 +1,6 @@
-"""Run the operator console under granian: `overnight console`, ``python -m console`` and the console
-image call `serve()`; `main()` is the entry point without the batch side's CLI.
-
-Configuration is checked before the server starts, so a bad setup fails with one line instead of a
-traceback per worker.
+"""Run the operator console under granian: `overnight console`, ``python -m console`` and the console image call
+`serve()`; `main()` is the entry point without the batch side's CLI. Configuration is checked before the server
+starts, so a bad setup fails with one line instead of a traceback per worker.
 """
 
 import argparse

@@ -1,10 +1,5 @@
-"""The dashboard's service panel: the lookup service's traffic, latency and errors, read from its
-``/metrics`` over HTTP (the console shares no process and no code with the service).
-
-Each read is also kept as a snapshot, so the page's refreshes build a short history of rates. A rate
-is only taken between two snapshots of the same processes (``process_start_time_seconds``): behind a
-proxy or with several workers, consecutive reads may come from different workers, and a restarted
-worker starts its counters again.
+"""The dashboard's service panel: the lookup service's traffic, latency and errors, read from its ``/metrics`` over
+HTTP (the console shares no process and no code with the service), each read kept as a snapshot for a history of rates.
 """
 
 import asyncio
@@ -164,6 +159,9 @@ def service_figures(
     return figures
 
 
+# A rate is only taken between two snapshots of the same processes (``process_start_time_seconds``): behind a proxy
+# or with several workers, consecutive reads may come from different workers, and a restarted worker starts its
+# counters again.
 def _rates(history: deque[dict[str, Any]]) -> list[dict[str, Any]]:
     """A point per snapshot: the rates since the previous snapshot of the same processes."""
     series = []

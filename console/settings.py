@@ -1,8 +1,7 @@
 """The operator console's configuration: every ``OVERNIGHT_*`` variable the dashboard process reads.
 
-The console reads the batch side's records with its own read-only role (migration 0018), signs in
-operators with the dashboard keys, and reads the lookup service's figures from its ``/metrics``.
-"""
+It reads the batch side's records with its own read-only role, signs operators in with the dashboard keys, and
+reads the lookup service's figures from its ``/metrics``."""
 
 import logging
 from typing import Annotated, Any, Self

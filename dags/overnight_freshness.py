@@ -1,9 +1,7 @@
 """overnight_freshness: every hour, check what is actually served; fail (and so alert) when stale.
 
-The task fails with the reason (age past OVERNIGHT_MAX_AGE_HOURS, coverage below
-OVERNIGHT_MIN_COVERAGE, a missing or short table) and the failure callback posts it to
-OVERNIGHT_ALERT_WEBHOOK_URL when that is set.
-"""
+The task fails with the reason (age past OVERNIGHT_MAX_AGE_HOURS, coverage below OVERNIGHT_MIN_COVERAGE, a missing
+or short table), and the failure callback posts it to OVERNIGHT_ALERT_WEBHOOK_URL when that is set."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """overnight_nightly: the tasks of `jobs.nightly.STEPS`, the same steps `overnight run` runs in order.
 
-Wiring only: each task runs one step of ``jobs.nightly`` and returns the step's outcome; heavy libraries are
-imported inside the tasks, never when the scheduler parses this file. The params (``source``,
-``source_format``, ``shards``, ``publish_live``, ``shadow_model``, ``accept_checks``) are described in
-docs/airflow.md#params.
+Each task runs one step and returns its outcome; `watcher` fails the run when a step failed or was blocked. The
+params (``source``, ``source_format``, ``shards``, ``publish_live``, ``shadow_model``, ``accept_checks``) are
+described in docs/airflow.md#params.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetabl
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.task.trigger_rule import TriggerRule
 
+# Wiring only: jobs.nightly loads no data library, so heavy libraries are imported inside the tasks, never when the
+# scheduler parses this file.
 from jobs import nightly
 from jobs.errors import worth_retrying
 from jobs.monitoring.alerts import task_failed

@@ -1,8 +1,6 @@
-"""Published batches as Postgres holds them: what is live, the canary beside it, and the few writes that
-need no scoring: switching the live pointer, rolling back, dropping a batch's table.
-
-Operator commands (status, check-freshness, rollback) and the freshness DAG come here, never to a step
-module, so they load no data or model library.
+"""Published batches as Postgres holds them: what is live, the canary beside it, and the few writes that need no
+scoring (switching the live pointer, rolling back, dropping a batch's table). Operator commands and the freshness
+DAG come here, never to a step module, so they load no data or model library.
 """
 
 import logging

@@ -1,10 +1,5 @@
-"""Postgres binary COPY of (user_id text, item_ids text[], scores real[]) rows (with their reasons,
-reason_codes bytea and reason_refs text[]), encoded column-wise, and of rows of plain text, real and
-jsonb fields (a batch's item attributes and users' segments).
-
-A whole block of rows becomes one COPY body with Arrow's C++ string kernels, not one Python call per row
-(psycopg's ``write_row``): each element is its 4-byte length joined to its bytes, each row's elements are
-joined into its array, and each row's fields to their length prefixes, element-wise over all rows.
+"""Postgres binary COPY bodies of a batch's rows: (key, item_ids, scores[, reasons]) and rows of plain text, real
+and jsonb fields, encoded column-wise with Arrow's string kernels, not one Python call per row (``write_row``).
 """
 
 from collections.abc import Mapping
@@ -29,6 +24,9 @@ class EncodingError(ValueError):
     """Rows that the recs table's ``NOT NULL`` columns could not take."""
 
 
+# A whole block of rows becomes one COPY body, element-wise over all rows: each element is its 4-byte length
+# joined to its bytes, each row's elements are joined into its array, and each row's fields to their length
+# prefixes.
 def _fixed(values: np.ndarray) -> pa.Array:
     """One binary value per row of ``values`` (a 2-D uint8 array): its bytes."""
     width = values.shape[1]

@@ -1,13 +1,8 @@
-"""Diversity of the published lists: item similarity from the catalogue, and an MMR re-ranking.
-
-Two items are as similar as the Jaccard index of their tokens (genres and the catalogue's text attributes,
-as ``name=value``): no events needed, so it is the same for every model and night. The re-ranking is maximal
-marginal relevance over each user's best ``POOL_FACTOR`` x k candidates, with the *mean* similarity to the
-items already taken in place of MMR's usual maximum (why: docs/evaluation.md#diversity); strength 0 is the
-ranker's order. Monitoring and scoring both use this module, so it imports only numpy and polars; the
-re-ranking's kernel is ``jobs.kernels.mmr_positions``.
+"""Diversity of the published lists: item similarity from the catalogue (the Jaccard index of items' tokens), and
+an MMR re-ranking with the mean, not the maximum, similarity to the items taken (docs/evaluation.md#diversity).
 """
 
+# Monitoring and scoring both use this module, so it imports only numpy and polars (the kernel: in `rerank`).
 import numpy as np
 import polars as pl
 

@@ -1,10 +1,8 @@
-"""What each event type means (``OVERNIGHT_EVENT_WEIGHTS``, ``Settings.event_weights``): the weight of an
-event in the candidate signals, and the graded relevance of the ranker's labels and of the evaluation's
-graded NDCG. A leaf (it takes the weights, not the settings): steps low in the import chain use it.
-
-Without the setting every event weighs 1 and relevance is binary: the behaviour before event types.
+"""What each event type means (``OVERNIGHT_EVENT_WEIGHTS``): an event's weight in the candidate signals, and the
+graded relevance of the ranker's labels and of graded NDCG; without the setting every event weighs 1 (binary).
 """
 
+# A leaf, taking the weights rather than the settings, so that steps low in the import chain can use it.
 from typing import TypeVar
 
 import polars as pl

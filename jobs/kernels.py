@@ -1,11 +1,6 @@
-"""Per-user and per-item sums that polars would materialise as joins and group-bys first, compiled with numba.
-
-``top_neighbours`` (the knn and co-visitation sums over each user's latest items), ``merge_sources`` (the four
-sources' lists in one, genre and popular computed on the way), ``genre_affinity``, ``top_rows`` (each user's
-top k), ``item_similarity`` and ``covisitation`` (the item tables, never holding the pairs) and ``mmr_positions``
-(the diversity re-ranking). They work in scratch arrays indexed by item code, on all cores, and equal the
-polars formulations: float64 sums rounded to 6 decimals, the same ranks and tie-breaks (``_key``); only each
-user's winners are sorted. Why: docs/scale.md#throughput. Compiled once and cached beside this file.
+"""Per-user and per-item sums that polars would materialise as joins and group-bys first, compiled with numba (why:
+docs/scale.md#throughput). Each equals its polars formulation: float64 sums rounded to 6 decimals, the same ranks
+and tie-breaks (``_key``).
 """
 
 from datetime import datetime

@@ -1,11 +1,6 @@
-"""The lake: where validated data lives and how to read it as of a logical date.
-
-Under ``OVERNIGHT_DATA_DIR/lake`` (a local folder or an object-storage prefix, ``jobs.storage``):
-``interactions/event_date=D/`` (one partition per event day), ``items/date=D/`` and ``users/date=D/`` (the
-catalogue and the user attributes per logical date) and ``quarantine/date=D/`` (rejected rows with their
-reason). Reading "as of D" sees only events with ``timestamp < D + 1 day``, so nothing of the future leaks into
-a backfill. Partitions are by event time: an event ingested late (``jobs.steps.feedback_interactions``) joins
-its own day's.
+"""The lake (``OVERNIGHT_DATA_DIR/lake``: ``interactions/event_date=D/``, ``items/``, ``users/`` and ``quarantine/``
+``date=D/``) and how to read it as of a logical date D: only events with ``timestamp < D + 1 day``, so nothing of
+the future leaks into a backfill.
 """
 
 import fcntl
@@ -60,6 +55,7 @@ def interactions_dir(lake_dir: UPath) -> UPath:
     return lake_dir / "interactions"
 
 
+# Partitions are by event time: an event ingested late (``jobs.steps.feedback_interactions``) joins its own day's.
 def partition_path(lake_dir: UPath, event_date: date) -> UPath:
     return interactions_dir(lake_dir) / f"event_date={event_date.isoformat()}" / "part-0.parquet"
 

@@ -1,10 +1,6 @@
-"""The nightly graph: one list of steps, `STEPS`. The Airflow DAG builds its tasks from it and
-`overnight run` runs it in order, so the two cannot drift apart.
-
-Each step is a name, a function of the night, the steps it waits for, and when it runs: `skip` says why
-a night goes without it, `even_after_failure` that it runs after an earlier step failed (the online
-tables' upkeep). Every function returns a result whose `outcome()` the run history records. Importing this
-module loads no data library, so the DAG file stays light for the scheduler that parses it.
+"""The nightly graph: one list of steps, `STEPS`. The Airflow DAG builds its tasks from it and `overnight run` runs
+it in order, so the two cannot drift apart. Importing this module loads no data library, so the DAG file stays
+light for the scheduler that parses it.
 """
 
 import logging

@@ -1,11 +1,6 @@
-"""The ranker as scoring runs it: compiled to native code, or LightGBM's own ``predict`` where it cannot be.
-
-tl2cgen (with treelite, which reads LightGBM's model file) turns every tree into nested C ``if``s that gcc
-compiles into a shared library, with the same scores as LightGBM's ``predict`` (why: docs/scale.md#throughput).
-It is compiled once per model and cached beside the model file, named by the model's sha256, the compiler's
-version and the machine's architecture and checked against recorded digests: a cache that does not match is
-compiled again, never loaded. Without a C compiler, for a model tl2cgen cannot read or with ``compile_ranker``
-off, scoring uses LightGBM's ``predict``, with a warning. Imported lazily: these libraries load native code.
+"""The ranker as scoring runs it: compiled to native code by tl2cgen and gcc, with LightGBM's scores (why:
+docs/scale.md#throughput), or LightGBM's own ``predict`` where it cannot be. Imported lazily: these libraries load
+native code.
 """
 
 import contextlib
@@ -88,6 +83,7 @@ def cache_paths(model_file: Path, sha256: str) -> tuple[Path, Path]:
     return model_file.with_name(f"{stem}.so"), model_file.with_name(f"{stem}.json")
 
 
+# A cached library that does not match its recorded digests is compiled again, never loaded.
 def cached_library(model_file: Path, sha256: str) -> Path | None:
     """The cached library when its record names this model and the library's digest matches it."""
     library, record_path = cache_paths(model_file, sha256)

@@ -1,10 +1,6 @@
-"""Where OVERNIGHT_DATA_DIR lives: a local folder, or a prefix in an S3-compatible bucket.
-
-Both are a ``UPath`` (universal_pathlib, over s3fs for ``s3://``), so ``/``, ``exists``, ``glob``, ``open`` and
-``unlink`` read the same in the steps; credentials and the endpoint come from the usual AWS variables. polars
-and pyarrow take a path on object storage as text, ``str(path)``, and read it with their own client. What has
-to be a file on this machine (a model LightGBM loads, its compiled library, scratch folders) lives under
-``Settings.machine_dir``. Setup and atomic writes: docs/operations.md#the-data-folder-on-object-storage.
+"""Where OVERNIGHT_DATA_DIR lives: a local folder, or a prefix in an S3-compatible bucket, both a ``UPath`` that the
+steps use alike (docs/operations.md#the-data-folder-on-object-storage); polars and pyarrow take one as ``str(path)``.
+What has to be a file on this machine (a model LightGBM loads, scratch folders) lives under ``Settings.machine_dir``.
 """
 
 import tempfile

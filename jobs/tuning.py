@@ -1,11 +1,6 @@
-"""The retrain's parameter search: the ranker's and the candidate generators' settings, within a time budget.
-
-With ``tune_budget_minutes`` set, a retrain first searches (``jobs.steps.train.tune``): each trial builds the
-training users' candidates and features with its settings, trains on the older label windows and is scored by
-NDCG@10 on the newest, on training users only (the gate's held-out users are never seen). The sampler is
-Optuna's TPE; the first trial is the production model's settings, so a search never ends worse than what serves
-today. Every trial is recorded in ``overnight.tuning_trials``; the model keeps the best settings, which every
-night it scores applies (:func:`jobs.registry.tuned_settings`). Details: docs/evaluation.md#tuning.
+"""The retrain's parameter search: the ranker's and the candidate generators' settings, within a time budget
+(``tune_budget_minutes``), by Optuna's TPE on training users only, starting from the production model's settings
+(docs/evaluation.md#tuning).
 """
 
 import logging

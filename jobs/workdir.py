@@ -1,11 +1,6 @@
-"""Where a date's work files live, and what a step finds there or is told to make first.
-
-One folder per logical date under ``OVERNIGHT_DATA_DIR/work/``: the item tables the candidates and features
-steps share with scoring, what the candidates step makes for publish (``BATCH_EXTRAS``), the date's users, the
-score shards with their manifests (a folder per chosen model besides production's), the drift sample and
-ingest's staging. A step that finds its input missing fails with one line naming the step to run; only the
-nightly runner (``jobs.nightly``) decides what to (re)compute. On object storage (``jobs.storage``) the
-scratch folders (ingest's staging, one-off jobs') stay on this machine's ``LOCAL_DIR``.
+"""Where a date's work files live (a folder per logical date under ``OVERNIGHT_DATA_DIR/work/``), and what a step
+finds there or is told to make first: a missing input fails with one line naming the step to run; only the nightly
+runner (``jobs.nightly``) decides what to (re)compute.
 """
 
 import json

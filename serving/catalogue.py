@@ -1,10 +1,5 @@
-"""A batch's catalogue as the service holds it in memory, and the `filter=` grammar over it.
-
-The catalogue (the batch's ``items`` table: each item's popularity and attributes) and its segments'
-popular lists are read once when a batch starts being served and kept while it is served: filters,
-unknown items' fallbacks and filtered fills are then answered without a database trip. Attributes are
-held as an inverted index (attribute, value) -> items; a filter's terms are folded into one set when it
-is compiled, so whether an item passes is one set lookup however many terms the filter has.
+"""A batch's catalogue (its items' popularity and attributes, its segments' popular lists) as the service holds it
+in memory, read once per batch so that filters and fallbacks need no database trip, and the `filter=` grammar over it.
 """
 
 import asyncio

@@ -1,7 +1,5 @@
-"""Domain errors of the lookup service; `serving.app` maps each to an HTTP status in one place.
-
-A client sees an error's message and its short `reason` code, never a driver's text, a host or a port:
-those go to the service's log.
+"""Domain errors of the lookup service; `serving.app` maps each to an HTTP status in one place. A client sees an
+error's message and its short `reason` code, never a driver's text, a host or a port: those go to the service's log.
 """
 
 from typing import Any

@@ -1,11 +1,5 @@
-"""`POST /v1/events`: impressions, clicks and conversions from the product, written in bulk to
-``overnight.feedback_events``.
-
-A 202 is sent only after every event of the request is validated and queued in memory (all or none); the
-queue is written within a fraction of a second, retried while Postgres is away (each write stored once, see
-`serving.prediction_log`) and drained at shutdown; until written, events are lost if the process dies. A
-request that would not fit in the queue gets a 503 with Retry-After and nothing of it is kept; an invalid event
-fails the whole request with a 422 naming it. docs/serving.md#the-prediction-log-and-feedback-writers.
+"""`POST /v1/events`: impressions, clicks and conversions from the product, validated and queued all or none (a
+202), then written in bulk to ``overnight.feedback_events`` (docs/serving.md#the-prediction-log-and-feedback-writers).
 """
 
 from datetime import UTC, date, datetime, timedelta

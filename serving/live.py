@@ -1,8 +1,5 @@
-"""What the service serves (the live batch and, while one runs, the canary), and the task that keeps it
-current (LISTEN plus polling).
-
-Requests read `LiveView.rollout` once and use that snapshot throughout, so each user's answer comes from
-exactly one batch even while a new one is swapped in or a canary starts, ramps, stops or is promoted.
+"""What the service serves (the live batch and, while one runs, the canary), and the task that keeps it current
+(LISTEN plus polling). A request reads `LiveView.rollout` once, so each answer comes from exactly one batch.
 """
 
 import asyncio

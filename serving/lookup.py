@@ -1,10 +1,6 @@
-"""The hot path: one live-batch snapshot, a bounded cache, at most one pooled round trip per lookup.
-
-The cache is keyed by (batch id, id), so a batch switch invalidates it by construction. Concurrent misses are
-coalesced: each database trip answers every id waiting at that moment for one table of one batch with one
-``= ANY(...)`` query. Everything else an answer needs (filters, segments' lists, fallbacks) is in memory, in the
-batch's `Catalogue`. Every database wait is bounded by ``db_timeout_seconds`` (`DatabaseUnavailableError`); a
-lookup that finds its batch's table gone reloads the rollout and asks once more. docs/serving.md has the why.
+"""The hot path: one live-batch snapshot, a cache keyed by (batch id, id), at most one pooled round trip per lookup
+(concurrent misses coalesced into one ``= ANY(...)`` query); the rest of an answer comes from the batch's
+`Catalogue` in memory. Why: docs/serving.md#how-a-lookup-is-served.
 """
 
 import asyncio

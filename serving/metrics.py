@@ -1,9 +1,5 @@
-"""Prometheus metrics of one app instance, and the sampled structured access log.
-
-Requests by route and status, latency, users answered by source, the lookup cache's hits and misses,
-database trips and the users they carried, the pool's connections, and what is live and how old.
-Each app gets its own registry, so several apps in one process (tests) do not collide. With several
-workers each worker reports its own numbers (scrape them per worker, or sum in Prometheus).
+"""Prometheus metrics of one app instance (docs/serving.md#metrics), and the sampled structured access log. Each app
+has its own registry, so several apps in one process (tests) do not collide; each worker reports its own numbers.
 """
 
 import logging

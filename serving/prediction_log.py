@@ -1,12 +1,7 @@
-"""Writing rows to Postgres in bulk, off the request path: what was served (`PredictionLog`), and the
-writer it shares with the feedback endpoint (`BulkWriter`).
-
-A request only appends to a bounded in-memory queue and never waits: when the queue is full the row is
-refused (the prediction log drops and counts it; the feedback endpoint answers 503). One task per writer
-encodes rows a slice at a time and writes each batch as one statement over its own connection, retried until
-Postgres takes it; a batch's write id makes a retried write store its rows once. Rows held in memory are lost
-if the process dies. Why it is built this way: docs/serving.md#the-prediction-log-and-feedback-writers.
-"""
+"""Writing rows to Postgres in bulk, off the request path: what was served (`PredictionLog`), and the writer it
+shares with the feedback endpoint (`BulkWriter`): a bounded queue requests never wait on, encoded a slice at a time,
+each batch one statement retried until Postgres takes it, and stored once by its write id. Why it is built this way:
+docs/serving.md#the-prediction-log-and-feedback-writers."""
 
 import asyncio
 import contextlib

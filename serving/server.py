@@ -1,9 +1,6 @@
-"""Run the lookup service under granian (default) or uvicorn; `overnight serve` calls `serve()`, and
-`main()` (``python -m serving``, ``overnight-serve``, the lookup image) runs it without the batch side's CLI.
-
-Configuration is checked before the server starts, so a bad setup fails with one line instead of a
-traceback per worker. granian is the default (why: docs/serving.md#choosing-the-server); uvicorn stays
-available for platforms granian does not cover.
+"""Run the lookup service under granian (default; why: docs/serving.md#choosing-the-server) or uvicorn: `overnight
+serve` calls `serve()`, and `main()` (``python -m serving``, ``overnight-serve``, the lookup image) runs it without
+the batch side's CLI. Configuration is checked first, so a bad setup fails with one line, not a traceback per worker.
 """
 
 import argparse

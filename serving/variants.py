@@ -1,11 +1,7 @@
-"""The canary split: which arm a user is in, from a hash of (salt, user id).
-
-A user's bucket is the 8-byte BLAKE2b digest ``blake2b(salt || 0x00 || user_id, digest_size=8)`` (a parameter
-of the hash: not the first 8 bytes of the default 64-byte digest), salt and user id UTF-8 encoded, read
-big-endian as an integer in [0, 2**64); the user is in the canary when the bucket is below ``traffic * 2**64``.
-So a user's arm is the same in every request, process and day, the canary share of n users is binomial, ramping
-up keeps every user already in the canary, and a new salt draws a new slice.
-"""
+"""The canary split: a user's bucket is ``blake2b(salt || 0x00 || user_id, digest_size=8)`` (a parameter of the hash,
+not the first 8 bytes of the default digest), salt and user id UTF-8 encoded, read big-endian as an integer in
+[0, 2**64); the user is in the canary when it is below ``traffic * 2**64``, the same in every request, process and
+day, so ramping up keeps every user already in the canary."""
 
 import hashlib
 

@@ -1,9 +1,6 @@
-"""The Postgres contract shared by the batch side and the serving side.
-
-Migrations live in ``sql/migrations/NNNN_name.sql``; every query a role runs is a named block
-(``-- name: x`` starts it) in ``sql/queries/<role or part>.sql``: ``serving.sql`` the lookup service's,
-``console.sql`` the console's, the others the batch side's. Values are always bound parameters; the only
-thing formatted into SQL is a batch table's name (``{recs}``, ...), through ``psycopg.sql.Identifier``.
+"""The Postgres contract shared by the batch side and the serving side: ``migrations/NNNN_name.sql``, and every query
+a role runs as a named block (``-- name: x``) of ``queries/<role or part>.sql``. Values are always bound parameters;
+only a batch table's name (``{recs}``, ...) is formatted into SQL, through ``psycopg.sql.Identifier``.
 """
 
 import re

@@ -1,10 +1,5 @@
-"""``overnight airflow``: a local Airflow 3 for this project, one process per component.
-
-It starts the api-server (REST API and UI), scheduler, dag-processor and triggerer with the LocalExecutor,
-the project's ``dags/`` folder and a metadata database of its own on overnight's Postgres (the configured
-or the embedded one). The settings are rewritten into ``AIRFLOW_HOME/airflow.cfg`` at every start, so plain
-``airflow`` commands with the same ``AIRFLOW_HOME`` reach the same instance; ``AIRFLOW__SECTION__KEY``
-environment variables still override any of it.
+"""``overnight airflow``: a local Airflow 3 for this project, one process per component (LocalExecutor), with
+the project's ``dags/`` and a metadata database of its own on overnight's Postgres (docs/airflow.md).
 """
 
 import configparser

@@ -1,9 +1,5 @@
-"""Write docs/configuration.md from the settings classes: one table of OVERNIGHT_* variables per class.
-
-    python -m jobs.dev.configuration_doc
-
-Imports the settings modules only (no data or web library), and reads no environment: a default is
-the field's own. Every class of SETTINGS_CLASSES must import: a missing one is an error, not a gap.
+"""Write docs/configuration.md from the settings classes, one table of OVERNIGHT_* variables per class:
+``python -m jobs.dev.configuration_doc``.
 """
 
 import argparse
@@ -21,7 +17,8 @@ import annotated_types
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode
 
-# (module, class, heading) in the order the page shows them.
+# (module, class, heading) in the order the page shows them. Only these modules are imported (no data or web
+# library) and no environment is read: a default is the field's own. A class that does not import is an error.
 SETTINGS_CLASSES: tuple[tuple[str, str, str], ...] = (
     ("jobs.settings", "Settings", "Batch side: the CLI, the DAGs and every step"),
     ("serving.settings", "ServingSettings", "Lookup service"),

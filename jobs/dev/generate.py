@@ -1,11 +1,5 @@
-"""Synthetic interaction data with the structure of a real product, deterministic by seed.
-
-Power-law item popularity with releases that fade, users who arrive over the period with heavy-tailed
-activity and genre tastes, sessions of one genre minutes apart on daily and weekly rhythms, and a users
-table (country, platform) that tilts tastes; optionally tastes that drift (``drift_from``) or a shop's
-funnel of views, carts and purchases (``event_types``). What the data holds: docs/scale.md#data-to-try-it-on.
-Users are generated in fixed-size chunks, each from its own seed, so the output depends only on the
-arguments and memory only on the chunk size; it writes the formats ingest reads.
+"""Synthetic interaction data with the structure of a real product, deterministic by seed, in the formats ingest
+reads (what the data holds: docs/scale.md#data-to-try-it-on).
 """
 
 import logging
@@ -23,6 +17,8 @@ CATEGORIES = (
     "Action", "Comedy", "Drama", "Documentary", "Horror", "Romance",
     "Sci-Fi", "Thriller", "Animation", "Western", "Musical", "Crime",
 )  # fmt: skip
+# Users are generated in chunks of this many, each chunk from its own seed, so the output depends only on the
+# arguments and memory only on the chunk size.
 CHUNK_USERS = 50_000
 SECONDS_PER_DAY = 86_400
 # Share of sessions per hour of the day (UTC): quiet nights, a lunch bump, an evening peak.

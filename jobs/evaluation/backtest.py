@@ -1,11 +1,6 @@
-"""The backtest (``overnight backtest``): the nightly run as it really runs, scored the way a user would check it.
-
-At rolling cutoffs C (newest first, ``horizon_days`` apart) the nightly steps (``jobs.nightly``, as ``overnight
-run --date C-1``) run on the events before C against a scratch work folder and a scratch database, dropped
-afterwards. The lists they published, read back as a lookup returns them, and every built-in baseline (on
-exactly the events the run ingested) are scored on the users with events before C who touched an item new to
-them in [C, C + horizon), with seeded bootstrap intervals paired user by user. The protocol, and why coverage,
-diversity and novelty have no interval: docs/evaluation.md#backtest.
+"""The backtest (``overnight backtest``): the nightly steps run at rolling cutoffs against a scratch work folder and
+database, and the lists they published and every baseline scored on the days after each cutoff, with bootstrap
+intervals paired user by user (the protocol: docs/evaluation.md#backtest).
 """
 
 import logging

@@ -1,11 +1,6 @@
-"""Offline evaluation (``overnight evaluate``): the protocols of docs/evaluation.md over a whole source.
-
-The source goes through ingest's validation into a scratch lake; the whole pipeline, candidate tables and
-ranker included, is trained on the training part only, with the same label windows, candidate and feature
-code as the nightly run, and every model is scored on the held-out part by ``train.evaluate_models``.
-Protocols: ``user-holdout`` (each user's last 20% by time is held out) and ``global`` (a cutoff and a
-horizon, widened while too few users fall in it). The item-to-item answers are measured beside the ranker
-(``jobs.evaluation.item_quality``).
+"""Offline evaluation (``overnight evaluate``): the protocols of docs/evaluation.md (``user-holdout``, ``global``)
+over a whole source: the whole pipeline trained on the training part with the nightly run's own code, and every
+model, item-to-item answers included (``jobs.evaluation.item_quality``), scored on the held-out part.
 """
 
 import logging

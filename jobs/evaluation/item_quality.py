@@ -1,10 +1,5 @@
-"""Quality of the item-to-item answers: similar items and session recommendations (docs/evaluation.md).
-
-- next item (similar items): each held-out event whose item is new to the user asks, through the item the
-  user touched just before it, for that item's published neighbours; the next item is the relevant one.
-- session (anonymous visitors, left out of the neighbour tables): their held-out new items are the relevant
-  ones and the items before them the session, answered by ``common.session.blend_session`` as the service
-  answers it, against the global and segment popular lists. Both are scored with ``ranking_metrics``.
+"""Quality of the item-to-item answers (docs/evaluation.md#similar-items-and-sessions): similar items at predicting
+a user's next new item, and session answers for anonymous visitors against the popular lists they would get.
 """
 
 from collections.abc import Mapping, Sequence

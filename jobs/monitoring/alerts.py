@@ -1,9 +1,8 @@
 """Alerts: always a log line, and a JSON POST to OVERNIGHT_ALERT_WEBHOOK_URL if set; each sent once per
 fingerprint. Monitoring's problems, failed Airflow tasks and a missed nightly deadline come here.
-
-Airflow imports this module when it parses the DAGs, so it imports nothing heavy at module level.
 """
 
+# Airflow imports this module when it parses the DAGs, so it imports nothing heavy at module level.
 import asyncio
 import http.client
 import json

@@ -1,9 +1,6 @@
-"""Thresholds, checks and reports of monitoring.
-
-Each statistic has a warn and a fail threshold and a bad side (above or below). A check compares
-one measured value with them; the checks of a date and stage (input, drift, output) are stored
-in ``overnight.monitor_checks`` and the full report in ``overnight.monitor_reports``. A fail
-blocks the publish (see ``jobs.monitoring.gate.check_batch``); a warn is recorded and shown.
+"""Thresholds, checks and reports of monitoring: a check compares one measured value with its statistic's warn and
+fail thresholds, stored per date and stage in ``overnight.monitor_checks`` (reports: ``overnight.monitor_reports``).
+A fail blocks the publish (``jobs.monitoring.gate.check_batch``); a warn is recorded and shown.
 """
 
 import logging

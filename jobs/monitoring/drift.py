@@ -1,10 +1,6 @@
-"""Input monitoring and feature drift of one night (``overnight drift``).
-
-Input: the date's event volume against the trailing 7-day average, the shares of new users and items, null
-and quarantine fractions (ingest's report) and the weight distribution against the 28 days before. Drift:
-per ranker feature, PSI and the two-sample KS statistic between the model's reference (its features as
-scoring saw them on its training date, written by ``jobs.steps.train``) and tonight's sample of the same users. Drift at
-or above ``OVERNIGHT_DRIFT_RETRAIN_PSI`` records a retrain request (``drift_requires_retrain``).
+"""Input monitoring and feature drift of one night (``overnight drift``): the date's input against the days before
+it, and per ranker feature PSI and KS between the model's training-date reference and tonight's sample. Drift at or
+above ``OVERNIGHT_DRIFT_RETRAIN_PSI`` records a retrain request (docs/monitoring.md#drift).
 """
 
 import json

@@ -1,11 +1,5 @@
-"""The publish gate: production's batch goes live only when no check of its date fails, or when an
-operator has looked at the fails and accepted them on the record.
-
-Publish calls ``check_batch`` after the batch is loaded and validated: it measures the batch's output
-(``jobs.monitoring.outputs``), records it, and holds the batch back when any check of the date (input, drift
-or output) fails. The input and drift checks are the monitor step's: the gate reads them, and fails naming
-that step when they are missing. ``overnight publish --accept-checks "why"`` publishes anyway, recorded in
-``overnight.monitor_acceptances`` and alerted.
+"""The publish gate: production's batch goes live only when no check of its date (input, drift, output) fails, or
+when an operator has accepted the fails on the record (docs/operations.md#publishing-what-monitoring-held-back).
 """
 
 import getpass

@@ -1,12 +1,6 @@
-"""Run history: every pipeline run, and per step its wall time, peak memory, rows in and out and
-outcome, in ``overnight.runs`` and ``overnight.run_steps``.
-
-``overnight run`` records through :func:`step`, the Airflow DAG through task hooks that run in the task's
-own process (so a step's memory is that task's). Once a run has started, recording never fails it. A process
-that dies cannot record its end, so the recording process holds a connection (its :class:`Recorder`) while it
-runs, and a CLI run does not start without one: a running run or step whose recorder's backend is gone is
-``abandoned`` (migrations 0016, 0022; docs/operations.md#abandoned-runs). A run ends as its first failed
-or blocked step.
+"""Run history: every pipeline run, and per step its wall time, peak memory, rows in and out and outcome, in
+``overnight.runs`` and ``overnight.run_steps``; ``overnight run`` records through :func:`step`, the Airflow DAG
+through task hooks. A run whose recording process died reads ``abandoned`` (docs/operations.md#abandoned-runs).
 """
 
 import logging
@@ -46,6 +40,8 @@ def current_run_id() -> int | None:
 # ---------------------------------------------------------------------------- abandoned runs
 
 
+# A process that dies cannot record its end, so the recording process holds a connection while it runs, and a CLI
+# run does not start without one: a running run or step whose recorder's backend is gone is abandoned.
 @dataclass(frozen=True)
 class Recorder:
     """The connection a recording process holds while its run or step runs, under a name of its own:
@@ -196,6 +192,7 @@ def peak_memory_bytes() -> int | None:
     return int(peak_kib) * 1024 if peak_kib else None
 
 
+# Once a run has started, recording never fails it: a write that fails is a warning in the log.
 def begin_step(settings: Settings, run_id: int, name: str) -> float:
     try:
         with connect(settings) as conn:

@@ -1,10 +1,6 @@
-"""Output monitoring of a batch before it goes live: what the publish gate (``jobs.monitoring.gate``)
-judges, and the unrecorded checks of a chosen model's batch.
-
-It measures the lists about to be published: the score distribution and each user's top score (on a stable
-sample of users), the share of active users left to the fallback, catalogue coverage, distinct items and
-Gini of exposure, empty and short lists, the overlap with and score shift against yesterday's lists, and
-the sample's intra-list diversity (``diversity.intra_list_diversity``). Thresholds: docs/monitoring.md.
+"""Output monitoring of a batch before it goes live: the statistics of the lists about to be published that the
+publish gate (``jobs.monitoring.gate``) judges, and the unrecorded checks of a chosen model's batch (the statistics
+and their thresholds: docs/monitoring.md#checks).
 """
 
 import logging

@@ -1,11 +1,6 @@
-"""Canary rollouts: serve a published batch to a stable slice of users, then promote it or stop it.
-
-The canary is one row of ``overnight.canary`` (batch, traffic share, salt), read by the lookup service with
-the live pointer; users are routed by a hash of (salt, user id), `serving.variants`. Every change is one
-transaction under the live lock, recorded in ``overnight.canary_history`` and NOTIFYed, like a publish. Each
-is a few rows changed, no data read: a registered model's canary, which scores and publishes a batch first,
-is `jobs.rollouts.model_canary`. Promoting makes the canary's batch live and its model production.
-Details and reasons: docs/rollouts.md#canary.
+"""Canary rollouts: serve a published batch to a stable slice of users, then promote it or stop it. Each change
+is a few rows of ``overnight.canary`` changed under the live lock, recorded and NOTIFYed like a publish; a
+registered model's canary, which scores a batch first, is `jobs.rollouts.model_canary` (docs/rollouts.md#canary).
 """
 
 import logging

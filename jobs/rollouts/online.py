@@ -1,10 +1,6 @@
 """Online metrics: what was served (``overnight.served_predictions``) joined to what users did with it
-(``overnight.feedback_events``), per variant, batch and model (``overnight online-report``), and the
-upkeep of those two tables' daily partitions.
-
-CTR and conversion rate are per impression with user-level intervals (users, not impressions, are
-randomised between the arms); the IPS click rate reweights clicks by the examination propensity of
-their position. The definitions and their assumptions: docs/rollouts.md, "The online report".
+(``overnight.feedback_events``), per variant, batch and model (``overnight online-report``; definitions:
+docs/rollouts.md#the-online-report), and the upkeep of those two tables' daily partitions.
 """
 
 import math

@@ -1,10 +1,5 @@
-"""Shadow batches: score a date with another registered model into a batch that is never served, and
-compare it with what production published for the same date (``overnight shadow-report``).
-
-The report holds both models on the newest label windows the promotion gate judges (there as soon as the
-date is ingested) and, while retention keeps both batches' tables, overlap@10, offline metrics on the days
-after the date that the lake holds (saying so when the window is incomplete) and the score distributions,
-each "unavailable", with the reason, once a table is gone. Details: docs/rollouts.md#shadow.
+"""Shadow batches: score a date with another registered model into a batch that is never served, and compare it
+with what production published for the same date (``overnight shadow-report``; docs/rollouts.md#shadow).
 """
 
 import json

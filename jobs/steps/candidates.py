@@ -1,11 +1,6 @@
-"""Candidate generators: cheap sources of items worth ranking for each user.
-
-``popular`` (the most interacted-with available items of the last ``recent_days``), ``covisit`` (items touched
-close in time to the user's recent items, weighted by the gap and by recency), ``knn`` (item-to-item cosine
-similarity, summed over the user's items) and ``genre`` (the recently popular items of the user's genres). Each
-event counts by its type's weight (``OVERNIGHT_EVENT_WEIGHTS``); every source is also a ranker feature. The
-item-level tables are built once per cutoff by :func:`prepare` (their memory follows items and history caps,
-not users); per-user candidates per chunk of users by :func:`generate`.
+"""Candidate generators (``popular``, ``covisit``, ``knn``, ``genre``; docs/architecture.md#2-features-and-candidates):
+cheap sources of items worth ranking for each user, each also a ranker feature. The item-level tables are built once
+per cutoff by :func:`prepare`, per-user candidates per chunk of users by :func:`generate`.
 """
 
 import json

@@ -1,8 +1,6 @@
-"""Ranker features for (user, candidate item) pairs, computed point in time.
-
-Every table here is built from events strictly before a cutoff; nothing reads the clock.
-Item tables are shared by all users and built once per cutoff; user tables are built per
-shard from that shard's users' events.
+"""Ranker features for (user, candidate item) pairs, computed point in time: every table is built from events
+strictly before a cutoff, and nothing reads the clock. Item tables are built once per cutoff and shared by all
+users; user tables per shard, from that shard's users' events.
 """
 
 import logging

@@ -1,10 +1,6 @@
-"""Feedback events (``overnight.feedback_events``, from POST /v1/events) as interactions for ingest.
-
-Each event type gets its weight from OVERNIGHT_FEEDBACK_WEIGHTS; types without one (impressions, by
-default) are left out. A night reads events by when the service *received* them (D and the
-OVERNIGHT_FEEDBACK_LATE_DAYS days before), not by when they happened, so late arrivals are not
-missed and a re-run of a past date takes in nothing newer; each keeps its own time in the lake.
-Details: docs/rollouts.md, "The online loop".
+"""Feedback events (``overnight.feedback_events``) as interactions for ingest, weighted by OVERNIGHT_FEEDBACK_WEIGHTS,
+read by when the service *received* them (D and the OVERNIGHT_FEEDBACK_LATE_DAYS days before), so late arrivals are
+not missed and a re-run of a past date takes in nothing newer (docs/rollouts.md#feedback-into-training).
 """
 
 from datetime import date, timedelta

@@ -1,8 +1,6 @@
-"""Ingest: read a source (Parquet, CSV, MovieLens), validate it against the data contract,
-quarantine bad rows with their reason and write the lake (see ``jobs.lake``).
-
-Idempotent per logical date: re-running a date merges the same rows into the same event-day
-partitions and replaces that date's catalogue snapshot, quarantine and report.
+"""Ingest: read a source (Parquet, CSV, MovieLens), validate it against the data contract, quarantine bad rows with
+their reason and write the lake (``jobs.lake``). Idempotent per logical date: a re-run merges the same rows into the
+same event-day partitions and replaces that date's catalogue snapshot, quarantine and report.
 """
 
 import bisect

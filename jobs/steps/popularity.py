@@ -1,11 +1,6 @@
-"""Popularity beyond the one global list, published with each batch: every catalogue item's popularity and
-the attributes request-time filters ask about (``overnight.items_<batch>``) and, with ``segment_attribute``,
-each user segment's popular list and the segment of each user the batch does not score
-(``overnight.segments_<batch>``, ``overnight.user_segments_<batch>``; sql/migrations/0019).
-
-Popularity is counted as the popular list counts it (``jobs.steps.candidates.build_popular``): it is the order
-fallbacks and filtered fills take items in. A segment gets a list of its own with at least ``segment_min_users``
-recently active users. Only the shared leaves are imported here (see tests/unit/test_structure.py).
+"""Popularity beyond the one global list, published with each batch: every catalogue item's popularity and the
+attributes request-time filters ask about and, with ``segment_attribute``, each user segment's popular list and the
+segment of each user the batch does not score; counted as the popular list counts it (``popularity_counts``).
 """
 
 import json
@@ -14,6 +9,7 @@ from datetime import date, datetime, timedelta
 import polars as pl
 from upath import UPath
 
+# Only the shared leaves: jobs.steps.candidates imports this module (its popular list counts with `popularity_counts`).
 from jobs.errors import BadInputError, MissingDataError
 from jobs.event_weights import EVENT_WEIGHT, with_event_weight
 from jobs.settings import Settings

@@ -1,11 +1,6 @@
-"""Publish a date's scores to Postgres and move the live pointer (docs/architecture.md#the-publish-protocol).
-
-Register the batch ('loading'), binary-COPY every shard in parallel into ``overnight.recs_<batch_id>`` and the
-candidates step's extras (``workdir.BATCH_EXTRAS``) into the batch's other tables, key them and validate (a
-failure marks the batch 'failed', drops its tables and leaves production untouched); then, in one transaction,
-point ``overnight.live`` at it and NOTIFY the lookup services, and drop batches beyond the newest few. A backfill's
-batch is kept ready, not made live unless asked; one monitoring holds back goes on with ``accept_checks``; one
-scored with a chosen model is published as a shadow or a canary's batch, never live here.
+"""Publish a date's scores to Postgres and move the live pointer (docs/architecture.md#the-publish-protocol): one
+loader for every kind of batch, then production's batch made live (:func:`publish_nightly`), a shadow batch or a
+canary's batch, never live here. A failure marks the batch failed and leaves production untouched.
 """
 
 import logging

@@ -1,10 +1,6 @@
-"""Top-k ranking metrics, vectorised over all users at once.
-
-Conventions (docs/evaluation.md#metrics): binary relevance; NDCG@k and MAP@k divide by min(|relevant|, k)
-(NDCG through the ideal DCG); Recall@k is hits / |relevant|; HitRate@k the share of users with a hit;
-coverage@k the share of the catalogue in anyone's top k. Every user in ``relevant`` counts, including users
-with no recommendation (they score zero). Graded NDCG@k gains each relevant item's ``grade`` (the user's
-largest event weight on it, ``OVERNIGHT_EVENT_WEIGHTS``) and equals NDCG@k without grades.
+"""Top-k ranking metrics, vectorised over all users at once, with the conventions of docs/evaluation.md#metrics:
+binary relevance (graded NDCG aside), NDCG@k and MAP@k over min(|relevant|, k), and every user in ``relevant``
+counted, a user with no recommendation scoring zero.
 """
 
 import math

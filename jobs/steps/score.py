@@ -1,9 +1,6 @@
-"""Score every user with history: candidates → features → ranker → top K, one shard at a time.
-
-Shard I of N takes every N-th user of the date's sorted user list, so shards are disjoint,
-balanced and can run in separate processes or on separate Airflow workers. Each shard writes its
-lists (user_id, item_ids, scores) and a manifest that publish reads (``jobs.workdir``). Memory is
-bounded by the shard's users, processed in chunks.
+"""Score every user with history: candidates → features → ranker → top K, one shard at a time. Shard I of N takes
+every N-th user of the date's sorted users, so shards are disjoint, balanced and can run on separate workers; each
+writes its lists and a manifest that publish reads (``jobs.workdir``), its users processed in chunks.
 """
 
 import logging

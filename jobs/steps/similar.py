@@ -1,16 +1,12 @@
-"""Similar items: each catalogue item's neighbours, published with the batch for
-``GET /v1/items/{item_id}/similar`` and for session recommendations.
-
-They blend the two item-to-item signals the candidate generators already count (co-visitation and cosine
-similarity, see ``jobs.steps.candidates``): each signal is divided by the item's best, so the two are on one
-scale, and mixed by ``covisit_share``. How DEFAULT_COVISIT_SHARE was chosen, and why it is not chosen each
-night: docs/evaluation.md#how-the-blend-was-chosen.
+"""Similar items: each catalogue item's neighbours, published with the batch for ``GET /v1/items/{item_id}/similar``
+and sessions: co-visitation and cosine similarity, each divided by the item's best, mixed by ``covisit_share``.
 """
 
 import polars as pl
 
 from jobs.settings import Settings
 
+# How this share was chosen, and why it is not chosen each night: docs/evaluation.md#how-the-blend-was-chosen.
 DEFAULT_COVISIT_SHARE = 0.4
 
 

@@ -1,11 +1,6 @@
-"""Train the LightGBM LambdaRank ranker point in time, evaluate it, and register it through the promotion gate.
-
-A *label window* is a cutoff, the events before it (all that candidates and features may see) and each user's
-relevant items after it. The nightly run for D learns from rolling windows ending at D (``label_windows``); the
-evaluation protocols (``jobs.evaluation.evaluate``) build theirs with the same code, so training, evaluation and
-scoring share one way to generate candidates and features. With ``event_weights`` the labels are graded. The
-gate compares the new model, production's and every baseline on the newest windows covering GATE_DAYS, on users
-held out of training by a stable hash: docs/architecture.md#3-train-when-due.
+"""Train the LightGBM LambdaRank ranker point in time, evaluate it, and register it through the promotion gate
+(docs/architecture.md#3-train-when-due). Training, evaluation and scoring share one way to generate candidates and
+features: the evaluation protocols build their label windows with the code the nightly run learns from.
 """
 
 import json
@@ -58,6 +53,8 @@ PRODUCTION = "production"
 SMALL_DATA_ROWS = 500_000
 
 
+# A label window: a cutoff, the events before it and each user's relevant items after it. The nightly run for D
+# learns from rolling windows ending at D (`rolling_windows`); with `event_weights` the labels are graded.
 @dataclass(frozen=True)
 class LabelWindow:
     name: str
