@@ -11,8 +11,10 @@ RUN := $(UV) run --locked --all-extras
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
+# DEMO_ARGS: more options of `overnight demo`, e.g. make demo DEMO_ARGS="--port 8100 --console-port 8101"
+DEMO_ARGS ?=
 demo: sync ## Generate sample data, run the nightly pipeline, serve it (embedded Postgres if none is configured)
-	$(RUN) overnight demo
+	$(RUN) overnight demo $(DEMO_ARGS)
 
 airflow: sync ## A local Airflow 3 for the DAGs (UI on http://127.0.0.1:8080; the admin login is printed)
 	$(RUN) overnight airflow
@@ -41,7 +43,7 @@ bench: sync ## Time `overnight run` on MovieLens 100K (needs ../shared/data/ml-1
 	$(RUN) python benchmarks/movielens_run.py
 
 dashboard: sync ## The demo over five nights, then the service and the console: dashboard at http://127.0.0.1:8001/dashboard
-	$(RUN) overnight demo --nights 5
+	$(RUN) overnight demo --nights 5 $(DEMO_ARGS)
 
 # The dashboard's browser test drives Debian's chromium through its chromedriver (Selenium).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

@@ -995,6 +995,9 @@ def demo(
     from jobs.dev.demo import prepare_demo
 
     settings = _settings()
+    if serve_after:  # before minutes of work, not after
+        for option, chosen in (("--port", port), ("--console-port", console_port)):
+            _refuse_a_port_in_use(option, chosen)
     result = prepare_demo(settings, progress=_progress, nights=nights)
     typer.echo("\n" + "\n".join(demo_lines(result, port, console_port)))
     if serve_after:
@@ -1007,11 +1010,31 @@ def demo(
             _stop_console(console_process)
 
 
+def _refuse_a_port_in_use(option: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise typer.BadParameter(
+                f"port {port} on 127.0.0.1 is taken ({error.strerror}): choose another", param_hint=option
+            ) from None
+
+
 def demo_lines(result: "Demo", port: int, console_port: int) -> list[str]:
     """What the demo prints: the key once, in curl's header, never in a URL (a key in a URL reaches
     browser history and proxies' logs); the dashboard is signed in to through its form."""
+    if result.live:
+        state = f"batch {result.run.batch_id} is live (model {result.run.model_id})"
+    else:  # a newer date was live already (another run on this data folder): the service serves that one
+        state = (
+            f"{result.publish_summary}: the service answers from the live batch; `overnight publish --date "
+            f"{result.run.logical_date} --live` serves the demo's"
+        )
     lines = [
-        f"batch {result.run.batch_id} is live (model {result.run.model_id}). API key: {result.api_key}",
+        f"{state}. API key: {result.api_key}",
         f'Try:  curl -H "Authorization: Bearer {result.api_key}" '
         f'"http://127.0.0.1:{port}/v1/users/{result.user_id}/recommendations?k=5"',
     ]

@@ -25,6 +25,15 @@ class Demo:
     run: nightly.RunResult
     newcomer_id: str | None = None  # a user the batch did not score, served their segment's popular list
 
+    @property
+    def publish_summary(self) -> str:
+        """What the last night's publish said: whether its batch went live, and if not why."""
+        return self.run.results["publish"].outcome().summary
+
+    @property
+    def live(self) -> bool:
+        return bool(getattr(self.run.results["publish"], "live", False))
+
 
 def prepare_demo(settings: Settings, progress: nightly.Progress = logger.info, nights: int = 1) -> Demo:
     """Generate sample data ending yesterday, run the pipeline on it and make an API key.

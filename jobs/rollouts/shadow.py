@@ -276,7 +276,9 @@ def _compare_lists(
                 if window["days_with_data"]
                 else ": there is nothing to evaluate yet"
             )
-            + f"; run the report again once {last_day} is ingested (or pass a smaller --horizon-days)"
+            + f"; run the report again once {last_day} is ingested"
+            # a smaller window helps only when some of its days have data
+            + (" (or pass a smaller --horizon-days)" if window["days_with_data"] else "")
         )
         logger.warning("shadow report of %s: %s", logical_date, evaluation["warning"])
     if relevant.height == 0:

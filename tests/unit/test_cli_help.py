@@ -146,8 +146,10 @@ def test_the_demo_prints_no_link_with_a_key() -> None:
         user_id="u1",
         newcomer_id="u9",
         run=SimpleNamespace(batch_id=3, model_id="ranker-1"),
+        live=True,
     )
     shown = "\n".join(cli.demo_lines(result, 8000, 8001))  # type: ignore[arg-type]
+    assert shown.startswith("batch 3 is live (model ranker-1). API key: demo-secret")
     urls = re.findall(r"https?://[^\s\"]+", shown)
     assert len(urls) == 3 and not [url for url in urls if "demo-secret" in url or "key=" in url], urls
     assert shown.count("demo-secret") == 3  # printed once, then in each curl's Authorization header
@@ -167,3 +169,42 @@ def test_no_doc_leads_anyone_to_a_link_with_a_key() -> None:
         if re.search(r"[?&;](?:api_?|x-api-)?key=(?!\.\.\.)", url, re.IGNORECASE)
     ]
     assert len(places) > 10 and not linked, linked
+
+
+def test_the_demo_never_says_a_batch_is_live_that_is_not() -> None:
+    """A newer date already live in the data folder keeps the demo's batch back: the demo says so and how
+    to serve its batch, rather than pointing at answers from another batch."""
+    summary = "batch 12, 3,000 users, not live: live batch is of a newer date (2026-12-07)"
+    result = SimpleNamespace(
+        api_key="k",
+        user_id="u1",
+        newcomer_id=None,
+        run=SimpleNamespace(batch_id=12, model_id="ranker-1", logical_date="2026-12-06"),
+        live=False,
+        publish_summary=summary,
+    )
+    first = cli.demo_lines(result, 8000, 8001)[0]  # type: ignore[arg-type]
+    assert "is live" not in first.split(":")[0] and first.startswith(summary)
+    assert "`overnight publish --date 2026-12-06 --live`" in first
+
+
+def test_the_demo_refuses_a_port_in_use_before_any_work(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "OVERNIGHT_DATA_DIR": str(tmp_path),
+            "OVERNIGHT_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
+        }
+        refused = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", "demo", "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert f"Invalid value for --port: port {port} on 127.0.0.1 is taken" in refused.stderr
+    assert not (tmp_path / "sample").exists()  # refused before generating anything
