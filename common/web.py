@@ -6,7 +6,6 @@ library only.
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Set as AbstractSet
 from importlib import metadata
 from typing import Any
@@ -22,7 +21,6 @@ LOGGED_TEXT_CHARS = 512
 # What a query parameter the app does not read is logged as: `name=REDACTED`, or just this without a `=`.
 REDACTED = "REDACTED"
 # `;` separates parameters too for some servers and proxies (and Python's parse_qsl before 3.10).
-_QUERY_SEPARATORS = re.compile(r"([&;])")
 
 
 def logged_method(method: str) -> str:
@@ -31,16 +29,27 @@ def logged_method(method: str) -> str:
 
 def loggable_query(query_string: bytes, logged: AbstractSet[str]) -> str:
     """The query string as it may be logged: the values of the parameters named in `logged` (the app's own,
-    none a secret) as sent, every other one's value replaced by REDACTED (the name kept) and a part without
-    a `=` by REDACTED whole. An allowlist: credentials come under any name (`?key=`, `?api-key=`, `?sig=`,
-    `?code=`, ...). `&` and `;` both separate parameters. Pass the result through `bounded`."""
-    text = query_string.decode("latin-1")
-    parts = _QUERY_SEPARATORS.split(text)
-    for index in range(0, len(parts), 2):  # the separators are at the odd indexes
-        name, equals, _ = parts[index].partition("=")
-        if parts[index] and unquote_plus(name) not in logged:
+    none a secret) as sent, every other one's whole value (to the next `&`, as the apps read it) replaced by
+    REDACTED, the name kept, and a part without a `=` by REDACTED whole. An allowlist: credentials come under
+    any name (`?key=`, `?api-key=`, `?sig=`, `?code=`, ...). Inside a logged value, a `;name=...` piece whose
+    name is not logged is REDACTED too: a proxy or server in front may split parameters at `;`. Pass the
+    result through `bounded`."""
+    parts = query_string.decode("latin-1").split("&")
+    for index, part in enumerate(parts):
+        name, equals, value = part.partition("=")
+        if not part:
+            continue
+        if unquote_plus(name) not in logged:
             parts[index] = f"{name}={REDACTED}" if equals else REDACTED
-    return "".join(parts)
+        elif ";" in value:
+            first, *pieces = value.split(";")
+            parts[index] = f"{name}={';'.join([first, *(_logged_piece(piece, logged) for piece in pieces)])}"
+    return "&".join(parts)
+
+
+def _logged_piece(piece: str, logged: AbstractSet[str]) -> str:
+    name, equals, _ = piece.partition("=")
+    return f"{name}={REDACTED}" if equals and unquote_plus(name) not in logged else piece
 
 
 def bounded(text: str) -> str:

@@ -567,10 +567,12 @@ _MOVED_OPTIONS = {
     ("canary", "--stop"): "the canary's options became sub-commands: `overnight canary stop`",
     ("canary", "--refresh"): "the canary's options became sub-commands: `overnight canary refresh`",
     ("canary", "--traffic"): "the canary's options became sub-commands: `overnight canary ramp --traffic T`",
+    ("canary", "--salt"): "--salt is an option of a sub-command now: `overnight canary start batch B --traffic T"
+    " --salt S` or `overnight canary start model M --traffic T --salt S` (see `overnight canary -h`)",
     **{
         ("canary", option): f"{option} is an option of a sub-command now: `overnight canary start model M --traffic T"
-        f" {option} X` (see `overnight canary -h`)"
-        for option in ("--date", "--shards", "--salt")
+        f" {option} X` or `overnight canary refresh {option} X` (see `overnight canary -h`)"
+        for option in ("--date", "--shards")
     },
     ("canary", "--allow-shrink"): f"only a ramp can lower a running canary's share: `{_RAMP_SHRINK}`",
     # options of one kind of start, or of a ramp
@@ -996,6 +998,8 @@ def demo(
 
     settings = _settings()
     if serve_after:  # before minutes of work, not after
+        if port == console_port:
+            raise typer.BadParameter("the service and the console need a port each", param_hint="--console-port")
         for option, chosen in (("--port", port), ("--console-port", console_port)):
             _refuse_a_port_in_use(option, chosen)
     result = prepare_demo(settings, progress=_progress, nights=nights)

@@ -709,6 +709,8 @@ def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
     (``bad_<kind>_id``). A file without that column is refused; an id listed twice is warned about (the
     last line is kept, as the catalogue and users snapshot keep it)."""
     id_column = f"{kind}_id"
+    renamed = _added_names_renamed(frame)  # in the quarantine only: the good rows keep their names
+    frame = frame.rename(renamed)
     notes = _LINE_REASON in frame.columns
     columns = {c: dtype for c, dtype in frame.schema.items() if c not in (_LINE_REASON, RAW_LINE, _LINE, _FILE)}
     if id_column not in columns:
@@ -753,7 +755,16 @@ def check_table_file(frame: pl.DataFrame, kind: str, name: str) -> TableFile:
         "reason",
     )
     rows = good.with_columns(pl.col("_id").alias(id_column)).select(list(columns))
-    return TableFile(name, kind, rows, quarantined)
+    return TableFile(name, kind, rows.rename({new: old for old, new in renamed.items()}), quarantined)
+
+
+# What validation and a quarantine file add beside a row's own columns; a source column of one of these
+# names is read as source_<name> (a source may well have a `file`, `line` or `reason` column of its own).
+ADDED_COLUMNS = ("row", "file", "line", "reason")
+
+
+def _added_names_renamed(frame: pl.DataFrame) -> dict[str, str]:
+    return {c: f"source_{c}" for c in frame.columns if c in ADDED_COLUMNS}
 
 
 # ---------------------------------------------------------------- validation
@@ -821,7 +832,7 @@ def validate_interactions(
     A weight that is not a finite number in [0, ``max_weight``], or that float32 cannot hold, is ``bad_weight``
     (OVERNIGHT_MAX_WEIGHT).
     """
-    raw = source.interactions
+    raw = source.interactions.rename(_added_names_renamed(source.interactions))
     reader_notes = (_LINE_REASON, RAW_LINE) if _LINE_REASON in raw.columns else ()
     columns = {name: dtype for name, dtype in raw.schema.items() if name not in (*reader_notes, _LINE)}
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]

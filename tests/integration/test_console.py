@@ -255,7 +255,7 @@ def test_the_access_log_bounds_what_clients_send_and_redacts_keys(
     assert all(len(message) < 2000 for message in messages)
     assert entries[3]["path"].endswith("more characters]")
     assert entries[4]["client"] == "203.0.113.9"  # as the trusted proxy saw it
-    assert entries[5]["query"] == "api-key=REDACTED&sig=REDACTED;code=REDACTED&date=2026-11-20;session=REDACTED"
+    assert entries[5]["query"] == "api-key=REDACTED&sig=REDACTED&date=2026-11-20;session=REDACTED"
     assert entries[6]["client"].startswith("ccc") and len(entries[6]["client"]) <= 64
 
 

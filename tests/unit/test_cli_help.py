@@ -104,7 +104,8 @@ def test_the_help_lists_summaries_and_points_to_the_configuration_page(
         ),
         (["canary", "--batch", "5", "--traffic", "0.1"], "`overnight canary start batch B --traffic T`"),
         (["canary", "--model", "M1", "--traffic", "0.1"], "`overnight canary start model M --traffic T`"),
-        (["canary", "--salt", "x", "--batch", "5"], "`overnight canary start model M --traffic T --salt X`"),
+        (["canary", "--salt", "x", "--batch", "5"], "`overnight canary start batch B --traffic T --salt S` or"),
+        (["canary", "--date", "2026-11-20"], "`overnight canary refresh --date X`"),
         (["canary", "--allow-shrink", "--traffic", "0.1"], "`overnight canary ramp --traffic T --allow-shrink`"),
     ],
 )

@@ -523,6 +523,27 @@ def test_a_bad_line_in_a_folder_of_parts_says_which_part_it_is_in(tmp_path: Path
     assert items.select("file", "line", "reason").rows() == [("items/part-1.csv", 3, "bad_encoding")]
 
 
+def test_a_source_with_columns_named_like_the_quarantines_own_is_ingested(tmp_path: Path) -> None:
+    """`file`, `line`, `row` and `reason` are what a quarantine adds: a source's own columns of those names
+    are kept as source_<name> in the quarantine, and an item's stay its attributes."""
+    folder = tmp_path / "src"
+    write_csv(
+        folder, "user_id,item_id,timestamp,file,row,reason\nu1,i1,2026-11-10,a.log,7,x\nu2,,2026-11-10,b.log,8,y\n"
+    )
+    write_csv(folder, "item_id,file,line\ni1,f.txt,3\n,g.txt,4\n", name="items.csv")
+    settings = settings_for(tmp_path, max_bad_fraction=0.9)
+    result = ingest(settings, folder, DAY)
+    assert (result.rows_valid, result.rows_quarantined) == (1, 1)
+    quarantined = pl.read_parquet(result.quarantine_path)  # type: ignore[arg-type]
+    assert quarantined.select("file", "line", "source_file", "source_row", "source_reason", "reason").rows() == [
+        ("interactions.csv", 3, "b.log", "8", "y", "missing_item_id")
+    ]
+    items = pl.read_parquet(result.items_quarantine_path)  # type: ignore[arg-type]
+    assert items.select("file", "line", "source_file", "source_line").rows() == [("items.csv", 3, "g.txt", "4")]
+    catalogue = lake.read_catalogue(settings.lake_dir, DAY)
+    assert catalogue.select("item_id", "file", "line").rows() == [("i1", "f.txt", "3")]
+
+
 def test_a_stray_quote_in_one_part_of_a_folder_is_named_with_its_part(tmp_path: Path) -> None:
     folder = tmp_path / "src" / "interactions"
     write_bytes(folder, HEADER + good_lines(10), name="part-0.csv")

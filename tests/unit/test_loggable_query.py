@@ -1,5 +1,5 @@
 """What the access logs write of a query string: the values of the parameters the app reads, every other
-value REDACTED (a credential may come under any name), `;` a separator like `&`."""
+value REDACTED (a credential may come under any name), whole to the next `&` as the apps read it."""
 
 from typing import Any
 
@@ -25,13 +25,18 @@ def test_credentials_under_any_name_are_redacted() -> None:
     assert logged == "&".join(f"{name}=REDACTED" for name in names)
 
 
-def test_a_semicolon_separates_parameters_too() -> None:
-    assert loggable_query(f"a=1;key={SECRET}".encode(), SERVICE_PARAMETERS) == "a=REDACTED;key=REDACTED"
+def test_a_value_is_what_the_app_reads_up_to_the_next_ampersand() -> None:
+    """The apps split at `&` only (a `;` is part of a value): a parameter the app does not read is redacted
+    whole, `;` and all; inside one it reads, a `;name=` piece naming another parameter is redacted too, in
+    case a proxy in front splits there."""
+    assert loggable_query(f"a=1;key={SECRET}".encode(), SERVICE_PARAMETERS) == "a=REDACTED"
+    assert loggable_query(f"token=abc;k={SECRET}&k=3".encode(), SERVICE_PARAMETERS) == "token=REDACTED&k=3"
     assert loggable_query(f"date=2026-11-20;key={SECRET}".encode(), CONSOLE_PARAMETERS) == (
         "date=2026-11-20;key=REDACTED"
     )
     mixed = f"k=3;sig={SECRET}&exclude=i1;code={SECRET}".encode()
     assert loggable_query(mixed, SERVICE_PARAMETERS) == "k=3;sig=REDACTED&exclude=i1;code=REDACTED"
+    assert loggable_query(b"exclude=item;1&segment=a;k=2", SERVICE_PARAMETERS) == "exclude=item;1&segment=a;k=2"
 
 
 def test_the_apps_own_parameters_are_written_as_sent() -> None:
@@ -40,7 +45,7 @@ def test_the_apps_own_parameters_are_written_as_sent() -> None:
     assert loggable_query(b"%6B=3", SERVICE_PARAMETERS) == "%6B=3"  # the app reads it as k
     assert loggable_query(b"K=3&exclude", SERVICE_PARAMETERS) == "K=REDACTED&exclude"  # names are exact
     assert loggable_query(b"", SERVICE_PARAMETERS) == ""
-    assert loggable_query(b"k=3&&;date=x", SERVICE_PARAMETERS) == "k=3&&;date=REDACTED"
+    assert loggable_query(b"k=3&&;date=x", SERVICE_PARAMETERS) == "k=3&&;date=REDACTED"  # name ";date"
 
 
 def test_a_part_without_a_value_is_redacted_whole_unless_the_app_reads_it() -> None:
