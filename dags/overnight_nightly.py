@@ -25,6 +25,8 @@ from jobs import nightly
 from jobs.errors import worth_retrying
 from jobs.monitoring.alerts import task_failed
 from jobs.monitoring.history import (
+    airflow_dag_run_failed,
+    airflow_dag_run_succeeded,
     airflow_task_failed,
     airflow_task_finished,
     airflow_task_retrying,
@@ -148,6 +150,9 @@ def _completion_deadline() -> DeadlineAlert | None:
         ),
     },
     deadline=_completion_deadline(),
+    # the run history's run ends with the dag run, also when a clear re-ran only some of its tasks
+    on_success_callback=airflow_dag_run_succeeded,
+    on_failure_callback=airflow_dag_run_failed,
 )
 def overnight_nightly() -> None:
     first: dict[str, Any] = {}  # each step's first task (a sharded step's plan), what its upstream waits on

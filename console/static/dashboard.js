@@ -4,7 +4,7 @@
 
 const REFRESH_SECONDS = 30;
 const COLORS = { ok: "#2e9e5b", warn: "#d49a00", fail: "#d1433f", running: "#d49a00", success: "#2e9e5b",
-                 failed: "#d1433f", blocked: "#d1433f", abandoned: "#8a5cc2" };
+                 failed: "#d1433f", blocked: "#d1433f", abandoned: "#8a5cc2", retrying: "#e0a030" };
 const charts = {};
 
 function $(id) { return document.getElementById(id); }

@@ -204,6 +204,9 @@ def begin_step(settings: Settings, run_id: int, name: str) -> float:
     return time.perf_counter()
 
 
+RETRYING = "retrying"  # an Airflow attempt that failed with a retry due (migration 0023)
+
+
 def end_step(
     settings: Settings,
     run_id: int,
@@ -211,6 +214,7 @@ def end_step(
     started: float,
     outcome: Outcome | None = None,
     error: BaseException | None = None,
+    status: str | None = None,
 ) -> None:
     seconds = time.perf_counter() - started
     try:
@@ -220,7 +224,7 @@ def end_step(
                 {
                     "run_id": run_id,
                     "step": name,
-                    "status": "success" if error is None else outcome_of(error),
+                    "status": status or ("success" if error is None else outcome_of(error)),
                     "seconds": round(seconds, 3),
                     "peak_memory_bytes": peak_memory_bytes(),
                     "rows_in": outcome.rows_in if outcome else None,
@@ -260,13 +264,19 @@ def step(settings: Settings, run_id: int, name: str) -> Iterator[list[Outcome]]:
 _airflow_started: dict[str, float] = {}
 
 
+def _airflow_run(context: Any) -> tuple[Settings, int]:
+    """The run of the context's dag run (one row per dag run, whichever reports first)."""
+    dag_run = context["dag_run"]
+    when = context.get("logical_date") or getattr(dag_run, "logical_date", None) or dag_run.run_after
+    settings = get_settings()
+    return settings, start_run(settings, when.date(), "airflow", f"{dag_run.dag_id}/{dag_run.run_id}")
+
+
 def _airflow_step(context: Any) -> tuple[Settings, int, str]:
     global _current_run_id  # a task has its own process: the run stays bound until it ends
     ti = context["task_instance"]
-    dag_run = context["dag_run"]
-    when = context.get("logical_date") or dag_run.run_after
-    settings = get_settings()
-    run_id = _current_run_id = start_run(settings, when.date(), "airflow", f"{ti.dag_id}/{dag_run.run_id}")
+    settings, run_id = _airflow_run(context)
+    _current_run_id = run_id
     name = ti.task_id.replace("_", "-")
     map_index = getattr(ti, "map_index", -1)
     if map_index is not None and map_index >= 0:
@@ -312,15 +322,36 @@ def airflow_task_finished(context: Any, result: Any, *, ends_run: bool = False) 
 
 def airflow_task_retrying(context: Any) -> None:
     """``on_retry_callback``: this attempt failed and Airflow will run the task again: the step is recorded
-    failed with its error until the retry starts it again; the run goes on (neither ended nor abandoned)."""
+    ``retrying`` with its error until the retry starts it again; the run goes on (neither ended by it nor
+    abandoned)."""
     try:
         settings, run_id, name = _airflow_step(context)
         error = context.get("exception") or RuntimeError("task failed")
-        end_step(settings, run_id, name, _airflow_started.pop(name, time.perf_counter()), error=error)
+        started = _airflow_started.pop(name, time.perf_counter())
+        end_step(settings, run_id, name, started, error=error, status=RETRYING)
     except Exception as failure:
         logger.warning("run history: could not record the failed attempt: %s", failure)
     finally:
         _release_recorder()
+
+
+def airflow_dag_run_succeeded(context: Any) -> None:
+    """The dag's ``on_success_callback``: its run ends a success (also after a clear re-ran some tasks, when
+    the last step, which ends the run, did not run again)."""
+    _airflow_dag_run_ended(context, "success")
+
+
+def airflow_dag_run_failed(context: Any) -> None:
+    """The dag's ``on_failure_callback``: its run ends as its first failed or blocked step."""
+    _airflow_dag_run_ended(context, "failed")
+
+
+def _airflow_dag_run_ended(context: Any, status: str) -> None:
+    try:
+        settings, run_id = _airflow_run(context)
+        finish_run(settings, run_id, status, None if status == "success" else str(context.get("reason") or status))
+    except Exception as failure:
+        logger.warning("run history: could not record the end of the dag run: %s", failure)
 
 
 def airflow_task_failed(context: Any) -> None:

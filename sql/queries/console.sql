@@ -46,7 +46,7 @@ SELECT run_id,
        sum(rows_in) AS rows_in,
        sum(rows_out) AS rows_out,
        (array_agg(seen.status ORDER BY array_position(
-            ARRAY['failed', 'blocked', 'abandoned', 'running', 'success'], seen.status)))[1] AS status
+            ARRAY['failed', 'blocked', 'abandoned', 'retrying', 'running', 'success'], seen.status)))[1] AS status
 FROM overnight.run_steps
 CROSS JOIN LATERAL (
     SELECT CASE WHEN status = 'running' AND overnight.recorder_gone(owner_pid, owner_name) THEN 'abandoned'

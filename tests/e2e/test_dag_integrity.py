@@ -15,7 +15,7 @@ from airflow.serialization.encoders import coerce_to_core_timetable
 from jobs import nightly
 from jobs.errors import BadInputError, DatabaseError
 from jobs.monitoring.gate import MonitoringBlockedError
-from jobs.monitoring.history import airflow_task_retrying
+from jobs.monitoring.history import airflow_dag_run_failed, airflow_dag_run_succeeded, airflow_task_retrying
 from tests.support.dags import DAGS_FOLDER
 
 pytestmark = pytest.mark.e2e
@@ -112,6 +112,9 @@ def test_the_dag_is_the_nightly_graph_overnight_run_runs(dagbag: Any) -> None:
         assert dag.get_task(step.task_id).trigger_rule == expected_rule, step.name
     # The online upkeep runs after a failure and succeeds: the watcher, waiting on every step and run
     # only when one failed, fails the dag run (Airflow judges a run by its last tasks).
+    # the run history's run ends with the dag run too: a clear may re-run failed tasks but not the last step
+    assert airflow_dag_run_succeeded in _callbacks(dag.on_success_callback)
+    assert airflow_dag_run_failed in _callbacks(dag.on_failure_callback)
     watcher = dag.get_task(WATCHER)
     assert watcher.trigger_rule == "one_failed" and not watcher.downstream_task_ids
     assert watcher.upstream_task_ids == {step.task_id for step in nightly.STEPS}

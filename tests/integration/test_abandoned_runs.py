@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from jobs.database import upgrade
-from jobs.errors import DatabaseError, StaleBatchError
+from jobs.errors import BadInputError, DatabaseError, StaleBatchError
 from jobs.monitoring import freshness, history, status
 from jobs.monitoring.gate import MonitoringBlockedError
 from jobs.settings import Settings
@@ -189,7 +189,9 @@ from types import SimpleNamespace
 from jobs.monitoring import history
 
 ti = SimpleNamespace(dag_id="overnight_nightly", task_id="score", map_index=int(sys.argv[1]))
-dag_run = SimpleNamespace(run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC))
+dag_run = SimpleNamespace(
+    dag_id="overnight_nightly", run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC)
+)
 context = {"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)}
 history.airflow_task_started(context)
 print("started", flush=True)
@@ -199,7 +201,9 @@ time.sleep(600)
 
 def task_context(map_index: int, task_id: str = "score") -> dict[str, Any]:
     ti = SimpleNamespace(dag_id="overnight_nightly", task_id=task_id, map_index=map_index)
-    dag_run = SimpleNamespace(run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC))
+    dag_run = SimpleNamespace(
+        dag_id="overnight_nightly", run_id="scheduled__2026-11-20", run_after=datetime(2026, 11, 21, tzinfo=UTC)
+    )
     return {"task_instance": ti, "dag_run": dag_run, "logical_date": datetime(2026, 11, 20, tzinfo=UTC)}
 
 
@@ -287,15 +291,21 @@ def test_an_airflow_attempt_that_fails_with_a_retry_due_is_failed_not_abandoned(
     history.airflow_task_retrying(ingest | {"exception": OSError("the source's volume is not mounted")})
 
     run = dict(status.status(settings)["recent_runs"][0])  # reading the runs marks abandoned ones
-    assert (run["status"], run["abandoned_at"], run["steps"]) == ("running", None, {"ingest": "failed"})
+    assert (run["status"], run["abandoned_at"], run["steps"]) == ("running", None, {"ingest": "retrying"})
     with psycopg.connect(database_url) as conn:
         step = conn.execute("SELECT status, error, attempt FROM overnight.run_steps").fetchone()
-    assert step == ("failed", "the source's volume is not mounted", 1)
+    assert step == ("retrying", "the source's volume is not mounted", 1)
+    # another step failing for good ends the run with its own error, not the attempt's that will be retried
+    features = task_context(-1, "features")
+    history.airflow_task_started(features)
+    history.airflow_task_failed(features | {"exception": BadInputError("events.csv: missing required column user_id")})
+    run = dict(status.status(settings)["recent_runs"][0])
+    assert (run["status"], run["error"]) == ("failed", "events.csv: missing required column user_id")
 
     history.airflow_task_started(ingest)
     history.airflow_task_finished(ingest, {"summary": "100 rows", "rows_out": 100})
     run = dict(status.status(settings)["recent_runs"][0])
-    assert (run["status"], run["steps"]) == ("running", {"ingest": "success"})
+    assert run["steps"] == {"ingest": "success", "features": "failed"}
 
 
 def test_a_blocked_dag_run_run_again_with_its_checks_accepted_ends_a_success(
@@ -330,6 +340,34 @@ def test_a_blocked_dag_run_run_again_with_its_checks_accepted_ends_a_success(
     assert (run["status"], run["steps"]) == (
         "success",
         {"ingest": "success", "publish": "success", "online": "success"},
+    )
+
+
+def test_a_dag_run_cleared_for_its_failed_tasks_only_ends_with_the_dag_run(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clearing only a failed shard re-runs it, not the online upkeep that ended the run before: the dag
+    run's own end (its success callback) ends the run again, rather than leaving it running."""
+    monkeypatch.setenv("OVERNIGHT_DATABASE_URL", database_url)
+    monkeypatch.setenv("OVERNIGHT_DATA_DIR", str(tmp_path / "var"))
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "var")
+    shard, online = task_context(2), task_context(-1, "online")
+    history.airflow_task_started(shard)
+    history.airflow_task_failed(shard | {"exception": OSError("No space left on device")})
+    history.airflow_task_started(online)
+    history.airflow_task_finished(online, {"summary": "partitions kept"}, ends_run=True)
+    history.airflow_dag_run_failed({"dag_run": shard["dag_run"], "reason": "task_failure"})
+    assert dict(status.status(settings)["recent_runs"][0])["status"] == "failed"
+
+    history.airflow_task_started(shard)  # cleared: attempt 2
+    assert dict(status.status(settings)["recent_runs"][0])["status"] == "running"
+    history.airflow_task_finished(shard, {"summary": "shard 2 of 4", "rows_out": 10})
+    history.airflow_dag_run_succeeded({"dag_run": shard["dag_run"]})
+    run = dict(status.status(settings)["recent_runs"][0])
+    assert (run["status"], run["error"], run["steps"]) == (
+        "success",
+        None,
+        {"score[2]": "success", "online": "success"},
     )
 
 
