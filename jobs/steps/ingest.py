@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import polars as pl
@@ -38,6 +38,7 @@ REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
 CHUNK_ROWS = 2_000_000  # interactions validated at a time: ingest's memory depends on this, not on the source
 CSV_BLOCK_BYTES = 64 << 20  # bytes of CSV parsed at a time: a CSV chunk holds one block's rows
 DEDUP_KEYS = ["user_id", "item_id", "timestamp", "event_type"]
+STAGING_COMPRESSION: Final = "lz4"  # the staged chunks are read back once, by this ingest
 
 MOVIELENS_100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -851,6 +852,19 @@ def validate_interactions(
     if columns["timestamp"] == pl.String:
         timestamp_missing = timestamp_missing | (pl.col("timestamp").str.strip_chars() == "")
 
+    # Each value is parsed once into its own column; the reason is then decided from the parsed columns.
+    parsed = raw.with_row_index("row", offset=first_row).with_columns(
+        pl.col(_LINE) if _LINE in raw.columns else pl.lit(None, pl.Int64).alias(_LINE),
+        _user=user,
+        _item=item,
+        _timestamp=timestamp,
+        _timestamp_missing=timestamp_missing,
+        _weight_read=weight,
+        _weight_present=weight_present,
+        _event_type=event_type,
+    )
+    user, item, timestamp = pl.col("_user"), pl.col("_item"), pl.col("_timestamp")
+    weight, weight_present = pl.col("_weight_read"), pl.col("_weight_present")
     reason: pl.Expr = (
         pl.when(user.is_null() | (user == ""))
         .then(pl.lit("missing_user_id"))
@@ -860,7 +874,7 @@ def validate_interactions(
         .then(pl.lit("missing_item_id"))
         .when(_bad_id(item))
         .then(pl.lit("bad_item_id"))
-        .when(timestamp_missing)
+        .when(pl.col("_timestamp_missing"))
         .then(pl.lit("missing_timestamp"))
         .when(timestamp.is_null())
         .then(pl.lit("bad_timestamp"))
@@ -875,24 +889,20 @@ def validate_interactions(
     )
     if reader_notes:  # a line whose fields could not be read has no values to check
         reason = pl.when(pl.col(_LINE_REASON).is_not_null()).then(pl.col(_LINE_REASON)).otherwise(reason)
-    checked = raw.with_row_index("row", offset=first_row).with_columns(
-        pl.col(_LINE) if _LINE in raw.columns else pl.lit(None, pl.Int64).alias(_LINE),
-        _user=user,
-        _item=item,
-        _timestamp=timestamp,
+    checked = parsed.with_columns(
         # -0 is stored as 0: a weight of nothing has no sign
         _weight=pl.when(~weight_present)
         .then(pl.lit(1.0, dtype=pl.Float32))
         .when(weight == 0)
         .then(pl.lit(0.0, dtype=pl.Float32))
         .otherwise(weight.cast(pl.Float32)),
-        _event_type=event_type,
         reason=reason,
     )
+    # A row already seen (same user, item, time and event type) is a duplicate unless it has another reason.
     keys = ["_user", "_item", "_timestamp", "_event_type"]
     checked = checked.with_columns(
-        reason=pl.when(pl.col("reason").is_null() & pl.struct(keys).is_duplicated())
-        .then(pl.when(pl.struct(keys).is_first_distinct()).then(pl.lit(None)).otherwise(pl.lit("duplicate")))
+        reason=pl.when(pl.col("reason").is_null() & ~pl.struct(keys).is_first_distinct())
+        .then(pl.lit("duplicate"))
         .otherwise(pl.col("reason"))
     )
     valid = checked.filter(pl.col("reason").is_null()).select(
@@ -1120,7 +1130,7 @@ def _stage_valid(staged: _Staged, valid: pl.DataFrame, name: str) -> None:
         "event_date", as_dict=True, include_key=False
     )
     for (event_date,), rows in by_day.items():
-        lake.write_parquet_atomically(rows, staged.folder / f"event_date={event_date}" / name)
+        lake.write_parquet_atomically(rows, staged.folder / f"event_date={event_date}" / name, STAGING_COMPRESSION)
 
 
 def _stage(source_path: Path, fmt: str, logical_date: date, folder: Path, max_weight: float) -> tuple[Source, _Staged]:
