@@ -616,9 +616,11 @@ def _item_pair_table(
     """``_item_pairs`` over ``frame`` (user_id, item_id, strength, and for co-visits last_seen) as
     (item_id, neighbour_id, ``name``), ids as text, each item's best first."""
     items = pl.Enum(frame["item_id"].cast(pl.String).unique().sort())
+    # Codes in the ids' sorted order, as a dense rank gives them, without ranking every row's text.
+    users = pl.Enum(frame["user_id"].cast(pl.String).unique().sort())
     seen = pl.col("last_seen").dt.cast_time_unit("us").dt.replace_time_zone(None) if not cosine else pl.lit(0)
     coded = frame.select(
-        user=pl.col("user_id").rank("dense").cast(pl.Int64) - 1,
+        user=pl.col("user_id").cast(pl.String).cast(users).to_physical().cast(pl.Int64),
         item=pl.col("item_id").cast(pl.String).cast(items).to_physical().cast(pl.Int64),
         seen=seen.cast(pl.Int64),
         strength=pl.col("strength").cast(pl.Float64),
@@ -626,7 +628,7 @@ def _item_pair_table(
     by_user = coded.sort("user", "item")
     by_item = coded.sort("item", "user")
     found_items, neighbours, values = _item_pairs(
-        _pointers(by_user["user"].to_numpy(), coded["user"].n_unique()),
+        _pointers(by_user["user"].to_numpy(), users.categories.len()),
         by_user["item"].to_numpy(),
         by_user["seen"].to_numpy(),
         by_user["strength"].to_numpy(),
