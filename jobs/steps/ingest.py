@@ -771,6 +771,20 @@ def _added_names_renamed(frame: pl.DataFrame) -> dict[str, str]:
 # ---------------------------------------------------------------- validation
 
 
+def first_of_keys(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
+    """Whether each row is the first with its values of `keys` (`is_first_distinct` of their struct).
+
+    The keys are hashed first and only rows whose hash repeats are compared exactly: a full comparison
+    row-encodes every key of every row, several times the cost of hashing them, and repeats are rare.
+    """
+    repeated = frame.select(pl.struct(keys).hash().is_duplicated()).to_series()
+    first = pl.repeat(True, frame.height, eager=True)
+    if repeated.any():
+        exact = frame.filter(repeated).select(pl.struct(keys).is_first_distinct()).to_series()
+        first = first.scatter(repeated.arg_true(), exact)
+    return first
+
+
 def _id_expr(column: str, dtype: pl.DataType, file_name: str) -> pl.Expr:
     if not (dtype == pl.String or dtype.is_integer() or dtype == pl.Categorical or dtype == pl.Null):
         raise BadInputError(f"{file_name}: column {column} has type {dtype}; expected text or integer ids")
@@ -899,11 +913,9 @@ def validate_interactions(
         reason=reason,
     )
     # A row already seen (same user, item, time and event type) is a duplicate unless it has another reason.
-    keys = ["_user", "_item", "_timestamp", "_event_type"]
+    first = first_of_keys(checked, ["_user", "_item", "_timestamp", "_event_type"])
     checked = checked.with_columns(
-        reason=pl.when(pl.col("reason").is_null() & ~pl.struct(keys).is_first_distinct())
-        .then(pl.lit("duplicate"))
-        .otherwise(pl.col("reason"))
+        reason=pl.when(pl.col("reason").is_null() & ~first).then(pl.lit("duplicate")).otherwise(pl.col("reason"))
     )
     valid = checked.filter(pl.col("reason").is_null()).select(
         *([pl.col("row"), pl.col(_LINE).alias("line")] if keep_row else []),
@@ -1043,7 +1055,8 @@ def _merge_partition(lake_dir: UPath, event_date: date, rows: pl.DataFrame) -> N
     """Merge rows into their event-day partition; merging the same rows twice changes nothing."""
     path = lake.partition_path(lake_dir, event_date)
     if path.exists():
-        rows = pl.concat([pl.read_parquet(str(path)), rows], how="vertical_relaxed").unique(DEDUP_KEYS, keep="first")
+        rows = pl.concat([pl.read_parquet(str(path)), rows], how="vertical_relaxed")
+        rows = rows.filter(first_of_keys(rows, DEDUP_KEYS))
     lake.write_parquet_atomically(rows.sort(["timestamp", "user_id", "item_id", "event_type"]), path)
 
 
@@ -1164,7 +1177,7 @@ def _quarantine_cross_chunk_duplicates(staged: _Staged) -> None:
         if len(parts) < 2:
             continue
         rows = pl.read_parquet(parts, include_file_paths="_part")
-        repeated = rows.filter(~pl.struct(DEDUP_KEYS).is_first_distinct())
+        repeated = rows.filter(~first_of_keys(rows, DEDUP_KEYS))
         if not repeated.height:
             continue
         staged.counts["duplicate"] += repeated.height
@@ -1238,7 +1251,7 @@ def _ingest(settings: Settings, source_path: Path, logical_date: date, fmt: str,
     with lake.exclusive_writes(lake_dir):
         for count, (event_date, day_dir) in enumerate(days, start=1):
             rows = pl.read_parquet(sorted(day_dir.glob("*.parquet")))
-            _merge_partition(lake_dir, event_date, rows.drop("row", "line").unique(DEDUP_KEYS, keep="first"))
+            _merge_partition(lake_dir, event_date, rows.drop("row", "line").filter(first_of_keys(rows, DEDUP_KEYS)))
             if count % 50 == 0:
                 logger.info("ingest: wrote %d of %d event-day partitions", count, len(days))
     lake.write_parquet_atomically(catalogue, lake.snapshot_path(lake_dir, "items", logical_date))

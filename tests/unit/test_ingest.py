@@ -15,7 +15,15 @@ from pydantic import ValidationError
 from jobs import lake, workdir
 from jobs.errors import BadInputError
 from jobs.settings import Settings
-from jobs.steps.ingest import MAX_WEIGHT, detect_format, ingest, read_source, source_chunks, validate_interactions
+from jobs.steps.ingest import (
+    MAX_WEIGHT,
+    detect_format,
+    first_of_keys,
+    ingest,
+    read_source,
+    source_chunks,
+    validate_interactions,
+)
 from tests.support.sources import settings_for, write_bytes
 
 DAY = date(2026, 11, 20)
@@ -660,3 +668,18 @@ def test_a_spark_output_folder_and_a_file_named_without_its_format_are_read(tmp_
     with pytest.raises(BadInputError, match="cannot tell the format from the name"):
         read_source(unnamed)
     assert read_source(unnamed, "parquet").interactions["user_id"].to_list() == ["u1", "u2", "u3"]
+
+
+def test_first_of_keys_marks_the_first_row_of_each_key_as_is_first_distinct_does() -> None:
+    frame = pl.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2", None, None, "u1", "u2"],
+            "item_id": ["i1", "i1", "i1", "i1", "i1", "i2", "i1"],
+            "n": [1, 1, 1, None, None, 1, 2],
+        }
+    )
+    keys = ["user_id", "item_id", "n"]
+    first = first_of_keys(frame, keys)
+    assert first.to_list() == [True, False, True, True, False, True, True]
+    assert first.equals(frame.select(pl.struct(keys).is_first_distinct()).to_series())
+    assert first_of_keys(frame.unique(keys, maintain_order=True), keys).all()
