@@ -16,7 +16,7 @@ from jobs.database import connect
 from jobs.errors import OvernightError, PublishBlockedError
 from jobs.jsonable import jsonb
 from jobs.monitoring import alerts, checks, history
-from jobs.monitoring.outputs import OUTPUT_STATISTICS, batch_statistics
+from jobs.monitoring.outputs import OUTPUT_STATISTICS, ListMeasures, batch_statistics
 from jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -91,17 +91,18 @@ def check_batch(
     model_id: str,
     accept_checks: str | None = None,
     accepted_by: str | None = None,
+    measured: ListMeasures | None = None,
 ) -> Acceptance | None:
     """The publish gate of a production batch: measure the loaded batch, record it as the date's
     output monitoring, and raise MonitoringBlockedError when any check of the date (input, drift or
     output) is at its fail threshold, unless `accept_checks` gives the reason an operator accepts them:
     then the acceptance is recorded, alerted and returned. Never for a batch of a chosen model: see
-    ``outputs.unrecorded_checks``."""
+    ``outputs.unrecorded_checks``. `measured`: what ``outputs.measure_lists`` measured of its lists already."""
     limits = checks.thresholds(settings)
     require_input_checks(settings, logical_date, model_id)
     run_id = history.current_run_id()
     with connect(settings) as conn:
-        stats = batch_statistics(settings, logical_date, batch_id, conn)
+        stats = batch_statistics(settings, logical_date, batch_id, conn, measured=measured)
         judged = [checks.judge(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
         checks.record(conn, logical_date, "output", judged, stats, run_id=run_id, model_id=model_id, batch_id=batch_id)
         stored = checks.stored_checks(conn, logical_date)

@@ -5,6 +5,7 @@ and their thresholds: docs/monitoring.md#checks).
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,23 @@ SCORE_BINS = 20
 SCORE_SAMPLE_USERS = 20_000  # about this many users' scores make the score quantiles and histogram
 
 
-def batch_statistics(
-    settings: Settings, logical_date: date, batch_id: int, conn: psycopg.Connection, chosen_model: str | None = None
-) -> dict[str, Any]:
-    """`chosen_model`: measure the lists scored with that model (a shadow's or a canary's), not production's."""
+@dataclass(frozen=True)
+class ListMeasures:
+    """What output monitoring measures of a batch's lists from its shard files alone, with no database: publish
+    measures them (`measure_lists`) while the server keys the batch's table, and the gate judges them with the
+    rest."""
+
+    files: list[UPath]
+    lists: int
+    statistics: dict[str, Any]  # empty_list_share ... intra_list_diversity, as batch_statistics reports them
+
+
+def measure_lists(settings: Settings, logical_date: date, chosen_model: str | None = None) -> ListMeasures:
+    """The statistics of the date's shard files (production's, or `chosen_model`'s) that need no database."""
     manifests = workdir.read_manifests(settings, logical_date, chosen_model)
     files = [workdir.shard_path(settings, logical_date, m.shard, m.shards, chosen_model) for m in manifests]
-    lists = pl.scan_parquet([str(file) for file in files]).select("user_id", "item_ids", "scores")
     short_at = min(OVERLAP_K, settings.top_k)
-    n_lists = lists.select(pl.len()).collect().item()  # from the files' metadata
+    n_lists = _scan_lists(files).select(pl.len()).collect().item()  # from the files' metadata
 
     empty, short, mean_length, exposure, sampled_scores, top_scores_frame, sampled_lists = list_statistics(
         files, n_lists, short_at
@@ -47,15 +56,7 @@ def batch_statistics(
     shown = available.join(exposure, on="item_id", how="left").with_columns(pl.col("len").fill_null(0))
     scores = sampled_scores["scores"].cast(pl.Float64).to_numpy()
     top_scores = top_scores_frame["scores"].to_numpy()
-
-    batch = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
-    assert batch is not None
-    users_scored, active_users = batch[5], batch[6]
-    stats: dict[str, Any] = {
-        "batch_id": batch_id,
-        "lists": n_lists,
-        "active_users": active_users,
-        "fallback_share": 1.0 - users_scored / active_users if active_users else None,
+    statistics = {
         "empty_list_share": empty / n_lists if n_lists else None,
         "short_list_share": short / n_lists if n_lists else None,
         "short_means_below": short_at,
@@ -69,7 +70,37 @@ def batch_statistics(
         "score_histogram": _equal_width_histogram(scores),
         "intra_list_diversity": _intra_list_diversity(sampled_lists, catalogue),
     }
-    stats |= _against_yesterday(logical_date, lists, n_lists, settings, conn)
+    return ListMeasures(files, n_lists, statistics)
+
+
+def _scan_lists(files: Sequence[UPath | Path]) -> pl.LazyFrame:
+    return pl.scan_parquet([str(file) for file in files]).select("user_id", "item_ids", "scores")
+
+
+def batch_statistics(
+    settings: Settings,
+    logical_date: date,
+    batch_id: int,
+    conn: psycopg.Connection,
+    chosen_model: str | None = None,
+    measured: ListMeasures | None = None,
+) -> dict[str, Any]:
+    """`chosen_model`: measure the lists scored with that model (a shadow's or a canary's), not production's.
+    `measured`: what `measure_lists` has already measured of those lists (else it is measured here)."""
+    if measured is None:
+        measured = measure_lists(settings, logical_date, chosen_model)
+    n_lists = measured.lists
+    batch = conn.execute(sql.query("batch_by_id"), (batch_id,)).fetchone()
+    assert batch is not None
+    users_scored, active_users = batch[5], batch[6]
+    stats: dict[str, Any] = {
+        "batch_id": batch_id,
+        "lists": n_lists,
+        "active_users": active_users,
+        "fallback_share": 1.0 - users_scored / active_users if active_users else None,
+        **measured.statistics,
+    }
+    stats |= _against_yesterday(logical_date, _scan_lists(measured.files), n_lists, settings, conn)
     return stats
 
 
@@ -180,7 +211,9 @@ OUTPUT_STATISTICS = (
 )
 
 
-def unrecorded_checks(settings: Settings, logical_date: date, batch_id: int, model_id: str) -> dict[str, Any]:
+def unrecorded_checks(
+    settings: Settings, logical_date: date, batch_id: int, model_id: str, measured: ListMeasures | None = None
+) -> dict[str, Any]:
     """Output statistics and checks of a batch scored with a chosen model (a shadow, a model canary).
 
     Nothing is recorded in the date's monitoring (production's) and no alert is sent: the date's
@@ -189,7 +222,7 @@ def unrecorded_checks(settings: Settings, logical_date: date, batch_id: int, mod
     """
     limits = checks.thresholds(settings)
     with connect(settings) as conn:
-        stats = batch_statistics(settings, logical_date, batch_id, conn, chosen_model=model_id)
+        stats = batch_statistics(settings, logical_date, batch_id, conn, chosen_model=model_id, measured=measured)
     judged = [checks.judge(limits, "output", name, stats[name]) for name in OUTPUT_STATISTICS]
     return {
         "verdict": checks.verdict(judged),

@@ -13,19 +13,24 @@ VALUES (%(logical_date)s, %(model_id)s, 'loading', %(k)s, %(users_scored)s, %(ac
 RETURNING batch_id;
 
 -- name: create_recs_table
--- No primary key yet: it is built after the load, which is much faster than maintaining it.
+-- No primary key yet: it is built after the load, which is much faster than maintaining it. Statistics are kept
+-- of user_id alone: every query of the table finds its rows by user_id, and ANALYZE (publish's and autovacuum's)
+-- on the wide lists would cost several times the rest of it for statistics no plan uses.
 CREATE TABLE {recs} (
     user_id  text NOT NULL,
     item_ids text[] NOT NULL,
     scores   real[] NOT NULL
 );
+ALTER TABLE {recs} ALTER COLUMN item_ids SET STATISTICS 0, ALTER COLUMN scores SET STATISTICS 0;
 
 -- name: copy_recs
 COPY {recs} (user_id, item_ids, scores) FROM STDIN (FORMAT BINARY);
 
 -- name: add_recs_reasons
--- Each list's reasons (sql/contract.py: REASON_SOURCES), for a night published with explanations.
-ALTER TABLE {recs} ADD COLUMN reason_codes bytea NOT NULL, ADD COLUMN reason_refs text[] NOT NULL;
+-- Each list's reasons (sql/contract.py: REASON_SOURCES), for a night published with explanations; no statistics
+-- of them, as of the lists (create_recs_table).
+ALTER TABLE {recs} ADD COLUMN reason_codes bytea NOT NULL, ADD COLUMN reason_refs text[] NOT NULL,
+    ALTER COLUMN reason_codes SET STATISTICS 0, ALTER COLUMN reason_refs SET STATISTICS 0;
 
 -- name: copy_explained_recs
 COPY {recs} (user_id, item_ids, scores, reason_codes, reason_refs) FROM STDIN (FORMAT BINARY);

@@ -1,5 +1,6 @@
 """The publish protocol against a real Postgres: load, validate, switch, keep, roll back."""
 
+import json
 import math
 import threading
 from collections.abc import Callable
@@ -10,8 +11,10 @@ import psycopg
 import pytest
 
 import sql
+from common.text import jsonable
 from jobs import batches, registry, workdir
 from jobs.errors import BatchValidationError, MissingDataError
+from jobs.monitoring import gate, outputs
 from jobs.rollouts import canary, model_canary
 from jobs.settings import Settings
 from jobs.steps import publish, score
@@ -58,6 +61,22 @@ def test_publish_loads_validates_and_goes_live(batch_settings: Settings) -> None
         assert 0 < len(fallback) <= batch_settings.top_k
         history = conn.execute("SELECT action, batch_id FROM overnight.live_history").fetchall()
         assert history == [("publish", result.batch_id)]
+
+
+def test_the_published_table_keeps_statistics_of_user_id_alone(batch_settings: Settings) -> None:
+    # every query finds a list by user_id: ANALYZE of the wide lists and reasons would cost most of the key's time
+    result = publish.publish_nightly(batch_settings, SAMPLE_DATE)
+    table = sql.recs_table_name(result.batch_id)
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        columns = conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+            (f"overnight.{table}",),
+        ).fetchall()
+        analyzed = conn.execute(
+            "SELECT attname FROM pg_stats WHERE schemaname = 'overnight' AND tablename = %s", (table,)
+        ).fetchall()
+    assert {"item_ids", "scores", "reason_codes", "reason_refs"} <= {c for (c,) in columns}
+    assert analyzed == [("user_id",)]
 
 
 def corrupt_shard(settings: Settings, change: Callable[[pl.DataFrame], pl.DataFrame]) -> None:
@@ -114,6 +133,26 @@ def test_failed_validation_leaves_the_live_batch_untouched(batch_settings: Setti
     failed = max(statuses(batch_settings))
     assert statuses(batch_settings)[failed] == "failed"
     assert not table_exists(batch_settings, failed)  # no orphan table left behind
+
+
+def test_output_checks_measured_beside_the_load_hold_the_batch_back(batch_settings: Settings) -> None:
+    good = publish.publish_nightly(batch_settings, PREVIOUS_DATE)
+    strict = batch_settings.model_copy(update={"monitor_thresholds": {"catalogue_coverage": {"fail": 1.01}}})
+    with pytest.raises(gate.MonitoringBlockedError, match="blocked by monitoring"):
+        publish.publish_nightly(strict, SAMPLE_DATE)
+    assert live_batch(batch_settings) == good.batch_id
+    failed = max(statuses(batch_settings))
+    assert statuses(batch_settings)[failed] == "failed"
+    assert not table_exists(batch_settings, failed)
+    # the gate judged, and recorded, what was measured of the shard files while the batch loaded: the batch's
+    with psycopg.connect(str(batch_settings.database_url)) as conn:
+        recorded = conn.execute(
+            "SELECT report FROM overnight.monitor_reports WHERE logical_date = %s AND stage = 'output'",
+            (SAMPLE_DATE,),
+        ).fetchone()
+        measured_after = outputs.batch_statistics(batch_settings, SAMPLE_DATE, failed, conn)
+    assert recorded is not None and recorded[0]["batch_id"] == failed
+    assert recorded[0] == json.loads(json.dumps(jsonable(measured_after)))
 
 
 def test_too_little_coverage_fails_validation(batch_settings: Settings) -> None:
