@@ -14,12 +14,21 @@ from numba import types
 from numba.extending import intrinsic
 
 RankBy = Literal["total", "recent"]
-_USERS_PER_TASK = 64  # users per parallel task, each with its own scratch arrays (a few MB)
+# Parallel kernels split their users (or items) into this many tasks per thread, each task allocating its scratch
+# arrays (a few MB) once: a task per 64 users allocated hundreds of them per chunk, each page faulted in afresh.
+_TASKS_PER_THREAD = 4
 
 
 @numba.njit(cache=True, inline="always")
 def _rounded(value: float) -> np.float32:
     return np.float32(np.round(value, 6))
+
+
+def _per_task(n: int) -> int:
+    """How many of ``n`` users (or items) each parallel task of a kernel takes: ``_TASKS_PER_THREAD`` tasks
+    per thread (an argument of the kernels: inside one, the thread count would keep numba from caching it)."""
+    tasks = numba.get_num_threads() * _TASKS_PER_THREAD
+    return max(1, (n + tasks - 1) // tasks)
 
 
 @intrinsic
@@ -67,6 +76,7 @@ def _top_neighbours(
     n_items: int,
     limit: int,
     by_recent: bool,
+    per_task: int,
 ) -> tuple[np.ndarray, ...]:
     n_users = user_ptr.size - 1
     out_users = np.full(n_users * limit, -1, np.int64)  # -1: an unused slot
@@ -77,18 +87,16 @@ def _top_neighbours(
     out_count = np.empty(n_users * limit, np.int32)
     out_rank = np.empty(n_users * limit, np.int32)
     out_because = np.empty(n_users * limit, np.int64)
-    for task in numba.prange((n_users + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
-        total = np.zeros(n_items, np.float64)
-        recent = np.zeros(n_items, np.float64)
-        largest = np.zeros(n_items, np.float32)
-        count = np.zeros(n_items, np.int32)
-        # the history item adding the most to the neighbour's ranking sum (ties: the one reached first)
-        because = np.empty(n_items, np.int64)
-        strongest = np.zeros(n_items, np.float64)
-        owner = np.full(n_items, -1, np.int64)  # the user whose sums a slot holds; -2 = seen by that user
+    for task in numba.prange((n_users + per_task - 1) // per_task):
+        # Each neighbour's sums side by side, so that adding to them touches one or two cache lines, not
+        # seven arrays: (the plain sum, the sum over sqrt(recency), the largest addition to the ranking sum,
+        # the largest value) and (the user whose sums the row holds, -2 = seen by that user; the history
+        # item adding the most to the ranking sum, ties: the one reached first; how many items reach it).
+        sums = np.zeros((n_items, 4), np.float64)
+        tags = np.full((n_items, 3), -1, np.int64)
         touched = np.empty(n_items, np.int64)
         keys = np.empty(n_items, np.uint64)
-        for user in range(task * _USERS_PER_TASK, min(n_users, (task + 1) * _USERS_PER_TASK)):
+        for user in range(task * per_task, min(n_users, (task + 1) * per_task)):
             n_touched = 0
             for h in range(user_ptr[user], user_ptr[user + 1]):
                 item = history_items[h]
@@ -96,35 +104,34 @@ def _top_neighbours(
                 strength = np.float64(history_strength[h])
                 for e in range(neighbour_ptr[item], neighbour_ptr[item + 1]):
                     neighbour = neighbour_items[e]
-                    value = np.float32(neighbour_values[e] * strength)
-                    added = np.float64(value) / root if by_recent else np.float64(value)
-                    if owner[neighbour] != user:
-                        owner[neighbour] = user
-                        total[neighbour] = 0.0
-                        recent[neighbour] = 0.0
-                        largest[neighbour] = value
-                        count[neighbour] = 0
+                    value = np.float64(np.float32(neighbour_values[e] * strength))
+                    scaled = value / root
+                    added = scaled if by_recent else value
+                    row = sums[neighbour]
+                    tag = tags[neighbour]
+                    if tag[0] != user:
+                        tag[0], tag[1], tag[2] = user, item, 1
+                        row[0], row[1], row[2], row[3] = value, scaled, added, value
                         touched[n_touched] = neighbour
                         n_touched += 1
-                        because[neighbour] = item
-                        strongest[neighbour] = added
-                    elif added > strongest[neighbour]:
-                        because[neighbour] = item
-                        strongest[neighbour] = added
-                    total[neighbour] += np.float64(value)
-                    recent[neighbour] += np.float64(value) / root
-                    largest[neighbour] = max(largest[neighbour], value)
-                    count[neighbour] += 1
+                    else:
+                        if added > row[2]:
+                            tag[1] = item
+                            row[2] = added
+                        row[0] += value
+                        row[1] += scaled
+                        row[3] = max(row[3], value)
+                        tag[2] += 1
             for s in range(seen_ptr[user], seen_ptr[user + 1]):
-                owner[seen_items[s]] = -2
+                tags[seen_items[s], 0] = -2
             n_candidates = 0
             for t in range(n_touched):
                 item = touched[t]
-                if owner[item] == user:
-                    keys[n_candidates] = _key(_rounded(recent[item] if by_recent else total[item]), item)
+                if tags[item, 0] == user:
+                    keys[n_candidates] = _key(_rounded(sums[item, 1] if by_recent else sums[item, 0]), item)
                     n_candidates += 1
             for s in range(seen_ptr[user], seen_ptr[user + 1]):
-                owner[seen_items[s]] = -1
+                tags[seen_items[s], 0] = -1
             chosen = _best(keys[:n_candidates], limit)
             base = user * limit
             for r in range(chosen.size):
@@ -132,11 +139,11 @@ def _top_neighbours(
                 out_users[base + r] = user
                 out_rank[base + r] = r + 1
                 out_items[base + r] = item
-                out_total[base + r] = _rounded(total[item])
-                out_max[base + r] = largest[item]
-                out_recent[base + r] = _rounded(recent[item])
-                out_count[base + r] = count[item]
-                out_because[base + r] = because[item]
+                out_total[base + r] = _rounded(sums[item, 0])
+                out_max[base + r] = np.float32(sums[item, 3])
+                out_recent[base + r] = _rounded(sums[item, 1])
+                out_count[base + r] = tags[item, 2]
+                out_because[base + r] = tags[item, 1]
     return out_users, out_items, out_total, out_max, out_recent, out_count, out_rank, out_because
 
 
@@ -206,6 +213,7 @@ def top_neighbours(
         n_items,
         limit,
         rank_by == "recent",
+        _per_task(n_users),
     )
     names = ("user_code", "item_code", "total", "max", "recent", "count", "rank", "because")
     return pl.DataFrame(dict(zip(names, columns, strict=True))).filter(pl.col("user_code") >= 0)
@@ -266,13 +274,14 @@ def _merge_sources(
     genre_limit: int,
     popular_limit: int,
     most: int,
+    per_task: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     n_users = knn_ptr.size - 1
     out_users = np.full(n_users * most, -1, np.int64)  # -1: an unused slot
     out_items = np.empty(n_users * most, np.int64)
     out_floats = np.empty((len(_MERGED_FLOATS), n_users * most), np.float32)
     out_ints = np.empty((len(_MERGED_INTS), n_users * most), np.int32)
-    for task in numba.prange((n_users + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
+    for task in numba.prange((n_users + per_task - 1) // per_task):
         owner = np.full(n_items, -1, np.int64)  # the user whose list holds the item (rows of floats, ints)
         members = np.empty(n_items, np.int64)
         floats = np.empty((n_items, len(_MERGED_FLOATS)), np.float32)
@@ -284,7 +293,7 @@ def _merge_sources(
         genre_because = np.empty(n_items, np.int64)  # the favourite genre adding the most to genre_sum
         genre_most = np.empty(n_items, np.float64)
         keys = np.empty(n_items, np.uint64)
-        for user in range(task * _USERS_PER_TASK, min(n_users, (task + 1) * _USERS_PER_TASK)):
+        for user in range(task * per_task, min(n_users, (task + 1) * per_task)):
             for s in range(seen_ptr[user], seen_ptr[user + 1]):
                 seen_by[seen_items[s]] = user
             n = 0
@@ -423,6 +432,7 @@ def merge_sources(
         genre_limit,
         popular.height,
         most,
+        _per_task(n_users),
     )
     merged = pl.DataFrame(
         {
@@ -447,13 +457,13 @@ def merge_sources(
 
 @numba.njit(parallel=True, cache=True)
 def _top_rows(
-    user_ptr: np.ndarray, rows: np.ndarray, items: np.ndarray, scores: np.ndarray, n_items: int, k: int
+    user_ptr: np.ndarray, rows: np.ndarray, items: np.ndarray, scores: np.ndarray, n_items: int, k: int, per_task: int
 ) -> np.ndarray:
     n_users = user_ptr.size - 1
     out = np.full(n_users * k, -1, np.int64)  # -1: an unused slot
-    for task in numba.prange((n_users + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
+    for task in numba.prange((n_users + per_task - 1) // per_task):
         row_of = np.empty(n_items, np.int64)
-        for user in range(task * _USERS_PER_TASK, min(n_users, (task + 1) * _USERS_PER_TASK)):
+        for user in range(task * per_task, min(n_users, (task + 1) * per_task)):
             first, last = user_ptr[user], user_ptr[user + 1]
             keys = np.empty(last - first, np.uint64)
             for j in range(first, last):
@@ -493,6 +503,7 @@ def top_rows(users: pl.Series, items: pl.Series, scores: np.ndarray, k: int) -> 
         scores.astype(np.float32),
         items.dtype.categories.len(),
         k,
+        _per_task(user_ptr.size - 1),
     )
     return found[found >= 0]
 
@@ -550,6 +561,7 @@ def _item_pairs(
     cutoff: int,
     per_day: float,
     limit: int,
+    per_task: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per item, the sums over its users' other items, each item's ``limit`` best kept: with ``cosine``,
     strength x strength over the norms' product (pairs of ``min_support`` users or more); else the
@@ -563,14 +575,14 @@ def _item_pairs(
     out_items = np.full(n_items * limit, -1, np.int64)  # -1: an unused slot
     out_neighbours = np.empty(n_items * limit, np.int64)
     out_values = np.empty(n_items * limit, np.float32)
-    for task in numba.prange((n_items + _USERS_PER_TASK - 1) // _USERS_PER_TASK):
+    for task in numba.prange((n_items + per_task - 1) // per_task):
         total = np.zeros(n_items, np.float64)
         support = np.zeros(n_items, np.int64)
         owner = np.full(n_items, -1, np.int64)  # the item whose sums a slot holds
         value = np.empty(n_items, np.float32)
         touched = np.empty(n_items, np.int64)
         keys = np.empty(n_items, np.uint64)
-        for item in range(task * _USERS_PER_TASK, min(n_items, (task + 1) * _USERS_PER_TASK)):
+        for item in range(task * per_task, min(n_items, (task + 1) * per_task)):
             n_touched = 0
             for e in range(item_ptr[item], item_ptr[item + 1]):
                 user = item_users[e]
@@ -641,6 +653,7 @@ def _item_pair_table(
         cutoff,
         per_day,
         limit,
+        _per_task(items.categories.len()),
     )
     kept = found_items >= 0
     names = items.categories
