@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 COMPILED = "tl2cgen"
 LIGHTGBM = "lightgbm"
 TOOLCHAIN = "gcc"
-# rows per call: tl2cgen copies its input into C order (and the scores out), so memory stays bounded
+# rows per call (scoring builds its matrix this many rows at a time): tl2cgen copies its input into C order (and the
+# scores out), so memory stays bounded
 SLICE_ROWS = 1 << 18
 
 

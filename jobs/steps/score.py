@@ -153,8 +153,10 @@ def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int, diverse: Dive
         best, published = diverse.rerank(frame, predicted, k)
     explained = all(column in frame.columns for column in candidates.REASONS)
     chosen = frame.select("user_id", "item_id", *((*REASON_RANKS, *candidates.REASONS) if explained else ()))[best]
+    names = pl.Series(dtype=pl.String)
     if explained:  # the source and what it names, then the name's place among the user's sorted distinct names
-        chosen = chosen.with_columns(reason_code_and_ref())
+        code, ref, names = reason_code_and_ref(chosen)
+        chosen = chosen.with_columns(code, ref)
         place = (pl.col("reason_ref").rank("dense").over("user_id") - 1).fill_null(0).cast(pl.Int32)
         code = pl.col("reason_code").cast(pl.Int32) * (1 << REASON_SOURCE_SHIFT) + place
         chosen = chosen.with_columns(reason_code=code.cast(pl.UInt16))
@@ -167,7 +169,17 @@ def rank_top_k(frame: pl.DataFrame, predicted: np.ndarray, k: int, diverse: Dive
     )
     if not explained:
         return lists
-    return lists.with_columns(reason_codes=packed_codes(lists["reason_code"])).select(*LISTS_SCHEMA, *REASONS_SCHEMA)
+    return lists.with_columns(
+        reason_refs=named(lists["reason_refs"], names), reason_codes=packed_codes(lists["reason_code"])
+    ).select(*LISTS_SCHEMA, *REASONS_SCHEMA)
+
+
+def named(refs: pl.Series, names: pl.Series) -> pl.Series:
+    """Lists of positions in ``names`` as lists of the names."""
+    positions = refs.to_arrow().cast(pa.large_list(pa.uint32()))
+    values = names.gather(pl.Series(positions.flatten())).to_arrow().cast(pa.large_string())
+    lists = pa.LargeListArray.from_arrays(positions.offsets, values, mask=positions.is_null())
+    return pl.Series(refs.name, lists, dtype=pl.List(pl.String))
 
 
 def packed_codes(codes: pl.Series) -> pl.Series:
@@ -181,10 +193,21 @@ def packed_codes(codes: pl.Series) -> pl.Series:
     return pl.Series("reason_codes", packed, dtype=pl.Binary)
 
 
-def reason_code_and_ref() -> tuple[pl.Expr, pl.Expr]:
+def reason_code_and_ref(chosen: pl.DataFrame) -> tuple[pl.Expr, pl.Expr, pl.Series]:
     """Per candidate, its reason's source code (``sql.contract.REASON_SOURCES``) and what it names: the
     item-to-item source that ranks the item higher (co-visitation on a tie) with the user's item behind it,
-    else the genre source with the user's genre, else trending (the popular source, naming nothing)."""
+    else the genre source with the user's genre, else trending (the popular source, naming nothing).
+
+    What a reason names is given as its position in the third value, every item and genre name sorted as
+    text: positions order as the names do, and no candidate's name is made as text."""
+    items, genres = (chosen.schema[column] for column in ("knn_because", "genre_because"))
+    assert isinstance(items, pl.Enum) and chosen.schema["covisit_because"] == items
+    if not isinstance(genres, pl.Enum):
+        genres = candidates.sorted_enum(chosen["genre_because"].drop_nulls())
+    names = pl.concat([items.categories, genres.categories]).unique().sort()
+    item_place = pl.lit(names.search_sorted(items.categories))
+    genre_place = pl.lit(names.search_sorted(genres.categories))
+    genre_code = pl.col("genre_because").cast(genres).to_physical()
     covisit = pl.col("covisit_because").is_not_null()
     knn = pl.col("knn_because").is_not_null()
     genre = pl.col("genre_because").is_not_null()
@@ -201,13 +224,13 @@ def reason_code_and_ref() -> tuple[pl.Expr, pl.Expr]:
     )
     ref = (
         pl.when(by_covisit)
-        .then(pl.col("covisit_because").cast(pl.String))
+        .then(item_place.gather(pl.col("covisit_because").to_physical()))
         .when(knn)
-        .then(pl.col("knn_because").cast(pl.String))
+        .then(item_place.gather(pl.col("knn_because").to_physical()))
         .when(genre)
-        .then(pl.col("genre_because").cast(pl.String))
+        .then(genre_place.gather(genre_code))
     )
-    return code.cast(pl.UInt16).alias("reason_code"), ref.alias("reason_ref")
+    return code.cast(pl.UInt16).alias("reason_code"), ref.alias("reason_ref"), names
 
 
 def score_shard(
@@ -248,11 +271,14 @@ def score_shard(
                 in_sample = frame.filter(pl.col("user_id").cast(pl.String).is_in(sampled.implode()))
                 sample_parts.append(features.with_text_ids(in_sample.drop(candidates.REASONS, strict=False)))
             if frame.height:
-                matrix = frame.select(feature_names).to_numpy()
-                predicting = time.perf_counter()
-                predicted = ranker.predict(matrix)
-                predict_seconds += time.perf_counter() - predicting
-                del matrix
+                predicted = np.empty(frame.height, dtype=np.float64)
+                # The matrix a slice at a time: one block the allocator reuses, where the chunk's whole
+                # matrix (hundreds of MB) was page-faulted in afresh every chunk.
+                for start in range(0, frame.height, predictor.SLICE_ROWS):
+                    rows = frame.slice(start, predictor.SLICE_ROWS).select(feature_names).to_numpy(order="c")
+                    predicting = time.perf_counter()
+                    predicted[start : start + rows.shape[0]] = ranker.predict(rows)
+                    predict_seconds += time.perf_counter() - predicting
                 parts.append(rank_top_k(frame, predicted, settings.top_k, diverse))
         logger.info(
             "score shard %d/%d: chunk %d of %d, %d candidates so far", shard, shards, chunk + 1, chunks, candidate_rows
