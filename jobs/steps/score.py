@@ -280,6 +280,7 @@ def score_shard(
                     predicted[start : start + rows.shape[0]] = ranker.predict(rows)
                     predict_seconds += time.perf_counter() - predicting
                 parts.append(rank_top_k(frame, predicted, settings.top_k, diverse))
+            del frame  # before the next chunk's is built, so that it can take over these pages
         logger.info(
             "score shard %d/%d: chunk %d of %d, %d candidates so far", shard, shards, chunk + 1, chunks, candidate_rows
         )
